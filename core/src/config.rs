@@ -1,0 +1,305 @@
+//! The plugin configuration: its JSON schema (a public contract, shared with
+//! the control plane) and its validation into an immutable [`Config`].
+
+use crate::name::TokenName;
+use crate::reply::Replies;
+use crate::role::Role;
+use crate::rules::{RuleSpec, Rules};
+use crate::table::{Digest, Token, TokenTable};
+use crate::timestamp::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+
+pub const DEFAULT_REALM: &str = "apitokens";
+pub const DEFAULT_NAME_HEADER: &str = "x-apitoken-name";
+pub const DEFAULT_NAMESPACE_HEADER: &str = "x-apitoken-namespace";
+pub const DEFAULT_ROLE_HEADER: &str = "x-apitoken-role";
+
+/// The plugin configuration as users write it (Envoy `configuration`, Istio
+/// `pluginConfig`) and as the control plane pushes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PluginConfig {
+    #[serde(default)]
+    pub tokens: Vec<TokenSpec>,
+    /// `realm` of `WWW-Authenticate`; default `apitokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+    /// Names of the headers that carry the caller's identity upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_headers: Option<IdentityHeadersSpec>,
+    /// Send the `Authorization` header upstream; default false (removed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_authorization: bool,
+    /// Permission rules replacing the built-in table when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<RuleSpec>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokenSpec {
+    /// `namespaces/{namespace}/apitokens/{token}`.
+    pub name: String,
+    /// `viewer`, `editor` or `owner`.
+    pub role: String,
+    /// SHA-256 of the secret's bytes, 64 lower-case hex characters.
+    pub secret_sha256: String,
+    /// RFC 3339; the token is refused from this instant on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_time: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityHeadersSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// A configuration error: the field (as a path such as `tokens[3].role`) and
+/// what is wrong with it. Never carries the offending value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Names of the identity headers set on allowed requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub name: Box<str>,
+    pub namespace: Box<str>,
+    pub role: Box<str>,
+}
+
+/// A validated configuration: built once per `on_configure`, then only read.
+#[derive(Debug)]
+pub struct Config {
+    pub(crate) tokens: TokenTable,
+    pub(crate) rules: Rules,
+    identity: IdentityHeaders,
+    forward_authorization: bool,
+    replies: Replies,
+}
+
+impl Config {
+    /// Parses and validates the JSON plugin configuration. Empty input is the
+    /// empty configuration: no tokens, so every request is refused.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        Self::from_spec(&PluginConfig::from_json(json)?)
+    }
+
+    pub fn from_spec(spec: &PluginConfig) -> Result<Self, ConfigError> {
+        let realm = spec.realm.as_deref().unwrap_or(DEFAULT_REALM);
+        if realm.is_empty()
+            || realm.len() > 128
+            || !realm
+                .bytes()
+                .all(|c| (0x20..=0x7e).contains(&c) && c != b'"' && c != b'\\')
+        {
+            return Err(ConfigError::new(
+                "realm",
+                "must be 1 to 128 printable ASCII characters without '\"' or '\\'",
+            ));
+        }
+        let identity = identity_headers(spec.identity_headers.as_ref())?;
+        let rules = match &spec.rules {
+            Some(rules) => Rules::compile(rules)?,
+            None => Rules::builtin()?,
+        };
+        let tokens = token_table(&spec.tokens)?;
+        Ok(Self {
+            tokens,
+            rules,
+            identity,
+            forward_authorization: spec.forward_authorization,
+            replies: Replies::new(realm),
+        })
+    }
+
+    /// A configuration without tokens: refuses every request.
+    pub fn deny_all() -> Self {
+        Self {
+            tokens: TokenTable::default(),
+            rules: Rules::empty(),
+            identity: default_identity(),
+            forward_authorization: false,
+            replies: Replies::new(DEFAULT_REALM),
+        }
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn identity_headers(&self) -> &IdentityHeaders {
+        &self.identity
+    }
+
+    pub fn forward_authorization(&self) -> bool {
+        self.forward_authorization
+    }
+
+    pub fn replies(&self) -> &Replies {
+        &self.replies
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+}
+
+fn default_identity() -> IdentityHeaders {
+    IdentityHeaders {
+        name: DEFAULT_NAME_HEADER.into(),
+        namespace: DEFAULT_NAMESPACE_HEADER.into(),
+        role: DEFAULT_ROLE_HEADER.into(),
+    }
+}
+
+impl PluginConfig {
+    /// Parses JSON without validating values (see [`Config::from_spec`]).
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        if json.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let spec: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "configuration".to_owned() } else { path };
+            ConfigError::new(field, describe_serde_error(e.inner()))
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new("configuration", describe_serde_error(&e)))?;
+        Ok(spec)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// serde_json's messages can quote the offending string value; keep only the
+/// kind of error and its position, plus the expected alternatives for unknown
+/// fields (which name fields, not values).
+fn describe_serde_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    let what = match e.classify() {
+        Category::Syntax | Category::Eof => "is not valid JSON".to_owned(),
+        Category::Io => "could not be read".to_owned(),
+        Category::Data => {
+            if msg.starts_with("unknown field") || msg.starts_with("missing field") {
+                msg.split(" at line").next().unwrap_or("invalid").to_owned()
+            } else if let Some(expected) = msg.split(", expected ").nth(1) {
+                let expected = expected.split(" at line").next().unwrap_or("");
+                format!("has the wrong type: expected {expected}")
+            } else {
+                "is invalid".to_owned()
+            }
+        }
+    };
+    format!("{what} (line {}, column {})", e.line(), e.column())
+}
+
+fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeaders, ConfigError> {
+    let pick = |field: &str, value: Option<&String>, default: &str| -> Result<Box<str>, ConfigError> {
+        let name = value.map_or(default, String::as_str);
+        if !is_header_name(name) {
+            return Err(ConfigError::new(
+                format!("identityHeaders.{field}"),
+                "must be a lower-case HTTP header name (letters, digits, '-'), not a pseudo-header",
+            ));
+        }
+        if matches!(
+            name,
+            "authorization" | "host" | "content-length" | "transfer-encoding" | "connection" | "te"
+        ) {
+            return Err(ConfigError::new(
+                format!("identityHeaders.{field}"),
+                "must not be a header that HTTP or this filter already uses",
+            ));
+        }
+        Ok(name.into())
+    };
+    let spec = spec.cloned().unwrap_or_default();
+    let headers = IdentityHeaders {
+        name: pick("name", spec.name.as_ref(), DEFAULT_NAME_HEADER)?,
+        namespace: pick("namespace", spec.namespace.as_ref(), DEFAULT_NAMESPACE_HEADER)?,
+        role: pick("role", spec.role.as_ref(), DEFAULT_ROLE_HEADER)?,
+    };
+    if headers.name == headers.namespace || headers.name == headers.role || headers.namespace == headers.role {
+        return Err(ConfigError::new("identityHeaders", "the three header names must differ"));
+    }
+    Ok(headers)
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+        && !name.starts_with('-')
+}
+
+fn token_table(specs: &[TokenSpec]) -> Result<TokenTable, ConfigError> {
+    let mut table = TokenTable::with_capacity(specs.len());
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let field = |f: &str| format!("tokens[{i}].{f}");
+        let name = TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
+        let role = Role::parse(&spec.role).ok_or_else(|| {
+            ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner")
+        })?;
+        let digest = Digest::from_hex(&spec.secret_sha256).ok_or_else(|| {
+            ConfigError::new(
+                field("secretSha256"),
+                "must be 64 lower-case hex characters: the SHA-256 digest of the secret, never the secret itself",
+            )
+        })?;
+        let expire = spec
+            .expire_time
+            .as_deref()
+            .map(Timestamp::parse_rfc3339)
+            .transpose()
+            .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
+        if let Some(first) = names.insert(spec.name.as_str(), i) {
+            return Err(ConfigError::new(field("name"), format!("duplicate of tokens[{first}].name")));
+        }
+        if !table.insert(digest, Token::new(&name, role, expire)) {
+            let first = specs
+                .iter()
+                .position(|s| s.secret_sha256 == spec.secret_sha256)
+                .unwrap_or(i);
+            return Err(ConfigError::new(
+                field("secretSha256"),
+                format!("duplicate of tokens[{first}].secretSha256"),
+            ));
+        }
+    }
+    Ok(table)
+}

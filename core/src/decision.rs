@@ -1,0 +1,210 @@
+//! The authorization decision: authenticate the bearer token, then check the
+//! request's namespace and verb against the token's role.
+
+use crate::bearer::{self, BearerError};
+use crate::config::Config;
+use crate::role::Verb;
+use crate::table::{Digest, Token};
+use crate::timestamp::Timestamp;
+use sha2::{Digest as _, Sha256};
+
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Denial {
+    /// No Authorization header (or an empty one).
+    Missing,
+    /// Another scheme than Bearer.
+    NotBearer,
+    /// The Bearer scheme with a malformed token.
+    Malformed,
+    /// More than one credential.
+    MultipleCredentials,
+    /// No token has this secret.
+    Unknown,
+    /// The token's `expireTime` has passed.
+    Expired,
+    /// The path's namespace is not the token's.
+    NamespaceDenied,
+    /// The token's role does not permit the verb on this path, or no rule
+    /// matches the path, or the method is unknown.
+    RoleDenied,
+    /// The host failed us (e.g. a header could not be set): fail closed.
+    Internal,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 9] = [
+        Denial::Missing,
+        Denial::NotBearer,
+        Denial::Malformed,
+        Denial::MultipleCredentials,
+        Denial::Unknown,
+        Denial::Expired,
+        Denial::NamespaceDenied,
+        Denial::RoleDenied,
+        Denial::Internal,
+    ];
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A short reason for logs, and (prefixed with `apitokens_`) Envoy's
+    /// response code details.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::NotBearer => "not_bearer",
+            Self::Malformed => "malformed",
+            Self::MultipleCredentials => "multiple_credentials",
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::NamespaceDenied => "namespace_denied",
+            Self::RoleDenied => "role_denied",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    pub const fn details(self) -> &'static str {
+        match self {
+            Self::Missing => "apitokens_missing",
+            Self::NotBearer => "apitokens_not_bearer",
+            Self::Malformed => "apitokens_malformed",
+            Self::MultipleCredentials => "apitokens_multiple_credentials",
+            Self::Unknown => "apitokens_unknown",
+            Self::Expired => "apitokens_expired",
+            Self::NamespaceDenied => "apitokens_namespace_denied",
+            Self::RoleDenied => "apitokens_role_denied",
+            Self::Internal => "apitokens_internal_error",
+        }
+    }
+
+    pub const fn counter(self) -> Counter {
+        match self {
+            Self::Missing => Counter::Missing,
+            Self::NotBearer | Self::Malformed | Self::MultipleCredentials => Counter::Malformed,
+            Self::Unknown => Counter::Unknown,
+            Self::Expired => Counter::Expired,
+            Self::NamespaceDenied => Counter::NamespaceDenied,
+            Self::RoleDenied => Counter::RoleDenied,
+            Self::Internal => Counter::InternalError,
+        }
+    }
+}
+
+/// Outcome counters, exported as Envoy stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    Allowed,
+    Missing,
+    Malformed,
+    Unknown,
+    Expired,
+    NamespaceDenied,
+    RoleDenied,
+    InternalError,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::Allowed,
+        Counter::Missing,
+        Counter::Malformed,
+        Counter::Unknown,
+        Counter::Expired,
+        Counter::NamespaceDenied,
+        Counter::RoleDenied,
+        Counter::InternalError,
+    ];
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stat name (Envoy adds its own prefix for wasm metrics).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "apitokens.allowed",
+            Self::Missing => "apitokens.missing",
+            Self::Malformed => "apitokens.malformed",
+            Self::Unknown => "apitokens.unknown",
+            Self::Expired => "apitokens.expired",
+            Self::NamespaceDenied => "apitokens.namespace_denied",
+            Self::RoleDenied => "apitokens.role_denied",
+            Self::InternalError => "apitokens.internal_error",
+        }
+    }
+}
+
+/// What the gateway knows about a request, borrowed from its headers.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub authorization: Option<&'a [u8]>,
+    pub method: &'a [u8],
+    pub path: &'a [u8],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision<'c> {
+    Allow(&'c Token),
+    Deny {
+        denial: Denial,
+        /// The token, when the secret identified one.
+        token: Option<&'c Token>,
+    },
+}
+
+impl Config {
+    /// Finds the token for an Authorization value. `now` is asked only when the
+    /// token has an expiry; if the clock is unavailable the token is refused.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        now: impl FnOnce() -> Option<Timestamp>,
+    ) -> Result<&Token, (Denial, Option<&Token>)> {
+        let value = authorization.ok_or((Denial::Missing, None))?;
+        let secret = bearer::parse(value).map_err(|e| {
+            let denial = match e {
+                BearerError::Empty => Denial::Missing,
+                BearerError::NotBearer => Denial::NotBearer,
+                BearerError::Malformed => Denial::Malformed,
+                BearerError::Multiple => Denial::MultipleCredentials,
+            };
+            (denial, None)
+        })?;
+        let digest = Digest(Sha256::digest(secret).into());
+        let token = self.tokens.get(&digest).ok_or((Denial::Unknown, None))?;
+        if token.expire.is_some() && now().map_or(true, |now| token.is_expired(now)) {
+            return Err((Denial::Expired, Some(token)));
+        }
+        Ok(token)
+    }
+
+    /// Checks the request's namespace and verb against the token.
+    pub fn authorize(&self, token: &Token, method: &[u8], path: &[u8]) -> Result<(), Denial> {
+        let scope = self.rules.classify(path).ok_or(Denial::RoleDenied)?;
+        if scope.namespace != token.namespace().as_bytes() {
+            return Err(Denial::NamespaceDenied);
+        }
+        let verb = Verb::from_method(method, scope.collection).ok_or(Denial::RoleDenied)?;
+        if scope.permits(token.role, verb) {
+            Ok(())
+        } else {
+            Err(Denial::RoleDenied)
+        }
+    }
+
+    /// The whole decision for one request.
+    pub fn decide(&self, request: &Request<'_>, now: impl FnOnce() -> Option<Timestamp>) -> Decision<'_> {
+        match self.authenticate(request.authorization, now) {
+            Err((denial, token)) => Decision::Deny { denial, token },
+            Ok(token) => match self.authorize(token, request.method, request.path) {
+                Ok(()) => Decision::Allow(token),
+                Err(denial) => Decision::Deny {
+                    denial,
+                    token: Some(token),
+                },
+            },
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Decision logic of the apitokens gateway filter, free of any proxy API: the
+//! configuration schema and its validation, the token table, the permission
+//! rules and the decision. The proxy-wasm filter and the control plane both
+//! build on this crate.
+
+pub mod bearer;
+pub mod config;
+pub mod decision;
+pub mod gate;
+pub mod name;
+pub mod reply;
+pub mod role;
+pub mod rules;
+pub mod table;
+pub mod timestamp;
+
+pub use config::{Config, ConfigError, PluginConfig, TokenSpec};
+pub use decision::{Counter, Decision, Denial, Request};
+pub use role::{Role, Verb};
+pub use timestamp::Timestamp;

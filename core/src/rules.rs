@@ -1,0 +1,304 @@
+//! Permission rules: which verbs each role may perform on which paths.
+//!
+//! A rule is a path pattern and, per role, the verbs it allows. The first rule
+//! whose pattern matches the request path decides; a path no rule matches is
+//! denied to every role. Patterns are `/`-separated segments:
+//!
+//! - `{namespace}`: exactly one per pattern; matches a DNS label and is the
+//!   namespace the token must belong to;
+//! - `*`: any one segment; `prefix*`: a segment starting with `prefix`;
+//! - `**`: last segment only; any number (also zero) of further segments;
+//! - anything else is a literal. A literal without `:` also matches that
+//!   segment followed by a custom method (`apitokens` matches
+//!   `apitokens:batchGet`, AIP-136), so an action on a collection is never
+//!   judged by a weaker rule further down; a literal with `:` matches exactly.
+//!
+//! Whether GET means `list` or `get` follows from the number of segments after
+//! the namespace: odd names a collection (`.../deployments`), even an item
+//! (`.../deployments/{id}`, or the namespace itself).
+//!
+//! Paths are matched as the gateway sees them, without decoding. A path with a
+//! percent-escape, a `;` parameter, a backslash, an empty or dot segment, or a
+//! byte outside printable ASCII matches no rule: such spellings are where
+//! gateways and upstreams disagree about which resource is meant.
+
+use crate::config::ConfigError;
+use crate::name::is_dns_label;
+use crate::role::{Role, Verb, VerbSet};
+use serde::{Deserialize, Serialize};
+
+/// One rule as written in the plugin configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub path: String,
+    #[serde(default)]
+    pub allow: AllowSpec,
+}
+
+/// Verbs per role; a role left out may do nothing. `"*"` means every verb.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub viewer: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub editor: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner: Vec<String>,
+}
+
+/// The built-in rules: the product's REST API (see the README's permission
+/// table). Written in the rule language itself so that the table and the
+/// language cannot drift apart.
+pub const DEFAULT_RULES_JSON: &str = r#"[
+  {"path": "/apitokens/v1/namespaces/{namespace}/apitokens/**",
+   "allow": {"owner": ["*"]}},
+  {"path": "/namespaces/v1/namespaces/{namespace}",
+   "allow": {"owner": ["get", "update"]}},
+  {"path": "/api/v1/namespaces/{namespace}/secret-values/**",
+   "allow": {"editor": ["*"], "owner": ["*"]}},
+  {"path": "/api/v1/namespaces/{namespace}/deployment-defaults/**",
+   "allow": {"viewer": ["get", "list"], "editor": ["get", "list"], "owner": ["*"]}},
+  {"path": "/api/v1/namespaces/{namespace}/deployment-targets/**",
+   "allow": {"viewer": ["get", "list"], "editor": ["get", "list"], "owner": ["*"]}},
+  {"path": "/artifacts/v1/namespaces/{namespace}/artifacts:list",
+   "allow": {"viewer": ["*"], "editor": ["*"], "owner": ["*"]}},
+  {"path": "/artifacts/v1/namespaces/{namespace}/artifacts:getMetadata",
+   "allow": {"viewer": ["*"], "editor": ["*"], "owner": ["*"]}},
+  {"path": "/artifacts/v1/namespaces/{namespace}/artifacts:*",
+   "allow": {"editor": ["*"], "owner": ["*"]}},
+  {"path": "/*/*/namespaces/{namespace}/**",
+   "allow": {"viewer": ["get", "list"], "editor": ["*"], "owner": ["*"]}}
+]"#;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Segment {
+    /// Matches itself, or itself followed by `:customMethod`.
+    Literal(Box<[u8]>),
+    /// A literal containing `:`: matches only itself.
+    Exact(Box<[u8]>),
+    Prefix(Box<[u8]>),
+    Any,
+    Namespace,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    segments: Box<[Segment]>,
+    /// The pattern ends with `**`.
+    rest: bool,
+    allow: [VerbSet; 3],
+}
+
+/// Compiled rules, immutable once built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rules {
+    rules: Box<[Rule]>,
+}
+
+/// What the matching rule says about a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scope<'p> {
+    /// The path's namespace segment (a DNS label).
+    pub namespace: &'p [u8],
+    /// The path names a collection (GET is `list`) rather than an item.
+    pub collection: bool,
+    allow: [VerbSet; 3],
+}
+
+impl Scope<'_> {
+    pub fn permits(&self, role: Role, verb: Verb) -> bool {
+        self.allow
+            .get(role.index())
+            .is_some_and(|verbs| verbs.contains(verb))
+    }
+}
+
+impl Rules {
+    /// The built-in rules.
+    pub fn builtin() -> Result<Self, ConfigError> {
+        let specs: Vec<RuleSpec> = serde_json::from_str(DEFAULT_RULES_JSON)
+            .map_err(|e| ConfigError::new("rules", e.to_string()))?;
+        Self::compile(&specs)
+    }
+
+    pub fn compile(specs: &[RuleSpec]) -> Result<Self, ConfigError> {
+        let rules = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| compile_rule(i, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            rules: rules.into_boxed_slice(),
+        })
+    }
+
+    /// No rules: every path is denied.
+    pub fn empty() -> Self {
+        Self { rules: Box::new([]) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule matching `path` (the raw `:path`, query included).
+    pub fn classify<'p>(&self, path: &'p [u8]) -> Option<Scope<'p>> {
+        let segments = canonical_segments(path)?;
+        self.rules.iter().find_map(|rule| rule.matches(segments))
+    }
+}
+
+/// The part of the path that holds segments (without the leading `/`, the
+/// query, and one trailing `/`), or `None` when the path must match nothing.
+fn canonical_segments(path: &[u8]) -> Option<&[u8]> {
+    let path = match path.iter().position(|c| *c == b'?') {
+        Some(q) => path.get(..q)?,
+        None => path,
+    };
+    let rest = path.strip_prefix(b"/")?;
+    let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+    if rest
+        .iter()
+        .any(|c| !(0x21..=0x7e).contains(c) || matches!(c, b'%' | b';' | b'\\' | b'#'))
+    {
+        return None;
+    }
+    if !rest.is_empty()
+        && rest
+            .split(|c| *c == b'/')
+            .any(|s| s.is_empty() || s == b"." || s == b"..")
+    {
+        return None;
+    }
+    Some(rest)
+}
+
+impl Rule {
+    fn matches<'p>(&self, rest: &'p [u8]) -> Option<Scope<'p>> {
+        let mut segments = rest.split(|c| *c == b'/').filter(|s| !s.is_empty());
+        let mut namespace = None;
+        let mut after_namespace = 0usize;
+        for pattern in self.segments.iter() {
+            let seg = segments.next()?;
+            let ok = match pattern {
+                Segment::Literal(lit) => {
+                    seg == &lit[..]
+                        || seg
+                            .strip_prefix(&lit[..])
+                            .is_some_and(|m| m.first() == Some(&b':'))
+                }
+                Segment::Exact(lit) => seg == &lit[..],
+                Segment::Prefix(p) => seg.starts_with(p),
+                Segment::Any => true,
+                Segment::Namespace => is_dns_label(seg),
+            };
+            if !ok {
+                return None;
+            }
+            if matches!(pattern, Segment::Namespace) {
+                namespace = Some(seg);
+            } else if namespace.is_some() {
+                after_namespace += 1;
+            }
+        }
+        let remaining = segments.count();
+        if remaining > 0 && !self.rest {
+            return None;
+        }
+        Some(Scope {
+            namespace: namespace?,
+            collection: (after_namespace + remaining) % 2 == 1,
+            allow: self.allow,
+        })
+    }
+}
+
+fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
+    let field = || format!("rules[{i}].path");
+    let bad = |msg: &str| ConfigError::new(field(), msg);
+    let body = spec
+        .path
+        .strip_prefix('/')
+        .ok_or_else(|| bad("must start with '/'"))?;
+    let parts: Vec<&str> = body.split('/').collect();
+    let mut segments = Vec::with_capacity(parts.len());
+    let mut rest = false;
+    let last = parts.len().saturating_sub(1);
+    for (j, part) in parts.iter().enumerate() {
+        if *part == "**" {
+            if j != last {
+                return Err(bad("'**' is allowed only as the last segment"));
+            }
+            rest = true;
+            continue;
+        }
+        let segment = match *part {
+            "" => return Err(bad("has an empty segment")),
+            "{namespace}" => Segment::Namespace,
+            "*" => Segment::Any,
+            _ => {
+                let (text, prefix) = match part.strip_suffix('*') {
+                    Some(p) => (p, true),
+                    None => (*part, false),
+                };
+                if text == "." || text == ".." {
+                    return Err(bad("has a dot segment"));
+                }
+                if !text.bytes().all(|c| {
+                    (0x21..=0x7e).contains(&c)
+                        && !matches!(c, b'%' | b';' | b'\\' | b'#' | b'?' | b'*' | b'{' | b'}')
+                }) {
+                    return Err(bad(
+                        "segments are literals, '*', 'prefix*', '{namespace}' or a final '**' \
+                         (printable ASCII without % ; \\ # ? { })",
+                    ));
+                }
+                let bytes: Box<[u8]> = text.as_bytes().into();
+                if prefix {
+                    Segment::Prefix(bytes)
+                } else if text.contains(':') {
+                    Segment::Exact(bytes)
+                } else {
+                    Segment::Literal(bytes)
+                }
+            }
+        };
+        segments.push(segment);
+    }
+    match segments.iter().filter(|s| **s == Segment::Namespace).count() {
+        1 => {}
+        0 => return Err(bad("must contain '{namespace}': tokens are scoped to a namespace")),
+        _ => return Err(bad("must contain '{namespace}' only once")),
+    }
+    let allow = [
+        verbs(i, "viewer", &spec.allow.viewer)?,
+        verbs(i, "editor", &spec.allow.editor)?,
+        verbs(i, "owner", &spec.allow.owner)?,
+    ];
+    Ok(Rule {
+        segments: segments.into_boxed_slice(),
+        rest,
+        allow,
+    })
+}
+
+fn verbs(i: usize, role: &str, names: &[String]) -> Result<VerbSet, ConfigError> {
+    names.iter().enumerate().try_fold(VerbSet::NONE, |set, (j, name)| {
+        if name == "*" {
+            Ok(VerbSet::ALL)
+        } else {
+            Verb::parse(name).map(|v| set.with(v)).ok_or_else(|| {
+                ConfigError::new(
+                    format!("rules[{i}].allow.{role}[{j}]"),
+                    "unknown verb; expected list, get, create, update, delete or \"*\"",
+                )
+            })
+        }
+    })
+}

@@ -1,0 +1,208 @@
+//! The few proxy-wasm host calls the filter makes, declared here rather than
+//! taken from the SDK's `hostcalls`: those `panic!` on any status they do not
+//! expect, and a panic is a trap that kills the worker's VM. Here every status
+//! other than OK is an `Err`, and statuses are plain integers so an unexpected
+//! value from the host is never an invalid Rust enum.
+
+use std::ptr::null_mut;
+
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+
+const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+const METRIC_COUNTER: u32 = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failed(pub u32);
+
+/// proxy-wasm log levels (ABI values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum Level {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+// The SDK declares the same imports with enum-typed arguments; the ABI is
+// identical (u32), so the clash is only nominal.
+#[allow(clashing_extern_declarations)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn check(status: u32) -> Result<(), Failed> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(Failed(status))
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's
+/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+///
+/// # Safety
+/// `data` must be null or come from `proxy_on_memory_allocate(size)`.
+unsafe fn host_buffer(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: see above; the allocation has length and capacity `size`.
+        unsafe { Vec::from_raw_parts(data, size, size) }
+    }
+}
+
+pub fn log_level() -> Result<Level, Failed> {
+    let mut level = 0u32;
+    // SAFETY: the host writes one u32 to a valid pointer.
+    check(unsafe { proxy_get_log_level(&mut level) })?;
+    Ok(match level {
+        0 => Level::Trace,
+        1 => Level::Debug,
+        2 => Level::Info,
+        3 => Level::Warn,
+        4 => Level::Error,
+        _ => Level::Critical,
+    })
+}
+
+pub fn log(level: Level, message: &str) -> Result<(), Failed> {
+    // SAFETY: pointer and length describe a live string.
+    check(unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) })
+}
+
+pub fn now_nanos() -> Result<u64, Failed> {
+    let mut nanos = 0u64;
+    // SAFETY: the host writes one u64 to a valid pointer.
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) })?;
+    Ok(nanos)
+}
+
+pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
+    let mut data = null_mut();
+    let mut len = 0usize;
+    // SAFETY: out-pointers are valid; the host allocates the returned buffer.
+    let status = unsafe { proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len) };
+    match status {
+        OK => Ok(unsafe { host_buffer(data, len) }),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(Failed(other)),
+    }
+}
+
+pub fn request_header(name: &str) -> Result<Option<Vec<u8>>, Failed> {
+    let mut data = null_mut();
+    let mut len = 0usize;
+    // SAFETY: key is a live string; out-pointers are valid.
+    let status =
+        unsafe { proxy_get_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), &mut data, &mut len) };
+    match status {
+        OK => Ok(Some(unsafe { host_buffer(data, len) })),
+        NOT_FOUND => Ok(None),
+        other => Err(Failed(other)),
+    }
+}
+
+pub fn replace_request_header(name: &str, value: &[u8]) -> Result<(), Failed> {
+    // SAFETY: key and value are live slices.
+    check(unsafe {
+        proxy_replace_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+pub fn remove_request_header(name: &str) -> Result<(), Failed> {
+    // SAFETY: key is a live string.
+    check(unsafe { proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len()) })
+}
+
+/// `headers` is a header map in the proxy-wasm serialization (see
+/// [`serialize_headers`]); `details` becomes Envoy's response code details.
+pub fn send_local_response(status: u32, details: &str, headers: &[u8], body: &[u8]) -> Result<(), Failed> {
+    // SAFETY: all pointers describe live slices; -1 means "not gRPC".
+    check(unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            -1,
+        )
+    })
+}
+
+pub fn define_counter(name: &str) -> Result<u32, Failed> {
+    let mut id = 0u32;
+    // SAFETY: name is a live string; the host writes one u32.
+    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment(metric: u32) -> Result<(), Failed> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_increment_metric(metric, 1) })
+}
+
+/// proxy-wasm header map encoding: pair count, then each key and value
+/// length, then each key and value followed by a NUL byte (all u32 LE).
+pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let size = 4 + headers.iter().map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&len32(headers.len()));
+    for (k, v) in headers {
+        out.extend_from_slice(&len32(k.len()));
+        out.extend_from_slice(&len32(v.len()));
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}

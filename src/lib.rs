@@ -1,0 +1,7 @@
+//! The apitokens proxy-wasm filter: a thin adapter from the proxy-wasm ABI to
+//! `apitokens_core`, which holds every decision.
+
+#[cfg(target_family = "wasm")]
+mod abi;
+#[cfg(target_family = "wasm")]
+mod filter;
