@@ -148,7 +148,13 @@ pub fn request_header(name: &str) -> Result<Option<Vec<u8>>, Failed> {
 pub fn replace_request_header(name: &str, value: &[u8]) -> Result<(), Failed> {
     // SAFETY: key and value are live slices.
     check(unsafe {
-        proxy_replace_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        proxy_replace_header_map_value(
+            MAP_HTTP_REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
     })
 }
 

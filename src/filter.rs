@@ -82,14 +82,20 @@ impl RootContext for Root {
         let json = match abi::plugin_configuration(plugin_configuration_size) {
             Ok(json) => json,
             Err(abi::Failed(status)) => {
-                log(Level::Error, format_args!("cannot read the plugin configuration (status {status})"));
+                log(
+                    Level::Error,
+                    format_args!("cannot read the plugin configuration (status {status})"),
+                );
                 return false;
             }
         };
         match Config::from_json(&json) {
             Ok(config) => {
                 if config.token_count() == 0 {
-                    log(Level::Warn, format_args!("configuration has no tokens: every request is refused"));
+                    log(
+                        Level::Warn,
+                        format_args!("configuration has no tokens: every request is refused"),
+                    );
                 }
                 log(
                     Level::Info,

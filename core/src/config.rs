@@ -183,8 +183,11 @@ fn default_identity() -> IdentityHeaders {
 impl PluginConfig {
     /// Parses JSON without validating values (see [`Config::from_spec`]).
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        if json.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Self::default());
+        match json.iter().find(|c| !c.is_ascii_whitespace()) {
+            None => return Ok(Self::default()),
+            Some(b'{') => {}
+            // serde would also read a struct from a JSON array.
+            Some(_) => return Err(ConfigError::new("configuration", "must be a JSON object")),
         }
         let mut de = serde_json::Deserializer::from_slice(json);
         let spec: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -252,7 +255,10 @@ fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeader
         role: pick("role", spec.role.as_ref(), DEFAULT_ROLE_HEADER)?,
     };
     if headers.name == headers.namespace || headers.name == headers.role || headers.namespace == headers.role {
-        return Err(ConfigError::new("identityHeaders", "the three header names must differ"));
+        return Err(ConfigError::new(
+            "identityHeaders",
+            "the three header names must differ",
+        ));
     }
     Ok(headers)
 }
@@ -272,9 +278,8 @@ fn token_table(specs: &[TokenSpec]) -> Result<TokenTable, ConfigError> {
     for (i, spec) in specs.iter().enumerate() {
         let field = |f: &str| format!("tokens[{i}].{f}");
         let name = TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
-        let role = Role::parse(&spec.role).ok_or_else(|| {
-            ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner")
-        })?;
+        let role = Role::parse(&spec.role)
+            .ok_or_else(|| ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner"))?;
         let digest = Digest::from_hex(&spec.secret_sha256).ok_or_else(|| {
             ConfigError::new(
                 field("secretSha256"),
@@ -288,7 +293,10 @@ fn token_table(specs: &[TokenSpec]) -> Result<TokenTable, ConfigError> {
             .transpose()
             .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
         if let Some(first) = names.insert(spec.name.as_str(), i) {
-            return Err(ConfigError::new(field("name"), format!("duplicate of tokens[{first}].name")));
+            return Err(ConfigError::new(
+                field("name"),
+                format!("duplicate of tokens[{first}].name"),
+            ));
         }
         if !table.insert(digest, Token::new(&name, role, expire)) {
             let first = specs

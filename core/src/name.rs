@@ -10,10 +10,7 @@ pub fn is_dns_label(label: &[u8]) -> bool {
     match label {
         [] => false,
         [first, .., last] | [first @ last] => {
-            label.len() <= 63
-                && alnum(first)
-                && alnum(last)
-                && label.iter().all(|c| alnum(c) || *c == b'-')
+            label.len() <= 63 && alnum(first) && alnum(last) && label.iter().all(|c| alnum(c) || *c == b'-')
         }
     }
 }
@@ -36,8 +33,12 @@ impl fmt::Display for NameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::NotQualified => "must be fully qualified: namespaces/{namespace}/apitokens/{token}",
-            Self::BadNamespace => "namespace must be a DNS label (lower-case letters, digits and '-', at most 63 characters)",
-            Self::BadTokenId => "token id must be a DNS label (lower-case letters, digits and '-', at most 63 characters)",
+            Self::BadNamespace => {
+                "namespace must be a DNS label (lower-case letters, digits and '-', at most 63 characters)"
+            }
+            Self::BadTokenId => {
+                "token id must be a DNS label (lower-case letters, digits and '-', at most 63 characters)"
+            }
         })
     }
 }

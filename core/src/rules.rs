@@ -109,17 +109,15 @@ pub struct Scope<'p> {
 
 impl Scope<'_> {
     pub fn permits(&self, role: Role, verb: Verb) -> bool {
-        self.allow
-            .get(role.index())
-            .is_some_and(|verbs| verbs.contains(verb))
+        self.allow.get(role.index()).is_some_and(|verbs| verbs.contains(verb))
     }
 }
 
 impl Rules {
     /// The built-in rules.
     pub fn builtin() -> Result<Self, ConfigError> {
-        let specs: Vec<RuleSpec> = serde_json::from_str(DEFAULT_RULES_JSON)
-            .map_err(|e| ConfigError::new("rules", e.to_string()))?;
+        let specs: Vec<RuleSpec> =
+            serde_json::from_str(DEFAULT_RULES_JSON).map_err(|e| ConfigError::new("rules", e.to_string()))?;
         Self::compile(&specs)
     }
 
@@ -188,10 +186,7 @@ impl Rule {
             let seg = segments.next()?;
             let ok = match pattern {
                 Segment::Literal(lit) => {
-                    seg == &lit[..]
-                        || seg
-                            .strip_prefix(&lit[..])
-                            .is_some_and(|m| m.first() == Some(&b':'))
+                    seg == &lit[..] || seg.strip_prefix(&lit[..]).is_some_and(|m| m.first() == Some(&b':'))
                 }
                 Segment::Exact(lit) => seg == &lit[..],
                 Segment::Prefix(p) => seg.starts_with(p),
@@ -222,10 +217,7 @@ impl Rule {
 fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
     let field = || format!("rules[{i}].path");
     let bad = |msg: &str| ConfigError::new(field(), msg);
-    let body = spec
-        .path
-        .strip_prefix('/')
-        .ok_or_else(|| bad("must start with '/'"))?;
+    let body = spec.path.strip_prefix('/').ok_or_else(|| bad("must start with '/'"))?;
     let parts: Vec<&str> = body.split('/').collect();
     let mut segments = Vec::with_capacity(parts.len());
     let mut rest = false;
@@ -251,8 +243,7 @@ fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
                     return Err(bad("has a dot segment"));
                 }
                 if !text.bytes().all(|c| {
-                    (0x21..=0x7e).contains(&c)
-                        && !matches!(c, b'%' | b';' | b'\\' | b'#' | b'?' | b'*' | b'{' | b'}')
+                    (0x21..=0x7e).contains(&c) && !matches!(c, b'%' | b';' | b'\\' | b'#' | b'?' | b'*' | b'{' | b'}')
                 }) {
                     return Err(bad(
                         "segments are literals, '*', 'prefix*', '{namespace}' or a final '**' \

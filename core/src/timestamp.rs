@@ -49,7 +49,10 @@ impl Timestamp {
         let b = input.as_bytes();
         let (date_time, rest) = match b {
             [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1, b'T' | b't', h0, h1, b':', i0, i1, b':', s0, s1, rest @ ..] => {
-                ([*y0, *y1, *y2, *y3, *m0, *m1, *d0, *d1, *h0, *h1, *i0, *i1, *s0, *s1], rest)
+                (
+                    [*y0, *y1, *y2, *y3, *m0, *m1, *d0, *d1, *h0, *h1, *i0, *i1, *s0, *s1],
+                    rest,
+                )
             }
             _ => return Err(TimestampError),
         };
@@ -113,9 +116,7 @@ impl Timestamp {
         };
 
         let days = days_from_civil(year, month, day);
-        let secs = days * 86_400
-            + i64::from(hour * 3600 + minute * 60 + second)
-            - offset_secs;
+        let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_secs;
         Ok(Self { secs, nanos })
     }
 

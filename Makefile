@@ -1,0 +1,75 @@
+# apitokens: the front door. `make run` for a demo, `make test` for everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+ENVOY       := $(VENV)/bin/envoy
+WASM        := target/wasm32-wasip1/release/apitokens_filter.wasm
+CARGO       ?= cargo
+# wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
+WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
+
+.PHONY: wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+
+help:
+	@echo "make run        build the filter, start Envoy and a demo upstream, print curl lines"
+	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy $(shell echo 1.40)"
+	@echo "make build      build the wasm module ($(WASM))"
+	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
+	@echo "make clean      remove build outputs and the virtualenv"
+
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip1 && rustup target list --installed | grep -qx wasm32-unknown-unknown \
+	  || rustup target add wasm32-wasip1 wasm32-unknown-unknown
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+build: toolchain
+	$(CARGO) build --release --target wasm32-wasip1 -p apitokens-filter
+	@ls -l $(WASM) | awk '{print "module: $(WASM) (" $$5 " bytes)"}'
+
+# Envoy 1.40 (official binary, V8) and the Python test tools, pinned.
+venv: $(VENV)/.installed
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+test: lint unit wasm-test e2e
+	@echo "make test: all suites passed"
+
+unit:
+	$(CARGO) test --workspace
+
+wasm-bindgen-cli:
+	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
+	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (a few minutes, once)"; \
+	  $(CARGO) install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
+	fi
+
+# The decision tests again, compiled to wasm32 and run under Node.js.
+wasm-test: toolchain wasm-bindgen-cli
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  $(CARGO) test -p apitokens-core --target wasm32-unknown-unknown
+
+e2e: build venv
+	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) -m pytest -q tests/e2e
+
+lint: toolchain
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip1 -p apitokens-filter -p apitokens-core -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+run: build venv
+	@scripts/run-static.sh
+
+size: build
+	@ls -l $(WASM)
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) .run

@@ -1,0 +1,328 @@
+//! The per-request flow through a recording host double: which headers are
+//! set or removed, what reply is sent, what is counted and logged.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use apitokens_core::decision::{Counter, Denial};
+use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
+use apitokens_core::reply::Reply;
+use apitokens_core::{Config, Timestamp};
+use common::*;
+use std::fmt;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+#[derive(Default)]
+struct Recorder {
+    headers: Vec<(String, Vec<u8>)>,
+    now: Option<Timestamp>,
+    reply: Option<(Denial, Reply)>,
+    counters: Vec<Counter>,
+    logs: Vec<String>,
+    fail_writes: bool,
+    reads: Vec<String>,
+}
+
+impl Recorder {
+    fn request(method: &str, path: &str, authorization: Option<&[u8]>) -> Self {
+        let mut headers = vec![
+            (":method".to_owned(), method.as_bytes().to_vec()),
+            (":path".to_owned(), path.as_bytes().to_vec()),
+        ];
+        if let Some(a) = authorization {
+            headers.push(("authorization".to_owned(), a.to_vec()));
+        }
+        Self {
+            headers,
+            now: Some(at("2026-06-01T00:00:00Z")),
+            ..Self::default()
+        }
+    }
+
+    fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.as_bytes().to_vec()));
+        self
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        let values: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        (!values.is_empty()).then(|| values.join(","))
+    }
+}
+
+impl Host for Recorder {
+    fn request_header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.reads.push(name.to_owned());
+        // Like Envoy: repeated headers arrive joined with a comma.
+        let values: Vec<&[u8]> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| &v[..])
+            .collect();
+        Ok((!values.is_empty()).then(|| values.join(&b","[..])))
+    }
+
+    fn now(&mut self) -> Option<Timestamp> {
+        self.now
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        if self.fail_writes {
+            return Err(HostError);
+        }
+        self.headers.retain(|(k, _)| k != name);
+        self.headers.push((name.to_owned(), value.to_vec()));
+        Ok(())
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
+        self.headers.retain(|(k, _)| k != name);
+        Ok(())
+    }
+
+    fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
+        assert!(self.reply.is_none(), "one reply per request");
+        self.reply = Some((denial, reply.clone()));
+        Ok(())
+    }
+
+    fn count(&mut self, counter: Counter) {
+        self.counters.push(counter);
+    }
+
+    fn log(&mut self, _level: LogLevel, message: fmt::Arguments<'_>) {
+        self.logs.push(message.to_string());
+    }
+}
+
+fn run(config: &Config, host: &mut Recorder) -> Verdict {
+    gate::on_request_headers(host, config)
+}
+
+fn reply_header<'r>(reply: &'r Reply, name: &str) -> Option<&'r str> {
+    reply.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| &**v)
+}
+
+#[test]
+fn allowed_requests_carry_identity_and_lose_the_authorization_header() {
+    let config = fixture();
+    let auth = bearer(EDITOR);
+    let mut host = Recorder::request("POST", "/api/v1/namespaces/default/deployments", Some(&auth))
+        .with_header("x-apitoken-role", "owner")
+        .with_header("x-apitoken-name", "namespaces/default/apitokens/owner")
+        .with_header("x-apitoken-namespace", "other");
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(
+        host.header("x-apitoken-name").as_deref(),
+        Some("namespaces/default/apitokens/editor")
+    );
+    assert_eq!(host.header("x-apitoken-namespace").as_deref(), Some("default"));
+    assert_eq!(host.header("x-apitoken-role").as_deref(), Some("editor"));
+    assert_eq!(host.header("authorization"), None);
+    assert_eq!(host.counters, vec![Counter::Allowed]);
+    assert!(host.reply.is_none());
+    assert!(host.logs.is_empty());
+}
+
+#[test]
+fn forward_authorization_keeps_the_header() {
+    let config = Config::from_json(fixture_json(r#","forwardAuthorization":true"#).as_bytes()).unwrap();
+    let auth = bearer(VIEWER);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(
+        host.header("authorization").as_deref(),
+        Some(&*format!("Bearer {VIEWER}"))
+    );
+}
+
+#[test]
+fn custom_identity_header_names_are_used() {
+    let config = Config::from_json(
+        fixture_json(r#","identityHeaders":{"name":"x-token","namespace":"x-tenant","role":"x-role"}"#).as_bytes(),
+    )
+    .unwrap();
+    let auth = bearer(OWNER);
+    let mut host =
+        Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth)).with_header("x-apitoken-role", "x");
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.header("x-tenant").as_deref(), Some("default"));
+    assert_eq!(host.header("x-role").as_deref(), Some("owner"));
+    assert_eq!(
+        host.header("x-token").as_deref(),
+        Some("namespaces/default/apitokens/owner")
+    );
+}
+
+#[test]
+fn every_denial_sends_its_rfc_6750_reply_and_strips_forged_identity() {
+    let config = fixture();
+    let unknown = bearer("nope");
+    let viewer = bearer(VIEWER);
+    let expiring = bearer(EXPIRING);
+    type Case<'a> = (Option<&'a [u8]>, &'a str, &'a str, Denial, u32, &'a str, Counter);
+    let cases: Vec<Case> = vec![
+        (
+            None,
+            "GET",
+            "/api/v1/namespaces/default/jobs",
+            Denial::Missing,
+            401,
+            r#"Bearer realm="apitokens""#,
+            Counter::Missing,
+        ),
+        (
+            Some(b"Basic eDp5"),
+            "GET",
+            "/api/v1/namespaces/default/jobs",
+            Denial::NotBearer,
+            401,
+            r#"Bearer realm="apitokens""#,
+            Counter::Malformed,
+        ),
+        (
+            Some(b"Bearer  x"),
+            "GET",
+            "/api/v1/namespaces/default/jobs",
+            Denial::Malformed,
+            401,
+            r#"Bearer realm="apitokens", error="invalid_token""#,
+            Counter::Malformed,
+        ),
+        (
+            Some(b"Bearer a,Bearer b"),
+            "GET",
+            "/api/v1/namespaces/default/jobs",
+            Denial::MultipleCredentials,
+            400,
+            r#"Bearer realm="apitokens", error="invalid_request""#,
+            Counter::Malformed,
+        ),
+        (
+            Some(&unknown),
+            "GET",
+            "/api/v1/namespaces/default/jobs",
+            Denial::Unknown,
+            401,
+            r#"Bearer realm="apitokens", error="invalid_token""#,
+            Counter::Unknown,
+        ),
+        (
+            Some(&viewer),
+            "GET",
+            "/api/v1/namespaces/other/jobs",
+            Denial::NamespaceDenied,
+            403,
+            r#"Bearer realm="apitokens", error="insufficient_scope""#,
+            Counter::NamespaceDenied,
+        ),
+        (
+            Some(&viewer),
+            "DELETE",
+            "/api/v1/namespaces/default/jobs/j",
+            Denial::RoleDenied,
+            403,
+            r#"Bearer realm="apitokens", error="insufficient_scope""#,
+            Counter::RoleDenied,
+        ),
+    ];
+    for (auth, method, path, denial, status, challenge, counter) in cases {
+        let mut host = Recorder::request(method, path, auth).with_header("x-apitoken-role", "owner");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{denial:?}");
+        let (sent, reply) = host.reply.clone().expect("a reply");
+        assert_eq!(sent, denial);
+        assert_eq!(reply.status, status, "{denial:?}");
+        assert_eq!(reply_header(&reply, "www-authenticate"), Some(challenge), "{denial:?}");
+        assert_eq!(reply_header(&reply, "content-type"), Some("application/json"));
+        assert_eq!(reply.details, format!("apitokens_{}", denial.reason()));
+        let body = String::from_utf8(reply.body.to_vec()).unwrap();
+        assert!(
+            body.starts_with(&format!("{{\"code\":{status},\"message\":\"")),
+            "{body}"
+        );
+        assert_eq!(
+            host.header("x-apitoken-role"),
+            None,
+            "forged identity removed on {denial:?}"
+        );
+        assert_eq!(host.counters, vec![counter]);
+        assert_eq!(host.logs.len(), 1);
+        assert!(
+            host.logs[0].contains(&format!("reason={}", denial.reason())),
+            "{}",
+            host.logs[0]
+        );
+    }
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&expiring));
+    host.now = Some(at("2027-01-01T00:00:00Z"));
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    assert_eq!(
+        host.reply.as_ref().map(|(d, r)| (*d, r.status)),
+        Some((Denial::Expired, 401))
+    );
+    assert_eq!(host.counters, vec![Counter::Expired]);
+}
+
+#[test]
+fn denial_logs_name_the_token_and_never_the_secret() {
+    let config = fixture();
+    let auth = bearer(VIEWER);
+    let mut host = Recorder::request("DELETE", "/api/v1/namespaces/default/jobs/j", Some(&auth));
+    run(&config, &mut host);
+    assert!(
+        host.logs[0].contains("token=namespaces/default/apitokens/viewer"),
+        "{}",
+        host.logs[0]
+    );
+    let unknown = bearer("a-secret-nobody-has");
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&unknown));
+    run(&config, &mut host);
+    for line in &host.logs {
+        assert!(
+            !line.contains(VIEWER) && !line.contains("a-secret-nobody-has"),
+            "{line}"
+        );
+    }
+    let (_, reply) = host.reply.unwrap();
+    assert!(!String::from_utf8_lossy(&reply.body).contains("a-secret-nobody-has"));
+}
+
+#[test]
+fn unknown_tokens_do_not_read_the_rest_of_the_request() {
+    let config = fixture();
+    let auth = bearer("nope");
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    run(&config, &mut host);
+    assert_eq!(host.reads, vec!["authorization"]);
+}
+
+#[test]
+fn a_failing_host_fails_closed() {
+    let config = fixture();
+    let auth = bearer(OWNER);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    host.fail_writes = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    let (denial, reply) = host.reply.unwrap();
+    assert_eq!((denial, reply.status), (Denial::Internal, 500));
+    assert_eq!(host.counters, vec![Counter::InternalError]);
+}
+
+#[test]
+fn the_realm_is_configurable() {
+    let config = Config::from_json(fixture_json(r#","realm":"acme gateway""#).as_bytes()).unwrap();
+    let mut host = Recorder::request("GET", "/", None);
+    run(&config, &mut host);
+    let (_, reply) = host.reply.unwrap();
+    assert_eq!(
+        reply_header(&reply, "www-authenticate"),
+        Some(r#"Bearer realm="acme gateway""#)
+    );
+}

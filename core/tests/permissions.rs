@@ -1,0 +1,244 @@
+//! Every row of the built-in permission table, for every role.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use apitokens_core::decision::Denial;
+use common::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+/// Expected outcome for one role.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum E {
+    /// Allowed.
+    A,
+    /// 403 role_denied.
+    R,
+    /// 403 namespace_denied.
+    N,
+}
+use E::*;
+
+/// (method, path, [viewer, editor, owner]) for tokens of namespace `default`.
+const TABLE: &[(&str, &str, [E; 3])] = &[
+    // ApiToken: owner only, every verb.
+    ("GET", "/apitokens/v1/namespaces/default/apitokens", [R, R, A]),
+    ("POST", "/apitokens/v1/namespaces/default/apitokens", [R, R, A]),
+    ("GET", "/apitokens/v1/namespaces/default/apitokens/ci-token", [R, R, A]),
+    (
+        "DELETE",
+        "/apitokens/v1/namespaces/default/apitokens/ci-token",
+        [R, R, A],
+    ),
+    (
+        "POST",
+        "/apitokens/v1/namespaces/default/apitokens/ci-token:regenerate",
+        [R, R, A],
+    ),
+    ("GET", "/apitokens/v1/namespaces/default/apitokens:batchGet", [R, R, A]),
+    // Namespace: owner get and update only.
+    ("GET", "/namespaces/v1/namespaces/default", [R, R, A]),
+    ("GET", "/namespaces/v1/namespaces/default/", [R, R, A]),
+    ("PUT", "/namespaces/v1/namespaces/default", [R, R, A]),
+    ("PATCH", "/namespaces/v1/namespaces/default", [R, R, A]),
+    ("DELETE", "/namespaces/v1/namespaces/default", [R, R, R]),
+    ("POST", "/namespaces/v1/namespaces/default", [R, R, R]),
+    // SecretValue: editor and owner, every verb.
+    ("GET", "/api/v1/namespaces/default/secret-values", [R, A, A]),
+    ("GET", "/api/v1/namespaces/default/secret-values/db", [R, A, A]),
+    ("POST", "/api/v1/namespaces/default/secret-values", [R, A, A]),
+    ("PUT", "/api/v1/namespaces/default/secret-values/db", [R, A, A]),
+    ("PATCH", "/api/v1/namespaces/default/secret-values/db", [R, A, A]),
+    ("DELETE", "/api/v1/namespaces/default/secret-values/db", [R, A, A]),
+    // DeploymentDefaults and DeploymentTarget: get/list, owner all.
+    ("GET", "/api/v1/namespaces/default/deployment-defaults", [A, A, A]),
+    ("GET", "/api/v1/namespaces/default/deployment-defaults/d", [A, A, A]),
+    ("POST", "/api/v1/namespaces/default/deployment-defaults", [R, R, A]),
+    ("PUT", "/api/v1/namespaces/default/deployment-defaults/d", [R, R, A]),
+    ("PATCH", "/api/v1/namespaces/default/deployment-defaults/d", [R, R, A]),
+    ("DELETE", "/api/v1/namespaces/default/deployment-defaults/d", [R, R, A]),
+    ("GET", "/api/v1/namespaces/default/deployment-targets", [A, A, A]),
+    ("GET", "/api/v1/namespaces/default/deployment-targets/k8s", [A, A, A]),
+    ("POST", "/api/v1/namespaces/default/deployment-targets", [R, R, A]),
+    ("PUT", "/api/v1/namespaces/default/deployment-targets/k8s", [R, R, A]),
+    ("PATCH", "/api/v1/namespaces/default/deployment-targets/k8s", [R, R, A]),
+    ("DELETE", "/api/v1/namespaces/default/deployment-targets/k8s", [R, R, A]),
+    // Artifacts: list and getMetadata for everyone, other actions editor+.
+    ("GET", "/artifacts/v1/namespaces/default/artifacts:list", [A, A, A]),
+    (
+        "GET",
+        "/artifacts/v1/namespaces/default/artifacts:getMetadata",
+        [A, A, A],
+    ),
+    (
+        "GET",
+        "/artifacts/v1/namespaces/default/artifacts:getMetadata?filename=a.jar",
+        [A, A, A],
+    ),
+    ("POST", "/artifacts/v1/namespaces/default/artifacts:upload", [R, A, A]),
+    ("POST", "/artifacts/v1/namespaces/default/artifacts:delete", [R, A, A]),
+    ("GET", "/artifacts/v1/namespaces/default/artifacts:download", [R, A, A]),
+    // Everything else under a namespace: viewer get/list, editor and owner all.
+    ("GET", "/api/v1/namespaces/default/deployments", [A, A, A]),
+    ("GET", "/api/v1/namespaces/default/deployments/d1", [A, A, A]),
+    ("POST", "/api/v1/namespaces/default/deployments", [R, A, A]),
+    ("PUT", "/api/v1/namespaces/default/deployments/d1", [R, A, A]),
+    ("PATCH", "/api/v1/namespaces/default/deployments/d1", [R, A, A]),
+    ("DELETE", "/api/v1/namespaces/default/deployments/d1", [R, A, A]),
+    ("GET", "/api/v1/namespaces/default/jobs?pageSize=10", [A, A, A]),
+    ("POST", "/sql/v1beta1/namespaces/default/sqlscripts:validate", [R, A, A]),
+    (
+        "GET",
+        "/catalog/v1beta2/namespaces/default/catalogs/c/databases",
+        [A, A, A],
+    ),
+    // Without a namespace, or with an unknown method: nobody.
+    ("GET", "/healthz", [R, R, R]),
+    ("GET", "/", [R, R, R]),
+    ("GET", "/namespaces/v1/namespaces", [R, R, R]),
+    ("POST", "/namespaces/v1/namespaces", [R, R, R]),
+    ("GET", "/api/v1/namespaces", [R, R, R]),
+    ("HEAD", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    ("OPTIONS", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    ("TRACE", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    ("CONNECT", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    ("get", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    ("", "/api/v1/namespaces/default/deployments", [R, R, R]),
+    // Another namespace, or a namespace that merely starts like ours.
+    ("GET", "/api/v1/namespaces/other/deployments", [N, N, N]),
+    ("GET", "/api/v1/namespaces/default-2/deployments", [N, N, N]),
+    ("GET", "/api/v1/namespaces/defaul/deployments", [N, N, N]),
+    ("GET", "/apitokens/v1/namespaces/other/apitokens", [N, N, N]),
+    // The query string never decides.
+    (
+        "GET",
+        "/api/v1/namespaces/other/deployments?namespace=default",
+        [N, N, N],
+    ),
+    (
+        "GET",
+        "/api/v1/namespaces/default/deployments?x=/namespaces/other/",
+        [A, A, A],
+    ),
+    ("GET", "/healthz?namespace=default", [R, R, R]),
+    // Spellings an upstream might read differently match no rule.
+    ("GET", "/api/v1/namespaces/DEFAULT/deployments", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default./deployments", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default%20/deployments", [R, R, R]),
+    ("GET", "/api/v1/namespaces//deployments", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default/secret%2Dvalues", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default/secret-values;x=y", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default/deployments;jsessionid=1", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default/./secret-values", [R, R, R]),
+    ("GET", "/api/v1/namespaces/other/../default/deployments", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default\\secret-values", [R, R, R]),
+    ("GET", "/api/v1/namespaces/default/deployments#frag", [R, R, R]),
+    ("GET", "api/v1/namespaces/default/deployments", [R, R, R]),
+    ("GET", "", [R, R, R]),
+];
+
+fn secret(role: usize) -> &'static str {
+    [VIEWER, EDITOR, OWNER][role]
+}
+
+#[test]
+fn every_row_for_every_role() {
+    let config = fixture();
+    let mut failures = Vec::new();
+    for (method, path, expected) in TABLE {
+        for (role, want) in expected.iter().enumerate() {
+            let auth = bearer(secret(role));
+            let token = config.authenticate(Some(&auth), no_clock).unwrap();
+            let got = match config.authorize(token, method.as_bytes(), path.as_bytes()) {
+                Ok(()) => A,
+                Err(Denial::RoleDenied) => R,
+                Err(Denial::NamespaceDenied) => N,
+                Err(other) => panic!("{method} {path}: unexpected {other:?}"),
+            };
+            if got != *want {
+                failures.push(format!(
+                    "{method} {path} as {}: want {want:?}, got {got:?}",
+                    ["viewer", "editor", "owner"][role]
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn token_of_another_namespace_is_denied_ours_and_allowed_its_own() {
+    let config = fixture();
+    let auth = bearer(OTHER_OWNER);
+    let token = config.authenticate(Some(&auth), no_clock).unwrap();
+    assert_eq!(
+        config.authorize(token, b"GET", b"/api/v1/namespaces/default/deployments"),
+        Err(Denial::NamespaceDenied)
+    );
+    assert_eq!(
+        config.authorize(token, b"DELETE", b"/apitokens/v1/namespaces/other/apitokens/t"),
+        Ok(())
+    );
+}
+
+#[test]
+fn custom_rules_replace_the_builtin_table() {
+    // A non-VVP API: tenants instead of namespaces, read-only invoices for viewers.
+    let rules = r#","rules":[
+        {"path":"/billing/v2/tenants/{namespace}/invoices/**","allow":{"viewer":["get","list"],"owner":["*"]}},
+        {"path":"/billing/v2/tenants/{namespace}/**","allow":{"editor":["*"],"owner":["*"]}}
+    ]"#;
+    let config = apitokens_core::Config::from_json(fixture_json(rules).as_bytes()).unwrap();
+    let check = |secret: &str, method: &str, path: &str| {
+        let auth = bearer(secret);
+        let token = config.authenticate(Some(&auth), no_clock).unwrap();
+        config.authorize(token, method.as_bytes(), path.as_bytes())
+    };
+    assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices"), Ok(()));
+    assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices/7"), Ok(()));
+    assert_eq!(
+        check(VIEWER, "POST", "/billing/v2/tenants/default/invoices"),
+        Err(Denial::RoleDenied)
+    );
+    assert_eq!(
+        check(EDITOR, "GET", "/billing/v2/tenants/default/invoices"),
+        Err(Denial::RoleDenied)
+    );
+    assert_eq!(check(EDITOR, "POST", "/billing/v2/tenants/default/payments"), Ok(()));
+    assert_eq!(check(OWNER, "DELETE", "/billing/v2/tenants/default/invoices/7"), Ok(()));
+    assert_eq!(
+        check(OWNER, "GET", "/billing/v2/tenants/other/invoices"),
+        Err(Denial::NamespaceDenied)
+    );
+    // The built-in table no longer applies.
+    assert_eq!(
+        check(OWNER, "GET", "/api/v1/namespaces/default/deployments"),
+        Err(Denial::RoleDenied)
+    );
+}
+
+#[test]
+fn get_means_list_on_collections_and_get_on_items() {
+    let rules = r#","rules":[
+        {"path":"/v1/{namespace}/**","allow":{"viewer":["list"],"editor":["get"]}}
+    ]"#;
+    let config = apitokens_core::Config::from_json(fixture_json(rules).as_bytes()).unwrap();
+    let check = |secret: &str, path: &str| {
+        let auth = bearer(secret);
+        let token = config.authenticate(Some(&auth), no_clock).unwrap();
+        config.authorize(token, b"GET", path.as_bytes()).is_ok()
+    };
+    assert!(check(VIEWER, "/v1/default/orders"));
+    assert!(!check(VIEWER, "/v1/default/orders/1"));
+    assert!(check(VIEWER, "/v1/default/orders/1/lines"));
+    assert!(!check(VIEWER, "/v1/default"));
+    assert!(!check(EDITOR, "/v1/default/orders"));
+    assert!(check(EDITOR, "/v1/default/orders/1"));
+    assert!(check(EDITOR, "/v1/default"));
+}
