@@ -10,7 +10,7 @@ CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        build the filter, start Envoy and a demo upstream, print curl lines"
@@ -64,7 +64,16 @@ lint: toolchain
 fmt:
 	$(CARGO) fmt --all
 
-run: build venv
+# Fuzzing (libFuzzer via cargo-fuzz; the stable toolchain with RUSTC_BOOTSTRAP
+# for the sanitizer flags). New inputs go to a scratch corpus; crashes land in
+# fuzz/regressions/<target>/, which `make test` replays: commit them.
+fuzz: toolchain
+	@scripts/fuzz.sh
+
+run: run-static
+
+# The filter alone: Envoy with envoy/envoy.yaml and three demo tokens.
+run-static: build venv
 	@scripts/run-static.sh
 
 size: build

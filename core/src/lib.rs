@@ -6,6 +6,8 @@
 pub mod bearer;
 pub mod config;
 pub mod decision;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod name;
 pub mod reply;

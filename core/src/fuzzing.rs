@@ -1,0 +1,87 @@
+//! Invariants checked by the fuzz targets (`fuzz/`) and by the replay of their
+//! corpora and crashes in `cargo test` (`core/tests/fuzz_replay.rs`). Each
+//! function takes arbitrary bytes and panics only when an invariant breaks.
+#![allow(clippy::panic)]
+
+use crate::bearer::{self, BearerError};
+use crate::config::{Config, PluginConfig};
+use crate::name::is_dns_label;
+use crate::role::Verb;
+use crate::rules::Rules;
+
+/// The `Authorization` parser: a token is returned only for `Bearer` + one
+/// space + a b64token that is the rest of the value.
+pub fn bearer(data: &[u8]) {
+    match bearer::parse(data) {
+        Ok(token) => {
+            let scheme = data.get(..7).unwrap_or_default();
+            if !scheme.eq_ignore_ascii_case(b"bearer ") || data.get(7..) != Some(token) || token.is_empty() {
+                panic!("accepted a value that is not `Bearer <token>`");
+            }
+            if token.iter().any(|c| !(c.is_ascii_alphanumeric() || b"-._~+/=".contains(c))) {
+                panic!("accepted a token outside the b64token alphabet");
+            }
+        }
+        Err(BearerError::Multiple) if !data.contains(&b',') => panic!("Multiple without a comma"),
+        Err(_) if data.contains(&b',') && !matches!(bearer::parse(data), Err(BearerError::Multiple)) => {
+            panic!("a comma must always mean Multiple")
+        }
+        Err(_) => {}
+    }
+}
+
+/// The path classifier with the built-in rules: a match always names a DNS
+/// label that stands as a whole segment of the path before the query, and
+/// never comes from a path with an ambiguous spelling.
+pub fn classify(data: &[u8]) {
+    let Ok(rules) = Rules::builtin() else {
+        panic!("built-in rules must compile")
+    };
+    let (method, path) = match data.split_first() {
+        Some((m, rest)) => (*m, rest),
+        None => (0, data),
+    };
+    if let Some(scope) = rules.classify(path) {
+        if !is_dns_label(scope.namespace) {
+            panic!("namespace is not a DNS label");
+        }
+        let before_query = path.split(|c| *c == b'?').next().unwrap_or_default();
+        if before_query.iter().any(|c| matches!(c, b'%' | b';' | b'\\' | b'#') || !(0x21..=0x7e).contains(c)) {
+            panic!("matched a path with an ambiguous spelling");
+        }
+        if !before_query.split(|c| *c == b'/').any(|seg| seg == scope.namespace) {
+            panic!("namespace is not a segment of the path");
+        }
+        let method: &[u8] = match method % 6 {
+            0 => b"GET",
+            1 => b"POST",
+            2 => b"PUT",
+            3 => b"PATCH",
+            4 => b"DELETE",
+            _ => b"HEAD",
+        };
+        if let Some(verb) = Verb::from_method(method, scope.collection) {
+            let _ = scope.permits(crate::role::Role::Viewer, verb);
+        }
+    }
+}
+
+/// The configuration decoder: never panics, errors always name a field, and
+/// whatever parses survives a round trip through JSON.
+pub fn config(data: &[u8]) {
+    match PluginConfig::from_json(data) {
+        Ok(spec) => {
+            let again = PluginConfig::from_json(spec.to_json().as_bytes());
+            if again.as_ref() != Ok(&spec) {
+                panic!("configuration does not round-trip through JSON");
+            }
+            if let Err(e) = Config::from_spec(&spec) {
+                if e.field.is_empty() {
+                    panic!("error without a field");
+                }
+            }
+        }
+        Err(e) if e.field.is_empty() => panic!("error without a field"),
+        Err(_) => {}
+    }
+}
