@@ -1,0 +1,45 @@
+//! Wall-clock time as the core's [`Timestamp`].
+
+use apitokens_core::timestamp::Timestamp;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub fn now() -> Timestamp {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp::from_unix(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Err(_) => Timestamp::from_unix(0, 0),
+    }
+}
+
+/// `now` truncated to whole seconds (API times read better without fractions).
+pub fn now_seconds() -> Timestamp {
+    Timestamp::from_unix(now().unix_seconds(), 0)
+}
+
+/// How long from `now` until `t` (zero if `t` has passed).
+pub fn until(t: Timestamp, now: Timestamp) -> Duration {
+    let secs = t.unix_seconds().saturating_sub(now.unix_seconds());
+    let nanos = i64::from(t.subsec_nanos()) - i64::from(now.subsec_nanos());
+    let total = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+    if total <= 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_nanos(u64::try_from(total).unwrap_or(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_handles_past_and_future() {
+        let now = Timestamp::from_unix(100, 900_000_000);
+        assert_eq!(
+            until(Timestamp::from_unix(101, 100_000_000), now),
+            Duration::from_millis(200)
+        );
+        assert_eq!(until(Timestamp::from_unix(100, 0), now), Duration::ZERO);
+        assert!(now_seconds().subsec_nanos() == 0);
+    }
+}
