@@ -1,0 +1,98 @@
+"""The `apitokens` command line: help, errors a person understands, render,
+bootstrap and import (migrating existing secrets by digest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import uuid
+
+import yaml
+
+from conftest import SECRETS, apitokens_bin, free_port, tokens_path
+from test_1_lifecycle import APP, until_status
+
+
+def run(*args, check=False):
+    return subprocess.run([apitokens_bin(), *args], capture_output=True, text=True, timeout=30, check=check)
+
+
+def test_help_for_every_command():
+    out = run("--help", check=True).stdout
+    for cmd in ("serve", "bootstrap", "render", "import"):
+        assert cmd in out
+        sub = run(cmd, "--help", check=True).stdout
+        assert "--db" in sub or "FILE" in sub
+    assert "--ecds-file" in run("serve", "--help").stdout
+    assert "--wasm-module" in run("serve", "--help").stdout
+
+
+def test_understandable_errors(tmp_path):
+    db = str(tmp_path / "x.db")
+    r = run("bootstrap", "--db", db, "--namespace", "Not Valid", "--name", "a")
+    assert r.returncode == 1 and "--namespace must be a DNS label" in r.stderr
+    r = run("bootstrap", "--db", db, "--namespace", "ns")
+    assert r.returncode == 2 and "--name" in r.stderr
+    r = run("bootstrap", "--db", db, "--namespace", "ns", "--name", "a", "--expire-time", "2001-01-01T00:00:00Z")
+    assert r.returncode == 1 and "in the future" in r.stderr
+    assert run("bootstrap", "--db", db, "--namespace", "ns", "--name", "a").returncode == 0
+    r = run("bootstrap", "--db", db, "--namespace", "ns", "--name", "a")
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = run("render", "--db", str(tmp_path / "missing.db"))
+    assert r.returncode == 1 and "no database" in r.stderr
+    r = run("serve", "--db", db, "--no-xds")
+    assert r.returncode == 1 and "--ecds-file" in r.stderr
+    r = run("serve", "--db", db, "--ecds-file", str(tmp_path / "x.json"))
+    assert r.returncode == 1 and ".pb" in r.stderr
+    bad = tmp_path / "base.json"
+    bad.write_text('{"realm": "a\\"b"}')
+    r = run("serve", "--db", db, "--plugin-config", str(bad))
+    assert r.returncode == 1 and "realm" in r.stderr
+    # A port in use.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", "--db", db, "--listen", f"127.0.0.1:{port}", "--xds-listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and f"--listen 127.0.0.1:{port}" in r.stderr
+    for r in (run("frobnicate"), run("serve", "--listen", "nowhere")):
+        assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_render_json_and_wasmplugin(cp):
+    out = run("render", "--db", str(cp.db), "--plugin-config", "envoy/ecds-plugin-base.json", check=True).stdout
+    spec = json.loads(out)
+    names = [t["name"] for t in spec["tokens"]]
+    assert "namespaces/default/apitokens/admin" in names
+    assert "namespaces/default/apitokens/brief" not in names, "expired tokens are left out"
+    assert spec["forwardAuthorization"] is True
+    assert all(len(t["secretSha256"]) == 64 for t in spec["tokens"])
+    doc = yaml.safe_load(run("render", "--db", str(cp.db), "--format", "wasmplugin", check=True).stdout)
+    assert doc["kind"] == "WasmPlugin" and doc["spec"]["failStrategy"] == "FAIL_CLOSE"
+    assert [t["name"] for t in doc["spec"]["pluginConfig"]["tokens"]] == names
+
+
+def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
+    legacy = str(uuid.uuid4())
+    SECRETS.append(legacy)
+    spec = {"tokens": [{"name": "namespaces/default/apitokens/legacy", "role": "editor",
+                        "secretSha256": hashlib.sha256(legacy.encode()).hexdigest()}]}
+    f = tmp_path / "legacy.json"
+    f.write_text(json.dumps(spec))
+    r = run("import", "--db", str(cp.db), str(f))
+    assert r.returncode == 0, r.stderr
+    assert "Imported 1 tokens" in r.stderr
+    # The running server notices the other process's write; Envoy enforces it.
+    until_status(envoy, APP, legacy, 200, timeout=10)
+    assert envoy.get(APP, legacy, method="POST", body={}).status == 200
+    assert envoy.get(tokens_path(), legacy).status == 403
+    # Importing again is refused as a whole.
+    r = run("import", "--db", str(cp.db), str(f))
+    assert r.returncode == 1 and "nothing was imported" in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tokens": [{"name": "x", "role": "editor", "secretSha256": "00"}]}')
+    r = run("import", "--db", str(cp.db), str(bad))
+    assert r.returncode == 1 and "tokens[0].name" in r.stderr
