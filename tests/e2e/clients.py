@@ -44,6 +44,7 @@ class Client:
             http1=proto == "h1",
             http2=proto == "h2",
             timeout=10.0,
+            trust_env=False,  # loopback only: ignore proxy variables
         )
 
     def request(

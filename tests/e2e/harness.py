@@ -25,12 +25,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def envoy_bin() -> str:
-    return os.environ.get("ENVOY_BIN") or str(REPO_ROOT / ".venv" / "bin" / "envoy")
+    """$ENVOY_BIN (relative to the current directory) or <repo>/.venv/bin/envoy."""
+    return os.path.abspath(os.environ.get("ENVOY_BIN") or REPO_ROOT / ".venv" / "bin" / "envoy")
 
 
 def wasm_module() -> str:
-    return os.environ.get("APITOKENS_WASM") or str(
-        REPO_ROOT / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
+    """$APITOKENS_WASM (relative to the current directory) or the release build in <repo>/target."""
+    return os.path.abspath(
+        os.environ.get("APITOKENS_WASM") or REPO_ROOT / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
     )
 
 
@@ -89,7 +91,7 @@ def plugin_config(tokens: Iterable[Token], **extra) -> dict:
 ACCESS_LOG_FORMAT = {
     "e2e_id": "%REQ(X-E2E-ID)%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%PATH(NQ:PATH)%",  # never log query strings: they may carry credentials
     "protocol": "%PROTOCOL%",
     "code": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
@@ -224,6 +226,9 @@ WASM_FAILURE_PATTERNS = (
 )
 
 
+_INVENTORY = re.compile(r"\[source/server/server\.cc:\d+\] ( {2}|HTTP header map info|statically linked extensions)")
+
+
 class EnvoyStartError(RuntimeError):
     pass
 
@@ -257,6 +262,7 @@ class Envoy:
         self.proc: subprocess.Popen | None = None
         self.admin_url = ""
         self.port = 0
+        self.ready = False
         Envoy.instances.append(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -294,13 +300,14 @@ class Envoy:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise EnvoyStartError(
-                    f"{self.name} exited with {self.proc.returncode} during startup\n" + self.diagnostics()
+                    f"{self.name} exited with {self.proc.returncode} during startup\n" + self.diagnostics(lines=25)
                 )
             if self.admin_address_path.exists() and self.admin_address_path.read_text().strip():
                 self.admin_url = "http://" + self.admin_address_path.read_text().strip()
                 try:
                     if self.admin_get("/ready").strip() == "LIVE":
                         self.port = self._listener_port()
+                        self.ready = True
                         return self
                 except (OSError, urllib.error.URLError):
                     pass
@@ -388,11 +395,25 @@ class Envoy:
 
         return poll(find, timeout, what=f"access log entry for x-e2e-id {e2e_id}")
 
-    def wait_for_log(self, predicate: Callable[[str], bool], timeout: float = 5.0, what: str = "log line") -> str:
-        """Wait for a line of the Envoy log satisfying `predicate`; return it."""
+    def log_offset(self) -> int:
+        """The number of log lines so far (for `wait_for_log(since=...)`), once
+        earlier lines have been flushed (the size stays put over a few flush intervals)."""
+        size = -1
+        for _ in range(50):
+            text = self.log_text()
+            if len(text) == size:
+                break
+            size = len(text)
+            time.sleep(0.08)
+        return len(text.splitlines())
+
+    def wait_for_log(
+        self, predicate: Callable[[str], bool], since: int = 0, timeout: float = 5.0, what: str = "log line"
+    ) -> str:
+        """Wait for a line of the Envoy log (after the first `since` lines) satisfying `predicate`."""
 
         def find():
-            for line in self.log_text().splitlines():
+            for line in self.log_text().splitlines()[since:]:
                 if predicate(line):
                     return line
             return None
@@ -408,7 +429,9 @@ class Envoy:
 
     def diagnostics(self, lines: int = 60) -> str:
         def tail(text: str) -> str:
-            return "\n".join(text.splitlines()[-lines:])
+            # Leave out the startup inventory (extension and header-map lists).
+            kept = [ln for ln in text.splitlines() if not _INVENTORY.search(ln)]
+            return "\n".join(kept[-lines:])
 
         access = (
             self.access_log_path.read_text("utf-8", "replace") if self.access_log_path.exists() else "(none)"
@@ -418,3 +441,17 @@ class Envoy:
             f"----- envoy log (last {lines} lines) -----\n{tail(self.log_text())}\n"
             f"----- access log (last {lines} lines) -----\n{tail(access)}\n"
         )
+
+
+def validate(config_path: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """`envoy --mode validate`: parses the bootstrap, loads the Wasm module and runs
+    the plugin's on_configure (so a rejected plugin configuration fails it), binds nothing."""
+    return subprocess.run(
+        [envoy_bin(), "--mode", "validate", "-c", str(config_path), "--disable-hot-restart", "-l", "info"],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+    )
