@@ -96,3 +96,11 @@ def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
     bad.write_text('{"tokens": [{"name": "x", "role": "editor", "secretSha256": "00"}]}')
     r = run("import", "--db", str(cp.db), str(bad))
     assert r.returncode == 1 and "tokens[0].name" in r.stderr
+
+
+def test_shipped_ecds_config_validates():
+    from conftest import REPO, envoy_bin
+
+    r = subprocess.run([envoy_bin(), "--mode", "validate", "-c", "envoy/envoy-ecds.yaml"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "OK" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
