@@ -6,15 +6,18 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 WASM        := target/wasm32-wasip1/release/apitokens_filter.wasm
+CP_BIN      := target/debug/apitokens
 CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
-	@echo "make run        build the filter, start Envoy and a demo upstream, print curl lines"
-	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy $(shell echo 1.40)"
+	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
+	@echo "make run-static the filter alone: Envoy with envoy/envoy.yaml and three demo tokens"
+	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40"
+	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
 	@echo "make build      build the wasm module ($(WASM))"
 	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
 	@echo "make clean      remove build outputs and the virtualenv"
@@ -29,6 +32,10 @@ build: toolchain
 	$(CARGO) build --release --target wasm32-wasip1 -p apitokens-filter
 	@ls -l $(WASM) | awk '{print "module: $(WASM) (" $$5 " bytes)"}'
 
+# The control plane binary (apitokens serve|bootstrap|render|import).
+cp-build:
+	$(CARGO) build -p apitokens-control-plane
+
 # Envoy 1.40 (official binary, V8) and the Python test tools, pinned.
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/requirements.txt
@@ -36,7 +43,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e
+test: lint unit wasm-test e2e cp-e2e
 	@echo "make test: all suites passed"
 
 unit:
@@ -53,8 +60,13 @@ wasm-test: toolchain wasm-bindgen-cli
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  $(CARGO) test -p apitokens-core --target wasm32-unknown-unknown
 
+# The filter in a real Envoy 1.40, static configuration.
 e2e: build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) -m pytest -q tests/e2e
+
+# The control plane and Envoy on ECDS: the whole token lifecycle.
+cp-e2e: build cp-build venv
+	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/cp
 
 lint: toolchain
 	$(CARGO) fmt --all -- --check
@@ -70,7 +82,9 @@ fmt:
 fuzz: toolchain
 	@scripts/fuzz.sh
 
-run: run-static
+# Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
+run: build cp-build venv
+	@scripts/run-demo.sh
 
 # The filter alone: Envoy with envoy/envoy.yaml and three demo tokens.
 run-static: build venv

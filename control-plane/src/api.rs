@@ -399,32 +399,15 @@ async fn read_body(req: Request) -> Result<Bytes, Response> {
         .map_err(|_| too_large())
 }
 
-/// A JSON error in words, without quoting the input (it could be a secret
-/// pasted into the wrong field).
-fn describe_json_error(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    let msg = e.to_string();
-    let what = match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => "the request body is not valid JSON".to_owned(),
-        Category::Data => {
-            if msg.starts_with("unknown field") || msg.starts_with("missing field") {
-                msg.split(" at line").next().unwrap_or("invalid").to_owned()
-            } else if let Some(expected) = msg.split(", expected ").nth(1) {
-                let expected = expected.split(" at line").next().unwrap_or("");
-                format!("a value has the wrong type: expected {expected}")
-            } else {
-                "the request body is invalid".to_owned()
-            }
-        }
-    };
-    format!("{what} (line {}, column {})", e.line(), e.column())
-}
-
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(StatusCode::BAD_REQUEST, "the request body must be a JSON object"));
     }
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, &describe_json_error(&e)))
+    // Never quote the input: it could be a secret pasted into the wrong field.
+    serde_json::from_slice(body).map_err(|e| {
+        let problem = apitokens_core::config::describe_json_error(&e);
+        error(StatusCode::BAD_REQUEST, &format!("the request body {problem}"))
+    })
 }
 
 async fn blocking<T: Send + 'static>(

@@ -18,7 +18,6 @@
 //! its digest, so secrets issued elsewhere (e.g. UUIDs) can be imported as
 //! digests.
 
-use sha2::{Digest as _, Sha256};
 use std::fmt;
 
 pub const PREFIX: &str = "apt_";
@@ -70,7 +69,7 @@ impl fmt::Debug for Secret {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    apitokens_core::table::Digest(Sha256::digest(bytes).into()).to_hex()
+    apitokens_core::table::Digest::of(bytes).to_hex()
 }
 
 fn base62_digit(n: u32) -> u8 {

@@ -193,10 +193,10 @@ impl PluginConfig {
         let spec: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { "configuration".to_owned() } else { path };
-            ConfigError::new(field, describe_serde_error(e.inner()))
+            ConfigError::new(field, describe_json_error(e.inner()))
         })?;
         de.end()
-            .map_err(|e| ConfigError::new("configuration", describe_serde_error(&e)))?;
+            .map_err(|e| ConfigError::new("configuration", describe_json_error(&e)))?;
         Ok(spec)
     }
 
@@ -207,16 +207,20 @@ impl PluginConfig {
 
 /// serde_json's messages can quote the offending string value; keep only the
 /// kind of error and its position, plus the expected alternatives for unknown
-/// fields (which name fields, not values).
-fn describe_serde_error(e: &serde_json::Error) -> String {
+/// fields (which name fields, not values). The phrase completes a subject:
+/// "tokens[0] has unknown field `x`", "the request body is not valid JSON".
+pub fn describe_json_error(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     let msg = e.to_string();
     let what = match e.classify() {
         Category::Syntax | Category::Eof => "is not valid JSON".to_owned(),
         Category::Io => "could not be read".to_owned(),
         Category::Data => {
-            if msg.starts_with("unknown field") || msg.starts_with("missing field") {
-                msg.split(" at line").next().unwrap_or("invalid").to_owned()
+            let msg = msg.split(" at line").next().unwrap_or_default();
+            if msg.starts_with("unknown field") {
+                format!("has {msg}")
+            } else if msg.starts_with("missing field") {
+                format!("is {msg}")
             } else if let Some(expected) = msg.split(", expected ").nth(1) {
                 let expected = expected.split(" at line").next().unwrap_or("");
                 format!("has the wrong type: expected {expected}")

@@ -6,7 +6,6 @@ use crate::config::Config;
 use crate::role::Verb;
 use crate::table::{Digest, Token};
 use crate::timestamp::Timestamp;
-use sha2::{Digest as _, Sha256};
 
 /// Why a request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,9 +143,17 @@ pub struct Request<'a> {
     pub path: &'a [u8],
 }
 
+/// What an allowed request may take upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Keep the `Authorization` header (the matching rule's setting, else the
+    /// configuration's).
+    pub forward_authorization: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision<'c> {
-    Allow(&'c Token),
+    Allow(&'c Token, Grant),
     Deny {
         denial: Denial,
         /// The token, when the secret identified one.
@@ -172,7 +179,7 @@ impl Config {
             };
             (denial, None)
         })?;
-        let digest = Digest(Sha256::digest(secret).into());
+        let digest = Digest::of(secret);
         let token = self.tokens.get(&digest).ok_or((Denial::Unknown, None))?;
         if token.expire.is_some() && now().map_or(true, |now| token.is_expired(now)) {
             return Err((Denial::Expired, Some(token)));
@@ -181,14 +188,16 @@ impl Config {
     }
 
     /// Checks the request's namespace and verb against the token.
-    pub fn authorize(&self, token: &Token, method: &[u8], path: &[u8]) -> Result<(), Denial> {
+    pub fn authorize(&self, token: &Token, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
         let scope = self.rules.classify(path).ok_or(Denial::RoleDenied)?;
         if scope.namespace != token.namespace().as_bytes() {
             return Err(Denial::NamespaceDenied);
         }
         let verb = Verb::from_method(method, scope.collection).ok_or(Denial::RoleDenied)?;
         if scope.permits(token.role, verb) {
-            Ok(())
+            Ok(Grant {
+                forward_authorization: scope.forward_authorization.unwrap_or(self.forward_authorization()),
+            })
         } else {
             Err(Denial::RoleDenied)
         }
@@ -199,7 +208,7 @@ impl Config {
         match self.authenticate(request.authorization, now) {
             Err((denial, token)) => Decision::Deny { denial, token },
             Ok(token) => match self.authorize(token, request.method, request.path) {
-                Ok(()) => Decision::Allow(token),
+                Ok(grant) => Decision::Allow(token, grant),
                 Err(denial) => Decision::Deny {
                     denial,
                     token: Some(token),

@@ -18,7 +18,10 @@ pub fn bearer(data: &[u8]) {
             if !scheme.eq_ignore_ascii_case(b"bearer ") || data.get(7..) != Some(token) || token.is_empty() {
                 panic!("accepted a value that is not `Bearer <token>`");
             }
-            if token.iter().any(|c| !(c.is_ascii_alphanumeric() || b"-._~+/=".contains(c))) {
+            if token
+                .iter()
+                .any(|c| !(c.is_ascii_alphanumeric() || b"-._~+/=".contains(c)))
+            {
                 panic!("accepted a token outside the b64token alphabet");
             }
         }
@@ -46,7 +49,10 @@ pub fn classify(data: &[u8]) {
             panic!("namespace is not a DNS label");
         }
         let before_query = path.split(|c| *c == b'?').next().unwrap_or_default();
-        if before_query.iter().any(|c| matches!(c, b'%' | b';' | b'\\' | b'#') || !(0x21..=0x7e).contains(c)) {
+        if before_query
+            .iter()
+            .any(|c| matches!(c, b'%' | b';' | b'\\' | b'#') || !(0x21..=0x7e).contains(c))
+        {
             panic!("matched a path with an ambiguous spelling");
         }
         if !before_query.split(|c| *c == b'/').any(|seg| seg == scope.namespace) {

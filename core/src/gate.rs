@@ -3,7 +3,7 @@
 //! `Host` with host calls; tests implement it with a recording double.
 
 use crate::config::Config;
-use crate::decision::{Counter, Denial};
+use crate::decision::{Counter, Denial, Grant};
 use crate::reply::Reply;
 use crate::table::Token;
 use crate::timestamp::Timestamp;
@@ -48,7 +48,7 @@ pub enum Verdict {
 /// Decides one request and applies the decision through the host.
 pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
     match check(host, config) {
-        Ok(token) => match forward(host, config, token) {
+        Ok((token, grant)) => match forward(host, config, token, grant) {
             Ok(()) => {
                 host.count(Counter::Allowed);
                 Verdict::Continue
@@ -59,30 +59,32 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
     }
 }
 
-fn check<'c, H: Host>(host: &mut H, config: &'c Config) -> Result<&'c Token, (Denial, Option<&'c Token>)> {
+type Checked<'c> = Result<(&'c Token, Grant), (Denial, Option<&'c Token>)>;
+
+fn check<'c, H: Host>(host: &mut H, config: &'c Config) -> Checked<'c> {
     let internal = |_| (Denial::Internal, None);
     let authorization = host.request_header("authorization").map_err(internal)?;
     let token = config.authenticate(authorization.as_deref(), || host.now())?;
     // Only now, with a known token, is the rest of the request worth reading.
     let method = host.request_header(":method").map_err(internal)?;
     let path = host.request_header(":path").map_err(internal)?;
-    config
+    let grant = config
         .authorize(
             token,
             method.as_deref().unwrap_or_default(),
             path.as_deref().unwrap_or_default(),
         )
         .map_err(|denial| (denial, Some(token)))?;
-    Ok(token)
+    Ok((token, grant))
 }
 
-fn forward<H: Host>(host: &mut H, config: &Config, token: &Token) -> Result<(), HostError> {
+fn forward<H: Host>(host: &mut H, config: &Config, token: &Token, grant: Grant) -> Result<(), HostError> {
     let headers = config.identity_headers();
     // Setting replaces whatever the client sent under these names.
     host.set_request_header(&headers.name, token.name().as_bytes())?;
     host.set_request_header(&headers.namespace, token.namespace().as_bytes())?;
     host.set_request_header(&headers.role, token.role.as_str().as_bytes())?;
-    if !config.forward_authorization() {
+    if !grant.forward_authorization {
         host.remove_request_header("authorization")?;
     }
     Ok(())

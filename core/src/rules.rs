@@ -30,10 +30,15 @@ use serde::{Deserialize, Serialize};
 /// One rule as written in the plugin configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RuleSpec {
     pub path: String,
     #[serde(default)]
     pub allow: AllowSpec,
+    /// Overrides the top-level `forwardAuthorization` for requests this rule
+    /// allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_authorization: Option<bool>,
 }
 
 /// Verbs per role; a role left out may do nothing. `"*"` means every verb.
@@ -53,7 +58,7 @@ pub struct AllowSpec {
 /// language cannot drift apart.
 pub const DEFAULT_RULES_JSON: &str = r#"[
   {"path": "/apitokens/v1/namespaces/{namespace}/apitokens/**",
-   "allow": {"owner": ["*"]}},
+   "allow": {"owner": ["*"]}, "forwardAuthorization": true},
   {"path": "/namespaces/v1/namespaces/{namespace}",
    "allow": {"owner": ["get", "update"]}},
   {"path": "/api/v1/namespaces/{namespace}/secret-values/**",
@@ -89,6 +94,7 @@ struct Rule {
     /// The pattern ends with `**`.
     rest: bool,
     allow: [VerbSet; 3],
+    forward_authorization: Option<bool>,
 }
 
 /// Compiled rules, immutable once built.
@@ -104,6 +110,8 @@ pub struct Scope<'p> {
     pub namespace: &'p [u8],
     /// The path names a collection (GET is `list`) rather than an item.
     pub collection: bool,
+    /// The rule's own `forwardAuthorization`, if it has one.
+    pub forward_authorization: Option<bool>,
     allow: [VerbSet; 3],
 }
 
@@ -209,6 +217,7 @@ impl Rule {
         Some(Scope {
             namespace: namespace?,
             collection: (after_namespace + remaining) % 2 == 1,
+            forward_authorization: self.forward_authorization,
             allow: self.allow,
         })
     }
@@ -276,6 +285,7 @@ fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
         segments: segments.into_boxed_slice(),
         rest,
         allow,
+        forward_authorization: spec.forward_authorization,
     })
 }
 

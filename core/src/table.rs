@@ -11,6 +11,12 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {
+    /// The SHA-256 digest of `bytes` (a secret).
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Self(sha2::Sha256::digest(bytes).into())
+    }
+
     /// Exactly 64 lower-case hex characters (the canonical spelling, so that
     /// duplicates are caught by comparing digests).
     pub fn from_hex(hex: &str) -> Option<Self> {

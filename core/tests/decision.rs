@@ -155,7 +155,8 @@ fn decide_combines_authentication_and_authorization() {
         path: path.as_bytes(),
     };
     match config.decide(&request("GET", "/api/v1/namespaces/default/deployments"), no_clock) {
-        Decision::Allow(token) => {
+        Decision::Allow(token, grant) => {
+            assert!(!grant.forward_authorization);
             assert_eq!(token.name(), "namespaces/default/apitokens/viewer");
             assert_eq!(token.namespace(), "default");
             assert_eq!(token.role.as_str(), "viewer");

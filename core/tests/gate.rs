@@ -326,3 +326,38 @@ fn the_realm_is_configurable() {
         Some(r#"Bearer realm="acme gateway""#)
     );
 }
+
+#[test]
+fn the_token_api_receives_the_authorization_header_it_checks_itself() {
+    // The built-in rule for /apitokens/ forwards Authorization: the token API
+    // authenticates its callers with the same secret.
+    let config = fixture();
+    let auth = bearer(OWNER);
+    let mut host = Recorder::request("POST", "/apitokens/v1/namespaces/default/apitokens", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(
+        host.header("authorization").as_deref(),
+        Some(&*format!("Bearer {OWNER}"))
+    );
+    assert_eq!(host.header("x-apitoken-role").as_deref(), Some("owner"));
+}
+
+#[test]
+fn a_rule_overrides_the_global_forward_authorization() {
+    let config = Config::from_json(
+        fixture_json(
+            r#","forwardAuthorization":true,"rules":[
+                {"path":"/private/{namespace}/**","allow":{"viewer":["*"]},"forwardAuthorization":false},
+                {"path":"/public/{namespace}/**","allow":{"viewer":["*"]}}]"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let auth = bearer(VIEWER);
+    let mut host = Recorder::request("GET", "/private/default/x", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.header("authorization"), None);
+    let mut host = Recorder::request("GET", "/public/default/x", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert!(host.header("authorization").is_some());
+}

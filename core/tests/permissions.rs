@@ -151,7 +151,7 @@ fn every_row_for_every_role() {
             let auth = bearer(secret(role));
             let token = config.authenticate(Some(&auth), no_clock).unwrap();
             let got = match config.authorize(token, method.as_bytes(), path.as_bytes()) {
-                Ok(()) => A,
+                Ok(_) => A,
                 Err(Denial::RoleDenied) => R,
                 Err(Denial::NamespaceDenied) => N,
                 Err(other) => panic!("{method} {path}: unexpected {other:?}"),
@@ -178,11 +178,15 @@ fn token_of_another_namespace_is_denied_ours_and_allowed_its_own() {
     let auth = bearer(OTHER_OWNER);
     let token = config.authenticate(Some(&auth), no_clock).unwrap();
     assert_eq!(
-        config.authorize(token, b"GET", b"/api/v1/namespaces/default/deployments"),
+        config
+            .authorize(token, b"GET", b"/api/v1/namespaces/default/deployments")
+            .map(drop),
         Err(Denial::NamespaceDenied)
     );
     assert_eq!(
-        config.authorize(token, b"DELETE", b"/apitokens/v1/namespaces/other/apitokens/t"),
+        config
+            .authorize(token, b"DELETE", b"/apitokens/v1/namespaces/other/apitokens/t")
+            .map(drop),
         Ok(())
     );
 }
@@ -198,7 +202,7 @@ fn custom_rules_replace_the_builtin_table() {
     let check = |secret: &str, method: &str, path: &str| {
         let auth = bearer(secret);
         let token = config.authenticate(Some(&auth), no_clock).unwrap();
-        config.authorize(token, method.as_bytes(), path.as_bytes())
+        config.authorize(token, method.as_bytes(), path.as_bytes()).map(drop)
     };
     assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices"), Ok(()));
     assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices/7"), Ok(()));

@@ -68,7 +68,7 @@ def test_render_json_and_wasmplugin(cp):
     names = [t["name"] for t in spec["tokens"]]
     assert "namespaces/default/apitokens/admin" in names
     assert "namespaces/default/apitokens/brief" not in names, "expired tokens are left out"
-    assert spec["forwardAuthorization"] is True
+    assert spec["realm"] == "apitokens" and "forwardAuthorization" not in spec
     assert all(len(t["secretSha256"]) == 64 for t in spec["tokens"])
     doc = yaml.safe_load(run("render", "--db", str(cp.db), "--format", "wasmplugin", check=True).stdout)
     assert doc["kind"] == "WasmPlugin" and doc["spec"]["failStrategy"] == "FAIL_CLOSE"
