@@ -89,7 +89,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Config::from_json(&json) {
+        match Config::from_plugin_configuration(json) {
             Ok(config) => {
                 if config.token_count() == 0 {
                     log(

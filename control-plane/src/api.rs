@@ -296,7 +296,7 @@ async fn api(State(app): State<Arc<AppState>>, req: Request) -> Response {
 }
 
 /// The caller's token, or the denial.
-fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<&'c Token, Denial> {
+fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<Token<'c>, Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().map(HeaderValue::as_bytes);
     if values.next().is_some() {

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, FailurePolicy, PluginConfig as WasmPluginConfig, VmConfig,
 };
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use envoy_types::pb::google::protobuf::{Any, StringValue};
+use envoy_types::pb::google::protobuf::{Any, BytesValue, StringValue};
 use envoy_types::util::pack_any;
 
 /// The type of the ECDS resources (`TypedExtensionConfig`).
@@ -49,8 +49,29 @@ impl Default for FilterParams {
     }
 }
 
-/// The Wasm HTTP filter configuration carrying `configuration_json`.
-pub fn wasm_filter(params: &FilterParams, configuration_json: &str) -> Wasm {
+/// The plugin configuration as it travels to Envoy. Envoy hands both wrappers'
+/// contents to the filter unchanged; the filter tells them apart by the
+/// compact encoding's magic bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Payload<'a> {
+    /// JSON, as people and Istio write it (`google.protobuf.StringValue`).
+    Json(&'a str),
+    /// `apitokens_core::compact` (`google.protobuf.BytesValue`): what `serve`
+    /// pushes, so that each VM keeps the bytes as its table instead of parsing.
+    Compact(&'a [u8]),
+}
+
+impl Payload<'_> {
+    fn pack(self) -> Any {
+        match self {
+            Payload::Json(json) => pack_any(StringValue { value: json.to_owned() }),
+            Payload::Compact(bytes) => pack_any(BytesValue { value: bytes.to_vec() }),
+        }
+    }
+}
+
+/// The Wasm HTTP filter configuration carrying `configuration`.
+pub fn wasm_filter(params: &FilterParams, configuration: Payload<'_>) -> Wasm {
     Wasm {
         config: Some(WasmPluginConfig {
             name: params.resource_name.clone(),
@@ -66,9 +87,7 @@ pub fn wasm_filter(params: &FilterParams, configuration_json: &str) -> Wasm {
                 }),
                 ..Default::default()
             })),
-            configuration: Some(pack_any(StringValue {
-                value: configuration_json.to_owned(),
-            })),
+            configuration: Some(configuration.pack()),
             // Explicit: a runtime flag can change the default, and fail-open
             // would be a bypass for an authorization filter.
             failure_policy: FailurePolicy::FailClosed as i32,
@@ -78,10 +97,10 @@ pub fn wasm_filter(params: &FilterParams, configuration_json: &str) -> Wasm {
 }
 
 /// The ECDS resource: `TypedExtensionConfig { name, typed_config: Wasm }`.
-pub fn resource(params: &FilterParams, configuration_json: &str) -> Any {
+pub fn resource(params: &FilterParams, configuration: Payload<'_>) -> Any {
     pack_any(TypedExtensionConfig {
         name: params.resource_name.clone(),
-        typed_config: Some(pack_any(wasm_filter(params, configuration_json))),
+        typed_config: Some(pack_any(wasm_filter(params, configuration))),
     })
 }
 
@@ -230,9 +249,27 @@ mod tests {
     }
 
     #[test]
+    fn compact_payloads_travel_as_bytes_the_filter_accepts() {
+        let (spec, _) = plugin_config(
+            &PluginConfig::default(),
+            &[rec("namespaces/a/apitokens/t", None)],
+            Timestamp::from_unix(0, 0),
+        );
+        let bytes = apitokens_core::compact::encode(&spec).unwrap();
+        let any = resource(&FilterParams::default(), Payload::Compact(&bytes));
+        let tec = TypedExtensionConfig::decode(any.value.as_slice()).unwrap();
+        let wasm = Wasm::decode(tec.typed_config.unwrap().value.as_slice()).unwrap();
+        let conf = wasm.config.unwrap().configuration.unwrap();
+        assert_eq!(conf.type_url, "type.googleapis.com/google.protobuf.BytesValue");
+        let value = BytesValue::decode(conf.value.as_slice()).unwrap().value;
+        assert_eq!(value, bytes);
+        assert_eq!(Config::from_plugin_configuration(value).unwrap().token_count(), 1);
+    }
+
+    #[test]
     fn resource_is_a_fail_closed_wasm_filter_with_the_json() {
         let params = FilterParams::default();
-        let any = resource(&params, r#"{"tokens":[]}"#);
+        let any = resource(&params, Payload::Json(r#"{"tokens":[]}"#));
         assert_eq!(any.type_url, TYPE_URL);
         let tec = TypedExtensionConfig::decode(any.value.as_slice()).unwrap();
         assert_eq!(tec.name, "apitokens");
@@ -266,7 +303,7 @@ mod tests {
         let snap = Snapshot {
             version: 7,
             config_json: "{}".into(),
-            resource: resource(&FilterParams::default(), "{}"),
+            resource: resource(&FilterParams::default(), Payload::Json("{}")),
             tokens: 0,
             published_at: Timestamp::from_unix(0, 0),
         };

@@ -6,6 +6,7 @@ use crate::clock;
 use crate::ecds::{self, FilterParams, Snapshot};
 use crate::status::Tracker;
 use crate::store::{Store, StoreError};
+use apitokens_core::compact;
 use apitokens_core::config::{Config, PluginConfig};
 use apitokens_core::timestamp::Timestamp;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -160,8 +161,9 @@ impl Engine {
 fn build(store: &dyn Store, opts: &EngineOptions, now: Timestamp) -> Result<Built, String> {
     let (revision, records) = store.all().map_err(|e: StoreError| e.to_string())?;
     let (spec, next_expiry) = ecds::plugin_config(&opts.base, &records, now);
-    // Never publish what the filter would reject: validate with its code.
-    Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
+    // Never publish what the filter would reject: the encoder validates with
+    // the filter's code.
+    let compact = compact::encode(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
     let api = Config::from_spec(&PluginConfig {
         tokens: spec.tokens.clone(),
         realm: spec.realm.clone(),
@@ -169,7 +171,7 @@ fn build(store: &dyn Store, opts: &EngineOptions, now: Timestamp) -> Result<Buil
     })
     .map_err(|e| format!("the API configuration is invalid: {e}"))?;
     let json = spec.to_json();
-    let resource = ecds::resource(&opts.filter, &json);
+    let resource = ecds::resource(&opts.filter, ecds::Payload::Compact(&compact));
     Ok(Built {
         api,
         tokens: spec.tokens.len(),

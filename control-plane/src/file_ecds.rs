@@ -110,7 +110,7 @@ pub async fn run(engine: Arc<Engine>, path: PathBuf, mut shutdown: watch::Receiv
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::ecds::{resource, FilterParams, TYPE_URL};
+    use crate::ecds::{resource, FilterParams, Payload, TYPE_URL};
     use crate::testutil::TempDir;
     use apitokens_core::timestamp::Timestamp;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
@@ -123,7 +123,7 @@ mod tests {
             let snap = Snapshot {
                 version,
                 config_json: "{}".into(),
-                resource: resource(&FilterParams::default(), "{}"),
+                resource: resource(&FilterParams::default(), Payload::Json("{}")),
                 tokens: 0,
                 published_at: Timestamp::from_unix(0, 0),
             };

@@ -182,7 +182,7 @@ impl Session {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::ecds::{resource, FilterParams};
+    use crate::ecds::{resource, FilterParams, Payload};
     use apitokens_core::timestamp::Timestamp;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
@@ -191,7 +191,7 @@ mod tests {
         Snapshot {
             version,
             config_json: format!("{{\"v\":{version}}}"),
-            resource: resource(&FilterParams::default(), "{}"),
+            resource: resource(&FilterParams::default(), Payload::Json("{}")),
             tokens: 0,
             published_at: Timestamp::from_unix(0, 0),
         }

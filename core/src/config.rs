@@ -1,14 +1,10 @@
 //! The plugin configuration: its JSON schema (a public contract, shared with
 //! the control plane) and its validation into an immutable [`Config`].
 
-use crate::name::TokenName;
 use crate::reply::Replies;
-use crate::role::Role;
 use crate::rules::{RuleSpec, Rules};
-use crate::table::{Digest, Token, TokenTable};
-use crate::timestamp::Timestamp;
+use crate::table::TokenTable;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fmt;
 
 pub const DEFAULT_REALM: &str = "apitokens";
@@ -113,6 +109,11 @@ impl Config {
     }
 
     pub fn from_spec(spec: &PluginConfig) -> Result<Self, ConfigError> {
+        Self::with_tokens(spec, TokenTable::from_specs(&spec.tokens)?)
+    }
+
+    /// The settings of `spec` (its `tokens` ignored) with a token table.
+    pub(crate) fn with_tokens(spec: &PluginConfig, tokens: TokenTable) -> Result<Self, ConfigError> {
         let realm = spec.realm.as_deref().unwrap_or(DEFAULT_REALM);
         if realm.is_empty()
             || realm.len() > 128
@@ -130,7 +131,6 @@ impl Config {
             Some(rules) => Rules::compile(rules)?,
             None => Rules::builtin()?,
         };
-        let tokens = token_table(&spec.tokens)?;
         Ok(Self {
             tokens,
             rules,
@@ -149,6 +149,10 @@ impl Config {
             forward_authorization: false,
             replies: Replies::new(DEFAULT_REALM),
         }
+    }
+
+    pub fn tokens(&self) -> &TokenTable {
+        &self.tokens
     }
 
     pub fn token_count(&self) -> usize {
@@ -274,44 +278,4 @@ fn is_header_name(name: &str) -> bool {
             .bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
         && !name.starts_with('-')
-}
-
-fn token_table(specs: &[TokenSpec]) -> Result<TokenTable, ConfigError> {
-    let mut table = TokenTable::with_capacity(specs.len());
-    let mut names: HashMap<&str, usize> = HashMap::with_capacity(specs.len());
-    for (i, spec) in specs.iter().enumerate() {
-        let field = |f: &str| format!("tokens[{i}].{f}");
-        let name = TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
-        let role = Role::parse(&spec.role)
-            .ok_or_else(|| ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner"))?;
-        let digest = Digest::from_hex(&spec.secret_sha256).ok_or_else(|| {
-            ConfigError::new(
-                field("secretSha256"),
-                "must be 64 lower-case hex characters: the SHA-256 digest of the secret, never the secret itself",
-            )
-        })?;
-        let expire = spec
-            .expire_time
-            .as_deref()
-            .map(Timestamp::parse_rfc3339)
-            .transpose()
-            .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
-        if let Some(first) = names.insert(spec.name.as_str(), i) {
-            return Err(ConfigError::new(
-                field("name"),
-                format!("duplicate of tokens[{first}].name"),
-            ));
-        }
-        if !table.insert(digest, Token::new(&name, role, expire)) {
-            let first = specs
-                .iter()
-                .position(|s| s.secret_sha256 == spec.secret_sha256)
-                .unwrap_or(i);
-            return Err(ConfigError::new(
-                field("secretSha256"),
-                format!("duplicate of tokens[{first}].secretSha256"),
-            ));
-        }
-    }
-    Ok(table)
 }

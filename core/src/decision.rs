@@ -153,11 +153,11 @@ pub struct Grant {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision<'c> {
-    Allow(&'c Token, Grant),
+    Allow(Token<'c>, Grant),
     Deny {
         denial: Denial,
         /// The token, when the secret identified one.
-        token: Option<&'c Token>,
+        token: Option<Token<'c>>,
     },
 }
 
@@ -168,7 +168,7 @@ impl Config {
         &self,
         authorization: Option<&[u8]>,
         now: impl FnOnce() -> Option<Timestamp>,
-    ) -> Result<&Token, (Denial, Option<&Token>)> {
+    ) -> Result<Token<'_>, (Denial, Option<Token<'_>>)> {
         let value = authorization.ok_or((Denial::Missing, None))?;
         let secret = bearer::parse(value).map_err(|e| {
             let denial = match e {
@@ -181,20 +181,20 @@ impl Config {
         })?;
         let digest = Digest::of(secret);
         let token = self.tokens.get(&digest).ok_or((Denial::Unknown, None))?;
-        if token.expire.is_some() && now().map_or(true, |now| token.is_expired(now)) {
+        if token.expire().is_some() && now().map_or(true, |now| token.is_expired(now)) {
             return Err((Denial::Expired, Some(token)));
         }
         Ok(token)
     }
 
     /// Checks the request's namespace and verb against the token.
-    pub fn authorize(&self, token: &Token, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
+    pub fn authorize(&self, token: Token<'_>, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
         let scope = self.rules.classify(path).ok_or(Denial::RoleDenied)?;
         if scope.namespace != token.namespace().as_bytes() {
             return Err(Denial::NamespaceDenied);
         }
         let verb = Verb::from_method(method, scope.collection).ok_or(Denial::RoleDenied)?;
-        if scope.permits(token.role, verb) {
+        if scope.permits(token.role(), verb) {
             Ok(Grant {
                 forward_authorization: scope.forward_authorization.unwrap_or(self.forward_authorization()),
             })

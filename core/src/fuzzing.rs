@@ -72,18 +72,32 @@ pub fn classify(data: &[u8]) {
     }
 }
 
-/// The configuration decoder: never panics, errors always name a field, and
-/// whatever parses survives a round trip through JSON.
+/// The configuration decoders (JSON and compact): never panic, errors always
+/// name a field, whatever parses survives a round trip through JSON, and a
+/// valid configuration survives a round trip through the compact encoding.
 pub fn config(data: &[u8]) {
+    if let Err(e) = Config::from_plugin_configuration(data.to_vec()) {
+        if e.field.is_empty() {
+            panic!("error without a field");
+        }
+    }
     match PluginConfig::from_json(data) {
         Ok(spec) => {
             let again = PluginConfig::from_json(spec.to_json().as_bytes());
             if again.as_ref() != Ok(&spec) {
                 panic!("configuration does not round-trip through JSON");
             }
-            if let Err(e) = Config::from_spec(&spec) {
-                if e.field.is_empty() {
-                    panic!("error without a field");
+            match Config::from_spec(&spec) {
+                Err(e) if e.field.is_empty() => panic!("error without a field"),
+                Err(_) => {}
+                Ok(config) => {
+                    let Ok(bytes) = crate::compact::encode(&spec) else {
+                        panic!("a valid configuration must encode")
+                    };
+                    match Config::from_plugin_configuration(bytes) {
+                        Ok(compact) if compact.token_count() == config.token_count() => {}
+                        _ => panic!("the compact encoding must decode to the same tokens"),
+                    }
                 }
             }
         }

@@ -59,7 +59,7 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
     }
 }
 
-type Checked<'c> = Result<(&'c Token, Grant), (Denial, Option<&'c Token>)>;
+type Checked<'c> = Result<(Token<'c>, Grant), (Denial, Option<Token<'c>>)>;
 
 fn check<'c, H: Host>(host: &mut H, config: &'c Config) -> Checked<'c> {
     let internal = |_| (Denial::Internal, None);
@@ -78,19 +78,19 @@ fn check<'c, H: Host>(host: &mut H, config: &'c Config) -> Checked<'c> {
     Ok((token, grant))
 }
 
-fn forward<H: Host>(host: &mut H, config: &Config, token: &Token, grant: Grant) -> Result<(), HostError> {
+fn forward<H: Host>(host: &mut H, config: &Config, token: Token<'_>, grant: Grant) -> Result<(), HostError> {
     let headers = config.identity_headers();
     // Setting replaces whatever the client sent under these names.
     host.set_request_header(&headers.name, token.name().as_bytes())?;
     host.set_request_header(&headers.namespace, token.namespace().as_bytes())?;
-    host.set_request_header(&headers.role, token.role.as_str().as_bytes())?;
+    host.set_request_header(&headers.role, token.role().as_str().as_bytes())?;
     if !grant.forward_authorization {
         host.remove_request_header("authorization")?;
     }
     Ok(())
 }
 
-fn deny<H: Host>(host: &mut H, config: &Config, denial: Denial, token: Option<&Token>) -> Verdict {
+fn deny<H: Host>(host: &mut H, config: &Config, denial: Denial, token: Option<Token<'_>>) -> Verdict {
     // The request is answered locally, but strip forged identity anyway: if
     // the reply cannot be sent, nothing downstream may trust these headers.
     let headers = config.identity_headers();
@@ -103,7 +103,7 @@ fn deny<H: Host>(host: &mut H, config: &Config, denial: Denial, token: Option<&T
         format_args!(
             "denied reason={} token={}",
             denial.reason(),
-            token.map_or("-", Token::name)
+            token.as_ref().map_or("-", Token::name)
         ),
     );
     if let Some(reply) = config.replies().get(denial) {

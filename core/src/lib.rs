@@ -4,6 +4,7 @@
 //! build on this crate.
 
 pub mod bearer;
+pub mod compact;
 pub mod config;
 pub mod decision;
 #[doc(hidden)]

@@ -1,19 +1,39 @@
 //! The token table: SHA-256 digest of a secret -> the token it identifies.
+//!
+//! The table is one flat buffer, the same bytes the control plane pushes in
+//! the compact encoding (see `compact`): fixed-size entries sorted by digest,
+//! then a pool of names. A VM keeps the buffer it received and looks tokens
+//! up in place: no per-token allocation, no parse beyond one validating pass,
+//! about 90 bytes per token. Digests are uniformly distributed, so an
+//! interpolation search finds one in a few probes whatever the table's size.
+//!
+//! ```text
+//! u32 N                        token count (little endian, like every integer)
+//! N x 52 bytes, sorted strictly ascending by digest:
+//!   [0..32)  SHA-256 digest of the secret
+//!   [32..40) expireTime: i64 seconds since the Unix epoch
+//!   [40..44) expireTime: u32 nanoseconds; u32::MAX = the token never expires
+//!   [44..48) u32 offset of the token's name in the pool
+//!   [48]     role: 0 viewer, 1 editor, 2 owner
+//!   [49..52) zero
+//! u32 P                        pool size in bytes, then the pool: every name as
+//!                              a u8 length and the bytes, strictly ascending,
+//!                              each used by exactly one entry
+//! ```
 
+use crate::config::{ConfigError, TokenSpec};
 use crate::name::TokenName;
 use crate::role::Role;
 use crate::timestamp::Timestamp;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use sha2::Digest as _;
 
 /// A SHA-256 digest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {
     /// The SHA-256 digest of `bytes` (a secret).
     pub fn of(bytes: &[u8]) -> Self {
-        use sha2::Digest as _;
         Self(sha2::Sha256::digest(bytes).into())
     }
 
@@ -47,66 +67,34 @@ impl Digest {
     }
 }
 
-// A digest is already uniformly distributed, and clients cannot insert keys,
-// so its first eight bytes are a perfectly good hash: no SipHash per request.
-impl Hash for Digest {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(self.0.get(..8).unwrap_or(&[0; 8]));
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
 /// A token as the filter needs it: who it is, what it may do, until when.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Token {
-    /// `namespaces/{namespace}/apitokens/{token}`.
-    name: Box<str>,
-    namespace_len: u8,
-    pub role: Role,
-    pub expire: Option<Timestamp>,
+/// A view into the table; cheap to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token<'t> {
+    name: &'t str,
+    role: Role,
+    expire: Option<Timestamp>,
 }
 
 const NAMESPACE_START: usize = "namespaces/".len();
 
-impl Token {
-    pub fn new(name: &TokenName<'_>, role: Role, expire: Option<Timestamp>) -> Self {
-        Self {
-            name: name.to_string().into_boxed_str(),
-            // A DNS label is at most 63 bytes.
-            namespace_len: u8::try_from(name.namespace.len()).unwrap_or(u8::MAX),
-            role,
-            expire,
-        }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn namespace(&self) -> &str {
+impl<'t> Token<'t> {
+    /// `namespaces/{namespace}/apitokens/{token}`.
+    pub fn name(&self) -> &'t str {
         self.name
-            .get(NAMESPACE_START..NAMESPACE_START + usize::from(self.namespace_len))
-            .unwrap_or("")
+    }
+
+    pub fn namespace(&self) -> &'t str {
+        let rest = self.name.get(NAMESPACE_START..).unwrap_or_default();
+        rest.split('/').next().unwrap_or_default()
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn expire(&self) -> Option<Timestamp> {
+        self.expire
     }
 
     /// Expired from `expire` on, inclusive: `expireTime` == now is expired.
@@ -115,39 +103,322 @@ impl Token {
     }
 }
 
+const ENTRY: usize = 52;
+const NEVER: u32 = u32::MAX;
+
+/// The token table over its flat buffer.
 #[derive(Clone, Debug, Default)]
 pub struct TokenTable {
-    tokens: HashMap<Digest, Token, BuildHasherDefault<DigestHasher>>,
+    buf: Vec<u8>,
+    /// Where the entries start in `buf`.
+    entries: usize,
+    count: usize,
+    /// Where the pool starts in `buf`.
+    pool: usize,
+}
+
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(buf.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+fn i64_at(buf: &[u8], at: usize) -> Option<i64> {
+    Some(i64::from_le_bytes(buf.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+fn role_code(role: Role) -> u8 {
+    match role {
+        Role::Viewer => 0,
+        Role::Editor => 1,
+        Role::Owner => 2,
+    }
+}
+
+fn role_of(code: u8) -> Option<Role> {
+    match code {
+        0 => Some(Role::Viewer),
+        1 => Some(Role::Editor),
+        2 => Some(Role::Owner),
+        _ => None,
+    }
+}
+
+fn table_error(problem: impl Into<String>) -> ConfigError {
+    ConfigError::new("tokens", problem)
 }
 
 impl TokenTable {
-    pub fn with_capacity(n: usize) -> Self {
-        Self {
-            tokens: HashMap::with_capacity_and_hasher(n, BuildHasherDefault::default()),
-        }
+    /// Validates the tokens of a JSON configuration (errors name
+    /// `tokens[i].field` in the order given) and lays them out as a table.
+    pub fn from_specs(specs: &[TokenSpec]) -> Result<Self, ConfigError> {
+        let mut buf = Vec::new();
+        encode_specs(specs, &mut buf)?;
+        Self::from_buffer(buf, 0)
     }
 
-    /// False when the digest is already present (the table is unchanged).
-    pub fn insert(&mut self, digest: Digest, token: Token) -> bool {
-        use std::collections::hash_map::Entry;
-        match self.tokens.entry(digest) {
-            Entry::Occupied(_) => false,
-            Entry::Vacant(v) => {
-                v.insert(token);
-                true
+    /// Takes `buf` whose table section starts at `start`, validating every
+    /// entry and name as strictly as the JSON configuration is validated.
+    pub fn from_buffer(buf: Vec<u8>, start: usize) -> Result<Self, ConfigError> {
+        let truncated = || table_error("the compact table is truncated");
+        let count = usize::try_from(u32_at(&buf, start).ok_or_else(truncated)?).map_err(|_| truncated())?;
+        let entries = start + 4;
+        let pool_len_at = count
+            .checked_mul(ENTRY)
+            .and_then(|n| n.checked_add(entries))
+            .ok_or_else(truncated)?;
+        let pool_len = usize::try_from(u32_at(&buf, pool_len_at).ok_or_else(truncated)?).map_err(|_| truncated())?;
+        let pool = pool_len_at + 4;
+        if pool.checked_add(pool_len) != Some(buf.len()) {
+            return Err(table_error("the compact table's pool does not end the buffer"));
+        }
+        let table = Self {
+            buf,
+            entries,
+            count,
+            pool,
+        };
+        table.validate()?;
+        Ok(table)
+    }
+
+    fn pool(&self) -> &[u8] {
+        self.buf.get(self.pool..).unwrap_or_default()
+    }
+
+    fn entry(&self, i: usize) -> Option<&[u8]> {
+        let at = self.entries.checked_add(i.checked_mul(ENTRY)?)?;
+        self.buf.get(at..at.checked_add(ENTRY)?)
+    }
+
+    fn name_at(&self, offset: usize) -> Option<&str> {
+        let pool = self.pool();
+        let len = usize::from(*pool.get(offset)?);
+        std::str::from_utf8(pool.get(offset + 1..offset + 1 + len)?).ok()
+    }
+
+    fn token(&self, entry: &[u8]) -> Option<Token<'_>> {
+        let nanos = u32_at(entry, 40)?;
+        let expire = (nanos != NEVER).then(|| Timestamp::from_unix(i64_at(entry, 32).unwrap_or(i64::MIN), nanos));
+        let name = self.name_at(usize::try_from(u32_at(entry, 44)?).ok()?)?;
+        Some(Token {
+            name,
+            role: role_of(*entry.get(48)?)?,
+            expire,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        // Names: valid, strictly ascending (hence unique); remember where each starts.
+        let pool = self.pool();
+        let mut starts = vec![0u64; pool.len() / 64 + 1];
+        let mut names = 0usize;
+        let mut at = 0usize;
+        let mut previous: Option<&[u8]> = None;
+        while at < pool.len() {
+            let len = usize::from(pool.get(at).copied().unwrap_or_default());
+            let name = pool
+                .get(at + 1..at + 1 + len)
+                .ok_or_else(|| table_error("a name runs past the pool"))?;
+            let text = std::str::from_utf8(name).map_err(|_| table_error(format!("name {names} is not UTF-8")))?;
+            TokenName::parse(text).map_err(|e| table_error(format!("name {names}: {e}")))?;
+            if previous.is_some_and(|p| p >= name) {
+                return Err(table_error(format!("name {names}: names must be unique and sorted")));
+            }
+            previous = Some(name);
+            if let Some(word) = starts.get_mut(at / 64) {
+                *word |= 1 << (at % 64);
+            }
+            names += 1;
+            at += 1 + len;
+        }
+        if names != self.count {
+            return Err(table_error("every name must belong to exactly one token"));
+        }
+        // Entries: strictly ascending digests (hence unique), a known role, a
+        // valid expiry, and a name no other entry uses.
+        let mut previous: Option<&[u8]> = None;
+        for i in 0..self.count {
+            let bad = |problem: &str| table_error(format!("entry {i}: {problem}"));
+            let entry = self.entry(i).ok_or_else(|| bad("truncated"))?;
+            let digest = entry.get(..32).ok_or_else(|| bad("truncated"))?;
+            if previous.is_some_and(|p| p >= digest) {
+                return Err(bad("digests must be unique and sorted"));
+            }
+            previous = Some(digest);
+            let nanos = u32_at(entry, 40).ok_or_else(|| bad("truncated"))?;
+            if nanos != NEVER && nanos >= 1_000_000_000 {
+                return Err(bad("expireTime nanoseconds out of range"));
+            }
+            if entry.get(48).copied().and_then(role_of).is_none() || entry.get(49..52) != Some(&[0, 0, 0][..]) {
+                return Err(bad("unknown role"));
+            }
+            let offset = usize::try_from(u32_at(entry, 44).ok_or_else(|| bad("truncated"))?)
+                .map_err(|_| bad("name offset out of range"))?;
+            let word = starts
+                .get_mut(offset / 64)
+                .ok_or_else(|| bad("name offset out of range"))?;
+            let bit = 1u64 << (offset % 64);
+            if *word & bit == 0 {
+                return Err(bad("name offset is not the start of an unused name"));
+            }
+            *word &= !bit;
+        }
+        Ok(())
+    }
+
+    /// The token whose secret has this digest.
+    pub fn get(&self, digest: &Digest) -> Option<Token<'_>> {
+        let key = &digest.0[..];
+        let digest_of = |i: usize| self.entry(i).and_then(|e| e.get(..32));
+        let prefix = |d: &[u8]| d.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+        let target = prefix(key);
+        // Interpolation search: the digests are uniform, so the guess lands
+        // within a few entries; after a few rounds, plain bisection bounds the
+        // worst case.
+        let (mut lo, mut hi) = (0usize, self.count);
+        let mut rounds = 0;
+        while lo < hi {
+            let mid = if rounds < 4 {
+                let (first, last) = (prefix(digest_of(lo)?), prefix(digest_of(hi - 1)?));
+                if target < first || target > last {
+                    return None;
+                }
+                let span = u128::from(last - first);
+                let guess = (u128::from(target - first) * (hi - lo - 1) as u128)
+                    .checked_div(span)
+                    .unwrap_or(0);
+                lo + guess as usize
+            } else {
+                lo + (hi - lo) / 2
+            };
+            rounds += 1;
+            let entry = self.entry(mid)?;
+            match entry.get(..32)?.cmp(key) {
+                std::cmp::Ordering::Equal => return self.token(entry),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
             }
         }
-    }
-
-    pub fn get(&self, digest: &Digest) -> Option<&Token> {
-        self.tokens.get(digest)
+        None
     }
 
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.count == 0
     }
+
+    /// Every token, in digest order (for tools and tests; not the request path).
+    pub fn iter(&self) -> impl Iterator<Item = (Digest, Token<'_>)> + '_ {
+        (0..self.count).filter_map(|i| {
+            let entry = self.entry(i)?;
+            let digest = Digest(entry.get(..32)?.try_into().ok()?);
+            Some((digest, self.token(entry)?))
+        })
+    }
+}
+
+/// Validates `specs` and appends their table section to `out`.
+pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(), ConfigError> {
+    struct Item<'a> {
+        index: usize,
+        name: &'a str,
+        role: Role,
+        digest: Digest,
+        expire: Option<Timestamp>,
+    }
+    let mut items = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        let field = |f: &str| format!("tokens[{index}].{f}");
+        TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
+        let role = Role::parse(&spec.role)
+            .ok_or_else(|| ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner"))?;
+        let digest = Digest::from_hex(&spec.secret_sha256).ok_or_else(|| {
+            ConfigError::new(
+                field("secretSha256"),
+                "must be 64 lower-case hex characters: the SHA-256 digest of the secret, never the secret itself",
+            )
+        })?;
+        let expire = spec
+            .expire_time
+            .as_deref()
+            .map(Timestamp::parse_rfc3339)
+            .transpose()
+            .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
+        items.push(Item {
+            index,
+            name: &spec.name,
+            role,
+            digest,
+            expire,
+        });
+    }
+    let count = u32::try_from(items.len()).map_err(|_| ConfigError::new("tokens", "too many tokens"))?;
+
+    // Names: sorted, the first duplicate in input order reported.
+    let mut by_name: Vec<&Item> = items.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(b.name).then(a.index.cmp(&b.index)));
+    if let Some((first, dup)) = first_duplicate(&by_name, |a, b| a.name == b.name, |a| a.index) {
+        return Err(ConfigError::new(
+            format!("tokens[{dup}].name"),
+            format!("duplicate of tokens[{first}].name"),
+        ));
+    }
+    let mut pool = Vec::with_capacity(specs.iter().map(|s| s.name.len() + 1).sum());
+    let mut offsets = vec![0u32; items.len()];
+    for item in &by_name {
+        let offset = u32::try_from(pool.len()).map_err(|_| ConfigError::new("tokens", "names too long"))?;
+        if let Some(slot) = offsets.get_mut(item.index) {
+            *slot = offset;
+        }
+        // A DNS-label namespace and token id keep a name under 256 bytes.
+        pool.push(u8::try_from(item.name.len()).unwrap_or(u8::MAX));
+        pool.extend_from_slice(item.name.as_bytes());
+    }
+
+    let mut by_digest: Vec<&Item> = items.iter().collect();
+    by_digest.sort_by(|a, b| a.digest.cmp(&b.digest).then(a.index.cmp(&b.index)));
+    if let Some((first, dup)) = first_duplicate(&by_digest, |a, b| a.digest == b.digest, |a| a.index) {
+        return Err(ConfigError::new(
+            format!("tokens[{dup}].secretSha256"),
+            format!("duplicate of tokens[{first}].secretSha256"),
+        ));
+    }
+    out.reserve(8 + items.len() * ENTRY + pool.len());
+    out.extend_from_slice(&count.to_le_bytes());
+    for item in &by_digest {
+        out.extend_from_slice(&item.digest.0);
+        let (secs, nanos) = item.expire.map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
+        out.extend_from_slice(&secs.to_le_bytes());
+        out.extend_from_slice(&nanos.to_le_bytes());
+        out.extend_from_slice(&offsets.get(item.index).copied().unwrap_or_default().to_le_bytes());
+        out.extend_from_slice(&[role_code(item.role), 0, 0, 0]);
+    }
+    let pool_len = u32::try_from(pool.len()).map_err(|_| ConfigError::new("tokens", "names too long"))?;
+    out.extend_from_slice(&pool_len.to_le_bytes());
+    out.extend_from_slice(&pool);
+    Ok(())
+}
+
+/// In a list sorted by key, ties by input index: the duplicate that comes
+/// first in input order, with the index of the token it duplicates.
+fn first_duplicate<T>(
+    sorted: &[&T],
+    same: impl Fn(&T, &T) -> bool,
+    index: impl Fn(&T) -> usize,
+) -> Option<(usize, usize)> {
+    let mut in_group = false;
+    let mut best: Option<(usize, usize)> = None;
+    for pair in sorted.windows(2) {
+        if let [a, b] = pair {
+            let dup = same(a, b);
+            // Only a group's first two members: the original and its earliest copy.
+            if dup && !in_group && best.map_or(true, |(_, d)| index(b) < d) {
+                best = Some((index(a), index(b)));
+            }
+            in_group = dup;
+        }
+    }
+    best
 }

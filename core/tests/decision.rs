@@ -159,7 +159,7 @@ fn decide_combines_authentication_and_authorization() {
             assert!(!grant.forward_authorization);
             assert_eq!(token.name(), "namespaces/default/apitokens/viewer");
             assert_eq!(token.namespace(), "default");
-            assert_eq!(token.role.as_str(), "viewer");
+            assert_eq!(token.role().as_str(), "viewer");
         }
         other => panic!("{other:?}"),
     }
@@ -167,7 +167,7 @@ fn decide_combines_authentication_and_authorization() {
         Decision::Deny {
             denial: Denial::RoleDenied,
             token: Some(t),
-        } => assert_eq!(t.role.as_str(), "viewer"),
+        } => assert_eq!(t.role().as_str(), "viewer"),
         other => panic!("{other:?}"),
     }
 }

@@ -1,0 +1,201 @@
+//! The token table and the compact encoding the control plane pushes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use apitokens_core::compact;
+use apitokens_core::config::{PluginConfig, TokenSpec};
+use apitokens_core::table::{Digest, TokenTable};
+use apitokens_core::{Config, Role};
+use common::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn spec(i: usize) -> TokenSpec {
+    TokenSpec {
+        name: format!("namespaces/ns-{}/apitokens/token-{i}", i % 97),
+        role: ["viewer", "editor", "owner"][i % 3].to_owned(),
+        secret_sha256: sha256_hex(&format!("secret-{i}")),
+        expire_time: (i % 5 == 0).then(|| format!("2030-01-01T00:00:{:02}.5Z", i % 60)),
+    }
+}
+
+fn specs(n: usize) -> Vec<TokenSpec> {
+    (0..n).map(spec).collect()
+}
+
+#[test]
+fn finds_every_token_and_nothing_else() {
+    let n = 20_000;
+    let table = TokenTable::from_specs(&specs(n)).unwrap();
+    assert_eq!(table.len(), n);
+    for i in 0..n {
+        let token = table
+            .get(&Digest::of(format!("secret-{i}").as_bytes()))
+            .unwrap_or_else(|| panic!("token {i}"));
+        let s = spec(i);
+        assert_eq!(token.name(), s.name);
+        assert_eq!(token.namespace(), format!("ns-{}", i % 97));
+        assert_eq!(token.role(), Role::parse(&s.role).unwrap());
+        assert_eq!(token.expire().map(|t| t.to_rfc3339()), s.expire_time);
+    }
+    for i in n..2 * n {
+        assert!(
+            table.get(&Digest::of(format!("secret-{i}").as_bytes())).is_none(),
+            "absent {i}"
+        );
+    }
+    assert!(table.get(&Digest([0; 32])).is_none());
+    assert!(table.get(&Digest([0xff; 32])).is_none());
+    assert_eq!(table.iter().count(), n);
+}
+
+#[test]
+fn small_and_empty_tables() {
+    let empty = TokenTable::from_specs(&[]).unwrap();
+    assert!(empty.is_empty());
+    assert!(empty.get(&Digest::of(b"x")).is_none());
+    for n in 1..8 {
+        let table = TokenTable::from_specs(&specs(n)).unwrap();
+        for i in 0..n {
+            assert!(
+                table.get(&Digest::of(format!("secret-{i}").as_bytes())).is_some(),
+                "{n}/{i}"
+            );
+        }
+        assert!(table.get(&Digest::of(b"other")).is_none());
+    }
+}
+
+#[test]
+fn compact_encoding_decides_like_json() {
+    let json = fixture_json(r#","realm":"r","identityHeaders":{"role":"x-r"}"#);
+    let spec = PluginConfig::from_json(json.as_bytes()).unwrap();
+    let bytes = compact::encode(&spec).unwrap();
+    assert!(compact::is_compact(&bytes));
+    let from_compact = Config::from_plugin_configuration(bytes).unwrap();
+    let from_json = Config::from_plugin_configuration(json.into_bytes()).unwrap();
+    assert_eq!(from_compact.token_count(), from_json.token_count());
+    assert_eq!(from_compact.identity_headers(), from_json.identity_headers());
+    for secret in [VIEWER, EDITOR, OWNER, OTHER_OWNER, EXPIRING, "nope"] {
+        let auth = bearer(secret);
+        for path in [
+            "/api/v1/namespaces/default/jobs",
+            "/apitokens/v1/namespaces/default/apitokens",
+        ] {
+            let request = apitokens_core::Request {
+                authorization: Some(&auth),
+                method: b"GET",
+                path: path.as_bytes(),
+            };
+            let now = || Some(at("2026-06-01T00:00:00Z"));
+            assert_eq!(
+                from_compact.decide(&request, now),
+                from_json.decide(&request, now),
+                "{secret} {path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn compact_encoding_is_smaller_than_json() {
+    let spec = PluginConfig {
+        tokens: specs(10_000),
+        ..PluginConfig::default()
+    };
+    let compact = compact::encode(&spec).unwrap().len();
+    let json = spec.to_json().len();
+    assert!(compact * 10 < json * 7, "compact {compact} bytes, JSON {json} bytes");
+    assert!(compact / 10_000 < 100, "{} bytes per token", compact / 10_000);
+}
+
+#[test]
+fn the_encoder_reports_json_field_paths() {
+    let mut tokens = specs(3);
+    tokens[2].secret_sha256 = tokens[0].secret_sha256.clone();
+    let e = compact::encode(&PluginConfig {
+        tokens,
+        ..PluginConfig::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "tokens[2].secretSha256");
+    let e = compact::encode(&PluginConfig {
+        realm: Some("a\"b".into()),
+        ..PluginConfig::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "realm");
+}
+
+#[test]
+fn every_truncation_and_corruption_is_rejected_or_harmless() {
+    let spec = PluginConfig {
+        tokens: specs(4),
+        ..PluginConfig::default()
+    };
+    let bytes = compact::encode(&spec).unwrap();
+    // (Zero bytes is the empty JSON configuration.)
+    for len in 1..bytes.len() {
+        assert!(
+            Config::from_plugin_configuration(bytes[..len].to_vec()).is_err(),
+            "truncated to {len}"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(Config::from_plugin_configuration(longer).is_err());
+    // Any single corrupted byte: rejected, or still a valid table (never a panic).
+    for at in 0..bytes.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut bad = bytes.clone();
+            bad[at] ^= flip;
+            if let Ok(config) = Config::from_plugin_configuration(bad) {
+                for (_, token) in config.tokens().iter() {
+                    assert!(apitokens_core::name::TokenName::parse(token.name()).is_ok());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn compact_tables_are_validated_like_json() {
+    let spec = PluginConfig {
+        tokens: specs(3),
+        ..PluginConfig::default()
+    };
+    let good = compact::encode(&spec).unwrap();
+    let settings_len = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    let table = 12 + settings_len;
+    let entry = |i: usize| table + 4 + i * 52;
+
+    let mut swapped = good.clone();
+    let (a, b) = (entry(0), entry(1));
+    let first: Vec<u8> = swapped[a..a + 52].to_vec();
+    swapped.copy_within(b..b + 52, a);
+    swapped[b..b + 52].copy_from_slice(&first);
+    assert!(Config::from_plugin_configuration(swapped)
+        .unwrap_err()
+        .problem
+        .contains("sorted"));
+
+    let mut role = good.clone();
+    role[entry(1) + 48] = 3;
+    assert!(Config::from_plugin_configuration(role)
+        .unwrap_err()
+        .problem
+        .contains("role"));
+
+    let mut shared_name = good.clone();
+    let offset: [u8; 4] = shared_name[entry(0) + 44..entry(0) + 48].try_into().unwrap();
+    shared_name[entry(1) + 44..entry(1) + 48].copy_from_slice(&offset);
+    assert!(Config::from_plugin_configuration(shared_name).is_err());
+
+    let mut version = good.clone();
+    version[4] = 2;
+    assert!(Config::from_plugin_configuration(version)
+        .unwrap_err()
+        .problem
+        .contains("version"));
+}
