@@ -5,47 +5,43 @@ replaced), and an echo upstream. Everything listens on 127.0.0.1.
 Environment:
   APITOKENS_BIN   the control plane binary (default <repo>/target/debug/apitokens)
   ENVOY_BIN       Envoy (default <repo>/.venv/bin/envoy)
-The filter module is target/wasm32-wasip1/release/apitokens_filter.wasm, as in
-the shipped configuration (Envoy runs from the repository root).
+  APITOKENS_WASM  the filter module (default target/wasm32-wasip1/release/apitokens_filter.wasm,
+                  as in the shipped configuration; Envoy runs from the repository root)
+The control plane, the ECDS Envoy configuration and the echo upstream are shared
+with tests/security and tests/drills (tests/lib/controlplane.py, fixtures.py).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "e2e"))
-import echo_server  # noqa: E402  (the shared demo upstream)
-
-MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
-ECDS_YAML = REPO / "envoy" / "envoy-ecds.yaml"
-PLUGIN_BASE = REPO / "envoy" / "ecds-plugin-base.json"
-
-# Every secret any test saw, for the final leak search.
-SECRETS: list[str] = []
-# Measured revocation delays (seconds), printed at the end of the run.
-MEASUREMENTS: dict[str, list[float]] = {}
-
-
-def apitokens_bin() -> str:
-    return os.environ.get("APITOKENS_BIN") or str(REPO / "target" / "debug" / "apitokens")
-
-
-def envoy_bin() -> str:
-    return os.environ.get("ENVOY_BIN") or str(REPO / ".venv" / "bin" / "envoy")
+sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
+from fixtures import upstream  # noqa: E402,F401  (the echo upstream of tests/e2e)
+from controlplane import (  # noqa: E402,F401  (re-exported for the tests of this suite)
+    MEASUREMENTS,
+    SECRETS,
+    ControlPlane,
+    Response,
+    apitokens_bin,
+    create,
+    ecds_bootstrap,
+    envoy_bin,
+    free_port,
+    missing_binaries,
+    poll,
+    request,
+    tokens_path,
+    version_of,
+)
 
 
 def pytest_report_header(config):
@@ -53,7 +49,7 @@ def pytest_report_header(config):
 
 
 def pytest_sessionstart(session):
-    missing = [p for p in (apitokens_bin(), envoy_bin(), str(MODULE)) if not os.path.exists(p)]
+    missing = missing_binaries()
     if missing:
         raise pytest.UsageError("missing " + ", ".join(missing) + " (build them, or set APITOKENS_BIN / ENVOY_BIN)")
 
@@ -69,136 +65,6 @@ def pytest_terminal_summary(terminalreporter):
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes):
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<{self.status} {self.body[:300]!r}>"
-
-
-def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None) -> Response:
-    """One request on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    h = dict(headers or {})
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    if body is not None and not isinstance(body, (bytes, str)):
-        body = json.dumps(body)
-        h.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=body, headers=h)
-        resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-    finally:
-        conn.close()
-
-
-def tokens_path(ns: str = "default", token: str | None = None) -> str:
-    base = f"/apitokens/v1/namespaces/{ns}/apitokens"
-    return base if token is None else f"{base}/{token}"
-
-
-class ControlPlane:
-    """One `apitokens serve` process (restartable on the same ports and database)."""
-
-    def __init__(self, workdir: Path, name: str = "cp"):
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.db = self.dir / "apitokens.db"
-        self.api_port = free_port()
-        self.xds_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.runs = 0
-        self.extra: list[str] = []
-
-    @property
-    def logs(self) -> list[Path]:
-        return sorted(self.dir.glob("serve-*.log"))
-
-    def log_text(self) -> str:
-        return "".join(p.read_text("utf-8", "replace") for p in self.logs)
-
-    def bootstrap(self, namespace: str, name: str) -> str:
-        out = subprocess.run(
-            [apitokens_bin(), "bootstrap", "--db", str(self.db), "--namespace", namespace, "--name", name],
-            capture_output=True, text=True, check=True, timeout=30,
-        )
-        secret = out.stdout.strip()
-        SECRETS.append(secret)
-        (self.dir / f"bootstrap-{name}.stderr").write_text(out.stderr)
-        return secret
-
-    def start(self, *extra: str) -> "ControlPlane":
-        self.runs += 1
-        self.extra = list(extra)
-        cmd = [
-            apitokens_bin(), "serve",
-            "--db", str(self.db),
-            "--listen", f"127.0.0.1:{self.api_port}",
-            "--xds-listen", f"127.0.0.1:{self.xds_port}",
-            "--plugin-config", str(PLUGIN_BASE),
-            "--poll-interval-ms", "200",
-            *extra,
-        ]
-        log = open(self.dir / f"serve-{self.runs:02d}.log", "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True)
-        poll(self._healthy, 15, f"{self.name} /healthz")
-        return self
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-        try:
-            return request(self.api_port, "GET", "/healthz").status == 200
-        except OSError:
-            return False
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-    def api(self, method: str, path: str, token: str | None = None, body=None, headers=None) -> Response:
-        return request(self.api_port, method, path, token, body, headers)
-
-    def status(self, version: int | None = None, wait: float = 0) -> dict:
-        q = "" if version is None else f"?version={version}&waitSeconds={wait}"
-        return request(self.api_port, "GET", "/status" + q).json()
-
-    def wait_applied(self, version: int, timeout: float = 10) -> dict:
-        st = self.status(version, timeout)
-        assert st["applied"], f"version {version} not acknowledged: {json.dumps(st, indent=1)}"
-        return st
-
-
 class Envoy:
     """A real Envoy on the shipped ECDS configuration, ports and node id replaced."""
 
@@ -207,16 +73,7 @@ class Envoy:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.node = node
-        config = yaml.safe_load(ECDS_YAML.read_text())
-        config["node"]["id"] = node
-        config["admin"]["address"]["socket_address"]["port_value"] = 0
-        listener = config["static_resources"]["listeners"][0]
-        listener["address"]["socket_address"]["port_value"] = 0
-        ports = {"upstream": upstream_port, "apitokens_api": cp.api_port, "xds_cluster": cp.xds_port}
-        for cluster in config["static_resources"]["clusters"]:
-            for group in cluster["load_assignment"]["endpoints"]:
-                for ep in group["lb_endpoints"]:
-                    ep["endpoint"]["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
+        config = ecds_bootstrap(cp, upstream_port, node)
         if mutate:
             mutate(config)
         self.config_path = self.dir / "envoy.json"
@@ -288,14 +145,6 @@ class Envoy:
 
 
 @pytest.fixture(scope="session")
-def upstream():
-    server = echo_server.start_in_thread("127.0.0.1", 0)
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cp")
 
@@ -323,15 +172,3 @@ def envoy(workdir, cp, upstream):
 @pytest.fixture(scope="session")
 def owner(cp) -> str:
     return cp.owner  # type: ignore[attr-defined]
-
-
-def create(port: int, owner: str, token_id: str, role: str, ns: str = "default", **extra) -> Response:
-    body = {"name": f"namespaces/{ns}/apitokens/{token_id}", "role": role, **extra}
-    r = request(port, "POST", tokens_path(ns), owner, body)
-    if r.status == 200:
-        SECRETS.append(r.json()["apiToken"]["secret"])
-    return r
-
-
-def version_of(r: Response) -> int:
-    return int(r.headers["x-apitokens-config-version"])

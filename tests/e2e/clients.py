@@ -108,8 +108,9 @@ class RawH1:
         path: str | bytes,
         headers: list[tuple[str | bytes, str | bytes]] = (),
         body: bytes = b"",
+        e2e_id: str | None = None,
     ) -> httpx.Response:
-        e2e_id = next_e2e_id()
+        e2e_id = e2e_id or next_e2e_id()
         lines = [_b(method) + b" " + _b(path) + b" HTTP/1.1", b"host: 127.0.0.1", b"x-e2e-id: " + _b(e2e_id)]
         for name, value in headers:
             lines.append(_b(name) + b": " + _b(value))
@@ -203,8 +204,9 @@ class RawH2:
         path: str | bytes,
         headers: list[tuple[str | bytes, str | bytes]] = (),
         body: bytes = b"",
+        e2e_id: str | None = None,
     ) -> httpx.Response:
-        e2e_id = next_e2e_id()
+        e2e_id = e2e_id or next_e2e_id()
         sid = self.conn.get_next_available_stream_id()
         hdrs = [
             (b":method", _b(method)),

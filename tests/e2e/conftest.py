@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-import checks
-import echo_server
-import harness
-from clients import Client, raw_client
-from harness import Envoy, Token
+sys.path.append(str(Path(__file__).resolve().parents[1] / "lib"))
+import checks  # noqa: E402
+import harness  # noqa: E402
+from clients import Client, raw_client  # noqa: E402
+from fixtures import upstream  # noqa: E402,F401  (the echo upstream, shared with the other suites)
+from harness import Envoy, Token  # noqa: E402
 
 _counter = itertools.count()
 
@@ -65,14 +67,6 @@ def _remember_envoys(request):
 # ---------------------------------------------------------------------------
 # Upstream, tokens, Envoys
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def upstream():
-    server = echo_server.start_in_thread("127.0.0.1", 0)
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,21 @@ ACCESS_LOG_FORMAT = {
 }
 
 
+def json_access_log(path: Path) -> list[dict]:
+    """An HCM `access_log` writing ACCESS_LOG_FORMAT as JSON lines to `path`
+    (what `Envoy.access_log_entry` reads)."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path),
+                "log_format": {"json_format": ACCESS_LOG_FORMAT},
+            },
+        }
+    ]
+
+
 def wasm_filter(plugin_cfg: dict | str, module: str) -> dict:
     configuration = plugin_cfg if isinstance(plugin_cfg, str) else json.dumps(plugin_cfg)
     return {
@@ -134,16 +149,7 @@ def bootstrap(plugin_cfg: dict | str, upstream_port: int, access_log: Path, modu
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
         "use_remote_address": True,
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": str(access_log),
-                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
-                },
-            }
-        ],
+        "access_log": json_access_log(access_log),
         "route_config": {
             "name": "local",
             "virtual_hosts": [

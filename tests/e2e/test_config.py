@@ -232,15 +232,8 @@ def test_demo_envoy_yaml_serves_requests(upstream, run_dir, proto):
     cluster = config["static_resources"]["clusters"][0]
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
         "port_value"] = upstream.port
-    hcm_of(config)["access_log"] = []  # the demo logs to stdout; the tests read a file
-    hcm_of(config)["access_log"] = [{
-        "name": "envoy.access_loggers.file",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(run_dir / f"demo-{proto}-access.log"),
-            "log_format": {"json_format": harness.ACCESS_LOG_FORMAT},
-        },
-    }]
+    # The demo logs to stdout; the tests read a file.
+    hcm_of(config)["access_log"] = harness.json_access_log(run_dir / f"demo-{proto}-access.log")
     envoy = Envoy(run_dir / f"demo-{proto}", config, name=f"demo-{proto}")
     envoy.access_log_path = run_dir / f"demo-{proto}-access.log"
     envoy.upstream = upstream

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
+from controlplane import request
+
 # What an Envoy's admin interface shows that could carry a secret.
 ADMIN_ENDPOINTS = (
     "/config_dump?include_eds",
@@ -76,3 +78,17 @@ def leaks(places: dict[str, str], secrets: Iterable[str]) -> list[str]:
             elif secret.startswith("apt_") and secret[4:36] in text:
                 found.append(f"a secret's random part in {where}")
     return found
+
+
+def search_run(workdir: Path, envoy, cp, secrets: list[str], must_exist: set[str],
+               texts: dict[str, str] | None = None) -> dict[str, str]:
+    """The final search of a suite: every file under `workdir`, the Envoy's
+    admin endpoints, the control plane's /status and `texts`; `must_exist`
+    names files that the search has to have read (so that it searched
+    something). Fails on any hit; returns what it searched."""
+    status = request(cp.api_port, "GET", "/status").body.decode()
+    places = exposed([workdir], {"envoy": envoy.admin_get}, {"status": status, **(texts or {})})
+    names = {Path(p).name for p in places}
+    assert must_exist <= names, f"not searched: {must_exist - names}"
+    assert leaks(places, secrets) == []
+    return places

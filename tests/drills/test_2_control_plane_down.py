@@ -1,0 +1,64 @@
+"""The control plane is killed while Envoy serves a steady load over HTTP/1.1
+and HTTP/2: Envoy keeps enforcing the last configuration it acknowledged,
+revocations and regenerations included; a change made to the store while the
+control plane is away (a bootstrap) reaches Envoy when it returns.
+(tests/cp/test_2_resilience.py checks the single-request version of this.)"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from conftest import FIGURES
+from controlplane import create, issued_secret, poll, request, tokens_path, version_of
+from load import APP, Load, bad_answers, summary
+
+DOWN_SECONDS = 2.0
+
+
+def issue(cp, token_id: str, role: str) -> str:
+    r = create(cp.api_port, cp.owners["default"], token_id, role)
+    assert r.status == 200, r
+    cp.wait_applied(version_of(r))
+    return r.json()["apiToken"]["secret"]
+
+
+def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy, rng):
+    owner = cp.owners["default"]
+    kept = issue(cp, "down-kept", "editor")
+    revoked = issue(cp, "down-revoked", "viewer")
+    r = cp.api("DELETE", tokens_path(token="down-revoked"), owner)
+    cp.wait_applied(version_of(r))
+    old = issue(cp, "down-rotated", "owner")
+    r = cp.api("POST", tokens_path(token="down-rotated:regenerate"), owner)
+    new = issued_secret(r)
+    cp.wait_applied(version_of(r))
+    expected = {kept: 200, revoked: 401, old: 401, new: 200, None: 401}
+    choices = list(expected)
+
+    with Load(envoy, lambda: rng.choice(choices), threads=4, max_seconds=30) as load:
+        time.sleep(0.3)
+        cp.stop(signal.SIGKILL)
+        down_at = time.time()
+        late = cp.bootstrap("default", "down-late")  # the store changes while serve is away
+        time.sleep(DOWN_SECONDS)
+        assert request(envoy.port, "GET", APP, late).status == 401, "Envoy cannot know it yet"
+        up_at = time.time()
+        cp.start()
+        poll(lambda: request(envoy.port, "GET", APP, late).status == 200, 15, "the late token in Envoy")
+        converged = time.time() - up_at
+        time.sleep(0.3)
+    samples = load.samples
+
+    assert bad_answers(samples) == []
+    wrong = [s for s in samples if s.status != expected[s.secret]]
+    assert wrong == [], f"{len(wrong)} answers differ from the last acknowledged configuration: {wrong[:5]}"
+    during = [s for s in samples if down_at < s.sent and s.answered < up_at]
+    assert len(during) > 50, "too few requests while the control plane was away"
+    for secret, status in expected.items():
+        assert request(envoy.port, "GET", APP, secret).status == status
+    st = cp.envoy_status(envoy.name)
+    assert st["connected"] and int(st["ackedVersion"]) == int(cp.status()["version"])
+    FIGURES["control plane down"] = (
+        f"{len(during)} requests in {DOWN_SECONDS:.0f} s down, {len(samples)} in all {summary(samples)}, "
+        f"all as last acknowledged; a store change made while down enforced {converged:.2f} s after restart")

@@ -1,0 +1,65 @@
+"""A configuration Envoy rejects (NACK), under load: the last good
+configuration stays enforced, the rejection is visible in /status (and the
+version never reported as applied), and a revocation made meanwhile takes
+effect only once a configuration Envoy accepts is pushed. (The NACK of a new
+token is in tests/cp/test_2_resilience.py; this is the revocation case.)"""
+
+from __future__ import annotations
+
+import time
+
+from conftest import FIGURES
+from controlplane import poll, request, tokens_path, version_of
+from load import APP, Load, bad_answers, summary
+from test_2_control_plane_down import issue
+
+BAD_MODULE = "/nonexistent/apitokens_filter.wasm"
+
+
+def test_nack_keeps_the_last_good_configuration(cp, envoy, rng):
+    owner = cp.owners["default"]
+    kept = issue(cp, "nack-kept", "viewer")
+    doomed = issue(cp, "nack-doomed", "editor")
+    good = int(cp.envoy_status(envoy.name)["ackedVersion"])
+    choices = [kept, doomed, None]
+
+    with Load(envoy, lambda: rng.choice(choices), threads=4, max_seconds=40) as load:
+        cp.stop()
+        cp.start("--wasm-module", BAD_MODULE)  # every version it pushes is rejected
+        r = cp.api("DELETE", tokens_path(token="nack-doomed"), owner)
+        assert r.status == 200, r
+        revoked_version = version_of(r)
+
+        def nack():
+            last = cp.envoy_status(envoy.name).get("lastNack") or {}
+            return last if last.get("version") == str(revoked_version) else None
+
+        last_nack = poll(nack, 10, "NACK of the revoking version")
+        assert BAD_MODULE in last_nack["error"] and last_nack["outcome"] == "NACK"
+        assert cp.status(revoked_version, 0.5)["applied"] is False, "a NACKed version reported as applied"
+        assert int(cp.envoy_status(envoy.name)["ackedVersion"]) == good
+        time.sleep(1.0)
+        # The revocation is not in force yet, and /status says so: the last good one is.
+        assert request(envoy.port, "GET", APP, doomed).status == 200
+        nacked_until = time.time()
+
+        cp.stop()
+        cp.start()  # a configuration Envoy accepts
+        t0 = time.monotonic()
+        cp.wait_applied(int(cp.status()["version"]))
+        applied_at = time.time()
+        fixed_after = time.monotonic() - t0
+        time.sleep(0.5)
+    samples = load.samples
+
+    assert bad_answers(samples) == []
+    assert all(s.status == 200 for s in samples if s.secret == kept)
+    assert all(s.status == 401 for s in samples if s.secret is None)
+    during = [s for s in samples if s.secret == doomed and s.answered < nacked_until]
+    assert during and all(s.status == 200 for s in during)
+    after = [s for s in samples if s.secret == doomed and s.sent > applied_at]
+    assert after and all(s.status == 401 for s in after), "revoked, and acknowledged, yet allowed"
+    stats = envoy.stats()
+    assert stats.get("extension_config_discovery.http_filter.apitokens.config_fail", 0) > 0
+    FIGURES["NACK"] = (f"{len(samples)} requests {summary(samples)}, last good configuration enforced while "
+                       f"NACKed, /status applied=false; accepted again {fixed_after:.2f} s after the fix")

@@ -1,0 +1,251 @@
+"""The real `apitokens serve` for end-to-end suites (tests/cp, tests/security,
+tests/drills): start, stop (also with SIGKILL), call its API, read /status,
+and the shipped ECDS Envoy configuration (envoy/envoy-ecds.yaml) pointed at it.
+
+Everything listens on 127.0.0.1.
+
+Environment:
+  APITOKENS_BIN   the control plane binary (default <repo>/target/debug/apitokens)
+  ENVOY_BIN       Envoy (default <repo>/.venv/bin/envoy)
+  APITOKENS_WASM  the filter module; when set, the pushed configuration and the
+                  default (deny-all) configuration use it instead of the
+                  shipped relative path target/wasm32-wasip1/release/...
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+import harness  # tests/e2e: the Envoy process class and its JSON access log
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
+ECDS_YAML = REPO / "envoy" / "envoy-ecds.yaml"
+STATIC_YAML = REPO / "envoy" / "envoy.yaml"
+PLUGIN_BASE = REPO / "envoy" / "ecds-plugin-base.json"
+
+# Every secret any test saw, for the final leak search.
+SECRETS: list[str] = []
+# Measured delays (seconds) by what was measured, printed at the end of a run.
+MEASUREMENTS: dict[str, list[float]] = {}
+
+
+def apitokens_bin() -> str:
+    return os.environ.get("APITOKENS_BIN") or str(REPO / "target" / "debug" / "apitokens")
+
+
+def envoy_bin() -> str:
+    return os.environ.get("ENVOY_BIN") or str(REPO / ".venv" / "bin" / "envoy")
+
+
+def module_path() -> Path:
+    """The filter module Envoy loads ($APITOKENS_WASM or the release build)."""
+    return Path(os.path.abspath(os.environ["APITOKENS_WASM"])) if os.environ.get("APITOKENS_WASM") else MODULE
+
+
+def missing_binaries() -> list[str]:
+    return [p for p in (apitokens_bin(), envoy_bin(), str(module_path())) if not os.path.exists(p)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
+    """harness.poll with `what` third (as the control-plane tests call it) and a 10 ms interval."""
+    return harness.poll(predicate, timeout, interval=interval, what=what)
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<{self.status} {self.body[:300]!r}>"
+
+
+def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None,
+            timeout: float = 10) -> Response:
+    """One request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+        h.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def tokens_path(ns: str = "default", token: str | None = None) -> str:
+    base = f"/apitokens/v1/namespaces/{ns}/apitokens"
+    return base if token is None else f"{base}/{token}"
+
+
+def issued_secret(r: Response) -> str:
+    """The secret of a 2xx create or regenerate answer, remembered for the leak search."""
+    secret = r.json()["apiToken"]["secret"]
+    SECRETS.append(secret)
+    return secret
+
+
+def create(port: int, owner: str, token_id: str, role: str, ns: str = "default", **extra) -> Response:
+    body = {"name": f"namespaces/{ns}/apitokens/{token_id}", "role": role, **extra}
+    r = request(port, "POST", tokens_path(ns), owner, body)
+    if r.status == 200:
+        issued_secret(r)
+    return r
+
+
+def version_of(r: Response) -> int:
+    return int(r.headers["x-apitokens-config-version"])
+
+
+class ControlPlane:
+    """One `apitokens serve` process (restartable on the same ports and database)."""
+
+    def __init__(self, workdir: Path, name: str = "cp"):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.db = self.dir / "apitokens.db"
+        self.api_port = free_port()
+        self.xds_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+        self.extra: list[str] = []
+
+    @property
+    def logs(self) -> list[Path]:
+        return sorted(self.dir.glob("serve-*.log"))
+
+    def log_text(self) -> str:
+        return "".join(p.read_text("utf-8", "replace") for p in self.logs)
+
+    def bootstrap(self, namespace: str, name: str) -> str:
+        out = subprocess.run(
+            [apitokens_bin(), "bootstrap", "--db", str(self.db), "--namespace", namespace, "--name", name],
+            capture_output=True, text=True, check=True, timeout=30,
+        )
+        secret = out.stdout.strip()
+        SECRETS.append(secret)
+        (self.dir / f"bootstrap-{name}.stderr").write_text(out.stderr)
+        return secret
+
+    def render(self) -> dict:
+        """The plugin configuration the store holds now (`apitokens render`: digests, expired left out)."""
+        out = subprocess.run([apitokens_bin(), "render", "--db", str(self.db)],
+                             capture_output=True, text=True, check=True, timeout=30)
+        return json.loads(out.stdout)
+
+    def start(self, *extra: str) -> "ControlPlane":
+        self.runs += 1
+        self.extra = list(extra)
+        if os.environ.get("APITOKENS_WASM") and "--wasm-module" not in extra:
+            extra = ("--wasm-module", str(module_path()), *extra)
+        cmd = [
+            apitokens_bin(), "serve",
+            "--db", str(self.db),
+            "--listen", f"127.0.0.1:{self.api_port}",
+            "--xds-listen", f"127.0.0.1:{self.xds_port}",
+            "--plugin-config", str(PLUGIN_BASE),
+            "--poll-interval-ms", "200",
+            *extra,
+        ]
+        log = open(self.dir / f"serve-{self.runs:02d}.log", "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True)
+        poll(self._healthy, 15, f"{self.name} /healthz")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+        try:
+            return request(self.api_port, "GET", "/healthz").status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def api(self, method: str, path: str, token: str | None = None, body=None, headers=None) -> Response:
+        return request(self.api_port, method, path, token, body, headers)
+
+    def status(self, version: int | None = None, wait: float = 0) -> dict:
+        q = "" if version is None else f"?version={version}&waitSeconds={wait}"
+        return request(self.api_port, "GET", "/status" + q, timeout=10 + wait).json()
+
+    def wait_applied(self, version: int, timeout: float = 10) -> dict:
+        st = self.status(version, timeout)
+        assert st["applied"], f"version {version} not acknowledged: {json.dumps(st, indent=1)}"
+        return st
+
+    def envoy_status(self, node: str) -> dict:
+        return next((e for e in self.status()["envoys"] if e["node"] == node), {})
+
+
+def hcm_of(bootstrap: dict) -> dict:
+    """The HTTP connection manager of the first listener's first filter chain."""
+    return bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def ecds_bootstrap(cp: ControlPlane, upstream_port: int, node: str) -> dict:
+    """envoy/envoy-ecds.yaml as shipped, its ports replaced (listener and admin:
+    port 0; clusters: the upstream, the control plane's API and xDS ports) and
+    its node id set. With $APITOKENS_WASM the deny-all default uses that module."""
+    config = yaml.safe_load(ECDS_YAML.read_text())
+    config["node"]["id"] = node
+    config["admin"]["address"]["socket_address"]["port_value"] = 0
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = 0
+    ports = {"upstream": upstream_port, "apitokens_api": cp.api_port, "xds_cluster": cp.xds_port}
+    for cluster in config["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                ep["endpoint"]["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
+    if os.environ.get("APITOKENS_WASM"):
+        default = hcm_of(config)["http_filters"][0]["config_discovery"]["default_config"]
+        default["config"]["vm_config"]["code"]["local"]["filename"] = str(module_path())
+    return copy.deepcopy(config)
+
+
+def ecds_envoy(workdir: Path, cp: ControlPlane, upstream, node: str) -> "harness.Envoy":
+    """A started Envoy (tests/e2e's `harness.Envoy`) on envoy-ecds.yaml as
+    shipped, configured by `cp`, with the JSON access log of tests/e2e (so
+    checks.py finds each request by its x-e2e-id); returns after its first ACK."""
+    config = ecds_bootstrap(cp, upstream.port, node)
+    hcm_of(config)["access_log"] = harness.json_access_log(workdir / node / "access.log")
+    envoy = harness.Envoy(workdir / node, config, name=node)
+    envoy.upstream = upstream
+    envoy.start()
+    poll(lambda: cp.envoy_status(node).get("ackedVersion"), 15, f"first ACK from {node}")
+    return envoy
