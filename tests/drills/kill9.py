@@ -58,14 +58,14 @@ class Figures:
     in_flight_not_applied: int = 0
     refused: int = 0
     between_operations: int = 0
-    converge: list[float] = field(default_factory=list)  # restart -> Envoy enforces the store (s)
+    converge: list[float] = field(default_factory=list)  # restart -> Envoy acknowledges its version (s)
 
     def line(self) -> str:
         c = sorted(self.converge)
         return (f"{self.kills} kills, {self.acknowledged} acknowledged operations all kept; "
                 f"operation in flight at the kill: applied whole {self.in_flight_applied}, "
                 f"not applied {self.in_flight_not_applied}, refused (after the kill) {self.refused}, "
-                f"none {self.between_operations}; restart to Envoy enforcing the store: "
+                f"none {self.between_operations}; restart to Envoy's ACK of the store's version: "
                 f"median {c[len(c) // 2]:.2f} s, max {c[-1]:.2f} s")
 
 
@@ -149,9 +149,12 @@ class Drill:
         assert not worker.is_alive(), "the operation loop hangs after the kill"
         restarted = time.monotonic()
         self.cp.start()
+        version = int(self.cp.status()["version"])
+        poll(lambda: int(self.cp.envoy_status(self.node).get("ackedVersion") or 0) >= version,
+             15, f"Envoy acknowledges version {version}")
+        self.figures.converge.append(time.monotonic() - restarted)
         self.check_store(holder[0])
         self.check_envoy()
-        self.figures.converge.append(time.monotonic() - restarted)
 
     def store(self) -> dict[str, dict]:
         """The namespace's tokens as the store has them (`apitokens render`)."""
@@ -206,9 +209,7 @@ class Drill:
             self.figures.in_flight_not_applied += 1
 
     def check_envoy(self) -> None:
-        version = int(self.cp.status()["version"])
-        poll(lambda: int(self.cp.envoy_status(self.node).get("ackedVersion") or 0) >= version,
-             15, f"Envoy acknowledges version {version}")
+        """Envoy (which acknowledged the restarted control plane's version) enforces the store."""
         for tok in self.live.values():
             if tok.secret is not None:
                 r = request(self.envoy.port, "GET", APP, tok.secret)
