@@ -11,13 +11,14 @@ CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
 	@echo "make run-static the filter alone: Envoy with envoy/envoy.yaml and three demo tokens"
 	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
+	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
 	@echo "make build      build the wasm module ($(WASM))"
 	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
 	@echo "make clean      remove build outputs and the virtualenv"
@@ -43,7 +44,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e cp-e2e
+test: lint unit wasm-test e2e cp-e2e security drills
 	@echo "make test: all suites passed"
 
 unit:
@@ -81,6 +82,19 @@ fmt:
 # fuzz/regressions/<target>/, which `make test` replays: commit them.
 fuzz: toolchain
 	@scripts/fuzz.sh
+
+# The adversarial corpus (tests/security/corpus.yaml) over HTTP/1.1 and HTTP/2,
+# shipped ECDS Envoy + real control plane; last line "N passed, N failed".
+security: build cp-build venv
+	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/security
+
+# Fast fault drills: kill -9 loop, control plane down, NACK, expiry mid-load.
+drills: build cp-build venv
+	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
+
+# Long drills (~3 min): 1,000 reconfigurations under load, 50 kill -9 rounds.
+soak: build cp-build venv
+	APITOKENS_SOAK=1 ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv
