@@ -18,6 +18,9 @@ pub enum BearerError {
 /// case-insensitively (RFC 9110 11.1); it is followed by exactly one space and
 /// a b64token: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 pub fn parse(value: &[u8]) -> Result<&[u8], BearerError> {
+    // Whitespace around a field value is not part of it (RFC 9110 5.5).
+    // HTTP/1.1 codecs strip it; HTTP/2 hands it over as sent.
+    let value = trim_ows(value);
     if value.is_empty() {
         return Err(BearerError::Empty);
     }
@@ -37,6 +40,16 @@ pub fn parse(value: &[u8]) -> Result<&[u8], BearerError> {
     } else {
         Err(BearerError::Malformed)
     }
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
 }
 
 fn is_b64token(token: &[u8]) -> bool {

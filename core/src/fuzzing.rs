@@ -14,8 +14,14 @@ use crate::rules::Rules;
 pub fn bearer(data: &[u8]) {
     match bearer::parse(data) {
         Ok(token) => {
-            let scheme = data.get(..7).unwrap_or_default();
-            if !scheme.eq_ignore_ascii_case(b"bearer ") || data.get(7..) != Some(token) || token.is_empty() {
+            let start = data.iter().position(|c| *c != b' ' && *c != b'\t').unwrap_or(0);
+            let end = data
+                .iter()
+                .rposition(|c| *c != b' ' && *c != b'\t')
+                .map_or(0, |e| e + 1);
+            let value = data.get(start..end).unwrap_or_default();
+            let scheme = value.get(..7).unwrap_or_default();
+            if !scheme.eq_ignore_ascii_case(b"bearer ") || value.get(7..) != Some(token) || token.is_empty() {
                 panic!("accepted a value that is not `Bearer <token>`");
             }
             if token

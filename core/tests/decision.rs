@@ -28,6 +28,18 @@ fn bearer_scheme_is_case_insensitive_with_exactly_one_space() {
             "{value}"
         );
     }
+    // Whitespace around the value is not part of it (HTTP/2 does not strip it).
+    for value in [
+        format!("  Bearer {EDITOR}"),
+        format!("Bearer {EDITOR} \t"),
+        format!("\tBearer {EDITOR}\t"),
+    ] {
+        assert_eq!(
+            authn(&config, value.as_bytes()),
+            Ok("namespaces/default/apitokens/editor".into()),
+            "{value:?}"
+        );
+    }
 }
 
 #[test]
@@ -35,6 +47,7 @@ fn authorization_values_map_to_the_documented_denials() {
     let config = fixture();
     let cases: &[(&[u8], Denial)] = &[
         (b"", Denial::Missing),
+        (b" \t ", Denial::Missing),
         (b"Basic dXNlcjpwYXNz", Denial::NotBearer),
         (b"Token abc", Denial::NotBearer),
         (b"Bearerabc", Denial::NotBearer),
