@@ -1,8 +1,8 @@
-//! The few proxy-wasm host calls the filter makes, declared here rather than
-//! taken from the SDK's `hostcalls`: those `panic!` on any status they do not
-//! expect, and a panic is a trap that kills the worker's VM. Here every status
-//! other than OK is an `Err`, and statuses are plain integers so an unexpected
-//! value from the host is never an invalid Rust enum.
+//! The few proxy-wasm (ABI 0.2.1) host calls the filter makes, declared here
+//! rather than taken from the SDK: its `hostcalls` `panic!` on any status they
+//! do not expect, and a panic is a trap that kills the worker's VM. Here every
+//! status other than OK is an `Err`, and statuses are plain integers so an
+//! unexpected value from the host is never an invalid Rust enum.
 
 use std::ptr::null_mut;
 
@@ -28,9 +28,6 @@ pub enum Level {
     Critical = 5,
 }
 
-// The SDK declares the same imports with enum-typed arguments; the ABI is
-// identical (u32), so the clash is only nominal.
-#[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
@@ -43,13 +40,6 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
-    fn proxy_get_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -58,6 +48,15 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -80,8 +79,8 @@ fn check(status: u32) -> Result<(), Failed> {
     }
 }
 
-/// Takes ownership of a buffer the host allocated through the SDK's
-/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
+/// Takes ownership of a buffer the host allocated through our
+/// `proxy_on_memory_allocate` (a `Vec<u8>` of capacity exactly `size`).
 ///
 /// # Safety
 /// `data` must be null or come from `proxy_on_memory_allocate(size)`.
@@ -132,17 +131,30 @@ pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
     }
 }
 
-pub fn request_header(name: &str) -> Result<Option<Vec<u8>>, Failed> {
+/// Every request header, in the pairs encoding (see `pairs`).
+pub fn request_header_pairs() -> Result<Vec<u8>, Failed> {
     let mut data = null_mut();
     let mut len = 0usize;
-    // SAFETY: key is a live string; out-pointers are valid.
-    let status =
-        unsafe { proxy_get_header_map_value(MAP_HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), &mut data, &mut len) };
+    // SAFETY: out-pointers are valid; the host allocates the returned buffer.
+    let status = unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut data, &mut len) };
     match status {
-        OK => Ok(Some(unsafe { host_buffer(data, len) })),
-        NOT_FOUND => Ok(None),
+        OK => Ok(unsafe { host_buffer(data, len) }),
+        NOT_FOUND => Ok(Vec::new()),
         other => Err(Failed(other)),
     }
+}
+
+pub fn add_request_header(name: &str, value: &[u8]) -> Result<(), Failed> {
+    // SAFETY: key and value are live slices.
+    check(unsafe {
+        proxy_add_header_map_value(
+            MAP_HTTP_REQUEST_HEADERS,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
 }
 
 pub fn replace_request_header(name: &str, value: &[u8]) -> Result<(), Failed> {
@@ -188,27 +200,20 @@ pub fn define_counter(name: &str) -> Result<u32, Failed> {
     Ok(id)
 }
 
-pub fn increment(metric: u32) -> Result<(), Failed> {
+pub fn increment(metric: u32, by: i64) -> Result<(), Failed> {
     // SAFETY: no pointers.
-    check(unsafe { proxy_increment_metric(metric, 1) })
+    check(unsafe { proxy_increment_metric(metric, by) })
 }
 
-/// proxy-wasm header map encoding: pair count, then each key and value
-/// length, then each key and value followed by a NUL byte (all u32 LE).
-pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
-    let size = 4 + headers.iter().map(|(k, v)| 8 + k.len() + v.len() + 2).sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    out.extend_from_slice(&len32(headers.len()));
-    for (k, v) in headers {
-        out.extend_from_slice(&len32(k.len()));
-        out.extend_from_slice(&len32(v.len()));
-    }
-    for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+pub fn set_tick_period_ms(period: u32) -> Result<(), Failed> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_tick_period_milliseconds(period) })
+}
+
+/// The host allocates memory in the VM through this export (for the values
+/// it returns: header maps, the plugin configuration).
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let mut buf = std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size));
+    buf.as_mut_ptr()
 }

@@ -1,26 +1,27 @@
-//! proxy-wasm contexts: the root context validates the configuration once per
-//! `on_configure`; each HTTP context runs `apitokens_core::gate` through
-//! [`ProxyHost`].
+//! The proxy-wasm exports, written by hand rather than through the SDK's
+//! dispatcher: Envoy (proxy-wasm-cpp-host) skips callbacks a module does not
+//! export, so a request costs three calls into the VM (context create,
+//! request headers, delete) instead of the SDK's eight, the largest saving
+//! available to a filter whose own work is a hash and a lookup.
+//!
+//! A VM may serve several plugin configurations (root contexts) at once, e.g.
+//! during an update or when listeners share a `vm_config`: every HTTP context
+//! is tied to its root context, and so to its configuration, at creation.
 
 use crate::abi::{self, Level};
+use crate::pairs::{self, Pairs};
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::{Config, Timestamp};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::rc::Rc;
-use std::sync::OnceLock;
 
-proxy_wasm::main! {{
-    std::panic::set_hook(Box::new(|info| {
-        // Reached only through a bug; the location says where. The message
-        // comes from our own code, which never formats a secret.
-        let _ = abi::log(Level::Critical, &format!("apitokens: panic: {info}"));
-    }));
-    proxy_wasm::set_root_context(|_| Box::new(Root { active: Rc::new(Active::new(Config::deny_all())) }));
-}}
+/// Counters are kept in the VM and handed to Envoy once a second (a host call
+/// per request saved); the log level is re-read at the same pace.
+const TICK_MS: u32 = 1000;
 
 /// A configuration ready for requests: the validated rules and tokens plus
 /// the local replies already serialized for the host.
@@ -35,30 +36,61 @@ impl Active {
             .iter()
             .map(|d| match config.replies().get(*d) {
                 Some(reply) => {
-                    let pairs: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, &**v)).collect();
-                    abi::serialize_headers(&pairs)
+                    let pairs: Vec<(&str, &[u8])> = reply.headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+                    pairs::serialize(&pairs)
                 }
-                None => abi::serialize_headers(&[]),
+                None => pairs::serialize(&[]),
             })
             .collect();
         Self { config, reply_headers }
     }
 }
 
-/// Counter ids, defined once per VM.
-static METRICS: OnceLock<Vec<u32>> = OnceLock::new();
+thread_local! {
+    /// Root contexts: one per plugin configuration this VM serves.
+    static ROOTS: RefCell<HashMap<u32, Rc<Active>>> = RefCell::new(HashMap::new());
+    /// HTTP context -> the configuration of its root context.
+    static STREAMS: RefCell<HashMap<u32, Rc<Active>>> = RefCell::new(HashMap::new());
+    /// Counter ids, defined once per VM.
+    static METRICS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Increments not yet handed to the host.
+    static PENDING: RefCell<[i64; Counter::ALL.len()]> = const { RefCell::new([0; Counter::ALL.len()]) };
+    /// The host's log level as last read.
+    static LOG_LEVEL: Cell<Level> = const { Cell::new(Level::Info) };
+}
 
-fn metrics() -> &'static [u32] {
-    METRICS.get_or_init(|| {
-        Counter::ALL
-            .iter()
-            .map(|c| abi::define_counter(c.name()).unwrap_or(u32::MAX))
-            .collect()
-    })
+fn define_metrics() {
+    METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.is_empty() {
+            *m = Counter::ALL
+                .iter()
+                .map(|c| abi::define_counter(c.name()).unwrap_or(u32::MAX))
+                .collect();
+        }
+    });
+}
+
+fn flush_counters() {
+    METRICS.with(|ids| {
+        PENDING.with(|pending| {
+            for (n, id) in pending.borrow_mut().iter_mut().zip(ids.borrow().iter()) {
+                if *n != 0 && abi::increment(*id, *n).is_ok() {
+                    *n = 0;
+                }
+            }
+        });
+    });
+}
+
+fn refresh_log_level() {
+    if let Ok(level) = abi::log_level() {
+        LOG_LEVEL.with(|l| l.set(level));
+    }
 }
 
 fn log(level: Level, args: fmt::Arguments<'_>) {
-    if abi::log_level().is_ok_and(|enabled| level >= enabled) {
+    if level >= LOG_LEVEL.with(Cell::get) {
         let mut line = String::with_capacity(128);
         if line.write_fmt(args).is_ok() {
             let _ = abi::log(level, &line);
@@ -66,80 +98,43 @@ fn log(level: Level, args: fmt::Arguments<'_>) {
     }
 }
 
-struct Root {
-    active: Rc<Active>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        metrics();
-        true
-    }
-
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let json = match abi::plugin_configuration(plugin_configuration_size) {
-            Ok(json) => json,
-            Err(abi::Failed(status)) => {
-                log(
-                    Level::Error,
-                    format_args!("cannot read the plugin configuration (status {status})"),
-                );
-                return false;
-            }
-        };
-        match Config::from_plugin_configuration(json) {
-            Ok(config) => {
-                if config.token_count() == 0 {
-                    log(
-                        Level::Warn,
-                        format_args!("configuration has no tokens: every request is refused"),
-                    );
-                }
-                log(
-                    Level::Info,
-                    format_args!(
-                        "configuration accepted: {} tokens, {} rules",
-                        config.token_count(),
-                        config.rules().len()
-                    ),
-                );
-                self.active = Rc::new(Active::new(config));
-                true
-            }
-            Err(e) => {
-                // Names the field, never a value: see ConfigError.
-                log(Level::Error, format_args!("configuration rejected: {e}"));
-                false
-            }
+fn configure(root: u32, size: usize) -> bool {
+    define_metrics();
+    refresh_log_level();
+    let _ = abi::set_tick_period_ms(TICK_MS);
+    let bytes = match abi::plugin_configuration(size) {
+        Ok(bytes) => bytes,
+        Err(abi::Failed(status)) => {
+            log(
+                Level::Error,
+                format_args!("cannot read the plugin configuration (status {status})"),
+            );
+            return false;
         }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            active: Rc::clone(&self.active),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Request {
-    active: Rc<Active>,
-}
-
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let active = Rc::clone(&self.active);
-        let mut host = ProxyHost { active: &active };
-        match gate::on_request_headers(&mut host, &active.config) {
-            Verdict::Continue => Action::Continue,
-            Verdict::Stop => Action::Pause,
+    };
+    match Config::from_plugin_configuration(bytes) {
+        Ok(config) => {
+            if config.token_count() == 0 {
+                log(
+                    Level::Warn,
+                    format_args!("configuration has no tokens: every request is refused"),
+                );
+            }
+            log(
+                Level::Info,
+                format_args!(
+                    "configuration accepted: {} tokens, {} rules",
+                    config.token_count(),
+                    config.rules().len()
+                ),
+            );
+            ROOTS.with(|r| r.borrow_mut().insert(root, Rc::new(Active::new(config))));
+            true
+        }
+        Err(e) => {
+            // Names the field, never a value: see ConfigError.
+            log(Level::Error, format_args!("configuration rejected: {e}"));
+            false
         }
     }
 }
@@ -149,14 +144,20 @@ struct ProxyHost<'a> {
 }
 
 impl Host for ProxyHost<'_> {
-    fn request_header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        abi::request_header(name).map_err(|_| HostError)
+    type Headers = Pairs;
+
+    fn request_headers(&mut self) -> Result<Pairs, HostError> {
+        abi::request_header_pairs().map(Pairs::new).map_err(|_| HostError)
     }
 
     fn now(&mut self) -> Option<Timestamp> {
         let nanos = abi::now_nanos().ok()?;
         let secs = i64::try_from(nanos / 1_000_000_000).ok()?;
         Some(Timestamp::from_unix(secs, (nanos % 1_000_000_000) as u32))
+    }
+
+    fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        abi::add_request_header(name, value).map_err(|_| HostError)
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
@@ -173,9 +174,11 @@ impl Host for ProxyHost<'_> {
     }
 
     fn count(&mut self, counter: Counter) {
-        if let Some(id) = metrics().get(counter.index()) {
-            let _ = abi::increment(*id);
-        }
+        PENDING.with(|p| {
+            if let Some(n) = p.borrow_mut().get_mut(counter.index()) {
+                *n += 1;
+            }
+        });
     }
 
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {
@@ -186,5 +189,78 @@ impl Host for ProxyHost<'_> {
             LogLevel::Error => Level::Error,
         };
         log(level, message);
+    }
+}
+
+// The exports (proxy-wasm ABI 0.2.1).
+
+#[cfg(target_os = "wasi")]
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    #[cfg(target_os = "wasi")]
+    // SAFETY: the reactor's constructors, once, before any other export.
+    unsafe {
+        __wasm_call_ctors();
+    }
+    std::panic::set_hook(Box::new(|info| {
+        // Reached only through a bug; the location says where. The message
+        // comes from our own code, which never formats a secret.
+        let _ = abi::log(Level::Critical, &format!("apitokens: panic: {info}"));
+    }));
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root: u32, _vm_configuration_size: usize) -> bool {
+    define_metrics();
+    true
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root: u32, plugin_configuration_size: usize) -> bool {
+    configure(root, plugin_configuration_size)
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
+    if parent == 0 {
+        return; // a root context: it gets its configuration in on_configure
+    }
+    // A root context that has no (valid) configuration refuses everything.
+    let active = ROOTS
+        .with(|r| r.borrow().get(&parent).cloned())
+        .unwrap_or_else(|| Rc::new(Active::new(Config::deny_all())));
+    STREAMS.with(|s| s.borrow_mut().insert(context, active));
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(_root: u32) {
+    flush_counters();
+    refresh_log_level();
+}
+
+/// 0 = Continue, 1 = StopIteration (a local reply was sent).
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end_of_stream: bool) -> u32 {
+    let active = STREAMS
+        .with(|s| s.borrow().get(&context).cloned())
+        .unwrap_or_else(|| Rc::new(Active::new(Config::deny_all())));
+    match gate::on_request_headers(&mut ProxyHost { active: &active }, &active.config) {
+        Verdict::Continue => 0,
+        Verdict::Stop => 1,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_delete(context: u32) {
+    if STREAMS.with(|s| s.borrow_mut().remove(&context)).is_none() {
+        ROOTS.with(|r| r.borrow_mut().remove(&context));
+        flush_counters();
     }
 }

@@ -5,3 +5,4 @@
 mod abi;
 #[cfg(target_family = "wasm")]
 mod filter;
+pub mod pairs;

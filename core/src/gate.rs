@@ -1,6 +1,11 @@
 //! The per-request flow, written against a narrow [`Host`] interface so that
 //! it runs (and is tested) without a proxy. The proxy-wasm glue implements
 //! `Host` with host calls; tests implement it with a recording double.
+//!
+//! Host calls dominate the cost of the filter (each is a crossing between the
+//! VM and Envoy), so the flow reads every request header in one call and
+//! writes only what it must: identity headers are added, or replaced only when
+//! the client sent a copy; on a refusal only client-sent copies are removed.
 
 use crate::config::Config;
 use crate::decision::{Counter, Denial, Grant};
@@ -21,13 +26,30 @@ pub enum LogLevel {
     Error,
 }
 
+/// A request header as the filter sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    Absent,
+    One(&'a [u8]),
+    /// More than one field line with this name.
+    Repeated,
+}
+
+/// The request headers, read once.
+pub trait RequestHeaders {
+    /// `name` in lower case. Values are bytes, never decoded as UTF-8.
+    fn get(&self, name: &str) -> HeaderValue<'_>;
+}
+
 /// What the filter needs from the proxy.
 pub trait Host {
-    /// All values of a request header as one byte string (Envoy joins repeated
-    /// headers with a comma), or `None` when absent. Never decoded as UTF-8.
-    fn request_header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostError>;
+    type Headers: RequestHeaders;
+    /// Every request header, in one read.
+    fn request_headers(&mut self) -> Result<Self::Headers, HostError>;
     /// The host's wall clock, `None` if it cannot be read.
     fn now(&mut self) -> Option<Timestamp>;
+    /// Adds a request header (the request has none of this name).
+    fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     /// Sets a request header, replacing every existing value.
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
@@ -45,61 +67,107 @@ pub enum Verdict {
     Stop,
 }
 
+/// Method-override headers some frameworks honour: a request carrying one must
+/// be permitted for the overriding method too, or a GET could delete.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
 /// Decides one request and applies the decision through the host.
 pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
-    match check(host, config) {
-        Ok((token, grant)) => match forward(host, config, token, grant) {
+    let headers = match host.request_headers() {
+        Ok(headers) => headers,
+        Err(HostError) => return deny(host, config, None, Denial::Internal, None),
+    };
+    match check(host, config, &headers) {
+        Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
                 host.count(Counter::Allowed);
                 Verdict::Continue
             }
-            Err(HostError) => deny(host, config, Denial::Internal, Some(token)),
+            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal, Some(token)),
         },
-        Err((denial, token)) => deny(host, config, denial, token),
+        Err((denial, token)) => deny(host, config, Some(&headers), denial, token),
     }
 }
 
 type Checked<'c> = Result<(Token<'c>, Grant), (Denial, Option<Token<'c>>)>;
 
-fn check<'c, H: Host>(host: &mut H, config: &'c Config) -> Checked<'c> {
-    let internal = |_| (Denial::Internal, None);
-    let authorization = host.request_header("authorization").map_err(internal)?;
-    let token = config.authenticate(authorization.as_deref(), || host.now())?;
-    // Only now, with a known token, is the rest of the request worth reading.
-    let method = host.request_header(":method").map_err(internal)?;
-    let path = host.request_header(":path").map_err(internal)?;
+fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) -> Checked<'c> {
+    let authorization = match headers.get("authorization") {
+        HeaderValue::Absent => None,
+        HeaderValue::One(value) => Some(value),
+        HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
+    };
+    let token = config.authenticate(authorization, || host.now())?;
+    let one = |name| match headers.get(name) {
+        HeaderValue::One(value) => value,
+        HeaderValue::Absent | HeaderValue::Repeated => b"",
+    };
+    let path = one(":path");
     let grant = config
-        .authorize(
-            token,
-            method.as_deref().unwrap_or_default(),
-            path.as_deref().unwrap_or_default(),
-        )
+        .authorize(token, one(":method"), path)
         .map_err(|denial| (denial, Some(token)))?;
+    for name in METHOD_OVERRIDE_HEADERS {
+        let method = match headers.get(name) {
+            HeaderValue::Absent => continue,
+            HeaderValue::One(method) => method,
+            HeaderValue::Repeated => b"",
+        };
+        config
+            .authorize(token, method, path)
+            .map_err(|denial| (denial, Some(token)))?;
+    }
     Ok((token, grant))
 }
 
-fn forward<H: Host>(host: &mut H, config: &Config, token: Token<'_>, grant: Grant) -> Result<(), HostError> {
-    let headers = config.identity_headers();
-    // Setting replaces whatever the client sent under these names.
-    host.set_request_header(&headers.name, token.name().as_bytes())?;
-    host.set_request_header(&headers.namespace, token.namespace().as_bytes())?;
-    host.set_request_header(&headers.role, token.role().as_str().as_bytes())?;
+fn forward<H: Host>(
+    host: &mut H,
+    config: &Config,
+    headers: &H::Headers,
+    token: Token<'_>,
+    grant: Grant,
+) -> Result<(), HostError> {
+    let names = config.identity_headers();
+    let identity = [
+        (&*names.name, token.name()),
+        (&*names.namespace, token.namespace()),
+        (&*names.role, token.role().as_str()),
+    ];
+    for (name, value) in identity {
+        // Replacing removes whatever the client sent under this name; when it
+        // sent nothing, adding is enough (and one step cheaper for Envoy).
+        if headers.get(name) == HeaderValue::Absent {
+            host.add_request_header(name, value.as_bytes())?;
+        } else {
+            host.set_request_header(name, value.as_bytes())?;
+        }
+    }
     if !grant.forward_authorization {
         host.remove_request_header("authorization")?;
     }
     Ok(())
 }
 
-fn deny<H: Host>(host: &mut H, config: &Config, denial: Denial, token: Option<Token<'_>>) -> Verdict {
-    // The request is answered locally, but strip forged identity anyway: if
-    // the reply cannot be sent, nothing downstream may trust these headers.
-    let headers = config.identity_headers();
-    for name in [&headers.name, &headers.namespace, &headers.role] {
-        let _ = host.remove_request_header(name);
+fn deny<H: Host>(
+    host: &mut H,
+    config: &Config,
+    headers: Option<&H::Headers>,
+    denial: Denial,
+    token: Option<Token<'_>>,
+) -> Verdict {
+    // The request is answered locally and never forwarded; still, no
+    // client-sent identity header survives it (nor, if the headers could not
+    // be read, any header of those names).
+    let names = config.identity_headers();
+    for name in [&names.name, &names.namespace, &names.role] {
+        if headers.map_or(true, |h| h.get(name) != HeaderValue::Absent) {
+            let _ = host.remove_request_header(name);
+        }
     }
     host.count(denial.counter());
+    // Debug, not info: one line per refused request would let any client
+    // flood the gateway's log. The counters always count.
     host.log(
-        LogLevel::Info,
+        LogLevel::Debug,
         format_args!(
             "denied reason={} token={}",
             denial.reason(),

@@ -5,7 +5,7 @@
 mod common;
 
 use apitokens_core::decision::{Counter, Denial};
-use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
+use apitokens_core::gate::{self, HeaderValue, Host, HostError, LogLevel, RequestHeaders, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::{Config, Timestamp};
 use common::*;
@@ -21,7 +21,9 @@ struct Recorder {
     counters: Vec<Counter>,
     logs: Vec<String>,
     fail_writes: bool,
-    reads: Vec<String>,
+    /// How many times the headers were read.
+    reads: usize,
+    writes: Vec<String>,
 }
 
 impl Recorder {
@@ -56,21 +58,40 @@ impl Recorder {
     }
 }
 
+/// The request headers as the host handed them over.
+struct Snapshot(Vec<(String, Vec<u8>)>);
+
+impl RequestHeaders for Snapshot {
+    fn get(&self, name: &str) -> HeaderValue<'_> {
+        let mut values = self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| &v[..]);
+        match (values.next(), values.next()) {
+            (None, _) => HeaderValue::Absent,
+            (Some(v), None) => HeaderValue::One(v),
+            (Some(_), Some(_)) => HeaderValue::Repeated,
+        }
+    }
+}
+
 impl Host for Recorder {
-    fn request_header(&mut self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        self.reads.push(name.to_owned());
-        // Like Envoy: repeated headers arrive joined with a comma.
-        let values: Vec<&[u8]> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| &v[..])
-            .collect();
-        Ok((!values.is_empty()).then(|| values.join(&b","[..])))
+    type Headers = Snapshot;
+
+    fn request_headers(&mut self) -> Result<Snapshot, HostError> {
+        self.reads += 1;
+        Ok(Snapshot(self.headers.clone()))
     }
 
     fn now(&mut self) -> Option<Timestamp> {
         self.now
+    }
+
+    fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        if self.fail_writes {
+            return Err(HostError);
+        }
+        assert!(self.header(name).is_none(), "added {name} next to a client-sent copy");
+        self.headers.push((name.to_owned(), value.to_vec()));
+        self.writes.push(format!("add {name}"));
+        Ok(())
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
@@ -79,11 +100,13 @@ impl Host for Recorder {
         }
         self.headers.retain(|(k, _)| k != name);
         self.headers.push((name.to_owned(), value.to_vec()));
+        self.writes.push(format!("set {name}"));
         Ok(())
     }
 
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
         self.headers.retain(|(k, _)| k != name);
+        self.writes.push(format!("remove {name}"));
         Ok(())
     }
 
@@ -97,8 +120,8 @@ impl Host for Recorder {
         self.counters.push(counter);
     }
 
-    fn log(&mut self, _level: LogLevel, message: fmt::Arguments<'_>) {
-        self.logs.push(message.to_string());
+    fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {
+        self.logs.push(format!("{level:?}: {message}"));
     }
 }
 
@@ -295,12 +318,13 @@ fn denial_logs_name_the_token_and_never_the_secret() {
 }
 
 #[test]
-fn unknown_tokens_do_not_read_the_rest_of_the_request() {
+fn headers_are_read_once_and_a_refusal_writes_nothing_the_client_did_not_send() {
     let config = fixture();
     let auth = bearer("nope");
     let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
     run(&config, &mut host);
-    assert_eq!(host.reads, vec!["authorization"]);
+    assert_eq!(host.reads, 1);
+    assert!(host.writes.is_empty(), "{:?}", host.writes);
 }
 
 #[test]
@@ -360,4 +384,77 @@ fn a_rule_overrides_the_global_forward_authorization() {
     let mut host = Recorder::request("GET", "/public/default/x", Some(&auth));
     assert_eq!(run(&config, &mut host), Verdict::Continue);
     assert!(host.header("authorization").is_some());
+}
+
+#[test]
+fn identity_headers_are_added_or_replace_client_copies() {
+    let config = fixture();
+    let auth = bearer(EDITOR);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    run(&config, &mut host);
+    assert_eq!(
+        host.writes,
+        [
+            "add x-apitoken-name",
+            "add x-apitoken-namespace",
+            "add x-apitoken-role",
+            "remove authorization"
+        ]
+    );
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth))
+        .with_header("x-apitoken-role", "owner");
+    run(&config, &mut host);
+    assert!(
+        host.writes.contains(&"set x-apitoken-role".to_owned()),
+        "{:?}",
+        host.writes
+    );
+    assert_eq!(host.header("x-apitoken-role").as_deref(), Some("editor"));
+}
+
+#[test]
+fn a_method_override_must_be_permitted_too() {
+    let config = fixture();
+    let viewer = bearer(VIEWER);
+    let editor = bearer(EDITOR);
+    for header in apitokens_core::gate::METHOD_OVERRIDE_HEADERS {
+        // A viewer's GET that an upstream would run as DELETE.
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&viewer))
+            .with_header(header, "DELETE");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{header}");
+        assert_eq!(host.reply.as_ref().map(|(d, _)| *d), Some(Denial::RoleDenied));
+        // An editor may delete: the override is permitted and goes upstream.
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&editor))
+            .with_header(header, "DELETE");
+        assert_eq!(run(&config, &mut host), Verdict::Continue, "{header}");
+        // An unknown or repeated override is refused.
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&editor))
+            .with_header(header, "PURGE");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{header}");
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&editor))
+            .with_header(header, "GET")
+            .with_header(header, "GET");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{header}");
+    }
+}
+
+#[test]
+fn repeated_authorization_field_lines_are_multiple_credentials() {
+    let config = fixture();
+    let auth = bearer(EDITOR);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth))
+        .with_header("authorization", "Bearer x");
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    assert_eq!(
+        host.reply.map(|(d, r)| (d, r.status)),
+        Some((Denial::MultipleCredentials, 400))
+    );
+}
+
+#[test]
+fn refusals_log_at_debug_level() {
+    let config = fixture();
+    let mut host = Recorder::request("GET", "/", None);
+    run(&config, &mut host);
+    assert_eq!(host.logs, ["Debug: denied reason=missing token=-"]);
 }

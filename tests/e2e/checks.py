@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
@@ -125,8 +126,14 @@ def allowed(resp: httpx.Response, token, forward_authorization: bool = False, id
     return seen
 
 
+# The filter counts in the VM and hands the counts to Envoy once a second.
+COUNTER_FLUSH_SECONDS = 1.0
+
+
 def counters(envoy) -> dict[str, int]:
-    """The filter's counters, by short name (allowed, missing, ...)."""
+    """The filter's counters, by short name (allowed, missing, ...), once every
+    count made so far has reached Envoy (one flush period later)."""
+    time.sleep(COUNTER_FLUSH_SECONDS * 1.3)
     prefix = "wasmcustom.apitokens."
     return {k[len(prefix):]: v for k, v in envoy.stats().items() if k.startswith(prefix)}
 

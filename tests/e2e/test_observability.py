@@ -59,8 +59,8 @@ def test_counters_move_per_outcome(client, tokens):
 
 def test_counters_in_prometheus(client, tokens):
     one_of_each(client, tokens)
-    text = client.envoy.prometheus()
     stats = counters(client.envoy)
+    text = client.envoy.prometheus()
     for name in COUNTERS:
         assert f"# TYPE apitokens_{name} counter" in text, f"apitokens_{name} missing from /stats/prometheus"
         m = re.search(rf"^apitokens_{name}{{}} (\d+)$", text, re.M)
