@@ -99,6 +99,7 @@ fn log(level: Level, args: fmt::Arguments<'_>) {
 }
 
 fn configure(root: u32, size: usize) -> bool {
+    let started = abi::now_nanos().unwrap_or(0);
     define_metrics();
     refresh_log_level();
     let _ = abi::set_tick_period_ms(TICK_MS);
@@ -120,12 +121,16 @@ fn configure(root: u32, size: usize) -> bool {
                     format_args!("configuration has no tokens: every request is refused"),
                 );
             }
+            let elapsed = abi::now_nanos().unwrap_or(started).saturating_sub(started);
             log(
                 Level::Info,
                 format_args!(
-                    "configuration accepted: {} tokens, {} rules",
+                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms",
                     config.token_count(),
-                    config.rules().len()
+                    config.rules().len(),
+                    size,
+                    elapsed / 1_000_000,
+                    elapsed / 1_000 % 1_000
                 ),
             );
             ROOTS.with(|r| r.borrow_mut().insert(root, Rc::new(Active::new(config))));
