@@ -11,7 +11,7 @@ CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: bench security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -19,6 +19,7 @@ help:
 	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
+	@echo "make bench      the side-by-side benchmark (about 9 minutes), table in bench/results/latest.md"
 	@echo "make build      build the wasm module ($(WASM))"
 	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
 	@echo "make clean      remove build outputs and the virtualenv"
@@ -95,6 +96,11 @@ drills: build cp-build venv
 # Long drills (~3 min): 1,000 reconfigurations under load, 50 kill -9 rounds.
 soak: build cp-build venv
 	APITOKENS_SOAK=1 ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
+
+# Side by side: no filter, api_key_auth, Lua, ext_authz, a one-header wasm
+# filter, and apitokens with 10/10k/100k tokens (bench/README.md). About 9 min.
+bench: build venv
+	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/run.py $(BENCH_ARGS)
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv
