@@ -9,6 +9,7 @@
 # Every run starts from a fresh demo database, .run/demo.db.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/common.sh
 ENVOY=${ENVOY_BIN:-.venv/bin/envoy}
 PY=${PYTHON:-.venv/bin/python}
 APITOKENS=${APITOKENS_BIN:-target/debug/apitokens}
@@ -34,18 +35,11 @@ OWNER=$("$APITOKENS" bootstrap --db "$DB" --namespace default --name admin 2>/de
 pids+=($!)
 "$APITOKENS" serve --db "$DB" --plugin-config envoy/ecds-plugin-base.json > .run/apitokens.log 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-  curl -fs localhost:8081/healthz >/dev/null 2>&1 && break
-  if ! kill -0 "${pids[1]}" 2>/dev/null; then echo "the control plane did not start; see .run/apitokens.log:"; tail -20 .run/apitokens.log; exit 1; fi
-  sleep 0.1
-done
+wait_until 100 "${pids[1]}" .run/apitokens.log "the control plane" curl -fs localhost:8081/healthz
 "$ENVOY" -c envoy/envoy-ecds.yaml --concurrency 2 --base-id 10 --log-path .run/envoy.log > .run/access.log 2>&1 &
 pids+=($!)
-for _ in $(seq 1 150); do
-  curl -fs 'localhost:8081/status' 2>/dev/null | grep -q '"applied":true' && break
-  if ! kill -0 "${pids[2]}" 2>/dev/null; then echo "Envoy did not start; see .run/envoy.log:"; tail -20 .run/envoy.log; exit 1; fi
-  sleep 0.1
-done
+applied() { curl -fs localhost:8081/status | grep -q '"applied":true'; }
+wait_until 150 "${pids[2]}" .run/envoy.log Envoy applied
 
 cat <<TXT
 Running on loopback:

@@ -3,6 +3,7 @@
 # tokens inline) in front of an echo upstream. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/common.sh
 ENVOY=${ENVOY_BIN:-.venv/bin/envoy}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p .run
@@ -15,11 +16,7 @@ pids+=($!)
 "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --base-id 9 --log-path .run/envoy.log > .run/access.log 2>&1 &
 pids+=($!)
 
-for _ in $(seq 1 100); do
-  curl -fs localhost:9901/ready >/dev/null 2>&1 && break
-  if ! kill -0 "${pids[1]}" 2>/dev/null; then echo "Envoy did not start; see .run/envoy.log:"; tail -20 .run/envoy.log; exit 1; fi
-  sleep 0.1
-done
+wait_until 100 "${pids[1]}" .run/envoy.log Envoy curl -fs localhost:9901/ready
 
 cat <<'TXT'
 Envoy is on localhost:10000 (admin localhost:9901) in front of an echo server,

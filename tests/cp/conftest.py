@@ -14,7 +14,6 @@ with tests/security and tests/drills (tests/lib/controlplane.py, fixtures.py).
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -25,6 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
+import harness  # noqa: E402  (tests/e2e: process helpers)
 from fixtures import upstream  # noqa: E402,F401  (the echo upstream of tests/e2e)
 from controlplane import (  # noqa: E402,F401  (re-exported for the tests of this suite)
     MEASUREMENTS,
@@ -112,13 +112,7 @@ class Envoy:
         return self
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        harness.stop_process(self.proc)
 
     def admin_get(self, path: str) -> str:
         with urllib.request.urlopen(self.admin + path, timeout=5) as r:

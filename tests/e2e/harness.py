@@ -235,6 +235,18 @@ WASM_FAILURE_PATTERNS = (
 _INVENTORY = re.compile(r"\[source/server/server\.cc:\d+\] ( {2}|HTTP header map info|statically linked extensions)")
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class EnvoyStartError(RuntimeError):
     pass
 
@@ -330,14 +342,7 @@ class Envoy:
                 self.stop()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc)
 
     @property
     def running(self) -> bool:
