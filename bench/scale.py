@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""Configuration and revocation at scale (issue 4, section 3).
+
+For each token count N (default 1k, 100k, 1M):
+  1. a SQLite store with N tokens (`apitokens import` of a generated plugin
+     configuration) plus a bootstrap owner in namespace `bench`;
+  2. Envoy (`--concurrency 2`, envoy/envoy-ecds.yaml with free ports, a
+     direct-response route and exact connection balancing) started first, on
+     its deny-all default, then `apitokens serve` (release build);
+  3. measured: on_configure per VM (the filter's "configuration accepted" log
+     line), Envoy RSS before/after the first push, the payload size, and the
+     delay from the API's answer to a DELETE until the revoked secret gets 401
+     on every worker (keep-alive connections pinned to both workers).
+
+Writes bench/results/scale.md and scale.json. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(BENCH), str(ROOT / "tests" / "lib"), str(ROOT / "tests" / "e2e")]
+
+import run as benchrun  # noqa: E402  bench/run.py: logging, processes, RSS, percentiles
+from run import Proc, fmt, label_count, log, percentile, resolve_envoy, rss_mb, wait_ready  # noqa: E402
+
+WORK = ROOT / "target" / "bench" / "scale"
+RESULTS = BENCH / "results"
+ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
+os.environ.setdefault("APITOKENS_BIN", str(ROOT / "target" / "release" / "apitokens"))
+os.environ.setdefault("APITOKENS_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"))
+
+import controlplane as cpl  # noqa: E402  tests/lib: `apitokens serve`, ECDS Envoy config
+
+PATH = "/api/v1/namespaces/bench/deployments"
+WORKERS = 2
+VMS = WORKERS + 1  # one VM per worker thread plus the main thread's
+CONNS = 4          # keep-alive connections to Envoy, spread over the workers
+ACCEPTED = re.compile(r"configuration accepted: (\d+) tokens, (\d+) rules, (\d+) bytes, in (\d+\.\d+) ms")
+TARGETS = [
+    "revocation p99 <= 50 ms at 1k tokens",
+    "revocation p99 <= 200 ms at 100k tokens",
+    "1M tokens accepted",
+    "<= 100 bytes of VM memory per token",
+]
+
+
+# ---------------------------------------------------------------- store
+
+
+def make_store(n: int, keep: int, workdir: Path) -> dict:
+    """A fresh database with n tokens; the first `keep` are viewers in
+    namespace `bench` whose secrets we keep (to be revoked)."""
+    db = workdir / "apitokens.db"
+    for p in workdir.glob("apitokens.db*"):
+        p.unlink()
+    t0 = time.monotonic()
+    kept = []
+    roles = ("editor", "viewer")
+    sha = hashlib.sha256
+    tokens = []
+    for i in range(n):
+        secret = secrets.token_urlsafe(32)
+        if i < keep:
+            name = f"namespaces/bench/apitokens/r{i}"
+            kept.append((f"r{i}", secret))
+        else:
+            name = f"namespaces/ns{i % 97}/apitokens/t{i}"
+        tokens.append({"name": name, "role": roles[i % 2] if i >= keep else "viewer",
+                       "secretSha256": sha(secret.encode()).hexdigest()})
+    conf = workdir / "tokens.json"
+    conf.write_text(json.dumps({"tokens": tokens}, separators=(",", ":")))
+    gen_s = time.monotonic() - t0
+    del tokens
+    t0 = time.monotonic()
+    out = subprocess.run([cpl.apitokens_bin(), "import", str(conf), "--db", str(db)],
+                         capture_output=True, text=True, timeout=900)
+    import_s = time.monotonic() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"import of {n} tokens failed: {out.stderr[-2000:]}")
+    size = conf.stat().st_size
+    conf.unlink()
+    return {"db": db, "kept": kept, "gen_s": gen_s, "import_s": import_s, "json_bytes": size}
+
+
+# ---------------------------------------------------------------- Envoy
+
+
+def envoy_config(cp: "cpl.ControlPlane", listen: int, admin: int) -> dict:
+    """envoy/envoy-ecds.yaml via tests/lib (ports of `cp`), on fixed free
+    ports, exact connection balancing, no access log, and a direct response
+    for everything but /apitokens/."""
+    config = cpl.ecds_bootstrap(cp, upstream_port=1, node="bench-scale")
+    config["admin"]["address"]["socket_address"]["port_value"] = admin
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen
+    listener["connection_balance_config"] = {"exact_balance": {}}
+    hcm = cpl.hcm_of(config)
+    hcm.pop("access_log", None)
+    for vh in hcm["route_config"]["virtual_hosts"]:
+        for r in vh["routes"]:
+            if r["match"].get("prefix") == "/":
+                r.pop("route", None)
+                r["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+    return config
+
+
+def admin_stats(admin: int, flt: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter={flt}", timeout=5) as r:
+        out = {}
+        for line in r.read().decode().splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+        return out
+
+
+def worker_active(admin: int, listen: int) -> dict[str, int]:
+    """Active downstream connections per worker of the listener."""
+    stats = admin_stats(admin, rf"listener\.127\.0\.0\.1_{listen}\.worker_.*downstream_cx_active")
+    return {re.search(r"worker_(\d+)", k).group(1): v for k, v in stats.items()}
+
+
+def accepted_lines(log_path: Path) -> list[dict]:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return [{"tokens": int(m[1]), "rules": int(m[2]), "bytes": int(m[3]), "ms": float(m[4])}
+            for m in ACCEPTED.finditer(text)]
+
+
+class Pinned:
+    """Keep-alive HTTP/1.1 connections to Envoy, each mapped to the worker it landed on."""
+
+    def __init__(self, listen: int, admin: int, n: int):
+        self.listen, self.admin = listen, admin
+        self.conns: list[http.client.HTTPConnection] = []
+        self.worker: list[str] = []
+        for _ in range(n):
+            before = worker_active(admin, listen)
+            c = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
+            c.connect()
+            after = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+            self.conns.append(c)
+            self.worker.append(after)
+
+    def _grew(self, before: dict[str, int]) -> str | None:
+        now = worker_active(self.admin, self.listen)
+        grew = [w for w, v in now.items() if v > before.get(w, 0)]
+        return grew[0] if len(grew) == 1 else None
+
+    def workers(self) -> set[str]:
+        return set(self.worker)
+
+    def get(self, i: int, secret: str) -> int:
+        c = self.conns[i]
+        sock = c.sock
+        c.request("GET", PATH, headers={"Authorization": f"Bearer {secret}"})
+        r = c.getresponse()
+        r.read()
+        if sock is not None and c.sock is not sock and c.sock is not None:
+            raise RuntimeError("connection was reopened (worker mapping lost)")
+        if c.sock is None:  # closed by Envoy after this answer: reopen, remap by stats below
+            self.reopen(i)
+        return r.status
+
+    def reopen(self, i: int) -> None:
+        before = worker_active(self.admin, self.listen)
+        self.conns[i].close()
+        cpl.poll(lambda: sum(worker_active(self.admin, self.listen).values()) < sum(before.values()), 5,
+                 "connection close counted")
+        before = worker_active(self.admin, self.listen)
+        c = http.client.HTTPConnection("127.0.0.1", self.listen, timeout=10)
+        c.connect()
+        self.worker[i] = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+        self.conns[i] = c
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+
+
+# ---------------------------------------------------------------- one size
+
+
+def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
+    workdir = WORK / label_count(n)
+    workdir.mkdir(parents=True, exist_ok=True)
+    res: dict = {"tokens": n, "label": label_count(n)}
+    log(f"{label_count(n)}: generating and importing {n} tokens")
+    store = make_store(n, max(revocations, 25), workdir)
+    res.update(gen_s=store["gen_s"], import_s=store["import_s"], json_bytes=store["json_bytes"])
+    log(f"{label_count(n)}: import {store['import_s']:.2f} s ({store['json_bytes'] / 1e6:.1f} MB JSON)")
+
+    cp = cpl.ControlPlane(workdir, name="apitokens serve")
+    owner = cp.bootstrap("bench", "owner")
+    listen, admin = cpl.free_port(), cpl.free_port()
+    cfg_path = workdir / "envoy.json"
+    cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
+    envoy_log = workdir / "envoy.log"
+    if envoy_log.exists():
+        envoy_log.unlink()
+    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
+                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
+                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    try:
+        log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
+        cpl.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
+        time.sleep(1.0)
+        res["rss_before_mb"] = rss_mb(envoy.pid)
+
+        t_start = time.monotonic()
+        cp.start()
+        t_healthy = time.monotonic()
+        try:
+            cpl.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
+        except TimeoutError:
+            res["first_push_error"] = json.dumps(cp.envoy_status("bench-scale"))[:2000]
+            res["cp_log_tail"] = cp.log_text()[-2000:]
+            res["envoy_log_tail"] = envoy_log.read_text(errors="replace")[-3000:]
+            log(f"{label_count(n)}: NO ACK: {res['first_push_error']}")
+            return res
+        t_ack = time.monotonic()
+        st = cp.envoy_status("bench-scale")
+        res["first_ack_s"] = t_ack - t_start
+        res["first_ack_after_healthy_s"] = t_ack - t_healthy
+        res["envoy_status"] = {k: st.get(k) for k in ("ackedVersion", "lastNack", "connected")}
+        cpl.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
+                 "first push configured in every VM")
+        time.sleep(1.0)
+        res["rss_after_mb"] = rss_mb(envoy.pid)
+        first = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0]
+        res["payload_bytes"] = first[0]["bytes"]
+        res["pushed_tokens"] = first[0]["tokens"]
+        res["rss_per_token_vm_bytes"] = (res["rss_after_mb"] - res["rss_before_mb"]) * 1048576 / n / VMS
+        log(f"{label_count(n)}: first ACK after {res['first_ack_s']:.2f} s, payload {res['payload_bytes']} B, "
+            f"RSS {res['rss_before_mb']:.1f} -> {res['rss_after_mb']:.1f} MB")
+
+        pinned = Pinned(listen, admin, CONNS)
+        log(f"{label_count(n)}: connections on workers {pinned.worker}")
+        res["conn_workers"] = list(pinned.worker)
+        if len(pinned.workers()) < WORKERS:
+            raise RuntimeError(f"connections landed on workers {pinned.worker} only")
+        delays, api_ms, ack_ms = [], [], []
+        for rid, secret in store["kept"][:revocations]:
+            codes = [pinned.get(i, secret) for i in range(CONNS)]
+            if codes != [200] * CONNS:
+                raise RuntimeError(f"before revoking {rid}: {codes} (want 200 on every connection)")
+            if len(pinned.workers()) < WORKERS:
+                raise RuntimeError(f"connections now on workers {pinned.worker} only")
+            t0 = time.monotonic()
+            r = cpl.request(cp.api_port, "DELETE", cpl.tokens_path("bench", rid), owner, timeout=120)
+            t_ans = time.monotonic()
+            if r.status != 200:
+                raise RuntimeError(f"DELETE {rid}: {r}")
+            version = cpl.version_of(r)
+            pending = set(range(CONNS))
+            first401: dict[int, float] = {}
+            deadline = t_ans + 60
+            while pending and time.monotonic() < deadline:
+                for i in sorted(pending):
+                    code = pinned.get(i, secret)
+                    if code == 401:
+                        first401[i] = time.monotonic()
+                        pending.discard(i)
+                    elif code != 200:
+                        raise RuntimeError(f"revoked {rid}: status {code} on connection {i}")
+            if pending:
+                raise RuntimeError(f"revoked {rid}: still allowed after 60 s on connections {sorted(pending)}")
+            delays.append((max(first401.values()) - t_ans) * 1000)
+            api_ms.append((t_ans - t0) * 1000)
+            cp.wait_applied(version, 60)
+            ack_ms.append((time.monotonic() - t0) * 1000)
+        pinned.close()
+        time.sleep(0.5)  # log flush
+        later = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0][len(first):]
+        res.update(revocation_ms=delays, api_answer_ms=api_ms, delete_to_ack_ms=ack_ms,
+                   on_configure_first_ms=[x["ms"] for x in first],
+                   on_configure_later_ms=[x["ms"] for x in later],
+                   on_configure_lines_per_push=len(later) / max(1, len(delays)))
+        s = sorted(delays)
+        log(f"{label_count(n)}: revocation p50 {percentile(s, 50):.1f} p99 {percentile(s, 99):.1f} "
+            f"max {s[-1]:.1f} ms; API answer median {statistics.median(api_ms):.1f} ms")
+        res["final_rss_mb"] = rss_mb(envoy.pid)
+    finally:
+        envoy.stop()
+        cp.stop()
+        res["cp_log_errors"] = [line for line in cp.log_text().splitlines()
+                                if " ERROR " in line or "error" in line.lower()][:20]
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def med_max(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.1f} / {max(xs):.1f}" if xs else "-"
+
+
+def markdown(results: list[dict], command: str) -> str:
+    head = ("| tokens | payload bytes | import s | first push→ACK s | on_configure ms first (med/max) "
+            "| on_configure ms later (med/max) | RSS before → after MB | bytes/token/VM "
+            "| DELETE answer ms (med) | revocation ms p50 / p99 / max |")
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        if "first_ack_s" not in r:
+            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | |")
+            continue
+        d = sorted(r.get("revocation_ms", []))
+        rev = f"{percentile(d, 50):.1f} / {percentile(d, 99):.1f} / {d[-1]:.1f}" if d else "-"
+        api = f"{statistics.median(r['api_answer_ms']):.1f}" if r.get("api_answer_ms") else "-"
+        lines.append(
+            f"| {r['label']} | {r['payload_bytes']:,} | {r['import_s']:.1f} | {r['first_ack_s']:.2f} "
+            f"| {med_max(r.get('on_configure_first_ms', []))} | {med_max(r.get('on_configure_later_ms', []))} "
+            f"| {r['rss_before_mb']:.1f} → {r['rss_after_mb']:.1f} | {r['rss_per_token_vm_bytes']:.1f} "
+            f"| {api} | {rev} |")
+    notes = [
+        "",
+        f"Command: `{command}`. Envoy 1.40 `--concurrency {WORKERS}` ({VMS} VMs: {WORKERS} workers + main), "
+        f"release `apitokens serve`, loopback, {CONNS} keep-alive HTTP/1.1 connections spread over both workers "
+        "(exact connection balancing, checked with per-worker listener stats).",
+        "",
+        "- bytes/token/VM = (RSS_after − RSS_before) / N / (workers + 1); RSS = VmRSS of the Envoy process, "
+        "before = deny-all default configured, after = first push configured in every VM (+1 s).",
+        "- first push→ACK: from starting `apitokens serve` until /status shows Envoy's ackedVersion.",
+        "- on_configure: the filter's `configuration accepted ... in X ms` line, one per VM per version "
+        "(first push: the N-token version; later: every revocation).",
+        "- revocation: from the control plane's answer to `DELETE .../apitokens/<id>` (direct to its API, "
+        "owner bearer) until the revoked secret got 401 on every connection (the last worker's first 401). "
+        "DELETE answer = the API call's own latency (it re-reads and re-encodes all tokens per change).",
+        "",
+        "Targets: " + "; ".join(TARGETS) + ".",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def verdicts(results: list[dict]) -> list[str]:
+    out = []
+    by = {r["tokens"]: r for r in results}
+    for n, limit in ((1000, 50), (100000, 200)):
+        r = by.get(n)
+        if r and r.get("revocation_ms"):
+            p99 = percentile(sorted(r["revocation_ms"]), 99)
+            out.append(f"revocation p99 at {label_count(n)}: {p99:.1f} ms (target <= {limit}): "
+                       + ("met" if p99 <= limit else "NOT met"))
+    r = by.get(1000000)
+    if r:
+        out.append("1M tokens accepted: " + ("yes" if r.get("first_ack_s") else "NO"))
+    for r in results:
+        if "rss_per_token_vm_bytes" in r and r["tokens"] >= 100000:
+            b = r["rss_per_token_vm_bytes"]
+            out.append(f"VM memory per token at {r['label']}: {b:.1f} B (target <= 100): "
+                       + ("met" if b <= 100 else "NOT met"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,100000,1000000", help="token counts (1k, 100k, 1M accepted)")
+    ap.add_argument("--revocations", type=int, default=20)
+    args = ap.parse_args()
+    sizes = [benchrun.count(s) for s in args.sizes.split(",")]
+    missing = cpl.missing_binaries()
+    if missing:
+        sys.exit(f"bench/scale: missing {missing} (make build; cargo build --release -p apitokens-control-plane)")
+    envoy_bin = resolve_envoy(ENVOY)
+    command = "python bench/scale.py " + " ".join(sys.argv[1:])
+    results = []
+    for n in sizes:
+        try:
+            results.append(run_size(n, args.revocations, envoy_bin))
+        except Exception as e:  # report what failed and go on with the next size
+            log(f"{label_count(n)}: FAILED: {e}")
+            results.append({"tokens": n, "label": label_count(n), "error": str(e), "import_s": float("nan")})
+    ok = [r for r in results if "error" not in r]
+    md = markdown(ok, command)
+    failed = [f"- {r['label']}: FAILED: {r['error']}" for r in results if "error" in r]
+    md += "\n" + "\n".join(["Verdicts:"] + [f"- {v}" for v in verdicts(ok)] + failed) + "\n"
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.md").write_text(md)
+    raw = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": WORKERS, "vms": VMS,
+           "results": results}
+    (RESULTS / "scale.json").write_text(json.dumps(raw, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
