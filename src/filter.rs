@@ -17,6 +17,7 @@ use apitokens_core::{Config, Timestamp};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 /// Counters are kept in the VM and handed to Envoy once a second (a host call
@@ -46,11 +47,34 @@ impl Active {
     }
 }
 
+/// Context ids come from the host, not from clients: a multiplicative hash is
+/// enough, and cheaper than SipHash on every request.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ContextMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
 thread_local! {
     /// Root contexts: one per plugin configuration this VM serves.
-    static ROOTS: RefCell<HashMap<u32, Rc<Active>>> = RefCell::new(HashMap::new());
+    static ROOTS: RefCell<ContextMap<Rc<Active>>> = RefCell::new(ContextMap::default());
     /// HTTP context -> the configuration of its root context.
-    static STREAMS: RefCell<HashMap<u32, Rc<Active>>> = RefCell::new(HashMap::new());
+    static STREAMS: RefCell<ContextMap<Rc<Active>>> = RefCell::new(ContextMap::default());
     /// Counter ids, defined once per VM.
     static METRICS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Increments not yet handed to the host.

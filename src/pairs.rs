@@ -6,9 +6,12 @@
 
 use apitokens_core::gate::{HeaderValue, RequestHeaders};
 
-/// A header map as the host returned it.
+/// A header map as the host returned it, indexed once: the filter looks up
+/// about ten names per request.
 pub struct Pairs {
     buf: Vec<u8>,
+    /// (key start, key end, value start, value end) of each pair.
+    index: Vec<(usize, usize, usize, usize)>,
 }
 
 fn u32_at(buf: &[u8], at: usize) -> Option<usize> {
@@ -17,29 +20,45 @@ fn u32_at(buf: &[u8], at: usize) -> Option<usize> {
 }
 
 impl Pairs {
+    /// Indexes `buf`; a malformed buffer keeps the pairs before the first
+    /// inconsistency.
     pub fn new(buf: Vec<u8>) -> Self {
-        Self { buf }
+        let count = u32_at(&buf, 0).unwrap_or(0);
+        let mut at = count.saturating_mul(8).saturating_add(4);
+        let mut index = Vec::with_capacity(count.min(64));
+        for i in 0..count {
+            let lens = 4 + i * 8;
+            let Some((k, v)) = u32_at(&buf, lens).zip(u32_at(&buf, lens + 4)) else {
+                break;
+            };
+            let key_end = at.saturating_add(k);
+            let value = key_end.saturating_add(1);
+            let value_end = value.saturating_add(v);
+            if value_end >= buf.len() {
+                break;
+            }
+            index.push((at, key_end, value, value_end));
+            at = value_end + 1;
+        }
+        Self { buf, index }
     }
 
-    /// Every (name, value), in order; stops at the first inconsistency.
+    /// Every (name, value), in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let count = u32_at(&self.buf, 0).unwrap_or(0);
-        let data_start = count.saturating_mul(8).saturating_add(4);
-        (0..count).scan(data_start, move |at, i| {
-            let lens = 4 + i * 8;
-            let (k, v) = (u32_at(&self.buf, lens)?, u32_at(&self.buf, lens + 4)?);
-            let key = self.buf.get(*at..at.checked_add(k)?)?;
-            let value_start = at.checked_add(k)?.checked_add(1)?;
-            let value = self.buf.get(value_start..value_start.checked_add(v)?)?;
-            *at = value_start.checked_add(v)?.checked_add(1)?;
-            Some((key, value))
-        })
+        self.index
+            .iter()
+            .filter_map(|&(k, ke, v, ve)| Some((self.buf.get(k..ke)?, self.buf.get(v..ve)?)))
     }
 }
 
 impl RequestHeaders for Pairs {
     fn get(&self, name: &str) -> HeaderValue<'_> {
-        let mut values = self.iter().filter(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v);
+        let name = name.as_bytes();
+        let mut values = self
+            .index
+            .iter()
+            .filter(|&&(k, ke, _, _)| ke - k == name.len() && self.buf.get(k..ke) == Some(name))
+            .filter_map(|&(_, _, v, ve)| self.buf.get(v..ve));
         match (values.next(), values.next()) {
             (None, _) => HeaderValue::Absent,
             (Some(value), None) => HeaderValue::One(value),

@@ -155,43 +155,54 @@ impl Rules {
 
     /// The first rule matching `path` (the raw `:path`, query included).
     pub fn classify<'p>(&self, path: &'p [u8]) -> Option<Scope<'p>> {
-        let segments = canonical_segments(path)?;
+        let mut buf = [&b""[..]; MAX_SEGMENTS];
+        let segments = split_path(path, &mut buf)?;
         self.rules.iter().find_map(|rule| rule.matches(segments))
     }
 }
 
-/// The part of the path that holds segments (without the leading `/`, the
-/// query, and one trailing `/`), or `None` when the path must match nothing.
-fn canonical_segments(path: &[u8]) -> Option<&[u8]> {
+/// Longer paths match no rule (an API path has a handful of segments).
+const MAX_SEGMENTS: usize = 32;
+
+/// Splits the path (without the query, the leading `/` and one trailing `/`)
+/// into `buf` in one pass, or `None` when the path must match nothing: a byte
+/// outside printable ASCII, `%`, `;`, `\`, `#`, an empty or dot segment, or
+/// too many segments.
+fn split_path<'p, 'b>(path: &'p [u8], buf: &'b mut [&'p [u8]; MAX_SEGMENTS]) -> Option<&'b [&'p [u8]]> {
     let path = match path.iter().position(|c| *c == b'?') {
         Some(q) => path.get(..q)?,
         None => path,
     };
     let rest = path.strip_prefix(b"/")?;
     let rest = rest.strip_suffix(b"/").unwrap_or(rest);
-    if rest
-        .iter()
-        .any(|c| !(0x21..=0x7e).contains(c) || matches!(c, b'%' | b';' | b'\\' | b'#'))
-    {
-        return None;
+    if rest.is_empty() {
+        return Some(&[]);
     }
-    if !rest.is_empty()
-        && rest
-            .split(|c| *c == b'/')
-            .any(|s| s.is_empty() || s == b"." || s == b"..")
-    {
-        return None;
+    let mut count = 0;
+    for segment in rest.split(|c| *c == b'/') {
+        if segment.is_empty()
+            || segment == b"."
+            || segment == b".."
+            || segment
+                .iter()
+                .any(|c| !(0x21..=0x7e).contains(c) || matches!(c, b'%' | b';' | b'\\' | b'#'))
+        {
+            return None;
+        }
+        *buf.get_mut(count)? = segment;
+        count += 1;
     }
-    Some(rest)
+    buf.get(..count)
 }
 
 impl Rule {
-    fn matches<'p>(&self, rest: &'p [u8]) -> Option<Scope<'p>> {
-        let mut segments = rest.split(|c| *c == b'/').filter(|s| !s.is_empty());
-        let mut namespace = None;
-        let mut after_namespace = 0usize;
-        for pattern in self.segments.iter() {
-            let seg = segments.next()?;
+    fn matches<'p>(&self, segments: &[&'p [u8]]) -> Option<Scope<'p>> {
+        if segments.len() < self.segments.len() || (segments.len() > self.segments.len() && !self.rest) {
+            return None;
+        }
+        let mut namespace: Option<(usize, &'p [u8])> = None;
+        for (i, (pattern, seg)) in self.segments.iter().zip(segments).enumerate() {
+            let seg: &'p [u8] = seg;
             let ok = match pattern {
                 Segment::Literal(lit) => {
                     seg == &lit[..] || seg.strip_prefix(&lit[..]).is_some_and(|m| m.first() == Some(&b':'))
@@ -199,24 +210,20 @@ impl Rule {
                 Segment::Exact(lit) => seg == &lit[..],
                 Segment::Prefix(p) => seg.starts_with(p),
                 Segment::Any => true,
-                Segment::Namespace => is_dns_label(seg),
+                Segment::Namespace => {
+                    namespace = Some((i, seg));
+                    is_dns_label(seg)
+                }
             };
             if !ok {
                 return None;
             }
-            if matches!(pattern, Segment::Namespace) {
-                namespace = Some(seg);
-            } else if namespace.is_some() {
-                after_namespace += 1;
-            }
         }
-        let remaining = segments.count();
-        if remaining > 0 && !self.rest {
-            return None;
-        }
+        let (at, namespace) = namespace?;
+        let after_namespace = segments.len() - at - 1;
         Some(Scope {
-            namespace: namespace?,
-            collection: (after_namespace + remaining) % 2 == 1,
+            namespace,
+            collection: after_namespace % 2 == 1,
             forward_authorization: self.forward_authorization,
             allow: self.allow,
         })
