@@ -339,7 +339,12 @@ def markdown(results: list[dict], command: str) -> str:
         "(first push: the N-token version; later: every revocation).",
         "- revocation: from the control plane's answer to `DELETE .../apitokens/<id>` (direct to its API, "
         "owner bearer) until the revoked secret got 401 on every connection (the last worker's first 401). "
-        "DELETE answer = the API call's own latency (it re-reads and re-encodes all tokens per change).",
+        "The poll starts after the answer, so a delay near 0 means the push landed while the API was answering.",
+        f"- on_configure lines per version seen in Envoy's log: "
+        f"{sorted({r.get('on_configure_lines_per_push') for r in results if r.get('on_configure_lines_per_push')})} "
+        "(the main thread logs twice); with that many VMs the per-VM figure is (workers + 1) / lines of the above.",
+        "- DELETE answer ms is the control plane's time per change (the API answers after the new version is "
+        "built and published); DELETE→ACK median per size is in scale.json (`delete_to_ack_ms`).",
         "",
         "Targets: " + "; ".join(TARGETS) + ".",
     ]
@@ -376,7 +381,7 @@ def main() -> None:
     if missing:
         sys.exit(f"bench/scale: missing {missing} (make build; cargo build --release -p apitokens-control-plane)")
     envoy_bin = resolve_envoy(ENVOY)
-    command = "python bench/scale.py " + " ".join(sys.argv[1:])
+    command = f".venv/bin/python bench/scale.py --sizes {args.sizes} --revocations {args.revocations}"
     results = []
     for n in sizes:
         try:
