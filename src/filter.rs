@@ -122,6 +122,18 @@ fn log(level: Level, args: fmt::Arguments<'_>) {
     }
 }
 
+/// The VM's linear memory (it only grows): what the tokens cost a VM.
+fn vm_memory_kib() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) * 64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
 fn configure(root: u32, size: usize) -> bool {
     let started = abi::now_nanos().unwrap_or(0);
     define_metrics();
@@ -149,12 +161,13 @@ fn configure(root: u32, size: usize) -> bool {
             log(
                 Level::Info,
                 format_args!(
-                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms",
+                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB",
                     config.token_count(),
                     config.rules().len(),
                     size,
                     elapsed / 1_000_000,
-                    elapsed / 1_000 % 1_000
+                    elapsed / 1_000 % 1_000,
+                    vm_memory_kib()
                 ),
             );
             ROOTS.with(|r| r.borrow_mut().insert(root, Rc::new(Active::new(config))));
