@@ -11,7 +11,7 @@ CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: bench security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -20,6 +20,7 @@ help:
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
 	@echo "make bench      the side-by-side benchmark (about 9 minutes), table in bench/results/latest.md"
+	@echo "make bench-scale configuration and revocation at 1k/100k/1M tokens, table in bench/results/scale.md"
 	@echo "make build      build the wasm module ($(WASM))"
 	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
 	@echo "make clean      remove build outputs and the virtualenv"
@@ -101,6 +102,11 @@ soak: build cp-build venv
 # filter, and apitokens with 10/10k/100k tokens (bench/README.md). About 9 min.
 bench: build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/run.py $(BENCH_ARGS)
+
+# Configuration and revocation with 1k, 100k and 1M tokens (about 4 minutes).
+bench-scale: build venv
+	$(CARGO) build --release -p apitokens-control-plane
+	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv
