@@ -196,7 +196,13 @@ impl PluginConfig {
         let mut de = serde_json::Deserializer::from_slice(json);
         let spec: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "configuration".to_owned() } else { path };
+            // The root is "."; an unknown field with an empty name has an
+            // empty path (found by fuzzing).
+            let field = if path == "." || path.is_empty() {
+                "configuration".to_owned()
+            } else {
+                path
+            };
             ConfigError::new(field, describe_json_error(e.inner()))
         })?;
         de.end()

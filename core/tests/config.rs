@@ -82,6 +82,9 @@ fn unknown_fields_are_errors() {
     assert!(e.field.starts_with("tokens[0]"), "{e}");
     assert!(e.problem.contains("unknown field `secret`"), "{e}");
     assert!(!e.to_string().contains("hunter2"), "{e}");
+    // An empty field name (found by fuzzing) still names where it is.
+    let e = rejects(r#"{"":1}"#);
+    assert_eq!(e.field, "configuration", "{e}");
     let e = rejects(r#"{"identityHeaders":{"user":"x"}}"#);
     assert!(e.field.starts_with("identityHeaders"), "{e}");
     let e = rejects(r#"{"rules":[{"path":"/v1/{namespace}","allow":{"admin":["*"]}}]}"#);
