@@ -43,7 +43,8 @@ pub fn bearer(data: &[u8]) {
 /// label that stands as a whole segment of the path before the query, and
 /// never comes from a path with an ambiguous spelling.
 pub fn classify(data: &[u8]) {
-    let Ok(rules) = Rules::builtin() else {
+    static BUILTIN: std::sync::OnceLock<Option<Rules>> = std::sync::OnceLock::new();
+    let Some(rules) = BUILTIN.get_or_init(|| Rules::builtin().ok()) else {
         panic!("built-in rules must compile")
     };
     let (method, path) = match data.split_first() {
