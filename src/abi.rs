@@ -57,6 +57,12 @@ extern "C" {
     ) -> u32;
     fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -119,6 +125,7 @@ pub fn now_nanos() -> Result<u64, Failed> {
     Ok(nanos)
 }
 
+/// The first `size` bytes of the plugin configuration.
 pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
     let mut data = null_mut();
     let mut len = 0usize;
@@ -127,6 +134,19 @@ pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
     match status {
         OK => Ok(unsafe { host_buffer(data, len) }),
         NOT_FOUND => Ok(Vec::new()),
+        other => Err(Failed(other)),
+    }
+}
+
+/// A host property with a one-segment path (e.g. `plugin_name`).
+pub fn property(name: &str) -> Result<Option<Vec<u8>>, Failed> {
+    let mut data = null_mut();
+    let mut len = 0usize;
+    // SAFETY: the path is a live string; out-pointers are valid.
+    let status = unsafe { proxy_get_property(name.as_ptr(), name.len(), &mut data, &mut len) };
+    match status {
+        OK => Ok(Some(unsafe { host_buffer(data, len) })),
+        NOT_FOUND => Ok(None),
         other => Err(Failed(other)),
     }
 }

@@ -5,15 +5,25 @@
 //! available to a filter whose own work is a hash and a lookup.
 //!
 //! A VM may serve several plugin configurations (root contexts) at once, e.g.
-//! during an update or when listeners share a `vm_config`: every HTTP context
-//! is tied to its root context, and so to its configuration, at creation.
+//! when listeners share a `vm_config`: every HTTP context is tied to its root
+//! context, and so to its configuration, at creation, and reads that
+//! configuration when its request headers arrive.
+//!
+//! An update pushed by the control plane (the compact encoding) arrives as a
+//! new root context with the same plugin name (the ECDS resource name) and
+//! supersedes the previous one: the previous table is dropped *before* the
+//! new one is read, so a VM never holds two tables (wasm memory never shrinks,
+//! so two at once would be the VM's size from then on), and requests of the
+//! previous root context are decided by the newest configuration. JSON
+//! configurations (static files, Istio) are never superseded this way: two
+//! listeners may share a VM with different ones.
 
 use crate::abi::{self, Level};
 use crate::pairs::{self, Pairs};
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
-use apitokens_core::{Config, Timestamp};
+use apitokens_core::{compact, Config, Timestamp};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -70,11 +80,19 @@ impl Hasher for IdHasher {
 
 type ContextMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
+/// A root context's configuration.
+struct RootEntry {
+    active: Rc<Active>,
+    /// The plugin name when the configuration came in the compact encoding:
+    /// a later compact configuration with the same name supersedes it.
+    lineage: Option<Vec<u8>>,
+}
+
 thread_local! {
     /// Root contexts: one per plugin configuration this VM serves.
-    static ROOTS: RefCell<ContextMap<Rc<Active>>> = RefCell::new(ContextMap::default());
-    /// HTTP context -> the configuration of its root context.
-    static STREAMS: RefCell<ContextMap<Rc<Active>>> = RefCell::new(ContextMap::default());
+    static ROOTS: RefCell<ContextMap<RootEntry>> = RefCell::new(ContextMap::default());
+    /// HTTP context -> its root context.
+    static STREAMS: RefCell<ContextMap<u32>> = RefCell::new(ContextMap::default());
     /// Counter ids, defined once per VM.
     static METRICS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Increments not yet handed to the host.
@@ -134,11 +152,42 @@ fn vm_memory_kib() -> usize {
     }
 }
 
+fn deny_all() -> Rc<Active> {
+    Rc::new(Active::new(Config::deny_all()))
+}
+
+/// The compact configuration's plugin name, if this is one.
+fn lineage() -> Option<Vec<u8>> {
+    let head = abi::plugin_configuration(compact::MAGIC.len()).ok()?;
+    if compact::is_compact(&head) {
+        abi::property("plugin_name").ok().flatten()
+    } else {
+        None
+    }
+}
+
 fn configure(root: u32, size: usize) -> bool {
     let started = abi::now_nanos().unwrap_or(0);
     define_metrics();
     refresh_log_level();
     let _ = abi::set_tick_period_ms(TICK_MS);
+    let lineage = lineage();
+    // Drop the tables this configuration supersedes before reading it (see
+    // the module comment); if it were refused, those roots refuse everything.
+    let superseded: Vec<u32> = ROOTS.with(|r| {
+        let mut roots = r.borrow_mut();
+        let ids: Vec<u32> = roots
+            .iter()
+            .filter(|(id, entry)| **id != root && lineage.is_some() && entry.lineage == lineage)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            if let Some(entry) = roots.get_mut(id) {
+                entry.active = deny_all();
+            }
+        }
+        ids
+    });
     let bytes = match abi::plugin_configuration(size) {
         Ok(bytes) => bytes,
         Err(abi::Failed(status)) => {
@@ -170,7 +219,16 @@ fn configure(root: u32, size: usize) -> bool {
                     vm_memory_kib()
                 ),
             );
-            ROOTS.with(|r| r.borrow_mut().insert(root, Rc::new(Active::new(config))));
+            let active = Rc::new(Active::new(config));
+            ROOTS.with(|r| {
+                let mut roots = r.borrow_mut();
+                for id in &superseded {
+                    if let Some(entry) = roots.get_mut(id) {
+                        entry.active = Rc::clone(&active);
+                    }
+                }
+                roots.insert(root, RootEntry { active, lineage });
+            });
             true
         }
         Err(e) => {
@@ -271,14 +329,10 @@ pub extern "C" fn proxy_on_configure(root: u32, plugin_configuration_size: usize
 
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
-    if parent == 0 {
-        return; // a root context: it gets its configuration in on_configure
+    if parent != 0 {
+        // An HTTP context (a root context gets its configuration in on_configure).
+        STREAMS.with(|s| s.borrow_mut().insert(context, parent));
     }
-    // A root context that has no (valid) configuration refuses everything.
-    let active = ROOTS
-        .with(|r| r.borrow().get(&parent).cloned())
-        .unwrap_or_else(|| Rc::new(Active::new(Config::deny_all())));
-    STREAMS.with(|s| s.borrow_mut().insert(context, active));
 }
 
 #[no_mangle]
@@ -290,9 +344,11 @@ pub extern "C" fn proxy_on_tick(_root: u32) {
 /// 0 = Continue, 1 = StopIteration (a local reply was sent).
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end_of_stream: bool) -> u32 {
+    // A root context without a (valid) configuration refuses everything.
     let active = STREAMS
-        .with(|s| s.borrow().get(&context).cloned())
-        .unwrap_or_else(|| Rc::new(Active::new(Config::deny_all())));
+        .with(|s| s.borrow().get(&context).copied())
+        .and_then(|root| ROOTS.with(|r| r.borrow().get(&root).map(|entry| Rc::clone(&entry.active))))
+        .unwrap_or_else(deny_all);
     match gate::on_request_headers(&mut ProxyHost { active: &active }, &active.config) {
         Verdict::Continue => 0,
         Verdict::Stop => 1,
