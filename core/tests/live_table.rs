@@ -67,7 +67,11 @@ fn token(rng: &mut Rng) -> Token {
 fn name(rng: &mut Rng, spread: u64) -> String {
     // Names of different lengths, so that every splice moves other names.
     let id = rng.below(spread);
-    format!("namespaces/ns-{}/apitokens/{}{id}", id % 7, "t".repeat(1 + (id % 5) as usize))
+    format!(
+        "namespaces/ns-{}/apitokens/{}{id}",
+        id % 7,
+        "t".repeat(1 + (id % 5) as usize)
+    )
 }
 
 #[test]
@@ -119,11 +123,18 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
                     None => model.remove(n),
                 };
             }
-            assert_eq!(live.table().buffer().as_slice(), from_scratch(&model).as_slice(), "round {round}");
+            assert_eq!(
+                live.table().buffer().as_slice(),
+                from_scratch(&model).as_slice(),
+                "round {round}"
+            );
             assert_eq!(live.len(), model.len());
             for (n, t) in &model {
                 let found = live.table().get(&t.digest).unwrap();
-                assert_eq!((found.name(), found.role(), found.expire()), (n.as_str(), t.role, t.expire));
+                assert_eq!(
+                    (found.name(), found.role(), found.expire()),
+                    (n.as_str(), t.role, t.expire)
+                );
                 assert_eq!(live.digest_of(n), Some(t.digest));
             }
         }
@@ -190,7 +201,11 @@ fn unchanged_tokens_are_no_edit() {
     };
     let mut live = LiveTable::build(HEADER, &[e]).unwrap();
     let stats = live
-        .apply(HEADER, &[Change::Put(e), Change::Remove("namespaces/x/apitokens/none")], Vec::new())
+        .apply(
+            HEADER,
+            &[Change::Put(e), Change::Remove("namespaces/x/apitokens/none")],
+            Vec::new(),
+        )
         .unwrap();
     assert_eq!((stats.inserted, stats.removed), (0, 0));
 }

@@ -5,8 +5,8 @@ mod common;
 
 use apitokens_core::compact;
 use apitokens_core::config::{PluginConfig, TokenSpec};
-use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::gate;
+use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::{Config, Role};
 use common::recorder::Recorder;
 use common::*;
@@ -93,7 +93,12 @@ fn compact_encoding_decides_like_json() {
             let run = |config: &Config| {
                 let mut host = Recorder::request(method, path, Some(&auth));
                 let verdict = gate::on_request_headers(&mut host, config);
-                (verdict, host.reply.map(|(denial, _)| denial), host.headers, host.counters)
+                (
+                    verdict,
+                    host.reply.map(|(denial, _)| denial),
+                    host.headers,
+                    host.counters,
+                )
             };
             assert_eq!(run(&from_compact), run(&from_json), "{secret} {method} {path}");
         }

@@ -208,7 +208,7 @@ impl LiveTable {
         }
         removals.sort_by_key(|r| r.entry);
         // A digest already in the table may only come back if its old entry goes.
-        inserts.sort_by(|a, b| a.entry.digest.cmp(&b.entry.digest));
+        inserts.sort_by_key(|i| i.entry.digest);
         for pair in inserts.windows(2) {
             if let [a, b] = pair {
                 if a.entry.digest == b.entry.digest {
@@ -242,7 +242,8 @@ impl LiveTable {
         let mut by_offset: Vec<&Removal> = removals.iter().collect();
         by_offset.sort_by_key(|r| r.pool.start);
         let old_pool = self.table.pool();
-        let mut pool = Vec::with_capacity(old_pool.len() + inserts.iter().map(|i| i.entry.name.len() + 1).sum::<usize>());
+        let mut pool =
+            Vec::with_capacity(old_pool.len() + inserts.iter().map(|i| i.entry.name.len() + 1).sum::<usize>());
         let mut cursor = 0usize;
         let mut next_removal = by_offset.iter().peekable();
         for insert in &mut inserts {
@@ -250,7 +251,11 @@ impl LiveTable {
                 pool.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(|| edit_error("pool"))?);
                 cursor = r.pool.end;
             }
-            pool.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(|| edit_error("pool"))?);
+            pool.extend_from_slice(
+                old_pool
+                    .get(cursor..insert.pool_pos)
+                    .ok_or_else(|| edit_error("pool"))?,
+            );
             cursor = insert.pool_pos;
             insert.name_offset = u32::try_from(pool.len()).map_err(|_| edit_error("names too long"))?;
             push_name(&mut pool, insert.entry.name);
@@ -268,7 +273,11 @@ impl LiveTable {
         buf.clear();
         buf.reserve(header.len() + 8 + count * ENTRY + pool.len());
         buf.extend_from_slice(header);
-        buf.extend_from_slice(&u32::try_from(count).map_err(|_| edit_error("too many tokens"))?.to_le_bytes());
+        buf.extend_from_slice(
+            &u32::try_from(count)
+                .map_err(|_| edit_error("too many tokens"))?
+                .to_le_bytes(),
+        );
         let old_entries = self
             .table
             .entries_bytes()
@@ -303,8 +312,9 @@ impl LiveTable {
                 if let Some(copied) = buf.get_mut(at..) {
                     for entry in copied.chunks_exact_mut(ENTRY) {
                         if let Some(field) = entry.get_mut(44..48) {
-                            let offset = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
-                            field.copy_from_slice(&shift.apply(offset).to_le_bytes());
+                            let mut offset = [0u8; 4];
+                            offset.copy_from_slice(field);
+                            field.copy_from_slice(&shift.apply(u32::from_le_bytes(offset)).to_le_bytes());
                         }
                     }
                 }
@@ -314,7 +324,11 @@ impl LiveTable {
         for insert in next_insert {
             push_entry(&mut buf, &insert.entry, insert.name_offset);
         }
-        buf.extend_from_slice(&u32::try_from(pool.len()).map_err(|_| edit_error("names too long"))?.to_le_bytes());
+        buf.extend_from_slice(
+            &u32::try_from(pool.len())
+                .map_err(|_| edit_error("names too long"))?
+                .to_le_bytes(),
+        );
         buf.extend_from_slice(&pool);
 
         let table = TokenTable::framed(Arc::new(buf), header.len())?;
@@ -352,7 +366,11 @@ impl Shift {
         let mut deltas: Vec<(usize, i64)> = inserts
             .iter()
             .map(|i| (i.pool_pos, i.entry.name.len() as i64 + 1))
-            .chain(removals.iter().map(|r| (r.pool.end, -((r.pool.end - r.pool.start) as i64))))
+            .chain(
+                removals
+                    .iter()
+                    .map(|r| (r.pool.end, -((r.pool.end - r.pool.start) as i64))),
+            )
             .collect();
         deltas.sort_by_key(|d| d.0);
         let mut steps: Vec<(u32, i64)> = Vec::new();

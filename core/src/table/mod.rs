@@ -225,7 +225,8 @@ impl TokenTable {
     }
 
     fn entries_bytes(&self) -> Option<&[u8]> {
-        self.buf.get(self.entries..self.entries.checked_add(self.count.checked_mul(ENTRY)?)?)
+        self.buf
+            .get(self.entries..self.entries.checked_add(self.count.checked_mul(ENTRY)?)?)
     }
 
     fn entry(&self, i: usize) -> Option<&[u8]> {
@@ -405,9 +406,10 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
         });
     }
     write_table(&entries, out).map_err(|dup| match dup {
-        Duplicate::Name { first, dup } => {
-            ConfigError::new(format!("tokens[{dup}].name"), format!("duplicate of tokens[{first}].name"))
-        }
+        Duplicate::Name { first, dup } => ConfigError::new(
+            format!("tokens[{dup}].name"),
+            format!("duplicate of tokens[{first}].name"),
+        ),
         Duplicate::Digest { first, dup } => ConfigError::new(
             format!("tokens[{dup}].secretSha256"),
             format!("duplicate of tokens[{first}].secretSha256"),
@@ -468,7 +470,9 @@ fn push_name(pool: &mut Vec<u8>, name: &str) {
 
 fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
     out.extend_from_slice(&entry.digest.0);
-    let (secs, nanos) = entry.expire.map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
+    let (secs, nanos) = entry
+        .expire
+        .map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
     out.extend_from_slice(&secs.to_le_bytes());
     out.extend_from_slice(&nanos.to_le_bytes());
     out.extend_from_slice(&name_offset.to_le_bytes());

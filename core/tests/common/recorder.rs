@@ -119,4 +119,3 @@ impl Host for Recorder {
         self.logs.push(format!("{level:?}: {message}"));
     }
 }
-

@@ -1,6 +1,7 @@
 //! The ECDS state-of-the-world protocol for one stream, as a plain state
-//! machine: requests and new snapshots go in, responses and ACK/NACK events
-//! come out. No sockets here; `xds_grpc` adapts it to tonic streams.
+//! machine: requests and new versions go in, what to send and ACK/NACK
+//! events come out. No sockets and no encoding here; `server` adapts it to
+//! gRPC streams.
 //!
 //! The protocol (xDS, SotW): the client's first request names the node and
 //! the resources it wants, with an empty nonce; the server answers with the
@@ -9,64 +10,65 @@
 //! NACK keeps the previous version and carries `error_detail`. Requests with
 //! an older nonce are stale (superseded by a later response) and ignored. The
 //! server sends a new response whenever the configuration changes.
+//!
+//! An ACK counts for the version this stream sent with that nonce, never for
+//! a version the client merely names: a reconnecting Envoy that reports a
+//! version from before has applied nothing on this stream yet.
 
-use crate::ecds::{Snapshot, TYPE_URL};
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use std::fmt;
+use super::resource::TYPE_URL;
+use crate::config::Version;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-/// What happened, for the status tracker and the logs.
+/// What happened, for the ACK tracker and the logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// First request on the stream.
     Connected {
         node: String,
         cluster: String,
-        /// The version the client already has (empty on a fresh Envoy).
+        /// The version the client says it has (empty on a fresh Envoy).
         version: String,
     },
-    Ack {
-        version: String,
-    },
-    Nack {
-        /// The version that was rejected.
-        version: String,
-        error: String,
-    },
+    /// The client applied the version sent with the nonce it answered.
+    Ack { version: Version },
+    /// The client rejected the version sent with the nonce it answered.
+    Nack { version: Version, error: String },
 }
 
 /// A request the stream cannot go on with; the stream is closed with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProtocolError {
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ProtocolError {
+    #[error("this server only serves {TYPE_URL}, not {0:?}")]
     WrongType(String),
+    #[error("the first request must identify the node (node.id)")]
     NoNode,
 }
 
-impl fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::WrongType(t) => write!(f, "this server only serves {TYPE_URL}, not {t:?}"),
-            Self::NoNode => f.write_str("the first request must identify the node (node.id)"),
-        }
-    }
+/// A response to send: the current version under a fresh nonce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Respond {
+    pub version: Version,
+    pub nonce: String,
+    /// Whether the client subscribed to our resource (otherwise the
+    /// response carries no resources).
+    pub include: bool,
 }
 
-impl std::error::Error for ProtocolError {}
-
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Step {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Step {
     pub events: Vec<Event>,
-    pub response: Option<DiscoveryResponse>,
+    pub respond: Option<Respond>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Sent {
     nonce: String,
-    version: u64,
+    version: Version,
 }
 
 /// One client stream.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     resource_name: String,
     node: Option<String>,
     /// Resource names the client subscribed to; empty = wildcard.
@@ -87,13 +89,8 @@ impl Session {
         }
     }
 
-    /// The client's node id, once known.
-    pub fn node(&self) -> Option<&str> {
-        self.node.as_deref()
-    }
-
-    /// Handles a request from the client, given the current snapshot.
-    pub fn on_request(&mut self, req: &DiscoveryRequest, snapshot: &Snapshot) -> Result<Step, ProtocolError> {
+    /// Handles a request from the client, given the current version.
+    pub fn on_request(&mut self, req: &DiscoveryRequest, current: Version) -> Result<Step, ProtocolError> {
         if !req.type_url.is_empty() && req.type_url != TYPE_URL {
             return Err(ProtocolError::WrongType(req.type_url.clone()));
         }
@@ -115,19 +112,16 @@ impl Session {
         names.sort();
         names.dedup();
 
-        if req.response_nonce.is_empty() {
-            // A new subscription (or a re-subscription): answer with the
-            // current state.
-            self.names = Some(names);
-            step.response = Some(self.respond(snapshot));
-            return Ok(step);
-        }
-        let Some(sent) = self.last_sent.clone() else {
-            // A nonce we never issued (e.g. from a previous control-plane
-            // process): treat it as a fresh subscription.
-            self.names = Some(names);
-            step.response = Some(self.respond(snapshot));
-            return Ok(step);
+        let sent = match &self.last_sent {
+            // A nonce we issued: an answer to a response of ours.
+            Some(sent) if !req.response_nonce.is_empty() => sent.clone(),
+            // A new subscription, a re-subscription, or a nonce from a
+            // previous control-plane process: answer with the current state.
+            _ => {
+                self.names = Some(names);
+                step.respond = Some(self.respond(current));
+                return Ok(step);
+            }
         };
         if req.response_nonce != sent.nonce {
             // Stale: it answers a response that a later one superseded.
@@ -135,29 +129,27 @@ impl Session {
         }
         match &req.error_detail {
             Some(status) => step.events.push(Event::Nack {
-                version: sent.version.to_string(),
+                version: sent.version,
                 error: status.message.clone(),
             }),
-            None => step.events.push(Event::Ack {
-                version: req.version_info.clone(),
-            }),
+            None => step.events.push(Event::Ack { version: sent.version }),
         }
         let names_changed = self.names.as_ref() != Some(&names);
         self.names = Some(names);
-        if names_changed || snapshot.version != sent.version {
-            step.response = Some(self.respond(snapshot));
+        if names_changed || current != sent.version {
+            step.respond = Some(self.respond(current));
         }
         Ok(step)
     }
 
-    /// A new snapshot was published: the response to push, if the client
-    /// subscribed and does not have this version yet.
-    pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Option<DiscoveryResponse> {
+    /// A new version was published: the response to push, if the client
+    /// subscribed and was not sent this version yet.
+    pub fn on_version(&mut self, current: Version) -> Option<Respond> {
         self.names.as_ref()?;
-        if self.last_sent.as_ref().is_some_and(|s| s.version == snapshot.version) {
+        if self.last_sent.as_ref().is_some_and(|s| s.version == current) {
             return None;
         }
-        Some(self.respond(snapshot))
+        Some(self.respond(current))
     }
 
     fn wants_resource(&self) -> bool {
@@ -166,15 +158,18 @@ impl Session {
             .is_some_and(|n| n.is_empty() || n.contains(&self.resource_name))
     }
 
-    fn respond(&mut self, snapshot: &Snapshot) -> DiscoveryResponse {
+    fn respond(&mut self, version: Version) -> Respond {
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        let response = snapshot.discovery_response(nonce.clone(), self.wants_resource());
         self.last_sent = Some(Sent {
-            nonce,
-            version: snapshot.version,
+            nonce: nonce.clone(),
+            version,
         });
-        response
+        Respond {
+            version,
+            nonce,
+            include: self.wants_resource(),
+        }
     }
 }
 
@@ -182,20 +177,8 @@ impl Session {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::ecds::{resource, FilterParams, Payload};
-    use apitokens_core::timestamp::Timestamp;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
-
-    fn snap(version: u64) -> Snapshot {
-        Snapshot {
-            version,
-            config_json: format!("{{\"v\":{version}}}"),
-            resource: resource(&FilterParams::default(), Payload::Json("{}")),
-            tokens: 0,
-            published_at: Timestamp::from_unix(0, 0),
-        }
-    }
 
     fn first(version_info: &str) -> DiscoveryRequest {
         DiscoveryRequest {
@@ -232,10 +215,18 @@ mod tests {
         }
     }
 
+    fn respond(version: u64, nonce: &str) -> Option<Respond> {
+        Some(Respond {
+            version: Version(version),
+            nonce: nonce.into(),
+            include: true,
+        })
+    }
+
     #[test]
     fn initial_request_gets_the_current_version() {
         let mut s = Session::new("apitokens");
-        let step = s.on_request(&first(""), &snap(3)).unwrap();
+        let step = s.on_request(&first(""), Version(3)).unwrap();
         assert_eq!(
             step.events,
             [Event::Connected {
@@ -244,77 +235,81 @@ mod tests {
                 version: "".into()
             }]
         );
-        let r = step.response.unwrap();
-        assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("3", "1"));
-        assert_eq!(r.resources.len(), 1);
-        assert_eq!(s.node(), Some("host-1"));
+        assert_eq!(step.respond, respond(3, "1"));
     }
 
     #[test]
     fn ack_then_push_on_change() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), &snap(3)).unwrap();
-        let step = s.on_request(&ack("3", "1"), &snap(3)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: "3".into() }]);
-        assert!(step.response.is_none(), "nothing new to send");
+        s.on_request(&first(""), Version(3)).unwrap();
+        let step = s.on_request(&ack("3", "1"), Version(3)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
+        assert!(step.respond.is_none(), "nothing new to send");
         // Same version again: nothing.
-        assert!(s.on_snapshot(&snap(3)).is_none());
-        let r = s.on_snapshot(&snap(4)).unwrap();
-        assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("4", "2"));
-        let step = s.on_request(&ack("4", "2"), &snap(4)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: "4".into() }]);
+        assert!(s.on_version(Version(3)).is_none());
+        assert_eq!(s.on_version(Version(4)), respond(4, "2"));
+        let step = s.on_request(&ack("4", "2"), Version(4)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: Version(4) }]);
+    }
+
+    #[test]
+    fn an_ack_counts_for_the_version_sent_with_its_nonce() {
+        // A client naming another version than the one sent with the nonce
+        // applied what was sent, nothing else.
+        let mut s = Session::new("apitokens");
+        s.on_request(&first(""), Version(3)).unwrap();
+        let step = s.on_request(&ack("99", "1"), Version(3)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
     }
 
     #[test]
     fn nack_is_reported_with_the_rejected_version_and_not_resent() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), &snap(3)).unwrap();
-        s.on_request(&ack("3", "1"), &snap(3)).unwrap();
-        s.on_snapshot(&snap(4)).unwrap();
+        s.on_request(&first(""), Version(3)).unwrap();
+        s.on_request(&ack("3", "1"), Version(3)).unwrap();
+        s.on_version(Version(4)).unwrap();
         let step = s
-            .on_request(&nack("3", "2", "Unable to create Wasm HTTP filter"), &snap(4))
+            .on_request(&nack("3", "2", "Unable to create Wasm HTTP filter"), Version(4))
             .unwrap();
         assert_eq!(
             step.events,
             [Event::Nack {
-                version: "4".into(),
+                version: Version(4),
                 error: "Unable to create Wasm HTTP filter".into()
             }]
         );
-        assert!(step.response.is_none(), "the same version is not pushed again");
+        assert!(step.respond.is_none(), "the same version is not pushed again");
         // A fixed configuration goes out.
-        let r = s.on_snapshot(&snap(5)).unwrap();
-        assert_eq!(r.version_info, "5");
+        assert_eq!(s.on_version(Version(5)).unwrap().version, Version(5));
     }
 
     #[test]
     fn stale_nonces_are_ignored() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), &snap(3)).unwrap();
-        s.on_snapshot(&snap(4)).unwrap(); // nonce 2 supersedes nonce 1
-        let step = s.on_request(&ack("3", "1"), &snap(4)).unwrap();
-        assert_eq!(step, Step::default());
-        let step = s.on_request(&nack("3", "1", "late"), &snap(4)).unwrap();
-        assert_eq!(step, Step::default());
-        let step = s.on_request(&ack("4", "2"), &snap(4)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: "4".into() }]);
+        s.on_request(&first(""), Version(3)).unwrap();
+        s.on_version(Version(4)).unwrap(); // nonce 2 supersedes nonce 1
+        assert_eq!(s.on_request(&ack("3", "1"), Version(4)).unwrap(), Step::default());
+        assert_eq!(
+            s.on_request(&nack("3", "1", "late"), Version(4)).unwrap(),
+            Step::default()
+        );
+        let step = s.on_request(&ack("4", "2"), Version(4)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: Version(4) }]);
     }
 
     #[test]
-    fn snapshot_that_arrives_while_waiting_is_sent_after_the_ack() {
-        // The snapshot changed between our response and the ACK, and the
-        // push raced: the ACK handler sends the newer version.
+    fn a_version_that_arrives_while_waiting_is_sent_after_the_ack() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), &snap(3)).unwrap();
-        let step = s.on_request(&ack("3", "1"), &snap(4)).unwrap();
-        assert_eq!(step.response.unwrap().version_info, "4");
-        assert!(s.on_snapshot(&snap(4)).is_none());
+        s.on_request(&first(""), Version(3)).unwrap();
+        let step = s.on_request(&ack("3", "1"), Version(4)).unwrap();
+        assert_eq!(step.respond.unwrap().version, Version(4));
+        assert!(s.on_version(Version(4)).is_none());
     }
 
     #[test]
     fn reconnect_with_a_version_from_a_previous_process() {
         let mut s = Session::new("apitokens");
-        let step = s.on_request(&first("17"), &snap(20)).unwrap();
+        let step = s.on_request(&first("17"), Version(20)).unwrap();
         assert_eq!(
             step.events[0],
             Event::Connected {
@@ -323,18 +318,21 @@ mod tests {
                 version: "17".into()
             }
         );
-        assert_eq!(step.response.unwrap().version_info, "20");
-        // A nonce this session never issued: answered as a new subscription.
+        assert_eq!(step.respond.unwrap().version, Version(20));
+        // A nonce this session never issued: answered as a new subscription,
+        // and no ACK is counted for it.
         let mut s = Session::new("apitokens");
         let mut req = first("17");
         req.response_nonce = "99".into();
-        assert!(s.on_request(&req, &snap(20)).unwrap().response.is_some());
+        let step = s.on_request(&req, Version(20)).unwrap();
+        assert!(step.respond.is_some());
+        assert!(!step.events.iter().any(|e| matches!(e, Event::Ack { .. })));
     }
 
     #[test]
-    fn no_snapshot_pushed_before_subscription() {
+    fn no_version_pushed_before_subscription() {
         let mut s = Session::new("apitokens");
-        assert!(s.on_snapshot(&snap(1)).is_none());
+        assert!(s.on_version(Version(1)).is_none());
     }
 
     #[test]
@@ -342,21 +340,16 @@ mod tests {
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.resource_names = vec!["something-else".into()];
-        let r = s.on_request(&req, &snap(1)).unwrap().response.unwrap();
-        assert!(r.resources.is_empty());
+        assert!(!s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
         // Changing the subscription to ours sends the resource at once.
         let mut req = ack("1", "1");
         req.resource_names = vec!["apitokens".into()];
-        let r = s.on_request(&req, &snap(1)).unwrap().response.unwrap();
-        assert_eq!(r.resources.len(), 1);
+        assert!(s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
         // Wildcard (no names) gets it too.
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.resource_names.clear();
-        assert_eq!(
-            s.on_request(&req, &snap(1)).unwrap().response.unwrap().resources.len(),
-            1
-        );
+        assert!(s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
     }
 
     #[test]
@@ -364,13 +357,16 @@ mod tests {
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
-        assert!(matches!(s.on_request(&req, &snap(1)), Err(ProtocolError::WrongType(_))));
+        assert!(matches!(
+            s.on_request(&req, Version(1)),
+            Err(ProtocolError::WrongType(_))
+        ));
         let mut req = first("");
         req.node = None;
-        assert_eq!(s.on_request(&req, &snap(1)), Err(ProtocolError::NoNode));
+        assert_eq!(s.on_request(&req, Version(1)), Err(ProtocolError::NoNode));
         // An empty type_url (allowed on non-aggregated streams) is ours.
         let mut req = first("");
         req.type_url.clear();
-        assert!(s.on_request(&req, &snap(1)).is_ok());
+        assert!(s.on_request(&req, Version(1)).is_ok());
     }
 }
