@@ -14,6 +14,13 @@
 //! An ACK counts for the version this stream sent with that nonce, never for
 //! a version the client merely names: a reconnecting Envoy that reports a
 //! version from before has applied nothing on this stream yet.
+//!
+//! One response at a time is in flight: a new version waits until Envoy has
+//! answered the previous one, then goes out as the newest there is. Envoy
+//! applies responses one after the other (a large table takes a while), so
+//! sending every version as it is published would queue work Envoy then
+//! discards, and each new nonce would make the ACKs of the earlier ones
+//! stale: under a stream of writes no ACK would ever count.
 
 use super::resource::TYPE_URL;
 use crate::config::Version;
@@ -74,6 +81,8 @@ pub(crate) struct Session {
     /// Resource names the client subscribed to; empty = wildcard.
     names: Option<Vec<String>>,
     last_sent: Option<Sent>,
+    /// `last_sent` is not answered yet.
+    in_flight: bool,
     nonces: u64,
 }
 
@@ -85,6 +94,7 @@ impl Session {
             node: None,
             names: None,
             last_sent: None,
+            in_flight: false,
             nonces: 0,
         }
     }
@@ -127,6 +137,7 @@ impl Session {
             // Stale: it answers a response that a later one superseded.
             return Ok(step);
         }
+        self.in_flight = false;
         match &req.error_detail {
             Some(status) => step.events.push(Event::Nack {
                 version: sent.version,
@@ -143,10 +154,11 @@ impl Session {
     }
 
     /// A new version was published: the response to push, if the client
-    /// subscribed and was not sent this version yet.
+    /// subscribed, was not sent this version yet, and answered the last
+    /// response (otherwise its answer brings the newest version).
     pub fn on_version(&mut self, current: Version) -> Option<Respond> {
         self.names.as_ref()?;
-        if self.last_sent.as_ref().is_some_and(|s| s.version == current) {
+        if self.in_flight || self.last_sent.as_ref().is_some_and(|s| s.version == current) {
             return None;
         }
         Some(self.respond(current))
@@ -165,6 +177,7 @@ impl Session {
             nonce: nonce.clone(),
             version,
         });
+        self.in_flight = true;
         Respond {
             version,
             nonce,
@@ -287,7 +300,9 @@ mod tests {
     fn stale_nonces_are_ignored() {
         let mut s = Session::new("apitokens");
         s.on_request(&first(""), Version(3)).unwrap();
-        s.on_version(Version(4)).unwrap(); // nonce 2 supersedes nonce 1
+        // A re-subscription (no nonce) is answered at once: nonce 2
+        // supersedes nonce 1.
+        s.on_request(&first(""), Version(4)).unwrap();
         assert_eq!(s.on_request(&ack("3", "1"), Version(4)).unwrap(), Step::default());
         assert_eq!(
             s.on_request(&nack("3", "1", "late"), Version(4)).unwrap(),
@@ -295,6 +310,29 @@ mod tests {
         );
         let step = s.on_request(&ack("4", "2"), Version(4)).unwrap();
         assert_eq!(step.events, [Event::Ack { version: Version(4) }]);
+    }
+
+    #[test]
+    fn one_response_in_flight_then_the_newest_version() {
+        let mut s = Session::new("apitokens");
+        s.on_request(&first(""), Version(3)).unwrap();
+        // Versions 4 and 5 are published while 3 is not answered yet.
+        assert!(s.on_version(Version(4)).is_none());
+        assert!(s.on_version(Version(5)).is_none());
+        // The ACK of 3 counts, and brings 5 (4 is skipped).
+        let step = s.on_request(&ack("3", "1"), Version(5)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
+        assert_eq!(step.respond, respond(5, "2"));
+        assert!(s.on_version(Version(6)).is_none(), "5 is in flight");
+        let step = s.on_request(&nack("3", "2", "no"), Version(6)).unwrap();
+        assert_eq!(
+            step.events,
+            [Event::Nack {
+                version: Version(5),
+                error: "no".into()
+            }]
+        );
+        assert_eq!(step.respond, respond(6, "3"));
     }
 
     #[test]

@@ -20,6 +20,10 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
+/// Entries copied at a time (64 KiB), so that a block's name offsets are
+/// adjusted while it is still in cache.
+const BLOCK: usize = 1260;
+
 /// The final state of one token after a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change<'a> {
@@ -237,41 +241,38 @@ impl LiveTable {
             return Ok(stats);
         }
 
-        // The new pool, in name order; where each inserted name lands.
+        // Where each inserted name lands in the new pool: after the old names
+        // before its position (less the removed ones among them) and the
+        // inserted names before it.
         inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
         let mut by_offset: Vec<&Removal> = removals.iter().collect();
         by_offset.sort_by_key(|r| r.pool.start);
-        let old_pool = self.table.pool();
-        let mut pool =
-            Vec::with_capacity(old_pool.len() + inserts.iter().map(|i| i.entry.name.len() + 1).sum::<usize>());
-        let mut cursor = 0usize;
+        let bad_pool = || edit_error("the table's name offsets are inconsistent");
+        let mut inserted_before = 0usize;
+        let mut removed_before = 0usize;
         let mut next_removal = by_offset.iter().peekable();
         for insert in &mut inserts {
             while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
-                pool.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(|| edit_error("pool"))?);
-                cursor = r.pool.end;
+                removed_before += r.pool.len();
             }
-            pool.extend_from_slice(
-                old_pool
-                    .get(cursor..insert.pool_pos)
-                    .ok_or_else(|| edit_error("pool"))?,
-            );
-            cursor = insert.pool_pos;
-            insert.name_offset = u32::try_from(pool.len()).map_err(|_| edit_error("names too long"))?;
-            push_name(&mut pool, insert.entry.name);
+            let offset = (insert.pool_pos + inserted_before)
+                .checked_sub(removed_before)
+                .ok_or_else(bad_pool)?;
+            insert.name_offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
+            inserted_before += insert.entry.name.len() + 1;
         }
-        for r in next_removal {
-            pool.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(|| edit_error("pool"))?);
-            cursor = r.pool.end;
-        }
-        pool.extend_from_slice(old_pool.get(cursor..).ok_or_else(|| edit_error("pool"))?);
         let shift = Shift::new(&inserts, &by_offset);
+        let old_pool = self.table.pool();
+        let pool_len = (old_pool.len() + inserted_before)
+            .checked_sub(by_offset.iter().map(|r| r.pool.len()).sum())
+            .ok_or_else(bad_pool)?;
 
-        // The new entries: old runs copied whole, name offsets shifted.
+        // The new entries: old runs copied in cache-sized blocks, each
+        // block's name offsets shifted while it is still in cache.
         inserts.sort_by(|a, b| a.entry_pos.cmp(&b.entry_pos).then(a.entry.digest.cmp(&b.entry.digest)));
         let count = self.table.len() + inserts.len() - removals.len();
         buf.clear();
-        buf.reserve(header.len() + 8 + count * ENTRY + pool.len());
+        buf.reserve(header.len() + 8 + count * ENTRY + pool_len);
         buf.extend_from_slice(header);
         buf.extend_from_slice(
             &u32::try_from(count)
@@ -297,12 +298,12 @@ impl LiveTable {
             let stop = [
                 next_insert.peek().map_or(n, |ins| ins.entry_pos),
                 next_removed.peek().copied().unwrap_or(n),
-                n,
+                i + BLOCK,
             ]
             .into_iter()
             .min()
             .unwrap_or(n)
-            .max(i + 1);
+            .clamp(i + 1, n);
             let run = old_entries
                 .get(i * ENTRY..stop * ENTRY)
                 .ok_or_else(|| edit_error("the compact table is truncated"))?;
@@ -324,12 +325,31 @@ impl LiveTable {
         for insert in next_insert {
             push_entry(&mut buf, &insert.entry, insert.name_offset);
         }
+
+        // The new pool, straight after: old names copied in runs, the
+        // inserted ones spliced in, the removed ones skipped.
         buf.extend_from_slice(
-            &u32::try_from(pool.len())
+            &u32::try_from(pool_len)
                 .map_err(|_| edit_error("names too long"))?
                 .to_le_bytes(),
         );
-        buf.extend_from_slice(&pool);
+        inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
+        let mut cursor = 0usize;
+        let mut next_removal = by_offset.iter().peekable();
+        for insert in &inserts {
+            while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
+                buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
+                cursor = r.pool.end;
+            }
+            buf.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(bad_pool)?);
+            cursor = insert.pool_pos;
+            push_name(&mut buf, insert.entry.name);
+        }
+        for r in next_removal {
+            buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
+            cursor = r.pool.end;
+        }
+        buf.extend_from_slice(old_pool.get(cursor..).ok_or_else(bad_pool)?);
 
         let table = TokenTable::framed(Arc::new(buf), header.len())?;
         let mut index = std::mem::take(&mut self.index);
