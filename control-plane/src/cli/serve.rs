@@ -31,6 +31,15 @@ pub(super) struct ServeArgs {
     /// Do not serve ECDS over gRPC (use with --ecds-file)
     #[arg(long)]
     no_xds: bool,
+    /// TLS certificate chain of the ECDS gRPC server (PEM); needs --xds-tls-key and --xds-client-ca
+    #[arg(long, value_name = "PEM", requires_all = ["xds_tls_key", "xds_client_ca"])]
+    xds_tls_cert: Option<PathBuf>,
+    /// Private key of the ECDS gRPC server (PEM)
+    #[arg(long, value_name = "PEM", requires = "xds_tls_cert")]
+    xds_tls_key: Option<PathBuf>,
+    /// CA that signs the Envoys' client certificates (PEM): only Envoys presenting one get the configuration
+    #[arg(long, value_name = "PEM", requires = "xds_tls_cert")]
+    xds_client_ca: Option<PathBuf>,
     /// Also write the ECDS resource to this file (binary DiscoveryResponse, must end in .pb), replaced by atomic rename
     #[arg(long, value_name = "PATH")]
     ecds_file: Option<PathBuf>,
@@ -108,6 +117,25 @@ fn warn_if_exposed(what: &str, addr: SocketAddr) {
     }
 }
 
+/// Mutual TLS for the ECDS server: anyone who can reach it would otherwise
+/// read every token's name, role and digest, and could fake ACKs.
+fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.xds_tls_cert, &args.xds_tls_key, &args.xds_client_ca) else {
+        return Ok(None);
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(read("xds-tls-cert", cert)?, read("xds-tls-key", key)?);
+    let ca = tonic::transport::Certificate::from_pem(read("xds-client-ca", ca)?);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(ca)
+            .client_auth_optional(false),
+    ))
+}
+
 /// Accepted connections without Nagle's algorithm: otherwise a small push (a
 /// revocation) can wait for Envoy's delayed ACK, about 40 ms (measured).
 fn nodelay(
@@ -157,13 +185,20 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         .map_err(|e| format!("--listen {}: {e}", args.listen))?;
     let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
     warn_if_exposed("the API", api_addr);
+    let tls = xds_tls(&args)?;
     let xds_listener = if args.no_xds {
         None
     } else {
         let l = tokio::net::TcpListener::bind(args.xds_listen)
             .await
             .map_err(|e| format!("--xds-listen {}: {e}", args.xds_listen))?;
-        warn_if_exposed("the xDS server", l.local_addr().map_err(|e| e.to_string())?);
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                "the xDS server listens on {addr}, beyond loopback, without TLS: anyone who reaches it reads every \
+                 token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and --xds-client-ca"
+            );
+        }
         Some(l)
     };
 
@@ -205,8 +240,15 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
             args.max_message_bytes,
         );
         let xds_stop = wait_true(stop_rx.clone());
+        let mut builder = tonic::transport::Server::builder();
+        let secured = tls.is_some();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| format!("--xds-tls-cert/--xds-tls-key/--xds-client-ca: {e}"))?;
+        }
         tasks.spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(service)
@@ -219,7 +261,11 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
                 tracing::error!("xDS server failed: {e}");
             }
         });
-        tracing::info!("xDS (ECDS, gRPC) on {addr}, resource {:?}", args.resource_name);
+        tracing::info!(
+            "xDS (ECDS, gRPC{}) on {addr}, resource {:?}",
+            if secured { ", mutual TLS" } else { "" },
+            args.resource_name
+        );
     }
     tracing::info!(
         "API on http://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health http://{api_addr}/healthz, status http://{api_addr}/status"
