@@ -13,6 +13,9 @@ For each token count N (default 1k, 100k, 1M):
      on every worker (keep-alive connections pinned to both workers).
 
 Writes bench/results/scale.md and scale.json. See bench/README.md.
+
+Needs tests/lib on the import path (the package testkit):
+  PYTHONPATH=tests/lib .venv/bin/python bench/scale.py      (make bench-scale sets it)
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import run as benchrun  # bench/run.py (this script's directory): logging, processes, RSS, percentiles
+from run import Proc, fmt, label_count, log, percentile, resolve_envoy, rss_mb, wait_ready
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(BENCH), str(ROOT / "tests" / "lib"), str(ROOT / "tests" / "e2e")]
-
-import run as benchrun  # noqa: E402  bench/run.py: logging, processes, RSS, percentiles
-from run import Proc, fmt, label_count, log, percentile, resolve_envoy, rss_mb, wait_ready  # noqa: E402
 
 WORK = ROOT / "target" / "bench" / "scale"
 RESULTS = BENCH / "results"
@@ -44,7 +46,12 @@ ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
 os.environ.setdefault("APITOKENS_BIN", str(ROOT / "target" / "release" / "apitokens"))
 os.environ.setdefault("APITOKENS_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"))
 
-import controlplane as cpl  # noqa: E402  tests/lib: `apitokens serve`, ECDS Envoy config
+try:
+    from testkit import controlplane as cpl  # noqa: E402  tests/lib/testkit: `apitokens serve`, ECDS Envoy config
+except ModuleNotFoundError as exc:
+    if exc.name != "testkit":
+        raise
+    sys.exit("bench/scale.py: no module testkit: run it with PYTHONPATH=tests/lib (make bench-scale does)")
 
 PATH = "/api/v1/namespaces/bench/deployments"
 WORKERS = 2
@@ -101,7 +108,7 @@ def make_store(n: int, keep: int, workdir: Path) -> dict:
 
 
 def envoy_config(cp: "cpl.ControlPlane", listen: int, admin: int) -> dict:
-    """envoy/envoy-ecds.yaml via tests/lib (ports of `cp`), on fixed free
+    """envoy/envoy-ecds.yaml via testkit.controlplane (ports of `cp`), on fixed free
     ports, exact connection balancing, no access log, and a direct response
     for everything but /apitokens/."""
     config = cpl.ecds_bootstrap(cp, upstream_port=1, node="bench-scale")

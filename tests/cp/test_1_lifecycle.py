@@ -7,17 +7,8 @@ import time
 
 import pytest
 
-from conftest import MEASUREMENTS, SECRETS, create, poll, request, tokens_path, version_of
-
-APP = "/api/v1/namespaces/default/deployments"
-
-
-def until_status(envoy, path, token, status, timeout=5.0, method="GET") -> float:
-    """Seconds until Envoy answers `status` (fresh connection per try)."""
-    start = time.monotonic()
-    poll(lambda: envoy.get(path, token, method=method).status == status, timeout,
-         f"{method} {path} -> {status}", interval=0.001)
-    return time.monotonic() - start
+from testkit.clients import request
+from testkit.controlplane import APP, MEASUREMENTS, SECRETS, create, poll, tokens_path, until_status, version_of
 
 
 def test_unauthenticated_requests_are_refused(envoy):

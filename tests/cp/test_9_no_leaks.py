@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
-from conftest import SECRETS
-from leaks import search_run
+from testkit.controlplane import SECRETS
+from testkit.leaks import search_run
 
 
 def test_no_secret_anywhere(workdir, envoy, cp):

@@ -4,7 +4,9 @@ away, a rejected configuration, a token expiring mid-load, 1,000
 reconfigurations). Fast drills run in `make test`; the long ones (marker
 `soak`) only with APITOKENS_SOAK=1 (`make soak`).
 
-Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (tests/lib/controlplane.py),
+The load generator and the kill -9 loop are testkit.load and testkit.kill9.
+
+Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (testkit/controlplane.py),
 APITOKENS_SOAK=1, APITOKENS_DRILL_SEED (the kill -9 loops' random seed).
 """
 
@@ -12,21 +14,15 @@ from __future__ import annotations
 
 import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
-from fixtures import add_envoy_diagnostics, cp, envoy, require_binaries, upstream, workdir  # noqa: E402,F401
+# The session fixtures cp, envoy, upstream and workdir; the binaries checked at
+# the start; every Envoy's logs in the report of a failed test.
+pytest_plugins = ["testkit.fixtures"]
 
 # Figures the drills measured, printed at the end of the run.
 FIGURES: dict[str, str] = {}
-
-
-def pytest_sessionstart(session):
-    require_binaries()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,18 +34,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    add_envoy_diagnostics(report)
-    return report
-
-
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("drill figures")
         for what, line in FIGURES.items():
             terminalreporter.write_line(f"{what}: {line}")
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, str]:
+    """Where a drill records what it measured (one line each), printed at the end."""
+    return FIGURES
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ plane's /status; no Wasm VM failed during the drills."""
 
 from __future__ import annotations
 
-from checks import no_wasm_failures
-from controlplane import SECRETS
-from leaks import search_run
+from testkit.checks import no_wasm_failures
+from testkit.controlplane import SECRETS
+from testkit.leaks import search_run
 
 
 def test_no_secret_anywhere(workdir, envoy, cp):

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "lib"))
-import checks  # noqa: E402
-import harness  # noqa: E402
-from clients import Client, raw_client  # noqa: E402
-from fixtures import upstream  # noqa: E402,F401  (the echo upstream, shared with the other suites)
-from harness import Envoy, Token  # noqa: E402
+from testkit import checks, harness
+from testkit.clients import Client, raw_client
+from testkit.fixtures import upstream  # noqa: F401  (the echo upstream, shared with the other suites)
+from testkit.harness import Envoy, Token
 
 _counter = itertools.count()
 

@@ -4,9 +4,9 @@ the shared notes), and Envoy's hardened HCM must hold."""
 
 import pytest
 
-from checks import allowed, denied, describe, no_wasm_failures, wasm_health
-from clients import RawH1, RawH2, StreamReset, raw_client
-from harness import poll
+from testkit.checks import allowed, denied, describe, no_wasm_failures, wasm_health
+from testkit.clients import RawH1, RawH2, StreamReset, raw_client
+from testkit.harness import poll
 
 PATH = "/api/v1/namespaces/default/deployments"
 

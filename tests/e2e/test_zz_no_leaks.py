@@ -2,9 +2,9 @@
 the Envoys, none of them appears in a log, an access log, /config_dump or /stats,
 and no Wasm VM failed anywhere."""
 
-import harness
-from checks import counters, no_wasm_failures, wasm_health
-from harness import Envoy
+from testkit import harness
+from testkit.checks import counters, no_wasm_failures, wasm_health
+from testkit.harness import Envoy
 
 DEMO_SECRETS = ["demo-viewer-secret", "demo-editor-secret", "demo-owner-secret"]
 

@@ -5,25 +5,24 @@ corpus names, revokes and regenerates some of them, and pushes the filter
 configuration to one Envoy running envoy/envoy-ecds.yaml as shipped (ports
 replaced; the access log as JSON lines to a file so each request can be found
 by its x-e2e-id). Requests go over HTTP/1.1 and HTTP/2 (h2c) on raw
-connections (tests/e2e/clients.py), to the echo upstream of tests/e2e.
+connections (testkit.clients), to the echo upstream (testkit.echo_server).
 
-Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (see tests/lib/controlplane.py).
+Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (see testkit/controlplane.py).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
-import harness  # noqa: E402
-from controlplane import create, issued_secret, tokens_path, version_of  # noqa: E402
-from fixtures import add_envoy_diagnostics, cp, envoy, require_binaries, upstream, workdir  # noqa: E402,F401
+from testkit import harness
+from testkit.controlplane import create, issued_secret, tokens_path, version_of
+
+# The session fixtures cp, envoy, upstream and workdir; the binaries checked at
+# the start; every Envoy's logs in the report of a failed test.
+pytest_plugins = ["testkit.fixtures"]
 
 # Outcomes of the corpus items, for the closing "N passed, N failed" line.
 CORPUS_OUTCOMES: dict[str, bool] = {}
@@ -31,16 +30,11 @@ CORPUS_OUTCOMES: dict[str, bool] = {}
 RESPONSES: list[str] = []
 
 
-def pytest_sessionstart(session):
-    require_binaries()
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if item.get_closest_marker("corpus") and (report.when == "call" or report.failed):
         CORPUS_OUTCOMES[item.nodeid] = CORPUS_OUTCOMES.get(item.nodeid, True) and report.passed
-    add_envoy_diagnostics(report)
     return report
 
 
@@ -83,6 +77,12 @@ class Tokens:
         while time.time() < expire_at:
             time.sleep(max(0.0, min(0.05, expire_at - time.time())))
         return token
+
+
+@pytest.fixture(scope="session")
+def responses() -> list[str]:
+    """Where the corpus records every response it received, for the leak search."""
+    return RESPONSES
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,13 @@ plane's /status, or any response the corpus received; no Wasm VM failed."""
 
 from __future__ import annotations
 
-from checks import no_wasm_failures
-from controlplane import SECRETS
-from leaks import search_run
+from testkit.checks import no_wasm_failures
+from testkit.controlplane import SECRETS
+from testkit.leaks import search_run
 
 
-def test_no_secret_anywhere(workdir, envoy, cp):
-    from conftest import RESPONSES
-
+def test_no_secret_anywhere(workdir, envoy, cp, responses):
+    RESPONSES = responses
     assert len(SECRETS) >= 10 and RESPONSES, "the corpus issues tokens and sends requests first"
     search_run(workdir, envoy, cp, SECRETS, {"apitokens.db", "envoy.log", "access.log", "serve-01.log"},
                {"responses": "\n".join(RESPONSES)})

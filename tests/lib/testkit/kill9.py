@@ -21,8 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from controlplane import SECRETS, ControlPlane, poll, request, tokens_path
-from load import APP
+from testkit.clients import request
+from testkit.controlplane import APP, SECRETS, ControlPlane, poll, tokens_path
 
 
 def sha(secret: str) -> str:

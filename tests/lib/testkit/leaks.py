@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-from controlplane import request
+from testkit.clients import request
 
 # What an Envoy's admin interface shows that could carry a secret.
 ADMIN_ENDPOINTS = (

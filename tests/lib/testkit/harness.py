@@ -3,6 +3,9 @@
 Everything here talks to 127.0.0.1 only. Envoy binds port 0 for its listener and
 its admin interface; the harness reads the ports back (admin address file and
 ``/listeners``), so there is no race for free ports.
+
+`Envoy` runs any bootstrap: the static one `bootstrap` builds here (tests/e2e)
+or envoy/envoy-ecds.yaml as testkit.controlplane adapts it (the other suites).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from testkit.clients import Response, request
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def envoy_bin() -> str:
@@ -264,11 +269,17 @@ def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02
 
 
 class Envoy:
-    """One Envoy process with its own directory for config, logs and admin address."""
+    """One Envoy process with its own directory for config, logs and admin address.
+
+    `stdout`: the file (in that directory) that gets Envoy's standard output,
+    `access.log` for a configuration that logs requests to stdout (the shipped
+    envoy-ecds.yaml); `wasm_debug`: the filter's debug lines (one per refusal)
+    in the log, as well as Envoy's info level."""
 
     instances: list["Envoy"] = []
 
-    def __init__(self, workdir: Path, config: dict, name: str = "envoy"):
+    def __init__(self, workdir: Path, config: dict, name: str = "envoy", *, stdout: str = "stdout.txt",
+                 wasm_debug: bool = True):
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +287,8 @@ class Envoy:
         self.log_path = self.dir / "envoy.log"
         self.access_log_path = self.dir / "access.log"
         self.admin_address_path = self.dir / "admin.address"
+        self.stdout_path = self.dir / stdout
+        self.wasm_debug = wasm_debug
         self.config_path.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
         self.admin_url = ""
@@ -294,7 +307,7 @@ class Envoy:
             # crashed one leaves nothing behind that blocks the next.
             "--disable-hot-restart",
             "-l", "info",
-            "--component-log-level", "wasm:debug",
+            *(["--component-log-level", "wasm:debug"] if self.wasm_debug else []),
             "--log-path", str(self.log_path),
             "--admin-address-path", str(self.admin_address_path),
             # Flush logs (application and access) every 20 ms instead of 10 s.
@@ -306,7 +319,7 @@ class Envoy:
             self.command(),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
-            stdout=open(self.dir / "stdout.txt", "wb"),
+            stdout=open(self.stdout_path, "wb"),
             stderr=open(self.dir / "stderr.txt", "wb"),
             start_new_session=True,
         )
@@ -348,6 +361,11 @@ class Envoy:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def node(self) -> str:
+        """The xDS node id of an Envoy the control plane configures (its name)."""
+        return self.name
+
     # -- admin -------------------------------------------------------------
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
@@ -364,6 +382,11 @@ class Envoy:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, token: str | None = None, method: str = "GET", body=None, headers=None) -> Response:
+        """One request to the listener on a fresh connection (`Authorization:
+        Bearer <token>` with a token; a body other than bytes or str is sent as JSON)."""
+        return request(self.port, method, path, token, body, headers)
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges from /stats (text format), histograms left out."""
