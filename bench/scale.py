@@ -48,6 +48,7 @@ os.environ.setdefault("APITOKENS_WASM", str(ROOT / "target" / "wasm32-wasip1" / 
 
 try:
     from testkit import controlplane as cpl  # noqa: E402  tests/lib/testkit: `apitokens serve`, ECDS Envoy config
+    from testkit import harness  # noqa: E402  tests/lib/testkit: poll
 except ModuleNotFoundError as exc:
     if exc.name != "testkit":
         raise
@@ -159,7 +160,7 @@ class Pinned:
             before = worker_active(admin, listen)
             c = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
             c.connect()
-            after = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+            after = harness.poll(lambda: self._grew(before), 5, "connection counted by a worker")
             self.conns.append(c)
             self.worker.append(after)
 
@@ -186,12 +187,12 @@ class Pinned:
     def reopen(self, i: int) -> None:
         before = worker_active(self.admin, self.listen)
         self.conns[i].close()
-        cpl.poll(lambda: sum(worker_active(self.admin, self.listen).values()) < sum(before.values()), 5,
+        harness.poll(lambda: sum(worker_active(self.admin, self.listen).values()) < sum(before.values()), 5,
                  "connection close counted")
         before = worker_active(self.admin, self.listen)
         c = http.client.HTTPConnection("127.0.0.1", self.listen, timeout=10)
         c.connect()
-        self.worker[i] = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+        self.worker[i] = harness.poll(lambda: self._grew(before), 5, "connection counted by a worker")
         self.conns[i] = c
 
     def close(self) -> None:
@@ -224,7 +225,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
                            "--file-flush-interval-msec", "50"], workdir / "envoy.out")
     try:
         log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
-        cpl.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
+        harness.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
         time.sleep(1.0)
         res["rss_before_mb"] = rss_mb(envoy.pid)
 
@@ -232,7 +233,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         cp.start()
         t_healthy = time.monotonic()
         try:
-            cpl.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
+            harness.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
         except TimeoutError:
             res["first_push_error"] = json.dumps(cp.envoy_status("bench-scale"))[:2000]
             res["cp_log_tail"] = cp.log_text()[-2000:]
@@ -244,7 +245,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["first_ack_s"] = t_ack - t_start
         res["first_ack_after_healthy_s"] = t_ack - t_healthy
         res["envoy_status"] = {k: st.get(k) for k in ("ackedVersion", "lastNack", "connected")}
-        cpl.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
+        harness.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
                  "first push configured in every VM")
         time.sleep(1.0)
         res["rss_after_mb"] = rss_mb(envoy.pid)

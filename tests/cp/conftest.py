@@ -22,11 +22,10 @@ from testkit.controlplane import (
     MEASUREMENTS,
     ControlPlane,
     apitokens_bin,
-    envoy_bin,
     missing_binaries,
-    poll,
     shipped_envoy,
 )
+from testkit.harness import envoy_bin, poll
 from testkit.fixtures import upstream  # noqa: F401  (the echo upstream)
 
 

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from testkit.clients import request
-from testkit.controlplane import APP, MEASUREMENTS, SECRETS, create, poll, tokens_path, until_status, version_of
+from testkit.controlplane import APP, MEASUREMENTS, create, tokens_path, until_status, version_of
+from testkit.harness import poll, remember_secret
 
 
 def test_unauthenticated_requests_are_refused(envoy):
@@ -86,7 +87,7 @@ def test_regenerate(envoy, cp, owner):
     r = envoy.get(tokens_path(token="rotating:regenerate"), owner, method="POST")
     assert r.status == 200, r
     new = r.json()["apiToken"]["secret"]
-    SECRETS.append(new)
+    remember_secret(new)
     assert new != old and r.json()["apiToken"]["role"] == "editor"
     t_answer = time.monotonic()
     until_status(envoy, APP, old, 401)

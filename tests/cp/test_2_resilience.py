@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
-from testkit.controlplane import APP, SECRETS, create, poll, shipped_envoy, tokens_path, until_status, version_of
+from testkit.controlplane import APP, create, shipped_envoy, tokens_path, until_status, version_of
+from testkit.harness import poll, remember_secret
 
 
 def envoy_status(cp, node):
@@ -28,7 +29,7 @@ def test_kill_9_after_a_2xx_loses_nothing_and_envoy_keeps_enforcing(envoy, cp, o
     r = cp.api("POST", tokens_path(), owner, {"name": "namespaces/default/apitokens/durable", "role": "editor"})
     assert r.status == 200
     durable = r.json()["apiToken"]["secret"]
-    SECRETS.append(durable)
+    remember_secret(durable)
     cp.stop(signal.SIGKILL)
 
     # Envoy enforces its last configuration while the control plane is down.
@@ -77,7 +78,7 @@ def test_rejected_configuration_is_a_nack_and_the_old_one_stays(envoy, cp, owner
     r = cp.api("POST", tokens_path(), owner, {"name": "namespaces/default/apitokens/late", "role": "viewer"})
     assert r.status == 200
     late = r.json()["apiToken"]["secret"]
-    SECRETS.append(late)
+    remember_secret(late)
     v = version_of(r)
     poll(lambda: envoy_status(cp, envoy.node)["lastNack"]["version"] == str(v), 10, "NACK of the new version")
     st = cp.status(v, 0.2)

@@ -12,11 +12,11 @@ from testkit.controlplane import (
     MEASUREMENTS,
     ControlPlane,
     create,
-    poll,
     shipped_envoy,
     tokens_path,
     until_status,
 )
+from testkit.harness import poll
 
 
 @pytest.fixture(scope="module")

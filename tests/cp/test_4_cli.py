@@ -10,7 +10,8 @@ import uuid
 
 import yaml
 
-from testkit.controlplane import APP, REPO, SECRETS, apitokens_bin, envoy_bin, free_port, tokens_path, until_status
+from testkit.controlplane import APP, REPO, apitokens_bin, free_port, tokens_path, until_status
+from testkit.harness import envoy_bin, remember_secret
 
 
 def run(*args, check=False):
@@ -76,7 +77,7 @@ def test_render_json_and_wasmplugin(cp):
 
 def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
     legacy = str(uuid.uuid4())
-    SECRETS.append(legacy)
+    remember_secret(legacy)
     spec = {"tokens": [{"name": "namespaces/default/apitokens/legacy", "role": "editor",
                         "secretSha256": hashlib.sha256(legacy.encode()).hexdigest()}]}
     f = tmp_path / "legacy.json"

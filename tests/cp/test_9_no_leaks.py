@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from testkit.controlplane import SECRETS
+from testkit.harness import SECRETS
 from testkit.leaks import search_run
 
 

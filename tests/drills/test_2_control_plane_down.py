@@ -10,7 +10,8 @@ import signal
 import time
 
 from testkit.clients import request
-from testkit.controlplane import APP, issue, issued_secret, poll, tokens_path, version_of
+from testkit.controlplane import APP, issue, issued_secret, tokens_path, version_of
+from testkit.harness import poll
 from testkit.load import Load, bad_answers, summary
 
 DOWN_SECONDS = 2.0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 from testkit.clients import request
-from testkit.controlplane import APP, issue, poll, tokens_path, version_of
+from testkit.controlplane import APP, issue, tokens_path, version_of
+from testkit.harness import poll
 from testkit.load import Load, bad_answers, summary
 
 BAD_MODULE = "/nonexistent/apitokens_filter.wasm"

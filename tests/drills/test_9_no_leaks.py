@@ -5,7 +5,7 @@ plane's /status; no Wasm VM failed during the drills."""
 from __future__ import annotations
 
 from testkit.checks import no_wasm_failures
-from testkit.controlplane import SECRETS
+from testkit.harness import SECRETS
 from testkit.leaks import search_run
 
 

@@ -178,7 +178,8 @@ def test_header_with_underscore_is_rejected(envoy, tokens):
         with pytest.raises(StreamReset):
             c.request("GET", PATH, [("authorization", tokens.editor.authorization), ("x_apitoken_role", "owner")])
     wanted = {"http1.unexpected_underscore", "http2.unexpected_underscore"}
-    poll(lambda: wanted <= {e.get("details") for e in envoy.access_log()}, 5, what=f"{wanted} in the access log")
+    poll(lambda: wanted <= {e.get("details") for e in envoy.access_log()}, 5, f"{wanted} in the access log",
+         interval=0.02)
 
 
 def test_original_path_header_is_not_trusted(client, tokens):

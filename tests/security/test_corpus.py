@@ -12,7 +12,8 @@ import yaml
 
 import corpus
 from testkit import harness
-from testkit.controlplane import ECDS_YAML, SECRETS, STATIC_YAML, hcm_of
+from testkit.controlplane import ECDS_YAML, STATIC_YAML, hcm_of
+from testkit.harness import SECRETS
 
 CASES = corpus.load()
 

@@ -28,6 +28,7 @@ import yaml
 
 from testkit import harness
 from testkit.clients import Response, request
+from testkit.harness import envoy_bin, poll, remember_secret
 
 REPO = Path(__file__).resolve().parents[3]
 MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
@@ -37,18 +38,12 @@ PLUGIN_BASE = REPO / "envoy" / "ecds-plugin-base.json"
 # A path of the demo application under namespace default (every role may GET it).
 APP = "/api/v1/namespaces/default/deployments"
 
-# Every secret any test saw, for the final leak search.
-SECRETS: list[str] = []
 # Measured delays (seconds) by what was measured, printed at the end of a run.
 MEASUREMENTS: dict[str, list[float]] = {}
 
 
 def apitokens_bin() -> str:
     return os.environ.get("APITOKENS_BIN") or str(REPO / "target" / "debug" / "apitokens")
-
-
-def envoy_bin() -> str:
-    return os.environ.get("ENVOY_BIN") or str(REPO / ".venv" / "bin" / "envoy")
 
 
 def module_path() -> Path:
@@ -66,11 +61,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
-    """harness.poll with `what` third (as the control-plane tests call it) and a 10 ms interval."""
-    return harness.poll(predicate, timeout, interval=interval, what=what)
-
-
 def tokens_path(ns: str = "default", token: str | None = None) -> str:
     base = f"/apitokens/v1/namespaces/{ns}/apitokens"
     return base if token is None else f"{base}/{token}"
@@ -78,9 +68,7 @@ def tokens_path(ns: str = "default", token: str | None = None) -> str:
 
 def issued_secret(r: Response) -> str:
     """The secret of a 2xx create or regenerate answer, remembered for the leak search."""
-    secret = r.json()["apiToken"]["secret"]
-    SECRETS.append(secret)
-    return secret
+    return remember_secret(r.json()["apiToken"]["secret"])
 
 
 def create(port: int, owner: str, token_id: str, role: str, ns: str = "default", **extra) -> Response:
@@ -139,8 +127,7 @@ class ControlPlane:
             [apitokens_bin(), "bootstrap", "--db", str(self.db), "--namespace", namespace, "--name", name],
             capture_output=True, text=True, check=True, timeout=30,
         )
-        secret = out.stdout.strip()
-        SECRETS.append(secret)
+        secret = remember_secret(out.stdout.strip())
         (self.dir / f"bootstrap-{name}.stderr").write_text(out.stderr)
         return secret
 

@@ -41,14 +41,19 @@ def wasm_module() -> str:
     )
 
 
-# Every secret made by this test run, so a final test can look for leaks.
-ALL_SECRETS: list[str] = []
+# Every secret this test run made or had issued (tokens generated here, secrets
+# the control plane issued, imported ones), for the leak search at the end.
+SECRETS: list[str] = []
+
+
+def remember_secret(secret: str) -> str:
+    """Add `secret` to SECRETS (the leak search looks for it); returns it."""
+    SECRETS.append(secret)
+    return secret
 
 
 def new_secret() -> str:
-    secret = secrets.token_urlsafe(24)  # b64token charset: A-Z a-z 0-9 - _
-    ALL_SECRETS.append(secret)
-    return secret
+    return remember_secret(secrets.token_urlsafe(24))  # b64token charset: A-Z a-z 0-9 - _
 
 
 def sha256_hex(secret: str | bytes) -> str:
@@ -256,8 +261,9 @@ class EnvoyStartError(RuntimeError):
     pass
 
 
-def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"):
-    """Call `predicate` until it returns something truthy; return it, or raise after `timeout` s."""
+def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
+    """Call `predicate` every `interval` s until it returns something truthy;
+    return it, or raise TimeoutError (naming `what`) after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -427,7 +433,7 @@ class Envoy:
             matches = [e for e in self.access_log() if e.get("e2e_id") == e2e_id]
             return matches[-1] if matches else None
 
-        return poll(find, timeout, what=f"access log entry for x-e2e-id {e2e_id}")
+        return poll(find, timeout, f"access log entry for x-e2e-id {e2e_id}", interval=0.02)
 
     def log_offset(self) -> int:
         """The number of log lines so far (for `wait_for_log(since=...)`), once
@@ -452,7 +458,7 @@ class Envoy:
                     return line
             return None
 
-        return poll(find, timeout, what=what)
+        return poll(find, timeout, what, interval=0.02)
 
     def wasm_failure_lines(self) -> list[str]:
         return [
