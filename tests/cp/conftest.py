@@ -10,14 +10,17 @@ Environment:
                   as in the shipped configuration; Envoy runs from the repository root)
 The control plane, the ECDS Envoy configuration and the echo upstream are shared
 with tests/security and tests/drills (testkit.controlplane, testkit.fixtures).
+When the session ends, `leak_search` looks for every issued secret.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
+from testkit import leaks
 from testkit.controlplane import (
     MEASUREMENTS,
     ControlPlane,
@@ -25,7 +28,7 @@ from testkit.controlplane import (
     missing_binaries,
     shipped_envoy,
 )
-from testkit.harness import envoy_bin, poll
+from testkit.harness import SECRETS, envoy_bin, poll
 from testkit.fixtures import upstream  # noqa: F401  (the echo upstream)
 
 
@@ -81,3 +84,27 @@ def envoy(workdir, cp, upstream):
 @pytest.fixture(scope="session")
 def owner(cp) -> str:
     return cp.owner  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(request, workdir, envoy, cp):
+    """After the last test (teardown): no secret issued in this session appears
+    in any log, the database files, the ECDS file, Envoy's config_dump, stats
+    or the status page. Fails the run."""
+    yield
+    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+
+    def no_secret_anywhere():
+        if whole:
+            assert len(SECRETS) >= 15, "the lifecycle tests issue tokens first"
+        # The places searched really exist: logs, database and its WAL, ECDS file.
+        must_exist = {"apitokens.db", "apitokens-ecds.pb", "envoy.log", "access.log"} if whole else set()
+        places = leaks.search_run(workdir, envoy, cp, SECRETS, must_exist)
+        if whole:
+            assert any(n.endswith("-wal") for n in places) or any("serve-" in n for n in places)
+        # What Envoy has is digests (raw bytes in the compact encoding the control
+        # plane pushes): the search reads the payload, and would find a leaked value.
+        digest = hashlib.sha256(cp.owner.encode()).digest().decode("latin-1")
+        assert digest in places["envoy /config_dump?resource=ecds_filters (decoded BytesValue)"]
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere})

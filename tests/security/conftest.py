@@ -7,6 +7,9 @@ replaced; the access log as JSON lines to a file so each request can be found
 by its x-e2e-id). Requests go over HTTP/1.1 and HTTP/2 (h2c) on raw
 connections (testkit.clients), to the echo upstream (testkit.echo_server).
 
+When the session ends, `leak_search` looks for every issued secret and for
+Wasm failures.
+
 Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (see testkit/controlplane.py).
 """
 
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 
-from testkit import harness
+from testkit import harness, leaks
+from testkit.checks import no_wasm_failures
 from testkit.controlplane import create, issued_secret, tokens_path, version_of
+from testkit.harness import SECRETS
 
 # The session fixtures cp, envoy, upstream and workdir; the binaries checked at
 # the start; every Envoy's logs in the report of a failed test.
@@ -108,3 +114,25 @@ def tokens(cp, envoy) -> Tokens:
     while time.time() < expired_at + 1:
         time.sleep(0.05)
     return t
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(request, workdir, envoy, cp):
+    """After the last test (teardown): no secret the corpus issued appears in
+    any log, access log, the database and its WAL, Envoy's admin endpoints,
+    the control plane's /status, or any response the corpus received; no Wasm
+    VM failed. Fails the run."""
+    yield
+    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+
+    def no_secret_anywhere():
+        if whole:
+            assert len(SECRETS) >= 10 and RESPONSES, "the corpus issues tokens and sends requests first"
+        must_exist = {"apitokens.db", "envoy.log", "access.log", "serve-01.log"} if whole else set()
+        leaks.search_run(workdir, envoy, cp, SECRETS, must_exist, {"responses": "\n".join(RESPONSES)})
+
+    def no_wasm_failure():
+        no_wasm_failures(envoy)
+        assert envoy.running
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere, "no Wasm failure": no_wasm_failure})
