@@ -15,7 +15,7 @@ Modules:
   load, kill9   the fault drills' load generator and kill -9 loop
 
 Every suite's pytest.ini puts tests/lib on the import path (`pythonpath =
-../lib`); scripts get it from the environment (PYTHONPATH=tests/lib, as the
-Makefile's bench targets set it). Import as `from testkit import harness` or
-`from testkit.controlplane import ControlPlane`.
+../lib`); a script gets it from the environment (PYTHONPATH=tests/lib, as
+`make bench-scale` sets it for bench/scale.py). Import as `from testkit import
+harness` or `from testkit.controlplane import ControlPlane`.
 """
