@@ -161,14 +161,13 @@ fn deny_all() -> Rc<Active> {
 /// with the same plugin name and the same lineage (the token store they were
 /// built from), so that two control planes feeding one Envoy under the same
 /// resource name never drop each other's tables.
-fn lineage() -> Option<Vec<u8>> {
-    let head = abi::plugin_configuration(compact::LINEAGE_END).ok()?;
-    if !compact::is_compact(&head) {
+fn lineage(head: &[u8]) -> Option<Vec<u8>> {
+    if !compact::is_compact(head) {
         return None;
     }
     let mut key = abi::property("plugin_name").ok().flatten()?;
     key.push(0);
-    key.extend_from_slice(compact::lineage(&head).unwrap_or_default());
+    key.extend_from_slice(compact::lineage(head).unwrap_or_default());
     Some(key)
 }
 
@@ -177,7 +176,9 @@ fn configure(root: u32, size: usize) -> bool {
     define_metrics();
     refresh_log_level();
     let _ = abi::set_tick_period_ms(TICK_MS);
-    let lineage = lineage();
+    let head = abi::plugin_configuration(compact::GENERATION_END).unwrap_or_default();
+    let lineage = lineage(&head);
+    let generation = compact::generation(&head);
     // Drop the tables this configuration supersedes before reading it (see
     // the module comment); if it were refused, those roots refuse everything.
     let superseded: Vec<u32> = ROOTS.with(|r| {
@@ -216,13 +217,14 @@ fn configure(root: u32, size: usize) -> bool {
             log(
                 Level::Info,
                 format_args!(
-                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB",
+                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB{}",
                     config.token_count(),
                     config.rules().len(),
                     size,
                     elapsed / 1_000_000,
                     elapsed / 1_000 % 1_000,
-                    vm_memory_kib()
+                    vm_memory_kib(),
+                    Generation(generation)
                 ),
             );
             let active = Rc::new(Active::new(config));
@@ -241,6 +243,18 @@ fn configure(root: u32, size: usize) -> bool {
             // Names the field, never a value: see ConfigError.
             log(Level::Error, format_args!("configuration rejected: {e}"));
             false
+        }
+    }
+}
+
+/// `, version N` for a compact configuration from the control plane.
+struct Generation(Option<u64>);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, ", version {n}"),
+            None => Ok(()),
         }
     }
 }

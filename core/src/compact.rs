@@ -11,9 +11,16 @@
 //! ```text
 //! "APTK" u8 version (2) 3 x u8 zero
 //! 16 bytes lineage (version 2 only): who made the table, see below
+//! u64 generation (version 2 only): the configuration version it carries
 //! u32 S, then S bytes of JSON: the configuration without `tokens`
 //! the token table section (see `table`)
 //! ```
+//!
+//! The generation makes every version's bytes unique. Envoy reuses a plugin
+//! whose configuration bytes equal a still-loaded earlier one, without
+//! calling `on_configure`; a revocation that restores an earlier token set
+//! (create, then delete) would otherwise revive that earlier plugin, whose
+//! table this filter may already have replaced.
 //!
 //! The lineage identifies the token store the table was built from (the same
 //! for every control-plane replica on one store, different for another
@@ -32,6 +39,8 @@ pub const LINEAGE_LEN: usize = 16;
 /// Bytes up to and including the lineage: what a filter reads to decide
 /// whether a configuration supersedes another.
 pub const LINEAGE_END: usize = 8 + LINEAGE_LEN;
+/// Bytes up to and including the generation.
+pub const GENERATION_END: usize = LINEAGE_END + 8;
 
 pub type Lineage = [u8; LINEAGE_LEN];
 
@@ -50,10 +59,24 @@ pub fn lineage(head: &[u8]) -> Option<&[u8]> {
     head.get(8..LINEAGE_END)
 }
 
+/// The generation of a compact configuration (from its first
+/// [`GENERATION_END`] bytes); `None` for JSON and for version 1.
+pub fn generation(head: &[u8]) -> Option<u64> {
+    lineage(head)?;
+    Some(u64::from_le_bytes(head.get(LINEAGE_END..GENERATION_END)?.try_into().ok()?))
+}
+
+/// Sets the generation of a header made by [`header`].
+pub fn set_generation(header: &mut [u8], generation: u64) {
+    if let Some(field) = header.get_mut(LINEAGE_END..GENERATION_END) {
+        field.copy_from_slice(&generation.to_le_bytes());
+    }
+}
+
 /// The header and settings of a compact configuration: `settings` (its
 /// `tokens` must be empty) checked with the filter's own validation, so the
 /// encoder never emits what the filter would refuse. The table section
-/// follows it.
+/// follows it. The generation is 0 until [`set_generation`].
 pub fn header(settings: &PluginConfig, lineage: &Lineage) -> Result<Vec<u8>, ConfigError> {
     if !settings.tokens.is_empty() {
         return Err(ConfigError::new(
@@ -64,10 +87,11 @@ pub fn header(settings: &PluginConfig, lineage: &Lineage) -> Result<Vec<u8>, Con
     Config::from_spec(settings)?;
     let json = settings.to_json();
     let json_len = u32::try_from(json.len()).map_err(|_| ConfigError::new("configuration", "settings too large"))?;
-    let mut out = Vec::with_capacity(LINEAGE_END + 4 + json.len());
+    let mut out = Vec::with_capacity(GENERATION_END + 4 + json.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, 0, 0, 0]);
     out.extend_from_slice(lineage);
+    out.extend_from_slice(&0u64.to_le_bytes());
     out.extend_from_slice(&json_len.to_le_bytes());
     out.extend_from_slice(json.as_bytes());
     Ok(out)
@@ -95,7 +119,7 @@ impl Config {
         let header = |problem: &str| ConfigError::new("configuration", problem.to_owned());
         let settings_at = match bytes.get(4..8) {
             Some([1, 0, 0, 0]) => 8,
-            Some([VERSION, 0, 0, 0]) => LINEAGE_END,
+            Some([VERSION, 0, 0, 0]) => GENERATION_END,
             _ => return Err(header("unsupported version of the compact encoding")),
         };
         let truncated = || header("the compact encoding is truncated");

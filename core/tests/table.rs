@@ -78,6 +78,10 @@ fn compact_encoding_decides_like_json() {
     let bytes = compact::encode(&spec, &LINEAGE).unwrap();
     assert!(compact::is_compact(&bytes));
     assert_eq!(compact::lineage(&bytes[..compact::LINEAGE_END]), Some(&LINEAGE[..]));
+    let mut stamped = bytes.clone();
+    compact::set_generation(&mut stamped, 42);
+    assert_eq!(compact::generation(&stamped[..compact::GENERATION_END]), Some(42));
+    assert_eq!(compact::generation(&bytes), Some(0));
     let from_compact = Config::from_plugin_configuration(bytes).unwrap();
     let from_json = Config::from_plugin_configuration(json.into_bytes()).unwrap();
     assert_eq!(from_compact.token_count(), from_json.token_count());
@@ -179,7 +183,7 @@ fn compact_tables_are_validated_like_json() {
         ..PluginConfig::default()
     };
     let good = compact::encode(&spec, &LINEAGE).unwrap();
-    let at = compact::LINEAGE_END;
+    let at = compact::GENERATION_END;
     let settings_len = u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
     let table = at + 4 + settings_len;
     let entry = |i: usize| table + 4 + i * 52;

@@ -85,7 +85,7 @@ impl Publisher {
             ..PluginConfig::default()
         };
         let (revision, records) = store.load().await?;
-        let table = build(Arc::clone(&header), records).await?;
+        let table = build(stamped(&header, revision), records).await?;
         let next_expiry = store.next_expiry().await?;
         let spare = spares(table.table().buffer().len()).await;
         let snapshot = snapshot(Version::from(revision), &table, &api_settings)?;
@@ -187,7 +187,7 @@ impl Publisher {
         let changes = self.store.changes_since(live.revision).await?;
         let applied = match changes {
             Changes::Since { revision, .. } if revision == live.revision => return Ok(()),
-            Changes::Since { revision, changed } => match self.edit(live, changed).await {
+            Changes::Since { revision, changed } => match self.edit(live, revision, changed).await {
                 Ok(content_changed) => Some((revision, content_changed)),
                 Err(e) => {
                     tracing::warn!("could not apply the store's changes, reloading everything: {e}");
@@ -200,7 +200,7 @@ impl Publisher {
             Some((revision, content_changed)) => (revision, content_changed, "applied"),
             None => {
                 let (revision, records) = self.store.load().await?;
-                live.table = Some(build(Arc::clone(&self.header), records).await?);
+                live.table = Some(build(stamped(&self.header, revision), records).await?);
                 (revision, true, "reloaded")
             }
         };
@@ -236,7 +236,12 @@ impl Publisher {
     }
 
     /// Edits the table off the async threads; whether its content changed.
-    async fn edit(&self, live: &mut Live, changed: Vec<(String, Option<TokenRecord>)>) -> Result<bool, PublishError> {
+    async fn edit(
+        &self,
+        live: &mut Live,
+        revision: Revision,
+        changed: Vec<(String, Option<TokenRecord>)>,
+    ) -> Result<bool, PublishError> {
         let mut table = live
             .table
             .take()
@@ -248,7 +253,7 @@ impl Publisher {
             .map(|i| live.spare.swap_remove(i))
             .and_then(|b| Arc::try_unwrap(b).ok())
             .unwrap_or_default();
-        let header = Arc::clone(&self.header);
+        let header = stamped(&self.header, revision);
         let job = tokio::task::spawn_blocking(move || {
             let changes: Vec<Change<'_>> = changed
                 .iter()
@@ -338,7 +343,15 @@ async fn spares(len: usize) -> Vec<Arc<Vec<u8>>> {
 }
 
 /// A whole table from the store's records, off the async threads.
-async fn build(header: Arc<Vec<u8>>, records: Vec<TokenRecord>) -> Result<LiveTable, PublishError> {
+/// The header of version `revision`: every version's bytes differ (see
+/// `compact`), even when its tokens are those of an earlier one.
+fn stamped(header: &[u8], revision: Revision) -> Vec<u8> {
+    let mut header = header.to_vec();
+    compact::set_generation(&mut header, revision.0);
+    header
+}
+
+async fn build(header: Vec<u8>, records: Vec<TokenRecord>) -> Result<LiveTable, PublishError> {
     tokio::task::spawn_blocking(move || {
         let entries: Vec<_> = records.iter().filter(|r| !r.retired).map(TokenRecord::entry).collect();
         LiveTable::build(&header, &entries)
