@@ -63,7 +63,9 @@ pub fn lineage(head: &[u8]) -> Option<&[u8]> {
 /// [`GENERATION_END`] bytes); `None` for JSON and for version 1.
 pub fn generation(head: &[u8]) -> Option<u64> {
     lineage(head)?;
-    Some(u64::from_le_bytes(head.get(LINEAGE_END..GENERATION_END)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        head.get(LINEAGE_END..GENERATION_END)?.try_into().ok()?,
+    ))
 }
 
 /// Sets the generation of a header made by [`header`].

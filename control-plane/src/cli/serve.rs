@@ -123,9 +123,8 @@ fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>
     let (Some(cert), Some(key), Some(ca)) = (&args.xds_tls_cert, &args.xds_tls_key, &args.xds_client_ca) else {
         return Ok(None);
     };
-    let read = |flag: &str, path: &PathBuf| {
-        std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()))
-    };
+    let read =
+        |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()));
     let identity = tonic::transport::Identity::from_pem(read("xds-tls-cert", cert)?, read("xds-tls-key", key)?);
     let ca = tonic::transport::Certificate::from_pem(read("xds-client-ca", ca)?);
     Ok(Some(
