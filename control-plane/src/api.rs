@@ -41,11 +41,13 @@ pub struct AppState {
     engine: Arc<Engine>,
 }
 
-/// The HTTP application: `/apitokens/v1/...`, `GET /healthz`, `GET /status`.
+/// The HTTP application: `/apitokens/v1/...`, `GET /healthz`, `GET /status`,
+/// and the web console under `/console/` ([`crate::console`]).
 pub fn app(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .merge(crate::console::router())
         .fallback(api)
         .with_state(Arc::new(AppState { engine }))
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod clock;
+pub mod console;
 pub mod ecds;
 pub mod engine;
 pub mod file_ecds;
