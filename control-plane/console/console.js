@@ -488,10 +488,19 @@
     );
   }
 
-  function secretClosed() {
-    // Gone from the page once the dialog is closed.
+  function forgetSecret() {
     $("secret-value").value = "";
     setText("secret-copy-status", "");
+  }
+
+  function closeSecret() {
+    forgetSecret();
+    $("secret-dialog").close();
+  }
+
+  function secretClosed() {
+    // Gone from the page once the dialog is closed, however it was closed.
+    forgetSecret();
     setText("secret-name", "");
     const target = focusAfterSecret;
     focusAfterSecret = null;
@@ -602,7 +611,8 @@
     $("create-cancel").addEventListener("click", () => $("create-dialog").close());
     $("create-name").addEventListener("input", updateFullName);
     $("secret-copy").addEventListener("click", copySecret);
-    $("secret-done").addEventListener("click", () => $("secret-dialog").close());
+    $("secret-done").addEventListener("click", closeSecret);
+    $("secret-dialog").addEventListener("cancel", forgetSecret);
     $("secret-dialog").addEventListener("close", secretClosed);
     $("confirm-cancel").addEventListener("click", () => $("confirm-dialog").close());
     $("confirm-ok").addEventListener("click", confirmed);
