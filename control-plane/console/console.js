@@ -422,7 +422,8 @@
     busy(form, false);
     $("create-dialog").close();
     showSecret("Token created", data && data.apiToken, $("create-open"));
-    refresh();
+    await refresh();
+    setText("tokens-status", `Token “${id}” was created.`);
   }
 
   function showCreateError(err, ns, id) {

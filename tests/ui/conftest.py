@@ -262,8 +262,8 @@ def namespace(cp, envoy):
     """A fresh namespace and its bootstrap owner token (`apitokens bootstrap`
     next to the running control plane), enforced by Envoy before the test."""
 
-    def make(prefix: str = "team") -> tuple[str, str]:
-        ns = f"{prefix}-{next(_counter)}"
+    def make(prefix: str = "team", exact: bool = False) -> tuple[str, str]:
+        ns = prefix if exact else f"{prefix}-{next(_counter)}"
         owner = cp.bootstrap(ns, "admin")
         poll(lambda: request(envoy.port, "GET", tokens_path(ns), owner).status == 200, 10,
              f"owner of {ns} enforced")
