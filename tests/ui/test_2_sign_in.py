@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from controlplane import SECRETS, create, request, tokens_path
+from controlplane import request, tokens_path
 
 
 def test_sign_in_lists_the_namespace_tokens(console, namespace):
@@ -23,12 +23,13 @@ def test_sign_in_lists_the_namespace_tokens(console, namespace):
     headers = page.locator("#tokens-table thead th:visible").all_inner_texts()
     assert [h.strip().lower() for h in headers] == ["name", "role", "created", "expires", "actions"]
     # The token went nowhere but the Authorization header: not the URL, not a field.
-    assert owner not in page.url
+    in_url = owner in page.url
+    assert not in_url, "the owner token is not in the URL"
     assert page.get_by_label("Owner token").input_value() == ""
     console.axe("token list")
 
 
-def test_a_bad_owner_token_is_refused_in_words(console, namespace):
+def test_a_bad_owner_token_is_refused_in_words(console, namespace, issue):
     ns, owner = namespace()
     form = console.signin
     # Unknown (a well-formed secret nobody issued): the filter answers 401.
@@ -45,7 +46,7 @@ def test_a_bad_owner_token_is_refused_in_words(console, namespace):
     expect(token_error).to_contain_text("This is not a token")
     assert "my secret" not in console.page.content()
     # A valid token of another role: 403 in words.
-    viewer = create(console.envoy.port, owner, "reader", "viewer", ns=ns).json()["apiToken"]["secret"]
+    viewer = issue(ns, owner, "reader", "viewer")
     console.sign_in(ns, viewer, ok=False)
     expect(form.get_by_role("alert")).to_have_text(
         f"This token is not an owner of namespace “{ns}”. Only an owner token of a namespace can manage its API tokens.")
@@ -75,11 +76,11 @@ def test_markup_in_the_namespace_field_stays_text(console, namespace):
     console.axe("sign-in, invalid namespace")
 
 
-def test_two_namespaces_signed_in_at_once(console, namespace):
+def test_two_namespaces_signed_in_at_once(console, namespace, issue):
     page = console.page
     (ns_a, owner_a), (ns_b, owner_b) = namespace("alpha"), namespace("beta")
-    create(console.envoy.port, owner_a, "only-in-a", "viewer", ns=ns_a)
-    create(console.envoy.port, owner_b, "only-in-b", "editor", ns=ns_b)
+    issue(ns_a, owner_a, "only-in-a", "viewer")
+    issue(ns_b, owner_b, "only-in-b", "editor")
     console.sign_in(ns_a, owner_a)
     assert set(console.rows()) == {"admin", "only-in-a"}
     page.get_by_role("button", name="Sign in to another namespace").click()
@@ -122,12 +123,12 @@ def test_a_tab_keeps_its_own_sign_ins(console, second_console, namespace):
     expect(console.page.get_by_role("heading", name="Sign in")).to_be_visible()
 
 
-def test_401_returns_to_sign_in(console, namespace, until):
+def test_401_returns_to_sign_in(console, namespace, until, issue):
     """The owner token is revoked elsewhere while the page is signed in: the
     next call gets 401 and the page asks to sign in again."""
     page = console.page
     ns, owner = namespace()
-    second = create(console.envoy.port, owner, "second-owner", "owner", ns=ns).json()["apiToken"]["secret"]
+    second = issue(ns, owner, "second-owner", "owner")
     console.sign_in(ns, second)
     # Revoked by the first owner, through the gateway, and enforced.
     assert request(console.envoy.port, "DELETE", tokens_path(ns, "second-owner"), owner).status == 200

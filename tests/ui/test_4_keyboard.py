@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from controlplane import SECRETS, request, tokens_path
+from controlplane import request, tokens_path
 
 
 def tab_to(page, locator, limit: int = 30):
@@ -56,8 +56,7 @@ def test_keyboard_only(console, namespace):
     # The secret dialog: Copy has the focus; Enter copies, Tab reaches Done.
     s = console.secret_dialog
     expect(s.get_by_role("button", name="Copy")).to_be_focused()
-    secret = s.get_by_label("Secret").input_value()
-    SECRETS.append(secret)
+    secret = console.shown_secret()
     kb.press("Enter")
     expect(s.get_by_role("status")).to_have_text("Copied to the clipboard.")
     copied = page.evaluate("navigator.clipboard.readText()") == secret

@@ -50,13 +50,12 @@ def test_quota_429_in_words(console, namespace):
     console.page.unroute_all()
 
 
-def test_last_used_column_when_tokens_carry_it(console, namespace):
+def test_last_used_column_when_tokens_carry_it(console, namespace, issue):
     """Tokens will carry `lastUseTime` (another issue). The real list answer
     is extended with it in the browser: the Last used column appears, with
     "Never" for tokens not used yet."""
     ns, owner = namespace()
-    request(console.envoy.port, "POST", tokens_path(ns), owner,
-            {"name": f"namespaces/{ns}/apitokens/unused", "role": "viewer"})
+    issue(ns, owner, "unused", "viewer")
     # Without the field: no column.
     console.sign_in(ns, owner)
     expect(console.page.get_by_role("columnheader", name="Last used")).to_be_hidden()
