@@ -557,35 +557,32 @@
     };
   }
 
-  async function regenerate(id) {
+  /** A confirmed row action: the API call, then the confirmation closed.
+   *  Resolves to { data } on success, null once a failure has been shown. */
+  async function rowAction(id, what, method, path, body) {
     const ns = current;
     clearMessages();
     let data;
     try {
-      data = await call(ns, sessions.get(ns), "POST", `/${encodeURIComponent(id)}:regenerate`, {});
+      data = await call(ns, sessions.get(ns), method, path, body);
     } catch (err) {
       $("confirm-dialog").close();
-      if (handleUnauthorized(err, ns)) return;
-      await actionFailed(err, "regenerate", ns, id);
-      return;
+      if (!handleUnauthorized(err, ns)) await actionFailed(err, what, ns, id);
+      return null;
     }
     $("confirm-dialog").close();
-    showSecret(`New secret for ${id}`, data && data.apiToken, focusRowButton("Regenerate", id));
+    return { data };
+  }
+
+  async function regenerate(id) {
+    const done = await rowAction(id, "regenerate", "POST", `/${encodeURIComponent(id)}:regenerate`, {});
+    if (!done) return;
+    showSecret(`New secret for ${id}`, done.data && done.data.apiToken, focusRowButton("Regenerate", id));
     refresh();
   }
 
   async function revoke(id) {
-    const ns = current;
-    clearMessages();
-    try {
-      await call(ns, sessions.get(ns), "DELETE", `/${encodeURIComponent(id)}`);
-    } catch (err) {
-      $("confirm-dialog").close();
-      if (handleUnauthorized(err, ns)) return;
-      await actionFailed(err, "revoke", ns, id);
-      return;
-    }
-    $("confirm-dialog").close();
+    if (!(await rowAction(id, "revoke", "DELETE", `/${encodeURIComponent(id)}`))) return;
     await refresh();
     setText("tokens-status", `Token “${id}” was revoked: its secret no longer works.`);
     $("tokens-title").focus();

@@ -147,3 +147,32 @@ def test_401_returns_to_sign_in(console, namespace, until, issue):
     assert request(console.envoy.port, "GET", tokens_path(ns, "after-revoke"), owner).status == 404
     console.axe("signed out by a 401")
     console.sign_in(ns, owner)
+
+
+def test_without_its_script_the_form_sends_nothing(console, namespace):
+    """Should console.js fail to load, submitting the sign-in form must not put
+    the token in a URL: the fields have no names, and the policy's
+    `form-action 'none'` blocks the submission."""
+    ns, owner = namespace()
+    page = console.page
+    page.route("**/console/console.js", lambda route: route.abort())
+    page.reload()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    before = page.url
+    form = console.signin
+    form.get_by_label("Namespace").fill(ns)
+    form.get_by_label("Owner token").fill(owner)
+    with page.expect_console_message(lambda m: "form-action" in m.text) as message:
+        page.keyboard.press("Enter")  # the focus is in the Owner token field
+    # Blocked; and what it would have sent names no field.
+    # (Compared as a boolean: the message would quote a field's value.)
+    nothing_named = message.value.text.startswith(f"Sending form data to '{console.url}?'")
+    assert nothing_named, "the blocked submission carried no field"
+    page.wait_for_timeout(200)
+    assert page.url == before
+    in_log = owner in console.envoy.access_log_path.read_text()
+    assert not in_log, "the owner token reached no URL"
+    # The expected violation, and only that one.
+    assert all("form-action" in p for p in console.problems), console.problems
+    console.problems.clear()
+    page.unroute_all()
