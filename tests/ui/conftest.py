@@ -290,8 +290,8 @@ def issue(envoy):
     """issue(ns, owner, token_id, role): a token created through the gateway
     (not the console); its secret, remembered for the leak search."""
 
-    def make(ns: str, owner: str, token_id: str, role: str) -> Hidden:
-        r = create(envoy.port, owner, token_id, role, ns=ns)
+    def make(ns: str, owner: str, token_id: str, role: str, **extra) -> Hidden:
+        r = create(envoy.port, owner, token_id, role, ns=ns, **extra)
         assert r.status == 200, f"create {token_id}: {r.status}"
         return Hidden(r.json()["apiToken"]["secret"])
 

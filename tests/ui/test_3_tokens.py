@@ -42,9 +42,15 @@ def test_create_copy_and_use_each_role(console, namespace, until, role):
     check_at_gateway(console.envoy, until, ns, secret, role)
 
 
-def test_create_with_an_expiry_date(console, namespace, until):
+def test_create_with_an_expiry_date(console, namespace, until, issue):
     ns, owner = namespace()
+    # One that expires in a moment (created through the API: the form takes dates).
+    soon = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=2)
+    issue(ns, owner, "brief", "viewer", expireTime=soon.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    console.page.wait_for_timeout(max(0.0, (soon - dt.datetime.now(dt.timezone.utc)).total_seconds()) * 1000 + 100)
     console.sign_in(ns, owner)
+    assert console.rows()["brief"]["Expires"] == f"Expired {soon.strftime('%Y-%m-%d %H:%M')} UTC"
+    expect(console.page.get_by_role("row", name="brief").locator("td.expired")).to_have_count(1)
     day = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)).date().isoformat()
     secret = console.create("expiring", "editor", day)
     assert console.rows()["expiring"]["Expires"] == f"{day} 00:00 UTC"
