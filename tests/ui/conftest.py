@@ -37,6 +37,9 @@ from leaks import search_run
 
 REPO = Path(__file__).resolve().parents[2]
 VIEWPORT = {"width": 1200, "height": 720}
+# Generous waits: the machine may be busy (2 cores, other suites); a wait
+# only ever ends early when the expected state is there.
+expect.set_options(timeout=10_000)
 # What Envoy's upstream serves for a token's namespace (the echo server):
 # GET lists (viewer and up), POST creates (editor and up).
 APP = "/api/v1/namespaces/{ns}/deployments"
@@ -307,7 +310,7 @@ def until():
     """until(envoy, method, path, secret, status): Envoy's answer once the
     pushed configuration carries the change (fresh connection per try)."""
 
-    def wait(envoy, method: str, path: str, secret: str | None, status: int, timeout: float = 5.0) -> float:
+    def wait(envoy, method: str, path: str, secret: str | None, status: int, timeout: float = 10.0) -> float:
         start = time.monotonic()
         poll(lambda: gateway_status(envoy, method, path, secret) == status, timeout,
              f"{method} {path} -> {status}")

@@ -45,7 +45,7 @@ def test_create_copy_and_use_each_role(console, namespace, until, role):
 def test_create_with_an_expiry_date(console, namespace, until, issue):
     ns, owner = namespace()
     # One that expires in a moment (created through the API: the form takes dates).
-    soon = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=2)
+    soon = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=3)
     issue(ns, owner, "brief", "viewer", expireTime=soon.strftime("%Y-%m-%dT%H:%M:%SZ"))
     console.page.wait_for_timeout(max(0.0, (soon - dt.datetime.now(dt.timezone.utc)).total_seconds()) * 1000 + 100)
     console.sign_in(ns, owner)
