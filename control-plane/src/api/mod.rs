@@ -1,5 +1,6 @@
 //! The HTTP surface: the token REST API (`/apitokens/v1/...`, a thin adapter
-//! over [`tokens::Service`]), `GET /healthz` and `GET /status`.
+//! over [`tokens::Service`]), `GET /healthz`, `GET /status`, and the web
+//! console under `/console/` ([`console`]).
 //!
 //! Every token call is authenticated and authorized with the filter's own
 //! decision code against the published table and the built-in permission
@@ -7,6 +8,7 @@
 //! and nobody else anything. Paths are parsed from the raw request path,
 //! never percent-decoded, exactly as the filter sees them.
 
+pub mod console;
 mod error;
 mod extract;
 mod status;
@@ -61,6 +63,7 @@ pub fn app(state: Arc<AppState>) -> Router {
                 .post(tokens::action)
                 .fallback(tokens::item_method_not_allowed),
         )
+        .merge(console::router())
         .fallback(|| async { AppError::UnknownPath })
         .layer(middleware::from_fn(log_request))
         .with_state(state)
