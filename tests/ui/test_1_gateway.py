@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from controlplane import request, tokens_path
+from testkit.clients import request
+from testkit.controlplane import tokens_path
 
 ASSETS = {
     "/console/": "text/html; charset=utf-8",

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from controlplane import request, tokens_path
+from testkit.clients import request
+from testkit.controlplane import tokens_path
 
 
 def test_sign_in_lists_the_namespace_tokens(console, namespace):

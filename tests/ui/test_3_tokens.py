@@ -9,7 +9,8 @@ import datetime as dt
 import pytest
 from playwright.sync_api import expect
 
-from controlplane import request, tokens_path
+from testkit.clients import request
+from testkit.controlplane import tokens_path
 
 APP = "/api/v1/namespaces/{ns}/deployments"
 # What each role may do at the gateway: list the app's resources, create

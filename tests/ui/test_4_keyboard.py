@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from controlplane import request, tokens_path
+from testkit.clients import request
+from testkit.controlplane import tokens_path
 
 
 def tab_to(page, locator, limit: int = 30):
