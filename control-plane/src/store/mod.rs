@@ -1,6 +1,7 @@
 //! Durable token storage behind the [`Store`] interface. The embedded default
-//! is SQLite in a file ([`SqliteStore`]); a shared SQL server can implement
-//! the same trait to serve several control-plane replicas.
+//! is SQLite in a file ([`SqliteStore`]); PostgreSQL ([`PostgresStore`])
+//! serves several control-plane replicas. [`Location`] is what `--store`
+//! names.
 //!
 //! Only SHA-256 digests of secrets are stored, never secrets.
 //!
@@ -10,8 +11,14 @@
 //! apply just that: its own writes, another process's (`bootstrap`,
 //! `import`) and another replica's alike.
 
+#[cfg(test)]
+pub(crate) mod contract;
+mod postgres;
+mod row;
 mod sqlite;
 
+pub use postgres::PostgresStore;
+pub(crate) use postgres::ENVOYS_CHANNEL;
 pub use sqlite::SqliteStore;
 
 use apitokens_core::compact::Lineage;
@@ -20,6 +27,9 @@ use apitokens_core::table::{Digest, Entry};
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
 
 /// The store's change counter: every write advances it by one, in every
 /// process and replica sharing the store.
@@ -130,4 +140,129 @@ pub trait Store: Send + Sync {
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError>;
     /// Identifies this store: the same for every process using it.
     fn lineage(&self) -> Lineage;
+    /// Changes (the value is a counter) soon after another process or
+    /// replica commits a write, so the publisher applies it at once instead
+    /// of at its next poll; `None`: no notifications (SQLite), poll only.
+    /// Spawns its listener on the current tokio runtime at the first call.
+    fn change_feed(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Where the tokens are: `--store` (or `--db`, a SQLite file).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    /// The URL as given: it may carry a password, so it is never shown
+    /// (`Debug` and `Display` leave it out).
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://...` or `postgresql://...`; `sqlite:PATH`; anything else
+    /// is a SQLite file path.
+    pub fn parse(text: &str) -> Self {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Self::Postgres(text.to_owned())
+        } else {
+            let path = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:"));
+            Self::Sqlite(PathBuf::from(path.unwrap_or(text)))
+        }
+    }
+
+    /// Opens the store: a SQLite file is created if missing (`must_exist`:
+    /// refused instead); PostgreSQL gets the migrations it lacks.
+    pub async fn open(&self, must_exist: bool) -> Result<Arc<OpenStore>, StoreError> {
+        Ok(Arc::new(match self {
+            Self::Sqlite(path) if must_exist => OpenStore::Sqlite(SqliteStore::open_existing(path)?),
+            Self::Sqlite(path) => OpenStore::Sqlite(SqliteStore::open(path)?),
+            Self::Postgres(url) => OpenStore::Postgres(PostgresStore::connect(url).await?),
+        }))
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => path.display().fmt(f),
+            Self::Postgres(_) => f.write_str("the PostgreSQL database"),
+        }
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Location({self})")
+    }
+}
+
+/// An opened store, as the command line uses it: any [`Store`], and for
+/// PostgreSQL what replicas share beyond the tokens.
+pub enum OpenStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl OpenStore {
+    pub fn store(self: &Arc<Self>) -> Arc<dyn Store> {
+        Arc::clone(self) as Arc<dyn Store>
+    }
+
+    /// Where it is, for messages (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(_) => "the SQLite database".to_owned(),
+            Self::Postgres(p) => p.describe().to_owned(),
+        }
+    }
+}
+
+/// Every call goes to the backend.
+#[async_trait]
+impl Store for OpenStore {
+    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
+        self.inner().insert(records, quota).await
+    }
+    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner().get(name).await
+    }
+    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        self.inner().list(namespace).await
+    }
+    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+        self.inner().replace_digest(name, digest).await
+    }
+    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
+        self.inner().delete(name).await
+    }
+    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
+        self.inner().load().await
+    }
+    async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError> {
+        self.inner().changes_since(revision).await
+    }
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        self.inner().revision().await
+    }
+    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
+        self.inner().retire_expired(cutoff).await
+    }
+    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.inner().next_expiry().await
+    }
+    fn lineage(&self) -> Lineage {
+        self.inner().lineage()
+    }
+    fn change_feed(&self) -> Option<watch::Receiver<u64>> {
+        self.inner().change_feed()
+    }
+}
+
+impl OpenStore {
+    fn inner(&self) -> &dyn Store {
+        match self {
+            Self::Sqlite(s) => s,
+            Self::Postgres(p) => p,
+        }
+    }
 }

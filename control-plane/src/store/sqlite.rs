@@ -6,11 +6,11 @@
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
 
+use super::row::{decode, Row, COLUMNS};
 use super::{Changes, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
-use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
-use apitokens_core::{Role, Timestamp};
+use apitokens_core::Timestamp;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::BTreeMap;
@@ -50,10 +50,10 @@ CREATE TABLE meta (
 ";
 
 /// Revisions the change log keeps: a replica further behind loads everything.
-const CHANGES_KEPT: u64 = 10_000;
+pub(super) const CHANGES_KEPT: u64 = 10_000;
 /// A write that changes more tokens than this (a bulk import) restarts the
 /// change log instead of listing them: whoever is behind loads everything.
-const CHANGES_PER_WRITE: usize = 10_000;
+pub(super) const CHANGES_PER_WRITE: usize = 10_000;
 
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -329,10 +329,6 @@ fn commit_revision<'n>(
     Ok(Revision(u64::try_from(revision).unwrap_or(0)))
 }
 
-const COLUMNS: &str = "name, role, secret_sha256, create_seconds, create_nanos, expire_seconds, expire_nanos, retired";
-
-type Row = (String, String, String, i64, i64, Option<i64>, Option<i64>, bool);
-
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
         row.get(0)?,
@@ -344,36 +340,6 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         row.get(6)?,
         row.get(7)?,
     ))
-}
-
-/// A row as a record; a row that does not decode is an error naming it.
-fn decode(
-    (name, role, digest, create_s, create_n, expire_s, expire_n, retired): Row,
-) -> Result<TokenRecord, StoreError> {
-    let corrupt = |problem: &str| StoreError::Corrupt {
-        name: name.clone(),
-        problem: problem.to_owned(),
-    };
-    let time = |secs: i64, nanos: i64| {
-        u32::try_from(nanos)
-            .ok()
-            .filter(|n| *n < 1_000_000_000)
-            .map(|n| Timestamp::from_unix(secs, n))
-    };
-    TokenName::parse(&name).map_err(|_| corrupt("not a token name"))?;
-    let record = TokenRecord {
-        role: Role::parse(&role).ok_or_else(|| corrupt("unknown role"))?,
-        digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
-        create_time: time(create_s, create_n).ok_or_else(|| corrupt("bad create time"))?,
-        expire_time: match (expire_s, expire_n) {
-            (None, None) => None,
-            (Some(s), Some(n)) => Some(time(s, n).ok_or_else(|| corrupt("bad expire time"))?),
-            _ => return Err(corrupt("bad expire time")),
-        },
-        retired,
-        name: name.clone(),
-    };
-    Ok(record)
 }
 
 fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>, StoreError> {
@@ -620,210 +586,15 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::testutil::TempDir;
+    use apitokens_core::Role;
 
-    fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
-        TokenRecord {
-            name: name.to_owned(),
-            role,
-            digest: Digest([digest_byte; 32]),
-            create_time: Timestamp::from_unix(1_700_000_000, 0),
-            expire_time: None,
-            retired: false,
-        }
-    }
+    use crate::store::contract::{record, store_contract_tests};
 
-    fn store(dir: &TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("t.db")).unwrap()
-    }
-
-    #[tokio::test]
-    async fn insert_get_list_delete() {
+    store_contract_tests!(async {
         let dir = TempDir::new("store");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        let mut b = record("namespaces/default/apitokens/b", Role::Viewer, 2);
-        b.expire_time = Some(Timestamp::from_unix(1_900_000_000, 500_000_000));
-        let c = record("namespaces/other/apitokens/a", Role::Editor, 3);
-        for r in [&b, &a, &c] {
-            store.insert(vec![r.clone()], None).await.unwrap();
-        }
-        assert_eq!(store.get(&a.name).await.unwrap(), Some(a.clone()));
-        assert_eq!(store.get(&b.name).await.unwrap(), Some(b.clone()));
-        assert_eq!(store.get("namespaces/default/apitokens/zzz").await.unwrap(), None);
-        assert_eq!(store.list("default").await.unwrap(), vec![a.clone(), b.clone()]);
-        assert_eq!(store.list("other").await.unwrap(), vec![c.clone()]);
-        assert_eq!(store.list("nobody").await.unwrap(), vec![]);
-        assert!(store.delete(&a.name).await.unwrap().is_some());
-        assert!(store.delete(&a.name).await.unwrap().is_none());
-        assert_eq!(store.load().await.unwrap().1, vec![b, c]);
-    }
-
-    #[tokio::test]
-    async fn duplicates_and_quota_are_refused_and_change_nothing() {
-        let dir = TempDir::new("store-dup");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        store.insert(vec![a.clone()], None).await.unwrap();
-        let rev = store.revision().await.unwrap();
-        let same_name = record("namespaces/default/apitokens/a", Role::Viewer, 2);
-        assert_eq!(
-            store.insert(vec![same_name], None).await,
-            Err(StoreError::NameTaken("namespaces/default/apitokens/a".into()))
-        );
-        let same_digest = record("namespaces/default/apitokens/b", Role::Viewer, 1);
-        assert_eq!(
-            store.insert(vec![same_digest], None).await,
-            Err(StoreError::DigestTaken)
-        );
-        let two = vec![
-            record("namespaces/default/apitokens/b", Role::Viewer, 2),
-            record("namespaces/default/apitokens/c", Role::Viewer, 3),
-        ];
-        assert_eq!(
-            store.insert(two.clone(), Some(2)).await,
-            Err(StoreError::QuotaExceeded {
-                namespace: "default".into(),
-                limit: 2
-            })
-        );
-        assert_eq!(store.revision().await.unwrap(), rev);
-        assert_eq!(store.load().await.unwrap().1, vec![a]);
-        store.insert(two, Some(3)).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn insert_is_all_or_nothing() {
-        let dir = TempDir::new("store-batch");
-        let store = store(&dir);
-        let batch = vec![
-            record("namespaces/default/apitokens/a", Role::Owner, 1),
-            record("namespaces/default/apitokens/b", Role::Owner, 2),
-            record("namespaces/default/apitokens/a", Role::Owner, 3),
-        ];
-        assert!(matches!(store.insert(batch, None).await, Err(StoreError::NameTaken(_))));
-        assert!(store.load().await.unwrap().1.is_empty());
-        assert_eq!(store.revision().await.unwrap(), Revision(0));
-    }
-
-    #[tokio::test]
-    async fn replace_digest_keeps_name_role_and_times() {
-        let dir = TempDir::new("store-replace");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        store.insert(vec![a.clone()], None).await.unwrap();
-        let rev = store.revision().await.unwrap();
-        let new_digest = Digest([0xab; 32]);
-        let (updated, rev2) = store.replace_digest(&a.name, new_digest).await.unwrap().unwrap();
-        assert_eq!(updated.digest, new_digest);
-        assert_eq!((updated.role, updated.create_time), (a.role, a.create_time));
-        assert!(rev2 > rev);
-        assert_eq!(
-            store
-                .replace_digest("namespaces/default/apitokens/none", new_digest)
-                .await
-                .unwrap(),
-            None
-        );
-        let b = record("namespaces/default/apitokens/b", Role::Editor, 2);
-        store.insert(vec![b.clone()], None).await.unwrap();
-        assert_eq!(
-            store.replace_digest(&b.name, new_digest).await,
-            Err(StoreError::DigestTaken)
-        );
-    }
-
-    #[tokio::test]
-    async fn changes_since_a_revision() {
-        let dir = TempDir::new("store-changes");
-        let store = store(&dir);
-        let r0 = store.revision().await.unwrap();
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
-        let r1 = store.insert(vec![a.clone(), b.clone()], None).await.unwrap();
-        assert_eq!(r1, Revision(r0.0 + 1));
-        let r2 = store.delete(&a.name).await.unwrap().unwrap();
-        let (b2, r3) = store.replace_digest(&b.name, Digest([9; 32])).await.unwrap().unwrap();
-        assert_eq!(
-            store.changes_since(r0).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![(a.name.clone(), None), (b.name.clone(), Some(b2.clone()))]
-            }
-        );
-        assert_eq!(
-            store.changes_since(r2).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![(b.name.clone(), Some(b2))]
-            }
-        );
-        assert_eq!(
-            store.changes_since(r3).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![]
-            }
-        );
-        // A revision from the future (another store, a restored backup).
-        assert_eq!(store.changes_since(Revision(r3.0 + 5)).await.unwrap(), Changes::TooOld);
-    }
-
-    #[tokio::test]
-    async fn bulk_writes_restart_the_change_log() {
-        let dir = TempDir::new("store-bulk");
-        let store = store(&dir);
-        let many: Vec<TokenRecord> = (0..=CHANGES_PER_WRITE)
-            .map(|i| TokenRecord {
-                digest: Digest::of(&i.to_le_bytes()),
-                ..record(&format!("namespaces/bulk/apitokens/t{i}"), Role::Viewer, 0)
-            })
-            .collect();
-        let r = store.insert(many, None).await.unwrap();
-        assert_eq!(store.changes_since(Revision(0)).await.unwrap(), Changes::TooOld);
-        assert_eq!(
-            store.changes_since(r).await.unwrap(),
-            Changes::Since {
-                revision: r,
-                changed: vec![]
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn expired_tokens_retire_once() {
-        let dir = TempDir::new("store-retire");
-        let store = store(&dir);
-        let mut soon = record("namespaces/default/apitokens/soon", Role::Owner, 1);
-        soon.expire_time = Some(Timestamp::from_unix(1000, 500));
-        let mut later = record("namespaces/default/apitokens/later", Role::Owner, 2);
-        later.expire_time = Some(Timestamp::from_unix(2000, 0));
-        let never = record("namespaces/default/apitokens/never", Role::Owner, 3);
-        let r0 = store
-            .insert(vec![soon.clone(), later.clone(), never.clone()], None)
-            .await
-            .unwrap();
-        assert_eq!(store.next_expiry().await.unwrap(), soon.expire_time);
-        assert_eq!(
-            store.retire_expired(Timestamp::from_unix(1000, 499)).await.unwrap(),
-            None
-        );
-        let r1 = store
-            .retire_expired(Timestamp::from_unix(1000, 500))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.retire_expired(Timestamp::from_unix(1500, 0)).await.unwrap(), None);
-        assert_eq!(store.next_expiry().await.unwrap(), later.expire_time);
-        let loaded: Vec<String> = store.load().await.unwrap().1.into_iter().map(|r| r.name).collect();
-        assert_eq!(loaded, [later.name.clone(), never.name.clone()]);
-        // Still listed, as retired; and the change is in the log.
-        assert!(store.get(&soon.name).await.unwrap().unwrap().retired);
-        let Changes::Since { revision, changed } = store.changes_since(r0).await.unwrap() else {
-            panic!()
-        };
-        assert_eq!(revision, r1);
-        assert!(changed[0].1.as_ref().unwrap().retired);
-    }
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        Some((Box::new(store) as Box<dyn Store>, dir))
+    });
 
     #[tokio::test]
     async fn file_store_is_durable_private_and_shared_between_handles() {
