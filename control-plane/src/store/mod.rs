@@ -149,6 +149,17 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// Resolves at `feed`'s next change (see [`Store::change_feed`]); never
+/// without a feed, or once its sender is gone.
+pub(crate) async fn notified(feed: &mut Option<watch::Receiver<u64>>) {
+    if let Some(rx) = feed {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
 /// Where the tokens are: `--store` (or `--db`, a SQLite file).
 #[derive(Clone, PartialEq, Eq)]
 pub enum Location {
@@ -176,7 +187,7 @@ impl Location {
         Ok(Arc::new(match self {
             Self::Sqlite(path) if must_exist => OpenStore::Sqlite(SqliteStore::open_existing(path)?),
             Self::Sqlite(path) => OpenStore::Sqlite(SqliteStore::open(path)?),
-            Self::Postgres(url) => OpenStore::Postgres(PostgresStore::connect(url).await?),
+            Self::Postgres(url) => OpenStore::Postgres(Arc::new(PostgresStore::connect(url).await?)),
         }))
     }
 }
@@ -200,7 +211,7 @@ impl fmt::Debug for Location {
 /// PostgreSQL what replicas share beyond the tokens.
 pub enum OpenStore {
     Sqlite(SqliteStore),
-    Postgres(PostgresStore),
+    Postgres(Arc<PostgresStore>),
 }
 
 impl OpenStore {
@@ -208,10 +219,11 @@ impl OpenStore {
         Arc::clone(self) as Arc<dyn Store>
     }
 
-    /// Where it is, for messages (never a password).
-    pub fn describe(&self) -> String {
+    /// Where it is, for messages: the file, or the server without the
+    /// password.
+    pub fn describe_for(&self, location: &Location) -> String {
         match self {
-            Self::Sqlite(_) => "the SQLite database".to_owned(),
+            Self::Sqlite(_) => location.to_string(),
             Self::Postgres(p) => p.describe().to_owned(),
         }
     }
@@ -262,7 +274,7 @@ impl OpenStore {
     fn inner(&self) -> &dyn Store {
         match self {
             Self::Sqlite(s) => s,
-            Self::Postgres(p) => p,
+            Self::Postgres(p) => &**p,
         }
     }
 }
