@@ -14,6 +14,7 @@ the databases hold (pg_dump).
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from testkit import harness, leaks, postgres
 from testkit.checks import no_wasm_failures
 from testkit.controlplane import ControlPlane, ecds_bootstrap, hcm_of
 from testkit.fixtures import add_envoy_diagnostics, require_binaries, upstream  # noqa: F401
-from testkit.harness import SECRETS, poll
+from testkit.harness import SECRETS, poll, remember_secret
 
 NAMES = ("r1", "r2", "r3")
 # A replica silent this long is no longer waited for (the drill's kill -9).
@@ -68,7 +69,11 @@ def pg() -> postgres.Postgres:
 
 @pytest.fixture(scope="session")
 def store(pg) -> str:
-    return pg.create_database("drill")
+    """The drill's database. Its URL carries a password (the server trusts
+    loopback and never asks for it): the leak search looks for it too."""
+    url = pg.create_database("drill")
+    password = remember_secret("pw-" + secrets.token_hex(12))
+    return url.replace(f"//{pg.user}@", f"//{pg.user}:{password}@")
 
 
 def replica(workdir: Path, name: str, store: str) -> ControlPlane:

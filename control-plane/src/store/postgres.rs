@@ -79,7 +79,22 @@ struct Listener {
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(match e.as_db_error() {
         Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // The cause says what failed ("invalid peer certificate:
+            // UnknownIssuer", "Connection refused"); it never holds the URL.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text = format!("{text}: {cause}");
+                source = cause.source();
+            }
+            if text.contains("certificate") {
+                text.push_str(
+                    " (the server's certificate is checked against sslrootcert in the URL, or the system's roots)",
+                );
+            }
+            text
+        }
     })
 }
 

@@ -25,19 +25,26 @@ class Answer:
     status: int | str  # an HTTP status, or "error: ..." without an answer
     message: str = ""
     retry_after: str | None = None
+    applied: str | None = None  # x-apitokens-applied of a 200
 
 
 class Writer:
+    """One thread per replica of `planes`, each writing there one request at
+    a time (so that one write held up, e.g. waiting for Envoys, does not stop
+    the others), until stopped."""
+
     def __init__(self, planes, owner: str, tag: str, pause: float = 0.02):
         self.planes, self.owner, self.tag, self.pause = planes, owner, tag, pause
         self.created: dict[str, str] = {}  # acknowledged creates still live: token id -> secret
         self.revoked: dict[str, str] = {}  # acknowledged revokes: token id -> secret
         self.answers: list[Answer] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in planes]
 
     def __enter__(self) -> "Writer":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -45,38 +52,43 @@ class Writer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the writer hangs"
+        for t in self._threads:
+            t.join(30)
+            assert not t.is_alive(), "the writer hangs"
 
-    def _run(self) -> None:
+    def _run(self, plane) -> None:
+        mine: list[str] = []  # this thread's live creates: only it revokes them
         n = 0
         deadline = time.monotonic() + 120  # bounded, whatever happens
         while not self._stop.is_set() and time.monotonic() < deadline:
-            plane = self.planes[n % len(self.planes)]
             n += 1
             sent = time.time()
-            if n % 3 == 0 and self.created:
-                token_id = next(iter(self.created))
+            if n % 3 == 0 and mine:
+                token_id = mine[0]
                 op, method, path, body = "revoke", "DELETE", tokens_path(token=token_id), None
             else:
-                token_id = f"{self.tag}-{n}"
+                token_id = f"{self.tag}-{plane.name}-{n}"
                 body = {"name": f"namespaces/default/apitokens/{token_id}", "role": "viewer"}
                 op, method, path = "create", "POST", tokens_path()
             try:
                 r = request(plane.api_port, method, path, self.owner, body, timeout=15)
             except (OSError, http.client.HTTPException) as exc:
-                self.answers.append(Answer(sent, time.time(), plane.name, op, f"error: {exc!r}"))
+                with self._lock:
+                    self.answers.append(Answer(sent, time.time(), plane.name, op, f"error: {exc!r}"))
                 time.sleep(self.pause)
                 continue
             message = ""
-            if r.status == 200 and op == "create":
-                self.created[token_id] = remember_secret(r.json()["apiToken"]["secret"])
-            elif r.status == 200:
-                self.revoked[token_id] = self.created.pop(token_id)
-            elif r.body.startswith(b"{"):
+            if r.status != 200 and r.body.startswith(b"{"):
                 message = r.json().get("message", "")
-            self.answers.append(Answer(sent, time.time(), plane.name, op, r.status, message,
-                                       r.headers.get("retry-after")))
+            with self._lock:
+                if r.status == 200 and op == "create":
+                    self.created[token_id] = remember_secret(r.json()["apiToken"]["secret"])
+                    mine.append(token_id)
+                elif r.status == 200:
+                    self.revoked[token_id] = self.created.pop(token_id)
+                    mine.remove(token_id)
+                self.answers.append(Answer(sent, time.time(), plane.name, op, r.status, message,
+                                           r.headers.get("retry-after"), r.headers.get("x-apitokens-applied")))
             time.sleep(self.pause)
 
     def acknowledged(self) -> int:
