@@ -136,6 +136,21 @@ def envoy_config(cp: "cpl.ControlPlane", listen: int, admin: int) -> dict:
     return config
 
 
+def spawn_envoy(cp: "cpl.ControlPlane", workdir: Path, envoy_bin: str) -> tuple[Proc, int, int, Path]:
+    """Envoy on `envoy_config` for `cp`, on fresh ports, its log in
+    workdir/envoy.log: the process, the listener and admin ports, the log."""
+    listen, admin = cpl.free_port(), cpl.free_port()
+    cfg_path = workdir / "envoy.json"
+    cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
+    envoy_log = workdir / "envoy.log"
+    if envoy_log.exists():
+        envoy_log.unlink()
+    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
+                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
+                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    return envoy, listen, admin, envoy_log
+
+
 def admin_stats(admin: int, flt: str) -> dict[str, int]:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter={flt}", timeout=5) as r:
         out = {}
@@ -357,15 +372,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         f"delete p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms, "
         f"{res['throughput_no_envoy']['per_s']:.0f} creates/s with {CLIENTS} clients")
 
-    listen, admin = cpl.free_port(), cpl.free_port()
-    cfg_path = workdir / "envoy.json"
-    cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
-    envoy_log = workdir / "envoy.log"
-    if envoy_log.exists():
-        envoy_log.unlink()
-    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
-                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
-                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    envoy, listen, admin, envoy_log = spawn_envoy(cp, workdir, envoy_bin)
     try:
         log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
         harness.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
@@ -456,16 +463,8 @@ def run_replicas(n: int, count: int, revocations: int, envoy_bin: str) -> dict:
     res["import_s"] = store["import_s"]
     planes = [cpl.ControlPlane(workdir / f"r{i + 1}", name=f"r{i + 1}", store=url) for i in range(count)]
     owner = planes[0].bootstrap("bench", "owner")
-    listen, admin = cpl.free_port(), cpl.free_port()
     home = planes[-1]
-    cfg_path = workdir / "envoy.json"
-    cfg_path.write_text(json.dumps(envoy_config(home, listen, admin), indent=1))
-    envoy_log = workdir / "envoy.log"
-    if envoy_log.exists():
-        envoy_log.unlink()
-    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
-                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
-                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    envoy, listen, admin, envoy_log = spawn_envoy(home, workdir, envoy_bin)
     try:
         wait_ready(envoy, admin, 30)
         for plane in planes:

@@ -16,9 +16,11 @@
 //! A replica whose heartbeat is older than the timeout (killed, or cut off
 //! from the database) is shown as not live, and no write waits for its
 //! Envoys any more: they reconnect to another replica, where they count
-//! again. A replica only declares others stale after it has itself been
-//! connected to the database for a whole timeout, so that after a database
-//! outage (when every heartbeat is old) nobody is dropped by mistake. Rows of
+//! again. After a database outage every heartbeat is old: for one timeout
+//! after it is back, a replica still counts the others that were alive when
+//! it last reached the database (their heartbeats were at most a timeout
+//! older than its own last one), so nobody alive is dropped by mistake and
+//! nobody dead before the outage comes back. Rows of
 //! replicas silent for [`FORGET_AFTER`] are deleted; a clean shutdown deletes
 //! its own at once.
 
@@ -61,6 +63,11 @@ struct Shared {
     dirty: bool,
     /// Since when the database answers (None: it does not).
     ok_since: Option<Instant>,
+    /// The database's clock at this replica's last heartbeat (seconds).
+    last_beat: Option<f64>,
+    /// During an outage and for a timeout after it: `last_beat` when the
+    /// outage began (see the module's notes).
+    outage_from: Option<f64>,
 }
 
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
@@ -143,24 +150,39 @@ impl Coordinator {
     }
 
     async fn heartbeat(&self, shared: &mut Shared) {
+        // Not right after an outage: every heartbeat is old then.
+        let forget = shared.outage_from.is_none() && shared.ok_since.is_some();
         let result = async {
             let conn = self.store.conn().await?;
-            let n = conn
-                .execute("UPDATE replicas SET heartbeat_at = now() WHERE id = $1", &[&self.id])
+            let beat = conn
+                .query_opt(
+                    "UPDATE replicas SET heartbeat_at = now() WHERE id = $1
+                     RETURNING extract(epoch FROM heartbeat_at)::float8",
+                    &[&self.id],
+                )
+                .await
+                .map_err(unavailable)?
+                .and_then(|row| row.try_get::<_, f64>(0).ok());
+            if forget {
+                conn.execute(
+                    "DELETE FROM replicas WHERE heartbeat_at < now() - $1 * interval '1 millisecond'",
+                    &[&(millis(FORGET_AFTER) as f64)],
+                )
                 .await
                 .map_err(unavailable)?;
-            conn.execute(
-                "DELETE FROM replicas WHERE heartbeat_at < now() - $1 * interval '1 millisecond'",
-                &[&(millis(FORGET_AFTER) as f64)],
-            )
-            .await
-            .map_err(unavailable)?;
-            Ok::<u64, StoreError>(n)
+            }
+            Ok::<Option<f64>, StoreError>(beat)
         }
         .await;
         match result {
-            Ok(n) => {
-                if n == 0 {
+            Ok(beat) => {
+                if beat.is_some() {
+                    shared.last_beat = beat;
+                }
+                if shared.ok_since.is_some_and(|t| t.elapsed() >= self.timeout) {
+                    shared.outage_from = None;
+                }
+                if beat.is_none() {
                     // Forgotten by the others (silent for a minute): back in.
                     if let Err(e) = self.register().await {
                         tracing::warn!("replica {}: cannot register again: {e}", self.name);
@@ -176,6 +198,9 @@ impl Coordinator {
                 }
             }
             Err(e) => {
+                if shared.outage_from.is_none() {
+                    shared.outage_from = shared.last_beat;
+                }
                 if shared.ok_since.take().is_some() {
                     tracing::warn!(
                         "replica {}: heartbeat failed (the Envoys keep their configuration): {e}",
@@ -287,7 +312,8 @@ impl Coordinator {
             let conn = self.store.conn().await?;
             conn.query(
                 "SELECT r.id, r.name, (extract(epoch FROM now() - r.heartbeat_at) * 1000)::bigint,
-                        s.acked_version, s.nacked_version, s.nack_error, s.status::text
+                        s.acked_version, s.nacked_version, s.nack_error, s.status::text,
+                        extract(epoch FROM r.heartbeat_at)::float8
                  FROM replicas r LEFT JOIN envoy_streams s ON s.replica_id = r.id
                  ORDER BY r.name, r.id, s.stream",
                 &[],
@@ -303,9 +329,13 @@ impl Coordinator {
                 return;
             }
         };
-        // Only a replica that has itself heard from the database for a whole
-        // timeout may call another one silent.
-        let may_expire = shared.ok_since.is_some_and(|t| t.elapsed() >= self.timeout);
+        // Right after an outage: alive when this replica last reached the
+        // database (see the module's notes).
+        let spared = |beat: f64| {
+            shared
+                .outage_from
+                .is_some_and(|from| beat >= from - self.timeout.as_secs_f64())
+        };
         let mut replicas: Vec<ReplicaStatus> = Vec::new();
         let mut streams = Vec::new();
         for row in rows {
@@ -313,7 +343,8 @@ impl Coordinator {
             let name: String = row.try_get(1).unwrap_or_default();
             let age = u64::try_from(row.try_get::<_, i64>(2).unwrap_or(0)).unwrap_or(0);
             let this = id == self.id;
-            let live = this || !may_expire || Duration::from_millis(age) < self.timeout;
+            let beat: f64 = row.try_get(7).unwrap_or(0.0);
+            let live = this || Duration::from_millis(age) < self.timeout || spared(beat);
             if replicas.last().is_none_or(|r| r.id != id) {
                 replicas.push(ReplicaStatus {
                     name: name.clone(),

@@ -5,14 +5,13 @@ xDS cluster lists every replica), where it gets every later write."""
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 
-from testkit.controlplane import APP, create, tokens_path
+from testkit.controlplane import APP, create
 from testkit.harness import poll
-from testkit.load import Load, bad_answers, summary
-from testkit.writes import Writer
+from testkit.load import summary
+from testkit.writes import GatewayLoad, Writer
 
 MOVE_WITHIN = 2.0
 
@@ -21,17 +20,7 @@ def test_kill_9_a_replica_under_load(replicas, envoys, owner, figures):
     r1, r2, r3 = replicas
     gw3 = envoys[2]
     assert gw3.home is r3
-    r = create(r1.api_port, owner, "kill-kept", "viewer")
-    kept = r.json()["apiToken"]["secret"]
-    revoked = create(r1.api_port, owner, "kill-revoked", "viewer").json()["apiToken"]["secret"]
-    assert r2.api("DELETE", tokens_path(token="kill-revoked"), owner).headers["x-apitokens-applied"] == "true"
-    expected = {kept: 200, revoked: 401, None: 401}
-    rng = random.Random(11)
-    choices = list(expected)
-
-    loads = [Load(e, lambda: rng.choice(choices), threads=2, max_seconds=40) for e in envoys]
-    for load in loads:
-        load.__enter__()
+    load = GatewayLoad(envoys, [r1, r2], owner, "kill", seed=11)
     with Writer([r1, r2], owner, "kill") as writer:
         time.sleep(0.5)
         r3.stop(signal.SIGKILL)
@@ -46,12 +35,9 @@ def test_kill_9_a_replica_under_load(replicas, envoys, owner, figures):
         new_home = poll(moved, 10, "gw-3 on another replica", interval=0.02)
         moved_after = time.monotonic() - killed
         time.sleep(2.5)  # writes go on through the replica timeout
-    samples = [s for load in loads for s in load.stop()]
+    samples = load.stop()
 
     assert moved_after < MOVE_WITHIN, f"gw-3 took {moved_after:.2f} s to move"
-    assert bad_answers(samples) == [], "a gateway answered 5xx (or not at all)"
-    wrong = [s for s in samples if s.status != expected[s.secret]]
-    assert wrong == [], f"{len(wrong)} answers differ from the configuration: {wrong[:5]}"
     statuses = {a.status for a in writer.answers}
     assert statuses == {200}, f"writes on the live replicas failed: {[a for a in writer.answers if a.status != 200][:5]}"
     assert writer.acknowledged() >= 10, "the writer hardly ran"
@@ -69,3 +55,9 @@ def test_kill_9_a_replica_under_load(replicas, envoys, owner, figures):
 
     r3.start(*r3.replica_args)
     poll(lambda: sum(1 for x in r1.status()["replicas"] if x["live"]) == 3, 10, "r3 back")
+    # The new r3 does not wait for the Envoy its predecessor had (gw-3, now
+    # elsewhere): a write on it answers at once, applied by all three.
+    started = time.monotonic()
+    r = create(r3.api_port, owner, "kill-restarted", "viewer")
+    took = time.monotonic() - started
+    assert r.headers["x-apitokens-envoys"] == "3/3" and took < 1.0, (took, r.headers)

@@ -6,13 +6,12 @@ without restarting a replica (read-your-writes across replicas included)."""
 
 from __future__ import annotations
 
-import random
 import time
 
-from testkit.controlplane import APP, create, tokens_path
+from testkit.controlplane import APP, create
 from testkit.harness import poll
-from testkit.load import Load, bad_answers, summary
-from testkit.writes import Writer
+from testkit.load import summary
+from testkit.writes import GatewayLoad, Writer
 
 DOWN_SECONDS = 2.0
 
@@ -20,22 +19,15 @@ DOWN_SECONDS = 2.0
 def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
     r1, r2, r3 = replicas
     pids = [p.proc.pid for p in replicas]
-    kept = create(r1.api_port, owner, "pg-kept", "viewer").json()["apiToken"]["secret"]
-    revoked = create(r2.api_port, owner, "pg-revoked", "viewer").json()["apiToken"]["secret"]
-    assert r3.api("DELETE", tokens_path(token="pg-revoked"), owner).headers["x-apitokens-applied"] == "true"
-    expected = {kept: 200, revoked: 401, None: 401}
-    rng = random.Random(12)
-    choices = list(expected)
-
-    loads = [Load(e, lambda: rng.choice(choices), threads=2, max_seconds=40) for e in envoys]
+    load = GatewayLoad(envoys, [r2, r3], owner, "pg", seed=12)
     probes: dict[str, str] = {}
-    for load in loads:
-        load.__enter__()
     with Writer(replicas, owner, "pg", pause=0.05) as writer:
         time.sleep(0.5)
         pg.stop()
         down_at = time.time()
         time.sleep(DOWN_SECONDS)
+        # The server may take writes a moment before pg_ctl start returns.
+        starting_at = time.time()
         pg.start()
         up_at = time.time()
         # Each replica takes writes again, none restarted: the time until
@@ -51,9 +43,9 @@ def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
             recovered[plane.name] = time.time() - up_at
             probes[probed.json()["apiToken"]["secret"]] = plane.name
         time.sleep(0.5)
-    samples = [s for load in loads for s in load.stop()]
+    samples = load.stop()
 
-    during = [a for a in writer.answers if down_at + 0.2 < a.sent and a.answered < up_at]
+    during = [a for a in writer.answers if down_at + 0.2 < a.sent and a.answered < starting_at]
     around = [(round(a.sent - down_at, 3), round(a.answered - a.sent, 3), a.replica, a.op, a.status, a.message)
               for a in writer.answers if a.answered > down_at - 0.5]
     assert len(during) >= 5, f"too few writes while the database was down (up after {up_at - down_at:.2f} s): {around}"
@@ -62,12 +54,12 @@ def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
         assert a.status == 503, a
         assert "unavailable" in a.message or "not published" in a.message or "could not be published" in a.message, a
         assert a.retry_after == "1", a
-    assert bad_answers(samples) == [], "a gateway answered 5xx (or not at all)"
-    wrong = [s for s in samples if s.status != expected[s.secret]]
-    assert wrong == [], f"{len(wrong)} answers differ from the configuration: {wrong[:5]}"
     writer.check(r1, envoys)
     for secret, name in probes.items():
         assert all(e.get(APP, secret).status == 200 for e in envoys), f"the probe write on {name}"
+    # Within moments, read-your-writes across replicas included: a replica
+    # that was dead before the outage (r3's first run) is not waited for.
+    assert max(recovered.values()) < 1.5, f"slow to take writes again: {recovered}"
     assert [p.proc.pid for p in replicas] == pids and all(p.proc.poll() is None for p in replicas)
     for plane in replicas:
         poll(lambda: plane.status()["publishError"] is None, 10, f"{plane.name} caught up")

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import random
 import threading
 import time
 from dataclasses import dataclass
 
 from testkit.clients import request
-from testkit.controlplane import APP, tokens_path
+from testkit.controlplane import APP, create, tokens_path
 from testkit.harness import remember_secret
+from testkit.load import Load, Sample, bad_answers
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class Writer:
         self.planes, self.owner, self.tag, self.pause = planes, owner, tag, pause
         self.created: dict[str, str] = {}  # acknowledged creates still live: token id -> secret
         self.revoked: dict[str, str] = {}  # acknowledged revokes: token id -> secret
+        # Revokes without a 200 (a 503 after the commit, a lost answer): the
+        # token may be gone or not; it is neither checked nor revoked again.
+        self.uncertain: dict[str, str] = {}
         self.answers: list[Answer] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -75,6 +80,8 @@ class Writer:
             except (OSError, http.client.HTTPException) as exc:
                 with self._lock:
                     self.answers.append(Answer(sent, time.time(), plane.name, op, f"error: {exc!r}"))
+                    if op == "revoke":
+                        self._uncertain(token_id, mine)
                 time.sleep(self.pause)
                 continue
             message = ""
@@ -87,9 +94,15 @@ class Writer:
                 elif r.status == 200:
                     self.revoked[token_id] = self.created.pop(token_id)
                     mine.remove(token_id)
+                elif op == "revoke":
+                    self._uncertain(token_id, mine)
                 self.answers.append(Answer(sent, time.time(), plane.name, op, r.status, message,
                                            r.headers.get("retry-after"), r.headers.get("x-apitokens-applied")))
             time.sleep(self.pause)
+
+    def _uncertain(self, token_id: str, mine: list[str]) -> None:
+        self.uncertain[token_id] = self.created.pop(token_id)
+        mine.remove(token_id)
 
     def acknowledged(self) -> int:
         return sum(1 for a in self.answers if a.status == 200)
@@ -108,3 +121,29 @@ class Writer:
             assert f"namespaces/default/apitokens/{token_id}" not in store, f"an acknowledged revoke is lost: {token_id}"
             for e in envoys:
                 assert e.get(APP, secret).status == 401, f"{e.node}: revoked {token_id} accepted"
+
+
+class GatewayLoad:
+    """A steady load through every Envoy (two threads each, HTTP/1.1 and
+    HTTP/2), each request with a live token, a revoked one or none, chosen at
+    random: created on `planes[0]`, revoked on `planes[1]`, before the load
+    starts. `stop()` returns every answer after checking that none was a 5xx
+    (or missing) and each followed the configuration."""
+
+    def __init__(self, envoys, planes, owner: str, tag: str, seed: int):
+        kept = create(planes[0].api_port, owner, f"{tag}-kept", "viewer").json()["apiToken"]["secret"]
+        revoked = create(planes[0].api_port, owner, f"{tag}-revoked", "viewer").json()["apiToken"]["secret"]
+        r = planes[1].api("DELETE", tokens_path(token=f"{tag}-revoked"), owner)
+        assert r.status == 200 and r.headers["x-apitokens-applied"] == "true", r
+        self.expected = {kept: 200, revoked: 401, None: 401}
+        rng, choices = random.Random(seed), list(self.expected)
+        self.loads = [Load(e, lambda: rng.choice(choices), threads=2, max_seconds=40) for e in envoys]
+        for load in self.loads:
+            load.__enter__()
+
+    def stop(self) -> list[Sample]:
+        samples = [s for load in self.loads for s in load.stop()]
+        assert bad_answers(samples) == [], "a gateway answered 5xx (or not at all)"
+        wrong = [s for s in samples if s.status != self.expected[s.secret]]
+        assert wrong == [], f"{len(wrong)} answers differ from the configuration: {wrong[:5]}"
+        return samples
