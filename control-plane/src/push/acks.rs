@@ -594,6 +594,65 @@ mod tests {
         assert_eq!(tr.envoys().len(), MAX_DISCONNECTED);
     }
 
+    fn remote(replica: &str, stream: u64, live: bool, acked: Option<Version>) -> RemoteStream {
+        // A stream as that replica's own tracker shows it.
+        let there = Tracker::new();
+        there.set_replica(replica);
+        there.connected(&format!("gw-{replica}-{stream}"), "gw", "p", "");
+        let mut status = there.envoys().remove(0);
+        status.stream = stream;
+        RemoteStream {
+            live,
+            acked,
+            nacked: None,
+            status,
+        }
+    }
+
+    #[tokio::test]
+    async fn other_replicas_streams_count_while_their_replica_is_live() {
+        let tr = Arc::new(Tracker::new());
+        tr.set_replica("r1");
+        let a = tr.connected("gw-1", "gw", "p", "");
+        tr.acked(a, V2);
+        tr.set_remote(
+            vec![remote("r2", 4, true, Some(V1)), remote("r3", 7, false, Some(V1))],
+            vec![],
+        );
+        let r = tr.rollout(V2);
+        assert_eq!(
+            (r.envoys, r.applied),
+            (2, 1),
+            "the dead replica's stream is not counted"
+        );
+        assert_eq!(r.lagging[0].who, "gw-r2-4 (replica r2, stream 4)");
+        let names: Vec<_> = tr.envoys().iter().map(|e| (e.replica.clone(), e.connected)).collect();
+        assert_eq!(
+            names,
+            [
+                (Some("r1".to_owned()), true),
+                (Some("r2".to_owned()), true),
+                (Some("r3".to_owned()), false)
+            ]
+        );
+        // A wait ends when the other replica's ACK arrives through the database.
+        let t = Arc::clone(&tr);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t.set_remote(vec![remote("r2", 4, true, Some(V2))], vec![]);
+        });
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(10)).await;
+        assert!(r.complete(), "{r:?}");
+        assert_eq!((r.envoys, r.applied), (2, 2));
+        // The local stream alone is shared with the others.
+        let local = tr.local_streams();
+        assert_eq!(local.len(), 1);
+        assert_eq!(
+            (local[0].acked, local[0].status.replica.as_deref()),
+            (Some(V2), Some("r1"))
+        );
+    }
+
     #[tokio::test]
     async fn waiting_ends_at_the_ack_the_nack_or_the_deadline() {
         let tr = Arc::new(Tracker::new());

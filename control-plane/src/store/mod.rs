@@ -278,3 +278,32 @@ impl OpenStore {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_and_what_they_show() {
+        let pg = Location::parse("postgres://u:hunter2@db/tokens?sslmode=require");
+        assert!(matches!(pg, Location::Postgres(_)));
+        assert!(matches!(Location::parse("postgresql://db/x"), Location::Postgres(_)));
+        assert_eq!(
+            format!("{pg} {pg:?}"),
+            "the PostgreSQL database Location(the PostgreSQL database)"
+        );
+        assert_eq!(
+            Location::parse("sqlite:/var/x.db"),
+            Location::Sqlite(PathBuf::from("/var/x.db"))
+        );
+        assert_eq!(
+            Location::parse("sqlite:///var/x.db"),
+            Location::Sqlite(PathBuf::from("/var/x.db"))
+        );
+        assert_eq!(
+            Location::parse("apitokens.db"),
+            Location::Sqlite(PathBuf::from("apitokens.db"))
+        );
+    }
+}
