@@ -22,44 +22,21 @@ import pytest
 from testkit import harness, leaks, postgres
 from testkit.checks import no_wasm_failures
 from testkit.controlplane import ControlPlane, ecds_bootstrap, hcm_of
-from testkit.fixtures import add_envoy_diagnostics, require_binaries, upstream  # noqa: F401
 from testkit.harness import SECRETS, poll, remember_secret
 
 NAMES = ("r1", "r2", "r3")
 # A replica silent this long is no longer waited for (the drill's kill -9).
 TIMEOUT_MS = 2000
-FIGURES: dict[str, str] = {}
+# The session fixtures upstream and workdir; the binaries checked at the
+# start; every Envoy's logs in the report of a failed test; the fixture
+# `figures` (what the drills measured), printed at the end.
+pytest_plugins = ["testkit.fixtures", "testkit.figures"]
 
 
 def pytest_sessionstart(session):
-    require_binaries()
     if postgres.missing():
         raise pytest.UsageError("no PostgreSQL server: run `make replicas` (scripts/postgres.sh run -- ...); "
                                 "missing " + ", ".join(postgres.missing()))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    add_envoy_diagnostics(report)
-    return report
-
-
-def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
-        terminalreporter.section("replica drill figures")
-        for what, line in FIGURES.items():
-            terminalreporter.write_line(f"{what}: {line}")
-
-
-@pytest.fixture(scope="session")
-def figures() -> dict[str, str]:
-    return FIGURES
-
-
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("replicas")
 
 
 @pytest.fixture(scope="session")
