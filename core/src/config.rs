@@ -31,6 +31,31 @@ pub struct PluginConfig {
     /// Permission rules replacing the built-in table when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<RuleSpec>>,
+    /// Where the filter reports which tokens were used (their last use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_report: Option<UsageReportSpec>,
+}
+
+/// Usage reports: every `intervalSeconds`, each VM sends the digests of the
+/// tokens it saw used to the control plane, over gRPC to `cluster` (the
+/// cluster Envoy reaches the control plane's xDS server by, so the report
+/// travels the xDS side's trust, never the public listener).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UsageReportSpec {
+    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<u32>,
+}
+
+/// Default seconds between usage reports: last use is shown to the minute.
+pub const DEFAULT_USAGE_REPORT_SECONDS: u32 = 30;
+
+/// Validated usage-report settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageReport {
+    pub cluster: Box<str>,
+    pub interval_seconds: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +70,13 @@ pub struct TokenSpec {
     /// RFC 3339; the token is refused from this instant on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_time: Option<String>,
+    /// The token's previous secret (SHA-256, as `secretSha256`), still
+    /// accepted during a rotation's overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_sha256: Option<String>,
+    /// RFC 3339: the end of the overlap (required with the previous secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_expire_time: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +131,7 @@ pub struct Config {
     identity: IdentityHeaders,
     forward_authorization: bool,
     replies: Replies,
+    usage_report: Option<UsageReport>,
 }
 
 impl Config {
@@ -137,6 +170,7 @@ impl Config {
             identity,
             forward_authorization: spec.forward_authorization,
             replies: Replies::new(realm),
+            usage_report: usage_report(spec.usage_report.as_ref())?,
         })
     }
 
@@ -148,11 +182,16 @@ impl Config {
             identity: default_identity(),
             forward_authorization: false,
             replies: Replies::new(DEFAULT_REALM),
+            usage_report: None,
         }
     }
 
     pub fn tokens(&self) -> &TokenTable {
         &self.tokens
+    }
+
+    pub fn usage_report(&self) -> Option<&UsageReport> {
+        self.usage_report.as_ref()
     }
 
     pub fn token_count(&self) -> usize {
@@ -275,6 +314,30 @@ fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeader
         ));
     }
     Ok(headers)
+}
+
+fn usage_report(spec: Option<&UsageReportSpec>) -> Result<Option<UsageReport>, ConfigError> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    let cluster = &spec.cluster;
+    if cluster.is_empty() || cluster.len() > 256 || !cluster.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "usageReport.cluster",
+            "must be the name of an Envoy cluster (1 to 256 printable ASCII characters)",
+        ));
+    }
+    let interval_seconds = spec.interval_seconds.unwrap_or(DEFAULT_USAGE_REPORT_SECONDS);
+    if !(1..=3600).contains(&interval_seconds) {
+        return Err(ConfigError::new(
+            "usageReport.intervalSeconds",
+            "must be from 1 to 3600 seconds",
+        ));
+    }
+    Ok(Some(UsageReport {
+        cluster: cluster.as_str().into(),
+        interval_seconds,
+    }))
 }
 
 fn is_header_name(name: &str) -> bool {

@@ -95,6 +95,9 @@ impl Denial {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     Allowed,
+    /// Allowed with a token's previous secret, during a rotation's overlap
+    /// (not in `Allowed`): owners watch it fall to zero as clients move on.
+    AllowedPreviousSecret,
     Missing,
     Malformed,
     Unknown,
@@ -105,8 +108,9 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Allowed,
+        Counter::AllowedPreviousSecret,
         Counter::Missing,
         Counter::Malformed,
         Counter::Unknown,
@@ -124,6 +128,7 @@ impl Counter {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Allowed => "apitokens.allowed",
+            Self::AllowedPreviousSecret => "apitokens.allowed_previous_secret",
             Self::Missing => "apitokens.missing",
             Self::Malformed => "apitokens.malformed",
             Self::Unknown => "apitokens.unknown",

@@ -56,6 +56,9 @@ pub trait Host {
     /// Answers the request locally; it does not go upstream.
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError>;
     fn count(&mut self, counter: Counter);
+    /// A token authenticated (whatever the rules then decide): for its last
+    /// use. Must be cheap, it runs on every request.
+    fn used(&mut self, token: Token<'_>);
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>);
 }
 
@@ -80,7 +83,11 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
     match check(host, config, &headers) {
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
-                host.count(Counter::Allowed);
+                host.count(if token.is_previous() {
+                    Counter::AllowedPreviousSecret
+                } else {
+                    Counter::Allowed
+                });
                 Verdict::Continue
             }
             Err(HostError) => deny(host, config, Some(&headers), Denial::Internal, Some(token)),
@@ -98,6 +105,7 @@ fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) ->
         HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
     };
     let token = config.authenticate(authorization, || host.now())?;
+    host.used(token);
     let one = |name| match headers.get(name) {
         HeaderValue::One(value) => value,
         HeaderValue::Absent | HeaderValue::Repeated => b"",

@@ -16,6 +16,7 @@ pub mod role;
 pub mod rules;
 pub mod table;
 pub mod timestamp;
+pub mod usage;
 
 pub use config::{Config, ConfigError, PluginConfig, TokenSpec};
 pub use decision::{Counter, Denial, Grant};

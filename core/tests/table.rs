@@ -21,6 +21,9 @@ fn spec(i: usize) -> TokenSpec {
         role: ["viewer", "editor", "owner"][i % 3].to_owned(),
         secret_sha256: sha256_hex(&format!("secret-{i}")),
         expire_time: (i % 5 == 0).then(|| format!("2030-01-01T00:00:{:02}.5Z", i % 60)),
+        // Every seventh token is in a rotation's overlap (not among the first three).
+        previous_secret_sha256: (i % 7 == 3).then(|| sha256_hex(&format!("previous-{i}"))),
+        previous_secret_expire_time: (i % 7 == 3).then(|| "2029-06-01T00:00:00Z".to_owned()),
     }
 }
 
@@ -32,7 +35,8 @@ fn specs(n: usize) -> Vec<TokenSpec> {
 fn finds_every_token_and_nothing_else() {
     let n = 20_000;
     let table = TokenTable::from_specs(&specs(n)).unwrap();
-    assert_eq!(table.len(), n);
+    let overlapping = (0..n).filter(|i| i % 7 == 3).count();
+    assert_eq!(table.len(), n + overlapping, "one entry per secret");
     for i in 0..n {
         let token = table
             .get(&Digest::of(format!("secret-{i}").as_bytes()))
@@ -42,6 +46,18 @@ fn finds_every_token_and_nothing_else() {
         assert_eq!(token.namespace(), format!("ns-{}", i % 97));
         assert_eq!(token.role(), Role::parse(&s.role).unwrap());
         assert_eq!(token.expire().map(|t| t.to_rfc3339()), s.expire_time);
+        assert!(!token.is_previous());
+        let previous = table.get(&Digest::of(format!("previous-{i}").as_bytes()));
+        if i % 7 == 3 {
+            let previous = previous.unwrap_or_else(|| panic!("previous secret of {i}"));
+            assert_eq!((previous.name(), previous.role()), (token.name(), token.role()));
+            assert!(previous.is_previous());
+            // The overlap ends at its own time or the token's expiry, whichever is first.
+            let until = apitokens_core::Timestamp::parse_rfc3339("2029-06-01T00:00:00Z").unwrap();
+            assert_eq!(previous.expire(), Some(token.expire().map_or(until, |e| e.min(until))));
+        } else {
+            assert!(previous.is_none());
+        }
     }
     for i in n..2 * n {
         assert!(
@@ -51,7 +67,7 @@ fn finds_every_token_and_nothing_else() {
     }
     assert!(table.get(&Digest([0; 32])).is_none());
     assert!(table.get(&Digest([0xff; 32])).is_none());
-    assert_eq!(table.iter().count(), n);
+    assert_eq!(table.iter().count(), n + overlapping);
 }
 
 #[test]

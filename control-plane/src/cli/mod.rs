@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the token API, the ECDS server (gRPC and/or file), /healthz and /status
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Create an owner token directly in the store and print its secret once (the way in for a namespace's first owner)
     Bootstrap(BootstrapArgs),
     /// Print the current plugin configuration (JSON, as the filter reads it) or an Istio WasmPlugin
@@ -113,7 +113,7 @@ pub fn main() -> ExitCode {
     };
     init_logging(level);
     let result = match cli.command {
-        Command::Serve(args) => serve::serve(args),
+        Command::Serve(args) => serve::serve(*args),
         Command::Bootstrap(args) => run(bootstrap(args)),
         Command::Render(args) => run(render_cmd(args)),
         Command::Import(args) => run(import(args)),

@@ -6,7 +6,7 @@
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
 
-use super::{Changes, Revision, Store, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Changes, PreviousSecret, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
@@ -18,10 +18,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// Version 2: integer times (comparable in SQL, exact to the nanosecond),
-/// `retired`, the change log and the store's lineage.
+/// Version 3 (the latest): integer times (comparable in SQL, exact to the
+/// nanosecond), `retired`, the change log and the store's lineage (2);
+/// the previous secret of a rotation's overlap, who created a token, its last
+/// use, and the audit trail (3).
 const SCHEMA: &str = "
 CREATE TABLE tokens (
     name           TEXT PRIMARY KEY NOT NULL,
@@ -34,10 +36,15 @@ CREATE TABLE tokens (
     expire_nanos   INTEGER,
     update_seconds INTEGER NOT NULL,
     retired        INTEGER NOT NULL DEFAULT 0 CHECK (retired IN (0, 1)),
-    CHECK ((expire_seconds IS NULL) = (expire_nanos IS NULL))
+    created_by     TEXT,
+    previous_sha256        TEXT CHECK (previous_sha256 IS NULL OR length(previous_sha256) = 64),
+    previous_until_seconds INTEGER,
+    previous_until_nanos   INTEGER,
+    CHECK ((expire_seconds IS NULL) = (expire_nanos IS NULL)),
+    CHECK ((previous_sha256 IS NULL) = (previous_until_seconds IS NULL)),
+    CHECK ((previous_until_seconds IS NULL) = (previous_until_nanos IS NULL))
 );
 CREATE INDEX tokens_by_namespace ON tokens (namespace, name);
-CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
 CREATE TABLE changes (
     revision INTEGER NOT NULL,
     name     TEXT NOT NULL
@@ -47,6 +54,42 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY NOT NULL,
     value INTEGER NOT NULL
 );
+";
+
+/// What version 3 added to version 2 (also part of a new database).
+const SCHEMA_3: &str = "
+CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
+CREATE INDEX tokens_by_overlap ON tokens (previous_until_seconds, previous_until_nanos) WHERE previous_sha256 IS NOT NULL;
+CREATE TABLE usage (
+    name             TEXT PRIMARY KEY NOT NULL,
+    last_use_seconds INTEGER NOT NULL
+);
+CREATE TABLE events (
+    seq                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_seconds           INTEGER NOT NULL,
+    time_nanos             INTEGER NOT NULL,
+    namespace              TEXT NOT NULL,
+    action                 TEXT NOT NULL,
+    token                  TEXT,
+    actor                  TEXT NOT NULL,
+    role                   TEXT,
+    expire_seconds         INTEGER,
+    expire_nanos           INTEGER,
+    previous_until_seconds INTEGER,
+    previous_until_nanos   INTEGER,
+    client_address         TEXT,
+    count                  INTEGER
+);
+CREATE INDEX events_by_namespace ON events (namespace, seq);
+";
+
+/// Version 2 to 3, on an existing database.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE tokens ADD COLUMN created_by TEXT;
+ALTER TABLE tokens ADD COLUMN previous_sha256 TEXT;
+ALTER TABLE tokens ADD COLUMN previous_until_seconds INTEGER;
+ALTER TABLE tokens ADD COLUMN previous_until_nanos INTEGER;
+DROP INDEX IF EXISTS tokens_by_expiry;
 ";
 
 /// Revisions the change log keeps: a replica further behind loads everything.
@@ -177,11 +220,16 @@ fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
     match version {
         0 => {
             tx.execute_batch(SCHEMA).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
             set_meta(&tx, "revision", 0)?;
             set_meta(&tx, "changes_from", 0)?;
             new_lineage(&tx)?;
         }
         1 => migrate_from_v1(&tx)?,
+        2 => {
+            tx.execute_batch(MIGRATE_2_TO_3).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
+        }
         SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Unavailable(format!(
@@ -247,6 +295,7 @@ fn migrate_from_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
     tx.execute_batch("DROP TABLE tokens; DROP TABLE meta;")
         .map_err(unavailable)?;
     tx.execute_batch(SCHEMA).map_err(unavailable)?;
+    tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
     for (name, namespace, role, digest, create, expire) in rows {
         let corrupt = |problem: &str| StoreError::Corrupt {
             name: name.clone(),
@@ -329,51 +378,83 @@ fn commit_revision<'n>(
     Ok(Revision(u64::try_from(revision).unwrap_or(0)))
 }
 
-const COLUMNS: &str = "name, role, secret_sha256, create_seconds, create_nanos, expire_seconds, expire_nanos, retired";
+const COLUMNS: &str = "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
+     t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
+/// `COLUMNS` and the last use, for the API's reads.
+const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 
-type Row = (String, String, String, i64, i64, Option<i64>, Option<i64>, bool);
+/// A row as read: the columns of `COLUMNS`, then the last use if selected.
+struct Row {
+    name: String,
+    role: String,
+    digest: String,
+    create: (i64, i64),
+    expire: (Option<i64>, Option<i64>),
+    retired: bool,
+    created_by: Option<String>,
+    previous: (Option<String>, Option<i64>, Option<i64>),
+    last_use: Option<i64>,
+}
 
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-        row.get(6)?,
-        row.get(7)?,
-    ))
+    Ok(Row {
+        name: row.get(0)?,
+        role: row.get(1)?,
+        digest: row.get(2)?,
+        create: (row.get(3)?, row.get(4)?),
+        expire: (row.get(5)?, row.get(6)?),
+        retired: row.get(7)?,
+        created_by: row.get(8)?,
+        previous: (row.get(9)?, row.get(10)?, row.get(11)?),
+        last_use: row.get(12).unwrap_or(None),
+    })
+}
+
+fn time(secs: i64, nanos: i64) -> Option<Timestamp> {
+    u32::try_from(nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .map(|n| Timestamp::from_unix(secs, n))
+}
+
+fn optional_time(pair: (Option<i64>, Option<i64>)) -> Result<Option<Timestamp>, ()> {
+    match pair {
+        (None, None) => Ok(None),
+        (Some(s), Some(n)) => time(s, n).map(Some).ok_or(()),
+        _ => Err(()),
+    }
 }
 
 /// A row as a record; a row that does not decode is an error naming it.
-fn decode(
-    (name, role, digest, create_s, create_n, expire_s, expire_n, retired): Row,
-) -> Result<TokenRecord, StoreError> {
+fn decode(row: Row) -> Result<TokenRecord, StoreError> {
+    let name = row.name;
     let corrupt = |problem: &str| StoreError::Corrupt {
         name: name.clone(),
         problem: problem.to_owned(),
     };
-    let time = |secs: i64, nanos: i64| {
-        u32::try_from(nanos)
-            .ok()
-            .filter(|n| *n < 1_000_000_000)
-            .map(|n| Timestamp::from_unix(secs, n))
-    };
     TokenName::parse(&name).map_err(|_| corrupt("not a token name"))?;
-    let record = TokenRecord {
-        role: Role::parse(&role).ok_or_else(|| corrupt("unknown role"))?,
-        digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
-        create_time: time(create_s, create_n).ok_or_else(|| corrupt("bad create time"))?,
-        expire_time: match (expire_s, expire_n) {
-            (None, None) => None,
-            (Some(s), Some(n)) => Some(time(s, n).ok_or_else(|| corrupt("bad expire time"))?),
-            _ => return Err(corrupt("bad expire time")),
-        },
-        retired,
-        name: name.clone(),
+    let previous = match row.previous {
+        (None, None, None) => None,
+        (Some(digest), s, n) => Some(PreviousSecret {
+            digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("previous_sha256 is not a digest"))?,
+            until: optional_time((s, n))
+                .ok()
+                .flatten()
+                .ok_or_else(|| corrupt("bad previous_until time"))?,
+        }),
+        _ => return Err(corrupt("bad previous_until time")),
     };
-    Ok(record)
+    Ok(TokenRecord {
+        role: Role::parse(&row.role).ok_or_else(|| corrupt("unknown role"))?,
+        digest: Digest::from_hex(&row.digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
+        create_time: time(row.create.0, row.create.1).ok_or_else(|| corrupt("bad create time"))?,
+        expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
+        retired: row.retired,
+        created_by: row.created_by,
+        previous,
+        last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        name: name.clone(),
+    })
 }
 
 fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>, StoreError> {
@@ -387,13 +468,48 @@ fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Resu
 }
 
 fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>, StoreError> {
-    tx.prepare_cached(&format!("SELECT {COLUMNS} FROM tokens WHERE name = ?1"))
-        .map_err(unavailable)?
-        .query_row([name], read_row)
-        .optional()
-        .map_err(unavailable)?
-        .map(decode)
-        .transpose()
+    tx.prepare_cached(&format!(
+        "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1"
+    ))
+    .map_err(unavailable)?
+    .query_row([name], read_row)
+    .optional()
+    .map_err(unavailable)?
+    .map(decode)
+    .transpose()
+}
+
+fn split(t: Option<Timestamp>) -> (Option<i64>, Option<u32>) {
+    (t.map(|t| t.unix_seconds()), t.map(|t| t.subsec_nanos()))
+}
+
+/// Records an audit event in the caller's transaction.
+fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> {
+    let (expire_s, expire_n) = split(e.expire_time);
+    let (until_s, until_n) = split(e.previous_until);
+    tx.prepare_cached(
+        "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
+                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        e.time.unix_seconds(),
+        e.time.subsec_nanos(),
+        e.namespace,
+        e.action.as_str(),
+        e.token,
+        e.actor,
+        e.role.map(Role::as_str),
+        expire_s,
+        expire_n,
+        until_s,
+        until_n,
+        e.client_address,
+        e.count,
+    ])
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
@@ -412,7 +528,12 @@ fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError> {
         self.write(move |tx| {
             if let Some(limit) = quota {
                 let mut added: BTreeMap<&str, i64> = BTreeMap::new();
@@ -437,8 +558,9 @@ impl Store for SqliteStore {
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
-                                             expire_seconds, expire_nanos, update_seconds, retired)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9)",
+                                             expire_seconds, expire_nanos, update_seconds, retired, created_by,
+                                             previous_sha256, previous_until_seconds, previous_until_nanos)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13)",
                     )
                     .map_err(unavailable)?;
                 for r in &records {
@@ -456,9 +578,16 @@ impl Store for SqliteStore {
                         r.expire_time.map(|t| t.unix_seconds()),
                         r.expire_time.map(|t| t.subsec_nanos()),
                         r.retired,
+                        r.created_by,
+                        r.previous.map(|p| p.digest.to_hex()),
+                        r.previous.map(|p| p.until.unix_seconds()),
+                        r.previous.map(|p| p.until.subsec_nanos()),
                     ])
                     .map_err(|e| map_insert_error(e, &r.name))?;
                 }
+            }
+            for event in &events {
+                record_event(tx, event)?;
             }
             commit_revision(tx, records.iter().map(|r| r.name.as_str()))
         })
@@ -475,34 +604,48 @@ impl Store for SqliteStore {
         self.read(move |tx| {
             query(
                 tx,
-                &format!("SELECT {COLUMNS} FROM tokens WHERE namespace = ?1 ORDER BY name"),
+                &format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.namespace = ?1 ORDER BY t.name"),
                 [namespace],
             )
         })
         .await
     }
 
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
         let name = name.to_owned();
         self.write(move |tx| {
             let now = crate::clock::now().unix_seconds();
+            let (until_s, until_n) = split(previous_until);
+            // With an overlap the current digest becomes the previous one
+            // (any earlier overlap ends); without, both are gone.
             let changed = tx
                 .execute(
-                    "UPDATE tokens SET secret_sha256 = ?2, update_seconds = ?3 WHERE name = ?1",
-                    params![name, digest.to_hex(), now],
+                    "UPDATE tokens SET
+                         previous_sha256 = CASE WHEN ?4 IS NULL THEN NULL ELSE secret_sha256 END,
+                         previous_until_seconds = ?4, previous_until_nanos = ?5,
+                         secret_sha256 = ?2, update_seconds = ?3
+                     WHERE name = ?1",
+                    params![name, digest.to_hex(), now, until_s, until_n],
                 )
                 .map_err(|e| map_insert_error(e, &name))?;
             if changed == 0 {
                 return Ok(None);
             }
             let record = get_one(tx, &name)?.ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;
+            record_event(tx, &event)?;
             let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
             Ok(Some((record, revision)))
         })
         .await
     }
 
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         let name = name.to_owned();
         self.write(move |tx| {
             let n = tx
@@ -511,7 +654,95 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Ok(None);
             }
+            tx.execute("DELETE FROM usage WHERE name = ?1", [&name])
+                .map_err(unavailable)?;
+            record_event(tx, &event)?;
             commit_revision(tx, std::iter::once(name.as_str())).map(Some)
+        })
+        .await
+    }
+
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO usage (name, last_use_seconds)
+                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1)
+                     ON CONFLICT (name) DO UPDATE SET last_use_seconds = max(last_use_seconds, excluded.last_use_seconds)",
+                )
+                .map_err(unavailable)?;
+            for (name, time) in &uses {
+                stmt.execute(params![name, time.unix_seconds()]).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        let namespace = namespace.to_owned();
+        self.read(move |tx| {
+            let before = before.and_then(|b| i64::try_from(b).ok()).unwrap_or(i64::MAX);
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
+                            previous_until_seconds, previous_until_nanos, client_address, count
+                     FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![namespace, before, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?),
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?),
+                        (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<i64>>(10)?),
+                        r.get::<_, Option<String>>(11)?,
+                        r.get::<_, Option<u32>>(12)?,
+                    ))
+                })
+                .map_err(unavailable)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(unavailable)?;
+            rows.into_iter()
+                .map(
+                    |(seq, t, action, token, actor, role, expire, until, client_address, count)| {
+                        let corrupt = |problem: &str| StoreError::Corrupt {
+                            name: format!("audit event {seq}"),
+                            problem: problem.to_owned(),
+                        };
+                        let event = AuditEvent {
+                            time: time(t.0, t.1).ok_or_else(|| corrupt("bad time"))?,
+                            namespace: namespace.clone(),
+                            action: Action::parse(&action).ok_or_else(|| corrupt("unknown action"))?,
+                            token,
+                            actor,
+                            role: role
+                                .as_deref()
+                                .map(Role::parse)
+                                .map(|r| r.ok_or_else(|| corrupt("unknown role")))
+                                .transpose()?,
+                            expire_time: optional_time(expire).map_err(|()| corrupt("bad expire time"))?,
+                            previous_until: optional_time(until).map_err(|()| corrupt("bad previous_until time"))?,
+                            client_address,
+                            count,
+                        };
+                        Ok((u64::try_from(seq).unwrap_or(0), event))
+                    },
+                )
+                .collect()
         })
         .await
     }
@@ -521,7 +752,7 @@ impl Store for SqliteStore {
             let revision = meta(tx, "revision")?;
             let records = query(
                 tx,
-                &format!("SELECT {COLUMNS} FROM tokens WHERE retired = 0 ORDER BY name"),
+                &format!("SELECT {COLUMNS} FROM tokens t WHERE t.retired = 0 ORDER BY t.name"),
                 [],
             )?;
             Ok((Revision(u64::try_from(revision).unwrap_or(0)), records))
@@ -569,25 +800,30 @@ impl Store for SqliteStore {
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
         self.write(move |tx| {
             let (s, n) = (cutoff.unix_seconds(), cutoff.subsec_nanos());
-            let names: Vec<String> = {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE tokens SET retired = 1
-                         WHERE retired = 0 AND expire_seconds IS NOT NULL
-                           AND (expire_seconds < ?1 OR (expire_seconds = ?1 AND expire_nanos <= ?2))
-                         RETURNING name",
-                    )
-                    .map_err(unavailable)?;
-                let names = stmt
-                    .query_map(params![s, n], |r| r.get(0))
+            let mut names: Vec<String> = Vec::new();
+            for sql in [
+                "UPDATE tokens SET retired = 1
+                 WHERE retired = 0 AND expire_seconds IS NOT NULL
+                   AND (expire_seconds < ?1 OR (expire_seconds = ?1 AND expire_nanos <= ?2))
+                 RETURNING name",
+                "UPDATE tokens SET previous_sha256 = NULL, previous_until_seconds = NULL, previous_until_nanos = NULL
+                 WHERE previous_sha256 IS NOT NULL
+                   AND (previous_until_seconds < ?1 OR (previous_until_seconds = ?1 AND previous_until_nanos <= ?2))
+                 RETURNING name",
+            ] {
+                let mut stmt = tx.prepare_cached(sql).map_err(unavailable)?;
+                let done = stmt
+                    .query_map(params![s, n], |r| r.get::<_, String>(0))
                     .map_err(unavailable)?
                     .collect::<rusqlite::Result<Vec<String>>>()
                     .map_err(unavailable)?;
-                names
-            };
+                names.extend(done);
+            }
             if names.is_empty() {
                 return Ok(None);
             }
+            names.sort();
+            names.dedup();
             commit_revision(tx, names.iter().map(String::as_str)).map(Some)
         })
         .await
@@ -595,17 +831,24 @@ impl Store for SqliteStore {
 
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
         self.read(|tx| {
-            let row: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT expire_seconds, expire_nanos FROM tokens
-                     WHERE retired = 0 AND expire_seconds IS NOT NULL
-                     ORDER BY expire_seconds, expire_nanos LIMIT 1",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            Ok(row.map(|(s, n)| Timestamp::from_unix(s, u32::try_from(n).unwrap_or(0))))
+            let mut next: Option<Timestamp> = None;
+            for sql in [
+                "SELECT expire_seconds, expire_nanos FROM tokens
+                 WHERE retired = 0 AND expire_seconds IS NOT NULL
+                 ORDER BY expire_seconds, expire_nanos LIMIT 1",
+                "SELECT previous_until_seconds, previous_until_nanos FROM tokens
+                 WHERE previous_sha256 IS NOT NULL
+                 ORDER BY previous_until_seconds, previous_until_nanos LIMIT 1",
+            ] {
+                let row: Option<(i64, i64)> = tx
+                    .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(t) = row.and_then(|(s, n)| time(s, n)) {
+                    next = Some(next.map_or(t, |x| x.min(t)));
+                }
+            }
+            Ok(next)
         })
         .await
     }
@@ -629,6 +872,24 @@ mod tests {
             create_time: Timestamp::from_unix(1_700_000_000, 0),
             expire_time: None,
             retired: false,
+            created_by: None,
+            previous: None,
+            last_use: None,
+        }
+    }
+
+    fn test_event() -> AuditEvent {
+        AuditEvent {
+            time: Timestamp::from_unix(1_700_000_000, 0),
+            namespace: "default".into(),
+            action: Action::Regenerate,
+            token: None,
+            actor: "test".into(),
+            role: None,
+            expire_time: None,
+            previous_until: None,
+            client_address: None,
+            count: None,
         }
     }
 
@@ -645,7 +906,7 @@ mod tests {
         b.expire_time = Some(Timestamp::from_unix(1_900_000_000, 500_000_000));
         let c = record("namespaces/other/apitokens/a", Role::Editor, 3);
         for r in [&b, &a, &c] {
-            store.insert(vec![r.clone()], None).await.unwrap();
+            store.insert(vec![r.clone()], None, vec![]).await.unwrap();
         }
         assert_eq!(store.get(&a.name).await.unwrap(), Some(a.clone()));
         assert_eq!(store.get(&b.name).await.unwrap(), Some(b.clone()));
@@ -653,8 +914,8 @@ mod tests {
         assert_eq!(store.list("default").await.unwrap(), vec![a.clone(), b.clone()]);
         assert_eq!(store.list("other").await.unwrap(), vec![c.clone()]);
         assert_eq!(store.list("nobody").await.unwrap(), vec![]);
-        assert!(store.delete(&a.name).await.unwrap().is_some());
-        assert!(store.delete(&a.name).await.unwrap().is_none());
+        assert!(store.delete(&a.name, test_event()).await.unwrap().is_some());
+        assert!(store.delete(&a.name, test_event()).await.unwrap().is_none());
         assert_eq!(store.load().await.unwrap().1, vec![b, c]);
     }
 
@@ -663,16 +924,16 @@ mod tests {
         let dir = TempDir::new("store-dup");
         let store = store(&dir);
         let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        store.insert(vec![a.clone()], None).await.unwrap();
+        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
         let rev = store.revision().await.unwrap();
         let same_name = record("namespaces/default/apitokens/a", Role::Viewer, 2);
         assert_eq!(
-            store.insert(vec![same_name], None).await,
+            store.insert(vec![same_name], None, vec![]).await,
             Err(StoreError::NameTaken("namespaces/default/apitokens/a".into()))
         );
         let same_digest = record("namespaces/default/apitokens/b", Role::Viewer, 1);
         assert_eq!(
-            store.insert(vec![same_digest], None).await,
+            store.insert(vec![same_digest], None, vec![]).await,
             Err(StoreError::DigestTaken)
         );
         let two = vec![
@@ -680,7 +941,7 @@ mod tests {
             record("namespaces/default/apitokens/c", Role::Viewer, 3),
         ];
         assert_eq!(
-            store.insert(two.clone(), Some(2)).await,
+            store.insert(two.clone(), Some(2), vec![]).await,
             Err(StoreError::QuotaExceeded {
                 namespace: "default".into(),
                 limit: 2
@@ -688,7 +949,7 @@ mod tests {
         );
         assert_eq!(store.revision().await.unwrap(), rev);
         assert_eq!(store.load().await.unwrap().1, vec![a]);
-        store.insert(two, Some(3)).await.unwrap();
+        store.insert(two, Some(3), vec![]).await.unwrap();
     }
 
     #[tokio::test]
@@ -700,7 +961,10 @@ mod tests {
             record("namespaces/default/apitokens/b", Role::Owner, 2),
             record("namespaces/default/apitokens/a", Role::Owner, 3),
         ];
-        assert!(matches!(store.insert(batch, None).await, Err(StoreError::NameTaken(_))));
+        assert!(matches!(
+            store.insert(batch, None, vec![]).await,
+            Err(StoreError::NameTaken(_))
+        ));
         assert!(store.load().await.unwrap().1.is_empty());
         assert_eq!(store.revision().await.unwrap(), Revision(0));
     }
@@ -710,24 +974,28 @@ mod tests {
         let dir = TempDir::new("store-replace");
         let store = store(&dir);
         let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        store.insert(vec![a.clone()], None).await.unwrap();
+        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
         let rev = store.revision().await.unwrap();
         let new_digest = Digest([0xab; 32]);
-        let (updated, rev2) = store.replace_digest(&a.name, new_digest).await.unwrap().unwrap();
+        let (updated, rev2) = store
+            .replace_digest(&a.name, new_digest, None, test_event())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(updated.digest, new_digest);
         assert_eq!((updated.role, updated.create_time), (a.role, a.create_time));
         assert!(rev2 > rev);
         assert_eq!(
             store
-                .replace_digest("namespaces/default/apitokens/none", new_digest)
+                .replace_digest("namespaces/default/apitokens/none", new_digest, None, test_event())
                 .await
                 .unwrap(),
             None
         );
         let b = record("namespaces/default/apitokens/b", Role::Editor, 2);
-        store.insert(vec![b.clone()], None).await.unwrap();
+        store.insert(vec![b.clone()], None, vec![]).await.unwrap();
         assert_eq!(
-            store.replace_digest(&b.name, new_digest).await,
+            store.replace_digest(&b.name, new_digest, None, test_event()).await,
             Err(StoreError::DigestTaken)
         );
     }
@@ -739,10 +1007,14 @@ mod tests {
         let r0 = store.revision().await.unwrap();
         let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
         let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
-        let r1 = store.insert(vec![a.clone(), b.clone()], None).await.unwrap();
+        let r1 = store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
         assert_eq!(r1, Revision(r0.0 + 1));
-        let r2 = store.delete(&a.name).await.unwrap().unwrap();
-        let (b2, r3) = store.replace_digest(&b.name, Digest([9; 32])).await.unwrap().unwrap();
+        let r2 = store.delete(&a.name, test_event()).await.unwrap().unwrap();
+        let (b2, r3) = store
+            .replace_digest(&b.name, Digest([9; 32]), None, test_event())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             store.changes_since(r0).await.unwrap(),
             Changes::Since {
@@ -778,7 +1050,7 @@ mod tests {
                 ..record(&format!("namespaces/bulk/apitokens/t{i}"), Role::Viewer, 0)
             })
             .collect();
-        let r = store.insert(many, None).await.unwrap();
+        let r = store.insert(many, None, vec![]).await.unwrap();
         assert_eq!(store.changes_since(Revision(0)).await.unwrap(), Changes::TooOld);
         assert_eq!(
             store.changes_since(r).await.unwrap(),
@@ -799,7 +1071,7 @@ mod tests {
         later.expire_time = Some(Timestamp::from_unix(2000, 0));
         let never = record("namespaces/default/apitokens/never", Role::Owner, 3);
         let r0 = store
-            .insert(vec![soon.clone(), later.clone(), never.clone()], None)
+            .insert(vec![soon.clone(), later.clone(), never.clone()], None, vec![])
             .await
             .unwrap();
         assert_eq!(store.next_expiry().await.unwrap(), soon.expire_time);
@@ -834,7 +1106,7 @@ mod tests {
         {
             let store = SqliteStore::open(&path).unwrap();
             lineage = store.lineage();
-            store.insert(vec![a.clone()], None).await.unwrap();
+            store.insert(vec![a.clone()], None, vec![]).await.unwrap();
             let other = SqliteStore::open(&path).unwrap();
             assert_eq!(other.lineage(), lineage);
             // A second process (bootstrap next to serve) sees the write and
@@ -842,7 +1114,11 @@ mod tests {
             assert_eq!(other.get(&a.name).await.unwrap(), Some(a.clone()));
             let rev = store.revision().await.unwrap();
             other
-                .insert(vec![record("namespaces/default/apitokens/b", Role::Owner, 2)], None)
+                .insert(
+                    vec![record("namespaces/default/apitokens/b", Role::Owner, 2)],
+                    None,
+                    vec![],
+                )
                 .await
                 .unwrap();
             assert!(store.revision().await.unwrap() > rev);
@@ -897,6 +1173,53 @@ mod tests {
         PRAGMA user_version = 1;";
 
     #[tokio::test]
+    async fn version_2_databases_are_migrated() {
+        let dir = TempDir::new("store-v2");
+        let path = dir.path().join("t.db");
+        let conn = Connection::open(&path).unwrap();
+        // Version 2 as the previous release created it.
+        conn.execute_batch(
+            "CREATE TABLE tokens (name TEXT PRIMARY KEY NOT NULL, namespace TEXT NOT NULL, role TEXT NOT NULL,
+                 secret_sha256 TEXT NOT NULL UNIQUE, create_seconds INTEGER NOT NULL, create_nanos INTEGER NOT NULL,
+                 expire_seconds INTEGER, expire_nanos INTEGER, update_seconds INTEGER NOT NULL,
+                 retired INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
+             CREATE TABLE changes (revision INTEGER NOT NULL, name TEXT NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('revision', 5), ('changes_from', 0), ('lineage_hi', 1), ('lineage_lo', 2);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO tokens VALUES ('namespaces/a/apitokens/t', 'a', 'owner', ?1, 7, 0, NULL, NULL, 7, 0)",
+            [&"ab".repeat(32)],
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.get("namespaces/a/apitokens/t").await.unwrap().unwrap();
+        assert_eq!(
+            (t.role, t.created_by, t.previous, t.last_use),
+            (Role::Owner, None, None, None)
+        );
+        assert_eq!(store.revision().await.unwrap(), Revision(5));
+        store
+            .replace_digest(
+                &t.name,
+                Digest([3; 32]),
+                Some(Timestamp::from_unix(99, 0)),
+                test_event(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.events("a", None, 5).await.unwrap().len(),
+            0,
+            "the test event names another namespace"
+        );
+    }
+
+    #[tokio::test]
     async fn version_1_databases_are_migrated() {
         let dir = TempDir::new("store-v1");
         let path = dir.path().join("t.db");
@@ -924,19 +1247,188 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_regeneration_with_an_overlap_keeps_one_previous_secret() {
+        let dir = TempDir::new("store-overlap");
+        let store = store(&dir);
+        let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+        a.expire_time = Some(Timestamp::from_unix(3000, 0));
+        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+        let until = Timestamp::from_unix(2000, 0);
+        let (r, _) = store
+            .replace_digest(&a.name, Digest([2; 32]), Some(until), test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.digest, Digest([2; 32]));
+        assert_eq!(
+            r.previous,
+            Some(PreviousSecret {
+                digest: Digest([1; 32]),
+                until
+            })
+        );
+        assert_eq!(store.next_expiry().await.unwrap(), Some(until));
+        // A second regeneration during the overlap ends the first one.
+        let later = Timestamp::from_unix(2500, 0);
+        let (r, _) = store
+            .replace_digest(&a.name, Digest([3; 32]), Some(later), test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            r.previous,
+            Some(PreviousSecret {
+                digest: Digest([2; 32]),
+                until: later
+            })
+        );
+        // The overlap ends by itself (a store write, so replicas agree).
+        let rev = store.revision().await.unwrap();
+        assert!(store
+            .retire_expired(Timestamp::from_unix(2499, 0))
+            .await
+            .unwrap()
+            .is_none());
+        let ended = store.retire_expired(later).await.unwrap().unwrap();
+        assert!(ended > rev);
+        let r = store.get(&a.name).await.unwrap().unwrap();
+        assert_eq!((r.previous, r.retired), (None, false));
+        // Without an overlap the old secret is gone at once.
+        store
+            .replace_digest(&a.name, Digest([4; 32]), Some(later), test_event())
+            .await
+            .unwrap();
+        let (r, _) = store
+            .replace_digest(&a.name, Digest([5; 32]), None, test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.previous, None);
+    }
+
+    fn event(action: Action, token: &str) -> AuditEvent {
+        AuditEvent {
+            action,
+            token: Some(token.into()),
+            actor: "namespaces/default/apitokens/admin".into(),
+            client_address: Some("192.0.2.7".into()),
+            ..test_event()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_audit_trail_is_written_with_the_change_and_read_newest_first() {
+        let dir = TempDir::new("store-audit");
+        let store = store(&dir);
+        let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+        a.created_by = Some("namespaces/default/apitokens/admin".into());
+        let created = AuditEvent {
+            role: Some(Role::Editor),
+            ..event(Action::Create, &a.name)
+        };
+        store
+            .insert(vec![a.clone()], None, vec![created.clone()])
+            .await
+            .unwrap();
+        let regenerated = AuditEvent {
+            previous_until: Some(Timestamp::from_unix(1_800_000_000, 0)),
+            ..event(Action::Regenerate, &a.name)
+        };
+        store
+            .replace_digest(
+                &a.name,
+                Digest([2; 32]),
+                regenerated.previous_until,
+                regenerated.clone(),
+            )
+            .await
+            .unwrap();
+        let deleted = event(Action::Delete, &a.name);
+        store.delete(&a.name, deleted.clone()).await.unwrap();
+        // A refused write records nothing.
+        store.delete(&a.name, deleted.clone()).await.unwrap();
+        let other = AuditEvent {
+            namespace: "other".into(),
+            ..event(Action::Create, "namespaces/other/apitokens/x")
+        };
+        store
+            .insert(
+                vec![record("namespaces/other/apitokens/x", Role::Owner, 9)],
+                None,
+                vec![other],
+            )
+            .await
+            .unwrap();
+        let all = store.events("default", None, 10).await.unwrap();
+        let events: Vec<&AuditEvent> = all.iter().map(|(_, e)| e).collect();
+        assert_eq!(events, [&deleted, &regenerated, &created]);
+        // Pages: two, then the rest from the last sequence number.
+        let first = store.events("default", None, 2).await.unwrap();
+        assert_eq!(first.len(), 2);
+        let rest = store.events("default", Some(first[1].0), 2).await.unwrap();
+        assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
+        // Nothing in the trail is a digest.
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        let dump: String = conn
+            .query_row(
+                "SELECT group_concat(coalesce(token, '') || actor || coalesce(client_address, '')) FROM events",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!dump.contains(&Digest([1; 32]).to_hex()) && !dump.contains(&Digest([2; 32]).to_hex()));
+    }
+
+    #[tokio::test]
+    async fn last_use_is_the_latest_recorded_and_goes_with_the_token() {
+        let dir = TempDir::new("store-usage");
+        let store = store(&dir);
+        let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+        let rev = store.revision().await.unwrap();
+        let t = |s| Timestamp::from_unix(s, 0);
+        store
+            .record_usage(vec![
+                (a.name.clone(), t(100)),
+                ("namespaces/default/apitokens/gone".into(), t(100)),
+            ])
+            .await
+            .unwrap();
+        store.record_usage(vec![(a.name.clone(), t(50))]).await.unwrap();
+        assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(100)));
+        assert_eq!(store.list("default").await.unwrap()[0].last_use, Some(t(100)));
+        assert_eq!(
+            store.revision().await.unwrap(),
+            rev,
+            "a use is not a configuration change"
+        );
+        store.delete(&a.name, test_event()).await.unwrap();
+        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+        assert_eq!(
+            store.get(&a.name).await.unwrap().unwrap().last_use,
+            None,
+            "a new token, a new history"
+        );
+    }
+
+    #[tokio::test]
     async fn a_row_that_cannot_be_read_is_an_error_naming_it() {
         let dir = TempDir::new("store-corrupt");
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path).unwrap();
         store
-            .insert(vec![record("namespaces/default/apitokens/a", Role::Owner, 1)], None)
+            .insert(
+                vec![record("namespaces/default/apitokens/a", Role::Owner, 1)],
+                None,
+                vec![],
+            )
             .await
             .unwrap();
         Connection::open(&path)
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', ?1,
-                     1, 5000000000, NULL, NULL, 1, 0)",
+                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL)",
                 [&"cd".repeat(32)],
             )
             .unwrap();

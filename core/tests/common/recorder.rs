@@ -5,6 +5,7 @@ use super::at;
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{HeaderValue, Host, HostError, LogLevel, RequestHeaders};
 use apitokens_core::reply::Reply;
+use apitokens_core::table::Token;
 use apitokens_core::Timestamp;
 use std::fmt;
 
@@ -19,6 +20,8 @@ pub struct Recorder {
     /// How many times the headers were read.
     pub reads: usize,
     pub writes: Vec<String>,
+    /// Tokens reported as used.
+    pub used: Vec<String>,
 }
 
 impl Recorder {
@@ -113,6 +116,10 @@ impl Host for Recorder {
 
     fn count(&mut self, counter: Counter) {
         self.counters.push(counter);
+    }
+
+    fn used(&mut self, token: Token<'_>) {
+        self.used.push(token.name().to_owned());
     }
 
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {

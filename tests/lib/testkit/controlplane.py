@@ -104,7 +104,7 @@ def until_status(envoy: "harness.Envoy", path: str, token: str | None, status: i
 class ControlPlane:
     """One `apitokens serve` process (restartable on the same ports and database)."""
 
-    def __init__(self, workdir: Path, name: str = "cp"):
+    def __init__(self, workdir: Path, name: str = "cp", plugin_config: Path = PLUGIN_BASE):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -114,6 +114,7 @@ class ControlPlane:
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         self.extra: list[str] = []
+        self.plugin_config = plugin_config
 
     @property
     def logs(self) -> list[Path]:
@@ -147,7 +148,7 @@ class ControlPlane:
             "--db", str(self.db),
             "--listen", f"127.0.0.1:{self.api_port}",
             "--xds-listen", f"127.0.0.1:{self.xds_port}",
-            "--plugin-config", str(PLUGIN_BASE),
+            "--plugin-config", str(self.plugin_config),
             "--poll-interval-ms", "200",
             *extra,
         ]
