@@ -104,7 +104,8 @@ def until_status(envoy: "harness.Envoy", path: str, token: str | None, status: i
 class ControlPlane:
     """One `apitokens serve` process (restartable on the same ports and database)."""
 
-    def __init__(self, workdir: Path, name: str = "cp", plugin_config: Path = PLUGIN_BASE):
+    def __init__(self, workdir: Path, name: str = "cp", plugin_config: Path = PLUGIN_BASE,
+                 always: tuple[str, ...] = ()):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -115,6 +116,8 @@ class ControlPlane:
         self.runs = 0
         self.extra: list[str] = []
         self.plugin_config = plugin_config
+        # `serve` arguments of every start (a suite's settings), before a start's own.
+        self.always = always
 
     @property
     def logs(self) -> list[Path]:
@@ -150,6 +153,7 @@ class ControlPlane:
             "--xds-listen", f"127.0.0.1:{self.xds_port}",
             "--plugin-config", str(self.plugin_config),
             "--poll-interval-ms", "200",
+            *self.always,
             *extra,
         ]
         log = open(self.dir / f"serve-{self.runs:02d}.log", "wb")
