@@ -245,8 +245,17 @@ impl TokenTable {
             }
             previous = Some(digest);
             let nanos = u32_at(entry, 40).ok_or_else(|| bad("truncated"))?;
-            if nanos != NEVER && nanos >= 1_000_000_000 {
-                return Err(bad("expireTime nanoseconds out of range"));
+            if nanos != NEVER {
+                if nanos >= 1_000_000_000 {
+                    return Err(bad("expireTime nanoseconds out of range"));
+                }
+                // The same bound as the JSON configuration's timestamps.
+                let secs = i64_at(entry, 32).ok_or_else(|| bad("truncated"))?;
+                if !Timestamp::from_unix(secs, nanos).in_range() {
+                    return Err(bad(
+                        "expireTime must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+                    ));
+                }
             }
             if entry.get(48).copied().and_then(role_of).is_none() || entry.get(49..52) != Some(&[0, 0, 0][..]) {
                 return Err(bad("unknown role"));
