@@ -143,12 +143,20 @@ fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) ->
     let all_permitted = permitted(method)
         && (!overridden || header_overrides_permitted())
         && overrides::query_methods(path).all(|m| permitted(m.as_bytes()))
-        && (method != b"POST" || !host.request_has_body() || BODY_OVERRIDE_METHODS.iter().all(|m| permitted(m)));
+        && (method != b"POST" || !has_body(host, headers) || BODY_OVERRIDE_METHODS.iter().all(|m| permitted(m)));
     if all_permitted {
         Ok((token, config.grant(&scope)))
     } else {
         Err((Denial::RoleDenied, Some(token)))
     }
+}
+
+/// Whether body bytes follow: the host says more than headers follow, and no
+/// `content-length: 0` says the body is empty (HTTP/2 clients may end an
+/// empty request with an empty DATA frame; Envoy refuses a body longer than
+/// its content-length).
+fn has_body<H: Host>(host: &mut H, headers: &H::Headers) -> bool {
+    host.request_has_body() && headers.get("content-length") != HeaderValue::One(b"0")
 }
 
 fn forward<H: Host>(

@@ -627,6 +627,14 @@ fn a_post_with_a_body_must_be_permitted_for_what_a_body_override_could_make_it()
     host.body = true;
     assert_eq!(run(&config, &mut host), Verdict::Stop, "a POST with a body");
     assert_eq!(host.reply.as_ref().map(|(d, _)| *d), Some(Denial::RoleDenied));
+    // An empty body announced by its length (an HTTP/2 client's empty DATA
+    // frame) is no body.
+    let mut host = Recorder::request("POST", orders, Some(&editor)).with_header("content-length", "0");
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Continue, "content-length: 0");
+    let mut host = Recorder::request("POST", orders, Some(&editor)).with_header("content-length", "2");
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop, "content-length: 2");
     let mut host = Recorder::request("POST", orders, Some(&owner));
     host.body = true;
     assert_eq!(run(&config, &mut host), Verdict::Continue);
