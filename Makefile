@@ -11,7 +11,7 @@ CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: differential differential-deps bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -46,7 +46,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e cp-e2e security drills
+test: lint unit wasm-test e2e cp-e2e security differential drills
 	@echo "make test: all suites passed"
 
 unit:
@@ -90,6 +90,17 @@ fuzz: toolchain
 security: build cp-build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/security
 
+# Real routers (Express and method-override from npm, Flask and method-override
+# from PyPI) behind the shipped envoy/envoy.yaml: every route a request ran must
+# be one the token's role permits; last line "N passed, N failed".
+differential: build venv differential-deps
+	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) -m pytest -q tests/differential
+
+differential-deps: tests/differential/node_modules/.installed
+tests/differential/node_modules/.installed: tests/differential/package-lock.json
+	cd tests/differential && npm ci --no-audit --no-fund
+	@touch $@
+
 # Fast fault drills: kill -9 loop, control plane down, NACK, expiry mid-load.
 drills: build cp-build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
@@ -121,4 +132,4 @@ size: build
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) .run
+	rm -rf $(VENV) .run tests/differential/node_modules
