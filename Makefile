@@ -18,6 +18,7 @@ help:
 	@echo "make run-static the filter alone: Envoy with envoy/envoy.yaml and three demo tokens"
 	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
+	@echo "make differential real routers (Express, Flask) behind the shipped Envoy: every route that ran must be permitted"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
 	@echo "make bench      the side-by-side benchmark (about 9 minutes), table in bench/results/latest.md"
 	@echo "make bench-scale configuration and revocation at 1k/100k/1M tokens, table in bench/results/scale.md"
