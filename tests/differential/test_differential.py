@@ -12,7 +12,7 @@ import yaml
 import oracle
 import variants
 from clients import ConnectionClosed, RawH1, RawH2, StreamReset
-from conftest import OUTCOMES, REACHED, ROLES, SHIPPED, UPSTREAM_HEADER, UPSTREAMS
+from routers import OUTCOMES, REACHED, ROLES, SHIPPED, UPSTREAM_HEADER, UPSTREAMS
 
 VARIANTS = variants.all_variants()
 
