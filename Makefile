@@ -115,10 +115,11 @@ soak: build cp-build venv
 bench: build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/run.py $(BENCH_ARGS)
 
-# Configuration and revocation with 1k, 100k and 1M tokens (about 4 minutes).
+# Configuration and revocation with 1k, 100k and 1M tokens (about 4 minutes);
+# it uses the tests' package testkit (tests/lib/testkit).
 bench-scale: build venv
 	$(CARGO) build --release -p apitokens-control-plane
-	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
+	PYTHONPATH=tests/lib ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv

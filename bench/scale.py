@@ -13,6 +13,9 @@ For each token count N (default 1k, 100k, 1M):
      on every worker (keep-alive connections pinned to both workers).
 
 Writes bench/results/scale.md and scale.json. See bench/README.md.
+
+Needs tests/lib on the import path (the package testkit):
+  PYTHONPATH=tests/lib .venv/bin/python bench/scale.py      (make bench-scale sets it)
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import run as benchrun  # bench/run.py (this script's directory): logging, processes, RSS, percentiles
+from run import Proc, fmt, label_count, log, percentile, resolve_envoy, rss_mb, wait_ready
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(BENCH), str(ROOT / "tests" / "lib"), str(ROOT / "tests" / "e2e")]
-
-import run as benchrun  # noqa: E402  bench/run.py: logging, processes, RSS, percentiles
-from run import Proc, fmt, label_count, log, percentile, resolve_envoy, rss_mb, wait_ready  # noqa: E402
 
 WORK = ROOT / "target" / "bench" / "scale"
 RESULTS = BENCH / "results"
@@ -44,7 +46,13 @@ ENVOY = os.environ.get("ENVOY_BIN") or str(ROOT / ".venv" / "bin" / "envoy")
 os.environ.setdefault("APITOKENS_BIN", str(ROOT / "target" / "release" / "apitokens"))
 os.environ.setdefault("APITOKENS_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"))
 
-import controlplane as cpl  # noqa: E402  tests/lib: `apitokens serve`, ECDS Envoy config
+try:
+    from testkit import controlplane as cpl  # noqa: E402  tests/lib/testkit: `apitokens serve`, ECDS Envoy config
+    from testkit import harness  # noqa: E402  tests/lib/testkit: poll
+except ModuleNotFoundError as exc:
+    if exc.name != "testkit":
+        raise
+    sys.exit("bench/scale.py: no module testkit: run it with PYTHONPATH=tests/lib (make bench-scale does)")
 
 PATH = "/api/v1/namespaces/bench/deployments"
 WORKERS = 2
@@ -101,7 +109,7 @@ def make_store(n: int, keep: int, workdir: Path) -> dict:
 
 
 def envoy_config(cp: "cpl.ControlPlane", listen: int, admin: int) -> dict:
-    """envoy/envoy-ecds.yaml via tests/lib (ports of `cp`), on fixed free
+    """envoy/envoy-ecds.yaml via testkit.controlplane (ports of `cp`), on fixed free
     ports, exact connection balancing, no access log, and a direct response
     for everything but /apitokens/."""
     config = cpl.ecds_bootstrap(cp, upstream_port=1, node="bench-scale")
@@ -152,7 +160,7 @@ class Pinned:
             before = worker_active(admin, listen)
             c = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
             c.connect()
-            after = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+            after = harness.poll(lambda: self._grew(before), 5, "connection counted by a worker")
             self.conns.append(c)
             self.worker.append(after)
 
@@ -179,12 +187,12 @@ class Pinned:
     def reopen(self, i: int) -> None:
         before = worker_active(self.admin, self.listen)
         self.conns[i].close()
-        cpl.poll(lambda: sum(worker_active(self.admin, self.listen).values()) < sum(before.values()), 5,
+        harness.poll(lambda: sum(worker_active(self.admin, self.listen).values()) < sum(before.values()), 5,
                  "connection close counted")
         before = worker_active(self.admin, self.listen)
         c = http.client.HTTPConnection("127.0.0.1", self.listen, timeout=10)
         c.connect()
-        self.worker[i] = cpl.poll(lambda: self._grew(before), 5, "connection counted by a worker")
+        self.worker[i] = harness.poll(lambda: self._grew(before), 5, "connection counted by a worker")
         self.conns[i] = c
 
     def close(self) -> None:
@@ -217,7 +225,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
                            "--file-flush-interval-msec", "50"], workdir / "envoy.out")
     try:
         log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
-        cpl.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
+        harness.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
         time.sleep(1.0)
         res["rss_before_mb"] = rss_mb(envoy.pid)
 
@@ -225,7 +233,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         cp.start()
         t_healthy = time.monotonic()
         try:
-            cpl.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
+            harness.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
         except TimeoutError:
             res["first_push_error"] = json.dumps(cp.envoy_status("bench-scale"))[:2000]
             res["cp_log_tail"] = cp.log_text()[-2000:]
@@ -237,7 +245,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["first_ack_s"] = t_ack - t_start
         res["first_ack_after_healthy_s"] = t_ack - t_healthy
         res["envoy_status"] = {k: st.get(k) for k in ("ackedVersion", "lastNack", "connected")}
-        cpl.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
+        harness.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
                  "first push configured in every VM")
         time.sleep(1.0)
         res["rss_after_mb"] = rss_mb(envoy.pid)

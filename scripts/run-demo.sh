@@ -31,7 +31,7 @@ trap cleanup EXIT INT TERM
 # The first owner of namespace "default": secret on stdout, shown once.
 OWNER=$("$APITOKENS" bootstrap --db "$DB" --namespace default --name admin 2>/dev/null)
 
-"$PY" tests/e2e/echo_server.py --port 8080 --quiet > .run/echo.log 2>&1 &
+"$PY" tests/lib/testkit/echo_server.py --port 8080 --quiet > .run/echo.log 2>&1 &
 pids+=($!)
 "$APITOKENS" serve --db "$DB" --plugin-config envoy/ecds-plugin-base.json > .run/apitokens.log 2>&1 &
 pids+=($!)

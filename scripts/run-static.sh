@@ -11,7 +11,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-"$PY" tests/e2e/echo_server.py --port 8080 > .run/echo.log 2>&1 &
+"$PY" tests/lib/testkit/echo_server.py --port 8080 > .run/echo.log 2>&1 &
 pids+=($!)
 "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --base-id 9 --log-path .run/envoy.log > .run/access.log 2>&1 &
 pids+=($!)

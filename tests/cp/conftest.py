@@ -1,6 +1,7 @@
 """End-to-end fixtures for the control plane: the real `apitokens` binary, a real
 Envoy 1.40 configured by it over ECDS (envoy/envoy-ecds.yaml with its ports
-replaced), and an echo upstream. Everything listens on 127.0.0.1.
+replaced, testkit.controlplane.shipped_envoy), and an echo upstream. Everything
+listens on 127.0.0.1.
 
 Environment:
   APITOKENS_BIN   the control plane binary (default <repo>/target/debug/apitokens)
@@ -8,40 +9,27 @@ Environment:
   APITOKENS_WASM  the filter module (default target/wasm32-wasip1/release/apitokens_filter.wasm,
                   as in the shipped configuration; Envoy runs from the repository root)
 The control plane, the ECDS Envoy configuration and the echo upstream are shared
-with tests/security and tests/drills (tests/lib/controlplane.py, fixtures.py).
+with tests/security and tests/drills (testkit.controlplane, testkit.fixtures).
+When the session ends, `leak_search` looks for every issued secret.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import urllib.request
+import hashlib
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
-import harness  # noqa: E402  (tests/e2e: process helpers)
-from fixtures import upstream  # noqa: E402,F401  (the echo upstream of tests/e2e)
-from controlplane import (  # noqa: E402,F401  (re-exported for the tests of this suite)
+from testkit import leaks
+from testkit.controlplane import (
     MEASUREMENTS,
-    SECRETS,
     ControlPlane,
-    Response,
     apitokens_bin,
-    create,
-    ecds_bootstrap,
-    envoy_bin,
-    free_port,
     missing_binaries,
-    poll,
-    request,
-    tokens_path,
-    version_of,
+    shipped_envoy,
 )
+from testkit.harness import SECRETS, envoy_bin, poll
+from testkit.fixtures import upstream  # noqa: F401  (the echo upstream)
 
 
 def pytest_report_header(config):
@@ -65,75 +53,6 @@ def pytest_terminal_summary(terminalreporter):
         )
 
 
-class Envoy:
-    """A real Envoy on the shipped ECDS configuration, ports and node id replaced."""
-
-    def __init__(self, workdir: Path, cp: ControlPlane, upstream_port: int, node: str,
-                 mutate: Callable[[dict], None] | None = None):
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.node = node
-        config = ecds_bootstrap(cp, upstream_port, node)
-        if mutate:
-            mutate(config)
-        self.config_path = self.dir / "envoy.json"
-        self.config_path.write_text(json.dumps(config, indent=1))
-        self.log_path = self.dir / "envoy.log"
-        self.access_path = self.dir / "access.log"
-        self.admin_path = self.dir / "admin.address"
-        self.proc: subprocess.Popen | None = None
-        self.admin = ""
-        self.port = 0
-
-    def start(self) -> "Envoy":
-        cmd = [
-            envoy_bin(), "-c", str(self.config_path), "--concurrency", "2", "--disable-hot-restart",
-            "-l", "info", "--log-path", str(self.log_path), "--admin-address-path", str(self.admin_path),
-            "--file-flush-interval-msec", "20",
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=open(self.access_path, "wb"),
-                                     stderr=open(self.dir / "stderr.txt", "wb"), start_new_session=True)
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
-            if not self.admin_path.exists() or not self.admin_path.read_text().strip():
-                return False
-            self.admin = "http://" + self.admin_path.read_text().strip()
-            try:
-                return self.admin_get("/ready").strip() == "LIVE"
-            except OSError:
-                return False
-
-        poll(ready, 30, "envoy ready")
-        listeners = json.loads(self.admin_get("/listeners?format=json"))
-        self.port = int(listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"])
-        return self
-
-    def stop(self):
-        harness.stop_process(self.proc)
-
-    def admin_get(self, path: str) -> str:
-        with urllib.request.urlopen(self.admin + path, timeout=5) as r:
-            return r.read().decode("utf-8", "replace")
-
-    def log_text(self) -> str:
-        return "".join(p.read_text("utf-8", "replace") for p in (self.log_path, self.dir / "stderr.txt",
-                                                                self.access_path) if p.exists())
-
-    def get(self, path: str, token: str | None = None, method: str = "GET", body=None, headers=None) -> Response:
-        return request(self.port, method, path, token, body, headers)
-
-    def stats(self) -> dict[str, int]:
-        out = {}
-        for line in self.admin_get("/stats").splitlines():
-            name, sep, value = line.rpartition(": ")
-            if sep and value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
-
-
 # ---------------------------------------------------------------------------
 # Session fixtures: one control plane, one Envoy, one echo upstream.
 
@@ -154,7 +73,7 @@ def cp(workdir):
 
 @pytest.fixture(scope="session")
 def envoy(workdir, cp, upstream):
-    proxy = Envoy(workdir / "envoy", cp, upstream.server_address[1], node="e2e-envoy-1").start()
+    proxy = shipped_envoy(workdir / "envoy", cp, upstream.server_address[1], node="e2e-envoy-1").start()
     # The first configuration arrives over ECDS and is acknowledged.
     poll(lambda: any(e["node"] == proxy.node and e.get("ackedVersion") for e in cp.status()["envoys"]),
          15, "first ACK")
@@ -162,7 +81,30 @@ def envoy(workdir, cp, upstream):
     proxy.stop()
 
 
-
 @pytest.fixture(scope="session")
 def owner(cp) -> str:
     return cp.owner  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(request, workdir, envoy, cp):
+    """After the last test (teardown): no secret issued in this session appears
+    in any log, the database files, the ECDS file, Envoy's config_dump, stats
+    or the status page. Fails the run."""
+    yield
+    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+
+    def no_secret_anywhere():
+        if whole:
+            assert len(SECRETS) >= 15, "the lifecycle tests issue tokens first"
+        # The places searched really exist: logs, database and its WAL, ECDS file.
+        must_exist = {"apitokens.db", "apitokens-ecds.pb", "envoy.log", "access.log"} if whole else set()
+        places = leaks.search_run(workdir, envoy, cp, SECRETS, must_exist)
+        if whole:
+            assert any(n.endswith("-wal") for n in places) or any("serve-" in n for n in places)
+        # What Envoy has is digests (raw bytes in the compact encoding the control
+        # plane pushes): the search reads the payload, and would find a leaked value.
+        digest = hashlib.sha256(cp.owner.encode()).digest().decode("latin-1")
+        assert digest in places["envoy /config_dump?resource=ecds_filters (decoded BytesValue)"]
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere})

@@ -7,17 +7,9 @@ import time
 
 import pytest
 
-from conftest import MEASUREMENTS, SECRETS, create, poll, request, tokens_path, version_of
-
-APP = "/api/v1/namespaces/default/deployments"
-
-
-def until_status(envoy, path, token, status, timeout=5.0, method="GET") -> float:
-    """Seconds until Envoy answers `status` (fresh connection per try)."""
-    start = time.monotonic()
-    poll(lambda: envoy.get(path, token, method=method).status == status, timeout,
-         f"{method} {path} -> {status}", interval=0.001)
-    return time.monotonic() - start
+from testkit.clients import request
+from testkit.controlplane import APP, MEASUREMENTS, create, tokens_path, until_status, version_of
+from testkit.harness import poll, remember_secret
 
 
 def test_unauthenticated_requests_are_refused(envoy):
@@ -95,7 +87,7 @@ def test_regenerate(envoy, cp, owner):
     r = envoy.get(tokens_path(token="rotating:regenerate"), owner, method="POST")
     assert r.status == 200, r
     new = r.json()["apiToken"]["secret"]
-    SECRETS.append(new)
+    remember_secret(new)
     assert new != old and r.json()["apiToken"]["role"] == "editor"
     t_answer = time.monotonic()
     until_status(envoy, APP, old, 401)

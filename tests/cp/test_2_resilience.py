@@ -6,8 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import Envoy, create, poll, tokens_path, version_of
-from test_1_lifecycle import APP, until_status
+from testkit.controlplane import APP, create, shipped_envoy, tokens_path, until_status, version_of
+from testkit.harness import poll, remember_secret
 
 
 def envoy_status(cp, node):
@@ -29,9 +29,7 @@ def test_kill_9_after_a_2xx_loses_nothing_and_envoy_keeps_enforcing(envoy, cp, o
     r = cp.api("POST", tokens_path(), owner, {"name": "namespaces/default/apitokens/durable", "role": "editor"})
     assert r.status == 200
     durable = r.json()["apiToken"]["secret"]
-    from conftest import SECRETS
-
-    SECRETS.append(durable)
+    remember_secret(durable)
     cp.stop(signal.SIGKILL)
 
     # Envoy enforces its last configuration while the control plane is down.
@@ -80,9 +78,7 @@ def test_rejected_configuration_is_a_nack_and_the_old_one_stays(envoy, cp, owner
     r = cp.api("POST", tokens_path(), owner, {"name": "namespaces/default/apitokens/late", "role": "viewer"})
     assert r.status == 200
     late = r.json()["apiToken"]["secret"]
-    from conftest import SECRETS
-
-    SECRETS.append(late)
+    remember_secret(late)
     v = version_of(r)
     poll(lambda: envoy_status(cp, envoy.node)["lastNack"]["version"] == str(v), 10, "NACK of the new version")
     st = cp.status(v, 0.2)
@@ -103,7 +99,7 @@ def test_rejected_configuration_is_a_nack_and_the_old_one_stays(envoy, cp, owner
 
 
 def test_every_envoy_receives_changes_and_must_acknowledge(workdir, envoy, cp, owner, upstream):
-    second = Envoy(workdir / "envoy-2", cp, upstream.server_address[1], node="e2e-envoy-2").start()
+    second = shipped_envoy(workdir / "envoy-2", cp, upstream.server_address[1], node="e2e-envoy-2").start()
     try:
         poll(lambda: any(e["node"] == "e2e-envoy-2" and e.get("ackedVersion") for e in cp.status()["envoys"]),
              15, "second Envoy ACK")

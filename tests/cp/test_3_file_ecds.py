@@ -7,8 +7,16 @@ import time
 
 import pytest
 
-from conftest import MEASUREMENTS, ControlPlane, Envoy, create, poll, tokens_path
-from test_1_lifecycle import APP, until_status
+from testkit.controlplane import (
+    APP,
+    MEASUREMENTS,
+    ControlPlane,
+    create,
+    shipped_envoy,
+    tokens_path,
+    until_status,
+)
+from testkit.harness import poll
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +34,8 @@ def file_setup(workdir, upstream):
             "path_config_source": {"path": str(ecds_file)},
         }
 
-    envoy = Envoy(workdir / "envoy-file", cp, upstream.server_address[1], node="e2e-envoy-file", mutate=to_file)
+    envoy = shipped_envoy(workdir / "envoy-file", cp, upstream.server_address[1], node="e2e-envoy-file",
+                          mutate=to_file)
     envoy.start()
     yield cp, envoy, owner, ecds_file
     envoy.stop()

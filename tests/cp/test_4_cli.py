@@ -10,8 +10,8 @@ import uuid
 
 import yaml
 
-from conftest import SECRETS, apitokens_bin, free_port, tokens_path
-from test_1_lifecycle import APP, until_status
+from testkit.controlplane import APP, REPO, apitokens_bin, free_port, tokens_path, until_status
+from testkit.harness import envoy_bin, remember_secret
 
 
 def run(*args, check=False):
@@ -77,7 +77,7 @@ def test_render_json_and_wasmplugin(cp):
 
 def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
     legacy = str(uuid.uuid4())
-    SECRETS.append(legacy)
+    remember_secret(legacy)
     spec = {"tokens": [{"name": "namespaces/default/apitokens/legacy", "role": "editor",
                         "secretSha256": hashlib.sha256(legacy.encode()).hexdigest()}]}
     f = tmp_path / "legacy.json"
@@ -99,8 +99,6 @@ def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
 
 
 def test_shipped_ecds_config_validates():
-    from conftest import REPO, envoy_bin
-
     r = subprocess.run([envoy_bin(), "--mode", "validate", "-c", "envoy/envoy-ecds.yaml"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "OK" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]

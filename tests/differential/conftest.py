@@ -8,7 +8,10 @@ routes differ: a request header picks the upstream (routers.py). The closing
 line counts every request: passed when no route ran or the route that ran is
 one the token's role permits in its namespace (oracle.py).
 
-Environment: ENVOY_BIN, APITOKENS_WASM (see tests/e2e/harness.py).
+When the session ends, `leak_search` looks for the tokens' secrets in every
+log and Envoy admin page, and for Wasm failures.
+
+Environment: ENVOY_BIN, APITOKENS_WASM (see testkit/harness.py).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-import harness
-from fixtures import add_envoy_diagnostics
+from testkit import harness, leaks
+from testkit.fixtures import add_envoy_diagnostics
 from routers import HERE, OUTCOMES, REACHED, ROLES, UPSTREAMS, Upstream, shipped_with
 
 
@@ -79,3 +82,24 @@ def envoy(workdir, upstreams, tokens):
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(workdir, envoy):
+    """After the last test (before Envoy stops): no secret in Envoy's logs,
+    access log and admin pages or in the upstreams' logs, and no Wasm VM
+    failed."""
+    yield
+
+    def no_secret_anywhere():
+        assert harness.SECRETS, "no secrets were generated: did the suite run?"
+        # A static Envoy has no ECDS resources to dump.
+        endpoints = [e for e in leaks.ADMIN_ENDPOINTS if "ecds" not in e]
+        places = leaks.exposed([workdir], {envoy.name: envoy.admin_get}, endpoints=endpoints)
+        found = leaks.leaks(places, harness.SECRETS)
+        assert not found, "\n".join(found)
+
+    def no_wasm_failure():
+        assert envoy.wasm_failure_lines() == [], envoy.wasm_failure_lines()[:5]
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere, "no Wasm failure": no_wasm_failure})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-import harness
+from testkit import harness
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = harness.REPO_ROOT / "envoy" / "envoy.yaml"

@@ -11,7 +11,7 @@ import yaml
 
 import oracle
 import variants
-from clients import ConnectionClosed, RawH1, RawH2, StreamReset
+from testkit.clients import ConnectionClosed, RawH1, RawH2, StreamReset
 from routers import OUTCOMES, REACHED, ROLES, SHIPPED, UPSTREAM_HEADER, UPSTREAMS
 
 VARIANTS = variants.all_variants()

@@ -4,7 +4,11 @@ away, a rejected configuration, a token expiring mid-load, 1,000
 reconfigurations). Fast drills run in `make test`; the long ones (marker
 `soak`) only with APITOKENS_SOAK=1 (`make soak`).
 
-Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (tests/lib/controlplane.py),
+The load generator and the kill -9 loop are testkit.load and testkit.kill9.
+When the session ends, `leak_search` looks for every issued secret and for
+Wasm failures.
+
+Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (testkit/controlplane.py),
 APITOKENS_SOAK=1, APITOKENS_DRILL_SEED (the kill -9 loops' random seed).
 """
 
@@ -12,21 +16,20 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
-from fixtures import add_envoy_diagnostics, cp, envoy, require_binaries, upstream, workdir  # noqa: E402,F401
+from testkit import leaks
+from testkit.checks import no_wasm_failures
+from testkit.harness import SECRETS
+
+# The session fixtures cp, envoy, upstream and workdir; the binaries checked at
+# the start; every Envoy's logs in the report of a failed test.
+pytest_plugins = ["testkit.fixtures"]
 
 # Figures the drills measured, printed at the end of the run.
 FIGURES: dict[str, str] = {}
-
-
-def pytest_sessionstart(session):
-    require_binaries()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,13 +41,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    add_envoy_diagnostics(report)
-    return report
-
-
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("drill figures")
@@ -53,7 +49,35 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
+def figures() -> dict[str, str]:
+    """Where a drill records what it measured (one line each), printed at the end."""
+    return FIGURES
+
+
+@pytest.fixture(scope="session")
 def rng() -> random.Random:
     seed = int(os.environ.get("APITOKENS_DRILL_SEED") or random.SystemRandom().randrange(1 << 32))
     FIGURES["random seed (APITOKENS_DRILL_SEED)"] = str(seed)
     return random.Random(seed)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(request, workdir, envoy, cp):
+    """After the last test (teardown): no secret the drills issued appears in
+    any log, access log, the database and its WAL, Envoy's admin endpoints or
+    the control plane's /status; no Wasm VM failed during the drills. Fails
+    the run."""
+    yield
+    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+
+    def no_secret_anywhere():
+        if whole:
+            assert len(SECRETS) >= 10, "the drills issue tokens first"
+        must_exist = {"apitokens.db", "envoy.log", "access.log", "serve-02.log"} if whole else set()
+        leaks.search_run(workdir, envoy, cp, SECRETS, must_exist)
+
+    def no_wasm_failure():
+        no_wasm_failures(envoy)
+        assert envoy.running
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere, "no Wasm failure": no_wasm_failure})

@@ -9,21 +9,15 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import FIGURES
-from controlplane import create, issued_secret, poll, request, tokens_path, version_of
-from load import APP, Load, bad_answers, summary
+from testkit.clients import request
+from testkit.controlplane import APP, issue, issued_secret, tokens_path, version_of
+from testkit.harness import poll
+from testkit.load import Load, bad_answers, summary
 
 DOWN_SECONDS = 2.0
 
 
-def issue(cp, token_id: str, role: str) -> str:
-    r = create(cp.api_port, cp.owners["default"], token_id, role)
-    assert r.status == 200, r
-    cp.wait_applied(version_of(r))
-    return r.json()["apiToken"]["secret"]
-
-
-def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy, rng):
+def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy, rng, figures):
     owner = cp.owners["default"]
     kept = issue(cp, "down-kept", "editor")
     revoked = issue(cp, "down-revoked", "viewer")
@@ -59,6 +53,6 @@ def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy,
         assert request(envoy.port, "GET", APP, secret).status == status
     st = cp.envoy_status(envoy.name)
     assert st["connected"] and int(st["ackedVersion"]) == int(cp.status()["version"])
-    FIGURES["control plane down"] = (
+    figures["control plane down"] = (
         f"{len(during)} requests in {DOWN_SECONDS:.0f} s down, {len(samples)} in all {summary(samples)}, "
         f"all as last acknowledged; a store change made while down enforced {converged:.2f} s after restart")

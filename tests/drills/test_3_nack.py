@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import time
 
-from conftest import FIGURES
-from controlplane import poll, request, tokens_path, version_of
-from load import APP, Load, bad_answers, summary
-from test_2_control_plane_down import issue
+from testkit.clients import request
+from testkit.controlplane import APP, issue, tokens_path, version_of
+from testkit.harness import poll
+from testkit.load import Load, bad_answers, summary
 
 BAD_MODULE = "/nonexistent/apitokens_filter.wasm"
 
 
-def test_nack_keeps_the_last_good_configuration(cp, envoy, rng):
+def test_nack_keeps_the_last_good_configuration(cp, envoy, rng, figures):
     owner = cp.owners["default"]
     kept = issue(cp, "nack-kept", "viewer")
     doomed = issue(cp, "nack-doomed", "editor")
@@ -61,5 +61,5 @@ def test_nack_keeps_the_last_good_configuration(cp, envoy, rng):
     assert after and all(s.status == 401 for s in after), "revoked, and acknowledged, yet allowed"
     stats = envoy.stats()
     assert stats.get("extension_config_discovery.http_filter.apitokens.config_fail", 0) > 0
-    FIGURES["NACK"] = (f"{len(samples)} requests {summary(samples)}, last good configuration enforced while "
+    figures["NACK"] = (f"{len(samples)} requests {summary(samples)}, last good configuration enforced while "
                        f"NACKed, /status applied=false; accepted again {fixed_after:.2f} s after the fix")

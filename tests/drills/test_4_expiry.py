@@ -9,16 +9,15 @@ import math
 import signal
 import time
 
-from conftest import FIGURES
-from controlplane import create, version_of
-from harness import rfc3339
-from load import Load, bad_answers
+from testkit.controlplane import create, version_of
+from testkit.harness import rfc3339
+from testkit.load import Load, bad_answers
 
 LEAD = 3  # seconds from the token's creation to its expiry
 RELOADS = "extension_config_discovery.http_filter.apitokens.config_reload"
 
 
-def test_token_expiring_mid_load_is_refused_from_that_instant_without_a_push(cp, envoy, rng):
+def test_token_expiring_mid_load_is_refused_from_that_instant_without_a_push(cp, envoy, rng, figures):
     steady = create(cp.api_port, cp.owners["default"], "expiry-steady", "viewer")
     expire_at = math.ceil(time.time()) + LEAD
     r = create(cp.api_port, cp.owners["default"], "expiry-mid-load", "editor", expireTime=rfc3339(expire_at))
@@ -48,7 +47,7 @@ def test_token_expiring_mid_load_is_refused_from_that_instant_without_a_push(cp,
     assert late == [], f"accepted after its expireTime: {[(round(s.sent - expire_at, 4), s.status) for s in late]}"
     straddling = [s for s in mine if s.sent < expire_at <= s.answered]
     first_401 = min(s.sent for s in mine if s.status == 401) - expire_at
-    FIGURES["expiry mid-load"] = (
+    figures["expiry mid-load"] = (
         f"{len(before)} requests allowed before expireTime, {len(after)} refused after it "
         f"(first refusal sent {first_401 * 1000:+.1f} ms from it; {len(straddling)} in flight across it), "
         f"no configuration pushed")

@@ -5,7 +5,7 @@
   and HTTP/2 with stable, live and revoked secrets: no 5xx, no request sent
   after the revoking version was acknowledged is allowed, Envoy's memory
   grows by less than 10% (resident set, after 100 pushes of warm-up to the end);
-- the kill -9 loop of test_1_kill9.py, 50 rounds.
+- the kill -9 loop of test_1_kill9.py (testkit/kill9.py), 50 rounds.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import time
 
 import pytest
 
-from conftest import FIGURES
-from controlplane import create, tokens_path, version_of
-from fixtures import NODE
-from kill9 import Drill
-from load import Load, bad_answers, summary
+from testkit.controlplane import create, tokens_path, version_of
+from testkit.fixtures import NODE
+from testkit.kill9 import Drill
+from testkit.load import Load, bad_answers, summary
 
 PUSHES = int(os.environ.get("APITOKENS_SOAK_PUSHES") or 1000)
 WARM_UP = 100
@@ -59,7 +58,7 @@ class Secrets:
 
 
 @pytest.mark.soak
-def test_reconfiguration_soak(cp, envoy, rng):
+def test_reconfiguration_soak(cp, envoy, rng, figures):
     owner = cp.owners["default"]
     stable = []
     for i in range(2):
@@ -104,17 +103,17 @@ def test_reconfiguration_soak(cp, envoy, rng):
     assert all(s.status == 200 for s in samples if s.secret in stable)
     checked = sum(1 for s in samples if s.secret in secrets.revoked_at and s.sent > secrets.revoked_at[s.secret])
     growth = (rss["end"] - rss["warm"]) / rss["warm"]
-    FIGURES["reconfiguration soak"] = (
+    figures["reconfiguration soak"] = (
         f"{PUSHES} pushes ({pushed} ECDS reloads in Envoy) in {elapsed:.0f} s; {len(samples)} requests "
         f"{summary(samples)}, no 5xx; {checked} requests with secrets revoked and acknowledged, all 401; "
         f"Envoy RSS {rss['start'] // 1024} MiB at start, {rss['warm'] // 1024} MiB after {WARM_UP} pushes, "
         f"{rss['end'] // 1024} MiB at the end ({growth:+.1%})")
-    assert growth < 0.10, FIGURES["reconfiguration soak"]
+    assert growth < 0.10, figures["reconfiguration soak"]
 
 
 @pytest.mark.soak
-def test_kill_9_loop_long(cp, envoy, rng):
+def test_kill_9_loop_long(cp, envoy, rng, figures):
     drill = Drill(cp, envoy, NODE, rng)
     for _ in range(KILL_ROUNDS):
         drill.round()
-    FIGURES[f"kill -9 loop, {KILL_ROUNDS} rounds"] = drill.figures.line()
+    figures[f"kill -9 loop, {KILL_ROUNDS} rounds"] = drill.figures.line()

@@ -1,4 +1,5 @@
-"""Fixtures: an echo upstream, a shared Envoy running the apitokens filter, clients.
+"""Fixtures: an echo upstream, a shared Envoy running the apitokens filter, clients,
+and the checks at the end of the session (`leak_search`).
 
 Environment:
   ENVOY_BIN       Envoy binary (default <repo>/.venv/bin/envoy)
@@ -9,17 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "lib"))
-import checks  # noqa: E402
-import harness  # noqa: E402
-from clients import Client, raw_client  # noqa: E402
-from fixtures import upstream  # noqa: E402,F401  (the echo upstream, shared with the other suites)
-from harness import Envoy, Token  # noqa: E402
+from testkit import checks, harness, leaks
+from testkit.clients import Client, raw_client
+from testkit.fixtures import upstream  # noqa: F401  (the echo upstream, shared with the other suites)
+from testkit.harness import Envoy, Token
 
 _counter = itertools.count()
 
@@ -149,3 +147,57 @@ def raw(envoy, proto):
     c = raw_client(envoy, proto)
     yield c
     c.close()
+
+
+# ---------------------------------------------------------------------------
+# At the end of the session
+# ---------------------------------------------------------------------------
+
+# The demo tokens of envoy/envoy.yaml (test_config.py runs it): public secrets,
+# which no log may show either.
+DEMO_SECRETS = ["demo-viewer-secret", "demo-editor-secret", "demo-owner-secret"]
+# What the shared Envoy's admin interface shows that could carry a secret.
+ADMIN_ENDPOINTS = ("/config_dump", "/config_dump?include_eds", "/stats", "/stats/prometheus", "/clusters",
+                   "/listeners", "/server_info")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(envoy, tokens):
+    """After the last test (teardown): every other test has sent its secrets
+    through the Envoys; none of them appears in a log, an access log,
+    /config_dump or /stats, and no Wasm VM failed anywhere. Fails the run."""
+    yield
+
+    def no_secret_in_logs_of_any_envoy():
+        assert harness.SECRETS, "no secrets were generated: did the suite run?"
+        found = leaks.leaks(leaks.envoy_logs(Envoy.instances), harness.SECRETS + DEMO_SECRETS)
+        assert not found, f"secrets found: {found}"
+
+    def no_secret_in_admin_endpoints():
+        found = leaks.leaks(leaks.exposed(admins={"shared Envoy": envoy.admin_get}, endpoints=ADMIN_ENDPOINTS),
+                            harness.SECRETS)
+        assert not found, f"secrets found: {found}"
+
+    def config_dump_holds_digests_not_secrets():
+        dump = envoy.admin_get("/config_dump")
+        assert harness.sha256_hex(tokens.editor.secret) in dump
+        assert tokens.editor.secret not in dump
+
+    def no_wasm_failure_in_any_healthy_envoy():
+        for e in Envoy.instances:
+            if not e.ready:
+                continue  # never served (the invalid-configuration tests): nothing to check
+            checks.no_wasm_failures(e)
+
+    def shared_envoy_wasm_stats_never_moved():
+        assert checks.wasm_health(envoy) == envoy.initial_wasm_health
+        assert checks.counters(envoy).get("internal_error", 0) == 0
+        assert envoy.running, "the shared Envoy died"
+
+    leaks.at_session_end({
+        "no secret in the logs of any Envoy": no_secret_in_logs_of_any_envoy,
+        "no secret in the shared Envoy's admin endpoints": no_secret_in_admin_endpoints,
+        "/config_dump holds digests, not secrets": config_dump_holds_digests_not_secrets,
+        "no Wasm failure in any Envoy that served": no_wasm_failure_in_any_healthy_envoy,
+        "the shared Envoy's Wasm stats never moved": shared_envoy_wasm_stats_never_moved,
+    })

@@ -5,7 +5,7 @@ Every case runs over HTTP/1.1 and HTTP/2 (the `client` / `raw` fixtures).
 
 import pytest
 
-from checks import allowed, denied, responds_with_header, www_authenticate
+from testkit.checks import allowed, denied, responds_with_header, www_authenticate
 
 PATH = "/api/v1/namespaces/default/deployments"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import harness
-from checks import allowed, denied
-from clients import Client
-from harness import REPO_ROOT, Envoy, Token, plugin_config, sha256_hex
+from testkit import harness
+from testkit.checks import allowed, denied
+from testkit.clients import Client
+from testkit.harness import REPO_ROOT, Envoy, Token, plugin_config, sha256_hex
 
 ENVOY_DIR = REPO_ROOT / "envoy"
 DEFAULT_MODULE = "target/wasm32-wasip1/release/apitokens_filter.wasm"

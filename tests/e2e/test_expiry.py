@@ -3,9 +3,9 @@
 import math
 import time
 
-from checks import allowed, denied, describe
-from clients import Client
-from harness import Token, plugin_config, rfc3339
+from testkit.checks import allowed, denied, describe
+from testkit.clients import Client
+from testkit.harness import Token, plugin_config, rfc3339
 
 PATH = "/api/v1/namespaces/default/deployments"
 LEAD = 3.0       # seconds between Envoy's start and the expiry

@@ -3,9 +3,9 @@ Authorization removed unless the operator asks for it to be forwarded."""
 
 import pytest
 
-from checks import allowed, denied
-from clients import Client, RawH1
-from harness import Token, plugin_config
+from testkit.checks import allowed, denied
+from testkit.clients import Client, RawH1
+from testkit.harness import Token, plugin_config
 
 PATH = "/api/v1/namespaces/default/deployments"
 

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from checks import COUNTER_OF, counters, denied, wasm_health
-from clients import Client, raw_client
+from testkit.checks import COUNTER_OF, counters, denied, wasm_health
+from testkit.clients import Client, raw_client
 
 PATH = "/api/v1/namespaces/default/deployments"
 COUNTERS = ["allowed", "missing", "malformed", "unknown", "expired", "namespace_denied", "role_denied"]

@@ -7,9 +7,9 @@ of segments is a collection, an even number an item.
 
 import pytest
 
-from checks import allowed, denied, describe
-from clients import Client, RawH1, RawH2
-from harness import Token, plugin_config
+from testkit.checks import allowed, denied, describe
+from testkit.clients import Client, RawH1, RawH2
+from testkit.harness import Token, plugin_config
 
 NS = "/api/v1/namespaces/default"
 ART = "/artifacts/v1/namespaces/default"

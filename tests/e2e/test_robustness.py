@@ -4,9 +4,9 @@ the shared notes), and Envoy's hardened HCM must hold."""
 
 import pytest
 
-from checks import allowed, denied, describe, no_wasm_failures, wasm_health
-from clients import RawH1, RawH2, StreamReset, raw_client
-from harness import poll
+from testkit.checks import allowed, denied, describe, no_wasm_failures, wasm_health
+from testkit.clients import RawH1, RawH2, StreamReset, raw_client
+from testkit.harness import poll
 
 PATH = "/api/v1/namespaces/default/deployments"
 
@@ -178,7 +178,8 @@ def test_header_with_underscore_is_rejected(envoy, tokens):
         with pytest.raises(StreamReset):
             c.request("GET", PATH, [("authorization", tokens.editor.authorization), ("x_apitoken_role", "owner")])
     wanted = {"http1.unexpected_underscore", "http2.unexpected_underscore"}
-    poll(lambda: wanted <= {e.get("details") for e in envoy.access_log()}, 5, what=f"{wanted} in the access log")
+    poll(lambda: wanted <= {e.get("details") for e in envoy.access_log()}, 5, f"{wanted} in the access log",
+         interval=0.02)
 
 
 def test_original_path_header_is_not_trusted(client, tokens):

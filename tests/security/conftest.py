@@ -5,25 +5,30 @@ corpus names, revokes and regenerates some of them, and pushes the filter
 configuration to one Envoy running envoy/envoy-ecds.yaml as shipped (ports
 replaced; the access log as JSON lines to a file so each request can be found
 by its x-e2e-id). Requests go over HTTP/1.1 and HTTP/2 (h2c) on raw
-connections (tests/e2e/clients.py), to the echo upstream of tests/e2e.
+connections (testkit.clients), to the echo upstream (testkit.echo_server).
 
-Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (see tests/lib/controlplane.py).
+When the session ends, `leak_search` looks for every issued secret and for
+Wasm failures.
+
+Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (see testkit/controlplane.py).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "lib")]
-import harness  # noqa: E402
-from controlplane import create, issued_secret, tokens_path, version_of  # noqa: E402
-from fixtures import add_envoy_diagnostics, cp, envoy, require_binaries, upstream, workdir  # noqa: E402,F401
+from testkit import harness, leaks
+from testkit.checks import no_wasm_failures
+from testkit.controlplane import create, issued_secret, tokens_path, version_of
+from testkit.harness import SECRETS
+
+# The session fixtures cp, envoy, upstream and workdir; the binaries checked at
+# the start; every Envoy's logs in the report of a failed test.
+pytest_plugins = ["testkit.fixtures"]
 
 # Outcomes of the corpus items, for the closing "N passed, N failed" line.
 CORPUS_OUTCOMES: dict[str, bool] = {}
@@ -31,16 +36,11 @@ CORPUS_OUTCOMES: dict[str, bool] = {}
 RESPONSES: list[str] = []
 
 
-def pytest_sessionstart(session):
-    require_binaries()
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if item.get_closest_marker("corpus") and (report.when == "call" or report.failed):
         CORPUS_OUTCOMES[item.nodeid] = CORPUS_OUTCOMES.get(item.nodeid, True) and report.passed
-    add_envoy_diagnostics(report)
     return report
 
 
@@ -86,6 +86,12 @@ class Tokens:
 
 
 @pytest.fixture(scope="session")
+def responses() -> list[str]:
+    """Where the corpus records every response it received, for the leak search."""
+    return RESPONSES
+
+
+@pytest.fixture(scope="session")
 def tokens(cp, envoy) -> Tokens:
     t = Tokens(cp, envoy)
     # First, so that it is over a second past its expiry once the others exist.
@@ -108,3 +114,25 @@ def tokens(cp, envoy) -> Tokens:
     while time.time() < expired_at + 1:
         time.sleep(0.05)
     return t
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_search(request, workdir, envoy, cp):
+    """After the last test (teardown): no secret the corpus issued appears in
+    any log, access log, the database and its WAL, Envoy's admin endpoints,
+    the control plane's /status, or any response the corpus received; no Wasm
+    VM failed. Fails the run."""
+    yield
+    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+
+    def no_secret_anywhere():
+        if whole:
+            assert len(SECRETS) >= 10 and RESPONSES, "the corpus issues tokens and sends requests first"
+        must_exist = {"apitokens.db", "envoy.log", "access.log", "serve-01.log"} if whole else set()
+        leaks.search_run(workdir, envoy, cp, SECRETS, must_exist, {"responses": "\n".join(RESPONSES)})
+
+    def no_wasm_failure():
+        no_wasm_failures(envoy)
+        assert envoy.running
+
+    leaks.at_session_end({"no secret anywhere": no_secret_anywhere, "no Wasm failure": no_wasm_failure})

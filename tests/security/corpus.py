@@ -27,13 +27,13 @@ from pathlib import Path
 
 import yaml
 
-import checks
-from clients import ConnectionClosed, StreamReset, next_e2e_id, raw_client
+from testkit import checks
+from testkit.clients import ConnectionClosed, StreamReset, next_e2e_id, raw_client
+from testkit.controlplane import APP
 
 CORPUS = Path(__file__).with_name("corpus.yaml")
 CLASSES = ("authorization", "path", "alias", "override", "expiry", "lifecycle", "identity")
 PROTOCOLS = ("h1", "h2")
-APP = "/api/v1/namespaces/default/deployments"
 
 _SECRET = re.compile(r"\{secret(?:@([a-z-]+))?(?:\.(flip|trunc|ext))?\}")
 _REPEAT = re.compile(r"\{(.)\*(\d+)\}")

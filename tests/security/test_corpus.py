@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 import corpus
-import harness
-from controlplane import ECDS_YAML, SECRETS, STATIC_YAML, hcm_of
+from testkit import harness
+from testkit.controlplane import ECDS_YAML, STATIC_YAML, hcm_of
+from testkit.harness import SECRETS
 
 CASES = corpus.load()
 
@@ -20,14 +21,12 @@ CASES = corpus.load()
 @pytest.mark.corpus
 @pytest.mark.parametrize("proto", corpus.PROTOCOLS)
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_case(case, proto, envoy, tokens):
-    from conftest import RESPONSES
-
+def test_case(case, proto, envoy, tokens, responses):
     token = corpus.token_for(case, tokens)
     stats_before = corpus.wasm_failure_stats(envoy)
     method, path, headers, body = corpus.build_request(case, tokens, token)
     out = corpus.send(envoy, proto, method, path, headers, body)
-    RESPONSES.append(out.text())
+    responses.append(out.text())
     corpus.check(case, proto, envoy, token, out, SECRETS)
     # No Wasm failure signal moved: no trap in the log, no failure stat.
     assert envoy.wasm_failure_lines() == [], envoy.wasm_failure_lines()[:5]

@@ -1,5 +1,5 @@
 """A bounded load generator: threads sending requests through Envoy over
-HTTP/1.1 and HTTP/2 (keep-alive httpx clients of tests/e2e), each request with
+HTTP/1.1 and HTTP/2 (keep-alive testkit.clients.Client), each request with
 the secret a `pick` function chooses at that moment. Every answer is recorded
 with the times it was sent and answered (wall clock, as the filter's)."""
 
@@ -12,9 +12,8 @@ from typing import Callable
 
 import httpx
 
-from clients import Client
-
-APP = "/api/v1/namespaces/default/deployments"
+from testkit.clients import Client
+from testkit.controlplane import APP
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ Environment:
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import os
 import signal
@@ -27,26 +26,24 @@ from typing import Callable
 
 import yaml
 
-import harness  # tests/e2e: the Envoy process class and its JSON access log
+from testkit import harness
+from testkit.clients import Response, request
+from testkit.harness import envoy_bin, poll, remember_secret
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
 ECDS_YAML = REPO / "envoy" / "envoy-ecds.yaml"
 STATIC_YAML = REPO / "envoy" / "envoy.yaml"
 PLUGIN_BASE = REPO / "envoy" / "ecds-plugin-base.json"
+# A path of the demo application under namespace default (every role may GET it).
+APP = "/api/v1/namespaces/default/deployments"
 
-# Every secret any test saw, for the final leak search.
-SECRETS: list[str] = []
 # Measured delays (seconds) by what was measured, printed at the end of a run.
 MEASUREMENTS: dict[str, list[float]] = {}
 
 
 def apitokens_bin() -> str:
     return os.environ.get("APITOKENS_BIN") or str(REPO / "target" / "debug" / "apitokens")
-
-
-def envoy_bin() -> str:
-    return os.environ.get("ENVOY_BIN") or str(REPO / ".venv" / "bin" / "envoy")
 
 
 def module_path() -> Path:
@@ -64,40 +61,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
-    """harness.poll with `what` third (as the control-plane tests call it) and a 10 ms interval."""
-    return harness.poll(predicate, timeout, interval=interval, what=what)
-
-
-class Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes):
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<{self.status} {self.body[:300]!r}>"
-
-
-def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None,
-            timeout: float = 10) -> Response:
-    """One request on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    h = dict(headers or {})
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    if body is not None and not isinstance(body, (bytes, str)):
-        body = json.dumps(body)
-        h.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=body, headers=h)
-        resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-    finally:
-        conn.close()
-
-
 def tokens_path(ns: str = "default", token: str | None = None) -> str:
     base = f"/apitokens/v1/namespaces/{ns}/apitokens"
     return base if token is None else f"{base}/{token}"
@@ -105,9 +68,7 @@ def tokens_path(ns: str = "default", token: str | None = None) -> str:
 
 def issued_secret(r: Response) -> str:
     """The secret of a 2xx create or regenerate answer, remembered for the leak search."""
-    secret = r.json()["apiToken"]["secret"]
-    SECRETS.append(secret)
-    return secret
+    return remember_secret(r.json()["apiToken"]["secret"])
 
 
 def create(port: int, owner: str, token_id: str, role: str, ns: str = "default", **extra) -> Response:
@@ -120,6 +81,24 @@ def create(port: int, owner: str, token_id: str, role: str, ns: str = "default",
 
 def version_of(r: Response) -> int:
     return int(r.headers["x-apitokens-config-version"])
+
+
+def issue(cp: "ControlPlane", token_id: str, role: str) -> str:
+    """A new token of namespace default (the owner in `cp.owners`, as
+    testkit.fixtures' `cp` has it), acknowledged by every Envoy: its secret."""
+    r = create(cp.api_port, cp.owners["default"], token_id, role)
+    assert r.status == 200, r
+    cp.wait_applied(version_of(r))
+    return r.json()["apiToken"]["secret"]
+
+
+def until_status(envoy: "harness.Envoy", path: str, token: str | None, status: int, timeout: float = 5.0,
+                 method: str = "GET") -> float:
+    """Seconds until Envoy answers `status` (fresh connection per try)."""
+    start = time.monotonic()
+    poll(lambda: envoy.get(path, token, method=method).status == status, timeout,
+         f"{method} {path} -> {status}", interval=0.001)
+    return time.monotonic() - start
 
 
 class ControlPlane:
@@ -148,8 +127,7 @@ class ControlPlane:
             [apitokens_bin(), "bootstrap", "--db", str(self.db), "--namespace", namespace, "--name", name],
             capture_output=True, text=True, check=True, timeout=30,
         )
-        secret = out.stdout.strip()
-        SECRETS.append(secret)
+        secret = remember_secret(out.stdout.strip())
         (self.dir / f"bootstrap-{name}.stderr").write_text(out.stderr)
         return secret
 
@@ -238,10 +216,21 @@ def ecds_bootstrap(cp: ControlPlane, upstream_port: int, node: str) -> dict:
     return copy.deepcopy(config)
 
 
+def shipped_envoy(workdir: Path, cp: ControlPlane, upstream_port: int, node: str,
+                  mutate: Callable[[dict], None] | None = None) -> harness.Envoy:
+    """An Envoy (not started) on envoy-ecds.yaml as shipped (`ecds_bootstrap`,
+    then `mutate` if given): its stdout access log to access.log, the log at
+    info level without the filter's debug lines (tests/cp)."""
+    config = ecds_bootstrap(cp, upstream_port, node)
+    if mutate:
+        mutate(config)
+    return harness.Envoy(workdir, config, name=node, stdout="access.log", wasm_debug=False)
+
+
 def ecds_envoy(workdir: Path, cp: ControlPlane, upstream, node: str) -> "harness.Envoy":
-    """A started Envoy (tests/e2e's `harness.Envoy`) on envoy-ecds.yaml as
-    shipped, configured by `cp`, with the JSON access log of tests/e2e (so
-    checks.py finds each request by its x-e2e-id); returns after its first ACK."""
+    """A started Envoy on envoy-ecds.yaml as shipped, configured by `cp`, with
+    the JSON access log of tests/e2e (so testkit.checks finds each request by
+    its x-e2e-id); returns after its first ACK (tests/security, tests/drills)."""
     config = ecds_bootstrap(cp, upstream.port, node)
     hcm_of(config)["access_log"] = harness.json_access_log(workdir / node / "access.log")
     envoy = harness.Envoy(workdir / node, config, name=node)

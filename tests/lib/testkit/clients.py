@@ -6,11 +6,17 @@ httpx refuses to: bytes that are not UTF-8, repeated headers, lower-case
 methods, unnormalized paths. All three return `httpx.Response` objects with two
 extra attributes: `e2e_id` (the `x-e2e-id` request header, to find the request
 in Envoy's access log and at the echo upstream) and `envoy`.
+
+`request` sends one request on a fresh connection (the standard library's
+http.client) to any port, Envoy's or the control plane's, and returns a
+`Response`.
 """
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
 import socket
 import threading
 
@@ -263,3 +269,32 @@ class RawH2:
 
 def raw_client(envoy, proto: str):
     return RawH1(envoy) if proto == "h1" else RawH2(envoy)
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<{self.status} {self.body[:300]!r}>"
+
+
+def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None,
+            timeout: float = 10) -> Response:
+    """One request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+        h.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()

@@ -21,8 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from controlplane import SECRETS, ControlPlane, poll, request, tokens_path
-from load import APP
+from testkit.clients import request
+from testkit.controlplane import APP, ControlPlane, tokens_path
+from testkit.harness import poll, remember_secret
 
 
 def sha(secret: str) -> str:
@@ -108,8 +109,7 @@ class Drill:
             del self.live[op.token_id]
             self._dead(op.old_secret)
             return
-        secret = r.json()["apiToken"]["secret"]
-        SECRETS.append(secret)
+        secret = remember_secret(r.json()["apiToken"]["secret"])
         if op.kind == "regenerate":
             self._dead(op.old_secret)
         self.live[op.token_id] = Tok(op.token_id, op.role, secret)

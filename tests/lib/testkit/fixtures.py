@@ -1,6 +1,11 @@
 """Session fixtures shared by the suites that run the real control plane and
-an Envoy on envoy-ecds.yaml (tests/security, tests/drills). A conftest uses
-them by importing them: `from fixtures import cp, envoy, upstream, workdir`."""
+an Envoy on envoy-ecds.yaml (tests/security, tests/drills).
+
+As a plugin (`pytest_plugins = ["testkit.fixtures"]` in a suite's conftest) it
+brings the fixtures cp, envoy, upstream and workdir, refuses to start without
+the binaries, and adds the tail of every Envoy's logs to a failed test's
+report. A suite with its own `envoy` and `cp` (tests/e2e, tests/cp) imports
+the fixtures it uses instead: `from testkit.fixtures import upstream`."""
 
 from __future__ import annotations
 
@@ -8,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import echo_server
-import harness
-from controlplane import ControlPlane, ecds_envoy, missing_binaries
+from testkit import echo_server, harness
+from testkit.controlplane import ControlPlane, ecds_envoy, missing_binaries
 
 NODE = "gateway-1"
 
@@ -26,6 +30,17 @@ def add_envoy_diagnostics(report) -> None:
     if report.failed:
         for envoy in harness.Envoy.instances:
             report.sections.append((f"envoy {envoy.name} ({envoy.dir})", envoy.diagnostics(lines=30)))
+
+
+def pytest_sessionstart(session):
+    require_binaries()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    add_envoy_diagnostics(report)
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,23 @@
 """The final secret search of the end-to-end suites: every secret a suite
 issued must be absent from every log, access log, database file, Envoy admin
-endpoint and control-plane page it could have reached."""
+endpoint and control-plane page it could have reached.
+
+Each suite runs it from a session-scoped autouse fixture in its conftest,
+after its last test (the fixture's teardown), with `at_session_end`: a failed
+check is an error of the run (pytest reports it at the teardown of the last
+test; the exit status is not 0)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
-from controlplane import request
+import pytest
+
+from testkit.clients import request
 
 # What an Envoy's admin interface shows that could carry a secret.
 ADMIN_ENDPOINTS = (
@@ -26,14 +34,15 @@ def exposed(
     dirs: Iterable[Path] = (),
     admins: dict[str, Callable[[str], str]] | None = None,
     texts: dict[str, str] | None = None,
+    endpoints: Iterable[str] = ADMIN_ENDPOINTS,
 ) -> dict[str, str]:
     """Everything to search, by where it came from: every file under `dirs`
     (logs, access logs, databases and their WAL, ECDS files; read as bytes),
-    each Envoy's admin endpoints (`admins`: name -> admin GET function), and
+    each Envoy's admin `endpoints` (`admins`: name -> admin GET function), and
     `texts` (responses, status pages)."""
     out = dict(texts or {})
     for name, admin_get in (admins or {}).items():
-        for endpoint in ADMIN_ENDPOINTS:
+        for endpoint in endpoints:
             out[f"{name} {endpoint}"] = text = admin_get(endpoint)
             if endpoint.startswith("/config_dump"):
                 # The control plane pushes the compact (binary) encoding as a
@@ -90,5 +99,52 @@ def search_run(workdir: Path, envoy, cp, secrets: list[str], must_exist: set[str
     places = exposed([workdir], {"envoy": envoy.admin_get}, {"status": status, **(texts or {})})
     names = {Path(p).name for p in places}
     assert must_exist <= names, f"not searched: {must_exist - names}"
-    assert leaks(places, secrets) == []
+    found = leaks(places, secrets)
+    assert found == [], "\n".join(found)
     return places
+
+
+def envoy_logs(envoys: Iterable) -> dict[str, str]:
+    """The log, stderr, stdout and access log of each Envoy (harness.Envoy), by
+    where they came from, for the ones that exist."""
+    out = {}
+    for envoy in envoys:
+        for what, path in (("log", envoy.log_path), ("stderr", envoy.dir / "stderr.txt"),
+                           ("stdout", envoy.stdout_path), ("access log", envoy.access_log_path)):
+            if path.exists():
+                out[f"{envoy.name} {what} ({path})"] = path.read_text("utf-8", "replace")
+    return out
+
+
+def whole_suite(session: pytest.Session, suite: Path) -> bool:
+    """Whether this session ran the whole suite in the directory `suite`: every
+    test module there collected, no test deselected (-k, -m, --deselect, --lf)
+    or chosen by node id, no stop after failures (-x, --maxfail). A suite's
+    sanity checks of its final search ("the suite issued at least N secrets",
+    "these files were searched") hold only then; the search itself runs after
+    any run."""
+    if session.shouldfail or session.shouldstop:
+        return False
+    if any("::" in str(arg) for arg in session.config.args):
+        return False
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("deselected"):
+        return False
+    return {item.path for item in session.items} == set(suite.glob("test_*.py"))
+
+
+def at_session_end(checks: dict[str, Callable[[], object]]) -> None:
+    """Run every check (one failing does not skip the next) and fail with what
+    each failed one said. Called from a session fixture's teardown, so a
+    failure is reported as an error at the end of the run."""
+    failures = []
+    for name, check in checks.items():
+        try:
+            check()
+        except AssertionError as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            failures.append(f"{name}: {where.filename}:{where.lineno}: {where.line}\n{exc}".rstrip())
+        except Exception:  # an Envoy or a control plane that no longer answers, ...
+            failures.append(f"{name}:\n{traceback.format_exc()}".rstrip())
+    if failures:
+        pytest.fail("checks at the end of the session failed:\n\n" + "\n\n".join(failures), pytrace=False)

@@ -6,7 +6,7 @@ Every request is answered 200 with a JSON object describing what arrived:
 Header names are lower-cased; a header sent more than once is reported once,
 its values joined with ", " (so a duplicated identity header is visible).
 
-Standalone:  python3 tests/e2e/echo_server.py --port 8080
+Standalone:  python3 tests/lib/testkit/echo_server.py --port 8080
 In tests:    server = make_server("127.0.0.1", 0); start it in a thread;
              server.requests holds every request received (raw header pairs).
 """

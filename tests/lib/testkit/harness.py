@@ -3,6 +3,9 @@
 Everything here talks to 127.0.0.1 only. Envoy binds port 0 for its listener and
 its admin interface; the harness reads the ports back (admin address file and
 ``/listeners``), so there is no race for free ports.
+
+`Envoy` runs any bootstrap: the static one `bootstrap` builds here (tests/e2e)
+or envoy/envoy-ecds.yaml as testkit.controlplane adapts it (the other suites).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from testkit.clients import Response, request
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def envoy_bin() -> str:
@@ -36,14 +41,19 @@ def wasm_module() -> str:
     )
 
 
-# Every secret made by this test run, so a final test can look for leaks.
-ALL_SECRETS: list[str] = []
+# Every secret this test run made or had issued (tokens generated here, secrets
+# the control plane issued, imported ones), for the leak search at the end.
+SECRETS: list[str] = []
+
+
+def remember_secret(secret: str) -> str:
+    """Add `secret` to SECRETS (the leak search looks for it); returns it."""
+    SECRETS.append(secret)
+    return secret
 
 
 def new_secret() -> str:
-    secret = secrets.token_urlsafe(24)  # b64token charset: A-Z a-z 0-9 - _
-    ALL_SECRETS.append(secret)
-    return secret
+    return remember_secret(secrets.token_urlsafe(24))  # b64token charset: A-Z a-z 0-9 - _
 
 
 def sha256_hex(secret: str | bytes) -> str:
@@ -251,8 +261,9 @@ class EnvoyStartError(RuntimeError):
     pass
 
 
-def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"):
-    """Call `predicate` until it returns something truthy; return it, or raise after `timeout` s."""
+def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
+    """Call `predicate` every `interval` s until it returns something truthy;
+    return it, or raise TimeoutError (naming `what`) after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -264,11 +275,17 @@ def poll(predicate: Callable[[], object], timeout: float, interval: float = 0.02
 
 
 class Envoy:
-    """One Envoy process with its own directory for config, logs and admin address."""
+    """One Envoy process with its own directory for config, logs and admin address.
+
+    `stdout`: the file (in that directory) that gets Envoy's standard output,
+    `access.log` for a configuration that logs requests to stdout (the shipped
+    envoy-ecds.yaml); `wasm_debug`: the filter's debug lines (one per refusal)
+    in the log, as well as Envoy's info level."""
 
     instances: list["Envoy"] = []
 
-    def __init__(self, workdir: Path, config: dict, name: str = "envoy"):
+    def __init__(self, workdir: Path, config: dict, name: str = "envoy", *, stdout: str = "stdout.txt",
+                 wasm_debug: bool = True):
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +293,8 @@ class Envoy:
         self.log_path = self.dir / "envoy.log"
         self.access_log_path = self.dir / "access.log"
         self.admin_address_path = self.dir / "admin.address"
+        self.stdout_path = self.dir / stdout
+        self.wasm_debug = wasm_debug
         self.config_path.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
         self.admin_url = ""
@@ -294,7 +313,7 @@ class Envoy:
             # crashed one leaves nothing behind that blocks the next.
             "--disable-hot-restart",
             "-l", "info",
-            "--component-log-level", "wasm:debug",
+            *(["--component-log-level", "wasm:debug"] if self.wasm_debug else []),
             "--log-path", str(self.log_path),
             "--admin-address-path", str(self.admin_address_path),
             # Flush logs (application and access) every 20 ms instead of 10 s.
@@ -306,7 +325,7 @@ class Envoy:
             self.command(),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
-            stdout=open(self.dir / "stdout.txt", "wb"),
+            stdout=open(self.stdout_path, "wb"),
             stderr=open(self.dir / "stderr.txt", "wb"),
             start_new_session=True,
         )
@@ -348,6 +367,11 @@ class Envoy:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def node(self) -> str:
+        """The xDS node id of an Envoy the control plane configures (its name)."""
+        return self.name
+
     # -- admin -------------------------------------------------------------
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
@@ -364,6 +388,11 @@ class Envoy:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, token: str | None = None, method: str = "GET", body=None, headers=None) -> Response:
+        """One request to the listener on a fresh connection (`Authorization:
+        Bearer <token>` with a token; a body other than bytes or str is sent as JSON)."""
+        return request(self.port, method, path, token, body, headers)
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges from /stats (text format), histograms left out."""
@@ -404,7 +433,7 @@ class Envoy:
             matches = [e for e in self.access_log() if e.get("e2e_id") == e2e_id]
             return matches[-1] if matches else None
 
-        return poll(find, timeout, what=f"access log entry for x-e2e-id {e2e_id}")
+        return poll(find, timeout, f"access log entry for x-e2e-id {e2e_id}", interval=0.02)
 
     def log_offset(self) -> int:
         """The number of log lines so far (for `wait_for_log(since=...)`), once
@@ -429,7 +458,7 @@ class Envoy:
                     return line
             return None
 
-        return poll(find, timeout, what=what)
+        return poll(find, timeout, what, interval=0.02)
 
     def wasm_failure_lines(self) -> list[str]:
         return [

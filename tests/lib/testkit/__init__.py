@@ -1,0 +1,21 @@
+"""testkit: the code the end-to-end suites share (tests/e2e, tests/cp,
+tests/security, tests/differential, tests/drills) and the benchmark scripts use.
+
+Modules:
+  harness       an Envoy process (start, admin, stats, logs, `get`), `poll`,
+                the one list of secrets a run made or was given (`SECRETS`,
+                `remember_secret`), tokens and the static Envoy bootstrap
+  clients       HTTP clients: httpx over HTTP/1.1 and h2c, raw HTTP/1.1 and
+                HTTP/2 connections, one request on a fresh connection (`request`)
+  checks        readable assertions about answers, access logs, stats
+  echo_server   the echo upstream (also a script: python tests/lib/testkit/echo_server.py --port 8080)
+  controlplane  the real `apitokens serve`, its API, and Envoy on envoy-ecds.yaml
+  fixtures      session fixtures of the suites on the control plane
+  leaks         the secret search every suite runs when its session ends
+  load, kill9   the fault drills' load generator and kill -9 loop
+
+Every suite's pytest.ini puts tests/lib on the import path (`pythonpath =
+../lib`); a script gets it from the environment (PYTHONPATH=tests/lib, as
+`make bench-scale` sets it for bench/scale.py). Import as `from testkit import
+harness` or `from testkit.controlplane import ControlPlane`.
+"""
