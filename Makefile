@@ -7,16 +7,18 @@ PY          := $(VENV)/bin/python
 ENVOY       := $(VENV)/bin/envoy
 WASM        := target/wasm32-wasip1/release/apitokens_filter.wasm
 CP_BIN      := target/debug/apitokens
+CHROMIUM    := /usr/bin/chromium
 CARGO       ?= cargo
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: differential differential-deps bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
 	@echo "make run-static the filter alone: Envoy with envoy/envoy.yaml and three demo tokens"
-	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40"
+	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40, the console in Chromium"
+	@echo "make ui        the web console in headless Chromium (tests/ui)"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
 	@echo "make differential real routers (Express, Flask) behind the shipped Envoy: every route that ran must be permitted"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
@@ -47,7 +49,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e cp-e2e security differential drills
+test: lint unit wasm-test e2e cp-e2e security differential drills ui
 	@echo "make test: all suites passed"
 
 unit:
@@ -101,6 +103,17 @@ differential-deps: tests/differential/node_modules/.installed
 tests/differential/node_modules/.installed: tests/differential/package-lock.json
 	cd tests/differential && npm ci --no-audit --no-fund
 	@touch $@
+
+# Debian's Chromium for tests/ui (the Playwright package drives it; its own
+# browser download is never used).
+chromium:
+	@[ -x $(CHROMIUM) ] || { echo "installing chromium from Debian (once)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+# The web console in headless Chromium through the shipped ECDS Envoy and the real control plane.
+ui: build cp-build venv chromium
+	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) CHROMIUM_BIN=$(CHROMIUM) $(PY) -m pytest -q tests/ui
 
 # Fast fault drills: kill -9 loop, control plane down, NACK, expiry mid-load.
 drills: build cp-build venv

@@ -58,13 +58,20 @@ PATH = "/api/v1/namespaces/bench/deployments"
 WORKERS = 2
 VMS = WORKERS + 1  # one VM per worker thread plus the main thread's
 CONNS = 4          # keep-alive connections to Envoy, spread over the workers
-ACCEPTED = re.compile(r"configuration accepted: (\d+) tokens, (\d+) rules, (\d+) bytes, in (\d+\.\d+) ms")
+ACCEPTED = re.compile(r"configuration accepted: (\d+) tokens, (\d+) rules, (\d+) bytes, in (\d+\.\d+) ms, "
+                      r"VM memory (\d+) KiB")
 TARGETS = [
-    "revocation p99 <= 50 ms at 1k tokens",
-    "revocation p99 <= 200 ms at 100k tokens",
+    "control plane time per write (no Envoy) p99 <= 10 ms at 100k and <= 20 ms at 1M",
+    "create throughput at 100k >= 500/s with 8 concurrent clients",
+    "revocation p99 <= 100 ms at 100k and <= 600 ms at 1M",
     "1M tokens accepted",
     "<= 100 bytes of VM memory per token",
 ]
+WRITES = 100          # sequential writes timed per size, no Envoy connected
+CLIENTS = 8           # concurrent clients of the throughput runs
+THROUGHPUT_S = 3.0    # seconds per throughput run
+# The bench creates thousands of tokens in one namespace.
+SERVE_ARGS = ("--max-tokens-per-namespace", "0")
 
 
 # ---------------------------------------------------------------- store
@@ -145,7 +152,7 @@ def worker_active(admin: int, listen: int) -> dict[str, int]:
 
 def accepted_lines(log_path: Path) -> list[dict]:
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    return [{"tokens": int(m[1]), "rules": int(m[2]), "bytes": int(m[3]), "ms": float(m[4])}
+    return [{"tokens": int(m[1]), "rules": int(m[2]), "bytes": int(m[3]), "ms": float(m[4]), "vm_kib": int(m[5])}
             for m in ACCEPTED.finditer(text)]
 
 
@@ -200,6 +207,83 @@ class Pinned:
             c.close()
 
 
+# ---------------------------------------------------------------- writes
+
+
+def create_body(name: str) -> dict:
+    return {"name": f"namespaces/bench/apitokens/{name}", "role": "viewer"}
+
+
+def write_times(cp, owner: str, tag: str) -> dict:
+    """WRITES creates, then as many deletes, one at a time: the API's answer
+    time as the client sees it (the control plane's own time per write plus
+    a loopback round trip)."""
+    conn = http.client.HTTPConnection("127.0.0.1", cp.api_port, timeout=120)
+    headers = {"Authorization": f"Bearer {owner}", "Content-Type": "application/json"}
+    out: dict[str, list[float]] = {"create_ms": [], "delete_ms": []}
+    for i in range(WRITES):
+        body = json.dumps(create_body(f"{tag}{i}"))
+        t0 = time.monotonic()
+        conn.request("POST", cpl.tokens_path("bench"), body=body, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        out["create_ms"].append((time.monotonic() - t0) * 1000)
+        if r.status != 200:
+            raise RuntimeError(f"create {tag}{i}: {r.status}")
+    for i in range(WRITES):
+        t0 = time.monotonic()
+        conn.request("DELETE", cpl.tokens_path("bench", f"{tag}{i}"), headers=headers)
+        r = conn.getresponse()
+        r.read()
+        out["delete_ms"].append((time.monotonic() - t0) * 1000)
+        if r.status != 200:
+            raise RuntimeError(f"delete {tag}{i}: {r.status}")
+    conn.close()
+    return out
+
+
+def throughput(cp, owner: str, tag: str, port: int | None = None) -> dict:
+    """CLIENTS threads creating tokens for THROUGHPUT_S seconds, each on its
+    own keep-alive connection: creates per second, and how many answers said
+    every connected Envoy applied the change."""
+    import threading
+
+    port = port or cp.api_port
+    stop = time.monotonic() + THROUGHPUT_S
+    counts = [0] * CLIENTS
+    applied = [0] * CLIENTS
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        headers = {"Authorization": f"Bearer {owner}", "Content-Type": "application/json"}
+        i = 0
+        while time.monotonic() < stop:
+            conn.request("POST", cpl.tokens_path("bench"), body=json.dumps(create_body(f"{tag}{k}x{i}")),
+                         headers=headers)
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                errors.append(f"{r.status}")
+                return
+            counts[k] += 1
+            applied[k] += r.getheader("x-apitokens-applied") == "true"
+            i += 1
+        conn.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    if errors:
+        raise RuntimeError(f"throughput {tag}: answers {errors[:5]}")
+    return {"creates": sum(counts), "seconds": elapsed, "per_s": sum(counts) / elapsed,
+            "applied_answers": sum(applied)}
+
+
 # ---------------------------------------------------------------- one size
 
 
@@ -214,6 +298,21 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
 
     cp = cpl.ControlPlane(workdir, name="apitokens serve")
     owner = cp.bootstrap("bench", "owner")
+
+    # The control plane alone: its own time per write, and create throughput.
+    t0 = time.monotonic()
+    cp.start(*SERVE_ARGS)
+    res["cp_start_s"] = time.monotonic() - t0
+    try:
+        res.update(write_times(cp, owner, "w"))
+        res["throughput_no_envoy"] = throughput(cp, owner, "tn")
+    finally:
+        cp.stop()
+    c, d = sorted(res["create_ms"]), sorted(res["delete_ms"])
+    log(f"{label_count(n)}: no Envoy: create p50 {percentile(c, 50):.1f} p99 {percentile(c, 99):.1f} ms, "
+        f"delete p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms, "
+        f"{res['throughput_no_envoy']['per_s']:.0f} creates/s with {CLIENTS} clients")
+
     listen, admin = cpl.free_port(), cpl.free_port()
     cfg_path = workdir / "envoy.json"
     cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
@@ -230,7 +329,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["rss_before_mb"] = rss_mb(envoy.pid)
 
         t_start = time.monotonic()
-        cp.start()
+        cp.start(*SERVE_ARGS)
         t_healthy = time.monotonic()
         try:
             harness.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
@@ -251,6 +350,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["rss_after_mb"] = rss_mb(envoy.pid)
         first = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0]
         res["payload_bytes"] = first[0]["bytes"]
+        res["vm_bytes_per_token"] = max(x["vm_kib"] for x in first) * 1024 / n
         res["pushed_tokens"] = first[0]["tokens"]
         res["rss_per_token_vm_bytes"] = (res["rss_after_mb"] - res["rss_before_mb"]) * 1048576 / n / VMS
         log(f"{label_count(n)}: first ACK after {res['first_ack_s']:.2f} s, payload {res['payload_bytes']} B, "
@@ -292,6 +392,12 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
             cp.wait_applied(version, 60)
             ack_ms.append((time.monotonic() - t0) * 1000)
         pinned.close()
+        # Create throughput with the Envoy connected: each create answers once
+        # the Envoy applied it.
+        res["throughput_envoy"] = throughput(cp, owner, "te")
+        log(f"{label_count(n)}: with Envoy: {res['throughput_envoy']['per_s']:.0f} creates/s with {CLIENTS} "
+            f"clients, {res['throughput_envoy']['applied_answers']} of {res['throughput_envoy']['creates']} "
+            "answers applied everywhere")
         time.sleep(0.5)  # log flush
         later = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0][len(first):]
         res.update(revocation_ms=delays, api_answer_ms=api_ms, delete_to_ack_ms=ack_ms,
@@ -319,12 +425,12 @@ def med_max(xs: list[float]) -> str:
 
 def markdown(results: list[dict], command: str) -> str:
     head = ("| tokens | payload bytes | import s | first push→ACK s | on_configure ms first (med/max) "
-            "| on_configure ms later (med/max) | RSS before → after MB | bytes/token/VM "
+            "| on_configure ms later (med/max) | RSS before → after MB | RSS bytes/token/VM | VM memory bytes/token "
             "| DELETE answer ms (med) | revocation ms p50 / p99 / max |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         if "first_ack_s" not in r:
-            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | |")
+            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | | |")
             continue
         d = sorted(r.get("revocation_ms", []))
         rev = f"{percentile(d, 50):.1f} / {percentile(d, 99):.1f} / {d[-1]:.1f}" if d else "-"
@@ -333,15 +439,33 @@ def markdown(results: list[dict], command: str) -> str:
             f"| {r['label']} | {r['payload_bytes']:,} | {r['import_s']:.1f} | {r['first_ack_s']:.2f} "
             f"| {med_max(r.get('on_configure_first_ms', []))} | {med_max(r.get('on_configure_later_ms', []))} "
             f"| {r['rss_before_mb']:.1f} → {r['rss_after_mb']:.1f} | {r['rss_per_token_vm_bytes']:.1f} "
+            f"| {r.get('vm_bytes_per_token', float('nan')):.1f} "
             f"| {api} | {rev} |")
+    lines += [
+        "",
+        "| tokens | write ms, no Envoy: create p50 / p99 | delete p50 / p99 | creates/s, 8 clients, no Envoy "
+        "| creates/s, 8 clients, waiting for Envoy's ACK |",
+        "|" + "---|" * 5,
+    ]
+    for r in results:
+        if "create_ms" not in r:
+            continue
+        c, d = sorted(r["create_ms"]), sorted(r["delete_ms"])
+        te = r.get("throughput_envoy", {}).get("per_s")
+        lines.append(
+            f"| {r['label']} | {percentile(c, 50):.1f} / {percentile(c, 99):.1f} | {percentile(d, 50):.1f} / "
+            f"{percentile(d, 99):.1f} | {r['throughput_no_envoy']['per_s']:.0f} | "
+            + (f"{te:.0f}" if te else "-") + " |")
     notes = [
         "",
         f"Command: `{command}`. Envoy 1.40 `--concurrency {WORKERS}` ({VMS} VMs: {WORKERS} workers + main), "
         f"release `apitokens serve`, loopback, {CONNS} keep-alive HTTP/1.1 connections spread over both workers "
         "(exact connection balancing, checked with per-worker listener stats).",
         "",
-        "- bytes/token/VM = (RSS_after − RSS_before) / N / (workers + 1); RSS = VmRSS of the Envoy process, "
-        "before = deny-all default configured, after = first push configured in every VM (+1 s).",
+        "- RSS bytes/token/VM = (RSS_after − RSS_before) / N / (workers + 1); RSS = VmRSS of the Envoy process, "
+        "before = deny-all default configured, after = first push configured in every VM (+1 s); it includes "
+        "Envoy's own copies of the resource. VM memory bytes/token = the filter's VM linear memory after the "
+        "first push (its log line) / N.",
         "- first push→ACK: from starting `apitokens serve` until /status shows Envoy's ackedVersion.",
         "- on_configure: the filter's `configuration accepted ... in X ms` line, one per VM per version "
         "(first push: the N-token version; later: every revocation).",
@@ -351,8 +475,13 @@ def markdown(results: list[dict], command: str) -> str:
         f"- on_configure lines per version seen in Envoy's log: "
         f"{sorted({r.get('on_configure_lines_per_push') for r in results if r.get('on_configure_lines_per_push')})} "
         "(the main thread logs twice); with that many VMs the per-VM figure is (workers + 1) / lines of the above.",
-        "- DELETE answer ms is the control plane's time per change (the API answers after the new version is "
-        "built and published); DELETE→ACK median per size is in scale.json (`delete_to_ack_ms`).",
+        "- DELETE answer ms (first table): with the Envoy connected, the answer comes once the Envoy acknowledged "
+        "the version (read-your-writes), so it includes the push and Envoy's own work.",
+        f"- write ms (second table): {WRITES} creates then {WRITES} deletes, one at a time, straight to the API "
+        "with no Envoy connected: the control plane's own time per write (store commit, table edit, publish) "
+        "plus a loopback round trip, measured by the client.",
+        f"- creates/s: {CLIENTS} threads, each on its own keep-alive connection, creating tokens for "
+        f"{THROUGHPUT_S:.0f} s; with the Envoy connected every create waits for its ACK.",
         "",
         "Targets: " + "; ".join(TARGETS) + ".",
     ]
@@ -362,7 +491,19 @@ def markdown(results: list[dict], command: str) -> str:
 def verdicts(results: list[dict]) -> list[str]:
     out = []
     by = {r["tokens"]: r for r in results}
-    for n, limit in ((1000, 50), (100000, 200)):
+    for n, limit in ((100000, 10), (1000000, 20)):
+        r = by.get(n)
+        if r and r.get("create_ms"):
+            p99 = max(percentile(sorted(r["create_ms"]), 99), percentile(sorted(r["delete_ms"]), 99))
+            out.append(f"write p99 (no Envoy) at {label_count(n)}: {p99:.1f} ms (target <= {limit}): "
+                       + ("met" if p99 <= limit else "NOT met"))
+    r = by.get(100000)
+    if r and r.get("throughput_no_envoy"):
+        for key, what in (("throughput_no_envoy", "no Envoy"), ("throughput_envoy", "waiting for the Envoy")):
+            if key in r:
+                v = r[key]["per_s"]
+                out.append(f"creates/s at 100k, {what}: {v:.0f} (target >= 500): " + ("met" if v >= 500 else "NOT met"))
+    for n, limit in ((100000, 100), (1000000, 600)):
         r = by.get(n)
         if r and r.get("revocation_ms"):
             p99 = percentile(sorted(r["revocation_ms"]), 99)
@@ -372,8 +513,8 @@ def verdicts(results: list[dict]) -> list[str]:
     if r:
         out.append("1M tokens accepted: " + ("yes" if r.get("first_ack_s") else "NO"))
     for r in results:
-        if "rss_per_token_vm_bytes" in r and r["tokens"] >= 100000:
-            b = r["rss_per_token_vm_bytes"]
+        if "vm_bytes_per_token" in r and r["tokens"] >= 100000:
+            b = r["vm_bytes_per_token"]
             out.append(f"VM memory per token at {r['label']}: {b:.1f} B (target <= 100): "
                        + ("met" if b <= 100 else "NOT met"))
     return out

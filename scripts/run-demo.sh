@@ -2,7 +2,8 @@
 # `make run`: the whole product on loopback. The control plane (`apitokens
 # serve`), Envoy configured by it over ECDS (envoy/envoy-ecds.yaml), and an
 # echo upstream; a bootstrap owner token for namespace "default"; then curl
-# lines for create, use, regenerate and revoke. Ctrl-C stops everything.
+# lines for create, use, regenerate and revoke, and the web console's URL.
+# Ctrl-C stops everything.
 #
 # Needs: the wasm module (make build), target/debug/apitokens
 # (cargo build -p apitokens-control-plane) and .venv with Envoy (make venv).
@@ -47,6 +48,12 @@ Running on loopback:
   control plane     API localhost:8081, xDS gRPC localhost:18000, database $DB
   demo upstream     localhost:8080 (echo server)
 Logs: .run/apitokens.log, .run/envoy.log, .run/access.log. Ctrl-C stops everything.
+
+Web console (Settings > API Tokens), through Envoy:
+
+  http://localhost:10000/console/
+
+  Sign in with namespace "default" and the owner token below.
 
 The bootstrap owner token of namespace "default" (shown once; only its digest is stored):
 

@@ -11,7 +11,7 @@
 //!
 //! An update pushed by the control plane (the compact encoding) arrives as a
 //! new root context with the same plugin name (the ECDS resource name) and
-//! supersedes the previous one: the previous table is dropped *before* the
+//! lineage (the control plane's token store) and supersedes the previous one: the previous table is dropped *before* the
 //! new one is read, so a VM never holds two tables (wasm memory never shrinks,
 //! so two at once would be the VM's size from then on), and requests of the
 //! previous root context are decided by the newest configuration. JSON
@@ -83,8 +83,9 @@ type ContextMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 /// A root context's configuration.
 struct RootEntry {
     active: Rc<Active>,
-    /// The plugin name when the configuration came in the compact encoding:
-    /// a later compact configuration with the same name supersedes it.
+    /// The plugin name and lineage when the configuration came in the
+    /// compact encoding: a later compact configuration with the same ones
+    /// supersedes it.
     lineage: Option<Vec<u8>>,
 }
 
@@ -156,14 +157,18 @@ fn deny_all() -> Rc<Active> {
     Rc::new(Active::new(Config::deny_all()))
 }
 
-/// The compact configuration's plugin name, if this is one.
-fn lineage() -> Option<Vec<u8>> {
-    let head = abi::plugin_configuration(compact::MAGIC.len()).ok()?;
-    if compact::is_compact(&head) {
-        abi::property("plugin_name").ok().flatten()
-    } else {
-        None
+/// What a compact configuration supersedes: earlier compact configurations
+/// with the same plugin name and the same lineage (the token store they were
+/// built from), so that two control planes feeding one Envoy under the same
+/// resource name never drop each other's tables.
+fn lineage(head: &[u8]) -> Option<Vec<u8>> {
+    if !compact::is_compact(head) {
+        return None;
     }
+    let mut key = abi::property("plugin_name").ok().flatten()?;
+    key.push(0);
+    key.extend_from_slice(compact::lineage(head).unwrap_or_default());
+    Some(key)
 }
 
 fn configure(root: u32, size: usize) -> bool {
@@ -171,7 +176,9 @@ fn configure(root: u32, size: usize) -> bool {
     define_metrics();
     refresh_log_level();
     let _ = abi::set_tick_period_ms(TICK_MS);
-    let lineage = lineage();
+    let head = abi::plugin_configuration(compact::GENERATION_END).unwrap_or_default();
+    let lineage = lineage(&head);
+    let generation = compact::generation(&head);
     // Drop the tables this configuration supersedes before reading it (see
     // the module comment); if it were refused, those roots refuse everything.
     let superseded: Vec<u32> = ROOTS.with(|r| {
@@ -210,13 +217,14 @@ fn configure(root: u32, size: usize) -> bool {
             log(
                 Level::Info,
                 format_args!(
-                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB",
+                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB{}",
                     config.token_count(),
                     config.rules().len(),
                     size,
                     elapsed / 1_000_000,
                     elapsed / 1_000 % 1_000,
-                    vm_memory_kib()
+                    vm_memory_kib(),
+                    Generation(generation)
                 ),
             );
             let active = Rc::new(Active::new(config));
@@ -235,6 +243,18 @@ fn configure(root: u32, size: usize) -> bool {
             // Names the field, never a value: see ConfigError.
             log(Level::Error, format_args!("configuration rejected: {e}"));
             false
+        }
+    }
+}
+
+/// `, version N` for a compact configuration from the control plane.
+struct Generation(Option<u64>);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, ", version {n}"),
+            None => Ok(()),
         }
     }
 }

@@ -2,21 +2,24 @@
 //! live push of the filter configuration to every Envoy over ECDS (gRPC,
 //! state of the world) or an atomically replaced file.
 //!
+//! - `tokens`: the domain, the rules of API tokens and the only writer;
+//! - `store`: durable storage (SQLite) with a change log;
+//! - `config`: the configuration Envoy should enforce, kept and edited in
+//!   memory, published as versioned snapshots;
+//! - `push`: ECDS over gRPC and to a file, and which Envoy applied what;
+//! - `api`: the HTTP adapter; `cli`: the command-line adapter.
+//!
 //! The configuration schema, its validation and the authorization decision
 //! come from `apitokens_core`, the same code the filter runs.
 
 pub mod api;
+pub mod cli;
 pub mod clock;
-pub mod ecds;
-pub mod engine;
-pub mod file_ecds;
-pub mod logging;
+pub mod config;
+pub mod push;
 pub mod render;
-pub mod secret;
-pub mod status;
 pub mod store;
-pub mod xds;
-pub mod xds_grpc;
+pub mod tokens;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -2,7 +2,9 @@
 //! it (JSON), or wrapped in an Istio `WasmPlugin`, for static Envoy and Istio
 //! setups that do not use ECDS.
 
-use apitokens_core::config::PluginConfig;
+use crate::store::TokenRecord;
+use apitokens_core::config::{PluginConfig, TokenSpec};
+use apitokens_core::Timestamp;
 
 #[derive(Clone, Debug)]
 pub struct WasmPluginOptions {
@@ -21,6 +23,25 @@ impl Default for WasmPluginOptions {
             selector: vec![("istio".into(), "ingressgateway".into())],
         }
     }
+}
+
+/// The plugin configuration for `records` at `now`: `base` (realm, rules,
+/// identity headers, ...) plus every token that has not expired, ordered by
+/// name. A static configuration cannot be updated when a token expires, so
+/// expired tokens are left out (the filter would refuse them anyway).
+pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestamp) -> PluginConfig {
+    let mut tokens: Vec<TokenSpec> = records
+        .iter()
+        .filter(|r| !r.retired && r.expire_time.is_none_or(|t| t > now))
+        .map(|r| TokenSpec {
+            name: r.name.clone(),
+            role: r.role.as_str().to_owned(),
+            secret_sha256: r.digest.to_hex(),
+            expire_time: r.expire_time.map(|t| t.to_rfc3339()),
+        })
+        .collect();
+    tokens.sort_by(|a, b| a.name.cmp(&b.name));
+    PluginConfig { tokens, ..base.clone() }
 }
 
 pub fn json(spec: &PluginConfig) -> String {
@@ -64,7 +85,49 @@ pub fn wasm_plugin(spec: &PluginConfig, opts: &WasmPluginOptions) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use apitokens_core::config::TokenSpec;
+    use apitokens_core::config::Config;
+    use apitokens_core::table::Digest;
+    use apitokens_core::Role;
+
+    fn rec(name: &str, expire: Option<i64>) -> TokenRecord {
+        TokenRecord {
+            name: name.into(),
+            role: Role::Viewer,
+            digest: Digest::of(name.as_bytes()),
+            create_time: Timestamp::from_unix(0, 0),
+            expire_time: expire.map(|s| Timestamp::from_unix(s, 0)),
+            retired: false,
+        }
+    }
+
+    #[test]
+    fn expired_tokens_are_left_out_and_base_settings_kept() {
+        let now = Timestamp::from_unix(1000, 0);
+        let records = [
+            rec("namespaces/a/apitokens/zz", None),
+            rec("namespaces/a/apitokens/expired", Some(999)),
+            rec("namespaces/a/apitokens/now", Some(1000)),
+            rec("namespaces/a/apitokens/later", Some(2000)),
+        ];
+        let base = crate::cli::base_config(br#"{"realm": "corp", "forwardAuthorization": true}"#).unwrap();
+        let spec = plugin_config(&base, &records, now);
+        let names: Vec<_> = spec.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["namespaces/a/apitokens/later", "namespaces/a/apitokens/zz"]);
+        assert_eq!(spec.tokens[0].expire_time.as_deref(), Some("1970-01-01T00:33:20Z"));
+        assert_eq!(spec.realm.as_deref(), Some("corp"));
+        assert!(spec.forward_authorization);
+        Config::from_spec(&spec).unwrap();
+    }
+
+    #[test]
+    fn base_config_is_validated() {
+        use crate::cli::base_config;
+        assert_eq!(base_config(br#"{"realm": ""}"#).unwrap_err().field, "realm");
+        assert_eq!(base_config(br#"{"nope": 1}"#).unwrap_err().field, "nope");
+        let with_tokens = br#"{"tokens": [{"name": "namespaces/a/apitokens/t", "role": "owner", "secretSha256": "0000000000000000000000000000000000000000000000000000000000000000"}]}"#;
+        assert_eq!(base_config(with_tokens).unwrap_err().field, "tokens");
+        assert_eq!(base_config(b"").unwrap(), PluginConfig::default());
+    }
 
     fn spec() -> PluginConfig {
         PluginConfig {

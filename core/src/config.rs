@@ -122,11 +122,11 @@ impl Config {
     }
 
     pub fn from_spec(spec: &PluginConfig) -> Result<Self, ConfigError> {
-        Self::with_tokens(spec, TokenTable::from_specs(&spec.tokens)?)
+        Self::with_table(spec, TokenTable::from_specs(&spec.tokens)?)
     }
 
     /// The settings of `spec` (its `tokens` ignored) with a token table.
-    pub(crate) fn with_tokens(spec: &PluginConfig, tokens: TokenTable) -> Result<Self, ConfigError> {
+    pub fn with_table(spec: &PluginConfig, tokens: TokenTable) -> Result<Self, ConfigError> {
         let realm = spec.realm.as_deref().unwrap_or(DEFAULT_REALM);
         if realm.is_empty()
             || realm.len() > 128

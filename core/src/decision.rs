@@ -143,30 +143,12 @@ impl Counter {
     }
 }
 
-/// What the gateway knows about a request, borrowed from its headers.
-#[derive(Clone, Copy, Debug)]
-pub struct Request<'a> {
-    pub authorization: Option<&'a [u8]>,
-    pub method: &'a [u8],
-    pub path: &'a [u8],
-}
-
 /// What an allowed request may take upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// Keep the `Authorization` header (the matching rule's setting, else the
     /// configuration's).
     pub forward_authorization: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision<'c> {
-    Allow(Token<'c>, Grant),
-    Deny {
-        denial: Denial,
-        /// The token, when the secret identified one.
-        token: Option<Token<'c>>,
-    },
 }
 
 impl Config {
@@ -228,20 +210,6 @@ impl Config {
             Ok(self.grant(&scope))
         } else {
             Err(Denial::RoleDenied)
-        }
-    }
-
-    /// The whole decision for one request.
-    pub fn decide(&self, request: &Request<'_>, now: impl FnOnce() -> Option<Timestamp>) -> Decision<'_> {
-        match self.authenticate(request.authorization, now) {
-            Err((denial, token)) => Decision::Deny { denial, token },
-            Ok(token) => match self.authorize(token, request.method, request.path) {
-                Ok(grant) => Decision::Allow(token, grant),
-                Err(denial) => Decision::Deny {
-                    denial,
-                    token: Some(token),
-                },
-            },
         }
     }
 }

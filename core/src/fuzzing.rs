@@ -105,7 +105,7 @@ pub fn config(data: &[u8]) {
                 Err(e) if e.field.is_empty() => panic!("error without a field"),
                 Err(_) => {}
                 Ok(config) => {
-                    let Ok(bytes) = crate::compact::encode(&spec) else {
+                    let Ok(bytes) = crate::compact::encode(&spec, &[0; crate::compact::LINEAGE_LEN]) else {
                         panic!("a valid configuration must encode")
                     };
                     match Config::from_plugin_configuration(bytes) {

@@ -19,6 +19,6 @@ pub mod table;
 pub mod timestamp;
 
 pub use config::{Config, ConfigError, PluginConfig, TokenSpec};
-pub use decision::{Counter, Decision, Denial, Request};
+pub use decision::{Counter, Denial, Grant};
 pub use role::{Role, Verb};
 pub use timestamp::Timestamp;

@@ -4,7 +4,7 @@
 mod common;
 
 use apitokens_core::bearer::{self, BearerError};
-use apitokens_core::decision::{Decision, Denial, Request};
+use apitokens_core::decision::Denial;
 use apitokens_core::{Config, Timestamp};
 use common::*;
 #[cfg(target_arch = "wasm32")]
@@ -156,33 +156,6 @@ fn tokens_without_expiry_never_read_the_clock() {
     let config = fixture();
     let auth = bearer(OWNER);
     assert!(config.authenticate(Some(&auth), no_clock).is_ok());
-}
-
-#[test]
-fn decide_combines_authentication_and_authorization() {
-    let config = fixture();
-    let auth = bearer(VIEWER);
-    let request = |method: &'static str, path: &'static str| Request {
-        authorization: Some(&auth),
-        method: method.as_bytes(),
-        path: path.as_bytes(),
-    };
-    match config.decide(&request("GET", "/api/v1/namespaces/default/deployments"), no_clock) {
-        Decision::Allow(token, grant) => {
-            assert!(!grant.forward_authorization);
-            assert_eq!(token.name(), "namespaces/default/apitokens/viewer");
-            assert_eq!(token.namespace(), "default");
-            assert_eq!(token.role().as_str(), "viewer");
-        }
-        other => panic!("{other:?}"),
-    }
-    match config.decide(&request("POST", "/api/v1/namespaces/default/deployments"), no_clock) {
-        Decision::Deny {
-            denial: Denial::RoleDenied,
-            token: Some(t),
-        } => assert_eq!(t.role().as_str(), "viewer"),
-        other => panic!("{other:?}"),
-    }
 }
 
 #[test]

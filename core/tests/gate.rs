@@ -5,131 +5,13 @@
 mod common;
 
 use apitokens_core::decision::{Counter, Denial};
-use apitokens_core::gate::{self, HeaderValue, Host, HostError, LogLevel, RequestHeaders, Verdict};
+use apitokens_core::gate::{self, Verdict};
 use apitokens_core::reply::Reply;
-use apitokens_core::{Config, Timestamp};
+use apitokens_core::Config;
+use common::recorder::Recorder;
 use common::*;
-use std::fmt;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
-
-#[derive(Default)]
-struct Recorder {
-    headers: Vec<(String, Vec<u8>)>,
-    now: Option<Timestamp>,
-    reply: Option<(Denial, Reply)>,
-    counters: Vec<Counter>,
-    logs: Vec<String>,
-    fail_writes: bool,
-    /// A body follows the headers.
-    body: bool,
-    /// How many times the headers were read.
-    reads: usize,
-    writes: Vec<String>,
-}
-
-impl Recorder {
-    fn request(method: &str, path: &str, authorization: Option<&[u8]>) -> Self {
-        let mut headers = vec![
-            (":method".to_owned(), method.as_bytes().to_vec()),
-            (":path".to_owned(), path.as_bytes().to_vec()),
-        ];
-        if let Some(a) = authorization {
-            headers.push(("authorization".to_owned(), a.to_vec()));
-        }
-        Self {
-            headers,
-            now: Some(at("2026-06-01T00:00:00Z")),
-            ..Self::default()
-        }
-    }
-
-    fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_owned(), value.as_bytes().to_vec()));
-        self
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        let values: Vec<_> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            .collect();
-        (!values.is_empty()).then(|| values.join(","))
-    }
-}
-
-/// The request headers as the host handed them over.
-struct Snapshot(Vec<(String, Vec<u8>)>);
-
-impl RequestHeaders for Snapshot {
-    fn get(&self, name: &str) -> HeaderValue<'_> {
-        let mut values = self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| &v[..]);
-        match (values.next(), values.next()) {
-            (None, _) => HeaderValue::Absent,
-            (Some(v), None) => HeaderValue::One(v),
-            (Some(_), Some(_)) => HeaderValue::Repeated,
-        }
-    }
-}
-
-impl Host for Recorder {
-    type Headers = Snapshot;
-
-    fn request_headers(&mut self) -> Result<Snapshot, HostError> {
-        self.reads += 1;
-        Ok(Snapshot(self.headers.clone()))
-    }
-
-    fn request_has_body(&mut self) -> bool {
-        self.body
-    }
-
-    fn now(&mut self) -> Option<Timestamp> {
-        self.now
-    }
-
-    fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
-        if self.fail_writes {
-            return Err(HostError);
-        }
-        assert!(self.header(name).is_none(), "added {name} next to a client-sent copy");
-        self.headers.push((name.to_owned(), value.to_vec()));
-        self.writes.push(format!("add {name}"));
-        Ok(())
-    }
-
-    fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
-        if self.fail_writes {
-            return Err(HostError);
-        }
-        self.headers.retain(|(k, _)| k != name);
-        self.headers.push((name.to_owned(), value.to_vec()));
-        self.writes.push(format!("set {name}"));
-        Ok(())
-    }
-
-    fn remove_request_header(&mut self, name: &str) -> Result<(), HostError> {
-        self.headers.retain(|(k, _)| k != name);
-        self.writes.push(format!("remove {name}"));
-        Ok(())
-    }
-
-    fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
-        assert!(self.reply.is_none(), "one reply per request");
-        self.reply = Some((denial, reply.clone()));
-        Ok(())
-    }
-
-    fn count(&mut self, counter: Counter) {
-        self.counters.push(counter);
-    }
-
-    fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {
-        self.logs.push(format!("{level:?}: {message}"));
-    }
-}
 
 fn run(config: &Config, host: &mut Recorder) -> Verdict {
     gate::on_request_headers(host, config)

@@ -5,9 +5,13 @@ mod common;
 
 use apitokens_core::compact;
 use apitokens_core::config::{PluginConfig, TokenSpec};
+use apitokens_core::gate;
 use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::{Config, Role};
+use common::recorder::Recorder;
 use common::*;
+
+const LINEAGE: compact::Lineage = *b"0123456789abcdef";
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -71,29 +75,36 @@ fn small_and_empty_tables() {
 fn compact_encoding_decides_like_json() {
     let json = fixture_json(r#","realm":"r","identityHeaders":{"role":"x-r"}"#);
     let spec = PluginConfig::from_json(json.as_bytes()).unwrap();
-    let bytes = compact::encode(&spec).unwrap();
+    let bytes = compact::encode(&spec, &LINEAGE).unwrap();
     assert!(compact::is_compact(&bytes));
+    assert_eq!(compact::lineage(&bytes[..compact::LINEAGE_END]), Some(&LINEAGE[..]));
+    let mut stamped = bytes.clone();
+    compact::set_generation(&mut stamped, 42);
+    assert_eq!(compact::generation(&stamped[..compact::GENERATION_END]), Some(42));
+    assert_eq!(compact::generation(&bytes), Some(0));
     let from_compact = Config::from_plugin_configuration(bytes).unwrap();
     let from_json = Config::from_plugin_configuration(json.into_bytes()).unwrap();
     assert_eq!(from_compact.token_count(), from_json.token_count());
     assert_eq!(from_compact.identity_headers(), from_json.identity_headers());
     for secret in [VIEWER, EDITOR, OWNER, OTHER_OWNER, EXPIRING, "nope"] {
         let auth = bearer(secret);
-        for path in [
-            "/api/v1/namespaces/default/jobs",
-            "/apitokens/v1/namespaces/default/apitokens",
+        for (method, path) in [
+            ("GET", "/api/v1/namespaces/default/jobs"),
+            ("DELETE", "/api/v1/namespaces/default/jobs/7"),
+            ("GET", "/apitokens/v1/namespaces/default/apitokens"),
         ] {
-            let request = apitokens_core::Request {
-                authorization: Some(&auth),
-                method: b"GET",
-                path: path.as_bytes(),
+            // The whole per-request flow, as the filter runs it.
+            let run = |config: &Config| {
+                let mut host = Recorder::request(method, path, Some(&auth));
+                let verdict = gate::on_request_headers(&mut host, config);
+                (
+                    verdict,
+                    host.reply.map(|(denial, _)| denial),
+                    host.headers,
+                    host.counters,
+                )
             };
-            let now = || Some(at("2026-06-01T00:00:00Z"));
-            assert_eq!(
-                from_compact.decide(&request, now),
-                from_json.decide(&request, now),
-                "{secret} {path}"
-            );
+            assert_eq!(run(&from_compact), run(&from_json), "{secret} {method} {path}");
         }
     }
 }
@@ -104,7 +115,7 @@ fn compact_encoding_is_smaller_than_json() {
         tokens: specs(10_000),
         ..PluginConfig::default()
     };
-    let compact = compact::encode(&spec).unwrap().len();
+    let compact = compact::encode(&spec, &LINEAGE).unwrap().len();
     let json = spec.to_json().len();
     assert!(compact * 10 < json * 7, "compact {compact} bytes, JSON {json} bytes");
     assert!(compact / 10_000 < 100, "{} bytes per token", compact / 10_000);
@@ -114,24 +125,33 @@ fn compact_encoding_is_smaller_than_json() {
 fn the_encoder_reports_json_field_paths() {
     let mut tokens = specs(3);
     tokens[2].secret_sha256 = tokens[0].secret_sha256.clone();
-    let e = compact::encode(&PluginConfig {
-        tokens,
-        ..PluginConfig::default()
-    })
+    let e = compact::encode(
+        &PluginConfig {
+            tokens,
+            ..PluginConfig::default()
+        },
+        &LINEAGE,
+    )
     .unwrap_err();
     assert_eq!(e.field, "tokens[2].secretSha256");
     let mut tokens = specs(3);
     tokens[1].expire_time = Some("9999-12-31T23:59:59-23:59".into());
-    let e = compact::encode(&PluginConfig {
-        tokens,
-        ..PluginConfig::default()
-    })
+    let e = compact::encode(
+        &PluginConfig {
+            tokens,
+            ..PluginConfig::default()
+        },
+        &LINEAGE,
+    )
     .unwrap_err();
     assert_eq!(e.field, "tokens[1].expireTime");
-    let e = compact::encode(&PluginConfig {
-        realm: Some("a\"b".into()),
-        ..PluginConfig::default()
-    })
+    let e = compact::encode(
+        &PluginConfig {
+            realm: Some("a\"b".into()),
+            ..PluginConfig::default()
+        },
+        &LINEAGE,
+    )
     .unwrap_err();
     assert_eq!(e.field, "realm");
 }
@@ -142,7 +162,7 @@ fn every_truncation_and_corruption_is_rejected_or_harmless() {
         tokens: specs(4),
         ..PluginConfig::default()
     };
-    let bytes = compact::encode(&spec).unwrap();
+    let bytes = compact::encode(&spec, &LINEAGE).unwrap();
     // (Zero bytes is the empty JSON configuration.)
     for len in 1..bytes.len() {
         assert!(
@@ -173,9 +193,10 @@ fn compact_tables_are_validated_like_json() {
         tokens: specs(3),
         ..PluginConfig::default()
     };
-    let good = compact::encode(&spec).unwrap();
-    let settings_len = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
-    let table = 12 + settings_len;
+    let good = compact::encode(&spec, &LINEAGE).unwrap();
+    let at = compact::GENERATION_END;
+    let settings_len = u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
+    let table = at + 4 + settings_len;
     let entry = |i: usize| table + 4 + i * 52;
 
     let mut swapped = good.clone();
@@ -221,7 +242,7 @@ fn compact_tables_are_validated_like_json() {
     assert!(Config::from_plugin_configuration(latest).is_ok());
 
     let mut version = good.clone();
-    version[4] = 2;
+    version[4] = 3;
     assert!(Config::from_plugin_configuration(version)
         .unwrap_err()
         .problem

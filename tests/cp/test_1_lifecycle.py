@@ -154,11 +154,11 @@ BAD_INPUTS = [
     ("POST", tokens_path(token="nobody:regenerate"), None, None, 404, "not found"),
     # Paths the filter itself refuses (its rules match DNS labels only, never
     # percent-escapes); the control plane, called directly, says why.
-    ("GET", "/apitokens/v1/namespaces/Default/apitokens", None, 403, 400, "namespace must be a DNS label"),
+    ("GET", "/apitokens/v1/namespaces/Default/apitokens", None, 403, 400, "must be a DNS label"),
     # Envoy's normalize_path decodes escaped unreserved characters (RFC 3986
     # 6.2.2.2): this is a plain list of "default" through Envoy.
-    ("GET", "/apitokens/v1/namespaces/def%61ult/apitokens", None, 200, 400, "namespace must be a DNS label"),
-    ("GET", tokens_path(token="UPPER"), None, None, 400, "token id must be a DNS label"),
+    ("GET", "/apitokens/v1/namespaces/def%61ult/apitokens", None, 200, 400, "must be a DNS label"),
+    ("GET", tokens_path(token="UPPER"), None, None, 400, "must be a DNS label"),
 ]
 
 

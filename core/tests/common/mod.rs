@@ -9,6 +9,8 @@
 )]
 
 use apitokens_core::{Config, Timestamp};
+
+pub mod recorder;
 use sha2::{Digest, Sha256};
 
 pub const VIEWER: &str = "viewer-secret-0001";

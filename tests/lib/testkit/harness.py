@@ -280,12 +280,13 @@ class Envoy:
     `stdout`: the file (in that directory) that gets Envoy's standard output,
     `access.log` for a configuration that logs requests to stdout (the shipped
     envoy-ecds.yaml); `wasm_debug`: the filter's debug lines (one per refusal)
-    in the log, as well as Envoy's info level."""
+    in the log, as well as Envoy's info level; `cwd`: Envoy's working
+    directory, against which relative module paths resolve (the repository)."""
 
     instances: list["Envoy"] = []
 
     def __init__(self, workdir: Path, config: dict, name: str = "envoy", *, stdout: str = "stdout.txt",
-                 wasm_debug: bool = True):
+                 wasm_debug: bool = True, cwd: Path = REPO_ROOT):
         self.name = name
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +296,7 @@ class Envoy:
         self.admin_address_path = self.dir / "admin.address"
         self.stdout_path = self.dir / stdout
         self.wasm_debug = wasm_debug
+        self.cwd = cwd
         self.config_path.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
         self.admin_url = ""
@@ -323,7 +325,7 @@ class Envoy:
     def spawn(self) -> subprocess.Popen:
         self.proc = subprocess.Popen(
             self.command(),
-            cwd=REPO_ROOT,
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=open(self.stdout_path, "wb"),
             stderr=open(self.dir / "stderr.txt", "wb"),

@@ -5,10 +5,9 @@
 //! The file holds a binary protobuf `DiscoveryResponse` (Envoy reads `.pb`
 //! files as binary; binary parses faster than JSON for large token tables).
 
-use crate::clock;
-use crate::ecds::Snapshot;
-use crate::engine::Engine;
-use prost::Message;
+use super::acks::Tracker;
+use super::resource::EcdsResource;
+use crate::config::{Publisher, Snapshot};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,16 +40,26 @@ fn parent(path: &Path) -> PathBuf {
     }
 }
 
-/// Writes `snapshot` to `path` atomically and durably: a temporary file in the
-/// same directory, fsync, rename over `path`, fsync the directory.
-pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
-    let bytes = snapshot.discovery_response(String::new(), true).encode_to_vec();
+/// Writes `snapshot` to `path` atomically and durably: a new temporary file
+/// in the same directory (never one that already exists, readable by the
+/// owner only), fsync, rename over `path`, fsync the directory.
+pub fn write(path: &Path, resource: &EcdsResource, snapshot: &Snapshot) -> std::io::Result<()> {
+    let frame = resource.response(snapshot, "", true);
     let dir = parent(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("ecds.pb");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), snapshot.version));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        let mut f = options.open(&tmp)?;
+        for part in frame.parts() {
+            f.write_all(part)?;
+        }
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;
@@ -62,44 +71,58 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     result
 }
 
-fn write_and_record(engine: &Engine, path: &Path, snapshot: &Snapshot) {
+fn write_and_record(acks: &Tracker, resource: &EcdsResource, path: &Path, snapshot: &Snapshot) {
     let shown = path.display().to_string();
-    match write(path, snapshot) {
+    match write(path, resource, snapshot) {
         Ok(()) => {
-            log::info!("ecds file {shown}: wrote version {}", snapshot.version);
-            engine.status.file_written(&shown, Ok(snapshot.version), clock::now());
+            tracing::info!("ecds file {shown}: wrote version {}", snapshot.version);
+            acks.file_written(&shown, Ok(snapshot.version));
         }
         Err(e) => {
-            log::error!("ecds file {shown}: could not write version {}: {e}", snapshot.version);
-            engine.status.file_written(&shown, Err(e.to_string()), clock::now());
+            tracing::error!("ecds file {shown}: could not write version {}: {e}", snapshot.version);
+            acks.file_written(&shown, Err(e.to_string()));
         }
     }
 }
 
 /// Writes the current snapshot now (Envoy needs the file at startup).
-pub fn write_current(engine: &Engine, path: &Path) -> Result<(), String> {
-    let snapshot = engine.current();
-    write(path, &snapshot).map_err(|e| format!("--ecds-file {}: {e}", path.display()))?;
-    engine
-        .status
-        .file_written(&path.display().to_string(), Ok(snapshot.version), clock::now());
-    log::info!("ecds file {}: wrote version {}", path.display(), snapshot.version);
+pub fn write_current(
+    publisher: &Publisher,
+    acks: &Tracker,
+    resource: &EcdsResource,
+    path: &Path,
+) -> Result<(), String> {
+    let snapshot = publisher.current();
+    write(path, resource, &snapshot).map_err(|e| format!("--ecds-file {}: {e}", path.display()))?;
+    acks.file_written(&path.display().to_string(), Ok(snapshot.version));
+    tracing::info!("ecds file {}: wrote version {}", path.display(), snapshot.version);
     Ok(())
 }
 
 /// Rewrites the file on every new snapshot until `shutdown` changes.
-pub async fn run(engine: Arc<Engine>, path: PathBuf, mut shutdown: watch::Receiver<bool>) {
-    let mut snapshots = engine.subscribe();
-    snapshots.borrow_and_update();
+pub async fn run(
+    publisher: Arc<Publisher>,
+    acks: Arc<Tracker>,
+    resource: EcdsResource,
+    path: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut published = publisher.subscribe();
+    let mut written = published.borrow_and_update().snapshot.version;
+    let resource = Arc::new(resource);
     loop {
         tokio::select! {
-            changed = snapshots.changed() => {
+            changed = published.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                let (engine, path) = (Arc::clone(&engine), path.clone());
-                let _ = tokio::task::spawn_blocking(move || write_and_record(&engine, &path, &snapshot)).await;
+                let snapshot = Arc::clone(&published.borrow_and_update().snapshot);
+                if snapshot.version == written {
+                    continue;
+                }
+                written = snapshot.version;
+                let (acks, resource, path) = (Arc::clone(&acks), Arc::clone(&resource), path.clone());
+                let _ = tokio::task::spawn_blocking(move || write_and_record(&acks, &resource, &path, &snapshot)).await;
             }
             _ = shutdown.changed() => return,
         }
@@ -110,24 +133,27 @@ pub async fn run(engine: Arc<Engine>, path: PathBuf, mut shutdown: watch::Receiv
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::ecds::{resource, FilterParams, Payload, TYPE_URL};
+    use crate::config::Version;
+    use crate::push::resource::{FilterParams, TYPE_URL};
     use crate::testutil::TempDir;
-    use apitokens_core::timestamp::Timestamp;
+    use apitokens_core::{Config, Timestamp};
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use prost::Message;
 
     #[test]
-    fn writes_a_discovery_response_atomically() {
+    fn writes_a_private_discovery_response_atomically() {
         let dir = TempDir::new("ecds-file");
         let path = dir.path().join("apitokens.pb");
+        let resource = EcdsResource::new(FilterParams::default());
         for version in [1, 2] {
             let snap = Snapshot {
-                version,
-                config_json: "{}".into(),
-                resource: resource(&FilterParams::default(), Payload::Json("{}")),
+                version: Version(version),
+                payload: Arc::new(b"APTK".to_vec()),
+                api: Arc::new(Config::deny_all()),
                 tokens: 0,
                 published_at: Timestamp::from_unix(0, 0),
             };
-            write(&path, &snap).unwrap();
+            write(&path, &resource, &snap).unwrap();
             let r = DiscoveryResponse::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
             assert_eq!(r.version_info, version.to_string());
             assert_eq!(r.type_url, TYPE_URL);
@@ -135,6 +161,12 @@ mod tests {
         }
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the file is the owner's only");
+        }
     }
 
     #[test]

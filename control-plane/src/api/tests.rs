@@ -2,37 +2,84 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
-use crate::engine::EngineOptions;
-use crate::store::{SqliteStore, Store};
-use axum::http::Request as HttpRequest;
+use crate::clock;
+use crate::config::{Publisher, PublisherOptions, Version};
+use crate::push::acks::Tracker;
+use crate::store::{Changes, Revision, SqliteStore, Store, StoreError, TokenRecord};
+use crate::testutil::TempDir;
+use crate::tokens::secret::{self, Secret, Shape};
+use crate::tokens::{Service, ServiceOptions};
+use apitokens_core::table::Digest;
+use apitokens_core::{Role, Timestamp};
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request as HttpRequest, StatusCode};
 use serde_json::{json, Value};
+use std::time::Duration;
 use tower::ServiceExt;
 
 struct Fixture {
-    engine: Arc<Engine>,
+    publisher: Arc<Publisher>,
+    acks: Arc<Tracker>,
     store: Arc<dyn Store>,
     owner: String,
+    state: Arc<AppState>,
+    _dir: TempDir,
 }
 
-fn add_token(store: &dyn Store, name: &str, role: Role, expire: Option<Timestamp>) -> String {
+async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp>) -> String {
     let secret = Secret::generate().unwrap();
-    store
-        .insert(&TokenRecord {
-            name: name.into(),
-            role,
-            secret_sha256: secret.sha256_hex(),
-            create_time: clock::now_seconds(),
-            expire_time: expire,
-        })
+    f.store
+        .insert(
+            vec![TokenRecord {
+                name: name.into(),
+                role,
+                digest: secret.digest(),
+                create_time: clock::now_seconds(),
+                expire_time: expire,
+                retired: false,
+            }],
+            None,
+        )
+        .await
         .unwrap();
+    f.publisher.refresh().await.unwrap();
     secret.expose().to_owned()
 }
 
-fn fixture() -> Fixture {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
-    let owner = add_token(store.as_ref(), "namespaces/default/apitokens/admin", Role::Owner, None);
-    let engine = Engine::open(Arc::clone(&store), EngineOptions::default()).unwrap();
-    Fixture { engine, store, owner }
+async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions) -> Fixture {
+    let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
+        .await
+        .unwrap();
+    let acks = Arc::new(Tracker::new());
+    let service = Arc::new(Service::with_push(
+        Arc::clone(&store),
+        Arc::clone(&publisher),
+        Arc::clone(&acks),
+        opts,
+    ));
+    let state = Arc::new(AppState {
+        service,
+        publisher: Arc::clone(&publisher),
+        acks: Arc::clone(&acks),
+        resource_name: "apitokens".into(),
+    });
+    let mut f = Fixture {
+        publisher,
+        acks,
+        store,
+        owner: String::new(),
+        state,
+        _dir: dir,
+    };
+    f.owner = add_token(&f, "namespaces/default/apitokens/admin", Role::Owner, None).await;
+    f
+}
+
+async fn fixture() -> Fixture {
+    let dir = TempDir::new("api");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
+    fixture_with(store, dir, ServiceOptions::default()).await
 }
 
 struct Answer {
@@ -53,7 +100,7 @@ impl Fixture {
     }
 
     async fn send(&self, req: HttpRequest<Body>) -> Answer {
-        let resp = app(Arc::clone(&self.engine)).oneshot(req).await.unwrap();
+        let resp = app(Arc::clone(&self.state)).oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
@@ -78,8 +125,17 @@ impl Fixture {
         .await
     }
 
-    fn names(&self) -> Vec<String> {
-        self.store.all().unwrap().1.into_iter().map(|r| r.name).collect()
+    async fn names(&self) -> Vec<String> {
+        self.store.load().await.unwrap().1.into_iter().map(|r| r.name).collect()
+    }
+
+    /// The names in the configuration pushed to Envoy, as the filter reads it.
+    fn pushed(&self) -> Vec<String> {
+        let config =
+            apitokens_core::Config::from_plugin_configuration(self.publisher.current().payload.to_vec()).unwrap();
+        let mut names: Vec<String> = config.tokens().iter().map(|(_, t)| t.name().to_owned()).collect();
+        names.sort();
+        names
     }
 }
 
@@ -87,8 +143,8 @@ const COLLECTION: &str = "/apitokens/v1/namespaces/default/apitokens";
 
 #[tokio::test]
 async fn create_returns_the_secret_once_and_it_works() {
-    let f = fixture();
-    let v0 = f.engine.current().version;
+    let f = fixture().await;
+    let v0 = f.publisher.current().version;
     let a = f
         .call(
             "POST",
@@ -107,15 +163,23 @@ async fn create_returns_the_secret_once_and_it_works() {
     assert_eq!(secret::shape(secret.as_bytes()), Shape::Valid);
     assert_eq!(a.headers["cache-control"], "no-store");
     let version: u64 = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap().parse().unwrap();
-    assert!(version > v0);
+    assert!(Version(version) > v0);
+    // No Envoy is connected: nothing to wait for.
+    assert_eq!(a.headers[APPLIED_HEADER], "true");
+    assert_eq!(a.headers[ENVOYS_HEADER], "0/0");
     // Published: the digest, never the secret.
-    let snap = f.engine.current();
-    assert_eq!(snap.version, version);
-    assert!(snap.config_json.contains(&secret::sha256_hex(secret.as_bytes())));
-    assert!(!snap.config_json.contains(&secret));
+    let snap = f.publisher.current();
+    assert_eq!(snap.version, Version(version));
+    let digest = Digest::of(secret.as_bytes());
+    let pushed = apitokens_core::Config::from_plugin_configuration(snap.payload.to_vec()).unwrap();
+    assert_eq!(
+        pushed.tokens().get(&digest).unwrap().name(),
+        "namespaces/default/apitokens/ci"
+    );
+    assert!(!snap.payload.windows(secret.len()).any(|w| w == secret.as_bytes()));
     // The store has the digest only.
-    let stored = f.store.get("namespaces/default/apitokens/ci").unwrap().unwrap();
-    assert_eq!(stored.secret_sha256, secret::sha256_hex(secret.as_bytes()));
+    let stored = f.store.get("namespaces/default/apitokens/ci").await.unwrap().unwrap();
+    assert_eq!(stored.digest, digest);
     // The new owner token works at once.
     let list = f.call("GET", COLLECTION, Some(&secret), None).await;
     assert_eq!(list.status, StatusCode::OK);
@@ -143,7 +207,7 @@ async fn create_returns_the_secret_once_and_it_works() {
 
 #[tokio::test]
 async fn regenerate_replaces_the_secret_at_once() {
-    let f = fixture();
+    let f = fixture().await;
     let old = f.create("ci", "owner").await.body["apiToken"]["secret"]
         .as_str()
         .unwrap()
@@ -188,7 +252,7 @@ async fn regenerate_replaces_the_secret_at_once() {
 
 #[tokio::test]
 async fn delete_revokes_at_once() {
-    let f = fixture();
+    let f = fixture().await;
     let secret = f.create("ci", "owner").await.body["apiToken"]["secret"]
         .as_str()
         .unwrap()
@@ -201,7 +265,7 @@ async fn delete_revokes_at_once() {
     assert!(a.headers.contains_key(CONFIG_VERSION_HEADER));
     let a = f.call("GET", COLLECTION, Some(&secret), None).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
-    assert!(!f.engine.current().config_json.contains("apitokens/ci"));
+    assert!(!f.pushed().contains(&"namespaces/default/apitokens/ci".to_owned()));
     let a = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.body["code"], 404);
@@ -213,7 +277,7 @@ async fn delete_revokes_at_once() {
 
 #[tokio::test]
 async fn authentication_failures_get_the_filters_replies() {
-    let f = fixture();
+    let f = fixture().await;
     let a = f.call("GET", COLLECTION, None, None).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"apitokens\"");
@@ -252,13 +316,7 @@ async fn authentication_failures_get_the_filters_replies() {
     assert_eq!(f.send(req).await.status, StatusCode::UNAUTHORIZED);
     // Expired owner.
     let past = Timestamp::from_unix(clock::now().unix_seconds() + 1, 0);
-    let brief = add_token(
-        f.store.as_ref(),
-        "namespaces/default/apitokens/brief",
-        Role::Owner,
-        Some(past),
-    );
-    f.engine.reload().unwrap();
+    let brief = add_token(&f, "namespaces/default/apitokens/brief", Role::Owner, Some(past)).await;
     assert_eq!(
         f.call("GET", COLLECTION, Some(&brief), None).await.status,
         StatusCode::OK
@@ -274,21 +332,20 @@ async fn authentication_failures_get_the_filters_replies() {
 
 #[tokio::test]
 async fn non_owners_and_other_namespaces_get_403() {
-    let f = fixture();
-    let editor = add_token(f.store.as_ref(), "namespaces/default/apitokens/ed", Role::Editor, None);
-    let viewer = add_token(f.store.as_ref(), "namespaces/default/apitokens/vw", Role::Viewer, None);
-    let other_owner = add_token(f.store.as_ref(), "namespaces/other/apitokens/boss", Role::Owner, None);
-    f.engine.reload().unwrap();
+    let f = fixture().await;
+    let editor = add_token(&f, "namespaces/default/apitokens/ed", Role::Editor, None).await;
+    let viewer = add_token(&f, "namespaces/default/apitokens/vw", Role::Viewer, None).await;
+    let other_owner = add_token(&f, "namespaces/other/apitokens/boss", Role::Owner, None).await;
     let body = r#"{"name": "namespaces/default/apitokens/x", "role": "viewer"}"#;
     for secret in [&editor, &viewer, &other_owner] {
-        let before = f.names();
+        let before = f.names().await;
         let a = f.call("POST", COLLECTION, Some(secret), Some(body)).await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
         assert!(a.headers["www-authenticate"]
             .to_str()
             .unwrap()
             .contains("insufficient_scope"));
-        assert_eq!(f.names(), before);
+        assert_eq!(f.names().await, before);
         assert_eq!(
             f.call("GET", COLLECTION, Some(secret), None).await.status,
             StatusCode::FORBIDDEN
@@ -313,10 +370,10 @@ async fn non_owners_and_other_namespaces_get_403() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_changes_nothing() {
-    let f = fixture();
+    let f = fixture().await;
     f.create("taken", "viewer").await;
-    let before = f.names();
-    let version = f.engine.current().version;
+    let before = f.names().await;
+    let version = f.publisher.current().version;
     let big = format!(
         r#"{{"name": "namespaces/default/apitokens/big", "role": "viewer", "x": "{}"}}"#,
         "a".repeat(70_000)
@@ -422,28 +479,28 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "/apitokens/v1/namespaces/Default/apitokens".into(),
             None,
             StatusCode::BAD_REQUEST,
-            "namespace must be a DNS label",
+            "namespace: must be a DNS label",
         ),
         (
             "GET",
             "/apitokens/v1/namespaces/def%61ult/apitokens".into(),
             None,
             StatusCode::BAD_REQUEST,
-            "namespace must be a DNS label",
+            "namespace: must be a DNS label",
         ),
         (
             "GET",
             format!("{COLLECTION}/UPPER"),
             None,
             StatusCode::BAD_REQUEST,
-            "token id must be a DNS label",
+            "token: must be a DNS label",
         ),
         (
             "DELETE",
             format!("{COLLECTION}/-x"),
             None,
             StatusCode::BAD_REQUEST,
-            "token id must be a DNS label",
+            "token: must be a DNS label",
         ),
         (
             "GET",
@@ -499,14 +556,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "{method} {path}: {message:?} lacks {needle:?}"
         );
         assert_eq!(a.headers["content-type"], "application/json");
-        assert_eq!(f.names(), before, "{method} {path} changed the store");
-        assert_eq!(f.engine.current().version, version, "{method} {path} published");
+        assert_eq!(f.names().await, before, "{method} {path} changed the store");
+        assert_eq!(f.publisher.current().version, version, "{method} {path} published");
     }
 }
 
 #[tokio::test]
 async fn error_messages_never_quote_the_input() {
-    let f = fixture();
+    let f = fixture().await;
     let secretish = "apt_ThisIsNotARealSecretButLooksLikeOne0000";
     for body in [
         json!({"name": secretish, "role": "viewer"}),
@@ -524,63 +581,254 @@ async fn error_messages_never_quote_the_input() {
 
 #[tokio::test]
 async fn healthz_and_status() {
-    let f = fixture();
+    let f = fixture().await;
     let a = f.call("GET", "/healthz", None, None).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["status"], "ok");
-    let v = f.engine.current().version;
-    f.engine.status.connected("host-1", "gw", "", clock::now());
+    let v = f.publisher.current().version;
+    let stream = f.acks.connected("host-1", "gw", "127.0.0.1:9", "");
     let a = f.call("GET", "/status", None, None).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["version"], v.to_string());
     assert_eq!(a.body["applied"], false);
     assert_eq!(a.body["envoys"][0]["node"], "host-1");
-    f.engine.status.acked("host-1", &v.to_string(), clock::now());
+    assert_eq!(a.body["envoys"][0]["stream"], 1);
+    assert_eq!(a.body["lagging"][0]["who"], "host-1 (stream 1)");
+    f.acks.acked(stream, v);
     let a = f.call("GET", &format!("/status?version={v}"), None, None).await;
     assert_eq!(a.body["applied"], true);
     assert_eq!(a.body["envoys"][0]["ackedVersion"], v.to_string());
     // Waiting for a version nobody has acknowledged times out with false.
+    let next = Version(v.0 + 1);
     let started = Instant::now();
     let a = f
-        .call("GET", &format!("/status?version={}&waitSeconds=0.2", v + 1), None, None)
+        .call("GET", &format!("/status?version={next}&waitSeconds=0.2"), None, None)
         .await;
     assert_eq!(a.body["applied"], false);
     assert!(started.elapsed() >= Duration::from_millis(200));
     // ... and returns as soon as the ACK comes.
-    let engine = Arc::clone(&f.engine);
-    let next = (v + 1).to_string();
+    let acks = Arc::clone(&f.acks);
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        engine.status.acked("host-1", &next, clock::now());
+        acks.acked(stream, next);
     });
     let started = Instant::now();
     let a = f
-        .call("GET", &format!("/status?version={}&waitSeconds=10", v + 1), None, None)
+        .call("GET", &format!("/status?version={next}&waitSeconds=10"), None, None)
         .await;
     assert_eq!(a.body["applied"], true);
     assert!(started.elapsed() < Duration::from_secs(5));
     let a = f.call("GET", "/status?version=x", None, None).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(a.body["field"], "version");
     let a = f.call("GET", "/status?version=1&waitSeconds=1000", None, None).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(a.body["field"], "waitSeconds");
+}
+
+#[tokio::test]
+async fn a_write_waits_for_every_stream_and_says_which_did_not_apply() {
+    let dir = TempDir::new("api-wait");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
+    let f = fixture_with(
+        store,
+        dir,
+        ServiceOptions {
+            apply_timeout: Duration::from_millis(300),
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    // Two Envoys with one node id: one applies every version it is sent, the
+    // other rejects them.
+    let good = f.acks.connected("gateway", "gw", "127.0.0.1:1", "");
+    let bad = f.acks.connected("gateway", "gw", "127.0.0.1:2", "");
+    let mut published = f.publisher.subscribe();
+    let acks = Arc::clone(&f.acks);
+    let envoys = tokio::spawn(async move {
+        while published.changed().await.is_ok() {
+            let version = published.borrow_and_update().snapshot.version;
+            acks.acked(good, version);
+            acks.nacked(bad, version, "Unable to create Wasm HTTP filter");
+        }
+    });
+    let started = Instant::now();
+    let a = f.create("ci", "viewer").await;
+    assert_eq!(a.status, StatusCode::OK, "the change is committed: {}", a.raw);
+    assert!(started.elapsed() < Duration::from_millis(300), "a NACK ends the wait");
+    assert_eq!(a.headers[APPLIED_HEADER], "false");
+    assert_eq!(a.headers[ENVOYS_HEADER], "1/2");
+    assert_eq!(a.headers[NOT_APPLIED_HEADER], "gateway (stream 2): rejected (NACK)");
+    assert!(a.body["apiToken"]["secret"].is_string(), "the seed's body shape");
+    let version = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap();
+    let st = f.call("GET", &format!("/status?version={version}"), None, None).await;
+    assert_eq!(st.body["applied"], false);
+    assert_eq!(st.body["lagging"][0]["reason"], "rejected");
+    envoys.abort();
+    // Nobody answers: the limit passes, the answer says so.
+    let started = Instant::now();
+    let a = f
+        .call("DELETE", &format!("{COLLECTION}/ci"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(a.headers[APPLIED_HEADER], "false");
+    assert!(a.headers[NOT_APPLIED_HEADER]
+        .to_str()
+        .unwrap()
+        .contains("no ACK in time"));
+    // Opting out: answered once published.
+    let started = Instant::now();
+    let a = f
+        .call(
+            "POST",
+            &format!("{COLLECTION}?waitForEnvoys=false"),
+            Some(&f.owner),
+            Some(r#"{"name": "namespaces/default/apitokens/bulk", "role": "viewer"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(a.headers[APPLIED_HEADER], "not-waited");
+    assert!(f.pushed().contains(&"namespaces/default/apitokens/bulk".to_owned()));
+    let a = f
+        .call(
+            "DELETE",
+            &format!("{COLLECTION}/bulk?waitForEnvoys=maybe"),
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(a.body["field"], "waitForEnvoys");
+}
+
+#[tokio::test]
+async fn the_namespace_quota_answers_429() {
+    let dir = TempDir::new("api-quota");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
+    let f = fixture_with(
+        store,
+        dir,
+        ServiceOptions {
+            quota: Some(3),
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(f.create("a", "viewer").await.status, StatusCode::OK);
+    assert_eq!(f.create("b", "viewer").await.status, StatusCode::OK);
+    let a = f.create("c", "viewer").await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.raw);
+    assert!(a.body["message"].as_str().unwrap().contains("already has 3 API tokens"));
+    assert!(!f.names().await.contains(&"namespaces/default/apitokens/c".to_owned()));
+    // Another namespace has its own quota.
+    let other = add_token(&f, "namespaces/other/apitokens/boss", Role::Owner, None).await;
+    let a = f
+        .call(
+            "POST",
+            "/apitokens/v1/namespaces/other/apitokens",
+            Some(&other),
+            Some(r#"{"name": "namespaces/other/apitokens/x", "role": "viewer"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+/// The real store, except that reading what changed fails once `failing`
+/// is set: a database that went away between a commit and the publish.
+struct ChangesFail(SqliteStore, std::sync::atomic::AtomicBool);
+
+#[async_trait]
+impl Store for ChangesFail {
+    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
+        self.0.insert(records, quota).await
+    }
+    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.0.get(name).await
+    }
+    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        self.0.list(namespace).await
+    }
+    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+        self.0.replace_digest(name, digest).await
+    }
+    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
+        self.0.delete(name).await
+    }
+    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
+        self.0.load().await
+    }
+    async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection lost".into()));
+        }
+        self.0.changes_since(since).await
+    }
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        self.0.revision().await
+    }
+    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
+        self.0.retire_expired(cutoff).await
+    }
+    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+        self.0.next_expiry().await
+    }
+    fn lineage(&self) -> apitokens_core::compact::Lineage {
+        self.0.lineage()
+    }
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_published_is_not_answered_200() {
+    let dir = TempDir::new("api-nopub");
+    let store = Arc::new(ChangesFail(
+        SqliteStore::open(&dir.path().join("api.db")).unwrap(),
+        std::sync::atomic::AtomicBool::new(false),
+    ));
+    let f = fixture_with(
+        Arc::clone(&store) as Arc<dyn Store>,
+        dir,
+        ServiceOptions {
+            apply_timeout: Duration::from_millis(200),
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    store.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = f.create("ci", "viewer").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.raw);
+    assert!(a.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("stored but could not be published"));
+    assert_eq!(a.headers["retry-after"], "1");
+    assert!(!a.raw.contains("apt_"), "no secret in an error");
+    // Committed all the same: a retry says so.
+    assert!(f.names().await.contains(&"namespaces/default/apitokens/ci".to_owned()));
+    assert_eq!(f.create("ci", "viewer").await.status, StatusCode::CONFLICT);
 }
 
 #[test]
 fn routes() {
+    use super::extract::Route;
     assert_eq!(
         Route::parse("/apitokens/v1/namespaces/a/apitokens"),
-        Some(Route::Collection { ns: "a" })
+        Some(Route::Collection { ns: "a".into() })
     );
     assert_eq!(
         Route::parse("/apitokens/v1/namespaces/a/apitokens/b"),
-        Some(Route::Item { ns: "a", id: "b" })
+        Some(Route::Item {
+            ns: "a".into(),
+            id: "b".into()
+        })
     );
     assert_eq!(
         Route::parse("/apitokens/v1/namespaces/a/apitokens/b:regenerate"),
         Some(Route::Action {
-            ns: "a",
-            id: "b",
-            action: "regenerate"
+            ns: "a".into(),
+            id: "b".into(),
+            action: "regenerate".into()
         })
     );
     assert_eq!(Route::parse("/apitokens/v1/namespaces/a/apitokens/b/c"), None);

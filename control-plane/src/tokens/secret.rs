@@ -18,6 +18,7 @@
 //! its digest, so secrets issued elsewhere (e.g. UUIDs) can be imported as
 //! digests.
 
+use apitokens_core::table::Digest;
 use std::fmt;
 
 pub const PREFIX: &str = "apt_";
@@ -56,9 +57,10 @@ impl Secret {
         &self.0
     }
 
-    /// SHA-256 of the secret's bytes, as the filter computes it.
-    pub fn sha256_hex(&self) -> String {
-        sha256_hex(self.0.as_bytes())
+    /// SHA-256 of the secret's bytes, as the filter computes it: all that
+    /// is ever stored or pushed.
+    pub fn digest(&self) -> Digest {
+        Digest::of(self.0.as_bytes())
     }
 }
 
@@ -66,10 +68,6 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    apitokens_core::table::Digest::of(bytes).to_hex()
 }
 
 fn base62_digit(n: u32) -> u8 {
@@ -197,7 +195,7 @@ mod tests {
     fn digest_matches_sha256sum() {
         // printf %s abc | sha256sum
         assert_eq!(
-            sha256_hex(b"abc"),
+            Digest::of(b"abc").to_hex(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }

@@ -22,10 +22,14 @@
 //! ```
 
 use crate::config::{ConfigError, TokenSpec};
-use crate::name::TokenName;
+use crate::name::{is_token_name, TokenName};
 use crate::role::Role;
 use crate::timestamp::Timestamp;
 use sha2::Digest as _;
+use std::sync::Arc;
+
+mod edit;
+pub use edit::{Change, EditStats, LiveTable};
 
 /// A SHA-256 digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -106,15 +110,33 @@ impl<'t> Token<'t> {
 const ENTRY: usize = 52;
 const NEVER: u32 = u32::MAX;
 
-/// The token table over its flat buffer.
+/// A token as it goes into a table: typed and validated fields (the JSON
+/// configuration's strings are parsed once, into this).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// `namespaces/{namespace}/apitokens/{token}`.
+    pub name: &'a str,
+    pub role: Role,
+    pub digest: Digest,
+    pub expire: Option<Timestamp>,
+}
+
+/// The token table over its flat buffer. The buffer is shared, not copied:
+/// the filter hands over the bytes it received, the control plane shares one
+/// buffer between the push to every Envoy and its own API's lookups.
 #[derive(Clone, Debug, Default)]
 pub struct TokenTable {
-    buf: Vec<u8>,
+    buf: Arc<Vec<u8>>,
     /// Where the entries start in `buf`.
     entries: usize,
     count: usize,
     /// Where the pool starts in `buf`.
     pool: usize,
+}
+
+/// The first 8 bytes of a digest as a big-endian number (their order).
+fn prefix64(digest: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(digest.get(..8)?.try_into().ok()?))
 }
 
 fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
@@ -158,6 +180,20 @@ impl TokenTable {
     /// Takes `buf` whose table section starts at `start`, validating every
     /// entry and name as strictly as the JSON configuration is validated.
     pub fn from_buffer(buf: Vec<u8>, start: usize) -> Result<Self, ConfigError> {
+        Self::shared(Arc::new(buf), start)
+    }
+
+    /// [`TokenTable::from_buffer`] over a shared buffer.
+    pub fn shared(buf: Arc<Vec<u8>>, start: usize) -> Result<Self, ConfigError> {
+        let table = Self::framed(buf, start)?;
+        table.validate()?;
+        Ok(table)
+    }
+
+    /// Checks the framing (counts and sizes) only, not each entry and name:
+    /// for a table this process built itself with [`LiveTable`], whose every
+    /// entry was validated on the way in.
+    pub(crate) fn framed(buf: Arc<Vec<u8>>, start: usize) -> Result<Self, ConfigError> {
         let truncated = || table_error("the compact table is truncated");
         let count = usize::try_from(u32_at(&buf, start).ok_or_else(truncated)?).map_err(|_| truncated())?;
         let entries = start + 4;
@@ -170,18 +206,32 @@ impl TokenTable {
         if pool.checked_add(pool_len) != Some(buf.len()) {
             return Err(table_error("the compact table's pool does not end the buffer"));
         }
-        let table = Self {
+        Ok(Self {
             buf,
             entries,
             count,
             pool,
-        };
-        table.validate()?;
-        Ok(table)
+        })
+    }
+
+    /// The whole buffer the table lives in (for the compact encoding: the
+    /// header and settings too).
+    pub fn buffer(&self) -> &Arc<Vec<u8>> {
+        &self.buf
+    }
+
+    /// Where the table section starts in [`TokenTable::buffer`].
+    pub fn start(&self) -> usize {
+        self.entries - 4
     }
 
     fn pool(&self) -> &[u8] {
         self.buf.get(self.pool..).unwrap_or_default()
+    }
+
+    fn entries_bytes(&self) -> Option<&[u8]> {
+        self.buf
+            .get(self.entries..self.entries.checked_add(self.count.checked_mul(ENTRY)?)?)
     }
 
     fn entry(&self, i: usize) -> Option<&[u8]> {
@@ -206,61 +256,78 @@ impl TokenTable {
         })
     }
 
+    /// Every name valid, sorted and unique; every entry's digest sorted and
+    /// unique, its role and expiry valid, its name one no other entry uses.
+    /// One pass over the names and one over the entries, no allocation per
+    /// token: it bounds how long a VM takes to accept a million tokens.
     fn validate(&self) -> Result<(), ConfigError> {
         // Names: valid, strictly ascending (hence unique); remember where each starts.
         let pool = self.pool();
         let mut starts = vec![0u64; pool.len() / 64 + 1];
         let mut names = 0usize;
         let mut at = 0usize;
-        let mut previous: Option<&[u8]> = None;
-        while at < pool.len() {
-            let len = usize::from(pool.get(at).copied().unwrap_or_default());
+        let mut previous: &[u8] = &[];
+        while let Some(&len) = pool.get(at) {
             let name = pool
-                .get(at + 1..at + 1 + len)
+                .get(at + 1..at + 1 + usize::from(len))
                 .ok_or_else(|| table_error("a name runs past the pool"))?;
-            let text = std::str::from_utf8(name).map_err(|_| table_error(format!("name {names} is not UTF-8")))?;
-            TokenName::parse(text).map_err(|e| table_error(format!("name {names}: {e}")))?;
-            if previous.is_some_and(|p| p >= name) {
+            if !is_token_name(name) {
+                // The slow path, for the message.
+                let problem = std::str::from_utf8(name)
+                    .map_err(|_| "is not UTF-8".to_owned())
+                    .and_then(|text| TokenName::parse(text).map(drop).map_err(|e| e.to_string()))
+                    .err()
+                    .unwrap_or_default();
+                return Err(table_error(format!("name {names}: {problem}")));
+            }
+            if names > 0 && previous >= name {
                 return Err(table_error(format!("name {names}: names must be unique and sorted")));
             }
-            previous = Some(name);
+            previous = name;
             if let Some(word) = starts.get_mut(at / 64) {
                 *word |= 1 << (at % 64);
             }
             names += 1;
-            at += 1 + len;
+            at += 1 + usize::from(len);
         }
         if names != self.count {
             return Err(table_error("every name must belong to exactly one token"));
         }
         // Entries: strictly ascending digests (hence unique), a known role, a
         // valid expiry, and a name no other entry uses.
-        let mut previous: Option<&[u8]> = None;
-        for i in 0..self.count {
+        let entries = self
+            .entries_bytes()
+            .ok_or_else(|| table_error("the compact table is truncated"))?;
+        let mut previous: &[u8] = &[];
+        for (i, entry) in entries.chunks_exact(ENTRY).enumerate() {
             let bad = |problem: &str| table_error(format!("entry {i}: {problem}"));
-            let entry = self.entry(i).ok_or_else(|| bad("truncated"))?;
-            let digest = entry.get(..32).ok_or_else(|| bad("truncated"))?;
-            if previous.is_some_and(|p| p >= digest) {
+            let (digest, fields) = entry.split_at(32);
+            // Compared by the first 8 bytes, all 32 only on a tie.
+            let ascending = match (prefix64(previous), prefix64(digest)) {
+                (Some(p), Some(d)) if p != d => p < d,
+                _ => previous < digest,
+            };
+            if i > 0 && !ascending {
                 return Err(bad("digests must be unique and sorted"));
             }
-            previous = Some(digest);
-            let nanos = u32_at(entry, 40).ok_or_else(|| bad("truncated"))?;
+            previous = digest;
+            let nanos = u32_at(fields, 8).ok_or_else(|| bad("truncated"))?;
             if nanos != NEVER {
                 if nanos >= 1_000_000_000 {
                     return Err(bad("expireTime nanoseconds out of range"));
                 }
                 // The same bound as the JSON configuration's timestamps.
-                let secs = i64_at(entry, 32).ok_or_else(|| bad("truncated"))?;
+                let secs = i64_at(fields, 0).ok_or_else(|| bad("truncated"))?;
                 if !Timestamp::from_unix(secs, nanos).in_range() {
                     return Err(bad(
                         "expireTime must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
                     ));
                 }
             }
-            if entry.get(48).copied().and_then(role_of).is_none() || entry.get(49..52) != Some(&[0, 0, 0][..]) {
+            if fields.get(16).copied().and_then(role_of).is_none() || fields.get(17..20) != Some(&[0, 0, 0][..]) {
                 return Err(bad("unknown role"));
             }
-            let offset = usize::try_from(u32_at(entry, 44).ok_or_else(|| bad("truncated"))?)
+            let offset = usize::try_from(u32_at(fields, 12).ok_or_else(|| bad("truncated"))?)
                 .map_err(|_| bad("name offset out of range"))?;
             let word = starts
                 .get_mut(offset / 64)
@@ -272,6 +339,20 @@ impl TokenTable {
             *word &= !bit;
         }
         Ok(())
+    }
+
+    /// The entry index holding `digest` (`Ok`), or where it would go (`Err`).
+    fn position(&self, digest: &Digest) -> Result<usize, usize> {
+        let (mut lo, mut hi) = (0usize, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.entry(mid).and_then(|e| e.get(..32)).map(|d| d.cmp(&digest.0[..])) {
+                Some(std::cmp::Ordering::Less) => lo = mid + 1,
+                Some(std::cmp::Ordering::Greater) | None => hi = mid,
+                Some(std::cmp::Ordering::Equal) => return Ok(mid),
+            }
+        }
+        Err(lo)
     }
 
     /// The token whose secret has this digest.
@@ -330,14 +411,7 @@ impl TokenTable {
 
 /// Validates `specs` and appends their table section to `out`.
 pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(), ConfigError> {
-    struct Item<'a> {
-        index: usize,
-        name: &'a str,
-        role: Role,
-        digest: Digest,
-        expire: Option<Timestamp>,
-    }
-    let mut items = Vec::with_capacity(specs.len());
+    let mut entries = Vec::with_capacity(specs.len());
     for (index, spec) in specs.iter().enumerate() {
         let field = |f: &str| format!("tokens[{index}].{f}");
         TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
@@ -355,59 +429,85 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
             .map(Timestamp::parse_rfc3339)
             .transpose()
             .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
-        items.push(Item {
-            index,
+        entries.push(Entry {
             name: &spec.name,
             role,
             digest,
             expire,
         });
     }
-    let count = u32::try_from(items.len()).map_err(|_| ConfigError::new("tokens", "too many tokens"))?;
-
-    // Names: sorted, the first duplicate in input order reported.
-    let mut by_name: Vec<&Item> = items.iter().collect();
-    by_name.sort_by(|a, b| a.name.cmp(b.name).then(a.index.cmp(&b.index)));
-    if let Some((first, dup)) = first_duplicate(&by_name, |a, b| a.name == b.name, |a| a.index) {
-        return Err(ConfigError::new(
+    write_table(&entries, out).map_err(|dup| match dup {
+        Duplicate::Name { first, dup } => ConfigError::new(
             format!("tokens[{dup}].name"),
             format!("duplicate of tokens[{first}].name"),
-        ));
-    }
-    let mut pool = Vec::with_capacity(specs.iter().map(|s| s.name.len() + 1).sum());
-    let mut offsets = vec![0u32; items.len()];
-    for item in &by_name {
-        let offset = u32::try_from(pool.len()).map_err(|_| ConfigError::new("tokens", "names too long"))?;
-        if let Some(slot) = offsets.get_mut(item.index) {
-            *slot = offset;
-        }
-        // A DNS-label namespace and token id keep a name under 256 bytes.
-        pool.push(u8::try_from(item.name.len()).unwrap_or(u8::MAX));
-        pool.extend_from_slice(item.name.as_bytes());
-    }
-
-    let mut by_digest: Vec<&Item> = items.iter().collect();
-    by_digest.sort_by(|a, b| a.digest.cmp(&b.digest).then(a.index.cmp(&b.index)));
-    if let Some((first, dup)) = first_duplicate(&by_digest, |a, b| a.digest == b.digest, |a| a.index) {
-        return Err(ConfigError::new(
+        ),
+        Duplicate::Digest { first, dup } => ConfigError::new(
             format!("tokens[{dup}].secretSha256"),
             format!("duplicate of tokens[{first}].secretSha256"),
-        ));
+        ),
+    })
+}
+
+/// Two entries share a name or a digest: indices into the input, the first
+/// duplicate in input order and the entry it duplicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Duplicate {
+    Name { first: usize, dup: usize },
+    Digest { first: usize, dup: usize },
+}
+
+/// Appends the table section of `entries` (already validated one by one) to
+/// `out`: sorted by digest, names pooled in name order.
+pub fn write_table(entries: &[Entry<'_>], out: &mut Vec<u8>) -> Result<(), Duplicate> {
+    let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+    let indexed: Vec<(usize, &Entry<'_>)> = entries.iter().enumerate().collect();
+
+    // Names: sorted, the first duplicate in input order reported.
+    let mut by_name: Vec<&(usize, &Entry<'_>)> = indexed.iter().collect();
+    by_name.sort_by(|a, b| a.1.name.cmp(b.1.name).then(a.0.cmp(&b.0)));
+    if let Some((first, dup)) = first_duplicate(&by_name, |a, b| a.1.name == b.1.name, |a| a.0) {
+        return Err(Duplicate::Name { first, dup });
     }
-    out.reserve(8 + items.len() * ENTRY + pool.len());
+    let mut pool = Vec::with_capacity(entries.iter().map(|e| e.name.len() + 1).sum());
+    let mut offsets = vec![0u32; entries.len()];
+    for (index, entry) in &by_name {
+        if let Some(slot) = offsets.get_mut(*index) {
+            *slot = u32::try_from(pool.len()).unwrap_or(u32::MAX);
+        }
+        push_name(&mut pool, entry.name);
+    }
+
+    let mut by_digest: Vec<&(usize, &Entry<'_>)> = indexed.iter().collect();
+    by_digest.sort_by(|a, b| a.1.digest.cmp(&b.1.digest).then(a.0.cmp(&b.0)));
+    if let Some((first, dup)) = first_duplicate(&by_digest, |a, b| a.1.digest == b.1.digest, |a| a.0) {
+        return Err(Duplicate::Digest { first, dup });
+    }
+    out.reserve(8 + entries.len() * ENTRY + pool.len());
     out.extend_from_slice(&count.to_le_bytes());
-    for item in &by_digest {
-        out.extend_from_slice(&item.digest.0);
-        let (secs, nanos) = item.expire.map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
-        out.extend_from_slice(&secs.to_le_bytes());
-        out.extend_from_slice(&nanos.to_le_bytes());
-        out.extend_from_slice(&offsets.get(item.index).copied().unwrap_or_default().to_le_bytes());
-        out.extend_from_slice(&[role_code(item.role), 0, 0, 0]);
+    for (index, entry) in &by_digest {
+        push_entry(out, entry, offsets.get(*index).copied().unwrap_or_default());
     }
-    let pool_len = u32::try_from(pool.len()).map_err(|_| ConfigError::new("tokens", "names too long"))?;
-    out.extend_from_slice(&pool_len.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(pool.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&pool);
     Ok(())
+}
+
+/// One name in the pool: a length byte and the bytes. A DNS-label namespace
+/// and token id keep a valid name under 256 bytes.
+fn push_name(pool: &mut Vec<u8>, name: &str) {
+    pool.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+    pool.extend_from_slice(name.as_bytes());
+}
+
+fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
+    out.extend_from_slice(&entry.digest.0);
+    let (secs, nanos) = entry
+        .expire
+        .map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
+    out.extend_from_slice(&secs.to_le_bytes());
+    out.extend_from_slice(&nanos.to_le_bytes());
+    out.extend_from_slice(&name_offset.to_le_bytes());
+    out.extend_from_slice(&[role_code(entry.role), 0, 0, 0]);
 }
 
 /// In a list sorted by key, ties by input index: the duplicate that comes

@@ -1,0 +1,625 @@
+// The apitokens console: Settings > API Tokens.
+//
+// Talks only to the token REST API on this origin, with Authorization: Bearer.
+// Owner tokens live in `sessions` (this tab's memory) and nowhere else; a
+// one-time secret lives in the Secret field of its dialog until the dialog
+// closes. Every piece of dynamic text is set with textContent or .value,
+// never parsed as markup.
+"use strict";
+
+(() => {
+  const API = "/apitokens/v1/namespaces/";
+  const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+  // RFC 6750 b64token: what may follow "Bearer ".
+  const B64TOKEN = /^[A-Za-z0-9\-._~+/]+=*$/;
+  const NAME_RULE =
+    "Use 1 to 63 lower-case letters (a-z), digits and hyphens, starting and ending with a letter or digit.";
+
+  /** namespace -> owner token, in this tab's memory only. */
+  const sessions = new Map();
+  /** The namespace on screen. */
+  let current = null;
+  /** What the confirm dialog will do when confirmed. */
+  let pending = null;
+
+  const $ = (id) => document.getElementById(id);
+
+  // ---------------------------------------------------------------------
+  // The API
+
+  class ApiError extends Error {
+    constructor(status, body, retryAfter) {
+      super(status === 0 ? "network error" : `HTTP ${status}`);
+      this.status = status;
+      this.body = body;
+      this.retryAfter = retryAfter;
+    }
+
+    get field() {
+      return this.body && typeof this.body.field === "string" ? this.body.field : null;
+    }
+
+    get detail() {
+      return this.body && typeof this.body.message === "string" ? this.body.message : "";
+    }
+  }
+
+  async function call(ns, token, method, path, body) {
+    const headers = { Authorization: `Bearer ${token}`, Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let resp;
+    try {
+      resp = await fetch(`${API}${encodeURIComponent(ns)}/apitokens${path}`, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        credentials: "omit",
+        cache: "no-store",
+        redirect: "error",
+        referrerPolicy: "no-referrer",
+        mode: "same-origin",
+      });
+    } catch {
+      throw new ApiError(0, null, null);
+    }
+    let data = null;
+    try {
+      data = JSON.parse(await resp.text());
+    } catch {
+      data = null;
+    }
+    if (!resp.ok) throw new ApiError(resp.status, data, resp.headers.get("retry-after"));
+    return data;
+  }
+
+  /** An API error in words, for `what` ("sign-in", "list", "create", "regenerate", "revoke"). */
+  function describe(err, what, ns, id) {
+    const detail = err.detail ? ` (The server said: ${err.detail})` : "";
+    const s = err.status;
+    if (s === 0) {
+      return "The console could not reach the server. Check your network connection, then try again.";
+    }
+    if (s === 401) {
+      return what === "sign-in"
+        ? "This owner token was not accepted: it is unknown, expired, revoked or mistyped. Check it and try again."
+        : `Your owner token for namespace “${ns}” is no longer accepted: it may have been revoked or have expired. Sign in again.`;
+    }
+    if (s === 403) {
+      return `This token is not an owner of namespace “${ns}”. Only an owner token of a namespace can manage its API tokens.`;
+    }
+    if (s === 404 && id) {
+      return `The token “${id}” does not exist any more: it may have been revoked meanwhile. The list has been refreshed.`;
+    }
+    if (s === 409) {
+      return `A token named “${id}” already exists in namespace “${ns}”. Choose another name.`;
+    }
+    if (s === 413) return "The request was too large for the server.";
+    if (s === 429) {
+      const wait = /^\d+$/.test(err.retryAfter || "") ? ` You can try again in ${err.retryAfter} seconds.` : "";
+      return what === "create"
+        ? `Namespace “${ns}” has reached its token quota, so no more tokens can be created. Revoke tokens it no longer needs, then try again.${wait}${detail}`
+        : `The server is receiving too many requests. Wait a moment, then try again.${wait}${detail}`;
+    }
+    if (s === 502 || s === 503 || s === 504) {
+      return `The token service is not reachable right now (error ${s}). Wait a moment and try again; if this keeps happening, the control plane may be down.`;
+    }
+    if (s >= 500) {
+      return `The token service failed to complete the request (error ${s}). Try again; if this keeps happening, check the control plane's log.${detail}`;
+    }
+    if (s === 400) return `The server refused the request as invalid.${detail}`;
+    return `The server gave an unexpected answer (error ${s}).${detail}`;
+  }
+
+  // ---------------------------------------------------------------------
+  // Small helpers
+
+  function show(el, visible) {
+    el.hidden = !visible;
+  }
+
+  function setText(id, text) {
+    $(id).textContent = text;
+  }
+
+  function formatTime(value) {
+    const time = document.createElement("time");
+    const d = new Date(value);
+    if (typeof value !== "string" || Number.isNaN(d.getTime())) {
+      time.textContent = String(value);
+      return time;
+    }
+    time.dateTime = value;
+    time.textContent = `${d.toISOString().slice(0, 16).replace("T", " ")} UTC`;
+    return time;
+  }
+
+  function shortId(name) {
+    const parts = String(name).split("/");
+    return parts[parts.length - 1];
+  }
+
+  /** Field errors: text next to the field, aria-invalid on it. */
+  function fieldError(inputId, message) {
+    const input = $(inputId);
+    setText(`${inputId}-error`, message || "");
+    if (message) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  }
+
+  function busy(form, on) {
+    for (const b of form.querySelectorAll("button")) b.disabled = on;
+    form.setAttribute("aria-busy", on ? "true" : "false");
+  }
+
+  // ---------------------------------------------------------------------
+  // Views
+
+  function showSignIn(message, namespace) {
+    show($("tokens-view"), false);
+    show($("side-nav"), false);
+    show($("signin-view"), true);
+    show($("signin-cancel"), sessions.size > 0);
+    fieldError("signin-ns", "");
+    fieldError("signin-token", "");
+    setText("signin-error", message || "");
+    $("signin-token").value = "";
+    if (namespace !== undefined) $("signin-ns").value = namespace;
+    renderNamespaces();
+    ($("signin-ns").value ? $("signin-token") : $("signin-ns")).focus();
+  }
+
+  function renderNamespaces() {
+    const select = $("ns-select");
+    select.replaceChildren();
+    for (const ns of [...sessions.keys()].sort()) {
+      const option = document.createElement("option");
+      option.value = ns;
+      option.textContent = ns;
+      option.selected = ns === current;
+      select.append(option);
+    }
+    show($("ns-bar"), sessions.size > 0);
+  }
+
+  function showTokens() {
+    show($("signin-view"), false);
+    show($("side-nav"), true);
+    show($("tokens-view"), true);
+    renderNamespaces();
+    setText("tokens-ns", current);
+    setText("tokens-caption-ns", current);
+  }
+
+  /** Loads and shows the tokens of the current namespace; false on failure. */
+  async function refresh() {
+    const ns = current;
+    let data;
+    try {
+      data = await call(ns, sessions.get(ns), "GET", "");
+    } catch (err) {
+      if (handleUnauthorized(err, ns)) return false;
+      setText("tokens-error", describe(err, "list", ns));
+      return false;
+    }
+    if (ns !== current) return false;
+    renderTable(Array.isArray(data && data.apiTokens) ? data.apiTokens : []);
+    return true;
+  }
+
+  function renderTable(tokens) {
+    const withLastUse = tokens.some((t) => t && Object.prototype.hasOwnProperty.call(t, "lastUseTime"));
+    show($("col-last-used"), withLastUse);
+    const now = Date.now();
+    const rows = tokens.map((t) => {
+      const id = shortId(t.name);
+      const tr = document.createElement("tr");
+      const name = document.createElement("th");
+      name.scope = "row";
+      name.textContent = id;
+      name.title = String(t.name);
+      const role = document.createElement("td");
+      role.textContent = String(t.role);
+      const created = document.createElement("td");
+      created.append(formatTime(t.createTime));
+      const expires = document.createElement("td");
+      if (t.expireTime) {
+        const past = new Date(t.expireTime).getTime() <= now;
+        if (past) {
+          expires.className = "expired";
+          expires.append("Expired ");
+        }
+        expires.append(formatTime(t.expireTime));
+      } else {
+        expires.textContent = "Never";
+      }
+      tr.append(name, role, created, expires);
+      if (withLastUse) {
+        const last = document.createElement("td");
+        if (t.lastUseTime) last.append(formatTime(t.lastUseTime));
+        else last.textContent = "Never";
+        tr.append(last);
+      }
+      const actions = document.createElement("td");
+      actions.className = "row-actions";
+      actions.append(
+        actionButton("Regenerate", id, () => confirmRegenerate(id)),
+        actionButton("Revoke", id, () => confirmRevoke(id)),
+      );
+      tr.append(actions);
+      return tr;
+    });
+    $("tokens-body").replaceChildren(...rows);
+    show($("tokens-table"), rows.length > 0);
+    show($("tokens-empty"), rows.length === 0);
+  }
+
+  function actionButton(label, id, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.setAttribute("aria-label", `${label} ${id}`);
+    b.dataset.token = id;
+    b.className = label === "Revoke" ? "danger-outline" : "";
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  /** On a 401: forget the namespace's token and go back to sign-in. */
+  function handleUnauthorized(err, ns) {
+    if (err.status !== 401) return false;
+    sessions.delete(ns);
+    for (const d of document.querySelectorAll("dialog[open]")) d.close();
+    current = sessions.size ? [...sessions.keys()].sort()[0] : null;
+    showSignIn(describe(err, "list", ns), ns);
+    return true;
+  }
+
+  function clearMessages() {
+    setText("tokens-status", "");
+    setText("tokens-error", "");
+  }
+
+  async function switchTo(ns) {
+    current = ns;
+    clearMessages();
+    showTokens();
+    $("tokens-body").replaceChildren();
+    await refresh();
+  }
+
+  // ---------------------------------------------------------------------
+  // Sign in, switch, sign out
+
+  async function signIn(event) {
+    event.preventDefault();
+    const form = $("signin-form");
+    const nsInput = $("signin-ns");
+    const tokenInput = $("signin-token");
+    const ns = nsInput.value.trim();
+    const token = tokenInput.value.trim();
+    fieldError("signin-ns", "");
+    fieldError("signin-token", "");
+    setText("signin-error", "");
+    let bad = null;
+    if (!ns) {
+      fieldError("signin-ns", "Enter the namespace.");
+      bad = bad || nsInput;
+    } else if (!DNS_LABEL.test(ns)) {
+      fieldError(
+        "signin-ns",
+        `“${ns}” is not a namespace name. A namespace uses 1 to 63 lower-case letters (a-z), digits and hyphens, starting and ending with a letter or digit.`,
+      );
+      bad = bad || nsInput;
+    }
+    if (!token) {
+      fieldError("signin-token", "Enter the owner token.");
+      bad = bad || tokenInput;
+    } else if (!B64TOKEN.test(token)) {
+      // Never echo a token: it is a secret.
+      fieldError(
+        "signin-token",
+        "This is not a token: a token is one word of letters, digits and the characters - . _ ~ + /, such as apt_…",
+      );
+      bad = bad || tokenInput;
+    }
+    if (bad) {
+      bad.focus();
+      return;
+    }
+    busy(form, true);
+    let data;
+    try {
+      data = await call(ns, token, "GET", "");
+    } catch (err) {
+      busy(form, false);
+      if (err.status === 401) {
+        tokenInput.value = "";
+        fieldError("signin-token", describe(err, "sign-in", ns));
+        tokenInput.focus();
+      } else {
+        setText("signin-error", describe(err, "sign-in", ns));
+        (err.status === 403 ? nsInput : form.querySelector("button[type=submit]")).focus();
+      }
+      return;
+    }
+    busy(form, false);
+    sessions.set(ns, token);
+    tokenInput.value = "";
+    nsInput.value = "";
+    current = ns;
+    clearMessages();
+    showTokens();
+    renderTable(Array.isArray(data && data.apiTokens) ? data.apiTokens : []);
+    setText("tokens-status", `Signed in to namespace “${ns}”.`);
+    $("tokens-title").focus();
+  }
+
+  function signOut() {
+    const ns = current;
+    sessions.delete(ns);
+    if (sessions.size) {
+      switchTo([...sessions.keys()].sort()[0]).then(() =>
+        setText("tokens-status", `Signed out of namespace “${ns}”.`),
+      );
+      $("tokens-title").focus();
+    } else {
+      current = null;
+      showSignIn(`Signed out of namespace “${ns}”.`, "");
+    }
+  }
+
+  // ---------------------------------------------------------------------
+  // Create
+
+  function updateFullName() {
+    const id = $("create-name").value.trim();
+    setText("create-full-name", `namespaces/${current}/apitokens/${id || "…"}`);
+  }
+
+  function openCreate() {
+    const form = $("create-form");
+    form.reset();
+    for (const f of ["create-name", "create-role", "create-expiry"]) fieldError(f, "");
+    setText("create-error", "");
+    setText("create-ns", current);
+    updateFullName();
+    busy(form, false);
+    $("create-dialog").showModal();
+    $("create-name").focus();
+  }
+
+  async function create(event) {
+    event.preventDefault();
+    const ns = current;
+    const form = $("create-form");
+    const id = $("create-name").value.trim();
+    const role = $("create-role").value;
+    const expiryInput = $("create-expiry");
+    for (const f of ["create-name", "create-role", "create-expiry"]) fieldError(f, "");
+    setText("create-error", "");
+    if (!id) {
+      fieldError("create-name", `Enter a name for the token. ${NAME_RULE}`);
+      $("create-name").focus();
+      return;
+    }
+    if (expiryInput.validity.badInput) {
+      fieldError("create-expiry", "Enter a complete date, or leave the field empty for a token that does not expire.");
+      expiryInput.focus();
+      return;
+    }
+    const body = { name: `namespaces/${ns}/apitokens/${id}`, role };
+    if (expiryInput.value) body.expireTime = `${expiryInput.value}T00:00:00Z`;
+    busy(form, true);
+    let data;
+    try {
+      data = await call(ns, sessions.get(ns), "POST", "", body);
+    } catch (err) {
+      busy(form, false);
+      if (handleUnauthorized(err, ns)) return;
+      showCreateError(err, ns, id);
+      return;
+    }
+    busy(form, false);
+    $("create-dialog").close();
+    showSecret("Token created", data && data.apiToken, $("create-open"));
+    await refresh();
+    setText("tokens-status", `Token “${id}” was created.`);
+  }
+
+  function showCreateError(err, ns, id) {
+    const field = err.status === 409 ? "name" : err.status === 400 ? err.field : null;
+    if (field === "name") {
+      const message =
+        err.status === 409 ? describe(err, "create", ns, id) : `“${id}” is not a valid token name. ${NAME_RULE}`;
+      fieldError("create-name", message);
+      $("create-name").focus();
+    } else if (field === "role") {
+      fieldError("create-role", "Choose one of the roles: viewer, editor or owner.");
+      $("create-role").focus();
+    } else if (field === "expireTime") {
+      fieldError(
+        "create-expiry",
+        /future/.test(err.detail)
+          ? "The expiry date must be in the future: choose a later date, or leave the field empty."
+          : "This is not a valid expiry date: choose a date, or leave the field empty.",
+      );
+      $("create-expiry").focus();
+    } else {
+      setText("create-error", describe(err, "create", ns, id));
+    }
+  }
+
+  // ---------------------------------------------------------------------
+  // The one-time secret
+
+  let focusAfterSecret = null;
+
+  function showSecret(title, token, returnFocus) {
+    setText("secret-title", title);
+    setText("secret-name", token ? String(token.name) : "");
+    setText("secret-role", token ? String(token.role) : "");
+    setText("secret-copy-status", "");
+    $("secret-value").value = token && typeof token.secret === "string" ? token.secret : "";
+    focusAfterSecret = returnFocus;
+    $("secret-dialog").showModal();
+  }
+
+  async function copySecret() {
+    const input = $("secret-value");
+    try {
+      await navigator.clipboard.writeText(input.value);
+      setText("secret-copy-status", "Copied to the clipboard.");
+      return;
+    } catch {
+      // No clipboard API (an insecure origin) or no permission: select the text.
+    }
+    input.focus();
+    input.select();
+    let copied = false;
+    try {
+      copied = document.execCommand("copy");
+    } catch {
+      copied = false;
+    }
+    setText(
+      "secret-copy-status",
+      copied
+        ? "Copied to the clipboard."
+        : "The browser did not allow copying. The secret is selected: press Ctrl+C (⌘C on a Mac) to copy it.",
+    );
+  }
+
+  function forgetSecret() {
+    $("secret-value").value = "";
+    setText("secret-copy-status", "");
+  }
+
+  function closeSecret() {
+    forgetSecret();
+    $("secret-dialog").close();
+  }
+
+  function secretClosed() {
+    // Gone from the page once the dialog is closed, however it was closed.
+    forgetSecret();
+    setText("secret-name", "");
+    const target = focusAfterSecret;
+    focusAfterSecret = null;
+    if (typeof target === "function") target();
+    else if (target && target.isConnected) target.focus();
+  }
+
+  // ---------------------------------------------------------------------
+  // Regenerate and revoke, after confirmation
+
+  function confirm(title, text, okLabel, action) {
+    setText("confirm-title", title);
+    setText("confirm-text", text);
+    setText("confirm-ok", okLabel);
+    $("confirm-ok").disabled = false;
+    pending = action;
+    $("confirm-dialog").showModal();
+    $("confirm-cancel").focus();
+  }
+
+  function confirmRegenerate(id) {
+    confirm(
+      `Regenerate ${id}?`,
+      `Token “${id}” gets a new secret, shown once. Its current secret stops working at once: every client still using it is refused until it is given the new secret.`,
+      "Regenerate",
+      () => regenerate(id),
+    );
+  }
+
+  function confirmRevoke(id) {
+    confirm(
+      `Revoke ${id}?`,
+      `Token “${id}” stops working at once and is deleted. This cannot be undone.`,
+      "Revoke",
+      () => revoke(id),
+    );
+  }
+
+  async function confirmed() {
+    const action = pending;
+    pending = null;
+    if (!action) return;
+    $("confirm-ok").disabled = true;
+    await action();
+  }
+
+  function focusRowButton(label, id) {
+    return () => {
+      const b = [...document.querySelectorAll("#tokens-body button")].find(
+        (x) => x.getAttribute("aria-label") === `${label} ${id}`,
+      );
+      (b || $("tokens-title")).focus();
+    };
+  }
+
+  /** A confirmed row action: the API call, then the confirmation closed.
+   *  Resolves to { data } on success, null once a failure has been shown. */
+  async function rowAction(id, what, method, path, body) {
+    const ns = current;
+    clearMessages();
+    let data;
+    try {
+      data = await call(ns, sessions.get(ns), method, path, body);
+    } catch (err) {
+      $("confirm-dialog").close();
+      if (!handleUnauthorized(err, ns)) await actionFailed(err, what, ns, id);
+      return null;
+    }
+    $("confirm-dialog").close();
+    return { data };
+  }
+
+  async function regenerate(id) {
+    const done = await rowAction(id, "regenerate", "POST", `/${encodeURIComponent(id)}:regenerate`, {});
+    if (!done) return;
+    showSecret(`New secret for ${id}`, done.data && done.data.apiToken, focusRowButton("Regenerate", id));
+    refresh();
+  }
+
+  async function revoke(id) {
+    if (!(await rowAction(id, "revoke", "DELETE", `/${encodeURIComponent(id)}`))) return;
+    await refresh();
+    setText("tokens-status", `Token “${id}” was revoked: its secret no longer works.`);
+    $("tokens-title").focus();
+  }
+
+  async function actionFailed(err, what, ns, id) {
+    const message = describe(err, what, ns, id);
+    if (err.status === 404) await refresh();
+    setText("tokens-error", message);
+    $("tokens-title").focus();
+  }
+
+  // ---------------------------------------------------------------------
+  // Wiring
+
+  function start() {
+    $("signin-form").addEventListener("submit", signIn);
+    $("signin-cancel").addEventListener("click", () => switchTo(current).then(() => $("tokens-title").focus()));
+    $("ns-select").addEventListener("change", (e) => switchTo(e.target.value));
+    $("ns-add").addEventListener("click", () => showSignIn("", ""));
+    $("ns-sign-out").addEventListener("click", signOut);
+    $("create-open").addEventListener("click", openCreate);
+    $("create-form").addEventListener("submit", create);
+    $("create-cancel").addEventListener("click", () => $("create-dialog").close());
+    $("create-name").addEventListener("input", updateFullName);
+    $("secret-copy").addEventListener("click", copySecret);
+    $("secret-done").addEventListener("click", closeSecret);
+    $("secret-dialog").addEventListener("cancel", forgetSecret);
+    $("secret-dialog").addEventListener("close", secretClosed);
+    $("confirm-cancel").addEventListener("click", () => $("confirm-dialog").close());
+    $("confirm-ok").addEventListener("click", confirmed);
+    $("confirm-dialog").addEventListener("close", () => {
+      pending = null;
+    });
+    showSignIn("", "");
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();

@@ -1,0 +1,151 @@
+//! The API's one error type: every failure a handler can meet, mapped to a
+//! response in one place (`{"code", "message", "field"?}`, never echoing a
+//! value), so handlers use `?`.
+
+use crate::config::PublishError;
+use crate::store::StoreError;
+use crate::tokens;
+use apitokens_core::config::Config;
+use apitokens_core::decision::Denial;
+use apitokens_core::reply::Reply;
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Refused by the filter's own checks: its reply (status,
+    /// `WWW-Authenticate`, body) as Envoy would send it.
+    #[error("denied")]
+    Denied(Option<Box<Reply>>),
+    #[error("not found: the API is /apitokens/v1/namespaces/{{namespace}}/apitokens[/{{token}}[:regenerate]]")]
+    UnknownPath,
+    #[error("unknown action; the only action is :regenerate")]
+    UnknownAction,
+    #[error("method not allowed here; allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("the request body is larger than {} bytes", super::MAX_BODY_BYTES)]
+    PayloadTooLarge,
+    /// A body or query that is not what the call takes (no field to name).
+    #[error("{0}")]
+    BadBody(String),
+    /// A query parameter that is not what the call takes.
+    #[error("{field}: {problem}")]
+    BadQuery { field: &'static str, problem: &'static str },
+    #[error(transparent)]
+    Tokens(#[from] tokens::Error),
+}
+
+impl AppError {
+    pub(crate) fn denied(config: &Config, denial: Denial) -> Self {
+        Self::Denied(config.replies().get(denial).map(|r| Box::new(r.clone())))
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: u16,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+/// A JSON response that is never cached (responses may carry a secret).
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = (status, bytes).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn error_response(status: StatusCode, message: &str, field: Option<&str>) -> Response {
+    json_response(
+        status,
+        &ErrorBody {
+            code: status.as_u16(),
+            message,
+            field,
+        },
+    )
+}
+
+fn reply_response(reply: &Reply) -> Response {
+    let status = u16::try_from(reply.status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = (status, Body::from(reply.body.to_vec())).into_response();
+    for (name, value) in reply.headers.iter() {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            resp.headers_mut().insert(*name, value);
+        }
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn unavailable(what: &str, detail: &dyn std::fmt::Display) -> Response {
+    tracing::error!("api: {what}: {detail}");
+    let mut resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{what}; try again shortly"),
+        None,
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+fn internal(detail: &dyn std::fmt::Display) -> Response {
+    tracing::error!("api: internal error: {detail}");
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; see the control plane's log",
+        None,
+    )
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            Self::Denied(Some(reply)) => reply_response(&reply),
+            // Every denial has a reply; refuse anyway.
+            Self::Denied(None) => error_response(StatusCode::FORBIDDEN, &message, None),
+            Self::UnknownPath | Self::UnknownAction => error_response(StatusCode::NOT_FOUND, &message, None),
+            Self::MethodNotAllowed(allowed) => {
+                let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, &message, None);
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allowed));
+                resp
+            }
+            Self::PayloadTooLarge => error_response(StatusCode::PAYLOAD_TOO_LARGE, &message, None),
+            Self::BadBody(_) => error_response(StatusCode::BAD_REQUEST, &message, None),
+            Self::BadQuery { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(field)),
+            Self::Tokens(e) => match e {
+                tokens::Error::Invalid { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(&field)),
+                tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
+                tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
+                tokens::Error::QuotaExceeded { .. } => error_response(StatusCode::TOO_MANY_REQUESTS, &message, None),
+                tokens::Error::NotPublished(PublishError::TimedOut) => unavailable(
+                    "the change is stored but was not published to the gateways in time",
+                    &message,
+                ),
+                tokens::Error::NotPublished(e) => unavailable(
+                    "the change is stored but could not be published to the gateways yet",
+                    &e,
+                ),
+                tokens::Error::Store(StoreError::Unavailable(e)) => unavailable("the token store is unavailable", &e),
+                // A digest collision from our own random source, a stored row
+                // that cannot be read, the random source itself: ours to fix.
+                other @ (tokens::Error::DigestTaken | tokens::Error::Store(_) | tokens::Error::Random(_)) => {
+                    internal(&other)
+                }
+            },
+        }
+    }
+}

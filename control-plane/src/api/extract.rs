@@ -1,0 +1,195 @@
+//! Extractors: who is calling (authenticated and authorized with the
+//! filter's own code), which token the raw path names, and a JSON body whose
+//! errors never quote the input.
+
+use super::{AppError, AppState, CallerSlot, API_PREFIX, MAX_BODY_BYTES};
+use crate::tokens::secret::{self, Shape};
+use apitokens_core::bearer;
+use apitokens_core::config::{describe_json_error, Config};
+use apitokens_core::decision::Denial;
+use apitokens_core::name::is_dns_label;
+use apitokens_core::table::Token;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// The token API path, split as the filter splits it: raw, never decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Collection { ns: String },
+    Item { ns: String, id: String },
+    Action { ns: String, id: String, action: String },
+}
+
+impl Route {
+    pub(crate) fn parse(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix(API_PREFIX)?;
+        let mut parts = rest.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(ns), Some("apitokens"), None, None) => Some(Self::Collection { ns: ns.to_owned() }),
+            (Some(ns), Some("apitokens"), Some(item), None) => Some(match item.split_once(':') {
+                Some((id, action)) => Self::Action {
+                    ns: ns.to_owned(),
+                    id: id.to_owned(),
+                    action: action.to_owned(),
+                },
+                None => Self::Item {
+                    ns: ns.to_owned(),
+                    id: item.to_owned(),
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        match self {
+            Self::Collection { ns } | Self::Item { ns, .. } | Self::Action { ns, .. } => ns,
+        }
+    }
+
+    pub(crate) fn id(&self) -> Option<&str> {
+        match self {
+            Self::Collection { .. } => None,
+            Self::Item { id, .. } | Self::Action { id, .. } => Some(id),
+        }
+    }
+
+    /// The methods this kind of path supports.
+    pub(crate) fn allowed(&self) -> &'static str {
+        match self {
+            Self::Collection { .. } => "GET, POST",
+            Self::Item { .. } => "GET, DELETE",
+            Self::Action { .. } => "POST",
+        }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        match self {
+            Self::Collection { .. } => method == Method::GET || method == Method::POST,
+            Self::Item { .. } => method == Method::GET || method == Method::DELETE,
+            Self::Action { .. } => method == Method::POST,
+        }
+    }
+}
+
+/// The path as the log may show it: verbatim only when it is made of DNS
+/// labels and the API's own segments.
+pub(crate) fn loggable_path(path: &str) -> &str {
+    match Route::parse(path) {
+        Some(r) if is_dns_label(r.namespace().as_bytes()) && r.id().is_none_or(|id| is_dns_label(id.as_bytes())) => {
+            path
+        }
+        Some(_) => "(other path)",
+        None if path == "/healthz" || path == "/status" => path,
+        None => "(other path)",
+    }
+}
+
+/// An owner of the path's namespace, calling the token API.
+pub(crate) struct Owner {
+    pub route: Route,
+}
+
+/// The caller's token, or the denial (the filter's own checks, plus the
+/// secret format's checksum, which refuses a mistyped secret without lookup).
+fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<Token<'c>, Denial> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().map(HeaderValue::as_bytes);
+    if values.next().is_some() {
+        return Err(Denial::MultipleCredentials);
+    }
+    if let Some(Ok(token)) = value.map(bearer::parse) {
+        if secret::shape(token) == Shape::Corrupt {
+            return Err(Denial::Malformed);
+        }
+    }
+    config
+        .authenticate(value, || Some(crate::clock::now()))
+        .map_err(|(denial, _)| denial)
+}
+
+impl FromRequestParts<Arc<AppState>> for Owner {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, AppError> {
+        let path = parts.uri.path();
+        let route = Route::parse(path).ok_or(AppError::UnknownPath)?;
+        let config = Arc::clone(&app.publisher.current().api);
+        let denied = |denial| AppError::denied(&config, denial);
+        let token = authenticate(&config, &parts.headers).map_err(denied)?;
+        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
+            slot.set(token.name());
+        }
+        if !route.allows(&parts.method) {
+            return Err(AppError::MethodNotAllowed(route.allowed()));
+        }
+        // A malformed namespace or token id is a 400 naming the field, even
+        // for a caller the rules would refuse (they match DNS labels only).
+        crate::tokens::check_path(route.namespace(), route.id())?;
+        if let Route::Action { action, .. } = &route {
+            if action != "regenerate" {
+                return Err(AppError::UnknownAction);
+            }
+        }
+        // Same decision as the filter: owner of this namespace, or nothing.
+        config
+            .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
+            .map_err(denied)?;
+        Ok(Owner { route })
+    }
+}
+
+/// The request body, at most [`MAX_BODY_BYTES`].
+async fn body(req: Request) -> Result<Bytes, AppError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(AppError::PayloadTooLarge);
+    }
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| AppError::PayloadTooLarge)
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    // Never quote the input: it could be a secret pasted into the wrong field.
+    serde_json::from_slice(bytes)
+        .map_err(|e| AppError::BadBody(format!("the request body {}", describe_json_error(&e))))
+}
+
+/// A JSON object body, required.
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, AppError> {
+        let bytes = body(req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(AppError::BadBody("the request body must be a JSON object".to_owned()));
+        }
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// A JSON object body, or none at all.
+pub(crate) struct OptionalJsonBody<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, AppError> {
+        let bytes = body(req).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        parse(&bytes).map(|v| Self(Some(v)))
+    }
+}

@@ -1,0 +1,110 @@
+//! The HTTP surface: the token REST API (`/apitokens/v1/...`, a thin adapter
+//! over [`tokens::Service`]), `GET /healthz`, `GET /status`, and the web
+//! console under `/console/` ([`console`]).
+//!
+//! Every token call is authenticated and authorized with the filter's own
+//! decision code against the published table and the built-in permission
+//! rules, which give the `owner` role of a namespace every verb on its tokens
+//! and nobody else anything. Paths are parsed from the raw request path,
+//! never percent-decoded, exactly as the filter sees them.
+
+pub mod console;
+mod error;
+mod extract;
+mod status;
+mod tokens;
+
+pub use error::AppError;
+
+use crate::config::Publisher;
+use crate::push::acks::Tracker;
+use crate::tokens::Service;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub const API_PREFIX: &str = "/apitokens/v1/namespaces/";
+pub const CONFIG_VERSION_HEADER: &str = "x-apitokens-config-version";
+pub const APPLIED_HEADER: &str = "x-apitokens-applied";
+pub const ENVOYS_HEADER: &str = "x-apitokens-envoys";
+pub const NOT_APPLIED_HEADER: &str = "x-apitokens-not-applied";
+
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub publisher: Arc<Publisher>,
+    pub acks: Arc<Tracker>,
+    /// The ECDS resource name, shown by `/status`.
+    pub resource_name: String,
+}
+
+/// The HTTP application.
+pub fn app(state: Arc<AppState>) -> Router {
+    let collection = format!("{API_PREFIX}{{namespace}}/apitokens");
+    let item = format!("{collection}/{{item}}");
+    Router::new()
+        .route("/healthz", get(status::healthz))
+        .route("/status", get(status::status))
+        .route(
+            &collection,
+            get(tokens::list)
+                .post(tokens::create)
+                .fallback(|| async { AppError::MethodNotAllowed("GET, POST") }),
+        )
+        .route(
+            &item,
+            get(tokens::get)
+                .delete(tokens::delete)
+                .post(tokens::action)
+                .fallback(tokens::item_method_not_allowed),
+        )
+        .merge(console::router())
+        .fallback(|| async { AppError::UnknownPath })
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Who called, filled in by the authentication extractor for the log line.
+#[derive(Clone, Default)]
+pub(crate) struct CallerSlot(Arc<Mutex<Option<String>>>);
+
+impl CallerSlot {
+    pub(crate) fn set(&self, caller: &str) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(caller.to_owned());
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
+}
+
+/// One log line per API call. Only paths made of the API's own segments
+/// and DNS labels are logged verbatim: a secret pasted into a URL by mistake
+/// never reaches the log.
+async fn log_request(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let shown = extract::loggable_path(req.uri().path()).to_owned();
+    let slot = CallerSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let resp = next.run(req).await;
+    if shown != "/healthz" && shown != "/status" {
+        tracing::info!(
+            "api: {method} {shown} -> {} caller={} {}ms",
+            resp.status().as_u16(),
+            slot.get().as_deref().unwrap_or("-"),
+            started.elapsed().as_millis()
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests;

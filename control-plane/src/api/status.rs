@@ -1,0 +1,104 @@
+//! `GET /healthz` and `GET /status` (no authentication: keep them on
+//! loopback, or behind the gateway's own access control).
+
+use super::error::json_response;
+use super::{AppError, AppState};
+use crate::config::Version;
+use crate::push::acks::Lag;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// `{"status": "ok", "version": "N"}`, or 503 when the store cannot be read.
+pub(crate) async fn healthz(State(app): State<Arc<AppState>>) -> Response {
+    match app.service.store().revision().await {
+        Ok(_) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "version": app.publisher.current().version.to_string()}),
+        ),
+        Err(e) => {
+            tracing::error!("healthz: {e}");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"code": 503, "message": "the token store is not available"}),
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StatusQuery {
+    version: Option<String>,
+    wait_seconds: Option<String>,
+}
+
+/// The published version and, per Envoy stream, the versions it acknowledged
+/// or rejected. `?version=N&waitSeconds=S` waits up to S seconds (at most 60)
+/// until at least one Envoy is connected and every connected one has
+/// acknowledged version N.
+pub(crate) async fn status(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response, AppError> {
+    let wanted = match query.version.as_deref().map(Version::parse) {
+        None => None,
+        Some(Some(v)) => Some(v),
+        Some(None) => {
+            return Err(AppError::BadQuery {
+                field: "version",
+                problem: "must be a configuration version number",
+            })
+        }
+    };
+    let wait = match query.wait_seconds.as_deref().map(str::parse::<f64>) {
+        None => 0.0,
+        Some(Ok(s)) if (0.0..=60.0).contains(&s) => s,
+        Some(_) => {
+            return Err(AppError::BadQuery {
+                field: "waitSeconds",
+                problem: "must be a number of seconds from 0 to 60",
+            })
+        }
+    };
+    let state = app.publisher.state();
+    let current = &state.snapshot;
+    let version = wanted.unwrap_or(current.version);
+    if wait > 0.0 {
+        app.acks
+            .wait_applied(version, Instant::now() + Duration::from_secs_f64(wait))
+            .await;
+    }
+    let rollout = app.acks.rollout(version);
+    let lagging: Vec<_> = rollout
+        .lagging
+        .iter()
+        .map(|l| {
+            let (reason, error) = match &l.lag {
+                Lag::Pending => ("pending", None),
+                Lag::Rejected(e) => ("rejected", Some(e.as_str())),
+                Lag::WriteFailed(e) => ("writeFailed", Some(e.as_str())),
+            };
+            serde_json::json!({"who": l.who, "reason": reason, "error": error})
+        })
+        .collect();
+    let body = serde_json::json!({
+        "version": current.version.to_string(),
+        "revision": state.revision.to_string(),
+        "tokens": current.tokens,
+        "publishedAt": current.published_at.to_rfc3339(),
+        "publishError": state.error,
+        "resourceName": app.resource_name,
+        "checkedVersion": version.to_string(),
+        "applied": app.acks.applied(version),
+        "connectedEnvoys": rollout.envoys,
+        "appliedEnvoys": rollout.applied,
+        "lagging": lagging,
+        "envoys": app.acks.envoys(),
+        "file": app.acks.file(),
+    });
+    Ok(json_response(StatusCode::OK, &body))
+}

@@ -1,0 +1,217 @@
+//! The token API handlers: each one an owner check (the [`Owner`]
+//! extractor), a call into the token service, and a JSON answer.
+
+use super::error::json_response;
+use super::extract::{JsonBody, OptionalJsonBody, Owner, Route};
+use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
+use crate::push::acks::Lag;
+use crate::store::TokenRecord;
+use crate::tokens::secret::Secret;
+use crate::tokens::{Delivery, Issued, NewToken, Wait};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ApiToken<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<&'a str>,
+    role: &'a str,
+    create_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expire_time: Option<String>,
+}
+
+impl<'a> ApiToken<'a> {
+    fn new(r: &'a TokenRecord, secret: Option<&'a Secret>) -> Self {
+        Self {
+            name: &r.name,
+            secret: secret.map(Secret::expose),
+            role: r.role.as_str(),
+            create_time: r.create_time.to_rfc3339(),
+            expire_time: r.expire_time.map(|t| t.to_rfc3339()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct One<'a> {
+    api_token: ApiToken<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Many<'a> {
+    api_tokens: Vec<ApiToken<'a>>,
+}
+
+/// The query of a write: `?waitForEnvoys=false` answers once the change is
+/// published, without waiting for the Envoys' ACKs (for bulk jobs).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WriteQuery {
+    wait_for_envoys: Option<bool>,
+}
+
+fn wait(query: Result<Query<WriteQuery>, QueryRejection>) -> Result<Wait, AppError> {
+    let Query(q) = query.map_err(|_| AppError::BadQuery {
+        field: "waitForEnvoys",
+        problem: "must be true or false",
+    })?;
+    Ok(match q.wait_for_envoys {
+        Some(false) => Wait::Published,
+        _ => Wait::Envoys,
+    })
+}
+
+/// Header values carry node ids, which the operator chose: visible ASCII only.
+fn header_text(text: &str) -> HeaderValue {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(2000)
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("?"))
+}
+
+/// The answer to a write: the seed's JSON body, and headers saying which
+/// configuration version carries the change and whether every connected
+/// Envoy applied it.
+fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
+    let mut resp = json_response(StatusCode::OK, body);
+    let headers = resp.headers_mut();
+    if let Some(version) = delivery.version() {
+        headers.insert(CONFIG_VERSION_HEADER, header_text(&version.to_string()));
+    }
+    match delivery {
+        Delivery::Stored => {}
+        Delivery::Published { .. } => {
+            headers.insert(APPLIED_HEADER, HeaderValue::from_static("not-waited"));
+        }
+        Delivery::Applied(rollout) => {
+            let applied = if rollout.complete() { "true" } else { "false" };
+            headers.insert(APPLIED_HEADER, HeaderValue::from_static(applied));
+            headers.insert(
+                ENVOYS_HEADER,
+                header_text(&format!("{}/{}", rollout.applied, rollout.envoys)),
+            );
+            if !rollout.complete() {
+                let lagging: Vec<String> = rollout
+                    .lagging
+                    .iter()
+                    .map(|l| {
+                        let why = match l.lag {
+                            Lag::Pending => "no ACK in time",
+                            Lag::Rejected(_) => "rejected (NACK)",
+                            Lag::WriteFailed(_) => "write failed",
+                        };
+                        format!("{}: {why}", l.who)
+                    })
+                    .collect();
+                headers.insert(NOT_APPLIED_HEADER, header_text(&lagging.join("; ")));
+            }
+        }
+    }
+    resp
+}
+
+fn issued(issued: &Issued) -> Response {
+    written(
+        &One {
+            api_token: ApiToken::new(&issued.token, Some(&issued.secret)),
+        },
+        &issued.delivery,
+    )
+}
+
+pub(crate) async fn list(State(app): State<Arc<AppState>>, owner: Owner) -> Result<Response, AppError> {
+    let records = app.service.list(owner.route.namespace()).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &Many {
+            api_tokens: records.iter().map(|r| ApiToken::new(r, None)).collect(),
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreateBody {
+    name: String,
+    role: String,
+    #[serde(default)]
+    expire_time: Option<String>,
+}
+
+pub(crate) async fn create(
+    State(app): State<Arc<AppState>>,
+    owner: Owner,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<Response, AppError> {
+    let new = NewToken {
+        name: body.name,
+        role: body.role,
+        expire_time: body.expire_time,
+    };
+    let result = app.service.create(owner.route.namespace(), new, wait(query)?).await?;
+    Ok(issued(&result))
+}
+
+pub(crate) async fn get(State(app): State<Arc<AppState>>, owner: Owner) -> Result<Response, AppError> {
+    let (ns, id) = item(&owner.route)?;
+    let record = app.service.get(ns, id).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &One {
+            api_token: ApiToken::new(&record, None),
+        },
+    ))
+}
+
+pub(crate) async fn delete(
+    State(app): State<Arc<AppState>>,
+    owner: Owner,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+) -> Result<Response, AppError> {
+    let (ns, id) = item(&owner.route)?;
+    let delivery = app.service.delete(ns, id, wait(query)?).await?;
+    Ok(written(&serde_json::json!({}), &delivery))
+}
+
+/// `{}` or no body at all.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegenerateBody {}
+
+/// `POST .../apitokens/{token}:regenerate` (the only action).
+pub(crate) async fn action(
+    State(app): State<Arc<AppState>>,
+    owner: Owner,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    OptionalJsonBody(_): OptionalJsonBody<RegenerateBody>,
+) -> Result<Response, AppError> {
+    let (ns, id) = item(&owner.route)?;
+    let result = app.service.regenerate(ns, id, wait(query)?).await?;
+    Ok(issued(&result))
+}
+
+/// The namespace and token id of an item or action path.
+fn item(route: &Route) -> Result<(&str, &str), AppError> {
+    match route {
+        Route::Item { ns, id } | Route::Action { ns, id, .. } => Ok((ns, id)),
+        Route::Collection { .. } => Err(AppError::UnknownPath),
+    }
+}
+
+/// Any other method on an item or action path.
+pub(crate) async fn item_method_not_allowed(uri: Uri) -> impl IntoResponse {
+    let allowed = Route::parse(uri.path()).map_or("GET, DELETE", |r| r.allowed());
+    AppError::MethodNotAllowed(allowed)
+}

@@ -1,0 +1,257 @@
+//! The command line: `apitokens serve | bootstrap | render | import`, thin
+//! adapters over the token service and the publisher.
+
+mod serve;
+
+use crate::clock;
+use crate::render::{self, WasmPluginOptions};
+use crate::store::{SqliteStore, Store};
+use crate::tokens::{self, Service, ServiceOptions};
+use apitokens_core::config::{Config, ConfigError, PluginConfig};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "apitokens",
+    version,
+    about = "Control plane for the apitokens Envoy filter: issues namespace-scoped API tokens and pushes the filter configuration to Envoy",
+    long_about = "Control plane for the apitokens Envoy filter.\n\n\
+        `serve` runs the token REST API and pushes the filter configuration to every \
+        Envoy over ECDS (gRPC) or a watched file. `bootstrap` creates the first owner \
+        token of a namespace. `render` prints the configuration for static Envoy or \
+        Istio setups. Secrets are shown once; only their SHA-256 digests are stored."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the token API, the ECDS server (gRPC and/or file), /healthz and /status
+    Serve(serve::ServeArgs),
+    /// Create an owner token directly in the store and print its secret once (the way in for a namespace's first owner)
+    Bootstrap(BootstrapArgs),
+    /// Print the current plugin configuration (JSON, as the filter reads it) or an Istio WasmPlugin
+    Render(RenderArgs),
+    /// Import tokens by digest from a plugin configuration file (migrating existing secrets, e.g. UUIDs)
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// SQLite database file (created by `serve`, `bootstrap` and `import` if missing)
+    #[arg(long, env = "APITOKENS_DB", default_value = "apitokens.db", value_name = "PATH")]
+    db: PathBuf,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Base plugin configuration (JSON: realm, rules, identityHeaders, forwardAuthorization; no tokens)
+    #[arg(long, value_name = "FILE")]
+    plugin_config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BootstrapArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Namespace of the owner token (a DNS label)
+    #[arg(long, value_name = "NS")]
+    namespace: String,
+    /// Token id (a DNS label); the token is namespaces/NS/apitokens/NAME
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Optional expiry (RFC 3339, e.g. 2030-01-01T00:00:00Z)
+    #[arg(long, value_name = "TIME")]
+    expire_time: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RenderFormat {
+    /// The plugin configuration as the filter reads it
+    Json,
+    /// An Istio WasmPlugin resource (YAML)
+    Wasmplugin,
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output format
+    #[arg(long, value_enum, default_value = "json")]
+    format: RenderFormat,
+    /// WasmPlugin: where Istio fetches the module (oci://, https:// or file://)
+    #[arg(long, default_value_t = WasmPluginOptions::default().url, value_name = "URL")]
+    wasm_url: String,
+    /// WasmPlugin: its Kubernetes namespace
+    #[arg(long, default_value = "istio-system", value_name = "NS")]
+    istio_namespace: String,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Plugin configuration file whose `tokens` (name, role, secretSha256, expireTime) are imported; all or none
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+/// Runs the command line; errors go to stderr as `apitokens: error: ...`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match &cli.command {
+        Command::Serve(a) => a.log_level,
+        _ => tracing::Level::WARN,
+    };
+    init_logging(level);
+    let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
+        Command::Bootstrap(args) => run(bootstrap(args)),
+        Command::Render(args) => run(render_cmd(args)),
+        Command::Import(args) => run(import(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apitokens: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr: this crate's messages at `level`, libraries' warnings and
+/// errors only (nothing here logs a secret or an Authorization header, and
+/// the libraries' debug output could).
+fn init_logging(level: tracing::Level) {
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::WARN)
+        .with_target("apitokens_control_plane", level);
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_max_level(level.max(tracing::Level::WARN))
+        .finish();
+    use tracing_subscriber::layer::SubscriberExt;
+    let _ = tracing::subscriber::set_global_default(subscriber.with(filter));
+}
+
+/// Runs a one-shot command on a small runtime.
+fn run(job: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .block_on(job)
+}
+
+fn load_base(args: &ConfigArgs) -> Result<PluginConfig, String> {
+    let Some(path) = &args.plugin_config else {
+        return Ok(PluginConfig::default());
+    };
+    let bytes = std::fs::read(path).map_err(|e| format!("--plugin-config {}: {e}", path.display()))?;
+    base_config(&bytes).map_err(|e| format!("--plugin-config {}: {e}", path.display()))
+}
+
+/// Reads a base plugin configuration (everything but the tokens) and checks
+/// it with the filter's own validation.
+pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let base = PluginConfig::from_json(json)?;
+    if !base.tokens.is_empty() {
+        return Err(ConfigError::new(
+            "tokens",
+            "must be empty in the base configuration: the control plane manages tokens (use `apitokens import` to migrate existing ones)",
+        ));
+    }
+    Config::from_spec(&base)?;
+    Ok(base)
+}
+
+fn open_store(path: &Path) -> Result<Arc<dyn Store>, String> {
+    Ok(Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?))
+}
+
+/// A service error in the words of the command line: flags, not JSON fields.
+fn cli_error(e: tokens::Error) -> String {
+    match e {
+        tokens::Error::Invalid { field, problem } => {
+            let flag = match field.as_str() {
+                "namespace" => "--namespace".to_owned(),
+                "token" => "--name".to_owned(),
+                "expireTime" => "--expire-time".to_owned(),
+                other => other.to_owned(),
+            };
+            format!("{flag} {problem}")
+        }
+        other => other.to_string(),
+    }
+}
+
+async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
+    let store = open_store(&args.store.db)?;
+    let service = Service::new(store, ServiceOptions::default());
+    let issued = service
+        .bootstrap(&args.namespace, &args.name, args.expire_time.as_deref())
+        .await
+        .map_err(|e| match e {
+            tokens::Error::AlreadyExists(name) => {
+                format!("{name} already exists; choose another --name (or delete it through the API first)")
+            }
+            other => cli_error(other),
+        })?;
+    eprintln!(
+        "Created owner token {} in {}.\nIts secret follows on stdout; it is shown only this once, so store it now.\nA running `apitokens serve` on this database picks it up within its poll interval.",
+        issued.token.name,
+        args.store.db.display()
+    );
+    println!("{}", issued.secret.expose());
+    Ok(())
+}
+
+async fn render_cmd(args: RenderArgs) -> Result<(), String> {
+    let base = load_base(&args.config)?;
+    let store = SqliteStore::open_existing(&args.store.db).map_err(|e| e.to_string())?;
+    let (_, records) = store.load().await.map_err(|e| e.to_string())?;
+    let spec = render::plugin_config(&base, &records, clock::now());
+    Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
+    let text = match args.format {
+        RenderFormat::Json => render::json(&spec) + "\n",
+        RenderFormat::Wasmplugin => render::wasm_plugin(
+            &spec,
+            &WasmPluginOptions {
+                url: args.wasm_url,
+                namespace: args.istio_namespace,
+                ..WasmPluginOptions::default()
+            },
+        ),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+async fn import(args: ImportArgs) -> Result<(), String> {
+    let shown = args.file.display().to_string();
+    let bytes = std::fs::read(&args.file).map_err(|e| format!("{shown}: {e}"))?;
+    let spec = PluginConfig::from_json(&bytes).map_err(|e| format!("{shown}: {e}"))?;
+    let store = open_store(&args.store.db)?;
+    let service = Service::new(store, ServiceOptions::default());
+    let count = service.import(&spec).await.map_err(|e| match e {
+        tokens::Error::AlreadyExists(_) => {
+            "a token with one of these names already exists; nothing was imported".to_owned()
+        }
+        tokens::Error::DigestTaken => {
+            "a token with one of these digests already exists; nothing was imported".to_owned()
+        }
+        other => format!("{shown}: {other}"),
+    })?;
+    eprintln!("Imported {count} tokens into {}.", args.store.db.display());
+    Ok(())
+}

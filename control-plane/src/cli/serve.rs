@@ -1,0 +1,287 @@
+//! `apitokens serve`: the REST API, `/healthz`, `/status`, the publisher and
+//! the configuration push (ECDS over gRPC and/or a file), wired together.
+
+use super::{load_base, open_store, ConfigArgs, StoreArgs};
+use crate::api::{self, AppState};
+use crate::config::{Publisher, PublisherOptions};
+use crate::push::acks::Tracker;
+use crate::push::file;
+use crate::push::resource::{self, EcdsResource, FilterParams};
+use crate::push::server::EcdsServer;
+use crate::tokens::{Service, ServiceOptions};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address of the REST API, /healthz and /status
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Address of the ECDS gRPC server
+    #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
+    xds_listen: SocketAddr,
+    /// Do not serve ECDS over gRPC (use with --ecds-file)
+    #[arg(long)]
+    no_xds: bool,
+    /// TLS certificate chain of the ECDS gRPC server (PEM); needs --xds-tls-key and --xds-client-ca
+    #[arg(long, value_name = "PEM", requires_all = ["xds_tls_key", "xds_client_ca"])]
+    xds_tls_cert: Option<PathBuf>,
+    /// Private key of the ECDS gRPC server (PEM)
+    #[arg(long, value_name = "PEM", requires = "xds_tls_cert")]
+    xds_tls_key: Option<PathBuf>,
+    /// CA that signs the Envoys' client certificates (PEM): only Envoys presenting one get the configuration
+    #[arg(long, value_name = "PEM", requires = "xds_tls_cert")]
+    xds_client_ca: Option<PathBuf>,
+    /// Also write the ECDS resource to this file (binary DiscoveryResponse, must end in .pb), replaced by atomic rename
+    #[arg(long, value_name = "PATH")]
+    ecds_file: Option<PathBuf>,
+    /// Name of the ECDS resource: the name of the HTTP filter in Envoy's config_discovery
+    #[arg(long, default_value = resource::DEFAULT_RESOURCE_NAME, value_name = "NAME")]
+    resource_name: String,
+    /// Path of the filter module as Envoy sees it (relative to Envoy's working directory)
+    #[arg(long, default_value = resource::DEFAULT_MODULE, value_name = "PATH")]
+    wasm_module: String,
+    /// How long a create, regenerate or delete waits for every connected Envoy to apply it before answering (the answer then says which did not)
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    apply_timeout_ms: u64,
+    /// The most tokens a namespace may hold; creating more answers 429 (0: no limit; bootstrap and import are exempt)
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    max_tokens_per_namespace: u32,
+    /// How long an expired token stays in the pushed configuration (refused as `expired`) before it is left out, in seconds
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    expired_retention_seconds: u64,
+    /// How often to look for changes made by other processes (e.g. bootstrap), in milliseconds
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    poll_interval_ms: u64,
+    /// Largest gRPC message sent or accepted, in bytes (tonic's default is 4 MiB)
+    #[arg(long, default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
+    max_message_bytes: usize,
+    /// Log level: error, warn, info, debug
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub(super) log_level: tracing::Level,
+}
+
+pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
+    if args.no_xds && args.ecds_file.is_none() {
+        return Err("--no-xds needs --ecds-file: otherwise no Envoy can get the configuration".into());
+    }
+    if let Some(path) = &args.ecds_file {
+        file::check_path(path)?;
+    }
+    let base = load_base(&args.config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .block_on(run(args, base))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn warn_if_exposed(what: &str, addr: SocketAddr) {
+    if !addr.ip().is_loopback() {
+        tracing::warn!("{what} listens on {addr}, beyond loopback: put TLS and network policy in front of it");
+    }
+}
+
+/// Mutual TLS for the ECDS server: anyone who can reach it would otherwise
+/// read every token's name, role and digest, and could fake ACKs.
+fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.xds_tls_cert, &args.xds_tls_key, &args.xds_client_ca) else {
+        return Ok(None);
+    };
+    let read =
+        |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()));
+    let identity = tonic::transport::Identity::from_pem(read("xds-tls-cert", cert)?, read("xds-tls-key", key)?);
+    let ca = tonic::transport::Certificate::from_pem(read("xds-client-ca", ca)?);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(ca)
+            .client_auth_optional(false),
+    ))
+}
+
+/// Accepted connections without Nagle's algorithm: otherwise a small push (a
+/// revocation) can wait for Envoy's delayed ACK, about 40 ms (measured).
+fn nodelay(
+    incoming: tokio_stream::wrappers::TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    incoming.map(|stream| {
+        if let Ok(tcp) = &stream {
+            let _ = tcp.set_nodelay(true);
+        }
+        stream
+    })
+}
+
+async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
+    let store = open_store(&args.store.db)?;
+    let publisher = Publisher::open(
+        Arc::clone(&store),
+        PublisherOptions {
+            base,
+            expired_retention: Duration::from_secs(args.expired_retention_seconds),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let acks = Arc::new(Tracker::new());
+    let resource = EcdsResource::new(FilterParams {
+        resource_name: args.resource_name.clone(),
+        module: args.wasm_module.clone(),
+        ..FilterParams::default()
+    });
+    if let Some(path) = &args.ecds_file {
+        file::write_current(&publisher, &acks, &resource, path)?;
+    }
+    let service = Arc::new(Service::with_push(
+        Arc::clone(&store),
+        Arc::clone(&publisher),
+        Arc::clone(&acks),
+        ServiceOptions {
+            quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
+            apply_timeout: Duration::from_millis(args.apply_timeout_ms),
+        },
+    ));
+
+    let api_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
+    let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
+    warn_if_exposed("the API", api_addr);
+    let tls = xds_tls(&args)?;
+    let xds_listener = if args.no_xds {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(args.xds_listen)
+            .await
+            .map_err(|e| format!("--xds-listen {}: {e}", args.xds_listen))?;
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                "the xDS server listens on {addr}, beyond loopback, without TLS: anyone who reaches it reads every \
+                 token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and --xds-client-ca"
+            );
+        }
+        Some(l)
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(Arc::clone(&publisher).run(Duration::from_millis(args.poll_interval_ms.max(10)), stop_rx.clone()));
+    if let Some(path) = args.ecds_file.clone() {
+        tasks.spawn(file::run(
+            Arc::clone(&publisher),
+            Arc::clone(&acks),
+            resource.clone(),
+            path,
+            stop_rx.clone(),
+        ));
+    }
+    let app = api::app(Arc::new(AppState {
+        service,
+        publisher: Arc::clone(&publisher),
+        acks: Arc::clone(&acks),
+        resource_name: args.resource_name.clone(),
+    }));
+    let api_stop = wait_true(stop_rx.clone());
+    tasks.spawn(async move {
+        // No Nagle: a small answer must not wait for the peer's delayed ACK.
+        let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(api_stop).await {
+            tracing::error!("API server failed: {e}");
+        }
+    });
+    if let Some(listener) = xds_listener {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let service = EcdsServer::new(
+            Arc::clone(&publisher),
+            Arc::clone(&acks),
+            resource,
+            stop_rx.clone(),
+            args.max_message_bytes,
+        );
+        let xds_stop = wait_true(stop_rx.clone());
+        let mut builder = tonic::transport::Server::builder();
+        let secured = tls.is_some();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| format!("--xds-tls-cert/--xds-tls-key/--xds-client-ca: {e}"))?;
+        }
+        tasks.spawn(async move {
+            let result = builder
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                    xds_stop,
+                )
+                .await;
+            if let Err(e) = result {
+                tracing::error!("xDS server failed: {e}");
+            }
+        });
+        tracing::info!(
+            "xDS (ECDS, gRPC{}) on {addr}, resource {:?}",
+            if secured { ", mutual TLS" } else { "" },
+            args.resource_name
+        );
+    }
+    tracing::info!(
+        "API on http://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health http://{api_addr}/healthz, status http://{api_addr}/status"
+    );
+
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutting down"),
+        Some(_) = tasks.join_next() => tracing::error!("a server task stopped; shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("some connections did not close within 5 s");
+    }
+    Ok(())
+}

@@ -1,0 +1,543 @@
+//! The publisher: keeps the configuration Envoy enforces in memory as the
+//! compact token table, applies each batch of store changes to it, and
+//! publishes a new [`Snapshot`] when the content changed.
+//!
+//! Writes coalesce (group commit): a write commits to the store, then asks
+//! for its revision to be published; one writer at a time asks the store
+//! what changed since the revision the table has and applies all of it in
+//! one edit, and the writers whose commits that covered answer at once, so a
+//! burst of writes costs one edit and one push per round, not one per write. Changes made by
+//! other processes (`bootstrap`, `import`, another replica) arrive the same
+//! way, through the poll. A restart, or a change log that no longer reaches
+//! back far enough, loads the whole table from the store.
+//!
+//! Expired tokens stay in the table (the filter refuses them itself, to the
+//! second) until they have been expired for the retention period; then the
+//! publisher retires them in the store, a write like any other, so every
+//! replica drops them at the same revision.
+
+use super::{Published, Snapshot, Version};
+use crate::clock;
+use crate::store::{Changes, Revision, Store, StoreError, TokenRecord};
+use apitokens_core::compact;
+use apitokens_core::config::{ConfigError, PluginConfig};
+use apitokens_core::table::{Change, LiveTable};
+use apitokens_core::{Config, Timestamp};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Mutex};
+
+#[derive(Clone, Debug, Default)]
+pub struct PublisherOptions {
+    /// Everything but the tokens: realm, rules, identity headers, ...
+    pub base: PluginConfig,
+    /// How long an expired token stays in the pushed table (counted by the
+    /// filter as `expired` rather than `unknown`) before it is retired.
+    pub expired_retention: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store's tokens do not make a table the filter would accept.
+    #[error("the stored tokens do not make a valid configuration: {0}")]
+    Table(#[from] ConfigError),
+    #[error("the publisher task failed: {0}")]
+    Task(String),
+    #[error("timed out")]
+    TimedOut,
+}
+
+pub struct Publisher {
+    store: Arc<dyn Store>,
+    /// The compact encoding's header: settings and lineage, fixed for the
+    /// life of the process.
+    header: Arc<Vec<u8>>,
+    /// The API's settings: the realm, the built-in rules.
+    api_settings: PluginConfig,
+    retention: Duration,
+    live: Mutex<Live>,
+    published: watch::Sender<Arc<Published>>,
+}
+
+struct Live {
+    revision: Revision,
+    /// `None` only while an edit runs off the async threads.
+    table: Option<LiveTable>,
+    next_expiry: Option<Timestamp>,
+    /// Payloads of earlier snapshots, reused for the next edit once no
+    /// stream or request holds them (a fresh buffer of a large table costs
+    /// more in page faults than the copy itself).
+    spare: Vec<Arc<Vec<u8>>>,
+}
+
+/// Spare payloads kept for reuse.
+const SPARES: usize = 2;
+
+impl Publisher {
+    /// Loads the store and publishes the first snapshot.
+    pub async fn open(store: Arc<dyn Store>, opts: PublisherOptions) -> Result<Arc<Self>, PublishError> {
+        // The filter's own validation of the settings.
+        let header = Arc::new(compact::header(&opts.base, &store.lineage())?);
+        let api_settings = PluginConfig {
+            realm: opts.base.realm.clone(),
+            ..PluginConfig::default()
+        };
+        let (revision, records) = store.load().await?;
+        let table = build(stamped(&header, revision), records).await?;
+        let next_expiry = store.next_expiry().await?;
+        let spare = spares(table.table().buffer().len()).await;
+        let snapshot = snapshot(Version::from(revision), &table, &api_settings)?;
+        tracing::info!(
+            "configuration version {} loaded ({} tokens)",
+            snapshot.version,
+            snapshot.tokens
+        );
+        let (published, _) = watch::channel(Arc::new(Published {
+            revision,
+            snapshot,
+            error: None,
+        }));
+        Ok(Arc::new(Self {
+            store,
+            header,
+            api_settings,
+            retention: opts.expired_retention,
+            live: Mutex::new(Live {
+                revision,
+                table: Some(table),
+                next_expiry,
+                spare,
+            }),
+            published,
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.published.borrow().snapshot)
+    }
+
+    pub fn state(&self) -> Arc<Published> {
+        Arc::clone(&self.published.borrow())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// Publishes every change up to `revision` (committed by the caller)
+    /// and returns the snapshot that carries it. Writers coalesce: one of
+    /// them at a time catches up with the store, covering every commit so
+    /// far; the others find their change already published.
+    pub async fn publish(&self, revision: Revision, deadline: Instant) -> Result<Arc<Snapshot>, PublishError> {
+        loop {
+            if let Some(snapshot) = self.covering(revision) {
+                return Ok(snapshot);
+            }
+            let mut live = tokio::time::timeout_at(deadline.into(), self.live.lock())
+                .await
+                .map_err(|_| PublishError::TimedOut)?;
+            if let Some(snapshot) = self.covering(revision) {
+                return Ok(snapshot);
+            }
+            let result = tokio::time::timeout_at(deadline.into(), self.catch_up_or_report(&mut live))
+                .await
+                .map_err(|_| PublishError::TimedOut)?;
+            result?;
+            if self.state().revision < revision {
+                // Our commit is not visible to the reader yet (it cannot
+                // happen with one store; a replica's read may lag).
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn covering(&self, revision: Revision) -> Option<Arc<Snapshot>> {
+        let state = self.published.borrow();
+        (state.revision >= revision).then(|| Arc::clone(&state.snapshot))
+    }
+
+    /// Applies what changed in the store since the last refresh and
+    /// publishes the result. Serialised: one refresh at a time, each
+    /// covering every write committed before it started.
+    pub async fn refresh(&self) -> Result<(), PublishError> {
+        let mut live = self.live.lock().await;
+        self.catch_up_or_report(&mut live).await
+    }
+
+    /// [`Publisher::catch_up`], its failure shown to the status page.
+    async fn catch_up_or_report(&self, live: &mut Live) -> Result<(), PublishError> {
+        let result = self.catch_up(live).await;
+        if let Err(e) = &result {
+            let error = e.to_string();
+            self.published.send_modify(|p| {
+                *p = Arc::new(Published {
+                    revision: p.revision,
+                    snapshot: Arc::clone(&p.snapshot),
+                    error: Some(error),
+                })
+            });
+        }
+        result
+    }
+
+    async fn catch_up(&self, live: &mut Live) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let changes = self.store.changes_since(live.revision).await?;
+        let applied = match changes {
+            Changes::Since { revision, .. } if revision == live.revision => return Ok(()),
+            Changes::Since { revision, changed } => match self.edit(live, revision, changed).await {
+                Ok(content_changed) => Some((revision, content_changed)),
+                Err(e) => {
+                    tracing::warn!("could not apply the store's changes, reloading everything: {e}");
+                    None
+                }
+            },
+            Changes::TooOld => None,
+        };
+        let (revision, content_changed, how) = match applied {
+            Some((revision, content_changed)) => (revision, content_changed, "applied"),
+            None => {
+                let (revision, records) = self.store.load().await?;
+                live.table = Some(build(stamped(&self.header, revision), records).await?);
+                (revision, true, "reloaded")
+            }
+        };
+        live.revision = revision;
+        live.next_expiry = self.store.next_expiry().await?;
+        let table = live
+            .table
+            .as_ref()
+            .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
+        let previous = self.current();
+        let snapshot = if content_changed {
+            let snapshot = snapshot(Version::from(revision), table, &self.api_settings)?;
+            tracing::info!(
+                "configuration version {} {how} ({} tokens, {:.1} ms)",
+                snapshot.version,
+                snapshot.tokens,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            live.spare.push(Arc::clone(&previous.payload));
+            if live.spare.len() > SPARES {
+                live.spare.remove(0);
+            }
+            snapshot
+        } else {
+            previous
+        };
+        self.published.send_replace(Arc::new(Published {
+            revision,
+            snapshot,
+            error: None,
+        }));
+        Ok(())
+    }
+
+    /// Edits the table off the async threads; whether its content changed.
+    async fn edit(
+        &self,
+        live: &mut Live,
+        revision: Revision,
+        changed: Vec<(String, Option<TokenRecord>)>,
+    ) -> Result<bool, PublishError> {
+        let mut table = live
+            .table
+            .take()
+            .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
+        let buffer = live
+            .spare
+            .iter()
+            .position(|b| Arc::strong_count(b) == 1)
+            .map(|i| live.spare.swap_remove(i))
+            .and_then(|b| Arc::try_unwrap(b).ok())
+            .unwrap_or_default();
+        let header = stamped(&self.header, revision);
+        let job = tokio::task::spawn_blocking(move || {
+            let changes: Vec<Change<'_>> = changed
+                .iter()
+                .map(|(name, record)| match record {
+                    Some(r) if !r.retired => Change::Put(r.entry()),
+                    _ => Change::Remove(name),
+                })
+                .collect();
+            let result = table.apply(&header, &changes, buffer);
+            (table, result)
+        });
+        let (table, result) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
+        live.table = Some(table);
+        let stats = result?;
+        Ok(stats.inserted + stats.removed > 0)
+    }
+
+    /// Retires the tokens whose retention has passed (a store write, which
+    /// the next refresh applies).
+    async fn retire_due(&self) {
+        let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
+        let now = clock::now();
+        if due.is_some_and(|t| t <= now) {
+            let cutoff = sub(now, self.retention);
+            match self.store.retire_expired(cutoff).await {
+                Ok(Some(revision)) => tracing::info!("retired expired tokens at revision {revision}"),
+                Ok(None) => {}
+                Err(e) => tracing::error!("could not retire expired tokens: {e}"),
+            }
+        }
+    }
+
+    /// Catches up with the store every `poll` (changes by other processes and
+    /// replicas) and when the next expired token is due for retirement, until
+    /// `shutdown` changes. This process's own writes publish themselves
+    /// ([`Publisher::publish`]).
+    pub async fn run(self: Arc<Self>, poll: Duration, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
+            let wait = due.map_or(poll, |t| clock::until(t, clock::now()).min(poll));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.retire_due().await;
+            if let Err(e) = self.refresh().await {
+                tracing::error!("could not publish the store's changes (retrying on the next write or poll): {e}");
+            }
+        }
+    }
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    Timestamp::from_unix(
+        t.unix_seconds().saturating_add(secs),
+        t.subsec_nanos().saturating_add(d.subsec_nanos()),
+    )
+}
+
+fn sub(t: Timestamp, d: Duration) -> Timestamp {
+    let total = i128::from(t.unix_seconds()) * 1_000_000_000 + i128::from(t.subsec_nanos()) - d.as_nanos() as i128;
+    let secs = total.div_euclid(1_000_000_000);
+    let nanos = total.rem_euclid(1_000_000_000);
+    Timestamp::from_unix(
+        i64::try_from(secs).unwrap_or(i64::MIN),
+        u32::try_from(nanos).unwrap_or(0),
+    )
+}
+
+/// Buffers for the next edits, their memory touched once now: a fresh
+/// buffer the size of a million-token table costs more in page faults (tens
+/// of milliseconds) than the edit that fills it.
+async fn spares(len: usize) -> Vec<Arc<Vec<u8>>> {
+    let size = len + len / 8 + 4096;
+    tokio::task::spawn_blocking(move || {
+        (0..SPARES)
+            .map(|_| {
+                let mut buf = vec![1u8; size];
+                buf.clear();
+                Arc::new(buf)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// A whole table from the store's records, off the async threads.
+/// The header of version `revision`: every version's bytes differ (see
+/// `compact`), even when its tokens are those of an earlier one.
+fn stamped(header: &[u8], revision: Revision) -> Vec<u8> {
+    let mut header = header.to_vec();
+    compact::set_generation(&mut header, revision.0);
+    header
+}
+
+async fn build(header: Vec<u8>, records: Vec<TokenRecord>) -> Result<LiveTable, PublishError> {
+    tokio::task::spawn_blocking(move || {
+        let entries: Vec<_> = records.iter().filter(|r| !r.retired).map(TokenRecord::entry).collect();
+        LiveTable::build(&header, &entries)
+    })
+    .await
+    .map_err(|e| PublishError::Task(e.to_string()))?
+    .map_err(PublishError::Table)
+}
+
+fn snapshot(version: Version, table: &LiveTable, api_settings: &PluginConfig) -> Result<Arc<Snapshot>, PublishError> {
+    let api = Config::with_table(api_settings, table.table().clone())?;
+    Ok(Arc::new(Snapshot {
+        version,
+        payload: Arc::clone(table.table().buffer()),
+        api: Arc::new(api),
+        tokens: table.len(),
+        published_at: clock::now(),
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+    use crate::testutil::TempDir;
+    use apitokens_core::table::Digest;
+    use apitokens_core::Role;
+
+    fn rec(name: &str, byte: u8, expire: Option<Timestamp>) -> TokenRecord {
+        TokenRecord {
+            name: name.into(),
+            role: Role::Owner,
+            digest: Digest([byte; 32]),
+            create_time: clock::now_seconds(),
+            expire_time: expire,
+            retired: false,
+        }
+    }
+
+    async fn publisher(dir: &TempDir) -> (Arc<Publisher>, Arc<dyn Store>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("p.db")).unwrap());
+        let p = Publisher::open(Arc::clone(&store), PublisherOptions::default())
+            .await
+            .unwrap();
+        (p, store)
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn versions_follow_content_changes() {
+        let dir = TempDir::new("pub-versions");
+        let (p, store) = publisher(&dir).await;
+        let v0 = p.current().version;
+        p.refresh().await.unwrap();
+        assert_eq!(p.current().version, v0, "nothing changed");
+        let r1 = store
+            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None)
+            .await
+            .unwrap();
+        p.refresh().await.unwrap();
+        let s1 = p.publish(r1, deadline()).await.unwrap();
+        assert_eq!(s1.version, Version(r1.0));
+        assert_eq!(s1.tokens, 1);
+        assert!(s1.api.tokens().get(&Digest([1; 32])).is_some(), "the API sees it");
+        // A write that changes nothing pushed (a retired token's secret)
+        // advances the revision, not the version.
+        let mut old = rec("namespaces/a/apitokens/old", 2, Some(Timestamp::from_unix(1, 0)));
+        old.retired = true;
+        let r2 = store.insert(vec![old], None).await.unwrap();
+        p.refresh().await.unwrap();
+        assert_eq!(p.publish(r2, deadline()).await.unwrap().version, s1.version);
+        assert_eq!(p.state().revision, r2);
+    }
+
+    #[tokio::test]
+    async fn the_pushed_payload_is_what_the_filter_reads() {
+        let dir = TempDir::new("pub-payload");
+        let (p, store) = publisher(&dir).await;
+        store
+            .insert(
+                vec![
+                    rec("namespaces/a/apitokens/t", 1, None),
+                    rec(
+                        "namespaces/b/apitokens/u",
+                        2,
+                        Some(Timestamp::from_unix(4_000_000_000, 5)),
+                    ),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        p.refresh().await.unwrap();
+        let r = store.delete("namespaces/a/apitokens/t").await.unwrap().unwrap();
+        p.refresh().await.unwrap();
+        let s = p.publish(r, deadline()).await.unwrap();
+        let filter = Config::from_plugin_configuration(s.payload.to_vec()).unwrap();
+        let names: Vec<_> = filter.tokens().iter().map(|(_, t)| t.name().to_owned()).collect();
+        assert_eq!(names, ["namespaces/b/apitokens/u"]);
+        assert_eq!(compact::lineage(&s.payload), Some(&store.lineage()[..]));
+    }
+
+    #[tokio::test]
+    async fn writes_by_another_process_are_picked_up() {
+        let dir = TempDir::new("pub-other");
+        let (p, _store) = publisher(&dir).await;
+        let other = SqliteStore::open(&dir.path().join("p.db")).unwrap();
+        let r = other
+            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None)
+            .await
+            .unwrap();
+        p.refresh().await.unwrap();
+        assert_eq!(p.publish(r, deadline()).await.unwrap().tokens, 1);
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_retired_after_the_retention() {
+        let dir = TempDir::new("pub-expiry");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("p.db")).unwrap());
+        let at = Timestamp::from_unix(clock::now().unix_seconds() + 1, 0);
+        store
+            .insert(
+                vec![
+                    rec("namespaces/a/apitokens/brief", 2, Some(at)),
+                    rec("namespaces/a/apitokens/stays", 3, None),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        let p = Publisher::open(
+            Arc::clone(&store),
+            PublisherOptions {
+                expired_retention: Duration::from_millis(300),
+                ..PublisherOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.current().tokens, 2);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // A long poll interval: only the expiry timer can wake it in time.
+        let task = tokio::spawn(Arc::clone(&p).run(Duration::from_secs(60), stop_rx));
+        let mut rx = p.subscribe();
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.snapshot.tokens == 1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            clock::now() >= add(at, Duration::from_millis(300)),
+            "not before the retention"
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+        assert!(
+            store
+                .get("namespaces/a/apitokens/brief")
+                .await
+                .unwrap()
+                .unwrap()
+                .retired
+        );
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_writes_is_one_edit() {
+        let dir = TempDir::new("pub-burst");
+        let (p, store) = publisher(&dir).await;
+        let mut last = Revision(0);
+        for i in 0..50u8 {
+            last = store
+                .insert(vec![rec(&format!("namespaces/a/apitokens/t{i}"), i, None)], None)
+                .await
+                .unwrap();
+        }
+        let before = p.current().version;
+        p.refresh().await.unwrap();
+        let s = p.publish(last, deadline()).await.unwrap();
+        assert_eq!(s.tokens, 50);
+        assert_eq!(s.version, Version(last.0));
+        assert!(s.version > before);
+    }
+}

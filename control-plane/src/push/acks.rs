@@ -1,0 +1,509 @@
+//! Which Envoy stream has acknowledged (ACK) or rejected (NACK) which
+//! configuration version: for read-your-writes (a write answers once every
+//! connected stream applied its version), the status page and the logs.
+//!
+//! Every xDS stream is tracked on its own, never merged by node id: two
+//! Envoys started from one configuration share a node id, and one's ACK must
+//! not hide the other's NACK.
+
+use crate::clock;
+use crate::config::Version;
+use apitokens_core::Timestamp;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::watch;
+
+const HISTORY: usize = 16;
+const MAX_DISCONNECTED: usize = 256;
+
+/// One xDS stream, numbered in the order they connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Outcome {
+    Ack,
+    Nack,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionEvent {
+    pub version: String,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub time: String,
+}
+
+/// One stream as the status page shows it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvoyStatus {
+    pub stream: u64,
+    pub node: String,
+    pub cluster: String,
+    /// The Envoy's address as this control plane sees it.
+    pub peer: String,
+    pub connected: bool,
+    pub connected_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<String>,
+    /// The version Envoy said it had when it connected (from before a
+    /// control-plane restart, for example): not counted as applied.
+    pub initial_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_version: Option<String>,
+    /// The latest version this stream sent and Envoy accepted: what it enforces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<VersionEvent>,
+    /// Recent ACKs and NACKs, newest first.
+    pub history: VecDeque<VersionEvent>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileStatus {
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Stream {
+    node: String,
+    cluster: String,
+    peer: String,
+    connected_at: Timestamp,
+    disconnected_at: Option<Timestamp>,
+    initial_version: String,
+    sent: Option<Version>,
+    acked: Option<Version>,
+    nacked: Option<(Version, String)>,
+    history: VecDeque<VersionEvent>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct File {
+    path: String,
+    written: Option<Version>,
+    written_at: Option<Timestamp>,
+    error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    streams: BTreeMap<StreamId, Stream>,
+    disconnected: VecDeque<(StreamId, Stream)>,
+    file: Option<File>,
+}
+
+/// Why a consumer does not enforce a version (yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lag {
+    /// No ACK yet (when the wait is over: it did not come in time).
+    Pending,
+    /// Envoy rejected this version (or a later one): it keeps enforcing an
+    /// older configuration.
+    Rejected(String),
+    /// The ECDS file could not be written.
+    WriteFailed(String),
+}
+
+/// A consumer that does not enforce a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lagging {
+    /// `node-1 (stream 3)` or `ECDS file /path/x.pb`.
+    pub who: String,
+    pub lag: Lag,
+}
+
+/// How far a version got: every connected stream and the ECDS file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rollout {
+    pub version: Version,
+    /// Connected streams.
+    pub envoys: usize,
+    /// Of those, the ones that acknowledged this version or a later one.
+    pub applied: usize,
+    pub lagging: Vec<Lagging>,
+}
+
+impl Rollout {
+    /// Every connected Envoy (and the file, if any) has the version.
+    pub fn complete(&self) -> bool {
+        self.lagging.is_empty()
+    }
+
+    /// Nothing left to wait for: only rejections and failed writes remain.
+    fn settled(&self) -> bool {
+        self.lagging.iter().all(|l| l.lag != Lag::Pending)
+    }
+}
+
+/// Shared by every xDS stream, the file writer, the writes that wait, and
+/// the status endpoint.
+pub struct Tracker {
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+fn time(t: Timestamp) -> String {
+    t.to_rfc3339()
+}
+
+impl Tracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The data is plain bookkeeping: recover it even after a panic.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        out
+    }
+
+    /// A stream's first request named its node.
+    pub fn connected(&self, node: &str, cluster: &str, peer: &str, initial_version: &str) -> StreamId {
+        self.update(|inner| {
+            inner.next_id += 1;
+            let id = StreamId(inner.next_id);
+            inner.streams.insert(
+                id,
+                Stream {
+                    node: node.to_owned(),
+                    cluster: cluster.to_owned(),
+                    peer: peer.to_owned(),
+                    connected_at: clock::now(),
+                    disconnected_at: None,
+                    initial_version: initial_version.to_owned(),
+                    sent: None,
+                    acked: None,
+                    nacked: None,
+                    history: VecDeque::new(),
+                },
+            );
+            id
+        })
+    }
+
+    pub fn sent(&self, id: StreamId, version: Version) {
+        self.update(|inner| {
+            if let Some(s) = inner.streams.get_mut(&id) {
+                s.sent = Some(version);
+            }
+        });
+    }
+
+    fn record(&self, id: StreamId, version: Version, error: Option<&str>) {
+        self.update(|inner| {
+            if let Some(s) = inner.streams.get_mut(&id) {
+                match error {
+                    None => s.acked = Some(s.acked.map_or(version, |a| a.max(version))),
+                    Some(e) => s.nacked = Some((version, e.to_owned())),
+                }
+                s.history.push_front(VersionEvent {
+                    version: version.to_string(),
+                    outcome: if error.is_some() { Outcome::Nack } else { Outcome::Ack },
+                    error: error.map(str::to_owned),
+                    time: time(clock::now()),
+                });
+                s.history.truncate(HISTORY);
+            }
+        });
+    }
+
+    /// Envoy applied the version this stream sent with the nonce it answered.
+    pub fn acked(&self, id: StreamId, version: Version) {
+        self.record(id, version, None);
+    }
+
+    pub fn nacked(&self, id: StreamId, version: Version, error: &str) {
+        self.record(id, version, Some(error));
+    }
+
+    pub fn disconnected(&self, id: StreamId) {
+        self.update(|inner| {
+            if let Some(mut s) = inner.streams.remove(&id) {
+                s.disconnected_at = Some(clock::now());
+                inner.disconnected.push_front((id, s));
+                inner.disconnected.truncate(MAX_DISCONNECTED);
+            }
+        });
+    }
+
+    pub fn file_written(&self, path: &str, result: Result<Version, String>) {
+        self.update(|inner| {
+            let f = inner.file.get_or_insert_with(File::default);
+            f.path = path.to_owned();
+            match result {
+                Ok(version) => {
+                    f.written = Some(version);
+                    f.written_at = Some(clock::now());
+                    f.error = None;
+                }
+                Err(e) => f.error = Some(e),
+            }
+        });
+    }
+
+    /// How far `version` got, now.
+    pub fn rollout(&self, version: Version) -> Rollout {
+        let inner = self.lock();
+        let mut rollout = Rollout {
+            version,
+            envoys: inner.streams.len(),
+            applied: 0,
+            lagging: Vec::new(),
+        };
+        for (id, s) in &inner.streams {
+            if s.acked.is_some_and(|a| a >= version) {
+                rollout.applied += 1;
+                continue;
+            }
+            let lag = match &s.nacked {
+                Some((rejected, error)) if *rejected >= version => Lag::Rejected(error.clone()),
+                _ => Lag::Pending,
+            };
+            rollout.lagging.push(Lagging {
+                who: format!("{} (stream {})", s.node, id.0),
+                lag,
+            });
+        }
+        if let Some(f) = &inner.file {
+            if f.written.is_none_or(|w| w < version) {
+                rollout.lagging.push(Lagging {
+                    who: format!("ECDS file {}", f.path),
+                    lag: f.error.clone().map_or(Lag::Pending, Lag::WriteFailed),
+                });
+            }
+        }
+        rollout
+    }
+
+    /// Waits until every connected stream acknowledged `version` (or a later
+    /// one) or rejected it, and the ECDS file holds it, or until `deadline`.
+    /// Streams that connect meanwhile count too.
+    pub async fn wait(&self, version: Version, deadline: Instant) -> Rollout {
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let rollout = self.rollout(version);
+            if rollout.settled() {
+                return rollout;
+            }
+            let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return self.rollout(version);
+            }
+        }
+    }
+
+    /// For the status page: waits until [`Tracker::applied`] or `deadline`.
+    pub async fn wait_applied(&self, version: Version, deadline: Instant) -> bool {
+        let mut changes = self.changed.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.applied(version) {
+                return true;
+            }
+            let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return self.applied(version);
+            }
+        }
+    }
+
+    /// For the status page: at least one consumer (a stream or the file),
+    /// and every one has `version`. Never true before the ACKs.
+    pub fn applied(&self, version: Version) -> bool {
+        let any = {
+            let inner = self.lock();
+            !inner.streams.is_empty() || inner.file.is_some()
+        };
+        any && self.rollout(version).complete()
+    }
+
+    /// Resolves at the next change (ACK, NACK, connect, ...).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Every connected stream, then the recently disconnected ones.
+    pub fn envoys(&self) -> Vec<EnvoyStatus> {
+        let inner = self.lock();
+        let view = |id: &StreamId, s: &Stream| EnvoyStatus {
+            stream: id.0,
+            node: s.node.clone(),
+            cluster: s.cluster.clone(),
+            peer: s.peer.clone(),
+            connected: s.disconnected_at.is_none(),
+            connected_at: time(s.connected_at),
+            disconnected_at: s.disconnected_at.map(time),
+            initial_version: s.initial_version.clone(),
+            sent_version: s.sent.map(|v| v.to_string()),
+            acked_version: s.acked.map(|v| v.to_string()),
+            last_nack: s.history.iter().find(|e| e.outcome == Outcome::Nack).cloned(),
+            history: s.history.clone(),
+        };
+        inner
+            .streams
+            .iter()
+            .map(|(id, s)| view(id, s))
+            .chain(inner.disconnected.iter().map(|(id, s)| view(id, s)))
+            .collect()
+    }
+
+    pub fn file(&self) -> Option<FileStatus> {
+        self.lock().file.as_ref().map(|f| FileStatus {
+            path: f.path.clone(),
+            written_version: f.written.map(|v| v.to_string()),
+            written_at: f.written_at.map(time),
+            error: f.error.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const V1: Version = Version(1);
+    const V2: Version = Version(2);
+
+    #[test]
+    fn ack_and_nack_per_version() {
+        let tr = Tracker::new();
+        assert!(!tr.applied(V1), "nobody listening: not applied");
+        assert!(tr.rollout(V1).complete(), "but nothing lags either");
+        let a = tr.connected("host-1", "gw", "127.0.0.1:1", "");
+        tr.sent(a, V1);
+        assert!(!tr.applied(V1));
+        tr.acked(a, V1);
+        assert!(tr.applied(V1));
+        tr.sent(a, V2);
+        tr.nacked(a, V2, "bad module");
+        assert!(!tr.applied(V2));
+        assert!(tr.applied(V1));
+        assert_eq!(
+            tr.rollout(V2).lagging,
+            [Lagging {
+                who: "host-1 (stream 1)".into(),
+                lag: Lag::Rejected("bad module".into())
+            }]
+        );
+        let e = &tr.envoys()[0];
+        assert_eq!(e.acked_version.as_deref(), Some("1"));
+        assert_eq!(e.sent_version.as_deref(), Some("2"));
+        let nack = e.last_nack.as_ref().unwrap();
+        assert_eq!(
+            (nack.version.as_str(), nack.error.as_deref()),
+            ("2", Some("bad module"))
+        );
+        let json = serde_json::to_value(e).unwrap();
+        assert_eq!(json["lastNack"]["outcome"], "NACK");
+        assert_eq!(json["ackedVersion"], "1");
+    }
+
+    #[test]
+    fn two_envoys_sharing_a_node_id_are_two_streams() {
+        let tr = Tracker::new();
+        let a = tr.connected("gateway", "gw", "127.0.0.1:1", "");
+        let b = tr.connected("gateway", "gw", "127.0.0.1:2", "");
+        tr.acked(a, V2);
+        tr.nacked(b, V2, "rejected");
+        assert!(!tr.applied(V2), "one stream's ACK does not hide the other's NACK");
+        let r = tr.rollout(V2);
+        assert_eq!((r.envoys, r.applied), (2, 1));
+        tr.disconnected(b);
+        assert!(tr.applied(V2), "a disconnected Envoy does not hold things up");
+        assert_eq!(tr.envoys().len(), 2, "the disconnected one is still shown");
+        assert!(!tr.envoys()[1].connected);
+    }
+
+    #[test]
+    fn the_initial_version_does_not_count_as_applied() {
+        let tr = Tracker::new();
+        let a = tr.connected("a", "gw", "p", "41");
+        assert!(!tr.applied(Version(41)));
+        assert_eq!(tr.envoys()[0].initial_version, "41");
+        tr.acked(a, Version(45));
+        assert!(tr.applied(Version(41)));
+    }
+
+    #[test]
+    fn file_consumer() {
+        let tr = Tracker::new();
+        tr.file_written("/x.pb", Ok(Version(3)));
+        assert!(tr.applied(Version(3)));
+        assert!(!tr.applied(Version(4)));
+        tr.file_written("/x.pb", Err("disk full".into()));
+        assert_eq!(tr.file().unwrap().error.as_deref(), Some("disk full"));
+        assert_eq!(
+            tr.rollout(Version(4)).lagging[0].lag,
+            Lag::WriteFailed("disk full".into())
+        );
+    }
+
+    #[test]
+    fn disconnected_streams_are_bounded() {
+        let tr = Tracker::new();
+        for i in 0..(MAX_DISCONNECTED + 10) {
+            let id = tr.connected(&format!("n{i}"), "gw", "p", "");
+            tr.disconnected(id);
+        }
+        assert_eq!(tr.envoys().len(), MAX_DISCONNECTED);
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_at_the_ack_the_nack_or_the_deadline() {
+        let tr = Arc::new(Tracker::new());
+        let a = tr.connected("a", "gw", "p", "");
+        let b = tr.connected("b", "gw", "p", "");
+        let t = Arc::clone(&tr);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t.acked(a, V2);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t.nacked(b, V2, "no");
+        });
+        let started = Instant::now();
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(r.applied, 1);
+        assert_eq!(r.lagging[0].lag, Lag::Rejected("no".into()));
+        // Nobody answers: the deadline.
+        let started = Instant::now();
+        let r = tr.wait(Version(3), Instant::now() + Duration::from_millis(100)).await;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(r.lagging.len(), 2);
+        assert!(r.lagging.iter().all(|l| l.lag == Lag::Pending));
+    }
+}

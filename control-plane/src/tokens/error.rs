@@ -1,0 +1,48 @@
+//! What can go wrong with a token operation. Messages name the field, never
+//! the value (which could be a secret pasted into the wrong place).
+
+use crate::config::PublishError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field of the request is invalid.
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+    #[error("API token {0} not found")]
+    NotFound(String),
+    #[error("API token {0} already exists")]
+    AlreadyExists(String),
+    #[error("a token with the same secret digest already exists")]
+    DigestTaken,
+    #[error("namespace {namespace} already has {limit} API tokens, the most allowed; delete tokens it no longer needs first")]
+    QuotaExceeded { namespace: String, limit: u32 },
+    /// The change is committed but could not be published to the push (the
+    /// publisher retries on the next write or poll).
+    #[error("the change is stored but could not be published to the gateways yet: {0}")]
+    NotPublished(PublishError),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("the OS random source failed: {0}")]
+    Random(getrandom::Error),
+}
+
+impl Error {
+    pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(name) => Self::AlreadyExists(name),
+            StoreError::DigestTaken => Self::DigestTaken,
+            StoreError::QuotaExceeded { namespace, limit } => Self::QuotaExceeded { namespace, limit },
+            other => Self::Store(other),
+        }
+    }
+}

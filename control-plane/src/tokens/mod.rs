@@ -1,0 +1,11 @@
+//! The token domain: the one place that knows the rules of API tokens (names,
+//! roles, expiry, secrets, quotas, read-your-writes) and the only writer of
+//! the store. The REST API and the command line are thin adapters over
+//! [`Service`].
+
+mod error;
+pub mod secret;
+mod service;
+
+pub use error::Error;
+pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Wait};

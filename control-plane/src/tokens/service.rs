@@ -1,0 +1,334 @@
+//! The token service: every operation on API tokens, with its rules.
+//!
+//! A write commits to the store, then (when this process publishes the
+//! configuration, i.e. in `serve`) waits until the change is in a published
+//! configuration and, unless the caller opted out, until every Envoy
+//! connected to this control plane has applied that version (ACK) or
+//! rejected it (NACK), within `apply_timeout`. That is what "the old secret
+//! is invalid immediately" means: when the answer arrives, the gateways
+//! already enforce it, or the answer says which ones do not.
+
+use super::secret::Secret;
+use super::Error;
+use crate::clock;
+use crate::config::{Publisher, Version};
+use crate::push::acks::{Rollout, Tracker};
+use crate::store::{Revision, Store, TokenRecord};
+use apitokens_core::config::{Config, PluginConfig};
+use apitokens_core::name::{is_dns_label, TokenName};
+use apitokens_core::table::Digest;
+use apitokens_core::{Role, Timestamp};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const DNS_LABEL: &str = "must be a DNS label (lower-case letters, digits and '-', at most 63 characters)";
+
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// The most tokens a namespace may hold; creates beyond it are refused
+    /// (`bootstrap` and `import`, operator tools, are exempt).
+    pub quota: Option<u32>,
+    /// The longest a write waits for its change to be published and applied.
+    pub apply_timeout: Duration,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            quota: Some(1000),
+            apply_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How long a write waits before it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Until every connected Envoy applied (or rejected) the change.
+    Envoys,
+    /// Until the change is published; the Envoys get it moments later (bulk jobs).
+    Published,
+}
+
+/// Where a committed change stands when the write answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// No configuration is published from this process (the command line):
+    /// a running `serve` picks the change up within its poll interval.
+    Stored,
+    /// In published configuration `version`; the Envoys were not waited for.
+    Published { version: Version },
+    /// In published configuration `rollout.version`, and how far it got.
+    Applied(Rollout),
+}
+
+impl Delivery {
+    pub fn version(&self) -> Option<Version> {
+        match self {
+            Delivery::Stored => None,
+            Delivery::Published { version } => Some(*version),
+            Delivery::Applied(rollout) => Some(rollout.version),
+        }
+    }
+}
+
+/// A token with its secret: the answer to a create or a regenerate, the only
+/// time the secret exists outside the caller.
+#[derive(Debug)]
+pub struct Issued {
+    pub token: TokenRecord,
+    pub secret: Secret,
+    pub delivery: Delivery,
+}
+
+/// A create request, as the caller wrote it.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    /// `namespaces/{namespace}/apitokens/{token}`.
+    pub name: String,
+    pub role: String,
+    /// RFC 3339, in the future.
+    pub expire_time: Option<String>,
+}
+
+struct Push {
+    publisher: Arc<Publisher>,
+    acks: Arc<Tracker>,
+}
+
+pub struct Service {
+    store: Arc<dyn Store>,
+    push: Option<Push>,
+    opts: ServiceOptions,
+}
+
+fn check_namespace(namespace: &str) -> Result<(), Error> {
+    if is_dns_label(namespace.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Error::invalid("namespace", DNS_LABEL))
+    }
+}
+
+/// The fully qualified name of token `id` in `namespace`.
+fn token_name(namespace: &str, id: &str) -> Result<String, Error> {
+    check_namespace(namespace)?;
+    if !is_dns_label(id.as_bytes()) {
+        return Err(Error::invalid("token", DNS_LABEL));
+    }
+    Ok(TokenName { namespace, token: id }.to_string())
+}
+
+/// Checks the namespace and token id of a request path (before anything
+/// else: a malformed path is a 400 naming the part).
+pub fn check_path(namespace: &str, id: Option<&str>) -> Result<(), Error> {
+    match id {
+        Some(id) => token_name(namespace, id).map(drop),
+        None => check_namespace(namespace),
+    }
+}
+
+/// An optional expiry, which must be in the future.
+fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Timestamp>, Error> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let t = Timestamp::parse_rfc3339(text).map_err(|e| Error::invalid(field, e.to_string()))?;
+    if t <= now {
+        return Err(Error::invalid(field, "must be in the future"));
+    }
+    Ok(Some(t))
+}
+
+impl Service {
+    /// A service that only stores (the command line).
+    pub fn new(store: Arc<dyn Store>, opts: ServiceOptions) -> Self {
+        Self {
+            store,
+            push: None,
+            opts,
+        }
+    }
+
+    /// A service whose writes are published by `publisher` and answer once
+    /// the Envoys in `acks` applied them.
+    pub fn with_push(
+        store: Arc<dyn Store>,
+        publisher: Arc<Publisher>,
+        acks: Arc<Tracker>,
+        opts: ServiceOptions,
+    ) -> Self {
+        Self {
+            store,
+            push: Some(Push { publisher, acks }),
+            opts,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub async fn create(&self, namespace: &str, new: NewToken, wait: Wait) -> Result<Issued, Error> {
+        check_namespace(namespace)?;
+        let name = TokenName::parse(&new.name).map_err(|e| Error::invalid("name", e.to_string()))?;
+        if name.namespace != namespace {
+            return Err(Error::invalid(
+                "name",
+                "names another namespace than the path: it must be namespaces/{the path's namespace}/apitokens/{token}",
+            ));
+        }
+        let role = Role::parse(&new.role)
+            .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
+        let now = clock::now_seconds();
+        let expire_time = expiry(new.expire_time.as_deref(), "expireTime", now)?;
+        let (issued, revision) = self.issue(new.name, role, now, expire_time, self.opts.quota).await?;
+        tracing::info!("created {} (role {role}) at revision {revision}", issued.token.name);
+        self.finish(issued, revision, wait).await
+    }
+
+    /// The first owner of a namespace, created directly in the store (no
+    /// quota: an operator's tool).
+    pub async fn bootstrap(&self, namespace: &str, id: &str, expire_time: Option<&str>) -> Result<Issued, Error> {
+        let name = token_name(namespace, id)?;
+        let now = clock::now_seconds();
+        let expire_time = expiry(expire_time, "expireTime", now)?;
+        let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None).await?;
+        tracing::info!("bootstrapped owner token {} at revision {revision}", issued.token.name);
+        self.finish(issued, revision, Wait::Published).await
+    }
+
+    async fn issue(
+        &self,
+        name: String,
+        role: Role,
+        now: Timestamp,
+        expire_time: Option<Timestamp>,
+        quota: Option<u32>,
+    ) -> Result<(Issued, Revision), Error> {
+        let secret = Secret::generate().map_err(Error::Random)?;
+        let token = TokenRecord {
+            name,
+            role,
+            digest: secret.digest(),
+            create_time: now,
+            expire_time,
+            retired: false,
+        };
+        // 2^-256: a taken digest means a broken random source, not bad luck.
+        let revision = self.store.insert(vec![token.clone()], quota).await?;
+        let issued = Issued {
+            token,
+            secret,
+            delivery: Delivery::Stored,
+        };
+        Ok((issued, revision))
+    }
+
+    async fn finish(&self, mut issued: Issued, revision: Revision, wait: Wait) -> Result<Issued, Error> {
+        issued.delivery = self.deliver(revision, wait).await?;
+        Ok(issued)
+    }
+
+    pub async fn get(&self, namespace: &str, id: &str) -> Result<TokenRecord, Error> {
+        let name = token_name(namespace, id)?;
+        self.store.get(&name).await?.ok_or(Error::NotFound(name))
+    }
+
+    /// The namespace's tokens, ordered by name.
+    pub async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, Error> {
+        check_namespace(namespace)?;
+        Ok(self.store.list(namespace).await?)
+    }
+
+    /// A new secret for the same name, role and expiry; the old one stops
+    /// working.
+    pub async fn regenerate(&self, namespace: &str, id: &str, wait: Wait) -> Result<Issued, Error> {
+        let name = token_name(namespace, id)?;
+        let secret = Secret::generate().map_err(Error::Random)?;
+        let (token, revision) = self
+            .store
+            .replace_digest(&name, secret.digest())
+            .await?
+            .ok_or(Error::NotFound(name))?;
+        tracing::info!("regenerated the secret of {} at revision {revision}", token.name);
+        let issued = Issued {
+            token,
+            secret,
+            delivery: Delivery::Stored,
+        };
+        self.finish(issued, revision, wait).await
+    }
+
+    pub async fn delete(&self, namespace: &str, id: &str, wait: Wait) -> Result<Delivery, Error> {
+        let name = token_name(namespace, id)?;
+        let revision = self.store.delete(&name).await?.ok_or(Error::NotFound(name.clone()))?;
+        tracing::info!("deleted {name} at revision {revision}");
+        self.deliver(revision, wait).await
+    }
+
+    /// Imports the tokens of a plugin configuration (name, role, digest,
+    /// expiry), all or none, validated by the filter's own code; returns how
+    /// many. Existing secrets migrate as digests and keep working.
+    pub async fn import(&self, spec: &PluginConfig) -> Result<usize, Error> {
+        Config::from_spec(spec).map_err(|e| Error::invalid(e.field, e.problem))?;
+        let now = clock::now_seconds();
+        let mut records = Vec::with_capacity(spec.tokens.len());
+        for (i, t) in spec.tokens.iter().enumerate() {
+            let field = |f: &str| format!("tokens[{i}].{f}");
+            records.push(TokenRecord {
+                name: t.name.clone(),
+                role: Role::parse(&t.role).ok_or_else(|| Error::invalid(field("role"), "unknown role"))?,
+                digest: Digest::from_hex(&t.secret_sha256)
+                    .ok_or_else(|| Error::invalid(field("secretSha256"), "not a SHA-256 digest"))?,
+                create_time: now,
+                expire_time: t
+                    .expire_time
+                    .as_deref()
+                    .map(Timestamp::parse_rfc3339)
+                    .transpose()
+                    .map_err(|e| Error::invalid(field("expireTime"), e.to_string()))?,
+                retired: false,
+            });
+        }
+        let count = records.len();
+        let revision = self.store.insert(records, None).await?;
+        tracing::info!("imported {count} tokens at revision {revision}");
+        self.deliver(revision, Wait::Published).await?;
+        Ok(count)
+    }
+
+    /// Publishes the change committed at `revision` and waits as asked.
+    async fn deliver(&self, revision: Revision, wait: Wait) -> Result<Delivery, Error> {
+        let Some(push) = &self.push else {
+            return Ok(Delivery::Stored);
+        };
+        let deadline = Instant::now() + self.opts.apply_timeout;
+        let snapshot = push
+            .publisher
+            .publish(revision, deadline)
+            .await
+            .map_err(Error::NotPublished)?;
+        if wait == Wait::Published {
+            return Ok(Delivery::Published {
+                version: snapshot.version,
+            });
+        }
+        let rollout = push.acks.wait(snapshot.version, deadline).await;
+        if !rollout.complete() {
+            let lagging: Vec<String> = rollout
+                .lagging
+                .iter()
+                .map(|l| format!("{} ({:?})", l.who, l.lag))
+                .collect();
+            tracing::warn!(
+                "version {} not applied everywhere: {} of {} Envoys applied it; lagging: {}",
+                rollout.version,
+                rollout.applied,
+                rollout.envoys,
+                lagging.join(", ")
+            );
+        }
+        Ok(Delivery::Applied(rollout))
+    }
+}

@@ -1,0 +1,425 @@
+//! Incremental edits of a token table, for the control plane.
+//!
+//! The control plane keeps the table it pushed last and turns each batch of
+//! changes into the next one in a single pass: the old entries and names are
+//! copied in order with the few inserted ones spliced in and the removed ones
+//! skipped, and only the name offsets of the entries whose names moved are
+//! adjusted. A write among a million tokens costs that copy, not a sort, a
+//! re-validation and a re-encoding of every token. The result is byte for
+//! byte what [`super::write_table`] builds from scratch (the encoding is
+//! canonical), which the tests check.
+//!
+//! Every entry that goes in is validated on the way in (name, uniqueness of
+//! name and digest), so the edited table holds what the filter's own
+//! validation accepts; debug builds re-run that validation after every edit.
+
+use super::{push_entry, push_name, write_table, Digest, Duplicate, Entry, TokenTable, ENTRY};
+use crate::config::ConfigError;
+use crate::name::TokenName;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+/// Entries copied at a time (64 KiB), so that a block's name offsets are
+/// adjusted while it is still in cache.
+const BLOCK: usize = 1260;
+
+/// The final state of one token after a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change<'a> {
+    /// The token of this name is this one (created, or replaced: a new
+    /// secret, or any other field).
+    Put(Entry<'a>),
+    /// No token of this name any more.
+    Remove(&'a str),
+}
+
+impl<'a> Change<'a> {
+    fn name(&self) -> &'a str {
+        match self {
+            Change::Put(entry) => entry.name,
+            Change::Remove(name) => name,
+        }
+    }
+}
+
+/// What an edit did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EditStats {
+    pub inserted: usize,
+    pub removed: usize,
+}
+
+/// A table and the index needed to edit it: every token's digest by name.
+#[derive(Clone, Debug)]
+pub struct LiveTable {
+    table: TokenTable,
+    index: BTreeMap<Box<str>, Digest>,
+}
+
+fn edit_error(problem: impl Into<String>) -> ConfigError {
+    ConfigError::new("tokens", problem)
+}
+
+/// An entry to splice in.
+struct Insert<'a> {
+    entry: Entry<'a>,
+    /// Where it goes among the old entries (before the old entry at this index).
+    entry_pos: usize,
+    /// Where its name goes in the old pool (before the old name at this offset).
+    pool_pos: usize,
+    /// Its name's offset in the new pool.
+    name_offset: u32,
+}
+
+/// A removed token: its old entry and the old pool range of its name.
+struct Removal {
+    entry: usize,
+    pool: std::ops::Range<usize>,
+}
+
+impl LiveTable {
+    /// A table of `entries` in a new buffer that starts with `header` (the
+    /// compact encoding's header and settings).
+    pub fn build(header: &[u8], entries: &[Entry<'_>]) -> Result<Self, ConfigError> {
+        for entry in entries {
+            TokenName::parse(entry.name).map_err(|e| edit_error(format!("{}: {e}", entry.name)))?;
+        }
+        let mut buf = Vec::with_capacity(header.len() + 8 + entries.len() * (ENTRY + 48));
+        buf.extend_from_slice(header);
+        write_table(entries, &mut buf).map_err(|dup| match dup {
+            Duplicate::Name { dup, .. } => edit_error(format!(
+                "{}: two tokens have this name",
+                entries.get(dup).map_or("?", |e| e.name)
+            )),
+            Duplicate::Digest { dup, .. } => edit_error(format!(
+                "{}: another token has the same secret digest",
+                entries.get(dup).map_or("?", |e| e.name)
+            )),
+        })?;
+        let table = TokenTable::framed(Arc::new(buf), header.len())?;
+        let index = entries.iter().map(|e| (Box::from(e.name), e.digest)).collect();
+        let live = Self { table, index };
+        live.check()?;
+        Ok(live)
+    }
+
+    pub fn table(&self) -> &TokenTable {
+        &self.table
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The digest of the token with this name.
+    pub fn digest_of(&self, name: &str) -> Option<Digest> {
+        self.index.get(name).copied()
+    }
+
+    /// Validation of the whole table, in debug builds (every end-to-end test
+    /// runs it after every edit); release builds trust the per-entry checks.
+    fn check(&self) -> Result<(), ConfigError> {
+        #[cfg(debug_assertions)]
+        {
+            self.table.validate()?;
+            if self.index.len() != self.table.len() {
+                return Err(edit_error("the name index does not match the table"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The old entry index of `digest`, which must be in the table.
+    fn entry_of(&self, digest: &Digest) -> Result<usize, ConfigError> {
+        self.table
+            .position(digest)
+            .map_err(|_| edit_error("the name index does not match the table"))
+    }
+
+    fn name_range(&self, entry: usize) -> Result<std::ops::Range<usize>, ConfigError> {
+        let bad = || edit_error("the table's name offsets are inconsistent");
+        let offset = self
+            .table
+            .entry(entry)
+            .and_then(|e| super::u32_at(e, 44))
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or_else(bad)?;
+        let len = usize::from(*self.table.pool().get(offset).ok_or_else(bad)?);
+        Ok(offset..offset + 1 + len)
+    }
+
+    /// Applies `changes` (a later change to a name wins over an earlier one)
+    /// and swaps in the new table, written into `buf` after `header`. `buf`
+    /// is cleared first: pass the buffer of a table nobody uses any more, so
+    /// that its memory is reused rather than faulted in anew.
+    ///
+    /// On error nothing changes.
+    pub fn apply(&mut self, header: &[u8], changes: &[Change<'_>], mut buf: Vec<u8>) -> Result<EditStats, ConfigError> {
+        let mut last: BTreeMap<&str, &Change<'_>> = BTreeMap::new();
+        for change in changes {
+            last.insert(change.name(), change);
+        }
+        let mut removals: Vec<Removal> = Vec::new();
+        let mut inserts: Vec<Insert<'_>> = Vec::new();
+        for (name, change) in &last {
+            let current = self.index.get(*name).copied();
+            if let (Some(digest), Change::Put(entry)) = (current, change) {
+                if digest == entry.digest {
+                    let same = self
+                        .table
+                        .get(&digest)
+                        .is_some_and(|t| t.role() == entry.role && t.expire() == entry.expire);
+                    if same {
+                        continue;
+                    }
+                }
+            }
+            if let Some(digest) = current {
+                let entry = self.entry_of(&digest)?;
+                removals.push(Removal {
+                    entry,
+                    pool: self.name_range(entry)?,
+                });
+            }
+            if let Change::Put(entry) = change {
+                TokenName::parse(entry.name).map_err(|e| edit_error(format!("{name}: {e}")))?;
+                // Before the first old name that sorts after it (the old name
+                // of the same token, if any, is removed anyway).
+                let successor = self
+                    .index
+                    .range::<str, _>((Bound::Excluded(*name), Bound::Unbounded))
+                    .next()
+                    .map(|(_, d)| *d);
+                let pool_pos = match successor {
+                    Some(digest) => self.name_range(self.entry_of(&digest)?)?.start,
+                    None => self.table.pool().len(),
+                };
+                let entry_pos = match self.table.position(&entry.digest) {
+                    Err(pos) | Ok(pos) => pos,
+                };
+                inserts.push(Insert {
+                    entry: *entry,
+                    entry_pos,
+                    pool_pos,
+                    name_offset: 0,
+                });
+            }
+        }
+        removals.sort_by_key(|r| r.entry);
+        // A digest already in the table may only come back if its old entry goes.
+        inserts.sort_by_key(|i| i.entry.digest);
+        for pair in inserts.windows(2) {
+            if let [a, b] = pair {
+                if a.entry.digest == b.entry.digest {
+                    return Err(edit_error(format!(
+                        "{}: another token has the same secret digest",
+                        b.entry.name
+                    )));
+                }
+            }
+        }
+        for insert in &inserts {
+            if let Ok(old) = self.table.position(&insert.entry.digest) {
+                if removals.binary_search_by_key(&old, |r| r.entry).is_err() {
+                    return Err(edit_error(format!(
+                        "{}: another token has the same secret digest",
+                        insert.entry.name
+                    )));
+                }
+            }
+        }
+        let stats = EditStats {
+            inserted: inserts.len(),
+            removed: removals.len(),
+        };
+        if inserts.is_empty() && removals.is_empty() {
+            return Ok(stats);
+        }
+
+        // Where each inserted name lands in the new pool: after the old names
+        // before its position (less the removed ones among them) and the
+        // inserted names before it.
+        inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
+        let mut by_offset: Vec<&Removal> = removals.iter().collect();
+        by_offset.sort_by_key(|r| r.pool.start);
+        let bad_pool = || edit_error("the table's name offsets are inconsistent");
+        let mut inserted_before = 0usize;
+        let mut removed_before = 0usize;
+        let mut next_removal = by_offset.iter().peekable();
+        for insert in &mut inserts {
+            while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
+                removed_before += r.pool.len();
+            }
+            let offset = (insert.pool_pos + inserted_before)
+                .checked_sub(removed_before)
+                .ok_or_else(bad_pool)?;
+            insert.name_offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
+            inserted_before += insert.entry.name.len() + 1;
+        }
+        let shift = Shift::new(&inserts, &by_offset);
+        let old_pool = self.table.pool();
+        let pool_len = (old_pool.len() + inserted_before)
+            .checked_sub(by_offset.iter().map(|r| r.pool.len()).sum())
+            .ok_or_else(bad_pool)?;
+
+        // The new entries: old runs copied in cache-sized blocks, each
+        // block's name offsets shifted while it is still in cache.
+        inserts.sort_by(|a, b| a.entry_pos.cmp(&b.entry_pos).then(a.entry.digest.cmp(&b.entry.digest)));
+        let count = self.table.len() + inserts.len() - removals.len();
+        buf.clear();
+        buf.reserve(header.len() + 8 + count * ENTRY + pool_len);
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(
+            &u32::try_from(count)
+                .map_err(|_| edit_error("too many tokens"))?
+                .to_le_bytes(),
+        );
+        let old_entries = self
+            .table
+            .entries_bytes()
+            .ok_or_else(|| edit_error("the compact table is truncated"))?;
+        let mut next_insert = inserts.iter().peekable();
+        let mut next_removed = removals.iter().map(|r| r.entry).peekable();
+        let mut i = 0usize;
+        let n = self.table.len();
+        while i < n {
+            while let Some(insert) = next_insert.next_if(|ins| ins.entry_pos <= i) {
+                push_entry(&mut buf, &insert.entry, insert.name_offset);
+            }
+            if next_removed.next_if_eq(&i).is_some() {
+                i += 1;
+                continue;
+            }
+            let stop = [
+                next_insert.peek().map_or(n, |ins| ins.entry_pos),
+                next_removed.peek().copied().unwrap_or(n),
+                i + BLOCK,
+            ]
+            .into_iter()
+            .min()
+            .unwrap_or(n)
+            .clamp(i + 1, n);
+            let run = old_entries
+                .get(i * ENTRY..stop * ENTRY)
+                .ok_or_else(|| edit_error("the compact table is truncated"))?;
+            let at = buf.len();
+            buf.extend_from_slice(run);
+            if !shift.is_zero() {
+                if let Some(copied) = buf.get_mut(at..) {
+                    for entry in copied.chunks_exact_mut(ENTRY) {
+                        if let Some(field) = entry.get_mut(44..48) {
+                            let mut offset = [0u8; 4];
+                            offset.copy_from_slice(field);
+                            field.copy_from_slice(&shift.apply(u32::from_le_bytes(offset)).to_le_bytes());
+                        }
+                    }
+                }
+            }
+            i = stop;
+        }
+        for insert in next_insert {
+            push_entry(&mut buf, &insert.entry, insert.name_offset);
+        }
+
+        // The new pool, straight after: old names copied in runs, the
+        // inserted ones spliced in, the removed ones skipped.
+        buf.extend_from_slice(
+            &u32::try_from(pool_len)
+                .map_err(|_| edit_error("names too long"))?
+                .to_le_bytes(),
+        );
+        inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
+        let mut cursor = 0usize;
+        let mut next_removal = by_offset.iter().peekable();
+        for insert in &inserts {
+            while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
+                buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
+                cursor = r.pool.end;
+            }
+            buf.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(bad_pool)?);
+            cursor = insert.pool_pos;
+            push_name(&mut buf, insert.entry.name);
+        }
+        for r in next_removal {
+            buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
+            cursor = r.pool.end;
+        }
+        buf.extend_from_slice(old_pool.get(cursor..).ok_or_else(bad_pool)?);
+
+        let table = TokenTable::framed(Arc::new(buf), header.len())?;
+        let mut index = std::mem::take(&mut self.index);
+        for (name, change) in &last {
+            match change {
+                Change::Put(entry) => {
+                    index.insert(Box::from(*name), entry.digest);
+                }
+                Change::Remove(_) => {
+                    index.remove(*name);
+                }
+            }
+        }
+        let previous = std::mem::replace(self, Self { table, index });
+        if let Err(e) = self.check() {
+            *self = previous;
+            return Err(e);
+        }
+        Ok(stats)
+    }
+}
+
+/// How far each surviving old name moved: a step function of its old offset,
+/// as sorted breakpoints (old offset from which a shift applies) with the
+/// cumulative shift from there on.
+struct Shift {
+    steps: Vec<(u32, i64)>,
+}
+
+impl Shift {
+    fn new(inserts: &[Insert<'_>], removals: &[&Removal]) -> Self {
+        // An inserted name moves every old name at or after its position; a
+        // removed one every old name after it (none starts inside it).
+        let mut deltas: Vec<(usize, i64)> = inserts
+            .iter()
+            .map(|i| (i.pool_pos, i.entry.name.len() as i64 + 1))
+            .chain(
+                removals
+                    .iter()
+                    .map(|r| (r.pool.end, -((r.pool.end - r.pool.start) as i64))),
+            )
+            .collect();
+        deltas.sort_by_key(|d| d.0);
+        let mut steps: Vec<(u32, i64)> = Vec::new();
+        let mut total = 0i64;
+        for (at, delta) in deltas {
+            total += delta;
+            let at = u32::try_from(at).unwrap_or(u32::MAX);
+            match steps.last_mut() {
+                Some(last) if last.0 == at => last.1 = total,
+                _ => steps.push((at, total)),
+            }
+        }
+        // Drop steps that change nothing (a secret replaced under the same name).
+        let mut previous = 0i64;
+        steps.retain(|&(_, total)| {
+            let keep = total != previous;
+            previous = total;
+            keep
+        });
+        Self { steps }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    fn apply(&self, offset: u32) -> u32 {
+        let idx = self.steps.partition_point(|&(at, _)| at <= offset);
+        let delta = idx.checked_sub(1).and_then(|i| self.steps.get(i)).map_or(0, |s| s.1);
+        u32::try_from(i64::from(offset) + delta).unwrap_or(u32::MAX)
+    }
+}

@@ -1,0 +1,211 @@
+//! Incremental edits of the token table (the control plane's path): after
+//! any sequence of changes the table is byte for byte the one built from
+//! scratch, and a refused edit changes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use apitokens_core::table::{Change, Digest, Entry, LiveTable};
+use apitokens_core::{Role, Timestamp};
+use std::collections::BTreeMap;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const HEADER: &[u8] = b"a header the edit keeps in front";
+
+/// xorshift64*: a reproducible sequence without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Token {
+    role: Role,
+    digest: Digest,
+    expire: Option<Timestamp>,
+}
+
+fn entries(model: &BTreeMap<String, Token>) -> Vec<Entry<'_>> {
+    model
+        .iter()
+        .map(|(name, t)| Entry {
+            name,
+            role: t.role,
+            digest: t.digest,
+            expire: t.expire,
+        })
+        .collect()
+}
+
+fn from_scratch(model: &BTreeMap<String, Token>) -> Vec<u8> {
+    LiveTable::build(HEADER, &entries(model))
+        .unwrap()
+        .table()
+        .buffer()
+        .to_vec()
+}
+
+fn token(rng: &mut Rng) -> Token {
+    Token {
+        role: Role::ALL[rng.below(3) as usize],
+        digest: Digest::of(&rng.next().to_le_bytes()),
+        expire: (rng.below(3) == 0).then(|| Timestamp::from_unix(1_800_000_000 + rng.below(1000) as i64, 0)),
+    }
+}
+
+fn name(rng: &mut Rng, spread: u64) -> String {
+    // Names of different lengths, so that every splice moves other names.
+    let id = rng.below(spread);
+    format!(
+        "namespaces/ns-{}/apitokens/{}{id}",
+        id % 7,
+        "t".repeat(1 + (id % 5) as usize)
+    )
+}
+
+#[test]
+fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for round in 0..40 {
+        let spread = [3, 20, 400][round % 3];
+        let mut model: BTreeMap<String, Token> = BTreeMap::new();
+        for _ in 0..rng.below(spread) {
+            model.insert(name(&mut rng, spread), token(&mut rng));
+        }
+        let mut live = LiveTable::build(HEADER, &entries(&model)).unwrap();
+        for _ in 0..30 {
+            // A batch: creates, regenerates, role or expiry changes,
+            // deletes, deletes of absent names, several changes to one name.
+            let mut batch: Vec<(String, Option<Token>)> = Vec::new();
+            for _ in 0..1 + rng.below(6) {
+                let n = name(&mut rng, spread);
+                let change = match rng.below(5) {
+                    0 => None,
+                    1 => model.get(&n).map(|t| Token {
+                        role: Role::ALL[rng.below(3) as usize],
+                        ..t.clone()
+                    }),
+                    2 => model.get(&n).map(|t| Token {
+                        expire: None,
+                        ..t.clone()
+                    }),
+                    _ => Some(token(&mut rng)),
+                };
+                batch.push((n, change));
+            }
+            let changes: Vec<Change<'_>> = batch
+                .iter()
+                .map(|(n, t)| match t {
+                    Some(t) => Change::Put(Entry {
+                        name: n,
+                        role: t.role,
+                        digest: t.digest,
+                        expire: t.expire,
+                    }),
+                    None => Change::Remove(n),
+                })
+                .collect();
+            live.apply(HEADER, &changes, Vec::new()).unwrap();
+            for (n, t) in &batch {
+                match t {
+                    Some(t) => model.insert(n.clone(), t.clone()),
+                    None => model.remove(n),
+                };
+            }
+            assert_eq!(
+                live.table().buffer().as_slice(),
+                from_scratch(&model).as_slice(),
+                "round {round}"
+            );
+            assert_eq!(live.len(), model.len());
+            for (n, t) in &model {
+                let found = live.table().get(&t.digest).unwrap();
+                assert_eq!(
+                    (found.name(), found.role(), found.expire()),
+                    (n.as_str(), t.role, t.expire)
+                );
+                assert_eq!(live.digest_of(n), Some(t.digest));
+            }
+        }
+    }
+}
+
+#[test]
+fn refused_edits_change_nothing() {
+    let a = Digest::of(b"a");
+    let b = Digest::of(b"b");
+    let entry = |name, digest| Entry {
+        name,
+        role: Role::Owner,
+        digest,
+        expire: None,
+    };
+    let mut live = LiveTable::build(
+        HEADER,
+        &[
+            entry("namespaces/x/apitokens/a", a),
+            entry("namespaces/x/apitokens/b", b),
+        ],
+    )
+    .unwrap();
+    let before = live.table().buffer().to_vec();
+    let bad: [&[Change<'_>]; 4] = [
+        // The digest of another token that stays.
+        &[Change::Put(entry("namespaces/x/apitokens/c", a))],
+        // The same new digest twice.
+        &[
+            Change::Put(entry("namespaces/x/apitokens/c", Digest::of(b"c"))),
+            Change::Put(entry("namespaces/x/apitokens/d", Digest::of(b"c"))),
+        ],
+        // Not a token name.
+        &[Change::Put(entry("namespaces/X/apitokens/c", Digest::of(b"c")))],
+        &[Change::Put(entry("c", Digest::of(b"c")))],
+    ];
+    for changes in bad {
+        assert!(live.apply(HEADER, changes, Vec::new()).is_err(), "{changes:?}");
+        assert_eq!(live.table().buffer().as_slice(), before.as_slice());
+    }
+    // A digest may move to another name when its old token goes in the same batch.
+    live.apply(
+        HEADER,
+        &[
+            Change::Remove("namespaces/x/apitokens/a"),
+            Change::Put(entry("namespaces/x/apitokens/c", a)),
+        ],
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(live.table().get(&a).unwrap().name(), "namespaces/x/apitokens/c");
+    assert_eq!(live.digest_of("namespaces/x/apitokens/a"), None);
+}
+
+#[test]
+fn unchanged_tokens_are_no_edit() {
+    let d = Digest::of(b"d");
+    let e = Entry {
+        name: "namespaces/x/apitokens/d",
+        role: Role::Viewer,
+        digest: d,
+        expire: None,
+    };
+    let mut live = LiveTable::build(HEADER, &[e]).unwrap();
+    let stats = live
+        .apply(
+            HEADER,
+            &[Change::Put(e), Change::Remove("namespaces/x/apitokens/none")],
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!((stats.inserted, stats.removed), (0, 0));
+}

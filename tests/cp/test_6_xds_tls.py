@@ -1,0 +1,101 @@
+"""The ECDS server with mutual TLS: an Envoy presenting a client certificate
+signed by the configured CA gets the configuration (and tokens work through
+it); an Envoy with a certificate from another CA gets nothing and keeps
+refusing everything. Certificates are made by the test with openssl."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from testkit.controlplane import APP, ControlPlane, create, shipped_envoy
+from testkit.harness import poll
+
+SERVER_NAME = "apitokens-control-plane"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(d: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def make_cert(d: Path, name: str, ca: str, extensions: str) -> None:
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    (d / f"{name}.ext").write_text(extensions)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+
+
+def with_client_tls(d: Path, cert: str, ca: str):
+    """Envoy's xds_cluster over TLS with a client certificate (as the README shows)."""
+
+    def mutate(config: dict) -> None:
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "xds_cluster":
+                cluster["transport_socket"] = {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": SERVER_NAME,
+                        "common_tls_context": {
+                            "alpn_protocols": ["h2"],
+                            "tls_certificates": [{
+                                "certificate_chain": {"filename": str(d / f"{cert}.pem")},
+                                "private_key": {"filename": str(d / f"{cert}.key")},
+                            }],
+                            "validation_context": {
+                                "trusted_ca": {"filename": str(d / f"{ca}.pem")},
+                                "match_typed_subject_alt_names": [
+                                    {"san_type": "DNS", "matcher": {"exact": SERVER_NAME}}],
+                            },
+                        },
+                    },
+                }
+
+    return mutate
+
+
+def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(workdir, upstream):
+    d = workdir / "pki"
+    d.mkdir()
+    make_ca(d, "ca")
+    make_ca(d, "other-ca")
+    make_cert(d, "server", "ca", f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    client_ext = "subjectAltName=DNS:gateway\nextendedKeyUsage=clientAuth\n"
+    make_cert(d, "client", "ca", client_ext)
+    make_cert(d, "stranger", "other-ca", client_ext)
+
+    plane = ControlPlane(workdir / "cp-tls", name="cp-tls")
+    owner = plane.bootstrap("default", "admin")
+    plane.start("--xds-tls-cert", str(d / "server.pem"), "--xds-tls-key", str(d / "server.key"),
+                "--xds-client-ca", str(d / "ca.pem"))
+    port = upstream.server_address[1]
+    trusted = shipped_envoy(workdir / "tls-trusted", plane, port, node="trusted",
+                            mutate=with_client_tls(d, "client", "ca"))
+    stranger = shipped_envoy(workdir / "tls-stranger", plane, port, node="stranger",
+                             mutate=with_client_tls(d, "stranger", "ca"))
+    try:
+        trusted.start()
+        stranger.start()
+        poll(lambda: plane.envoy_status("trusted").get("ackedVersion"), 15, "the trusted Envoy's ACK")
+        assert "mutual TLS" in plane.log_text()
+        r = create(plane.api_port, owner, "over-tls", "viewer")
+        assert r.status == 200 and r.headers["x-apitokens-applied"] == "true", r
+        secret = r.json()["apiToken"]["secret"]
+        assert trusted.get(APP, secret).status == 200
+        # The stranger's handshakes fail: it never shows up, never gets a
+        # token, and keeps its deny-all default.
+        poll(lambda: stranger.stats().get("cluster.xds_cluster.ssl.connection_error", 0) >= 2, 15,
+             "the stranger's refused handshakes")
+        assert all(e["node"] != "stranger" for e in plane.status()["envoys"])
+        assert stranger.get(APP, secret).status == 401
+        assert r.headers["x-apitokens-envoys"] == "1/1"
+    finally:
+        trusted.stop()
+        stranger.stop()
+        plane.stop()
