@@ -123,37 +123,22 @@ fn compact_encoding_is_smaller_than_json() {
 
 #[test]
 fn the_encoder_reports_json_field_paths() {
+    let field_of = |spec: PluginConfig| compact::encode(&spec, &LINEAGE).unwrap_err().field;
+    let with_tokens = |tokens| PluginConfig {
+        tokens,
+        ..PluginConfig::default()
+    };
     let mut tokens = specs(3);
     tokens[2].secret_sha256 = tokens[0].secret_sha256.clone();
-    let e = compact::encode(
-        &PluginConfig {
-            tokens,
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "tokens[2].secretSha256");
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[2].secretSha256");
     let mut tokens = specs(3);
     tokens[1].expire_time = Some("9999-12-31T23:59:59-23:59".into());
-    let e = compact::encode(
-        &PluginConfig {
-            tokens,
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "tokens[1].expireTime");
-    let e = compact::encode(
-        &PluginConfig {
-            realm: Some("a\"b".into()),
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "realm");
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[1].expireTime");
+    let realm = PluginConfig {
+        realm: Some("a\"b".into()),
+        ..PluginConfig::default()
+    };
+    assert_eq!(field_of(realm), "realm");
 }
 
 #[test]
