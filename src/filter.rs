@@ -291,6 +291,8 @@ impl fmt::Display for Generation {
 
 struct ProxyHost<'a> {
     active: &'a Active,
+    /// The host said more than headers follow (`end_of_stream` false).
+    has_body: bool,
 }
 
 impl Host for ProxyHost<'_> {
@@ -298,6 +300,10 @@ impl Host for ProxyHost<'_> {
 
     fn request_headers(&mut self) -> Result<Pairs, HostError> {
         abi::request_header_pairs().map(Pairs::new).map_err(|_| HostError)
+    }
+
+    fn request_has_body(&mut self) -> bool {
+        self.has_body
     }
 
     fn now(&mut self) -> Option<Timestamp> {
@@ -440,13 +446,17 @@ pub extern "C" fn proxy_on_grpc_close(_context: u32, token: u32, _status_code: u
 
 /// 0 = Continue, 1 = StopIteration (a local reply was sent).
 #[no_mangle]
-pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end_of_stream: bool) -> u32 {
+pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, end_of_stream: bool) -> u32 {
     // A root context without a (valid) configuration refuses everything.
     let active = STREAMS
         .with(|s| s.borrow().get(&context).copied())
         .and_then(|root| ROOTS.with(|r| r.borrow().get(&root).map(|entry| Rc::clone(&entry.active))))
         .unwrap_or_else(deny_all);
-    match gate::on_request_headers(&mut ProxyHost { active: &active }, &active.config) {
+    let mut host = ProxyHost {
+        active: &active,
+        has_body: !end_of_stream,
+    };
+    match gate::on_request_headers(&mut host, &active.config) {
         Verdict::Continue => 0,
         Verdict::Stop => 1,
     }

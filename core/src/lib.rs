@@ -11,6 +11,7 @@ pub mod decision;
 pub mod fuzzing;
 pub mod gate;
 pub mod name;
+pub mod overrides;
 pub mod reply;
 pub mod role;
 pub mod rules;

@@ -139,26 +139,22 @@ fn compact_encoding_is_smaller_than_json() {
 
 #[test]
 fn the_encoder_reports_json_field_paths() {
+    let field_of = |spec: PluginConfig| compact::encode(&spec, &LINEAGE).unwrap_err().field;
+    let with_tokens = |tokens| PluginConfig {
+        tokens,
+        ..PluginConfig::default()
+    };
     let mut tokens = specs(3);
     tokens[2].secret_sha256 = tokens[0].secret_sha256.clone();
-    let e = compact::encode(
-        &PluginConfig {
-            tokens,
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "tokens[2].secretSha256");
-    let e = compact::encode(
-        &PluginConfig {
-            realm: Some("a\"b".into()),
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "realm");
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[2].secretSha256");
+    let mut tokens = specs(3);
+    tokens[1].expire_time = Some("9999-12-31T23:59:59-23:59".into());
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[1].expireTime");
+    let realm = PluginConfig {
+        realm: Some("a\"b".into()),
+        ..PluginConfig::default()
+    };
+    assert_eq!(field_of(realm), "realm");
 }
 
 #[test]
@@ -225,6 +221,26 @@ fn compact_tables_are_validated_like_json() {
     let offset: [u8; 4] = shared_name[entry(0) + 44..entry(0) + 48].try_into().unwrap();
     shared_name[entry(1) + 44..entry(1) + 48].copy_from_slice(&offset);
     assert!(Config::from_plugin_configuration(shared_name).is_err());
+
+    // An expiry past 9999-12-31T23:59:59Z (or before year 0) is refused as
+    // it is in JSON, naming the entry, not the value.
+    for (secs, nanos) in [
+        (253_402_300_800i64, 0u32),
+        (253_402_300_799, 1),
+        (i64::MAX, 0),
+        (-62_167_219_201, 0),
+    ] {
+        let mut far = good.clone();
+        far[entry(1) + 32..entry(1) + 40].copy_from_slice(&secs.to_le_bytes());
+        far[entry(1) + 40..entry(1) + 44].copy_from_slice(&nanos.to_le_bytes());
+        let e = Config::from_plugin_configuration(far).unwrap_err();
+        assert!(e.problem.contains("entry 1: expireTime must lie between"), "{e}");
+        assert!(!e.to_string().contains(&secs.to_string()), "{e}");
+    }
+    let mut latest = good.clone();
+    latest[entry(1) + 32..entry(1) + 40].copy_from_slice(&253_402_300_799i64.to_le_bytes());
+    latest[entry(1) + 40..entry(1) + 44].copy_from_slice(&0u32.to_le_bytes());
+    assert!(Config::from_plugin_configuration(latest).is_ok());
 
     let mut version = good.clone();
     version[4] = 3;

@@ -33,7 +33,7 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect, sync_playwright
 
 from testkit.clients import request
-from testkit.controlplane import ControlPlane, create, tokens_path
+from testkit.controlplane import PLUGIN_BASE, ControlPlane, create, tokens_path
 from testkit.harness import SECRETS, poll
 from testkit.leaks import search_run
 
@@ -51,9 +51,11 @@ QUOTA = 8
 def cp(workdir):
     """`apitokens serve` (bootstrap owners in `cp.owners`) with a small token
     quota and usage reports every second."""
+    # The shipped base configuration, its usage reports every second.
+    settings = json.loads(PLUGIN_BASE.read_text())
+    settings["usageReport"]["intervalSeconds"] = 1
     base = workdir / "plugin-ui.json"
-    base.write_text(json.dumps({"realm": "apitokens",
-                                "usageReport": {"cluster": "xds_cluster", "intervalSeconds": 1}}))
+    base.write_text(json.dumps(settings))
     plane = ControlPlane(workdir / "cp", plugin_config=base,
                          always=("--max-tokens-per-namespace", str(QUOTA), "--usage-flush-seconds", "1"))
     plane.owners = {ns: plane.bootstrap(ns, "admin") for ns in ("default", "other")}

@@ -1,7 +1,7 @@
 //! `apitokens serve`: the REST API, `/healthz`, `/status`, the publisher and
 //! the configuration push (ECDS over gRPC and/or a file), wired together.
 
-use super::{load_base, open_store, ConfigArgs, StoreArgs};
+use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
 use crate::push::acks::Tracker;
@@ -80,7 +80,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(path) = &args.ecds_file {
         file::check_path(path)?;
     }
-    let base = load_base(&args.config)?;
+    let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

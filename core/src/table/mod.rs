@@ -341,8 +341,17 @@ impl TokenTable {
             }
             previous = digest;
             let nanos = u32_at(fields, 8).ok_or_else(|| bad("truncated"))?;
-            if nanos != NEVER && nanos >= 1_000_000_000 {
-                return Err(bad("expireTime nanoseconds out of range"));
+            if nanos != NEVER {
+                if nanos >= 1_000_000_000 {
+                    return Err(bad("expireTime nanoseconds out of range"));
+                }
+                // The same bound as the JSON configuration's timestamps.
+                let secs = i64_at(fields, 0).ok_or_else(|| bad("truncated"))?;
+                if !Timestamp::from_unix(secs, nanos).in_range() {
+                    return Err(bad(
+                        "expireTime must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+                    ));
+                }
             }
             if fields.get(16).copied().and_then(role_of).is_none() {
                 return Err(bad("unknown role"));

@@ -17,6 +17,8 @@ pub struct Recorder {
     pub counters: Vec<Counter>,
     pub logs: Vec<String>,
     pub fail_writes: bool,
+    /// A body follows the headers.
+    pub body: bool,
     /// How many times the headers were read.
     pub reads: usize,
     pub writes: Vec<String>,
@@ -76,6 +78,10 @@ impl Host for Recorder {
     fn request_headers(&mut self) -> Result<Snapshot, HostError> {
         self.reads += 1;
         Ok(Snapshot(self.headers.clone()))
+    }
+
+    fn request_has_body(&mut self) -> bool {
+        self.body
     }
 
     fn now(&mut self) -> Option<Timestamp> {
