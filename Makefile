@@ -15,7 +15,7 @@ PG          := scripts/postgres.sh
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: postgres replicas ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -24,6 +24,7 @@ help:
 	@echo "make ui        the web console in headless Chromium (tests/ui)"
 	@echo "make replicas   three control planes on a private PostgreSQL, three Envoys: read-your-writes across replicas, kill -9, database restart"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
+	@echo "make differential real routers (Express, Flask) behind the shipped Envoy: every route that ran must be permitted"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
 	@echo "make bench      the side-by-side benchmark (about 9 minutes), table in bench/results/latest.md"
 	@echo "make bench-scale configuration and revocation at 1k/100k/1M tokens, table in bench/results/scale.md"
@@ -52,7 +53,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e cp-e2e security drills replicas ui
+test: lint unit wasm-test e2e cp-e2e security differential drills replicas ui
 	@echo "make test: all suites passed"
 
 # The store's tests run on SQLite and on a private PostgreSQL server.
@@ -101,6 +102,17 @@ fuzz: toolchain
 security: build cp-build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/security
 
+# Real routers (Express and method-override from npm, Flask and method-override
+# from PyPI) behind the shipped envoy/envoy.yaml: every route a request ran must
+# be one the token's role permits; last line "N passed, N failed".
+differential: build venv differential-deps
+	ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) -m pytest -q tests/differential
+
+differential-deps: tests/differential/node_modules/.installed
+tests/differential/node_modules/.installed: tests/differential/package-lock.json
+	cd tests/differential && npm ci --no-audit --no-fund
+	@touch $@
+
 # Debian's Chromium for tests/ui (the Playwright package drives it; its own
 # browser download is never used).
 chromium:
@@ -148,4 +160,4 @@ size: build
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) .run
+	rm -rf $(VENV) .run tests/differential/node_modules

@@ -194,8 +194,15 @@ class Tokens:
                 "expireTime": "2099-01-01T00:00:00Z",
             })
 
-    def plugin_json(self, n: int) -> str:
-        return json.dumps({"tokens": self.specs[:n]}, separators=(",", ":"))
+    def plugin_json(self, n: int, usage_report: bool = False) -> str:
+        """The plugin configuration of n tokens; with `usage_report`, usage
+        reports on (as the shipped ECDS base configuration has them), so every
+        allowed request also marks its token (reports go to the upstream
+        cluster every 30 s and fail there: the request path is what counts)."""
+        config: dict = {"tokens": self.specs[:n]}
+        if usage_report:
+            config["usageReport"] = {"cluster": "upstream"}
+        return json.dumps(config, separators=(",", ":"))
 
     def names(self, n: int):
         return zip(self.secrets[:n], (s["name"] for s in self.specs[:n]))
@@ -479,7 +486,9 @@ def server_config(key: str, port: int, ctx: dict) -> dict:
     if kind == "wasm":
         wasm_label, n = rest.split(":")
         wasm = ctx["wasm"][wasm_label]
-        return bootstrap(port, [wasm_filter(wasm, tokens.plugin_json(int(n)), "apitokens")])
+        # Usage reports need this build (older ones refuse the field).
+        usage = wasm_label == "ours" and ctx.get("usage_report", True)
+        return bootstrap(port, [wasm_filter(wasm, tokens.plugin_json(int(n), usage), "apitokens")])
     n = int(rest)
     if kind == "api_key_auth":
         creds = [{"key": s, "client": name} for s, name in tokens.names(n)]
@@ -848,6 +857,8 @@ def main() -> None:
     ap.add_argument("--alt-keys", default="100k", help="keys for api_key_auth, Lua, ext_authz (default 100k)")
     ap.add_argument("--proto", action="append", default=[], metavar="LABEL=WASM",
                     help="another build of the filter: variants proto-LABEL-<tokens>[-deny]")
+    ap.add_argument("--no-usage-report", action="store_true",
+                    help="run this build without usage reports (they are on by default, as shipped)")
     ap.add_argument("--base-port", type=int, default=18980,
                     help="first of the loopback ports used (default 18980; about 10 per Envoy)")
     ap.add_argument("--envoy-cpu", type=int, default=0)
@@ -928,7 +939,8 @@ def main() -> None:
             keyfiles[n] = p
         return keyfiles[n]
 
-    ctx = {"tokens": tokens, "artifacts": artifacts, "wasm": wasms, "keyfile": keyfile}
+    ctx = {"tokens": tokens, "artifacts": artifacts, "wasm": wasms, "keyfile": keyfile,
+           "usage_report": not args.no_usage_report}
     servers: dict[str, Server] = {}
     for v in variants:
         if v.server not in servers:

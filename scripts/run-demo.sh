@@ -37,7 +37,10 @@ pids+=($!)
 "$APITOKENS" serve --db "$DB" --plugin-config envoy/ecds-plugin-base.json > .run/apitokens.log 2>&1 &
 pids+=($!)
 wait_until 100 "${pids[1]}" .run/apitokens.log "the control plane" curl -fs localhost:8081/healthz
-"$ENVOY" -c envoy/envoy-ecds.yaml --concurrency 2 --base-id 10 --log-path .run/envoy.log > .run/access.log 2>&1 &
+# Every Envoy gets its own node id: the control plane names Envoys by it in
+# /status, its logs and the write answers (which one lags, which one rejected).
+"$ENVOY" -c envoy/envoy-ecds.yaml --service-node "$(hostname)-gateway-$$" --concurrency 2 --base-id 10 \
+  --log-path .run/envoy.log > .run/access.log 2>&1 &
 pids+=($!)
 applied() { curl -fs localhost:8081/status | grep -q '"applied":true'; }
 wait_until 150 "${pids[2]}" .run/envoy.log Envoy applied

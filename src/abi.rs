@@ -75,6 +75,20 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        message_data: *const u8,
+        message_size: usize,
+        timeout_milliseconds: u32,
+        return_callout_id: *mut u32,
+    ) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Failed> {
@@ -223,6 +237,38 @@ pub fn define_counter(name: &str) -> Result<u32, Failed> {
 pub fn increment(metric: u32, by: i64) -> Result<(), Failed> {
     // SAFETY: no pointers.
     check(unsafe { proxy_increment_metric(metric, by) })
+}
+
+/// A unary gRPC call to `upstream` (a serialized `GrpcService`); the answer
+/// comes to `proxy_on_grpc_receive` or `proxy_on_grpc_close` with the
+/// returned token.
+pub fn grpc_call(
+    upstream: &[u8],
+    service: &str,
+    method: &str,
+    metadata: &[u8],
+    message: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, Failed> {
+    let mut token = 0u32;
+    // SAFETY: every pointer describes a live slice; the host writes one u32.
+    check(unsafe {
+        proxy_grpc_call(
+            upstream.as_ptr(),
+            upstream.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), Failed> {

@@ -20,9 +20,12 @@
 
 use crate::abi::{self, Level};
 use crate::pairs::{self, Pairs};
+use crate::usage;
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
+use apitokens_core::table::Token;
+use apitokens_core::usage::Marks;
 use apitokens_core::{compact, Config, Timestamp};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -35,14 +38,19 @@ use std::rc::Rc;
 const TICK_MS: u32 = 1000;
 
 /// A configuration ready for requests: the validated rules and tokens plus
-/// the local replies already serialized for the host.
+/// the local replies already serialized for the host, and which of its
+/// tokens were used since the last usage report.
 struct Active {
     config: Config,
     reply_headers: Vec<Vec<u8>>,
+    /// The store the table came from (compact configurations), for reports.
+    lineage: Vec<u8>,
+    /// Set only when the configuration asks for usage reports.
+    marks: Option<RefCell<Marks>>,
 }
 
 impl Active {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, lineage: &[u8]) -> Self {
         let reply_headers = Denial::ALL
             .iter()
             .map(|d| match config.replies().get(*d) {
@@ -53,7 +61,27 @@ impl Active {
                 None => pairs::serialize(&[]),
             })
             .collect();
-        Self { config, reply_headers }
+        let marks = config
+            .usage_report()
+            .map(|_| RefCell::new(Marks::new(config.tokens().len())));
+        Self {
+            config,
+            reply_headers,
+            lineage: lineage.to_vec(),
+            marks,
+        }
+    }
+
+    /// Hands the tokens marked since the last report to the reporter.
+    fn report_marks(&self) {
+        let (Some(marks), Some(report)) = (&self.marks, self.config.usage_report()) else {
+            return;
+        };
+        let mut digests = Vec::new();
+        if let Ok(mut marks) = marks.try_borrow_mut() {
+            marks.drain(self.config.tokens(), &mut digests);
+        }
+        usage::queue((report.cluster.clone(), self.lineage.clone()), digests);
     }
 }
 
@@ -154,7 +182,7 @@ fn vm_memory_kib() -> usize {
 }
 
 fn deny_all() -> Rc<Active> {
-    Rc::new(Active::new(Config::deny_all()))
+    Rc::new(Active::new(Config::deny_all(), &[]))
 }
 
 /// What a compact configuration supersedes: earlier compact configurations
@@ -190,6 +218,8 @@ fn configure(root: u32, size: usize) -> bool {
             .collect();
         for id in &ids {
             if let Some(entry) = roots.get_mut(id) {
+                // Its marks go to the reporter before its table goes.
+                entry.active.report_marks();
                 entry.active = deny_all();
             }
         }
@@ -227,7 +257,7 @@ fn configure(root: u32, size: usize) -> bool {
                     Generation(generation)
                 ),
             );
-            let active = Rc::new(Active::new(config));
+            let active = Rc::new(Active::new(config, compact::lineage(&head).unwrap_or_default()));
             ROOTS.with(|r| {
                 let mut roots = r.borrow_mut();
                 for id in &superseded {
@@ -261,6 +291,8 @@ impl fmt::Display for Generation {
 
 struct ProxyHost<'a> {
     active: &'a Active,
+    /// The host said more than headers follow (`end_of_stream` false).
+    has_body: bool,
 }
 
 impl Host for ProxyHost<'_> {
@@ -268,6 +300,10 @@ impl Host for ProxyHost<'_> {
 
     fn request_headers(&mut self) -> Result<Pairs, HostError> {
         abi::request_header_pairs().map(Pairs::new).map_err(|_| HostError)
+    }
+
+    fn request_has_body(&mut self) -> bool {
+        self.has_body
     }
 
     fn now(&mut self) -> Option<Timestamp> {
@@ -291,6 +327,12 @@ impl Host for ProxyHost<'_> {
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
         let headers = self.active.reply_headers.get(denial.index()).ok_or(HostError)?;
         abi::send_local_response(reply.status, reply.details, headers, &reply.body).map_err(|_| HostError)
+    }
+
+    fn used(&mut self, token: Token<'_>) {
+        if let Some(Ok(mut marks)) = self.active.marks.as_ref().map(RefCell::try_borrow_mut) {
+            marks.mark(token.index());
+        }
     }
 
     fn count(&mut self, counter: Counter) {
@@ -359,17 +401,62 @@ pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
 pub extern "C" fn proxy_on_tick(_root: u32) {
     flush_counters();
     refresh_log_level();
+    report_usage();
+}
+
+/// Every configuration's marks to the reporter, and the reports out, once
+/// the shortest configured interval has passed.
+fn report_usage() {
+    let actives: Vec<Rc<Active>> = ROOTS.with(|r| {
+        let mut seen: Vec<Rc<Active>> = Vec::new();
+        for entry in r.borrow().values() {
+            if entry.active.marks.is_some() && !seen.iter().any(|a| Rc::ptr_eq(a, &entry.active)) {
+                seen.push(Rc::clone(&entry.active));
+            }
+        }
+        seen
+    });
+    let Some(interval) = actives
+        .iter()
+        .filter_map(|a| a.config.usage_report().map(|u| u64::from(u.interval_seconds) * 1000))
+        .min()
+    else {
+        return;
+    };
+    let now_ms = abi::now_nanos().unwrap_or(0) / 1_000_000;
+    if usage::due(now_ms, interval) {
+        for active in &actives {
+            active.report_marks();
+        }
+        usage::send();
+    }
+}
+
+/// A usage report was answered.
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_receive(_context: u32, token: u32, _response_size: usize) {
+    usage::delivered(token);
+}
+
+/// A usage report failed (the control plane is down, or refused it).
+#[no_mangle]
+pub extern "C" fn proxy_on_grpc_close(_context: u32, token: u32, _status_code: u32) {
+    usage::failed(token);
 }
 
 /// 0 = Continue, 1 = StopIteration (a local reply was sent).
 #[no_mangle]
-pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end_of_stream: bool) -> u32 {
+pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, end_of_stream: bool) -> u32 {
     // A root context without a (valid) configuration refuses everything.
     let active = STREAMS
         .with(|s| s.borrow().get(&context).copied())
         .and_then(|root| ROOTS.with(|r| r.borrow().get(&root).map(|entry| Rc::clone(&entry.active))))
         .unwrap_or_else(deny_all);
-    match gate::on_request_headers(&mut ProxyHost { active: &active }, &active.config) {
+    let mut host = ProxyHost {
+        active: &active,
+        has_body: !end_of_stream,
+    };
+    match gate::on_request_headers(&mut host, &active.config) {
         Verdict::Continue => 0,
         Verdict::Stop => 1,
     }
@@ -378,7 +465,9 @@ pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end_o
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(context: u32) {
     if STREAMS.with(|s| s.borrow_mut().remove(&context)).is_none() {
-        ROOTS.with(|r| r.borrow_mut().remove(&context));
+        if let Some(entry) = ROOTS.with(|r| r.borrow_mut().remove(&context)) {
+            entry.active.report_marks();
+        }
         flush_counters();
     }
 }

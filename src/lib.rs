@@ -6,3 +6,5 @@ mod abi;
 #[cfg(target_family = "wasm")]
 mod filter;
 pub mod pairs;
+#[cfg(target_family = "wasm")]
+mod usage;

@@ -65,6 +65,14 @@ impl RequestHeaders for Pairs {
             (Some(_), Some(_)) => HeaderValue::Repeated,
         }
     }
+
+    fn any(&self, names: &[&str]) -> bool {
+        self.index.iter().any(|&(k, ke, _, _)| {
+            names
+                .iter()
+                .any(|name| ke - k == name.len() && self.buf.get(k..ke) == Some(name.as_bytes()))
+        })
+    }
 }
 
 /// Encodes pairs (for local replies, and tests).
@@ -107,6 +115,7 @@ mod tests {
         assert_eq!(pairs.get("x-a"), HeaderValue::Repeated);
         assert_eq!(pairs.get("empty"), HeaderValue::One(b""));
         assert_eq!(pairs.get("x-b"), HeaderValue::Absent);
+        assert!(pairs.any(&["x-b", "empty"]) && pairs.any(&["x-a"]) && !pairs.any(&["x-b", "x-c"]));
         assert_eq!(pairs.iter().count(), 6);
     }
 

@@ -33,11 +33,17 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
     let mut tokens: Vec<TokenSpec> = records
         .iter()
         .filter(|r| !r.retired && r.expire_time.is_none_or(|t| t > now))
-        .map(|r| TokenSpec {
-            name: r.name.clone(),
-            role: r.role.as_str().to_owned(),
-            secret_sha256: r.digest.to_hex(),
-            expire_time: r.expire_time.map(|t| t.to_rfc3339()),
+        .map(|r| {
+            // An overlap that ended already is left out, like an expired token.
+            let previous = r.previous.filter(|p| p.until > now);
+            TokenSpec {
+                name: r.name.clone(),
+                role: r.role.as_str().to_owned(),
+                secret_sha256: r.digest.to_hex(),
+                expire_time: r.expire_time.map(|t| t.to_rfc3339()),
+                previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
+                previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
+            }
         })
         .collect();
     tokens.sort_by(|a, b| a.name.cmp(&b.name));
@@ -97,6 +103,9 @@ mod tests {
             create_time: Timestamp::from_unix(0, 0),
             expire_time: expire.map(|s| Timestamp::from_unix(s, 0)),
             retired: false,
+            created_by: None,
+            previous: None,
+            last_use: None,
         }
     }
 
@@ -136,6 +145,8 @@ mod tests {
                 role: "editor".into(),
                 secret_sha256: "ab".repeat(32),
                 expire_time: Some("2030-01-01T00:00:00Z".into()),
+                previous_secret_sha256: None,
+                previous_secret_expire_time: None,
             }],
             ..PluginConfig::default()
         }

@@ -1,6 +1,7 @@
 //! The plugin configuration: its JSON schema (a public contract, shared with
 //! the control plane) and its validation into an immutable [`Config`].
 
+use crate::overrides::{UrlOverrides, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS};
 use crate::reply::Replies;
 use crate::rules::{RuleSpec, Rules};
 use crate::table::TokenTable;
@@ -28,9 +29,43 @@ pub struct PluginConfig {
     /// Send the `Authorization` header upstream; default false (removed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_authorization: bool,
+    /// Path patterns (the rule language) whose allowed requests keep the
+    /// `Authorization` header, whatever rule allowed them: for an upstream
+    /// that checks the token itself, such as the control plane's token API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_authorization_paths: Vec<String>,
+    /// `reject` (default), `remove` or `forward`: what to do with requests
+    /// carrying `X-Original-URL` or `X-Rewrite-URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_override_headers: Option<String>,
     /// Permission rules replacing the built-in table when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<RuleSpec>>,
+    /// Where the filter reports which tokens were used (their last use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_report: Option<UsageReportSpec>,
+}
+
+/// Usage reports: every `intervalSeconds`, each VM sends the digests of the
+/// tokens it saw used to the control plane, over gRPC to `cluster` (the
+/// cluster Envoy reaches the control plane's xDS server by, so the report
+/// travels the xDS side's trust, never the public listener).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UsageReportSpec {
+    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<u32>,
+}
+
+/// Default seconds between usage reports: last use is shown to the minute.
+pub const DEFAULT_USAGE_REPORT_SECONDS: u32 = 30;
+
+/// Validated usage-report settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageReport {
+    pub cluster: Box<str>,
+    pub interval_seconds: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +80,13 @@ pub struct TokenSpec {
     /// RFC 3339; the token is refused from this instant on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_time: Option<String>,
+    /// The token's previous secret (SHA-256, as `secretSha256`), still
+    /// accepted during a rotation's overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_sha256: Option<String>,
+    /// RFC 3339: the end of the overlap (required with the previous secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_expire_time: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +140,11 @@ pub struct Config {
     pub(crate) rules: Rules,
     identity: IdentityHeaders,
     forward_authorization: bool,
+    /// Where allowed requests keep `Authorization` (patterns, no verbs).
+    pub(crate) forward_paths: Rules,
+    url_overrides: UrlOverrides,
     replies: Replies,
+    usage_report: Option<UsageReport>,
 }
 
 impl Config {
@@ -131,12 +177,22 @@ impl Config {
             Some(rules) => Rules::compile(rules)?,
             None => Rules::builtin()?,
         };
+        let forward_paths = Rules::compile_patterns("forwardAuthorizationPaths", &spec.forward_authorization_paths)?;
+        let url_overrides = match spec.url_override_headers.as_deref() {
+            None => UrlOverrides::Reject,
+            Some(mode) => UrlOverrides::parse(mode).ok_or_else(|| {
+                ConfigError::new("urlOverrideHeaders", "must be \"reject\", \"remove\" or \"forward\"")
+            })?,
+        };
         Ok(Self {
             tokens,
             rules,
             identity,
             forward_authorization: spec.forward_authorization,
+            forward_paths,
+            url_overrides,
             replies: Replies::new(realm),
+            usage_report: usage_report(spec.usage_report.as_ref())?,
         })
     }
 
@@ -147,12 +203,19 @@ impl Config {
             rules: Rules::empty(),
             identity: default_identity(),
             forward_authorization: false,
+            forward_paths: Rules::empty(),
+            url_overrides: UrlOverrides::Reject,
             replies: Replies::new(DEFAULT_REALM),
+            usage_report: None,
         }
     }
 
     pub fn tokens(&self) -> &TokenTable {
         &self.tokens
+    }
+
+    pub fn usage_report(&self) -> Option<&UsageReport> {
+        self.usage_report.as_ref()
     }
 
     pub fn token_count(&self) -> usize {
@@ -165,6 +228,10 @@ impl Config {
 
     pub fn forward_authorization(&self) -> bool {
         self.forward_authorization
+    }
+
+    pub fn url_overrides(&self) -> UrlOverrides {
+        self.url_overrides
     }
 
     pub fn replies(&self) -> &Replies {
@@ -242,22 +309,59 @@ pub fn describe_json_error(e: &serde_json::Error) -> String {
     format!("{what} (line {}, column {})", e.line(), e.column())
 }
 
+/// Header names an identity header must not take: each already means
+/// something to HTTP, to Envoy, to this filter or to an upstream framework, so
+/// the filter setting it would change what that header says (or a client
+/// could send it under the name the upstream reads as the identity).
+const RESERVED_HEADERS: [&str; 21] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "forwarded",
+    "via",
+    "x-request-id",
+    "x-real-ip",
+    "x-client-ip",
+    "origin",
+];
+
+/// Prefixes of header families with a meaning elsewhere: Envoy's own
+/// (`x-envoy-*`, which Envoy strips or acts on), the forwarding headers and
+/// the hop-by-hop proxy headers.
+const RESERVED_PREFIXES: [&str; 3] = ["x-envoy-", "x-forwarded-", "proxy-"];
+
 fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeaders, ConfigError> {
     let pick = |field: &str, value: Option<&String>, default: &str| -> Result<Box<str>, ConfigError> {
         let name = value.map_or(default, String::as_str);
         if !is_header_name(name) {
             return Err(ConfigError::new(
                 format!("identityHeaders.{field}"),
-                "must be a lower-case HTTP header name (letters, digits, '-'), not a pseudo-header",
+                "must be a lower-case HTTP header name (letters, digits, '-'; no '_', which \
+                 many upstreams read as '-'), not a pseudo-header",
             ));
         }
-        if matches!(
-            name,
-            "authorization" | "host" | "content-length" | "transfer-encoding" | "connection" | "te"
-        ) {
+        if RESERVED_HEADERS
+            .iter()
+            .chain(METHOD_OVERRIDE_HEADERS.iter())
+            .chain(URL_OVERRIDE_HEADERS.iter())
+            .any(|reserved| *reserved == name)
+            || RESERVED_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+        {
             return Err(ConfigError::new(
                 format!("identityHeaders.{field}"),
-                "must not be a header that HTTP or this filter already uses",
+                "must not be a header that HTTP, Envoy, this filter or upstream frameworks already use",
             ));
         }
         Ok(name.into())
@@ -277,11 +381,39 @@ fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeader
     Ok(headers)
 }
 
+fn usage_report(spec: Option<&UsageReportSpec>) -> Result<Option<UsageReport>, ConfigError> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    let cluster = &spec.cluster;
+    if cluster.is_empty() || cluster.len() > 256 || !cluster.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "usageReport.cluster",
+            "must be the name of an Envoy cluster (1 to 256 printable ASCII characters)",
+        ));
+    }
+    let interval_seconds = spec.interval_seconds.unwrap_or(DEFAULT_USAGE_REPORT_SECONDS);
+    if !(1..=3600).contains(&interval_seconds) {
+        return Err(ConfigError::new(
+            "usageReport.intervalSeconds",
+            "must be from 1 to 3600 seconds",
+        ));
+    }
+    Ok(Some(UsageReport {
+        cluster: cluster.as_str().into(),
+        interval_seconds,
+    }))
+}
+
+/// Lower-case letters, digits and `-`, not at either end: no pseudo-header
+/// (`:`), no `_` (CGI, PHP and others read `_` and `-` alike, so
+/// `x_apitoken_role` and `x-apitoken-role` would be one header upstream).
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
             .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         && !name.starts_with('-')
+        && !name.ends_with('-')
 }

@@ -3,7 +3,7 @@
 
 use crate::bearer::{self, BearerError};
 use crate::config::Config;
-use crate::role::Verb;
+use crate::rules::{PathSegments, Scope};
 use crate::table::{Digest, Token};
 use crate::timestamp::Timestamp;
 
@@ -18,6 +18,9 @@ pub enum Denial {
     Malformed,
     /// More than one credential.
     MultipleCredentials,
+    /// A URL-override header (`X-Original-URL`, `X-Rewrite-URL`): an upstream
+    /// could route on it instead of the path the filter decided on.
+    UrlOverride,
     /// No token has this secret.
     Unknown,
     /// The token's `expireTime` has passed.
@@ -32,11 +35,12 @@ pub enum Denial {
 }
 
 impl Denial {
-    pub const ALL: [Denial; 9] = [
+    pub const ALL: [Denial; 10] = [
         Denial::Missing,
         Denial::NotBearer,
         Denial::Malformed,
         Denial::MultipleCredentials,
+        Denial::UrlOverride,
         Denial::Unknown,
         Denial::Expired,
         Denial::NamespaceDenied,
@@ -56,6 +60,7 @@ impl Denial {
             Self::NotBearer => "not_bearer",
             Self::Malformed => "malformed",
             Self::MultipleCredentials => "multiple_credentials",
+            Self::UrlOverride => "url_override",
             Self::Unknown => "unknown",
             Self::Expired => "expired",
             Self::NamespaceDenied => "namespace_denied",
@@ -70,6 +75,7 @@ impl Denial {
             Self::NotBearer => "apitokens_not_bearer",
             Self::Malformed => "apitokens_malformed",
             Self::MultipleCredentials => "apitokens_multiple_credentials",
+            Self::UrlOverride => "apitokens_url_override",
             Self::Unknown => "apitokens_unknown",
             Self::Expired => "apitokens_expired",
             Self::NamespaceDenied => "apitokens_namespace_denied",
@@ -81,7 +87,9 @@ impl Denial {
     pub const fn counter(self) -> Counter {
         match self {
             Self::Missing => Counter::Missing,
-            Self::NotBearer | Self::Malformed | Self::MultipleCredentials => Counter::Malformed,
+            // Requests refused for their form rather than their credential's
+            // standing.
+            Self::NotBearer | Self::Malformed | Self::MultipleCredentials | Self::UrlOverride => Counter::Malformed,
             Self::Unknown => Counter::Unknown,
             Self::Expired => Counter::Expired,
             Self::NamespaceDenied => Counter::NamespaceDenied,
@@ -95,6 +103,9 @@ impl Denial {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
     Allowed,
+    /// Allowed with a token's previous secret, during a rotation's overlap
+    /// (not in `Allowed`): owners watch it fall to zero as clients move on.
+    AllowedPreviousSecret,
     Missing,
     Malformed,
     Unknown,
@@ -105,8 +116,9 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Allowed,
+        Counter::AllowedPreviousSecret,
         Counter::Missing,
         Counter::Malformed,
         Counter::Unknown,
@@ -124,6 +136,7 @@ impl Counter {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Allowed => "apitokens.allowed",
+            Self::AllowedPreviousSecret => "apitokens.allowed_previous_secret",
             Self::Missing => "apitokens.missing",
             Self::Malformed => "apitokens.malformed",
             Self::Unknown => "apitokens.unknown",
@@ -169,17 +182,37 @@ impl Config {
         Ok(token)
     }
 
-    /// Checks the request's namespace and verb against the token.
-    pub fn authorize(&self, token: Token<'_>, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
-        let scope = self.rules.classify(path).ok_or(Denial::RoleDenied)?;
+    /// The rule deciding `path` for `token`: refused when no rule matches
+    /// or the path is in another namespace. The path is split once, for the
+    /// rules and for `forwardAuthorizationPaths`.
+    pub fn scope<'p>(&self, token: Token<'_>, path: &'p [u8]) -> Result<Scope<'p>, Denial> {
+        let mut buf = PathSegments::buffer();
+        let segments = PathSegments::split(path, &mut buf).ok_or(Denial::RoleDenied)?;
+        let mut scope = self.rules.classify_split(segments).ok_or(Denial::RoleDenied)?;
         if scope.namespace != token.namespace().as_bytes() {
             return Err(Denial::NamespaceDenied);
         }
-        let verb = Verb::from_method(method, scope.collection).ok_or(Denial::RoleDenied)?;
-        if scope.permits(token.role(), verb) {
-            Ok(Grant {
-                forward_authorization: scope.forward_authorization.unwrap_or(self.forward_authorization()),
-            })
+        if scope.forward_authorization.is_none()
+            && !self.forward_paths.is_empty()
+            && self.forward_paths.matches(segments)
+        {
+            scope.forward_authorization = Some(true);
+        }
+        Ok(scope)
+    }
+
+    /// What a request allowed in `scope` takes upstream.
+    pub fn grant(&self, scope: &Scope<'_>) -> Grant {
+        Grant {
+            forward_authorization: scope.forward_authorization.unwrap_or(self.forward_authorization()),
+        }
+    }
+
+    /// Checks the request's namespace and verb against the token.
+    pub fn authorize(&self, token: Token<'_>, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
+        let scope = self.scope(token, path)?;
+        if scope.permits_method(token.role(), method) {
+            Ok(self.grant(&scope))
         } else {
             Err(Denial::RoleDenied)
         }

@@ -41,7 +41,8 @@ pub fn bearer(data: &[u8]) {
 
 /// The path classifier with the built-in rules: a match always names a DNS
 /// label that stands as a whole segment of the path before the query, and
-/// never comes from a path with an ambiguous spelling.
+/// never comes from a path with an ambiguous spelling. The query's `_method`
+/// overrides come out bounded and upper-cased.
 pub fn classify(data: &[u8]) {
     static BUILTIN: std::sync::OnceLock<Option<Rules>> = std::sync::OnceLock::new();
     let Some(rules) = BUILTIN.get_or_init(|| Rules::builtin().ok()) else {
@@ -51,6 +52,12 @@ pub fn classify(data: &[u8]) {
         Some((m, rest)) => (*m, rest),
         None => (0, data),
     };
+    for method in crate::overrides::query_methods(path) {
+        let m = method.as_bytes();
+        if m.len() > 16 || m.iter().any(u8::is_ascii_lowercase) {
+            panic!("an override method that is unbounded or not upper-cased");
+        }
+    }
     if let Some(scope) = rules.classify(path) {
         if !is_dns_label(scope.namespace) {
             panic!("namespace is not a DNS label");

@@ -9,6 +9,9 @@
 
 use crate::config::Config;
 use crate::decision::{Counter, Denial, Grant};
+use crate::overrides::{
+    self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
+};
 use crate::reply::Reply;
 use crate::table::Token;
 use crate::timestamp::Timestamp;
@@ -39,6 +42,13 @@ pub enum HeaderValue<'a> {
 pub trait RequestHeaders {
     /// `name` in lower case. Values are bytes, never decoded as UTF-8.
     fn get(&self, name: &str) -> HeaderValue<'_>;
+
+    /// Whether any of `names` (lower case) is present. For headers that are
+    /// rarely sent: an implementation can answer in one pass over the
+    /// headers instead of one per name.
+    fn any(&self, names: &[&str]) -> bool {
+        names.iter().any(|name| self.get(name) != HeaderValue::Absent)
+    }
 }
 
 /// What the filter needs from the proxy.
@@ -46,6 +56,9 @@ pub trait Host {
     type Headers: RequestHeaders;
     /// Every request header, in one read.
     fn request_headers(&mut self) -> Result<Self::Headers, HostError>;
+    /// Whether a body follows the headers (proxy-wasm's `end_of_stream` is
+    /// false).
+    fn request_has_body(&mut self) -> bool;
     /// The host's wall clock, `None` if it cannot be read.
     fn now(&mut self) -> Option<Timestamp>;
     /// Adds a request header (the request has none of this name).
@@ -56,6 +69,9 @@ pub trait Host {
     /// Answers the request locally; it does not go upstream.
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError>;
     fn count(&mut self, counter: Counter);
+    /// A token authenticated (whatever the rules then decide): for its last
+    /// use. Must be cheap, it runs on every request.
+    fn used(&mut self, token: Token<'_>);
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>);
 }
 
@@ -67,9 +83,14 @@ pub enum Verdict {
     Stop,
 }
 
-/// Method-override headers some frameworks honour: a request carrying one must
-/// be permitted for the overriding method too, or a GET could delete.
-pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+/// Every method- and URL-override header.
+const OVERRIDE_HEADERS: [&str; 5] = [
+    METHOD_OVERRIDE_HEADERS[0],
+    METHOD_OVERRIDE_HEADERS[1],
+    METHOD_OVERRIDE_HEADERS[2],
+    URL_OVERRIDE_HEADERS[0],
+    URL_OVERRIDE_HEADERS[1],
+];
 
 /// Decides one request and applies the decision through the host.
 pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
@@ -80,7 +101,11 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
     match check(host, config, &headers) {
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
-                host.count(Counter::Allowed);
+                host.count(if token.is_previous() {
+                    Counter::AllowedPreviousSecret
+                } else {
+                    Counter::Allowed
+                });
                 Verdict::Continue
             }
             Err(HostError) => deny(host, config, Some(&headers), Denial::Internal, Some(token)),
@@ -92,31 +117,54 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
 type Checked<'c> = Result<(Token<'c>, Grant), (Denial, Option<Token<'c>>)>;
 
 fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) -> Checked<'c> {
+    // Override headers are rare: one pass tells whether to look closer.
+    let overridden = headers.any(&OVERRIDE_HEADERS);
+    if overridden && config.url_overrides() == UrlOverrides::Reject && headers.any(&URL_OVERRIDE_HEADERS) {
+        return Err((Denial::UrlOverride, None));
+    }
     let authorization = match headers.get("authorization") {
         HeaderValue::Absent => None,
         HeaderValue::One(value) => Some(value),
         HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
     };
     let token = config.authenticate(authorization, || host.now())?;
+    host.used(token);
     let one = |name| match headers.get(name) {
         HeaderValue::One(value) => value,
         HeaderValue::Absent | HeaderValue::Repeated => b"",
     };
     let path = one(":path");
-    let grant = config
-        .authorize(token, one(":method"), path)
-        .map_err(|denial| (denial, Some(token)))?;
-    for name in METHOD_OVERRIDE_HEADERS {
-        let method = match headers.get(name) {
-            HeaderValue::Absent => continue,
-            HeaderValue::One(method) => method,
-            HeaderValue::Repeated => b"",
-        };
-        config
-            .authorize(token, method, path)
-            .map_err(|denial| (denial, Some(token)))?;
+    let method = one(":method");
+    let scope = config.scope(token, path).map_err(|denial| (denial, Some(token)))?;
+    // The method, and every method the request could be overridden to, must
+    // be permitted: an upstream honouring an override would run it.
+    let permitted = |method: &[u8]| scope.permits_method(token.role(), method);
+    let header_overrides_permitted = || {
+        overrides::METHOD_OVERRIDE_HEADERS
+            .iter()
+            .all(|name| match headers.get(name) {
+                HeaderValue::Absent => true,
+                HeaderValue::One(value) => permitted(OverrideMethod::from_header(value).as_bytes()),
+                HeaderValue::Repeated => false,
+            })
+    };
+    let all_permitted = permitted(method)
+        && (!overridden || header_overrides_permitted())
+        && overrides::query_methods(path).all(|m| permitted(m.as_bytes()))
+        && (method != b"POST" || !has_body(host, headers) || BODY_OVERRIDE_METHODS.iter().all(|m| permitted(m)));
+    if all_permitted {
+        Ok((token, config.grant(&scope)))
+    } else {
+        Err((Denial::RoleDenied, Some(token)))
     }
-    Ok((token, grant))
+}
+
+/// Whether body bytes follow: the host says more than headers follow, and no
+/// `content-length: 0` says the body is empty (HTTP/2 clients may end an
+/// empty request with an empty DATA frame; Envoy refuses a body longer than
+/// its content-length).
+fn has_body<H: Host>(host: &mut H, headers: &H::Headers) -> bool {
+    host.request_has_body() && headers.get("content-length") != HeaderValue::One(b"0")
 }
 
 fn forward<H: Host>(
@@ -143,6 +191,13 @@ fn forward<H: Host>(
     }
     if !grant.forward_authorization {
         host.remove_request_header("authorization")?;
+    }
+    if config.url_overrides() == UrlOverrides::Remove && headers.any(&URL_OVERRIDE_HEADERS) {
+        for name in URL_OVERRIDE_HEADERS {
+            if headers.get(name) != HeaderValue::Absent {
+                host.remove_request_header(name)?;
+            }
+        }
     }
     Ok(())
 }

@@ -11,11 +11,13 @@ pub mod decision;
 pub mod fuzzing;
 pub mod gate;
 pub mod name;
+pub mod overrides;
 pub mod reply;
 pub mod role;
 pub mod rules;
 pub mod table;
 pub mod timestamp;
+pub mod usage;
 
 pub use config::{Config, ConfigError, PluginConfig, TokenSpec};
 pub use decision::{Counter, Denial, Grant};

@@ -42,6 +42,11 @@ fn reply(denial: Denial, realm: &str) -> Reply {
             Some("invalid_request"),
             "The request must carry exactly one Authorization header with one credential.",
         ),
+        Denial::UrlOverride => (
+            400,
+            Some("invalid_request"),
+            "The request must not carry X-Original-URL or X-Rewrite-URL.",
+        ),
         // Unknown and expired read the same to the client: no oracle for which
         // secrets once existed. Stats, logs and response details tell them apart.
         Denial::Unknown | Denial::Expired => (401, Some("invalid_token"), "The bearer token is invalid or expired."),

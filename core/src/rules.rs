@@ -4,14 +4,24 @@
 //! whose pattern matches the request path decides; a path no rule matches is
 //! denied to every role. Patterns are `/`-separated segments:
 //!
-//! - `{namespace}`: exactly one per pattern; matches a DNS label and is the
-//!   namespace the token must belong to;
-//! - `*`: any one segment; `prefix*`: a segment starting with `prefix`;
+//! - `{namespace}`: exactly one per pattern; matches a DNS label, exactly (no
+//!   other case, no suffix), and is the namespace the token must belong to;
+//! - `*`: any one segment; `prefix*`: a segment starting with `prefix` in any
+//!   ASCII case;
 //! - `**`: last segment only; any number (also zero) of further segments;
-//! - anything else is a literal. A literal without `:` also matches that
-//!   segment followed by a custom method (`apitokens` matches
-//!   `apitokens:batchGet`, AIP-136), so an action on a collection is never
-//!   judged by a weaker rule further down; a literal with `:` matches exactly.
+//! - anything else is a literal. A literal matches the segment spelled the
+//!   same in any ASCII case, alone or followed by `.` and anything (a format
+//!   suffix such as `secret-values.json`, a trailing dot); a literal without
+//!   `:` also matches when followed by `:` and anything (a custom method:
+//!   `apitokens:batchGet`, AIP-136).
+//!
+//! Those are the spellings upstream routers commonly send to the same handler:
+//! case-insensitive routing (Express by default, ASP.NET Core), format
+//! suffixes (Rails, older Spring), trailing dots (IIS), custom methods.
+//! Matching them here means a segment that could alias a stricter rule is
+//! decided by that rule instead of falling through to a permissive one further
+//! down. It also means order matters: a literal `secret` also matches
+//! `secret.values`, so a rule for `secret.values` must come first.
 //!
 //! Whether GET means `list` or `get` follows from the number of segments after
 //! the namespace: odd names a collection (`.../deployments`), even an item
@@ -35,8 +45,8 @@ pub struct RuleSpec {
     pub path: String,
     #[serde(default)]
     pub allow: AllowSpec,
-    /// Overrides the top-level `forwardAuthorization` for requests this rule
-    /// allows.
+    /// Overrides the top-level `forwardAuthorization` (and
+    /// `forwardAuthorizationPaths`) for requests this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_authorization: Option<bool>,
 }
@@ -56,11 +66,16 @@ pub struct AllowSpec {
 /// The built-in rules: the product's REST API (see the README's permission
 /// table). Written in the rule language itself so that the table and the
 /// language cannot drift apart.
+///
+/// No built-in rule forwards `Authorization`: which upstream may see a bearer
+/// token depends on the deployment (the ECDS setup routes the token API to
+/// the control plane, which checks the token again), so that setup says so
+/// with `forwardAuthorizationPaths` in its own configuration.
 pub const DEFAULT_RULES_JSON: &str = r#"[
   {"path": "/apitokens/v1/namespaces/{namespace}/apitokens/**",
-   "allow": {"owner": ["*"]}, "forwardAuthorization": true},
-  {"path": "/namespaces/v1/namespaces/{namespace}",
-   "allow": {"owner": ["get", "update"]}},
+   "allow": {"owner": ["*"]}},
+  {"path": "/namespaces/v1/namespaces/{namespace}/**",
+   "allow": {"owner": ["get", "list", "update"]}},
   {"path": "/api/v1/namespaces/{namespace}/secret-values/**",
    "allow": {"editor": ["*"], "owner": ["*"]}},
   {"path": "/api/v1/namespaces/{namespace}/deployment-defaults/**",
@@ -79,13 +94,42 @@ pub const DEFAULT_RULES_JSON: &str = r#"[
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Segment {
-    /// Matches itself, or itself followed by `:customMethod`.
-    Literal(Box<[u8]>),
-    /// A literal containing `:`: matches only itself.
-    Exact(Box<[u8]>),
+    /// Matches itself in any ASCII case, alone or followed by `.` and
+    /// anything; when `custom_method`, also followed by `:` and anything.
+    Literal {
+        text: Box<[u8]>,
+        custom_method: bool,
+    },
+    /// A segment starting with this, in any ASCII case.
     Prefix(Box<[u8]>),
     Any,
     Namespace,
+}
+
+impl Segment {
+    /// Allocation-free: the literal was compiled once, the segment is
+    /// compared in place.
+    fn matches(&self, seg: &[u8]) -> bool {
+        match self {
+            Self::Literal { text, custom_method } => {
+                starts_with_folded(seg, text)
+                    && match seg.get(text.len()) {
+                        None | Some(b'.') => true,
+                        Some(b':') => *custom_method,
+                        Some(_) => false,
+                    }
+            }
+            Self::Prefix(p) => starts_with_folded(seg, p),
+            Self::Any => true,
+            Self::Namespace => is_dns_label(seg),
+        }
+    }
+}
+
+/// `seg` starts with `lower` (lower case) in any ASCII case. Folds one side
+/// only, and most segments that differ already differ in length.
+fn starts_with_folded(seg: &[u8], lower: &[u8]) -> bool {
+    seg.len() >= lower.len() && seg.iter().zip(lower).all(|(s, l)| s.to_ascii_lowercase() == *l)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +163,12 @@ impl Scope<'_> {
     pub fn permits(&self, role: Role, verb: Verb) -> bool {
         self.allow.get(role.index()).is_some_and(|verbs| verbs.contains(verb))
     }
+
+    /// Whether `role` may perform what `method` means on this path; a method
+    /// without a verb is never permitted.
+    pub fn permits_method(&self, role: Role, method: &[u8]) -> bool {
+        Verb::from_method(method, self.collection).is_some_and(|verb| self.permits(role, verb))
+    }
 }
 
 impl Rules {
@@ -140,6 +190,27 @@ impl Rules {
         })
     }
 
+    /// Bare patterns without verbs, for [`Self::matches`]; errors name
+    /// `{field}[i]`.
+    pub fn compile_patterns(field: &str, patterns: &[String]) -> Result<Self, ConfigError> {
+        let rules = patterns
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let (segments, rest) = compile_pattern(format!("{field}[{i}]"), path)?;
+                Ok(Rule {
+                    segments,
+                    rest,
+                    allow: [VerbSet::NONE; 3],
+                    forward_authorization: None,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(Self {
+            rules: rules.into_boxed_slice(),
+        })
+    }
+
     /// No rules: every path is denied.
     pub fn empty() -> Self {
         Self { rules: Box::new([]) }
@@ -155,44 +226,66 @@ impl Rules {
 
     /// The first rule matching `path` (the raw `:path`, query included).
     pub fn classify<'p>(&self, path: &'p [u8]) -> Option<Scope<'p>> {
-        let mut buf = [&b""[..]; MAX_SEGMENTS];
-        let segments = split_path(path, &mut buf)?;
-        self.rules.iter().find_map(|rule| rule.matches(segments))
+        let mut buf = PathSegments::buffer();
+        self.classify_split(PathSegments::split(path, &mut buf)?)
+    }
+
+    /// The first rule matching an already split path.
+    pub fn classify_split<'p>(&self, path: PathSegments<'_, 'p>) -> Option<Scope<'p>> {
+        self.rules.iter().find_map(|rule| rule.matches(path.0))
+    }
+
+    /// Whether any rule matches an already split path.
+    pub fn matches(&self, path: PathSegments<'_, '_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(path.0).is_some())
     }
 }
 
 /// Longer paths match no rule (an API path has a handful of segments).
 const MAX_SEGMENTS: usize = 32;
 
-/// Splits the path (without the query, the leading `/` and one trailing `/`)
-/// into `buf` in one pass, or `None` when the path must match nothing: a byte
-/// outside printable ASCII, `%`, `;`, `\`, `#`, an empty or dot segment, or
-/// too many segments.
-fn split_path<'p, 'b>(path: &'p [u8], buf: &'b mut [&'p [u8]; MAX_SEGMENTS]) -> Option<&'b [&'p [u8]]> {
-    let path = match path.iter().position(|c| *c == b'?') {
-        Some(q) => path.get(..q)?,
-        None => path,
-    };
-    let rest = path.strip_prefix(b"/")?;
-    let rest = rest.strip_suffix(b"/").unwrap_or(rest);
-    if rest.is_empty() {
-        return Some(&[]);
+/// A request path split into segments once, into a buffer on the caller's
+/// stack (never moved: it is a few hundred bytes), so that several rule sets
+/// can match it without splitting or allocating again.
+#[derive(Clone, Copy)]
+pub struct PathSegments<'b, 'p>(&'b [&'p [u8]]);
+
+impl<'b, 'p> PathSegments<'b, 'p> {
+    /// The buffer [`Self::split`] fills.
+    pub fn buffer() -> [&'p [u8]; MAX_SEGMENTS] {
+        [&b""[..]; MAX_SEGMENTS]
     }
-    let mut count = 0;
-    for segment in rest.split(|c| *c == b'/') {
-        if segment.is_empty()
-            || segment == b"."
-            || segment == b".."
-            || segment
-                .iter()
-                .any(|c| !(0x21..=0x7e).contains(c) || matches!(c, b'%' | b';' | b'\\' | b'#'))
-        {
-            return None;
+
+    /// Splits the path (without the query, the leading `/` and one trailing
+    /// `/`) in one pass, or `None` when the path must match nothing: a byte
+    /// outside printable ASCII, `%`, `;`, `\`, `#`, an empty or dot segment,
+    /// or too many segments.
+    pub fn split(path: &'p [u8], buf: &'b mut [&'p [u8]; MAX_SEGMENTS]) -> Option<Self> {
+        let path = match path.iter().position(|c| *c == b'?') {
+            Some(q) => path.get(..q)?,
+            None => path,
+        };
+        let rest = path.strip_prefix(b"/")?;
+        let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+        if rest.is_empty() {
+            return Some(Self(&[]));
         }
-        *buf.get_mut(count)? = segment;
-        count += 1;
+        let mut count = 0;
+        for segment in rest.split(|c| *c == b'/') {
+            if segment.is_empty()
+                || segment == b"."
+                || segment == b".."
+                || segment
+                    .iter()
+                    .any(|c| !(0x21..=0x7e).contains(c) || matches!(c, b'%' | b';' | b'\\' | b'#'))
+            {
+                return None;
+            }
+            *buf.get_mut(count)? = segment;
+            count += 1;
+        }
+        buf.get(..count).map(Self)
     }
-    buf.get(..count)
 }
 
 impl Rule {
@@ -202,21 +295,11 @@ impl Rule {
         }
         let mut namespace: Option<(usize, &'p [u8])> = None;
         for (i, (pattern, seg)) in self.segments.iter().zip(segments).enumerate() {
-            let seg: &'p [u8] = seg;
-            let ok = match pattern {
-                Segment::Literal(lit) => {
-                    seg == &lit[..] || seg.strip_prefix(&lit[..]).is_some_and(|m| m.first() == Some(&b':'))
-                }
-                Segment::Exact(lit) => seg == &lit[..],
-                Segment::Prefix(p) => seg.starts_with(p),
-                Segment::Any => true,
-                Segment::Namespace => {
-                    namespace = Some((i, seg));
-                    is_dns_label(seg)
-                }
-            };
-            if !ok {
+            if !pattern.matches(seg) {
                 return None;
+            }
+            if *pattern == Segment::Namespace {
+                namespace = Some((i, seg));
             }
         }
         let (at, namespace) = namespace?;
@@ -231,9 +314,24 @@ impl Rule {
 }
 
 fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
-    let field = || format!("rules[{i}].path");
-    let bad = |msg: &str| ConfigError::new(field(), msg);
-    let body = spec.path.strip_prefix('/').ok_or_else(|| bad("must start with '/'"))?;
+    let (segments, rest) = compile_pattern(format!("rules[{i}].path"), &spec.path)?;
+    let allow = [
+        verbs(i, "viewer", &spec.allow.viewer)?,
+        verbs(i, "editor", &spec.allow.editor)?,
+        verbs(i, "owner", &spec.allow.owner)?,
+    ];
+    Ok(Rule {
+        segments,
+        rest,
+        allow,
+        forward_authorization: spec.forward_authorization,
+    })
+}
+
+/// A pattern's segments and whether it ends with `**`; errors name `field`.
+fn compile_pattern(field: String, path: &str) -> Result<(Box<[Segment]>, bool), ConfigError> {
+    let bad = |msg: &str| ConfigError::new(field.clone(), msg);
+    let body = path.strip_prefix('/').ok_or_else(|| bad("must start with '/'"))?;
     let parts: Vec<&str> = body.split('/').collect();
     let mut segments = Vec::with_capacity(parts.len());
     let mut rest = false;
@@ -266,34 +364,24 @@ fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
                          (printable ASCII without % ; \\ # ? { })",
                     ));
                 }
-                let bytes: Box<[u8]> = text.as_bytes().into();
+                let bytes: Box<[u8]> = text.to_ascii_lowercase().into_bytes().into();
                 if prefix {
                     Segment::Prefix(bytes)
-                } else if text.contains(':') {
-                    Segment::Exact(bytes)
                 } else {
-                    Segment::Literal(bytes)
+                    Segment::Literal {
+                        custom_method: !text.contains(':'),
+                        text: bytes,
+                    }
                 }
             }
         };
         segments.push(segment);
     }
     match segments.iter().filter(|s| **s == Segment::Namespace).count() {
-        1 => {}
-        0 => return Err(bad("must contain '{namespace}': tokens are scoped to a namespace")),
-        _ => return Err(bad("must contain '{namespace}' only once")),
+        1 => Ok((segments.into_boxed_slice(), rest)),
+        0 => Err(bad("must contain '{namespace}': tokens are scoped to a namespace")),
+        _ => Err(bad("must contain '{namespace}' only once")),
     }
-    let allow = [
-        verbs(i, "viewer", &spec.allow.viewer)?,
-        verbs(i, "editor", &spec.allow.editor)?,
-        verbs(i, "owner", &spec.allow.owner)?,
-    ];
-    Ok(Rule {
-        segments: segments.into_boxed_slice(),
-        rest,
-        allow,
-        forward_authorization: spec.forward_authorization,
-    })
 }
 
 fn verbs(i: usize, role: &str, names: &[String]) -> Result<VerbSet, ConfigError> {

@@ -11,20 +11,54 @@ pub struct Timestamp {
     nanos: u32,
 }
 
-/// Why a string is not an RFC 3339 timestamp. Deliberately carries no part of
+/// Why a string is not an accepted timestamp. Deliberately carries no part of
 /// the input, so error messages never echo configuration values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimestampError;
+pub enum TimestampError {
+    /// Not RFC 3339.
+    Syntax,
+    /// RFC 3339, but outside [`Timestamp::MIN`]..=[`Timestamp::MAX`] once
+    /// its offset is applied.
+    OutOfRange,
+}
 
 impl fmt::Display for TimestampError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("must be an RFC 3339 timestamp such as 2027-01-01T00:00:00Z")
+        f.write_str(match self {
+            Self::Syntax => "must be an RFC 3339 timestamp such as 2027-01-01T00:00:00Z",
+            Self::OutOfRange => {
+                "must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z (after its offset is applied)"
+            }
+        })
     }
 }
 
 const NANOS_PER_SEC: u32 = 1_000_000_000;
 
 impl Timestamp {
+    /// `0000-01-01T00:00:00Z`, the earliest instant accepted anywhere.
+    pub const MIN: Self = Self {
+        secs: -62_167_219_200,
+        nanos: 0,
+    };
+
+    /// `9999-12-31T23:59:59Z`, the latest instant accepted anywhere (in the
+    /// configuration, the compact encoding, the control plane's API and
+    /// store): every accepted timestamp is written back in UTC with a
+    /// four-digit year, so what one component accepts every other can read.
+    /// An offset can move a wall-clock time past either end
+    /// (`9999-12-31T23:59:59-23:59` is in year 10000): parsing checks the
+    /// instant, not the digits.
+    pub const MAX: Self = Self {
+        secs: 253_402_300_799,
+        nanos: 0,
+    };
+
+    /// Whether this instant lies within [`Self::MIN`]..=[`Self::MAX`].
+    pub fn in_range(&self) -> bool {
+        (Self::MIN..=Self::MAX).contains(self)
+    }
+
     /// `nanos` beyond one second carry into `secs`.
     pub const fn from_unix(secs: i64, nanos: u32) -> Self {
         Self {
@@ -44,7 +78,8 @@ impl Timestamp {
     /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)` (RFC 3339
     /// section 5.6; `t` and `z` accepted in lower case as the RFC allows).
     /// A leap second (`:60`) is read as the first second of the next minute.
-    /// Fractions beyond nanoseconds are truncated.
+    /// Fractions beyond nanoseconds are truncated. The instant must lie
+    /// within [`Self::MIN`]..=[`Self::MAX`].
     pub fn parse_rfc3339(input: &str) -> Result<Self, TimestampError> {
         let b = input.as_bytes();
         let (date_time, rest) = match b {
@@ -54,13 +89,13 @@ impl Timestamp {
                     rest,
                 )
             }
-            _ => return Err(TimestampError),
+            _ => return Err(TimestampError::Syntax),
         };
         let num = |hi: u8, lo: u8| -> Result<u32, TimestampError> {
             if hi.is_ascii_digit() && lo.is_ascii_digit() {
                 Ok(u32::from(hi - b'0') * 10 + u32::from(lo - b'0'))
             } else {
-                Err(TimestampError)
+                Err(TimestampError::Syntax)
             }
         };
         let [y0, y1, y2, y3, m0, m1, d0, d1, h0, h1, i0, i1, s0, s1] = date_time;
@@ -77,14 +112,14 @@ impl Timestamp {
             || minute > 59
             || second > 60
         {
-            return Err(TimestampError);
+            return Err(TimestampError::Syntax);
         }
 
         let (nanos, rest) = match rest {
             [b'.', frac @ ..] => {
                 let digits = frac.iter().take_while(|c| c.is_ascii_digit()).count();
                 if digits == 0 {
-                    return Err(TimestampError);
+                    return Err(TimestampError::Syntax);
                 }
                 let (frac_digits, rest) = frac.split_at(digits);
                 let mut nanos = 0u32;
@@ -103,7 +138,7 @@ impl Timestamp {
                 let oh = num(*oh0, *oh1)?;
                 let om = num(*om0, *om1)?;
                 if oh > 23 || om > 59 {
-                    return Err(TimestampError);
+                    return Err(TimestampError::Syntax);
                 }
                 let off = i64::from(oh * 3600 + om * 60);
                 if *sign == b'-' {
@@ -112,12 +147,17 @@ impl Timestamp {
                     off
                 }
             }
-            _ => return Err(TimestampError),
+            _ => return Err(TimestampError::Syntax),
         };
 
         let days = days_from_civil(year, month, day);
         let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_secs;
-        Ok(Self { secs, nanos })
+        let parsed = Self { secs, nanos };
+        if parsed.in_range() {
+            Ok(parsed)
+        } else {
+            Err(TimestampError::OutOfRange)
+        }
     }
 
     /// Formats as RFC 3339 in UTC (`Z`), with a fraction only when there is one.

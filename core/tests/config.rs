@@ -4,6 +4,7 @@
 mod common;
 
 use apitokens_core::config::{ConfigError, PluginConfig};
+use apitokens_core::overrides::UrlOverrides;
 use apitokens_core::Config;
 use common::*;
 #[cfg(target_arch = "wasm32")]
@@ -56,11 +57,14 @@ fn accepts_every_optional_field() {
     let json = format!(
         r#"{{"tokens":[{}],"realm":"gateway","identityHeaders":{{"name":"x-user","namespace":"x-ns","role":"x-r"}},
             "forwardAuthorization":true,
+            "forwardAuthorizationPaths":["/tokens/{{namespace}}/**"],
+            "urlOverrideHeaders":"remove",
             "rules":[{{"path":"/v1/{{namespace}}/**","allow":{{"viewer":["get","list"],"editor":["*"]}}}}]}}"#,
         token("namespaces/a/apitokens/b", "owner", DIGEST)
     );
     let config = Config::from_json(json.as_bytes()).unwrap();
     assert!(config.forward_authorization());
+    assert_eq!(config.url_overrides(), UrlOverrides::Remove);
     assert_eq!(&*config.identity_headers().name, "x-user");
     assert_eq!(config.rules().len(), 1);
 }
@@ -231,6 +235,32 @@ fn bad_timestamps_are_errors() {
 }
 
 #[test]
+fn timestamps_past_year_9999_are_errors_that_name_the_field() {
+    let config = |ts: &str| {
+        format!(
+            r#"{{"tokens":[{{"name":"namespaces/a/apitokens/b","role":"owner","secretSha256":"{DIGEST}","expireTime":"{ts}"}}]}}"#
+        )
+    };
+    // Year 9999 on the clock, year 10000 in UTC once the offset is applied.
+    for ts in [
+        "9999-12-31T23:59:59-23:59",
+        "9999-12-31T23:59:59-00:01",
+        "9999-12-31T23:59:59.000000001Z",
+        "0000-01-01T00:00:00+00:01",
+    ] {
+        assert_rejected(&config(ts), "tokens[0].expireTime", "9999-12-31T23:59:59Z", ts);
+    }
+    for ts in [
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59+00:00",
+        "9999-12-31T23:59:58.999999999Z",
+        "9999-12-31T23:59:59+23:59",
+    ] {
+        assert!(Config::from_json(config(ts).as_bytes()).is_ok(), "{ts}");
+    }
+}
+
+#[test]
 fn invalid_json_is_an_error_that_points_at_the_position() {
     let e = rejects(r#"{"tokens": [}"#);
     assert!(
@@ -271,6 +301,79 @@ fn realm_and_identity_headers_are_validated() {
         "differ",
         "",
     );
+    // `_` reads as `-` upstream (CGI, PHP): a client's x-apitoken-role would
+    // arrive as the identity header, which the filter never replaced.
+    for name in ["x_apitoken_role", "_", "x-role-", "-x-role"] {
+        assert_rejected(
+            &format!(r#"{{"identityHeaders":{{"role":"{name}"}}}}"#),
+            "identityHeaders.role",
+            "header name",
+            "",
+        );
+    }
+    for name in [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-type",
+        "transfer-encoding",
+        "te",
+        "forwarded",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-forwarded-for",
+        "x-forwarded-user",
+        "x-envoy-original-path",
+        "x-request-id",
+    ] {
+        assert_rejected(
+            &format!(r#"{{"identityHeaders":{{"name":"{name}"}}}}"#),
+            "identityHeaders.name",
+            "must not",
+            "",
+        );
+    }
+    assert!(
+        Config::from_json(br#"{"identityHeaders":{"name":"x-user-2","namespace":"tenant","role":"role"}}"#).is_ok()
+    );
+}
+
+#[test]
+fn url_override_modes_and_forwarding_paths_are_validated() {
+    assert_eq!(Config::from_json(b"{}").unwrap().url_overrides(), UrlOverrides::Reject);
+    for (mode, want) in [
+        ("reject", UrlOverrides::Reject),
+        ("remove", UrlOverrides::Remove),
+        ("forward", UrlOverrides::Forward),
+    ] {
+        let json = format!(r#"{{"urlOverrideHeaders":"{mode}"}}"#);
+        assert_eq!(Config::from_json(json.as_bytes()).unwrap().url_overrides(), want);
+    }
+    for mode in [r#""allow""#, r#""Reject""#, r#""""#] {
+        assert_rejected(
+            &format!(r#"{{"urlOverrideHeaders":{mode}}}"#),
+            "urlOverrideHeaders",
+            "\"reject\", \"remove\" or \"forward\"",
+            "",
+        );
+    }
+    assert_rejected(r#"{"urlOverrideHeaders":true}"#, "urlOverrideHeaders", "wrong type", "");
+    assert_rejected(
+        r#"{"forwardAuthorizationPaths":["/a/{namespace}/**","/b/**"]}"#,
+        "forwardAuthorizationPaths[1]",
+        "{namespace}",
+        "",
+    );
+    assert_rejected(
+        r#"{"forwardAuthorizationPaths":["a/{namespace}"]}"#,
+        "forwardAuthorizationPaths[0]",
+        "start with '/'",
+        "",
+    );
 }
 
 #[test]
@@ -309,4 +412,5 @@ fn schema_round_trips_through_json() {
     let again = PluginConfig::from_json(spec.to_json().as_bytes()).unwrap();
     assert_eq!(spec, again);
     assert!(!spec.to_json().contains("forwardAuthorization"), "defaults are omitted");
+    assert!(!spec.to_json().contains("urlOverrideHeaders"), "defaults are omitted");
 }

@@ -240,18 +240,59 @@ fn the_realm_is_configurable() {
 }
 
 #[test]
-fn the_token_api_receives_the_authorization_header_it_checks_itself() {
-    // The built-in rule for /apitokens/ forwards Authorization: the token API
-    // authenticates its callers with the same secret.
+fn no_built_in_rule_forwards_the_authorization_header() {
+    // Behind envoy.yaml, Docker and Istio the token API's paths reach the
+    // application's upstream: it must not receive an owner's secret.
     let config = fixture();
     let auth = bearer(OWNER);
     let mut host = Recorder::request("POST", "/apitokens/v1/namespaces/default/apitokens", Some(&auth));
     assert_eq!(run(&config, &mut host), Verdict::Continue);
-    assert_eq!(
-        host.header("authorization").as_deref(),
-        Some(&*format!("Bearer {OWNER}"))
-    );
+    assert_eq!(host.header("authorization"), None);
     assert_eq!(host.header("x-apitoken-role").as_deref(), Some("owner"));
+}
+
+#[test]
+fn forward_authorization_paths_keep_the_header_for_the_token_api() {
+    // The ECDS setup (envoy/ecds-plugin-base.json): the token API is the
+    // control plane, which checks the bearer token itself.
+    let config = Config::from_json(
+        fixture_json(r#","forwardAuthorizationPaths":["/apitokens/v1/namespaces/{namespace}/apitokens/**"]"#)
+            .as_bytes(),
+    )
+    .unwrap();
+    let auth = bearer(OWNER);
+    for path in [
+        "/apitokens/v1/namespaces/default/apitokens",
+        "/apitokens/v1/namespaces/default/apitokens/t:regenerate",
+        "/APITOKENS/v1/namespaces/default/apitokens.json",
+    ] {
+        let mut host = Recorder::request("POST", path, Some(&auth));
+        assert_eq!(run(&config, &mut host), Verdict::Continue, "{path}");
+        assert_eq!(
+            host.header("authorization").as_deref(),
+            Some(&*format!("Bearer {OWNER}")),
+            "{path}"
+        );
+    }
+    // Every other path still loses it; the patterns grant nothing.
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.header("authorization"), None);
+    let editor = bearer(EDITOR);
+    let mut host = Recorder::request("GET", "/apitokens/v1/namespaces/default/apitokens", Some(&editor));
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    // A rule's own setting wins over the patterns.
+    let config = Config::from_json(
+        fixture_json(
+            r#","forwardAuthorizationPaths":["/x/{namespace}/**"],
+               "rules":[{"path":"/x/{namespace}/**","allow":{"owner":["*"]},"forwardAuthorization":false}]"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut host = Recorder::request("GET", "/x/default/y", Some(&auth));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.header("authorization"), None);
 }
 
 #[test]
@@ -305,7 +346,7 @@ fn a_method_override_must_be_permitted_too() {
     let config = fixture();
     let viewer = bearer(VIEWER);
     let editor = bearer(EDITOR);
-    for header in apitokens_core::gate::METHOD_OVERRIDE_HEADERS {
+    for header in apitokens_core::overrides::METHOD_OVERRIDE_HEADERS {
         // A viewer's GET that an upstream would run as DELETE.
         let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&viewer))
             .with_header(header, "DELETE");
@@ -345,4 +386,163 @@ fn refusals_log_at_debug_level() {
     let mut host = Recorder::request("GET", "/", None);
     run(&config, &mut host);
     assert_eq!(host.logs, ["Debug: denied reason=missing token=-"]);
+}
+
+#[test]
+fn url_override_headers_are_refused_by_default() {
+    let config = fixture();
+    let auth = bearer(OWNER);
+    for header in apitokens_core::overrides::URL_OVERRIDE_HEADERS {
+        for auth in [Some(&auth[..]), None] {
+            let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", auth)
+                .with_header(header, "/api/v1/namespaces/default/secret-values");
+            assert_eq!(run(&config, &mut host), Verdict::Stop, "{header}");
+            let (denial, reply) = host.reply.clone().unwrap();
+            assert_eq!((denial, reply.status), (Denial::UrlOverride, 400));
+            assert_eq!(
+                reply_header(&reply, "www-authenticate"),
+                Some(r#"Bearer realm="apitokens", error="invalid_request""#)
+            );
+            assert_eq!(reply.details, "apitokens_url_override");
+            assert_eq!(host.counters, vec![Counter::Malformed]);
+        }
+    }
+}
+
+#[test]
+fn url_override_headers_can_be_removed_or_forwarded() {
+    let auth = bearer(VIEWER);
+    for (mode, kept) in [("remove", false), ("forward", true)] {
+        let config = Config::from_json(fixture_json(&format!(r#","urlOverrideHeaders":"{mode}""#)).as_bytes()).unwrap();
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth))
+            .with_header("x-original-url", "/a")
+            .with_header("x-rewrite-url", "/b");
+        assert_eq!(run(&config, &mut host), Verdict::Continue, "{mode}");
+        assert_eq!(host.header("x-original-url").is_some(), kept, "{mode}");
+        assert_eq!(host.header("x-rewrite-url").is_some(), kept, "{mode}");
+        // The decision is still on :path.
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/secret-values", Some(&auth))
+            .with_header("x-original-url", "/api/v1/namespaces/default/jobs");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{mode}");
+    }
+    // Nothing to remove: no extra host call.
+    let config = Config::from_json(fixture_json(r#","urlOverrideHeaders":"remove""#).as_bytes()).unwrap();
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    run(&config, &mut host);
+    assert!(!host.writes.iter().any(|w| w.contains("url")), "{:?}", host.writes);
+}
+
+#[test]
+fn method_override_values_are_read_as_frameworks_read_them() {
+    let config = fixture();
+    let viewer = bearer(VIEWER);
+    let editor = bearer(EDITOR);
+    // Symfony, Rack and method-override upper-case the value: `delete` deletes.
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&viewer))
+        .with_header("x-http-method-override", "delete");
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&editor))
+        .with_header("x-http-method-override", "delete");
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+}
+
+#[test]
+fn a_method_override_in_the_query_must_be_permitted_too() {
+    let config = fixture();
+    let viewer = bearer(VIEWER);
+    let editor = bearer(EDITOR);
+    let item = "/api/v1/namespaces/default/deployments/d1";
+    for query in [
+        "_method=DELETE",
+        "_method=delete",
+        "x=1&_method=PUT",
+        "%5Fmethod=DELETE",
+        "_method=%44ELETE",
+        ".method=PATCH",
+        "_method[]=DELETE",
+        "_method=GET&_method=DELETE",
+        "_method=PURGE",
+        "_method",
+    ] {
+        let path = format!("{item}?{query}");
+        let mut host = Recorder::request("GET", &path, Some(&viewer));
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{query}");
+        assert_eq!(
+            host.reply.as_ref().map(|(d, _)| *d),
+            Some(Denial::RoleDenied),
+            "{query}"
+        );
+    }
+    for query in ["_method=DELETE", "_method=patch", "method=DELETE", "x_method=DELETE"] {
+        let path = format!("{item}?{query}");
+        let mut host = Recorder::request("GET", &path, Some(&editor));
+        assert_eq!(run(&config, &mut host), Verdict::Continue, "{query}");
+    }
+    for query in ["method=DELETE", "x_method=DELETE", "_method=GET", "_methods=DELETE"] {
+        let path = format!("{item}?{query}");
+        let mut host = Recorder::request("GET", &path, Some(&viewer));
+        assert_eq!(run(&config, &mut host), Verdict::Continue, "{query}");
+    }
+}
+
+#[test]
+fn a_post_with_a_body_must_be_permitted_for_what_a_body_override_could_make_it() {
+    // Custom rules where editors may create orders but not delete them: a
+    // body's `_method=DELETE` would delete. (The built-in rules never allow
+    // create without the other verbs.)
+    let config = Config::from_json(
+        fixture_json(
+            r#","rules":[
+                {"path":"/shop/{namespace}/orders/**","allow":{"editor":["create","get","list"],"owner":["*"]}},
+                {"path":"/shop/{namespace}/**","allow":{"viewer":["*"]}}]"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let editor = bearer(EDITOR);
+    let owner = bearer(OWNER);
+    let viewer = bearer(VIEWER);
+    let orders = "/shop/default/orders";
+    let mut host = Recorder::request("POST", orders, Some(&editor));
+    assert_eq!(run(&config, &mut host), Verdict::Continue, "a POST without a body");
+    let mut host = Recorder::request("POST", orders, Some(&editor));
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop, "a POST with a body");
+    assert_eq!(host.reply.as_ref().map(|(d, _)| *d), Some(Denial::RoleDenied));
+    // An empty body announced by its length (an HTTP/2 client's empty DATA
+    // frame) is no body.
+    let mut host = Recorder::request("POST", orders, Some(&editor)).with_header("content-length", "0");
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Continue, "content-length: 0");
+    let mut host = Recorder::request("POST", orders, Some(&editor)).with_header("content-length", "2");
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop, "content-length: 2");
+    let mut host = Recorder::request("POST", orders, Some(&owner));
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    let mut host = Recorder::request("POST", "/shop/default/carts", Some(&viewer));
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    // Only POST: frameworks take a body override on POST only.
+    let mut host = Recorder::request("GET", orders, Some(&editor));
+    host.body = true;
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    // With the built-in rules a body changes nothing for anyone.
+    let config = fixture();
+    for (secret, path, allowed) in [
+        (VIEWER, "/artifacts/v1/namespaces/default/artifacts:list", true),
+        (VIEWER, "/api/v1/namespaces/default/deployments", false),
+        (EDITOR, "/api/v1/namespaces/default/deployments", true),
+        (EDITOR, "/api/v1/namespaces/default/deployment-targets", false),
+        (OWNER, "/apitokens/v1/namespaces/default/apitokens", true),
+        (OWNER, "/namespaces/v1/namespaces/default/members", false),
+    ] {
+        let auth = bearer(secret);
+        for body in [false, true] {
+            let mut host = Recorder::request("POST", path, Some(&auth));
+            host.body = body;
+            let want = if allowed { Verdict::Continue } else { Verdict::Stop };
+            assert_eq!(run(&config, &mut host), want, "{secret} {path} body={body}");
+        }
+    }
 }

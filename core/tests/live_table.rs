@@ -5,7 +5,7 @@
 
 mod common;
 
-use apitokens_core::table::{Change, Digest, Entry, LiveTable};
+use apitokens_core::table::{Change, Digest, Entry, LiveTable, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use std::collections::BTreeMap;
 #[cfg(target_arch = "wasm32")]
@@ -34,16 +34,37 @@ struct Token {
     role: Role,
     digest: Digest,
     expire: Option<Timestamp>,
+    /// A previous secret in its overlap, until then.
+    previous: Option<(Digest, Timestamp)>,
+}
+
+impl Token {
+    fn entries<'a>(&self, name: &'a str) -> TokenEntries<'a> {
+        TokenEntries {
+            current: Entry {
+                name,
+                role: self.role,
+                digest: self.digest,
+                expire: self.expire,
+                previous: false,
+            },
+            previous: self.previous.map(|(digest, until)| Entry {
+                name,
+                role: self.role,
+                digest,
+                expire: Some(until),
+                previous: true,
+            }),
+        }
+    }
 }
 
 fn entries(model: &BTreeMap<String, Token>) -> Vec<Entry<'_>> {
     model
         .iter()
-        .map(|(name, t)| Entry {
-            name,
-            role: t.role,
-            digest: t.digest,
-            expire: t.expire,
+        .flat_map(|(name, t)| {
+            let e = t.entries(name);
+            std::iter::once(e.current).chain(e.previous)
         })
         .collect()
 }
@@ -61,6 +82,12 @@ fn token(rng: &mut Rng) -> Token {
         role: Role::ALL[rng.below(3) as usize],
         digest: Digest::of(&rng.next().to_le_bytes()),
         expire: (rng.below(3) == 0).then(|| Timestamp::from_unix(1_800_000_000 + rng.below(1000) as i64, 0)),
+        previous: (rng.below(4) == 0).then(|| {
+            (
+                Digest::of(&rng.next().to_le_bytes()),
+                Timestamp::from_unix(1_700_000_000 + rng.below(1000) as i64, 0),
+            )
+        }),
     }
 }
 
@@ -85,12 +112,13 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
         }
         let mut live = LiveTable::build(HEADER, &entries(&model)).unwrap();
         for _ in 0..30 {
-            // A batch: creates, regenerates, role or expiry changes,
-            // deletes, deletes of absent names, several changes to one name.
+            // A batch: creates, regenerates (with and without an overlap),
+            // role or expiry changes, deletes, deletes of absent names,
+            // several changes to one name.
             let mut batch: Vec<(String, Option<Token>)> = Vec::new();
             for _ in 0..1 + rng.below(6) {
                 let n = name(&mut rng, spread);
-                let change = match rng.below(5) {
+                let change = match rng.below(7) {
                     0 => None,
                     1 => model.get(&n).map(|t| Token {
                         role: Role::ALL[rng.below(3) as usize],
@@ -100,6 +128,15 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
                         expire: None,
                         ..t.clone()
                     }),
+                    3 => model.get(&n).map(|t| Token {
+                        digest: Digest::of(&rng.next().to_le_bytes()),
+                        previous: Some((t.digest, Timestamp::from_unix(1_750_000_000, 0))),
+                        ..t.clone()
+                    }),
+                    4 => model.get(&n).map(|t| Token {
+                        previous: None,
+                        ..t.clone()
+                    }),
                     _ => Some(token(&mut rng)),
                 };
                 batch.push((n, change));
@@ -107,12 +144,7 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
             let changes: Vec<Change<'_>> = batch
                 .iter()
                 .map(|(n, t)| match t {
-                    Some(t) => Change::Put(Entry {
-                        name: n,
-                        role: t.role,
-                        digest: t.digest,
-                        expire: t.expire,
-                    }),
+                    Some(t) => Change::Put(t.entries(n)),
                     None => Change::Remove(n),
                 })
                 .collect();
@@ -150,6 +182,13 @@ fn refused_edits_change_nothing() {
         role: Role::Owner,
         digest,
         expire: None,
+        previous: false,
+    };
+    let put = |name, digest| {
+        Change::Put(TokenEntries {
+            current: entry(name, digest),
+            previous: None,
+        })
     };
     let mut live = LiveTable::build(
         HEADER,
@@ -160,17 +199,34 @@ fn refused_edits_change_nothing() {
     )
     .unwrap();
     let before = live.table().buffer().to_vec();
-    let bad: [&[Change<'_>]; 4] = [
+    let with_previous = |name, current, previous| {
+        Change::Put(TokenEntries {
+            current: entry(name, current),
+            previous: Some(Entry {
+                previous: true,
+                ..entry(name, previous)
+            }),
+        })
+    };
+    let bad: [&[Change<'_>]; 6] = [
         // The digest of another token that stays.
-        &[Change::Put(entry("namespaces/x/apitokens/c", a))],
+        &[put("namespaces/x/apitokens/c", a)],
         // The same new digest twice.
         &[
-            Change::Put(entry("namespaces/x/apitokens/c", Digest::of(b"c"))),
-            Change::Put(entry("namespaces/x/apitokens/d", Digest::of(b"c"))),
+            put("namespaces/x/apitokens/c", Digest::of(b"c")),
+            put("namespaces/x/apitokens/d", Digest::of(b"c")),
         ],
+        // A previous secret that is another token's current one.
+        &[with_previous("namespaces/x/apitokens/c", Digest::of(b"c"), b)],
+        // A token whose previous secret is its current one.
+        &[with_previous(
+            "namespaces/x/apitokens/c",
+            Digest::of(b"c"),
+            Digest::of(b"c"),
+        )],
         // Not a token name.
-        &[Change::Put(entry("namespaces/X/apitokens/c", Digest::of(b"c")))],
-        &[Change::Put(entry("c", Digest::of(b"c")))],
+        &[put("namespaces/X/apitokens/c", Digest::of(b"c"))],
+        &[put("c", Digest::of(b"c"))],
     ];
     for changes in bad {
         assert!(live.apply(HEADER, changes, Vec::new()).is_err(), "{changes:?}");
@@ -181,7 +237,7 @@ fn refused_edits_change_nothing() {
         HEADER,
         &[
             Change::Remove("namespaces/x/apitokens/a"),
-            Change::Put(entry("namespaces/x/apitokens/c", a)),
+            put("namespaces/x/apitokens/c", a),
         ],
         Vec::new(),
     )
@@ -198,12 +254,17 @@ fn unchanged_tokens_are_no_edit() {
         role: Role::Viewer,
         digest: d,
         expire: None,
+        previous: false,
     };
     let mut live = LiveTable::build(HEADER, &[e]).unwrap();
+    let token = TokenEntries {
+        current: e,
+        previous: None,
+    };
     let stats = live
         .apply(
             HEADER,
-            &[Change::Put(e), Change::Remove("namespaces/x/apitokens/none")],
+            &[Change::Put(token), Change::Remove("namespaces/x/apitokens/none")],
             Vec::new(),
         )
         .unwrap();

@@ -21,6 +21,9 @@ fn spec(i: usize) -> TokenSpec {
         role: ["viewer", "editor", "owner"][i % 3].to_owned(),
         secret_sha256: sha256_hex(&format!("secret-{i}")),
         expire_time: (i % 5 == 0).then(|| format!("2030-01-01T00:00:{:02}.5Z", i % 60)),
+        // Every seventh token is in a rotation's overlap (not among the first three).
+        previous_secret_sha256: (i % 7 == 3).then(|| sha256_hex(&format!("previous-{i}"))),
+        previous_secret_expire_time: (i % 7 == 3).then(|| "2029-06-01T00:00:00Z".to_owned()),
     }
 }
 
@@ -32,7 +35,8 @@ fn specs(n: usize) -> Vec<TokenSpec> {
 fn finds_every_token_and_nothing_else() {
     let n = 20_000;
     let table = TokenTable::from_specs(&specs(n)).unwrap();
-    assert_eq!(table.len(), n);
+    let overlapping = (0..n).filter(|i| i % 7 == 3).count();
+    assert_eq!(table.len(), n + overlapping, "one entry per secret");
     for i in 0..n {
         let token = table
             .get(&Digest::of(format!("secret-{i}").as_bytes()))
@@ -42,6 +46,18 @@ fn finds_every_token_and_nothing_else() {
         assert_eq!(token.namespace(), format!("ns-{}", i % 97));
         assert_eq!(token.role(), Role::parse(&s.role).unwrap());
         assert_eq!(token.expire().map(|t| t.to_rfc3339()), s.expire_time);
+        assert!(!token.is_previous());
+        let previous = table.get(&Digest::of(format!("previous-{i}").as_bytes()));
+        if i % 7 == 3 {
+            let previous = previous.unwrap_or_else(|| panic!("previous secret of {i}"));
+            assert_eq!((previous.name(), previous.role()), (token.name(), token.role()));
+            assert!(previous.is_previous());
+            // The overlap ends at its own time or the token's expiry, whichever is first.
+            let until = apitokens_core::Timestamp::parse_rfc3339("2029-06-01T00:00:00Z").unwrap();
+            assert_eq!(previous.expire(), Some(token.expire().map_or(until, |e| e.min(until))));
+        } else {
+            assert!(previous.is_none());
+        }
     }
     for i in n..2 * n {
         assert!(
@@ -51,7 +67,7 @@ fn finds_every_token_and_nothing_else() {
     }
     assert!(table.get(&Digest([0; 32])).is_none());
     assert!(table.get(&Digest([0xff; 32])).is_none());
-    assert_eq!(table.iter().count(), n);
+    assert_eq!(table.iter().count(), n + overlapping);
 }
 
 #[test]
@@ -123,26 +139,22 @@ fn compact_encoding_is_smaller_than_json() {
 
 #[test]
 fn the_encoder_reports_json_field_paths() {
+    let field_of = |spec: PluginConfig| compact::encode(&spec, &LINEAGE).unwrap_err().field;
+    let with_tokens = |tokens| PluginConfig {
+        tokens,
+        ..PluginConfig::default()
+    };
     let mut tokens = specs(3);
     tokens[2].secret_sha256 = tokens[0].secret_sha256.clone();
-    let e = compact::encode(
-        &PluginConfig {
-            tokens,
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "tokens[2].secretSha256");
-    let e = compact::encode(
-        &PluginConfig {
-            realm: Some("a\"b".into()),
-            ..PluginConfig::default()
-        },
-        &LINEAGE,
-    )
-    .unwrap_err();
-    assert_eq!(e.field, "realm");
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[2].secretSha256");
+    let mut tokens = specs(3);
+    tokens[1].expire_time = Some("9999-12-31T23:59:59-23:59".into());
+    assert_eq!(field_of(with_tokens(tokens)), "tokens[1].expireTime");
+    let realm = PluginConfig {
+        realm: Some("a\"b".into()),
+        ..PluginConfig::default()
+    };
+    assert_eq!(field_of(realm), "realm");
 }
 
 #[test]
@@ -209,6 +221,26 @@ fn compact_tables_are_validated_like_json() {
     let offset: [u8; 4] = shared_name[entry(0) + 44..entry(0) + 48].try_into().unwrap();
     shared_name[entry(1) + 44..entry(1) + 48].copy_from_slice(&offset);
     assert!(Config::from_plugin_configuration(shared_name).is_err());
+
+    // An expiry past 9999-12-31T23:59:59Z (or before year 0) is refused as
+    // it is in JSON, naming the entry, not the value.
+    for (secs, nanos) in [
+        (253_402_300_800i64, 0u32),
+        (253_402_300_799, 1),
+        (i64::MAX, 0),
+        (-62_167_219_201, 0),
+    ] {
+        let mut far = good.clone();
+        far[entry(1) + 32..entry(1) + 40].copy_from_slice(&secs.to_le_bytes());
+        far[entry(1) + 40..entry(1) + 44].copy_from_slice(&nanos.to_le_bytes());
+        let e = Config::from_plugin_configuration(far).unwrap_err();
+        assert!(e.problem.contains("entry 1: expireTime must lie between"), "{e}");
+        assert!(!e.to_string().contains(&secs.to_string()), "{e}");
+    }
+    let mut latest = good.clone();
+    latest[entry(1) + 32..entry(1) + 40].copy_from_slice(&253_402_300_799i64.to_le_bytes());
+    latest[entry(1) + 40..entry(1) + 44].copy_from_slice(&0u32.to_le_bytes());
+    assert!(Config::from_plugin_configuration(latest).is_ok());
 
     let mut version = good.clone();
     version[4] = 3;

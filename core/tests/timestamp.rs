@@ -72,3 +72,39 @@ fn orders_chronologically() {
         Timestamp::from_unix(6, 500_000_000)
     );
 }
+
+#[test]
+fn accepts_instants_from_year_0_to_9999_only() {
+    use apitokens_core::timestamp::TimestampError;
+    assert_eq!(
+        Timestamp::parse_rfc3339("9999-12-31T23:59:59Z").unwrap(),
+        Timestamp::MAX
+    );
+    assert_eq!(
+        Timestamp::parse_rfc3339("0000-01-01T00:00:00Z").unwrap(),
+        Timestamp::MIN
+    );
+    assert_eq!(Timestamp::MAX.to_rfc3339(), "9999-12-31T23:59:59Z");
+    assert_eq!(Timestamp::MIN.to_rfc3339(), "0000-01-01T00:00:00Z");
+    // Valid RFC 3339 whose instant lies outside: the offset carries it over.
+    for s in [
+        "9999-12-31T23:59:59-23:59",
+        "9999-12-31T23:59:59.5Z",
+        "9999-12-31T23:30:00-00:30",
+        "0000-01-01T00:00:00+00:01",
+    ] {
+        assert_eq!(Timestamp::parse_rfc3339(s), Err(TimestampError::OutOfRange), "{s}");
+    }
+    assert_eq!(
+        Timestamp::parse_rfc3339("10000-01-01T00:00:00Z"),
+        Err(TimestampError::Syntax)
+    );
+    // Whatever is accepted formats back to something accepted.
+    for s in ["9999-12-31T23:59:59+23:59", "0000-01-01T23:59:59-00:01"] {
+        let t = Timestamp::parse_rfc3339(s).unwrap();
+        assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()).unwrap(), t, "{s}");
+    }
+    assert!(Timestamp::MAX.in_range() && Timestamp::MIN.in_range());
+    assert!(!Timestamp::from_unix(Timestamp::MAX.unix_seconds(), 1).in_range());
+    assert!(!Timestamp::from_unix(Timestamp::MIN.unix_seconds() - 1, 999_999_999).in_range());
+}

@@ -66,7 +66,9 @@ def workdir(tmp_path_factory) -> Path:
 def cp(workdir):
     plane = ControlPlane(workdir / "cp")
     plane.owner = plane.bootstrap("default", "admin")  # type: ignore[attr-defined]
-    plane.start()
+    # Expired tokens leave the pushed configuration 2 s after their expiry
+    # (test_expiry); the default keeps them 7 days.
+    plane.start("--expired-retention-seconds", "2")
     yield plane
     plane.stop()
 

@@ -53,6 +53,14 @@ INVALID = {
     "bad-timestamp": ({"tokens": [bad(expireTime="2027-13-01T00:00:00Z")]}, ["tokens[0].expireTime"]),
     "not-rfc3339": ({"tokens": [bad(expireTime="2027-01-01 00:00:00")]}, ["tokens[0].expireTime"]),
     "role-not-a-string": ({"tokens": [bad(role=3)]}, ["tokens[0].role"]),
+    "year-10000": ({"tokens": [bad(expireTime="9999-12-31T23:59:59-23:59")]}, ["tokens[0].expireTime", "9999"]),
+    "url-override-mode": ({"tokens": [good_token()], "urlOverrideHeaders": "allow"}, ["urlOverrideHeaders"]),
+    "identity-header-underscore": (
+        {"tokens": [good_token()], "identityHeaders": {"role": "x_apitoken_role"}}, ["identityHeaders.role"]),
+    "identity-header-reserved": (
+        {"tokens": [good_token()], "identityHeaders": {"name": "cookie"}}, ["identityHeaders.name"]),
+    "forward-path-without-namespace": (
+        {"tokens": [good_token()], "forwardAuthorizationPaths": ["/apitokens/**"]}, ["forwardAuthorizationPaths[0]"]),
     "not-json": ('{"tokens": [', []),
 }
 
@@ -104,10 +112,55 @@ def test_custom_rules(start_envoy, proto):
     try:
         allowed(c.get("/reports/v1/namespaces/default/reports", token=viewer), viewer)
         allowed(c.request("POST", "/reports/v1/namespaces/default/reports", token=viewer), viewer)
+        # With a body it could be a PUT or DELETE to a framework that reads
+        # `_method` from the body: those verbs must be permitted too.
+        denied(c.request("POST", "/reports/v1/namespaces/default/reports", token=viewer,
+                         content=b'{"_method": "DELETE"}'), "role_denied")
+        denied(c.request("POST", "/reports/v1/namespaces/default/reports", token=viewer,
+                         content=b"title=q3"), "role_denied")
         denied(c.get("/reports/v1/namespaces/default/reports/r1", token=viewer), "role_denied")
         denied(c.get("/reports/v1/namespaces/other/reports", token=viewer), "namespace_denied")
         # The built-in table no longer applies.
         denied(c.get(PATH, token=viewer), "role_denied")
+    finally:
+        c.close()
+        envoy.stop()
+
+
+def test_forward_authorization_paths(start_envoy, proto):
+    """Only allowed requests on the listed paths keep the bearer token."""
+    owner = Token("default", "fwd-owner", "owner")
+    viewer = Token("default", "fwd-viewer", "viewer")
+    envoy = start_envoy(
+        plugin_config([owner, viewer], forwardAuthorizationPaths=["/apitokens/v1/namespaces/{namespace}/apitokens/**"]),
+        name="forward-paths")
+    c = Client(envoy, proto)
+    try:
+        allowed(c.get("/apitokens/v1/namespaces/default/apitokens", token=owner), owner, forward_authorization=True)
+        allowed(c.get("/apitokens/v1/namespaces/default/ApiTokens.json", token=owner), owner,
+                forward_authorization=True)
+        allowed(c.get(PATH, token=owner), owner)
+        denied(c.get("/apitokens/v1/namespaces/default/apitokens", token=viewer), "role_denied")
+    finally:
+        c.close()
+        envoy.stop()
+
+
+@pytest.mark.parametrize("mode", ["reject", "remove", "forward"])
+def test_url_override_modes(start_envoy, proto, mode):
+    editor = Token("default", "url-editor", "editor")
+    envoy = start_envoy(plugin_config([editor], urlOverrideHeaders=mode), name=f"url-{mode}")
+    c = Client(envoy, proto)
+    override = {"x-original-url": "/api/v1/namespaces/default/secret-values", "x-rewrite-url": "/x"}
+    try:
+        resp = c.get(PATH, token=editor, headers=override)
+        if mode == "reject":
+            denied(resp, "url_override", secret=editor.secret)
+            denied(c.get(PATH, headers={"x-rewrite-url": "/x"}), "url_override")
+        else:
+            seen = allowed(resp, editor)
+            kept = {k for k, _ in seen["raw_headers"] if k in override}
+            assert kept == (set(override) if mode == "forward" else set()), seen["raw_headers"]
     finally:
         c.close()
         envoy.stop()
@@ -247,9 +300,40 @@ def test_demo_envoy_yaml_serves_requests(upstream, run_dir, proto):
         allowed(c.request("POST", PATH, token=editor), editor)
         denied(c.get("/api/v1/namespaces/other/deployments", token=editor), "namespace_denied")
         denied(c.get(PATH), "missing")
+        # The token API's paths reach this demo's only upstream, the
+        # application: an owner's secret must not go with them.
+        owner = Token("default", "demo-owner", "owner", secret="demo-owner-secret")
+        allowed(c.get("/apitokens/v1/namespaces/default/apitokens", token=owner), owner)
     finally:
         c.close()
         envoy.stop()
+
+
+def test_only_the_control_plane_setup_forwards_authorization():
+    """Static, Docker and Istio setups put the application behind every path;
+    only the ECDS setup routes the token API to the control plane, which
+    needs the bearer token."""
+    static = [json.loads(wasm_config(load_yaml(ENVOY_DIR / n))["configuration"]["value"])
+              for n in ("envoy.yaml", "envoy-docker.yaml")]
+    (plugin,) = istio_docs("wasmplugin.yaml")
+    docs = {d["metadata"]["name"]: d for d in istio_docs("envoyfilter.yaml")}
+    (insert,) = docs["apitokens-filter"]["spec"]["configPatches"]
+    inline = json.loads(insert["patch"]["value"]["typed_config"]["config"]["configuration"]["value"])
+    for config in [*static, plugin["spec"]["pluginConfig"], inline]:
+        assert not config.get("forwardAuthorization") and "forwardAuthorizationPaths" not in config, config
+        assert all("forwardAuthorization" not in rule for rule in config.get("rules", []))
+    base = json.loads((ENVOY_DIR / "ecds-plugin-base.json").read_text())
+    assert base["forwardAuthorizationPaths"] == ["/apitokens/v1/namespaces/{namespace}/apitokens/**"]
+    ecds = load_yaml(ENVOY_DIR / "envoy-ecds.yaml")
+    routes = hcm_of(ecds)["route_config"]["virtual_hosts"][0]["routes"]
+    (token_api,) = [r["match"] for r in routes if r["route"]["cluster"] == "apitokens_api" and "safe_regex" in r["match"]]
+    # Every spelling the forwarding pattern matches goes to the control plane.
+    regex = re.compile(token_api["safe_regex"]["regex"].replace("(?i)", ""), re.I)
+    for path in ["/apitokens/v1/namespaces/default/apitokens", "/APITOKENS/v1/x", "/apitokens./v1/x",
+                 "/ApiTokens.json/v1/x", "/apitokens:x/v1/x"]:
+        assert regex.fullmatch(path), path
+    for path in ["/api/v1/namespaces/default/apitokens", "/apitokensx/v1", "/x/apitokens/"]:
+        assert not regex.fullmatch(path), path
 
 
 # ---------------------------------------------------------------------------

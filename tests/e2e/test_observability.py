@@ -32,6 +32,7 @@ def one_of_each(client, tokens):
             "not_bearer": client.get(PATH, authorization="Basic dXNlcjpwYXNz"),
             "malformed": client.get(PATH, authorization='Bearer "quoted"'),
             "multiple_credentials": raw.request("GET", PATH, [("authorization", tokens.editor.authorization)] * 2),
+            "url_override": client.get(PATH, token=tokens.editor, headers={"x-original-url": "/admin"}),
             "unknown": client.get(PATH, token=tokens.unknown),
             "expired": client.get(PATH, token=tokens.expired),
             "namespace_denied": client.get("/api/v1/namespaces/other/deployments", token=tokens.editor),
@@ -84,8 +85,8 @@ def test_wasm_failure_stats_exist_and_stay_still(envoy, tokens, proto):
 
 @pytest.mark.parametrize(
     "reason",
-    ["missing", "not_bearer", "malformed", "multiple_credentials", "unknown", "expired", "namespace_denied",
-     "role_denied"],
+    ["missing", "not_bearer", "malformed", "multiple_credentials", "url_override", "unknown", "expired",
+     "namespace_denied", "role_denied"],
 )
 def test_response_code_details_in_access_log(client, tokens, reason):
     resp = one_of_each(client, tokens)[reason]

@@ -54,9 +54,8 @@ def store(pg) -> str:
 
 
 def replica(workdir: Path, name: str, store: str) -> ControlPlane:
-    plane = ControlPlane(workdir / name, name=name, store=store)
-    plane.replica_args = ("--replica-name", name, "--replica-timeout-ms", str(TIMEOUT_MS))  # type: ignore[attr-defined]
-    return plane
+    return ControlPlane(workdir / name, name=name, store=store,
+                        always=("--replica-name", name, "--replica-timeout-ms", str(TIMEOUT_MS)))
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +63,7 @@ def replicas(workdir, store):
     planes = [replica(workdir, name, store) for name in NAMES]
     planes[0].owner = planes[0].bootstrap("default", "admin")  # type: ignore[attr-defined]
     for plane in planes:
-        plane.start(*plane.replica_args)  # type: ignore[attr-defined]
+        plane.start()
     yield planes
     for plane in planes:
         plane.stop()

@@ -53,7 +53,7 @@ def test_kill_9_a_replica_under_load(replicas, envoys, owner, figures):
         f"(slowest answer {slowest:.2f} s, waiting out the dead replica's Envoy), none lost; "
         f"{len(samples)} gateway requests {summary(samples)}, no 5xx")
 
-    r3.start(*r3.replica_args)
+    r3.start()
     poll(lambda: sum(1 for x in r1.status()["replicas"] if x["live"]) == 3, 10, "r3 back")
     # The new r3 does not wait for the Envoy its predecessor had (gw-3, now
     # elsewhere): a write on it answers at once, applied by all three.

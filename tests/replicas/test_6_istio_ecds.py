@@ -97,7 +97,7 @@ def local(config: dict, plane: ControlPlane, pki: Path | None = None) -> dict:
     if pki is not None:
         text = text.replace("/etc/apitokens/", f"{pki}/")
     config = yaml.safe_load(text)
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "apitokens_xds"]
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "xds_cluster"]
     for group in cluster["load_assignment"]["endpoints"]:
         for ep in group["lb_endpoints"]:
             address = ep["endpoint"]["address"]["socket_address"]

@@ -10,6 +10,7 @@ A case (see the header of corpus.yaml for the full format):
   authorization       one value or a list (repeated headers); default "Bearer {secret}"
                       with a token, no header without one
   headers             more [name, value] pairs
+  body                a request body (sent with its content-length)
   expect              status (a number, or `reset`: HTTP/2 stream reset, `closed`:
                       connection closed without an answer), error (the
                       WWW-Authenticate error; null: a bare challenge; left out:
@@ -31,7 +32,7 @@ from testkit.clients import ConnectionClosed, StreamReset, next_e2e_id, raw_clie
 from testkit.controlplane import APP
 
 CORPUS = Path(__file__).with_name("corpus.yaml")
-CLASSES = ("authorization", "path", "lifecycle", "identity")
+CLASSES = ("authorization", "path", "alias", "override", "expiry", "lifecycle", "identity")
 PROTOCOLS = ("h1", "h2")
 
 _SECRET = re.compile(r"\{secret(?:@([a-z-]+))?(?:\.(flip|trunc|ext))?\}")
@@ -44,7 +45,7 @@ def load(path: Path = CORPUS) -> list[dict]:
     assert len(ids) == len(set(ids)), "duplicate case ids"
     for c in cases:
         assert c.get("class") in CLASSES, f"{c['id']}: class must be one of {CLASSES}"
-        assert set(c) <= {"id", "class", "why", "token", "method", "path", "authorization", "headers",
+        assert set(c) <= {"id", "class", "why", "token", "method", "path", "authorization", "headers", "body",
                           "expect"}, f"{c['id']}: unknown field"
         assert "status" in c["expect"], f"{c['id']}: expect.status is required"
     return cases
@@ -91,14 +92,14 @@ def token_for(case: dict, tokens):
     return tokens.by_state[state]
 
 
-def build_request(case: dict, tokens, token) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+def build_request(case: dict, tokens, token) -> tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]:
     auth = case.get("authorization", "Bearer {secret}" if token is not None else [])
     auths = auth if isinstance(auth, list) else [auth]
     headers = [(b"authorization", expand(v, tokens, token)) for v in auths]
     headers += [(expand(n, tokens, token), expand(v, tokens, token)) for n, v in case.get("headers", [])]
     method = expand(case.get("method", "GET"), tokens, token)
     path = expand(case.get("path", APP), tokens, token)
-    return method, path, headers
+    return method, path, headers, expand(case.get("body", ""), tokens, token)
 
 
 class Outcome:
@@ -118,11 +119,11 @@ class Outcome:
         return head + "\n" + self.response.content.decode("latin-1")
 
 
-def send(envoy, proto: str, method: bytes, path: bytes, headers) -> Outcome:
+def send(envoy, proto: str, method: bytes, path: bytes, headers, body: bytes = b"") -> Outcome:
     e2e_id = next_e2e_id()
     client = raw_client(envoy, proto)
     try:
-        return Outcome(e2e_id, client.request(method, path, headers, e2e_id=e2e_id))
+        return Outcome(e2e_id, client.request(method, path, headers, e2e_id=e2e_id, body=body))
     except StreamReset:
         return Outcome(e2e_id, failure="reset")
     except (ConnectionClosed, ConnectionResetError):

@@ -24,8 +24,8 @@ CASES = corpus.load()
 def test_case(case, proto, envoy, tokens, responses):
     token = corpus.token_for(case, tokens)
     stats_before = corpus.wasm_failure_stats(envoy)
-    method, path, headers = corpus.build_request(case, tokens, token)
-    out = corpus.send(envoy, proto, method, path, headers)
+    method, path, headers, body = corpus.build_request(case, tokens, token)
+    out = corpus.send(envoy, proto, method, path, headers, body)
     responses.append(out.text())
     corpus.check(case, proto, envoy, token, out, SECRETS)
     # No Wasm failure signal moved: no trap in the log, no failure stat.

@@ -21,6 +21,7 @@ directory).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -32,13 +33,36 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect, sync_playwright
 
 from testkit.clients import request
-from testkit.controlplane import create, tokens_path
+from testkit.controlplane import PLUGIN_BASE, ControlPlane, create, tokens_path
 from testkit.harness import SECRETS, poll
 from testkit.leaks import search_run
 
-# The session fixtures cp, envoy, upstream and workdir; the binaries checked at
-# the start; every Envoy's logs in the report of a failed test.
+# The session fixtures envoy, upstream and workdir (cp is this suite's own,
+# below); the binaries checked at the start; every Envoy's logs in the report
+# of a failed test.
 pytest_plugins = ["testkit.fixtures"]
+
+# A namespace's token quota the suite can reach, and usage reported every
+# second, so the page shows a real 429 and a real Last used.
+QUOTA = 8
+
+
+@pytest.fixture(scope="session")
+def cp(workdir):
+    """`apitokens serve` (bootstrap owners in `cp.owners`) with a small token
+    quota and usage reports every second."""
+    # The shipped base configuration, its usage reports every second.
+    settings = json.loads(PLUGIN_BASE.read_text())
+    settings["usageReport"]["intervalSeconds"] = 1
+    base = workdir / "plugin-ui.json"
+    base.write_text(json.dumps(settings))
+    plane = ControlPlane(workdir / "cp", plugin_config=base,
+                         always=("--max-tokens-per-namespace", str(QUOTA), "--usage-flush-seconds", "1"))
+    plane.owners = {ns: plane.bootstrap(ns, "admin") for ns in ("default", "other")}
+    plane.quota = QUOTA
+    plane.start()
+    yield plane
+    plane.stop()
 
 REPO = Path(__file__).resolve().parents[2]
 VIEWPORT = {"width": 1200, "height": 720}

@@ -1,11 +1,9 @@
 """When things go wrong: the control plane down (Envoy answers 503), the
-network gone, and (by rewriting real responses in the browser, since the API
-does not send them yet) a 429 token quota and tokens with `lastUseTime`.
-Runs last: it stops and restarts the control plane."""
+network gone, the namespace's token quota reached (429); and the Last used
+column once tokens carry `lastUseTime`. Runs last: it stops and restarts the
+control plane."""
 
 from __future__ import annotations
-
-import json
 
 from playwright.sync_api import expect
 
@@ -32,54 +30,43 @@ def test_network_failure_in_words(console, browser_context, namespace):
     assert "offline" in console.rows()
 
 
-def test_quota_429_in_words(console, namespace):
-    """The API will answer 429 when a namespace's token quota is reached
-    (another issue). Until it does, the browser answers the create call with
-    the announced error body; the page must say it in words."""
+def test_quota_429_in_words(console, cp, namespace, issue):
+    """The control plane answers 429 once a namespace holds its quota of
+    tokens (this suite's control plane allows `cp.quota`): the page says it in words."""
+    quota = cp.quota
     ns, owner = namespace()
+    for i in range(quota - 1):  # the bootstrap owner is one
+        issue(ns, owner, f"filler-{i}", "viewer")
     console.sign_in(ns, owner)
-    body = {"code": 429, "message": "the namespace has reached its quota of API tokens"}
-    console.page.route(f"**/apitokens/v1/namespaces/{ns}/apitokens",
-                       lambda route: route.fulfill(status=429, json=body, headers={"retry-after": "30"})
-                       if route.request.method == "POST" else route.fallback())
     d = console.fill_create("one-too-many", "viewer")
     d.get_by_role("button", name="Create").click()
     expect(d.get_by_role("alert")).to_have_text(
         f"Namespace “{ns}” has reached its token quota, so no more tokens can be created. Revoke tokens it no "
-        "longer needs, then try again. You can try again in 30 seconds. (The server said: the namespace has "
-        "reached its quota of API tokens)")
+        f"longer needs, then try again. (The server said: namespace {ns} already has {quota} API tokens, the most "
+        "allowed; delete tokens it no longer needs first)")
     console.axe("create, quota reached")
-    console.page.unroute_all()
 
 
-def test_last_used_column_when_tokens_carry_it(console, namespace, issue):
-    """Tokens will carry `lastUseTime` (another issue). The real list answer
-    is extended with it in the browser: the Last used column appears, with
-    "Never" for tokens not used yet."""
+def test_last_used_column_when_tokens_carry_it(console, envoy, namespace, issue):
+    """Tokens carry `lastUseTime` once used (the filter reports it, every
+    second in this suite): the Last used column appears, "Never" for tokens
+    not used yet."""
     ns, owner = namespace()
+    used = issue(ns, owner, "used", "viewer")
     issue(ns, owner, "unused", "viewer")
-    # Without the field: no column.
+    # Nothing used yet: no column.
     console.sign_in(ns, owner)
     expect(console.page.get_by_role("columnheader", name="Last used")).to_be_hidden()
-
-    def with_last_use(route):
-        if route.request.method != "GET":
-            return route.fallback()
-        response = route.fetch()
-        data = response.json()
-        for token in data["apiTokens"]:
-            token["lastUseTime"] = "2026-11-02T09:30:00Z" if token["name"].endswith("/admin") else None
-        route.fulfill(response=response, body=json.dumps(data))
-
-    console.page.route(f"**/apitokens/v1/namespaces/{ns}/apitokens", with_last_use)
+    assert request(envoy.port, "GET", f"/api/v1/namespaces/{ns}/deployments", used).status == 200
+    poll(lambda: "lastUseTime" in request(envoy.port, "GET", tokens_path(ns, "used"), owner).json()["apiToken"], 15,
+         "the last use reported")
     console.page.get_by_role("button", name="Sign out").click()
     console.sign_in(ns, owner)
     expect(console.page.get_by_role("columnheader", name="Last used")).to_be_visible()
     rows = console.rows()
-    assert rows["admin"]["Last used"] == "2026-11-02 09:30 UTC"
+    assert rows["used"]["Last used"].endswith(" UTC") and rows["used"]["Last used"] != "Never"
     assert rows["unused"]["Last used"] == "Never"
     console.axe("list with Last used")
-    console.page.unroute_all()
 
 
 def test_control_plane_down_in_words(console, cp, envoy, namespace):

@@ -21,7 +21,7 @@ pub enum AppError {
     Denied(Option<Box<Reply>>),
     #[error("not found: the API is /apitokens/v1/namespaces/{{namespace}}/apitokens[/{{token}}[:regenerate]]")]
     UnknownPath,
-    #[error("unknown action; the only action is :regenerate")]
+    #[error("unknown action; the actions are {{token}}:regenerate and apitokens:events")]
     UnknownAction,
     #[error("method not allowed here; allowed: {0}")]
     MethodNotAllowed(&'static str),
@@ -30,9 +30,9 @@ pub enum AppError {
     /// A body or query that is not what the call takes (no field to name).
     #[error("{0}")]
     BadBody(String),
-    /// A query parameter that is not what the call takes.
+    /// A query parameter or body field that is not what the call takes.
     #[error("{field}: {problem}")]
-    BadQuery { field: &'static str, problem: &'static str },
+    BadField { field: &'static str, problem: &'static str },
     #[error(transparent)]
     Tokens(#[from] tokens::Error),
 }
@@ -125,7 +125,7 @@ impl IntoResponse for AppError {
             }
             Self::PayloadTooLarge => error_response(StatusCode::PAYLOAD_TOO_LARGE, &message, None),
             Self::BadBody(_) => error_response(StatusCode::BAD_REQUEST, &message, None),
-            Self::BadQuery { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(field)),
+            Self::BadField { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(field)),
             Self::Tokens(e) => match e {
                 tokens::Error::Invalid { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(&field)),
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),

@@ -4,24 +4,40 @@
 
 use super::{AppError, AppState, CallerSlot, API_PREFIX, MAX_BODY_BYTES};
 use crate::tokens::secret::{self, Shape};
+use crate::tokens::Actor;
 use apitokens_core::bearer;
 use apitokens_core::config::{describe_json_error, Config};
 use apitokens_core::decision::Denial;
 use apitokens_core::name::is_dns_label;
 use apitokens_core::table::Token;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The token API path, split as the filter splits it: raw, never decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
-    Collection { ns: String },
-    Item { ns: String, id: String },
-    Action { ns: String, id: String, action: String },
+    Collection {
+        ns: String,
+    },
+    /// A custom method on the collection (`apitokens:events`, AIP-136).
+    CollectionAction {
+        ns: String,
+        action: String,
+    },
+    Item {
+        ns: String,
+        id: String,
+    },
+    Action {
+        ns: String,
+        id: String,
+        action: String,
+    },
 }
 
 impl Route {
@@ -30,6 +46,13 @@ impl Route {
         let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some(ns), Some("apitokens"), None, None) => Some(Self::Collection { ns: ns.to_owned() }),
+            (Some(ns), Some(collection), None, None) => {
+                let action = collection.strip_prefix("apitokens:")?;
+                Some(Self::CollectionAction {
+                    ns: ns.to_owned(),
+                    action: action.to_owned(),
+                })
+            }
             (Some(ns), Some("apitokens"), Some(item), None) => Some(match item.split_once(':') {
                 Some((id, action)) => Self::Action {
                     ns: ns.to_owned(),
@@ -47,13 +70,16 @@ impl Route {
 
     pub(crate) fn namespace(&self) -> &str {
         match self {
-            Self::Collection { ns } | Self::Item { ns, .. } | Self::Action { ns, .. } => ns,
+            Self::Collection { ns }
+            | Self::CollectionAction { ns, .. }
+            | Self::Item { ns, .. }
+            | Self::Action { ns, .. } => ns,
         }
     }
 
     pub(crate) fn id(&self) -> Option<&str> {
         match self {
-            Self::Collection { .. } => None,
+            Self::Collection { .. } | Self::CollectionAction { .. } => None,
             Self::Item { id, .. } | Self::Action { id, .. } => Some(id),
         }
     }
@@ -62,6 +88,7 @@ impl Route {
     pub(crate) fn allowed(&self) -> &'static str {
         match self {
             Self::Collection { .. } => "GET, POST",
+            Self::CollectionAction { .. } => "GET",
             Self::Item { .. } => "GET, DELETE",
             Self::Action { .. } => "POST",
         }
@@ -70,6 +97,7 @@ impl Route {
     fn allows(&self, method: &Method) -> bool {
         match self {
             Self::Collection { .. } => method == Method::GET || method == Method::POST,
+            Self::CollectionAction { .. } => method == Method::GET,
             Self::Item { .. } => method == Method::GET || method == Method::DELETE,
             Self::Action { .. } => method == Method::POST,
         }
@@ -92,6 +120,30 @@ pub(crate) fn loggable_path(path: &str) -> &str {
 /// An owner of the path's namespace, calling the token API.
 pub(crate) struct Owner {
     pub route: Route,
+    /// Who calls, from where: for the audit trail.
+    pub actor: Actor,
+}
+
+/// The client's address as Envoy saw it: the last `X-Forwarded-For` entry
+/// (Envoy with `use_remote_address` appends the connection's address after
+/// whatever the client sent), else the connection's own peer.
+fn client_address(parts: &Parts) -> Option<String> {
+    let forwarded = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .rfind(|a| !a.is_empty())
+        // An address, not whatever text: at most an IPv6 address with a zone.
+        .filter(|a| a.len() <= 64 && a.bytes().all(|c| c.is_ascii_hexdigit() || b".:[]%".contains(&c)));
+    forwarded.map(str::to_owned).or_else(|| {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string())
+    })
 }
 
 /// The caller's token, or the denial (the filter's own checks, plus the
@@ -130,16 +182,22 @@ impl FromRequestParts<Arc<AppState>> for Owner {
         // A malformed namespace or token id is a 400 naming the field, even
         // for a caller the rules would refuse (they match DNS labels only).
         crate::tokens::check_path(route.namespace(), route.id())?;
-        if let Route::Action { action, .. } = &route {
-            if action != "regenerate" {
-                return Err(AppError::UnknownAction);
-            }
+        match &route {
+            Route::Action { action, .. } if action != "regenerate" => return Err(AppError::UnknownAction),
+            Route::CollectionAction { action, .. } if action != "events" => return Err(AppError::UnknownAction),
+            _ => {}
         }
         // Same decision as the filter: owner of this namespace, or nothing.
         config
             .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
             .map_err(denied)?;
-        Ok(Owner { route })
+        Ok(Owner {
+            route,
+            actor: Actor {
+                name: token.name().to_owned(),
+                address: client_address(parts),
+            },
+        })
     }
 }
 

@@ -47,6 +47,7 @@ pub struct AppState {
 pub fn app(state: Arc<AppState>) -> Router {
     let collection = format!("{API_PREFIX}{{namespace}}/apitokens");
     let item = format!("{collection}/{{item}}");
+    let events = format!("{collection}:events");
     Router::new()
         .route("/healthz", get(status::healthz))
         .route("/status", get(status::status))
@@ -55,6 +56,10 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(tokens::list)
                 .post(tokens::create)
                 .fallback(|| async { AppError::MethodNotAllowed("GET, POST") }),
+        )
+        .route(
+            &events,
+            get(tokens::events).fallback(|| async { AppError::MethodNotAllowed("GET") }),
         )
         .route(
             &item,

@@ -48,7 +48,7 @@ pub(crate) async fn status(
         None => None,
         Some(Some(v)) => Some(v),
         Some(None) => {
-            return Err(AppError::BadQuery {
+            return Err(AppError::BadField {
                 field: "version",
                 problem: "must be a configuration version number",
             })
@@ -58,7 +58,7 @@ pub(crate) async fn status(
         None => 0.0,
         Some(Ok(s)) if (0.0..=60.0).contains(&s) => s,
         Some(_) => {
-            return Err(AppError::BadQuery {
+            return Err(AppError::BadField {
                 field: "waitSeconds",
                 problem: "must be a number of seconds from 0 to 60",
             })

@@ -5,7 +5,7 @@ use super::*;
 use crate::clock;
 use crate::config::{Publisher, PublisherOptions, Version};
 use crate::push::acks::Tracker;
-use crate::store::{Changes, Revision, SqliteStore, Store, StoreError, TokenRecord};
+use crate::store::{AuditEvent, Changes, Revision, SqliteStore, Store, StoreError, TokenRecord};
 use crate::testutil::TempDir;
 use crate::tokens::secret::{self, Secret, Shape};
 use crate::tokens::{Service, ServiceOptions};
@@ -38,8 +38,12 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
                 create_time: clock::now_seconds(),
                 expire_time: expire,
                 retired: false,
+                created_by: None,
+                previous: None,
+                last_use: None,
             }],
             None,
+            vec![],
         )
         .await
         .unwrap();
@@ -741,8 +745,13 @@ struct ChangesFail(SqliteStore, std::sync::atomic::AtomicBool);
 
 #[async_trait]
 impl Store for ChangesFail {
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
-        self.0.insert(records, quota).await
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError> {
+        self.0.insert(records, quota, events).await
     }
     async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.0.get(name).await
@@ -750,11 +759,28 @@ impl Store for ChangesFail {
     async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
         self.0.list(namespace).await
     }
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        self.0.replace_digest(name, digest).await
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+        self.0.replace_digest(name, digest, previous_until, event).await
     }
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
-        self.0.delete(name).await
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
+        self.0.delete(name, event).await
+    }
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+        self.0.record_usage(uses).await
+    }
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        self.0.events(namespace, before, limit).await
     }
     async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
         self.0.load().await
@@ -834,4 +860,225 @@ fn routes() {
     assert_eq!(Route::parse("/apitokens/v1/namespaces/a/apitokens/b/c"), None);
     assert_eq!(Route::parse("/apitokens/v1/namespaces/a/other"), None);
     assert_eq!(Route::parse("/apitokens/v2/namespaces/a/apitokens"), None);
+}
+
+#[tokio::test]
+async fn a_regeneration_with_an_overlap_keeps_the_old_secret_until_then() {
+    let f = fixture().await;
+    let old = f.create("ci", "owner").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = clock::now();
+    let a = f
+        .call(
+            "POST",
+            &format!("{COLLECTION}/ci:regenerate"),
+            Some(&f.owner),
+            Some(r#"{"previousSecretTtl": "3600s"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let new = a.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    let until = Timestamp::parse_rfc3339(a.body["apiToken"]["previousSecretExpireTime"].as_str().unwrap()).unwrap();
+    assert!(
+        until.unix_seconds() >= before.unix_seconds() + 3599 && until.unix_seconds() <= before.unix_seconds() + 3601
+    );
+    // Both work now, as the gateway's table has both (the old one flagged).
+    for secret in [&old, &new] {
+        assert_eq!(
+            f.call("GET", COLLECTION, Some(secret), None).await.status,
+            StatusCode::OK
+        );
+    }
+    let pushed = apitokens_core::Config::from_plugin_configuration(f.publisher.current().payload.to_vec()).unwrap();
+    assert!(pushed.tokens().get(&Digest::of(old.as_bytes())).unwrap().is_previous());
+    // Get shows until when.
+    let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&new), None).await;
+    assert_eq!(
+        got.body["apiToken"]["previousSecretExpireTime"],
+        a.body["apiToken"]["previousSecretExpireTime"]
+    );
+    // A second regeneration without an overlap ends it at once.
+    let a = f
+        .call(
+            "POST",
+            &format!("{COLLECTION}/ci:regenerate"),
+            Some(&f.owner),
+            Some("{}"),
+        )
+        .await;
+    let newest = a.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    assert!(a.body["apiToken"].get("previousSecretExpireTime").is_none());
+    for (secret, status) in [
+        (&old, StatusCode::UNAUTHORIZED),
+        (&new, StatusCode::UNAUTHORIZED),
+        (&newest, StatusCode::OK),
+    ] {
+        assert_eq!(f.call("GET", COLLECTION, Some(secret), None).await.status, status);
+    }
+    // Bounded, and spelled as a duration.
+    for (body, field) in [
+        (r#"{"previousSecretTtl": "604801s"}"#, "previousSecretTtl"),
+        (r#"{"previousSecretTtl": "1h"}"#, "previousSecretTtl"),
+        (r#"{"previousSecretTtl": "-5s"}"#, "previousSecretTtl"),
+    ] {
+        let a = f
+            .call(
+                "POST",
+                &format!("{COLLECTION}/ci:regenerate"),
+                Some(&f.owner),
+                Some(body),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}: {}", a.raw);
+        assert_eq!(a.body["field"], field);
+    }
+}
+
+#[tokio::test]
+async fn the_audit_trail_says_who_did_what_from_where() {
+    let f = fixture().await;
+    let req = |method: &str, path: &str, body: Option<&str>| {
+        HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", f.owner))
+            // Envoy appends the client address it saw after what the client sent.
+            .header("x-forwarded-for", "10.9.9.9, 203.0.113.5")
+            .body(Body::from(body.unwrap_or("").to_owned()))
+            .unwrap()
+    };
+    let created = f
+        .send(req(
+            "POST",
+            COLLECTION,
+            Some(r#"{"name": "namespaces/default/apitokens/ci", "role": "editor", "expireTime": "2099-01-01T00:00:00Z"}"#),
+        ))
+        .await;
+    assert_eq!(created.status, StatusCode::OK);
+    assert_eq!(
+        created.body["apiToken"]["createdBy"],
+        "namespaces/default/apitokens/admin"
+    );
+    f.send(req(
+        "POST",
+        &format!("{COLLECTION}/ci:regenerate"),
+        Some(r#"{"previousSecretTtl": "60s"}"#),
+    ))
+    .await;
+    f.send(req("DELETE", &format!("{COLLECTION}/ci"), None)).await;
+    let a = f
+        .call(
+            "GET",
+            "/apitokens/v1/namespaces/default/apitokens:events",
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let events = a.body["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["apitoken.delete", "apitoken.regenerate", "apitoken.create"]);
+    for e in events {
+        assert_eq!(e["actor"], "namespaces/default/apitokens/admin");
+        assert_eq!(e["clientAddress"], "203.0.113.5");
+        assert_eq!(e["token"], "namespaces/default/apitokens/ci");
+        assert_eq!(e["namespace"], "default");
+    }
+    assert_eq!(events[2]["role"], "editor");
+    assert_eq!(events[2]["expireTime"], "2099-01-01T00:00:00Z");
+    assert!(events[1]["previousSecretExpireTime"].is_string());
+    assert!(!a.raw.contains("apt_") && !a.raw.contains(&Digest::of(f.owner.as_bytes()).to_hex()));
+    // Pages, newest first.
+    let a = f
+        .call(
+            "GET",
+            "/apitokens/v1/namespaces/default/apitokens:events?pageSize=2",
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(a.body["events"].as_array().unwrap().len(), 2);
+    let next = a.body["nextPageToken"].as_str().unwrap().to_owned();
+    let a = f
+        .call(
+            "GET",
+            &format!("/apitokens/v1/namespaces/default/apitokens:events?pageSize=2&pageToken={next}"),
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(a.body["events"][0]["event"], "apitoken.create");
+    assert!(a.body.get("nextPageToken").is_none());
+    // Owners only, their namespace only; bad paging names the field.
+    let other = add_token(&f, "namespaces/other/apitokens/boss", Role::Owner, None).await;
+    let a = f
+        .call(
+            "GET",
+            "/apitokens/v1/namespaces/default/apitokens:events",
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    for (query, field) in [
+        ("pageSize=0", "pageSize"),
+        ("pageSize=x", "pageSize"),
+        ("pageToken=abc", "pageToken"),
+    ] {
+        let a = f
+            .call(
+                "GET",
+                &format!("/apitokens/v1/namespaces/default/apitokens:events?{query}"),
+                Some(&f.owner),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(a.body["field"], field);
+    }
+    let a = f
+        .call(
+            "POST",
+            "/apitokens/v1/namespaces/default/apitokens:events",
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn reported_uses_become_the_last_use_time() {
+    let f = fixture().await;
+    let secret = f.create("ci", "viewer").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
+    assert!(got.body["apiToken"].get("lastUseTime").is_none(), "never used");
+    let digest = Digest::of(secret.as_bytes());
+    // Another store's report is ignored; this store's is recorded.
+    f.state.service.record_use(&[0; 16], &digest.0);
+    f.state
+        .service
+        .record_use(&f.store.lineage(), &[digest.0, [7; 32]].concat());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+    stop_tx.send(true).unwrap();
+    flusher.await.unwrap();
+    let got = f.call("GET", COLLECTION, Some(&f.owner), None).await;
+    let tokens = got.body["apiTokens"].as_array().unwrap();
+    let ci = tokens
+        .iter()
+        .find(|t| t["name"] == "namespaces/default/apitokens/ci")
+        .unwrap();
+    let used = Timestamp::parse_rfc3339(ci["lastUseTime"].as_str().unwrap()).unwrap();
+    assert!((clock::now().unix_seconds() - used.unix_seconds()).abs() < 60);
+    let admin = tokens
+        .iter()
+        .find(|t| t["name"] == "namespaces/default/apitokens/admin")
+        .unwrap();
+    assert!(admin.get("lastUseTime").is_none());
 }

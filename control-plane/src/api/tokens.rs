@@ -7,13 +7,14 @@ use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HE
 use crate::push::acks::Lag;
 use crate::store::TokenRecord;
 use crate::tokens::secret::Secret;
-use crate::tokens::{Delivery, Issued, NewToken, Wait};
+use crate::tokens::{audit, Delivery, Issued, NewToken, Wait};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -25,6 +26,15 @@ struct ApiToken<'a> {
     create_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     expire_time: Option<String>,
+    /// Who created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_by: Option<&'a str>,
+    /// When one of its secrets last authenticated a request (to the minute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_use_time: Option<String>,
+    /// During a rotation's overlap: until when the previous secret works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_secret_expire_time: Option<String>,
 }
 
 impl<'a> ApiToken<'a> {
@@ -35,6 +45,11 @@ impl<'a> ApiToken<'a> {
             role: r.role.as_str(),
             create_time: r.create_time.to_rfc3339(),
             expire_time: r.expire_time.map(|t| t.to_rfc3339()),
+            created_by: r.created_by.as_deref(),
+            last_use_time: r.last_use.map(|t| t.to_rfc3339()),
+            previous_secret_expire_time: r
+                .previous
+                .map(|p| r.expire_time.map_or(p.until, |e| e.min(p.until)).to_rfc3339()),
         }
     }
 }
@@ -60,7 +75,7 @@ pub(crate) struct WriteQuery {
 }
 
 fn wait(query: Result<Query<WriteQuery>, QueryRejection>) -> Result<Wait, AppError> {
-    let Query(q) = query.map_err(|_| AppError::BadQuery {
+    let Query(q) = query.map_err(|_| AppError::BadField {
         field: "waitForEnvoys",
         problem: "must be true or false",
     })?;
@@ -160,7 +175,10 @@ pub(crate) async fn create(
         role: body.role,
         expire_time: body.expire_time,
     };
-    let result = app.service.create(owner.route.namespace(), new, wait(query)?).await?;
+    let result = app
+        .service
+        .create(owner.route.namespace(), new, &owner.actor, wait(query)?)
+        .await?;
     Ok(issued(&result))
 }
 
@@ -181,32 +199,93 @@ pub(crate) async fn delete(
     query: Result<Query<WriteQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
     let (ns, id) = item(&owner.route)?;
-    let delivery = app.service.delete(ns, id, wait(query)?).await?;
+    let delivery = app.service.delete(ns, id, &owner.actor, wait(query)?).await?;
     Ok(written(&serde_json::json!({}), &delivery))
 }
 
-/// `{}` or no body at all.
+/// No body, `{}`, or `{"previousSecretTtl": "3600s"}`: how long the old
+/// secret keeps working.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RegenerateBody {}
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RegenerateBody {
+    #[serde(default)]
+    previous_secret_ttl: Option<String>,
+}
 
-/// `POST .../apitokens/{token}:regenerate` (the only action).
+/// A duration as protobuf's JSON writes it: seconds with an `s`
+/// (`"3600s"`, `"1.5s"`).
+fn duration(text: &str) -> Option<Duration> {
+    let seconds = text.strip_suffix('s')?;
+    if seconds.is_empty() || !seconds.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+        return None;
+    }
+    Duration::try_from_secs_f64(seconds.parse::<f64>().ok()?).ok()
+}
+
+/// `POST .../apitokens/{token}:regenerate` (the only action on a token).
 pub(crate) async fn action(
     State(app): State<Arc<AppState>>,
     owner: Owner,
     query: Result<Query<WriteQuery>, QueryRejection>,
-    OptionalJsonBody(_): OptionalJsonBody<RegenerateBody>,
+    OptionalJsonBody(body): OptionalJsonBody<RegenerateBody>,
 ) -> Result<Response, AppError> {
     let (ns, id) = item(&owner.route)?;
-    let result = app.service.regenerate(ns, id, wait(query)?).await?;
+    let overlap = match body.and_then(|b| b.previous_secret_ttl) {
+        None => None,
+        Some(text) => Some(duration(&text).ok_or(AppError::BadField {
+            field: "previousSecretTtl",
+            problem: "must be a duration in seconds such as \"3600s\"",
+        })?),
+    };
+    let result = app
+        .service
+        .regenerate(ns, id, overlap, &owner.actor, wait(query)?)
+        .await?;
     Ok(issued(&result))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct EventsQuery {
+    page_size: Option<String>,
+    page_token: Option<String>,
+}
+
+/// `GET .../apitokens:events`: the namespace's audit trail, newest first,
+/// `?pageSize=N` (default 50) and `?pageToken=` from the previous page's
+/// `nextPageToken`.
+pub(crate) async fn events(
+    State(app): State<Arc<AppState>>,
+    owner: Owner,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, AppError> {
+    let page_size = match query.page_size.as_deref().map(str::parse::<u32>) {
+        None => 50,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return Err(AppError::BadField {
+                field: "pageSize",
+                problem: "must be a number from 1 to 1000",
+            })
+        }
+    };
+    let (events, next) = app
+        .service
+        .events(owner.route.namespace(), page_size, query.page_token.as_deref())
+        .await?;
+    let mut body = serde_json::Map::new();
+    body.insert("events".into(), events.iter().map(audit::to_json).collect());
+    if let Some(next) = next {
+        body.insert("nextPageToken".into(), next.into());
+    }
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// The namespace and token id of an item or action path.
 fn item(route: &Route) -> Result<(&str, &str), AppError> {
     match route {
         Route::Item { ns, id } | Route::Action { ns, id, .. } => Ok((ns, id)),
-        Route::Collection { .. } => Err(AppError::UnknownPath),
+        Route::Collection { .. } | Route::CollectionAction { .. } => Err(AppError::UnknownPath),
     }
 }
 

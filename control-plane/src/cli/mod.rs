@@ -69,7 +69,7 @@ impl StoreArgs {
 
 #[derive(Args)]
 struct ConfigArgs {
-    /// Base plugin configuration (JSON: realm, rules, identityHeaders, forwardAuthorization; no tokens)
+    /// Base plugin configuration (JSON: everything but tokens: realm, rules, identityHeaders, forwardAuthorization, forwardAuthorizationPaths, urlOverrideHeaders, usageReport). `serve` defaults to envoy/ecds-plugin-base.json as shipped; `render` to none
     #[arg(long, value_name = "FILE")]
     plugin_config: Option<PathBuf>,
 }
@@ -172,9 +172,14 @@ fn run(job: impl std::future::Future<Output = Result<(), String>>) -> Result<(),
         .block_on(job)
 }
 
-fn load_base(args: &ConfigArgs) -> Result<PluginConfig, String> {
+/// The base configuration of the shipped ECDS setup: the token API gets the
+/// caller's bearer (it checks it itself), usage reports go to the xDS cluster.
+const ECDS_BASE: &[u8] = include_bytes!("../../../envoy/ecds-plugin-base.json");
+
+/// `--plugin-config`, or `default` without it.
+fn load_base(args: &ConfigArgs, default: &[u8]) -> Result<PluginConfig, String> {
     let Some(path) = &args.plugin_config else {
-        return Ok(PluginConfig::default());
+        return base_config(default).map_err(|e| format!("the built-in base configuration: {e}"));
     };
     let bytes = std::fs::read(path).map_err(|e| format!("--plugin-config {}: {e}", path.display()))?;
     base_config(&bytes).map_err(|e| format!("--plugin-config {}: {e}", path.display()))
@@ -241,7 +246,10 @@ async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
 }
 
 async fn render_cmd(args: RenderArgs) -> Result<(), String> {
-    let base = load_base(&args.config)?;
+    let mut base = load_base(&args.config, b"")?;
+    // Usage reports name a cluster of the ECDS setup; a static configuration
+    // has no control plane to report to.
+    base.usage_report = None;
     let store = open_store(&args.store, true).await?;
     let (_, records) = store.load().await.map_err(|e| e.to_string())?;
     let spec = render::plugin_config(&base, &records, clock::now());

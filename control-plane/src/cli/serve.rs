@@ -1,13 +1,14 @@
 //! `apitokens serve`: the REST API, `/healthz`, `/status`, the publisher and
 //! the configuration push (ECDS over gRPC and/or a file), wired together.
 
-use super::{load_base, open_store, ConfigArgs, StoreArgs};
+use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
 use crate::push::acks::Tracker;
 use crate::push::file;
 use crate::push::resource::{self, EcdsResource, FilterParams};
 use crate::push::server::EcdsServer;
+use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
 use crate::tokens::{Service, ServiceOptions};
@@ -57,9 +58,12 @@ pub(super) struct ServeArgs {
     /// The most tokens a namespace may hold; creating more answers 429 (0: no limit; bootstrap and import are exempt)
     #[arg(long, default_value_t = 1000, value_name = "N")]
     max_tokens_per_namespace: u32,
-    /// How long an expired token stays in the pushed configuration (refused as `expired`) before it is left out, in seconds
-    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    /// How long an expired token stays in the pushed configuration (refused and counted as `expired`, not `unknown`) before it is left out, in seconds
+    #[arg(long, default_value_t = 7 * 24 * 3600, value_name = "SECONDS")]
     expired_retention_seconds: u64,
+    /// How often reported last uses are written to the store, in seconds
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    usage_flush_seconds: u64,
     /// How often to look for changes made by other processes (e.g. bootstrap), in milliseconds
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     poll_interval_ms: u64,
@@ -84,7 +88,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(path) = &args.ecds_file {
         file::check_path(path)?;
     }
-    let base = load_base(&args.config)?;
+    let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -251,6 +255,8 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
             stop_rx.clone(),
         ));
     }
+    tasks.spawn(Arc::clone(&service).run_usage(Duration::from_secs(args.usage_flush_seconds.max(1)), stop_rx.clone()));
+    let usage = UsageServer::new(Arc::clone(&service));
     let app = api::app(Arc::new(AppState {
         service,
         publisher: Arc::clone(&publisher),
@@ -263,6 +269,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(api_stop).await {
             tracing::error!("API server failed: {e}");
         }
@@ -289,6 +296,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(service)
+                .add_service(usage)
                 .serve_with_incoming_shutdown(
                     nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)),
                     xds_stop,

@@ -258,7 +258,7 @@ impl Publisher {
             let changes: Vec<Change<'_>> = changed
                 .iter()
                 .map(|(name, record)| match record {
-                    Some(r) if !r.retired => Change::Put(r.entry()),
+                    Some(r) if !r.retired => Change::Put(r.entries()),
                     _ => Change::Remove(name),
                 })
                 .collect();
@@ -357,7 +357,14 @@ fn stamped(header: &[u8], revision: Revision) -> Vec<u8> {
 
 async fn build(header: Vec<u8>, records: Vec<TokenRecord>) -> Result<LiveTable, PublishError> {
     tokio::task::spawn_blocking(move || {
-        let entries: Vec<_> = records.iter().filter(|r| !r.retired).map(TokenRecord::entry).collect();
+        let entries: Vec<_> = records
+            .iter()
+            .filter(|r| !r.retired)
+            .flat_map(|r| {
+                let token = r.entries();
+                std::iter::once(token.current).chain(token.previous)
+            })
+            .collect();
         LiveTable::build(&header, &entries)
     })
     .await
@@ -385,6 +392,21 @@ mod tests {
     use apitokens_core::table::Digest;
     use apitokens_core::Role;
 
+    fn test_event() -> crate::store::AuditEvent {
+        crate::store::AuditEvent {
+            time: clock::now(),
+            namespace: "a".into(),
+            action: crate::store::Action::Delete,
+            token: None,
+            actor: "test".into(),
+            role: None,
+            expire_time: None,
+            previous_until: None,
+            client_address: None,
+            count: None,
+        }
+    }
+
     fn rec(name: &str, byte: u8, expire: Option<Timestamp>) -> TokenRecord {
         TokenRecord {
             name: name.into(),
@@ -393,6 +415,9 @@ mod tests {
             create_time: clock::now_seconds(),
             expire_time: expire,
             retired: false,
+            created_by: None,
+            previous: None,
+            last_use: None,
         }
     }
 
@@ -416,7 +441,7 @@ mod tests {
         p.refresh().await.unwrap();
         assert_eq!(p.current().version, v0, "nothing changed");
         let r1 = store
-            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None)
+            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None, vec![])
             .await
             .unwrap();
         p.refresh().await.unwrap();
@@ -428,7 +453,7 @@ mod tests {
         // advances the revision, not the version.
         let mut old = rec("namespaces/a/apitokens/old", 2, Some(Timestamp::from_unix(1, 0)));
         old.retired = true;
-        let r2 = store.insert(vec![old], None).await.unwrap();
+        let r2 = store.insert(vec![old], None, vec![]).await.unwrap();
         p.refresh().await.unwrap();
         assert_eq!(p.publish(r2, deadline()).await.unwrap().version, s1.version);
         assert_eq!(p.state().revision, r2);
@@ -449,11 +474,16 @@ mod tests {
                     ),
                 ],
                 None,
+                vec![],
             )
             .await
             .unwrap();
         p.refresh().await.unwrap();
-        let r = store.delete("namespaces/a/apitokens/t").await.unwrap().unwrap();
+        let r = store
+            .delete("namespaces/a/apitokens/t", test_event())
+            .await
+            .unwrap()
+            .unwrap();
         p.refresh().await.unwrap();
         let s = p.publish(r, deadline()).await.unwrap();
         let filter = Config::from_plugin_configuration(s.payload.to_vec()).unwrap();
@@ -468,7 +498,7 @@ mod tests {
         let (p, _store) = publisher(&dir).await;
         let other = SqliteStore::open(&dir.path().join("p.db")).unwrap();
         let r = other
-            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None)
+            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None, vec![])
             .await
             .unwrap();
         p.refresh().await.unwrap();
@@ -487,6 +517,7 @@ mod tests {
                     rec("namespaces/a/apitokens/stays", 3, None),
                 ],
                 None,
+                vec![],
             )
             .await
             .unwrap();
@@ -533,7 +564,11 @@ mod tests {
         let mut last = Revision(0);
         for i in 0..50u8 {
             last = store
-                .insert(vec![rec(&format!("namespaces/a/apitokens/t{i}"), i, None)], None)
+                .insert(
+                    vec![rec(&format!("namespaces/a/apitokens/t{i}"), i, None)],
+                    None,
+                    vec![],
+                )
                 .await
                 .unwrap();
         }

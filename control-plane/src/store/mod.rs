@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 use apitokens_core::compact::Lineage;
 use apitokens_core::name::TokenName;
-use apitokens_core::table::{Digest, Entry};
+use apitokens_core::table::{Digest, Entry, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use std::fmt;
@@ -51,9 +51,23 @@ pub struct TokenRecord {
     pub digest: Digest,
     pub create_time: Timestamp,
     pub expire_time: Option<Timestamp>,
-    /// Expired long enough ago (see `serve --expired-retention`) to be left
-    /// out of the configuration pushed to Envoy. Still listed by the API.
+    /// Expired long enough ago (see `serve --expired-retention-seconds`) to
+    /// be left out of the configuration pushed to Envoy. Still listed.
     pub retired: bool,
+    /// Who created it: the caller's token name, or the operator tool.
+    pub created_by: Option<String>,
+    /// The secret before the last regeneration, still accepted until then.
+    pub previous: Option<PreviousSecret>,
+    /// When one of its secrets last authenticated a request, to the minute
+    /// (filled in by `get` and `list`).
+    pub last_use: Option<Timestamp>,
+}
+
+/// A rotation's overlap: the previous secret's digest and its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub digest: Digest,
+    pub until: Timestamp,
 }
 
 impl TokenRecord {
@@ -61,13 +75,24 @@ impl TokenRecord {
         TokenName::parse(&self.name).map_or("", |n| n.namespace)
     }
 
-    /// The token as the filter's table holds it.
-    pub fn entry(&self) -> Entry<'_> {
-        Entry {
+    /// The token as the filter's table holds it: its current secret and,
+    /// during an overlap, its previous one, which never outlives the token.
+    pub fn entries(&self) -> TokenEntries<'_> {
+        let current = Entry {
             name: &self.name,
             role: self.role,
             digest: self.digest,
             expire: self.expire_time,
+            previous: false,
+        };
+        TokenEntries {
+            current,
+            previous: self.previous.map(|p| Entry {
+                digest: p.digest,
+                expire: Some(self.expire_time.map_or(p.until, |e| e.min(p.until))),
+                previous: true,
+                ..current
+            }),
         }
     }
 
@@ -76,6 +101,55 @@ impl TokenRecord {
         TokenName::parse(&self.name).map_err(|e| format!("name: {e}"))?;
         Ok(())
     }
+}
+
+/// What was done to a token, for the audit trail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Create,
+    Regenerate,
+    Delete,
+    /// Tokens imported by digest (`apitokens import`): one event per
+    /// namespace, with their number.
+    Import,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Regenerate => "regenerate",
+            Action::Delete => "delete",
+            Action::Import => "import",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Action::Create, Action::Regenerate, Action::Delete, Action::Import]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// One entry of the audit trail: who did what to which token, when, from
+/// where. Never a secret or a digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub time: Timestamp,
+    pub namespace: String,
+    pub action: Action,
+    /// The token's name (none for an import).
+    pub token: Option<String>,
+    /// The caller's token name, or the operator tool (`apitokens bootstrap`).
+    pub actor: String,
+    pub role: Option<Role>,
+    pub expire_time: Option<Timestamp>,
+    /// A regeneration's overlap: the previous secret works until then.
+    pub previous_until: Option<Timestamp>,
+    /// The client address Envoy saw (or the caller's address).
+    pub client_address: Option<String>,
+    /// Tokens imported.
+    pub count: Option<u32>,
 }
 
 /// What changed since a revision.
@@ -117,26 +191,54 @@ pub enum StoreError {
 /// it returns `Ok`, and returns the revision it committed.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Inserts all records or none. With `quota`, refuses (and inserts
-    /// nothing) if a namespace would then hold more than that many tokens.
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError>;
+    /// Inserts all records or none, and records `events` in the same
+    /// transaction. With `quota`, refuses (and inserts nothing) if a
+    /// namespace would then hold more than that many tokens.
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError>;
+    /// With its last use.
     async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// The namespace's tokens, ordered by name.
+    /// The namespace's tokens, ordered by name, with their last use.
     async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError>;
-    /// Replaces the digest of an existing token; `None` if there is none.
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError>;
+    /// Replaces the digest of an existing token; with `previous_until`, the
+    /// old digest stays its previous secret until then (ending any earlier
+    /// overlap), without it the old digest is gone. `None` if there is no
+    /// such token.
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError>;
     /// `None` if there was no such token.
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError>;
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError>;
+    /// The latest use of each token named (unknown names are skipped). Not a
+    /// change of the configuration: no revision.
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError>;
+    /// The namespace's audit trail, newest first: at most `limit` events
+    /// older than sequence number `before`, each with its sequence number.
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError>;
     /// Every token that is not retired, ordered by name, and the revision
     /// they were read at, in one consistent read.
     async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError>;
     /// What changed after `revision`, in one consistent read.
     async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError>;
     async fn revision(&self) -> Result<Revision, StoreError>;
-    /// Retires every token whose expiry is at or before `cutoff`; the
-    /// revision if any was.
+    /// Retires every token whose expiry is at or before `cutoff`, and ends
+    /// the overlaps that ended by then; the revision if anything changed.
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError>;
-    /// The earliest expiry among tokens that are not retired.
+    /// The earliest expiry or end of an overlap among tokens that are not
+    /// retired.
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError>;
     /// Identifies this store: the same for every process using it.
     fn lineage(&self) -> Lineage;
@@ -232,8 +334,13 @@ impl OpenStore {
 /// Every call goes to the backend.
 #[async_trait]
 impl Store for OpenStore {
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
-        self.inner().insert(records, quota).await
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError> {
+        self.inner().insert(records, quota, events).await
     }
     async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.inner().get(name).await
@@ -241,11 +348,28 @@ impl Store for OpenStore {
     async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
         self.inner().list(namespace).await
     }
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        self.inner().replace_digest(name, digest).await
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+        self.inner().replace_digest(name, digest, previous_until, event).await
     }
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
-        self.inner().delete(name).await
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
+        self.inner().delete(name, event).await
+    }
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+        self.inner().record_usage(uses).await
+    }
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        self.inner().events(namespace, before, limit).await
     }
     async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
         self.inner().load().await

@@ -18,9 +18,9 @@
 //! The URL may carry a password: it is never logged or shown; messages name
 //! the server by [`PostgresStore::describe`] (user, host, port, database).
 
-use super::row::{decode, Row, COLUMNS};
+use super::row::{decode, decode_event, split, EventRow, Row, COLUMNS, WITH_USE};
 use super::sqlite::{CHANGES_KEPT, CHANGES_PER_WRITE};
-use super::{Changes, Revision, Store, StoreError, TokenRecord};
+use super::{AuditEvent, Changes, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::Timestamp;
@@ -42,6 +42,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_replicas",
         include_str!("../../migrations/postgres/0002_replicas.sql"),
+    ),
+    (
+        "0003_rotation_usage_audit",
+        include_str!("../../migrations/postgres/0003_rotation_usage_audit.sql"),
     ),
 ];
 
@@ -525,18 +529,29 @@ async fn log_changes(tx: &Transaction<'_>, revision: i64, names: &[&str]) -> Res
     Ok(revision_of(revision))
 }
 
-fn read_row(row: &tokio_postgres::Row) -> Result<Row, StoreError> {
+/// The token columns of `row` from column `at` on (`COLUMNS`, then the last
+/// use when the query selected it).
+fn read_row(row: &tokio_postgres::Row, at: usize) -> Result<Row, StoreError> {
     let get = |e: tokio_postgres::Error| unavailable(e);
-    Ok((
-        row.try_get(0).map_err(get)?,
-        row.try_get(1).map_err(get)?,
-        row.try_get(2).map_err(get)?,
-        row.try_get(3).map_err(get)?,
-        row.try_get(4).map_err(get)?,
-        row.try_get(5).map_err(get)?,
-        row.try_get(6).map_err(get)?,
-        row.try_get(7).map_err(get)?,
-    ))
+    Ok(Row {
+        name: row.try_get(at).map_err(get)?,
+        role: row.try_get(at + 1).map_err(get)?,
+        digest: row.try_get(at + 2).map_err(get)?,
+        create: (row.try_get(at + 3).map_err(get)?, row.try_get(at + 4).map_err(get)?),
+        expire: (row.try_get(at + 5).map_err(get)?, row.try_get(at + 6).map_err(get)?),
+        retired: row.try_get(at + 7).map_err(get)?,
+        created_by: row.try_get(at + 8).map_err(get)?,
+        previous: (
+            row.try_get(at + 9).map_err(get)?,
+            row.try_get(at + 10).map_err(get)?,
+            row.try_get(at + 11).map_err(get)?,
+        ),
+        last_use: if row.len() > at + 12 {
+            row.try_get(at + 12).map_err(get)?
+        } else {
+            None
+        },
+    })
 }
 
 async fn query(
@@ -545,12 +560,48 @@ async fn query(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<TokenRecord>, StoreError> {
     let rows = tx.query(sql, params).await.map_err(unavailable)?;
-    rows.iter().map(|r| read_row(r).and_then(decode)).collect()
+    rows.iter().map(|r| read_row(r, 0).and_then(decode)).collect()
 }
 
+/// One token with its last use.
 async fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>, StoreError> {
-    let mut found = query(tx, &format!("SELECT {COLUMNS} FROM tokens WHERE name = $1"), &[&name]).await?;
+    let mut found = query(
+        tx,
+        &format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = $1"),
+        &[&name],
+    )
+    .await?;
     Ok(found.pop())
+}
+
+/// Records an audit event in the caller's transaction.
+async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> {
+    let wide = |(s, n): (Option<i64>, Option<u32>)| (s, n.map(i64::from));
+    let (expire_s, expire_n) = wide(split(e.expire_time));
+    let (until_s, until_n) = wide(split(e.previous_until));
+    tx.execute(
+        "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
+                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        &[
+            &e.time.unix_seconds(),
+            &i64::from(e.time.subsec_nanos()),
+            &e.namespace,
+            &e.action.as_str(),
+            &e.token,
+            &e.actor,
+            &e.role.map(|r| r.as_str()),
+            &expire_s,
+            &expire_n,
+            &until_s,
+            &until_n,
+            &e.client_address,
+            &e.count.map(i64::from),
+        ],
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// A unique violation as the domain sees it. PostgreSQL names the
@@ -576,7 +627,12 @@ fn insert_error(e: tokio_postgres::Error, first_name: &str) -> StoreError {
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError> {
         for r in &records {
             r.check().map_err(|problem| StoreError::Corrupt {
                 name: r.name.clone(),
@@ -633,14 +689,26 @@ impl Store for PostgresStore {
             .map(|r| r.expire_time.map(|t| i64::from(t.subsec_nanos())))
             .collect();
         let retired: Vec<bool> = records.iter().map(|r| r.retired).collect();
+        let created_by: Vec<Option<&str>> = records.iter().map(|r| r.created_by.as_deref()).collect();
+        let previous: Vec<Option<String>> = records.iter().map(|r| r.previous.map(|p| p.digest.to_hex())).collect();
+        let until_s: Vec<Option<i64>> = records
+            .iter()
+            .map(|r| r.previous.map(|p| p.until.unix_seconds()))
+            .collect();
+        let until_n: Vec<Option<i64>> = records
+            .iter()
+            .map(|r| r.previous.map(|p| i64::from(p.until.subsec_nanos())))
+            .collect();
         // One statement for any number of tokens (an import of 100k).
         tx.execute(
             "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
-                                 expire_seconds, expire_nanos, update_seconds, retired)
-             SELECT n, ns, ro, d, cs, cn, es, en, cs, re
+                                 expire_seconds, expire_nanos, update_seconds, retired, created_by,
+                                 previous_sha256, previous_until_seconds, previous_until_nanos)
+             SELECT n, ns, ro, d, cs, cn, es, en, cs, re, cb, ps, us, un
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
-                         $7::bigint[], $8::bigint[], $9::boolean[])
-                  AS t(n, ns, ro, d, cs, cn, es, en, re)",
+                         $7::bigint[], $8::bigint[], $9::boolean[], $10::text[], $11::text[], $12::bigint[],
+                         $13::bigint[])
+                  AS t(n, ns, ro, d, cs, cn, es, en, re, cb, ps, us, un)",
             &[
                 &names,
                 &namespaces,
@@ -651,10 +719,17 @@ impl Store for PostgresStore {
                 &expire_s,
                 &expire_n,
                 &retired,
+                &created_by,
+                &previous,
+                &until_s,
+                &until_n,
             ],
         )
         .await
         .map_err(|e| insert_error(e, names.first().copied().unwrap_or("")))?;
+        for event in &events {
+            record_event(&tx, event).await?;
+        }
         let revision = log_changes(&tx, revision, &names).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(revision)
@@ -672,7 +747,10 @@ impl Store for PostgresStore {
             Box::pin(async move {
                 query(
                     tx,
-                    &format!("SELECT {COLUMNS} FROM tokens WHERE namespace = $1 ORDER BY name"),
+                    &format!(
+                        "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE}
+                         WHERE t.namespace = $1 ORDER BY t.name"
+                    ),
                     &[&namespace],
                 )
                 .await
@@ -681,15 +759,29 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
         let revision = next_revision(&tx).await?;
         let now = crate::clock::now().unix_seconds();
+        let (until_s, until_n) = split(previous_until);
+        let until_n = until_n.map(i64::from);
+        // With an overlap the current digest becomes the previous one (any
+        // earlier overlap ends); without, both are gone.
         let changed = tx
             .execute(
-                "UPDATE tokens SET secret_sha256 = $2, update_seconds = $3 WHERE name = $1",
-                &[&name, &digest.to_hex(), &now],
+                "UPDATE tokens SET
+                     previous_sha256 = CASE WHEN $4::bigint IS NULL THEN NULL ELSE secret_sha256 END,
+                     previous_until_seconds = $4, previous_until_nanos = $5,
+                     secret_sha256 = $2, update_seconds = $3
+                 WHERE name = $1",
+                &[&name, &digest.to_hex(), &now, &until_s, &until_n],
             )
             .await
             .map_err(|e| insert_error(e, name))?;
@@ -700,12 +792,13 @@ impl Store for PostgresStore {
         let record = get_one(&tx, name)
             .await?
             .ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;
+        record_event(&tx, &event).await?;
         let revision = log_changes(&tx, revision, &[name]).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Some((record, revision)))
     }
 
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
         let revision = next_revision(&tx).await?;
@@ -716,9 +809,76 @@ impl Store for PostgresStore {
         if n == 0 {
             return Ok(None);
         }
+        tx.execute("DELETE FROM usage WHERE name = $1", &[&name])
+            .await
+            .map_err(unavailable)?;
+        record_event(&tx, &event).await?;
         let revision = log_changes(&tx, revision, &[name]).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Some(revision))
+    }
+
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = uses.iter().map(|(n, _)| n.as_str()).collect();
+        let times: Vec<i64> = uses.iter().map(|(_, t)| t.unix_seconds()).collect();
+        // One statement per batch; a name twice in it counts once (its
+        // latest use); names of tokens gone meanwhile are skipped.
+        self.conn()
+            .await?
+            .execute(
+                "INSERT INTO usage (name, last_use_seconds)
+                 SELECT n, max(s) FROM unnest($1::text[], $2::bigint[]) AS u(n, s)
+                 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n)
+                 GROUP BY n
+                 ON CONFLICT (name) DO UPDATE
+                     SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds)",
+                &[&names, &times],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        let before = before.and_then(|b| i64::try_from(b).ok()).unwrap_or(i64::MAX);
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
+                        previous_until_seconds, previous_until_nanos, client_address, count
+                 FROM events WHERE namespace = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                &[&namespace, &before, &i64::from(limit)],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let get = |e: tokio_postgres::Error| unavailable(e);
+                let count: Option<i64> = r.try_get(12).map_err(get)?;
+                let row = EventRow {
+                    seq: r.try_get(0).map_err(get)?,
+                    time: (r.try_get(1).map_err(get)?, r.try_get(2).map_err(get)?),
+                    action: r.try_get(3).map_err(get)?,
+                    token: r.try_get(4).map_err(get)?,
+                    actor: r.try_get(5).map_err(get)?,
+                    role: r.try_get(6).map_err(get)?,
+                    expire: (r.try_get(7).map_err(get)?, r.try_get(8).map_err(get)?),
+                    until: (r.try_get(9).map_err(get)?, r.try_get(10).map_err(get)?),
+                    client_address: r.try_get(11).map_err(get)?,
+                    count: count.and_then(|c| u32::try_from(c).ok()),
+                };
+                decode_event(row, namespace)
+            })
+            .collect()
     }
 
     async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
@@ -731,7 +891,7 @@ impl Store for PostgresStore {
                     .map_err(unavailable)?;
                 let records = query(
                     tx,
-                    &format!("SELECT {COLUMNS} FROM tokens WHERE NOT retired ORDER BY name"),
+                    &format!("SELECT {COLUMNS} FROM tokens t WHERE NOT t.retired ORDER BY t.name"),
                     &[],
                 )
                 .await?;
@@ -753,17 +913,12 @@ impl Store for PostgresStore {
                 if since < from || since > revision {
                     return Ok(Changes::TooOld);
                 }
-                let columns = COLUMNS
-                    .split(", ")
-                    .map(|c| format!("t.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 let rows = tx
                     .query(
                         &format!(
-                            "SELECT c.name, t.name IS NOT NULL, {columns}
+                            "SELECT c.name, t.name IS NOT NULL, {COLUMNS}, u.last_use_seconds
                              FROM (SELECT DISTINCT name FROM changes WHERE revision > $1) c
-                             LEFT JOIN tokens t ON t.name = c.name
+                             LEFT JOIN tokens t ON t.name = c.name {WITH_USE}
                              ORDER BY c.name"
                         ),
                         &[&to_i64(since)],
@@ -775,17 +930,7 @@ impl Store for PostgresStore {
                     let name: String = row.try_get(0).map_err(unavailable)?;
                     let exists: bool = row.try_get(1).map_err(unavailable)?;
                     let record = if exists {
-                        let get = |i: usize| i + 2;
-                        Some(decode((
-                            row.try_get(get(0)).map_err(unavailable)?,
-                            row.try_get(get(1)).map_err(unavailable)?,
-                            row.try_get(get(2)).map_err(unavailable)?,
-                            row.try_get(get(3)).map_err(unavailable)?,
-                            row.try_get(get(4)).map_err(unavailable)?,
-                            row.try_get(get(5)).map_err(unavailable)?,
-                            row.try_get(get(6)).map_err(unavailable)?,
-                            row.try_get(get(7)).map_err(unavailable)?,
-                        ))?)
+                        Some(decode(read_row(&row, 2)?)?)
                     } else {
                         None
                     };
@@ -812,24 +957,27 @@ impl Store for PostgresStore {
         let tx = conn.transaction().await.map_err(unavailable)?;
         let revision = next_revision(&tx).await?;
         let (s, n) = (cutoff.unix_seconds(), i64::from(cutoff.subsec_nanos()));
-        let rows = tx
-            .query(
-                "UPDATE tokens SET retired = true
-                 WHERE NOT retired AND expire_seconds IS NOT NULL
-                   AND (expire_seconds < $1 OR (expire_seconds = $1 AND expire_nanos <= $2))
-                 RETURNING name",
-                &[&s, &n],
-            )
-            .await
-            .map_err(unavailable)?;
-        if rows.is_empty() {
+        let mut names: Vec<String> = Vec::new();
+        for sql in [
+            "UPDATE tokens SET retired = true
+             WHERE NOT retired AND expire_seconds IS NOT NULL
+               AND (expire_seconds < $1 OR (expire_seconds = $1 AND expire_nanos <= $2))
+             RETURNING name",
+            "UPDATE tokens SET previous_sha256 = NULL, previous_until_seconds = NULL, previous_until_nanos = NULL
+             WHERE previous_sha256 IS NOT NULL
+               AND (previous_until_seconds < $1 OR (previous_until_seconds = $1 AND previous_until_nanos <= $2))
+             RETURNING name",
+        ] {
+            let rows = tx.query(sql, &[&s, &n]).await.map_err(unavailable)?;
+            for row in rows {
+                names.push(row.try_get(0).map_err(unavailable)?);
+            }
+        }
+        if names.is_empty() {
             return Ok(None);
         }
-        let names = rows
-            .iter()
-            .map(|r| r.try_get::<_, String>(0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unavailable)?;
+        names.sort();
+        names.dedup();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let revision = log_changes(&tx, revision, &refs).await?;
         tx.commit().await.map_err(unavailable)?;
@@ -838,19 +986,25 @@ impl Store for PostgresStore {
 
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
         let conn = self.conn().await?;
-        let row = conn
-            .query_opt(
-                "SELECT expire_seconds, expire_nanos FROM tokens
-                 WHERE NOT retired AND expire_seconds IS NOT NULL
-                 ORDER BY expire_seconds, expire_nanos LIMIT 1",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?;
-        let Some(row) = row else { return Ok(None) };
-        let s: i64 = row.try_get(0).map_err(unavailable)?;
-        let n: i64 = row.try_get(1).map_err(unavailable)?;
-        Ok(Some(Timestamp::from_unix(s, u32::try_from(n).unwrap_or(0))))
+        let mut next: Option<Timestamp> = None;
+        for sql in [
+            "SELECT expire_seconds, expire_nanos FROM tokens
+             WHERE NOT retired AND expire_seconds IS NOT NULL
+             ORDER BY expire_seconds, expire_nanos LIMIT 1",
+            "SELECT previous_until_seconds, previous_until_nanos FROM tokens
+             WHERE previous_sha256 IS NOT NULL
+             ORDER BY previous_until_seconds, previous_until_nanos LIMIT 1",
+        ] {
+            let row = conn.query_opt(sql, &[]).await.map_err(unavailable)?;
+            if let Some(row) = row {
+                let s: i64 = row.try_get(0).map_err(unavailable)?;
+                let n: i64 = row.try_get(1).map_err(unavailable)?;
+                if let Some(t) = super::row::time(s, n) {
+                    next = Some(next.map_or(t, |x| x.min(t)));
+                }
+            }
+        }
+        Ok(next)
     }
 
     fn lineage(&self) -> Lineage {
@@ -940,7 +1094,11 @@ mod tests {
             .unwrap()
             .unwrap();
         let r = a
-            .insert(vec![record("namespaces/default/apitokens/a", Role::Owner, 1)], None)
+            .insert(
+                vec![record("namespaces/default/apitokens/a", Role::Owner, 1)],
+                None,
+                vec![],
+            )
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(5), feed.changed())
@@ -964,6 +1122,7 @@ mod tests {
                     .insert(
                         vec![record(&format!("namespaces/q/apitokens/t{i}"), Role::Viewer, i)],
                         Some(10),
+                        vec![],
                     )
                     .await
             }));
@@ -993,7 +1152,11 @@ mod tests {
         let Some(url) = test_url().await else { return };
         let store = PostgresStore::connect(&url).await.unwrap();
         store
-            .insert(vec![record("namespaces/default/apitokens/a", Role::Owner, 1)], None)
+            .insert(
+                vec![record("namespaces/default/apitokens/a", Role::Owner, 1)],
+                None,
+                vec![],
+            )
             .await
             .unwrap();
         store
@@ -1002,7 +1165,7 @@ mod tests {
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', $1,
-                     1, 5000000000, NULL, NULL, 1, false)",
+                     1, 5000000000, NULL, NULL, 1, false, NULL, NULL, NULL, NULL)",
                 &[&"cd".repeat(32)],
             )
             .await
@@ -1024,8 +1187,9 @@ mod tests {
         // A unique violation's DETAIL quotes the row: the error must not.
         let err = conn
             .execute(
-                "INSERT INTO tokens VALUES ('x', 'x', 'owner', $1, 1, 1, NULL, NULL, 1, false),
-                                           ('y', 'x', 'owner', $1, 1, 1, NULL, NULL, 1, false)",
+                "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
+                                     update_seconds)
+                 VALUES ('x', 'x', 'owner', $1, 1, 1, 1), ('y', 'x', 'owner', $1, 1, 1, 1)",
                 &[&"ef".repeat(32)],
             )
             .await

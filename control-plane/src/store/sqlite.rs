@@ -6,11 +6,11 @@
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
 
-use super::row::{decode, Row, COLUMNS};
-use super::{Changes, Revision, Store, StoreError, TokenRecord};
+use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
+use super::{AuditEvent, Changes, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
-use apitokens_core::Timestamp;
+use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::collections::BTreeMap;
@@ -18,10 +18,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// Version 2: integer times (comparable in SQL, exact to the nanosecond),
-/// `retired`, the change log and the store's lineage.
+/// Version 3 (the latest): integer times (comparable in SQL, exact to the
+/// nanosecond), `retired`, the change log and the store's lineage (2);
+/// the previous secret of a rotation's overlap, who created a token, its last
+/// use, and the audit trail (3).
 const SCHEMA: &str = "
 CREATE TABLE tokens (
     name           TEXT PRIMARY KEY NOT NULL,
@@ -34,10 +36,15 @@ CREATE TABLE tokens (
     expire_nanos   INTEGER,
     update_seconds INTEGER NOT NULL,
     retired        INTEGER NOT NULL DEFAULT 0 CHECK (retired IN (0, 1)),
-    CHECK ((expire_seconds IS NULL) = (expire_nanos IS NULL))
+    created_by     TEXT,
+    previous_sha256        TEXT CHECK (previous_sha256 IS NULL OR length(previous_sha256) = 64),
+    previous_until_seconds INTEGER,
+    previous_until_nanos   INTEGER,
+    CHECK ((expire_seconds IS NULL) = (expire_nanos IS NULL)),
+    CHECK ((previous_sha256 IS NULL) = (previous_until_seconds IS NULL)),
+    CHECK ((previous_until_seconds IS NULL) = (previous_until_nanos IS NULL))
 );
 CREATE INDEX tokens_by_namespace ON tokens (namespace, name);
-CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
 CREATE TABLE changes (
     revision INTEGER NOT NULL,
     name     TEXT NOT NULL
@@ -47,6 +54,42 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY NOT NULL,
     value INTEGER NOT NULL
 );
+";
+
+/// What version 3 added to version 2 (also part of a new database).
+const SCHEMA_3: &str = "
+CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
+CREATE INDEX tokens_by_overlap ON tokens (previous_until_seconds, previous_until_nanos) WHERE previous_sha256 IS NOT NULL;
+CREATE TABLE usage (
+    name             TEXT PRIMARY KEY NOT NULL,
+    last_use_seconds INTEGER NOT NULL
+);
+CREATE TABLE events (
+    seq                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_seconds           INTEGER NOT NULL,
+    time_nanos             INTEGER NOT NULL,
+    namespace              TEXT NOT NULL,
+    action                 TEXT NOT NULL,
+    token                  TEXT,
+    actor                  TEXT NOT NULL,
+    role                   TEXT,
+    expire_seconds         INTEGER,
+    expire_nanos           INTEGER,
+    previous_until_seconds INTEGER,
+    previous_until_nanos   INTEGER,
+    client_address         TEXT,
+    count                  INTEGER
+);
+CREATE INDEX events_by_namespace ON events (namespace, seq);
+";
+
+/// Version 2 to 3, on an existing database.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE tokens ADD COLUMN created_by TEXT;
+ALTER TABLE tokens ADD COLUMN previous_sha256 TEXT;
+ALTER TABLE tokens ADD COLUMN previous_until_seconds INTEGER;
+ALTER TABLE tokens ADD COLUMN previous_until_nanos INTEGER;
+DROP INDEX IF EXISTS tokens_by_expiry;
 ";
 
 /// Revisions the change log keeps: a replica further behind loads everything.
@@ -177,11 +220,16 @@ fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
     match version {
         0 => {
             tx.execute_batch(SCHEMA).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
             set_meta(&tx, "revision", 0)?;
             set_meta(&tx, "changes_from", 0)?;
             new_lineage(&tx)?;
         }
         1 => migrate_from_v1(&tx)?,
+        2 => {
+            tx.execute_batch(MIGRATE_2_TO_3).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
+        }
         SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Unavailable(format!(
@@ -247,6 +295,7 @@ fn migrate_from_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
     tx.execute_batch("DROP TABLE tokens; DROP TABLE meta;")
         .map_err(unavailable)?;
     tx.execute_batch(SCHEMA).map_err(unavailable)?;
+    tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
     for (name, namespace, role, digest, create, expire) in rows {
         let corrupt = |problem: &str| StoreError::Corrupt {
             name: name.clone(),
@@ -330,16 +379,17 @@ fn commit_revision<'n>(
 }
 
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-        row.get(6)?,
-        row.get(7)?,
-    ))
+    Ok(Row {
+        name: row.get(0)?,
+        role: row.get(1)?,
+        digest: row.get(2)?,
+        create: (row.get(3)?, row.get(4)?),
+        expire: (row.get(5)?, row.get(6)?),
+        retired: row.get(7)?,
+        created_by: row.get(8)?,
+        previous: (row.get(9)?, row.get(10)?, row.get(11)?),
+        last_use: row.get(12).unwrap_or(None),
+    })
 }
 
 fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>, StoreError> {
@@ -353,13 +403,44 @@ fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Resu
 }
 
 fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>, StoreError> {
-    tx.prepare_cached(&format!("SELECT {COLUMNS} FROM tokens WHERE name = ?1"))
-        .map_err(unavailable)?
-        .query_row([name], read_row)
-        .optional()
-        .map_err(unavailable)?
-        .map(decode)
-        .transpose()
+    tx.prepare_cached(&format!(
+        "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1"
+    ))
+    .map_err(unavailable)?
+    .query_row([name], read_row)
+    .optional()
+    .map_err(unavailable)?
+    .map(decode)
+    .transpose()
+}
+
+/// Records an audit event in the caller's transaction.
+fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> {
+    let (expire_s, expire_n) = split(e.expire_time);
+    let (until_s, until_n) = split(e.previous_until);
+    tx.prepare_cached(
+        "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
+                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        e.time.unix_seconds(),
+        e.time.subsec_nanos(),
+        e.namespace,
+        e.action.as_str(),
+        e.token,
+        e.actor,
+        e.role.map(Role::as_str),
+        expire_s,
+        expire_n,
+        until_s,
+        until_n,
+        e.client_address,
+        e.count,
+    ])
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
@@ -378,7 +459,12 @@ fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>) -> Result<Revision, StoreError> {
+    async fn insert(
+        &self,
+        records: Vec<TokenRecord>,
+        quota: Option<u32>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Revision, StoreError> {
         self.write(move |tx| {
             if let Some(limit) = quota {
                 let mut added: BTreeMap<&str, i64> = BTreeMap::new();
@@ -403,8 +489,9 @@ impl Store for SqliteStore {
                 let mut stmt = tx
                     .prepare_cached(
                         "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
-                                             expire_seconds, expire_nanos, update_seconds, retired)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9)",
+                                             expire_seconds, expire_nanos, update_seconds, retired, created_by,
+                                             previous_sha256, previous_until_seconds, previous_until_nanos)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13)",
                     )
                     .map_err(unavailable)?;
                 for r in &records {
@@ -422,9 +509,16 @@ impl Store for SqliteStore {
                         r.expire_time.map(|t| t.unix_seconds()),
                         r.expire_time.map(|t| t.subsec_nanos()),
                         r.retired,
+                        r.created_by,
+                        r.previous.map(|p| p.digest.to_hex()),
+                        r.previous.map(|p| p.until.unix_seconds()),
+                        r.previous.map(|p| p.until.subsec_nanos()),
                     ])
                     .map_err(|e| map_insert_error(e, &r.name))?;
                 }
+            }
+            for event in &events {
+                record_event(tx, event)?;
             }
             commit_revision(tx, records.iter().map(|r| r.name.as_str()))
         })
@@ -441,34 +535,48 @@ impl Store for SqliteStore {
         self.read(move |tx| {
             query(
                 tx,
-                &format!("SELECT {COLUMNS} FROM tokens WHERE namespace = ?1 ORDER BY name"),
+                &format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.namespace = ?1 ORDER BY t.name"),
                 [namespace],
             )
         })
         .await
     }
 
-    async fn replace_digest(&self, name: &str, digest: Digest) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
+    async fn replace_digest(
+        &self,
+        name: &str,
+        digest: Digest,
+        previous_until: Option<Timestamp>,
+        event: AuditEvent,
+    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
         let name = name.to_owned();
         self.write(move |tx| {
             let now = crate::clock::now().unix_seconds();
+            let (until_s, until_n) = split(previous_until);
+            // With an overlap the current digest becomes the previous one
+            // (any earlier overlap ends); without, both are gone.
             let changed = tx
                 .execute(
-                    "UPDATE tokens SET secret_sha256 = ?2, update_seconds = ?3 WHERE name = ?1",
-                    params![name, digest.to_hex(), now],
+                    "UPDATE tokens SET
+                         previous_sha256 = CASE WHEN ?4 IS NULL THEN NULL ELSE secret_sha256 END,
+                         previous_until_seconds = ?4, previous_until_nanos = ?5,
+                         secret_sha256 = ?2, update_seconds = ?3
+                     WHERE name = ?1",
+                    params![name, digest.to_hex(), now, until_s, until_n],
                 )
                 .map_err(|e| map_insert_error(e, &name))?;
             if changed == 0 {
                 return Ok(None);
             }
             let record = get_one(tx, &name)?.ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;
+            record_event(tx, &event)?;
             let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
             Ok(Some((record, revision)))
         })
         .await
     }
 
-    async fn delete(&self, name: &str) -> Result<Option<Revision>, StoreError> {
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         let name = name.to_owned();
         self.write(move |tx| {
             let n = tx
@@ -477,7 +585,89 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Ok(None);
             }
+            tx.execute("DELETE FROM usage WHERE name = ?1", [&name])
+                .map_err(unavailable)?;
+            record_event(tx, &event)?;
             commit_revision(tx, std::iter::once(name.as_str())).map(Some)
+        })
+        .await
+    }
+
+    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.write(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO usage (name, last_use_seconds)
+                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1)
+                     ON CONFLICT (name) DO UPDATE SET last_use_seconds = max(last_use_seconds, excluded.last_use_seconds)",
+                )
+                .map_err(unavailable)?;
+            for (name, time) in &uses {
+                stmt.execute(params![name, time.unix_seconds()]).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn events(
+        &self,
+        namespace: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        let namespace = namespace.to_owned();
+        self.read(move |tx| {
+            let before = before.and_then(|b| i64::try_from(b).ok()).unwrap_or(i64::MAX);
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
+                            previous_until_seconds, previous_until_nanos, client_address, count
+                     FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![namespace, before, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?),
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?),
+                        (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<i64>>(10)?),
+                        r.get::<_, Option<String>>(11)?,
+                        r.get::<_, Option<u32>>(12)?,
+                    ))
+                })
+                .map_err(unavailable)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(unavailable)?;
+            rows.into_iter()
+                .map(
+                    |(seq, time, action, token, actor, role, expire, until, client_address, count)| {
+                        decode_event(
+                            EventRow {
+                                seq,
+                                time,
+                                action,
+                                token,
+                                actor,
+                                role,
+                                expire,
+                                until,
+                                client_address,
+                                count,
+                            },
+                            &namespace,
+                        )
+                    },
+                )
+                .collect()
         })
         .await
     }
@@ -487,7 +677,7 @@ impl Store for SqliteStore {
             let revision = meta(tx, "revision")?;
             let records = query(
                 tx,
-                &format!("SELECT {COLUMNS} FROM tokens WHERE retired = 0 ORDER BY name"),
+                &format!("SELECT {COLUMNS} FROM tokens t WHERE t.retired = 0 ORDER BY t.name"),
                 [],
             )?;
             Ok((Revision(u64::try_from(revision).unwrap_or(0)), records))
@@ -535,25 +725,30 @@ impl Store for SqliteStore {
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
         self.write(move |tx| {
             let (s, n) = (cutoff.unix_seconds(), cutoff.subsec_nanos());
-            let names: Vec<String> = {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE tokens SET retired = 1
-                         WHERE retired = 0 AND expire_seconds IS NOT NULL
-                           AND (expire_seconds < ?1 OR (expire_seconds = ?1 AND expire_nanos <= ?2))
-                         RETURNING name",
-                    )
-                    .map_err(unavailable)?;
-                let names = stmt
-                    .query_map(params![s, n], |r| r.get(0))
+            let mut names: Vec<String> = Vec::new();
+            for sql in [
+                "UPDATE tokens SET retired = 1
+                 WHERE retired = 0 AND expire_seconds IS NOT NULL
+                   AND (expire_seconds < ?1 OR (expire_seconds = ?1 AND expire_nanos <= ?2))
+                 RETURNING name",
+                "UPDATE tokens SET previous_sha256 = NULL, previous_until_seconds = NULL, previous_until_nanos = NULL
+                 WHERE previous_sha256 IS NOT NULL
+                   AND (previous_until_seconds < ?1 OR (previous_until_seconds = ?1 AND previous_until_nanos <= ?2))
+                 RETURNING name",
+            ] {
+                let mut stmt = tx.prepare_cached(sql).map_err(unavailable)?;
+                let done = stmt
+                    .query_map(params![s, n], |r| r.get::<_, String>(0))
                     .map_err(unavailable)?
                     .collect::<rusqlite::Result<Vec<String>>>()
                     .map_err(unavailable)?;
-                names
-            };
+                names.extend(done);
+            }
             if names.is_empty() {
                 return Ok(None);
             }
+            names.sort();
+            names.dedup();
             commit_revision(tx, names.iter().map(String::as_str)).map(Some)
         })
         .await
@@ -561,17 +756,24 @@ impl Store for SqliteStore {
 
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
         self.read(|tx| {
-            let row: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT expire_seconds, expire_nanos FROM tokens
-                     WHERE retired = 0 AND expire_seconds IS NOT NULL
-                     ORDER BY expire_seconds, expire_nanos LIMIT 1",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            Ok(row.map(|(s, n)| Timestamp::from_unix(s, u32::try_from(n).unwrap_or(0))))
+            let mut next: Option<Timestamp> = None;
+            for sql in [
+                "SELECT expire_seconds, expire_nanos FROM tokens
+                 WHERE retired = 0 AND expire_seconds IS NOT NULL
+                 ORDER BY expire_seconds, expire_nanos LIMIT 1",
+                "SELECT previous_until_seconds, previous_until_nanos FROM tokens
+                 WHERE previous_sha256 IS NOT NULL
+                 ORDER BY previous_until_seconds, previous_until_nanos LIMIT 1",
+            ] {
+                let row: Option<(i64, i64)> = tx
+                    .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(t) = row.and_then(|(s, n)| time(s, n)) {
+                    next = Some(next.map_or(t, |x| x.min(t)));
+                }
+            }
+            Ok(next)
         })
         .await
     }
@@ -585,16 +787,31 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::contract::{self, record, store_contract_tests, test_event};
     use crate::testutil::TempDir;
     use apitokens_core::Role;
-
-    use crate::store::contract::{record, store_contract_tests};
 
     store_contract_tests!(async {
         let dir = TempDir::new("store");
         let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
         Some((Box::new(store) as Box<dyn Store>, dir))
     });
+
+    #[tokio::test]
+    async fn the_audit_trail_holds_no_digest() {
+        let dir = TempDir::new("store-audit");
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        contract::the_audit_trail_is_written_with_the_change_and_read_newest_first(&store).await;
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        let dump: String = conn
+            .query_row(
+                "SELECT group_concat(coalesce(token, '') || actor || coalesce(client_address, '')) FROM events",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!dump.contains(&Digest([1; 32]).to_hex()) && !dump.contains(&Digest([2; 32]).to_hex()));
+    }
 
     #[tokio::test]
     async fn file_store_is_durable_private_and_shared_between_handles() {
@@ -605,7 +822,7 @@ mod tests {
         {
             let store = SqliteStore::open(&path).unwrap();
             lineage = store.lineage();
-            store.insert(vec![a.clone()], None).await.unwrap();
+            store.insert(vec![a.clone()], None, vec![]).await.unwrap();
             let other = SqliteStore::open(&path).unwrap();
             assert_eq!(other.lineage(), lineage);
             // A second process (bootstrap next to serve) sees the write and
@@ -613,7 +830,11 @@ mod tests {
             assert_eq!(other.get(&a.name).await.unwrap(), Some(a.clone()));
             let rev = store.revision().await.unwrap();
             other
-                .insert(vec![record("namespaces/default/apitokens/b", Role::Owner, 2)], None)
+                .insert(
+                    vec![record("namespaces/default/apitokens/b", Role::Owner, 2)],
+                    None,
+                    vec![],
+                )
                 .await
                 .unwrap();
             assert!(store.revision().await.unwrap() > rev);
@@ -668,6 +889,53 @@ mod tests {
         PRAGMA user_version = 1;";
 
     #[tokio::test]
+    async fn version_2_databases_are_migrated() {
+        let dir = TempDir::new("store-v2");
+        let path = dir.path().join("t.db");
+        let conn = Connection::open(&path).unwrap();
+        // Version 2 as the previous release created it.
+        conn.execute_batch(
+            "CREATE TABLE tokens (name TEXT PRIMARY KEY NOT NULL, namespace TEXT NOT NULL, role TEXT NOT NULL,
+                 secret_sha256 TEXT NOT NULL UNIQUE, create_seconds INTEGER NOT NULL, create_nanos INTEGER NOT NULL,
+                 expire_seconds INTEGER, expire_nanos INTEGER, update_seconds INTEGER NOT NULL,
+                 retired INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
+             CREATE TABLE changes (revision INTEGER NOT NULL, name TEXT NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('revision', 5), ('changes_from', 0), ('lineage_hi', 1), ('lineage_lo', 2);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO tokens VALUES ('namespaces/a/apitokens/t', 'a', 'owner', ?1, 7, 0, NULL, NULL, 7, 0)",
+            [&"ab".repeat(32)],
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.get("namespaces/a/apitokens/t").await.unwrap().unwrap();
+        assert_eq!(
+            (t.role, t.created_by, t.previous, t.last_use),
+            (Role::Owner, None, None, None)
+        );
+        assert_eq!(store.revision().await.unwrap(), Revision(5));
+        store
+            .replace_digest(
+                &t.name,
+                Digest([3; 32]),
+                Some(Timestamp::from_unix(99, 0)),
+                test_event(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.events("a", None, 5).await.unwrap().len(),
+            0,
+            "the test event names another namespace"
+        );
+    }
+
+    #[tokio::test]
     async fn version_1_databases_are_migrated() {
         let dir = TempDir::new("store-v1");
         let path = dir.path().join("t.db");
@@ -700,14 +968,18 @@ mod tests {
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path).unwrap();
         store
-            .insert(vec![record("namespaces/default/apitokens/a", Role::Owner, 1)], None)
+            .insert(
+                vec![record("namespaces/default/apitokens/a", Role::Owner, 1)],
+                None,
+                vec![],
+            )
             .await
             .unwrap();
         Connection::open(&path)
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', ?1,
-                     1, 5000000000, NULL, NULL, 1, 0)",
+                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL)",
                 [&"cd".repeat(32)],
             )
             .unwrap();

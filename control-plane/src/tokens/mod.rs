@@ -3,9 +3,10 @@
 //! the store. The REST API and the command line are thin adapters over
 //! [`Service`].
 
+pub mod audit;
 mod error;
 pub mod secret;
 mod service;
 
 pub use error::Error;
-pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Wait};
+pub use service::{check_path, Actor, Delivery, Issued, NewToken, Service, ServiceOptions, Wait, MAX_OVERLAP};

@@ -9,11 +9,11 @@
 //! already enforce it, or the answer says which ones do not.
 
 use super::secret::Secret;
-use super::Error;
+use super::{audit, Error};
 use crate::clock;
 use crate::config::{Publisher, Version};
 use crate::push::acks::{Rollout, Tracker};
-use crate::store::{Revision, Store, TokenRecord};
+use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord};
 use apitokens_core::config::{Config, PluginConfig};
 use apitokens_core::name::{is_dns_label, TokenName};
 use apitokens_core::table::Digest;
@@ -22,6 +22,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DNS_LABEL: &str = "must be a DNS label (lower-case letters, digits and '-', at most 63 characters)";
+
+/// The longest overlap a regeneration may give the previous secret.
+pub const MAX_OVERLAP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Who asks for a change, for the audit trail: the caller's token name (or
+/// the operator tool), and the client address Envoy saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub name: String,
+    pub address: Option<String>,
+}
+
+impl Actor {
+    /// An operator tool on the control plane's host.
+    pub fn tool(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            address: None,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
@@ -100,6 +121,8 @@ pub struct Service {
     store: Arc<dyn Store>,
     push: Option<Push>,
     opts: ServiceOptions,
+    /// Last uses reported by the filters, not yet written to the store.
+    uses: std::sync::Mutex<std::collections::HashMap<String, Timestamp>>,
 }
 
 fn check_namespace(namespace: &str) -> Result<(), Error> {
@@ -140,6 +163,30 @@ fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Time
     Ok(Some(t))
 }
 
+/// The audit event of a token's creation.
+fn event(action: Action, token: &TokenRecord, actor: &Actor, now: Timestamp) -> AuditEvent {
+    AuditEvent {
+        time: now,
+        namespace: token.namespace().to_owned(),
+        action,
+        token: Some(token.name.clone()),
+        actor: actor.name.clone(),
+        role: Some(token.role),
+        expire_time: token.expire_time,
+        previous_until: None,
+        client_address: actor.address.clone(),
+        count: None,
+    }
+}
+
+fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    Timestamp::from_unix(
+        t.unix_seconds().saturating_add(secs),
+        t.subsec_nanos().saturating_add(d.subsec_nanos()),
+    )
+}
+
 impl Service {
     /// A service that only stores (the command line).
     pub fn new(store: Arc<dyn Store>, opts: ServiceOptions) -> Self {
@@ -147,6 +194,7 @@ impl Service {
             store,
             push: None,
             opts,
+            uses: std::sync::Mutex::default(),
         }
     }
 
@@ -162,6 +210,7 @@ impl Service {
             store,
             push: Some(Push { publisher, acks }),
             opts,
+            uses: std::sync::Mutex::default(),
         }
     }
 
@@ -169,7 +218,7 @@ impl Service {
         &self.store
     }
 
-    pub async fn create(&self, namespace: &str, new: NewToken, wait: Wait) -> Result<Issued, Error> {
+    pub async fn create(&self, namespace: &str, new: NewToken, actor: &Actor, wait: Wait) -> Result<Issued, Error> {
         check_namespace(namespace)?;
         let name = TokenName::parse(&new.name).map_err(|e| Error::invalid("name", e.to_string()))?;
         if name.namespace != namespace {
@@ -182,7 +231,9 @@ impl Service {
             .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
         let now = clock::now_seconds();
         let expire_time = expiry(new.expire_time.as_deref(), "expireTime", now)?;
-        let (issued, revision) = self.issue(new.name, role, now, expire_time, self.opts.quota).await?;
+        let (issued, revision) = self
+            .issue(new.name, role, now, expire_time, self.opts.quota, actor)
+            .await?;
         tracing::info!("created {} (role {role}) at revision {revision}", issued.token.name);
         self.finish(issued, revision, wait).await
     }
@@ -193,7 +244,8 @@ impl Service {
         let name = token_name(namespace, id)?;
         let now = clock::now_seconds();
         let expire_time = expiry(expire_time, "expireTime", now)?;
-        let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None).await?;
+        let actor = Actor::tool("apitokens bootstrap");
+        let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None, &actor).await?;
         tracing::info!("bootstrapped owner token {} at revision {revision}", issued.token.name);
         self.finish(issued, revision, Wait::Published).await
     }
@@ -205,6 +257,7 @@ impl Service {
         now: Timestamp,
         expire_time: Option<Timestamp>,
         quota: Option<u32>,
+        actor: &Actor,
     ) -> Result<(Issued, Revision), Error> {
         let secret = Secret::generate().map_err(Error::Random)?;
         let token = TokenRecord {
@@ -214,9 +267,17 @@ impl Service {
             create_time: now,
             expire_time,
             retired: false,
+            created_by: Some(actor.name.clone()),
+            previous: None,
+            last_use: None,
         };
+        let event = event(Action::Create, &token, actor, now);
         // 2^-256: a taken digest means a broken random source, not bad luck.
-        let revision = self.store.insert(vec![token.clone()], quota).await?;
+        let revision = self
+            .store
+            .insert(vec![token.clone()], quota, vec![event.clone()])
+            .await?;
+        audit::log(&event);
         let issued = Issued {
             token,
             secret,
@@ -241,16 +302,49 @@ impl Service {
         Ok(self.store.list(namespace).await?)
     }
 
-    /// A new secret for the same name, role and expiry; the old one stops
-    /// working.
-    pub async fn regenerate(&self, namespace: &str, id: &str, wait: Wait) -> Result<Issued, Error> {
+    /// A new secret for the same name, role and expiry. The old one stops
+    /// working at once, or, with `overlap` (at most [`MAX_OVERLAP`]), when
+    /// that has passed; a second regeneration during an overlap ends it.
+    pub async fn regenerate(
+        &self,
+        namespace: &str,
+        id: &str,
+        overlap: Option<Duration>,
+        actor: &Actor,
+        wait: Wait,
+    ) -> Result<Issued, Error> {
         let name = token_name(namespace, id)?;
+        if overlap.is_some_and(|o| o > MAX_OVERLAP) {
+            return Err(Error::invalid(
+                "previousSecretTtl",
+                format!("must be at most {}s (7 days)", MAX_OVERLAP.as_secs()),
+            ));
+        }
+        let now = clock::now();
+        let until = overlap.filter(|o| !o.is_zero()).map(|o| plus(now, o));
         let secret = Secret::generate().map_err(Error::Random)?;
+        let event = AuditEvent {
+            time: now,
+            namespace: namespace.to_owned(),
+            action: Action::Regenerate,
+            token: Some(name.clone()),
+            actor: actor.name.clone(),
+            role: None,
+            expire_time: None,
+            previous_until: until,
+            client_address: actor.address.clone(),
+            count: None,
+        };
         let (token, revision) = self
             .store
-            .replace_digest(&name, secret.digest())
+            .replace_digest(&name, secret.digest(), until, event.clone())
             .await?
             .ok_or(Error::NotFound(name))?;
+        audit::log(&AuditEvent {
+            role: Some(token.role),
+            expire_time: token.expire_time,
+            ..event
+        });
         tracing::info!("regenerated the secret of {} at revision {revision}", token.name);
         let issued = Issued {
             token,
@@ -260,9 +354,26 @@ impl Service {
         self.finish(issued, revision, wait).await
     }
 
-    pub async fn delete(&self, namespace: &str, id: &str, wait: Wait) -> Result<Delivery, Error> {
+    pub async fn delete(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Delivery, Error> {
         let name = token_name(namespace, id)?;
-        let revision = self.store.delete(&name).await?.ok_or(Error::NotFound(name.clone()))?;
+        let event = AuditEvent {
+            time: clock::now(),
+            namespace: namespace.to_owned(),
+            action: Action::Delete,
+            token: Some(name.clone()),
+            actor: actor.name.clone(),
+            role: None,
+            expire_time: None,
+            previous_until: None,
+            client_address: actor.address.clone(),
+            count: None,
+        };
+        let revision = self
+            .store
+            .delete(&name, event.clone())
+            .await?
+            .ok_or(Error::NotFound(name.clone()))?;
+        audit::log(&event);
         tracing::info!("deleted {name} at revision {revision}");
         self.deliver(revision, wait).await
     }
@@ -289,13 +400,126 @@ impl Service {
                     .transpose()
                     .map_err(|e| Error::invalid(field("expireTime"), e.to_string()))?,
                 retired: false,
+                created_by: Some("apitokens import".to_owned()),
+                previous: None,
+                last_use: None,
             });
         }
         let count = records.len();
-        let revision = self.store.insert(records, None).await?;
+        // One event per namespace, with the number of tokens.
+        let mut per_namespace: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+        for r in &records {
+            *per_namespace.entry(r.namespace()).or_default() += 1;
+        }
+        let events: Vec<AuditEvent> = per_namespace
+            .into_iter()
+            .map(|(namespace, n)| AuditEvent {
+                time: now,
+                namespace: namespace.to_owned(),
+                action: Action::Import,
+                token: None,
+                actor: "apitokens import".to_owned(),
+                role: None,
+                expire_time: None,
+                previous_until: None,
+                client_address: None,
+                count: Some(n),
+            })
+            .collect();
+        let revision = self.store.insert(records, None, events.clone()).await?;
+        events.iter().for_each(audit::log);
         tracing::info!("imported {count} tokens at revision {revision}");
         self.deliver(revision, Wait::Published).await?;
         Ok(count)
+    }
+
+    /// A filter's usage report: the digests (32 bytes each) of secrets that
+    /// authenticated requests since its last report. Remembered as used now;
+    /// written to the store by [`Service::run_usage`]. A report about
+    /// another store's tokens (`lineage`) is ignored.
+    pub fn record_use(&self, lineage: &[u8], digests: &[u8]) {
+        let Some(push) = &self.push else {
+            return;
+        };
+        if lineage != self.store.lineage() {
+            tracing::debug!("usage report for another store's tokens ignored");
+            return;
+        }
+        let snapshot = push.publisher.current();
+        let now = clock::now_seconds();
+        let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for chunk in digests.chunks_exact(32) {
+            if let Some(token) = chunk
+                .try_into()
+                .ok()
+                .and_then(|d| snapshot.api.tokens().get(&Digest(d)))
+            {
+                uses.insert(token.name().to_owned(), now);
+            }
+        }
+    }
+
+    /// Writes the remembered uses to the store; kept for the next try if
+    /// the store is unavailable.
+    async fn flush_uses(&self) {
+        let batch: Vec<(String, Timestamp)> =
+            std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .into_iter()
+                .collect();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.record_usage(batch.clone()).await {
+            tracing::warn!(
+                "could not record the last use of {} tokens (next try soon): {e}",
+                batch.len()
+            );
+            let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, time) in batch {
+                let latest = uses.get(&name).map_or(time, |t| (*t).max(time));
+                uses.insert(name, latest);
+            }
+        }
+    }
+
+    /// Writes last uses to the store in batches, every `every`, until
+    /// `shutdown` changes (and once more then).
+    pub async fn run_usage(self: Arc<Self>, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => self.flush_uses().await,
+                _ = shutdown.changed() => {
+                    self.flush_uses().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The namespace's audit trail, newest first: a page of at most
+    /// `page_size` events, from `page_token` (the previous page's `next`), and
+    /// the token of the next page.
+    pub async fn events(
+        &self,
+        namespace: &str,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<(Vec<AuditEvent>, Option<String>), Error> {
+        check_namespace(namespace)?;
+        if !(1..=1000).contains(&page_size) {
+            return Err(Error::invalid("pageSize", "must be from 1 to 1000"));
+        }
+        let before = page_token
+            .map(|t| {
+                t.parse::<u64>()
+                    .map_err(|_| Error::invalid("pageToken", "is not a page token of this list"))
+            })
+            .transpose()?;
+        let page = self.store.events(namespace, before, page_size).await?;
+        let next = (page.len() == page_size as usize)
+            .then(|| page.last().map(|(seq, _)| seq.to_string()))
+            .flatten();
+        Ok((page.into_iter().map(|(_, e)| e).collect(), next))
     }
 
     /// Publishes the change committed at `revision` and waits as asked.

@@ -24,12 +24,26 @@ use std::sync::Arc;
 /// adjusted while it is still in cache.
 const BLOCK: usize = 1260;
 
+/// A token's entries: its current secret and, during a rotation's overlap,
+/// its previous one (same name and role).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenEntries<'a> {
+    pub current: Entry<'a>,
+    pub previous: Option<Entry<'a>>,
+}
+
+impl<'a> TokenEntries<'a> {
+    fn each(&self) -> impl Iterator<Item = &Entry<'a>> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
 /// The final state of one token after a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change<'a> {
     /// The token of this name is this one (created, or replaced: a new
-    /// secret, or any other field).
-    Put(Entry<'a>),
+    /// secret, an overlap, or any other field).
+    Put(TokenEntries<'a>),
     /// No token of this name any more.
     Remove(&'a str),
 }
@@ -37,45 +51,62 @@ pub enum Change<'a> {
 impl<'a> Change<'a> {
     fn name(&self) -> &'a str {
         match self {
-            Change::Put(entry) => entry.name,
+            Change::Put(token) => token.current.name,
             Change::Remove(name) => name,
         }
     }
 }
 
-/// What an edit did.
+/// What an edit did, in table entries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EditStats {
     pub inserted: usize,
     pub removed: usize,
 }
 
-/// A table and the index needed to edit it: every token's digest by name.
+/// A token's digests in the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    current: Digest,
+    previous: Option<Digest>,
+}
+
+/// A table and the index needed to edit it: every token's digests by name.
 #[derive(Clone, Debug)]
 pub struct LiveTable {
     table: TokenTable,
-    index: BTreeMap<Box<str>, Digest>,
+    index: BTreeMap<Box<str>, Slot>,
 }
 
 fn edit_error(problem: impl Into<String>) -> ConfigError {
     ConfigError::new("tokens", problem)
 }
 
-/// An entry to splice in.
-struct Insert<'a> {
-    entry: Entry<'a>,
-    /// Where it goes among the old entries (before the old entry at this index).
-    entry_pos: usize,
-    /// Where its name goes in the old pool (before the old name at this offset).
-    pool_pos: usize,
-    /// Its name's offset in the new pool.
-    name_offset: u32,
+fn duplicate_error(entries: &[Entry<'_>], dup: Duplicate) -> ConfigError {
+    let name = |i: usize| entries.get(i).map_or("?", |e| e.name);
+    match dup {
+        Duplicate::Name { dup, .. } => edit_error(format!("{}: two tokens have this name", name(dup))),
+        Duplicate::Digest { dup, .. } => edit_error(format!("{}: another token has the same secret digest", name(dup))),
+        Duplicate::Orphan { index } => edit_error(format!("{}: a previous secret without a token", name(index))),
+    }
 }
 
-/// A removed token: its old entry and the old pool range of its name.
-struct Removal {
-    entry: usize,
-    pool: std::ops::Range<usize>,
+/// A name to splice into the pool.
+struct NameInsert<'a> {
+    name: &'a str,
+    /// Before the old name at this offset of the old pool.
+    pool_pos: usize,
+    /// Its offset in the new pool.
+    offset: u32,
+}
+
+/// An entry to splice in.
+struct EntryInsert<'a> {
+    entry: Entry<'a>,
+    /// Before the old entry at this index.
+    entry_pos: usize,
+    /// Its name: an index into the name inserts.
+    name: usize,
 }
 
 impl LiveTable {
@@ -87,18 +118,23 @@ impl LiveTable {
         }
         let mut buf = Vec::with_capacity(header.len() + 8 + entries.len() * (ENTRY + 48));
         buf.extend_from_slice(header);
-        write_table(entries, &mut buf).map_err(|dup| match dup {
-            Duplicate::Name { dup, .. } => edit_error(format!(
-                "{}: two tokens have this name",
-                entries.get(dup).map_or("?", |e| e.name)
-            )),
-            Duplicate::Digest { dup, .. } => edit_error(format!(
-                "{}: another token has the same secret digest",
-                entries.get(dup).map_or("?", |e| e.name)
-            )),
-        })?;
+        write_table(entries, &mut buf).map_err(|dup| duplicate_error(entries, dup))?;
         let table = TokenTable::framed(Arc::new(buf), header.len())?;
-        let index = entries.iter().map(|e| (Box::from(e.name), e.digest)).collect();
+        let mut index: BTreeMap<Box<str>, Slot> = BTreeMap::new();
+        for e in entries.iter().filter(|e| !e.previous) {
+            index.insert(
+                Box::from(e.name),
+                Slot {
+                    current: e.digest,
+                    previous: None,
+                },
+            );
+        }
+        for e in entries.iter().filter(|e| e.previous) {
+            if let Some(slot) = index.get_mut(e.name) {
+                slot.previous = Some(e.digest);
+            }
+        }
         let live = Self { table, index };
         live.check()?;
         Ok(live)
@@ -108,17 +144,18 @@ impl LiveTable {
         &self.table
     }
 
+    /// Tokens (a token in its overlap has two entries).
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.index.is_empty()
     }
 
-    /// The digest of the token with this name.
+    /// The digest of the current secret of the token with this name.
     pub fn digest_of(&self, name: &str) -> Option<Digest> {
-        self.index.get(name).copied()
+        self.index.get(name).map(|s| s.current)
     }
 
     /// Validation of the whole table, in debug builds (every end-to-end test
@@ -127,7 +164,12 @@ impl LiveTable {
         #[cfg(debug_assertions)]
         {
             self.table.validate()?;
-            if self.index.len() != self.table.len() {
+            let entries = self
+                .index
+                .values()
+                .map(|s| 1 + usize::from(s.previous.is_some()))
+                .sum::<usize>();
+            if entries != self.table.len() {
                 return Err(edit_error("the name index does not match the table"));
             }
         }
@@ -153,6 +195,23 @@ impl LiveTable {
         Ok(offset..offset + 1 + len)
     }
 
+    /// Whether the table already holds exactly these entries for the token.
+    fn holds(&self, slot: Slot, token: &TokenEntries<'_>) -> bool {
+        let same = |digest: Digest, entry: &Entry<'_>| {
+            digest == entry.digest
+                && self
+                    .table
+                    .get(&digest)
+                    .is_some_and(|t| t.role() == entry.role && t.expire() == entry.expire)
+        };
+        same(slot.current, &token.current)
+            && match (slot.previous, &token.previous) {
+                (None, None) => true,
+                (Some(d), Some(e)) => same(d, e),
+                _ => false,
+            }
+    }
+
     /// Applies `changes` (a later change to a name wins over an earlier one)
     /// and swaps in the new table, written into `buf` after `header`. `buf`
     /// is cleared first: pass the buffer of a table nobody uses any more, so
@@ -164,68 +223,77 @@ impl LiveTable {
         for change in changes {
             last.insert(change.name(), change);
         }
-        let mut removals: Vec<Removal> = Vec::new();
-        let mut inserts: Vec<Insert<'_>> = Vec::new();
+        let mut removed_entries: Vec<usize> = Vec::new();
+        let mut removed_names: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut names: Vec<NameInsert<'_>> = Vec::new();
+        let mut inserts: Vec<EntryInsert<'_>> = Vec::new();
         for (name, change) in &last {
-            let current = self.index.get(*name).copied();
-            if let (Some(digest), Change::Put(entry)) = (current, change) {
-                if digest == entry.digest {
-                    let same = self
-                        .table
-                        .get(&digest)
-                        .is_some_and(|t| t.role() == entry.role && t.expire() == entry.expire);
-                    if same {
-                        continue;
-                    }
+            let slot = self.index.get(*name).copied();
+            if let (Some(slot), Change::Put(token)) = (slot, change) {
+                if self.holds(slot, token) {
+                    continue;
                 }
             }
-            if let Some(digest) = current {
-                let entry = self.entry_of(&digest)?;
-                removals.push(Removal {
-                    entry,
-                    pool: self.name_range(entry)?,
-                });
+            if let Some(slot) = slot {
+                let current = self.entry_of(&slot.current)?;
+                removed_names.push(self.name_range(current)?);
+                removed_entries.push(current);
+                if let Some(previous) = slot.previous {
+                    removed_entries.push(self.entry_of(&previous)?);
+                }
             }
-            if let Change::Put(entry) = change {
-                TokenName::parse(entry.name).map_err(|e| edit_error(format!("{name}: {e}")))?;
-                // Before the first old name that sorts after it (the old name
-                // of the same token, if any, is removed anyway).
-                let successor = self
-                    .index
-                    .range::<str, _>((Bound::Excluded(*name), Bound::Unbounded))
-                    .next()
-                    .map(|(_, d)| *d);
-                let pool_pos = match successor {
-                    Some(digest) => self.name_range(self.entry_of(&digest)?)?.start,
-                    None => self.table.pool().len(),
-                };
+            let Change::Put(token) = change else {
+                continue;
+            };
+            TokenName::parse(name).map_err(|e| edit_error(format!("{name}: {e}")))?;
+            if token.previous.is_some_and(|p| p.name != *name || !p.previous) || token.current.previous {
+                return Err(edit_error(format!("{name}: inconsistent previous secret")));
+            }
+            // Before the first old name that sorts after it (the old name of
+            // the same token, if any, is removed anyway).
+            let successor = self
+                .index
+                .range::<str, _>((Bound::Excluded(*name), Bound::Unbounded))
+                .next()
+                .map(|(_, s)| s.current);
+            let pool_pos = match successor {
+                Some(digest) => self.name_range(self.entry_of(&digest)?)?.start,
+                None => self.table.pool().len(),
+            };
+            names.push(NameInsert {
+                name,
+                pool_pos,
+                offset: 0,
+            });
+            for entry in token.each() {
                 let entry_pos = match self.table.position(&entry.digest) {
                     Err(pos) | Ok(pos) => pos,
                 };
-                inserts.push(Insert {
+                inserts.push(EntryInsert {
                     entry: *entry,
                     entry_pos,
-                    pool_pos,
-                    name_offset: 0,
+                    name: names.len() - 1,
                 });
             }
         }
-        removals.sort_by_key(|r| r.entry);
+        removed_entries.sort_unstable();
         // A digest already in the table may only come back if its old entry goes.
-        inserts.sort_by_key(|i| i.entry.digest);
-        for pair in inserts.windows(2) {
+        let mut digests: Vec<&Digest> = inserts.iter().map(|i| &i.entry.digest).collect();
+        digests.sort_unstable();
+        for pair in digests.windows(2) {
             if let [a, b] = pair {
-                if a.entry.digest == b.entry.digest {
-                    return Err(edit_error(format!(
-                        "{}: another token has the same secret digest",
-                        b.entry.name
-                    )));
+                if a == b {
+                    let name = inserts
+                        .iter()
+                        .find(|i| &i.entry.digest == *b)
+                        .map_or("?", |i| i.entry.name);
+                    return Err(edit_error(format!("{name}: another token has the same secret digest")));
                 }
             }
         }
         for insert in &inserts {
             if let Ok(old) = self.table.position(&insert.entry.digest) {
-                if removals.binary_search_by_key(&old, |r| r.entry).is_err() {
+                if removed_entries.binary_search(&old).is_err() {
                     return Err(edit_error(format!(
                         "{}: another token has the same secret digest",
                         insert.entry.name
@@ -235,42 +303,40 @@ impl LiveTable {
         }
         let stats = EditStats {
             inserted: inserts.len(),
-            removed: removals.len(),
+            removed: removed_entries.len(),
         };
-        if inserts.is_empty() && removals.is_empty() {
+        if inserts.is_empty() && removed_entries.is_empty() {
             return Ok(stats);
         }
 
         // Where each inserted name lands in the new pool: after the old names
         // before its position (less the removed ones among them) and the
-        // inserted names before it.
-        inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
-        let mut by_offset: Vec<&Removal> = removals.iter().collect();
-        by_offset.sort_by_key(|r| r.pool.start);
+        // inserted names before it. (`names` is in name order: `last` is.)
+        removed_names.sort_by_key(|r| r.start);
         let bad_pool = || edit_error("the table's name offsets are inconsistent");
         let mut inserted_before = 0usize;
         let mut removed_before = 0usize;
-        let mut next_removal = by_offset.iter().peekable();
-        for insert in &mut inserts {
-            while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
-                removed_before += r.pool.len();
+        let mut next_removal = removed_names.iter().peekable();
+        for insert in &mut names {
+            while let Some(r) = next_removal.next_if(|r| r.start < insert.pool_pos) {
+                removed_before += r.len();
             }
             let offset = (insert.pool_pos + inserted_before)
                 .checked_sub(removed_before)
                 .ok_or_else(bad_pool)?;
-            insert.name_offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
-            inserted_before += insert.entry.name.len() + 1;
+            insert.offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
+            inserted_before += insert.name.len() + 1;
         }
-        let shift = Shift::new(&inserts, &by_offset);
+        let shift = Shift::new(&names, &removed_names);
         let old_pool = self.table.pool();
         let pool_len = (old_pool.len() + inserted_before)
-            .checked_sub(by_offset.iter().map(|r| r.pool.len()).sum())
+            .checked_sub(removed_names.iter().map(|r| r.len()).sum())
             .ok_or_else(bad_pool)?;
 
         // The new entries: old runs copied in cache-sized blocks, each
         // block's name offsets shifted while it is still in cache.
         inserts.sort_by(|a, b| a.entry_pos.cmp(&b.entry_pos).then(a.entry.digest.cmp(&b.entry.digest)));
-        let count = self.table.len() + inserts.len() - removals.len();
+        let count = self.table.len() + inserts.len() - removed_entries.len();
         buf.clear();
         buf.reserve(header.len() + 8 + count * ENTRY + pool_len);
         buf.extend_from_slice(header);
@@ -283,13 +349,14 @@ impl LiveTable {
             .table
             .entries_bytes()
             .ok_or_else(|| edit_error("the compact table is truncated"))?;
+        let name_offset = |insert: &EntryInsert<'_>| names.get(insert.name).map_or(0, |n| n.offset);
         let mut next_insert = inserts.iter().peekable();
-        let mut next_removed = removals.iter().map(|r| r.entry).peekable();
+        let mut next_removed = removed_entries.iter().copied().peekable();
         let mut i = 0usize;
         let n = self.table.len();
         while i < n {
             while let Some(insert) = next_insert.next_if(|ins| ins.entry_pos <= i) {
-                push_entry(&mut buf, &insert.entry, insert.name_offset);
+                push_entry(&mut buf, &insert.entry, name_offset(insert));
             }
             if next_removed.next_if_eq(&i).is_some() {
                 i += 1;
@@ -323,7 +390,7 @@ impl LiveTable {
             i = stop;
         }
         for insert in next_insert {
-            push_entry(&mut buf, &insert.entry, insert.name_offset);
+            push_entry(&mut buf, &insert.entry, name_offset(insert));
         }
 
         // The new pool, straight after: old names copied in runs, the
@@ -333,21 +400,20 @@ impl LiveTable {
                 .map_err(|_| edit_error("names too long"))?
                 .to_le_bytes(),
         );
-        inserts.sort_by(|a, b| a.pool_pos.cmp(&b.pool_pos).then(a.entry.name.cmp(b.entry.name)));
         let mut cursor = 0usize;
-        let mut next_removal = by_offset.iter().peekable();
-        for insert in &inserts {
-            while let Some(r) = next_removal.next_if(|r| r.pool.start < insert.pool_pos) {
-                buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
-                cursor = r.pool.end;
+        let mut next_removal = removed_names.iter().peekable();
+        for insert in &names {
+            while let Some(r) = next_removal.next_if(|r| r.start < insert.pool_pos) {
+                buf.extend_from_slice(old_pool.get(cursor..r.start).ok_or_else(bad_pool)?);
+                cursor = r.end;
             }
             buf.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(bad_pool)?);
             cursor = insert.pool_pos;
-            push_name(&mut buf, insert.entry.name);
+            push_name(&mut buf, insert.name);
         }
         for r in next_removal {
-            buf.extend_from_slice(old_pool.get(cursor..r.pool.start).ok_or_else(bad_pool)?);
-            cursor = r.pool.end;
+            buf.extend_from_slice(old_pool.get(cursor..r.start).ok_or_else(bad_pool)?);
+            cursor = r.end;
         }
         buf.extend_from_slice(old_pool.get(cursor..).ok_or_else(bad_pool)?);
 
@@ -355,8 +421,14 @@ impl LiveTable {
         let mut index = std::mem::take(&mut self.index);
         for (name, change) in &last {
             match change {
-                Change::Put(entry) => {
-                    index.insert(Box::from(*name), entry.digest);
+                Change::Put(token) => {
+                    index.insert(
+                        Box::from(*name),
+                        Slot {
+                            current: token.current.digest,
+                            previous: token.previous.map(|p| p.digest),
+                        },
+                    );
                 }
                 Change::Remove(_) => {
                     index.remove(*name);
@@ -380,17 +452,13 @@ struct Shift {
 }
 
 impl Shift {
-    fn new(inserts: &[Insert<'_>], removals: &[&Removal]) -> Self {
+    fn new(names: &[NameInsert<'_>], removals: &[std::ops::Range<usize>]) -> Self {
         // An inserted name moves every old name at or after its position; a
         // removed one every old name after it (none starts inside it).
-        let mut deltas: Vec<(usize, i64)> = inserts
+        let mut deltas: Vec<(usize, i64)> = names
             .iter()
-            .map(|i| (i.pool_pos, i.entry.name.len() as i64 + 1))
-            .chain(
-                removals
-                    .iter()
-                    .map(|r| (r.pool.end, -((r.pool.end - r.pool.start) as i64))),
-            )
+            .map(|i| (i.pool_pos, i.name.len() as i64 + 1))
+            .chain(removals.iter().map(|r| (r.end, -(r.len() as i64))))
             .collect();
         deltas.sort_by_key(|d| d.0);
         let mut steps: Vec<(u32, i64)> = Vec::new();

@@ -8,18 +8,25 @@
 //! interpolation search finds one in a few probes whatever the table's size.
 //!
 //! ```text
-//! u32 N                        token count (little endian, like every integer)
+//! u32 N                        entry count (little endian, like every integer)
 //! N x 52 bytes, sorted strictly ascending by digest:
 //!   [0..32)  SHA-256 digest of the secret
 //!   [32..40) expireTime: i64 seconds since the Unix epoch
 //!   [40..44) expireTime: u32 nanoseconds; u32::MAX = the token never expires
 //!   [44..48) u32 offset of the token's name in the pool
 //!   [48]     role: 0 viewer, 1 editor, 2 owner
-//!   [49..52) zero
+//!   [49]     flags: bit 0 = the token's previous secret (a rotation's
+//!            overlap), every other bit zero
+//!   [50..52) zero
 //! u32 P                        pool size in bytes, then the pool: every name as
 //!                              a u8 length and the bytes, strictly ascending,
-//!                              each used by exactly one entry
+//!                              each used by exactly one current entry and at
+//!                              most one previous entry
 //! ```
+//!
+//! A token has one entry for its current secret and, while a rotation's
+//! overlap lasts, one for its previous secret: same name and role, its own
+//! expiry (the end of the overlap, or the token's, whichever comes first).
 
 use crate::config::{ConfigError, TokenSpec};
 use crate::name::{is_token_name, TokenName};
@@ -29,7 +36,7 @@ use sha2::Digest as _;
 use std::sync::Arc;
 
 mod edit;
-pub use edit::{Change, EditStats, LiveTable};
+pub use edit::{Change, EditStats, LiveTable, TokenEntries};
 
 /// A SHA-256 digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,6 +85,8 @@ pub struct Token<'t> {
     name: &'t str,
     role: Role,
     expire: Option<Timestamp>,
+    previous: bool,
+    index: u32,
 }
 
 const NAMESPACE_START: usize = "namespaces/".len();
@@ -101,6 +110,17 @@ impl<'t> Token<'t> {
         self.expire
     }
 
+    /// Whether the secret was the token's previous one (a rotation's overlap).
+    pub fn is_previous(&self) -> bool {
+        self.previous
+    }
+
+    /// The entry's position in its table (a key for per-table bookkeeping,
+    /// such as which tokens were used).
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+
     /// Expired from `expire` on, inclusive: `expireTime` == now is expired.
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expire.is_some_and(|expire| expire <= now)
@@ -109,6 +129,7 @@ impl<'t> Token<'t> {
 
 const ENTRY: usize = 52;
 const NEVER: u32 = u32::MAX;
+const PREVIOUS: u8 = 1;
 
 /// A token as it goes into a table: typed and validated fields (the JSON
 /// configuration's strings are parsed once, into this).
@@ -119,6 +140,9 @@ pub struct Entry<'a> {
     pub role: Role,
     pub digest: Digest,
     pub expire: Option<Timestamp>,
+    /// The token's previous secret, accepted until `expire` after a
+    /// regeneration with an overlap.
+    pub previous: bool,
 }
 
 /// The token table over its flat buffer. The buffer is shared, not copied:
@@ -245,7 +269,7 @@ impl TokenTable {
         std::str::from_utf8(pool.get(offset + 1..offset + 1 + len)?).ok()
     }
 
-    fn token(&self, entry: &[u8]) -> Option<Token<'_>> {
+    fn token(&self, entry: &[u8], index: usize) -> Option<Token<'_>> {
         let nanos = u32_at(entry, 40)?;
         let expire = (nanos != NEVER).then(|| Timestamp::from_unix(i64_at(entry, 32).unwrap_or(i64::MIN), nanos));
         let name = self.name_at(usize::try_from(u32_at(entry, 44)?).ok()?)?;
@@ -253,14 +277,17 @@ impl TokenTable {
             name,
             role: role_of(*entry.get(48)?)?,
             expire,
+            previous: entry.get(49).is_some_and(|f| f & PREVIOUS != 0),
+            index: u32::try_from(index).ok()?,
         })
     }
 
     /// Every name valid, sorted and unique; every entry's digest sorted and
-    /// unique, its role and expiry valid, its name one no other entry uses.
-    /// One pass over the names and one over the entries, no allocation per
-    /// token: it bounds how long a VM takes to accept a million tokens.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// unique, its role, flags and expiry valid; every name used by exactly
+    /// one current entry and at most one previous entry. One pass over the
+    /// names and one over the entries, no allocation per token: it bounds how
+    /// long a VM takes to accept a million tokens.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         // Names: valid, strictly ascending (hence unique); remember where each starts.
         let pool = self.pool();
         let mut starts = vec![0u64; pool.len() / 64 + 1];
@@ -290,11 +317,13 @@ impl TokenTable {
             names += 1;
             at += 1 + usize::from(len);
         }
-        if names != self.count {
-            return Err(table_error("every name must belong to exactly one token"));
-        }
-        // Entries: strictly ascending digests (hence unique), a known role, a
-        // valid expiry, and a name no other entry uses.
+        // A name's current entry clears its bit in `current`; its previous
+        // entry (if any) its bit in `previous_of`.
+        let mut previous_of = starts.clone();
+        let mut current = starts;
+        let mut currents = 0usize;
+        // Entries: strictly ascending digests (hence unique), a known role
+        // and flags, a valid expiry, and a name as above.
         let entries = self
             .entries_bytes()
             .ok_or_else(|| table_error("the compact table is truncated"))?;
@@ -312,22 +341,43 @@ impl TokenTable {
             }
             previous = digest;
             let nanos = u32_at(fields, 8).ok_or_else(|| bad("truncated"))?;
-            if nanos != NEVER && nanos >= 1_000_000_000 {
-                return Err(bad("expireTime nanoseconds out of range"));
+            if nanos != NEVER {
+                if nanos >= 1_000_000_000 {
+                    return Err(bad("expireTime nanoseconds out of range"));
+                }
+                // The same bound as the JSON configuration's timestamps.
+                let secs = i64_at(fields, 0).ok_or_else(|| bad("truncated"))?;
+                if !Timestamp::from_unix(secs, nanos).in_range() {
+                    return Err(bad(
+                        "expireTime must lie between 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+                    ));
+                }
             }
-            if fields.get(16).copied().and_then(role_of).is_none() || fields.get(17..20) != Some(&[0, 0, 0][..]) {
+            if fields.get(16).copied().and_then(role_of).is_none() {
                 return Err(bad("unknown role"));
             }
+            let is_previous = match fields.get(17..20) {
+                Some([0, 0, 0]) => false,
+                Some([PREVIOUS, 0, 0]) => true,
+                _ => return Err(bad("unknown flags")),
+            };
             let offset = usize::try_from(u32_at(fields, 12).ok_or_else(|| bad("truncated"))?)
                 .map_err(|_| bad("name offset out of range"))?;
-            let word = starts
+            let bits = if is_previous { &mut previous_of } else { &mut current };
+            let word = bits
                 .get_mut(offset / 64)
                 .ok_or_else(|| bad("name offset out of range"))?;
             let bit = 1u64 << (offset % 64);
             if *word & bit == 0 {
-                return Err(bad("name offset is not the start of an unused name"));
+                return Err(bad(
+                    "name offset is not the start of a name no other entry of its kind uses",
+                ));
             }
             *word &= !bit;
+            currents += usize::from(!is_previous);
+        }
+        if currents != names {
+            return Err(table_error("every name must belong to exactly one current entry"));
         }
         Ok(())
     }
@@ -344,6 +394,11 @@ impl TokenTable {
             }
         }
         Err(lo)
+    }
+
+    /// The digest of the entry at `index` (see [`Token::index`]).
+    pub fn digest_at(&self, index: usize) -> Option<Digest> {
+        Some(Digest(self.entry(index)?.get(..32)?.try_into().ok()?))
     }
 
     /// The token whose secret has this digest.
@@ -374,7 +429,7 @@ impl TokenTable {
             rounds += 1;
             let entry = self.entry(mid)?;
             match entry.get(..32)?.cmp(key) {
-                std::cmp::Ordering::Equal => return self.token(entry),
+                std::cmp::Ordering::Equal => return self.token(entry, mid),
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
             }
@@ -395,7 +450,7 @@ impl TokenTable {
         (0..self.count).filter_map(|i| {
             let entry = self.entry(i)?;
             let digest = Digest(entry.get(..32)?.try_into().ok()?);
-            Some((digest, self.token(entry)?))
+            Some((digest, self.token(entry, i)?))
         })
     }
 }
@@ -403,69 +458,140 @@ impl TokenTable {
 /// Validates `specs` and appends their table section to `out`.
 pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(), ConfigError> {
     let mut entries = Vec::with_capacity(specs.len());
+    // Which spec each entry comes from, for the error messages.
+    let mut origin = Vec::with_capacity(specs.len());
     for (index, spec) in specs.iter().enumerate() {
         let field = |f: &str| format!("tokens[{index}].{f}");
         TokenName::parse(&spec.name).map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
         let role = Role::parse(&spec.role)
             .ok_or_else(|| ConfigError::new(field("role"), "unknown role; expected viewer, editor or owner"))?;
-        let digest = Digest::from_hex(&spec.secret_sha256).ok_or_else(|| {
-            ConfigError::new(
-                field("secretSha256"),
-                "must be 64 lower-case hex characters: the SHA-256 digest of the secret, never the secret itself",
-            )
-        })?;
-        let expire = spec
-            .expire_time
-            .as_deref()
-            .map(Timestamp::parse_rfc3339)
-            .transpose()
-            .map_err(|e| ConfigError::new(field("expireTime"), e.to_string()))?;
+        let digest = |f: &str, hex: &str| {
+            Digest::from_hex(hex).ok_or_else(|| {
+                ConfigError::new(
+                    field(f),
+                    "must be 64 lower-case hex characters: the SHA-256 digest of the secret, never the secret itself",
+                )
+            })
+        };
+        let time = |f: &str, text: Option<&str>| {
+            text.map(Timestamp::parse_rfc3339)
+                .transpose()
+                .map_err(|e| ConfigError::new(field(f), e.to_string()))
+        };
+        let expire = time("expireTime", spec.expire_time.as_deref())?;
         entries.push(Entry {
             name: &spec.name,
             role,
-            digest,
+            digest: digest("secretSha256", &spec.secret_sha256)?,
             expire,
+            previous: false,
         });
+        origin.push((index, "secretSha256"));
+        match (&spec.previous_secret_sha256, &spec.previous_secret_expire_time) {
+            (None, None) => {}
+            (Some(hex), Some(until)) => {
+                let until = time("previousSecretExpireTime", Some(until))?;
+                entries.push(Entry {
+                    name: &spec.name,
+                    role,
+                    digest: digest("previousSecretSha256", hex)?,
+                    // The overlap never outlives the token.
+                    expire: match (until, expire) {
+                        (Some(u), Some(e)) => Some(u.min(e)),
+                        (u, e) => u.or(e),
+                    },
+                    previous: true,
+                });
+                origin.push((index, "previousSecretSha256"));
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    field("previousSecretExpireTime"),
+                    "is required with previousSecretSha256: an overlap must end",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    field("previousSecretSha256"),
+                    "is required with previousSecretExpireTime",
+                ))
+            }
+        }
     }
+    let at = |i: usize| origin.get(i).copied().unwrap_or((i, "secretSha256"));
     write_table(&entries, out).map_err(|dup| match dup {
         Duplicate::Name { first, dup } => ConfigError::new(
-            format!("tokens[{dup}].name"),
-            format!("duplicate of tokens[{first}].name"),
+            format!("tokens[{}].name", at(dup).0),
+            format!("duplicate of tokens[{}].name", at(first).0),
         ),
-        Duplicate::Digest { first, dup } => ConfigError::new(
-            format!("tokens[{dup}].secretSha256"),
-            format!("duplicate of tokens[{first}].secretSha256"),
-        ),
+        Duplicate::Digest { first, dup } => {
+            let ((d, df), (f, ff)) = (at(dup), at(first));
+            ConfigError::new(format!("tokens[{d}].{df}"), format!("duplicate of tokens[{f}].{ff}"))
+        }
+        // encode_specs pairs every previous secret with its token.
+        Duplicate::Orphan { index } => ConfigError::new(format!("tokens[{}]", at(index).0), "no current secret"),
     })
 }
 
-/// Two entries share a name or a digest: indices into the input, the first
-/// duplicate in input order and the entry it duplicates.
+/// Entries that cannot share a table: indices into the input, the first
+/// offending one in input order and the entry it conflicts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Duplicate {
-    Name { first: usize, dup: usize },
-    Digest { first: usize, dup: usize },
+    /// Two current entries (or two previous ones) with the same name.
+    Name {
+        first: usize,
+        dup: usize,
+    },
+    Digest {
+        first: usize,
+        dup: usize,
+    },
+    /// A previous entry whose name has no current entry.
+    Orphan {
+        index: usize,
+    },
 }
 
 /// Appends the table section of `entries` (already validated one by one) to
-/// `out`: sorted by digest, names pooled in name order.
+/// `out`: sorted by digest, the current entries' names pooled in name order.
 pub fn write_table(entries: &[Entry<'_>], out: &mut Vec<u8>) -> Result<(), Duplicate> {
     let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
     let indexed: Vec<(usize, &Entry<'_>)> = entries.iter().enumerate().collect();
 
-    // Names: sorted, the first duplicate in input order reported.
+    // Names: sorted (a name's current entry before its previous one), the
+    // first duplicate in input order reported.
     let mut by_name: Vec<&(usize, &Entry<'_>)> = indexed.iter().collect();
-    by_name.sort_by(|a, b| a.1.name.cmp(b.1.name).then(a.0.cmp(&b.0)));
-    if let Some((first, dup)) = first_duplicate(&by_name, |a, b| a.1.name == b.1.name, |a| a.0) {
+    by_name.sort_by(|a, b| {
+        a.1.name
+            .cmp(b.1.name)
+            .then(a.1.previous.cmp(&b.1.previous))
+            .then(a.0.cmp(&b.0))
+    });
+    if let Some((first, dup)) = first_duplicate(
+        &by_name,
+        |a, b| a.1.name == b.1.name && a.1.previous == b.1.previous,
+        |a| a.0,
+    ) {
         return Err(Duplicate::Name { first, dup });
     }
     let mut pool = Vec::with_capacity(entries.iter().map(|e| e.name.len() + 1).sum());
     let mut offsets = vec![0u32; entries.len()];
+    let mut current: Option<(&str, u32)> = None;
     for (index, entry) in &by_name {
+        let offset = if entry.previous {
+            match current {
+                Some((name, offset)) if name == entry.name => offset,
+                _ => return Err(Duplicate::Orphan { index: *index }),
+            }
+        } else {
+            let offset = u32::try_from(pool.len()).unwrap_or(u32::MAX);
+            push_name(&mut pool, entry.name);
+            current = Some((entry.name, offset));
+            offset
+        };
         if let Some(slot) = offsets.get_mut(*index) {
-            *slot = u32::try_from(pool.len()).unwrap_or(u32::MAX);
+            *slot = offset;
         }
-        push_name(&mut pool, entry.name);
     }
 
     let mut by_digest: Vec<&(usize, &Entry<'_>)> = indexed.iter().collect();
@@ -498,7 +624,8 @@ fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
     out.extend_from_slice(&secs.to_le_bytes());
     out.extend_from_slice(&nanos.to_le_bytes());
     out.extend_from_slice(&name_offset.to_le_bytes());
-    out.extend_from_slice(&[role_code(entry.role), 0, 0, 0]);
+    let flags = if entry.previous { PREVIOUS } else { 0 };
+    out.extend_from_slice(&[role_code(entry.role), flags, 0, 0]);
 }
 
 /// In a list sorted by key, ties by input index: the duplicate that comes

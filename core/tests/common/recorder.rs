@@ -5,6 +5,7 @@ use super::at;
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{HeaderValue, Host, HostError, LogLevel, RequestHeaders};
 use apitokens_core::reply::Reply;
+use apitokens_core::table::Token;
 use apitokens_core::Timestamp;
 use std::fmt;
 
@@ -16,9 +17,13 @@ pub struct Recorder {
     pub counters: Vec<Counter>,
     pub logs: Vec<String>,
     pub fail_writes: bool,
+    /// A body follows the headers.
+    pub body: bool,
     /// How many times the headers were read.
     pub reads: usize,
     pub writes: Vec<String>,
+    /// Tokens reported as used.
+    pub used: Vec<String>,
 }
 
 impl Recorder {
@@ -75,6 +80,10 @@ impl Host for Recorder {
         Ok(Snapshot(self.headers.clone()))
     }
 
+    fn request_has_body(&mut self) -> bool {
+        self.body
+    }
+
     fn now(&mut self) -> Option<Timestamp> {
         self.now
     }
@@ -113,6 +122,10 @@ impl Host for Recorder {
 
     fn count(&mut self, counter: Counter) {
         self.counters.push(counter);
+    }
+
+    fn used(&mut self, token: Token<'_>) {
+        self.used.push(token.name().to_owned());
     }
 
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {

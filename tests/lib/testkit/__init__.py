@@ -1,5 +1,5 @@
 """testkit: the code the end-to-end suites share (tests/e2e, tests/cp,
-tests/security, tests/drills) and the benchmark scripts use.
+tests/security, tests/differential, tests/drills) and the benchmark scripts use.
 
 Modules:
   harness       an Envoy process (start, admin, stats, logs, `get`), `poll`,

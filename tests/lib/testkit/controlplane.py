@@ -105,7 +105,8 @@ class ControlPlane:
     """One `apitokens serve` process (restartable on the same ports and database):
     on the SQLite file `db`, or on `store` (a PostgreSQL URL) when given."""
 
-    def __init__(self, workdir: Path, name: str = "cp", store: str | None = None):
+    def __init__(self, workdir: Path, name: str = "cp", plugin_config: Path = PLUGIN_BASE,
+                 always: tuple[str, ...] = (), store: str | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -116,6 +117,9 @@ class ControlPlane:
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         self.extra: list[str] = []
+        self.plugin_config = plugin_config
+        # `serve` arguments of every start (a suite's settings), before a start's own.
+        self.always = always
 
     @property
     def logs(self) -> list[Path]:
@@ -152,8 +156,9 @@ class ControlPlane:
             *self.store_args(),
             "--listen", f"127.0.0.1:{self.api_port}",
             "--xds-listen", f"127.0.0.1:{self.xds_port}",
-            "--plugin-config", str(PLUGIN_BASE),
+            "--plugin-config", str(self.plugin_config),
             "--poll-interval-ms", "200",
+            *self.always,
             *extra,
         ]
         log = open(self.dir / f"serve-{self.runs:02d}.log", "wb")

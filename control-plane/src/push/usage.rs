@@ -1,0 +1,114 @@
+//! The usage-report service on the xDS server: each filter VM reports the
+//! digests of the tokens it saw used (`apitokens_core::usage`), over the same
+//! connection trust as ECDS (mutual TLS when configured), never through the
+//! public listener. The token service turns them into last-use times.
+
+use crate::tokens::Service;
+use apitokens_core::usage::{METHOD, SERVICE};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::codegen::{http, Service as TowerService};
+use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::{Request, Response, Status};
+
+/// `apitokens.v1.UsageReport`, as the filter encodes it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UsageReport {
+    #[prost(bytes = "vec", tag = "1")]
+    pub lineage: Vec<u8>,
+    /// SHA-256 digests, 32 bytes each.
+    #[prost(bytes = "vec", tag = "2")]
+    pub digests: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UsageReply {}
+
+#[derive(Clone)]
+pub struct UsageServer {
+    service: Arc<Service>,
+}
+
+impl UsageServer {
+    pub fn new(service: Arc<Service>) -> Self {
+        Self { service }
+    }
+}
+
+impl NamedService for UsageServer {
+    const NAME: &'static str = SERVICE;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+struct Report(Arc<Service>);
+
+impl UnaryService<UsageReport> for Report {
+    type Response = UsageReply;
+    type Future = BoxFuture<Result<Response<UsageReply>, Status>>;
+
+    fn call(&mut self, request: Request<UsageReport>) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move {
+            let report = request.into_inner();
+            service.record_use(&report.lineage, &report.digests);
+            Ok(Response::new(UsageReply {}))
+        })
+    }
+}
+
+impl TowerService<http::Request<Body>> for UsageServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let service = Arc::clone(&self.service);
+        let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
+        if method == Some(&format!("/{METHOD}")) {
+            Box::pin(async move {
+                let mut grpc = Grpc::new(tonic_prost::ProstCodec::<UsageReply, UsageReport>::default())
+                    // A report carries at most 16k digests (512 KiB).
+                    .apply_max_message_size_config(Some(1 << 20), Some(1 << 10));
+                Ok(grpc.unary(Report(service), req).await)
+            })
+        } else {
+            Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) })
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use apitokens_core::table::Digest;
+    use prost::Message;
+
+    #[test]
+    fn the_filters_encoding_decodes() {
+        let digests = [Digest::of(b"a"), Digest::of(b"b")];
+        let bytes = apitokens_core::usage::report(b"0123456789abcdef", &digests);
+        let report = UsageReport::decode(bytes.as_slice()).unwrap();
+        assert_eq!(report.lineage, b"0123456789abcdef");
+        assert_eq!(report.digests, [digests[0].0, digests[1].0].concat());
+    }
+
+    #[test]
+    fn the_grpc_service_names_the_cluster() {
+        use envoy_types::pb::envoy::config::core::v3::{grpc_service, GrpcService};
+        let service = GrpcService::decode(apitokens_core::usage::grpc_service("xds_cluster").as_slice()).unwrap();
+        let Some(grpc_service::TargetSpecifier::EnvoyGrpc(envoy)) = service.target_specifier else {
+            panic!("not envoy_grpc")
+        };
+        assert_eq!(envoy.cluster_name, "xds_cluster");
+    }
+}

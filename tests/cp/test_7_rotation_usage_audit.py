@@ -1,0 +1,178 @@
+"""Beyond the seed, on a real Envoy: rotation with an overlap (the old secret
+works until the overlap ends, to the second; a second regeneration or a
+delete ends it at once; its requests are counted apart), the last use of a
+token (reported by the filter on its timer, over the xDS side), the audit
+trail (the API and one JSON log line per event), and expired tokens counted
+as expired rather than unknown."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime
+
+import pytest
+
+from testkit import checks
+from testkit.controlplane import APP, PLUGIN_BASE, ControlPlane, create, shipped_envoy, tokens_path
+from testkit.harness import poll, remember_secret, rfc3339
+
+
+@pytest.fixture(scope="module")
+def plane(workdir, upstream):
+    """A control plane whose filters report usage every second, and its Envoy."""
+    # The shipped base configuration, its usage reports every second.
+    settings = json.loads(PLUGIN_BASE.read_text())
+    settings["usageReport"]["intervalSeconds"] = 1
+    base = workdir / "plugin-usage.json"
+    base.write_text(json.dumps(settings))
+    cp = ControlPlane(workdir / "cp-usage", name="cp-usage", plugin_config=base)
+    cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
+    cp.start("--usage-flush-seconds", "1")
+    envoy = shipped_envoy(workdir / "envoy-usage", cp, upstream.server_address[1], node="usage-envoy").start()
+    poll(lambda: cp.envoy_status("usage-envoy").get("ackedVersion"), 15, "first ACK")
+    cp.envoy = envoy  # type: ignore[attr-defined]
+    yield cp
+    envoy.stop()
+    cp.stop()
+
+
+def epoch(rfc3339_text: str) -> float:
+    return datetime.fromisoformat(rfc3339_text.replace("Z", "+00:00")).timestamp()
+
+
+def counter(envoy, name: str) -> int:
+    return checks.counters(envoy).get(name, 0)
+
+
+def regenerate(cp, token_id: str, owner: str, body=None):
+    r = cp.api("POST", tokens_path(token=f"{token_id}:regenerate"), owner, body if body is not None else {})
+    assert r.status == 200, r
+    return r
+
+
+def test_the_previous_secret_works_until_the_overlap_ends_to_the_second(plane):
+    envoy, owner = plane.envoy, plane.owner
+    old = remember_secret(create(plane.api_port, owner, "rotating", "editor").json()["apiToken"]["secret"])
+    # An overlap that ends on a whole second a little ahead.
+    ttl = 3
+    r = regenerate(plane, "rotating", owner, {"previousSecretTtl": f"{ttl}s"})
+    new = remember_secret(r.json()["apiToken"]["secret"])
+    until = r.json()["apiToken"]["previousSecretExpireTime"]
+    assert r.headers["x-apitokens-applied"] == "true"
+    before = counter(envoy, "allowed_previous_secret")
+    assert envoy.get(APP, old).status == 200
+    assert envoy.get(APP, new).status == 200
+    poll(lambda: counter(envoy, "allowed_previous_secret") > before, 5, "the previous secret's counter")
+    # No push is needed for the end: the filter refuses it from `until` on.
+    end = epoch(until)
+    late, early = [], []
+    while time.time() < end + 1.0:
+        sent = time.time()
+        status = envoy.get(APP, old).status
+        (early if sent < end - 0.05 else late if sent > end + 0.05 else []).append(status)
+    assert early and set(early) == {200}, early
+    assert late and set(late) == {401}, late
+    assert envoy.get(APP, new).status == 200
+
+
+def test_a_second_regeneration_or_a_delete_ends_the_overlap_at_once(plane):
+    envoy, owner = plane.envoy, plane.owner
+    first = remember_secret(create(plane.api_port, owner, "twice", "viewer").json()["apiToken"]["secret"])
+    second = remember_secret(regenerate(plane, "twice", owner, {"previousSecretTtl": "600s"}).json()["apiToken"]["secret"])
+    assert envoy.get(APP, first).status == 200
+    third = remember_secret(regenerate(plane, "twice", owner).json()["apiToken"]["secret"])
+    # The answer came once Envoy applied it: the first request already sees it.
+    assert envoy.get(APP, first).status == 401
+    assert envoy.get(APP, second).status == 401
+    assert envoy.get(APP, third).status == 200
+    fourth = remember_secret(regenerate(plane, "twice", owner, {"previousSecretTtl": "600s"}).json()["apiToken"]["secret"])
+    assert envoy.get(APP, third).status == 200 and envoy.get(APP, fourth).status == 200
+    r = plane.api("DELETE", tokens_path(token="twice"), owner)
+    assert r.status == 200
+    assert envoy.get(APP, third).status == 401
+    assert envoy.get(APP, fourth).status == 401
+
+
+def test_the_last_use_is_reported_by_the_filter(plane):
+    envoy, owner = plane.envoy, plane.owner
+    secret = remember_secret(create(plane.api_port, owner, "used", "viewer").json()["apiToken"]["secret"])
+    remember_secret(create(plane.api_port, owner, "idle", "viewer").json()["apiToken"]["secret"])
+    assert "lastUseTime" not in plane.api("GET", tokens_path(token="used"), owner).json()["apiToken"]
+    t0 = time.time()
+    assert envoy.get(APP, secret).status == 200
+
+    def last_use():
+        return plane.api("GET", tokens_path(token="used"), owner).json()["apiToken"].get("lastUseTime")
+
+    used = poll(last_use, 10, "lastUseTime of a used token")
+    assert abs(epoch(used) - t0) < 60
+    assert "lastUseTime" not in plane.api("GET", tokens_path(token="idle"), owner).json()["apiToken"]
+    # A request refused for its role is still a use of the token.
+    before = used
+    time.sleep(1.1)
+    assert envoy.get(APP, secret, method="DELETE").status == 403
+    poll(lambda: last_use() != before, 10, "a newer lastUseTime")
+
+
+def test_requests_do_not_wait_for_a_control_plane_that_is_down(plane):
+    envoy, owner = plane.envoy, plane.owner
+    secret = remember_secret(create(plane.api_port, owner, "offline", "viewer").json()["apiToken"]["secret"])
+    plane.stop()
+    try:
+        started = time.monotonic()
+        statuses = [envoy.get(APP, secret).status for _ in range(50)]
+        assert set(statuses) == {200}
+        time.sleep(2.5)  # a few report rounds fail meanwhile
+        statuses = [envoy.get(APP, secret).status for _ in range(50)]
+        assert set(statuses) == {200}
+        assert time.monotonic() - started < 10
+    finally:
+        plane.start("--usage-flush-seconds", "1")
+    poll(lambda: plane.envoy_status("usage-envoy").get("ackedVersion"), 15, "reconnect")
+    # The uses made while it was down arrive with the next reports.
+    poll(lambda: plane.api("GET", tokens_path(token="offline"), owner).json()["apiToken"].get("lastUseTime"), 15,
+         "the last use of a token used while the control plane was down")
+
+
+def test_the_audit_trail_and_its_log_lines(plane):
+    owner = plane.owner
+    r = create(plane.api_port, owner, "audited", "owner", expireTime=rfc3339(time.time() + 3600))
+    remember_secret(r.json()["apiToken"]["secret"])
+    assert r.json()["apiToken"]["createdBy"] == "namespaces/default/apitokens/admin"
+    remember_secret(regenerate(plane, "audited", owner, {"previousSecretTtl": "60s"}).json()["apiToken"]["secret"])
+    assert plane.api("DELETE", tokens_path(token="audited"), owner).status == 200
+    # Through Envoy: it checks the owner, and tells the control plane the client's address.
+    r = plane.envoy.get("/apitokens/v1/namespaces/default/apitokens:events?pageSize=3", owner)
+    assert r.status == 200, r
+    events = r.json()["events"]
+    assert [e["event"] for e in events] == ["apitoken.delete", "apitoken.regenerate", "apitoken.create"]
+    assert all(e["token"] == "namespaces/default/apitokens/audited" for e in events)
+    assert all(e["actor"] == "namespaces/default/apitokens/admin" for e in events)
+    assert events[0]["clientAddress"] == "127.0.0.1"
+    assert "previousSecretExpireTime" in events[1] and events[2]["role"] == "owner"
+    assert "nextPageToken" in r.json()
+    # One JSON line per event on stderr, with the same fields.
+    lines = [json.loads(line)["audit"] for line in plane.log_text().splitlines() if line.startswith('{"audit"')]
+    mine = [e for e in lines if e.get("token") == "namespaces/default/apitokens/audited"]
+    assert [e["event"] for e in mine] == ["apitoken.create", "apitoken.regenerate", "apitoken.delete"]
+    bootstrap = [e for e in lines if e["event"] == "apitoken.create" and e["actor"] == "apitokens bootstrap"]
+    assert not bootstrap, "bootstrap ran in another process: its line is in its own output"
+    # The events are in the database with the changes.
+    assert "apitokens bootstrap" in json.dumps(
+        plane.api("GET", "/apitokens/v1/namespaces/default/apitokens:events?pageSize=1000", owner).json())
+
+
+def test_an_expired_token_is_counted_as_expired_not_unknown(plane):
+    envoy, owner = plane.envoy, plane.owner
+    expire_at = math.ceil(time.time()) + 2
+    r = create(plane.api_port, owner, "short-lived", "viewer", expireTime=rfc3339(expire_at))
+    secret = remember_secret(r.json()["apiToken"]["secret"])
+    assert envoy.get(APP, secret).status == 200
+    while time.time() < expire_at + 0.2:
+        time.sleep(0.05)
+    before = checks.counters(envoy)
+    assert envoy.get(APP, secret).status == 401
+    poll(lambda: counter(envoy, "expired") > before.get("expired", 0), 5, "the expired counter")
+    assert counter(envoy, "unknown") == before.get("unknown", 0)
