@@ -5,13 +5,12 @@ mod serve;
 
 use crate::clock;
 use crate::render::{self, WasmPluginOptions};
-use crate::store::{Location, OpenStore, Store};
+use crate::store::{Location, OpenStore};
 use crate::tokens::{self, Service, ServiceOptions};
 use apitokens_core::config::{Config, ConfigError, PluginConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -201,7 +200,7 @@ pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
 
 /// Opens the store `--store` (or `--db`) names; errors never show a
 /// database URL (it may carry a password).
-async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<Arc<OpenStore>, String> {
+async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<OpenStore, String> {
     args.location().open(must_exist).await.map_err(|e| match e {
         crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
         other => other.to_string(),
@@ -250,7 +249,7 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
     // Usage reports name a cluster of the ECDS setup; a static configuration
     // has no control plane to report to.
     base.usage_report = None;
-    let store = open_store(&args.store, true).await?;
+    let store = open_store(&args.store, true).await?.store();
     let (_, records) = store.load().await.map_err(|e| e.to_string())?;
     let spec = render::plugin_config(&base, &records, clock::now());
     Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;

@@ -185,7 +185,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     .await
     .map_err(|e| e.to_string())?;
     let acks = Arc::new(Tracker::new());
-    let coordinator = match &*opened {
+    let coordinator = match &opened {
         OpenStore::Postgres(pg) => {
             tracing::info!("store: {}", pg.describe());
             let opts = ReplicaOptions {

@@ -285,12 +285,12 @@ impl Location {
 
     /// Opens the store: a SQLite file is created if missing (`must_exist`:
     /// refused instead); PostgreSQL gets the migrations it lacks.
-    pub async fn open(&self, must_exist: bool) -> Result<Arc<OpenStore>, StoreError> {
-        Ok(Arc::new(match self {
-            Self::Sqlite(path) if must_exist => OpenStore::Sqlite(SqliteStore::open_existing(path)?),
-            Self::Sqlite(path) => OpenStore::Sqlite(SqliteStore::open(path)?),
+    pub async fn open(&self, must_exist: bool) -> Result<OpenStore, StoreError> {
+        Ok(match self {
+            Self::Sqlite(path) if must_exist => OpenStore::Sqlite(Arc::new(SqliteStore::open_existing(path)?)),
+            Self::Sqlite(path) => OpenStore::Sqlite(Arc::new(SqliteStore::open(path)?)),
             Self::Postgres(url) => OpenStore::Postgres(Arc::new(PostgresStore::connect(url).await?)),
-        }))
+        })
     }
 }
 
@@ -312,13 +312,16 @@ impl fmt::Debug for Location {
 /// An opened store, as the command line uses it: any [`Store`], and for
 /// PostgreSQL what replicas share beyond the tokens.
 pub enum OpenStore {
-    Sqlite(SqliteStore),
+    Sqlite(Arc<SqliteStore>),
     Postgres(Arc<PostgresStore>),
 }
 
 impl OpenStore {
-    pub fn store(self: &Arc<Self>) -> Arc<dyn Store> {
-        Arc::clone(self) as Arc<dyn Store>
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s) => Arc::clone(s) as Arc<dyn Store>,
+            Self::Postgres(p) => Arc::clone(p) as Arc<dyn Store>,
+        }
     }
 
     /// Where it is, for messages: the file, or the server without the
@@ -327,78 +330,6 @@ impl OpenStore {
         match self {
             Self::Sqlite(_) => location.to_string(),
             Self::Postgres(p) => p.describe().to_owned(),
-        }
-    }
-}
-
-/// Every call goes to the backend.
-#[async_trait]
-impl Store for OpenStore {
-    async fn insert(
-        &self,
-        records: Vec<TokenRecord>,
-        quota: Option<u32>,
-        events: Vec<AuditEvent>,
-    ) -> Result<Revision, StoreError> {
-        self.inner().insert(records, quota, events).await
-    }
-    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.inner().get(name).await
-    }
-    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
-        self.inner().list(namespace).await
-    }
-    async fn replace_digest(
-        &self,
-        name: &str,
-        digest: Digest,
-        previous_until: Option<Timestamp>,
-        event: AuditEvent,
-    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        self.inner().replace_digest(name, digest, previous_until, event).await
-    }
-    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
-        self.inner().delete(name, event).await
-    }
-    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
-        self.inner().record_usage(uses).await
-    }
-    async fn events(
-        &self,
-        namespace: &str,
-        before: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
-        self.inner().events(namespace, before, limit).await
-    }
-    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
-        self.inner().load().await
-    }
-    async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError> {
-        self.inner().changes_since(revision).await
-    }
-    async fn revision(&self) -> Result<Revision, StoreError> {
-        self.inner().revision().await
-    }
-    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
-        self.inner().retire_expired(cutoff).await
-    }
-    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
-        self.inner().next_expiry().await
-    }
-    fn lineage(&self) -> Lineage {
-        self.inner().lineage()
-    }
-    fn change_feed(&self) -> Option<watch::Receiver<u64>> {
-        self.inner().change_feed()
-    }
-}
-
-impl OpenStore {
-    fn inner(&self) -> &dyn Store {
-        match self {
-            Self::Sqlite(s) => s,
-            Self::Postgres(p) => &**p,
         }
     }
 }
