@@ -9,16 +9,20 @@ WASM        := target/wasm32-wasip1/release/apitokens_filter.wasm
 CP_BIN      := target/debug/apitokens
 CHROMIUM    := /usr/bin/chromium
 CARGO       ?= cargo
+# The private PostgreSQL of the store tests, the replica drills and bench-scale:
+# `$(PG) run -- CMD` starts one for CMD and removes it afterwards.
+PG          := scripts/postgres.sh
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
 	@echo "make run-static the filter alone: Envoy with envoy/envoy.yaml and three demo tokens"
 	@echo "make test       lints, unit tests (native and wasm32 under Node.js), end-to-end tests against Envoy 1.40, the console in Chromium"
 	@echo "make ui        the web console in headless Chromium (tests/ui)"
+	@echo "make replicas   three control planes on a private PostgreSQL, three Envoys: read-your-writes across replicas, kill -9, database restart"
 	@echo "make fuzz       the fuzz targets, FUZZ_SECONDS each (default 120)"
 	@echo "make differential real routers (Express, Flask) behind the shipped Envoy: every route that ran must be permitted"
 	@echo "make soak       long drills: 1,000 pushes under load, 50 kill -9 rounds"
@@ -49,11 +53,16 @@ $(VENV)/.installed: tests/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test: lint unit wasm-test e2e cp-e2e security differential drills ui
+test: lint unit wasm-test e2e cp-e2e security differential drills replicas ui
 	@echo "make test: all suites passed"
 
-unit:
-	$(CARGO) test --workspace
+# The store's tests run on SQLite and on a private PostgreSQL server.
+unit: postgres
+	$(PG) run -- env APITOKENS_REQUIRE_POSTGRES=1 $(CARGO) test --workspace
+
+# Debian's PostgreSQL packages (apt-get, when no server is installed).
+postgres:
+	@$(PG) install
 
 wasm-bindgen-cli:
 	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
@@ -115,6 +124,10 @@ chromium:
 ui: build cp-build venv chromium
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) CHROMIUM_BIN=$(CHROMIUM) $(PY) -m pytest -q tests/ui
 
+# Several control planes on one private PostgreSQL (tests/replicas).
+replicas: build cp-build venv postgres
+	$(PG) run -- env ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/replicas
+
 # Fast fault drills: kill -9 loop, control plane down, NACK, expiry mid-load.
 drills: build cp-build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
@@ -130,9 +143,9 @@ bench: build venv
 
 # Configuration and revocation with 1k, 100k and 1M tokens (about 4 minutes);
 # it uses the tests' package testkit (tests/lib/testkit).
-bench-scale: build venv
+bench-scale: build venv postgres
 	$(CARGO) build --release -p apitokens-control-plane
-	PYTHONPATH=tests/lib ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
+	$(PG) run -- env PYTHONPATH=tests/lib ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv

@@ -77,9 +77,10 @@ SERVE_ARGS = ("--max-tokens-per-namespace", "0")
 # ---------------------------------------------------------------- store
 
 
-def make_store(n: int, keep: int, workdir: Path) -> dict:
-    """A fresh database with n tokens; the first `keep` are viewers in
-    namespace `bench` whose secrets we keep (to be revoked)."""
+def make_store(n: int, keep: int, workdir: Path, store: str | None = None) -> dict:
+    """A fresh database with n tokens (SQLite in `workdir`, or the fresh
+    PostgreSQL database `store`); the first `keep` are viewers in namespace
+    `bench` whose secrets we keep (to be revoked)."""
     db = workdir / "apitokens.db"
     for p in workdir.glob("apitokens.db*"):
         p.unlink()
@@ -102,7 +103,8 @@ def make_store(n: int, keep: int, workdir: Path) -> dict:
     gen_s = time.monotonic() - t0
     del tokens
     t0 = time.monotonic()
-    out = subprocess.run([cpl.apitokens_bin(), "import", str(conf), "--db", str(db)],
+    target = ["--store", store] if store else ["--db", str(db)]
+    out = subprocess.run([cpl.apitokens_bin(), "import", str(conf), *target],
                          capture_output=True, text=True, timeout=900)
     import_s = time.monotonic() - t0
     if out.returncode != 0:
@@ -132,6 +134,21 @@ def envoy_config(cp: "cpl.ControlPlane", listen: int, admin: int) -> dict:
                 r.pop("route", None)
                 r["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
     return config
+
+
+def spawn_envoy(cp: "cpl.ControlPlane", workdir: Path, envoy_bin: str) -> tuple[Proc, int, int, Path]:
+    """Envoy on `envoy_config` for `cp`, on fresh ports, its log in
+    workdir/envoy.log: the process, the listener and admin ports, the log."""
+    listen, admin = cpl.free_port(), cpl.free_port()
+    cfg_path = workdir / "envoy.json"
+    cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
+    envoy_log = workdir / "envoy.log"
+    if envoy_log.exists():
+        envoy_log.unlink()
+    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
+                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
+                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    return envoy, listen, admin, envoy_log
 
 
 def admin_stats(admin: int, flt: str) -> dict[str, int]:
@@ -284,6 +301,48 @@ def throughput(cp, owner: str, tag: str, port: int | None = None) -> dict:
             "applied_answers": sum(applied)}
 
 
+# ---------------------------------------------------------------- revocations
+
+
+def revoke_each(pinned: "Pinned", kept: list, owner: str, planes: list, acked_by) -> tuple[list, list, list]:
+    """Revokes each kept token in turn, through the API of `planes` in
+    rotation, and times it: the API's answer, and from the answer until every
+    pinned connection refuses the secret; then until `acked_by`'s /status
+    shows the version applied."""
+    delays, api_ms, ack_ms = [], [], []
+    for k, (rid, secret) in enumerate(kept):
+        cp = planes[k % len(planes)]
+        codes = [pinned.get(i, secret) for i in range(CONNS)]
+        if codes != [200] * CONNS:
+            raise RuntimeError(f"before revoking {rid}: {codes} (want 200 on every connection)")
+        if len(pinned.workers()) < WORKERS:
+            raise RuntimeError(f"connections now on workers {pinned.worker} only")
+        t0 = time.monotonic()
+        r = cpl.request(cp.api_port, "DELETE", cpl.tokens_path("bench", rid), owner, timeout=120)
+        t_ans = time.monotonic()
+        if r.status != 200:
+            raise RuntimeError(f"DELETE {rid}: {r}")
+        version = cpl.version_of(r)
+        pending = set(range(CONNS))
+        first401: dict[int, float] = {}
+        deadline = t_ans + 60
+        while pending and time.monotonic() < deadline:
+            for i in sorted(pending):
+                code = pinned.get(i, secret)
+                if code == 401:
+                    first401[i] = time.monotonic()
+                    pending.discard(i)
+                elif code != 200:
+                    raise RuntimeError(f"revoked {rid}: status {code} on connection {i}")
+        if pending:
+            raise RuntimeError(f"revoked {rid}: still allowed after 60 s on connections {sorted(pending)}")
+        delays.append((max(first401.values()) - t_ans) * 1000)
+        api_ms.append((t_ans - t0) * 1000)
+        acked_by.wait_applied(version, 60)
+        ack_ms.append((time.monotonic() - t0) * 1000)
+    return delays, api_ms, ack_ms
+
+
 # ---------------------------------------------------------------- one size
 
 
@@ -313,15 +372,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         f"delete p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms, "
         f"{res['throughput_no_envoy']['per_s']:.0f} creates/s with {CLIENTS} clients")
 
-    listen, admin = cpl.free_port(), cpl.free_port()
-    cfg_path = workdir / "envoy.json"
-    cfg_path.write_text(json.dumps(envoy_config(cp, listen, admin), indent=1))
-    envoy_log = workdir / "envoy.log"
-    if envoy_log.exists():
-        envoy_log.unlink()
-    envoy = Proc("envoy", [envoy_bin, "-c", str(cfg_path), "--concurrency", str(WORKERS), "--log-path",
-                           str(envoy_log), "--use-dynamic-base-id", "-l", "info",
-                           "--file-flush-interval-msec", "50"], workdir / "envoy.out")
+    envoy, listen, admin, envoy_log = spawn_envoy(cp, workdir, envoy_bin)
     try:
         log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
         harness.poll(lambda: len(accepted_lines(envoy_log)) >= VMS, 15, "deny-all default configured in every VM")
@@ -361,36 +412,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["conn_workers"] = list(pinned.worker)
         if len(pinned.workers()) < WORKERS:
             raise RuntimeError(f"connections landed on workers {pinned.worker} only")
-        delays, api_ms, ack_ms = [], [], []
-        for rid, secret in store["kept"][:revocations]:
-            codes = [pinned.get(i, secret) for i in range(CONNS)]
-            if codes != [200] * CONNS:
-                raise RuntimeError(f"before revoking {rid}: {codes} (want 200 on every connection)")
-            if len(pinned.workers()) < WORKERS:
-                raise RuntimeError(f"connections now on workers {pinned.worker} only")
-            t0 = time.monotonic()
-            r = cpl.request(cp.api_port, "DELETE", cpl.tokens_path("bench", rid), owner, timeout=120)
-            t_ans = time.monotonic()
-            if r.status != 200:
-                raise RuntimeError(f"DELETE {rid}: {r}")
-            version = cpl.version_of(r)
-            pending = set(range(CONNS))
-            first401: dict[int, float] = {}
-            deadline = t_ans + 60
-            while pending and time.monotonic() < deadline:
-                for i in sorted(pending):
-                    code = pinned.get(i, secret)
-                    if code == 401:
-                        first401[i] = time.monotonic()
-                        pending.discard(i)
-                    elif code != 200:
-                        raise RuntimeError(f"revoked {rid}: status {code} on connection {i}")
-            if pending:
-                raise RuntimeError(f"revoked {rid}: still allowed after 60 s on connections {sorted(pending)}")
-            delays.append((max(first401.values()) - t_ans) * 1000)
-            api_ms.append((t_ans - t0) * 1000)
-            cp.wait_applied(version, 60)
-            ack_ms.append((time.monotonic() - t0) * 1000)
+        delays, api_ms, ack_ms = revoke_each(pinned, store["kept"][:revocations], owner, [cp], cp)
         pinned.close()
         # Create throughput with the Envoy connected: each create answers once
         # the Envoy applied it.
@@ -414,6 +436,89 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["cp_log_errors"] = [line for line in cp.log_text().splitlines()
                                 if " ERROR " in line or "error" in line.lower()][:20]
     return res
+
+
+# ---------------------------------------------------------------- replicas
+
+
+def run_replicas(n: int, count: int, revocations: int, envoy_bin: str) -> dict:
+    """`count` replicas of `apitokens serve` on one PostgreSQL database with n
+    tokens, one Envoy (2 workers) connected to the last replica, and each
+    revocation sent to another replica than the Envoy's (to the only one when
+    count is 1): the delay now includes the way between replicas (the
+    NOTIFY, the other replica's refresh and push, the ACK shared back
+    through the database)."""
+    from testkit.postgres import Postgres
+
+    pg = Postgres()
+    label = f"{label_count(n)}-x{count}"
+    workdir = WORK / f"replicas-{label}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    database = f"scale_{label_count(n).lower()}_{count}"
+    pg.psql(f"DROP DATABASE IF EXISTS {database}")
+    url = pg.create_database(database)
+    res: dict = {"tokens": n, "label": label_count(n), "replicas": count}
+    log(f"{label}: importing {n} tokens into PostgreSQL")
+    store = make_store(n, max(revocations, 25), workdir, url)
+    res["import_s"] = store["import_s"]
+    planes = [cpl.ControlPlane(workdir / f"r{i + 1}", name=f"r{i + 1}", store=url) for i in range(count)]
+    owner = planes[0].bootstrap("bench", "owner")
+    home = planes[-1]
+    envoy, listen, admin, envoy_log = spawn_envoy(home, workdir, envoy_bin)
+    try:
+        wait_ready(envoy, admin, 30)
+        for plane in planes:
+            plane.start(*SERVE_ARGS, "--replica-name", plane.name)
+        harness.poll(lambda: home.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
+        harness.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
+                     "first push configured in every VM")
+        pinned = Pinned(listen, admin, CONNS)
+        if len(pinned.workers()) < WORKERS:
+            raise RuntimeError(f"connections landed on workers {pinned.worker} only")
+        writers = planes[:-1] or planes
+        delays, api_ms, _ = revoke_each(pinned, store["kept"][:revocations], owner, writers, home)
+        pinned.close()
+        res.update(revocation_ms=delays, api_answer_ms=api_ms, written_on=[p.name for p in writers])
+        d = sorted(delays)
+        log(f"{label}: revocation p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms; "
+            f"API answer median {statistics.median(api_ms):.1f} ms")
+    finally:
+        envoy.stop()
+        for plane in planes:
+            plane.stop()
+    return res
+
+
+def replicas_markdown(results: list[dict], singles: dict[int, dict]) -> str:
+    lines = [
+        "",
+        "| tokens | replicas | store | DELETE answer ms (med) | revocation ms p50 / p99 / max "
+        "| p99 − one replica on PostgreSQL | p99 − one replica on SQLite (first table) "
+        "| DELETE sent → every worker refuses, ms p50 / p99 |",
+        "|" + "---|" * 8,
+    ]
+    by = {(r["tokens"], r["replicas"]): r for r in results}
+    for r in results:
+        d = sorted(r["revocation_ms"])
+        p99 = percentile(d, 99)
+        one = by.get((r["tokens"], 1))
+        sqlite = singles.get(r["tokens"])
+        vs_pg = f"{p99 - percentile(sorted(one['revocation_ms']), 99):+.1f} ms" if one and r["replicas"] > 1 else "-"
+        vs_sqlite = (f"{p99 - percentile(sorted(sqlite['revocation_ms']), 99):+.1f} ms"
+                     if sqlite and sqlite.get("revocation_ms") else "-")
+        whole = sorted(a + b for a, b in zip(r["api_answer_ms"], r["revocation_ms"]))
+        lines.append(f"| {r['label']} | {r['replicas']} | PostgreSQL | {statistics.median(r['api_answer_ms']):.1f} "
+                     f"| {percentile(d, 50):.1f} / {p99:.1f} / {d[-1]:.1f} | {vs_pg} | {vs_sqlite} "
+                     f"| {percentile(whole, 50):.1f} / {percentile(whole, 99):.1f} |")
+    lines += [
+        "",
+        "- replicas: `apitokens serve` processes on one PostgreSQL database (the private server of "
+        "scripts/postgres.sh, on this machine), one Envoy connected to the last replica; every DELETE goes to "
+        "another replica than the Envoy's (with one replica, to that one), and answers once the Envoy applied "
+        "it (read-your-writes across replicas). Goal: p99 within 20 ms of the single-replica figure. The last "
+        "column adds the answer's own time: the whole way from the DELETE to the last worker's first 401.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
@@ -520,17 +625,39 @@ def verdicts(results: list[dict]) -> list[str]:
     return out
 
 
+def replica_verdicts(replicas: list[dict]) -> list[str]:
+    out = []
+    by = {(r["tokens"], r["replicas"]): r for r in replicas}
+    for (n, count), r in sorted(by.items()):
+        one = by.get((n, 1))
+        if count == 1 or one is None:
+            continue
+        p99, base = percentile(sorted(r["revocation_ms"]), 99), percentile(sorted(one["revocation_ms"]), 99)
+        out.append(f"revocation p99 across {count} replicas at {label_count(n)}: {p99:.1f} ms, one replica "
+                   f"{base:.1f} ms ({p99 - base:+.1f} ms, goal within 20 ms): " + ("met" if p99 - base <= 20 else "NOT met"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,100000,1000000", help="token counts (1k, 100k, 1M accepted)")
     ap.add_argument("--revocations", type=int, default=20)
+    ap.add_argument("--replicas-sizes", default="1000,100000",
+                    help="token counts of the replicas rows, on PostgreSQL ('' for none; needs the server of "
+                         "scripts/postgres.sh, as make bench-scale runs it)")
+    ap.add_argument("--replicas", type=int, default=3, help="replicas of the replicas rows")
     args = ap.parse_args()
-    sizes = [benchrun.count(s) for s in args.sizes.split(",")]
+    sizes = [benchrun.count(s) for s in args.sizes.split(",") if s]
+    replica_sizes = [benchrun.count(s) for s in args.replicas_sizes.split(",") if s]
+    if replica_sizes and not os.environ.get("APITOKENS_TEST_POSTGRES"):
+        log("no PostgreSQL server (APITOKENS_TEST_POSTGRES): no replicas rows; run make bench-scale")
+        replica_sizes = []
     missing = cpl.missing_binaries()
     if missing:
         sys.exit(f"bench/scale: missing {missing} (make build; cargo build --release -p apitokens-control-plane)")
     envoy_bin = resolve_envoy(ENVOY)
-    command = f".venv/bin/python bench/scale.py --sizes {args.sizes} --revocations {args.revocations}"
+    command = (f".venv/bin/python bench/scale.py --sizes {args.sizes} --revocations {args.revocations} "
+               f"--replicas-sizes '{args.replicas_sizes}' --replicas {args.replicas}")
     results = []
     for n in sizes:
         try:
@@ -538,15 +665,27 @@ def main() -> None:
         except Exception as e:  # report what failed and go on with the next size
             log(f"{label_count(n)}: FAILED: {e}")
             results.append({"tokens": n, "label": label_count(n), "error": str(e), "import_s": float("nan")})
+    replicas = []
+    for n in replica_sizes:
+        for count in (1, args.replicas):
+            try:
+                replicas.append(run_replicas(n, count, args.revocations, envoy_bin))
+            except Exception as e:
+                log(f"{label_count(n)} x{count}: FAILED: {e}")
+                results.append({"tokens": n, "label": f"{label_count(n)} x{count}", "error": str(e),
+                                "import_s": float("nan")})
     ok = [r for r in results if "error" not in r]
     md = markdown(ok, command)
+    if replicas:
+        md += replicas_markdown(replicas, {r["tokens"]: r for r in ok})
     failed = [f"- {r['label']}: FAILED: {r['error']}" for r in results if "error" in r]
-    md += "\n" + "\n".join(["Verdicts:"] + [f"- {v}" for v in verdicts(ok)] + failed) + "\n"
+    md += "\n" + "\n".join(["Verdicts:"] + [f"- {v}" for v in verdicts(ok) + replica_verdicts(replicas)]
+                           + failed) + "\n"
     print(md)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.md").write_text(md)
     raw = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": WORKERS, "vms": VMS,
-           "results": results}
+           "results": results, "replicas": replicas}
     (RESULTS / "scale.json").write_text(json.dumps(raw, indent=1, default=str))
 
 

@@ -3,10 +3,11 @@
 //! state of the world) or an atomically replaced file.
 //!
 //! - `tokens`: the domain, the rules of API tokens and the only writer;
-//! - `store`: durable storage (SQLite) with a change log;
+//! - `store`: durable storage (SQLite or PostgreSQL) with a change log;
 //! - `config`: the configuration Envoy should enforce, kept and edited in
 //!   memory, published as versioned snapshots;
 //! - `push`: ECDS over gRPC and to a file, and which Envoy applied what;
+//! - `replicas`: several `serve` processes on one PostgreSQL database;
 //! - `api`: the HTTP adapter; `cli`: the command-line adapter.
 //!
 //! The configuration schema, its validation and the authorization decision
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod push;
 pub mod render;
+pub mod replicas;
 pub mod store;
 pub mod tokens;
 

@@ -25,11 +25,9 @@ from testkit.checks import no_wasm_failures
 from testkit.harness import SECRETS
 
 # The session fixtures cp, envoy, upstream and workdir; the binaries checked at
-# the start; every Envoy's logs in the report of a failed test.
-pytest_plugins = ["testkit.fixtures"]
-
-# Figures the drills measured, printed at the end of the run.
-FIGURES: dict[str, str] = {}
+# the start; every Envoy's logs in the report of a failed test; the fixture
+# `figures`, printed at the end of the run.
+pytest_plugins = ["testkit.fixtures", "testkit.figures"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,23 +39,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
-        terminalreporter.section("drill figures")
-        for what, line in FIGURES.items():
-            terminalreporter.write_line(f"{what}: {line}")
-
-
 @pytest.fixture(scope="session")
-def figures() -> dict[str, str]:
-    """Where a drill records what it measured (one line each), printed at the end."""
-    return FIGURES
-
-
-@pytest.fixture(scope="session")
-def rng() -> random.Random:
+def rng(figures) -> random.Random:
     seed = int(os.environ.get("APITOKENS_DRILL_SEED") or random.SystemRandom().randrange(1 << 32))
-    FIGURES["random seed (APITOKENS_DRILL_SEED)"] = str(seed)
+    figures["random seed (APITOKENS_DRILL_SEED)"] = str(seed)
     return random.Random(seed)
 
 

@@ -98,6 +98,8 @@ pub(crate) async fn status(
         "appliedEnvoys": rollout.applied,
         "lagging": lagging,
         "envoys": app.acks.envoys(),
+        // With replicas on PostgreSQL: every replica and its Envoy count.
+        "replicas": app.acks.replicas(),
         "file": app.acks.file(),
     });
     Ok(json_response(StatusCode::OK, &body))

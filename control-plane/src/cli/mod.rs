@@ -5,13 +5,12 @@ mod serve;
 
 use crate::clock;
 use crate::render::{self, WasmPluginOptions};
-use crate::store::{SqliteStore, Store};
+use crate::store::{Location, OpenStore};
 use crate::tokens::{self, Service, ServiceOptions};
 use apitokens_core::config::{Config, ConfigError, PluginConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -43,9 +42,28 @@ enum Command {
 
 #[derive(Args)]
 struct StoreArgs {
+    /// Where the tokens are: postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=verify-full&sslrootcert=CA.pem]
+    /// for several replicas, or a SQLite file (a path, or sqlite:PATH); instead of --db
+    #[arg(
+        long,
+        env = "APITOKENS_STORE",
+        value_name = "URL|PATH",
+        conflicts_with = "db",
+        hide_env_values = true
+    )]
+    store: Option<String>,
     /// SQLite database file (created by `serve`, `bootstrap` and `import` if missing)
     #[arg(long, env = "APITOKENS_DB", default_value = "apitokens.db", value_name = "PATH")]
     db: PathBuf,
+}
+
+impl StoreArgs {
+    fn location(&self) -> Location {
+        match &self.store {
+            Some(text) => Location::parse(text),
+            None => Location::Sqlite(self.db.clone()),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -180,8 +198,13 @@ pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     Ok(base)
 }
 
-fn open_store(path: &Path) -> Result<Arc<dyn Store>, String> {
-    Ok(Arc::new(SqliteStore::open(path).map_err(|e| e.to_string())?))
+/// Opens the store `--store` (or `--db`) names; errors never show a
+/// database URL (it may carry a password).
+async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<OpenStore, String> {
+    args.location().open(must_exist).await.map_err(|e| match e {
+        crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
+        other => other.to_string(),
+    })
 }
 
 /// A service error in the words of the command line: flags, not JSON fields.
@@ -201,8 +224,8 @@ fn cli_error(e: tokens::Error) -> String {
 }
 
 async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
-    let store = open_store(&args.store.db)?;
-    let service = Service::new(store, ServiceOptions::default());
+    let opened = open_store(&args.store, false).await?;
+    let service = Service::new(opened.store(), ServiceOptions::default());
     let issued = service
         .bootstrap(&args.namespace, &args.name, args.expire_time.as_deref())
         .await
@@ -215,7 +238,7 @@ async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
     eprintln!(
         "Created owner token {} in {}.\nIts secret follows on stdout; it is shown only this once, so store it now.\nA running `apitokens serve` on this database picks it up within its poll interval.",
         issued.token.name,
-        args.store.db.display()
+        opened.describe_for(&args.store.location())
     );
     println!("{}", issued.secret.expose());
     Ok(())
@@ -226,7 +249,7 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
     // Usage reports name a cluster of the ECDS setup; a static configuration
     // has no control plane to report to.
     base.usage_report = None;
-    let store = SqliteStore::open_existing(&args.store.db).map_err(|e| e.to_string())?;
+    let store = open_store(&args.store, true).await?.store();
     let (_, records) = store.load().await.map_err(|e| e.to_string())?;
     let spec = render::plugin_config(&base, &records, clock::now());
     Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
@@ -249,8 +272,8 @@ async fn import(args: ImportArgs) -> Result<(), String> {
     let shown = args.file.display().to_string();
     let bytes = std::fs::read(&args.file).map_err(|e| format!("{shown}: {e}"))?;
     let spec = PluginConfig::from_json(&bytes).map_err(|e| format!("{shown}: {e}"))?;
-    let store = open_store(&args.store.db)?;
-    let service = Service::new(store, ServiceOptions::default());
+    let opened = open_store(&args.store, false).await?;
+    let service = Service::new(opened.store(), ServiceOptions::default());
     let count = service.import(&spec).await.map_err(|e| match e {
         tokens::Error::AlreadyExists(_) => {
             "a token with one of these names already exists; nothing was imported".to_owned()
@@ -260,6 +283,9 @@ async fn import(args: ImportArgs) -> Result<(), String> {
         }
         other => format!("{shown}: {other}"),
     })?;
-    eprintln!("Imported {count} tokens into {}.", args.store.db.display());
+    eprintln!(
+        "Imported {count} tokens into {}.",
+        opened.describe_for(&args.store.location())
+    );
     Ok(())
 }

@@ -9,6 +9,8 @@ use crate::push::file;
 use crate::push::resource::{self, EcdsResource, FilterParams};
 use crate::push::server::EcdsServer;
 use crate::push::usage::UsageServer;
+use crate::replicas::{Coordinator, ReplicaOptions};
+use crate::store::OpenStore;
 use crate::tokens::{Service, ServiceOptions};
 use clap::Args;
 use std::net::SocketAddr;
@@ -68,6 +70,12 @@ pub(super) struct ServeArgs {
     /// Largest gRPC message sent or accepted, in bytes (tonic's default is 4 MiB)
     #[arg(long, default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
     max_message_bytes: usize,
+    /// With a PostgreSQL store: this replica's name on /status and in write answers (default: host name and process id)
+    #[arg(long, value_name = "NAME")]
+    replica_name: Option<String>,
+    /// With a PostgreSQL store: a replica silent for this long (killed, or cut off from the database) is no longer waited for; heartbeats go every quarter of it
+    #[arg(long, default_value_t = 3000, value_name = "MS")]
+    replica_timeout_ms: u64,
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
@@ -115,6 +123,17 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// The host name and the process id: unique among replicas on one machine
+/// and across a Deployment's pods.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 fn warn_if_exposed(what: &str, addr: SocketAddr) {
     if !addr.ip().is_loopback() {
         tracing::warn!("{what} listens on {addr}, beyond loopback: put TLS and network policy in front of it");
@@ -154,7 +173,8 @@ fn nodelay(
 }
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
-    let store = open_store(&args.store.db)?;
+    let opened = open_store(&args.store, false).await?;
+    let store = opened.store();
     let publisher = Publisher::open(
         Arc::clone(&store),
         PublisherOptions {
@@ -165,6 +185,21 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     .await
     .map_err(|e| e.to_string())?;
     let acks = Arc::new(Tracker::new());
+    let coordinator = match &opened {
+        OpenStore::Postgres(pg) => {
+            tracing::info!("store: {}", pg.describe());
+            let opts = ReplicaOptions {
+                name: args.replica_name.clone().unwrap_or_else(default_replica_name),
+                timeout: Duration::from_millis(args.replica_timeout_ms),
+            };
+            Some(
+                Coordinator::join(Arc::clone(pg), Arc::clone(&acks), opts)
+                    .await
+                    .map_err(|e| format!("--store: {e}"))?,
+            )
+        }
+        OpenStore::Sqlite(_) => None,
+    };
     let resource = EcdsResource::new(FilterParams {
         resource_name: args.resource_name.clone(),
         module: args.wasm_module.clone(),
@@ -208,6 +243,9 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(Arc::clone(&publisher).run(Duration::from_millis(args.poll_interval_ms.max(10)), stop_rx.clone()));
+    if let Some(coordinator) = coordinator {
+        tasks.spawn(coordinator.run(stop_rx.clone()));
+    }
     if let Some(path) = args.ecds_file.clone() {
         tasks.spawn(file::run(
             Arc::clone(&publisher),

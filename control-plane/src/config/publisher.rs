@@ -290,12 +290,16 @@ impl Publisher {
     /// replicas) and when the next expired token is due for retirement, until
     /// `shutdown` changes. This process's own writes publish themselves
     /// ([`Publisher::publish`]).
+    /// A store that notifies of other processes' writes (PostgreSQL) wakes
+    /// it at once; the poll stays, for notifications lost in a reconnection.
     pub async fn run(self: Arc<Self>, poll: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut feed = self.store.change_feed();
         loop {
             let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
             let wait = due.map_or(poll, |t| clock::until(t, clock::now()).min(poll));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                () = crate::store::notified(&mut feed) => {}
                 _ = shutdown.changed() => return,
             }
             self.retire_due().await;

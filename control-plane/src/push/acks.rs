@@ -5,11 +5,15 @@
 //! Every xDS stream is tracked on its own, never merged by node id: two
 //! Envoys started from one configuration share a node id, and one's ACK must
 //! not hide the other's NACK.
+//!
+//! With replicas on PostgreSQL, the streams of the other replicas (as they
+//! recorded them in the database, see `crate::replicas`) count too: a write
+//! waits for every Envoy of every live replica ([`Tracker::set_remote`]).
 
 use crate::clock;
 use crate::config::Version;
 use apitokens_core::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -22,14 +26,14 @@ const MAX_DISCONNECTED: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Outcome {
     Ack,
     Nack,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionEvent {
     pub version: String,
@@ -39,10 +43,15 @@ pub struct VersionEvent {
     pub time: String,
 }
 
-/// One stream as the status page shows it.
-#[derive(Clone, Debug, Serialize)]
+/// One stream as the status page shows it (and as replicas share it through
+/// the database).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvoyStatus {
+    /// The `serve` replica the stream is connected to (`--replica-name`;
+    /// only with replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     pub stream: u64,
     pub node: String,
     pub cluster: String,
@@ -63,7 +72,42 @@ pub struct EnvoyStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<VersionEvent>,
     /// Recent ACKs and NACKs, newest first.
+    #[serde(default)]
     pub history: VecDeque<VersionEvent>,
+}
+
+/// A stream of another replica, as that replica recorded it in the database.
+#[derive(Clone, Debug)]
+pub struct RemoteStream {
+    /// Its replica's heartbeat is recent: the stream counts for
+    /// read-your-writes. (A replica that stopped heartbeating is shown, but
+    /// no write waits for its Envoys: they are moving to another replica.)
+    pub live: bool,
+    pub acked: Option<Version>,
+    pub nacked: Option<(Version, String)>,
+    pub status: EnvoyStatus,
+}
+
+/// A `serve` replica on the shared database, for the status page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub id: String,
+    /// The replica answering this request.
+    pub this: bool,
+    pub live: bool,
+    pub heartbeat_age_ms: u64,
+    /// Its connected Envoy streams.
+    pub envoys: usize,
+}
+
+/// A connected stream of this replica, as shared with the others.
+#[derive(Clone, Debug)]
+pub struct LocalStream {
+    pub acked: Option<Version>,
+    pub nacked: Option<(Version, String)>,
+    pub status: EnvoyStatus,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -106,6 +150,10 @@ struct Inner {
     streams: BTreeMap<StreamId, Stream>,
     disconnected: VecDeque<(StreamId, Stream)>,
     file: Option<File>,
+    /// This replica's name (with replicas only).
+    replica: Option<String>,
+    remote: Vec<RemoteStream>,
+    replicas: Vec<ReplicaStatus>,
 }
 
 /// Why a consumer does not enforce a version (yet).
@@ -156,6 +204,8 @@ impl Rollout {
 pub struct Tracker {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// Changes of this replica's own streams only (what it shares).
+    local_changed: watch::Sender<u64>,
 }
 
 impl Default for Tracker {
@@ -163,12 +213,31 @@ impl Default for Tracker {
         Self {
             inner: Mutex::default(),
             changed: watch::channel(0).0,
+            local_changed: watch::channel(0).0,
         }
     }
 }
 
 fn time(t: Timestamp) -> String {
     t.to_rfc3339()
+}
+
+fn view(replica: Option<&String>, id: &StreamId, s: &Stream) -> EnvoyStatus {
+    EnvoyStatus {
+        replica: replica.cloned(),
+        stream: id.0,
+        node: s.node.clone(),
+        cluster: s.cluster.clone(),
+        peer: s.peer.clone(),
+        connected: s.disconnected_at.is_none(),
+        connected_at: time(s.connected_at),
+        disconnected_at: s.disconnected_at.map(time),
+        initial_version: s.initial_version.clone(),
+        sent_version: s.sent.map(|v| v.to_string()),
+        acked_version: s.acked.map(|v| v.to_string()),
+        last_nack: s.history.iter().find(|e| e.outcome == Outcome::Nack).cloned(),
+        history: s.history.clone(),
+    }
 }
 
 impl Tracker {
@@ -183,8 +252,48 @@ impl Tracker {
 
     fn update<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
         let out = f(&mut self.lock());
+        self.local_changed.send_modify(|n| *n = n.wrapping_add(1));
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         out
+    }
+
+    /// Names this replica on the status page (replicas on PostgreSQL).
+    pub fn set_replica(&self, name: &str) {
+        self.lock().replica = Some(name.to_owned());
+    }
+
+    /// The other replicas' streams and the replicas themselves, as last read
+    /// from the database: writes waiting for a version see them at once.
+    pub fn set_remote(&self, streams: Vec<RemoteStream>, replicas: Vec<ReplicaStatus>) {
+        {
+            let mut inner = self.lock();
+            inner.remote = streams;
+            inner.replicas = replicas;
+        }
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// This replica's connected streams, to share with the other replicas.
+    pub fn local_streams(&self) -> Vec<LocalStream> {
+        let inner = self.lock();
+        inner
+            .streams
+            .iter()
+            .map(|(id, s)| LocalStream {
+                acked: s.acked,
+                nacked: s.nacked.clone(),
+                status: view(inner.replica.as_ref(), id, s),
+            })
+            .collect()
+    }
+
+    /// Resolves at the next change of this replica's own streams.
+    pub fn subscribe_local(&self) -> watch::Receiver<u64> {
+        self.local_changed.subscribe()
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.lock().replicas.clone()
     }
 
     /// A stream's first request named its node.
@@ -276,23 +385,34 @@ impl Tracker {
         let inner = self.lock();
         let mut rollout = Rollout {
             version,
-            envoys: inner.streams.len(),
+            envoys: 0,
             applied: 0,
             lagging: Vec::new(),
         };
-        for (id, s) in &inner.streams {
-            if s.acked.is_some_and(|a| a >= version) {
+        let local = inner
+            .streams
+            .iter()
+            .map(|(id, s)| (format!("{} (stream {})", s.node, id.0), s.acked, s.nacked.as_ref()));
+        let remote = inner.remote.iter().filter(|r| r.live).map(|r| {
+            let who = format!(
+                "{} (replica {}, stream {})",
+                r.status.node,
+                r.status.replica.as_deref().unwrap_or("-"),
+                r.status.stream
+            );
+            (who, r.acked, r.nacked.as_ref())
+        });
+        for (who, acked, nacked) in local.chain(remote) {
+            rollout.envoys += 1;
+            if acked.is_some_and(|a| a >= version) {
                 rollout.applied += 1;
                 continue;
             }
-            let lag = match &s.nacked {
+            let lag = match nacked {
                 Some((rejected, error)) if *rejected >= version => Lag::Rejected(error.clone()),
                 _ => Lag::Pending,
             };
-            rollout.lagging.push(Lagging {
-                who: format!("{} (stream {})", s.node, id.0),
-                lag,
-            });
+            rollout.lagging.push(Lagging { who, lag });
         }
         if let Some(f) = &inner.file {
             if f.written.is_none_or(|w| w < version) {
@@ -343,7 +463,7 @@ impl Tracker {
     pub fn applied(&self, version: Version) -> bool {
         let any = {
             let inner = self.lock();
-            !inner.streams.is_empty() || inner.file.is_some()
+            !inner.streams.is_empty() || inner.file.is_some() || inner.remote.iter().any(|r| r.live)
         };
         any && self.rollout(version).complete()
     }
@@ -353,28 +473,20 @@ impl Tracker {
         self.changed.subscribe()
     }
 
-    /// Every connected stream, then the recently disconnected ones.
+    /// Every connected stream (this replica's, then the other replicas'),
+    /// then this replica's recently disconnected ones.
     pub fn envoys(&self) -> Vec<EnvoyStatus> {
         let inner = self.lock();
-        let view = |id: &StreamId, s: &Stream| EnvoyStatus {
-            stream: id.0,
-            node: s.node.clone(),
-            cluster: s.cluster.clone(),
-            peer: s.peer.clone(),
-            connected: s.disconnected_at.is_none(),
-            connected_at: time(s.connected_at),
-            disconnected_at: s.disconnected_at.map(time),
-            initial_version: s.initial_version.clone(),
-            sent_version: s.sent.map(|v| v.to_string()),
-            acked_version: s.acked.map(|v| v.to_string()),
-            last_nack: s.history.iter().find(|e| e.outcome == Outcome::Nack).cloned(),
-            history: s.history.clone(),
-        };
+        let replica = inner.replica.as_ref();
         inner
             .streams
             .iter()
-            .map(|(id, s)| view(id, s))
-            .chain(inner.disconnected.iter().map(|(id, s)| view(id, s)))
+            .map(|(id, s)| view(replica, id, s))
+            .chain(inner.remote.iter().map(|r| EnvoyStatus {
+                connected: r.live,
+                ..r.status.clone()
+            }))
+            .chain(inner.disconnected.iter().map(|(id, s)| view(replica, id, s)))
             .collect()
     }
 
@@ -480,6 +592,65 @@ mod tests {
             tr.disconnected(id);
         }
         assert_eq!(tr.envoys().len(), MAX_DISCONNECTED);
+    }
+
+    fn remote(replica: &str, stream: u64, live: bool, acked: Option<Version>) -> RemoteStream {
+        // A stream as that replica's own tracker shows it.
+        let there = Tracker::new();
+        there.set_replica(replica);
+        there.connected(&format!("gw-{replica}-{stream}"), "gw", "p", "");
+        let mut status = there.envoys().remove(0);
+        status.stream = stream;
+        RemoteStream {
+            live,
+            acked,
+            nacked: None,
+            status,
+        }
+    }
+
+    #[tokio::test]
+    async fn other_replicas_streams_count_while_their_replica_is_live() {
+        let tr = Arc::new(Tracker::new());
+        tr.set_replica("r1");
+        let a = tr.connected("gw-1", "gw", "p", "");
+        tr.acked(a, V2);
+        tr.set_remote(
+            vec![remote("r2", 4, true, Some(V1)), remote("r3", 7, false, Some(V1))],
+            vec![],
+        );
+        let r = tr.rollout(V2);
+        assert_eq!(
+            (r.envoys, r.applied),
+            (2, 1),
+            "the dead replica's stream is not counted"
+        );
+        assert_eq!(r.lagging[0].who, "gw-r2-4 (replica r2, stream 4)");
+        let names: Vec<_> = tr.envoys().iter().map(|e| (e.replica.clone(), e.connected)).collect();
+        assert_eq!(
+            names,
+            [
+                (Some("r1".to_owned()), true),
+                (Some("r2".to_owned()), true),
+                (Some("r3".to_owned()), false)
+            ]
+        );
+        // A wait ends when the other replica's ACK arrives through the database.
+        let t = Arc::clone(&tr);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            t.set_remote(vec![remote("r2", 4, true, Some(V2))], vec![]);
+        });
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(10)).await;
+        assert!(r.complete(), "{r:?}");
+        assert_eq!((r.envoys, r.applied), (2, 2));
+        // The local stream alone is shared with the others.
+        let local = tr.local_streams();
+        assert_eq!(local.len(), 1);
+        assert_eq!(
+            (local[0].acked, local[0].status.replica.as_deref()),
+            (Some(V2), Some("r1"))
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Durable token storage behind the [`Store`] interface. The embedded default
-//! is SQLite in a file ([`SqliteStore`]); a shared SQL server can implement
-//! the same trait to serve several control-plane replicas.
+//! is SQLite in a file ([`SqliteStore`]); PostgreSQL ([`PostgresStore`])
+//! serves several control-plane replicas. [`Location`] is what `--store`
+//! names.
 //!
 //! Only SHA-256 digests of secrets are stored, never secrets.
 //!
@@ -10,8 +11,14 @@
 //! apply just that: its own writes, another process's (`bootstrap`,
 //! `import`) and another replica's alike.
 
+#[cfg(test)]
+pub(crate) mod contract;
+mod postgres;
+mod row;
 mod sqlite;
 
+pub use postgres::PostgresStore;
+pub(crate) use postgres::ENVOYS_CHANNEL;
 pub use sqlite::SqliteStore;
 
 use apitokens_core::compact::Lineage;
@@ -20,6 +27,9 @@ use apitokens_core::table::{Digest, Entry, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
 
 /// The store's change counter: every write advances it by one, in every
 /// process and replica sharing the store.
@@ -232,4 +242,123 @@ pub trait Store: Send + Sync {
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError>;
     /// Identifies this store: the same for every process using it.
     fn lineage(&self) -> Lineage;
+    /// Changes (the value is a counter) soon after another process or
+    /// replica commits a write, so the publisher applies it at once instead
+    /// of at its next poll; `None`: no notifications (SQLite), poll only.
+    /// Spawns its listener on the current tokio runtime at the first call.
+    fn change_feed(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// Resolves at `feed`'s next change (see [`Store::change_feed`]); never
+/// without a feed, or once its sender is gone.
+pub(crate) async fn notified(feed: &mut Option<watch::Receiver<u64>>) {
+    if let Some(rx) = feed {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Where the tokens are: `--store` (or `--db`, a SQLite file).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    /// The URL as given: it may carry a password, so it is never shown
+    /// (`Debug` and `Display` leave it out).
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://...` or `postgresql://...`; `sqlite:PATH`; anything else
+    /// is a SQLite file path.
+    pub fn parse(text: &str) -> Self {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Self::Postgres(text.to_owned())
+        } else {
+            let path = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:"));
+            Self::Sqlite(PathBuf::from(path.unwrap_or(text)))
+        }
+    }
+
+    /// Opens the store: a SQLite file is created if missing (`must_exist`:
+    /// refused instead); PostgreSQL gets the migrations it lacks.
+    pub async fn open(&self, must_exist: bool) -> Result<OpenStore, StoreError> {
+        Ok(match self {
+            Self::Sqlite(path) if must_exist => OpenStore::Sqlite(Arc::new(SqliteStore::open_existing(path)?)),
+            Self::Sqlite(path) => OpenStore::Sqlite(Arc::new(SqliteStore::open(path)?)),
+            Self::Postgres(url) => OpenStore::Postgres(Arc::new(PostgresStore::connect(url).await?)),
+        })
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => path.display().fmt(f),
+            Self::Postgres(_) => f.write_str("the PostgreSQL database"),
+        }
+    }
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Location({self})")
+    }
+}
+
+/// An opened store, as the command line uses it: any [`Store`], and for
+/// PostgreSQL what replicas share beyond the tokens.
+pub enum OpenStore {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+impl OpenStore {
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s) => Arc::clone(s) as Arc<dyn Store>,
+            Self::Postgres(p) => Arc::clone(p) as Arc<dyn Store>,
+        }
+    }
+
+    /// Where it is, for messages: the file, or the server without the
+    /// password.
+    pub fn describe_for(&self, location: &Location) -> String {
+        match self {
+            Self::Sqlite(_) => location.to_string(),
+            Self::Postgres(p) => p.describe().to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_and_what_they_show() {
+        let pg = Location::parse("postgres://u:hunter2@db/tokens?sslmode=require");
+        assert!(matches!(pg, Location::Postgres(_)));
+        assert!(matches!(Location::parse("postgresql://db/x"), Location::Postgres(_)));
+        assert_eq!(
+            format!("{pg} {pg:?}"),
+            "the PostgreSQL database Location(the PostgreSQL database)"
+        );
+        assert_eq!(
+            Location::parse("sqlite:/var/x.db"),
+            Location::Sqlite(PathBuf::from("/var/x.db"))
+        );
+        assert_eq!(
+            Location::parse("sqlite:///var/x.db"),
+            Location::Sqlite(PathBuf::from("/var/x.db"))
+        );
+        assert_eq!(
+            Location::parse("apitokens.db"),
+            Location::Sqlite(PathBuf::from("apitokens.db"))
+        );
+    }
 }

@@ -6,9 +6,9 @@
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
 
-use super::{Action, AuditEvent, Changes, PreviousSecret, Revision, Store, StoreError, TokenRecord};
+use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
+use super::{AuditEvent, Changes, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
-use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
@@ -93,10 +93,10 @@ DROP INDEX IF EXISTS tokens_by_expiry;
 ";
 
 /// Revisions the change log keeps: a replica further behind loads everything.
-const CHANGES_KEPT: u64 = 10_000;
+pub(super) const CHANGES_KEPT: u64 = 10_000;
 /// A write that changes more tokens than this (a bulk import) restarts the
 /// change log instead of listing them: whoever is behind loads everything.
-const CHANGES_PER_WRITE: usize = 10_000;
+pub(super) const CHANGES_PER_WRITE: usize = 10_000;
 
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -378,24 +378,6 @@ fn commit_revision<'n>(
     Ok(Revision(u64::try_from(revision).unwrap_or(0)))
 }
 
-const COLUMNS: &str = "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
-     t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
-/// `COLUMNS` and the last use, for the API's reads.
-const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
-
-/// A row as read: the columns of `COLUMNS`, then the last use if selected.
-struct Row {
-    name: String,
-    role: String,
-    digest: String,
-    create: (i64, i64),
-    expire: (Option<i64>, Option<i64>),
-    retired: bool,
-    created_by: Option<String>,
-    previous: (Option<String>, Option<i64>, Option<i64>),
-    last_use: Option<i64>,
-}
-
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
         name: row.get(0)?,
@@ -407,53 +389,6 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         created_by: row.get(8)?,
         previous: (row.get(9)?, row.get(10)?, row.get(11)?),
         last_use: row.get(12).unwrap_or(None),
-    })
-}
-
-fn time(secs: i64, nanos: i64) -> Option<Timestamp> {
-    u32::try_from(nanos)
-        .ok()
-        .filter(|n| *n < 1_000_000_000)
-        .map(|n| Timestamp::from_unix(secs, n))
-}
-
-fn optional_time(pair: (Option<i64>, Option<i64>)) -> Result<Option<Timestamp>, ()> {
-    match pair {
-        (None, None) => Ok(None),
-        (Some(s), Some(n)) => time(s, n).map(Some).ok_or(()),
-        _ => Err(()),
-    }
-}
-
-/// A row as a record; a row that does not decode is an error naming it.
-fn decode(row: Row) -> Result<TokenRecord, StoreError> {
-    let name = row.name;
-    let corrupt = |problem: &str| StoreError::Corrupt {
-        name: name.clone(),
-        problem: problem.to_owned(),
-    };
-    TokenName::parse(&name).map_err(|_| corrupt("not a token name"))?;
-    let previous = match row.previous {
-        (None, None, None) => None,
-        (Some(digest), s, n) => Some(PreviousSecret {
-            digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("previous_sha256 is not a digest"))?,
-            until: optional_time((s, n))
-                .ok()
-                .flatten()
-                .ok_or_else(|| corrupt("bad previous_until time"))?,
-        }),
-        _ => return Err(corrupt("bad previous_until time")),
-    };
-    Ok(TokenRecord {
-        role: Role::parse(&row.role).ok_or_else(|| corrupt("unknown role"))?,
-        digest: Digest::from_hex(&row.digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
-        create_time: time(row.create.0, row.create.1).ok_or_else(|| corrupt("bad create time"))?,
-        expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
-        retired: row.retired,
-        created_by: row.created_by,
-        previous,
-        last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
-        name: name.clone(),
     })
 }
 
@@ -477,10 +412,6 @@ fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>, Stor
     .map_err(unavailable)?
     .map(decode)
     .transpose()
-}
-
-fn split(t: Option<Timestamp>) -> (Option<i64>, Option<u32>) {
-    (t.map(|t| t.unix_seconds()), t.map(|t| t.subsec_nanos()))
 }
 
 /// Records an audit event in the caller's transaction.
@@ -718,28 +649,22 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             rows.into_iter()
                 .map(
-                    |(seq, t, action, token, actor, role, expire, until, client_address, count)| {
-                        let corrupt = |problem: &str| StoreError::Corrupt {
-                            name: format!("audit event {seq}"),
-                            problem: problem.to_owned(),
-                        };
-                        let event = AuditEvent {
-                            time: time(t.0, t.1).ok_or_else(|| corrupt("bad time"))?,
-                            namespace: namespace.clone(),
-                            action: Action::parse(&action).ok_or_else(|| corrupt("unknown action"))?,
-                            token,
-                            actor,
-                            role: role
-                                .as_deref()
-                                .map(Role::parse)
-                                .map(|r| r.ok_or_else(|| corrupt("unknown role")))
-                                .transpose()?,
-                            expire_time: optional_time(expire).map_err(|()| corrupt("bad expire time"))?,
-                            previous_until: optional_time(until).map_err(|()| corrupt("bad previous_until time"))?,
-                            client_address,
-                            count,
-                        };
-                        Ok((u64::try_from(seq).unwrap_or(0), event))
+                    |(seq, time, action, token, actor, role, expire, until, client_address, count)| {
+                        decode_event(
+                            EventRow {
+                                seq,
+                                time,
+                                action,
+                                token,
+                                actor,
+                                role,
+                                expire,
+                                until,
+                                client_address,
+                                count,
+                            },
+                            &namespace,
+                        )
                     },
                 )
                 .collect()
@@ -862,239 +787,30 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::contract::{self, record, store_contract_tests, test_event};
     use crate::testutil::TempDir;
+    use apitokens_core::Role;
 
-    fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
-        TokenRecord {
-            name: name.to_owned(),
-            role,
-            digest: Digest([digest_byte; 32]),
-            create_time: Timestamp::from_unix(1_700_000_000, 0),
-            expire_time: None,
-            retired: false,
-            created_by: None,
-            previous: None,
-            last_use: None,
-        }
-    }
-
-    fn test_event() -> AuditEvent {
-        AuditEvent {
-            time: Timestamp::from_unix(1_700_000_000, 0),
-            namespace: "default".into(),
-            action: Action::Regenerate,
-            token: None,
-            actor: "test".into(),
-            role: None,
-            expire_time: None,
-            previous_until: None,
-            client_address: None,
-            count: None,
-        }
-    }
-
-    fn store(dir: &TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("t.db")).unwrap()
-    }
-
-    #[tokio::test]
-    async fn insert_get_list_delete() {
+    store_contract_tests!(async {
         let dir = TempDir::new("store");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        let mut b = record("namespaces/default/apitokens/b", Role::Viewer, 2);
-        b.expire_time = Some(Timestamp::from_unix(1_900_000_000, 500_000_000));
-        let c = record("namespaces/other/apitokens/a", Role::Editor, 3);
-        for r in [&b, &a, &c] {
-            store.insert(vec![r.clone()], None, vec![]).await.unwrap();
-        }
-        assert_eq!(store.get(&a.name).await.unwrap(), Some(a.clone()));
-        assert_eq!(store.get(&b.name).await.unwrap(), Some(b.clone()));
-        assert_eq!(store.get("namespaces/default/apitokens/zzz").await.unwrap(), None);
-        assert_eq!(store.list("default").await.unwrap(), vec![a.clone(), b.clone()]);
-        assert_eq!(store.list("other").await.unwrap(), vec![c.clone()]);
-        assert_eq!(store.list("nobody").await.unwrap(), vec![]);
-        assert!(store.delete(&a.name, test_event()).await.unwrap().is_some());
-        assert!(store.delete(&a.name, test_event()).await.unwrap().is_none());
-        assert_eq!(store.load().await.unwrap().1, vec![b, c]);
-    }
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        Some((Box::new(store) as Box<dyn Store>, dir))
+    });
 
     #[tokio::test]
-    async fn duplicates_and_quota_are_refused_and_change_nothing() {
-        let dir = TempDir::new("store-dup");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
-        let rev = store.revision().await.unwrap();
-        let same_name = record("namespaces/default/apitokens/a", Role::Viewer, 2);
-        assert_eq!(
-            store.insert(vec![same_name], None, vec![]).await,
-            Err(StoreError::NameTaken("namespaces/default/apitokens/a".into()))
-        );
-        let same_digest = record("namespaces/default/apitokens/b", Role::Viewer, 1);
-        assert_eq!(
-            store.insert(vec![same_digest], None, vec![]).await,
-            Err(StoreError::DigestTaken)
-        );
-        let two = vec![
-            record("namespaces/default/apitokens/b", Role::Viewer, 2),
-            record("namespaces/default/apitokens/c", Role::Viewer, 3),
-        ];
-        assert_eq!(
-            store.insert(two.clone(), Some(2), vec![]).await,
-            Err(StoreError::QuotaExceeded {
-                namespace: "default".into(),
-                limit: 2
-            })
-        );
-        assert_eq!(store.revision().await.unwrap(), rev);
-        assert_eq!(store.load().await.unwrap().1, vec![a]);
-        store.insert(two, Some(3), vec![]).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn insert_is_all_or_nothing() {
-        let dir = TempDir::new("store-batch");
-        let store = store(&dir);
-        let batch = vec![
-            record("namespaces/default/apitokens/a", Role::Owner, 1),
-            record("namespaces/default/apitokens/b", Role::Owner, 2),
-            record("namespaces/default/apitokens/a", Role::Owner, 3),
-        ];
-        assert!(matches!(
-            store.insert(batch, None, vec![]).await,
-            Err(StoreError::NameTaken(_))
-        ));
-        assert!(store.load().await.unwrap().1.is_empty());
-        assert_eq!(store.revision().await.unwrap(), Revision(0));
-    }
-
-    #[tokio::test]
-    async fn replace_digest_keeps_name_role_and_times() {
-        let dir = TempDir::new("store-replace");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
-        let rev = store.revision().await.unwrap();
-        let new_digest = Digest([0xab; 32]);
-        let (updated, rev2) = store
-            .replace_digest(&a.name, new_digest, None, test_event())
-            .await
-            .unwrap()
+    async fn the_audit_trail_holds_no_digest() {
+        let dir = TempDir::new("store-audit");
+        let store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        contract::the_audit_trail_is_written_with_the_change_and_read_newest_first(&store).await;
+        let conn = Connection::open(dir.path().join("t.db")).unwrap();
+        let dump: String = conn
+            .query_row(
+                "SELECT group_concat(coalesce(token, '') || actor || coalesce(client_address, '')) FROM events",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
-        assert_eq!(updated.digest, new_digest);
-        assert_eq!((updated.role, updated.create_time), (a.role, a.create_time));
-        assert!(rev2 > rev);
-        assert_eq!(
-            store
-                .replace_digest("namespaces/default/apitokens/none", new_digest, None, test_event())
-                .await
-                .unwrap(),
-            None
-        );
-        let b = record("namespaces/default/apitokens/b", Role::Editor, 2);
-        store.insert(vec![b.clone()], None, vec![]).await.unwrap();
-        assert_eq!(
-            store.replace_digest(&b.name, new_digest, None, test_event()).await,
-            Err(StoreError::DigestTaken)
-        );
-    }
-
-    #[tokio::test]
-    async fn changes_since_a_revision() {
-        let dir = TempDir::new("store-changes");
-        let store = store(&dir);
-        let r0 = store.revision().await.unwrap();
-        let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
-        let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
-        let r1 = store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
-        assert_eq!(r1, Revision(r0.0 + 1));
-        let r2 = store.delete(&a.name, test_event()).await.unwrap().unwrap();
-        let (b2, r3) = store
-            .replace_digest(&b.name, Digest([9; 32]), None, test_event())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            store.changes_since(r0).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![(a.name.clone(), None), (b.name.clone(), Some(b2.clone()))]
-            }
-        );
-        assert_eq!(
-            store.changes_since(r2).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![(b.name.clone(), Some(b2))]
-            }
-        );
-        assert_eq!(
-            store.changes_since(r3).await.unwrap(),
-            Changes::Since {
-                revision: r3,
-                changed: vec![]
-            }
-        );
-        // A revision from the future (another store, a restored backup).
-        assert_eq!(store.changes_since(Revision(r3.0 + 5)).await.unwrap(), Changes::TooOld);
-    }
-
-    #[tokio::test]
-    async fn bulk_writes_restart_the_change_log() {
-        let dir = TempDir::new("store-bulk");
-        let store = store(&dir);
-        let many: Vec<TokenRecord> = (0..=CHANGES_PER_WRITE)
-            .map(|i| TokenRecord {
-                digest: Digest::of(&i.to_le_bytes()),
-                ..record(&format!("namespaces/bulk/apitokens/t{i}"), Role::Viewer, 0)
-            })
-            .collect();
-        let r = store.insert(many, None, vec![]).await.unwrap();
-        assert_eq!(store.changes_since(Revision(0)).await.unwrap(), Changes::TooOld);
-        assert_eq!(
-            store.changes_since(r).await.unwrap(),
-            Changes::Since {
-                revision: r,
-                changed: vec![]
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn expired_tokens_retire_once() {
-        let dir = TempDir::new("store-retire");
-        let store = store(&dir);
-        let mut soon = record("namespaces/default/apitokens/soon", Role::Owner, 1);
-        soon.expire_time = Some(Timestamp::from_unix(1000, 500));
-        let mut later = record("namespaces/default/apitokens/later", Role::Owner, 2);
-        later.expire_time = Some(Timestamp::from_unix(2000, 0));
-        let never = record("namespaces/default/apitokens/never", Role::Owner, 3);
-        let r0 = store
-            .insert(vec![soon.clone(), later.clone(), never.clone()], None, vec![])
-            .await
-            .unwrap();
-        assert_eq!(store.next_expiry().await.unwrap(), soon.expire_time);
-        assert_eq!(
-            store.retire_expired(Timestamp::from_unix(1000, 499)).await.unwrap(),
-            None
-        );
-        let r1 = store
-            .retire_expired(Timestamp::from_unix(1000, 500))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.retire_expired(Timestamp::from_unix(1500, 0)).await.unwrap(), None);
-        assert_eq!(store.next_expiry().await.unwrap(), later.expire_time);
-        let loaded: Vec<String> = store.load().await.unwrap().1.into_iter().map(|r| r.name).collect();
-        assert_eq!(loaded, [later.name.clone(), never.name.clone()]);
-        // Still listed, as retired; and the change is in the log.
-        assert!(store.get(&soon.name).await.unwrap().unwrap().retired);
-        let Changes::Since { revision, changed } = store.changes_since(r0).await.unwrap() else {
-            panic!()
-        };
-        assert_eq!(revision, r1);
-        assert!(changed[0].1.as_ref().unwrap().retired);
+        assert!(!dump.contains(&Digest([1; 32]).to_hex()) && !dump.contains(&Digest([2; 32]).to_hex()));
     }
 
     #[tokio::test]
@@ -1244,171 +960,6 @@ mod tests {
         let r = store.revision().await.unwrap();
         assert_eq!(r, Revision(12));
         assert_eq!(store.changes_since(Revision(7)).await.unwrap(), Changes::TooOld);
-    }
-
-    #[tokio::test]
-    async fn a_regeneration_with_an_overlap_keeps_one_previous_secret() {
-        let dir = TempDir::new("store-overlap");
-        let store = store(&dir);
-        let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        a.expire_time = Some(Timestamp::from_unix(3000, 0));
-        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
-        let until = Timestamp::from_unix(2000, 0);
-        let (r, _) = store
-            .replace_digest(&a.name, Digest([2; 32]), Some(until), test_event())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.digest, Digest([2; 32]));
-        assert_eq!(
-            r.previous,
-            Some(PreviousSecret {
-                digest: Digest([1; 32]),
-                until
-            })
-        );
-        assert_eq!(store.next_expiry().await.unwrap(), Some(until));
-        // A second regeneration during the overlap ends the first one.
-        let later = Timestamp::from_unix(2500, 0);
-        let (r, _) = store
-            .replace_digest(&a.name, Digest([3; 32]), Some(later), test_event())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            r.previous,
-            Some(PreviousSecret {
-                digest: Digest([2; 32]),
-                until: later
-            })
-        );
-        // The overlap ends by itself (a store write, so replicas agree).
-        let rev = store.revision().await.unwrap();
-        assert!(store
-            .retire_expired(Timestamp::from_unix(2499, 0))
-            .await
-            .unwrap()
-            .is_none());
-        let ended = store.retire_expired(later).await.unwrap().unwrap();
-        assert!(ended > rev);
-        let r = store.get(&a.name).await.unwrap().unwrap();
-        assert_eq!((r.previous, r.retired), (None, false));
-        // Without an overlap the old secret is gone at once.
-        store
-            .replace_digest(&a.name, Digest([4; 32]), Some(later), test_event())
-            .await
-            .unwrap();
-        let (r, _) = store
-            .replace_digest(&a.name, Digest([5; 32]), None, test_event())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(r.previous, None);
-    }
-
-    fn event(action: Action, token: &str) -> AuditEvent {
-        AuditEvent {
-            action,
-            token: Some(token.into()),
-            actor: "namespaces/default/apitokens/admin".into(),
-            client_address: Some("192.0.2.7".into()),
-            ..test_event()
-        }
-    }
-
-    #[tokio::test]
-    async fn the_audit_trail_is_written_with_the_change_and_read_newest_first() {
-        let dir = TempDir::new("store-audit");
-        let store = store(&dir);
-        let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        a.created_by = Some("namespaces/default/apitokens/admin".into());
-        let created = AuditEvent {
-            role: Some(Role::Editor),
-            ..event(Action::Create, &a.name)
-        };
-        store
-            .insert(vec![a.clone()], None, vec![created.clone()])
-            .await
-            .unwrap();
-        let regenerated = AuditEvent {
-            previous_until: Some(Timestamp::from_unix(1_800_000_000, 0)),
-            ..event(Action::Regenerate, &a.name)
-        };
-        store
-            .replace_digest(
-                &a.name,
-                Digest([2; 32]),
-                regenerated.previous_until,
-                regenerated.clone(),
-            )
-            .await
-            .unwrap();
-        let deleted = event(Action::Delete, &a.name);
-        store.delete(&a.name, deleted.clone()).await.unwrap();
-        // A refused write records nothing.
-        store.delete(&a.name, deleted.clone()).await.unwrap();
-        let other = AuditEvent {
-            namespace: "other".into(),
-            ..event(Action::Create, "namespaces/other/apitokens/x")
-        };
-        store
-            .insert(
-                vec![record("namespaces/other/apitokens/x", Role::Owner, 9)],
-                None,
-                vec![other],
-            )
-            .await
-            .unwrap();
-        let all = store.events("default", None, 10).await.unwrap();
-        let events: Vec<&AuditEvent> = all.iter().map(|(_, e)| e).collect();
-        assert_eq!(events, [&deleted, &regenerated, &created]);
-        // Pages: two, then the rest from the last sequence number.
-        let first = store.events("default", None, 2).await.unwrap();
-        assert_eq!(first.len(), 2);
-        let rest = store.events("default", Some(first[1].0), 2).await.unwrap();
-        assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
-        // Nothing in the trail is a digest.
-        let conn = Connection::open(dir.path().join("t.db")).unwrap();
-        let dump: String = conn
-            .query_row(
-                "SELECT group_concat(coalesce(token, '') || actor || coalesce(client_address, '')) FROM events",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert!(!dump.contains(&Digest([1; 32]).to_hex()) && !dump.contains(&Digest([2; 32]).to_hex()));
-    }
-
-    #[tokio::test]
-    async fn last_use_is_the_latest_recorded_and_goes_with_the_token() {
-        let dir = TempDir::new("store-usage");
-        let store = store(&dir);
-        let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
-        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
-        let rev = store.revision().await.unwrap();
-        let t = |s| Timestamp::from_unix(s, 0);
-        store
-            .record_usage(vec![
-                (a.name.clone(), t(100)),
-                ("namespaces/default/apitokens/gone".into(), t(100)),
-            ])
-            .await
-            .unwrap();
-        store.record_usage(vec![(a.name.clone(), t(50))]).await.unwrap();
-        assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(100)));
-        assert_eq!(store.list("default").await.unwrap()[0].last_use, Some(t(100)));
-        assert_eq!(
-            store.revision().await.unwrap(),
-            rev,
-            "a use is not a configuration change"
-        );
-        store.delete(&a.name, test_event()).await.unwrap();
-        store.insert(vec![a.clone()], None, vec![]).await.unwrap();
-        assert_eq!(
-            store.get(&a.name).await.unwrap().unwrap().last_use,
-            None,
-            "a new token, a new history"
-        );
     }
 
     #[tokio::test]

@@ -13,6 +13,10 @@ Modules:
   fixtures      session fixtures of the suites on the control plane
   leaks         the secret search every suite runs when its session ends
   load, kill9   the fault drills' load generator and kill -9 loop
+  certs         test certificates (openssl): a CA and what it signs
+  figures       a plugin: the fixture `figures`, printed at the end of the run
+  writes        the replica drills' writer and gateway load
+  postgres      the private PostgreSQL of `make replicas` (scripts/postgres.sh)
 
 Every suite's pytest.ini puts tests/lib on the import path (`pythonpath =
 ../lib`); a script gets it from the environment (PYTHONPATH=tests/lib, as

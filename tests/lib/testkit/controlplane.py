@@ -102,14 +102,16 @@ def until_status(envoy: "harness.Envoy", path: str, token: str | None, status: i
 
 
 class ControlPlane:
-    """One `apitokens serve` process (restartable on the same ports and database)."""
+    """One `apitokens serve` process (restartable on the same ports and database):
+    on the SQLite file `db`, or on `store` (a PostgreSQL URL) when given."""
 
     def __init__(self, workdir: Path, name: str = "cp", plugin_config: Path = PLUGIN_BASE,
-                 always: tuple[str, ...] = ()):
+                 always: tuple[str, ...] = (), store: str | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.db = self.dir / "apitokens.db"
+        self.store = store
         self.api_port = free_port()
         self.xds_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -126,9 +128,12 @@ class ControlPlane:
     def log_text(self) -> str:
         return "".join(p.read_text("utf-8", "replace") for p in self.logs)
 
+    def store_args(self) -> list[str]:
+        return ["--store", self.store] if self.store else ["--db", str(self.db)]
+
     def bootstrap(self, namespace: str, name: str) -> str:
         out = subprocess.run(
-            [apitokens_bin(), "bootstrap", "--db", str(self.db), "--namespace", namespace, "--name", name],
+            [apitokens_bin(), "bootstrap", *self.store_args(), "--namespace", namespace, "--name", name],
             capture_output=True, text=True, check=True, timeout=30,
         )
         secret = remember_secret(out.stdout.strip())
@@ -137,7 +142,7 @@ class ControlPlane:
 
     def render(self) -> dict:
         """The plugin configuration the store holds now (`apitokens render`: digests, expired left out)."""
-        out = subprocess.run([apitokens_bin(), "render", "--db", str(self.db)],
+        out = subprocess.run([apitokens_bin(), "render", *self.store_args()],
                              capture_output=True, text=True, check=True, timeout=30)
         return json.loads(out.stdout)
 
@@ -148,7 +153,7 @@ class ControlPlane:
             extra = ("--wasm-module", str(module_path()), *extra)
         cmd = [
             apitokens_bin(), "serve",
-            "--db", str(self.db),
+            *self.store_args(),
             "--listen", f"127.0.0.1:{self.api_port}",
             "--xds-listen", f"127.0.0.1:{self.xds_port}",
             "--plugin-config", str(self.plugin_config),

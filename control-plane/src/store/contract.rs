@@ -1,0 +1,393 @@
+//! The store's contract, one test per rule, run against every backend:
+//! SQLite always, PostgreSQL when the tests have a server (`make unit` starts
+//! one; see `postgres::tests`). A backend's own tests (files, schema versions,
+//! damaged rows) stay in its module.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use super::sqlite::CHANGES_PER_WRITE;
+use super::{Action, AuditEvent, Changes, PreviousSecret, Revision, Store, StoreError, TokenRecord};
+use apitokens_core::table::Digest;
+use apitokens_core::{Role, Timestamp};
+
+pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
+    TokenRecord {
+        name: name.to_owned(),
+        role,
+        digest: Digest([digest_byte; 32]),
+        create_time: Timestamp::from_unix(1_700_000_000, 0),
+        expire_time: None,
+        retired: false,
+        created_by: None,
+        previous: None,
+        last_use: None,
+    }
+}
+
+pub(crate) fn test_event() -> AuditEvent {
+    AuditEvent {
+        time: Timestamp::from_unix(1_700_000_000, 0),
+        namespace: "default".into(),
+        action: Action::Regenerate,
+        token: None,
+        actor: "test".into(),
+        role: None,
+        expire_time: None,
+        previous_until: None,
+        client_address: None,
+        count: None,
+    }
+}
+
+fn event(action: Action, token: &str) -> AuditEvent {
+    AuditEvent {
+        action,
+        token: Some(token.into()),
+        actor: "namespaces/default/apitokens/admin".into(),
+        client_address: Some("192.0.2.7".into()),
+        ..test_event()
+    }
+}
+
+pub(crate) async fn insert_get_list_delete(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    let mut b = record("namespaces/default/apitokens/b", Role::Viewer, 2);
+    b.expire_time = Some(Timestamp::from_unix(1_900_000_000, 500_000_000));
+    let c = record("namespaces/other/apitokens/a", Role::Editor, 3);
+    for r in [&b, &a, &c] {
+        store.insert(vec![r.clone()], None, vec![]).await.unwrap();
+    }
+    assert_eq!(store.get(&a.name).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.get(&b.name).await.unwrap(), Some(b.clone()));
+    assert_eq!(store.get("namespaces/default/apitokens/zzz").await.unwrap(), None);
+    assert_eq!(store.list("default").await.unwrap(), vec![a.clone(), b.clone()]);
+    assert_eq!(store.list("other").await.unwrap(), vec![c.clone()]);
+    assert_eq!(store.list("nobody").await.unwrap(), vec![]);
+    assert!(store.delete(&a.name, test_event()).await.unwrap().is_some());
+    assert!(store.delete(&a.name, test_event()).await.unwrap().is_none());
+    assert_eq!(store.load().await.unwrap().1, vec![b, c]);
+}
+
+pub(crate) async fn duplicates_and_quota_are_refused_and_change_nothing(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let rev = store.revision().await.unwrap();
+    let same_name = record("namespaces/default/apitokens/a", Role::Viewer, 2);
+    assert_eq!(
+        store.insert(vec![same_name], None, vec![]).await,
+        Err(StoreError::NameTaken("namespaces/default/apitokens/a".into()))
+    );
+    let same_digest = record("namespaces/default/apitokens/b", Role::Viewer, 1);
+    assert_eq!(
+        store.insert(vec![same_digest], None, vec![]).await,
+        Err(StoreError::DigestTaken)
+    );
+    let two = vec![
+        record("namespaces/default/apitokens/b", Role::Viewer, 2),
+        record("namespaces/default/apitokens/c", Role::Viewer, 3),
+    ];
+    assert_eq!(
+        store.insert(two.clone(), Some(2), vec![]).await,
+        Err(StoreError::QuotaExceeded {
+            namespace: "default".into(),
+            limit: 2
+        })
+    );
+    assert_eq!(store.revision().await.unwrap(), rev);
+    assert_eq!(store.load().await.unwrap().1, vec![a]);
+    store.insert(two, Some(3), vec![]).await.unwrap();
+}
+
+pub(crate) async fn insert_is_all_or_nothing(store: &dyn Store) {
+    let batch = vec![
+        record("namespaces/default/apitokens/a", Role::Owner, 1),
+        record("namespaces/default/apitokens/b", Role::Owner, 2),
+        record("namespaces/default/apitokens/a", Role::Owner, 3),
+    ];
+    assert!(matches!(
+        store.insert(batch, None, vec![]).await,
+        Err(StoreError::NameTaken(_))
+    ));
+    assert!(store.load().await.unwrap().1.is_empty());
+    assert_eq!(store.revision().await.unwrap(), Revision(0));
+}
+
+pub(crate) async fn replace_digest_keeps_name_role_and_times(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let rev = store.revision().await.unwrap();
+    let new_digest = Digest([0xab; 32]);
+    let (updated, rev2) = store
+        .replace_digest(&a.name, new_digest, None, test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.digest, new_digest);
+    assert_eq!((updated.role, updated.create_time), (a.role, a.create_time));
+    assert!(rev2 > rev);
+    assert_eq!(
+        store
+            .replace_digest("namespaces/default/apitokens/none", new_digest, None, test_event())
+            .await
+            .unwrap(),
+        None
+    );
+    let b = record("namespaces/default/apitokens/b", Role::Editor, 2);
+    store.insert(vec![b.clone()], None, vec![]).await.unwrap();
+    assert_eq!(
+        store.replace_digest(&b.name, new_digest, None, test_event()).await,
+        Err(StoreError::DigestTaken)
+    );
+}
+
+pub(crate) async fn changes_since_a_revision(store: &dyn Store) {
+    let r0 = store.revision().await.unwrap();
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
+    let r1 = store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
+    assert_eq!(r1, Revision(r0.0 + 1));
+    let r2 = store.delete(&a.name, test_event()).await.unwrap().unwrap();
+    let (b2, r3) = store
+        .replace_digest(&b.name, Digest([9; 32]), None, test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.changes_since(r0).await.unwrap(),
+        Changes::Since {
+            revision: r3,
+            changed: vec![(a.name.clone(), None), (b.name.clone(), Some(b2.clone()))]
+        }
+    );
+    assert_eq!(
+        store.changes_since(r2).await.unwrap(),
+        Changes::Since {
+            revision: r3,
+            changed: vec![(b.name.clone(), Some(b2))]
+        }
+    );
+    assert_eq!(
+        store.changes_since(r3).await.unwrap(),
+        Changes::Since {
+            revision: r3,
+            changed: vec![]
+        }
+    );
+    // A revision from the future (another store, a restored backup).
+    assert_eq!(store.changes_since(Revision(r3.0 + 5)).await.unwrap(), Changes::TooOld);
+}
+
+pub(crate) async fn bulk_writes_restart_the_change_log(store: &dyn Store) {
+    let many: Vec<TokenRecord> = (0..=CHANGES_PER_WRITE)
+        .map(|i| TokenRecord {
+            digest: Digest::of(&i.to_le_bytes()),
+            ..record(&format!("namespaces/bulk/apitokens/t{i}"), Role::Viewer, 0)
+        })
+        .collect();
+    let r = store.insert(many, None, vec![]).await.unwrap();
+    assert_eq!(store.changes_since(Revision(0)).await.unwrap(), Changes::TooOld);
+    assert_eq!(
+        store.changes_since(r).await.unwrap(),
+        Changes::Since {
+            revision: r,
+            changed: vec![]
+        }
+    );
+}
+
+pub(crate) async fn expired_tokens_retire_once(store: &dyn Store) {
+    let mut soon = record("namespaces/default/apitokens/soon", Role::Owner, 1);
+    soon.expire_time = Some(Timestamp::from_unix(1000, 500));
+    let mut later = record("namespaces/default/apitokens/later", Role::Owner, 2);
+    later.expire_time = Some(Timestamp::from_unix(2000, 0));
+    let never = record("namespaces/default/apitokens/never", Role::Owner, 3);
+    let r0 = store
+        .insert(vec![soon.clone(), later.clone(), never.clone()], None, vec![])
+        .await
+        .unwrap();
+    assert_eq!(store.next_expiry().await.unwrap(), soon.expire_time);
+    assert_eq!(
+        store.retire_expired(Timestamp::from_unix(1000, 499)).await.unwrap(),
+        None
+    );
+    let r1 = store
+        .retire_expired(Timestamp::from_unix(1000, 500))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.retire_expired(Timestamp::from_unix(1500, 0)).await.unwrap(), None);
+    assert_eq!(store.next_expiry().await.unwrap(), later.expire_time);
+    let loaded: Vec<String> = store.load().await.unwrap().1.into_iter().map(|r| r.name).collect();
+    assert_eq!(loaded, [later.name.clone(), never.name.clone()]);
+    // Still listed, as retired; and the change is in the log.
+    assert!(store.get(&soon.name).await.unwrap().unwrap().retired);
+    let Changes::Since { revision, changed } = store.changes_since(r0).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(revision, r1);
+    assert!(changed[0].1.as_ref().unwrap().retired);
+}
+
+pub(crate) async fn a_regeneration_with_an_overlap_keeps_one_previous_secret(store: &dyn Store) {
+    let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    a.expire_time = Some(Timestamp::from_unix(3000, 0));
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let until = Timestamp::from_unix(2000, 0);
+    let (r, _) = store
+        .replace_digest(&a.name, Digest([2; 32]), Some(until), test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.digest, Digest([2; 32]));
+    assert_eq!(
+        r.previous,
+        Some(PreviousSecret {
+            digest: Digest([1; 32]),
+            until
+        })
+    );
+    assert_eq!(store.next_expiry().await.unwrap(), Some(until));
+    // A second regeneration during the overlap ends the first one.
+    let later = Timestamp::from_unix(2500, 0);
+    let (r, _) = store
+        .replace_digest(&a.name, Digest([3; 32]), Some(later), test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.previous,
+        Some(PreviousSecret {
+            digest: Digest([2; 32]),
+            until: later
+        })
+    );
+    // The overlap ends by itself (a store write, so replicas agree).
+    let rev = store.revision().await.unwrap();
+    assert!(store
+        .retire_expired(Timestamp::from_unix(2499, 0))
+        .await
+        .unwrap()
+        .is_none());
+    let ended = store.retire_expired(later).await.unwrap().unwrap();
+    assert!(ended > rev);
+    let r = store.get(&a.name).await.unwrap().unwrap();
+    assert_eq!((r.previous, r.retired), (None, false));
+    // Without an overlap the old secret is gone at once.
+    store
+        .replace_digest(&a.name, Digest([4; 32]), Some(later), test_event())
+        .await
+        .unwrap();
+    let (r, _) = store
+        .replace_digest(&a.name, Digest([5; 32]), None, test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.previous, None);
+}
+
+pub(crate) async fn the_audit_trail_is_written_with_the_change_and_read_newest_first(store: &dyn Store) {
+    let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    a.created_by = Some("namespaces/default/apitokens/admin".into());
+    let created = AuditEvent {
+        role: Some(Role::Editor),
+        ..event(Action::Create, &a.name)
+    };
+    store
+        .insert(vec![a.clone()], None, vec![created.clone()])
+        .await
+        .unwrap();
+    let regenerated = AuditEvent {
+        previous_until: Some(Timestamp::from_unix(1_800_000_000, 0)),
+        ..event(Action::Regenerate, &a.name)
+    };
+    store
+        .replace_digest(
+            &a.name,
+            Digest([2; 32]),
+            regenerated.previous_until,
+            regenerated.clone(),
+        )
+        .await
+        .unwrap();
+    let deleted = event(Action::Delete, &a.name);
+    store.delete(&a.name, deleted.clone()).await.unwrap();
+    // A refused write records nothing.
+    store.delete(&a.name, deleted.clone()).await.unwrap();
+    let other = AuditEvent {
+        namespace: "other".into(),
+        ..event(Action::Create, "namespaces/other/apitokens/x")
+    };
+    store
+        .insert(
+            vec![record("namespaces/other/apitokens/x", Role::Owner, 9)],
+            None,
+            vec![other],
+        )
+        .await
+        .unwrap();
+    let all = store.events("default", None, 10).await.unwrap();
+    let events: Vec<&AuditEvent> = all.iter().map(|(_, e)| e).collect();
+    assert_eq!(events, [&deleted, &regenerated, &created]);
+    // Pages: two, then the rest from the last sequence number.
+    let first = store.events("default", None, 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let rest = store.events("default", Some(first[1].0), 2).await.unwrap();
+    assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
+}
+
+pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let rev = store.revision().await.unwrap();
+    let t = |s| Timestamp::from_unix(s, 0);
+    store
+        .record_usage(vec![
+            (a.name.clone(), t(100)),
+            ("namespaces/default/apitokens/gone".into(), t(100)),
+        ])
+        .await
+        .unwrap();
+    store.record_usage(vec![(a.name.clone(), t(50))]).await.unwrap();
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(100)));
+    assert_eq!(store.list("default").await.unwrap()[0].last_use, Some(t(100)));
+    assert_eq!(
+        store.revision().await.unwrap(),
+        rev,
+        "a use is not a configuration change"
+    );
+    store.delete(&a.name, test_event()).await.unwrap();
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    assert_eq!(
+        store.get(&a.name).await.unwrap().unwrap().last_use,
+        None,
+        "a new token, a new history"
+    );
+}
+
+/// One `#[tokio::test]` per contract test above, each on a fresh store from
+/// `$make` (an async expression giving `Option<(store, guard)>`; `None` skips:
+/// no server to test against).
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        store_contract_tests!(@each $make,
+            insert_get_list_delete,
+            duplicates_and_quota_are_refused_and_change_nothing,
+            insert_is_all_or_nothing,
+            replace_digest_keeps_name_role_and_times,
+            changes_since_a_revision,
+            bulk_writes_restart_the_change_log,
+            expired_tokens_retire_once,
+            a_regeneration_with_an_overlap_keeps_one_previous_secret,
+            the_audit_trail_is_written_with_the_change_and_read_newest_first,
+            last_use_is_the_latest_recorded_and_goes_with_the_token);
+    };
+    (@each $make:expr, $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let Some((store, _guard)) = $make.await else { return };
+                $crate::store::contract::$name(&*store).await;
+            }
+        )*
+    };
+}
+pub(crate) use store_contract_tests;

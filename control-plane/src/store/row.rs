@@ -1,0 +1,121 @@
+//! A stored token row and audit event as both backends read them, and their
+//! decoding: one place for what a readable row is, so SQLite and PostgreSQL
+//! refuse the same damaged rows with the same words.
+
+use super::{Action, AuditEvent, PreviousSecret, StoreError, TokenRecord};
+use apitokens_core::name::TokenName;
+use apitokens_core::table::Digest;
+use apitokens_core::{Role, Timestamp};
+
+pub(super) const COLUMNS: &str =
+    "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
+     t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
+/// `COLUMNS` and the last use, for the API's reads.
+pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
+
+/// A row as read: the columns of `COLUMNS`, then the last use if selected.
+pub(super) struct Row {
+    pub(super) name: String,
+    pub(super) role: String,
+    pub(super) digest: String,
+    pub(super) create: (i64, i64),
+    pub(super) expire: (Option<i64>, Option<i64>),
+    pub(super) retired: bool,
+    pub(super) created_by: Option<String>,
+    pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
+    pub(super) last_use: Option<i64>,
+}
+
+pub(super) fn time(secs: i64, nanos: i64) -> Option<Timestamp> {
+    u32::try_from(nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .map(|n| Timestamp::from_unix(secs, n))
+}
+
+pub(super) fn optional_time(pair: (Option<i64>, Option<i64>)) -> Result<Option<Timestamp>, ()> {
+    match pair {
+        (None, None) => Ok(None),
+        (Some(s), Some(n)) => time(s, n).map(Some).ok_or(()),
+        _ => Err(()),
+    }
+}
+
+/// A row as a record; a row that does not decode is an error naming it.
+pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
+    let name = row.name;
+    let corrupt = |problem: &str| StoreError::Corrupt {
+        name: name.clone(),
+        problem: problem.to_owned(),
+    };
+    TokenName::parse(&name).map_err(|_| corrupt("not a token name"))?;
+    let previous = match row.previous {
+        (None, None, None) => None,
+        (Some(digest), s, n) => Some(PreviousSecret {
+            digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("previous_sha256 is not a digest"))?,
+            until: optional_time((s, n))
+                .ok()
+                .flatten()
+                .ok_or_else(|| corrupt("bad previous_until time"))?,
+        }),
+        _ => return Err(corrupt("bad previous_until time")),
+    };
+    Ok(TokenRecord {
+        role: Role::parse(&row.role).ok_or_else(|| corrupt("unknown role"))?,
+        digest: Digest::from_hex(&row.digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
+        create_time: time(row.create.0, row.create.1).ok_or_else(|| corrupt("bad create time"))?,
+        expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
+        retired: row.retired,
+        created_by: row.created_by,
+        previous,
+        last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        name: name.clone(),
+    })
+}
+
+pub(super) fn split(t: Option<Timestamp>) -> (Option<i64>, Option<u32>) {
+    (t.map(|t| t.unix_seconds()), t.map(|t| t.subsec_nanos()))
+}
+
+/// An audit event as read: its sequence number, then the columns of the
+/// `events` table.
+pub(super) struct EventRow {
+    pub(super) seq: i64,
+    pub(super) time: (i64, i64),
+    pub(super) action: String,
+    pub(super) token: Option<String>,
+    pub(super) actor: String,
+    pub(super) role: Option<String>,
+    pub(super) expire: (Option<i64>, Option<i64>),
+    pub(super) until: (Option<i64>, Option<i64>),
+    pub(super) client_address: Option<String>,
+    pub(super) count: Option<u32>,
+}
+
+/// An event row of `namespace` as an event; one that does not decode is an
+/// error naming it.
+pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, AuditEvent), StoreError> {
+    let seq = row.seq;
+    let corrupt = |problem: &str| StoreError::Corrupt {
+        name: format!("audit event {seq}"),
+        problem: problem.to_owned(),
+    };
+    let event = AuditEvent {
+        time: time(row.time.0, row.time.1).ok_or_else(|| corrupt("bad time"))?,
+        namespace: namespace.to_owned(),
+        action: Action::parse(&row.action).ok_or_else(|| corrupt("unknown action"))?,
+        token: row.token,
+        actor: row.actor,
+        role: row
+            .role
+            .as_deref()
+            .map(Role::parse)
+            .map(|r| r.ok_or_else(|| corrupt("unknown role")))
+            .transpose()?,
+        expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
+        previous_until: optional_time(row.until).map_err(|()| corrupt("bad previous_until time"))?,
+        client_address: row.client_address,
+        count: row.count,
+    };
+    Ok((u64::try_from(seq).unwrap_or(0), event))
+}
