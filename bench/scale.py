@@ -259,13 +259,15 @@ def write_times(cp, owner: str, tag: str) -> dict:
     return out
 
 
-def throughput(cp, owner: str, tag: str, port: int | None = None) -> dict:
+def throughput(cp, owner: str, tag: str, wait: bool = True) -> dict:
     """CLIENTS threads creating tokens for THROUGHPUT_S seconds, each on its
     own keep-alive connection: creates per second, and how many answers said
-    every connected Envoy applied the change."""
+    every connected Envoy applied the change. `wait=False`: the creates opt
+    out of waiting for the Envoys (`?waitForEnvoys=false`, for bulk jobs)."""
     import threading
 
-    port = port or cp.api_port
+    port = cp.api_port
+    path = cpl.tokens_path("bench") + ("" if wait else "?waitForEnvoys=false")
     stop = time.monotonic() + THROUGHPUT_S
     counts = [0] * CLIENTS
     applied = [0] * CLIENTS
@@ -276,7 +278,7 @@ def throughput(cp, owner: str, tag: str, port: int | None = None) -> dict:
         headers = {"Authorization": f"Bearer {owner}", "Content-Type": "application/json"}
         i = 0
         while time.monotonic() < stop:
-            conn.request("POST", cpl.tokens_path("bench"), body=json.dumps(create_body(f"{tag}{k}x{i}")),
+            conn.request("POST", path, body=json.dumps(create_body(f"{tag}{k}x{i}")),
                          headers=headers)
             r = conn.getresponse()
             r.read()
@@ -347,6 +349,10 @@ def revoke_each(pinned: "Pinned", kept: list, owner: str, planes: list, acked_by
 
 
 def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
+    """One size: first with the Envoy (its first push, memory, revocations,
+    create throughput waiting for it and not), then with no Envoy connected
+    (the control plane's own time per write and throughput). In that order,
+    so the first push carries exactly the imported tokens."""
     workdir = WORK / label_count(n)
     workdir.mkdir(parents=True, exist_ok=True)
     res: dict = {"tokens": n, "label": label_count(n)}
@@ -358,20 +364,6 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
     cp = cpl.ControlPlane(workdir, name="apitokens serve")
     owner = cp.bootstrap("bench", "owner")
 
-    # The control plane alone: its own time per write, and create throughput.
-    t0 = time.monotonic()
-    cp.start(*SERVE_ARGS)
-    res["cp_start_s"] = time.monotonic() - t0
-    try:
-        res.update(write_times(cp, owner, "w"))
-        res["throughput_no_envoy"] = throughput(cp, owner, "tn")
-    finally:
-        cp.stop()
-    c, d = sorted(res["create_ms"]), sorted(res["delete_ms"])
-    log(f"{label_count(n)}: no Envoy: create p50 {percentile(c, 50):.1f} p99 {percentile(c, 99):.1f} ms, "
-        f"delete p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms, "
-        f"{res['throughput_no_envoy']['per_s']:.0f} creates/s with {CLIENTS} clients")
-
     envoy, listen, admin, envoy_log = spawn_envoy(cp, workdir, envoy_bin)
     try:
         log(f"{label_count(n)}: Envoy ready after {wait_ready(envoy, admin, 30):.1f} s")
@@ -382,6 +374,7 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         t_start = time.monotonic()
         cp.start(*SERVE_ARGS)
         t_healthy = time.monotonic()
+        res["cp_start_s"] = t_healthy - t_start
         try:
             harness.poll(lambda: cp.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
         except TimeoutError:
@@ -396,16 +389,22 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         res["first_ack_after_healthy_s"] = t_ack - t_healthy
         res["envoy_status"] = {k: st.get(k) for k in ("ackedVersion", "lastNack", "connected")}
         harness.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
-                 "first push configured in every VM")
+                     "first push configured in every VM")
         time.sleep(1.0)
         res["rss_after_mb"] = rss_mb(envoy.pid)
         first = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0]
+        pushed = first[0]["tokens"]
         res["payload_bytes"] = first[0]["bytes"]
-        res["vm_bytes_per_token"] = max(x["vm_kib"] for x in first) * 1024 / n
-        res["pushed_tokens"] = first[0]["tokens"]
-        res["rss_per_token_vm_bytes"] = (res["rss_after_mb"] - res["rss_before_mb"]) * 1048576 / n / VMS
+        res["pushed_tokens"] = pushed
+        # The VM's linear memory grows with the table (and never shrinks):
+        # its growth over the deny-all default, per token.
+        base = max(x["vm_kib"] for x in accepted_lines(envoy_log) if x["tokens"] == 0)
+        res["vm_kib_default"] = base
+        res["vm_kib_first"] = max(x["vm_kib"] for x in first)
+        res["vm_bytes_per_token"] = (res["vm_kib_first"] - base) * 1024 / pushed
+        res["rss_per_token_vm_bytes"] = (res["rss_after_mb"] - res["rss_before_mb"]) * 1048576 / pushed / VMS
         log(f"{label_count(n)}: first ACK after {res['first_ack_s']:.2f} s, payload {res['payload_bytes']} B, "
-            f"RSS {res['rss_before_mb']:.1f} -> {res['rss_after_mb']:.1f} MB")
+            f"{pushed} tokens, RSS {res['rss_before_mb']:.1f} -> {res['rss_after_mb']:.1f} MB")
 
         pinned = Pinned(listen, admin, CONNS)
         log(f"{label_count(n)}: connections on workers {pinned.worker}")
@@ -414,12 +413,6 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
             raise RuntimeError(f"connections landed on workers {pinned.worker} only")
         delays, api_ms, ack_ms = revoke_each(pinned, store["kept"][:revocations], owner, [cp], cp)
         pinned.close()
-        # Create throughput with the Envoy connected: each create answers once
-        # the Envoy applied it.
-        res["throughput_envoy"] = throughput(cp, owner, "te")
-        log(f"{label_count(n)}: with Envoy: {res['throughput_envoy']['per_s']:.0f} creates/s with {CLIENTS} "
-            f"clients, {res['throughput_envoy']['applied_answers']} of {res['throughput_envoy']['creates']} "
-            "answers applied everywhere")
         time.sleep(0.5)  # log flush
         later = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0][len(first):]
         res.update(revocation_ms=delays, api_answer_ms=api_ms, delete_to_ack_ms=ack_ms,
@@ -429,7 +422,24 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         s = sorted(delays)
         log(f"{label_count(n)}: revocation p50 {percentile(s, 50):.1f} p99 {percentile(s, 99):.1f} "
             f"max {s[-1]:.1f} ms; API answer median {statistics.median(api_ms):.1f} ms")
+        # Create throughput with the Envoy connected: each create answers once
+        # the Envoy applied it; then the same opting out of the wait.
+        for key, tag, wait in (("throughput_envoy", "te", True), ("throughput_envoy_nowait", "tw", False)):
+            res[key] = throughput(cp, owner, tag, wait)
+            log(f"{label_count(n)}: with Envoy{'' if wait else ', not waiting'}: {res[key]['per_s']:.0f} "
+                f"creates/s with {CLIENTS} clients, {res[key]['applied_answers']} of {res[key]['creates']} "
+                "answers applied everywhere")
         res["final_rss_mb"] = rss_mb(envoy.pid)
+        envoy.stop()
+
+        # The control plane alone: its own time per write, and create throughput.
+        harness.poll(lambda: cp.status()["connectedEnvoys"] == 0, 30, "the Envoy's stream closed")
+        res.update(write_times(cp, owner, "w"))
+        res["throughput_no_envoy"] = throughput(cp, owner, "tn")
+        c, d = sorted(res["create_ms"]), sorted(res["delete_ms"])
+        log(f"{label_count(n)}: no Envoy: create p50 {percentile(c, 50):.1f} p99 {percentile(c, 99):.1f} ms, "
+            f"delete p50 {percentile(d, 50):.1f} p99 {percentile(d, 99):.1f} ms, "
+            f"{res['throughput_no_envoy']['per_s']:.0f} creates/s with {CLIENTS} clients")
     finally:
         envoy.stop()
         cp.stop()
@@ -531,36 +541,39 @@ def med_max(xs: list[float]) -> str:
 def markdown(results: list[dict], command: str) -> str:
     head = ("| tokens | payload bytes | import s | first push→ACK s | on_configure ms first (med/max) "
             "| on_configure ms later (med/max) | RSS before → after MB | RSS bytes/token/VM | VM memory bytes/token "
-            "| DELETE answer ms (med) | revocation ms p50 / p99 / max |")
-    lines = [head, "|" + "---|" * 11]
+            "| DELETE answer ms (med) | revocation ms p50 / p99 / max | DELETE sent → every worker refuses, ms p50 / p99 |")
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         if "first_ack_s" not in r:
-            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | | |")
+            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | | | |")
             continue
         d = sorted(r.get("revocation_ms", []))
         rev = f"{percentile(d, 50):.1f} / {percentile(d, 99):.1f} / {d[-1]:.1f}" if d else "-"
         api = f"{statistics.median(r['api_answer_ms']):.1f}" if r.get("api_answer_ms") else "-"
+        whole = sorted(a + b for a, b in zip(r.get("api_answer_ms", []), r.get("revocation_ms", [])))
+        sent = f"{percentile(whole, 50):.1f} / {percentile(whole, 99):.1f}" if whole else "-"
         lines.append(
             f"| {r['label']} | {r['payload_bytes']:,} | {r['import_s']:.1f} | {r['first_ack_s']:.2f} "
             f"| {med_max(r.get('on_configure_first_ms', []))} | {med_max(r.get('on_configure_later_ms', []))} "
             f"| {r['rss_before_mb']:.1f} → {r['rss_after_mb']:.1f} | {r['rss_per_token_vm_bytes']:.1f} "
             f"| {r.get('vm_bytes_per_token', float('nan')):.1f} "
-            f"| {api} | {rev} |")
+            f"| {api} | {rev} | {sent} |")
     lines += [
         "",
         "| tokens | write ms, no Envoy: create p50 / p99 | delete p50 / p99 | creates/s, 8 clients, no Envoy "
-        "| creates/s, 8 clients, waiting for Envoy's ACK |",
-        "|" + "---|" * 5,
+        "| creates/s, 8 clients, waiting for Envoy's ACK | creates/s, 8 clients, Envoy connected, `waitForEnvoys=false` |",
+        "|" + "---|" * 6,
     ]
     for r in results:
         if "create_ms" not in r:
             continue
         c, d = sorted(r["create_ms"]), sorted(r["delete_ms"])
         te = r.get("throughput_envoy", {}).get("per_s")
+        tw = r.get("throughput_envoy_nowait", {}).get("per_s")
         lines.append(
             f"| {r['label']} | {percentile(c, 50):.1f} / {percentile(c, 99):.1f} | {percentile(d, 50):.1f} / "
             f"{percentile(d, 99):.1f} | {r['throughput_no_envoy']['per_s']:.0f} | "
-            + (f"{te:.0f}" if te else "-") + " |")
+            + (f"{te:.0f}" if te else "-") + " | " + (f"{tw:.0f}" if tw else "-") + " |")
     notes = [
         "",
         f"Command: `{command}`. Envoy 1.40 `--concurrency {WORKERS}` ({VMS} VMs: {WORKERS} workers + main), "
@@ -569,8 +582,8 @@ def markdown(results: list[dict], command: str) -> str:
         "",
         "- RSS bytes/token/VM = (RSS_after − RSS_before) / N / (workers + 1); RSS = VmRSS of the Envoy process, "
         "before = deny-all default configured, after = first push configured in every VM (+1 s); it includes "
-        "Envoy's own copies of the resource. VM memory bytes/token = the filter's VM linear memory after the "
-        "first push (its log line) / N.",
+        "Envoy's own copies of the resource. VM memory bytes/token = the growth of the filter's VM linear memory "
+        "(its log line) from the deny-all default to the first push, / N; N = the tokens of the first push (the imported ones and the owner).",
         "- first push→ACK: from starting `apitokens serve` until /status shows Envoy's ackedVersion.",
         "- on_configure: the filter's `configuration accepted ... in X ms` line, one per VM per version "
         "(first push: the N-token version; later: every revocation).",
@@ -586,7 +599,9 @@ def markdown(results: list[dict], command: str) -> str:
         "with no Envoy connected: the control plane's own time per write (store commit, table edit, publish) "
         "plus a loopback round trip, measured by the client.",
         f"- creates/s: {CLIENTS} threads, each on its own keep-alive connection, creating tokens for "
-        f"{THROUGHPUT_S:.0f} s; with the Envoy connected every create waits for its ACK.",
+        f"{THROUGHPUT_S:.0f} s; with the Envoy connected every create waits for its ACK, unless it opts out "
+        "(`?waitForEnvoys=false`: then it answers once committed and handed to the push). The first table's "
+        "figures come before any of these creates.",
         "",
         "Targets: " + "; ".join(TARGETS) + ".",
     ]
@@ -604,7 +619,8 @@ def verdicts(results: list[dict]) -> list[str]:
                        + ("met" if p99 <= limit else "NOT met"))
     r = by.get(100000)
     if r and r.get("throughput_no_envoy"):
-        for key, what in (("throughput_no_envoy", "no Envoy"), ("throughput_envoy", "waiting for the Envoy")):
+        for key, what in (("throughput_no_envoy", "no Envoy"), ("throughput_envoy", "waiting for the Envoy"),
+                          ("throughput_envoy_nowait", "Envoy connected, not waiting")):
             if key in r:
                 v = r[key]["per_s"]
                 out.append(f"creates/s at 100k, {what}: {v:.0f} (target >= 500): " + ("met" if v >= 500 else "NOT met"))
