@@ -80,10 +80,15 @@ async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions)
     f
 }
 
-async fn fixture() -> Fixture {
-    let dir = TempDir::new("api");
+/// On a fresh SQLite file in a directory named after `name`.
+async fn fixture_on_sqlite(name: &str, opts: ServiceOptions) -> Fixture {
+    let dir = TempDir::new(name);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
-    fixture_with(store, dir, ServiceOptions::default()).await
+    fixture_with(store, dir, opts).await
+}
+
+async fn fixture() -> Fixture {
+    fixture_on_sqlite("api", ServiceOptions::default()).await
 }
 
 struct Answer {
@@ -632,11 +637,8 @@ async fn healthz_and_status() {
 
 #[tokio::test]
 async fn a_write_waits_for_every_stream_and_says_which_did_not_apply() {
-    let dir = TempDir::new("api-wait");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
-    let f = fixture_with(
-        store,
-        dir,
+    let f = fixture_on_sqlite(
+        "api-wait",
         ServiceOptions {
             apply_timeout: Duration::from_millis(300),
             ..ServiceOptions::default()
@@ -709,11 +711,8 @@ async fn a_write_waits_for_every_stream_and_says_which_did_not_apply() {
 
 #[tokio::test]
 async fn the_namespace_quota_answers_429() {
-    let dir = TempDir::new("api-quota");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("api.db")).unwrap());
-    let f = fixture_with(
-        store,
-        dir,
+    let f = fixture_on_sqlite(
+        "api-quota",
         ServiceOptions {
             quota: Some(3),
             ..ServiceOptions::default()

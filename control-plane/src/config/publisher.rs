@@ -387,37 +387,17 @@ fn snapshot(version: Version, table: &LiveTable, api_settings: &PluginConfig) ->
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::contract::{record, test_event};
     use crate::store::SqliteStore;
     use crate::testutil::TempDir;
     use apitokens_core::table::Digest;
     use apitokens_core::Role;
 
-    fn test_event() -> crate::store::AuditEvent {
-        crate::store::AuditEvent {
-            time: clock::now(),
-            namespace: "a".into(),
-            action: crate::store::Action::Delete,
-            token: None,
-            actor: "test".into(),
-            role: None,
-            expire_time: None,
-            previous_until: None,
-            client_address: None,
-            count: None,
-        }
-    }
-
+    /// A token with this expiry (the store contract's record otherwise).
     fn rec(name: &str, byte: u8, expire: Option<Timestamp>) -> TokenRecord {
         TokenRecord {
-            name: name.into(),
-            role: Role::Owner,
-            digest: Digest([byte; 32]),
-            create_time: clock::now_seconds(),
             expire_time: expire,
-            retired: false,
-            created_by: None,
-            previous: None,
-            last_use: None,
+            ..record(name, Role::Owner, byte)
         }
     }
 

@@ -10,3 +10,9 @@ pub mod resource;
 pub mod server;
 mod sotw;
 pub mod usage;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// The future of the hand-written tonic services (`server`, `usage`).
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -6,12 +6,11 @@
 use super::acks::{StreamId, Tracker};
 use super::resource::{EcdsResource, Frame};
 use super::sotw::{Event, Respond, Session};
+use super::BoxFuture;
 use crate::config::{Publisher, Snapshot};
 use bytes::BufMut;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, watch};
@@ -102,8 +101,6 @@ impl EcdsServer {
 impl NamedService for EcdsServer {
     const NAME: &'static str = SERVICE;
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 impl Service<http::Request<Body>> for EcdsServer {
     type Response = http::Response<Body>;

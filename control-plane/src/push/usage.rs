@@ -3,11 +3,10 @@
 //! connection trust as ECDS (mutual TLS when configured), never through the
 //! public listener. The token service turns them into last-use times.
 
+use super::BoxFuture;
 use crate::tokens::Service;
 use apitokens_core::usage::{METHOD, SERVICE};
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
@@ -43,8 +42,6 @@ impl NamedService for UsageServer {
     const NAME: &'static str = SERVICE;
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 struct Report(Arc<Service>);
 
 impl UnaryService<UsageReport> for Report {
@@ -73,7 +70,7 @@ impl TowerService<http::Request<Body>> for UsageServer {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let service = Arc::clone(&self.service);
         let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
-        if method == Some(&format!("/{METHOD}")) {
+        if method.and_then(|m| m.strip_prefix('/')) == Some(METHOD) {
             Box::pin(async move {
                 let mut grpc = Grpc::new(tonic_prost::ProstCodec::<UsageReply, UsageReport>::default())
                     // A report carries at most 16k digests (512 KiB).
