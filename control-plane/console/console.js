@@ -500,6 +500,9 @@
   }
 
   function secretClosed() {
+    // A late close event (queued behind input) must not wipe a secret shown
+    // since: only a dialog that is still closed is cleaned up.
+    if ($("secret-dialog").open) return;
     // Gone from the page once the dialog is closed, however it was closed.
     forgetSecret();
     setText("secret-name", "");
@@ -615,7 +618,10 @@
     $("confirm-cancel").addEventListener("click", () => $("confirm-dialog").close());
     $("confirm-ok").addEventListener("click", confirmed);
     $("confirm-dialog").addEventListener("close", () => {
-      pending = null;
+      // The close event is queued, and the browser runs input first: a quick
+      // Escape, Enter can reopen the dialog before this runs. Forget the
+      // action only if the dialog is still closed, not the new one's.
+      if (!$("confirm-dialog").open) pending = null;
     });
     showSignIn("", "");
   }

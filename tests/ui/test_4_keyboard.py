@@ -98,3 +98,27 @@ def test_keyboard_only(console, namespace):
     kb.press("Enter")
     expect(page.get_by_role("status")).to_have_text("Token “by-keyboard” was revoked: its secret no longer works.")
     assert request(console.envoy.port, "GET", tokens_path(ns, "by-keyboard"), owner).status == 404
+
+
+def test_a_confirmation_reopened_at_once_still_acts(console, namespace):
+    """A quick hand (or a keyboard: Escape, Enter, Tab, Enter) closes the
+    confirmation and opens it again before the browser has delivered the
+    first close's event; confirming the second one must still revoke."""
+    page = console.page
+    ns, owner = namespace("reopen")
+    console.sign_in(ns, owner)
+    console.create("quick", "viewer")
+    reopened = page.evaluate("""async () => {
+        const dialog = document.getElementById("confirm-dialog");
+        const revoke = document.querySelector('#tokens-body button[aria-label="Revoke quick"]');
+        revoke.click();
+        const closed = new Promise((r) => dialog.addEventListener("close", r, { once: true }));
+        dialog.close();  // its close event is queued, not fired yet
+        revoke.click();  // open again at once
+        await closed;    // the first close's event arrives while the second is open
+        document.getElementById("confirm-ok").click();
+        return dialog.open;
+    }""")
+    assert reopened, "the second confirmation was still open when confirmed"
+    expect(page.get_by_role("status")).to_have_text("Token “quick” was revoked: its secret no longer works.")
+    assert request(console.envoy.port, "GET", tokens_path(ns, "quick"), owner).status == 404
