@@ -63,6 +63,12 @@ def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
     assert [p.proc.pid for p in replicas] == pids and all(p.proc.poll() is None for p in replicas)
     for plane in replicas:
         poll(lambda: plane.status()["publishError"] is None, 10, f"{plane.name} caught up")
+        # The outage is logged when it starts (and when its error changes)
+        # and when it ends, not at every poll (every 200 ms here).
+        log = plane.log_text()
+        failures = log.count("could not publish the store's changes")
+        assert 1 <= failures <= 3, f"{plane.name} logged {failures} publish failures in a {DOWN_SECONDS:.0f} s outage"
+        assert "the store's changes are published again" in log, plane.name
     # Read-your-writes across replicas again, nobody restarted.
     r = create(r1.api_port, owner, "pg-after", "editor")
     assert r.headers["x-apitokens-applied"] == "true" and r.headers["x-apitokens-envoys"] == "3/3", r.headers

@@ -294,6 +294,9 @@ impl Publisher {
     /// it at once; the poll stays, for notifications lost in a reconnection.
     pub async fn run(self: Arc<Self>, poll: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut feed = self.store.change_feed();
+        // During an outage every poll fails the same way: the log says so
+        // when it starts, when the error changes, and when it ends.
+        let mut failing: Option<String> = None;
         loop {
             let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
             let wait = due.map_or(poll, |t| clock::until(t, clock::now()).min(poll));
@@ -303,8 +306,21 @@ impl Publisher {
                 _ = shutdown.changed() => return,
             }
             self.retire_due().await;
-            if let Err(e) = self.refresh().await {
-                tracing::error!("could not publish the store's changes (retrying on the next write or poll): {e}");
+            match self.refresh().await {
+                Ok(()) => {
+                    if failing.take().is_some() {
+                        tracing::info!("the store's changes are published again");
+                    }
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    if failing.as_deref() != Some(error.as_str()) {
+                        tracing::error!(
+                            "could not publish the store's changes (retrying on every write and poll, logged again when this changes): {error}"
+                        );
+                        failing = Some(error);
+                    }
+                }
             }
         }
     }
