@@ -56,6 +56,11 @@ const MIGRATION_LOCK: i64 = 0x6170_6974_6f6b_656e;
 pub(crate) const CHANGES_CHANNEL: &str = "apitokens_changes";
 pub(crate) const ENVOYS_CHANNEL: &str = "apitokens_envoys";
 
+/// The longest a statement may run unless the URL says otherwise: far above
+/// any request's statements (milliseconds) and an import of 100k tokens in
+/// one statement (about a second), far below "forever".
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connections per process: writes serialise on the state row anyway, and
 /// reads are short.
 const POOL_SIZE: usize = 8;
@@ -177,9 +182,24 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsParams), String> {
         config.connect_timeout(Duration::from_secs(5));
     }
     config.application_name("apitokens");
-    // A dead peer (a failed-over server) is noticed within seconds, not
-    // after the kernel's two hours.
+    // A dead peer (a failed-over server, a cut network) is noticed within
+    // seconds, not after the kernel's two hours of keepalive or its quarter
+    // of an hour of retransmissions: idle 10 s + 3 probes 5 s apart, and
+    // unacknowledged data gives up after 30 s.
     config.keepalives_idle(Duration::from_secs(10));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    config.tcp_user_timeout(Duration::from_secs(30));
+    // A database that is up but does not answer (a lock held by somebody's
+    // session, an overloaded server) holds a request for at most this long,
+    // then the request answers 503; the server rolls the statement back, so
+    // nothing half-done is left. Set in the URL to change it
+    // (`options=-c%20statement_timeout%3D60s`, 0 for none).
+    let options = config.get_options().unwrap_or_default();
+    if !options.contains("statement_timeout") {
+        let joined = format!("{options} -c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+        config.options(joined.trim_start());
+    }
     Ok((config, tls))
 }
 
@@ -1145,6 +1165,67 @@ mod tests {
             out.push(Arc::new(PostgresStore::connect(url).await.unwrap()));
         }
         out
+    }
+
+    #[test]
+    fn a_statement_timeout_unless_the_url_sets_one() {
+        let (config, _) = parse_url("postgres://u@h/d").unwrap();
+        assert_eq!(config.get_options(), Some("-c statement_timeout=30000"));
+        let (config, _) = parse_url("postgres://u@h/d?options=-csearch_path%3Dx").unwrap();
+        assert_eq!(config.get_options(), Some("-csearch_path=x -c statement_timeout=30000"));
+        let (config, _) = parse_url("postgres://u@h/d?options=-c%20statement_timeout%3D0").unwrap();
+        assert_eq!(config.get_options(), Some("-c statement_timeout=0"));
+    }
+
+    /// Somebody's session holds the state row (a stuck migration, a manual
+    /// `SELECT ... FOR UPDATE`): a write gives up after the statement
+    /// timeout with an error the API answers 503, the server rolls it back,
+    /// and once the row is free the store writes again.
+    #[tokio::test]
+    async fn a_write_blocked_by_a_lock_gives_up_and_leaves_nothing() {
+        let Some(url) = test_url().await else { return };
+        let default = PostgresStore::connect(&url).await.unwrap();
+        let row = default
+            .conn()
+            .await
+            .unwrap()
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "30s");
+        let store = PostgresStore::connect(&format!("{url}%20-c%20statement_timeout%3D300"))
+            .await
+            .unwrap();
+        let before = store.revision().await.unwrap();
+        let mut holder = store.conn().await.unwrap();
+        let held = holder.transaction().await.unwrap();
+        held.execute("SELECT revision FROM store_state WHERE id = 1 FOR UPDATE", &[])
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let name = "namespaces/default/apitokens/blocked";
+        let write = store.insert(vec![record(name, Role::Owner, 1)], None, vec![]);
+        let err = tokio::time::timeout(Duration::from_secs(10), write)
+            .await
+            .expect("the write gave up")
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Unavailable(why) if why.contains("57014")),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        held.rollback().await.unwrap();
+        assert_eq!(store.get(name).await.unwrap(), None);
+        assert_eq!(store.revision().await.unwrap(), before);
+        let after = store
+            .insert(vec![record(name, Role::Owner, 2)], None, vec![])
+            .await
+            .unwrap();
+        assert!(after > before);
     }
 
     #[tokio::test]
