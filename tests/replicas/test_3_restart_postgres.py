@@ -63,11 +63,13 @@ def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
     assert [p.proc.pid for p in replicas] == pids and all(p.proc.poll() is None for p in replicas)
     for plane in replicas:
         poll(lambda: plane.status()["publishError"] is None, 10, f"{plane.name} caught up")
-        # The outage is logged when it starts (and when its error changes)
-        # and when it ends, not at every poll (every 200 ms here).
+        # The outage is logged when it starts, when its error changes and when
+        # it ends, not at every poll (about 11 in the outage at 200 ms). Runs
+        # show 2 errors (refused, then "starting up" or "not yet accepting
+        # connections"); a termination or shutdown message may come first.
         log = plane.log_text()
         failures = log.count("could not publish the store's changes")
-        assert 1 <= failures <= 3, f"{plane.name} logged {failures} publish failures in a {DOWN_SECONDS:.0f} s outage"
+        assert 1 <= failures <= 5, f"{plane.name} logged {failures} publish failures in a {DOWN_SECONDS:.0f} s outage"
         assert "the store's changes are published again" in log, plane.name
     # Read-your-writes across replicas again, nobody restarted.
     r = create(r1.api_port, owner, "pg-after", "editor")
