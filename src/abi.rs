@@ -75,6 +75,20 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     fn proxy_grpc_call(
         upstream_data: *const u8,
         upstream_size: usize,
@@ -269,6 +283,29 @@ pub fn grpc_call(
         )
     })?;
     Ok(token)
+}
+
+/// A value of the shared data every VM of this `vm_id` in the Envoy process
+/// sees (Envoy's validation VM included), with its CAS token; `None` if the
+/// key was never set.
+pub fn shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Failed> {
+    let mut data = null_mut();
+    let mut len = 0usize;
+    let mut cas = 0u32;
+    // SAFETY: the key is a live string; out-pointers are valid; the host
+    // allocates the returned buffer.
+    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut len, &mut cas) };
+    match status {
+        OK => Ok(Some((unsafe { host_buffer(data, len) }, cas))),
+        NOT_FOUND => Ok(None),
+        other => Err(Failed(other)),
+    }
+}
+
+/// Sets a shared data value if it is still at `cas` (0: unconditionally).
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Failed> {
+    // SAFETY: key and value are live slices.
+    check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), Failed> {

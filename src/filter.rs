@@ -17,10 +17,22 @@
 //! previous root context are decided by the newest configuration. JSON
 //! configurations (static files, Istio) are never superseded this way: two
 //! listeners may share a VM with different ones.
+//!
+//! No configuration moves an Envoy backwards (`compact::arrival`): one older
+//! than the newest of its lineage that this VM enforces is not applied (the
+//! new root context shares the newer table), and Envoy's validation VM (a
+//! fresh VM that configures once) refuses it against the floor every VM of
+//! this Envoy raises in shared data, so Envoy NACKs it. Only a fresh VM
+//! consults the floor: a worker applies updates some moments after the main
+//! thread (they are posted to it), so the floor is often ahead of it, and a
+//! worker whose `on_configure` fails is left failed by Envoy. Envoy skips its
+//! validation for exact bytes it validated before; the VMs that serve
+//! requests then keep their newer table all the same.
 
 use crate::abi::{self, Level};
 use crate::pairs::{self, Pairs};
 use crate::usage;
+use apitokens_core::compact::{Arrival, Stamp};
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
@@ -115,6 +127,8 @@ struct RootEntry {
     /// compact encoding: a later compact configuration with the same ones
     /// supersedes it.
     lineage: Option<Vec<u8>>,
+    /// Where `active`'s table stands in its store's history (compact only).
+    stamp: Option<Stamp>,
 }
 
 thread_local! {
@@ -128,6 +142,8 @@ thread_local! {
     static PENDING: RefCell<[i64; Counter::ALL.len()]> = const { RefCell::new([0; Counter::ALL.len()]) };
     /// The host's log level as last read.
     static LOG_LEVEL: Cell<Level> = const { Cell::new(Level::Info) };
+    /// `on_configure` ran in this VM before (see the module comment).
+    static CONFIGURED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn define_metrics() {
@@ -199,14 +215,102 @@ fn lineage(head: &[u8]) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// The shared data key of a lineage's floor: the newest stamp any VM of
+/// this Envoy applied (per plugin name and lineage).
+fn floor_key(lineage: &[u8]) -> String {
+    let mut key = String::with_capacity(16 + 2 * lineage.len());
+    key.push_str("apitokens.floor.");
+    for b in lineage {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+fn floor(lineage: &[u8]) -> Option<Stamp> {
+    let (value, _) = abi::shared_data(&floor_key(lineage)).ok()??;
+    Stamp::from_bytes(&value)
+}
+
+/// Raises the floor to `stamp` (never lowers it; CAS against other VMs).
+fn raise_floor(lineage: &[u8], stamp: Stamp) {
+    let key = floor_key(lineage);
+    for _ in 0..8 {
+        let (current, cas) = match abi::shared_data(&key) {
+            Ok(Some((value, cas))) => (Stamp::from_bytes(&value), cas),
+            Ok(None) => (None, 0),
+            Err(_) => return,
+        };
+        if current.is_some_and(|c| c >= stamp) || abi::set_shared_data(&key, &stamp.to_bytes(), cas).is_ok() {
+            return;
+        }
+    }
+}
+
+/// The newest configuration of `lineage` this VM enforces (other than
+/// `root`'s), with its stamp.
+fn newest_here(lineage: &[u8], root: u32) -> Option<(Stamp, Rc<Active>)> {
+    ROOTS.with(|r| {
+        r.borrow()
+            .iter()
+            .filter(|(id, entry)| **id != root && entry.lineage.as_deref() == Some(lineage))
+            .filter_map(|(_, entry)| Some((entry.stamp?, Rc::clone(&entry.active))))
+            .max_by_key(|(stamp, _)| *stamp)
+    })
+}
+
 fn configure(root: u32, size: usize) -> bool {
     let started = abi::now_nanos().unwrap_or(0);
     define_metrics();
     refresh_log_level();
     let _ = abi::set_tick_period_ms(TICK_MS);
-    let head = abi::plugin_configuration(compact::GENERATION_END).unwrap_or_default();
+    let head = abi::plugin_configuration(compact::STAMP_END).unwrap_or_default();
     let lineage = lineage(&head);
-    let generation = compact::generation(&head);
+    let stamp = compact::stamp(&head);
+    let fresh = !CONFIGURED.with(|c| c.replace(true));
+    // Never backwards (see the module comment): decided before anything is
+    // dropped or read.
+    if let (Some(key), Some(incoming)) = (&lineage, stamp) {
+        let here = newest_here(key, root);
+        let floor = if fresh { floor(key) } else { None };
+        match compact::arrival(incoming, here.as_ref().map(|(s, _)| *s), floor) {
+            Arrival::Apply => {}
+            Arrival::KeepNewer => {
+                if let Some((kept, active)) = here {
+                    log(
+                        Level::Warn,
+                        format_args!(
+                            "configuration {} is older than {}, which this VM enforces: kept the newer one \
+                             (a control plane serving an older copy of the token store?)",
+                            At(incoming),
+                            At(kept)
+                        ),
+                    );
+                    ROOTS.with(|r| {
+                        r.borrow_mut().insert(
+                            root,
+                            RootEntry {
+                                active,
+                                lineage,
+                                stamp: Some(kept),
+                            },
+                        )
+                    });
+                    return true;
+                }
+            }
+            Arrival::Refuse => {
+                log(
+                    Level::Error,
+                    format_args!(
+                        "configuration rejected: {} is older than the configuration this Envoy enforces \
+                         (a control plane serving an older copy of the token store?)",
+                        At(incoming)
+                    ),
+                );
+                return false;
+            }
+        }
+    }
     // Drop the tables this configuration supersedes before reading it (see
     // the module comment); if it were refused, those roots refuse everything.
     let superseded: Vec<u32> = ROOTS.with(|r| {
@@ -254,18 +358,22 @@ fn configure(root: u32, size: usize) -> bool {
                     elapsed / 1_000_000,
                     elapsed / 1_000 % 1_000,
                     vm_memory_kib(),
-                    Generation(generation)
+                    Generation(stamp)
                 ),
             );
             let active = Rc::new(Active::new(config, compact::lineage(&head).unwrap_or_default()));
+            if let (Some(key), Some(stamp)) = (&lineage, stamp) {
+                raise_floor(key, stamp);
+            }
             ROOTS.with(|r| {
                 let mut roots = r.borrow_mut();
                 for id in &superseded {
                     if let Some(entry) = roots.get_mut(id) {
                         entry.active = Rc::clone(&active);
+                        entry.stamp = stamp;
                     }
                 }
-                roots.insert(root, RootEntry { active, lineage });
+                roots.insert(root, RootEntry { active, lineage, stamp });
             });
             true
         }
@@ -277,15 +385,24 @@ fn configure(root: u32, size: usize) -> bool {
     }
 }
 
-/// `, version N` for a compact configuration from the control plane.
-struct Generation(Option<u64>);
+/// `, version N (epoch E)` for a compact configuration from the control plane.
+struct Generation(Option<Stamp>);
 
 impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Some(n) => write!(f, ", version {n}"),
+            Some(s) => write!(f, ", {}", At(s)),
             None => Ok(()),
         }
+    }
+}
+
+/// `version N (epoch E)`.
+struct At(Stamp);
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "version {} (epoch {})", self.0.generation, self.0.epoch)
     }
 }
 

@@ -16,7 +16,10 @@
 //! A replica whose heartbeat is older than the timeout (killed, or cut off
 //! from the database) is shown as not live, and no write waits for its
 //! Envoys any more: they reconnect to another replica, where they count
-//! again. After a database outage every heartbeat is old: for one timeout
+//! again. A replica that has not reached the database for the timeout
+//! knows it is such a replica ([`Coordinator::liveness`]): it stops serving
+//! xDS (streams closed, port closed), so that its Envoys move to a live
+//! replica instead of waiting on one that cannot see the writes. After a database outage every heartbeat is old: for one timeout
 //! after it is back, a replica still counts the others that were alive when
 //! it last reached the database (their heartbeats were at most a timeout
 //! older than its own last one), so nobody alive is dropped by mistake and
@@ -26,7 +29,7 @@
 
 use crate::config::Version;
 use crate::push::acks::{EnvoyStatus, RemoteStream, ReplicaStatus, Tracker};
-use crate::store::{PostgresStore, StoreError, ENVOYS_CHANNEL};
+use crate::store::{Epoch, PostgresStore, Revision, StoreError, ENVOYS_CHANNEL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +53,8 @@ pub struct Coordinator {
     id: String,
     name: String,
     timeout: Duration,
+    /// The database answered a heartbeat within the timeout.
+    live: watch::Sender<bool>,
 }
 
 /// A stream as written: acked, nacked (version, error), the status as JSON.
@@ -68,6 +73,8 @@ struct Shared {
     /// During an outage and for a timeout after it: `last_beat` when the
     /// outage began (see the module's notes).
     outage_from: Option<f64>,
+    /// The last heartbeat the database answered.
+    last_ok: Option<Instant>,
 }
 
 fn unavailable(e: tokio_postgres::Error) -> StoreError {
@@ -94,6 +101,7 @@ impl Coordinator {
             id,
             name: opts.name,
             timeout: opts.timeout.max(Duration::from_millis(200)),
+            live: watch::channel(true).0,
         };
         this.register().await?;
         this.acks.set_replica(&this.name);
@@ -115,8 +123,16 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Whether this replica reached the database within the timeout: while
+    /// false, it serves no xDS (see the module's notes).
+    pub fn liveness(&self) -> watch::Receiver<bool> {
+        self.live.subscribe()
+    }
+
     /// Heartbeats, shares this replica's streams and reads the others' until
-    /// `shutdown`; then leaves (its Envoys are no longer waited for).
+    /// `shutdown`; then leaves (its Envoys are no longer waited for). Every
+    /// database call is bounded by half the timeout: a database behind a
+    /// frozen network (sockets open, nothing answers) is noticed in time.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut local = self.acks.subscribe_local();
         let mut remote = self.store.envoy_feed();
@@ -125,18 +141,31 @@ impl Coordinator {
         let mut shared = Shared {
             dirty: true,
             ok_since: Some(Instant::now()),
+            last_ok: Some(Instant::now()),
             ..Shared::default()
         };
+        let bound = self.timeout / 2;
         loop {
             tokio::select! {
-                _ = local.changed() => self.publish(&mut shared).await,
-                () = crate::store::notified(&mut remote) => self.refresh(&shared).await,
+                _ = local.changed() => {
+                    let _ = tokio::time::timeout(bound, self.publish(&mut shared)).await;
+                }
+                () = crate::store::notified(&mut remote) => {
+                    let _ = tokio::time::timeout(bound, self.refresh(&shared)).await;
+                }
                 _ = tick.tick() => {
-                    self.heartbeat(&mut shared).await;
-                    if shared.dirty {
-                        self.publish(&mut shared).await;
+                    if tokio::time::timeout(bound, self.heartbeat(&mut shared)).await.is_err() {
+                        self.heartbeat_failed(&mut shared, &StoreError::Unavailable("no answer in time".to_owned()));
                     }
-                    self.refresh(&shared).await;
+                    self.check_liveness(&shared);
+                    if shared.ok_since.is_none() {
+                        // Unreachable: the next heartbeat tries again.
+                        continue;
+                    }
+                    if shared.dirty {
+                        let _ = tokio::time::timeout(bound, self.publish(&mut shared)).await;
+                    }
+                    let _ = tokio::time::timeout(bound, self.refresh(&shared)).await;
                 }
                 stop = shutdown.changed() => if stop.is_err() || *shutdown.borrow() { break },
             }
@@ -147,6 +176,34 @@ impl Coordinator {
                 self.name
             );
         }
+    }
+
+    fn check_liveness(&self, shared: &Shared) {
+        let live = shared.last_ok.is_some_and(|t| t.elapsed() < self.timeout);
+        if self.live.send_if_modified(|was| std::mem::replace(was, live) != live) {
+            if live {
+                tracing::info!("replica {}: the database answers: serving xDS again", self.name);
+            } else {
+                tracing::warn!(
+                    "replica {}: no answer from the database for {} ms: xDS stops (its Envoys move to a live replica)",
+                    self.name,
+                    self.timeout.as_millis()
+                );
+            }
+        }
+    }
+
+    fn heartbeat_failed(&self, shared: &mut Shared, e: &StoreError) {
+        if shared.outage_from.is_none() {
+            shared.outage_from = shared.last_beat;
+        }
+        if shared.ok_since.take().is_some() {
+            tracing::warn!(
+                "replica {}: heartbeat failed (the Envoys keep their configuration): {e}",
+                self.name
+            );
+        }
+        shared.dirty = true;
     }
 
     async fn heartbeat(&self, shared: &mut Shared) {
@@ -176,6 +233,7 @@ impl Coordinator {
         .await;
         match result {
             Ok(beat) => {
+                shared.last_ok = Some(Instant::now());
                 if beat.is_some() {
                     shared.last_beat = beat;
                 }
@@ -197,18 +255,7 @@ impl Coordinator {
                     shared.dirty = true;
                 }
             }
-            Err(e) => {
-                if shared.outage_from.is_none() {
-                    shared.outage_from = shared.last_beat;
-                }
-                if shared.ok_since.take().is_some() {
-                    tracing::warn!(
-                        "replica {}: heartbeat failed (the Envoys keep their configuration): {e}",
-                        self.name
-                    );
-                }
-                shared.dirty = true;
-            }
+            Err(e) => self.heartbeat_failed(shared, &e),
         }
     }
 
@@ -267,19 +314,22 @@ impl Coordinator {
                 changed
             };
             for (stream, (acked, nacked, json)) in all {
-                let version = |v: Version| i64::try_from(v.0).unwrap_or(i64::MAX);
+                let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
                 tx.execute(
-                    "INSERT INTO envoy_streams (replica_id, stream, acked_version, nacked_version, nack_error, status)
-                     VALUES ($1, $2, $3, $4, $5, $6::text::jsonb)
+                    "INSERT INTO envoy_streams (replica_id, stream, acked_version, nacked_version, nack_error, status,
+                                                acked_epoch, nacked_epoch)
+                     VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8)
                      ON CONFLICT (replica_id, stream) DO UPDATE SET acked_version = $3, nacked_version = $4,
-                         nack_error = $5, status = $6::text::jsonb",
+                         nack_error = $5, status = $6::text::jsonb, acked_epoch = $7, nacked_epoch = $8",
                     &[
                         &self.id,
                         &i64::try_from(*stream).unwrap_or(i64::MAX),
-                        &acked.map(version),
-                        &nacked.as_ref().map(|(v, _)| version(*v)),
+                        &acked.map(|v| number(v.revision.0)),
+                        &nacked.as_ref().map(|(v, _)| number(v.revision.0)),
                         &nacked.as_ref().map(|(_, e)| e.as_str()),
                         json,
+                        &acked.map(|v| number(v.epoch.0)),
+                        &nacked.as_ref().map(|(v, _)| number(v.epoch.0)),
                     ],
                 )
                 .await
@@ -313,7 +363,7 @@ impl Coordinator {
             conn.query(
                 "SELECT r.id, r.name, (extract(epoch FROM now() - r.heartbeat_at) * 1000)::bigint,
                         s.acked_version, s.nacked_version, s.nack_error, s.status::text,
-                        extract(epoch FROM r.heartbeat_at)::float8
+                        extract(epoch FROM r.heartbeat_at)::float8, s.acked_epoch, s.nacked_epoch
                  FROM replicas r LEFT JOIN envoy_streams s ON s.replica_id = r.id
                  ORDER BY r.name, r.id, s.stream",
                 &[],
@@ -368,8 +418,19 @@ impl Coordinator {
                 continue;
             };
             status.replica = Some(name);
-            let version = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).map(Version);
-            let nacked = version(row.try_get(4).unwrap_or(None)).map(|v| {
+            let version = |epoch: usize, revision: usize| {
+                let number = |at: usize| {
+                    row.try_get::<_, Option<i64>>(at)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| u64::try_from(v).ok())
+                };
+                Some(Version::new(
+                    Epoch(number(epoch).unwrap_or(0)),
+                    Revision(number(revision)?),
+                ))
+            };
+            let nacked = version(9, 4).map(|v| {
                 (
                     v,
                     row.try_get::<_, Option<String>>(5).ok().flatten().unwrap_or_default(),
@@ -377,7 +438,7 @@ impl Coordinator {
             });
             streams.push(RemoteStream {
                 live,
-                acked: version(row.try_get(3).unwrap_or(None)),
+                acked: version(8, 3),
                 nacked,
                 status,
             });

@@ -95,9 +95,14 @@ fn compact_encoding_decides_like_json() {
     assert!(compact::is_compact(&bytes));
     assert_eq!(compact::lineage(&bytes[..compact::LINEAGE_END]), Some(&LINEAGE[..]));
     let mut stamped = bytes.clone();
-    compact::set_generation(&mut stamped, 42);
-    assert_eq!(compact::generation(&stamped[..compact::GENERATION_END]), Some(42));
-    assert_eq!(compact::generation(&bytes), Some(0));
+    let stamp = compact::Stamp {
+        epoch: 1_733_500_000_000,
+        generation: 42,
+    };
+    compact::set_stamp(&mut stamped, stamp);
+    assert_eq!(compact::stamp(&stamped[..compact::STAMP_END]), Some(stamp));
+    assert_eq!(compact::stamp(&bytes), Some(compact::Stamp::default()));
+    assert!(Config::from_plugin_configuration(stamped).is_ok());
     let from_compact = Config::from_plugin_configuration(bytes).unwrap();
     let from_json = Config::from_plugin_configuration(json.into_bytes()).unwrap();
     assert_eq!(from_compact.token_count(), from_json.token_count());
@@ -195,7 +200,7 @@ fn compact_tables_are_validated_like_json() {
         ..PluginConfig::default()
     };
     let good = compact::encode(&spec, &LINEAGE).unwrap();
-    let at = compact::GENERATION_END;
+    let at = compact::STAMP_END;
     let settings_len = u32::from_le_bytes(good[at..at + 4].try_into().unwrap()) as usize;
     let table = at + 4 + settings_len;
     let entry = |i: usize| table + 4 + i * 52;
@@ -243,9 +248,52 @@ fn compact_tables_are_validated_like_json() {
     assert!(Config::from_plugin_configuration(latest).is_ok());
 
     let mut version = good.clone();
-    version[4] = 3;
+    version[4] = 4;
     assert!(Config::from_plugin_configuration(version)
         .unwrap_err()
         .problem
         .contains("version"));
+}
+
+#[test]
+fn version_2_headers_are_read_with_epoch_0() {
+    let spec = PluginConfig {
+        tokens: specs(2),
+        ..PluginConfig::default()
+    };
+    let v3 = compact::encode(&spec, &LINEAGE).unwrap();
+    // Version 2: the same header without the epoch (the generation follows
+    // the lineage directly).
+    let mut v2 = v3[..compact::LINEAGE_END].to_vec();
+    v2[4] = 2;
+    v2.extend_from_slice(&9u64.to_le_bytes());
+    v2.extend_from_slice(&v3[compact::STAMP_END..]);
+    assert_eq!(
+        compact::stamp(&v2),
+        Some(compact::Stamp {
+            epoch: 0,
+            generation: 9
+        })
+    );
+    assert_eq!(compact::lineage(&v2), Some(&LINEAGE[..]));
+    assert_eq!(Config::from_plugin_configuration(v2).unwrap().token_count(), 2);
+}
+
+#[test]
+fn no_vm_ever_moves_to_an_older_table() {
+    use compact::{arrival, Arrival, Stamp};
+    let at = |epoch, generation| Stamp { epoch, generation };
+    // A first table, or one at least as new as everything seen: applied.
+    assert_eq!(arrival(at(1, 5), None, None), Arrival::Apply);
+    assert_eq!(arrival(at(1, 5), Some(at(1, 5)), Some(at(1, 5))), Arrival::Apply);
+    assert_eq!(arrival(at(1, 6), Some(at(1, 5)), None), Arrival::Apply);
+    // A later epoch wins whatever its generation (a store restored, then
+    // accepted by an operator: its revisions start lower).
+    assert_eq!(arrival(at(2, 1), Some(at(1, 900)), Some(at(1, 900))), Arrival::Apply);
+    // Older than what this VM enforces: it keeps its table.
+    assert_eq!(arrival(at(1, 3), Some(at(1, 5)), Some(at(1, 5))), Arrival::KeepNewer);
+    assert_eq!(arrival(at(1, 900), Some(at(2, 1)), None), Arrival::KeepNewer);
+    // Envoy's validation VM has no table, only the shared floor: refused.
+    assert_eq!(arrival(at(1, 3), None, Some(at(1, 5))), Arrival::Refuse);
+    assert_eq!(arrival(at(1, 5), None, Some(at(1, 5))), Arrival::Apply);
 }

@@ -10,7 +10,7 @@ import uuid
 
 import yaml
 
-from testkit.controlplane import APP, REPO, apitokens_bin, free_port, tokens_path, until_status
+from testkit.controlplane import APP, REPO, apitokens_bin, create, free_port, issued_secret, tokens_path, until_status
 from testkit.harness import envoy_bin, remember_secret
 
 
@@ -20,7 +20,7 @@ def run(*args, check=False):
 
 def test_help_for_every_command():
     out = run("--help", check=True).stdout
-    for cmd in ("serve", "bootstrap", "render", "import"):
+    for cmd in ("serve", "bootstrap", "render", "import", "new-epoch"):
         assert cmd in out
         sub = run(cmd, "--help", check=True).stdout
         assert "--db" in sub or "FILE" in sub
@@ -96,6 +96,35 @@ def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):
     bad.write_text('{"tokens": [{"name": "x", "role": "editor", "secretSha256": "00"}]}')
     r = run("import", "--db", str(cp.db), str(bad))
     assert r.returncode == 1 and "tokens[0].name" in r.stderr
+
+
+def test_an_import_of_another_tokens_previous_secret_is_refused_and_writes_go_on(envoy, cp, owner, tmp_path):
+    """One imported digest equal to a token's previous (overlap) secret would
+    make every table the publisher builds invalid, and every write (every
+    revocation) answer 503: refused, naming the entry, nothing imported."""
+    old = issued_secret(create(cp.api_port, owner, "overlapping", "viewer"))
+    r = cp.api("POST", tokens_path(token="overlapping") + ":regenerate", owner, {"previousSecretTtl": "600s"})
+    assert r.status == 200, r
+    issued_secret(r)
+    fine = remember_secret(str(uuid.uuid4()))
+    spec = {"tokens": [
+        {"name": "namespaces/default/apitokens/import-fine", "role": "viewer",
+         "secretSha256": hashlib.sha256(fine.encode()).hexdigest()},
+        {"name": "namespaces/default/apitokens/import-clash", "role": "owner",
+         "secretSha256": hashlib.sha256(old.encode()).hexdigest()},
+    ]}
+    f = tmp_path / "clash.json"
+    f.write_text(json.dumps(spec))
+    r = run("import", "--db", str(cp.db), str(f))
+    assert r.returncode == 1, r.stderr
+    assert "tokens[1].secretSha256" in r.stderr and "namespaces/default/apitokens/overlapping" in r.stderr, r.stderr
+    names = [t["name"] for t in cp.api("GET", tokens_path(), owner).json()["apiTokens"]]
+    assert not any(n.endswith("/import-fine") or n.endswith("/import-clash") for n in names)
+    # Writes go on; the old secret still works for its overlap, as before.
+    assert envoy.get(APP, old).status == 200
+    r = cp.api("DELETE", tokens_path(token="overlapping"), owner)
+    assert r.status == 200 and r.headers["x-apitokens-applied"] == "true", r
+    assert envoy.get(APP, old).status == 401
 
 
 def test_shipped_ecds_config_validates():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from testkit.clients import request
-from testkit.controlplane import APP, issue, tokens_path, version_of
+from testkit.controlplane import APP, issue, revision_of, tokens_path, version_of
 from testkit.harness import poll
 from testkit.load import Load, bad_answers, summary
 
@@ -39,7 +39,7 @@ def test_nack_keeps_the_last_good_configuration(cp, envoy, rng, figures):
         assert cp.status(revoked_version, 0.5)["applied"] is False, "a NACKed version reported as applied"
         # This stream acknowledged nothing; Envoy reported the good version it keeps.
         assert "ackedVersion" not in cp.envoy_status(envoy.name)
-        assert int(cp.envoy_status(envoy.name)["initialVersion"]) == good
+        assert revision_of(cp.envoy_status(envoy.name)["initialVersion"]) == good
         time.sleep(1.0)
         # The revocation is not in force yet, and /status says so: the last good one is.
         assert request(envoy.port, "GET", APP, doomed).status == 200

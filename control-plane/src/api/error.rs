@@ -2,7 +2,6 @@
 //! response in one place (`{"code", "message", "field"?}`, never echoing a
 //! value), so handlers use `?`.
 
-use crate::config::PublishError;
 use crate::store::StoreError;
 use crate::tokens;
 use apitokens_core::config::Config;
@@ -131,15 +130,13 @@ impl IntoResponse for AppError {
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
                 tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
                 tokens::Error::QuotaExceeded { .. } => error_response(StatusCode::TOO_MANY_REQUESTS, &message, None),
-                tokens::Error::NotPublished(PublishError::TimedOut) => unavailable(
-                    "the change is stored but was not published to the gateways in time",
-                    &message,
-                ),
-                tokens::Error::NotPublished(e) => unavailable(
-                    "the change is stored but could not be published to the gateways yet",
-                    &e,
-                ),
                 tokens::Error::Store(StoreError::Unavailable(e)) => unavailable("the token store is unavailable", &e),
+                // An operator's step is needed (`apitokens new-epoch`): no
+                // Retry-After, the message says what happened.
+                tokens::Error::Store(e @ StoreError::Behind { .. }) => {
+                    tracing::error!("api: {e}");
+                    error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None)
+                }
                 // A digest collision from our own random source, a stored row
                 // that cannot be read, the random source itself: ours to fix.
                 other @ (tokens::Error::DigestTaken | tokens::Error::Store(_) | tokens::Error::Random(_)) => {

@@ -44,7 +44,7 @@ pub(crate) async fn status(
     State(app): State<Arc<AppState>>,
     Query(query): Query<StatusQuery>,
 ) -> Result<Response, AppError> {
-    let wanted = match query.version.as_deref().map(Version::parse) {
+    let wanted = match query.version.as_deref().map(Version::parse_number) {
         None => None,
         Some(Some(v)) => Some(v),
         Some(None) => {
@@ -66,7 +66,8 @@ pub(crate) async fn status(
     };
     let state = app.publisher.state();
     let current = &state.snapshot;
-    let version = wanted.unwrap_or(current.version);
+    // A number is a version of the store's current epoch.
+    let version = wanted.map_or(current.version, |n| Version::new(state.epoch, n));
     if wait > 0.0 {
         app.acks
             .wait_applied(version, Instant::now() + Duration::from_secs_f64(wait))
@@ -79,8 +80,15 @@ pub(crate) async fn status(
         .map(|l| {
             let (reason, error) = match &l.lag {
                 Lag::Pending => ("pending", None),
-                Lag::Rejected(e) => ("rejected", Some(e.as_str())),
-                Lag::WriteFailed(e) => ("writeFailed", Some(e.as_str())),
+                Lag::Rejected(e) => ("rejected", Some(e.clone())),
+                Lag::WriteFailed(e) => ("writeFailed", Some(e.clone())),
+                Lag::Held(v) => (
+                    "held",
+                    Some(format!(
+                        "it enforces version {} of epoch {}, newer than this control plane's",
+                        v.revision, v.epoch
+                    )),
+                ),
             };
             serde_json::json!({"who": l.who, "reason": reason, "error": error})
         })
@@ -88,6 +96,10 @@ pub(crate) async fn status(
     let body = serde_json::json!({
         "version": current.version.to_string(),
         "revision": state.revision.to_string(),
+        "epoch": state.epoch.to_string(),
+        // The store went back in time (see the README's "Restoring the
+        // store"): the newest version seen, writes refused.
+        "behind": state.behind.map(|b| serde_json::json!({"version": b.revision.to_string(), "epoch": b.epoch.to_string()})),
         "tokens": current.tokens,
         "publishedAt": current.published_at.to_rfc3339(),
         "publishError": state.error,

@@ -5,7 +5,7 @@ use super::*;
 use crate::clock;
 use crate::config::{Publisher, PublisherOptions, Version};
 use crate::push::acks::Tracker;
-use crate::store::{AuditEvent, Changes, Revision, SqliteStore, Store, StoreError, TokenRecord};
+use crate::store::{AuditEvent, Changes, Head, Position, Revision, SqliteStore, Store, StoreError, TokenRecord};
 use crate::testutil::TempDir;
 use crate::tokens::secret::{self, Secret, Shape};
 use crate::tokens::{Service, ServiceOptions};
@@ -172,13 +172,13 @@ async fn create_returns_the_secret_once_and_it_works() {
     assert_eq!(secret::shape(secret.as_bytes()), Shape::Valid);
     assert_eq!(a.headers["cache-control"], "no-store");
     let version: u64 = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap().parse().unwrap();
-    assert!(Version(version) > v0);
+    assert!(version > v0.revision.0);
     // No Envoy is connected: nothing to wait for.
     assert_eq!(a.headers[APPLIED_HEADER], "true");
     assert_eq!(a.headers[ENVOYS_HEADER], "0/0");
     // Published: the digest, never the secret.
     let snap = f.publisher.current();
-    assert_eq!(snap.version, Version(version));
+    assert_eq!(snap.version.revision.0, version);
     let digest = Digest::of(secret.as_bytes());
     let pushed = apitokens_core::Config::from_plugin_configuration(snap.payload.to_vec()).unwrap();
     assert_eq!(
@@ -608,7 +608,7 @@ async fn healthz_and_status() {
     assert_eq!(a.body["applied"], true);
     assert_eq!(a.body["envoys"][0]["ackedVersion"], v.to_string());
     // Waiting for a version nobody has acknowledged times out with false.
-    let next = Version(v.0 + 1);
+    let next = Version::new(v.epoch, Revision(v.revision.0 + 1));
     let started = Instant::now();
     let a = f
         .call("GET", &format!("/status?version={next}&waitSeconds=0.2"), None, None)
@@ -781,7 +781,7 @@ impl Store for ChangesFail {
     ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
         self.0.events(namespace, before, limit).await
     }
-    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
         self.0.load().await
     }
     async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
@@ -790,8 +790,14 @@ impl Store for ChangesFail {
         }
         self.0.changes_since(since).await
     }
-    async fn revision(&self) -> Result<Revision, StoreError> {
-        self.0.revision().await
+    async fn head(&self) -> Result<Head, StoreError> {
+        self.0.head().await
+    }
+    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
+        self.0.mark_behind(seen).await
+    }
+    async fn new_epoch(&self) -> Result<Head, StoreError> {
+        self.0.new_epoch().await
     }
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
         self.0.retire_expired(cutoff).await
@@ -805,7 +811,7 @@ impl Store for ChangesFail {
 }
 
 #[tokio::test]
-async fn a_change_that_cannot_be_published_is_not_answered_200() {
+async fn a_committed_change_that_cannot_be_published_yet_still_gives_its_secret() {
     let dir = TempDir::new("api-nopub");
     let store = Arc::new(ChangesFail(
         SqliteStore::open(&dir.path().join("api.db")).unwrap(),
@@ -820,18 +826,43 @@ async fn a_change_that_cannot_be_published_is_not_answered_200() {
         },
     )
     .await;
+    let before = f.publisher.current().version;
     store.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The store goes away between the commit and the publish.
     let a = f.create("ci", "viewer").await;
-    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.raw);
-    assert!(a.body["message"]
-        .as_str()
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let secret = a.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    assert_eq!(secret::shape(secret.as_bytes()), Shape::Valid);
+    assert_eq!(a.headers[APPLIED_HEADER], "not-published");
+    assert!(a.headers[NOT_APPLIED_HEADER]
+        .to_str()
         .unwrap()
-        .contains("stored but could not be published"));
-    assert_eq!(a.headers["retry-after"], "1");
-    assert!(!a.raw.contains("apt_"), "no secret in an error");
-    // Committed all the same: a retry says so.
-    assert!(f.names().await.contains(&"namespaces/default/apitokens/ci".to_owned()));
-    assert_eq!(f.create("ci", "viewer").await.status, StatusCode::CONFLICT);
+        .starts_with("committed, not published"));
+    assert!(a.headers.get(CONFIG_VERSION_HEADER).is_none());
+    assert_eq!(f.publisher.current().version, before);
+    // A regeneration without overlap revokes the old secret: its answer must
+    // carry the new one, or the token is lost.
+    let a = f
+        .call("POST", &format!("{COLLECTION}/ci:regenerate"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let regenerated = a.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    assert_ne!(regenerated, secret);
+    // The store is back: the next catch-up publishes both writes.
+    store.1.store(false, std::sync::atomic::Ordering::SeqCst);
+    f.publisher.refresh().await.unwrap();
+    let pushed = f.publisher.current();
+    assert!(pushed.version > before);
+    assert_eq!(
+        pushed
+            .api
+            .tokens()
+            .get(&Digest::of(regenerated.as_bytes()))
+            .unwrap()
+            .name(),
+        "namespaces/default/apitokens/ci"
+    );
+    assert!(pushed.api.tokens().get(&Digest::of(secret.as_bytes())).is_none());
 }
 
 #[test]

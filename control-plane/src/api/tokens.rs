@@ -106,6 +106,13 @@ fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
     }
     match delivery {
         Delivery::Stored => {}
+        Delivery::NotPublished { reason } => {
+            headers.insert(APPLIED_HEADER, HeaderValue::from_static("not-published"));
+            headers.insert(
+                NOT_APPLIED_HEADER,
+                header_text(&format!("committed, not published to the gateways yet: {reason}")),
+            );
+        }
         Delivery::Published { .. } => {
             headers.insert(APPLIED_HEADER, HeaderValue::from_static("not-waited"));
         }
@@ -125,6 +132,7 @@ fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
                             Lag::Pending => "no ACK in time",
                             Lag::Rejected(_) => "rejected (NACK)",
                             Lag::WriteFailed(_) => "write failed",
+                            Lag::Held(_) => "held (it enforces a newer version than this control plane)",
                         };
                         format!("{}: {why}", l.who)
                     })

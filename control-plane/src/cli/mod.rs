@@ -1,5 +1,5 @@
-//! The command line: `apitokens serve | bootstrap | render | import`, thin
-//! adapters over the token service and the publisher.
+//! The command line: `apitokens serve | bootstrap | render | import |
+//! new-epoch`, thin adapters over the token service and the publisher.
 
 mod serve;
 
@@ -38,6 +38,8 @@ enum Command {
     Render(RenderArgs),
     /// Import tokens by digest from a plugin configuration file (migrating existing secrets, e.g. UUIDs)
     Import(ImportArgs),
+    /// Accept the store as it is after restoring it from a backup or a failover that lost writes: start a new epoch, so that the Envoys take its content (tokens revoked after the copy work again: revoke them again)
+    NewEpoch(NewEpochArgs),
 }
 
 #[derive(Args)]
@@ -122,6 +124,15 @@ struct ImportArgs {
     file: PathBuf,
 }
 
+#[derive(Args)]
+struct NewEpochArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Start the new epoch even if no Envoy or replica has reported that the store is behind
+    #[arg(long)]
+    force: bool,
+}
+
 /// Runs the command line; errors go to stderr as `apitokens: error: ...`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -135,6 +146,7 @@ pub fn main() -> ExitCode {
         Command::Bootstrap(args) => run(bootstrap(args)),
         Command::Render(args) => run(render_cmd(args)),
         Command::Import(args) => run(import(args)),
+        Command::NewEpoch(args) => run(new_epoch(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -281,11 +293,39 @@ async fn import(args: ImportArgs) -> Result<(), String> {
         tokens::Error::DigestTaken => {
             "a token with one of these digests already exists; nothing was imported".to_owned()
         }
-        other => format!("{shown}: {other}"),
+        other => format!("{shown}: {other}; nothing was imported"),
     })?;
     eprintln!(
         "Imported {count} tokens into {}.",
         opened.describe_for(&args.store.location())
+    );
+    Ok(())
+}
+
+async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
+    let opened = open_store(&args.store, true).await?;
+    let store = opened.store();
+    let before = store.head().await.map_err(|e| e.to_string())?;
+    let Some(seen) = before.behind.or(args.force.then_some(before.at)) else {
+        return Err(format!(
+            "the store is at version {} of epoch {} and nothing enforces a newer one: there is no need for a new epoch \
+             (--force starts one anyway)",
+            before.at.revision, before.at.epoch
+        ));
+    };
+    let after = store.new_epoch().await.map_err(|e| e.to_string())?;
+    eprintln!(
+        "The store ({}) was at version {} of epoch {}; the gateways had seen version {} of epoch {}.\n\
+         Started epoch {} at version {}: every Envoy takes the store's content now, and writes are allowed again.\n\
+         Whatever was changed after the store's copy was taken is lost: tokens created since are unknown, and tokens \
+         revoked or regenerated since work again with their old secrets. Check the audit trail and revoke them again.",
+        opened.describe_for(&args.store.location()),
+        before.at.revision,
+        before.at.epoch,
+        seen.revision,
+        seen.epoch,
+        after.at.epoch,
+        after.at.revision
     );
     Ok(())
 }

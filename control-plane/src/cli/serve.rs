@@ -224,6 +224,12 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
     warn_if_exposed("the API", api_addr);
     let tls = xds_tls(&args)?;
+    if let Some(tls) = &tls {
+        // Checked now, so that a bad certificate stops `serve` at once.
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| format!("--xds-tls-cert/--xds-tls-key/--xds-client-ca: {e}"))?;
+    }
     let xds_listener = if args.no_xds {
         None
     } else {
@@ -240,6 +246,9 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         Some(l)
     };
 
+    // With replicas: no xDS while the database is out of reach (see
+    // `replicas`); a single process on SQLite always serves.
+    let liveness = coordinator.as_ref().map(Coordinator::liveness);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(Arc::clone(&publisher).run(Duration::from_millis(args.poll_interval_ms.max(10)), stop_rx.clone()));
@@ -276,36 +285,17 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     });
     if let Some(listener) = xds_listener {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let service = EcdsServer::new(
-            Arc::clone(&publisher),
-            Arc::clone(&acks),
-            resource,
-            stop_rx.clone(),
-            args.max_message_bytes,
-        );
-        let xds_stop = wait_true(stop_rx.clone());
-        let mut builder = tonic::transport::Server::builder();
         let secured = tls.is_some();
-        if let Some(tls) = tls {
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| format!("--xds-tls-cert/--xds-tls-key/--xds-client-ca: {e}"))?;
-        }
-        tasks.spawn(async move {
-            let result = builder
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(service)
-                .add_service(usage)
-                .serve_with_incoming_shutdown(
-                    nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-                    xds_stop,
-                )
-                .await;
-            if let Err(e) = result {
-                tracing::error!("xDS server failed: {e}");
-            }
-        });
+        let xds = Xds {
+            addr,
+            tls,
+            publisher: Arc::clone(&publisher),
+            acks: Arc::clone(&acks),
+            resource,
+            usage,
+            max_message_bytes: args.max_message_bytes,
+        };
+        tasks.spawn(xds.run(listener, liveness, stop_rx.clone()));
         tracing::info!(
             "xDS (ECDS, gRPC{}) on {addr}, resource {:?}",
             if secured { ", mutual TLS" } else { "" },
@@ -330,4 +320,103 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         tracing::warn!("some connections did not close within 5 s");
     }
     Ok(())
+}
+
+/// Resolves once `live` says `wanted` (at once without a liveness signal
+/// when `wanted` is true, never when it is false).
+async fn until_live(live: Option<watch::Receiver<bool>>, wanted: bool) {
+    match live {
+        Some(mut rx) => {
+            if rx.wait_for(|l| *l == wanted).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None if wanted => {}
+        None => std::future::pending().await,
+    }
+}
+
+/// The xDS server (ECDS and usage reports) on one address, served while
+/// `live` says so: closed, streams and port, while this replica cannot
+/// reach the database, and opened again when it can.
+struct Xds {
+    addr: SocketAddr,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    publisher: Arc<Publisher>,
+    acks: Arc<Tracker>,
+    resource: EcdsResource,
+    usage: UsageServer,
+    max_message_bytes: usize,
+}
+
+impl Xds {
+    async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        live: Option<watch::Receiver<bool>>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let mut listener = Some(listener);
+        loop {
+            tokio::select! {
+                () = until_live(live.clone(), true) => {}
+                () = wait_true(stop.clone()) => return,
+            }
+            let listener = match listener.take() {
+                Some(l) => l,
+                None => match tokio::net::TcpListener::bind(self.addr).await {
+                    Ok(l) => {
+                        tracing::info!("xDS on {} again", self.addr);
+                        l
+                    }
+                    Err(e) => {
+                        tracing::warn!("xDS: cannot listen on {} again (retrying): {e}", self.addr);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+            };
+            // This serving's streams end with it.
+            let (end_tx, end_rx) = watch::channel(false);
+            let service = EcdsServer::new(
+                Arc::clone(&self.publisher),
+                Arc::clone(&self.acks),
+                self.resource.clone(),
+                end_rx,
+                self.max_message_bytes,
+            );
+            let (lost, stopped) = (live.clone(), stop.clone());
+            let ended = async move {
+                tokio::select! {
+                    () = until_live(lost, false) => {}
+                    () = wait_true(stopped) => {}
+                }
+                let _ = end_tx.send(true);
+            };
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = self.tls.clone() {
+                builder = match builder.tls_config(tls) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!("xDS: TLS: {e}");
+                        return;
+                    }
+                };
+            }
+            let result = builder
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(service)
+                .add_service(self.usage.clone())
+                .serve_with_incoming_shutdown(nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)), ended)
+                .await;
+            if let Err(e) = result {
+                tracing::error!("xDS server failed: {e}");
+                return;
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
 }

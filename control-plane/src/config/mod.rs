@@ -6,33 +6,51 @@ mod publisher;
 
 pub use publisher::{PublishError, Publisher, PublisherOptions};
 
-use crate::store::Revision;
+use crate::store::{Epoch, Position, Revision};
+use apitokens_core::compact::Stamp;
 use apitokens_core::{Config, Timestamp};
 use std::fmt;
 use std::sync::Arc;
 
-/// A configuration version: the store revision at which the configuration's
-/// content last changed. Every replica on one store therefore gives the same
-/// content the same version, and versions only increase.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version(pub u64);
+/// A configuration version: the store position (epoch, revision) at which
+/// the configuration's content last changed. Every replica on one store
+/// therefore gives the same content the same version, and versions only
+/// increase, across epochs too. Shown as its revision number (the epoch is
+/// shown beside it where it matters).
+pub type Version = Position;
 
-impl From<Revision> for Version {
-    fn from(r: Revision) -> Self {
-        Self(r.0)
-    }
-}
-
-impl fmt::Display for Version {
+impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        self.revision.fmt(f)
     }
 }
 
-impl Version {
-    /// The version as an xDS `version_info`, which a stream's ACK repeats.
-    pub fn parse(text: &str) -> Option<Self> {
-        text.parse().ok().map(Self)
+impl Position {
+    /// A version number as a caller writes it (`/status?version=N`).
+    pub fn parse_number(text: &str) -> Option<Revision> {
+        text.parse().ok().map(Revision)
+    }
+
+    /// The version as an xDS `version_info` (`EPOCH.REVISION`), which Envoy
+    /// repeats in its ACKs and reports when it reconnects.
+    pub fn xds(&self) -> String {
+        format!("{}.{}", self.epoch, self.revision)
+    }
+
+    /// A `version_info` an Envoy reports: ours, or a bare number from before
+    /// epochs (epoch 0, older than every epoch). `None` for anything else
+    /// (an empty one: a fresh Envoy).
+    pub fn from_xds(text: &str) -> Option<Self> {
+        let (epoch, revision) = text.split_once('.').unwrap_or(("0", text));
+        Some(Self::new(Epoch(epoch.parse().ok()?), Revision(revision.parse().ok()?)))
+    }
+
+    /// The stamp of the table the filter receives.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            epoch: self.epoch.0,
+            generation: self.revision.0,
+        }
     }
 }
 
@@ -55,6 +73,12 @@ pub struct Snapshot {
 pub struct Published {
     /// Every store change up to this revision is in `snapshot`.
     pub revision: Revision,
+    /// The store's epoch at `revision`.
+    pub epoch: Epoch,
+    /// The store is behind what was enforced (see `store::Head::behind`):
+    /// the newest version seen. Writes are refused, nothing older than it is
+    /// sent to an Envoy that has it.
+    pub behind: Option<Version>,
     pub snapshot: Arc<Snapshot>,
     /// Why the last attempt to catch up with the store failed, if it did (the
     /// previous snapshot stays in force; the next attempt comes with the next

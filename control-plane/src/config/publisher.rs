@@ -18,7 +18,7 @@
 
 use super::{Published, Snapshot, Version};
 use crate::clock;
-use crate::store::{Changes, Revision, Store, StoreError, TokenRecord};
+use crate::store::{Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact;
 use apitokens_core::config::{ConfigError, PluginConfig};
 use apitokens_core::table::{Change, LiveTable};
@@ -62,6 +62,7 @@ pub struct Publisher {
 }
 
 struct Live {
+    epoch: Epoch,
     revision: Revision,
     /// `None` only while an edit runs off the async threads.
     table: Option<LiveTable>,
@@ -84,18 +85,25 @@ impl Publisher {
             realm: opts.base.realm.clone(),
             ..PluginConfig::default()
         };
-        let (revision, records) = store.load().await?;
-        let table = build(stamped(&header, revision), records).await?;
+        let (head, records) = store.load().await?;
+        let table = build(stamped(&header, head.at), records).await?;
         let next_expiry = store.next_expiry().await?;
         let spare = spares(table.table().buffer().len()).await;
-        let snapshot = snapshot(Version::from(revision), &table, &api_settings)?;
+        let snapshot = snapshot(head.at, &table, &api_settings)?;
         tracing::info!(
-            "configuration version {} loaded ({} tokens)",
+            "configuration version {} (epoch {}) loaded ({} tokens)",
             snapshot.version,
+            head.at.epoch,
             snapshot.tokens
         );
+        if let Some(seen) = head.behind {
+            tracing::error!("{}", StoreError::Behind { at: head.at, seen });
+        }
+        let revision = head.at.revision;
         let (published, _) = watch::channel(Arc::new(Published {
             revision,
+            epoch: head.at.epoch,
+            behind: head.behind,
             snapshot,
             error: None,
         }));
@@ -105,6 +113,7 @@ impl Publisher {
             api_settings,
             retention: opts.expired_retention,
             live: Mutex::new(Live {
+                epoch: head.at.epoch,
                 revision,
                 table: Some(table),
                 next_expiry,
@@ -129,22 +138,31 @@ impl Publisher {
     /// Publishes every change up to `revision` (committed by the caller)
     /// and returns the snapshot that carries it. Writers coalesce: one of
     /// them at a time catches up with the store, covering every commit so
-    /// far; the others find their change already published.
-    pub async fn publish(&self, revision: Revision, deadline: Instant) -> Result<Arc<Snapshot>, PublishError> {
+    /// far; the others find their change already published. The catch-up
+    /// runs on a task of its own: a caller's deadline ends the caller's
+    /// wait, never an edit of the table halfway.
+    pub async fn publish(
+        self: &Arc<Self>,
+        revision: Revision,
+        deadline: Instant,
+    ) -> Result<Arc<Snapshot>, PublishError> {
         loop {
             if let Some(snapshot) = self.covering(revision) {
                 return Ok(snapshot);
             }
-            let mut live = tokio::time::timeout_at(deadline.into(), self.live.lock())
-                .await
-                .map_err(|_| PublishError::TimedOut)?;
-            if let Some(snapshot) = self.covering(revision) {
-                return Ok(snapshot);
+            let this = Arc::clone(self);
+            let job = tokio::spawn(async move {
+                let mut live = this.live.lock().await;
+                if this.covering(revision).is_some() {
+                    return Ok(());
+                }
+                this.catch_up_or_report(&mut live).await
+            });
+            match tokio::time::timeout_at(deadline.into(), job).await {
+                Err(_) => return Err(PublishError::TimedOut),
+                Ok(Err(e)) => return Err(PublishError::Task(e.to_string())),
+                Ok(Ok(result)) => result?,
             }
-            let result = tokio::time::timeout_at(deadline.into(), self.catch_up_or_report(&mut live))
-                .await
-                .map_err(|_| PublishError::TimedOut)?;
-            result?;
             if self.state().revision < revision {
                 // Our commit is not visible to the reader yet (it cannot
                 // happen with one store; a replica's read may lag).
@@ -171,9 +189,15 @@ impl Publisher {
         let result = self.catch_up(live).await;
         if let Err(e) = &result {
             let error = e.to_string();
+            let behind = match e {
+                PublishError::Store(StoreError::Behind { seen, .. }) => Some(*seen),
+                _ => None,
+            };
             self.published.send_modify(|p| {
                 *p = Arc::new(Published {
                     revision: p.revision,
+                    epoch: p.epoch,
+                    behind: behind.or(p.behind),
                     snapshot: Arc::clone(&p.snapshot),
                     error: Some(error),
                 })
@@ -182,29 +206,107 @@ impl Publisher {
         result
     }
 
+    /// An Envoy reports it enforces `seen`, newer than what this control
+    /// plane publishes (it is holding that Envoy's stream). After a fresh
+    /// read of the store (this replica may only be lagging behind another
+    /// one): if the store is still before `seen`, it went back in time, and
+    /// is marked so (writes stop until an operator starts a new epoch).
+    pub async fn reported(&self, seen: Version) {
+        if self.refresh().await.is_err() {
+            // No fresh read: nothing can be concluded (the stream stays held).
+            return;
+        }
+        let state = self.state();
+        if seen <= Position::new(state.epoch, state.revision) {
+            return;
+        }
+        match self.store.mark_behind(seen).await {
+            Ok(head) => {
+                tracing::error!(
+                    "an Envoy enforces version {} of epoch {}, which the store has never reached: {}",
+                    seen.revision,
+                    seen.epoch,
+                    StoreError::Behind {
+                        at: head.at,
+                        seen: head.behind.unwrap_or(seen)
+                    }
+                );
+                let _ = self.refresh().await;
+            }
+            Err(e) => tracing::warn!("could not record that the store is behind an Envoy: {e}"),
+        }
+    }
+
+    /// The store is before what this process published: it went back in
+    /// time. Nothing older is published; the store is marked so.
+    async fn fell_behind(&self, live: &Live, head: Head) -> PublishError {
+        let published = Position::new(live.epoch, live.revision);
+        let seen = match self.store.mark_behind(published).await {
+            Ok(after) => after.behind.unwrap_or(published),
+            Err(e) => return PublishError::Store(e),
+        };
+        PublishError::Store(StoreError::Behind { at: head.at, seen })
+    }
+
     async fn catch_up(&self, live: &mut Live) -> Result<(), PublishError> {
         let started = Instant::now();
+        let here = Position::new(live.epoch, live.revision);
         let changes = self.store.changes_since(live.revision).await?;
-        let applied = match changes {
-            Changes::Since { revision, .. } if revision == live.revision => return Ok(()),
-            Changes::Since { revision, changed } => match self.edit(live, revision, changed).await {
-                Ok(content_changed) => Some((revision, content_changed)),
-                Err(e) => {
-                    tracing::warn!("could not apply the store's changes, reloading everything: {e}");
-                    None
-                }
-            },
-            Changes::TooOld => None,
+        let head = match &changes {
+            Changes::Since { head, .. } => *head,
+            Changes::TooOld => self.store.head().await?,
         };
-        let (revision, content_changed, how) = match applied {
-            Some((revision, content_changed)) => (revision, content_changed, "applied"),
+        if head.at < here {
+            return Err(self.fell_behind(live, head).await);
+        }
+        if head.at == here {
+            if head.behind != self.state().behind {
+                self.published.send_modify(|p| {
+                    *p = Arc::new(Published {
+                        revision: p.revision,
+                        epoch: p.epoch,
+                        behind: head.behind,
+                        snapshot: Arc::clone(&p.snapshot),
+                        error: p.error.clone(),
+                    })
+                });
+            }
+            return Ok(());
+        }
+        let applied = match changes {
+            // Within the epoch: the changes only. A new epoch (an operator
+            // accepted the store as it is): everything.
+            Changes::Since { head, changed } if head.at.epoch == live.epoch => {
+                match self.edit(live, head.at, changed).await {
+                    Ok(content_changed) => Some((head, content_changed)),
+                    Err(e) => {
+                        tracing::warn!("could not apply the store's changes, reloading everything: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (head, content_changed, how) = match applied {
+            Some((head, content_changed)) => (head, content_changed, "applied"),
             None => {
-                let (revision, records) = self.store.load().await?;
-                live.table = Some(build(stamped(&self.header, revision), records).await?);
-                (revision, true, "reloaded")
+                let (head, records) = self.store.load().await?;
+                if head.at < here {
+                    return Err(self.fell_behind(live, head).await);
+                }
+                live.table = Some(build(stamped(&self.header, head.at), records).await?);
+                (head, true, "reloaded")
             }
         };
-        live.revision = revision;
+        if head.at.epoch != live.epoch {
+            tracing::warn!(
+                "the store started epoch {} (it was {}): an operator accepted it as it is",
+                head.at.epoch,
+                live.epoch
+            );
+        }
+        live.epoch = head.at.epoch;
+        live.revision = head.at.revision;
         live.next_expiry = self.store.next_expiry().await?;
         let table = live
             .table
@@ -212,7 +314,7 @@ impl Publisher {
             .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
         let previous = self.current();
         let snapshot = if content_changed {
-            let snapshot = snapshot(Version::from(revision), table, &self.api_settings)?;
+            let snapshot = snapshot(head.at, table, &self.api_settings)?;
             tracing::info!(
                 "configuration version {} {how} ({} tokens, {:.1} ms)",
                 snapshot.version,
@@ -228,7 +330,9 @@ impl Publisher {
             previous
         };
         self.published.send_replace(Arc::new(Published {
-            revision,
+            revision: head.at.revision,
+            epoch: head.at.epoch,
+            behind: head.behind,
             snapshot,
             error: None,
         }));
@@ -239,7 +343,7 @@ impl Publisher {
     async fn edit(
         &self,
         live: &mut Live,
-        revision: Revision,
+        at: Position,
         changed: Vec<(String, Option<TokenRecord>)>,
     ) -> Result<bool, PublishError> {
         let mut table = live
@@ -253,7 +357,7 @@ impl Publisher {
             .map(|i| live.spare.swap_remove(i))
             .and_then(|b| Arc::try_unwrap(b).ok())
             .unwrap_or_default();
-        let header = stamped(&self.header, revision);
+        let header = stamped(&self.header, at);
         let job = tokio::task::spawn_blocking(move || {
             let changes: Vec<Change<'_>> = changed
                 .iter()
@@ -274,6 +378,10 @@ impl Publisher {
     /// Retires the tokens whose retention has passed (a store write, which
     /// the next refresh applies).
     async fn retire_due(&self) {
+        if self.state().behind.is_some() {
+            // No write goes through until an operator starts a new epoch.
+            return;
+        }
         let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
         let now = clock::now();
         if due.is_some_and(|t| t <= now) {
@@ -362,15 +470,16 @@ async fn spares(len: usize) -> Vec<Arc<Vec<u8>>> {
     .unwrap_or_default()
 }
 
-/// A whole table from the store's records, off the async threads.
-/// The header of version `revision`: every version's bytes differ (see
-/// `compact`), even when its tokens are those of an earlier one.
-fn stamped(header: &[u8], revision: Revision) -> Vec<u8> {
+/// The header of version `at`: every version's bytes differ (see
+/// `compact`), even when its tokens are those of an earlier one, and the
+/// filter orders them by it.
+fn stamped(header: &[u8], at: Version) -> Vec<u8> {
     let mut header = header.to_vec();
-    compact::set_generation(&mut header, revision.0);
+    compact::set_stamp(&mut header, at.stamp());
     header
 }
 
+/// A whole table from the store's records, off the async threads.
 async fn build(header: Vec<u8>, records: Vec<TokenRecord>) -> Result<LiveTable, PublishError> {
     tokio::task::spawn_blocking(move || {
         let entries: Vec<_> = records
@@ -442,7 +551,7 @@ mod tests {
             .unwrap();
         p.refresh().await.unwrap();
         let s1 = p.publish(r1, deadline()).await.unwrap();
-        assert_eq!(s1.version, Version(r1.0));
+        assert_eq!(s1.version.revision, r1);
         assert_eq!(s1.tokens, 1);
         assert!(s1.api.tokens().get(&Digest([1; 32])).is_some(), "the API sees it");
         // A write that changes nothing pushed (a retired token's secret)
@@ -572,7 +681,79 @@ mod tests {
         p.refresh().await.unwrap();
         let s = p.publish(last, deadline()).await.unwrap();
         assert_eq!(s.tokens, 50);
-        assert_eq!(s.version, Version(last.0));
+        assert_eq!(s.version.revision, last);
         assert!(s.version > before);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_goes_back_in_time_is_never_published() {
+        let dir = TempDir::new("pub-back");
+        let (p, store) = publisher(&dir).await;
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            store
+                .insert(
+                    vec![rec(&format!("namespaces/x/apitokens/{name}"), i as u8 + 1, None)],
+                    None,
+                    vec![],
+                )
+                .await
+                .unwrap();
+        }
+        let r = store
+            .delete("namespaces/x/apitokens/a", test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        let published = p.publish(r, deadline()).await.unwrap();
+        assert_eq!(published.tokens, 1);
+        // The database goes back two revisions (a restored backup, a lossy
+        // failover).
+        rusqlite::Connection::open(dir.path().join("p.db"))
+            .unwrap()
+            .execute("UPDATE meta SET value = value - 2 WHERE key = 'revision'", [])
+            .unwrap();
+        let err = p.refresh().await.unwrap_err();
+        assert!(err.to_string().contains("behind"), "{err}");
+        // Nothing older went out; the store refuses writes from now on.
+        assert!(Arc::ptr_eq(&p.current(), &published));
+        let state = p.state();
+        assert_eq!(state.behind, Some(published.version));
+        assert!(matches!(
+            store
+                .insert(vec![rec("namespaces/x/apitokens/c", 3, None)], None, vec![])
+                .await,
+            Err(StoreError::Behind { .. })
+        ));
+        // The operator accepts the store: a later epoch, published at once.
+        store.new_epoch().await.unwrap();
+        p.refresh().await.unwrap();
+        let now = p.current();
+        assert!(now.version > published.version);
+        assert!(now.version.epoch > published.version.epoch);
+        assert_eq!(p.state().behind, None);
+        let (epoch, generation) = (now.version.epoch.0, now.version.revision.0);
+        assert_eq!(compact::stamp(&now.payload), Some(compact::Stamp { epoch, generation }));
+    }
+
+    #[tokio::test]
+    async fn an_envoy_ahead_of_the_store_stops_writes_but_one_ahead_of_this_replica_does_not() {
+        let dir = TempDir::new("pub-reported");
+        let (p, store) = publisher(&dir).await;
+        let r = store
+            .insert(vec![rec("namespaces/x/apitokens/a", 1, None)], None, vec![])
+            .await
+            .unwrap();
+        // Another process wrote r; an Envoy reports it before this publisher
+        // polled: only this publisher lagged.
+        let here = p.current().version;
+        let seen = Position::new(here.epoch, r);
+        p.reported(seen).await;
+        assert_eq!(p.state().behind, None);
+        assert_eq!(p.current().version, seen);
+        // An Envoy reports a version the store never reached.
+        let ahead = Position::new(here.epoch, Revision(r.0 + 3));
+        p.reported(ahead).await;
+        assert_eq!(p.state().behind, Some(ahead));
+        assert_eq!(store.head().await.unwrap().behind, Some(ahead));
     }
 }

@@ -62,13 +62,22 @@ pub struct EnvoyStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnected_at: Option<String>,
     /// The version Envoy said it had when it connected (from before a
-    /// control-plane restart, for example): not counted as applied.
+    /// control-plane restart, for example): not counted as applied. As Envoy
+    /// sent it (`EPOCH.REVISION`).
     pub initial_version: String,
+    /// Envoy enforces a version newer than this control plane's (as
+    /// `initial_version` says): nothing is sent to it until this control
+    /// plane reaches it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sent_version: Option<String>,
     /// The latest version this stream sent and Envoy accepted: what it enforces.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acked_version: Option<String>,
+    /// The store epoch of `acked_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_epoch: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<VersionEvent>,
     /// Recent ACKs and NACKs, newest first.
@@ -130,6 +139,8 @@ struct Stream {
     connected_at: Timestamp,
     disconnected_at: Option<Timestamp>,
     initial_version: String,
+    /// Held (see [`EnvoyStatus::held`]): the version Envoy reported.
+    held: Option<Version>,
     sent: Option<Version>,
     acked: Option<Version>,
     nacked: Option<(Version, String)>,
@@ -166,6 +177,9 @@ pub enum Lag {
     Rejected(String),
     /// The ECDS file could not be written.
     WriteFailed(String),
+    /// Envoy enforces this version, newer than this control plane's: its
+    /// stream is held (nothing older is ever sent to it).
+    Held(Version),
 }
 
 /// A consumer that does not enforce a version.
@@ -193,7 +207,8 @@ impl Rollout {
         self.lagging.is_empty()
     }
 
-    /// Nothing left to wait for: only rejections and failed writes remain.
+    /// Nothing left to wait for: only rejections, failed writes and held
+    /// streams remain.
     fn settled(&self) -> bool {
         self.lagging.iter().all(|l| l.lag != Lag::Pending)
     }
@@ -233,8 +248,10 @@ fn view(replica: Option<&String>, id: &StreamId, s: &Stream) -> EnvoyStatus {
         connected_at: time(s.connected_at),
         disconnected_at: s.disconnected_at.map(time),
         initial_version: s.initial_version.clone(),
+        held: s.held.is_some(),
         sent_version: s.sent.map(|v| v.to_string()),
         acked_version: s.acked.map(|v| v.to_string()),
+        acked_epoch: s.acked.map(|v| v.epoch.to_string()),
         last_nack: s.history.iter().find(|e| e.outcome == Outcome::Nack).cloned(),
         history: s.history.clone(),
     }
@@ -310,6 +327,7 @@ impl Tracker {
                     connected_at: clock::now(),
                     disconnected_at: None,
                     initial_version: initial_version.to_owned(),
+                    held: None,
                     sent: None,
                     acked: None,
                     nacked: None,
@@ -318,6 +336,24 @@ impl Tracker {
             );
             id
         })
+    }
+
+    /// The stream is held: Envoy enforces `reported`, newer than this
+    /// control plane's version.
+    pub fn held(&self, id: StreamId, reported: Version) {
+        self.update(|inner| {
+            if let Some(s) = inner.streams.get_mut(&id) {
+                s.held = Some(reported);
+            }
+        });
+    }
+
+    pub fn released(&self, id: StreamId) {
+        self.update(|inner| {
+            if let Some(s) = inner.streams.get_mut(&id) {
+                s.held = None;
+            }
+        });
     }
 
     pub fn sent(&self, id: StreamId, version: Version) {
@@ -389,10 +425,14 @@ impl Tracker {
             applied: 0,
             lagging: Vec::new(),
         };
-        let local = inner
-            .streams
-            .iter()
-            .map(|(id, s)| (format!("{} (stream {})", s.node, id.0), s.acked, s.nacked.as_ref()));
+        let local = inner.streams.iter().map(|(id, s)| {
+            (
+                format!("{} (stream {})", s.node, id.0),
+                s.acked,
+                s.nacked.as_ref(),
+                s.held,
+            )
+        });
         let remote = inner.remote.iter().filter(|r| r.live).map(|r| {
             let who = format!(
                 "{} (replica {}, stream {})",
@@ -400,16 +440,22 @@ impl Tracker {
                 r.status.replica.as_deref().unwrap_or("-"),
                 r.status.stream
             );
-            (who, r.acked, r.nacked.as_ref())
+            let held = r
+                .status
+                .held
+                .then(|| Version::from_xds(&r.status.initial_version))
+                .flatten();
+            (who, r.acked, r.nacked.as_ref(), held)
         });
-        for (who, acked, nacked) in local.chain(remote) {
+        for (who, acked, nacked, held) in local.chain(remote) {
             rollout.envoys += 1;
             if acked.is_some_and(|a| a >= version) {
                 rollout.applied += 1;
                 continue;
             }
-            let lag = match nacked {
-                Some((rejected, error)) if *rejected >= version => Lag::Rejected(error.clone()),
+            let lag = match (nacked, held) {
+                (_, Some(reported)) => Lag::Held(reported),
+                (Some((rejected, error)), _) if *rejected >= version => Lag::Rejected(error.clone()),
                 _ => Lag::Pending,
             };
             rollout.lagging.push(Lagging { who, lag });
@@ -504,11 +550,17 @@ impl Tracker {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::{Epoch, Revision};
     use std::sync::Arc;
     use std::time::Duration;
 
-    const V1: Version = Version(1);
-    const V2: Version = Version(2);
+    const V1: Version = v(1);
+    const V2: Version = v(2);
+
+    /// Version `n` of epoch 1.
+    const fn v(n: u64) -> Version {
+        Version::new(Epoch(1), Revision(n))
+    }
 
     #[test]
     fn ack_and_nack_per_version() {
@@ -564,24 +616,21 @@ mod tests {
     fn the_initial_version_does_not_count_as_applied() {
         let tr = Tracker::new();
         let a = tr.connected("a", "gw", "p", "41");
-        assert!(!tr.applied(Version(41)));
+        assert!(!tr.applied(v(41)));
         assert_eq!(tr.envoys()[0].initial_version, "41");
-        tr.acked(a, Version(45));
-        assert!(tr.applied(Version(41)));
+        tr.acked(a, v(45));
+        assert!(tr.applied(v(41)));
     }
 
     #[test]
     fn file_consumer() {
         let tr = Tracker::new();
-        tr.file_written("/x.pb", Ok(Version(3)));
-        assert!(tr.applied(Version(3)));
-        assert!(!tr.applied(Version(4)));
+        tr.file_written("/x.pb", Ok(v(3)));
+        assert!(tr.applied(v(3)));
+        assert!(!tr.applied(v(4)));
         tr.file_written("/x.pb", Err("disk full".into()));
         assert_eq!(tr.file().unwrap().error.as_deref(), Some("disk full"));
-        assert_eq!(
-            tr.rollout(Version(4)).lagging[0].lag,
-            Lag::WriteFailed("disk full".into())
-        );
+        assert_eq!(tr.rollout(v(4)).lagging[0].lag, Lag::WriteFailed("disk full".into()));
     }
 
     #[test]
@@ -672,9 +721,29 @@ mod tests {
         assert_eq!(r.lagging[0].lag, Lag::Rejected("no".into()));
         // Nobody answers: the deadline.
         let started = Instant::now();
-        let r = tr.wait(Version(3), Instant::now() + Duration::from_millis(100)).await;
+        let r = tr.wait(v(3), Instant::now() + Duration::from_millis(100)).await;
         assert!(started.elapsed() >= Duration::from_millis(100));
         assert_eq!(r.lagging.len(), 2);
         assert!(r.lagging.iter().all(|l| l.lag == Lag::Pending));
+    }
+
+    #[test]
+    fn a_held_stream_lags_with_the_version_it_has() {
+        let tr = Tracker::new();
+        let a = tr.connected("gw", "gw", "p", &v(9).xds());
+        tr.held(a, v(9));
+        let r = tr.rollout(v(5));
+        assert_eq!(r.lagging[0].lag, Lag::Held(v(9)));
+        assert!(
+            r.settled(),
+            "nothing to wait for: it gets nothing until the control plane catches up"
+        );
+        assert!(tr.envoys()[0].held);
+        tr.released(a);
+        tr.acked(a, v(9));
+        assert!(tr.rollout(v(9)).complete());
+        assert!(!tr.envoys()[0].held);
+        // An ACK of another epoch's version is not this epoch's.
+        assert!(!tr.rollout(Version::new(Epoch(2), Revision(1))).complete());
     }
 }

@@ -147,7 +147,7 @@ mod tests {
         let resource = EcdsResource::new(FilterParams::default());
         for version in [1, 2] {
             let snap = Snapshot {
-                version: Version(version),
+                version: Version::new(crate::store::Epoch(1), crate::store::Revision(version)),
                 payload: Arc::new(b"APTK".to_vec()),
                 api: Arc::new(Config::deny_all()),
                 tokens: 0,
@@ -155,7 +155,7 @@ mod tests {
             };
             write(&path, &resource, &snap).unwrap();
             let r = DiscoveryResponse::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
-            assert_eq!(r.version_info, version.to_string());
+            assert_eq!(r.version_info, format!("1.{version}"));
             assert_eq!(r.type_url, TYPE_URL);
             assert_eq!(r.resources.len(), 1);
         }

@@ -183,7 +183,7 @@ impl EcdsResource {
 
     fn response_for(&self, version: Version, payload: &Arc<Vec<u8>>, nonce: &str, include: bool) -> Frame {
         let before = DiscoveryResponse {
-            version_info: version.to_string(),
+            version_info: version.xds(),
             ..Default::default()
         }
         .encode_to_vec();
@@ -215,6 +215,7 @@ impl EcdsResource {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::{Epoch, Revision};
     use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     use envoy_types::pb::google::protobuf::BytesValue;
     use envoy_types::util::pack_any;
@@ -240,13 +241,13 @@ mod tests {
     }
 
     /// The same response built the ordinary way, as a message.
-    fn reference(params: &FilterParams, version: u64, payload: &[u8], nonce: &str) -> Vec<u8> {
+    fn reference(params: &FilterParams, version: Version, payload: &[u8], nonce: &str) -> Vec<u8> {
         let tec = TypedExtensionConfig {
             name: params.resource_name.clone(),
             typed_config: Some(pack_any(wasm_filter(params, payload.to_vec()))),
         };
         DiscoveryResponse {
-            version_info: version.to_string(),
+            version_info: version.xds(),
             resources: vec![pack_any(tec)],
             type_url: TYPE_URL.to_owned(),
             nonce: nonce.to_owned(),
@@ -267,10 +268,11 @@ mod tests {
         // empty fields out.)
         for len in [1usize, 100, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
             let payload = Arc::new((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-            let frame = resource.response_for(Version(42), &payload, "7", true);
+            let version = Version::new(Epoch(1_733_500_000_000), Revision(42));
+            let frame = resource.response_for(version, &payload, "7", true);
             assert_eq!(
                 concat(&frame),
-                reference(&params, 42, &payload, "7"),
+                reference(&params, version, &payload, "7"),
                 "payload of {len} bytes"
             );
             assert_eq!(frame.len(), concat(&frame).len());
@@ -280,11 +282,16 @@ mod tests {
     #[test]
     fn the_resource_is_a_fail_closed_wasm_filter_carrying_the_bytes() {
         let payload = Arc::new(b"APTK payload".to_vec());
-        let frame = EcdsResource::new(FilterParams::default()).response_for(Version(3), &payload, "n1", true);
+        let frame = EcdsResource::new(FilterParams::default()).response_for(
+            Version::new(Epoch(9), Revision(3)),
+            &payload,
+            "n1",
+            true,
+        );
         let r = DiscoveryResponse::decode(concat(&frame).as_slice()).unwrap();
         assert_eq!(
             (r.version_info.as_str(), r.nonce.as_str(), r.type_url.as_str()),
-            ("3", "n1", TYPE_URL)
+            ("9.3", "n1", TYPE_URL)
         );
         let any = &r.resources[0];
         assert_eq!(any.type_url, TYPE_URL);
@@ -314,9 +321,14 @@ mod tests {
     #[test]
     fn a_response_without_the_resource() {
         let payload = Arc::new(vec![1, 2, 3]);
-        let frame = EcdsResource::new(FilterParams::default()).response_for(Version(5), &payload, "2", false);
+        let frame = EcdsResource::new(FilterParams::default()).response_for(
+            Version::new(Epoch(9), Revision(5)),
+            &payload,
+            "2",
+            false,
+        );
         let r = DiscoveryResponse::decode(concat(&frame).as_slice()).unwrap();
         assert!(r.resources.is_empty());
-        assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("5", "2"));
+        assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("9.5", "2"));
     }
 }

@@ -167,7 +167,8 @@ impl UnaryService<DiscoveryRequest> for FetchMethod {
     }
 }
 
-fn record(acks: &Tracker, stream: &mut Option<StreamId>, peer: &str, event: &Event) {
+fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event: &Event) {
+    let acks = &shared.acks;
     match (event, *stream) {
         (Event::Connected { node, cluster, version }, _) => {
             let id = acks.connected(node, cluster, peer, version);
@@ -176,6 +177,31 @@ fn record(acks: &Tracker, stream: &mut Option<StreamId>, peer: &str, event: &Eve
                 id.0
             );
             *stream = Some(id);
+        }
+        (Event::Held { reported, current }, Some(id)) => {
+            tracing::warn!(
+                "xds: stream {} enforces version {} of epoch {}, newer than this control plane's {} of epoch {}: \
+                 nothing is sent to it until this control plane has caught up (an older copy of the store would \
+                 bring revoked tokens back)",
+                id.0,
+                reported.revision,
+                reported.epoch,
+                current.revision,
+                current.epoch
+            );
+            acks.held(id, *reported);
+            // A fresh look at the store: this replica may only lag behind
+            // another; if the store itself is behind, writes stop.
+            let publisher = Arc::clone(&shared.publisher);
+            let reported = *reported;
+            tokio::spawn(async move { publisher.reported(reported).await });
+        }
+        (Event::Released { version }, Some(id)) => {
+            tracing::info!(
+                "xds: stream {} released: this control plane reached version {version}",
+                id.0
+            );
+            acks.released(id);
         }
         (Event::Ack { version }, Some(id)) => {
             tracing::info!("xds: stream {} ACKed version {version}", id.0);
@@ -211,7 +237,7 @@ async fn serve_stream(
                     match session.on_request(&req, snapshot.version) {
                         Ok(step) => {
                             for event in &step.events {
-                                record(&shared.acks, &mut stream, &peer, event);
+                                record(&shared, &mut stream, &peer, event);
                             }
                             (step.respond, snapshot)
                         }
@@ -233,7 +259,11 @@ async fn serve_stream(
                     break;
                 }
                 let snapshot = Arc::clone(&published.borrow_and_update().snapshot);
-                (session.on_version(snapshot.version), snapshot)
+                let step = session.on_version(snapshot.version);
+                for event in &step.events {
+                    record(&shared, &mut stream, &peer, event);
+                }
+                (step.respond, snapshot)
             }
             _ = shutdown.changed() => break,
             () = tx.closed() => break,

@@ -15,6 +15,12 @@
 //! a version the client merely names: a reconnecting Envoy that reports a
 //! version from before has applied nothing on this stream yet.
 //!
+//! Never backwards: an Envoy that reconnects reporting a version newer than
+//! the current one (it was configured by a replica that is ahead, or before
+//! the store was restored from a backup) is sent nothing: the stream is held
+//! until the current version reaches the one it reported. Sending the
+//! current version would bring back every token revoked in between.
+//!
 //! One response at a time is in flight: a new version waits until Envoy has
 //! answered the previous one, then goes out as the newest there is. Envoy
 //! applies responses one after the other (a large table takes a while), so
@@ -36,6 +42,11 @@ pub(crate) enum Event {
         /// The version the client says it has (empty on a fresh Envoy).
         version: String,
     },
+    /// The client enforces `reported`, newer than the current version:
+    /// nothing is sent until the current version reaches it.
+    Held { reported: Version, current: Version },
+    /// A held stream gets the current version at last.
+    Released { version: Version },
     /// The client applied the version sent with the nonce it answered.
     Ack { version: Version },
     /// The client rejected the version sent with the nonce it answered.
@@ -67,6 +78,15 @@ pub(crate) struct Step {
     pub respond: Option<Respond>,
 }
 
+impl Step {
+    fn respond(respond: Option<Respond>) -> Self {
+        Self {
+            events: Vec::new(),
+            respond,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Sent {
     nonce: String,
@@ -84,6 +104,9 @@ pub(crate) struct Session {
     /// `last_sent` is not answered yet.
     in_flight: bool,
     nonces: u64,
+    /// The version the client reported when it connected, while it is newer
+    /// than the current one: nothing is sent before the current one reaches it.
+    held: Option<Version>,
 }
 
 impl Session {
@@ -96,6 +119,7 @@ impl Session {
             last_sent: None,
             in_flight: false,
             nonces: 0,
+            held: None,
         }
     }
 
@@ -117,6 +141,10 @@ impl Session {
                 cluster: node.cluster.clone(),
                 version: req.version_info.clone(),
             });
+            if let Some(reported) = Version::from_xds(&req.version_info).filter(|r| *r > current) {
+                self.held = Some(reported);
+                step.events.push(Event::Held { reported, current });
+            }
         }
         let mut names = req.resource_names.clone();
         names.sort();
@@ -126,10 +154,13 @@ impl Session {
             // A nonce we issued: an answer to a response of ours.
             Some(sent) if !req.response_nonce.is_empty() => sent.clone(),
             // A new subscription, a re-subscription, or a nonce from a
-            // previous control-plane process: answer with the current state.
+            // previous control-plane process: answer with the current state
+            // (unless the stream is held).
             _ => {
                 self.names = Some(names);
-                step.respond = Some(self.respond(current));
+                if self.held.is_none() {
+                    step.respond = Some(self.respond(current));
+                }
                 return Ok(step);
             }
         };
@@ -155,13 +186,25 @@ impl Session {
 
     /// A new version was published: the response to push, if the client
     /// subscribed, was not sent this version yet, and answered the last
-    /// response (otherwise its answer brings the newest version).
-    pub fn on_version(&mut self, current: Version) -> Option<Respond> {
-        self.names.as_ref()?;
-        if self.in_flight || self.last_sent.as_ref().is_some_and(|s| s.version == current) {
-            return None;
+    /// response (otherwise its answer brings the newest version); for a held
+    /// stream, once `current` reaches the version the client reported.
+    pub fn on_version(&mut self, current: Version) -> Step {
+        if let Some(reported) = self.held {
+            if current < reported {
+                return Step::default();
+            }
+            self.held = None;
+            let mut step = Step::default();
+            step.events.push(Event::Released { version: current });
+            if self.names.is_some() {
+                step.respond = Some(self.respond(current));
+            }
+            return step;
         }
-        Some(self.respond(current))
+        if self.names.is_none() || self.in_flight || self.last_sent.as_ref().is_some_and(|s| s.version == current) {
+            return Step::default();
+        }
+        Step::respond(Some(self.respond(current)))
     }
 
     fn wants_resource(&self) -> bool {
@@ -190,6 +233,7 @@ impl Session {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::{Epoch, Revision};
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::google::rpc::Status;
 
@@ -228,9 +272,14 @@ mod tests {
         }
     }
 
+    /// Version `n` of epoch 1.
+    fn v(n: u64) -> Version {
+        Version::new(Epoch(1), Revision(n))
+    }
+
     fn respond(version: u64, nonce: &str) -> Option<Respond> {
         Some(Respond {
-            version: Version(version),
+            version: v(version),
             nonce: nonce.into(),
             include: true,
         })
@@ -239,7 +288,7 @@ mod tests {
     #[test]
     fn initial_request_gets_the_current_version() {
         let mut s = Session::new("apitokens");
-        let step = s.on_request(&first(""), Version(3)).unwrap();
+        let step = s.on_request(&first(""), v(3)).unwrap();
         assert_eq!(
             step.events,
             [Event::Connected {
@@ -254,15 +303,15 @@ mod tests {
     #[test]
     fn ack_then_push_on_change() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
-        let step = s.on_request(&ack("3", "1"), Version(3)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
+        s.on_request(&first(""), v(3)).unwrap();
+        let step = s.on_request(&ack("3", "1"), v(3)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(3) }]);
         assert!(step.respond.is_none(), "nothing new to send");
         // Same version again: nothing.
-        assert!(s.on_version(Version(3)).is_none());
-        assert_eq!(s.on_version(Version(4)), respond(4, "2"));
-        let step = s.on_request(&ack("4", "2"), Version(4)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: Version(4) }]);
+        assert!(s.on_version(v(3)).respond.is_none());
+        assert_eq!(s.on_version(v(4)).respond, respond(4, "2"));
+        let step = s.on_request(&ack("4", "2"), v(4)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(4) }]);
     }
 
     #[test]
@@ -270,65 +319,62 @@ mod tests {
         // A client naming another version than the one sent with the nonce
         // applied what was sent, nothing else.
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
-        let step = s.on_request(&ack("99", "1"), Version(3)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
+        s.on_request(&first(""), v(3)).unwrap();
+        let step = s.on_request(&ack("99", "1"), v(3)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(3) }]);
     }
 
     #[test]
     fn nack_is_reported_with_the_rejected_version_and_not_resent() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
-        s.on_request(&ack("3", "1"), Version(3)).unwrap();
-        s.on_version(Version(4)).unwrap();
+        s.on_request(&first(""), v(3)).unwrap();
+        s.on_request(&ack("3", "1"), v(3)).unwrap();
+        s.on_version(v(4)).respond.unwrap();
         let step = s
-            .on_request(&nack("3", "2", "Unable to create Wasm HTTP filter"), Version(4))
+            .on_request(&nack("3", "2", "Unable to create Wasm HTTP filter"), v(4))
             .unwrap();
         assert_eq!(
             step.events,
             [Event::Nack {
-                version: Version(4),
+                version: v(4),
                 error: "Unable to create Wasm HTTP filter".into()
             }]
         );
         assert!(step.respond.is_none(), "the same version is not pushed again");
         // A fixed configuration goes out.
-        assert_eq!(s.on_version(Version(5)).unwrap().version, Version(5));
+        assert_eq!(s.on_version(v(5)).respond.unwrap().version, v(5));
     }
 
     #[test]
     fn stale_nonces_are_ignored() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
+        s.on_request(&first(""), v(3)).unwrap();
         // A re-subscription (no nonce) is answered at once: nonce 2
         // supersedes nonce 1.
-        s.on_request(&first(""), Version(4)).unwrap();
-        assert_eq!(s.on_request(&ack("3", "1"), Version(4)).unwrap(), Step::default());
-        assert_eq!(
-            s.on_request(&nack("3", "1", "late"), Version(4)).unwrap(),
-            Step::default()
-        );
-        let step = s.on_request(&ack("4", "2"), Version(4)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: Version(4) }]);
+        s.on_request(&first(""), v(4)).unwrap();
+        assert_eq!(s.on_request(&ack("3", "1"), v(4)).unwrap(), Step::default());
+        assert_eq!(s.on_request(&nack("3", "1", "late"), v(4)).unwrap(), Step::default());
+        let step = s.on_request(&ack("4", "2"), v(4)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(4) }]);
     }
 
     #[test]
     fn one_response_in_flight_then_the_newest_version() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
+        s.on_request(&first(""), v(3)).unwrap();
         // Versions 4 and 5 are published while 3 is not answered yet.
-        assert!(s.on_version(Version(4)).is_none());
-        assert!(s.on_version(Version(5)).is_none());
+        assert!(s.on_version(v(4)).respond.is_none());
+        assert!(s.on_version(v(5)).respond.is_none());
         // The ACK of 3 counts, and brings 5 (4 is skipped).
-        let step = s.on_request(&ack("3", "1"), Version(5)).unwrap();
-        assert_eq!(step.events, [Event::Ack { version: Version(3) }]);
+        let step = s.on_request(&ack("3", "1"), v(5)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(3) }]);
         assert_eq!(step.respond, respond(5, "2"));
-        assert!(s.on_version(Version(6)).is_none(), "5 is in flight");
-        let step = s.on_request(&nack("3", "2", "no"), Version(6)).unwrap();
+        assert!(s.on_version(v(6)).respond.is_none(), "5 is in flight");
+        let step = s.on_request(&nack("3", "2", "no"), v(6)).unwrap();
         assert_eq!(
             step.events,
             [Event::Nack {
-                version: Version(5),
+                version: v(5),
                 error: "no".into()
             }]
         );
@@ -338,16 +384,16 @@ mod tests {
     #[test]
     fn a_version_that_arrives_while_waiting_is_sent_after_the_ack() {
         let mut s = Session::new("apitokens");
-        s.on_request(&first(""), Version(3)).unwrap();
-        let step = s.on_request(&ack("3", "1"), Version(4)).unwrap();
-        assert_eq!(step.respond.unwrap().version, Version(4));
-        assert!(s.on_version(Version(4)).is_none());
+        s.on_request(&first(""), v(3)).unwrap();
+        let step = s.on_request(&ack("3", "1"), v(4)).unwrap();
+        assert_eq!(step.respond.unwrap().version, v(4));
+        assert!(s.on_version(v(4)).respond.is_none());
     }
 
     #[test]
     fn reconnect_with_a_version_from_a_previous_process() {
         let mut s = Session::new("apitokens");
-        let step = s.on_request(&first("17"), Version(20)).unwrap();
+        let step = s.on_request(&first("17"), v(20)).unwrap();
         assert_eq!(
             step.events[0],
             Event::Connected {
@@ -356,13 +402,13 @@ mod tests {
                 version: "17".into()
             }
         );
-        assert_eq!(step.respond.unwrap().version, Version(20));
+        assert_eq!(step.respond.unwrap().version, v(20));
         // A nonce this session never issued: answered as a new subscription,
         // and no ACK is counted for it.
         let mut s = Session::new("apitokens");
         let mut req = first("17");
         req.response_nonce = "99".into();
-        let step = s.on_request(&req, Version(20)).unwrap();
+        let step = s.on_request(&req, v(20)).unwrap();
         assert!(step.respond.is_some());
         assert!(!step.events.iter().any(|e| matches!(e, Event::Ack { .. })));
     }
@@ -370,7 +416,7 @@ mod tests {
     #[test]
     fn no_version_pushed_before_subscription() {
         let mut s = Session::new("apitokens");
-        assert!(s.on_version(Version(1)).is_none());
+        assert!(s.on_version(v(1)).respond.is_none());
     }
 
     #[test]
@@ -378,16 +424,16 @@ mod tests {
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.resource_names = vec!["something-else".into()];
-        assert!(!s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
+        assert!(!s.on_request(&req, v(1)).unwrap().respond.unwrap().include);
         // Changing the subscription to ours sends the resource at once.
         let mut req = ack("1", "1");
         req.resource_names = vec!["apitokens".into()];
-        assert!(s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
+        assert!(s.on_request(&req, v(1)).unwrap().respond.unwrap().include);
         // Wildcard (no names) gets it too.
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.resource_names.clear();
-        assert!(s.on_request(&req, Version(1)).unwrap().respond.unwrap().include);
+        assert!(s.on_request(&req, v(1)).unwrap().respond.unwrap().include);
     }
 
     #[test]
@@ -395,16 +441,57 @@ mod tests {
         let mut s = Session::new("apitokens");
         let mut req = first("");
         req.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
-        assert!(matches!(
-            s.on_request(&req, Version(1)),
-            Err(ProtocolError::WrongType(_))
-        ));
+        assert!(matches!(s.on_request(&req, v(1)), Err(ProtocolError::WrongType(_))));
         let mut req = first("");
         req.node = None;
-        assert_eq!(s.on_request(&req, Version(1)), Err(ProtocolError::NoNode));
+        assert_eq!(s.on_request(&req, v(1)), Err(ProtocolError::NoNode));
         // An empty type_url (allowed on non-aggregated streams) is ours.
         let mut req = first("");
         req.type_url.clear();
-        assert!(s.on_request(&req, Version(1)).is_ok());
+        assert!(s.on_request(&req, v(1)).is_ok());
+    }
+
+    #[test]
+    fn an_envoy_ahead_of_this_control_plane_is_held_until_it_catches_up() {
+        // The Envoy enforces version 7 (from a replica that is ahead, or
+        // from before the store was restored); this control plane has 5.
+        let mut s = Session::new("apitokens");
+        let step = s.on_request(&first(&v(7).xds()), v(5)).unwrap();
+        assert_eq!(step.respond, None, "never sent anything older");
+        assert_eq!(
+            step.events[1],
+            Event::Held {
+                reported: v(7),
+                current: v(5)
+            }
+        );
+        // A re-subscription changes nothing; nor does version 6.
+        assert_eq!(s.on_request(&first(&v(7).xds()), v(5)).unwrap().respond, None);
+        assert_eq!(s.on_version(v(6)), Step::default());
+        // Version 7 (the same content, now caught up): sent.
+        let step = s.on_version(v(7));
+        assert_eq!(step.events, [Event::Released { version: v(7) }]);
+        assert_eq!(step.respond, respond(7, "1"));
+        let step = s.on_request(&ack(&v(7).xds(), "1"), v(7)).unwrap();
+        assert_eq!(step.events, [Event::Ack { version: v(7) }]);
+    }
+
+    #[test]
+    fn a_later_epoch_is_ahead_of_any_revision_of_an_earlier_one() {
+        let later = Version::new(Epoch(2), Revision(3));
+        // An Envoy on epoch 2 is not sent revision 50 of epoch 1.
+        let mut s = Session::new("apitokens");
+        assert_eq!(s.on_request(&first(&later.xds()), v(50)).unwrap().respond, None);
+        // An Envoy on epoch 1 gets epoch 2 at once.
+        let mut s = Session::new("apitokens");
+        let step = s.on_request(&first(&v(50).xds()), later).unwrap();
+        assert_eq!(step.respond.unwrap().version, later);
+        // Versions from before epochs (a bare number) are older than any epoch.
+        let mut s = Session::new("apitokens");
+        assert!(s.on_request(&first("900"), v(3)).unwrap().respond.is_some());
+        assert_eq!(Version::from_xds("900"), Some(Version::new(Epoch(0), Revision(900))));
+        assert_eq!(Version::from_xds(&later.xds()), Some(later));
+        assert_eq!(Version::from_xds(""), None);
+        assert_eq!(Version::from_xds("x.1"), None);
     }
 }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::sqlite::CHANGES_PER_WRITE;
-use super::{Action, AuditEvent, Changes, PreviousSecret, Revision, Store, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Changes, Epoch, Position, PreviousSecret, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
 
@@ -45,6 +45,14 @@ fn event(action: Action, token: &str) -> AuditEvent {
         actor: "namespaces/default/apitokens/admin".into(),
         client_address: Some("192.0.2.7".into()),
         ..test_event()
+    }
+}
+
+/// The revision a change set brings the store to, and what changed.
+fn since(changes: Changes) -> (Revision, Vec<(String, Option<TokenRecord>)>) {
+    match changes {
+        Changes::Since { head, changed } => (head.at.revision, changed),
+        Changes::TooOld => panic!("the change log should reach back"),
     }
 }
 
@@ -152,28 +160,20 @@ pub(crate) async fn changes_since_a_revision(store: &dyn Store) {
         .unwrap()
         .unwrap();
     assert_eq!(
-        store.changes_since(r0).await.unwrap(),
-        Changes::Since {
-            revision: r3,
-            changed: vec![(a.name.clone(), None), (b.name.clone(), Some(b2.clone()))]
-        }
+        since(store.changes_since(r0).await.unwrap()),
+        (r3, vec![(a.name.clone(), None), (b.name.clone(), Some(b2.clone()))])
     );
     assert_eq!(
-        store.changes_since(r2).await.unwrap(),
-        Changes::Since {
-            revision: r3,
-            changed: vec![(b.name.clone(), Some(b2))]
-        }
+        since(store.changes_since(r2).await.unwrap()),
+        (r3, vec![(b.name.clone(), Some(b2))])
     );
+    assert_eq!(since(store.changes_since(r3).await.unwrap()), (r3, vec![]));
+    // A revision from the future (a restored backup): nothing, and where
+    // the store is (the publisher sees it went back).
     assert_eq!(
-        store.changes_since(r3).await.unwrap(),
-        Changes::Since {
-            revision: r3,
-            changed: vec![]
-        }
+        since(store.changes_since(Revision(r3.0 + 5)).await.unwrap()),
+        (r3, vec![])
     );
-    // A revision from the future (another store, a restored backup).
-    assert_eq!(store.changes_since(Revision(r3.0 + 5)).await.unwrap(), Changes::TooOld);
 }
 
 pub(crate) async fn bulk_writes_restart_the_change_log(store: &dyn Store) {
@@ -185,13 +185,7 @@ pub(crate) async fn bulk_writes_restart_the_change_log(store: &dyn Store) {
         .collect();
     let r = store.insert(many, None, vec![]).await.unwrap();
     assert_eq!(store.changes_since(Revision(0)).await.unwrap(), Changes::TooOld);
-    assert_eq!(
-        store.changes_since(r).await.unwrap(),
-        Changes::Since {
-            revision: r,
-            changed: vec![]
-        }
-    );
+    assert_eq!(since(store.changes_since(r).await.unwrap()), (r, vec![]));
 }
 
 pub(crate) async fn expired_tokens_retire_once(store: &dyn Store) {
@@ -220,9 +214,7 @@ pub(crate) async fn expired_tokens_retire_once(store: &dyn Store) {
     assert_eq!(loaded, [later.name.clone(), never.name.clone()]);
     // Still listed, as retired; and the change is in the log.
     assert!(store.get(&soon.name).await.unwrap().unwrap().retired);
-    let Changes::Since { revision, changed } = store.changes_since(r0).await.unwrap() else {
-        panic!()
-    };
+    let (revision, changed) = since(store.changes_since(r0).await.unwrap());
     assert_eq!(revision, r1);
     assert!(changed[0].1.as_ref().unwrap().retired);
 }
@@ -366,9 +358,119 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
 /// One `#[tokio::test]` per contract test above, each on a fresh store from
 /// `$make` (an async expression giving `Option<(store, guard)>`; `None` skips:
 /// no server to test against).
+pub(crate) async fn a_store_behind_the_gateways_refuses_writes_until_a_new_epoch(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let before = store.head().await.unwrap();
+    assert!(
+        before.at.epoch > Epoch(1_700_000_000_000),
+        "an epoch is a time in milliseconds"
+    );
+    assert_eq!(before.behind, None);
+    // Nothing newer than the store was seen: nothing to record.
+    assert_eq!(store.mark_behind(before.at).await.unwrap(), before);
+    // An Envoy enforced version +5 (a restored backup: the store lost it).
+    let seen = Position::new(before.at.epoch, Revision(before.at.revision.0 + 5));
+    let head = store.mark_behind(seen).await.unwrap();
+    assert_eq!((head.at, head.behind), (before.at, Some(seen)));
+    // An older sighting does not lower it.
+    assert_eq!(
+        store
+            .mark_behind(Position::new(before.at.epoch, Revision(before.at.revision.0 + 2)))
+            .await
+            .unwrap(),
+        head
+    );
+    let behind = StoreError::Behind { at: before.at, seen };
+    let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
+    assert_eq!(store.insert(vec![b.clone()], None, vec![]).await, Err(behind.clone()));
+    assert_eq!(store.delete(&a.name, test_event()).await, Err(behind.clone()));
+    assert_eq!(
+        store.replace_digest(&a.name, Digest([7; 32]), None, test_event()).await,
+        Err(behind.clone())
+    );
+    assert!(matches!(
+        store.retire_expired(Timestamp::from_unix(2_000_000_000, 0)).await,
+        Ok(None) | Err(StoreError::Behind { .. })
+    ));
+    assert_eq!(store.head().await.unwrap(), head, "nothing was written");
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap().digest, a.digest);
+    // The operator accepts the store as it is: a later epoch, a revision
+    // past everything seen, everyone reloads, writes go through.
+    let after = store.new_epoch().await.unwrap();
+    assert!(after.at.epoch > before.at.epoch);
+    assert!(after.at.revision > seen.revision);
+    assert!(after.at > seen);
+    assert_eq!(after.behind, None);
+    assert_eq!(store.changes_since(before.at.revision).await.unwrap(), Changes::TooOld);
+    assert_eq!(
+        since(store.changes_since(after.at.revision).await.unwrap()),
+        (after.at.revision, vec![])
+    );
+    let r = store.insert(vec![b], None, vec![]).await.unwrap();
+    assert_eq!(r, Revision(after.at.revision.0 + 1));
+    assert_eq!(store.head().await.unwrap().at.epoch, after.at.epoch);
+    let (loaded, records) = store.load().await.unwrap();
+    assert_eq!((loaded.at.revision, records.len()), (r, 2));
+}
+
+pub(crate) async fn a_digest_belongs_to_one_token_current_or_previous(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    let b = record("namespaces/default/apitokens/b", Role::Owner, 2);
+    store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
+    // a rotates with an overlap: digest 1 is its previous secret, 9 its current.
+    store
+        .replace_digest(
+            &a.name,
+            Digest([9; 32]),
+            Some(Timestamp::from_unix(4_000_000_000, 0)),
+            test_event(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let rev = store.revision().await.unwrap();
+    // A new token whose secret is a's previous one (an import, say).
+    let c = record("namespaces/default/apitokens/c", Role::Viewer, 1);
+    assert_eq!(store.insert(vec![c], None, vec![]).await, Err(StoreError::DigestTaken));
+    // ... or whose previous secret is a's current or previous one.
+    for taken in [9u8, 1] {
+        let d = TokenRecord {
+            previous: Some(PreviousSecret {
+                digest: Digest([taken; 32]),
+                until: Timestamp::from_unix(4_000_000_000, 0),
+            }),
+            ..record("namespaces/default/apitokens/d", Role::Viewer, 5)
+        };
+        assert_eq!(store.insert(vec![d], None, vec![]).await, Err(StoreError::DigestTaken));
+    }
+    // b regenerated onto a's previous secret.
+    assert_eq!(
+        store.replace_digest(&b.name, Digest([1; 32]), None, test_event()).await,
+        Err(StoreError::DigestTaken)
+    );
+    assert_eq!(store.revision().await.unwrap(), rev, "nothing was written");
+    // Once a's overlap ends, digest 1 is free.
+    store
+        .replace_digest(&a.name, Digest([10; 32]), None, test_event())
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .insert(
+            vec![record("namespaces/default/apitokens/c", Role::Viewer, 1)],
+            None,
+            vec![],
+        )
+        .await
+        .unwrap();
+}
+
 macro_rules! store_contract_tests {
     ($make:expr) => {
         store_contract_tests!(@each $make,
+            a_store_behind_the_gateways_refuses_writes_until_a_new_epoch,
+            a_digest_belongs_to_one_token_current_or_previous,
             insert_get_list_delete,
             duplicates_and_quota_are_refused_and_change_nothing,
             insert_is_all_or_nothing,

@@ -18,6 +18,15 @@ mod row;
 mod sqlite;
 
 pub use postgres::PostgresStore;
+
+/// The epoch and revision after [`Store::new_epoch`] on a store at `head`.
+pub(crate) fn next_epoch(head: &Head) -> Position {
+    let seen = head.behind.unwrap_or(head.at);
+    Position::new(
+        Epoch::after(head.at.epoch.max(seen.epoch)),
+        Revision(head.at.revision.0.max(seen.revision.0) + 1),
+    )
+}
 pub(crate) use postgres::ENVOYS_CHANNEL;
 pub use sqlite::SqliteStore;
 
@@ -40,6 +49,61 @@ impl fmt::Display for Revision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// The store's history: milliseconds since the Unix epoch when it began,
+/// i.e. when the store was created, or when an operator accepted it as it is
+/// after a restore or a lossy failover (`apitokens new-epoch`, see
+/// [`Store::new_epoch`]). A restored copy keeps the epoch of the moment it was
+/// copied, so whatever the Envoys saw after that is recognisably newer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Epoch {
+    /// A new epoch, later than `after` (now, unless the clock is behind it).
+    pub fn after(after: Epoch) -> Self {
+        let now = crate::clock::now();
+        let ms = u64::try_from(now.unix_seconds())
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .saturating_add(u64::from(now.subsec_nanos() / 1_000_000));
+        Self(ms.max(after.0.saturating_add(1)))
+    }
+}
+
+/// A point in the store's history: an epoch, then a revision in it. Ordered:
+/// every revision of a later epoch comes after every revision of an earlier
+/// one. A configuration version is the position at which its content last
+/// changed (`crate::config::Version`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub epoch: Epoch,
+    pub revision: Revision,
+}
+
+impl Position {
+    pub const fn new(epoch: Epoch, revision: Revision) -> Self {
+        Self { epoch, revision }
+    }
+}
+
+/// Where the store's history stands, read with the data it goes with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub at: Position,
+    /// The newest position an Envoy (or a control plane) is known to have
+    /// enforced beyond `at`: the store went back in time (a restored backup,
+    /// a failover that lost commits). Writes are refused
+    /// ([`StoreError::Behind`]) until an operator accepts the store as it is
+    /// with [`Store::new_epoch`]; new writes would otherwise reuse revisions
+    /// of the lost history.
+    pub behind: Option<Position>,
 }
 
 /// One token as stored: validated fields, the secret's digest only.
@@ -155,10 +219,11 @@ pub struct AuditEvent {
 /// What changed since a revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Changes {
-    /// The store is at `revision`; `changed` holds the current state of every
-    /// token written after the revision asked about (`None`: deleted).
+    /// The store is at `head`; `changed` holds the current state of every
+    /// token written after the revision asked about (`None`: deleted). Empty
+    /// when the store is at or before that revision.
     Since {
-        revision: Revision,
+        head: Head,
         changed: Vec<(String, Option<TokenRecord>)>,
     },
     /// The change log no longer reaches back that far: load everything.
@@ -185,6 +250,16 @@ pub enum StoreError {
     /// message never contains a secret.
     #[error("the token store is unavailable: {0}")]
     Unavailable(String),
+    /// The store is behind what the gateways enforce (see [`Head::behind`]):
+    /// no write until an operator runs `apitokens new-epoch`.
+    #[error(
+        "the token store is behind the configuration the gateways enforce (version {} of epoch {}, the store is at \
+         version {} of epoch {}): it was restored from a backup or failed over and lost writes; changes are refused \
+         until an operator accepts the store as it is with `apitokens new-epoch` (revocations made after the copy \
+         must then be made again)",
+        seen.revision, seen.epoch, at.revision, at.epoch
+    )]
+    Behind { at: Position, seen: Position },
 }
 
 /// The storage interface. Every method that changes something is durable when
@@ -228,12 +303,24 @@ pub trait Store: Send + Sync {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<(u64, AuditEvent)>, StoreError>;
-    /// Every token that is not retired, ordered by name, and the revision
-    /// they were read at, in one consistent read.
-    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError>;
+    /// Every token that is not retired, ordered by name, and where the store
+    /// stood when they were read, in one consistent read.
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError>;
     /// What changed after `revision`, in one consistent read.
     async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError>;
-    async fn revision(&self) -> Result<Revision, StoreError>;
+    async fn head(&self) -> Result<Head, StoreError>;
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.head().await?.at.revision)
+    }
+    /// Records that `seen` was enforced somewhere although the store is
+    /// before it (see [`Head::behind`]); nothing if the store is at or after
+    /// `seen`. Returns the head after.
+    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError>;
+    /// Accepts the store as it is after a restore or a lossy failover: a new
+    /// epoch (later than the current one and than any position it is
+    /// behind), a revision above every one seen, the change log restarted,
+    /// and writes allowed again. Every Envoy then takes its content.
+    async fn new_epoch(&self) -> Result<Head, StoreError>;
     /// Retires every token whose expiry is at or before `cutoff`, and ends
     /// the overlaps that ended by then; the revision if anything changed.
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError>;

@@ -20,7 +20,7 @@
 
 use super::row::{decode, decode_event, split, EventRow, Row, COLUMNS, WITH_USE};
 use super::sqlite::{CHANGES_KEPT, CHANGES_PER_WRITE};
-use super::{AuditEvent, Changes, Revision, Store, StoreError, TokenRecord};
+use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::Timestamp;
@@ -46,6 +46,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_rotation_usage_audit",
         include_str!("../../migrations/postgres/0003_rotation_usage_audit.sql"),
+    ),
+    (
+        "0004_epochs_and_digests",
+        include_str!("../../migrations/postgres/0004_epochs_and_digests.sql"),
     ),
 ];
 
@@ -358,9 +362,9 @@ impl PostgresStore {
         getrandom::fill(&mut lineage)
             .map_err(|e| StoreError::Unavailable(format!("the OS random source failed: {e}")))?;
         tx.execute(
-            "INSERT INTO store_state (id, revision, changes_from, lineage) VALUES (1, 0, 0, $1)
+            "INSERT INTO store_state (id, revision, changes_from, lineage, epoch) VALUES (1, 0, 0, $1, $2)
              ON CONFLICT (id) DO NOTHING",
-            &[&&lineage[..]],
+            &[&&lineage[..], &epoch_i64(Epoch::after(Epoch(0)))],
         )
         .await
         .map_err(unavailable)?;
@@ -503,16 +507,46 @@ fn to_i64(revision: Revision) -> i64 {
     i64::try_from(revision.0).unwrap_or(i64::MAX)
 }
 
+fn epoch_i64(epoch: Epoch) -> i64 {
+    i64::try_from(epoch.0).unwrap_or(i64::MAX)
+}
+
+const HEAD: &str = "SELECT epoch, revision, behind_epoch, behind_revision FROM store_state WHERE id = 1";
+
+fn head_of(row: &tokio_postgres::Row) -> Result<Head, StoreError> {
+    let at = |e: i64, r: i64| Position::new(Epoch(u64::try_from(e).unwrap_or(0)), revision_of(r));
+    let behind_epoch: Option<i64> = row.try_get(2).map_err(unavailable)?;
+    let behind_revision: Option<i64> = row.try_get(3).map_err(unavailable)?;
+    Ok(Head {
+        at: at(
+            row.try_get(0).map_err(unavailable)?,
+            row.try_get(1).map_err(unavailable)?,
+        ),
+        behind: behind_epoch.zip(behind_revision).map(|(e, r)| at(e, r)),
+    })
+}
+
+async fn head(tx: &Transaction<'_>) -> Result<Head, StoreError> {
+    head_of(&tx.query_one(HEAD, &[]).await.map_err(unavailable)?)
+}
+
 /// Locks the state row and advances the revision: the first statement of
-/// every write (see the module's notes).
+/// every write (see the module's notes). Refuses (the transaction rolls back
+/// when dropped) while the store is behind the gateways (`Head::behind`).
 async fn next_revision(tx: &Transaction<'_>) -> Result<i64, StoreError> {
-    tx.query_one(
-        "UPDATE store_state SET revision = revision + 1 WHERE id = 1 RETURNING revision",
-        &[],
-    )
-    .await
-    .and_then(|r| r.try_get(0))
-    .map_err(unavailable)
+    let row = tx
+        .query_one(
+            "UPDATE store_state SET revision = revision + 1 WHERE id = 1
+             RETURNING epoch, revision - 1, behind_epoch, behind_revision, revision",
+            &[],
+        )
+        .await
+        .map_err(unavailable)?;
+    let now = head_of(&row)?;
+    if let Some(seen) = now.behind {
+        return Err(StoreError::Behind { at: now.at, seen });
+    }
+    row.try_get(4).map_err(unavailable)
 }
 
 /// Logs the names a write changed and notifies the other replicas (at commit).
@@ -637,7 +671,7 @@ fn insert_error(e: tokio_postgres::Error, first_name: &str) -> StoreError {
                         .unwrap_or(first_name);
                     return StoreError::NameTaken(name.to_owned());
                 }
-                Some("tokens_secret_sha256_key") => return StoreError::DigestTaken,
+                Some("tokens_secret_sha256_key" | "tokens_previous_unique") => return StoreError::DigestTaken,
                 _ => {}
             }
         }
@@ -901,21 +935,17 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
         self.read(|tx| {
             Box::pin(async move {
-                let revision: i64 = tx
-                    .query_one("SELECT revision FROM store_state WHERE id = 1", &[])
-                    .await
-                    .and_then(|r| r.try_get(0))
-                    .map_err(unavailable)?;
+                let head = head(tx).await?;
                 let records = query(
                     tx,
                     &format!("SELECT {COLUMNS} FROM tokens t WHERE NOT t.retired ORDER BY t.name"),
                     &[],
                 )
                 .await?;
-                Ok((revision_of(revision), records))
+                Ok((head, records))
             })
         })
         .await
@@ -924,14 +954,20 @@ impl Store for PostgresStore {
     async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
         self.read(move |tx| {
             Box::pin(async move {
-                let state = tx
-                    .query_one("SELECT revision, changes_from FROM store_state WHERE id = 1", &[])
+                let head = head(tx).await?;
+                let from: i64 = tx
+                    .query_one("SELECT changes_from FROM store_state WHERE id = 1", &[])
                     .await
+                    .and_then(|r| r.try_get(0))
                     .map_err(unavailable)?;
-                let revision = revision_of(state.try_get(0).map_err(unavailable)?);
-                let from = revision_of(state.try_get(1).map_err(unavailable)?);
-                if since < from || since > revision {
+                if since < revision_of(from) {
                     return Ok(Changes::TooOld);
+                }
+                if since >= head.at.revision {
+                    return Ok(Changes::Since {
+                        head,
+                        changed: Vec::new(),
+                    });
                 }
                 let rows = tx
                     .query(
@@ -956,20 +992,65 @@ impl Store for PostgresStore {
                     };
                     changed.push((name, record));
                 }
-                Ok(Changes::Since { revision, changed })
+                Ok(Changes::Since { head, changed })
             })
         })
         .await
     }
 
-    async fn revision(&self) -> Result<Revision, StoreError> {
+    async fn head(&self) -> Result<Head, StoreError> {
         let conn = self.conn().await?;
-        let revision: i64 = conn
-            .query_one("SELECT revision FROM store_state WHERE id = 1", &[])
+        head_of(&conn.query_one(HEAD, &[]).await.map_err(unavailable)?)
+    }
+
+    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let now = head_of(
+            &tx.query_one(&format!("{HEAD} FOR UPDATE"), &[])
+                .await
+                .map_err(unavailable)?,
+        )?;
+        if seen > now.at && now.behind.is_none_or(|b| seen > b) {
+            tx.execute(
+                "UPDATE store_state SET behind_epoch = $1, behind_revision = $2 WHERE id = 1",
+                &[&epoch_i64(seen.epoch), &to_i64(seen.revision)],
+            )
             .await
-            .and_then(|r| r.try_get(0))
             .map_err(unavailable)?;
-        Ok(revision_of(revision))
+            tx.execute("SELECT pg_notify($1, 'behind')", &[&CHANGES_CHANNEL])
+                .await
+                .map_err(unavailable)?;
+        }
+        let after = head(&tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(after)
+    }
+
+    async fn new_epoch(&self) -> Result<Head, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let now = head_of(
+            &tx.query_one(&format!("{HEAD} FOR UPDATE"), &[])
+                .await
+                .map_err(unavailable)?,
+        )?;
+        let next = next_epoch(&now);
+        tx.execute("DELETE FROM changes", &[]).await.map_err(unavailable)?;
+        // Nothing before the new epoch is in the change log: everyone reloads.
+        tx.execute(
+            "UPDATE store_state SET epoch = $1, revision = $2, changes_from = $2,
+                 behind_epoch = NULL, behind_revision = NULL WHERE id = 1",
+            &[&epoch_i64(next.epoch), &to_i64(next.revision)],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.execute("SELECT pg_notify($1, 'epoch')", &[&CHANGES_CHANNEL])
+            .await
+            .map_err(unavailable)?;
+        let after = head(&tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(after)
     }
 
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {

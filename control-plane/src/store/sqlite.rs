@@ -7,7 +7,7 @@
 //! wait for the writer).
 
 use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
-use super::{AuditEvent, Changes, Revision, Store, StoreError, TokenRecord};
+use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -18,12 +18,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
-/// Version 3 (the latest): integer times (comparable in SQL, exact to the
+/// Version 4 (the latest): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
 /// the previous secret of a rotation's overlap, who created a token, its last
-/// use, and the audit trail (3).
+/// use, and the audit trail (3); the store's epoch (`meta`), and no digest
+/// shared between a current and a previous secret (4).
 const SCHEMA: &str = "
 CREATE TABLE tokens (
     name           TEXT PRIMARY KEY NOT NULL,
@@ -81,6 +82,25 @@ CREATE TABLE events (
     count                  INTEGER
 );
 CREATE INDEX events_by_namespace ON events (namespace, seq);
+";
+
+/// What version 4 added: one digest, one token, across current and previous
+/// secrets (the `UNIQUE` on `secret_sha256` covers current secrets only). The
+/// messages name the column, as SQLite's own constraint errors do, so both
+/// read as a taken digest. The epoch is set in `meta` by `init`.
+const SCHEMA_4: &str = "
+CREATE UNIQUE INDEX tokens_previous_unique ON tokens (previous_sha256) WHERE previous_sha256 IS NOT NULL;
+CREATE TRIGGER tokens_digests_unique_insert BEFORE INSERT ON tokens
+WHEN EXISTS (SELECT 1 FROM tokens WHERE previous_sha256 = NEW.secret_sha256
+                 OR (NEW.previous_sha256 IS NOT NULL AND secret_sha256 = NEW.previous_sha256))
+     OR NEW.secret_sha256 = NEW.previous_sha256
+BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: tokens.secret_sha256'); END;
+CREATE TRIGGER tokens_digests_unique_update BEFORE UPDATE OF secret_sha256, previous_sha256 ON tokens
+WHEN EXISTS (SELECT 1 FROM tokens WHERE name <> NEW.name
+                 AND (previous_sha256 = NEW.secret_sha256
+                      OR (NEW.previous_sha256 IS NOT NULL AND secret_sha256 = NEW.previous_sha256)))
+     OR NEW.secret_sha256 = NEW.previous_sha256
+BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: tokens.secret_sha256'); END;
 ";
 
 /// Version 2 to 3, on an existing database.
@@ -221,21 +241,32 @@ fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
         0 => {
             tx.execute_batch(SCHEMA).map_err(unavailable)?;
             tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
             set_meta(&tx, "revision", 0)?;
             set_meta(&tx, "changes_from", 0)?;
             new_lineage(&tx)?;
         }
-        1 => migrate_from_v1(&tx)?,
+        1 => {
+            migrate_from_v1(&tx)?;
+            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
+        }
         2 => {
             tx.execute_batch(MIGRATE_2_TO_3).map_err(unavailable)?;
             tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
         }
+        3 => tx.execute_batch(SCHEMA_4).map_err(unavailable)?,
         SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Unavailable(format!(
                 "the database has schema version {other}; this apitokens understands {SCHEMA_VERSION}"
             )))
         }
+    }
+    if version < SCHEMA_VERSION {
+        // The history starts now (an older database's Envoys carry versions
+        // without an epoch, which count as epoch 0: this one is later).
+        set_meta(&tx, "epoch", to_i64(Epoch::after(Epoch(0)).0))?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(unavailable)?;
@@ -256,6 +287,33 @@ fn set_meta(tx: &Transaction<'_>, key: &str, value: i64) -> Result<(), StoreErro
 fn meta(tx: &Transaction<'_>, key: &str) -> Result<i64, StoreError> {
     tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .map_err(unavailable)
+}
+
+fn meta_opt(tx: &Transaction<'_>, key: &str) -> Result<Option<i64>, StoreError> {
+    tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(unavailable)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Where the store stands: epoch, revision, and what it is behind.
+fn head(tx: &Transaction<'_>) -> Result<Head, StoreError> {
+    let at = Position::new(
+        Epoch(to_u64(meta(tx, "epoch")?)),
+        Revision(to_u64(meta(tx, "revision")?)),
+    );
+    let behind = match (meta_opt(tx, "behind_epoch")?, meta_opt(tx, "behind_revision")?) {
+        (Some(e), Some(r)) => Some(Position::new(Epoch(to_u64(e)), Revision(to_u64(r)))),
+        _ => None,
+    };
+    Ok(Head { at, behind })
 }
 
 fn new_lineage(tx: &Transaction<'_>) -> Result<(), StoreError> {
@@ -341,11 +399,16 @@ fn restrict_permissions(path: &Path) {
 fn restrict_permissions(_path: &Path) {}
 
 /// Advances the revision and logs the names it changed, in the caller's
-/// transaction.
+/// transaction; refuses (the transaction rolls back) while the store is
+/// behind the gateways (see `Head::behind`).
 fn commit_revision<'n>(
     tx: &Transaction<'_>,
     names: impl ExactSizeIterator<Item = &'n str>,
 ) -> Result<Revision, StoreError> {
+    let now = head(tx)?;
+    if let Some(seen) = now.behind {
+        return Err(StoreError::Behind { at: now.at, seen });
+    }
     let revision: i64 = tx
         .query_row(
             "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value",
@@ -449,7 +512,7 @@ fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
             if msg.contains("tokens.name") {
                 return StoreError::NameTaken(name.to_owned());
             }
-            if msg.contains("tokens.secret_sha256") {
+            if msg.contains("tokens.secret_sha256") || msg.contains("tokens.previous_sha256") {
                 return StoreError::DigestTaken;
             }
         }
@@ -672,25 +735,31 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn load(&self) -> Result<(Revision, Vec<TokenRecord>), StoreError> {
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
         self.read(|tx| {
-            let revision = meta(tx, "revision")?;
+            let head = head(tx)?;
             let records = query(
                 tx,
                 &format!("SELECT {COLUMNS} FROM tokens t WHERE t.retired = 0 ORDER BY t.name"),
                 [],
             )?;
-            Ok((Revision(u64::try_from(revision).unwrap_or(0)), records))
+            Ok((head, records))
         })
         .await
     }
 
     async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
         self.read(move |tx| {
-            let revision = u64::try_from(meta(tx, "revision")?).unwrap_or(0);
-            let from = u64::try_from(meta(tx, "changes_from")?).unwrap_or(0);
-            if since.0 < from || since.0 > revision {
+            let head = head(tx)?;
+            let from = to_u64(meta(tx, "changes_from")?);
+            if since.0 < from {
                 return Ok(Changes::TooOld);
+            }
+            if since >= head.at.revision {
+                return Ok(Changes::Since {
+                    head,
+                    changed: Vec::new(),
+                });
             }
             let since_i = i64::try_from(since.0).unwrap_or(i64::MAX);
             let names: Vec<String> = {
@@ -709,17 +778,40 @@ impl Store for SqliteStore {
                 let record = get_one(tx, &name)?;
                 changed.push((name, record));
             }
-            Ok(Changes::Since {
-                revision: Revision(revision),
-                changed,
-            })
+            Ok(Changes::Since { head, changed })
         })
         .await
     }
 
-    async fn revision(&self) -> Result<Revision, StoreError> {
-        self.read(|tx| Ok(Revision(u64::try_from(meta(tx, "revision")?).unwrap_or(0))))
-            .await
+    async fn head(&self) -> Result<Head, StoreError> {
+        self.read(head).await
+    }
+
+    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
+        self.write(move |tx| {
+            let now = head(tx)?;
+            if seen > now.at && now.behind.is_none_or(|b| seen > b) {
+                set_meta(tx, "behind_epoch", to_i64(seen.epoch.0))?;
+                set_meta(tx, "behind_revision", to_i64(seen.revision.0))?;
+            }
+            head(tx)
+        })
+        .await
+    }
+
+    async fn new_epoch(&self) -> Result<Head, StoreError> {
+        self.write(|tx| {
+            let next = next_epoch(&head(tx)?);
+            tx.execute("DELETE FROM meta WHERE key IN ('behind_epoch', 'behind_revision')", [])
+                .map_err(unavailable)?;
+            tx.execute("DELETE FROM changes", []).map_err(unavailable)?;
+            set_meta(tx, "epoch", to_i64(next.epoch.0))?;
+            set_meta(tx, "revision", to_i64(next.revision.0))?;
+            // Nothing before the new epoch is in the change log: everyone reloads.
+            set_meta(tx, "changes_from", to_i64(next.revision.0))?;
+            head(tx)
+        })
+        .await
     }
 
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {

@@ -1,7 +1,6 @@
 //! What can go wrong with a token operation. Messages name the field, never
 //! the value (which could be a secret pasted into the wrong place).
 
-use crate::config::PublishError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,10 +16,6 @@ pub enum Error {
     DigestTaken,
     #[error("namespace {namespace} already has {limit} API tokens, the most allowed; delete tokens it no longer needs first")]
     QuotaExceeded { namespace: String, limit: u32 },
-    /// The change is committed but could not be published to the push (the
-    /// publisher retries on the next write or poll).
-    #[error("the change is stored but could not be published to the gateways yet: {0}")]
-    NotPublished(PublishError),
     #[error(transparent)]
     Store(StoreError),
     #[error("the OS random source failed: {0}")]

@@ -81,12 +81,18 @@ pub enum Delivery {
     Published { version: Version },
     /// In published configuration `rollout.version`, and how far it got.
     Applied(Rollout),
+    /// Committed, but not in a published configuration yet (the store could
+    /// not be read back in time, say): the control plane publishes it as soon
+    /// as it catches up, at the latest at its next poll. The answer still
+    /// carries a new secret: the change cannot be taken back, and a secret
+    /// shown only once must never be lost.
+    NotPublished { reason: String },
 }
 
 impl Delivery {
     pub fn version(&self) -> Option<Version> {
         match self {
-            Delivery::Stored => None,
+            Delivery::Stored | Delivery::NotPublished { .. } => None,
             Delivery::Published { version } => Some(*version),
             Delivery::Applied(rollout) => Some(rollout.version),
         }
@@ -405,6 +411,29 @@ impl Service {
                 last_use: None,
             });
         }
+        // A digest that is already a current or a previous secret of a
+        // token would put one digest twice in the table every Envoy gets:
+        // refused, naming the entry (the store refuses it too, without
+        // saying which).
+        let (_, existing) = self.store.load().await?;
+        let mut taken: std::collections::HashMap<Digest, &str> = std::collections::HashMap::new();
+        for r in &existing {
+            taken.insert(r.digest, &r.name);
+            if let Some(p) = &r.previous {
+                taken.insert(p.digest, &r.name);
+            }
+        }
+        for (i, r) in records.iter().enumerate() {
+            if let Some(owner) = taken.get(&r.digest) {
+                return Err(Error::invalid(
+                    format!("tokens[{i}].secretSha256"),
+                    format!(
+                        "({}) is the digest of a secret of {owner} (its current or previous one); a digest belongs to one token",
+                        r.name
+                    ),
+                ));
+            }
+        }
         let count = records.len();
         // One event per namespace, with the number of tokens.
         let mut per_namespace: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
@@ -528,11 +557,15 @@ impl Service {
             return Ok(Delivery::Stored);
         };
         let deadline = Instant::now() + self.opts.apply_timeout;
-        let snapshot = push
-            .publisher
-            .publish(revision, deadline)
-            .await
-            .map_err(Error::NotPublished)?;
+        let snapshot = match push.publisher.publish(revision, deadline).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                tracing::warn!(
+                    "revision {revision} is committed but not published yet (it will be at the next catch-up): {e}"
+                );
+                return Ok(Delivery::NotPublished { reason: e.to_string() });
+            }
+        };
         if wait == Wait::Published {
             return Ok(Delivery::Published {
                 version: snapshot.version,

@@ -83,6 +83,11 @@ def version_of(r: Response) -> int:
     return int(r.headers["x-apitokens-config-version"])
 
 
+def revision_of(version_info: str) -> int:
+    """The revision of a version as Envoy reports it over xDS (`EPOCH.REVISION`)."""
+    return int(version_info.rsplit(".", 1)[-1])
+
+
 def issue(cp: "ControlPlane", token_id: str, role: str) -> str:
     """A new token of namespace default (the owner in `cp.owners`, as
     testkit.fixtures' `cp` has it), acknowledged by every Envoy: its secret."""
