@@ -12,6 +12,7 @@ from testkit.controlplane import (
     MEASUREMENTS,
     ControlPlane,
     create,
+    from_file,
     shipped_envoy,
     tokens_path,
     until_status,
@@ -26,16 +27,8 @@ def file_setup(workdir, upstream):
     owner = cp.bootstrap("default", "admin")
     cp.start("--no-xds", "--ecds-file", str(ecds_file))
     assert ecds_file.exists()
-
-    def to_file(config):
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"][0]["config_discovery"]["config_source"] = {
-            "resource_api_version": "V3",
-            "path_config_source": {"path": str(ecds_file)},
-        }
-
     envoy = shipped_envoy(workdir / "envoy-file", cp, upstream.server_address[1], node="e2e-envoy-file",
-                          mutate=to_file)
+                          mutate=from_file(ecds_file))
     envoy.start()
     yield cp, envoy, owner, ecds_file
     envoy.stop()

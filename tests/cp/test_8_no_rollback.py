@@ -23,6 +23,7 @@ from testkit.controlplane import (
     ControlPlane,
     apitokens_bin,
     create,
+    from_file,
     issued_secret,
     shipped_envoy,
     tokens_path,
@@ -146,15 +147,8 @@ def file_setup(workdir, upstream):
     owner = cp.bootstrap("default", "admin")
     cp.start("--no-xds", "--ecds-file", str(ecds_file))
 
-    def to_file(config):
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"][0]["config_discovery"]["config_source"] = {
-            "resource_api_version": "V3",
-            "path_config_source": {"path": str(ecds_file)},
-        }
-
     def envoy(node: str):
-        return shipped_envoy(workdir / node, cp, upstream.server_address[1], node=node, mutate=to_file)
+        return shipped_envoy(workdir / node, cp, upstream.server_address[1], node=node, mutate=from_file(ecds_file))
 
     yield cp, ecds_file, owner, envoy
     cp.stop()

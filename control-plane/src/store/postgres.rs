@@ -425,6 +425,58 @@ impl PostgresStore {
     }
 }
 
+/// A change of the store's position itself (see `Head`).
+enum HeadChange {
+    Behind(Position),
+    NewEpoch(Position),
+}
+
+impl PostgresStore {
+    /// Applies `change` (decided on the locked state row) in one transaction,
+    /// tells the other replicas, and returns where the store is after.
+    async fn change_head(&self, change: impl FnOnce(&Head) -> Option<HeadChange>) -> Result<Head, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        let now = head_of(
+            &tx.query_one(&format!("{HEAD} FOR UPDATE"), &[])
+                .await
+                .map_err(unavailable)?,
+        )?;
+        let what = match change(&now) {
+            None => None,
+            Some(HeadChange::Behind(seen)) => {
+                tx.execute(
+                    "UPDATE store_state SET behind_epoch = $1, behind_revision = $2 WHERE id = 1",
+                    &[&epoch_i64(seen.epoch), &to_i64(seen.revision)],
+                )
+                .await
+                .map_err(unavailable)?;
+                Some("behind")
+            }
+            Some(HeadChange::NewEpoch(next)) => {
+                // Nothing before the new epoch is in the change log: everyone reloads.
+                tx.execute("DELETE FROM changes", &[]).await.map_err(unavailable)?;
+                tx.execute(
+                    "UPDATE store_state SET epoch = $1, revision = $2, changes_from = $2,
+                         behind_epoch = NULL, behind_revision = NULL WHERE id = 1",
+                    &[&epoch_i64(next.epoch), &to_i64(next.revision)],
+                )
+                .await
+                .map_err(unavailable)?;
+                Some("epoch")
+            }
+        };
+        if let Some(what) = what {
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &what])
+                .await
+                .map_err(unavailable)?;
+        }
+        let after = head(&tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(after)
+    }
+}
+
 /// Holds a LISTEN connection, reconnecting with backoff, until `stop` closes.
 async fn listen(
     config: tokio_postgres::Config,
@@ -1004,53 +1056,15 @@ impl Store for PostgresStore {
     }
 
     async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(unavailable)?;
-        let now = head_of(
-            &tx.query_one(&format!("{HEAD} FOR UPDATE"), &[])
-                .await
-                .map_err(unavailable)?,
-        )?;
-        if seen > now.at && now.behind.is_none_or(|b| seen > b) {
-            tx.execute(
-                "UPDATE store_state SET behind_epoch = $1, behind_revision = $2 WHERE id = 1",
-                &[&epoch_i64(seen.epoch), &to_i64(seen.revision)],
-            )
-            .await
-            .map_err(unavailable)?;
-            tx.execute("SELECT pg_notify($1, 'behind')", &[&CHANGES_CHANNEL])
-                .await
-                .map_err(unavailable)?;
-        }
-        let after = head(&tx).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(after)
+        self.change_head(|now| {
+            (seen > now.at && now.behind.is_none_or(|b| seen > b)).then_some(HeadChange::Behind(seen))
+        })
+        .await
     }
 
     async fn new_epoch(&self) -> Result<Head, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(unavailable)?;
-        let now = head_of(
-            &tx.query_one(&format!("{HEAD} FOR UPDATE"), &[])
-                .await
-                .map_err(unavailable)?,
-        )?;
-        let next = next_epoch(&now);
-        tx.execute("DELETE FROM changes", &[]).await.map_err(unavailable)?;
-        // Nothing before the new epoch is in the change log: everyone reloads.
-        tx.execute(
-            "UPDATE store_state SET epoch = $1, revision = $2, changes_from = $2,
-                 behind_epoch = NULL, behind_revision = NULL WHERE id = 1",
-            &[&epoch_i64(next.epoch), &to_i64(next.revision)],
-        )
-        .await
-        .map_err(unavailable)?;
-        tx.execute("SELECT pg_notify($1, 'epoch')", &[&CHANGES_CHANNEL])
+        self.change_head(|now| Some(HeadChange::NewEpoch(next_epoch(now))))
             .await
-            .map_err(unavailable)?;
-        let after = head(&tx).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(after)
     }
 
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {

@@ -231,6 +231,19 @@ def ecds_bootstrap(cp: ControlPlane, upstream_port: int, node: str) -> dict:
     return copy.deepcopy(config)
 
 
+def from_file(ecds_file: Path) -> Callable[[dict], None]:
+    """A `shipped_envoy` mutation: the filter's configuration from the ECDS
+    file `serve --ecds-file` writes (watched by Envoy) instead of gRPC."""
+
+    def mutate(config: dict) -> None:
+        hcm_of(config)["http_filters"][0]["config_discovery"]["config_source"] = {
+            "resource_api_version": "V3",
+            "path_config_source": {"path": str(ecds_file)},
+        }
+
+    return mutate
+
+
 def shipped_envoy(workdir: Path, cp: ControlPlane, upstream_port: int, node: str,
                   mutate: Callable[[dict], None] | None = None, cwd: Path = REPO) -> harness.Envoy:
     """An Envoy (not started) on envoy-ecds.yaml as shipped (`ecds_bootstrap`,
