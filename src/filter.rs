@@ -272,33 +272,30 @@ fn configure(root: u32, size: usize) -> bool {
     if let (Some(key), Some(incoming)) = (&lineage, stamp) {
         let here = newest_here(key, root);
         let floor = if fresh { floor(key) } else { None };
-        match compact::arrival(incoming, here.as_ref().map(|(s, _)| *s), floor) {
-            Arrival::Apply => {}
-            Arrival::KeepNewer => {
-                if let Some((kept, active)) = here {
-                    log(
-                        Level::Warn,
-                        format_args!(
-                            "configuration {} is older than {}, which this VM enforces: kept the newer one \
-                             (a control plane serving an older copy of the token store?)",
-                            At(incoming),
-                            At(kept)
-                        ),
-                    );
-                    ROOTS.with(|r| {
-                        r.borrow_mut().insert(
-                            root,
-                            RootEntry {
-                                active,
-                                lineage,
-                                stamp: Some(kept),
-                            },
-                        )
-                    });
-                    return true;
-                }
+        match (compact::arrival(incoming, here.as_ref().map(|(s, _)| *s), floor), here) {
+            (Arrival::KeepNewer, Some((kept, active))) => {
+                log(
+                    Level::Warn,
+                    format_args!(
+                        "configuration {} is older than {}, which this VM enforces: kept the newer one \
+                         (a control plane serving an older copy of the token store?)",
+                        At(incoming),
+                        At(kept)
+                    ),
+                );
+                ROOTS.with(|r| {
+                    r.borrow_mut().insert(
+                        root,
+                        RootEntry {
+                            active,
+                            lineage,
+                            stamp: Some(kept),
+                        },
+                    )
+                });
+                return true;
             }
-            Arrival::Refuse => {
+            (Arrival::Refuse, _) => {
                 log(
                     Level::Error,
                     format_args!(
@@ -309,6 +306,8 @@ fn configure(root: u32, size: usize) -> bool {
                 );
                 return false;
             }
+            // Not older than anything this VM or this Envoy enforces.
+            _ => {}
         }
     }
     // Drop the tables this configuration supersedes before reading it (see

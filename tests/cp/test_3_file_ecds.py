@@ -10,8 +10,8 @@ import pytest
 from testkit.controlplane import (
     APP,
     MEASUREMENTS,
-    ControlPlane,
     create,
+    file_plane,
     from_file,
     shipped_envoy,
     tokens_path,
@@ -22,10 +22,7 @@ from testkit.harness import poll
 
 @pytest.fixture(scope="module")
 def file_setup(workdir, upstream):
-    cp = ControlPlane(workdir / "cp-file", name="cp-file")
-    ecds_file = cp.dir / "apitokens-ecds.pb"
-    owner = cp.bootstrap("default", "admin")
-    cp.start("--no-xds", "--ecds-file", str(ecds_file))
+    cp, ecds_file, owner = file_plane(workdir, "cp-file")
     assert ecds_file.exists()
     envoy = shipped_envoy(workdir / "envoy-file", cp, upstream.server_address[1], node="e2e-envoy-file",
                           mutate=from_file(ecds_file))

@@ -23,6 +23,7 @@ from testkit.controlplane import (
     ControlPlane,
     apitokens_bin,
     create,
+    file_plane,
     from_file,
     issued_secret,
     shipped_envoy,
@@ -142,10 +143,7 @@ def test_a_restored_backup_brings_no_revoked_token_back(stale_setup, workdir):
 
 @pytest.fixture(scope="module")
 def file_setup(workdir, upstream):
-    cp = ControlPlane(workdir / "cp-older", name="cp-older")
-    ecds_file = cp.dir / "apitokens-ecds.pb"
-    owner = cp.bootstrap("default", "admin")
-    cp.start("--no-xds", "--ecds-file", str(ecds_file))
+    cp, ecds_file, owner = file_plane(workdir, "cp-older")
 
     def envoy(node: str):
         return shipped_envoy(workdir / node, cp, upstream.server_address[1], node=node, mutate=from_file(ecds_file))

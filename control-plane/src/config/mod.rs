@@ -69,7 +69,7 @@ pub struct Snapshot {
 }
 
 /// The publisher's state as writers and the status page see it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Published {
     /// Every store change up to this revision is in `snapshot`.
     pub revision: Revision,

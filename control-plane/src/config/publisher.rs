@@ -184,6 +184,15 @@ impl Publisher {
         self.catch_up_or_report(&mut live).await
     }
 
+    /// Changes the published state but not its snapshot.
+    fn amend(&self, change: impl FnOnce(&mut Published)) {
+        self.published.send_modify(|p| {
+            let mut next = Published::clone(p);
+            change(&mut next);
+            *p = Arc::new(next);
+        });
+    }
+
     /// [`Publisher::catch_up`], its failure shown to the status page.
     async fn catch_up_or_report(&self, live: &mut Live) -> Result<(), PublishError> {
         let result = self.catch_up(live).await;
@@ -193,14 +202,9 @@ impl Publisher {
                 PublishError::Store(StoreError::Behind { seen, .. }) => Some(*seen),
                 _ => None,
             };
-            self.published.send_modify(|p| {
-                *p = Arc::new(Published {
-                    revision: p.revision,
-                    epoch: p.epoch,
-                    behind: behind.or(p.behind),
-                    snapshot: Arc::clone(&p.snapshot),
-                    error: Some(error),
-                })
+            self.amend(|p| {
+                p.behind = behind.or(p.behind);
+                p.error = Some(error);
             });
         }
         result
@@ -239,8 +243,7 @@ impl Publisher {
 
     /// The store is before what this process published: it went back in
     /// time. Nothing older is published; the store is marked so.
-    async fn fell_behind(&self, live: &Live, head: Head) -> PublishError {
-        let published = Position::new(live.epoch, live.revision);
+    async fn fell_behind(&self, published: Position, head: Head) -> PublishError {
         let seen = match self.store.mark_behind(published).await {
             Ok(after) => after.behind.unwrap_or(published),
             Err(e) => return PublishError::Store(e),
@@ -257,19 +260,11 @@ impl Publisher {
             Changes::TooOld => self.store.head().await?,
         };
         if head.at < here {
-            return Err(self.fell_behind(live, head).await);
+            return Err(self.fell_behind(here, head).await);
         }
         if head.at == here {
             if head.behind != self.state().behind {
-                self.published.send_modify(|p| {
-                    *p = Arc::new(Published {
-                        revision: p.revision,
-                        epoch: p.epoch,
-                        behind: head.behind,
-                        snapshot: Arc::clone(&p.snapshot),
-                        error: p.error.clone(),
-                    })
-                });
+                self.amend(|p| p.behind = head.behind);
             }
             return Ok(());
         }
@@ -292,7 +287,7 @@ impl Publisher {
             None => {
                 let (head, records) = self.store.load().await?;
                 if head.at < here {
-                    return Err(self.fell_behind(live, head).await);
+                    return Err(self.fell_behind(here, head).await);
                 }
                 live.table = Some(build(stamped(&self.header, head.at), records).await?);
                 (head, true, "reloaded")

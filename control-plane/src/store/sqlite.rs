@@ -405,8 +405,9 @@ fn commit_revision<'n>(
     tx: &Transaction<'_>,
     names: impl ExactSizeIterator<Item = &'n str>,
 ) -> Result<Revision, StoreError> {
-    let now = head(tx)?;
-    if let Some(seen) = now.behind {
+    if meta_opt(tx, "behind_epoch")?.is_some() {
+        let now = head(tx)?;
+        let seen = now.behind.unwrap_or(now.at);
         return Err(StoreError::Behind { at: now.at, seen });
     }
     let revision: i64 = tx

@@ -231,6 +231,16 @@ def ecds_bootstrap(cp: ControlPlane, upstream_port: int, node: str) -> dict:
     return copy.deepcopy(config)
 
 
+def file_plane(workdir: Path, name: str) -> tuple["ControlPlane", Path, str]:
+    """A started `serve` that writes the ECDS file instead of serving gRPC,
+    its file, and the owner of namespace default."""
+    cp = ControlPlane(workdir / name, name=name)
+    ecds_file = cp.dir / "apitokens-ecds.pb"
+    owner = cp.bootstrap("default", "admin")
+    cp.start("--no-xds", "--ecds-file", str(ecds_file))
+    return cp, ecds_file, owner
+
+
 def from_file(ecds_file: Path) -> Callable[[dict], None]:
     """A `shipped_envoy` mutation: the filter's configuration from the ECDS
     file `serve --ecds-file` writes (watched by Envoy) instead of gRPC."""
