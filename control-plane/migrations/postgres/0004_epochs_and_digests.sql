@@ -19,21 +19,6 @@ ALTER TABLE envoy_streams ADD COLUMN nacked_epoch bigint;
 
 -- A digest is a current or a previous secret of one token only: otherwise
 -- the table pushed to Envoy holds one digest twice and every push is refused.
--- Writes serialise on store_state (see store/postgres.rs), so the check
--- sees every committed write.
+-- Two previous secrets: this index; a current and a previous one: checked
+-- by every write that sets a digest (store/postgres.rs, no_shared_digest).
 CREATE UNIQUE INDEX tokens_previous_unique ON tokens (previous_sha256) WHERE previous_sha256 IS NOT NULL;
-CREATE FUNCTION apitokens_digests_unique() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.secret_sha256 = NEW.previous_sha256 OR EXISTS (
-        SELECT 1 FROM tokens WHERE name <> NEW.name
-            AND (previous_sha256 = NEW.secret_sha256
-                 OR (NEW.previous_sha256 IS NOT NULL AND secret_sha256 = NEW.previous_sha256))
-    ) THEN
-        RAISE EXCEPTION 'a digest of another token''s secret'
-            USING ERRCODE = 'unique_violation', CONSTRAINT = 'tokens_secret_sha256_key';
-    END IF;
-    RETURN NEW;
-END;
-$$;
-CREATE TRIGGER tokens_digests_unique BEFORE INSERT OR UPDATE OF secret_sha256, previous_sha256 ON tokens
-    FOR EACH ROW EXECUTE FUNCTION apitokens_digests_unique();

@@ -601,6 +601,27 @@ async fn next_revision(tx: &Transaction<'_>) -> Result<i64, StoreError> {
     row.try_get(4).map_err(unavailable)
 }
 
+/// One digest, one token: refuses (the caller's transaction is dropped, so
+/// rolled back) a write that made a token's previous secret another token's
+/// current one, or its own. Only tokens in a rotation's overlap have a
+/// previous secret, so this is a probe per such token, whatever the size of
+/// the table. Writes serialise on the state row, so it sees every commit.
+async fn no_shared_digest(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let shared: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM tokens a JOIN tokens b ON b.secret_sha256 = a.previous_sha256
+                            WHERE a.previous_sha256 IS NOT NULL)",
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(unavailable)?;
+    if shared {
+        return Err(StoreError::DigestTaken);
+    }
+    Ok(())
+}
+
 /// Logs the names a write changed and notifies the other replicas (at commit).
 async fn log_changes(tx: &Transaction<'_>, revision: i64, names: &[&str]) -> Result<Revision, StoreError> {
     if names.len() > CHANGES_PER_WRITE {
@@ -833,6 +854,7 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(|e| insert_error(e, names.first().copied().unwrap_or("")))?;
+        no_shared_digest(&tx).await?;
         for event in &events {
             record_event(&tx, event).await?;
         }
@@ -895,6 +917,7 @@ impl Store for PostgresStore {
             // Nothing changed: the revision stays (the transaction rolls back).
             return Ok(None);
         }
+        no_shared_digest(&tx).await?;
         let record = get_one(&tx, name)
             .await?
             .ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;

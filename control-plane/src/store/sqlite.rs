@@ -24,7 +24,7 @@ const SCHEMA_VERSION: i64 = 4;
 /// nanosecond), `retired`, the change log and the store's lineage (2);
 /// the previous secret of a rotation's overlap, who created a token, its last
 /// use, and the audit trail (3); the store's epoch (`meta`), and no digest
-/// shared between a current and a previous secret (4).
+/// shared between two previous secrets (4).
 const SCHEMA: &str = "
 CREATE TABLE tokens (
     name           TEXT PRIMARY KEY NOT NULL,
@@ -84,23 +84,12 @@ CREATE TABLE events (
 CREATE INDEX events_by_namespace ON events (namespace, seq);
 ";
 
-/// What version 4 added: one digest, one token, across current and previous
-/// secrets (the `UNIQUE` on `secret_sha256` covers current secrets only). The
-/// messages name the column, as SQLite's own constraint errors do, so both
-/// read as a taken digest. The epoch is set in `meta` by `init`.
+/// What version 4 added: no two previous secrets share a digest (the
+/// `UNIQUE` on `secret_sha256` covers current secrets; a current and a
+/// previous one are checked by [`no_shared_digest`]). The epoch is set in
+/// `meta` by `init`.
 const SCHEMA_4: &str = "
 CREATE UNIQUE INDEX tokens_previous_unique ON tokens (previous_sha256) WHERE previous_sha256 IS NOT NULL;
-CREATE TRIGGER tokens_digests_unique_insert BEFORE INSERT ON tokens
-WHEN EXISTS (SELECT 1 FROM tokens WHERE previous_sha256 = NEW.secret_sha256
-                 OR (NEW.previous_sha256 IS NOT NULL AND secret_sha256 = NEW.previous_sha256))
-     OR NEW.secret_sha256 = NEW.previous_sha256
-BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: tokens.secret_sha256'); END;
-CREATE TRIGGER tokens_digests_unique_update BEFORE UPDATE OF secret_sha256, previous_sha256 ON tokens
-WHEN EXISTS (SELECT 1 FROM tokens WHERE name <> NEW.name
-                 AND (previous_sha256 = NEW.secret_sha256
-                      OR (NEW.previous_sha256 IS NOT NULL AND secret_sha256 = NEW.previous_sha256)))
-     OR NEW.secret_sha256 = NEW.previous_sha256
-BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: tokens.secret_sha256'); END;
 ";
 
 /// Version 2 to 3, on an existing database.
@@ -398,6 +387,24 @@ fn restrict_permissions(path: &Path) {
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
 
+/// One digest, one token: refuses (the transaction rolls back) a write that
+/// made a token's previous secret another token's current one, or its own.
+/// Only tokens in a rotation's overlap have a previous secret, so this costs
+/// a probe per such token, whatever the size of the table.
+fn no_shared_digest(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let shared: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM tokens a JOIN tokens b ON b.secret_sha256 = a.previous_sha256
+                            WHERE a.previous_sha256 IS NOT NULL)",
+        )
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+        .map_err(unavailable)?;
+    if shared {
+        return Err(StoreError::DigestTaken);
+    }
+    Ok(())
+}
+
 /// Advances the revision and logs the names it changed, in the caller's
 /// transaction; refuses (the transaction rolls back) while the store is
 /// behind the gateways (see `Head::behind`).
@@ -581,6 +588,7 @@ impl Store for SqliteStore {
                     .map_err(|e| map_insert_error(e, &r.name))?;
                 }
             }
+            no_shared_digest(tx)?;
             for event in &events {
                 record_event(tx, event)?;
             }
@@ -632,6 +640,7 @@ impl Store for SqliteStore {
             if changed == 0 {
                 return Ok(None);
             }
+            no_shared_digest(tx)?;
             let record = get_one(tx, &name)?.ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;
             record_event(tx, &event)?;
             let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
