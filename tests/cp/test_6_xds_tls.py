@@ -1,7 +1,8 @@
 """The ECDS server with mutual TLS: an Envoy presenting a client certificate
-signed by the configured CA gets the configuration (and tokens work through
-it); an Envoy with a certificate from another CA gets nothing and keeps
-refusing everything. Certificates are made by the test with openssl."""
+signed by the configured CA, for an allowed identity, gets the configuration
+(and tokens work through it); an Envoy with a certificate from another CA,
+or from the same CA for another identity, gets nothing and keeps refusing
+everything. Certificates are made by the test with openssl."""
 
 from __future__ import annotations
 
@@ -52,19 +53,26 @@ def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(wor
     client_ext = "subjectAltName=DNS:gateway\nextendedKeyUsage=clientAuth\n"
     make_cert(d, "client", "ca", client_ext)
     make_cert(d, "stranger", "other-ca", client_ext)
+    # Signed by the right CA, for another workload.
+    make_cert(d, "insider", "ca", "subjectAltName=DNS:batch-job,URI:spiffe://example.org/ns/batch/sa/job\n"
+                                  "extendedKeyUsage=clientAuth\n")
 
     plane = ControlPlane(workdir / "cp-tls", name="cp-tls")
     owner = plane.bootstrap("default", "admin")
     plane.start("--xds-tls-cert", str(d / "server.pem"), "--xds-tls-key", str(d / "server.key"),
-                "--xds-client-ca", str(d / "ca.pem"))
+                "--xds-client-ca", str(d / "ca.pem"), "--xds-client-san", "gateway",
+                "--xds-client-san", "spiffe://example.org/ns/gateways/sa/envoy")
     port = upstream.server_address[1]
     trusted = shipped_envoy(workdir / "tls-trusted", plane, port, node="trusted",
                             mutate=with_client_tls(d, "client", "ca"))
     stranger = shipped_envoy(workdir / "tls-stranger", plane, port, node="stranger",
                              mutate=with_client_tls(d, "stranger", "ca"))
+    insider = shipped_envoy(workdir / "tls-insider", plane, port, node="insider",
+                            mutate=with_client_tls(d, "insider", "ca"))
     try:
         trusted.start()
         stranger.start()
+        insider.start()
         poll(lambda: plane.envoy_status("trusted").get("ackedVersion"), 15, "the trusted Envoy's ACK")
         assert "mutual TLS" in plane.log_text()
         r = create(plane.api_port, owner, "over-tls", "viewer")
@@ -77,8 +85,16 @@ def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(wor
              "the stranger's refused handshakes")
         assert all(e["node"] != "stranger" for e in plane.status()["envoys"])
         assert stranger.get(APP, secret).status == 401
+        # The insider's handshake succeeds, but its certificate names none of
+        # the allowed identities: every stream is refused.
+        poll(lambda: any(v > 0 for k, v in insider.stats().items()
+                         if k.startswith("cluster.xds_cluster.") and k.endswith("upstream_rq_completed")), 15,
+             "the insider's refused streams")
+        assert all(e["node"] != "insider" for e in plane.status()["envoys"])
+        assert insider.get(APP, secret).status == 401
         assert r.headers["x-apitokens-envoys"] == "1/1"
     finally:
         trusted.stop()
         stranger.stop()
+        insider.stop()
         plane.stop()

@@ -54,6 +54,16 @@ def test_restart_postgresql_under_load(pg, replicas, envoys, owner, figures):
         assert a.status == 503, a
         assert "unavailable" in a.message or "not published" in a.message or "could not be published" in a.message, a
         assert a.retry_after == "1", a
+    # The outage outlasted --replica-timeout-ms: every replica stopped
+    # serving xDS (so that Envoys move to a live one), and the Envoys keep
+    # their tables and reconnect with Envoy's backoff once it is back. A
+    # write answers for the Envoys connected when it is made
+    # (x-apitokens-envoys says how many): wait until all three are back and
+    # have the newest version, then nothing acknowledged may be missing.
+    def all_back():
+        st = r1.status()
+        return st["connectedEnvoys"] == len(envoys) and st["applied"]
+    poll(all_back, 30, "every Envoy reconnected with the newest version")
     writer.check(r1, envoys)
     for secret, name in probes.items():
         assert all(e.get(APP, secret).status == 200 for e in envoys), f"the probe write on {name}"

@@ -82,6 +82,10 @@ pub(crate) async fn status(
                 Lag::Pending => ("pending", None),
                 Lag::Rejected(e) => ("rejected", Some(e.clone())),
                 Lag::WriteFailed(e) => ("writeFailed", Some(e.clone())),
+                Lag::Unresponsive(d) => (
+                    "unresponsive",
+                    Some(format!("no answer to a response sent {:.1} s ago", d.as_secs_f64())),
+                ),
                 Lag::Held(v) => (
                     "held",
                     Some(format!(

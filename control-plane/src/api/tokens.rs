@@ -133,6 +133,7 @@ fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
                             Lag::Rejected(_) => "rejected (NACK)",
                             Lag::WriteFailed(_) => "write failed",
                             Lag::Held(_) => "held (it enforces a newer version than this control plane)",
+                            Lag::Unresponsive(_) => "unresponsive (no answer to earlier versions either)",
                         };
                         format!("{}: {why}", l.who)
                     })

@@ -6,8 +6,9 @@ use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
 use crate::push::acks::Tracker;
 use crate::push::file;
+use crate::push::peers::{Counted, Identities, PeerLimits};
 use crate::push::resource::{self, EcdsResource, FilterParams};
-use crate::push::server::EcdsServer;
+use crate::push::server::{EcdsServer, XdsLimits};
 use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
@@ -43,6 +44,24 @@ pub(super) struct ServeArgs {
     /// CA that signs the Envoys' client certificates (PEM): only Envoys presenting one get the configuration
     #[arg(long, value_name = "PEM", requires = "xds_tls_cert")]
     xds_client_ca: Option<PathBuf>,
+    /// An identity allowed on the xDS port under mutual TLS: a DNS name or URI (e.g. a SPIFFE id) among the client certificate's subject alternative names; repeatable (none: any certificate the CA signed)
+    #[arg(long, value_name = "SAN", requires = "xds_tls_cert")]
+    xds_client_san: Vec<String>,
+    /// Serve xDS without mutual TLS on an address beyond loopback (anyone who reaches it reads every token's digest and name, can fake ACKs, and can mark tokens used)
+    #[arg(long)]
+    insecure_xds: bool,
+    /// Largest request accepted on the xDS port, in bytes (a DiscoveryRequest is a few hundred)
+    #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES")]
+    xds_max_request_bytes: usize,
+    /// Most HTTP/2 streams at once on one xDS connection
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    xds_max_streams_per_connection: u32,
+    /// Most xDS connections at once from one peer address (more are closed at once)
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    xds_max_connections_per_peer: usize,
+    /// An xDS connection is closed (GOAWAY, then 60 s for its streams) after this long; Envoy reconnects (0: never)
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    xds_max_connection_age_seconds: u64,
     /// Also write the ECDS resource to this file (binary DiscoveryResponse, must end in .pb), replaced by atomic rename
     #[arg(long, value_name = "PATH")]
     ecds_file: Option<PathBuf>,
@@ -67,9 +86,9 @@ pub(super) struct ServeArgs {
     /// How often to look for changes made by other processes (e.g. bootstrap), in milliseconds
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     poll_interval_ms: u64,
-    /// Largest gRPC message sent or accepted, in bytes (tonic's default is 4 MiB)
-    #[arg(long, default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
-    max_message_bytes: usize,
+    /// No longer used: responses are never copied per stream, and requests are bounded by --xds-max-request-bytes
+    #[arg(long, hide = true, value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
     /// With a PostgreSQL store: this replica's name on /status and in write answers (default: host name and process id)
     #[arg(long, value_name = "NAME")]
     replica_name: Option<String>,
@@ -84,6 +103,14 @@ pub(super) struct ServeArgs {
 pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
     if args.no_xds && args.ecds_file.is_none() {
         return Err("--no-xds needs --ecds-file: otherwise no Envoy can get the configuration".into());
+    }
+    if !args.no_xds && !args.xds_listen.ip().is_loopback() && args.xds_tls_cert.is_none() && !args.insecure_xds {
+        return Err(format!(
+            "--xds-listen {} is beyond loopback without mutual TLS: anyone who reaches it reads every token's digest \
+             and name, fakes ACKs and marks tokens used. Give --xds-tls-cert, --xds-tls-key and --xds-client-ca \
+             (and --xds-client-san), or --insecure-xds if a network policy stands in front of it",
+            args.xds_listen
+        ));
     }
     if let Some(path) = &args.ecds_file {
         file::check_path(path)?;
@@ -158,17 +185,22 @@ fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>
     ))
 }
 
-/// Accepted connections without Nagle's algorithm: otherwise a small push (a
-/// revocation) can wait for Envoy's delayed ACK, about 40 ms (measured).
-fn nodelay(
-    incoming: tokio_stream::wrappers::TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+/// Accepted connections, at most `--xds-max-connections-per-peer` per peer
+/// address (more are closed at once), without Nagle's algorithm: otherwise a
+/// small push (a revocation) can wait for Envoy's delayed ACK, about 40 ms
+/// (measured).
+fn admitted(
+    listener: tokio::net::TcpListener,
+    peers: Arc<PeerLimits>,
+    cut: tokio_util::sync::CancellationToken,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Counted>> {
     use tokio_stream::StreamExt as _;
-    incoming.map(|stream| {
-        if let Ok(tcp) = &stream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| match accepted {
+        Ok(tcp) => {
             let _ = tcp.set_nodelay(true);
+            peers.admit(tcp, &cut).map(Ok)
         }
-        stream
+        Err(e) => Some(Err(e)),
     })
 }
 
@@ -184,7 +216,9 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     )
     .await
     .map_err(|e| e.to_string())?;
-    let acks = Arc::new(Tracker::new());
+    // A stream that leaves a response unanswered for a write's whole wait is
+    // not waited for again (see `push::acks`).
+    let acks = Arc::new(Tracker::with_patience(Duration::from_millis(args.apply_timeout_ms)));
     let coordinator = match &opened {
         OpenStore::Postgres(pg) => {
             tracing::info!("store: {}", pg.describe());
@@ -239,8 +273,8 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         let addr = l.local_addr().map_err(|e| e.to_string())?;
         if tls.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(
-                "the xDS server listens on {addr}, beyond loopback, without TLS: anyone who reaches it reads every \
-                 token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and --xds-client-ca"
+                "the xDS server listens on {addr}, beyond loopback, without TLS (--insecure-xds): anyone who reaches \
+                 it reads every token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and --xds-client-ca"
             );
         }
         Some(l)
@@ -265,7 +299,14 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         ));
     }
     tasks.spawn(Arc::clone(&service).run_usage(Duration::from_secs(args.usage_flush_seconds.max(1)), stop_rx.clone()));
-    let usage = UsageServer::new(Arc::clone(&service));
+    if args.max_message_bytes.is_some() {
+        tracing::warn!(
+            "--max-message-bytes is no longer used: responses are not copied per stream, requests are bounded by \
+             --xds-max-request-bytes"
+        );
+    }
+    let identities = Identities::new(args.xds_client_san.clone());
+    let usage = UsageServer::new(Arc::clone(&service), identities.clone());
     let app = api::app(Arc::new(AppState {
         service,
         publisher: Arc::clone(&publisher),
@@ -293,7 +334,14 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
             acks: Arc::clone(&acks),
             resource,
             usage,
-            max_message_bytes: args.max_message_bytes,
+            limits: XdsLimits {
+                max_request_bytes: args.xds_max_request_bytes.max(1024),
+                identities,
+            },
+            peers: PeerLimits::new(args.xds_max_connections_per_peer),
+            streams_per_connection: args.xds_max_streams_per_connection.max(1),
+            max_age: (args.xds_max_connection_age_seconds > 0)
+                .then(|| Duration::from_secs(args.xds_max_connection_age_seconds)),
         };
         tasks.spawn(xds.run(listener, liveness, stop_rx.clone()));
         tracing::info!(
@@ -346,7 +394,10 @@ struct Xds {
     acks: Arc<Tracker>,
     resource: EcdsResource,
     usage: UsageServer,
-    max_message_bytes: usize,
+    limits: XdsLimits,
+    peers: Arc<PeerLimits>,
+    streams_per_connection: u32,
+    max_age: Option<Duration>,
 }
 
 impl Xds {
@@ -383,15 +434,23 @@ impl Xds {
                 Arc::clone(&self.acks),
                 self.resource.clone(),
                 end_rx,
-                self.max_message_bytes,
+                self.limits.clone(),
             );
             let (lost, stopped) = (live.clone(), stop.clone());
+            // Connections still open a few seconds after the end (a client
+            // that does not read its stream) are cut.
+            let cut = tokio_util::sync::CancellationToken::new();
+            let cutter = cut.clone();
             let ended = async move {
                 tokio::select! {
                     () = until_live(lost, false) => {}
                     () = wait_true(stopped) => {}
                 }
                 let _ = end_tx.send(true);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    cutter.cancel();
+                });
             };
             let mut builder = tonic::transport::Server::builder();
             if let Some(tls) = self.tls.clone() {
@@ -403,12 +462,19 @@ impl Xds {
                     }
                 };
             }
-            let result = builder
+            builder = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(Some(self.streams_per_connection));
+            if let Some(age) = self.max_age {
+                builder = builder
+                    .max_connection_age(age)
+                    .max_connection_age_grace(Duration::from_secs(60));
+            }
+            let result = builder
                 .add_service(service)
                 .add_service(self.usage.clone())
-                .serve_with_incoming_shutdown(nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)), ended)
+                .serve_with_incoming_shutdown(admitted(listener, Arc::clone(&self.peers), cut), ended)
                 .await;
             if let Err(e) = result {
                 tracing::error!("xDS server failed: {e}");

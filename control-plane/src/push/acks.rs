@@ -16,7 +16,7 @@ use apitokens_core::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const HISTORY: usize = 16;
@@ -142,6 +142,8 @@ struct Stream {
     /// Held (see [`EnvoyStatus::held`]): the version Envoy reported.
     held: Option<Version>,
     sent: Option<Version>,
+    /// When the response awaiting an answer (ACK or NACK) was sent.
+    unanswered_since: Option<Instant>,
     acked: Option<Version>,
     nacked: Option<(Version, String)>,
     history: VecDeque<VersionEvent>,
@@ -180,6 +182,10 @@ pub enum Lag {
     /// Envoy enforces this version, newer than this control plane's: its
     /// stream is held (nothing older is ever sent to it).
     Held(Version),
+    /// The stream has not answered a response sent this long ago (longer
+    /// than the tracker's patience): no write waits for it any more (a client
+    /// that never ACKs must not hold every write to its deadline).
+    Unresponsive(Duration),
 }
 
 /// A consumer that does not enforce a version.
@@ -217,15 +223,22 @@ impl Rollout {
 /// Shared by every xDS stream, the file writer, the writes that wait, and
 /// the status endpoint.
 pub struct Tracker {
+    /// How long a stream may leave a response unanswered before writes stop
+    /// waiting for it (`--apply-timeout-ms`).
+    patience: Duration,
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
     /// Changes of this replica's own streams only (what it shares).
     local_changed: watch::Sender<u64>,
 }
 
+/// The patience of [`Tracker::new`]: the default apply timeout.
+const PATIENCE: Duration = Duration::from_secs(5);
+
 impl Default for Tracker {
     fn default() -> Self {
         Self {
+            patience: PATIENCE,
             inner: Mutex::default(),
             changed: watch::channel(0).0,
             local_changed: watch::channel(0).0,
@@ -260,6 +273,15 @@ fn view(replica: Option<&String>, id: &StreamId, s: &Stream) -> EnvoyStatus {
 impl Tracker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A tracker whose writes stop waiting for a stream that left a response
+    /// unanswered for `patience`.
+    pub fn with_patience(patience: Duration) -> Self {
+        Self {
+            patience,
+            ..Self::default()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -329,6 +351,7 @@ impl Tracker {
                     initial_version: initial_version.to_owned(),
                     held: None,
                     sent: None,
+                    unanswered_since: None,
                     acked: None,
                     nacked: None,
                     history: VecDeque::new(),
@@ -360,6 +383,7 @@ impl Tracker {
         self.update(|inner| {
             if let Some(s) = inner.streams.get_mut(&id) {
                 s.sent = Some(version);
+                s.unanswered_since.get_or_insert_with(Instant::now);
             }
         });
     }
@@ -367,6 +391,7 @@ impl Tracker {
     fn record(&self, id: StreamId, version: Version, error: Option<&str>) {
         self.update(|inner| {
             if let Some(s) = inner.streams.get_mut(&id) {
+                s.unanswered_since = None;
                 match error {
                     None => s.acked = Some(s.acked.map_or(version, |a| a.max(version))),
                     Some(e) => s.nacked = Some((version, e.to_owned())),
@@ -425,12 +450,15 @@ impl Tracker {
             applied: 0,
             lagging: Vec::new(),
         };
+        let patience = self.patience;
         let local = inner.streams.iter().map(|(id, s)| {
+            let silent = s.unanswered_since.map(|t| t.elapsed()).filter(|d| *d >= patience);
             (
                 format!("{} (stream {})", s.node, id.0),
                 s.acked,
                 s.nacked.as_ref(),
                 s.held,
+                silent,
             )
         });
         let remote = inner.remote.iter().filter(|r| r.live).map(|r| {
@@ -445,17 +473,18 @@ impl Tracker {
                 .held
                 .then(|| Version::from_xds(&r.status.initial_version))
                 .flatten();
-            (who, r.acked, r.nacked.as_ref(), held)
+            (who, r.acked, r.nacked.as_ref(), held, None)
         });
-        for (who, acked, nacked, held) in local.chain(remote) {
+        for (who, acked, nacked, held, silent) in local.chain(remote) {
             rollout.envoys += 1;
             if acked.is_some_and(|a| a >= version) {
                 rollout.applied += 1;
                 continue;
             }
-            let lag = match (nacked, held) {
-                (_, Some(reported)) => Lag::Held(reported),
-                (Some((rejected, error)), _) if *rejected >= version => Lag::Rejected(error.clone()),
+            let lag = match (nacked, held, silent) {
+                (_, Some(reported), _) => Lag::Held(reported),
+                (Some((rejected, error)), _, _) if *rejected >= version => Lag::Rejected(error.clone()),
+                (_, _, Some(silent)) => Lag::Unresponsive(silent),
                 _ => Lag::Pending,
             };
             rollout.lagging.push(Lagging { who, lag });
@@ -482,11 +511,26 @@ impl Tracker {
             if rollout.settled() {
                 return rollout;
             }
-            let changed = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
-            if !matches!(changed, Ok(Ok(()))) {
+            // A stream that runs out of patience changes the picture too.
+            let wake = self.next_silence().map_or(deadline, |t| t.min(deadline));
+            let changed = tokio::time::timeout_at(wake.into(), changes.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) && Instant::now() >= deadline {
                 return self.rollout(version);
             }
         }
+    }
+
+    /// When the next stream that leaves a response unanswered runs out of
+    /// patience.
+    fn next_silence(&self) -> Option<Instant> {
+        let inner = self.lock();
+        inner
+            .streams
+            .values()
+            .filter_map(|s| s.unanswered_since)
+            .map(|t| t + self.patience)
+            .filter(|t| *t > Instant::now())
+            .min()
     }
 
     /// For the status page: waits until [`Tracker::applied`] or `deadline`.
@@ -725,6 +769,37 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(100));
         assert_eq!(r.lagging.len(), 2);
         assert!(r.lagging.iter().all(|l| l.lag == Lag::Pending));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_never_answers_holds_writes_for_its_patience_only() {
+        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)));
+        let silent = tr.connected("flood", "x", "p", "");
+        tr.sent(silent, V1);
+        let good = tr.connected("gw", "gw", "p", "");
+        tr.sent(good, V1);
+        tr.acked(good, V1);
+        // Within its patience the silent stream is waited for...
+        let started = Instant::now();
+        let r = tr.wait(V1, Instant::now() + Duration::from_secs(5)).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(140) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(matches!(r.lagging[0].lag, Lag::Unresponsive(_)), "{r:?}");
+        assert_eq!((r.envoys, r.applied), (2, 1));
+        // ... and then no more: the next write answers at once.
+        tr.sent(silent, V2);
+        tr.sent(good, V2);
+        tr.acked(good, V2);
+        let started = Instant::now();
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_millis(50));
+        assert!(matches!(r.lagging[0].lag, Lag::Unresponsive(_)));
+        // An answer ends it.
+        tr.acked(silent, V2);
+        assert!(tr.rollout(V2).complete());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Getting the configuration to every Envoy: ECDS over gRPC (a state machine
-//! per stream, `sotw`, adapted to tonic by `server`), or a file Envoy watches
-//! (`file`); the wire encoding of the resource (`resource`); which Envoy
-//! stream has applied which version (`acks`); and, on the same server, the
-//! filters' usage reports (`usage`).
+//! per stream, `sotw`, adapted to HTTP/2 by `server`, its responses written
+//! around the shared payload by `frames`), or a file Envoy watches (`file`);
+//! the wire encoding of the resource (`resource`); which Envoy stream has
+//! applied which version (`acks`); who may hold the port and how much of it
+//! (`peers`); and, on the same server, the filters' usage reports (`usage`).
 
 pub mod acks;
 pub mod file;
+mod frames;
+pub mod peers;
 pub mod resource;
 pub mod server;
 mod sotw;

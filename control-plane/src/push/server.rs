@@ -1,63 +1,34 @@
-//! The ECDS gRPC service: adapts tonic streams to the [`Session`] state
+//! The ECDS gRPC service: adapts HTTP/2 streams to the [`Session`] state
 //! machine, records every event with the ACK [`Tracker`], and sends each
-//! version as a [`Frame`] around the shared payload (a codec of our own, so
-//! that no stream copies the table into a message first).
+//! version as a [`Frame`] around the shared payload ([`FrameBody`]: no
+//! stream copies the table, a stalled one costs a reference to it).
+//!
+//! Only `StreamExtensionConfigs` is served: `FetchExtensionConfigs` would
+//! hand out the table outside any stream (uncounted, untracked), and Envoy
+//! never uses it. Requests are decoded with a small limit of their own
+//! (`--xds-max-request-bytes`): a DiscoveryRequest is a few hundred bytes.
 
 use super::acks::{StreamId, Tracker};
+use super::frames::FrameBody;
+use super::peers::{peer_of, Identities};
 use super::resource::{EcdsResource, Frame};
 use super::sotw::{Event, Respond, Session};
 use super::BoxFuture;
 use crate::config::{Publisher, Snapshot};
-use bytes::BufMut;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{http, Service};
-use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::{Status, Streaming};
 
 const SERVICE: &str = "envoy.service.extension.v3.ExtensionConfigDiscoveryService";
 
-/// The codec: requests decoded with prost, responses written as frames.
-#[derive(Clone, Copy, Debug, Default)]
-struct FrameCodec;
-
-struct FrameEncoder;
-
-impl Encoder for FrameEncoder {
-    type Item = Frame;
-    type Error = Status;
-
-    fn encode(&mut self, frame: Frame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(frame.len());
-        for part in frame.parts() {
-            dst.put_slice(part);
-        }
-        Ok(())
-    }
-}
-
-impl Codec for FrameCodec {
-    type Encode = Frame;
-    type Decode = DiscoveryRequest;
-    type Encoder = FrameEncoder;
-    type Decoder = tonic_prost::ProstDecoder<DiscoveryRequest>;
-
-    fn encoder(&mut self) -> FrameEncoder {
-        FrameEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-/// The ExtensionConfigDiscoveryService (state of the world; delta is refused).
+/// The ExtensionConfigDiscoveryService (state of the world; delta and fetch
+/// are refused).
 #[derive(Clone)]
 pub struct EcdsServer {
     shared: Arc<Shared>,
@@ -68,18 +39,26 @@ struct Shared {
     acks: Arc<Tracker>,
     resource: EcdsResource,
     shutdown: watch::Receiver<bool>,
-    max_message_bytes: usize,
+    max_request_bytes: usize,
+    identities: Identities,
+}
+
+/// What an xDS server accepts from its clients.
+#[derive(Clone, Debug)]
+pub struct XdsLimits {
+    /// The largest request decoded (a DiscoveryRequest, a usage report).
+    pub max_request_bytes: usize,
+    /// Under mutual TLS: the client identities allowed (empty: any).
+    pub identities: Identities,
 }
 
 impl EcdsServer {
-    /// `max_message_bytes` bounds requests and responses (tonic's default of
-    /// 4 MiB is too small for about 30k tokens).
     pub fn new(
         publisher: Arc<Publisher>,
         acks: Arc<Tracker>,
         resource: EcdsResource,
         shutdown: watch::Receiver<bool>,
-        max_message_bytes: usize,
+        limits: XdsLimits,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -87,14 +66,33 @@ impl EcdsServer {
                 acks,
                 resource,
                 shutdown,
-                max_message_bytes,
+                max_request_bytes: limits.max_request_bytes,
+                identities: limits.identities,
             }),
         }
     }
 
-    fn grpc(&self) -> Grpc<FrameCodec> {
-        Grpc::new(FrameCodec)
-            .apply_max_message_size_config(Some(self.shared.max_message_bytes), Some(self.shared.max_message_bytes))
+    /// A stream: its requests decoded as they come, its responses written
+    /// by a task of its own.
+    fn stream(&self, req: http::Request<Body>) -> http::Response<Body> {
+        if let Err(status) = self.shared.identities.check(req.extensions()) {
+            return status.into_http();
+        }
+        let peer = peer_of(req.extensions()).map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let inbound = Streaming::new_request(
+            tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+            req.into_body(),
+            None,
+            Some(self.shared.max_request_bytes),
+        );
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve_stream(Arc::clone(&self.shared), peer, inbound, tx));
+        let mut resp = http::Response::new(Body::new(FrameBody::new(rx)));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        resp
     }
 }
 
@@ -112,58 +110,20 @@ impl Service<http::Request<Body>> for EcdsServer {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let this = self.clone();
         let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
-        match method {
-            Some("/StreamExtensionConfigs") => Box::pin(async move {
-                let mut grpc = this.grpc();
-                Ok(grpc.streaming(StreamMethod(this.shared), req).await)
-            }),
-            Some("/FetchExtensionConfigs") => Box::pin(async move {
-                let mut grpc = this.grpc();
-                Ok(grpc.unary(FetchMethod(this.shared), req).await)
-            }),
-            Some("/DeltaExtensionConfigs") => Box::pin(async move {
-                Ok(Status::unimplemented(
-                    "apitokens serves the state-of-the-world protocol (api_type: GRPC), not delta",
-                )
-                .into_http())
-            }),
-            _ => Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) }),
-        }
-    }
-}
-
-struct StreamMethod(Arc<Shared>);
-
-impl StreamingService<DiscoveryRequest> for StreamMethod {
-    type Response = Frame;
-    type ResponseStream = ReceiverStream<Result<Frame, Status>>;
-    type Future = BoxFuture<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let shared = Arc::clone(&self.0);
-        Box::pin(async move {
-            let peer = request.remote_addr().map_or_else(|| "-".to_owned(), |a| a.to_string());
-            let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(serve_stream(shared, peer, request.into_inner(), tx));
-            Ok(Response::new(ReceiverStream::new(rx)))
-        })
-    }
-}
-
-struct FetchMethod(Arc<Shared>);
-
-impl UnaryService<DiscoveryRequest> for FetchMethod {
-    type Response = Frame;
-    type Future = BoxFuture<Result<Response<Frame>, Status>>;
-
-    fn call(&mut self, _request: Request<DiscoveryRequest>) -> Self::Future {
-        let shared = Arc::clone(&self.0);
-        Box::pin(async move {
-            let snapshot = shared.publisher.current();
-            Ok(Response::new(shared.resource.response(&snapshot, "", true)))
-        })
+        let resp = match method {
+            Some("/StreamExtensionConfigs") => self.stream(req),
+            Some("/FetchExtensionConfigs") => Status::unimplemented(
+                "apitokens serves the configuration on StreamExtensionConfigs only (api_type: GRPC)",
+            )
+            .into_http(),
+            Some("/DeltaExtensionConfigs") => {
+                Status::unimplemented("apitokens serves the state-of-the-world protocol (api_type: GRPC), not delta")
+                    .into_http()
+            }
+            _ => Status::unimplemented("no such method").into_http(),
+        };
+        Box::pin(async move { Ok(resp) })
     }
 }
 
@@ -273,7 +233,13 @@ async fn serve_stream(
                 shared.acks.sent(id, respond.version);
             }
             let frame = shared.resource.response(&snapshot, &respond.nonce, respond.include);
-            if tx.send(Ok(frame)).await.is_err() {
+            // A client that does not read fills the channel: the send waits,
+            // but not past the end of this serving.
+            let sent = tokio::select! {
+                sent = tx.send(Ok(frame)) => sent.is_ok(),
+                _ = shutdown.changed() => false,
+            };
+            if !sent {
                 break;
             }
         }

@@ -53,6 +53,24 @@ pub(crate) enum Event {
     Nack { version: Version, error: String },
 }
 
+/// The most of a node id or cluster name kept (logged, shown, stored and
+/// shared with the other replicas): a client could otherwise send megabytes.
+pub(crate) const MAX_NAME: usize = 256;
+/// The most of a NACK's error text kept.
+pub(crate) const MAX_ERROR: usize = 4096;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked as cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", text.get(..end).unwrap_or_default())
+}
+
 /// A request the stream cannot go on with; the stream is closed with it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ProtocolError {
@@ -135,11 +153,11 @@ impl Session {
                 .as_ref()
                 .filter(|n| !n.id.is_empty())
                 .ok_or(ProtocolError::NoNode)?;
-            self.node = Some(node.id.clone());
+            self.node = Some(bounded(&node.id, MAX_NAME));
             step.events.push(Event::Connected {
-                node: node.id.clone(),
-                cluster: node.cluster.clone(),
-                version: req.version_info.clone(),
+                node: bounded(&node.id, MAX_NAME),
+                cluster: bounded(&node.cluster, MAX_NAME),
+                version: bounded(&req.version_info, MAX_NAME),
             });
             if let Some(reported) = Version::from_xds(&req.version_info).filter(|r| *r > current) {
                 self.held = Some(reported);
@@ -172,7 +190,7 @@ impl Session {
         match &req.error_detail {
             Some(status) => step.events.push(Event::Nack {
                 version: sent.version,
-                error: status.message.clone(),
+                error: bounded(&status.message, MAX_ERROR),
             }),
             None => step.events.push(Event::Ack { version: sent.version }),
         }
@@ -493,5 +511,24 @@ mod tests {
         assert_eq!(Version::from_xds(&later.xds()), Some(later));
         assert_eq!(Version::from_xds(""), None);
         assert_eq!(Version::from_xds("x.1"), None);
+    }
+
+    #[test]
+    fn what_a_client_names_is_kept_bounded() {
+        let mut s = Session::new("apitokens");
+        let mut req = first("");
+        req.node.as_mut().unwrap().id = "é".repeat(10_000);
+        req.node.as_mut().unwrap().cluster = "c".repeat(10_000);
+        let step = s.on_request(&req, v(1)).unwrap();
+        let Event::Connected { node, cluster, .. } = &step.events[0] else {
+            panic!()
+        };
+        assert!(node.len() <= MAX_NAME && node.ends_with("...") && node.starts_with("éé"));
+        assert_eq!(cluster.len(), MAX_NAME);
+        let step = s.on_request(&nack("1", "1", &"x".repeat(1 << 20)), v(1)).unwrap();
+        let Event::Nack { error, .. } = &step.events[0] else {
+            panic!()
+        };
+        assert_eq!(error.len(), MAX_ERROR);
     }
 }

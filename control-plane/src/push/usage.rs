@@ -3,6 +3,7 @@
 //! connection trust as ECDS (mutual TLS when configured), never through the
 //! public listener. The token service turns them into last-use times.
 
+use super::peers::Identities;
 use super::BoxFuture;
 use crate::tokens::Service;
 use apitokens_core::usage::{METHOD, SERVICE};
@@ -30,11 +31,13 @@ pub struct UsageReply {}
 #[derive(Clone)]
 pub struct UsageServer {
     service: Arc<Service>,
+    identities: Identities,
 }
 
 impl UsageServer {
-    pub fn new(service: Arc<Service>) -> Self {
-        Self { service }
+    /// Reports are taken from the identities ECDS serves (`identities`).
+    pub fn new(service: Arc<Service>, identities: Identities) -> Self {
+        Self { service, identities }
     }
 }
 
@@ -68,6 +71,9 @@ impl TowerService<http::Request<Body>> for UsageServer {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if let Err(status) = self.identities.check(req.extensions()) {
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
         let service = Arc::clone(&self.service);
         let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
         if method.and_then(|m| m.strip_prefix('/')) == Some(METHOD) {
