@@ -97,7 +97,7 @@ def big_plane(workdir, upstream):
     bulk.write_text(json.dumps(spec))
     subprocess.run([apitokens_bin(), "import", "--db", str(cp.db), str(bulk)], check=True, capture_output=True,
                    timeout=120)
-    cp.start("--apply-timeout-ms", "1000")
+    cp.start("--apply-timeout-ms", "1000", "--xds-max-connections-per-peer", "8")
     envoy = shipped_envoy(workdir / "envoy-flood", cp, upstream.server_address[1], node="gateway").start()
     poll(lambda: cp.envoy_status("gateway").get("ackedVersion"), 30, "first ACK")
     yield cp, envoy, owner

@@ -56,8 +56,8 @@ pub(super) struct ServeArgs {
     /// Most HTTP/2 streams at once on one xDS connection
     #[arg(long, default_value_t = 16, value_name = "N")]
     xds_max_streams_per_connection: u32,
-    /// Most xDS connections at once from one peer address (more are closed at once)
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    /// Most xDS connections at once from one peer address (more are closed at once). An Envoy opens one for ECDS and one per worker thread for usage reports
+    #[arg(long, default_value_t = 64, value_name = "N")]
     xds_max_connections_per_peer: usize,
     /// An xDS connection is closed (GOAWAY, then 60 s for its streams) after this long; Envoy reconnects (0: never)
     #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
