@@ -146,6 +146,10 @@ BAD_INPUTS = [
                              "expireTime": "next week"}, None, 400, "RFC 3339"),
     ("POST", tokens_path(), '{"name": "namespaces/default/apitokens/x", "role": ', None, 400, "not valid JSON"),
     ("POST", tokens_path(), {"name": "namespaces/default/apitokens/x", "role": "viewer", "secret": "s"}, None, 400,
+     "generates the secret"),
+    ("POST", tokens_path(), {"name": "namespaces/default/apitokens/x", "role": "viewer",
+                             "createTime": "2020-01-01T00:00:00Z"}, None, 400, "sets the creation time"),
+    ("POST", tokens_path(), {"name": "namespaces/default/apitokens/x", "role": "viewer", "color": "red"}, None, 400,
      "unknown field"),
     ("POST", tokens_path(), '{"name": "namespaces/default/apitokens/x", "role": "viewer", "pad": "'
      + "a" * 70000 + '"}', None, 413, "larger than"),

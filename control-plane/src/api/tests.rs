@@ -445,7 +445,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
             COLLECTION.into(),
             Some(r#"{"name": "namespaces/default/apitokens/x", "role": "viewer", "secret": "mine"}"#.into()),
             StatusCode::BAD_REQUEST,
-            "unknown field `secret`",
+            "secret: the control plane generates the secret",
         ),
         (
             "POST",

@@ -164,6 +164,10 @@ pub(crate) async fn list(State(app): State<Arc<AppState>>, owner: Owner) -> Resu
     ))
 }
 
+/// A create's body: Ververica Platform's `ApiToken` model (its POST body is
+/// the whole model, so generated clients send `createTime` and `secret` as
+/// `null`), plus `expireTime`. Only the control plane sets `createTime` and
+/// chooses a secret: those two must be absent or `null`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreateBody {
@@ -171,6 +175,10 @@ pub(crate) struct CreateBody {
     role: String,
     #[serde(default)]
     expire_time: Option<String>,
+    #[serde(default)]
+    create_time: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    secret: Option<serde::de::IgnoredAny>,
 }
 
 pub(crate) async fn create(
@@ -179,6 +187,20 @@ pub(crate) async fn create(
     query: Result<Query<WriteQuery>, QueryRejection>,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, AppError> {
+    // (Checked before the token's own fields, and never echoed: a secret
+    // sent here may be one a client meant to keep.)
+    if body.secret.is_some() {
+        return Err(AppError::BadField {
+            field: "secret",
+            problem: "the control plane generates the secret: send null or leave it out",
+        });
+    }
+    if body.create_time.is_some() {
+        return Err(AppError::BadField {
+            field: "createTime",
+            problem: "the control plane sets the creation time: send null or leave it out",
+        });
+    }
     let new = NewToken {
         name: body.name,
         role: body.role,
