@@ -166,7 +166,8 @@ pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
     }
 }
 
-/// A host property with a one-segment path (e.g. `plugin_name`).
+/// A host property by its path, segments separated by NUL (`plugin_name`,
+/// `xds\0cluster_name`).
 pub fn property(name: &str) -> Result<Option<Vec<u8>>, Failed> {
     let mut data = null_mut();
     let mut len = 0usize;

@@ -34,6 +34,12 @@ pub struct PluginConfig {
     /// that checks the token itself, such as the control plane's token API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward_authorization_paths: Vec<String>,
+    /// The upstream clusters that reach that API (required with
+    /// `forwardAuthorizationPaths`): a request whose path matches keeps the
+    /// header only when its route sends it to one of them, so a route to
+    /// another service under a matching path never receives the secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_authorization_clusters: Vec<String>,
     /// `reject` (default), `remove` or `forward`: what to do with requests
     /// carrying `X-Original-URL` or `X-Rewrite-URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,8 +146,10 @@ pub struct Config {
     pub(crate) rules: Rules,
     identity: IdentityHeaders,
     forward_authorization: bool,
-    /// Where allowed requests keep `Authorization` (patterns, no verbs).
+    /// Where allowed requests keep `Authorization` (patterns, no verbs)...
     pub(crate) forward_paths: Rules,
+    /// ... when routed to one of these clusters.
+    forward_clusters: Vec<Box<[u8]>>,
     url_overrides: UrlOverrides,
     replies: Replies,
     usage_report: Option<UsageReport>,
@@ -178,6 +186,7 @@ impl Config {
             None => Rules::builtin()?,
         };
         let forward_paths = Rules::compile_patterns("forwardAuthorizationPaths", &spec.forward_authorization_paths)?;
+        let forward_clusters = forward_clusters(spec)?;
         let url_overrides = match spec.url_override_headers.as_deref() {
             None => UrlOverrides::Reject,
             Some(mode) => UrlOverrides::parse(mode).ok_or_else(|| {
@@ -190,6 +199,7 @@ impl Config {
             identity,
             forward_authorization: spec.forward_authorization,
             forward_paths,
+            forward_clusters,
             url_overrides,
             replies: Replies::new(realm),
             usage_report: usage_report(spec.usage_report.as_ref())?,
@@ -204,6 +214,7 @@ impl Config {
             identity: default_identity(),
             forward_authorization: false,
             forward_paths: Rules::empty(),
+            forward_clusters: Vec::new(),
             url_overrides: UrlOverrides::Reject,
             replies: Replies::new(DEFAULT_REALM),
             usage_report: None,
@@ -228,6 +239,12 @@ impl Config {
 
     pub fn forward_authorization(&self) -> bool {
         self.forward_authorization
+    }
+
+    /// Whether `cluster` (the route's upstream cluster) is one that
+    /// `forwardAuthorizationPaths` keeps the header for.
+    pub fn forwards_to(&self, cluster: &[u8]) -> bool {
+        self.forward_clusters.iter().any(|c| **c == *cluster)
     }
 
     pub fn url_overrides(&self) -> UrlOverrides {
@@ -379,6 +396,46 @@ fn identity_headers(spec: Option<&IdentityHeadersSpec>) -> Result<IdentityHeader
         ));
     }
     Ok(headers)
+}
+
+/// `forwardAuthorizationClusters`, checked against `forwardAuthorizationPaths`:
+/// one without the other is refused (paths alone would hand owners' secrets to
+/// whatever upstream a matching path is routed to).
+fn forward_clusters(spec: &PluginConfig) -> Result<Vec<Box<[u8]>>, ConfigError> {
+    const FIELD: &str = "forwardAuthorizationClusters";
+    match (
+        spec.forward_authorization_paths.is_empty(),
+        spec.forward_authorization_clusters.is_empty(),
+    ) {
+        (false, true) => {
+            return Err(ConfigError::new(
+                FIELD,
+                "required with forwardAuthorizationPaths: the upstream clusters of the routes to the API that checks \
+                 the token (e.g. [\"apitokens_api\"])",
+            ))
+        }
+        (true, false) => {
+            return Err(ConfigError::new(
+                FIELD,
+                "has no effect without forwardAuthorizationPaths",
+            ))
+        }
+        _ => {}
+    }
+    spec.forward_authorization_clusters
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            if name.is_empty() || name.len() > 256 || !name.bytes().all(|c| (0x21..=0x7e).contains(&c)) {
+                Err(ConfigError::new(
+                    format!("{FIELD}[{i}]"),
+                    "must be a cluster name: 1 to 256 printable ASCII characters, no spaces",
+                ))
+            } else {
+                Ok(name.as_bytes().into())
+            }
+        })
+        .collect()
 }
 
 fn usage_report(spec: Option<&UsageReportSpec>) -> Result<Option<UsageReport>, ConfigError> {

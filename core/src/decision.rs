@@ -151,9 +151,21 @@ impl Counter {
 /// What an allowed request may take upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
-    /// Keep the `Authorization` header (the matching rule's setting, else the
-    /// configuration's).
-    pub forward_authorization: bool,
+    pub authorization: ForwardAuthorization,
+}
+
+/// What happens to the `Authorization` header of an allowed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardAuthorization {
+    /// Removed (the default).
+    Remove,
+    /// Kept: the matching rule's `forwardAuthorization`, else the
+    /// configuration's.
+    Keep,
+    /// Kept if the route's upstream cluster is one of
+    /// `forwardAuthorizationClusters` (the path matched
+    /// `forwardAuthorizationPaths`), removed otherwise.
+    KeepForClusters,
 }
 
 impl Config {
@@ -196,16 +208,21 @@ impl Config {
             && !self.forward_paths.is_empty()
             && self.forward_paths.matches(segments)
         {
-            scope.forward_authorization = Some(true);
+            scope.forward_path = true;
         }
         Ok(scope)
     }
 
     /// What a request allowed in `scope` takes upstream.
     pub fn grant(&self, scope: &Scope<'_>) -> Grant {
-        Grant {
-            forward_authorization: scope.forward_authorization.unwrap_or(self.forward_authorization()),
-        }
+        let authorization = match scope.forward_authorization {
+            Some(true) => ForwardAuthorization::Keep,
+            Some(false) => ForwardAuthorization::Remove,
+            None if scope.forward_path => ForwardAuthorization::KeepForClusters,
+            None if self.forward_authorization() => ForwardAuthorization::Keep,
+            None => ForwardAuthorization::Remove,
+        };
+        Grant { authorization }
     }
 
     /// Checks the request's namespace and verb against the token.

@@ -8,7 +8,7 @@
 //! the client sent a copy; on a refusal only client-sent copies are removed.
 
 use crate::config::Config;
-use crate::decision::{Counter, Denial, Grant};
+use crate::decision::{Counter, Denial, ForwardAuthorization, Grant};
 use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
@@ -66,6 +66,10 @@ pub trait Host {
     /// Sets a request header, replacing every existing value.
     fn set_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     fn remove_request_header(&mut self, name: &str) -> Result<(), HostError>;
+    /// The upstream cluster the request's route sends it to (Envoy's
+    /// `cluster_name` property), `None` without a route. Asked only for
+    /// paths that may keep `Authorization`.
+    fn route_cluster(&mut self) -> Option<Vec<u8>>;
     /// Answers the request locally; it does not go upstream.
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError>;
     fn count(&mut self, counter: Counter);
@@ -189,7 +193,12 @@ fn forward<H: Host>(
             host.set_request_header(name, value.as_bytes())?;
         }
     }
-    if !grant.forward_authorization {
+    let keep = match grant.authorization {
+        ForwardAuthorization::Keep => true,
+        ForwardAuthorization::Remove => false,
+        ForwardAuthorization::KeepForClusters => host.route_cluster().is_some_and(|c| config.forwards_to(&c)),
+    };
+    if !keep {
         host.remove_request_header("authorization")?;
     }
     if config.url_overrides() == UrlOverrides::Remove && headers.any(&URL_OVERRIDE_HEADERS) {

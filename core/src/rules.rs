@@ -156,6 +156,9 @@ pub struct Scope<'p> {
     pub collection: bool,
     /// The rule's own `forwardAuthorization`, if it has one.
     pub forward_authorization: Option<bool>,
+    /// The path matches `forwardAuthorizationPaths` (set by
+    /// `Config::scope`).
+    pub forward_path: bool,
     allow: [VerbSet; 3],
 }
 
@@ -308,6 +311,7 @@ impl Rule {
             namespace,
             collection: after_namespace % 2 == 1,
             forward_authorization: self.forward_authorization,
+            forward_path: false,
             allow: self.allow,
         })
     }

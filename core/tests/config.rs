@@ -58,12 +58,14 @@ fn accepts_every_optional_field() {
         r#"{{"tokens":[{}],"realm":"gateway","identityHeaders":{{"name":"x-user","namespace":"x-ns","role":"x-r"}},
             "forwardAuthorization":true,
             "forwardAuthorizationPaths":["/tokens/{{namespace}}/**"],
+            "forwardAuthorizationClusters":["tokens_api"],
             "urlOverrideHeaders":"remove",
             "rules":[{{"path":"/v1/{{namespace}}/**","allow":{{"viewer":["get","list"],"editor":["*"]}}}}]}}"#,
         token("namespaces/a/apitokens/b", "owner", DIGEST)
     );
     let config = Config::from_json(json.as_bytes()).unwrap();
     assert!(config.forward_authorization());
+    assert!(config.forwards_to(b"tokens_api") && !config.forwards_to(b"tokens_ap"));
     assert_eq!(config.url_overrides(), UrlOverrides::Remove);
     assert_eq!(&*config.identity_headers().name, "x-user");
     assert_eq!(config.rules().len(), 1);
@@ -372,6 +374,25 @@ fn url_override_modes_and_forwarding_paths_are_validated() {
         r#"{"forwardAuthorizationPaths":["a/{namespace}"]}"#,
         "forwardAuthorizationPaths[0]",
         "start with '/'",
+        "",
+    );
+    // The paths keep the header only for routes to named clusters.
+    assert_rejected(
+        r#"{"forwardAuthorizationPaths":["/a/{namespace}/**"]}"#,
+        "forwardAuthorizationClusters",
+        "required with forwardAuthorizationPaths",
+        "",
+    );
+    assert_rejected(
+        r#"{"forwardAuthorizationClusters":["api"]}"#,
+        "forwardAuthorizationClusters",
+        "no effect without",
+        "",
+    );
+    assert_rejected(
+        r#"{"forwardAuthorizationPaths":["/a/{namespace}/**"],"forwardAuthorizationClusters":["api",""]}"#,
+        "forwardAuthorizationClusters[1]",
+        "cluster name",
         "",
     );
 }

@@ -256,8 +256,11 @@ fn forward_authorization_paths_keep_the_header_for_the_token_api() {
     // The ECDS setup (envoy/ecds-plugin-base.json): the token API is the
     // control plane, which checks the bearer token itself.
     let config = Config::from_json(
-        fixture_json(r#","forwardAuthorizationPaths":["/apitokens/v1/namespaces/{namespace}/apitokens/**"]"#)
-            .as_bytes(),
+        fixture_json(
+            r#","forwardAuthorizationPaths":["/apitokens/v1/namespaces/{namespace}/apitokens/**"],
+               "forwardAuthorizationClusters":["apitokens_api"]"#,
+        )
+        .as_bytes(),
     )
     .unwrap();
     let auth = bearer(OWNER);
@@ -267,24 +270,36 @@ fn forward_authorization_paths_keep_the_header_for_the_token_api() {
         "/APITOKENS/v1/namespaces/default/apitokens.json",
     ] {
         let mut host = Recorder::request("POST", path, Some(&auth));
+        host.cluster = Some("apitokens_api".into());
         assert_eq!(run(&config, &mut host), Verdict::Continue, "{path}");
         assert_eq!(
             host.header("authorization").as_deref(),
             Some(&*format!("Bearer {OWNER}")),
             "{path}"
         );
+        // The same path routed to another upstream (or to none) loses it:
+        // the exemption follows the route, not the path.
+        for cluster in [Some("upstream"), Some("apitokens_api2"), None] {
+            let mut host = Recorder::request("POST", path, Some(&auth));
+            host.cluster = cluster.map(Into::into);
+            assert_eq!(run(&config, &mut host), Verdict::Continue, "{path}");
+            assert_eq!(host.header("authorization"), None, "{path} to {cluster:?}");
+        }
     }
-    // Every other path still loses it; the patterns grant nothing.
+    // Every other path still loses it, without asking for the cluster; the
+    // patterns grant nothing.
     let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth));
+    host.cluster = Some("apitokens_api".into());
     assert_eq!(run(&config, &mut host), Verdict::Continue);
     assert_eq!(host.header("authorization"), None);
+    assert!(!host.writes.iter().any(|w| w == "read cluster"));
     let editor = bearer(EDITOR);
     let mut host = Recorder::request("GET", "/apitokens/v1/namespaces/default/apitokens", Some(&editor));
     assert_eq!(run(&config, &mut host), Verdict::Stop);
     // A rule's own setting wins over the patterns.
     let config = Config::from_json(
         fixture_json(
-            r#","forwardAuthorizationPaths":["/x/{namespace}/**"],
+            r#","forwardAuthorizationPaths":["/x/{namespace}/**"],"forwardAuthorizationClusters":["x"],
                "rules":[{"path":"/x/{namespace}/**","allow":{"owner":["*"]},"forwardAuthorization":false}]"#,
         )
         .as_bytes(),

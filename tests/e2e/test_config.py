@@ -60,7 +60,11 @@ INVALID = {
     "identity-header-reserved": (
         {"tokens": [good_token()], "identityHeaders": {"name": "cookie"}}, ["identityHeaders.name"]),
     "forward-path-without-namespace": (
-        {"tokens": [good_token()], "forwardAuthorizationPaths": ["/apitokens/**"]}, ["forwardAuthorizationPaths[0]"]),
+        {"tokens": [good_token()], "forwardAuthorizationPaths": ["/apitokens/**"],
+         "forwardAuthorizationClusters": ["upstream"]}, ["forwardAuthorizationPaths[0]"]),
+    "forward-path-without-cluster": (
+        {"tokens": [good_token()], "forwardAuthorizationPaths": ["/apitokens/v1/namespaces/{namespace}/apitokens/**"]},
+        ["forwardAuthorizationClusters", "required with forwardAuthorizationPaths"]),
     "not-json": ('{"tokens": [', []),
 }
 
@@ -128,11 +132,14 @@ def test_custom_rules(start_envoy, proto):
 
 
 def test_forward_authorization_paths(start_envoy, proto):
-    """Only allowed requests on the listed paths keep the bearer token."""
+    """Only allowed requests on the listed paths, routed to a listed cluster,
+    keep the bearer token: the same path routed to another upstream loses
+    it (envoy/envoy.yaml routes every path to the cluster `upstream`)."""
     owner = Token("default", "fwd-owner", "owner")
     viewer = Token("default", "fwd-viewer", "viewer")
+    api = "/apitokens/v1/namespaces/{namespace}/apitokens/**"
     envoy = start_envoy(
-        plugin_config([owner, viewer], forwardAuthorizationPaths=["/apitokens/v1/namespaces/{namespace}/apitokens/**"]),
+        plugin_config([owner, viewer], forwardAuthorizationPaths=[api], forwardAuthorizationClusters=["upstream"]),
         name="forward-paths")
     c = Client(envoy, proto)
     try:
@@ -141,6 +148,16 @@ def test_forward_authorization_paths(start_envoy, proto):
                 forward_authorization=True)
         allowed(c.get(PATH, token=owner), owner)
         denied(c.get("/apitokens/v1/namespaces/default/apitokens", token=viewer), "role_denied")
+    finally:
+        c.close()
+    # The token API's cluster is another one: this route's upstream is not it.
+    envoy = start_envoy(
+        plugin_config([owner], forwardAuthorizationPaths=[api], forwardAuthorizationClusters=["apitokens_api"]),
+        name="forward-paths-elsewhere")
+    c = Client(envoy, proto)
+    try:
+        allowed(c.get("/apitokens/v1/namespaces/default/apitokens", token=owner), owner)
+        allowed(c.get("/APITOKENS/v1/namespaces/default/apitokens", token=owner), owner)
     finally:
         c.close()
         envoy.stop()

@@ -70,7 +70,7 @@ impl StoreArgs {
 
 #[derive(Args)]
 struct ConfigArgs {
-    /// Base plugin configuration (JSON: everything but tokens: realm, rules, identityHeaders, forwardAuthorization, forwardAuthorizationPaths, urlOverrideHeaders, usageReport). `serve` defaults to envoy/ecds-plugin-base.json as shipped; `render` to none
+    /// Base plugin configuration (JSON: everything but tokens: realm, rules, identityHeaders, forwardAuthorization, forwardAuthorizationPaths, forwardAuthorizationClusters, urlOverrideHeaders, usageReport). `serve` defaults to envoy/ecds-plugin-base.json as shipped; `render` to none
     #[arg(long, value_name = "FILE")]
     plugin_config: Option<PathBuf>,
 }

@@ -24,6 +24,8 @@ pub struct Recorder {
     pub writes: Vec<String>,
     /// Tokens reported as used.
     pub used: Vec<String>,
+    /// The route's upstream cluster.
+    pub cluster: Option<String>,
 }
 
 impl Recorder {
@@ -112,6 +114,11 @@ impl Host for Recorder {
         self.headers.retain(|(k, _)| k != name);
         self.writes.push(format!("remove {name}"));
         Ok(())
+    }
+
+    fn route_cluster(&mut self) -> Option<Vec<u8>> {
+        self.writes.push("read cluster".to_owned());
+        self.cluster.as_ref().map(|c| c.as_bytes().to_vec())
     }
 
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
