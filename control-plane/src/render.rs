@@ -11,6 +11,8 @@ pub struct WasmPluginOptions {
     pub name: String,
     pub namespace: String,
     pub url: String,
+    /// The module's SHA-256 (hex), pinned in the WasmPlugin.
+    pub sha256: Option<String>,
     pub selector: Vec<(String, String)>,
 }
 
@@ -20,6 +22,7 @@ impl Default for WasmPluginOptions {
             name: "apitokens".into(),
             namespace: "istio-system".into(),
             url: "file:///var/local/lib/wasm/apitokens_filter.wasm".into(),
+            sha256: None,
             selector: vec![("istio".into(), "ingressgateway".into())],
         }
     }
@@ -75,6 +78,10 @@ pub fn wasm_plugin(spec: &PluginConfig, opts: &WasmPluginOptions) -> String {
         }
     }
     out.push_str(&format!("  url: {}\n", yaml_string(&opts.url)));
+    if let Some(sha256) = &opts.sha256 {
+        out.push_str("  # Istio refuses a module with another digest.\n");
+        out.push_str(&format!("  sha256: {}\n", yaml_string(sha256)));
+    }
     out.push_str("  phase: AUTHN\n");
     out.push_str("  # An authorization filter must fail closed.\n");
     out.push_str("  failStrategy: FAIL_CLOSE\n");

@@ -197,3 +197,18 @@ def test_missing_and_bad_tokens_on_the_api(envoy, cp):
         assert r.status == 401 and r.headers["www-authenticate"] == 'Bearer realm="apitokens"'
         r = request(port, "GET", tokens_path(), "apt_" + "A" * 38)
         assert r.status == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_an_expiry_a_fraction_of_a_second_past_is_refused(cp, owner):
+    """The expiry is compared with the time to the nanosecond, not the
+    second: an expiry 0.4 s ago, in the current second, is in the past."""
+    from datetime import datetime, timezone
+    while not 0.5 <= time.time() % 1 < 0.8:
+        time.sleep(0.01)
+    past = datetime.fromtimestamp(time.time() - 0.4, timezone.utc).isoformat(timespec="milliseconds")
+    r = request(cp.api_port, "POST", tokens_path(), owner,
+                {"name": "namespaces/default/apitokens/just-gone", "role": "viewer",
+                 "expireTime": past.replace("+00:00", "Z")})
+    if r.status == 200:
+        remember_secret(r.json()["apiToken"]["secret"])
+    assert r.status == 400 and r.json()["field"] == "expireTime" and "in the future" in r.json()["message"], r

@@ -62,6 +62,29 @@ def test_understandable_errors(tmp_path):
         assert r.returncode == 2 and "error" in r.stderr
 
 
+
+def test_the_store_url_from_a_file_keeps_the_password_out_of_the_process_list(tmp_path):
+    # A URL in a file (a mounted Secret): a SQLite store here, the same path.
+    db = tmp_path / "from-file.db"
+    url_file = tmp_path / "store-url"
+    url_file.write_text(f"sqlite:{db}\n")
+    r = run("bootstrap", "--store-file", str(url_file), "--namespace", "ns", "--name", "first")
+    assert r.returncode == 0, r.stderr
+    remember_secret(r.stdout.strip())
+    assert db.exists()
+    r = run("render", "--store-file", str(url_file))
+    assert r.returncode == 0 and "namespaces/ns/apitokens/first" in r.stdout
+    # One place only.
+    r = run("render", "--store-file", str(url_file), "--db", str(db))
+    assert r.returncode == 2 and "cannot be used with" in r.stderr
+    r = run("render", "--store-file", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and "--store-file" in r.stderr
+    # A password on the command line is named as the risk it is, never shown.
+    secret = "pw-" + uuid.uuid4().hex
+    r = run("render", "--store", f"postgres://apitokens:{secret}@127.0.0.1:{free_port()}/x?connect_timeout=1")
+    assert r.returncode == 1 and "--store-file" in r.stderr and "command line" in r.stderr, r.stderr
+    assert secret not in r.stderr + r.stdout
+
 def test_render_json_and_wasmplugin(cp):
     out = run("render", "--db", str(cp.db), "--plugin-config", "envoy/ecds-plugin-base.json", check=True).stdout
     spec = json.loads(out)
@@ -73,6 +96,12 @@ def test_render_json_and_wasmplugin(cp):
     doc = yaml.safe_load(run("render", "--db", str(cp.db), "--format", "wasmplugin", check=True).stdout)
     assert doc["kind"] == "WasmPlugin" and doc["spec"]["failStrategy"] == "FAIL_CLOSE"
     assert [t["name"] for t in doc["spec"]["pluginConfig"]["tokens"]] == names
+    assert "sha256" not in doc["spec"]
+    # Pinned to the module Istio will fetch.
+    module = REPO / "target/wasm32-wasip1/release/apitokens_filter.wasm"
+    doc = yaml.safe_load(run("render", "--db", str(cp.db), "--format", "wasmplugin", "--wasm-module", str(module),
+                             check=True).stdout)
+    assert doc["spec"]["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
 
 
 def test_import_existing_uuid_secrets_by_digest(envoy, cp, owner, tmp_path):

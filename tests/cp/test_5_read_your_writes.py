@@ -139,7 +139,8 @@ def test_an_envoy_that_rejects_a_version_is_named_and_never_counted(workdir, ups
         assert r.headers["x-apitokens-envoys"] == "1/2"
         rejected = [e for e in plane.status()["envoys"] if e.get("lastNack")]
         assert len(rejected) == 1
-        assert r.headers["x-apitokens-not-applied"] == f"gateway (stream {rejected[0]['stream']}): rejected (NACK)"
+        # Counted for the namespace's owner; named on /status, for operators.
+        assert r.headers["x-apitokens-not-applied"] == "1 rejected (NACK) (which: /status)"
         version = int(r.headers["x-apitokens-config-version"])
         st = plane.status(version, 0.5)
         assert st["applied"] is False, "one stream's ACK hides the other's NACK"
@@ -151,6 +152,16 @@ def test_an_envoy_that_rejects_a_version_is_named_and_never_counted(workdir, ups
         # the other keeps refusing everything (its deny-all default).
         assert good.get(APP, secret).status == 200
         assert bad.get(APP, secret).status == 401
+        # An operator who wants the names in the answers asks for them.
+        plane.stop()
+        plane.start("--wasm-module", "target/wasm32-wasip1/release/apitokens_filter.wasm",
+                    "--apply-timeout-ms", "3000", "--name-envoys-in-answers")
+        poll(lambda: len([e for e in plane.status()["envoys"] if e["connected"]]) == 2, 15, "two streams again")
+        r = plane.api("POST", tokens_path(), owner, {"name": "namespaces/default/apitokens/ci-2", "role": "viewer"})
+        remember_secret(r.json()["apiToken"]["secret"])
+        assert r.headers["x-apitokens-envoys"] == "1/2", r.headers
+        named = r.headers["x-apitokens-not-applied"]
+        assert named.startswith("gateway (stream ") and "which: /status" not in named, named
     finally:
         good.stop()
         bad.stop()

@@ -136,6 +136,37 @@ def test_requests_do_not_wait_for_a_control_plane_that_is_down(plane):
          "the last use of a token used while the control plane was down")
 
 
+
+def usage_reports(envoy) -> int:
+    """Calls the filters made to the control plane that completed (usage
+    reports: Envoy counts a filter's gRPC calls as the cluster's internal
+    requests; the ECDS stream stays open)."""
+    return envoy.stats().get("cluster.xds_cluster.internal.upstream_rq_200", 0)
+
+
+def test_a_last_use_stays_with_its_token_not_its_name(plane):
+    """A use reported for a token that is then deleted, and created again
+    under the same name, is not the new token's last use (the control plane
+    writes uses in batches: here the batch is written after the re-creation,
+    when it stops)."""
+    envoy, owner = plane.envoy, plane.owner
+    plane.stop()
+    plane.start("--usage-flush-seconds", "3600")
+    try:
+        poll(lambda: plane.envoy_status("usage-envoy").get("ackedVersion"), 15, "reconnect")
+        old = remember_secret(create(plane.api_port, owner, "recycled", "viewer").json()["apiToken"]["secret"])
+        time.sleep(1.2)  # a report already on its way arrives first
+        reports = usage_reports(envoy)
+        assert envoy.get(APP, old).status == 200
+        poll(lambda: usage_reports(envoy) > reports, 10, "the use reported to the control plane")
+        assert plane.api("DELETE", tokens_path(token="recycled"), owner).status == 200
+        assert create(plane.api_port, owner, "recycled", "viewer").status == 200
+    finally:
+        plane.stop()  # writes the pending uses
+        plane.start("--usage-flush-seconds", "1")
+    poll(lambda: plane.envoy_status("usage-envoy").get("ackedVersion"), 15, "reconnect")
+    assert "lastUseTime" not in plane.api("GET", tokens_path(token="recycled"), owner).json()["apiToken"]
+
 def test_the_audit_trail_and_its_log_lines(plane):
     owner = plane.owner
     r = create(plane.api_port, owner, "audited", "owner", expireTime=rfc3339(time.time() + 3600))

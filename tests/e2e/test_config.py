@@ -344,6 +344,8 @@ def test_only_the_control_plane_setup_forwards_authorization():
     ecds = load_yaml(ENVOY_DIR / "envoy-ecds.yaml")
     routes = hcm_of(ecds)["route_config"]["virtual_hosts"][0]["routes"]
     (token_api,) = [r["match"] for r in routes if r["route"]["cluster"] == "apitokens_api" and "safe_regex" in r["match"]]
+    # The kept header goes only to that route's cluster.
+    assert base["forwardAuthorizationClusters"] == ["apitokens_api"]
     # Every spelling the forwarding pattern matches goes to the control plane.
     regex = re.compile(token_api["safe_regex"]["regex"].replace("(?i)", ""), re.I)
     for path in ["/apitokens/v1/namespaces/default/apitokens", "/APITOKENS/v1/x", "/apitokens./v1/x",
@@ -369,7 +371,7 @@ def test_wasmplugin(tmp_path, upstream):
     assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
     assert spec["phase"] == "AUTHN"
     assert spec["failStrategy"] == "FAIL_CLOSE"
-    assert spec["url"].startswith("oci://")
+    assert spec["url"].startswith("oci://") and "@sha256:" in spec["url"], "the image pinned by digest"
     # Istio hands pluginConfig to the filter as JSON: the real module must accept it.
     config = harness.bootstrap(spec["pluginConfig"], upstream.port, tmp_path / "a.log", harness.wasm_module())
     validated(config, tmp_path, "wasmplugin")

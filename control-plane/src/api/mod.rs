@@ -41,16 +41,23 @@ pub struct AppState {
     pub acks: Arc<Tracker>,
     /// The ECDS resource name, shown by `/status`.
     pub resource_name: String,
+    /// Write answers name the Envoys that did not apply a change
+    /// (`--name-envoys-in-answers`); otherwise they count them.
+    pub name_envoys: bool,
 }
 
-/// The HTTP application.
-pub fn app(state: Arc<AppState>) -> Router {
+/// The HTTP application: the token API, the console, `/healthz`, and
+/// `/status` when `with_status` (otherwise the operators' listener serves
+/// it, [`operator`]).
+pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let collection = format!("{API_PREFIX}{{namespace}}/apitokens");
     let item = format!("{collection}/{{item}}");
     let events = format!("{collection}:events");
-    Router::new()
-        .route("/healthz", get(status::healthz))
-        .route("/status", get(status::status))
+    let mut router = Router::new().route("/healthz", get(status::healthz));
+    if with_status {
+        router = router.route("/status", get(status::status));
+    }
+    router
         .route(
             &collection,
             get(tokens::list)
@@ -71,6 +78,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(console::router())
         .fallback(|| async { AppError::UnknownPath })
         .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// The operators' endpoints on a listener of their own (`--status-listen`):
+/// `/status` (every Envoy, replica and version) and `/healthz`.
+pub fn operator(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(status::healthz))
+        .route("/status", get(status::status))
+        .fallback(|| async { AppError::UnknownPath })
         .with_state(state)
 }
 

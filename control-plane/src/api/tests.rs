@@ -67,6 +67,7 @@ async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions)
         publisher: Arc::clone(&publisher),
         acks: Arc::clone(&acks),
         resource_name: "apitokens".into(),
+        name_envoys: false,
     });
     let mut f = Fixture {
         publisher,
@@ -109,7 +110,7 @@ impl Fixture {
     }
 
     async fn send(&self, req: HttpRequest<Body>) -> Answer {
-        let resp = app(Arc::clone(&self.state)).oneshot(req).await.unwrap();
+        let resp = app(Arc::clone(&self.state), true).oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
@@ -664,12 +665,14 @@ async fn a_write_waits_for_every_stream_and_says_which_did_not_apply() {
     assert!(started.elapsed() < Duration::from_millis(300), "a NACK ends the wait");
     assert_eq!(a.headers[APPLIED_HEADER], "false");
     assert_eq!(a.headers[ENVOYS_HEADER], "1/2");
-    assert_eq!(a.headers[NOT_APPLIED_HEADER], "gateway (stream 2): rejected (NACK)");
+    // Counted for the caller (a namespace's owner); named on /status.
+    assert_eq!(a.headers[NOT_APPLIED_HEADER], "1 rejected (NACK) (which: /status)");
     assert!(a.body["apiToken"]["secret"].is_string(), "the seed's body shape");
     let version = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap();
     let st = f.call("GET", &format!("/status?version={version}"), None, None).await;
     assert_eq!(st.body["applied"], false);
     assert_eq!(st.body["lagging"][0]["reason"], "rejected");
+    assert_eq!(st.body["lagging"][0]["who"], "gateway (stream 2)");
     envoys.abort();
     // Nobody answers: the limit passes, the answer says so.
     let started = Instant::now();
@@ -770,7 +773,7 @@ impl Store for ChangesFail {
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
     }
-    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+    async fn record_usage(&self, uses: Vec<crate::store::Use>) -> Result<(), StoreError> {
         self.0.record_usage(uses).await
     }
     async fn events(

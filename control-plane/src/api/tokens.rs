@@ -97,8 +97,10 @@ fn header_text(text: &str) -> HeaderValue {
 
 /// The answer to a write: the seed's JSON body, and headers saying which
 /// configuration version carries the change and whether every connected
-/// Envoy applied it.
-fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
+/// Envoy applied it: how many did not and why, and which ones only when the
+/// operator asked for it (`names`, `--name-envoys-in-answers`): a namespace's
+/// owner has no business learning the gateways' and replicas' names.
+fn written(body: &impl Serialize, delivery: &Delivery, names: bool) -> Response {
     let mut resp = json_response(StatusCode::OK, body);
     let headers = resp.headers_mut();
     if let Some(version) = delivery.version() {
@@ -124,33 +126,47 @@ fn written(body: &impl Serialize, delivery: &Delivery) -> Response {
                 header_text(&format!("{}/{}", rollout.applied, rollout.envoys)),
             );
             if !rollout.complete() {
-                let lagging: Vec<String> = rollout
-                    .lagging
-                    .iter()
-                    .map(|l| {
-                        let why = match l.lag {
-                            Lag::Pending => "no ACK in time",
-                            Lag::Rejected(_) => "rejected (NACK)",
-                            Lag::WriteFailed(_) => "write failed",
-                            Lag::Held(_) => "held (it enforces a newer version than this control plane)",
-                            Lag::Unresponsive(_) => "unresponsive (no answer to earlier versions either)",
-                        };
-                        format!("{}: {why}", l.who)
-                    })
-                    .collect();
-                headers.insert(NOT_APPLIED_HEADER, header_text(&lagging.join("; ")));
+                let why = |lag: &Lag| match lag {
+                    Lag::Pending => "no ACK in time",
+                    Lag::Rejected(_) => "rejected (NACK)",
+                    Lag::WriteFailed(_) => "write failed",
+                    Lag::Held(_) => "held (it enforces a newer version than this control plane)",
+                    Lag::Unresponsive(_) => "unresponsive (no answer to earlier versions either)",
+                };
+                let text = if names {
+                    let each: Vec<String> = rollout
+                        .lagging
+                        .iter()
+                        .map(|l| format!("{}: {}", l.who, why(&l.lag)))
+                        .collect();
+                    each.join("; ")
+                } else {
+                    // Counted by reason, in the order first seen.
+                    let mut counts: Vec<(&str, usize)> = Vec::new();
+                    for l in &rollout.lagging {
+                        let reason = why(&l.lag);
+                        match counts.iter_mut().find(|(r, _)| *r == reason) {
+                            Some((_, n)) => *n += 1,
+                            None => counts.push((reason, 1)),
+                        }
+                    }
+                    let each: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+                    format!("{} (which: /status)", each.join("; "))
+                };
+                headers.insert(NOT_APPLIED_HEADER, header_text(&text));
             }
         }
     }
     resp
 }
 
-fn issued(issued: &Issued) -> Response {
+fn issued(issued: &Issued, names: bool) -> Response {
     written(
         &One {
             api_token: ApiToken::new(&issued.token, Some(&issued.secret)),
         },
         &issued.delivery,
+        names,
     )
 }
 
@@ -210,7 +226,7 @@ pub(crate) async fn create(
         .service
         .create(owner.route.namespace(), new, &owner.actor, wait(query)?)
         .await?;
-    Ok(issued(&result))
+    Ok(issued(&result, app.name_envoys))
 }
 
 pub(crate) async fn get(State(app): State<Arc<AppState>>, owner: Owner) -> Result<Response, AppError> {
@@ -231,7 +247,7 @@ pub(crate) async fn delete(
 ) -> Result<Response, AppError> {
     let (ns, id) = item(&owner.route)?;
     let delivery = app.service.delete(ns, id, &owner.actor, wait(query)?).await?;
-    Ok(written(&serde_json::json!({}), &delivery))
+    Ok(written(&serde_json::json!({}), &delivery, app.name_envoys))
 }
 
 /// No body, `{}`, or `{"previousSecretTtl": "3600s"}`: how long the old
@@ -272,7 +288,7 @@ pub(crate) async fn action(
         .service
         .regenerate(ns, id, overlap, &owner.actor, wait(query)?)
         .await?;
-    Ok(issued(&result))
+    Ok(issued(&result, app.name_envoys))
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,7 @@
 //! The command line: `apitokens serve | bootstrap | render | import |
 //! new-epoch`, thin adapters over the token service and the publisher.
 
+mod http;
 mod serve;
 
 use crate::clock;
@@ -54,18 +55,66 @@ struct StoreArgs {
         hide_env_values = true
     )]
     store: Option<String>,
+    /// A file holding the --store URL, such as a mounted Secret: keeps a database password out of the process list, where every local user reads it; instead of --store and --db
+    #[arg(
+        long,
+        env = "APITOKENS_STORE_FILE",
+        value_name = "PATH",
+        conflicts_with_all = ["store", "db"]
+    )]
+    store_file: Option<PathBuf>,
     /// SQLite database file (created by `serve`, `bootstrap` and `import` if missing)
     #[arg(long, env = "APITOKENS_DB", default_value = "apitokens.db", value_name = "PATH")]
     db: PathBuf,
 }
 
 impl StoreArgs {
-    fn location(&self) -> Location {
-        match &self.store {
+    fn location(&self) -> Result<Location, String> {
+        if let Some(path) = &self.store_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--store-file {}: {e}", path.display()))?;
+            let url = text.trim();
+            if url.is_empty() {
+                return Err(format!("--store-file {}: the file is empty", path.display()));
+            }
+            return Ok(Location::parse(url));
+        }
+        Ok(match &self.store {
             Some(text) => Location::parse(text),
             None => Location::Sqlite(self.db.clone()),
-        }
+        })
     }
+
+    /// `--store` was given on the command line with a database password in
+    /// it (not through `APITOKENS_STORE` or `--store-file`).
+    fn password_on_command_line(&self) -> bool {
+        let Some(url) = &self.store else {
+            return false;
+        };
+        let given = std::env::args().any(|a| a == *url || a.strip_prefix("--store=") == Some(url.as_str()));
+        given && has_password(url)
+    }
+
+    /// How the opened store is named to people (never with a password).
+    fn describe(&self, opened: &OpenStore) -> String {
+        self.location()
+            .map(|l| opened.describe_for(&l))
+            .unwrap_or_else(|_| "the store".into())
+    }
+}
+
+/// A PostgreSQL URL with a password (`user:password@` or `password=`).
+fn has_password(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(user_info, _)| user_info.contains(':'))
+        || rest.contains("password=")
 }
 
 #[derive(Args)]
@@ -113,6 +162,9 @@ struct RenderArgs {
     /// WasmPlugin: its Kubernetes namespace
     #[arg(long, default_value = "istio-system", value_name = "NS")]
     istio_namespace: String,
+    /// WasmPlugin: the module file Istio will fetch, to pin its SHA-256 (`sha256`: Istio refuses any other module). For an oci:// image, pin the image by digest in --wasm-url instead
+    #[arg(long, value_name = "PATH")]
+    wasm_module: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -213,7 +265,13 @@ pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
 /// Opens the store `--store` (or `--db`) names; errors never show a
 /// database URL (it may carry a password).
 async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<OpenStore, String> {
-    args.location().open(must_exist).await.map_err(|e| match e {
+    if args.password_on_command_line() {
+        tracing::warn!(
+            "--store carries a database password on the command line, where every local user reads it (ps, \
+             /proc): give the URL in APITOKENS_STORE or a file (--store-file) instead"
+        );
+    }
+    args.location()?.open(must_exist).await.map_err(|e| match e {
         crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
         other => other.to_string(),
     })
@@ -250,7 +308,7 @@ async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
     eprintln!(
         "Created owner token {} in {}.\nIts secret follows on stdout; it is shown only this once, so store it now.\nA running `apitokens serve` on this database picks it up within its poll interval.",
         issued.token.name,
-        opened.describe_for(&args.store.location())
+        args.store.describe(&opened)
     );
     println!("{}", issued.secret.expose());
     Ok(())
@@ -272,6 +330,15 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
             &WasmPluginOptions {
                 url: args.wasm_url,
                 namespace: args.istio_namespace,
+                sha256: match &args.wasm_module {
+                    Some(path) => Some(
+                        apitokens_core::table::Digest::of(
+                            &std::fs::read(path).map_err(|e| format!("--wasm-module {}: {e}", path.display()))?,
+                        )
+                        .to_hex(),
+                    ),
+                    None => None,
+                },
                 ..WasmPluginOptions::default()
             },
         ),
@@ -295,10 +362,7 @@ async fn import(args: ImportArgs) -> Result<(), String> {
         }
         other => format!("{shown}: {other}; nothing was imported"),
     })?;
-    eprintln!(
-        "Imported {count} tokens into {}.",
-        opened.describe_for(&args.store.location())
-    );
+    eprintln!("Imported {count} tokens into {}.", args.store.describe(&opened));
     Ok(())
 }
 
@@ -319,7 +383,7 @@ async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
          Started epoch {} at version {}: every Envoy takes the store's content now, and writes are allowed again.\n\
          Whatever was changed after the store's copy was taken is lost: tokens created since are unknown, and tokens \
          revoked or regenerated since work again with their old secrets. Check the audit trail and revoke them again.",
-        opened.describe_for(&args.store.location()),
+        args.store.describe(&opened),
         before.at.revision,
         before.at.epoch,
         seen.revision,
@@ -328,4 +392,19 @@ async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
         after.at.revision
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_password;
+
+    #[test]
+    fn a_password_in_a_store_url_is_recognised() {
+        assert!(has_password("postgres://app:s3cret@db:5432/apitokens"));
+        assert!(has_password("postgresql://app:s3cret@db/apitokens?sslmode=require"));
+        assert!(has_password("postgres://app@db/apitokens?password=s3cret"));
+        assert!(!has_password("postgres://app@db:5432/apitokens?sslmode=verify-full"));
+        assert!(!has_password("postgres://db/apitokens"));
+        assert!(!has_password("/var/lib/apitokens/apitokens.db"));
+    }
 }

@@ -1,6 +1,7 @@
 //! `apitokens serve`: the REST API, `/healthz`, `/status`, the publisher and
 //! the configuration push (ECDS over gRPC and/or a file), wired together.
 
+use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
@@ -26,9 +27,27 @@ pub(super) struct ServeArgs {
     store: StoreArgs,
     #[command(flatten)]
     config: ConfigArgs,
-    /// Address of the REST API, /healthz and /status
+    /// Address of the REST API, the console, /healthz and (without --status-listen) /status
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     listen: SocketAddr,
+    /// Serve /status and /healthz on this address of their own (an operators' network), and /status no longer on --listen
+    #[arg(long, value_name = "ADDR")]
+    status_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for HTTPS on --listen and --status-listen
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The most time a client has for a TLS handshake and for a request's headers on --listen and --status-listen, in seconds (also the most a kept-alive connection waits for its next request)
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    header_read_timeout_seconds: u64,
+    /// The most connections open at once on --listen (and, apart, on --status-listen); more wait in the kernel's backlog
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_connections: usize,
+    /// Write answers name each Envoy that did not apply a change (node id and stream; with replicas, the replica), as /status does; otherwise they count them by reason (the callers are namespaces' owners, the names are the operator's)
+    #[arg(long)]
+    name_envoys_in_answers: bool,
     /// Address of the ECDS gRPC server
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
     xds_listen: SocketAddr,
@@ -252,11 +271,29 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         },
     ));
 
+    let http = HttpOptions {
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key, "tls")?),
+            _ => None,
+        },
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
+        max_connections: args.max_connections.max(1),
+    };
     let api_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", args.listen))?;
     let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
-    warn_if_exposed("the API", api_addr);
+    if http.tls.is_none() {
+        warn_if_exposed("the API", api_addr);
+    }
+    let status_listener = match args.status_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--status-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let tls = xds_tls(&args)?;
     if let Some(tls) = &tls {
         // Checked now, so that a bad certificate stops `serve` at once.
@@ -307,23 +344,36 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     }
     let identities = Identities::new(args.xds_client_san.clone());
     let usage = UsageServer::new(Arc::clone(&service), identities.clone());
-    let app = api::app(Arc::new(AppState {
+    let state = Arc::new(AppState {
         service,
         publisher: Arc::clone(&publisher),
         acks: Arc::clone(&acks),
         resource_name: args.resource_name.clone(),
-    }));
-    let api_stop = wait_true(stop_rx.clone());
-    tasks.spawn(async move {
-        // No Nagle: a small answer must not wait for the peer's delayed ACK.
-        let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(api_stop).await {
-            tracing::error!("API server failed: {e}");
-        }
+        name_envoys: args.name_envoys_in_answers,
     });
+    let scheme = if http.tls.is_some() { "https" } else { "http" };
+    let status_at = match status_listener {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            tasks.spawn(http::serve(
+                listener,
+                api::operator(Arc::clone(&state)),
+                http.clone(),
+                wait_true(stop_rx.clone()),
+                Duration::from_secs(4),
+            ));
+            addr
+        }
+        None => api_addr,
+    };
+    let app = api::app(Arc::clone(&state), args.status_listen.is_none());
+    tasks.spawn(http::serve(
+        api_listener,
+        app,
+        http,
+        wait_true(stop_rx.clone()),
+        Duration::from_secs(4),
+    ));
     if let Some(listener) = xds_listener {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let secured = tls.is_some();
@@ -351,7 +401,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         );
     }
     tracing::info!(
-        "API on http://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health http://{api_addr}/healthz, status http://{api_addr}/status"
+        "API on {scheme}://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health {scheme}://{api_addr}/healthz, status {scheme}://{status_at}/status"
     );
 
     tokio::select! {

@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::sqlite::CHANGES_PER_WRITE;
-use super::{Action, AuditEvent, Changes, Epoch, Position, PreviousSecret, Revision, Store, StoreError, TokenRecord};
+use super::{
+    Action, AuditEvent, Changes, Epoch, Position, PreviousSecret, Revision, Store, StoreError, TokenRecord, Use,
+};
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
 
@@ -331,14 +333,14 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
     store.insert(vec![a.clone()], None, vec![]).await.unwrap();
     let rev = store.revision().await.unwrap();
     let t = |s| Timestamp::from_unix(s, 0);
-    store
-        .record_usage(vec![
-            (a.name.clone(), t(100)),
-            ("namespaces/default/apitokens/gone".into(), t(100)),
-        ])
-        .await
-        .unwrap();
-    store.record_usage(vec![(a.name.clone(), t(50))]).await.unwrap();
+    let used = |r: &TokenRecord, s| Use {
+        name: r.name.clone(),
+        digest: r.digest,
+        time: t(s),
+    };
+    let gone = record("namespaces/default/apitokens/gone", Role::Viewer, 9);
+    store.record_usage(vec![used(&a, 100), used(&gone, 100)]).await.unwrap();
+    store.record_usage(vec![used(&a, 50)]).await.unwrap();
     assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(100)));
     assert_eq!(store.list("default").await.unwrap()[0].last_use, Some(t(100)));
     assert_eq!(
@@ -347,12 +349,19 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
         "a use is not a configuration change"
     );
     store.delete(&a.name, test_event()).await.unwrap();
-    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    // The same name again, with another secret.
+    let again = record(&a.name, Role::Editor, 2);
+    store.insert(vec![again.clone()], None, vec![]).await.unwrap();
     assert_eq!(
         store.get(&a.name).await.unwrap().unwrap().last_use,
         None,
         "a new token, a new history"
     );
+    // A use of the deleted token's secret, written late, stays with it.
+    store.record_usage(vec![used(&a, 200)]).await.unwrap();
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, None);
+    store.record_usage(vec![used(&again, 300)]).await.unwrap();
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(300)));
 }
 
 /// One `#[tokio::test]` per contract test above, each on a fresh store from

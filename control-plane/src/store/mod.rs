@@ -127,6 +127,15 @@ pub struct TokenRecord {
     pub last_use: Option<Timestamp>,
 }
 
+/// A token's use as the filters reported it: by the digest of the secret
+/// that authenticated the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Use {
+    pub name: String,
+    pub digest: Digest,
+    pub time: Timestamp,
+}
+
 /// A rotation's overlap: the previous secret's digest and its end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PreviousSecret {
@@ -292,9 +301,12 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<(TokenRecord, Revision)>, StoreError>;
     /// `None` if there was no such token.
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError>;
-    /// The latest use of each token named (unknown names are skipped). Not a
-    /// change of the configuration: no revision.
-    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError>;
+    /// The latest use of each token named, recorded only while the token
+    /// still has the secret that was used (current or previous): a use never
+    /// lands on another token of the same name, created after a delete.
+    /// Unknown names are skipped. Not a change of the configuration: no
+    /// revision.
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError>;
     /// The namespace's audit trail, newest first: at most `limit` events
     /// older than sequence number `before`, each with its sequence number.
     async fn events(

@@ -20,7 +20,7 @@
 
 use super::row::{decode, decode_event, split, EventRow, Row, COLUMNS, WITH_USE};
 use super::sqlite::{CHANGES_KEPT, CHANGES_PER_WRITE};
-use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
+use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::Timestamp;
@@ -947,24 +947,25 @@ impl Store for PostgresStore {
         Ok(Some(revision))
     }
 
-    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError> {
         if uses.is_empty() {
             return Ok(());
         }
-        let names: Vec<&str> = uses.iter().map(|(n, _)| n.as_str()).collect();
-        let times: Vec<i64> = uses.iter().map(|(_, t)| t.unix_seconds()).collect();
+        let names: Vec<&str> = uses.iter().map(|u| u.name.as_str()).collect();
+        let times: Vec<i64> = uses.iter().map(|u| u.time.unix_seconds()).collect();
+        let digests: Vec<String> = uses.iter().map(|u| u.digest.to_hex()).collect();
         // One statement per batch; a name twice in it counts once (its
         // latest use); names of tokens gone meanwhile are skipped.
         self.conn()
             .await?
             .execute(
                 "INSERT INTO usage (name, last_use_seconds)
-                 SELECT n, max(s) FROM unnest($1::text[], $2::bigint[]) AS u(n, s)
-                 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n)
+                 SELECT n, max(s) FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(n, s, d)
+                 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n AND (secret_sha256 = d OR previous_sha256 = d))
                  GROUP BY n
                  ON CONFLICT (name) DO UPDATE
                      SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds)",
-                &[&names, &times],
+                &[&names, &times, &digests],
             )
             .await
             .map_err(unavailable)?;

@@ -7,7 +7,7 @@
 //! wait for the writer).
 
 use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
-use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
+use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -666,7 +666,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_usage(&self, uses: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError> {
         if uses.is_empty() {
             return Ok(());
         }
@@ -674,12 +674,14 @@ impl Store for SqliteStore {
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT INTO usage (name, last_use_seconds)
-                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1)
+                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1
+                                                 AND (secret_sha256 = ?3 OR previous_sha256 = ?3))
                      ON CONFLICT (name) DO UPDATE SET last_use_seconds = max(last_use_seconds, excluded.last_use_seconds)",
                 )
                 .map_err(unavailable)?;
-            for (name, time) in &uses {
-                stmt.execute(params![name, time.unix_seconds()]).map_err(unavailable)?;
+            for u in &uses {
+                stmt.execute(params![u.name, u.time.unix_seconds(), u.digest.to_hex()])
+                    .map_err(unavailable)?;
             }
             Ok(())
         })

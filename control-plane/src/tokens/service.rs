@@ -13,7 +13,7 @@ use super::{audit, Error};
 use crate::clock;
 use crate::config::{Publisher, Version};
 use crate::push::acks::{Rollout, Tracker};
-use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord};
+use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord, Use};
 use apitokens_core::config::{Config, PluginConfig};
 use apitokens_core::name::{is_dns_label, TokenName};
 use apitokens_core::table::Digest;
@@ -128,7 +128,8 @@ pub struct Service {
     push: Option<Push>,
     opts: ServiceOptions,
     /// Last uses reported by the filters, not yet written to the store.
-    uses: std::sync::Mutex<std::collections::HashMap<String, Timestamp>>,
+    /// The latest use of each token name, and the digest it was made with.
+    uses: std::sync::Mutex<std::collections::HashMap<String, (Digest, Timestamp)>>,
 }
 
 fn check_namespace(namespace: &str) -> Result<(), Error> {
@@ -157,7 +158,8 @@ pub fn check_path(namespace: &str, id: Option<&str>) -> Result<(), Error> {
     }
 }
 
-/// An optional expiry, which must be in the future.
+/// An optional expiry, which must be in the future: compared with `now` to
+/// the nanosecond (a time a fraction of a second past is refused too).
 fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Timestamp>, Error> {
     let Some(text) = text else {
         return Ok(None);
@@ -236,7 +238,7 @@ impl Service {
         let role = Role::parse(&new.role)
             .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
         let now = clock::now_seconds();
-        let expire_time = expiry(new.expire_time.as_deref(), "expireTime", now)?;
+        let expire_time = expiry(new.expire_time.as_deref(), "expireTime", clock::now())?;
         let (issued, revision) = self
             .issue(new.name, role, now, expire_time, self.opts.quota, actor)
             .await?;
@@ -249,7 +251,7 @@ impl Service {
     pub async fn bootstrap(&self, namespace: &str, id: &str, expire_time: Option<&str>) -> Result<Issued, Error> {
         let name = token_name(namespace, id)?;
         let now = clock::now_seconds();
-        let expire_time = expiry(expire_time, "expireTime", now)?;
+        let expire_time = expiry(expire_time, "expireTime", clock::now())?;
         let actor = Actor::tool("apitokens bootstrap");
         let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None, &actor).await?;
         tracing::info!("bootstrapped owner token {} at revision {revision}", issued.token.name);
@@ -478,12 +480,12 @@ impl Service {
         let now = clock::now_seconds();
         let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for chunk in digests.chunks_exact(32) {
-            if let Some(token) = chunk
-                .try_into()
-                .ok()
-                .and_then(|d| snapshot.api.tokens().get(&Digest(d)))
-            {
-                uses.insert(token.name().to_owned(), now);
+            let Ok(bytes) = chunk.try_into() else {
+                continue;
+            };
+            let digest = Digest(bytes);
+            if let Some(token) = snapshot.api.tokens().get(&digest) {
+                uses.insert(token.name().to_owned(), (digest, now));
             }
         }
     }
@@ -491,10 +493,10 @@ impl Service {
     /// Writes the remembered uses to the store; kept for the next try if
     /// the store is unavailable.
     async fn flush_uses(&self) {
-        let batch: Vec<(String, Timestamp)> =
-            std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-                .into_iter()
-                .collect();
+        let batch: Vec<Use> = std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .into_iter()
+            .map(|(name, (digest, time))| Use { name, digest, time })
+            .collect();
         if batch.is_empty() {
             return;
         }
@@ -504,9 +506,10 @@ impl Service {
                 batch.len()
             );
             let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (name, time) in batch {
-                let latest = uses.get(&name).map_or(time, |t| (*t).max(time));
-                uses.insert(name, latest);
+            for u in batch {
+                if uses.get(&u.name).is_none_or(|(_, t)| *t < u.time) {
+                    uses.insert(u.name, (u.digest, u.time));
+                }
             }
         }
     }
@@ -587,5 +590,25 @@ impl Service {
             );
         }
         Ok(Delivery::Applied(rollout))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_a_fraction_of_a_second_past_is_refused() {
+        let now = Timestamp::from_unix(1_800_000_000, 900_000_000);
+        let past = "2027-01-15T08:00:00.400Z"; // 1_800_000_000 is 2027-01-15T08:00:00Z
+        assert_eq!(
+            Timestamp::parse_rfc3339(past).unwrap().unix_seconds(),
+            now.unix_seconds()
+        );
+        let err = expiry(Some(past), "expireTime", now).unwrap_err();
+        assert!(err.to_string().contains("in the future"), "{err}");
+        let soon = "2027-01-15T08:00:00.950Z";
+        assert!(expiry(Some(soon), "expireTime", now).unwrap().is_some());
     }
 }
