@@ -4,7 +4,7 @@
 use super::error::json_response;
 use super::extract::{JsonBody, OptionalJsonBody, Owner, Route};
 use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
-use crate::push::acks::Lag;
+use crate::push::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Wait};
@@ -126,38 +126,38 @@ fn written(body: &impl Serialize, delivery: &Delivery, names: bool) -> Response 
                 header_text(&format!("{}/{}", rollout.applied, rollout.envoys)),
             );
             if !rollout.complete() {
-                let why = |lag: &Lag| match lag {
-                    Lag::Pending => "no ACK in time",
-                    Lag::Rejected(_) => "rejected (NACK)",
-                    Lag::WriteFailed(_) => "write failed",
-                    Lag::Held(_) => "held (it enforces a newer version than this control plane)",
-                    Lag::Unresponsive(_) => "unresponsive (no answer to earlier versions either)",
-                };
-                let text = if names {
-                    let each: Vec<String> = rollout
-                        .lagging
-                        .iter()
-                        .map(|l| format!("{}: {}", l.who, why(&l.lag)))
-                        .collect();
-                    each.join("; ")
-                } else {
-                    // Counted by reason, in the order first seen.
-                    let mut counts: Vec<(&str, usize)> = Vec::new();
-                    for l in &rollout.lagging {
-                        let reason = why(&l.lag);
-                        match counts.iter_mut().find(|(r, _)| *r == reason) {
-                            Some((_, n)) => *n += 1,
-                            None => counts.push((reason, 1)),
-                        }
-                    }
-                    let each: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
-                    format!("{} (which: /status)", each.join("; "))
-                };
+                let text = not_applied(&rollout.lagging, names);
                 headers.insert(NOT_APPLIED_HEADER, header_text(&text));
             }
         }
     }
     resp
+}
+
+/// `x-apitokens-not-applied`: each Envoy that did not apply the change and
+/// why (`names`), or how many did not for each reason, in the order first
+/// seen.
+fn not_applied(lagging: &[Lagging], names: bool) -> String {
+    let why = |lag: &Lag| match lag {
+        Lag::Pending => "no ACK in time",
+        Lag::Rejected(_) => "rejected (NACK)",
+        Lag::WriteFailed(_) => "write failed",
+        Lag::Held(_) => "held (it enforces a newer version than this control plane)",
+        Lag::Unresponsive(_) => "unresponsive (no answer to earlier versions either)",
+    };
+    if names {
+        let each: Vec<String> = lagging.iter().map(|l| format!("{}: {}", l.who, why(&l.lag))).collect();
+        return each.join("; ");
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for reason in lagging.iter().map(|l| why(&l.lag)) {
+        match counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reason, 1)),
+        }
+    }
+    let each: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!("{} (which: /status)", each.join("; "))
 }
 
 fn issued(issued: &Issued, names: bool) -> Response {

@@ -10,7 +10,7 @@ use crate::store::{Location, OpenStore};
 use crate::tokens::{self, Service, ServiceOptions};
 use apitokens_core::config::{Config, ConfigError, PluginConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -92,13 +92,6 @@ impl StoreArgs {
         };
         let given = std::env::args().any(|a| a == *url || a.strip_prefix("--store=") == Some(url.as_str()));
         given && has_password(url)
-    }
-
-    /// How the opened store is named to people (never with a password).
-    fn describe(&self, opened: &OpenStore) -> String {
-        self.location()
-            .map(|l| opened.describe_for(&l))
-            .unwrap_or_else(|_| "the store".into())
     }
 }
 
@@ -262,19 +255,23 @@ pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
     Ok(base)
 }
 
-/// Opens the store `--store` (or `--db`) names; errors never show a
-/// database URL (it may carry a password).
-async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<OpenStore, String> {
+/// Opens the store `--store` (or `--store-file`, or `--db`) names, and how
+/// to name it to people; neither errors nor the name ever show a database
+/// URL (it may carry a password).
+async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, String), String> {
     if args.password_on_command_line() {
         tracing::warn!(
             "--store carries a database password on the command line, where every local user reads it (ps, \
              /proc): give the URL in APITOKENS_STORE or a file (--store-file) instead"
         );
     }
-    args.location()?.open(must_exist).await.map_err(|e| match e {
+    let location = args.location()?;
+    let opened = location.open(must_exist).await.map_err(|e| match e {
         crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
         other => other.to_string(),
-    })
+    })?;
+    let name = opened.describe_for(&location);
+    Ok((opened, name))
 }
 
 /// A service error in the words of the command line: flags, not JSON fields.
@@ -294,7 +291,7 @@ fn cli_error(e: tokens::Error) -> String {
 }
 
 async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
-    let opened = open_store(&args.store, false).await?;
+    let (opened, store_name) = open_store(&args.store, false).await?;
     let service = Service::new(opened.store(), ServiceOptions::default());
     let issued = service
         .bootstrap(&args.namespace, &args.name, args.expire_time.as_deref())
@@ -308,7 +305,7 @@ async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
     eprintln!(
         "Created owner token {} in {}.\nIts secret follows on stdout; it is shown only this once, so store it now.\nA running `apitokens serve` on this database picks it up within its poll interval.",
         issued.token.name,
-        args.store.describe(&opened)
+        store_name
     );
     println!("{}", issued.secret.expose());
     Ok(())
@@ -319,7 +316,7 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
     // Usage reports name a cluster of the ECDS setup; a static configuration
     // has no control plane to report to.
     base.usage_report = None;
-    let store = open_store(&args.store, true).await?.store();
+    let store = open_store(&args.store, true).await?.0.store();
     let (_, records) = store.load().await.map_err(|e| e.to_string())?;
     let spec = render::plugin_config(&base, &records, clock::now());
     Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
@@ -330,15 +327,7 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
             &WasmPluginOptions {
                 url: args.wasm_url,
                 namespace: args.istio_namespace,
-                sha256: match &args.wasm_module {
-                    Some(path) => Some(
-                        apitokens_core::table::Digest::of(
-                            &std::fs::read(path).map_err(|e| format!("--wasm-module {}: {e}", path.display()))?,
-                        )
-                        .to_hex(),
-                    ),
-                    None => None,
-                },
+                sha256: args.wasm_module.as_deref().map(module_sha256).transpose()?,
                 ..WasmPluginOptions::default()
             },
         ),
@@ -347,11 +336,17 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The SHA-256 (hex) of the module file at `path`, as Istio checks it.
+fn module_sha256(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("--wasm-module {}: {e}", path.display()))?;
+    Ok(apitokens_core::table::Digest::of(&bytes).to_hex())
+}
+
 async fn import(args: ImportArgs) -> Result<(), String> {
     let shown = args.file.display().to_string();
     let bytes = std::fs::read(&args.file).map_err(|e| format!("{shown}: {e}"))?;
     let spec = PluginConfig::from_json(&bytes).map_err(|e| format!("{shown}: {e}"))?;
-    let opened = open_store(&args.store, false).await?;
+    let (opened, store_name) = open_store(&args.store, false).await?;
     let service = Service::new(opened.store(), ServiceOptions::default());
     let count = service.import(&spec).await.map_err(|e| match e {
         tokens::Error::AlreadyExists(_) => {
@@ -362,12 +357,12 @@ async fn import(args: ImportArgs) -> Result<(), String> {
         }
         other => format!("{shown}: {other}; nothing was imported"),
     })?;
-    eprintln!("Imported {count} tokens into {}.", args.store.describe(&opened));
+    eprintln!("Imported {count} tokens into {}.", store_name);
     Ok(())
 }
 
 async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
-    let opened = open_store(&args.store, true).await?;
+    let (opened, store_name) = open_store(&args.store, true).await?;
     let store = opened.store();
     let before = store.head().await.map_err(|e| e.to_string())?;
     let Some(seen) = before.behind.or(args.force.then_some(before.at)) else {
@@ -383,13 +378,7 @@ async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
          Started epoch {} at version {}: every Envoy takes the store's content now, and writes are allowed again.\n\
          Whatever was changed after the store's copy was taken is lost: tokens created since are unknown, and tokens \
          revoked or regenerated since work again with their old secrets. Check the audit trail and revoke them again.",
-        args.store.describe(&opened),
-        before.at.revision,
-        before.at.epoch,
-        seen.revision,
-        seen.epoch,
-        after.at.epoch,
-        after.at.revision
+        store_name, before.at.revision, before.at.epoch, seen.revision, seen.epoch, after.at.epoch, after.at.revision
     );
     Ok(())
 }

@@ -224,7 +224,7 @@ fn admitted(
 }
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
-    let opened = open_store(&args.store, false).await?;
+    let (opened, _) = open_store(&args.store, false).await?;
     let store = opened.store();
     let publisher = Publisher::open(
         Arc::clone(&store),
