@@ -127,6 +127,7 @@ impl IntoResponse for AppError {
             Self::BadField { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(field)),
             Self::Tokens(e) => match e {
                 tokens::Error::Invalid { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(&field)),
+                tokens::Error::Forbidden(_) => error_response(StatusCode::FORBIDDEN, &message, None),
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
                 tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
                 tokens::Error::QuotaExceeded { .. } => error_response(StatusCode::TOO_MANY_REQUESTS, &message, None),

@@ -3,8 +3,9 @@
 //! errors never quote the input.
 
 use super::{AppError, AppState, CallerSlot, API_PREFIX, MAX_BODY_BYTES};
+use crate::store::Credential;
 use crate::tokens::secret::{self, Shape};
-use crate::tokens::Actor;
+use crate::tokens::{Actor, Caller};
 use apitokens_core::bearer;
 use apitokens_core::config::{describe_json_error, Config};
 use apitokens_core::decision::Denial;
@@ -124,26 +125,12 @@ pub(crate) struct Owner {
     pub actor: Actor,
 }
 
-/// The client's address as Envoy saw it: the last `X-Forwarded-For` entry
-/// (Envoy with `use_remote_address` appends the connection's address after
-/// whatever the client sent), else the connection's own peer.
-fn client_address(parts: &Parts) -> Option<String> {
-    let forwarded = parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .rfind(|a| !a.is_empty())
-        // An address, not whatever text: at most an IPv6 address with a zone.
-        .filter(|a| a.len() <= 64 && a.bytes().all(|c| c.is_ascii_hexdigit() || b".:[]%".contains(&c)));
-    forwarded.map(str::to_owned).or_else(|| {
-        parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string())
-    })
+/// The connection's peer address.
+fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
 }
 
 /// The caller's token, or the denial (the filter's own checks, plus the
@@ -191,11 +178,23 @@ impl FromRequestParts<Arc<AppState>> for Owner {
         config
             .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
             .map_err(denied)?;
+        let peer = peer(parts);
         Ok(Owner {
             route,
             actor: Actor {
                 name: token.name().to_owned(),
-                address: client_address(parts),
+                address: app.trusted_proxies.client_address(peer, &parts.headers),
+                peer: peer.map(|p| p.to_string()),
+                caller: Some(Caller {
+                    credential: if token.is_previous() {
+                        Credential::Previous
+                    } else {
+                        Credential::Current
+                    },
+                    // A current secret's expiry is its token's (a previous
+                    // one's is its overlap's end, but it never writes).
+                    expire: token.expire(),
+                }),
             },
         })
     }

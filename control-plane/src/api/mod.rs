@@ -11,10 +11,12 @@
 pub mod console;
 mod error;
 mod extract;
+mod forwarded;
 mod status;
 mod tokens;
 
 pub use error::AppError;
+pub use forwarded::{Cidr, TrustedProxies};
 
 use crate::config::Publisher;
 use crate::push::acks::Tracker;
@@ -44,6 +46,8 @@ pub struct AppState {
     /// Write answers name the Envoys that did not apply a change
     /// (`--name-envoys-in-answers`); otherwise they count them.
     pub name_envoys: bool,
+    /// Whose `X-Forwarded-For` the audit trail believes (`--trusted-proxy`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The HTTP application: the token API, the console, `/healthz`, and

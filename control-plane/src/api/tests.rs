@@ -68,6 +68,7 @@ async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions)
         acks: Arc::clone(&acks),
         resource_name: "apitokens".into(),
         name_envoys: false,
+        trusted_proxies: TrustedProxies::default(),
     });
     let mut f = Fixture {
         publisher,
@@ -743,7 +744,12 @@ async fn the_namespace_quota_answers_429() {
 
 /// The real store, except that reading what changed fails once `failing`
 /// is set: a database that went away between a commit and the publish.
-struct ChangesFail(SqliteStore, std::sync::atomic::AtomicBool);
+/// It counts the last uses written.
+struct ChangesFail(
+    SqliteStore,
+    std::sync::atomic::AtomicBool,
+    std::sync::atomic::AtomicUsize,
+);
 
 #[async_trait]
 impl Store for ChangesFail {
@@ -774,6 +780,7 @@ impl Store for ChangesFail {
         self.0.delete(name, event).await
     }
     async fn record_usage(&self, uses: Vec<crate::store::Use>) -> Result<(), StoreError> {
+        self.2.fetch_add(uses.len(), std::sync::atomic::Ordering::SeqCst);
         self.0.record_usage(uses).await
     }
     async fn events(
@@ -819,6 +826,7 @@ async fn a_committed_change_that_cannot_be_published_yet_still_gives_its_secret(
     let store = Arc::new(ChangesFail(
         SqliteStore::open(&dir.path().join("api.db")).unwrap(),
         std::sync::atomic::AtomicBool::new(false),
+        std::sync::atomic::AtomicUsize::new(0),
     ));
     let f = fixture_with(
         Arc::clone(&store) as Arc<dyn Store>,
@@ -977,8 +985,12 @@ async fn the_audit_trail_says_who_did_what_from_where() {
             .method(method)
             .uri(path)
             .header("authorization", format!("Bearer {}", f.owner))
-            // Envoy appends the client address it saw after what the client sent.
+            // Sent by the client itself: no trusted proxy appended it.
             .header("x-forwarded-for", "10.9.9.9, 203.0.113.5")
+            .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                [192, 0, 2, 44],
+                5555,
+            ))))
             .body(Body::from(body.unwrap_or("").to_owned()))
             .unwrap()
     };
@@ -1015,7 +1027,10 @@ async fn the_audit_trail_says_who_did_what_from_where() {
     assert_eq!(kinds, ["apitoken.delete", "apitoken.regenerate", "apitoken.create"]);
     for e in events {
         assert_eq!(e["actor"], "namespaces/default/apitokens/admin");
-        assert_eq!(e["clientAddress"], "203.0.113.5");
+        // A header from a peer that is not a trusted proxy is ignored.
+        assert_eq!(e["clientAddress"], "192.0.2.44");
+        assert_eq!(e["peerAddress"], "192.0.2.44");
+        assert_eq!(e["credential"], "current");
         assert_eq!(e["token"], "namespaces/default/apitokens/ci");
         assert_eq!(e["namespace"], "default");
     }
@@ -1114,4 +1129,42 @@ async fn reported_uses_become_the_last_use_time() {
         .find(|t| t["name"] == "namespaces/default/apitokens/admin")
         .unwrap();
     assert!(admin.get("lastUseTime").is_none());
+}
+
+#[tokio::test]
+async fn a_token_used_again_within_the_minute_costs_no_second_write() {
+    let dir = TempDir::new("api-usage-minute");
+    let store = Arc::new(ChangesFail(
+        SqliteStore::open(&dir.path().join("api.db")).unwrap(),
+        std::sync::atomic::AtomicBool::new(false),
+        std::sync::atomic::AtomicUsize::new(0),
+    ));
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, ServiceOptions::default()).await;
+    let digest = Digest::of(f.owner.as_bytes());
+    let flush = || async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+        stop_tx.send(true).unwrap();
+        flusher.await.unwrap();
+    };
+    // Reports from many filters, flushed again and again within a minute
+    // (tried again if the minute turned meanwhile).
+    loop {
+        let minute = clock::now().unix_seconds() / 60;
+        let before = store.2.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..5 {
+            f.state.service.record_use(&f.store.lineage(), &digest.0);
+            f.state.service.record_use(&f.store.lineage(), &digest.0);
+            flush().await;
+        }
+        let written = store.2.load(std::sync::atomic::Ordering::SeqCst) - before;
+        if clock::now().unix_seconds() / 60 == minute {
+            assert!(written <= 1, "{written} writes for one token's uses within a minute");
+            break;
+        }
+    }
+    let got = f.call("GET", COLLECTION, Some(&f.owner), None).await;
+    let used = got.body["apiTokens"][0]["lastUseTime"].as_str().unwrap().to_owned();
+    // Kept to the minute, by the receiving clock.
+    assert!(used.ends_with(":00Z"), "{used}");
 }

@@ -13,7 +13,7 @@ use crate::push::server::{EcdsServer, XdsLimits};
 use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
-use crate::tokens::{Service, ServiceOptions};
+use crate::tokens::{Lifetimes, Service, ServiceOptions};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +45,12 @@ pub(super) struct ServeArgs {
     /// The most connections open at once on --listen (and, apart, on --status-listen); more wait in the kernel's backlog
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_connections: usize,
+    /// A proxy whose X-Forwarded-For the audit trail believes (an address or CIDR range, such as the Envoy in front of the API); repeatable. From other peers the header is ignored and the connection's address is the client's
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    trusted_proxy: Vec<api::Cidr>,
+    /// The longest a new token may live: DURATION for every namespace, NAMESPACE=DURATION for one (90d, 12h, 30m, 3600s); repeatable. A create asking for a later expireTime is refused, one asking for none gets the limit
+    #[arg(long, value_name = "[NAMESPACE=]DURATION")]
+    max_token_lifetime: Vec<String>,
     /// Write answers name each Envoy that did not apply a change (node id and stream; with replicas, the replica), as /status does; otherwise they count them by reason (the callers are namespaces' owners, the names are the operator's)
     #[arg(long)]
     name_envoys_in_answers: bool,
@@ -117,6 +123,20 @@ pub(super) struct ServeArgs {
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
+}
+
+fn parse_cidr(text: &str) -> Result<api::Cidr, String> {
+    api::Cidr::parse(text)
+}
+
+fn lifetimes(flags: &[String]) -> Result<Lifetimes, String> {
+    let mut lifetimes = Lifetimes::default();
+    for flag in flags {
+        lifetimes
+            .add(flag)
+            .map_err(|e| format!("--max-token-lifetime {flag}: {e}"))?;
+    }
+    Ok(lifetimes)
 }
 
 pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
@@ -268,6 +288,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         ServiceOptions {
             quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
             apply_timeout: Duration::from_millis(args.apply_timeout_ms),
+            lifetimes: lifetimes(&args.max_token_lifetime)?,
         },
     ));
 
@@ -350,6 +371,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         acks: Arc::clone(&acks),
         resource_name: args.resource_name.clone(),
         name_envoys: args.name_envoys_in_answers,
+        trusted_proxies: api::TrustedProxies(args.trusted_proxy.clone()),
     });
     let scheme = if http.tls.is_some() { "https" } else { "http" };
     let status_at = match status_listener {

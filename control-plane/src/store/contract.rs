@@ -6,7 +6,8 @@
 
 use super::sqlite::CHANGES_PER_WRITE;
 use super::{
-    Action, AuditEvent, Changes, Epoch, Position, PreviousSecret, Revision, Store, StoreError, TokenRecord, Use,
+    Action, AuditEvent, Changes, Credential, Epoch, Position, PreviousSecret, Revision, Store, StoreError, TokenRecord,
+    Use,
 };
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -36,6 +37,8 @@ pub(crate) fn test_event() -> AuditEvent {
         expire_time: None,
         previous_until: None,
         client_address: None,
+        peer_address: None,
+        credential: None,
         count: None,
     }
 }
@@ -46,6 +49,8 @@ fn event(action: Action, token: &str) -> AuditEvent {
         token: Some(token.into()),
         actor: "namespaces/default/apitokens/admin".into(),
         client_address: Some("192.0.2.7".into()),
+        peer_address: Some("127.0.0.1".into()),
+        credential: Some(Credential::Current),
         ..test_event()
     }
 }
@@ -291,6 +296,7 @@ pub(crate) async fn the_audit_trail_is_written_with_the_change_and_read_newest_f
         .unwrap();
     let regenerated = AuditEvent {
         previous_until: Some(Timestamp::from_unix(1_800_000_000, 0)),
+        credential: Some(Credential::Previous),
         ..event(Action::Regenerate, &a.name)
     };
     store

@@ -204,6 +204,29 @@ impl Action {
     }
 }
 
+/// Which of a token's secrets a caller used: its current one, or the
+/// previous one during a rotation's overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    Current,
+    Previous,
+}
+
+impl Credential {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Credential::Current => "current",
+            Credential::Previous => "previous",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Credential::Current, Credential::Previous]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
 /// One entry of the audit trail: who did what to which token, when, from
 /// where. Never a secret or a digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,8 +242,13 @@ pub struct AuditEvent {
     pub expire_time: Option<Timestamp>,
     /// A regeneration's overlap: the previous secret works until then.
     pub previous_until: Option<Timestamp>,
-    /// The client address Envoy saw (or the caller's address).
+    /// The client address: the `X-Forwarded-For` hop a trusted proxy
+    /// (`--trusted-proxy`) appended, else the connection's peer.
     pub client_address: Option<String>,
+    /// The connection's peer (the proxy, when one forwarded the call).
+    pub peer_address: Option<String>,
+    /// Which of the caller's secrets acted (none for an operator tool).
+    pub credential: Option<Credential>,
     /// Tokens imported.
     pub count: Option<u32>,
 }

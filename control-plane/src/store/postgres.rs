@@ -20,7 +20,9 @@
 
 use super::row::{decode, decode_event, split, EventRow, Row, COLUMNS, WITH_USE};
 use super::sqlite::{CHANGES_KEPT, CHANGES_PER_WRITE};
-use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use};
+use super::{
+    next_epoch, AuditEvent, Changes, Credential, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use,
+};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::Timestamp;
@@ -50,6 +52,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_epochs_and_digests",
         include_str!("../../migrations/postgres/0004_epochs_and_digests.sql"),
+    ),
+    (
+        "0005_audit_credential_peer",
+        include_str!("../../migrations/postgres/0005_audit_credential_peer.sql"),
     ),
 ];
 
@@ -708,8 +714,9 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreE
     let (until_s, until_n) = wide(split(e.previous_until));
     tx.execute(
         "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
-                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count,
+                             peer_address, credential)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         &[
             &e.time.unix_seconds(),
             &i64::from(e.time.subsec_nanos()),
@@ -724,6 +731,8 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreE
             &until_n,
             &e.client_address,
             &e.count.map(i64::from),
+            &e.peer_address,
+            &e.credential.map(Credential::as_str),
         ],
     )
     .await
@@ -984,7 +993,8 @@ impl Store for PostgresStore {
             .await?
             .query(
                 "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
-                        previous_until_seconds, previous_until_nanos, client_address, count
+                        previous_until_seconds, previous_until_nanos, client_address, count,
+                        peer_address, credential
                  FROM events WHERE namespace = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
                 &[&namespace, &before, &i64::from(limit)],
             )
@@ -1005,6 +1015,8 @@ impl Store for PostgresStore {
                     until: (r.try_get(9).map_err(get)?, r.try_get(10).map_err(get)?),
                     client_address: r.try_get(11).map_err(get)?,
                     count: count.and_then(|c| u32::try_from(c).ok()),
+                    peer_address: r.try_get(13).map_err(get)?,
+                    credential: r.try_get(14).map_err(get)?,
                 };
                 decode_event(row, namespace)
             })

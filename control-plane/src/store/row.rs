@@ -2,7 +2,7 @@
 //! decoding: one place for what a readable row is, so SQLite and PostgreSQL
 //! refuse the same damaged rows with the same words.
 
-use super::{Action, AuditEvent, PreviousSecret, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Credential, PreviousSecret, StoreError, TokenRecord};
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -90,6 +90,8 @@ pub(super) struct EventRow {
     pub(super) until: (Option<i64>, Option<i64>),
     pub(super) client_address: Option<String>,
     pub(super) count: Option<u32>,
+    pub(super) peer_address: Option<String>,
+    pub(super) credential: Option<String>,
 }
 
 /// An event row of `namespace` as an event; one that does not decode is an
@@ -115,6 +117,13 @@ pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, Audit
         expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
         previous_until: optional_time(row.until).map_err(|()| corrupt("bad previous_until time"))?,
         client_address: row.client_address,
+        peer_address: row.peer_address,
+        credential: row
+            .credential
+            .as_deref()
+            .map(Credential::parse)
+            .map(|c| c.ok_or_else(|| corrupt("unknown credential")))
+            .transpose()?,
         count: row.count,
     };
     Ok((u64::try_from(seq).unwrap_or(0), event))

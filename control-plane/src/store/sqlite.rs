@@ -7,7 +7,9 @@
 //! wait for the writer).
 
 use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
-use super::{next_epoch, AuditEvent, Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use};
+use super::{
+    next_epoch, AuditEvent, Changes, Credential, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use,
+};
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -18,7 +20,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 4 (the latest): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -90,6 +92,14 @@ CREATE INDEX events_by_namespace ON events (namespace, seq);
 /// `meta` by `init`.
 const SCHEMA_4: &str = "
 CREATE UNIQUE INDEX tokens_previous_unique ON tokens (previous_sha256) WHERE previous_sha256 IS NOT NULL;
+";
+
+/// What version 5 added: which credential acted and the connection's peer,
+/// for each audit event, and the index audit retention deletes by.
+const SCHEMA_5: &str = "
+ALTER TABLE events ADD COLUMN peer_address TEXT;
+ALTER TABLE events ADD COLUMN credential TEXT;
+CREATE INDEX events_by_time ON events (time_seconds);
 ";
 
 /// Version 2 to 3, on an existing database.
@@ -245,7 +255,7 @@ fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
             tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
         }
         3 => tx.execute_batch(SCHEMA_4).map_err(unavailable)?,
-        SCHEMA_VERSION => {}
+        4 | SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Unavailable(format!(
                 "the database has schema version {other}; this apitokens understands {SCHEMA_VERSION}"
@@ -253,6 +263,9 @@ fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
         }
     }
     if version < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA_5).map_err(unavailable)?;
+    }
+    if version < 4 {
         // The history starts now (an older database's Envoys carry versions
         // without an epoch, which count as epoch 0: this one is later).
         set_meta(&tx, "epoch", to_i64(Epoch::after(Epoch(0)).0))?;
@@ -491,8 +504,9 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> 
     let (until_s, until_n) = split(e.previous_until);
     tx.prepare_cached(
         "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
-                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count,
+                             peer_address, credential)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .map_err(unavailable)?
     .execute(params![
@@ -509,6 +523,8 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> 
         until_n,
         e.client_address,
         e.count,
+        e.peer_address,
+        e.credential.map(Credential::as_str),
     ])
     .map_err(unavailable)?;
     Ok(())
@@ -700,7 +716,8 @@ impl Store for SqliteStore {
             let mut stmt = tx
                 .prepare_cached(
                     "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
-                            previous_until_seconds, previous_until_nanos, client_address, count
+                            previous_until_seconds, previous_until_nanos, client_address, count,
+                            peer_address, credential
                      FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
                 )
                 .map_err(unavailable)?;
@@ -717,6 +734,8 @@ impl Store for SqliteStore {
                         (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<i64>>(10)?),
                         r.get::<_, Option<String>>(11)?,
                         r.get::<_, Option<u32>>(12)?,
+                        r.get::<_, Option<String>>(13)?,
+                        r.get::<_, Option<String>>(14)?,
                     ))
                 })
                 .map_err(unavailable)?
@@ -724,7 +743,20 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             rows.into_iter()
                 .map(
-                    |(seq, time, action, token, actor, role, expire, until, client_address, count)| {
+                    |(
+                        seq,
+                        time,
+                        action,
+                        token,
+                        actor,
+                        role,
+                        expire,
+                        until,
+                        client_address,
+                        count,
+                        peer_address,
+                        credential,
+                    )| {
                         decode_event(
                             EventRow {
                                 seq,
@@ -737,6 +769,8 @@ impl Store for SqliteStore {
                                 until,
                                 client_address,
                                 count,
+                                peer_address,
+                                credential,
                             },
                             &namespace,
                         )

@@ -2,7 +2,9 @@
 //! recorded in the store with the change (same transaction), and one JSON
 //! line per event on stderr for log shippers. The same field set in both
 //! places (`event`, `time`, `namespace`, `token`, `actor`, `role`,
-//! `expireTime`, `previousSecretExpireTime`, `clientAddress`, `count`);
+//! `expireTime`, `previousSecretExpireTime`, `clientAddress`, `peerAddress`,
+//! `credential` (`current` or `previous`: which of the caller's secrets
+//! acted), `count`);
 //! never a secret or a digest.
 
 use crate::store::AuditEvent;
@@ -28,6 +30,8 @@ pub fn to_json(event: &AuditEvent) -> Value {
         event.previous_until.map(|t| json!(t.to_rfc3339())),
     );
     put("clientAddress", event.client_address.as_ref().map(|a| json!(a)));
+    put("peerAddress", event.peer_address.as_ref().map(|a| json!(a)));
+    put("credential", event.credential.map(|c| json!(c.as_str())));
     put("count", event.count.map(|c| json!(c)));
     Value::Object(out)
 }

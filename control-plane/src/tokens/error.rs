@@ -8,6 +8,10 @@ pub enum Error {
     /// A field of the request is invalid.
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
+    /// The caller's role allows the call, but not with this credential or
+    /// on this token (see `caller`): the reason says which rule.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("API token {0} not found")]
     NotFound(String),
     #[error("API token {0} already exists")]

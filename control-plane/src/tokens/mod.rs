@@ -4,9 +4,11 @@
 //! [`Service`].
 
 pub mod audit;
+mod caller;
 mod error;
 pub mod secret;
 mod service;
 
+pub use caller::{Actor, Caller, Lifetimes};
 pub use error::Error;
-pub use service::{check_path, Actor, Delivery, Issued, NewToken, Service, ServiceOptions, Wait, MAX_OVERLAP};
+pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Wait, MAX_OVERLAP};

@@ -8,6 +8,7 @@
 //! is invalid immediately" means: when the answer arrives, the gateways
 //! already enforce it, or the answer says which ones do not.
 
+use super::caller::{self, Actor, Lifetimes};
 use super::secret::Secret;
 use super::{audit, Error};
 use crate::clock;
@@ -26,24 +27,6 @@ const DNS_LABEL: &str = "must be a DNS label (lower-case letters, digits and '-'
 /// The longest overlap a regeneration may give the previous secret.
 pub const MAX_OVERLAP: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Who asks for a change, for the audit trail: the caller's token name (or
-/// the operator tool), and the client address Envoy saw.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Actor {
-    pub name: String,
-    pub address: Option<String>,
-}
-
-impl Actor {
-    /// An operator tool on the control plane's host.
-    pub fn tool(name: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            address: None,
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct ServiceOptions {
     /// The most tokens a namespace may hold; creates beyond it are refused
@@ -51,6 +34,8 @@ pub struct ServiceOptions {
     pub quota: Option<u32>,
     /// The longest a write waits for its change to be published and applied.
     pub apply_timeout: Duration,
+    /// The longest new tokens may live, per namespace.
+    pub lifetimes: Lifetimes,
 }
 
 impl Default for ServiceOptions {
@@ -58,6 +43,7 @@ impl Default for ServiceOptions {
         Self {
             quota: Some(1000),
             apply_timeout: Duration::from_secs(5),
+            lifetimes: Lifetimes::default(),
         }
     }
 }
@@ -130,6 +116,15 @@ pub struct Service {
     /// Last uses reported by the filters, not yet written to the store.
     /// The latest use of each token name, and the digest it was made with.
     uses: std::sync::Mutex<std::collections::HashMap<String, (Digest, Timestamp)>>,
+    /// The minute last written for each token used lately: a use in the
+    /// same minute is not written again (a busy token costs the store one
+    /// write a minute, however many filters report it).
+    written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64)>>,
+}
+
+/// A last use is kept to the minute.
+fn minute_of(t: Timestamp) -> i64 {
+    t.unix_seconds().div_euclid(60)
 }
 
 fn check_namespace(namespace: &str) -> Result<(), Error> {
@@ -171,28 +166,22 @@ fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Time
     Ok(Some(t))
 }
 
-/// The audit event of a token's creation.
-fn event(action: Action, token: &TokenRecord, actor: &Actor, now: Timestamp) -> AuditEvent {
+/// An audit event of `actor` acting on `token` (or on the namespace).
+fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, now: Timestamp) -> AuditEvent {
     AuditEvent {
         time: now,
-        namespace: token.namespace().to_owned(),
+        namespace: namespace.to_owned(),
         action,
-        token: Some(token.name.clone()),
+        token: token.map(str::to_owned),
         actor: actor.name.clone(),
-        role: Some(token.role),
-        expire_time: token.expire_time,
+        role: None,
+        expire_time: None,
         previous_until: None,
         client_address: actor.address.clone(),
+        peer_address: actor.peer.clone(),
+        credential: actor.credential(),
         count: None,
     }
-}
-
-fn plus(t: Timestamp, d: Duration) -> Timestamp {
-    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-    Timestamp::from_unix(
-        t.unix_seconds().saturating_add(secs),
-        t.subsec_nanos().saturating_add(d.subsec_nanos()),
-    )
 }
 
 impl Service {
@@ -203,6 +192,7 @@ impl Service {
             push: None,
             opts,
             uses: std::sync::Mutex::default(),
+            written: std::sync::Mutex::default(),
         }
     }
 
@@ -219,6 +209,7 @@ impl Service {
             push: Some(Push { publisher, acks }),
             opts,
             uses: std::sync::Mutex::default(),
+            written: std::sync::Mutex::default(),
         }
     }
 
@@ -237,8 +228,10 @@ impl Service {
         }
         let role = Role::parse(&new.role)
             .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
+        actor.may_write()?;
         let now = clock::now_seconds();
-        let expire_time = expiry(new.expire_time.as_deref(), "expireTime", clock::now())?;
+        let requested = expiry(new.expire_time.as_deref(), "expireTime", clock::now())?;
+        let expire_time = caller::new_expiry(requested, actor, &self.opts.lifetimes, namespace, now)?;
         let (issued, revision) = self
             .issue(new.name, role, now, expire_time, self.opts.quota, actor)
             .await?;
@@ -279,7 +272,11 @@ impl Service {
             previous: None,
             last_use: None,
         };
-        let event = event(Action::Create, &token, actor, now);
+        let event = AuditEvent {
+            role: Some(token.role),
+            expire_time: token.expire_time,
+            ..event(Action::Create, token.namespace(), Some(&token.name), actor, now)
+        };
         // 2^-256: a taken digest means a broken random source, not bad luck.
         let revision = self
             .store
@@ -328,20 +325,19 @@ impl Service {
                 format!("must be at most {}s (7 days)", MAX_OVERLAP.as_secs()),
             ));
         }
+        actor.may_write()?;
+        if actor.caller.is_some_and(|c| c.expire.is_some()) {
+            // (A token's expiry never changes: read before the write, it
+            // still holds at the write.)
+            let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
+            actor.may_regenerate(&target)?;
+        }
         let now = clock::now();
-        let until = overlap.filter(|o| !o.is_zero()).map(|o| plus(now, o));
+        let until = overlap.filter(|o| !o.is_zero()).map(|o| caller::plus(now, o));
         let secret = Secret::generate().map_err(Error::Random)?;
         let event = AuditEvent {
-            time: now,
-            namespace: namespace.to_owned(),
-            action: Action::Regenerate,
-            token: Some(name.clone()),
-            actor: actor.name.clone(),
-            role: None,
-            expire_time: None,
             previous_until: until,
-            client_address: actor.address.clone(),
-            count: None,
+            ..event(Action::Regenerate, namespace, Some(&name), actor, now)
         };
         let (token, revision) = self
             .store
@@ -364,18 +360,8 @@ impl Service {
 
     pub async fn delete(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Delivery, Error> {
         let name = token_name(namespace, id)?;
-        let event = AuditEvent {
-            time: clock::now(),
-            namespace: namespace.to_owned(),
-            action: Action::Delete,
-            token: Some(name.clone()),
-            actor: actor.name.clone(),
-            role: None,
-            expire_time: None,
-            previous_until: None,
-            client_address: actor.address.clone(),
-            count: None,
-        };
+        actor.may_write()?;
+        let event = event(Action::Delete, namespace, Some(&name), actor, clock::now());
         let revision = self
             .store
             .delete(&name, event.clone())
@@ -445,16 +431,8 @@ impl Service {
         let events: Vec<AuditEvent> = per_namespace
             .into_iter()
             .map(|(namespace, n)| AuditEvent {
-                time: now,
-                namespace: namespace.to_owned(),
-                action: Action::Import,
-                token: None,
-                actor: "apitokens import".to_owned(),
-                role: None,
-                expire_time: None,
-                previous_until: None,
-                client_address: None,
                 count: Some(n),
+                ..event(Action::Import, namespace, None, &Actor::tool("apitokens import"), now)
             })
             .collect();
         let revision = self.store.insert(records, None, events.clone()).await?;
@@ -477,7 +455,9 @@ impl Service {
             return;
         }
         let snapshot = push.publisher.current();
-        let now = clock::now_seconds();
+        // The receiving clock, to the minute: a report carries no time a
+        // filter (or whoever forges one) could choose.
+        let now = Timestamp::from_unix(minute_of(clock::now()).saturating_mul(60), 0);
         let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for chunk in digests.chunks_exact(32) {
             let Ok(bytes) = chunk.try_into() else {
@@ -493,22 +473,39 @@ impl Service {
     /// Writes the remembered uses to the store; kept for the next try if
     /// the store is unavailable.
     async fn flush_uses(&self) {
-        let batch: Vec<Use> = std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-            .into_iter()
-            .map(|(name, (digest, time))| Use { name, digest, time })
-            .collect();
+        let taken = std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let batch: Vec<Use> = {
+            let written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            taken
+                .into_iter()
+                .filter(|(name, (digest, time))| written.get(name) != Some(&(*digest, minute_of(*time))))
+                .map(|(name, (digest, time))| Use { name, digest, time })
+                .collect()
+        };
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = self.store.record_usage(batch.clone()).await {
-            tracing::warn!(
-                "could not record the last use of {} tokens (next try soon): {e}",
-                batch.len()
-            );
-            let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for u in batch {
-                if uses.get(&u.name).is_none_or(|(_, t)| *t < u.time) {
-                    uses.insert(u.name, (u.digest, u.time));
+        match self.store.record_usage(batch.clone()).await {
+            Ok(()) => {
+                let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Older minutes never match a new use again.
+                let recent = minute_of(clock::now()).saturating_sub(1);
+                written.retain(|_, (_, minute)| *minute >= recent);
+                for u in batch {
+                    let minute = minute_of(u.time);
+                    written.insert(u.name, (u.digest, minute));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "could not record the last use of {} tokens (next try soon): {e}",
+                    batch.len()
+                );
+                let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for u in batch {
+                    if uses.get(&u.name).is_none_or(|(_, t)| *t < u.time) {
+                        uses.insert(u.name, (u.digest, u.time));
+                    }
                 }
             }
         }
