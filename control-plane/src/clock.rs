@@ -27,6 +27,24 @@ pub fn until(t: Timestamp, now: Timestamp) -> Duration {
     }
 }
 
+/// `90d`, `12h`, `30m`, `3600s`: a positive whole number and a unit.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let unit = text.len().checked_sub(1)?;
+    let (digits, unit) = (text.get(..unit)?, text.get(unit..)?);
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let seconds = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }?;
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
@@ -41,5 +59,16 @@ mod tests {
         );
         assert_eq!(until(Timestamp::from_unix(100, 0), now), Duration::ZERO);
         assert!(now_seconds().subsec_nanos() == 0);
+    }
+
+    #[test]
+    fn durations_with_a_unit() {
+        assert_eq!(parse_duration("90d"), Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(parse_duration("12h"), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("3600s"), Some(Duration::from_secs(3600)));
+        for bad in ["", "90", "d", "0d", "-1d", "1w", "1.5h", "99999999999999999999d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

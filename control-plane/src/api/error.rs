@@ -131,6 +131,13 @@ impl IntoResponse for AppError {
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
                 tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
                 tokens::Error::QuotaExceeded { .. } => error_response(StatusCode::TOO_MANY_REQUESTS, &message, None),
+                tokens::Error::TooManyWrites { retry_after, .. } => {
+                    let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, &message, None);
+                    if let Ok(value) = HeaderValue::from_str(&tokens::whole_seconds(retry_after).to_string()) {
+                        resp.headers_mut().insert(header::RETRY_AFTER, value);
+                    }
+                    resp
+                }
                 tokens::Error::Store(StoreError::Unavailable(e)) => unavailable("the token store is unavailable", &e),
                 // An operator's step is needed (`apitokens new-epoch`): no
                 // Retry-After, the message says what happened.

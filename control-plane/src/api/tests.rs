@@ -791,6 +791,9 @@ impl Store for ChangesFail {
     ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
         self.0.events(namespace, before, limit).await
     }
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.0.prune_events(before, limit).await
+    }
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
         self.0.load().await
     }

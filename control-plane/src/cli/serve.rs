@@ -13,7 +13,7 @@ use crate::push::server::{EcdsServer, XdsLimits};
 use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
-use crate::tokens::{Lifetimes, Service, ServiceOptions};
+use crate::tokens::{Lifetimes, Service, ServiceOptions, WriteRate};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +51,18 @@ pub(super) struct ServeArgs {
     /// The longest a new token may live: DURATION for every namespace, NAMESPACE=DURATION for one (90d, 12h, 30m, 3600s); repeatable. A create asking for a later expireTime is refused, one asking for none gets the limit
     #[arg(long, value_name = "[NAMESPACE=]DURATION")]
     max_token_lifetime: Vec<String>,
+    /// Writes (create, regenerate, delete) per second one namespace may sustain through the API, per control-plane process; faster ones answer 429 with Retry-After (0: no limit)
+    #[arg(long, default_value_t = 10.0, value_name = "N")]
+    namespace_writes_per_second: f64,
+    /// Writes one namespace may make at once before --namespace-writes-per-second applies
+    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    namespace_write_burst: f64,
+    /// How long audit events are kept (90d, 12h, 3600s), or `forever`; older ones are deleted in the background
+    #[arg(long, default_value = "400d", value_name = "DURATION", value_parser = parse_retention)]
+    audit_retention: Retention,
+    /// The longest a request waits for the database (a frozen or unreachable server): then it answers 503 with Retry-After. Loading every token gets longer
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    store_timeout_ms: u64,
     /// Write answers name each Envoy that did not apply a change (node id and stream; with replicas, the replica), as /status does; otherwise they count them by reason (the callers are namespaces' owners, the names are the operator's)
     #[arg(long)]
     name_envoys_in_answers: bool,
@@ -129,6 +141,19 @@ fn parse_cidr(text: &str) -> Result<api::Cidr, String> {
     api::Cidr::parse(text)
 }
 
+/// `--audit-retention`: a duration, or none.
+#[derive(Clone, Copy, Debug)]
+struct Retention(Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text == "forever" {
+        return Ok(Retention(None));
+    }
+    crate::clock::parse_duration(text)
+        .map(|d| Retention(Some(d)))
+        .ok_or_else(|| "expected a duration with a unit (400d, 12h, 3600s) or forever".to_owned())
+}
+
 fn lifetimes(flags: &[String]) -> Result<Lifetimes, String> {
     let mut lifetimes = Lifetimes::default();
     for flag in flags {
@@ -153,6 +178,14 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
     }
     if let Some(path) = &args.ecds_file {
         file::check_path(path)?;
+    }
+    for (flag, value) in [
+        ("--namespace-writes-per-second", args.namespace_writes_per_second),
+        ("--namespace-write-burst", args.namespace_write_burst),
+    ] {
+        if !value.is_finite() || !(0.0..=1e9).contains(&value) {
+            return Err(format!("{flag}: must be a number from 0 to 1e9"));
+        }
     }
     let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -245,7 +278,7 @@ fn admitted(
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
     let (opened, _) = open_store(&args.store, false).await?;
-    let store = opened.store();
+    let store = opened.store_within(Duration::from_millis(args.store_timeout_ms.max(1)));
     let publisher = Publisher::open(
         Arc::clone(&store),
         PublisherOptions {
@@ -289,6 +322,10 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
             quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
             apply_timeout: Duration::from_millis(args.apply_timeout_ms),
             lifetimes: lifetimes(&args.max_token_lifetime)?,
+            write_rate: WriteRate {
+                per_second: args.namespace_writes_per_second,
+                burst: args.namespace_write_burst,
+            },
         },
     ));
 
@@ -357,6 +394,11 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         ));
     }
     tasks.spawn(Arc::clone(&service).run_usage(Duration::from_secs(args.usage_flush_seconds.max(1)), stop_rx.clone()));
+    if let Retention(Some(keep)) = args.audit_retention {
+        // Hourly, or more often for a short retention.
+        let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        tasks.spawn(Arc::clone(&service).run_audit_retention(keep, every, stop_rx.clone()));
+    }
     if args.max_message_bytes.is_some() {
         tracing::warn!(
             "--max-message-bytes is no longer used: responses are not copied per stream, requests are bounded by \

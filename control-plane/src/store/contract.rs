@@ -481,6 +481,38 @@ pub(crate) async fn a_digest_belongs_to_one_token_current_or_previous(store: &dy
         .unwrap();
 }
 
+pub(crate) async fn old_audit_events_are_pruned_oldest_first(store: &dyn Store) {
+    let at = |seconds: i64, token: &str| AuditEvent {
+        time: Timestamp::from_unix(seconds, 0),
+        ..event(Action::Create, token)
+    };
+    let mut n: u8 = 0;
+    for (seconds, id) in [(1_000, "a"), (2_000, "b"), (3_000, "c"), (4_000, "d")] {
+        n += 1;
+        let name = format!("namespaces/default/apitokens/{id}");
+        store
+            .insert(vec![record(&name, Role::Viewer, n)], None, vec![at(seconds, &name)])
+            .await
+            .unwrap();
+    }
+    let left =
+        |events: Vec<(u64, AuditEvent)>| -> Vec<String> { events.into_iter().filter_map(|(_, e)| e.token).collect() };
+    // Older than 3000, one at a time: the oldest goes first.
+    let cutoff = Timestamp::from_unix(3_000, 0);
+    assert_eq!(store.prune_events(cutoff, 1).await.unwrap(), 1);
+    let events = store.events("default", None, 10).await.unwrap();
+    assert_eq!(left(events).len(), 3);
+    assert_eq!(store.prune_events(cutoff, 100).await.unwrap(), 1);
+    assert_eq!(store.prune_events(cutoff, 100).await.unwrap(), 0);
+    let events = store.events("default", None, 10).await.unwrap();
+    assert_eq!(
+        left(events),
+        ["namespaces/default/apitokens/d", "namespaces/default/apitokens/c"]
+    );
+    // Events go, tokens stay.
+    assert!(store.get("namespaces/default/apitokens/a").await.unwrap().is_some());
+}
+
 macro_rules! store_contract_tests {
     ($make:expr) => {
         store_contract_tests!(@each $make,
@@ -495,6 +527,7 @@ macro_rules! store_contract_tests {
             expired_tokens_retire_once,
             a_regeneration_with_an_overlap_keeps_one_previous_secret,
             the_audit_trail_is_written_with_the_change_and_read_newest_first,
+            old_audit_events_are_pruned_oldest_first,
             last_use_is_the_latest_recorded_and_goes_with_the_token);
     };
     (@each $make:expr, $($name:ident),*) => {

@@ -13,6 +13,7 @@
 
 #[cfg(test)]
 pub(crate) mod contract;
+mod deadline;
 mod postgres;
 mod row;
 mod sqlite;
@@ -343,6 +344,9 @@ pub trait Store: Send + Sync {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<(u64, AuditEvent)>, StoreError>;
+    /// Deletes audit events older than `before` (whole seconds), at most
+    /// `limit` of them, oldest first; returns how many.
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
     /// Every token that is not retired, ordered by name, and where the store
     /// stood when they were read, in one consistent read.
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError>;
@@ -444,11 +448,18 @@ pub enum OpenStore {
 }
 
 impl OpenStore {
+    /// The store, each call within [`deadline::DEFAULT_CALL`].
     pub fn store(&self) -> Arc<dyn Store> {
-        match self {
+        self.store_within(deadline::DEFAULT_CALL)
+    }
+
+    /// The store, each call within `call` (bulk reads and writes longer).
+    pub fn store_within(&self, call: std::time::Duration) -> Arc<dyn Store> {
+        let inner = match self {
             Self::Sqlite(s) => Arc::clone(s) as Arc<dyn Store>,
             Self::Postgres(p) => Arc::clone(p) as Arc<dyn Store>,
-        }
+        };
+        Arc::new(deadline::Deadline::new(inner, call))
     }
 
     /// Where it is, for messages: the file, or the server without the

@@ -131,6 +131,26 @@ struct TlsParams {
     root_cert: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    /// A warning for the log: TLS that a man in the middle can turn off,
+    /// to a server beyond this host.
+    downgradable: Option<String>,
+}
+
+/// Whether every host of the URL is on this machine: a Unix socket,
+/// `localhost`, or a loopback address.
+fn local_only(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => true,
+    })
 }
 
 fn percent_decode(text: &str) -> Option<String> {
@@ -188,6 +208,24 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsParams), String> {
     };
     let mut config =
         tokio_postgres::Config::from_str(&rest).map_err(|e| format!("--store: not a usable PostgreSQL URL: {e}"))?;
+    // libpq's default, `prefer`, takes whatever the network answers: a man
+    // in the middle says "no TLS" and reads or writes the store (an owner's
+    // digest inserted is a namespace taken over). Beyond this machine, TLS
+    // is required unless the URL says otherwise, and saying otherwise is
+    // logged as the risk it is.
+    if !local_only(&config) {
+        match query.split('&').find_map(|p| p.strip_prefix("sslmode=")) {
+            None => config.ssl_mode(tokio_postgres::config::SslMode::Require),
+            Some(mode @ ("disable" | "prefer")) => {
+                tls.downgradable = Some(format!(
+                    "--store: sslmode={mode} to a server beyond this machine: whoever sits on the network between \
+                     can read and change every token (remove sslmode to require TLS, the default)"
+                ));
+                &mut config
+            }
+            Some(_) => &mut config,
+        };
+    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -285,6 +323,9 @@ impl PostgresStore {
     /// store's lineage (made by the first process that opened it).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let (config, params) = parse_url(url).map_err(StoreError::Unavailable)?;
+        if let Some(warning) = &params.downgradable {
+            tracing::warn!("{warning}");
+        }
         let tls = tls_connector(&params).map_err(StoreError::Unavailable)?;
         let described = describe(&config);
         let manager = Manager::from_config(
@@ -1103,6 +1144,18 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.conn()
+            .await?
+            .execute(
+                "DELETE FROM events WHERE seq IN
+                   (SELECT seq FROM events WHERE time_seconds < $1 ORDER BY time_seconds LIMIT $2)",
+                &[&before.unix_seconds(), &i64::from(limit)],
+            )
+            .await
+            .map_err(unavailable)
+    }
+
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
@@ -1211,6 +1264,42 @@ mod tests {
         let store = PostgresStore::connect(&url).await.unwrap();
         Some((Box::new(store) as Box<dyn Store>, ()))
     });
+
+    #[test]
+    fn tls_is_required_beyond_this_machine_unless_the_url_says_otherwise() {
+        use tokio_postgres::config::SslMode;
+        let mode = |url: &str| {
+            let (config, tls) = parse_url(url).unwrap();
+            (config.get_ssl_mode(), tls.downgradable.is_some())
+        };
+        assert_eq!(mode("postgres://u@db.example/t"), (SslMode::Require, false));
+        assert_eq!(mode("postgres://u@10.0.0.5:5432/t"), (SslMode::Require, false));
+        assert_eq!(mode("postgres://u@[2001:db8::1]/t"), (SslMode::Require, false));
+        // Said otherwise: as said, with a warning.
+        assert_eq!(
+            mode("postgres://u@db.example/t?sslmode=prefer"),
+            (SslMode::Prefer, true)
+        );
+        assert_eq!(
+            mode("postgres://u@db.example/t?sslmode=disable"),
+            (SslMode::Disable, true)
+        );
+        assert_eq!(
+            mode("postgres://u@db.example/t?sslmode=verify-full"),
+            (SslMode::Require, false)
+        );
+        // This machine: libpq's default.
+        assert_eq!(mode("postgres://u@127.0.0.1:5432/t"), (SslMode::Prefer, false));
+        assert_eq!(mode("postgres://u@localhost/t"), (SslMode::Prefer, false));
+        assert_eq!(mode("postgres://u@[::1]/t"), (SslMode::Prefer, false));
+        assert_eq!(mode("postgres://u@%2Frun%2Fpostgresql/t"), (SslMode::Prefer, false));
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/t?sslmode=disable"),
+            (SslMode::Disable, false)
+        );
+        // One remote host among several is enough.
+        assert_eq!(mode("postgres://u@127.0.0.1,db.example/t"), (SslMode::Require, false));
+    }
 
     #[test]
     fn urls_keep_tls_parameters_for_rustls_and_never_echo_the_url() {

@@ -860,6 +860,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.write(move |tx| {
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM events WHERE seq IN
+                       (SELECT seq FROM events WHERE time_seconds < ?1 ORDER BY time_seconds LIMIT ?2)",
+                )
+                .map_err(unavailable)?
+                .execute(params![before.unix_seconds(), limit])
+                .map_err(unavailable)?;
+            Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
+        })
+        .await
+    }
+
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
         self.write(move |tx| {
             let (s, n) = (cutoff.unix_seconds(), cutoff.subsec_nanos());

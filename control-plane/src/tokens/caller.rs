@@ -15,6 +15,7 @@
 //! Operator tools (`bootstrap`, `import`) have no caller and no bounds.
 
 use super::Error;
+use crate::clock;
 use crate::store::{Credential, TokenRecord};
 use apitokens_core::Timestamp;
 use std::collections::BTreeMap;
@@ -103,8 +104,11 @@ impl Lifetimes {
             Some((ns, d)) => (Some(ns), d),
             None => (None, text),
         };
-        let duration = parse_duration(duration)
-            .ok_or_else(|| "expected [NAMESPACE=]DURATION with a unit, such as 90d, 12h, 30m or 3600s".to_owned())?;
+        let duration = clock::parse_duration(duration)
+            .filter(|d| d.as_secs() <= 100 * 365 * 86_400)
+            .ok_or_else(|| {
+                "expected [NAMESPACE=]DURATION with a unit, such as 90d, 12h, 30m or 3600s (at most 36500d)".to_owned()
+            })?;
         match namespace {
             Some(ns) if apitokens_core::name::is_dns_label(ns.as_bytes()) => {
                 self.namespaces.insert(ns.to_owned(), duration);
@@ -118,24 +122,6 @@ impl Lifetimes {
     pub fn of(&self, namespace: &str) -> Option<Duration> {
         self.namespaces.get(namespace).copied().or(self.every)
     }
-}
-
-/// `90d`, `12h`, `30m`, `3600s`: a positive whole number and a unit.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let unit = text.len().checked_sub(1)?;
-    let (digits, unit) = (text.get(..unit)?, text.get(unit..)?);
-    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    let seconds = match unit {
-        "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => None,
-    }?;
-    (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
 pub(crate) fn plus(t: Timestamp, d: Duration) -> Timestamp {

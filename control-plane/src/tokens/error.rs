@@ -20,6 +20,11 @@ pub enum Error {
     DigestTaken,
     #[error("namespace {namespace} already has {limit} API tokens, the most allowed; delete tokens it no longer needs first")]
     QuotaExceeded { namespace: String, limit: u32 },
+    #[error("namespace {namespace} is making writes faster than this control plane allows (--namespace-writes-per-second); try again in {}s", super::rate::whole_seconds(*retry_after))]
+    TooManyWrites {
+        namespace: String,
+        retry_after: std::time::Duration,
+    },
     #[error(transparent)]
     Store(StoreError),
     #[error("the OS random source failed: {0}")]

@@ -9,6 +9,7 @@
 //! already enforce it, or the answer says which ones do not.
 
 use super::caller::{self, Actor, Lifetimes};
+use super::rate::{Buckets, WriteRate};
 use super::secret::Secret;
 use super::{audit, Error};
 use crate::clock;
@@ -36,6 +37,8 @@ pub struct ServiceOptions {
     pub apply_timeout: Duration,
     /// The longest new tokens may live, per namespace.
     pub lifetimes: Lifetimes,
+    /// How many writes a namespace may make (API callers only).
+    pub write_rate: WriteRate,
 }
 
 impl Default for ServiceOptions {
@@ -44,6 +47,7 @@ impl Default for ServiceOptions {
             quota: Some(1000),
             apply_timeout: Duration::from_secs(5),
             lifetimes: Lifetimes::default(),
+            write_rate: WriteRate::default(),
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Service {
     /// same minute is not written again (a busy token costs the store one
     /// write a minute, however many filters report it).
     written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64)>>,
+    /// Each namespace's writes, for [`ServiceOptions::write_rate`].
+    buckets: Buckets,
 }
 
 /// A last use is kept to the minute.
@@ -193,6 +199,7 @@ impl Service {
             opts,
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
+            buckets: Buckets::default(),
         }
     }
 
@@ -210,11 +217,27 @@ impl Service {
             opts,
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
+            buckets: Buckets::default(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// A write by `actor` in `namespace`: allowed with a current secret and
+    /// within the namespace's write rate (operator tools are not counted).
+    fn admit(&self, namespace: &str, actor: &Actor) -> Result<(), Error> {
+        actor.may_write()?;
+        if actor.caller.is_none() {
+            return Ok(());
+        }
+        self.buckets
+            .take(self.opts.write_rate, namespace, Instant::now())
+            .map_err(|retry_after| Error::TooManyWrites {
+                namespace: namespace.to_owned(),
+                retry_after,
+            })
     }
 
     pub async fn create(&self, namespace: &str, new: NewToken, actor: &Actor, wait: Wait) -> Result<Issued, Error> {
@@ -228,10 +251,10 @@ impl Service {
         }
         let role = Role::parse(&new.role)
             .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
-        actor.may_write()?;
         let now = clock::now_seconds();
         let requested = expiry(new.expire_time.as_deref(), "expireTime", clock::now())?;
         let expire_time = caller::new_expiry(requested, actor, &self.opts.lifetimes, namespace, now)?;
+        self.admit(namespace, actor)?;
         let (issued, revision) = self
             .issue(new.name, role, now, expire_time, self.opts.quota, actor)
             .await?;
@@ -325,7 +348,7 @@ impl Service {
                 format!("must be at most {}s (7 days)", MAX_OVERLAP.as_secs()),
             ));
         }
-        actor.may_write()?;
+        self.admit(namespace, actor)?;
         if actor.caller.is_some_and(|c| c.expire.is_some()) {
             // (A token's expiry never changes: read before the write, it
             // still holds at the write.)
@@ -360,7 +383,7 @@ impl Service {
 
     pub async fn delete(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Delivery, Error> {
         let name = token_name(namespace, id)?;
-        actor.may_write()?;
+        self.admit(namespace, actor)?;
         let event = event(Action::Delete, namespace, Some(&name), actor, clock::now());
         let revision = self
             .store
@@ -521,6 +544,44 @@ impl Service {
                     self.flush_uses().await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// Deletes audit events older than `keep`, now and every `every`, until
+    /// `shutdown` changes: in batches, so that a large backlog never holds
+    /// the store for long.
+    pub async fn run_audit_retention(
+        self: Arc<Self>,
+        keep: Duration,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        const BATCH: u32 = 10_000;
+        loop {
+            let keep_seconds = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+            let before = Timestamp::from_unix(clock::now().unix_seconds().saturating_sub(keep_seconds), 0);
+            let mut pruned = 0;
+            loop {
+                match self.store.prune_events(before, BATCH).await {
+                    Ok(n) => {
+                        pruned += n;
+                        if n < u64::from(BATCH) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("could not delete old audit events (next try later): {e}");
+                        break;
+                    }
+                }
+            }
+            if pruned > 0 {
+                tracing::info!("deleted {pruned} audit events older than {before} (--audit-retention)");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -1,0 +1,102 @@
+//! A namespace's writes per second. Every create, regenerate and delete
+//! reconfigures every gateway, for every namespace: one owner looping
+//! writes would keep them all busy. Each namespace has a bucket of `burst`
+//! writes that refills at `per_second`; a write that finds it empty is
+//! refused (429 with `Retry-After`), before anything is stored. Counted per
+//! control-plane process (with replicas, each one has its own buckets).
+//! Operator tools (`bootstrap`, `import`) are not counted.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Buckets kept before full ones are forgotten (a full bucket is the same
+/// as none).
+const KEPT: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WriteRate {
+    /// Writes per second a namespace may sustain (0: no limit).
+    pub per_second: f64,
+    /// Writes a namespace may make at once.
+    pub burst: f64,
+}
+
+impl Default for WriteRate {
+    fn default() -> Self {
+        Self {
+            per_second: 10.0,
+            burst: 100.0,
+        }
+    }
+}
+
+/// A wait in whole seconds, rounded up, at least one: a client that waits
+/// as told (`Retry-After`) finds a write in the bucket.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Buckets {
+    levels: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Buckets {
+    /// Takes one write from `namespace`'s bucket, or says how long until
+    /// one is there.
+    pub(crate) fn take(&self, rate: WriteRate, namespace: &str, now: Instant) -> Result<(), Duration> {
+        if rate.per_second <= 0.0 {
+            return Ok(());
+        }
+        let burst = rate.burst.max(1.0);
+        let mut levels = self.levels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let refill = |(level, at): (f64, Instant)| {
+            (level + now.saturating_duration_since(at).as_secs_f64() * rate.per_second).min(burst)
+        };
+        if levels.len() >= KEPT {
+            levels.retain(|_, bucket| refill(*bucket) < burst);
+        }
+        let level = levels.get(namespace).map_or(burst, |bucket| refill(*bucket));
+        if level >= 1.0 {
+            levels.insert(namespace.to_owned(), (level - 1.0, now));
+            Ok(())
+        } else {
+            Err(Duration::try_from_secs_f64((1.0 - level) / rate.per_second).unwrap_or(Duration::MAX))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let rate = WriteRate {
+            per_second: 2.0,
+            burst: 3.0,
+        };
+        let b = Buckets::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.take(rate, "a", t0).unwrap();
+        }
+        let wait = b.take(rate, "a", t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        // Another namespace has its own bucket.
+        b.take(rate, "b", t0).unwrap();
+        // Half a second later, one more write.
+        b.take(rate, "a", t0 + Duration::from_millis(500)).unwrap();
+        assert!(b.take(rate, "a", t0 + Duration::from_millis(500)).is_err());
+        // No limit.
+        let none = WriteRate {
+            per_second: 0.0,
+            burst: 0.0,
+        };
+        for _ in 0..1000 {
+            b.take(none, "a", t0).unwrap();
+        }
+    }
+}
