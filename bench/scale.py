@@ -70,8 +70,10 @@ TARGETS = [
 WRITES = 100          # sequential writes timed per size, no Envoy connected
 CLIENTS = 8           # concurrent clients of the throughput runs
 THROUGHPUT_S = 3.0    # seconds per throughput run
-# The bench creates thousands of tokens in one namespace.
-SERVE_ARGS = ("--max-tokens-per-namespace", "0")
+# The bench creates thousands of tokens in one namespace, as fast as it can:
+# no quota and no write rate (it measures what the control plane and the
+# Envoys take, not the per-namespace limits).
+SERVE_ARGS = ("--max-tokens-per-namespace", "0", "--namespace-writes-per-second", "0")
 
 
 # ---------------------------------------------------------------- store

@@ -6,11 +6,12 @@
 use crate::abi;
 use crate::pairs;
 use apitokens_core::table::Digest;
-use apitokens_core::usage::{self, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
+use apitokens_core::usage::{self, Pending, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
 use std::cell::RefCell;
 
 /// Digests kept per destination while reports fail (a control plane down
-/// for long): beyond it the oldest marks are dropped, not memory.
+/// for long), each once (`Pending`): beyond it new marks are dropped, not
+/// memory.
 const MAX_PENDING: usize = 1 << 20;
 const TIMEOUT_MS: u32 = 5000;
 
@@ -22,7 +23,7 @@ type Destination = (Box<str>, Vec<u8>);
 #[derive(Default)]
 struct Reporter {
     last_ms: u64,
-    pending: Vec<(Destination, Vec<Digest>)>,
+    pending: Vec<(Destination, Pending)>,
     in_flight: Vec<(u32, Destination, Vec<Digest>)>,
 }
 
@@ -40,17 +41,12 @@ pub fn queue(destination: Destination, digests: Vec<Digest>) {
         let at = match r.pending.iter().position(|(d, _)| *d == destination) {
             Some(at) => at,
             None => {
-                r.pending.push((destination, Vec::new()));
+                r.pending.push((destination, Pending::new(MAX_PENDING)));
                 r.pending.len() - 1
             }
         };
-        let Some((_, pending)) = r.pending.get_mut(at) else {
-            return;
-        };
-        pending.extend(digests);
-        if pending.len() > MAX_PENDING {
-            let excess = pending.len() - MAX_PENDING;
-            pending.drain(..excess);
+        if let Some((_, pending)) = r.pending.get_mut(at) {
+            pending.add(digests);
         }
     });
 }
@@ -73,9 +69,10 @@ pub fn due(now_ms: u64, interval_ms: u64) -> bool {
 pub fn send() {
     let pending = REPORTER.with(|r| std::mem::take(&mut r.borrow_mut().pending));
     let metadata = pairs::serialize(&[]);
-    // (A digest may repeat across tables and retries: the control plane
-    // takes the latest use of each.)
-    for ((cluster, lineage), digests) in pending {
+    // (Each digest once per destination: the control plane takes the
+    // latest use of each.)
+    for ((cluster, lineage), mut digests) in pending {
+        let digests = digests.take();
         let upstream = usage::grpc_service(&cluster);
         for chunk in digests.chunks(MAX_DIGESTS_PER_REPORT) {
             let message = usage::report(&lineage, chunk);

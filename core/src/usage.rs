@@ -18,6 +18,7 @@
 //! used.
 
 use crate::table::{Digest, TokenTable};
+use std::collections::BTreeSet;
 
 pub const SERVICE: &str = "apitokens.v1.Usage";
 pub const METHOD: &str = "Report";
@@ -69,6 +70,53 @@ impl Marks {
             }
         }
         self.any = false;
+    }
+}
+
+/// Digests waiting to be reported (for one destination), each once: while
+/// the control plane is down, the marks drained on every tick name the same
+/// tokens again, and a list would grow by them every interval. A set holds
+/// at most the digests of the tables it came from; `limit` bounds it
+/// further (digests beyond it are dropped: a last use reported late is
+/// worth less than memory that never shrinks).
+#[derive(Clone, Debug)]
+pub struct Pending {
+    digests: BTreeSet<Digest>,
+    limit: usize,
+}
+
+impl Pending {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            digests: BTreeSet::new(),
+            limit,
+        }
+    }
+
+    /// Adds `digests`; returns how many were dropped for the limit.
+    pub fn add(&mut self, digests: impl IntoIterator<Item = Digest>) -> usize {
+        let mut dropped = 0;
+        for digest in digests {
+            if self.digests.len() < self.limit || self.digests.contains(&digest) {
+                self.digests.insert(digest);
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Everything pending, emptied.
+    pub fn take(&mut self) -> Vec<Digest> {
+        std::mem::take(&mut self.digests).into_iter().collect()
     }
 }
 

@@ -135,6 +135,11 @@ def test_requests_do_not_wait_for_a_control_plane_that_is_down(plane):
     # The uses made while it was down arrive with the next reports.
     poll(lambda: plane.api("GET", tokens_path(token="offline"), owner).json()["apiToken"].get("lastUseTime"), 15,
          "the last use of a token used while the control plane was down")
+    # Each VM kept the token once, however many report rounds failed: one
+    # token used, one digest per report.
+    reports = plane.status()["usageReports"]
+    assert reports["taken"] >= 1 and reports["digests"] == reports["taken"], reports
+    assert reports["refused"] == 0, reports
 
 
 

@@ -117,6 +117,11 @@ pub(crate) async fn status(
         // With replicas on PostgreSQL: every replica and its Envoy count.
         "replicas": app.acks.replicas(),
         "file": app.acks.file(),
+        "usageReports": {
+            "taken": app.service.usage_reports.taken.load(std::sync::atomic::Ordering::Relaxed),
+            "digests": app.service.usage_reports.digests.load(std::sync::atomic::Ordering::Relaxed),
+            "refused": app.service.usage_reports.refused.load(std::sync::atomic::Ordering::Relaxed),
+        },
     });
     Ok(json_response(StatusCode::OK, &body))
 }

@@ -126,6 +126,19 @@ pub struct Service {
     written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64)>>,
     /// Each namespace's writes, for [`ServiceOptions::write_rate`].
     buckets: Buckets,
+    /// Usage reports taken and refused since this process started.
+    pub usage_reports: UsageReports,
+}
+
+/// Counts of the filters' usage reports (shown on `/status`).
+#[derive(Debug, Default)]
+pub struct UsageReports {
+    /// Reports taken.
+    pub taken: std::sync::atomic::AtomicU64,
+    /// Digests in them (a token used in a VM's interval counts once).
+    pub digests: std::sync::atomic::AtomicU64,
+    /// Reports refused: not from an identity allowed on the xDS port.
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 /// A last use is kept to the minute.
@@ -200,6 +213,7 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
+            usage_reports: UsageReports::default(),
         }
     }
 
@@ -218,6 +232,7 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
+            usage_reports: UsageReports::default(),
         }
     }
 
@@ -473,6 +488,11 @@ impl Service {
         let Some(push) = &self.push else {
             return;
         };
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.usage_reports.taken.fetch_add(1, relaxed);
+        self.usage_reports
+            .digests
+            .fetch_add(u64::try_from(digests.len() / 32).unwrap_or(u64::MAX), relaxed);
         if lineage != self.store.lineage() {
             tracing::debug!("usage report for another store's tokens ignored");
             return;

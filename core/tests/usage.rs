@@ -1,0 +1,33 @@
+//! The filter's pending usage reports: a control plane that is down for
+//! many report intervals costs at most one entry per token.
+
+use apitokens_core::table::Digest;
+use apitokens_core::usage::Pending;
+
+#[test]
+fn the_same_tokens_marked_every_interval_are_pending_once() {
+    let used: Vec<Digest> = (0u8..100).map(|i| Digest([i; 32])).collect();
+    let mut pending = Pending::new(1 << 20);
+    // An hour of 10-second intervals with the control plane down: every
+    // interval drains the same marks, and the failed report comes back.
+    for _ in 0..360 {
+        pending.add(used.iter().copied());
+        let failed = pending.take();
+        pending.add(failed);
+    }
+    assert_eq!(pending.len(), 100);
+    let mut sent = pending.take();
+    sent.sort();
+    assert_eq!(sent, used);
+    assert!(pending.is_empty());
+}
+
+#[test]
+fn beyond_the_limit_new_digests_are_dropped() {
+    let mut pending = Pending::new(3);
+    assert_eq!(pending.add((0u8..5).map(|i| Digest([i; 32]))), 2);
+    assert_eq!(pending.len(), 3);
+    // Digests already pending are not "new".
+    assert_eq!(pending.add([Digest([0; 32])]), 0);
+    assert_eq!(pending.len(), 3);
+}
