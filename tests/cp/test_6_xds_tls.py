@@ -2,14 +2,25 @@
 signed by the configured CA, for an allowed identity, gets the configuration
 (and tokens work through it); an Envoy with a certificate from another CA,
 or from the same CA for another identity, gets nothing and keeps refusing
-everything. Certificates are made by the test with openssl."""
+everything; and a usage report forged with that other identity's certificate
+(to make an abandoned token look used) is refused and marks nothing.
+Certificates are made by the test with openssl."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import ssl
+import struct
+import time
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+
 from testkit.certs import make_ca, make_cert
-from testkit.controlplane import APP, ControlPlane, create, shipped_envoy
+from testkit.controlplane import APP, ControlPlane, create, shipped_envoy, tokens_path
 from testkit.harness import poll
 
 SERVER_NAME = "apitokens-control-plane"
@@ -44,6 +55,37 @@ def with_client_tls(d: Path, cert: str, ca: str):
     return mutate
 
 
+def usage_report(port: int, d: Path, cert: str, digests: list[bytes]) -> str:
+    """A raw gRPC `apitokens.v1.Usage/Report` over mutual TLS with `cert`:
+    the answer's grpc-status."""
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    ctx.load_cert_chain(str(d / f"{cert}.pem"), str(d / f"{cert}.key"))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        body = b"".join(digests)
+        # UsageReport {lineage = 1 (any), digests = 2}: the identity is checked first.
+        message = b"\x0a\x10" + b"\0" * 16 + b"\x12" + bytes([0x80 | (len(body) & 0x7F), len(body) >> 7]) + body
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":path", "/apitokens.v1.Usage/Report"),
+                                (":authority", SERVER_NAME), ("content-type", "application/grpc"), ("te", "trailers")])
+        conn.send_data(sid, b"\0" + struct.pack(">I", len(message)) + message, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            assert data, "the control plane closed the connection without an answer"
+            for event in conn.receive_data(data):
+                headers = getattr(event, "headers", None)
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and headers:
+                    status = dict((k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
+                                  for k, v in headers).get("grpc-status")
+                    if status is not None:
+                        return status
+            sock.sendall(conn.data_to_send())
+
+
 def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(workdir, upstream):
     d = workdir / "pki"
     d.mkdir()
@@ -61,7 +103,7 @@ def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(wor
     owner = plane.bootstrap("default", "admin")
     plane.start("--xds-tls-cert", str(d / "server.pem"), "--xds-tls-key", str(d / "server.key"),
                 "--xds-client-ca", str(d / "ca.pem"), "--xds-client-san", "gateway",
-                "--xds-client-san", "spiffe://example.org/ns/gateways/sa/envoy")
+                "--xds-client-san", "spiffe://example.org/ns/gateways/sa/envoy", "--usage-flush-seconds", "1")
     port = upstream.server_address[1]
     trusted = shipped_envoy(workdir / "tls-trusted", plane, port, node="trusted",
                             mutate=with_client_tls(d, "client", "ca"))
@@ -93,6 +135,15 @@ def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(wor
         assert all(e["node"] != "insider" for e in plane.status()["envoys"])
         assert insider.get(APP, secret).status == 401
         assert r.headers["x-apitokens-envoys"] == "1/1"
+        # The insider forges a usage report for a token nobody used: refused
+        # (PERMISSION_DENIED), counted, and the token still shows no use.
+        unused = create(plane.api_port, owner, "never-used", "viewer").json()["apiToken"]["secret"]
+        forged = [hashlib.sha256(unused.encode()).digest()]
+        assert usage_report(plane.xds_port, d, "insider", forged) == "7"
+        assert plane.status()["usageReports"]["refused"] >= 1
+        time.sleep(1.5)  # more than a usage flush (--usage-flush-seconds 1)
+        token = plane.api("GET", tokens_path(token="never-used"), owner).json()["apiToken"]
+        assert "lastUseTime" not in token, token
     finally:
         trusted.stop()
         stranger.stop()

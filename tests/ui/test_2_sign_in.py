@@ -177,3 +177,18 @@ def test_without_its_script_the_form_sends_nothing(console, namespace):
     assert all("form-action" in p for p in console.problems), console.problems
     console.problems.clear()
     page.unroute_all()
+
+
+def test_the_owner_token_field_is_masked_and_no_password_field(console):
+    """Browsers and password managers offer to save what is typed in a
+    password field, whatever `autocomplete` says: the owner token goes in a
+    text field masked by CSS, which they leave alone."""
+    page = console.page
+    field = page.get_by_label("Owner token")
+    expect(field).to_have_attribute("type", "text")
+    expect(field).to_have_attribute("autocomplete", "off")
+    assert page.locator("input[type=password]").count() == 0
+    field.fill("apt_masked-for-the-test")
+    masking = field.evaluate("e => getComputedStyle(e).webkitTextSecurity")
+    assert masking == "disc", masking
+    field.fill("")
