@@ -34,7 +34,7 @@ OWNER=$("$APITOKENS" bootstrap --db "$DB" --namespace default --name admin 2>/de
 
 "$PY" tests/lib/testkit/echo_server.py --port 8080 --quiet > .run/echo.log 2>&1 &
 pids+=($!)
-"$APITOKENS" serve --db "$DB" --plugin-config envoy/ecds-plugin-base.json > .run/apitokens.log 2>&1 &
+"$APITOKENS" serve --db "$DB" --plugin-config envoy/ecds-plugin-base.json --trusted-proxy 127.0.0.1/32 > .run/apitokens.log 2>&1 &
 pids+=($!)
 wait_until 100 "${pids[1]}" .run/apitokens.log "the control plane" curl -fs localhost:8081/healthz
 # Every Envoy gets its own node id: the control plane names Envoys by it in

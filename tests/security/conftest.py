@@ -110,6 +110,15 @@ def tokens(cp, envoy) -> Tokens:
     assert r.status == 200, r
     cp.wait_applied(version_of(r))
     t.by_state["regenerated-new"] = harness.Token("default", "regenerated", "owner", secret=issued_secret(r))
+    # An owner rotated with an overlap: its previous secret, still valid.
+    t.issue("overlap-previous", "overlapped", "owner")
+    r = cp.api("POST", tokens_path(token="overlapped:regenerate"), cp.owners["default"],
+               {"previousSecretTtl": "3600s"})
+    assert r.status == 200, r
+    issued_secret(r)
+    cp.wait_applied(version_of(r))
+    # An owner that expires in an hour (a contractor's, a CI job's).
+    t.issue("short-owner", "short-owner", "owner", expireTime=harness.rfc3339(time.time() + 3600))
     assert revoked.secret and old.secret
     while time.time() < expired_at + 1:
         time.sleep(0.05)

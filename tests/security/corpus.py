@@ -32,7 +32,7 @@ from testkit.clients import ConnectionClosed, StreamReset, next_e2e_id, raw_clie
 from testkit.controlplane import APP
 
 CORPUS = Path(__file__).with_name("corpus.yaml")
-CLASSES = ("authorization", "path", "alias", "override", "expiry", "lifecycle", "identity")
+CLASSES = ("authorization", "path", "alias", "override", "expiry", "lifecycle", "identity", "delegation")
 PROTOCOLS = ("h1", "h2")
 
 _SECRET = re.compile(r"\{secret(?:@([a-z-]+))?(?:\.(flip|trunc|ext))?\}")
