@@ -20,60 +20,9 @@ import pytest
 
 from testkit.controlplane import APP, ControlPlane, create, shipped_envoy
 from testkit.harness import poll, remember_secret
+from testkit.xds import STREAM_PATH, discovery_request, fields
 
 APPLY_TIMEOUT_MS = 4000
-TYPE_URL = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-STREAM_PATH = "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, value: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(value)) + value
-
-
-def read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
-
-
-def fields(message: bytes) -> dict[int, bytes]:
-    """The length-delimited fields of a protobuf message (the last of each)."""
-    out, i = {}, 0
-    while i < len(message):
-        key, i = read_varint(message, i)
-        if key & 7 == 2:
-            n, i = read_varint(message, i)
-            out[key >> 3] = message[i:i + n]
-            i += n
-        elif key & 7 == 0:
-            _, i = read_varint(message, i)
-        else:
-            raise AssertionError(f"unexpected wire type {key & 7}")
-    return out
-
-
-def request(node: str, nonce: bytes = b"", error: str = "") -> bytes:
-    message = field(2, field(1, node.encode())) + field(3, b"apitokens") + field(4, TYPE_URL.encode())
-    if nonce:
-        message += field(5, nonce)
-    if error:
-        # error_detail: a google.rpc.Status (code 3, INVALID_ARGUMENT, and a message).
-        message += field(6, varint(1 << 3) + varint(3) + field(2, error.encode()))
-    return b"\0" + struct.pack(">I", len(message)) + message
 
 
 class Nacker(threading.Thread):
@@ -90,7 +39,7 @@ class Nacker(threading.Thread):
         self.conn.send_headers(self.sid, [(":method", "POST"), (":scheme", "http"), (":path", STREAM_PATH),
                                           (":authority", "xds"), ("content-type", "application/grpc"),
                                           ("te", "trailers")])
-        self.conn.send_data(self.sid, request(node))
+        self.conn.send_data(self.sid, discovery_request(node))
         self.sock.sendall(self.conn.data_to_send())
         self.buffer = b""
         self.rejected: list[bytes] = []
@@ -116,7 +65,7 @@ class Nacker(threading.Thread):
                     break
                 response, self.buffer = fields(self.buffer[5:5 + n]), self.buffer[5 + n:]
                 self.rejected.append(response.get(1, b""))
-                self.conn.send_data(self.sid, request(self.node, response[5], "refused by a stranger"))
+                self.conn.send_data(self.sid, discovery_request(self.node, response[5], "refused by a stranger"))
             self.sock.sendall(self.conn.data_to_send())
 
     def stop(self) -> None:

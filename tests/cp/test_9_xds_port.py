@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import struct
 import subprocess
 import time
 
@@ -23,34 +22,11 @@ import h2.settings
 
 from testkit.controlplane import APP, ControlPlane, apitokens_bin, create, free_port, issued_secret, shipped_envoy
 from testkit.harness import poll
+from testkit.xds import FETCH_PATH, STREAM_PATH, discovery_request
 
 TOKENS = 20_000
 CONNECTIONS = 20
 STREAMS = 25
-TYPE_URL = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
-STREAM_PATH = "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs"
-FETCH_PATH = "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/FetchExtensionConfigs"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, value: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(value)) + value
-
-
-def discovery_request(node: str) -> bytes:
-    """A DiscoveryRequest (node, resource name, type URL) as a gRPC message."""
-    message = field(2, field(1, node.encode())) + field(3, b"apitokens") + field(4, TYPE_URL.encode())
-    return b"\0" + struct.pack(">I", len(message)) + message
-
-
 def rss_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):

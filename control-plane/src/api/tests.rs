@@ -751,6 +751,17 @@ struct ChangesFail(
     std::sync::atomic::AtomicUsize,
 );
 
+/// A fresh [`ChangesFail`] store in a directory named after `name`.
+fn changes_fail(name: &str) -> (TempDir, Arc<ChangesFail>) {
+    let dir = TempDir::new(name);
+    let store = Arc::new(ChangesFail(
+        SqliteStore::open(&dir.path().join("api.db")).unwrap(),
+        std::sync::atomic::AtomicBool::new(false),
+        std::sync::atomic::AtomicUsize::new(0),
+    ));
+    (dir, store)
+}
+
 #[async_trait]
 impl Store for ChangesFail {
     async fn insert(
@@ -825,12 +836,7 @@ impl Store for ChangesFail {
 
 #[tokio::test]
 async fn a_committed_change_that_cannot_be_published_yet_still_gives_its_secret() {
-    let dir = TempDir::new("api-nopub");
-    let store = Arc::new(ChangesFail(
-        SqliteStore::open(&dir.path().join("api.db")).unwrap(),
-        std::sync::atomic::AtomicBool::new(false),
-        std::sync::atomic::AtomicUsize::new(0),
-    ));
+    let (dir, store) = changes_fail("api-nopub");
     let f = fixture_with(
         Arc::clone(&store) as Arc<dyn Store>,
         dir,
@@ -1136,12 +1142,7 @@ async fn reported_uses_become_the_last_use_time() {
 
 #[tokio::test]
 async fn a_token_used_again_within_the_minute_costs_no_second_write() {
-    let dir = TempDir::new("api-usage-minute");
-    let store = Arc::new(ChangesFail(
-        SqliteStore::open(&dir.path().join("api.db")).unwrap(),
-        std::sync::atomic::AtomicBool::new(false),
-        std::sync::atomic::AtomicUsize::new(0),
-    ));
+    let (dir, store) = changes_fail("api-usage-minute");
     let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, ServiceOptions::default()).await;
     let digest = Digest::of(f.owner.as_bytes());
     let flush = || async {

@@ -94,6 +94,11 @@ pub(super) struct EventRow {
     pub(super) credential: Option<String>,
 }
 
+/// An optional column that must parse when present.
+fn parse_optional<T>(text: Option<&str>, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>, ()> {
+    text.map(|t| parse(t).ok_or(())).transpose()
+}
+
 /// An event row of `namespace` as an event; one that does not decode is an
 /// error naming it.
 pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, AuditEvent), StoreError> {
@@ -108,22 +113,13 @@ pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, Audit
         action: Action::parse(&row.action).ok_or_else(|| corrupt("unknown action"))?,
         token: row.token,
         actor: row.actor,
-        role: row
-            .role
-            .as_deref()
-            .map(Role::parse)
-            .map(|r| r.ok_or_else(|| corrupt("unknown role")))
-            .transpose()?,
+        role: parse_optional(row.role.as_deref(), Role::parse).map_err(|()| corrupt("unknown role"))?,
         expire_time: optional_time(row.expire).map_err(|()| corrupt("bad expire time"))?,
         previous_until: optional_time(row.until).map_err(|()| corrupt("bad previous_until time"))?,
         client_address: row.client_address,
         peer_address: row.peer_address,
-        credential: row
-            .credential
-            .as_deref()
-            .map(Credential::parse)
-            .map(|c| c.ok_or_else(|| corrupt("unknown credential")))
-            .transpose()?,
+        credential: parse_optional(row.credential.as_deref(), Credential::parse)
+            .map_err(|()| corrupt("unknown credential"))?,
         count: row.count,
     };
     Ok((u64::try_from(seq).unwrap_or(0), event))

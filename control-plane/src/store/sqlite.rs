@@ -723,60 +723,25 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let rows = stmt
                 .query_map(params![namespace, before, limit], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        (r.get::<_, i64>(1)?, r.get::<_, i64>(2)?),
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                        (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?),
-                        (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<i64>>(10)?),
-                        r.get::<_, Option<String>>(11)?,
-                        r.get::<_, Option<u32>>(12)?,
-                        r.get::<_, Option<String>>(13)?,
-                        r.get::<_, Option<String>>(14)?,
-                    ))
+                    Ok(EventRow {
+                        seq: r.get(0)?,
+                        time: (r.get(1)?, r.get(2)?),
+                        action: r.get(3)?,
+                        token: r.get(4)?,
+                        actor: r.get(5)?,
+                        role: r.get(6)?,
+                        expire: (r.get(7)?, r.get(8)?),
+                        until: (r.get(9)?, r.get(10)?),
+                        client_address: r.get(11)?,
+                        count: r.get(12)?,
+                        peer_address: r.get(13)?,
+                        credential: r.get(14)?,
+                    })
                 })
                 .map_err(unavailable)?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(unavailable)?;
-            rows.into_iter()
-                .map(
-                    |(
-                        seq,
-                        time,
-                        action,
-                        token,
-                        actor,
-                        role,
-                        expire,
-                        until,
-                        client_address,
-                        count,
-                        peer_address,
-                        credential,
-                    )| {
-                        decode_event(
-                            EventRow {
-                                seq,
-                                time,
-                                action,
-                                token,
-                                actor,
-                                role,
-                                expire,
-                                until,
-                                client_address,
-                                count,
-                                peer_address,
-                                credential,
-                            },
-                            &namespace,
-                        )
-                    },
-                )
-                .collect()
+            rows.into_iter().map(|row| decode_event(row, &namespace)).collect()
         })
         .await
     }

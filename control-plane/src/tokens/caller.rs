@@ -180,6 +180,7 @@ pub(crate) fn new_expiry(
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::store::contract::record;
     use apitokens_core::Role;
 
     const NOW: Timestamp = Timestamp::from_unix(1_800_000_000, 0);
@@ -198,15 +199,8 @@ mod tests {
 
     fn token(expire: Option<i64>) -> TokenRecord {
         TokenRecord {
-            name: "namespaces/a/apitokens/admin".into(),
-            role: Role::Owner,
-            digest: apitokens_core::table::Digest([1; 32]),
-            create_time: NOW,
             expire_time: expire.map(|s| Timestamp::from_unix(s, 0)),
-            retired: false,
-            created_by: None,
-            previous: None,
-            last_use: None,
+            ..record("namespaces/a/apitokens/admin", Role::Owner, 1)
         }
     }
 

@@ -17,6 +17,7 @@ Modules:
   figures       a plugin: the fixture `figures`, printed at the end of the run
   writes        the replica drills' writer and gateway load
   postgres      the private PostgreSQL of `make replicas` (scripts/postgres.sh)
+  xds           a raw client's ECDS requests and responses (a stranger on the xDS port)
 
 Every suite's pytest.ini puts tests/lib on the import path (`pythonpath =
 ../lib`); a script gets it from the environment (PYTHONPATH=tests/lib, as
