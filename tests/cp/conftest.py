@@ -67,8 +67,10 @@ def cp(workdir):
     plane = ControlPlane(workdir / "cp")
     plane.owner = plane.bootstrap("default", "admin")  # type: ignore[attr-defined]
     # Expired tokens leave the pushed configuration 2 s after their expiry
-    # (test_expiry); the default keeps them 7 days.
-    plane.start("--expired-retention-seconds", "2")
+    # (test_expiry); the default keeps them 7 days. The read-your-writes
+    # loops write as fast as they can (1,500 writes in one namespace): no
+    # write rate here (test_14 tests it on a plane of its own).
+    plane.start("--expired-retention-seconds", "2", "--namespace-writes-per-second", "0")
     yield plane
     plane.stop()
 

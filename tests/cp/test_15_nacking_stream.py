@@ -76,10 +76,10 @@ class Nacker(threading.Thread):
 
 @pytest.fixture(scope="module")
 def plane(workdir, upstream):
-    cp = ControlPlane(workdir / "cp-nack", name="cp-nack")
+    cp = ControlPlane(workdir / "cp-stranger", name="cp-stranger")
     cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
     cp.start("--apply-timeout-ms", str(APPLY_TIMEOUT_MS))
-    envoy = shipped_envoy(workdir / "envoy-nack", cp, upstream.server_address[1], node="gateway").start()
+    envoy = shipped_envoy(workdir / "envoy-stranger", cp, upstream.server_address[1], node="gateway").start()
     poll(lambda: cp.envoy_status("gateway").get("ackedVersion"), 15, "first ACK")
     cp.envoy = envoy  # type: ignore[attr-defined]
     yield cp

@@ -30,6 +30,14 @@ from testkit.harness import SECRETS
 pytest_plugins = ["testkit.fixtures", "testkit.figures"]
 
 
+@pytest.fixture(scope="session")
+def cp_args() -> tuple[str, ...]:
+    """The drills write as fast as they can (the kill -9 loop, the soak's
+    1,000 reconfigurations): no per-namespace write rate, which
+    tests/cp/test_14_write_rate_and_retention.py tests on its own."""
+    return ("--namespace-writes-per-second", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("APITOKENS_SOAK") == "1":
         return

@@ -57,9 +57,16 @@ def upstream():
 
 
 @pytest.fixture(scope="session")
-def cp(workdir):
+def cp_args() -> tuple[str, ...]:
+    """`serve` arguments of every start of `cp` (a suite's conftest may
+    override this fixture)."""
+    return ()
+
+
+@pytest.fixture(scope="session")
+def cp(workdir, cp_args):
     """`apitokens serve` with a bootstrap owner per namespace (`cp.owners`)."""
-    plane = ControlPlane(workdir / "cp")
+    plane = ControlPlane(workdir / "cp", always=cp_args)
     plane.owners = {ns: plane.bootstrap(ns, "admin") for ns in ("default", "other")}
     plane.start()
     yield plane
