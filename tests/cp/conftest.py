@@ -64,13 +64,14 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cp(workdir):
-    plane = ControlPlane(workdir / "cp")
+    # The read-your-writes loops write as fast as they can (1,500 writes in
+    # one namespace): no write rate here, on every start (test_14 tests it on
+    # a plane of its own).
+    plane = ControlPlane(workdir / "cp", always=("--namespace-writes-per-second", "0"))
     plane.owner = plane.bootstrap("default", "admin")  # type: ignore[attr-defined]
     # Expired tokens leave the pushed configuration 2 s after their expiry
-    # (test_expiry); the default keeps them 7 days. The read-your-writes
-    # loops write as fast as they can (1,500 writes in one namespace): no
-    # write rate here (test_14 tests it on a plane of its own).
-    plane.start("--expired-retention-seconds", "2", "--namespace-writes-per-second", "0")
+    # (test_expiry); the default keeps them 7 days.
+    plane.start("--expired-retention-seconds", "2")
     yield plane
     plane.stop()
 
