@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
+from pathlib import Path
 
 from testkit.controlplane import ControlPlane, create, tokens_path
 from testkit.harness import poll, remember_secret
@@ -21,10 +21,19 @@ DEADLINE_MS = 1500
 
 
 def server_processes(pg) -> list[int]:
-    """The postmaster and every process it started."""
+    """The postmaster and every process it started (read from /proc: no
+    procps needed)."""
     postmaster = int((pg.dir / "data" / "postmaster.pid").read_text().split()[0])
-    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
-    return [postmaster, *map(int, children)]
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid ...: the command may hold spaces, the ppid follows its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == postmaster:
+            children.append(int(stat.parent.name))
+    return [postmaster, *children]
 
 
 def signal_all(pids: list[int], sig: int) -> None:

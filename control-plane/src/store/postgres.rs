@@ -177,6 +177,7 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsParams), String> {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let mut tls = TlsParams::default();
     let mut kept = Vec::new();
+    let mut sslmode = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let decoded = || percent_decode(value).ok_or_else(|| format!("--store: {key}: not a valid URL value"));
@@ -187,8 +188,14 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsParams), String> {
             // The certificate is always verified, host name included, so
             // libpq's strictest modes are what `require` does here.
             "sslmode" => match value {
-                "disable" | "prefer" | "require" => kept.push(pair.to_owned()),
-                "verify-ca" | "verify-full" => kept.push("sslmode=require".to_owned()),
+                "disable" | "prefer" | "require" => {
+                    sslmode = Some(value);
+                    kept.push(pair.to_owned());
+                }
+                "verify-ca" | "verify-full" => {
+                    sslmode = Some(value);
+                    kept.push("sslmode=require".to_owned());
+                }
                 _ => {
                     return Err(
                         "--store: sslmode must be disable, prefer, require, verify-ca or verify-full".to_owned(),
@@ -214,17 +221,18 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsParams), String> {
     // is required unless the URL says otherwise, and saying otherwise is
     // logged as the risk it is.
     if !local_only(&config) {
-        match query.split('&').find_map(|p| p.strip_prefix("sslmode=")) {
-            None => config.ssl_mode(tokio_postgres::config::SslMode::Require),
+        match sslmode {
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            }
             Some(mode @ ("disable" | "prefer")) => {
                 tls.downgradable = Some(format!(
                     "--store: sslmode={mode} to a server beyond this machine: whoever sits on the network between \
                      can read and change every token (remove sslmode to require TLS, the default)"
                 ));
-                &mut config
             }
-            Some(_) => &mut config,
-        };
+            Some(_) => {}
+        }
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
