@@ -46,7 +46,7 @@ pub(super) struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_connections: usize,
     /// A proxy whose X-Forwarded-For the audit trail believes (an address or CIDR range, such as the Envoy in front of the API); repeatable. From other peers the header is ignored and the connection's address is the client's
-    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    #[arg(long, value_name = "CIDR", value_parser = api::Cidr::parse)]
     trusted_proxy: Vec<api::Cidr>,
     /// The longest a new token may live: DURATION for every namespace, NAMESPACE=DURATION for one (90d, 12h, 30m, 3600s); repeatable. A create asking for a later expireTime is refused, one asking for none gets the limit
     #[arg(long, value_name = "[NAMESPACE=]DURATION")]
@@ -135,10 +135,6 @@ pub(super) struct ServeArgs {
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
-}
-
-fn parse_cidr(text: &str) -> Result<api::Cidr, String> {
-    api::Cidr::parse(text)
 }
 
 /// `--audit-retention`: a duration, or none.
