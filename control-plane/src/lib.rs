@@ -8,7 +8,8 @@
 //!   memory, published as versioned snapshots;
 //! - `push`: ECDS over gRPC and to a file, and which Envoy applied what;
 //! - `replicas`: several `serve` processes on one PostgreSQL database;
-//! - `api`: the HTTP adapter; `cli`: the command-line adapter.
+//! - `api`: the HTTP adapter; `cli`: the command-line adapter;
+//! - `metrics`: `/metrics` for Prometheus.
 //!
 //! The configuration schema, its validation and the authorization decision
 //! come from `apitokens_core`, the same code the filter runs.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod metrics;
 pub mod push;
 pub mod render;
 pub mod replicas;

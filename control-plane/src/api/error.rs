@@ -2,6 +2,7 @@
 //! response in one place (`{"code", "message", "field"?}`, never echoing a
 //! value), so handlers use `?`.
 
+use crate::metrics::Outcome;
 use crate::store::StoreError;
 use crate::tokens;
 use apitokens_core::config::Config;
@@ -130,9 +131,15 @@ impl IntoResponse for AppError {
                 tokens::Error::Forbidden(_) => error_response(StatusCode::FORBIDDEN, &message, None),
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
                 tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
-                tokens::Error::QuotaExceeded { .. } => error_response(StatusCode::TOO_MANY_REQUESTS, &message, None),
+                // Two 429s that `/metrics` tells apart.
+                tokens::Error::QuotaExceeded { .. } => {
+                    let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, &message, None);
+                    resp.extensions_mut().insert(Outcome::quota_exceeded);
+                    resp
+                }
                 tokens::Error::TooManyWrites { retry_after, .. } => {
                     let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, &message, None);
+                    resp.extensions_mut().insert(Outcome::rate_limited);
                     if let Ok(value) = HeaderValue::from_str(&tokens::whole_seconds(retry_after).to_string()) {
                         resp.headers_mut().insert(header::RETRY_AFTER, value);
                     }

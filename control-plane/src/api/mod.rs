@@ -1,6 +1,6 @@
 //! The HTTP surface: the token REST API (`/apitokens/v1/...`, a thin adapter
-//! over [`tokens::Service`]), `GET /healthz`, `GET /status`, and the web
-//! console under `/console/` ([`console`]).
+//! over [`tokens::Service`]), `GET /healthz`, `GET /status`, `GET /metrics`,
+//! and the web console under `/console/` ([`console`]).
 //!
 //! Every token call is authenticated and authorized with the filter's own
 //! decision code against the published table and the built-in permission
@@ -16,12 +16,14 @@ mod status;
 mod tokens;
 
 pub use error::AppError;
+use extract::Route;
 pub use forwarded::{Cidr, TrustedProxies};
 
 use crate::config::Publisher;
+use crate::metrics::{Metrics, Operation, Outcome};
 use crate::push::acks::Tracker;
 use crate::tokens::Service;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -39,6 +41,8 @@ pub const NOT_APPLIED_HEADER: &str = "x-apitokens-not-applied";
 
 pub struct AppState {
     pub service: Arc<Service>,
+    /// `/metrics`; the token API counts its writes into it.
+    pub metrics: Arc<Metrics>,
     pub publisher: Arc<Publisher>,
     pub acks: Arc<Tracker>,
     /// The ECDS resource name, shown by `/status`.
@@ -59,7 +63,9 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let events = format!("{collection}:events");
     let mut router = Router::new().route("/healthz", get(status::healthz));
     if with_status {
-        router = router.route("/status", get(status::status));
+        router = router
+            .route("/status", get(status::status))
+            .route("/metrics", get(status::metrics));
     }
     router
         .route(
@@ -81,7 +87,7 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
         )
         .merge(console::router())
         .fallback(|| async { AppError::UnknownPath })
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
 }
 
@@ -91,6 +97,7 @@ pub fn operator(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(status::healthz))
         .route("/status", get(status::status))
+        .route("/metrics", get(status::metrics))
         .fallback(|| async { AppError::UnknownPath })
         .with_state(state)
 }
@@ -111,16 +118,48 @@ impl CallerSlot {
     }
 }
 
+/// The write an API call makes, if it is one (`/metrics` counts them).
+fn write_operation(method: &axum::http::Method, path: &str) -> Option<Operation> {
+    use axum::http::Method;
+    match (Route::parse(path)?, method) {
+        (Route::Collection { .. }, &Method::POST) => Some(Operation::create),
+        (Route::Action { action, .. }, &Method::POST) if action == "regenerate" => Some(Operation::regenerate),
+        (Route::Item { .. }, &Method::DELETE) => Some(Operation::delete),
+        _ => None,
+    }
+}
+
+/// How a write's answer ended, for `/metrics`.
+fn outcome(resp: &Response) -> Outcome {
+    if let Some(outcome) = resp.extensions().get::<Outcome>() {
+        return *outcome;
+    }
+    match resp.status().as_u16() {
+        200..=299 => Outcome::ok,
+        401 => Outcome::unauthenticated,
+        403 => Outcome::forbidden,
+        400 | 413 | 415 => Outcome::invalid,
+        404 => Outcome::not_found,
+        409 => Outcome::conflict,
+        503 => Outcome::unavailable,
+        _ => Outcome::error,
+    }
+}
+
 /// One log line per API call. Only paths made of the API's own segments
 /// and DNS labels are logged verbatim: a secret pasted into a URL by mistake
 /// never reaches the log.
-async fn log_request(mut req: Request, next: Next) -> Response {
+async fn log_request(State(app): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
+    let write = write_operation(&method, req.uri().path());
     let shown = extract::loggable_path(req.uri().path()).to_owned();
     let slot = CallerSlot::default();
     req.extensions_mut().insert(slot.clone());
     let resp = next.run(req).await;
+    if let Some(operation) = write {
+        app.metrics.write(operation, outcome(&resp));
+    }
     if shown != "/healthz" && shown != "/status" {
         tracing::info!(
             "api: {method} {shown} -> {} caller={} {}ms",

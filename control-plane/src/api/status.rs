@@ -1,4 +1,4 @@
-//! `GET /healthz` and `GET /status` (no authentication: keep them on
+//! `GET /healthz`, `GET /status` and `GET /metrics` (no authentication: keep them on
 //! loopback, or behind the gateway's own access control).
 
 use super::error::json_response;
@@ -7,10 +7,21 @@ use crate::config::Version;
 use crate::push::acks::Lag;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The Prometheus scrape ([`crate::metrics`]).
+pub(crate) async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let text = app.metrics.encode(&app.publisher, &app.acks);
+    let mut resp = (StatusCode::OK, text).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    resp
+}
 
 /// `{"status": "ok", "version": "N"}`, or 503 when the store cannot be read.
 pub(crate) async fn healthz(State(app): State<Arc<AppState>>) -> Response {
@@ -118,9 +129,9 @@ pub(crate) async fn status(
         "replicas": app.acks.replicas(),
         "file": app.acks.file(),
         "usageReports": {
-            "taken": app.service.usage_reports.taken.load(std::sync::atomic::Ordering::Relaxed),
-            "digests": app.service.usage_reports.digests.load(std::sync::atomic::Ordering::Relaxed),
-            "refused": app.service.usage_reports.refused.load(std::sync::atomic::Ordering::Relaxed),
+            "taken": app.service.metrics.usage_accepted.get(),
+            "digests": app.service.metrics.usage_digests.get(),
+            "refused": app.service.metrics.usage_refused.get(),
         },
     });
     Ok(json_response(StatusCode::OK, &body))

@@ -62,7 +62,13 @@ async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions)
         Arc::clone(&acks),
         opts,
     ));
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        &service,
+        &crate::store::StoreMetrics::default(),
+        &crate::push::server::PushCounters::default(),
+    ));
     let state = Arc::new(AppState {
+        metrics,
         service,
         publisher: Arc::clone(&publisher),
         acks: Arc::clone(&acks),
@@ -1171,4 +1177,55 @@ async fn a_token_used_again_within_the_minute_costs_no_second_write() {
     let used = got.body["apiTokens"][0]["lastUseTime"].as_str().unwrap().to_owned();
     // Kept to the minute, by the receiving clock.
     assert!(used.ends_with(":00Z"), "{used}");
+}
+
+#[tokio::test]
+async fn metrics_count_writes_by_operation_and_outcome() {
+    let f = fixture_on_sqlite(
+        "metrics",
+        ServiceOptions {
+            quota: Some(3),
+            ..ServiceOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(f.create("ci", "viewer").await.status, StatusCode::OK);
+    assert_eq!(f.create("ci", "viewer").await.status, StatusCode::CONFLICT);
+    assert_eq!(f.create("more", "viewer").await.status, StatusCode::OK);
+    assert_eq!(f.create("extra", "viewer").await.status, StatusCode::TOO_MANY_REQUESTS);
+    let anonymous = f.call("DELETE", &format!("{COLLECTION}/ci"), None, None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let regenerated = f
+        .call("POST", &format!("{COLLECTION}/ci:regenerate"), Some(&f.owner), None)
+        .await;
+    assert_eq!(regenerated.status, StatusCode::OK, "{}", regenerated.raw);
+    // Reads are not writes.
+    assert_eq!(
+        f.call("GET", COLLECTION, Some(&f.owner), None).await.status,
+        StatusCode::OK
+    );
+    let scrape = f.call("GET", "/metrics", None, None).await;
+    assert_eq!(scrape.status, StatusCode::OK);
+    assert!(scrape.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let samples: Vec<&str> = scrape
+        .raw
+        .lines()
+        .filter(|l| l.starts_with("apitokens_writes_total"))
+        .collect();
+    let mut expected = vec![
+        r#"apitokens_writes_total{operation="create",outcome="ok"} 2"#,
+        r#"apitokens_writes_total{operation="create",outcome="conflict"} 1"#,
+        r#"apitokens_writes_total{operation="create",outcome="quota_exceeded"} 1"#,
+        r#"apitokens_writes_total{operation="delete",outcome="unauthenticated"} 1"#,
+        r#"apitokens_writes_total{operation="regenerate",outcome="ok"} 1"#,
+    ];
+    let mut got = samples.clone();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "{}", scrape.raw);
+    assert!(scrape.raw.contains("apitokens_published_tokens 3\n"), "{}", scrape.raw);
+    assert!(scrape.raw.ends_with("# EOF\n"));
 }

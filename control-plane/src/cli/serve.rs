@@ -5,14 +5,16 @@ use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
+use crate::metrics::Metrics;
 use crate::push::acks::Tracker;
 use crate::push::file;
 use crate::push::peers::{Counted, Identities, PeerLimits};
 use crate::push::resource::{self, EcdsResource, FilterParams};
-use crate::push::server::{EcdsServer, XdsLimits};
+use crate::push::server::{EcdsServer, PushCounters, XdsLimits};
 use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
+use crate::store::StoreMetrics;
 use crate::tokens::{Lifetimes, Service, ServiceOptions, WriteRate};
 use clap::Args;
 use std::net::SocketAddr;
@@ -274,7 +276,11 @@ fn admitted(
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
     let (opened, _) = open_store(&args.store, false).await?;
-    let store = opened.store_within(Duration::from_millis(args.store_timeout_ms.max(1)));
+    let store_metrics = StoreMetrics::default();
+    let store = opened.store_within(
+        Duration::from_millis(args.store_timeout_ms.max(1)),
+        store_metrics.clone(),
+    );
     let publisher = Publisher::open(
         Arc::clone(&store),
         PublisherOptions {
@@ -403,7 +409,10 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     }
     let identities = Identities::new(args.xds_client_san.clone());
     let usage = UsageServer::new(Arc::clone(&service), identities.clone());
+    let push_counters = PushCounters::default();
+    let metrics = Arc::new(Metrics::new(&service, &store_metrics, &push_counters));
     let state = Arc::new(AppState {
+        metrics,
         service,
         publisher: Arc::clone(&publisher),
         acks: Arc::clone(&acks),
@@ -448,6 +457,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
                 max_request_bytes: args.xds_max_request_bytes.max(1024),
                 identities,
             },
+            counters: push_counters,
             peers: PeerLimits::new(args.xds_max_connections_per_peer),
             streams_per_connection: args.xds_max_streams_per_connection.max(1),
             max_age: (args.xds_max_connection_age_seconds > 0)
@@ -461,7 +471,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         );
     }
     tracing::info!(
-        "API on {scheme}://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health {scheme}://{api_addr}/healthz, status {scheme}://{status_at}/status"
+        "API on {scheme}://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health {scheme}://{api_addr}/healthz, status {scheme}://{status_at}/status, metrics {scheme}://{status_at}/metrics"
     );
 
     tokio::select! {
@@ -505,6 +515,7 @@ struct Xds {
     resource: EcdsResource,
     usage: UsageServer,
     limits: XdsLimits,
+    counters: PushCounters,
     peers: Arc<PeerLimits>,
     streams_per_connection: u32,
     max_age: Option<Duration>,
@@ -545,6 +556,7 @@ impl Xds {
                 self.resource.clone(),
                 end_rx,
                 self.limits.clone(),
+                self.counters.clone(),
             );
             let (lost, stopped) = (live.clone(), stop.clone());
             // Connections still open a few seconds after the end (a client

@@ -16,6 +16,7 @@ use super::sotw::{Event, Respond, Session};
 use super::BoxFuture;
 use crate::config::{Publisher, Snapshot};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use prometheus_client::metrics::counter::Counter;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,6 +42,15 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     max_request_bytes: usize,
     identities: Identities,
+    counters: PushCounters,
+}
+
+/// What the ECDS streams sent (`/metrics`).
+#[derive(Clone, Debug, Default)]
+pub struct PushCounters {
+    pub responses: Counter,
+    /// Bytes of the responses, gRPC framing included.
+    pub bytes: Counter,
 }
 
 /// What an xDS server accepts from its clients.
@@ -59,6 +69,7 @@ impl EcdsServer {
         resource: EcdsResource,
         shutdown: watch::Receiver<bool>,
         limits: XdsLimits,
+        counters: PushCounters,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -68,6 +79,7 @@ impl EcdsServer {
                 shutdown,
                 max_request_bytes: limits.max_request_bytes,
                 identities: limits.identities,
+                counters,
             }),
         }
     }
@@ -233,6 +245,8 @@ async fn serve_stream(
                 shared.acks.sent(id, respond.version);
             }
             let frame = shared.resource.response(&snapshot, &respond.nonce, respond.include);
+            // The 5-byte gRPC message prefix and the message.
+            let bytes = 5 + frame.len() as u64;
             // A client that does not read fills the channel: the send waits,
             // but not past the end of this serving.
             let sent = tokio::select! {
@@ -242,6 +256,8 @@ async fn serve_stream(
             if !sent {
                 break;
             }
+            shared.counters.responses.inc();
+            shared.counters.bytes.inc_by(bytes);
         }
     }
     if let Some(id) = stream {

@@ -72,10 +72,7 @@ impl TowerService<http::Request<Body>> for UsageServer {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         if let Err(status) = self.identities.check(req.extensions()) {
-            self.service
-                .usage_reports
-                .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.service.metrics.usage_refused.inc();
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let service = Arc::clone(&self.service);

@@ -11,9 +11,13 @@ use super::{AuditEvent, Changes, Head, Position, Revision, Store, StoreError, To
 use apitokens_core::compact::Lineage;
 use apitokens_core::Timestamp;
 use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// A default that no healthy database comes near: calls take milliseconds.
@@ -27,32 +31,112 @@ const BULK_RECORDS: usize = 1000;
 pub struct Deadline {
     inner: Arc<dyn Store>,
     call: Duration,
+    metrics: StoreMetrics,
 }
 
+/// How long store calls take and which fail (`/metrics`), by operation.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    pub seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
+    pub errors: Family<ErrorLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    operation: &'static str,
+    /// `timeout` (no answer within the deadline), `unavailable` (the
+    /// database refused or is down), `corrupt`, `behind`.
+    kind: &'static str,
+}
+
+fn call_buckets() -> Histogram {
+    // 0.5 ms (SQLite) to about 16 s (past the default deadline, 10 s).
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            seconds: Family::new_with_constructor(call_buckets),
+            errors: Family::default(),
+        }
+    }
+}
+
+/// A store call: its label on `/metrics` and its name in messages.
+struct Op(&'static str, &'static str);
+
+const INSERT: Op = Op("insert", "an insert");
+const GET: Op = Op("get", "a read");
+const LIST: Op = Op("list", "a list");
+const REPLACE: Op = Op("replace_digest", "a regeneration");
+const DELETE: Op = Op("delete", "a delete");
+const USAGE: Op = Op("record_usage", "a usage write");
+const EVENTS: Op = Op("events", "an audit read");
+const PRUNE: Op = Op("prune_events", "an audit pruning");
+const LOAD: Op = Op("load", "a load of every token");
+const CHANGES: Op = Op("changes_since", "a read of the changes");
+const HEAD: Op = Op("head", "a read of the head");
+const MARK: Op = Op("mark_behind", "a mark of a newer position");
+const EPOCH: Op = Op("new_epoch", "a new epoch");
+const RETIRE: Op = Op("retire_expired", "retiring expired tokens");
+const NEXT_EXPIRY: Op = Op("next_expiry", "a read of the next expiry");
+
 impl Deadline {
-    pub fn new(inner: Arc<dyn Store>, call: Duration) -> Self {
-        Self { inner, call }
+    pub fn new(inner: Arc<dyn Store>, call: Duration, metrics: StoreMetrics) -> Self {
+        Self { inner, call, metrics }
     }
 
     async fn within<T>(
         &self,
         limit: Duration,
-        what: &str,
+        Op(operation, what): Op,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
+        let started = Instant::now();
+        let (result, failure) = match tokio::time::timeout(limit, call).await {
+            Ok(result) => {
+                let failure = match &result {
+                    Err(StoreError::Unavailable(_)) => Some("unavailable"),
+                    Err(StoreError::Corrupt { .. }) => Some("corrupt"),
+                    Err(StoreError::Behind { .. }) => Some("behind"),
+                    // Answers about the tokens (a name taken, a full
+                    // namespace), not failures of the store.
+                    Ok(_)
+                    | Err(StoreError::NameTaken(_) | StoreError::DigestTaken | StoreError::QuotaExceeded { .. }) => {
+                        None
+                    }
+                };
+                (result, failure)
+            }
             Err(_) => {
                 tracing::warn!(
                     "store: no answer to {what} within {} ms: the database is frozen or unreachable",
                     limit.as_millis()
                 );
-                Err(StoreError::Unavailable(format!(
+                let e = StoreError::Unavailable(format!(
                     "no answer from the database to {what} within {} ms (a change may or may not have been made)",
                     limit.as_millis()
-                )))
+                ));
+                (Err(e), Some("timeout"))
             }
+        };
+        self.metrics
+            .seconds
+            .get_or_create(&OpLabel { operation })
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(kind) = failure {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabels { operation, kind })
+                .inc();
         }
+        result
     }
 }
 
@@ -65,14 +149,14 @@ impl Store for Deadline {
         events: Vec<AuditEvent>,
     ) -> Result<Revision, StoreError> {
         let limit = if records.len() > BULK_RECORDS { BULK } else { self.call };
-        self.within(limit, "an insert", self.inner.insert(records, quota, events))
+        self.within(limit, INSERT, self.inner.insert(records, quota, events))
             .await
     }
     async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.within(self.call, "a read", self.inner.get(name)).await
+        self.within(self.call, GET, self.inner.get(name)).await
     }
     async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
-        self.within(self.call, "a list", self.inner.list(namespace)).await
+        self.within(self.call, LIST, self.inner.list(namespace)).await
     }
     async fn replace_digest(
         &self,
@@ -82,14 +166,13 @@ impl Store for Deadline {
         event: AuditEvent,
     ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
         let call = self.inner.replace_digest(name, digest, previous_until, event);
-        self.within(self.call, "a regeneration", call).await
+        self.within(self.call, REPLACE, call).await
     }
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
-        self.within(self.call, "a delete", self.inner.delete(name, event)).await
+        self.within(self.call, DELETE, self.inner.delete(name, event)).await
     }
     async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError> {
-        self.within(self.call, "a usage write", self.inner.record_usage(uses))
-            .await
+        self.within(self.call, USAGE, self.inner.record_usage(uses)).await
     }
     async fn events(
         &self,
@@ -98,36 +181,32 @@ impl Store for Deadline {
         limit: u32,
     ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
         let call = self.inner.events(namespace, before, limit);
-        self.within(self.call, "an audit read", call).await
+        self.within(self.call, EVENTS, call).await
     }
     async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
-        self.within(BULK, "an audit pruning", self.inner.prune_events(before, limit))
-            .await
+        self.within(BULK, PRUNE, self.inner.prune_events(before, limit)).await
     }
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
-        self.within(BULK, "a load of every token", self.inner.load()).await
+        self.within(BULK, LOAD, self.inner.load()).await
     }
     async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError> {
-        self.within(self.call, "a read of the changes", self.inner.changes_since(revision))
+        self.within(self.call, CHANGES, self.inner.changes_since(revision))
             .await
     }
     async fn head(&self) -> Result<Head, StoreError> {
-        self.within(self.call, "a read of the head", self.inner.head()).await
+        self.within(self.call, HEAD, self.inner.head()).await
     }
     async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
-        self.within(self.call, "a mark of a newer position", self.inner.mark_behind(seen))
-            .await
+        self.within(self.call, MARK, self.inner.mark_behind(seen)).await
     }
     async fn new_epoch(&self) -> Result<Head, StoreError> {
-        self.within(BULK, "a new epoch", self.inner.new_epoch()).await
+        self.within(BULK, EPOCH, self.inner.new_epoch()).await
     }
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
-        self.within(self.call, "retiring expired tokens", self.inner.retire_expired(cutoff))
-            .await
+        self.within(self.call, RETIRE, self.inner.retire_expired(cutoff)).await
     }
     async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
-        self.within(self.call, "a read of the next expiry", self.inner.next_expiry())
-            .await
+        self.within(self.call, NEXT_EXPIRY, self.inner.next_expiry()).await
     }
     fn lineage(&self) -> Lineage {
         self.inner.lineage()

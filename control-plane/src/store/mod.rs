@@ -14,6 +14,7 @@
 #[cfg(test)]
 pub(crate) mod contract;
 mod deadline;
+pub use deadline::StoreMetrics;
 mod postgres;
 mod row;
 mod sqlite;
@@ -450,16 +451,17 @@ pub enum OpenStore {
 impl OpenStore {
     /// The store, each call within [`deadline::DEFAULT_CALL`].
     pub fn store(&self) -> Arc<dyn Store> {
-        self.store_within(deadline::DEFAULT_CALL)
+        self.store_within(deadline::DEFAULT_CALL, deadline::StoreMetrics::default())
     }
 
-    /// The store, each call within `call` (bulk reads and writes longer).
-    pub fn store_within(&self, call: std::time::Duration) -> Arc<dyn Store> {
+    /// The store, each call within `call` (bulk reads and writes longer),
+    /// timed into `metrics`.
+    pub fn store_within(&self, call: std::time::Duration, metrics: deadline::StoreMetrics) -> Arc<dyn Store> {
         let inner = match self {
             Self::Sqlite(s) => Arc::clone(s) as Arc<dyn Store>,
             Self::Postgres(p) => Arc::clone(p) as Arc<dyn Store>,
         };
-        Arc::new(deadline::Deadline::new(inner, call))
+        Arc::new(deadline::Deadline::new(inner, call, metrics))
     }
 
     /// Where it is, for messages: the file, or the server without the

@@ -14,6 +14,7 @@ use super::secret::Secret;
 use super::{audit, Error};
 use crate::clock;
 use crate::config::{Publisher, Version};
+use crate::metrics::ServiceMetrics;
 use crate::push::acks::{Rollout, Tracker};
 use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord, Use};
 use apitokens_core::config::{Config, PluginConfig};
@@ -127,18 +128,8 @@ pub struct Service {
     /// Each namespace's writes, for [`ServiceOptions::write_rate`].
     buckets: Buckets,
     /// Usage reports taken and refused since this process started.
-    pub usage_reports: UsageReports,
-}
-
-/// Counts of the filters' usage reports (shown on `/status`).
-#[derive(Debug, Default)]
-pub struct UsageReports {
-    /// Reports taken.
-    pub taken: std::sync::atomic::AtomicU64,
-    /// Digests in them (a token used in a VM's interval counts once).
-    pub digests: std::sync::atomic::AtomicU64,
-    /// Reports refused: not from an identity allowed on the xDS port.
-    pub refused: std::sync::atomic::AtomicU64,
+    /// What its writes and the usage reports did (`/metrics`, `/status`).
+    pub metrics: ServiceMetrics,
 }
 
 /// A last use is kept to the minute.
@@ -213,7 +204,7 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
-            usage_reports: UsageReports::default(),
+            metrics: ServiceMetrics::default(),
         }
     }
 
@@ -232,7 +223,7 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
-            usage_reports: UsageReports::default(),
+            metrics: ServiceMetrics::default(),
         }
     }
 
@@ -488,11 +479,10 @@ impl Service {
         let Some(push) = &self.push else {
             return;
         };
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
-        self.usage_reports.taken.fetch_add(1, relaxed);
-        self.usage_reports
-            .digests
-            .fetch_add(u64::try_from(digests.len() / 32).unwrap_or(u64::MAX), relaxed);
+        self.metrics.usage_accepted.inc();
+        self.metrics
+            .usage_digests
+            .inc_by(u64::try_from(digests.len() / 32).unwrap_or(u64::MAX));
         if lineage != self.store.lineage() {
             tracing::debug!("usage report for another store's tokens ignored");
             return;
@@ -637,7 +627,9 @@ impl Service {
         let Some(push) = &self.push else {
             return Ok(Delivery::Stored);
         };
-        let deadline = Instant::now() + self.opts.apply_timeout;
+        // Called as the write commits: the time to every ACK starts here.
+        let committed = Instant::now();
+        let deadline = committed + self.opts.apply_timeout;
         let snapshot = match push.publisher.publish(revision, deadline).await {
             Ok(snapshot) => snapshot,
             Err(e) => {
@@ -653,7 +645,12 @@ impl Service {
             });
         }
         let rollout = push.acks.wait(snapshot.version, deadline).await;
-        if !rollout.complete() {
+        if rollout.complete() {
+            if rollout.envoys > 0 {
+                self.metrics.apply_seconds.observe(committed.elapsed().as_secs_f64());
+            }
+        } else {
+            self.metrics.incomplete.inc();
             let lagging: Vec<String> = rollout
                 .lagging
                 .iter()

@@ -1,0 +1,281 @@
+//! `GET /metrics`: the control plane in the Prometheus text format
+//! (OpenMetrics, encoded by the Prometheus project's own `prometheus-client`).
+//!
+//! Each component owns its instruments (the service its write and usage
+//! counters, the store decorator its call histogram, the xDS server its push
+//! counters), so that a test or a second instance in one process never
+//! shares counts with another; [`Metrics::new`] registers handles to them.
+//! What is a state rather than an event (Envoys connected and what each
+//! acknowledged, replicas alive, the published revision) is read from its
+//! owner when scraped, never kept twice.
+//!
+//! Labels never carry a token's name or namespace (unbounded, and a
+//! namespace's business): only operations, outcomes, Envoy nodes and
+//! replicas, which the operator names.
+
+use crate::config::Publisher;
+use crate::push::acks::{Lag, Tracker};
+use crate::push::server::PushCounters;
+use crate::store::StoreMetrics;
+use crate::tokens::Service;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The media type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A token API write, as counted by `apitokens_writes_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Operation {
+    create,
+    regenerate,
+    delete,
+}
+
+/// How a write ended (`apitokens_writes_total{outcome}`): `ok`, or why not.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    ok,
+    /// No valid credential (401).
+    unauthenticated,
+    /// The role or a delegation rule refuses it (403).
+    forbidden,
+    /// A field or body is invalid (400, 413).
+    invalid,
+    not_found,
+    conflict,
+    /// The namespace holds `--max-tokens-per-namespace` tokens.
+    quota_exceeded,
+    /// The namespace writes faster than `--namespace-writes-per-second`.
+    rate_limited,
+    /// The store cannot be reached (503).
+    unavailable,
+    /// Anything else (a 5xx).
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub operation: Operation,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnvoyState {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnvoyStream {
+    node: String,
+    stream: String,
+    replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaState {
+    state: &'static str,
+}
+
+/// Everything `/metrics` shows.
+pub struct Metrics {
+    registry: Registry,
+    writes: Family<WriteLabels, Counter>,
+    envoys: Family<EnvoyState, Gauge>,
+    acknowledged: Family<EnvoyStream, Gauge>,
+    replicas: Family<ReplicaState, Gauge>,
+    revision: Gauge,
+    tokens: Gauge,
+}
+
+impl Metrics {
+    pub fn new(service: &Service, store: &StoreMetrics, push: &PushCounters) -> Self {
+        let mut registry = Registry::with_prefix("apitokens");
+        let writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "writes",
+            "Token API writes (create, regenerate, delete) by operation and outcome; quota_exceeded and rate_limited are the refusals of --max-tokens-per-namespace and --namespace-writes-per-second",
+            writes.clone(),
+        );
+        let w = &service.metrics;
+        registry.register(
+            "write_apply_seconds",
+            "From a write's commit to every connected Envoy applying it (writes that waited for the Envoys and got every ACK)",
+            w.apply_seconds.clone(),
+        );
+        registry.register(
+            "write_rollouts_incomplete",
+            "Writes that answered before every connected Envoy applied them (a NACK, a timeout, an unresponsive stream)",
+            w.incomplete.clone(),
+        );
+        registry.register(
+            "usage_reports_accepted",
+            "Usage reports taken from the filters",
+            w.usage_accepted.clone(),
+        );
+        registry.register(
+            "usage_report_digests",
+            "Token digests in the accepted usage reports",
+            w.usage_digests.clone(),
+        );
+        registry.register(
+            "usage_reports_refused",
+            "Usage reports refused: not from an identity allowed on the xDS port",
+            w.usage_refused.clone(),
+        );
+        registry.register(
+            "store_call_seconds",
+            "Store calls by operation, from the call to its answer or its deadline",
+            store.seconds.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store calls that failed, by operation and kind (timeout: no answer within --store-timeout-ms)",
+            store.errors.clone(),
+        );
+        registry.register(
+            "push_responses",
+            "ECDS responses sent to Envoys over gRPC",
+            push.responses.clone(),
+        );
+        registry.register(
+            "push_bytes",
+            "Bytes of ECDS responses sent to Envoys over gRPC (gRPC framing included)",
+            push.bytes.clone(),
+        );
+        let envoys = Family::<EnvoyState, Gauge>::default();
+        registry.register(
+            "envoys",
+            "Envoy streams by state for the published version: connected, applied, lagging (not applied yet or unresponsive), rejecting (NACKed it); with replicas, every live replica's streams",
+            envoys.clone(),
+        );
+        let acknowledged = Family::<EnvoyStream, Gauge>::default();
+        registry.register(
+            "envoy_acknowledged_revision",
+            "The store revision each connected Envoy stream acknowledged last (what it enforces)",
+            acknowledged.clone(),
+        );
+        let replicas = Family::<ReplicaState, Gauge>::default();
+        registry.register(
+            "replicas",
+            "Control-plane replicas on the shared PostgreSQL database, live or not (a heartbeat older than --replica-timeout-ms)",
+            replicas.clone(),
+        );
+        let revision = Gauge::default();
+        registry.register(
+            "published_revision",
+            "The store revision of the published configuration",
+            revision.clone(),
+        );
+        let tokens = Gauge::default();
+        registry.register(
+            "published_tokens",
+            "Tokens in the published configuration",
+            tokens.clone(),
+        );
+        Self {
+            registry,
+            writes,
+            envoys,
+            acknowledged,
+            replicas,
+            revision,
+            tokens,
+        }
+    }
+
+    /// Counts one token API write.
+    pub fn write(&self, operation: Operation, outcome: Outcome) {
+        self.writes.get_or_create(&WriteLabels { operation, outcome }).inc();
+    }
+
+    /// The text of a scrape: the states read now, the counters as they are.
+    pub fn encode(&self, publisher: &Publisher, acks: &Tracker) -> String {
+        let state = publisher.state();
+        let current = &state.snapshot;
+        self.revision.set(gauge(current.version.revision.0));
+        self.tokens.set(gauge(current.tokens as u64));
+        let rollout = acks.rollout(current.version);
+        let rejecting = rollout
+            .lagging
+            .iter()
+            .filter(|l| matches!(l.lag, Lag::Rejected(_)))
+            .count();
+        let lagging = rollout.lagging.len() - rejecting;
+        for (name, n) in [
+            ("connected", rollout.envoys),
+            ("applied", rollout.applied),
+            ("lagging", lagging),
+            ("rejecting", rejecting),
+        ] {
+            self.envoys
+                .get_or_create(&EnvoyState { state: name })
+                .set(gauge(n as u64));
+        }
+        // Streams come and go: the family holds the connected ones only.
+        self.acknowledged.clear();
+        for envoy in acks.envoys().into_iter().filter(|e| e.connected) {
+            let Some(revision) = envoy
+                .acked_version
+                .as_deref()
+                .and_then(|v| v.rsplit('.').next())
+                .and_then(|r| r.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let labels = EnvoyStream {
+                node: envoy.node,
+                stream: envoy.stream.to_string(),
+                replica: envoy.replica.unwrap_or_default(),
+            };
+            self.acknowledged.get_or_create(&labels).set(gauge(revision));
+        }
+        let replicas = acks.replicas();
+        let live = replicas.iter().filter(|r| r.live).count();
+        for (name, n) in [("live", live), ("down", replicas.len() - live)] {
+            self.replicas
+                .get_or_create(&ReplicaState { state: name })
+                .set(gauge(n as u64));
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The service's own instruments: what its writes and usage reports did.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    pub apply_seconds: Histogram,
+    pub incomplete: Counter,
+    pub usage_accepted: Counter,
+    pub usage_digests: Counter,
+    pub usage_refused: Counter,
+}
+
+impl Default for ServiceMetrics {
+    fn default() -> Self {
+        Self {
+            // 1 ms to about 16 s: a revocation at 100k tokens takes ~10 ms,
+            // at 1M ~1 s, and an --apply-timeout-ms is 5 s by default.
+            apply_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 15,
+            )),
+            incomplete: Counter::default(),
+            usage_accepted: Counter::default(),
+            usage_digests: Counter::default(),
+            usage_refused: Counter::default(),
+        }
+    }
+}
