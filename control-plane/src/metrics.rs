@@ -98,6 +98,14 @@ impl Metrics {
     pub fn new(service: &Service, store: &StoreMetrics, push: &PushCounters) -> Self {
         let mut registry = Registry::with_prefix("apitokens");
         let writes = Family::<WriteLabels, Counter>::default();
+        // Each operation's successes from zero, so that a rate exists before
+        // the first write.
+        for operation in [Operation::create, Operation::regenerate, Operation::delete] {
+            let _ = writes.get_or_create(&WriteLabels {
+                operation,
+                outcome: Outcome::ok,
+            });
+        }
         registry.register(
             "writes",
             "Token API writes (create, regenerate, delete) by operation and outcome; quota_exceeded and rate_limited are the refusals of --max-tokens-per-namespace and --namespace-writes-per-second",

@@ -2,7 +2,7 @@
 //! filter's own code), which token the raw path names, and a JSON body whose
 //! errors never quote the input.
 
-use super::{AppError, AppState, CallerSlot, API_PREFIX, MAX_BODY_BYTES};
+use super::{AppError, AppState, API_PREFIX, MAX_BODY_BYTES};
 use crate::store::Credential;
 use crate::tokens::secret::{self, Shape};
 use crate::tokens::{Actor, Caller};
@@ -113,7 +113,7 @@ pub(crate) fn loggable_path(path: &str) -> &str {
             path
         }
         Some(_) => "(other path)",
-        None if path == "/healthz" || path == "/status" => path,
+        None if matches!(path, "/healthz" | "/status" | "/metrics" | super::OPENAPI_PATH) => path,
         None => "(other path)",
     }
 }
@@ -160,9 +160,8 @@ impl FromRequestParts<Arc<AppState>> for Owner {
         let config = Arc::clone(&app.publisher.current().api);
         let denied = |denial| AppError::denied(&config, denial);
         let token = authenticate(&config, &parts.headers).map_err(denied)?;
-        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
-            slot.set(token.name());
-        }
+        // The request's span (see `log_request`) names the caller from here.
+        tracing::Span::current().record("caller", token.name());
         if !route.allows(&parts.method) {
             return Err(AppError::MethodNotAllowed(route.allowed()));
         }

@@ -28,12 +28,16 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const API_PREFIX: &str = "/apitokens/v1/namespaces/";
+/// The API's OpenAPI 3.1 document (`control-plane/openapi.json`, checked
+/// against the running server by `tests/contract`).
+pub const OPENAPI_PATH: &str = "/apitokens/v1/openapi.json";
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 pub const CONFIG_VERSION_HEADER: &str = "x-apitokens-config-version";
 pub const APPLIED_HEADER: &str = "x-apitokens-applied";
 pub const ENVOYS_HEADER: &str = "x-apitokens-envoys";
@@ -61,7 +65,9 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let collection = format!("{API_PREFIX}{{namespace}}/apitokens");
     let item = format!("{collection}/{{item}}");
     let events = format!("{collection}:events");
-    let mut router = Router::new().route("/healthz", get(status::healthz));
+    let mut router = Router::new()
+        .route("/healthz", get(status::healthz))
+        .route(OPENAPI_PATH, get(openapi));
     if with_status {
         router = router
             .route("/status", get(status::status))
@@ -102,20 +108,14 @@ pub fn operator(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Who called, filled in by the authentication extractor for the log line.
-#[derive(Clone, Default)]
-pub(crate) struct CallerSlot(Arc<Mutex<Option<String>>>);
-
-impl CallerSlot {
-    pub(crate) fn set(&self, caller: &str) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(caller.to_owned());
-        }
-    }
-
-    fn get(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|s| s.clone())
-    }
+/// The OpenAPI document: public, like the API's shape it describes.
+async fn openapi() -> Response {
+    use axum::http::{header, HeaderValue};
+    use axum::response::IntoResponse as _;
+    let mut resp = OPENAPI.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// The write an API call makes, if it is one (`/metrics` counts them).
@@ -146,27 +146,33 @@ fn outcome(resp: &Response) -> Outcome {
     }
 }
 
-/// One log line per API call. Only paths made of the API's own segments
-/// and DNS labels are logged verbatim: a secret pasted into a URL by mistake
-/// never reaches the log.
-async fn log_request(State(app): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+/// One log line per API call, and a span around the call (`request`: the
+/// method, the path and, once authenticated, the caller's token name), so
+/// that whatever the call logs carries them. Only paths made of the API's
+/// own segments and DNS labels are logged verbatim: a secret pasted into a
+/// URL by mistake never reaches the log.
+async fn log_request(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
     let started = Instant::now();
     let method = req.method().clone();
     let write = write_operation(&method, req.uri().path());
     let shown = extract::loggable_path(req.uri().path()).to_owned();
-    let slot = CallerSlot::default();
-    req.extensions_mut().insert(slot.clone());
-    let resp = next.run(req).await;
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        path = %shown,
+        caller = tracing::field::Empty
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
     if let Some(operation) = write {
         app.metrics.write(operation, outcome(&resp));
     }
-    if shown != "/healthz" && shown != "/status" {
-        tracing::info!(
-            "api: {method} {shown} -> {} caller={} {}ms",
-            resp.status().as_u16(),
-            slot.get().as_deref().unwrap_or("-"),
-            started.elapsed().as_millis()
-        );
+    if !matches!(shown.as_str(), "/healthz" | "/status" | "/metrics") {
+        let status = resp.status().as_u16();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        span.in_scope(|| {
+            tracing::info!(status, duration_ms = ms, "api: {method} {shown} -> {status} {ms:.0}ms");
+        });
     }
     resp
 }

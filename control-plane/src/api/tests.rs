@@ -1221,6 +1221,8 @@ async fn metrics_count_writes_by_operation_and_outcome() {
         r#"apitokens_writes_total{operation="create",outcome="quota_exceeded"} 1"#,
         r#"apitokens_writes_total{operation="delete",outcome="unauthenticated"} 1"#,
         r#"apitokens_writes_total{operation="regenerate",outcome="ok"} 1"#,
+        // From zero: a rate exists before the first delete.
+        r#"apitokens_writes_total{operation="delete",outcome="ok"} 0"#,
     ];
     let mut got = samples.clone();
     got.sort_unstable();
@@ -1228,4 +1230,14 @@ async fn metrics_count_writes_by_operation_and_outcome() {
     assert_eq!(got, expected, "{}", scrape.raw);
     assert!(scrape.raw.contains("apitokens_published_tokens 3\n"), "{}", scrape.raw);
     assert!(scrape.raw.ends_with("# EOF\n"));
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_as_kept_in_the_repository() {
+    let f = fixture().await;
+    let a = f.call("GET", OPENAPI_PATH, None, None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers["content-type"], "application/json");
+    assert_eq!(a.raw, OPENAPI);
+    assert!(a.body["openapi"].as_str().unwrap().starts_with("3.1"));
 }

@@ -1,6 +1,7 @@
 //! The command line: `apitokens serve | bootstrap | render | import |
 //! new-epoch`, thin adapters over the token service and the publisher.
 
+mod health;
 mod http;
 mod serve;
 
@@ -41,6 +42,18 @@ enum Command {
     Import(ImportArgs),
     /// Accept the store as it is after restoring it from a backup or a failover that lost writes: start a new epoch, so that the Envoys take its content (tokens revoked after the copy work again: revoke them again)
     NewEpoch(NewEpochArgs),
+    /// Exit 0 if a running `serve` answers GET /healthz with 200 (the container image's health check: no shell or curl needed)
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The health endpoint (plain HTTP): the --status-listen address, or --listen without one
+    #[arg(long, default_value = "http://127.0.0.1:8081/healthz", value_name = "URL")]
+    url: String,
+    /// The longest the check waits, in milliseconds
+    #[arg(long, default_value_t = 3000, value_name = "MS")]
+    timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -181,17 +194,18 @@ struct NewEpochArgs {
 /// Runs the command line; errors go to stderr as `apitokens: error: ...`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match &cli.command {
-        Command::Serve(a) => a.log_level,
-        _ => tracing::Level::WARN,
+    let (level, format) = match &cli.command {
+        Command::Serve(a) => (a.log_level, a.log_format),
+        _ => (tracing::Level::WARN, serve::LogFormat::Text),
     };
-    init_logging(level);
+    init_logging(level, format);
     let result = match cli.command {
         Command::Serve(args) => serve::serve(*args),
         Command::Bootstrap(args) => run(bootstrap(args)),
         Command::Render(args) => run(render_cmd(args)),
         Command::Import(args) => run(import(args)),
         Command::NewEpoch(args) => run(new_epoch(args)),
+        Command::Health(args) => health::check(&args.url, std::time::Duration::from_millis(args.timeout_ms.max(1))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,18 +219,30 @@ pub fn main() -> ExitCode {
 /// Logs to stderr: this crate's messages at `level`, libraries' warnings and
 /// errors only (nothing here logs a secret or an Authorization header, and
 /// the libraries' debug output could).
-fn init_logging(level: tracing::Level) {
+fn init_logging(level: tracing::Level, format: serve::LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
     let filter = tracing_subscriber::filter::Targets::new()
         .with_default(tracing::Level::WARN)
         .with_target("apitokens_control_plane", level);
-    let subscriber = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)
-        .with_max_level(level.max(tracing::Level::WARN))
-        .finish();
-    use tracing_subscriber::layer::SubscriberExt;
-    let _ = tracing::subscriber::set_global_default(subscriber.with(filter));
+        .with_max_level(level.max(tracing::Level::WARN));
+    let _ = match format {
+        serve::LogFormat::Text => tracing::subscriber::set_global_default(builder.finish().with(filter)),
+        // One object per line: the event's fields at the top level next to
+        // `message`, the request's span (method, path, caller) under `span`.
+        serve::LogFormat::Json => tracing::subscriber::set_global_default(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish()
+                .with(filter),
+        ),
+    };
 }
 
 /// Runs a one-shot command on a small runtime.

@@ -137,6 +137,16 @@ pub(super) struct ServeArgs {
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
+    /// Log lines as text, or as one JSON object each (for log shippers: the request's method, path and caller, token names, namespaces, revisions, Envoy nodes and durations as fields). Audit events are one JSON line each either way
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub(super) log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--audit-retention`: a duration, or none.

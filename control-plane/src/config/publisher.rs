@@ -311,6 +311,9 @@ impl Publisher {
         let snapshot = if content_changed {
             let snapshot = snapshot(head.at, table, &self.api_settings)?;
             tracing::info!(
+                revision = snapshot.version.revision.0,
+                tokens = snapshot.tokens,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "configuration version {} {how} ({} tokens, {:.1} ms)",
                 snapshot.version,
                 snapshot.tokens,

@@ -145,6 +145,10 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
         (Event::Connected { node, cluster, version }, _) => {
             let id = acks.connected(node, cluster, peer, version);
             tracing::info!(
+                node = %node,
+                cluster = %cluster,
+                peer,
+                stream = id.0,
                 "xds: envoy {node:?} (cluster {cluster:?}, {peer}) connected as stream {}, has version {version:?}",
                 id.0
             );
@@ -176,11 +180,21 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
             acks.released(id);
         }
         (Event::Ack { version }, Some(id)) => {
-            tracing::info!("xds: stream {} ACKed version {version}", id.0);
+            tracing::info!(
+                stream = id.0,
+                revision = version.revision.0,
+                "xds: stream {} ACKed version {version}",
+                id.0
+            );
             acks.acked(id, *version);
         }
         (Event::Nack { version, error }, Some(id)) => {
-            tracing::warn!("xds: stream {} NACKed version {version}: {error}", id.0);
+            tracing::warn!(
+                stream = id.0,
+                revision = version.revision.0,
+                "xds: stream {} NACKed version {version}: {error}",
+                id.0
+            );
             acks.nacked(id, *version, error);
         }
         _ => {}
@@ -261,7 +275,7 @@ async fn serve_stream(
         }
     }
     if let Some(id) = stream {
-        tracing::info!("xds: stream {} ({peer}) disconnected", id.0);
+        tracing::info!(stream = id.0, peer, "xds: stream {} ({peer}) disconnected", id.0);
         shared.acks.disconnected(id);
     }
 }

@@ -61,10 +61,18 @@ fn call_buckets() -> Histogram {
 
 impl Default for StoreMetrics {
     fn default() -> Self {
-        Self {
+        let metrics = Self {
             seconds: Family::new_with_constructor(call_buckets),
             errors: Family::default(),
+        };
+        // Zeros from the start for the failures worth an alert: a series
+        // that appears only with its first error cannot be rated.
+        for Op(operation, _) in ALL {
+            for kind in ["timeout", "unavailable"] {
+                let _ = metrics.errors.get_or_create(&ErrorLabels { operation, kind });
+            }
         }
+        metrics
     }
 }
 
@@ -86,6 +94,23 @@ const MARK: Op = Op("mark_behind", "a mark of a newer position");
 const EPOCH: Op = Op("new_epoch", "a new epoch");
 const RETIRE: Op = Op("retire_expired", "retiring expired tokens");
 const NEXT_EXPIRY: Op = Op("next_expiry", "a read of the next expiry");
+const ALL: [Op; 15] = [
+    INSERT,
+    GET,
+    LIST,
+    REPLACE,
+    DELETE,
+    USAGE,
+    EVENTS,
+    PRUNE,
+    LOAD,
+    CHANGES,
+    HEAD,
+    MARK,
+    EPOCH,
+    RETIRE,
+    NEXT_EXPIRY,
+];
 
 impl Deadline {
     pub fn new(inner: Arc<dyn Store>, call: Duration, metrics: StoreMetrics) -> Self {

@@ -264,7 +264,14 @@ impl Service {
         let (issued, revision) = self
             .issue(new.name, role, now, expire_time, self.opts.quota, actor)
             .await?;
-        tracing::info!("created {} (role {role}) at revision {revision}", issued.token.name);
+        tracing::info!(
+            token = %issued.token.name,
+            namespace,
+            role = role.as_str(),
+            revision = revision.0,
+            "created {} (role {role}) at revision {revision}",
+            issued.token.name
+        );
         self.finish(issued, revision, wait).await
     }
 
@@ -276,7 +283,13 @@ impl Service {
         let expire_time = expiry(expire_time, "expireTime", clock::now())?;
         let actor = Actor::tool("apitokens bootstrap");
         let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None, &actor).await?;
-        tracing::info!("bootstrapped owner token {} at revision {revision}", issued.token.name);
+        tracing::info!(
+            token = %issued.token.name,
+            namespace,
+            revision = revision.0,
+            "bootstrapped owner token {} at revision {revision}",
+            issued.token.name
+        );
         self.finish(issued, revision, Wait::Published).await
     }
 
@@ -378,7 +391,13 @@ impl Service {
             expire_time: token.expire_time,
             ..event
         });
-        tracing::info!("regenerated the secret of {} at revision {revision}", token.name);
+        tracing::info!(
+            token = %token.name,
+            namespace,
+            revision = revision.0,
+            "regenerated the secret of {} at revision {revision}",
+            token.name
+        );
         let issued = Issued {
             token,
             secret,
@@ -397,7 +416,7 @@ impl Service {
             .await?
             .ok_or(Error::NotFound(name.clone()))?;
         audit::log(&event);
-        tracing::info!("deleted {name} at revision {revision}");
+        tracing::info!(token = %name, namespace, revision = revision.0, "deleted {name} at revision {revision}");
         self.deliver(revision, wait).await
     }
 
@@ -645,10 +664,18 @@ impl Service {
             });
         }
         let rollout = push.acks.wait(snapshot.version, deadline).await;
+        let elapsed = committed.elapsed();
         if rollout.complete() {
             if rollout.envoys > 0 {
-                self.metrics.apply_seconds.observe(committed.elapsed().as_secs_f64());
+                self.metrics.apply_seconds.observe(elapsed.as_secs_f64());
             }
+            tracing::debug!(
+                revision = revision.0,
+                envoys = rollout.envoys,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "revision {revision} applied by every connected Envoy ({})",
+                rollout.envoys
+            );
         } else {
             self.metrics.incomplete.inc();
             let lagging: Vec<String> = rollout
@@ -657,6 +684,10 @@ impl Service {
                 .map(|l| format!("{} ({:?})", l.who, l.lag))
                 .collect();
             tracing::warn!(
+                revision = revision.0,
+                envoys = rollout.envoys,
+                applied = rollout.applied,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
                 "version {} not applied everywhere: {} of {} Envoys applied it; lagging: {}",
                 rollout.version,
                 rollout.applied,

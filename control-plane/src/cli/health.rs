@@ -1,0 +1,73 @@
+//! `apitokens health`: the container image's health check. The image has no
+//! shell and no curl, so the binary checks itself: `GET /healthz` over plain
+//! HTTP/1.1 on loopback, exit 0 on a 200. (With HTTPS on the status port,
+//! use the orchestrator's own probes, as the Kubernetes manifests do.)
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Calls `url` (`http://HOST:PORT/PATH`) within `timeout`: Ok on 200.
+pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("--url: only http:// URLs (the health check runs next to the server, on loopback)")?;
+    let (authority, path) = rest
+        .find('/')
+        .and_then(|i| rest.split_at_checked(i))
+        .unwrap_or((rest, "/"));
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("--url: {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--url: {authority}: no address"))?;
+    let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{url}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = tcp.read(&mut head).map_err(|e| format!("{url}: {e}"))?;
+    let line = String::from_utf8_lossy(head.get(..n).unwrap_or_default()).into_owned();
+    let status = line.split(' ').nth(1).unwrap_or("");
+    if status == "200" {
+        Ok(())
+    } else {
+        Err(format!("{url}: answered {}", line.lines().next().unwrap_or("nothing")))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn server(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 512];
+            let n = conn.read(&mut buf).unwrap();
+            conn.write_all(answer.as_bytes()).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn a_200_is_healthy_anything_else_is_not() {
+        let (url, h) = server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        check(&url, Duration::from_secs(2)).unwrap();
+        assert!(h.join().unwrap().starts_with("GET /healthz HTTP/1.1\r\n"));
+        let (url, h) = server("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n");
+        let err = check(&url, Duration::from_secs(2)).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+        h.join().unwrap();
+        assert!(check("https://127.0.0.1:1/healthz", Duration::from_secs(1)).is_err());
+        // Nobody listening.
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert!(check(&format!("http://127.0.0.1:{port}/healthz"), Duration::from_secs(1)).is_err());
+    }
+}
