@@ -1,6 +1,6 @@
 """Configurations: invalid plugin configurations stop Envoy with a message naming
-the field; every configuration shipped in envoy/ is accepted by the real Envoy
-and the real module."""
+the field; every configuration shipped in envoy/ (and the Istio objects of
+deploy/kubernetes/istio) is accepted by the real Envoy and the real module."""
 
 from __future__ import annotations
 
@@ -332,8 +332,8 @@ def test_only_the_control_plane_setup_forwards_authorization():
     needs the bearer token."""
     static = [json.loads(wasm_config(load_yaml(ENVOY_DIR / n))["configuration"]["value"])
               for n in ("envoy.yaml", "envoy-docker.yaml")]
-    (plugin,) = istio_docs("wasmplugin.yaml")
-    docs = {d["metadata"]["name"]: d for d in istio_docs("envoyfilter.yaml")}
+    (plugin,) = istio_docs("alternatives/wasmplugin.yaml")
+    docs = {d["metadata"]["name"]: d for d in istio_docs("alternatives/envoyfilter-static.yaml")}
     (insert,) = docs["apitokens-filter"]["spec"]["configPatches"]
     inline = json.loads(insert["patch"]["value"]["typed_config"]["config"]["configuration"]["value"])
     for config in [*static, plugin["spec"]["pluginConfig"], inline]:
@@ -360,25 +360,29 @@ def test_only_the_control_plane_setup_forwards_authorization():
 # ---------------------------------------------------------------------------
 
 
-def istio_docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((ENVOY_DIR / "istio" / name).read_text()) if d]
+ISTIO_DIR = REPO_ROOT / "deploy" / "kubernetes" / "istio"
+
+
+def istio_docs(*names: str) -> list[dict]:
+    return [d for name in names for d in yaml.safe_load_all((ISTIO_DIR / name).read_text()) if d]
 
 
 def test_wasmplugin(tmp_path, upstream):
-    (plugin,) = istio_docs("wasmplugin.yaml")
+    (plugin,) = istio_docs("alternatives/wasmplugin.yaml")
     assert plugin["apiVersion"] == "extensions.istio.io/v1alpha1" and plugin["kind"] == "WasmPlugin"
     spec = plugin["spec"]
     assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
     assert spec["phase"] == "AUTHN"
     assert spec["failStrategy"] == "FAIL_CLOSE"
-    assert spec["url"].startswith("oci://") and "@sha256:" in spec["url"], "the image pinned by digest"
+    assert spec["url"].startswith("oci://"), spec["url"]
+    assert "@sha256:" in spec["url"] or spec.get("sha256"), "the image pinned by digest (in the url or in sha256)"
     # Istio hands pluginConfig to the filter as JSON: the real module must accept it.
     config = harness.bootstrap(spec["pluginConfig"], upstream.port, tmp_path / "a.log", harness.wasm_module())
     validated(config, tmp_path, "wasmplugin")
 
 
 def test_envoyfilter(tmp_path, upstream):
-    docs = {d["metadata"]["name"]: d for d in istio_docs("envoyfilter.yaml")}
+    docs = {d["metadata"]["name"]: d for d in istio_docs("envoyfilter-hardening.yaml", "alternatives/envoyfilter-static.yaml")}
     assert set(docs) == {"apitokens-hardening", "apitokens-filter"}
     for d in docs.values():
         assert d["apiVersion"] == "networking.istio.io/v1alpha3" and d["kind"] == "EnvoyFilter"

@@ -18,6 +18,8 @@ Modules:
   writes        the replica drills' writer and gateway load
   postgres      the private PostgreSQL of `make replicas` (scripts/postgres.sh)
   xds           a raw client's ECDS requests and responses (a stranger on the xDS port)
+  istio         the Istio objects of deploy/kubernetes/istio applied to a gateway's
+                configuration the way Istio applies them
 
 Every suite's pytest.ini puts tests/lib on the import path (`pythonpath =
 ../lib`); a script gets it from the environment (PYTHONPATH=tests/lib, as
