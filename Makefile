@@ -15,7 +15,7 @@ PG          := scripts/postgres.sh
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: requirements-lock postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size
+.PHONY: requirements-lock postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size images contract deploy
 
 help:
 	@echo "make run        control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle"
@@ -30,6 +30,9 @@ help:
 	@echo "make bench-scale configuration and revocation at 1k/100k/1M tokens, table in bench/results/scale.md"
 	@echo "make build      build the wasm module ($(WASM))"
 	@echo "make lint       cargo fmt --check and clippy -D warnings (host and wasm32)"
+	@echo "make contract   the OpenAPI document validated, then property-based calls (schemathesis) against a real control plane"
+	@echo "make deploy     the Kubernetes manifests against the Kubernetes schemas, the Containerfiles linted, the images built and their files run"
+	@echo "make images     container images (podman): ghcr.io/apitokens/control-plane and filter, archives in target/images"
 	@echo "make clean      remove build outputs and the virtualenv"
 
 toolchain:
@@ -63,7 +66,7 @@ requirements-lock:
 	/tmp/apitokens-pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links \
 	  -o tests/requirements.lock tests/requirements.txt
 
-test: lint unit wasm-test e2e cp-e2e security differential drills replicas ui
+test: lint unit wasm-test e2e cp-e2e contract deploy security differential drills replicas ui
 	@echo "make test: all suites passed"
 
 # The store's tests run on SQLite and on a private PostgreSQL server.
@@ -92,6 +95,21 @@ e2e: build venv
 # The control plane and Envoy on ECDS: the whole token lifecycle.
 cp-e2e: build cp-build venv
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/cp
+
+# The API contract: control-plane/openapi.json validated, and schemathesis
+# calls generated from it against a real control plane (owner, editor, viewer).
+contract: cp-build venv
+	APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/contract
+
+# deploy/: every Kubernetes manifest against the Kubernetes schemas (offline)
+# and the Deployment's own arguments run; the Containerfiles linted (hadolint),
+# both images built with podman (Debian's, installed if missing) from the
+# binaries already built (the debug control plane: a release build does not
+# fit in `make test`; `make images` makes the release ones), inspected, and
+# their files run under chroot (containers cannot run on these machines).
+deploy: build cp-build venv postgres
+	@scripts/images.sh install
+	$(PG) run -- env APITOKENS_REQUIRE_POSTGRES=1 ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) APITOKENS_WASM=$(WASM) $(PY) -m pytest -q tests/deploy
 
 lint: toolchain
 	$(CARGO) fmt --all -- --check
@@ -164,6 +182,13 @@ run: build cp-build venv
 # The filter alone: Envoy with envoy/envoy.yaml and three demo tokens.
 run-static: build venv
 	@scripts/run-static.sh
+
+# The container images from deploy/images (podman, installed from Debian if
+# missing), built from the release binaries: ghcr.io/apitokens/control-plane
+# and ghcr.io/apitokens/filter (also localhost/apitokens/...), archives in target/images.
+images: toolchain
+	@scripts/images.sh install
+	scripts/images.sh build
 
 size: build
 	@ls -l $(WASM)
