@@ -38,6 +38,12 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// A query string the call's parameters cannot be read from (a
+    /// parameter given twice): named, never quoted.
+    pub(crate) fn bad_query() -> Self {
+        Self::BadBody("the query string is not valid: give each parameter at most once".to_owned())
+    }
+
     pub(crate) fn denied(config: &Config, denial: Denial) -> Self {
         Self::Denied(config.replies().get(denial).map(|r| Box::new(r.clone())))
     }

@@ -215,9 +215,33 @@ async fn body(req: Request) -> Result<Bytes, AppError> {
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
-    // Never quote the input: it could be a secret pasted into the wrong field.
     serde_json::from_slice(bytes)
-        .map_err(|e| AppError::BadBody(format!("the request body {}", describe_json_error(&e))))
+        .map_err(|e| AppError::BadBody(format!("the request body {}", describe_body_error(&e))))
+}
+
+/// Never quote the input: it could be a secret pasted into the wrong field,
+/// or as a key (serde names an unknown field by the key the client sent, so
+/// only the fields expected are kept), and never name our types.
+fn describe_body_error(e: &serde_json::Error) -> String {
+    let described = describe_json_error(e);
+    let at = format!("(line {}, column {})", e.line(), e.column());
+    if described.starts_with("has unknown field") {
+        // serde: "unknown field `KEY`, expected one of `a`, `b`": the last
+        // ", expected " is serde's own (the list of our fields has none).
+        return match e
+            .to_string()
+            .split(" at line")
+            .next()
+            .and_then(|m| m.rsplit_once(", expected "))
+        {
+            Some((_, expected)) => format!("has an unknown field; expected {expected} {at}"),
+            None => format!("has an unknown field {at}"),
+        };
+    }
+    if described.contains("expected struct ") {
+        return format!("must be a JSON object {at}");
+    }
+    described
 }
 
 /// A JSON object body, required.

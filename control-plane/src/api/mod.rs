@@ -24,9 +24,10 @@ use crate::metrics::{Metrics, Operation, Outcome};
 use crate::push::acks::Tracker;
 use crate::tokens::Service;
 use axum::extract::{Request, State};
+use axum::handler::Handler;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,12 +67,12 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let item = format!("{collection}/{{item}}");
     let events = format!("{collection}:events");
     let mut router = Router::new()
-        .route("/healthz", get(status::healthz))
-        .route(OPENAPI_PATH, get(openapi));
+        .route("/healthz", read_only(status::healthz))
+        .route(OPENAPI_PATH, read_only(openapi));
     if with_status {
         router = router
-            .route("/status", get(status::status))
-            .route("/metrics", get(status::metrics));
+            .route("/status", read_only(status::status))
+            .route("/metrics", read_only(status::metrics));
     }
     router
         .route(
@@ -101,11 +102,20 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
 /// `/status` (every Envoy, replica and version) and `/healthz`.
 pub fn operator(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(status::healthz))
-        .route("/status", get(status::status))
-        .route("/metrics", get(status::metrics))
+        .route("/healthz", read_only(status::healthz))
+        .route("/status", read_only(status::status))
+        .route("/metrics", read_only(status::metrics))
         .fallback(|| async { AppError::UnknownPath })
         .with_state(state)
+}
+
+/// A GET endpoint whose other methods get the API's JSON 405 with `Allow`.
+fn read_only<H, T>(handler: H) -> MethodRouter<Arc<AppState>>
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    get(handler).fallback(|| async { AppError::MethodNotAllowed("GET") })
 }
 
 /// The OpenAPI document: public, like the API's shape it describes.

@@ -53,8 +53,9 @@ pub(crate) struct StatusQuery {
 /// acknowledged version N.
 pub(crate) async fn status(
     State(app): State<Arc<AppState>>,
-    Query(query): Query<StatusQuery>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, AppError> {
+    let Query(query) = query.map_err(|_| AppError::bad_query())?;
     let wanted = match query.version.as_deref().map(Version::parse_number) {
         None => None,
         Some(Some(v)) => Some(v),

@@ -304,8 +304,9 @@ pub(crate) struct EventsQuery {
 pub(crate) async fn events(
     State(app): State<Arc<AppState>>,
     owner: Owner,
-    Query(query): Query<EventsQuery>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
+    let Query(query) = query.map_err(|_| AppError::bad_query())?;
     let page_size = match query.page_size.as_deref().map(str::parse::<u32>) {
         None => 50,
         Some(Ok(n)) => n,
