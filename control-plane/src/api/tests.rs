@@ -474,7 +474,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
             COLLECTION.into(),
             Some("[]".into()),
             StatusCode::BAD_REQUEST,
-            "wrong type",
+            // Never a Rust type's name ("expected struct CreateBody").
+            "must be a JSON object",
         ),
         ("POST", COLLECTION.into(), None, StatusCode::BAD_REQUEST, "JSON object"),
         (
