@@ -41,6 +41,12 @@ def test_a_write_burst_is_throttled_per_namespace(plane):
         assert plane.api("GET", tokens_path(token=f"burst-{i}"), plane.owner).status == 404
     # Deletes count as writes too; reads do not.
     assert plane.api("DELETE", tokens_path(token="burst-0"), plane.owner).status == 429
+    # /metrics tells these refusals from the quota's.
+    metrics = plane.metrics()
+    assert metrics['apitokens_writes_total{operation="create",outcome="rate_limited"}'] == len(refused), metrics
+    assert metrics['apitokens_writes_total{operation="delete",outcome="rate_limited"}'] == 1
+    assert metrics['apitokens_writes_total{operation="create",outcome="ok"}'] == BURST
+    assert 'apitokens_writes_total{operation="create",outcome="quota_exceeded"}' not in metrics
     assert plane.api("GET", tokens_path(), plane.owner).status == 200
     # Another namespace writes on.
     assert create(plane.api_port, plane.other, "unaffected", "viewer", ns="other").status == 200

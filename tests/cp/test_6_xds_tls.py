@@ -141,6 +141,7 @@ def test_only_envoys_with_a_trusted_client_certificate_get_the_configuration(wor
         forged = [hashlib.sha256(unused.encode()).digest()]
         assert usage_report(plane.xds_port, d, "insider", forged) == "7"
         assert plane.status()["usageReports"]["refused"] >= 1
+        assert plane.metrics()["apitokens_usage_reports_refused_total"] >= 1
         time.sleep(1.5)  # more than a usage flush (--usage-flush-seconds 1)
         token = plane.api("GET", tokens_path(token="never-used"), owner).json()["apiToken"]
         assert "lastUseTime" not in token, token

@@ -140,6 +140,11 @@ def test_requests_do_not_wait_for_a_control_plane_that_is_down(plane):
     reports = plane.status()["usageReports"]
     assert reports["taken"] >= 1 and reports["digests"] == reports["taken"], reports
     assert reports["refused"] == 0, reports
+    # The same counts on /metrics (read after: reports may have come since).
+    metrics = plane.metrics()
+    assert metrics["apitokens_usage_reports_accepted_total"] >= reports["taken"]
+    assert metrics["apitokens_usage_report_digests_total"] >= reports["digests"]
+    assert metrics["apitokens_usage_reports_refused_total"] == 0
 
 
 

@@ -30,6 +30,9 @@ def test_status_shows_every_envoy_of_every_replica(replicas, envoys):
         assert [(r["name"], r["live"]) for r in st["replicas"]] == [(p.name, True) for p in replicas]
         assert [r["this"] for r in st["replicas"]] == [p is plane for p in replicas]
         versions.add(st["version"])
+        metrics = plane.metrics()
+        assert metrics['apitokens_replicas{state="live"}'] == len(replicas), metrics
+        assert metrics['apitokens_envoys{state="connected"}'] == len(envoys)
     assert len(versions) == 1, "the same content has the same version on every replica"
 
 

@@ -78,6 +78,11 @@ def test_a_frozen_database_answers_503_within_the_deadline(workdir, pg):
         r = create(plane.api_port, owner, "after-freeze", "viewer")
         assert r.status == 200, r
         assert "no answer from the database" in plane.log_text()
+        # Counted where an alert can see them, by operation.
+        metrics = plane.metrics()
+        timeouts = {k: v for k, v in metrics.items()
+                    if k.startswith("apitokens_store_errors_total{") and 'kind="timeout"' in k and v > 0}
+        assert timeouts.get('apitokens_store_errors_total{operation="list",kind="timeout"}', 0) >= 1, timeouts
     finally:
         plane.stop()
 

@@ -1,5 +1,6 @@
 """The real `apitokens serve` for end-to-end suites (tests/cp, tests/security,
-tests/drills): start, stop (also with SIGKILL), call its API, read /status,
+tests/drills): start, stop (also with SIGKILL), call its API, read /status
+and /metrics,
 and the shipped ECDS Envoy configuration (envoy/envoy-ecds.yaml) pointed at it.
 
 Everything listens on 127.0.0.1.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,6 +61,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+
+
+def samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus/OpenMetrics text: {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
 
 
 def tokens_path(ns: str = "default", token: str | None = None) -> str:
@@ -196,6 +211,19 @@ class ControlPlane:
     def status(self, version: int | None = None, wait: float = 0) -> dict:
         q = "" if version is None else f"?version={version}&waitSeconds={wait}"
         return request(self.api_port, "GET", "/status" + q, timeout=10 + wait).json()
+
+    def metrics_text(self) -> str:
+        """`GET /metrics`: the OpenMetrics text, checked for its type and end."""
+        r = request(self.api_port, "GET", "/metrics")
+        assert r.status == 200, r
+        assert r.headers["content-type"].startswith("application/openmetrics-text"), r.headers
+        text = r.body.decode()
+        assert text.endswith("# EOF\n"), text[-200:]
+        return text
+
+    def metrics(self) -> dict[str, float]:
+        """`GET /metrics` as {'name{labels}': value} (labels as the server wrote them)."""
+        return samples(self.metrics_text())
 
     def wait_applied(self, version: int, timeout: float = 10) -> dict:
         st = self.status(version, timeout)
