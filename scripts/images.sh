@@ -55,11 +55,11 @@ build_images() {
   tag=${tag:-$version}
   local target_dir=${CARGO_TARGET_DIR:-$repo/target}
   if [ -z "$cp_binary" ]; then
-    (cd "$repo" && $cargo build --release -p apitokens-control-plane)
+    (cd "$repo" && $cargo build --release --locked -p apitokens-control-plane)
     cp_binary=$target_dir/release/apitokens
   fi
   if [ -z "$wasm" ]; then
-    (cd "$repo" && $cargo build --release --target wasm32-wasip1 -p apitokens-filter)
+    (cd "$repo" && $cargo build --release --locked --target wasm32-wasip1 -p apitokens-filter)
     wasm=$target_dir/wasm32-wasip1/release/apitokens_filter.wasm
   fi
   [ -f "$wasm" ] || { echo "images.sh: $wasm: no such module" >&2; exit 1; }

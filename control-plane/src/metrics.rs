@@ -18,7 +18,7 @@ use crate::push::acks::{Lag, Tracker};
 use crate::push::server::PushCounters;
 use crate::store::StoreMetrics;
 use crate::tokens::Service;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -71,11 +71,34 @@ struct EnvoyState {
     state: &'static str,
 }
 
+/// An Envoy as `apitokens_envoy_acknowledged_revision` labels it: by node
+/// and replica, not by stream (a reconnect would be a new series).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EnvoyStream {
-    node: String,
-    stream: String,
-    replica: String,
+struct EnvoyNode {
+    node: Text,
+    replica: Text,
+}
+
+/// A label value someone else chose (an Envoy's node id is whatever its
+/// client sends): escaped as the text format requires, which
+/// `prometheus-client` leaves to the caller. Unescaped, a node id holding
+/// `"} 1\n` would forge samples or break every scrape.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Text(String);
+
+impl EncodeLabelValue for Text {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,7 +111,9 @@ pub struct Metrics {
     registry: Registry,
     writes: Family<WriteLabels, Counter>,
     envoys: Family<EnvoyState, Gauge>,
-    acknowledged: Family<EnvoyStream, Gauge>,
+    acknowledged: Family<EnvoyNode, Gauge>,
+    /// One scrape at a time: the state families are cleared and refilled.
+    scraping: std::sync::Mutex<()>,
     replicas: Family<ReplicaState, Gauge>,
     revision: Gauge,
     tokens: Gauge,
@@ -118,26 +143,6 @@ impl Metrics {
             w.apply_seconds.clone(),
         );
         registry.register(
-            "write_rollouts_incomplete",
-            "Writes that answered before every connected Envoy applied them (a NACK, a timeout, an unresponsive stream)",
-            w.incomplete.clone(),
-        );
-        registry.register(
-            "usage_reports_accepted",
-            "Usage reports taken from the filters",
-            w.usage_accepted.clone(),
-        );
-        registry.register(
-            "usage_report_digests",
-            "Token digests in the accepted usage reports",
-            w.usage_digests.clone(),
-        );
-        registry.register(
-            "usage_reports_refused",
-            "Usage reports refused: not from an identity allowed on the xDS port",
-            w.usage_refused.clone(),
-        );
-        registry.register(
             "store_call_seconds",
             "Store calls by operation, from the call to its answer or its deadline",
             store.seconds.clone(),
@@ -147,26 +152,39 @@ impl Metrics {
             "Store calls that failed, by operation and kind (timeout: no answer within --store-timeout-ms)",
             store.errors.clone(),
         );
-        registry.register(
-            "push_responses",
-            "ECDS responses sent to Envoys over gRPC",
-            push.responses.clone(),
-        );
-        registry.register(
-            "push_bytes",
-            "Bytes of ECDS responses sent to Envoys over gRPC (gRPC framing included)",
-            push.bytes.clone(),
-        );
+        let counters = [
+            (
+                "write_rollouts_incomplete",
+                "Writes that answered before every connected Envoy applied them (a NACK, a timeout, an unresponsive stream, a change not yet published)",
+                &w.incomplete,
+            ),
+            ("usage_reports_accepted", "Usage reports taken from the filters", &w.usage_accepted),
+            ("usage_report_digests", "Token digests in the accepted usage reports", &w.usage_digests),
+            (
+                "usage_reports_refused",
+                "Usage reports refused: not from an identity allowed on the xDS port",
+                &w.usage_refused,
+            ),
+            ("push_responses", "ECDS responses sent to Envoys over gRPC", &push.responses),
+            (
+                "push_bytes",
+                "Bytes of ECDS responses sent to Envoys over gRPC (gRPC framing included)",
+                &push.bytes,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         let envoys = Family::<EnvoyState, Gauge>::default();
         registry.register(
             "envoys",
             "Envoy streams by state for the published version: connected, applied, lagging (not applied yet or unresponsive), rejecting (NACKed it); with replicas, every live replica's streams",
             envoys.clone(),
         );
-        let acknowledged = Family::<EnvoyStream, Gauge>::default();
+        let acknowledged = Family::<EnvoyNode, Gauge>::default();
         registry.register(
             "envoy_acknowledged_revision",
-            "The store revision each connected Envoy stream acknowledged last (what it enforces)",
+            "The store revision each connected Envoy acknowledged last (what it enforces; the oldest of a node's streams)",
             acknowledged.clone(),
         );
         let replicas = Family::<ReplicaState, Gauge>::default();
@@ -192,6 +210,7 @@ impl Metrics {
             writes,
             envoys,
             acknowledged,
+            scraping: std::sync::Mutex::default(),
             replicas,
             revision,
             tokens,
@@ -205,17 +224,21 @@ impl Metrics {
 
     /// The text of a scrape: the states read now, the counters as they are.
     pub fn encode(&self, publisher: &Publisher, acks: &Tracker) -> String {
+        let _one = self.scraping.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = publisher.state();
         let current = &state.snapshot;
         self.revision.set(gauge(current.version.revision.0));
         self.tokens.set(gauge(current.tokens as u64));
         let rollout = acks.rollout(current.version);
-        let rejecting = rollout
-            .lagging
-            .iter()
-            .filter(|l| matches!(l.lag, Lag::Rejected(_)))
-            .count();
-        let lagging = rollout.lagging.len() - rejecting;
+        // Envoy streams only: the ECDS file's failed writes are not an Envoy.
+        let (mut lagging, mut rejecting) = (0, 0);
+        for l in &rollout.lagging {
+            match l.lag {
+                Lag::Rejected(_) => rejecting += 1,
+                Lag::WriteFailed(_) => {}
+                Lag::Pending | Lag::Held(_) | Lag::Unresponsive(_) => lagging += 1,
+            }
+        }
         for (name, n) in [
             ("connected", rollout.envoys),
             ("applied", rollout.applied),
@@ -226,8 +249,10 @@ impl Metrics {
                 .get_or_create(&EnvoyState { state: name })
                 .set(gauge(n as u64));
         }
-        // Streams come and go: the family holds the connected ones only.
+        // Streams come and go: the family holds the connected ones only,
+        // the oldest revision of each node's streams.
         self.acknowledged.clear();
+        let mut oldest = std::collections::BTreeMap::<(String, String), u64>::new();
         for envoy in acks.envoys().into_iter().filter(|e| e.connected) {
             let Some(revision) = envoy
                 .acked_version
@@ -237,10 +262,15 @@ impl Metrics {
             else {
                 continue;
             };
-            let labels = EnvoyStream {
-                node: envoy.node,
-                stream: envoy.stream.to_string(),
-                replica: envoy.replica.unwrap_or_default(),
+            let at = oldest
+                .entry((envoy.node, envoy.replica.unwrap_or_default()))
+                .or_insert(revision);
+            *at = (*at).min(revision);
+        }
+        for ((node, replica), revision) in oldest {
+            let labels = EnvoyNode {
+                node: Text(node),
+                replica: Text(replica),
             };
             self.acknowledged.get_or_create(&labels).set(gauge(revision));
         }
@@ -285,5 +315,33 @@ impl Default for ServiceMetrics {
             usage_digests: Counter::default(),
             usage_refused: Counter::default(),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_value_someone_else_chose_cannot_forge_samples() {
+        let family = Family::<EnvoyNode, Gauge>::default();
+        let mut registry = Registry::default();
+        registry.register("acked", "test", family.clone());
+        let hostile = "x\"} 1\napitokens_published_revision 0\n# \\";
+        family
+            .get_or_create(&EnvoyNode {
+                node: Text(hostile.to_owned()),
+                replica: Text(String::new()),
+            })
+            .set(7);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [r#"acked{node="x\"} 1\napitokens_published_revision 0\n# \\",replica=""} 7"#],
+            "{text}"
+        );
     }
 }

@@ -61,10 +61,6 @@ def pytest_terminal_summary(terminalreporter):
             by_op.setdefault(op, []).append(f"{status}x{n}")
         for op, counts in by_op.items():
             terminalreporter.write_line(f"{op}: {' '.join(counts)}")
-    if oas.MET:
-        terminalreporter.section("known server bugs met by the generated calls (oas.KNOWN_BUGS)")
-        for name, n in oas.MET.items():
-            terminalreporter.write_line(f"{name}: {n} answers")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ Schema 2020-12 with formats: `date-time` is RFC 3339). Its messages go
 through `redact`: no secret this run knows of, nothing shaped like an `apt_`
 secret.
 
-`KNOWN_BUGS` are the server bugs this suite found (see there).
 """
 
 from __future__ import annotations
@@ -29,17 +28,6 @@ DOCUMENT = REPO / "control-plane" / "openapi.json"
 URI = "urn:apitokens:openapi"
 # What a secret looks like (README "Secrets"): never in an error body.
 SECRET_SHAPE = re.compile(rb"apt_[0-9A-Za-z]{38}")
-
-# Documented operations a binary built before they were added does not
-# serve yet: skipped, not failed, while the binary lacks them (test_1's
-# source scan still requires their route once it is in the source).
-PENDING: set[tuple[str, str]] = set()
-
-
-def is_fallback(status: int, body: bytes) -> bool:
-    """The router's answer to a path it has no route for."""
-    return status == 404 and b"not found: the API is" in body
-
 
 def load() -> dict:
     return json.loads(DOCUMENT.read_text())
@@ -139,21 +127,7 @@ def check(doc: Document, template: str, method: str, status: int, headers: dict[
     return instance
 
 
-# Server bugs this suite finds, each pinned by a strict xfail in
-# test_3_answers.py until fixed (then delete the entry here and the marker
-# there). The generated calls (test_2) meet them too: an answer matching one
-# is counted, not checked against the document. Both bugs it found first (a
-# repeated query parameter answered by axum's text/plain 400; an unknown
-# body field named verbatim in the 400) are fixed and tested in test_3.
-KNOWN_BUGS: dict = {}
-MET: dict[str, int] = {}
 # (operation, status) -> answers, of the generated calls (printed at the end).
 SEEN: dict[tuple[str, int], int] = {}
 
 
-def known_bug(status: int, headers: dict[str, str], body: bytes) -> str | None:
-    for name, matches in KNOWN_BUGS.items():
-        if matches(status, {k.lower(): v for k, v in headers.items()}, body):
-            MET[name] = MET.get(name, 0) + 1
-            return name
-    return None

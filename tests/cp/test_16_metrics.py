@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from testkit.clients import request
-from testkit.controlplane import SAMPLE, create, samples, tokens_path, version_of
+from testkit.controlplane import create, samples, series, tokens_path, version_of
 from testkit.harness import poll
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "apitokens.json"
@@ -92,10 +92,8 @@ def known(text: str) -> tuple[set[str], dict[str, set[str]]]:
         if kind == "histogram":
             names |= {base + "_bucket", base + "_count", base + "_sum"}
     labels: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            labels.setdefault(m.group(1), set()).update(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)=\"", m.group(2) or ""))
+    for name, _, seen, _ in series(text):
+        labels.setdefault(name, set()).update(seen)
     return names, labels
 
 

@@ -130,7 +130,9 @@ def test_a_restored_backup_brings_no_revoked_token_back(stale_setup, workdir):
     assert "Started epoch" in out.stderr and "revoke them again" in out.stderr, out.stderr
     poll(lambda: cp.status()["behind"] is None, 10, "the store accepted")
     until_status(envoy, APP, victim, 200, timeout=10)
-    held = cp.envoy_status(envoy.node)
+    # The workers enforce the new epoch a moment before its ACK reaches the
+    # control plane.
+    held = poll(lambda: (st := cp.envoy_status(envoy.node)).get("ackedEpoch") and st, 5, "the new epoch's ACK")
     assert not held.get("held") and held["ackedEpoch"] != held["initialVersion"].split(".")[0], held
     r = cp.api("DELETE", tokens_path(token="victim"), owner)
     assert r.status == 200 and r.headers["x-apitokens-applied"] == "true", r

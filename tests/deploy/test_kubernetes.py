@@ -548,8 +548,10 @@ def test_the_network_policy(base, pod, container, istio):
     assert set(allowed) == {p["containerPort"] for p in container["ports"]}, "a port nobody may reach, or a stray one"
     for name in ("xds", "api"):
         (peer,) = allowed[container_port(container, name)]
-        # The gateways (the EnvoyFilters' workload), in any namespace.
-        assert peer == {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(gw)}}, peer
+        # The gateways (the EnvoyFilters' workload), in their namespace only:
+        # anyone may label a pod `istio: ingressgateway` in a namespace of theirs.
+        assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}},
+                        "podSelector": {"matchLabels": dict(gw)}}, peer
     (peer,) = allowed[container_port(container, "status")]
     assert set(peer) == {"namespaceSelector"} and peer["namespaceSelector"]["matchLabels"], \
         "status and metrics from the monitoring namespace only"

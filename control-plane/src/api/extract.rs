@@ -228,12 +228,10 @@ fn describe_body_error(e: &serde_json::Error) -> String {
     if described.starts_with("has unknown field") {
         // serde: "unknown field `KEY`, expected one of `a`, `b`": the last
         // ", expected " is serde's own (the list of our fields has none).
-        return match e
-            .to_string()
-            .split(" at line")
-            .next()
-            .and_then(|m| m.rsplit_once(", expected "))
-        {
+        // The position serde appends is the last " at line ".
+        let text = e.to_string();
+        let message = text.rsplit_once(" at line ").map_or(text.as_str(), |(m, _)| m);
+        return match message.rsplit_once(", expected ") {
             Some((_, expected)) => format!("has an unknown field; expected {expected} {at}"),
             None => format!("has an unknown field {at}"),
         };

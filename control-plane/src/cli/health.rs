@@ -26,14 +26,28 @@ pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
     tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
-    let mut head = [0u8; 64];
-    let n = tcp.read(&mut head).map_err(|e| format!("{url}: {e}"))?;
-    let line = String::from_utf8_lossy(head.get(..n).unwrap_or_default()).into_owned();
-    let status = line.split(' ').nth(1).unwrap_or("");
-    if status == "200" {
+    // The status line, however the server's bytes arrive.
+    let mut head = Vec::with_capacity(64);
+    let mut chunk = [0u8; 64];
+    while head.len() < 256 && !head.windows(2).any(|w| w == b"\r\n") {
+        match tcp.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e) => return Err(format!("{url}: {e}")),
+        }
+    }
+    // A TLS record (an alert, 0x15) answers plain HTTP on a --tls-cert port.
+    if head.first() == Some(&0x15) {
+        return Err(format!(
+            "{url}: the server speaks TLS there (--tls-cert): check it with an HTTPS probe"
+        ));
+    }
+    let line = String::from_utf8_lossy(&head).into_owned();
+    let line = line.lines().next().unwrap_or("nothing");
+    if line.split(' ').nth(1) == Some("200") {
         Ok(())
     } else {
-        Err(format!("{url}: answered {}", line.lines().next().unwrap_or("nothing")))
+        Err(format!("{url}: answered {line}"))
     }
 }
 
@@ -43,27 +57,44 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn server(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    /// A server answering one request with `pieces`, written apart.
+    fn server(pieces: &'static [&'static str]) -> (String, std::thread::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/healthz", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut buf = [0u8; 512];
             let n = conn.read(&mut buf).unwrap();
-            conn.write_all(answer.as_bytes()).unwrap();
+            for piece in pieces {
+                conn.write_all(piece.as_bytes()).unwrap();
+                conn.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
             String::from_utf8_lossy(&buf[..n]).into_owned()
         });
         (url, handle)
     }
 
     #[test]
+    fn a_status_line_in_pieces_is_read_whole() {
+        let (url, h) = server(&["HTTP/1.", "1 200 OK\r\ncontent-length: 0\r\n\r\n"]);
+        check(&url, Duration::from_secs(2)).unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
     fn a_200_is_healthy_anything_else_is_not() {
-        let (url, h) = server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        let (url, h) = server(&["HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]);
         check(&url, Duration::from_secs(2)).unwrap();
         assert!(h.join().unwrap().starts_with("GET /healthz HTTP/1.1\r\n"));
-        let (url, h) = server("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n");
+        let (url, h) = server(&["HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"]);
         let err = check(&url, Duration::from_secs(2)).unwrap_err();
         assert!(err.contains("503"), "{err}");
+        h.join().unwrap();
+        // A TLS port answers plain HTTP with an alert record.
+        let (url, h) = server(&["\u{15}\u{3}\u{3}\u{0}\u{2}\u{2}\u{32}"]);
+        let err = check(&url, Duration::from_secs(2)).unwrap_err();
+        assert!(err.contains("speaks TLS"), "{err}");
         h.join().unwrap();
         assert!(check("https://127.0.0.1:1/healthz", Duration::from_secs(1)).is_err());
         // Nobody listening.

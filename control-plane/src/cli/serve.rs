@@ -29,10 +29,10 @@ pub(super) struct ServeArgs {
     store: StoreArgs,
     #[command(flatten)]
     config: ConfigArgs,
-    /// Address of the REST API, the console, /healthz and (without --status-listen) /status
+    /// Address of the REST API, the console, /healthz and (without --status-listen) /status and /metrics
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     listen: SocketAddr,
-    /// Serve /status and /healthz on this address of their own (an operators' network), and /status no longer on --listen
+    /// Serve /status, /metrics and /healthz on this address of their own (an operators' network), and /status and /metrics no longer on --listen
     #[arg(long, value_name = "ADDR")]
     status_listen: Option<SocketAddr>,
     /// Certificate chain (PEM) for HTTPS on --listen and --status-listen

@@ -145,8 +145,10 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
         (Event::Connected { node, cluster, version }, _) => {
             let id = acks.connected(node, cluster, peer, version);
             tracing::info!(
-                node = %node,
-                cluster = %cluster,
+                // Debug-escaped: the client chose them (a newline would
+                // forge a log line in the text format).
+                node = ?node,
+                cluster = ?cluster,
                 peer,
                 stream = id.0,
                 "xds: envoy {node:?} (cluster {cluster:?}, {peer}) connected as stream {}, has version {version:?}",

@@ -655,6 +655,7 @@ impl Service {
                 tracing::warn!(
                     "revision {revision} is committed but not published yet (it will be at the next catch-up): {e}"
                 );
+                self.metrics.incomplete.inc();
                 return Ok(Delivery::NotPublished { reason: e.to_string() });
             }
         };

@@ -63,17 +63,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+# A sample line: its name, its labels (quoted values may hold `}` and escaped
+# quotes) and its value.
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
-def samples(text: str) -> dict[str, float]:
-    """The samples of a Prometheus/OpenMetrics text: {'name{labels}': value}."""
-    out = {}
+def series(text: str) -> list[tuple[str, str, dict[str, str], float]]:
+    """The samples of a Prometheus/OpenMetrics text: (name, labels as written,
+    labels, value)."""
+    out = []
     for line in text.splitlines():
         m = SAMPLE.match(line)
         if m and not line.startswith("#"):
-            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+            written = m.group(2) or ""
+            out.append((m.group(1), written, dict(LABEL.findall(written)), float(m.group(3))))
     return out
+
+
+def samples(text: str) -> dict[str, float]:
+    """The samples as {'name{labels}': value} (labels as the server wrote them)."""
+    return {name + written: value for name, written, _, value in series(text)}
 
 
 def tokens_path(ns: str = "default", token: str | None = None) -> str:
