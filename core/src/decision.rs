@@ -4,7 +4,7 @@
 use crate::bearer::{self, BearerError};
 use crate::config::Config;
 use crate::rules::{PathSegments, Scope};
-use crate::table::{Digest, Token};
+use crate::table::{Digest, Overlay, Token};
 use crate::timestamp::Timestamp;
 
 /// Why a request is refused.
@@ -32,10 +32,14 @@ pub enum Denial {
     RoleDenied,
     /// The host failed us (e.g. a header could not be set): fail closed.
     Internal,
+    /// This VM's table may be older than one another VM of this Envoy
+    /// enforces, and its delta stream has not caught up yet: a token
+    /// revoked since could pass. Refused until it has (fail closed).
+    CatchingUp,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 10] = [
+    pub const ALL: [Denial; 11] = [
         Denial::Missing,
         Denial::NotBearer,
         Denial::Malformed,
@@ -46,6 +50,7 @@ impl Denial {
         Denial::NamespaceDenied,
         Denial::RoleDenied,
         Denial::Internal,
+        Denial::CatchingUp,
     ];
 
     pub const fn index(self) -> usize {
@@ -66,6 +71,7 @@ impl Denial {
             Self::NamespaceDenied => "namespace_denied",
             Self::RoleDenied => "role_denied",
             Self::Internal => "internal_error",
+            Self::CatchingUp => "catching_up",
         }
     }
 
@@ -81,6 +87,7 @@ impl Denial {
             Self::NamespaceDenied => "apitokens_namespace_denied",
             Self::RoleDenied => "apitokens_role_denied",
             Self::Internal => "apitokens_internal_error",
+            Self::CatchingUp => "apitokens_catching_up",
         }
     }
 
@@ -95,6 +102,7 @@ impl Denial {
             Self::NamespaceDenied => Counter::NamespaceDenied,
             Self::RoleDenied => Counter::RoleDenied,
             Self::Internal => Counter::InternalError,
+            Self::CatchingUp => Counter::CatchingUp,
         }
     }
 }
@@ -113,10 +121,11 @@ pub enum Counter {
     NamespaceDenied,
     RoleDenied,
     InternalError,
+    CatchingUp,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Allowed,
         Counter::AllowedPreviousSecret,
         Counter::Missing,
@@ -126,6 +135,7 @@ impl Counter {
         Counter::NamespaceDenied,
         Counter::RoleDenied,
         Counter::InternalError,
+        Counter::CatchingUp,
     ];
 
     pub const fn index(self) -> usize {
@@ -144,6 +154,7 @@ impl Counter {
             Self::NamespaceDenied => "apitokens.namespace_denied",
             Self::RoleDenied => "apitokens.role_denied",
             Self::InternalError => "apitokens.internal_error",
+            Self::CatchingUp => "apitokens.catching_up",
         }
     }
 }
@@ -171,11 +182,12 @@ pub enum ForwardAuthorization {
 impl Config {
     /// Finds the token for an Authorization value. `now` is asked only when the
     /// token has an expiry; if the clock is unavailable the token is refused.
-    pub fn authenticate(
-        &self,
+    pub fn authenticate<'c>(
+        &'c self,
+        overlay: Option<&'c Overlay>,
         authorization: Option<&[u8]>,
         now: impl FnOnce() -> Option<Timestamp>,
-    ) -> Result<Token<'_>, (Denial, Option<Token<'_>>)> {
+    ) -> Result<Token<'c>, (Denial, Option<Token<'c>>)> {
         let value = authorization.ok_or((Denial::Missing, None))?;
         let secret = bearer::parse(value).map_err(|e| {
             let denial = match e {
@@ -187,7 +199,11 @@ impl Config {
             (denial, None)
         })?;
         let digest = Digest::of(secret);
-        let token = self.tokens.get(&digest).ok_or((Denial::Unknown, None))?;
+        let token = match overlay {
+            Some(overlay) => overlay.get(&self.tokens, &digest),
+            None => self.tokens.get(&digest),
+        }
+        .ok_or((Denial::Unknown, None))?;
         if token.expire().is_some() && now().map_or(true, |now| token.is_expired(now)) {
             return Err((Denial::Expired, Some(token)));
         }

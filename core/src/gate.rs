@@ -13,7 +13,7 @@ use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
 use crate::reply::Reply;
-use crate::table::Token;
+use crate::table::{Overlay, Token};
 use crate::timestamp::Timestamp;
 use std::fmt;
 
@@ -77,6 +77,12 @@ pub trait Host {
     /// use. Must be cheap, it runs on every request.
     fn used(&mut self, token: Token<'_>);
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>);
+    /// Whether this VM's table may be behind what its Envoy already enforces
+    /// elsewhere (see [`Denial::CatchingUp`]). Asked once per request: an
+    /// implementation answers from its own state whenever it can.
+    fn catching_up(&mut self) -> bool {
+        false
+    }
 }
 
 /// Whether the request goes on upstream.
@@ -96,13 +102,18 @@ const OVERRIDE_HEADERS: [&str; 5] = [
     URL_OVERRIDE_HEADERS[1],
 ];
 
-/// Decides one request and applies the decision through the host.
-pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
+/// Decides one request and applies the decision through the host: the
+/// token is looked up in `overlay` (the delta channel's changes), if any,
+/// over the configuration's table.
+pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Option<&Overlay>) -> Verdict {
     let headers = match host.request_headers() {
         Ok(headers) => headers,
         Err(HostError) => return deny(host, config, None, Denial::Internal, None),
     };
-    match check(host, config, &headers) {
+    if host.catching_up() {
+        return deny(host, config, Some(&headers), Denial::CatchingUp, None);
+    }
+    match check(host, config, overlay, &headers) {
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
                 host.count(if token.is_previous() {
@@ -120,7 +131,12 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config) -> Verdict {
 
 type Checked<'c> = Result<(Token<'c>, Grant), (Denial, Option<Token<'c>>)>;
 
-fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) -> Checked<'c> {
+fn check<'c, H: Host>(
+    host: &mut H,
+    config: &'c Config,
+    overlay: Option<&'c Overlay>,
+    headers: &H::Headers,
+) -> Checked<'c> {
     // Override headers are rare: one pass tells whether to look closer.
     let overridden = headers.any(&OVERRIDE_HEADERS);
     if overridden && config.url_overrides() == UrlOverrides::Reject && headers.any(&URL_OVERRIDE_HEADERS) {
@@ -131,7 +147,7 @@ fn check<'c, H: Host>(host: &mut H, config: &'c Config, headers: &H::Headers) ->
         HeaderValue::One(value) => Some(value),
         HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
     };
-    let token = config.authenticate(authorization, || host.now())?;
+    let token = config.authenticate(overlay, authorization, || host.now())?;
     host.used(token);
     let one = |name| match headers.get(name) {
         HeaderValue::One(value) => value,

@@ -7,6 +7,7 @@ pub mod bearer;
 pub mod compact;
 pub mod config;
 pub mod decision;
+pub mod delta;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;

@@ -61,9 +61,16 @@ fn reply(denial: Denial, realm: &str) -> Reply {
             "The token's role does not permit this request.",
         ),
         Denial::Internal => (500, None, "The request could not be authorized."),
+        Denial::CatchingUp => (
+            503,
+            None,
+            "The gateway is applying recent token changes; retry in a moment.",
+        ),
     };
     let mut headers: Vec<(&'static str, Box<str>)> = vec![("content-type", "application/json".into())];
-    if status != 500 {
+    if status == 503 {
+        headers.push(("retry-after", "1".into()));
+    } else if status != 500 {
         let challenge = match error {
             Some(error) => format!("Bearer realm=\"{realm}\", error=\"{error}\""),
             None => format!("Bearer realm=\"{realm}\""),

@@ -12,7 +12,7 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn authn(config: &Config, value: &[u8]) -> Result<String, Denial> {
     config
-        .authenticate(Some(value), || Some(at("2026-06-01T00:00:00Z")))
+        .authenticate(None, Some(value), || Some(at("2026-06-01T00:00:00Z")))
         .map(|t| t.name().to_owned())
         .map_err(|(d, _)| d)
 }
@@ -71,7 +71,7 @@ fn authorization_values_map_to_the_documented_denials() {
         assert_eq!(authn(&config, value), Err(*want), "{}", String::from_utf8_lossy(value));
     }
     assert_eq!(
-        config.authenticate(None, no_clock).map_err(|(d, _)| d),
+        config.authenticate(None, None, no_clock).map_err(|(d, _)| d),
         Err(Denial::Missing)
     );
 }
@@ -113,7 +113,7 @@ fn expiry_is_inclusive_to_the_nanosecond() {
     let expire = at(EXPIRE_TIME);
     let check = |now: Timestamp| {
         config
-            .authenticate(Some(&auth), || Some(now))
+            .authenticate(None, Some(&auth), || Some(now))
             .map(|_| ())
             .map_err(|(d, _)| d)
     };
@@ -132,7 +132,7 @@ fn expiry_is_inclusive_to_the_nanosecond() {
 fn an_expired_token_is_named_in_the_denial() {
     let config = fixture();
     let auth = bearer(EXPIRING);
-    match config.authenticate(Some(&auth), || Some(at("2030-01-01T00:00:00Z"))) {
+    match config.authenticate(None, Some(&auth), || Some(at("2030-01-01T00:00:00Z"))) {
         Err((Denial::Expired, Some(token))) => assert_eq!(token.name(), "namespaces/default/apitokens/expiring"),
         other => panic!("{other:?}"),
     }
@@ -144,7 +144,7 @@ fn an_unreadable_clock_fails_closed() {
     let auth = bearer(EXPIRING);
     assert_eq!(
         config
-            .authenticate(Some(&auth), || None)
+            .authenticate(None, Some(&auth), || None)
             .map(|_| ())
             .map_err(|(d, _)| d),
         Err(Denial::Expired)
@@ -155,7 +155,7 @@ fn an_unreadable_clock_fails_closed() {
 fn tokens_without_expiry_never_read_the_clock() {
     let config = fixture();
     let auth = bearer(OWNER);
-    assert!(config.authenticate(Some(&auth), no_clock).is_ok());
+    assert!(config.authenticate(None, Some(&auth), no_clock).is_ok());
 }
 
 #[test]

@@ -14,7 +14,7 @@ use common::*;
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn run(config: &Config, host: &mut Recorder) -> Verdict {
-    gate::on_request_headers(host, config)
+    gate::on_request_headers(host, config, None)
 }
 
 fn reply_header<'r>(reply: &'r Reply, name: &str) -> Option<&'r str> {

@@ -203,7 +203,7 @@ fn every_row_for_every_role() {
     for (method, path, expected) in TABLE {
         for (role, want) in expected.iter().enumerate() {
             let auth = bearer(secret(role));
-            let token = config.authenticate(Some(&auth), no_clock).unwrap();
+            let token = config.authenticate(None, Some(&auth), no_clock).unwrap();
             let got = match config.authorize(token, method.as_bytes(), path.as_bytes()) {
                 Ok(_) => A,
                 Err(Denial::RoleDenied) => R,
@@ -230,7 +230,7 @@ fn every_row_for_every_role() {
 fn token_of_another_namespace_is_denied_ours_and_allowed_its_own() {
     let config = fixture();
     let auth = bearer(OTHER_OWNER);
-    let token = config.authenticate(Some(&auth), no_clock).unwrap();
+    let token = config.authenticate(None, Some(&auth), no_clock).unwrap();
     assert_eq!(
         config
             .authorize(token, b"GET", b"/api/v1/namespaces/default/deployments")
@@ -255,7 +255,7 @@ fn custom_rules_replace_the_builtin_table() {
     let config = apitokens_core::Config::from_json(fixture_json(rules).as_bytes()).unwrap();
     let check = |secret: &str, method: &str, path: &str| {
         let auth = bearer(secret);
-        let token = config.authenticate(Some(&auth), no_clock).unwrap();
+        let token = config.authenticate(None, Some(&auth), no_clock).unwrap();
         config.authorize(token, method.as_bytes(), path.as_bytes()).map(drop)
     };
     assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices"), Ok(()));
@@ -289,7 +289,7 @@ fn get_means_list_on_collections_and_get_on_items() {
     let config = apitokens_core::Config::from_json(fixture_json(rules).as_bytes()).unwrap();
     let check = |secret: &str, path: &str| {
         let auth = bearer(secret);
-        let token = config.authenticate(Some(&auth), no_clock).unwrap();
+        let token = config.authenticate(None, Some(&auth), no_clock).unwrap();
         config.authorize(token, b"GET", path.as_bytes()).is_ok()
     };
     assert!(check(VIEWER, "/v1/default/orders"));

@@ -117,7 +117,7 @@ fn compact_encoding_decides_like_json() {
             // The whole per-request flow, as the filter runs it.
             let run = |config: &Config| {
                 let mut host = Recorder::request(method, path, Some(&auth));
-                let verdict = gate::on_request_headers(&mut host, config);
+                let verdict = gate::on_request_headers(&mut host, config, None);
                 (
                     verdict,
                     host.reply.map(|(denial, _)| denial),

@@ -49,7 +49,8 @@ pub enum Change<'a> {
 }
 
 impl<'a> Change<'a> {
-    fn name(&self) -> &'a str {
+    /// The token's name.
+    pub fn name(&self) -> &'a str {
         match self {
             Change::Put(token) => token.current.name,
             Change::Remove(name) => name,

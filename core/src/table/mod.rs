@@ -36,7 +36,9 @@ use sha2::Digest as _;
 use std::sync::Arc;
 
 mod edit;
+mod overlay;
 pub use edit::{Change, EditStats, LiveTable, TokenEntries};
+pub use overlay::Overlay;
 
 /// A SHA-256 digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -171,7 +173,7 @@ fn i64_at(buf: &[u8], at: usize) -> Option<i64> {
     Some(i64::from_le_bytes(buf.get(at..at.checked_add(8)?)?.try_into().ok()?))
 }
 
-fn role_code(role: Role) -> u8 {
+pub(crate) fn role_code(role: Role) -> u8 {
     match role {
         Role::Viewer => 0,
         Role::Editor => 1,
@@ -179,7 +181,7 @@ fn role_code(role: Role) -> u8 {
     }
 }
 
-fn role_of(code: u8) -> Option<Role> {
+pub(crate) fn role_of(code: u8) -> Option<Role> {
     match code {
         0 => Some(Role::Viewer),
         1 => Some(Role::Editor),
