@@ -147,7 +147,7 @@ fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<Token<'c>
         }
     }
     config
-        .authenticate(value, || Some(crate::clock::now()))
+        .authenticate(None, value, || Some(crate::clock::now()))
         .map_err(|(denial, _)| denial)
 }
 
