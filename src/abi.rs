@@ -10,6 +10,7 @@ const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 const METRIC_COUNTER: u32 = 0;
 
@@ -103,6 +104,19 @@ extern "C" {
         timeout_milliseconds: u32,
         return_callout_id: *mut u32,
     ) -> u32;
+    fn proxy_grpc_stream(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_name_data: *const u8,
+        service_name_size: usize,
+        method_name_data: *const u8,
+        method_name_size: usize,
+        initial_metadata_data: *const u8,
+        initial_metadata_size: usize,
+        return_stream_id: *mut u32,
+    ) -> u32;
+    fn proxy_grpc_send(token: u32, message_data: *const u8, message_size: usize, end_stream: u32) -> u32;
+    fn proxy_grpc_cancel(token: u32) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Failed> {
@@ -284,6 +298,54 @@ pub fn grpc_call(
         )
     })?;
     Ok(token)
+}
+
+/// Opens a gRPC stream to `upstream` (a serialized `GrpcService`), owned by
+/// the calling root context: messages come to `proxy_on_grpc_receive`, the
+/// end to `proxy_on_grpc_close`, with the returned token. Envoy resets it
+/// when that root context goes.
+pub fn grpc_stream(upstream: &[u8], service: &str, method: &str, metadata: &[u8]) -> Result<u32, Failed> {
+    let mut token = 0u32;
+    // SAFETY: every pointer describes a live slice; the host writes one u32.
+    check(unsafe {
+        proxy_grpc_stream(
+            upstream.as_ptr(),
+            upstream.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+/// Sends a message on a stream the calling root context owns (an error, not
+/// a trap, if the stream is gone).
+pub fn grpc_send(token: u32, message: &[u8]) -> Result<(), Failed> {
+    // SAFETY: the message is a live slice.
+    check(unsafe { proxy_grpc_send(token, message.as_ptr(), message.len(), 0) })
+}
+
+pub fn grpc_cancel(token: u32) -> Result<(), Failed> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_grpc_cancel(token) })
+}
+
+/// The message `proxy_on_grpc_receive` announced (`size` bytes).
+pub fn grpc_message(size: usize) -> Result<Vec<u8>, Failed> {
+    let mut data = null_mut();
+    let mut len = 0usize;
+    // SAFETY: out-pointers are valid; the host allocates the returned buffer.
+    let status = unsafe { proxy_get_buffer_bytes(BUFFER_GRPC_RECEIVE, 0, size, &mut data, &mut len) };
+    match status {
+        OK => Ok(unsafe { host_buffer(data, len) }),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(Failed(other)),
+    }
 }
 
 /// A value of the shared data every VM of this `vm_id` in the Envoy process

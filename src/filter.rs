@@ -30,16 +30,18 @@
 //! requests then keep their newer table all the same.
 
 use crate::abi::{self, Level};
+use crate::delta::{self, Channel};
+use crate::floor::{self, Kind};
 use crate::pairs::{self, Pairs};
 use crate::usage;
 use apitokens_core::compact::{Arrival, Stamp};
 use apitokens_core::decision::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
-use apitokens_core::table::Token;
+use apitokens_core::table::{Overlay, Token};
 use apitokens_core::usage::Marks;
 use apitokens_core::{compact, Config, Timestamp};
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -59,10 +61,13 @@ struct Active {
     lineage: Vec<u8>,
     /// Set only when the configuration asks for usage reports.
     marks: Option<RefCell<Marks>>,
+    /// The delta channel's changes since this table (compact
+    /// configurations reporting to a control plane).
+    channel: Option<Rc<Channel>>,
 }
 
 impl Active {
-    fn new(config: Config, lineage: &[u8]) -> Self {
+    fn new(config: Config, lineage: &[u8], channel: Option<Rc<Channel>>) -> Self {
         let reply_headers = Denial::ALL
             .iter()
             .map(|d| match config.replies().get(*d) {
@@ -81,6 +86,7 @@ impl Active {
             reply_headers,
             lineage: lineage.to_vec(),
             marks,
+            channel,
         }
     }
 
@@ -92,6 +98,9 @@ impl Active {
         let mut digests = Vec::new();
         if let Ok(mut marks) = marks.try_borrow_mut() {
             marks.drain(self.config.tokens(), &mut digests);
+        }
+        if let Some(channel) = &self.channel {
+            channel.drain_used(&mut digests);
         }
         usage::queue((report.cluster.clone(), self.lineage.clone()), digests);
     }
@@ -198,7 +207,7 @@ fn vm_memory_kib() -> usize {
 }
 
 fn deny_all() -> Rc<Active> {
-    Rc::new(Active::new(Config::deny_all(), &[]))
+    Rc::new(Active::new(Config::deny_all(), &[], None))
 }
 
 /// What a compact configuration supersedes: earlier compact configurations
@@ -213,37 +222,6 @@ fn lineage(head: &[u8]) -> Option<Vec<u8>> {
     key.push(0);
     key.extend_from_slice(compact::lineage(head).unwrap_or_default());
     Some(key)
-}
-
-/// The shared data key of a lineage's floor: the newest stamp any VM of
-/// this Envoy applied (per plugin name and lineage).
-fn floor_key(lineage: &[u8]) -> String {
-    let mut key = String::with_capacity(16 + 2 * lineage.len());
-    key.push_str("apitokens.floor.");
-    for b in lineage {
-        let _ = write!(key, "{b:02x}");
-    }
-    key
-}
-
-fn floor(lineage: &[u8]) -> Option<Stamp> {
-    let (value, _) = abi::shared_data(&floor_key(lineage)).ok()??;
-    Stamp::from_bytes(&value)
-}
-
-/// Raises the floor to `stamp` (never lowers it; CAS against other VMs).
-fn raise_floor(lineage: &[u8], stamp: Stamp) {
-    let key = floor_key(lineage);
-    for _ in 0..8 {
-        let (current, cas) = match abi::shared_data(&key) {
-            Ok(Some((value, cas))) => (Stamp::from_bytes(&value), cas),
-            Ok(None) => (None, 0),
-            Err(_) => return,
-        };
-        if current.is_some_and(|c| c >= stamp) || abi::set_shared_data(&key, &stamp.to_bytes(), cas).is_ok() {
-            return;
-        }
-    }
 }
 
 /// The newest configuration of `lineage` this VM enforces (other than
@@ -271,7 +249,7 @@ fn configure(root: u32, size: usize) -> bool {
     // dropped or read.
     if let (Some(key), Some(incoming)) = (&lineage, stamp) {
         let here = newest_here(key, root);
-        let floor = if fresh { floor(key) } else { None };
+        let floor = if fresh { floor::get(Kind::Snapshot, key) } else { None };
         match (compact::arrival(incoming, here.as_ref().map(|(s, _)| *s), floor), here) {
             (Arrival::KeepNewer, Some((kept, active))) => {
                 log(
@@ -360,9 +338,21 @@ fn configure(root: u32, size: usize) -> bool {
                     Generation(stamp)
                 ),
             );
-            let active = Rc::new(Active::new(config, compact::lineage(&head).unwrap_or_default()));
+            let store = compact::lineage(&head).unwrap_or_default();
+            let channel = match (&lineage, stamp, config.usage_report()) {
+                (Some(key), Some(stamp), Some(report)) if report.delta_channel => {
+                    let channel = delta::channel(key, store, &report.cluster, stamp);
+                    let mut used = Vec::new();
+                    channel.rebased(stamp, &mut used);
+                    usage::queue((report.cluster.clone(), store.to_vec()), used);
+                    Some(channel)
+                }
+                _ => None,
+            };
+            let active = Rc::new(Active::new(config, store, channel));
             if let (Some(key), Some(stamp)) = (&lineage, stamp) {
-                raise_floor(key, stamp);
+                floor::raise(Kind::Snapshot, key, stamp);
+                floor::raise(Kind::Position, key, stamp);
             }
             ROOTS.with(|r| {
                 let mut roots = r.borrow_mut();
@@ -407,6 +397,7 @@ impl fmt::Display for At {
 
 struct ProxyHost<'a> {
     active: &'a Active,
+    overlay: Option<Ref<'a, Overlay>>,
     /// The host said more than headers follow (`end_of_stream` false).
     has_body: bool,
 }
@@ -454,6 +445,11 @@ impl Host for ProxyHost<'_> {
     }
 
     fn used(&mut self, token: Token<'_>) {
+        if let Some(overlay) = &self.overlay {
+            if overlay.mark(self.active.config.tokens(), token.index()) {
+                return;
+            }
+        }
         if let Some(Ok(mut marks)) = self.active.marks.as_ref().map(RefCell::try_borrow_mut) {
             marks.mark(token.index());
         }
@@ -475,6 +471,10 @@ impl Host for ProxyHost<'_> {
             LogLevel::Error => Level::Error,
         };
         log(level, message);
+    }
+
+    fn catching_up(&mut self) -> bool {
+        self.active.channel.as_ref().is_some_and(|c| c.catching_up())
     }
 }
 
@@ -522,10 +522,14 @@ pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_tick(_root: u32) {
+pub extern "C" fn proxy_on_tick(root: u32) {
     flush_counters();
     refresh_log_level();
     report_usage();
+    let channel = ROOTS.with(|r| r.borrow().get(&root).and_then(|e| e.active.channel.clone()));
+    if let Some(channel) = channel {
+        channel.tick(root, abi::now_nanos().unwrap_or(0) / 1_000_000);
+    }
 }
 
 /// Every configuration's marks to the reporter, and the reports out, once
@@ -556,16 +560,21 @@ fn report_usage() {
     }
 }
 
-/// A usage report was answered.
+/// A delta stream's message, or a usage report's answer.
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive(_context: u32, token: u32, _response_size: usize) {
-    usage::delivered(token);
+pub extern "C" fn proxy_on_grpc_receive(_context: u32, token: u32, response_size: usize) {
+    if !delta::receive(token, response_size) {
+        usage::delivered(token);
+    }
 }
 
-/// A usage report failed (the control plane is down, or refused it).
+/// A delta stream ended, or a usage report failed (the control plane is
+/// down, or refused it).
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_close(_context: u32, token: u32, _status_code: u32) {
-    usage::failed(token);
+pub extern "C" fn proxy_on_grpc_close(_context: u32, token: u32, status_code: u32) {
+    if !delta::close(token, status_code) {
+        usage::failed(token);
+    }
 }
 
 /// 0 = Continue, 1 = StopIteration (a local reply was sent).
@@ -576,11 +585,13 @@ pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, end_of
         .with(|s| s.borrow().get(&context).copied())
         .and_then(|root| ROOTS.with(|r| r.borrow().get(&root).map(|entry| Rc::clone(&entry.active))))
         .unwrap_or_else(deny_all);
+    let overlay = active.channel.as_ref().map(|c| c.overlay());
     let mut host = ProxyHost {
         active: &active,
+        overlay: active.channel.as_ref().map(|c| c.overlay()),
         has_body: !end_of_stream,
     };
-    match gate::on_request_headers(&mut host, &active.config) {
+    match gate::on_request_headers(&mut host, &active.config, overlay.as_deref()) {
         Verdict::Continue => 0,
         Verdict::Stop => 1,
     }
@@ -592,6 +603,7 @@ pub extern "C" fn proxy_on_delete(context: u32) {
         if let Some(entry) = ROOTS.with(|r| r.borrow_mut().remove(&context)) {
             entry.active.report_marks();
         }
+        delta::root_gone(context);
         flush_counters();
     }
 }

@@ -4,7 +4,11 @@
 #[cfg(target_family = "wasm")]
 mod abi;
 #[cfg(target_family = "wasm")]
+mod delta;
+#[cfg(target_family = "wasm")]
 mod filter;
+#[cfg(target_family = "wasm")]
+mod floor;
 pub mod pairs;
 #[cfg(target_family = "wasm")]
 mod usage;

@@ -62,6 +62,11 @@ pub struct UsageReportSpec {
     pub cluster: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_seconds: Option<u32>,
+    /// Whether the filter also takes table changes from `cluster` (the
+    /// delta channel, `crate::delta`; default true). Only a compact
+    /// configuration from the control plane has changes to take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_channel: Option<bool>,
 }
 
 /// Default seconds between usage reports: last use is shown to the minute.
@@ -72,6 +77,7 @@ pub const DEFAULT_USAGE_REPORT_SECONDS: u32 = 30;
 pub struct UsageReport {
     pub cluster: Box<str>,
     pub interval_seconds: u32,
+    pub delta_channel: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -459,6 +465,7 @@ fn usage_report(spec: Option<&UsageReportSpec>) -> Result<Option<UsageReport>, C
     Ok(Some(UsageReport {
         cluster: cluster.as_str().into(),
         interval_seconds,
+        delta_channel: spec.delta_channel.unwrap_or(true),
     }))
 }
 
