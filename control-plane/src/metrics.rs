@@ -115,6 +115,7 @@ pub struct Metrics {
     /// One scrape at a time: the state families are cleared and refilled.
     scraping: std::sync::Mutex<()>,
     replicas: Family<ReplicaState, Gauge>,
+    delta_streams: Gauge,
     revision: Gauge,
     tokens: Gauge,
 }
@@ -171,6 +172,16 @@ impl Metrics {
                 "Bytes of ECDS responses sent to Envoys over gRPC (gRPC framing included)",
                 &push.bytes,
             ),
+            (
+                "delta_responses",
+                "Delta channel responses sent to filter VMs (steps, chunks of steps, snapshot_needed)",
+                &push.delta_responses,
+            ),
+            (
+                "delta_bytes",
+                "Bytes of delta channel responses sent to filter VMs (gRPC framing included)",
+                &push.delta_bytes,
+            ),
         ];
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
@@ -184,7 +195,7 @@ impl Metrics {
         let acknowledged = Family::<EnvoyNode, Gauge>::default();
         registry.register(
             "envoy_acknowledged_revision",
-            "The store revision each connected Envoy acknowledged last (what it enforces; the oldest of a node's streams)",
+            "The store revision each connected Envoy acknowledged last (what it enforces; the oldest of a node's streams; with delta streams, the oldest its VMs enforce)",
             acknowledged.clone(),
         );
         let replicas = Family::<ReplicaState, Gauge>::default();
@@ -192,6 +203,12 @@ impl Metrics {
             "replicas",
             "Control-plane replicas on the shared PostgreSQL database, live or not (a heartbeat older than --replica-timeout-ms)",
             replicas.clone(),
+        );
+        let delta_streams = Gauge::default();
+        registry.register(
+            "delta_streams",
+            "Filter VMs' delta streams connected (with replicas, every live replica's)",
+            delta_streams.clone(),
         );
         let revision = Gauge::default();
         registry.register(
@@ -212,6 +229,7 @@ impl Metrics {
             acknowledged,
             scraping: std::sync::Mutex::default(),
             replicas,
+            delta_streams,
             revision,
             tokens,
         }
@@ -230,15 +248,16 @@ impl Metrics {
         self.revision.set(gauge(current.version.revision.0));
         self.tokens.set(gauge(current.tokens as u64));
         let rollout = acks.rollout(current.version);
-        // Envoy streams only: the ECDS file's failed writes are not an Envoy.
-        let (mut lagging, mut rejecting) = (0, 0);
-        for l in &rollout.lagging {
-            match l.lag {
-                Lag::Rejected(_) => rejecting += 1,
-                Lag::WriteFailed(_) => {}
-                Lag::Pending | Lag::Held(_) | Lag::Unresponsive(_) => lagging += 1,
-            }
-        }
+        // Envoys only (the ECDS file's failed writes are not an Envoy), each
+        // once: an Envoy with several lagging VMs is one lagging Envoy, and
+        // only an Envoy stream rejects.
+        let rejecting = rollout
+            .lagging
+            .iter()
+            .filter(|l| matches!(l.lag, Lag::Rejected(_)))
+            .count();
+        let lagging = rollout.envoys.saturating_sub(rollout.applied).saturating_sub(rejecting);
+        self.delta_streams.set(gauge(acks.delta_streams() as u64));
         for (name, n) in [
             ("connected", rollout.envoys),
             ("applied", rollout.applied),
@@ -254,12 +273,23 @@ impl Metrics {
         self.acknowledged.clear();
         let mut oldest = std::collections::BTreeMap::<(String, String), u64>::new();
         for envoy in acks.envoys().into_iter().filter(|e| e.connected) {
-            let Some(revision) = envoy
-                .acked_version
-                .as_deref()
-                .and_then(|v| v.rsplit('.').next())
-                .and_then(|r| r.parse::<u64>().ok())
-            else {
+            // With delta streams, what its VMs enforce (the oldest); its
+            // ECDS stream's snapshots may be older.
+            let revision = if envoy.delta {
+                envoy
+                    .vms
+                    .iter()
+                    .filter(|vm| vm.connected)
+                    .filter_map(|vm| vm.acked_revision.as_deref()?.parse::<u64>().ok())
+                    .min()
+            } else {
+                envoy
+                    .acked_version
+                    .as_deref()
+                    .and_then(|v| v.rsplit('.').next())
+                    .and_then(|r| r.parse::<u64>().ok())
+            };
+            let Some(revision) = revision else {
                 continue;
             };
             let at = oldest

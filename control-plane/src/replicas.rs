@@ -8,7 +8,11 @@
 //!   `--replica-timeout-ms`;
 //! - records its connected Envoy streams in `envoy_streams` whenever one
 //!   connects, ACKs, NACKs or goes (one transaction), and `NOTIFY
-//!   apitokens_envoys`;
+//!   apitokens_envoys`; its filter VMs' delta streams too (rows of the same
+//!   table, told apart by their status's `vm`, numbered with the Envoy
+//!   streams), so that a write on any replica waits for a VM connected to
+//!   any other, and an ECDS stream on one replica sends its node a snapshot
+//!   at once when a VM of that node, connected to another, awaits one;
 //! - reads the other replicas' streams at each such notification and at each
 //!   heartbeat, and hands them to its ACK [`Tracker`], where waiting writes
 //!   count them like its own.
@@ -29,6 +33,7 @@
 
 use crate::config::Version;
 use crate::push::acks::{EnvoyStatus, RemoteStream, ReplicaStatus, Tracker};
+use crate::push::vms::{self, RemoteVm, VmStatus};
 use crate::store::{Epoch, PostgresStore, Revision, StoreError, ENVOYS_CHANNEL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -269,6 +274,10 @@ impl Coordinator {
                 let json = serde_json::to_string(&s.status).ok()?;
                 Some((s.status.stream, (s.acked, s.nacked, json)))
             })
+            .chain(self.acks.local_vms().into_iter().filter_map(|vm| {
+                let json = serde_json::to_string(&vm.status).ok()?;
+                Some((vm.status.stream, (vm.acked, None, json)))
+            }))
             .collect();
         let changed: Vec<_> = current
             .iter()
@@ -388,6 +397,7 @@ impl Coordinator {
         };
         let mut replicas: Vec<ReplicaStatus> = Vec::new();
         let mut streams = Vec::new();
+        let mut remote_vms = Vec::new();
         for row in rows {
             let Ok(id) = row.try_get::<_, String>(0) else { continue };
             let name: String = row.try_get(1).unwrap_or_default();
@@ -408,16 +418,18 @@ impl Coordinator {
             let Ok(Some(json)) = row.try_get::<_, Option<String>>(6) else {
                 continue;
             };
-            if let Some(r) = replicas.last_mut() {
-                r.envoys += 1;
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&json) else {
+                continue;
+            };
+            let vm = vms::is_vm(&json);
+            if !vm {
+                if let Some(r) = replicas.last_mut() {
+                    r.envoys += 1;
+                }
             }
             if this {
                 continue;
             }
-            let Ok(mut status) = serde_json::from_str::<EnvoyStatus>(&json) else {
-                continue;
-            };
-            status.replica = Some(name);
             let version = |epoch: usize, revision: usize| {
                 let number = |at: usize| {
                     row.try_get::<_, Option<i64>>(at)
@@ -430,6 +442,22 @@ impl Coordinator {
                     Revision(number(revision)?),
                 ))
             };
+            if vm {
+                let Ok(mut status) = serde_json::from_value::<VmStatus>(json) else {
+                    continue;
+                };
+                status.replica = Some(name);
+                remote_vms.push(RemoteVm {
+                    live,
+                    acked: version(8, 3),
+                    status,
+                });
+                continue;
+            }
+            let Ok(mut status) = serde_json::from_value::<EnvoyStatus>(json) else {
+                continue;
+            };
+            status.replica = Some(name);
             let nacked = version(9, 4).map(|v| {
                 (
                     v,
@@ -443,7 +471,7 @@ impl Coordinator {
                 status,
             });
         }
-        self.acks.set_remote(streams, replicas);
+        self.acks.set_remote(streams, remote_vms, replicas);
     }
 
     async fn leave(&self) -> Result<(), StoreError> {

@@ -48,9 +48,10 @@ pub(crate) struct StatusQuery {
 }
 
 /// The published version and, per Envoy stream, the versions it acknowledged
-/// or rejected. `?version=N&waitSeconds=S` waits up to S seconds (at most 60)
-/// until at least one Envoy is connected and every connected one has
-/// acknowledged version N.
+/// or rejected, and its node's filter VMs' delta streams (`delta: false`:
+/// ECDS only, an older filter). `?version=N&waitSeconds=S` waits up to S
+/// seconds (at most 60) until at least one Envoy is connected and every
+/// connected one has applied version N (its VMs, with delta streams).
 pub(crate) async fn status(
     State(app): State<Arc<AppState>>,
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
@@ -126,6 +127,10 @@ pub(crate) async fn status(
         "appliedEnvoys": rollout.applied,
         "lagging": lagging,
         "envoys": app.acks.envoys(),
+        // The filter VMs' delta streams connected (with replicas, every
+        // live replica's), and those whose node has no Envoy stream shown.
+        "deltaStreams": app.acks.delta_streams(),
+        "vmsWithoutEnvoy": app.acks.vms_without_envoy(),
         // With replicas on PostgreSQL: every replica and its Envoy count.
         "replicas": app.acks.replicas(),
         "file": app.acks.file(),

@@ -1,5 +1,6 @@
 //! `apitokens serve`: the REST API, `/healthz`, `/status`, the publisher and
-//! the configuration push (ECDS over gRPC and/or a file), wired together.
+//! the configuration push (ECDS over gRPC and/or a file, and the filter VMs'
+//! delta channel on the xDS server), wired together.
 
 use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
@@ -7,6 +8,7 @@ use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
 use crate::metrics::Metrics;
 use crate::push::acks::Tracker;
+use crate::push::delta::DeltaServer;
 use crate::push::file;
 use crate::push::peers::{Counted, Identities, PeerLimits};
 use crate::push::resource::{self, EcdsResource, FilterParams};
@@ -68,9 +70,12 @@ pub(super) struct ServeArgs {
     /// Write answers name each Envoy that did not apply a change (node id and stream; with replicas, the replica), as /status does; otherwise they count them by reason (the callers are namespaces' owners, the names are the operator's)
     #[arg(long)]
     name_envoys_in_answers: bool,
-    /// Address of the ECDS gRPC server
+    /// Address of the xDS gRPC server: ECDS, the filter VMs' delta channel (apitokens.v1.Delta) and their usage reports
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
     xds_listen: SocketAddr,
+    /// How often at most an Envoy whose filter VMs hold delta streams gets a full snapshot over ECDS, in milliseconds: the changes reach its VMs on their streams (a write waits for those), and the snapshot follows this long after the first change it lacks; at once when one of its VMs has no history to catch up from, and for an Envoy without delta streams (an older filter). 0: every Envoy gets every version at once
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    snapshot_interval_ms: u64,
     /// Do not serve ECDS over gRPC (use with --ecds-file)
     #[arg(long)]
     no_xds: bool,
@@ -95,7 +100,7 @@ pub(super) struct ServeArgs {
     /// Most HTTP/2 streams at once on one xDS connection
     #[arg(long, default_value_t = 16, value_name = "N")]
     xds_max_streams_per_connection: u32,
-    /// Most xDS connections at once from one peer address (more are closed at once). An Envoy opens one for ECDS and one per worker thread for usage reports
+    /// Most xDS connections at once from one peer address (more are closed at once). An Envoy opens one for ECDS and one per worker thread for usage reports and delta streams
     #[arg(long, default_value_t = 64, value_name = "N")]
     xds_max_connections_per_peer: usize,
     /// An xDS connection is closed (GOAWAY, then 60 s for its streams) after this long; Envoy reconnects (0: never)
@@ -468,6 +473,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
                 identities,
             },
             counters: push_counters,
+            snapshot_interval: Duration::from_millis(args.snapshot_interval_ms),
             peers: PeerLimits::new(args.xds_max_connections_per_peer),
             streams_per_connection: args.xds_max_streams_per_connection.max(1),
             max_age: (args.xds_max_connection_age_seconds > 0)
@@ -475,9 +481,13 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         };
         tasks.spawn(xds.run(listener, liveness, stop_rx.clone()));
         tracing::info!(
-            "xDS (ECDS, gRPC{}) on {addr}, resource {:?}",
+            "xDS (ECDS and the delta channel, gRPC{}) on {addr}, resource {:?}, snapshots to Envoys with delta streams {}",
             if secured { ", mutual TLS" } else { "" },
-            args.resource_name
+            args.resource_name,
+            match args.snapshot_interval_ms {
+                0 => "on every change".to_owned(),
+                ms => format!("at most every {ms} ms"),
+            }
         );
     }
     tracing::info!(
@@ -514,7 +524,7 @@ async fn until_live(live: Option<watch::Receiver<bool>>, wanted: bool) {
     }
 }
 
-/// The xDS server (ECDS and usage reports) on one address, served while
+/// The xDS server (ECDS, the delta channel and usage reports) on one address, served while
 /// `live` says so: closed, streams and port, while this replica cannot
 /// reach the database, and opened again when it can.
 struct Xds {
@@ -526,6 +536,7 @@ struct Xds {
     usage: UsageServer,
     limits: XdsLimits,
     counters: PushCounters,
+    snapshot_interval: Duration,
     peers: Arc<PeerLimits>,
     streams_per_connection: u32,
     max_age: Option<Duration>,
@@ -564,8 +575,16 @@ impl Xds {
                 Arc::clone(&self.publisher),
                 Arc::clone(&self.acks),
                 self.resource.clone(),
-                end_rx,
+                end_rx.clone(),
                 self.limits.clone(),
+                self.counters.clone(),
+                self.snapshot_interval,
+            );
+            let delta = DeltaServer::new(
+                Arc::clone(&self.publisher),
+                Arc::clone(&self.acks),
+                end_rx,
+                self.limits.identities.clone(),
                 self.counters.clone(),
             );
             let (lost, stopped) = (live.clone(), stop.clone());
@@ -605,6 +624,7 @@ impl Xds {
             }
             let result = builder
                 .add_service(service)
+                .add_service(delta)
                 .add_service(self.usage.clone())
                 .serve_with_incoming_shutdown(admitted(listener, Arc::clone(&self.peers), cut), ended)
                 .await;

@@ -1,10 +1,14 @@
 //! What every Envoy should enforce now: the filter configuration built from
 //! the store, kept in memory as the compact table and edited per change
-//! ([`Publisher`]), published as versioned [`Snapshot`]s for the push.
+//! ([`Publisher`]), published as versioned [`Snapshot`]s for the push (ECDS),
+//! and each change as an element of a [`history::History`] for the filter
+//! VMs' delta channel.
 
+pub mod history;
 mod publisher;
 
-pub use publisher::{PublishError, Publisher, PublisherOptions};
+pub use history::{Element, Reach};
+pub use publisher::{CatchUp, PublishError, Publisher, PublisherOptions};
 
 use crate::store::{Epoch, Position, Revision};
 use apitokens_core::compact::Stamp;

@@ -15,14 +15,24 @@
 //! second) until they have been expired for the retention period; then the
 //! publisher retires them in the store, a write like any other, so every
 //! replica drops them at the same revision.
+//!
+//! Each catch-up also records what it applied as one step of the
+//! [`History`] the delta channel serves to filter VMs: the records it read
+//! from the store, encoded once, here, never per VM (a few records per
+//! write: nothing next to the edit of the table). A VM before the history is
+//! served from the store's change log ([`Publisher::catch_up_from`]), one
+//! read per position however many VMs ask for it.
 
+use super::history::{self, Element, History, Reach};
 use super::{Published, Snapshot, Version};
 use crate::clock;
 use crate::store::{Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
-use apitokens_core::compact;
+use apitokens_core::compact::{self, Lineage};
 use apitokens_core::config::{ConfigError, PluginConfig};
 use apitokens_core::table::{Change, LiveTable};
 use apitokens_core::{Config, Timestamp};
+use bytes::Bytes;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex};
@@ -59,13 +69,45 @@ pub struct Publisher {
     retention: Duration,
     live: Mutex<Live>,
     published: watch::Sender<Arc<Published>>,
+    /// The steps of the delta channel, updated before each publication
+    /// (so a stream woken by one finds its step). Held for microseconds.
+    history: std::sync::Mutex<History>,
+    /// Catch-ups read from the store's change log for VMs before the
+    /// history, by the position they start at (`None`: too large, a
+    /// snapshot is needed): the VMs of one Envoy (and of Envoys configured
+    /// alike) ask for the same one. Valid forever (a step's records are the
+    /// final states at its end); the latest few are kept, and one read runs
+    /// at a time.
+    catch_ups: Mutex<VecDeque<(Position, Option<Arc<Element>>)>>,
 }
+
+/// What a VM before the history gets from the store (see
+/// [`Publisher::catch_up_from`]).
+#[derive(Debug)]
+pub enum CatchUp {
+    /// The step from its table to the store's head.
+    Step(Arc<Element>),
+    /// The store's head is at or before its table: nothing to send yet.
+    Nothing,
+    /// The change log does not reach back to its table, or the store is in
+    /// another epoch: only a snapshot helps.
+    SnapshotNeeded,
+}
+
+/// Store catch-ups kept.
+const CATCH_UPS: usize = 8;
+/// The most a catch-up from the store may carry; a VM further behind gets
+/// a snapshot instead (the filter takes at most 64 MiB of chunks at once).
+const MAX_CATCH_UP_BYTES: usize = 32 << 20;
 
 struct Live {
     epoch: Epoch,
     revision: Revision,
     /// `None` only while an edit runs off the async threads.
     table: Option<LiveTable>,
+    /// The table was edited but the result not published (a failure in
+    /// between): the next catch-up reloads it.
+    dirty: bool,
     next_expiry: Option<Timestamp>,
     /// Payloads of earlier snapshots, reused for the next edit once no
     /// stream or request holds them (a fresh buffer of a large table costs
@@ -100,6 +142,7 @@ impl Publisher {
             tracing::error!("{}", StoreError::Behind { at: head.at, seen });
         }
         let revision = head.at.revision;
+        let history = History::new(head.at, snapshot.version);
         let (published, _) = watch::channel(Arc::new(Published {
             revision,
             epoch: head.at.epoch,
@@ -116,11 +159,65 @@ impl Publisher {
                 epoch: head.at.epoch,
                 revision,
                 table: Some(table),
+                dirty: false,
                 next_expiry,
                 spare,
             }),
             published,
+            history: std::sync::Mutex::new(history),
+            catch_ups: Mutex::new(VecDeque::new()),
         }))
+    }
+
+    /// The store's lineage: what a VM's table must come from.
+    pub fn lineage(&self) -> Lineage {
+        self.store.lineage()
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        // Plain data, replaced whole or pushed to: usable after a panic.
+        self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What a VM whose table is at `at` needs from the history.
+    pub fn delta_since(&self, at: Position) -> Reach {
+        self.history().since(at)
+    }
+
+    /// The step from `at` (before the history, in the store's epoch) to the
+    /// store's head, read from its change log. One read at a time, and the
+    /// latest few kept: the VMs that ask next for the same position share it.
+    pub async fn catch_up_from(&self, at: Position) -> Result<CatchUp, PublishError> {
+        let mut cache = self.catch_ups.lock().await;
+        if let Some((_, step)) = cache.iter().find(|(from, _)| *from == at) {
+            return Ok(step
+                .as_ref()
+                .map_or(CatchUp::SnapshotNeeded, |s| CatchUp::Step(Arc::clone(s))));
+        }
+        let (head, changed) = match self.store.changes_since(at.revision).await? {
+            Changes::TooOld => return Ok(CatchUp::SnapshotNeeded),
+            Changes::Since { head, changed } => (head, changed),
+        };
+        if head.at.epoch != at.epoch {
+            return Ok(CatchUp::SnapshotNeeded);
+        }
+        if head.at <= at {
+            return Ok(CatchUp::Nothing);
+        }
+        let chunks = tokio::task::spawn_blocking(move || history::encode_records(&changed))
+            .await
+            .map_err(|e| PublishError::Task(e.to_string()))?;
+        let step = Arc::new(Element {
+            from: at,
+            to: head.at,
+            chunks,
+        });
+        let step = (step.bytes() <= MAX_CATCH_UP_BYTES).then_some(step);
+        cache.push_back((at, step.clone()));
+        if cache.len() > CATCH_UPS {
+            cache.pop_front();
+        }
+        Ok(step.map_or(CatchUp::SnapshotNeeded, CatchUp::Step))
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
@@ -262,18 +359,21 @@ impl Publisher {
         if head.at < here {
             return Err(self.fell_behind(here, head).await);
         }
-        if head.at == here {
+        if head.at == here && !live.dirty {
             if head.behind != self.state().behind {
                 self.amend(|p| p.behind = head.behind);
             }
             return Ok(());
         }
+        // Read before the table changes: from the edit on, nothing fails
+        // but the building of the snapshot (and then `dirty` says so).
+        let next_expiry = self.store.next_expiry().await?;
         let applied = match changes {
             // Within the epoch: the changes only. A new epoch (an operator
             // accepted the store as it is): everything.
-            Changes::Since { head, changed } if head.at.epoch == live.epoch => {
+            Changes::Since { head, changed } if head.at.epoch == live.epoch && !live.dirty => {
                 match self.edit(live, head.at, changed).await {
-                    Ok(content_changed) => Some((head, content_changed)),
+                    Ok((content_changed, chunks)) => Some((head, content_changed, chunks)),
                     Err(e) => {
                         tracing::warn!("could not apply the store's changes, reloading everything: {e}");
                         None
@@ -282,15 +382,23 @@ impl Publisher {
             }
             _ => None,
         };
-        let (head, content_changed, how) = match applied {
-            Some((head, content_changed)) => (head, content_changed, "applied"),
+        let (head, content_changed, step, how) = match applied {
+            Some((head, content_changed, chunks)) => {
+                let step = Element {
+                    from: here,
+                    to: head.at,
+                    chunks,
+                };
+                (head, content_changed, Some(step), "applied")
+            }
             None => {
                 let (head, records) = self.store.load().await?;
                 if head.at < here {
                     return Err(self.fell_behind(here, head).await);
                 }
+                live.dirty = true;
                 live.table = Some(build(stamped(&self.header, head.at), records).await?);
-                (head, true, "reloaded")
+                (head, true, None, "reloaded")
             }
         };
         if head.at.epoch != live.epoch {
@@ -302,7 +410,7 @@ impl Publisher {
         }
         live.epoch = head.at.epoch;
         live.revision = head.at.revision;
-        live.next_expiry = self.store.next_expiry().await?;
+        live.next_expiry = next_expiry;
         let table = live
             .table
             .as_ref()
@@ -327,6 +435,22 @@ impl Publisher {
         } else {
             previous
         };
+        {
+            let mut history = self.history();
+            match step {
+                Some(step) => {
+                    if !history.push(step, snapshot.version) {
+                        tracing::warn!(
+                            revision = head.at.revision.0,
+                            "the delta history starts over at revision {} (the step did not follow the last one)",
+                            head.at.revision
+                        );
+                    }
+                }
+                None => history.reset(head.at, snapshot.version),
+            }
+        }
+        live.dirty = false;
         self.published.send_replace(Arc::new(Published {
             revision: head.at.revision,
             epoch: head.at.epoch,
@@ -337,13 +461,14 @@ impl Publisher {
         Ok(())
     }
 
-    /// Edits the table off the async threads; whether its content changed.
+    /// Edits the table off the async threads: whether its content changed,
+    /// and the changes as the delta channel's records.
     async fn edit(
         &self,
         live: &mut Live,
         at: Position,
         changed: Vec<(String, Option<TokenRecord>)>,
-    ) -> Result<bool, PublishError> {
+    ) -> Result<(bool, Vec<Bytes>), PublishError> {
         let mut table = live
             .table
             .take()
@@ -356,21 +481,20 @@ impl Publisher {
             .and_then(|b| Arc::try_unwrap(b).ok())
             .unwrap_or_default();
         let header = stamped(&self.header, at);
+        live.dirty = true;
         let job = tokio::task::spawn_blocking(move || {
             let changes: Vec<Change<'_>> = changed
                 .iter()
-                .map(|(name, record)| match record {
-                    Some(r) if !r.retired => Change::Put(r.entries()),
-                    _ => Change::Remove(name),
-                })
+                .map(|(name, record)| history::change(name, record.as_ref()))
                 .collect();
             let result = table.apply(&header, &changes, buffer);
-            (table, result)
+            let chunks = history::encode(changes.iter().copied());
+            (table, result, chunks)
         });
-        let (table, result) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
+        let (table, result, chunks) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
         live.table = Some(table);
         let stats = result?;
-        Ok(stats.inserted + stats.removed > 0)
+        Ok((stats.inserted + stats.removed > 0, chunks))
     }
 
     /// Retires the tokens whose retention has passed (a store write, which
@@ -513,7 +637,7 @@ mod tests {
     use crate::store::contract::{record, test_event};
     use crate::store::SqliteStore;
     use crate::testutil::TempDir;
-    use apitokens_core::table::Digest;
+    use apitokens_core::table::{Digest, Overlay, TokenTable};
     use apitokens_core::Role;
 
     /// A token with this expiry (the store contract's record otherwise).
@@ -731,6 +855,209 @@ mod tests {
         assert_eq!(p.state().behind, None);
         let (epoch, generation) = (now.version.epoch.0, now.version.revision.0);
         assert_eq!(compact::stamp(&now.payload), Some(compact::Stamp { epoch, generation }));
+    }
+
+    /// What a VM enforces: `table` with `overlay` over it.
+    type Seen = Option<(String, Role, bool, Option<Timestamp>)>;
+
+    fn lookups(table: &TokenTable, overlay: &Overlay, digests: &[Digest]) -> Vec<Seen> {
+        digests
+            .iter()
+            .map(|d| {
+                overlay
+                    .get(table, d)
+                    .map(|t| (t.name().to_owned(), t.role(), t.is_previous(), t.expire()))
+            })
+            .collect()
+    }
+
+    /// Applies steps as a VM does: every chunk decoded, at the step's end.
+    fn apply(overlay: &mut Overlay, steps: &[Arc<Element>]) {
+        let mut at = None;
+        for step in steps {
+            assert!(at.is_none_or(|at| step.from <= at), "steps chain");
+            for chunk in &step.chunks {
+                assert!(chunk.len() <= history::MAX_CHUNK_BYTES);
+                let changes = apitokens_core::delta::decode_changes(chunk).unwrap();
+                overlay.apply(step.to.stamp(), &changes);
+            }
+            at = Some(step.to);
+        }
+    }
+
+    fn here(p: &Publisher) -> Position {
+        let state = p.state();
+        Position::new(state.epoch, state.revision)
+    }
+
+    fn table(p: &Publisher) -> TokenTable {
+        p.current().api.tokens().clone()
+    }
+
+    async fn published(p: &Arc<Publisher>, r: Revision, seen: &mut Vec<(Position, TokenTable)>) {
+        p.publish(r, deadline()).await.unwrap();
+        seen.push((here(p), table(p)));
+    }
+
+    fn steps(reach: Reach) -> Vec<Arc<Element>> {
+        match reach {
+            Reach::Elements(steps) => steps,
+            Reach::Live => Vec::new(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn digest(n: u32) -> Digest {
+        Digest::of(&n.to_le_bytes())
+    }
+
+    fn token(name: &str, n: u32) -> TokenRecord {
+        TokenRecord {
+            digest: digest(n),
+            ..rec(name, 0, None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_anywhere_in_the_history_ends_up_with_the_published_table() {
+        let dir = TempDir::new("pub-history");
+        let (p, store) = publisher(&dir).await;
+        let name = |i: u32| format!("namespaces/a/apitokens/t{i}");
+        let r = store
+            .insert((0..5).map(|i| token(&name(i), i)).collect(), None, vec![])
+            .await
+            .unwrap();
+        p.publish(r, deadline()).await.unwrap();
+        // Where VMs stand: every position published, and the tables they had.
+        let mut seen = vec![(here(&p), table(&p))];
+        // Each write published before the next: one step each.
+        let r = store.insert(vec![token(&name(5), 5)], None, vec![]).await.unwrap();
+        published(&p, r, &mut seen).await;
+        // A regeneration with an overlap: the old secret stays, as previous.
+        let until = Some(Timestamp::from_unix(4_000_000_000, 0));
+        let (_, r) = store
+            .replace_digest(&name(1), digest(11), until, test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        published(&p, r, &mut seen).await;
+        let r = store.delete(&name(2), test_event()).await.unwrap().unwrap();
+        published(&p, r, &mut seen).await;
+        // A write the filter does not see (a retired token): an empty step.
+        let retired = TokenRecord {
+            retired: true,
+            ..token("namespaces/a/apitokens/gone", 99)
+        };
+        let r = store.insert(vec![retired], None, vec![]).await.unwrap();
+        published(&p, r, &mut seen).await;
+        // A regeneration without overlap, then a create.
+        let (_, r) = store
+            .replace_digest(&name(3), digest(13), None, test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        published(&p, r, &mut seen).await;
+        let r = store.insert(vec![token(&name(6), 6)], None, vec![]).await.unwrap();
+        published(&p, r, &mut seen).await;
+        // One step per catch-up, chained, the empty one included.
+        let all = steps(p.delta_since(seen[0].0));
+        assert_eq!(all.len(), 6);
+        assert!(all.windows(2).all(|w| w[0].to == w[1].from));
+        let probe: Vec<Digest> = (0..20).map(digest).collect();
+        let now = table(&p);
+        let want = lookups(&now, &Overlay::default(), &probe);
+        assert!(
+            want[1].as_ref().is_some_and(|t| t.0 == name(1) && t.2),
+            "t1's previous secret"
+        );
+        assert!(want[2].is_none() && want[3].is_none() && want[13].is_some());
+        for (i, (at, table)) in seen.iter().enumerate() {
+            let later = steps(p.delta_since(*at));
+            assert_eq!(later.len(), 6 - i, "a VM at step {i} gets exactly the later steps");
+            let mut overlay = Overlay::default();
+            apply(&mut overlay, &later);
+            assert_eq!(lookups(table, &overlay, &probe), want, "from step {i}");
+        }
+        // A VM at the snapshot's version with a later position: nothing lags.
+        assert_eq!(p.delta_since(here(&p)), Reach::Live);
+    }
+
+    #[tokio::test]
+    async fn a_large_step_is_chunked_at_record_boundaries() {
+        let dir = TempDir::new("pub-chunks");
+        let (p, store) = publisher(&dir).await;
+        let before = (here(&p), table(&p));
+        // Long names: about 150 bytes a record, 9,000 of them in one write.
+        let records: Vec<TokenRecord> = (0..9_000)
+            .map(|i| {
+                let name = format!("namespaces/{:0>63}/apitokens/{:0>63}", i % 7, i);
+                token(&name, i)
+            })
+            .collect();
+        let r = store.insert(records, None, vec![]).await.unwrap();
+        p.publish(r, deadline()).await.unwrap();
+        let steps = steps(p.delta_since(before.0));
+        assert_eq!(steps.len(), 1);
+        assert!(steps[0].chunks.len() >= 2, "{} chunks", steps[0].chunks.len());
+        let probe: Vec<Digest> = (0..9_000).step_by(97).map(digest).collect();
+        let mut overlay = Overlay::default();
+        apply(&mut overlay, &steps);
+        let want = lookups(&table(&p), &Overlay::default(), &probe);
+        assert!(want.iter().all(Option::is_some));
+        assert_eq!(lookups(&before.1, &overlay, &probe), want);
+    }
+
+    #[tokio::test]
+    async fn a_vm_before_the_history_catches_up_from_the_store_or_needs_a_snapshot() {
+        let dir = TempDir::new("pub-catch-up");
+        let (p, store) = publisher(&dir).await;
+        let r = store
+            .insert(vec![token("namespaces/a/apitokens/t0", 0)], None, vec![])
+            .await
+            .unwrap();
+        p.publish(r, deadline()).await.unwrap();
+        let (old, old_table) = (here(&p), table(&p));
+        for i in 1..4 {
+            store
+                .insert(vec![token(&format!("namespaces/a/apitokens/t{i}"), i)], None, vec![])
+                .await
+                .unwrap();
+        }
+        store.delete("namespaces/a/apitokens/t0", test_event()).await.unwrap();
+        // A restarted control plane: its history starts at the head.
+        let (p, _) = publisher(&dir).await;
+        assert_eq!(p.delta_since(old), Reach::Before);
+        let CatchUp::Step(step) = p.catch_up_from(old).await.unwrap() else {
+            panic!("no step")
+        };
+        assert_eq!((step.from, step.to), (old, here(&p)));
+        let probe: Vec<Digest> = (0..5).map(digest).collect();
+        let mut overlay = Overlay::default();
+        apply(&mut overlay, std::slice::from_ref(&step));
+        assert_eq!(
+            lookups(&old_table, &overlay, &probe),
+            lookups(&table(&p), &Overlay::default(), &probe)
+        );
+        // The next VM at that position shares the read.
+        let CatchUp::Step(again) = p.catch_up_from(old).await.unwrap() else {
+            panic!("no step")
+        };
+        assert!(Arc::ptr_eq(&step, &again));
+        // A position the change log no longer reaches: a snapshot.
+        rusqlite::Connection::open(dir.path().join("p.db"))
+            .unwrap()
+            .execute(
+                "UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'revision') WHERE key = 'changes_from'",
+                [],
+            )
+            .unwrap();
+        let older = Position::new(old.epoch, Revision(old.revision.0 - 1));
+        assert!(matches!(p.catch_up_from(older).await.unwrap(), CatchUp::SnapshotNeeded));
+        // A new epoch: every VM of the old one needs a snapshot.
+        store.new_epoch().await.unwrap();
+        p.refresh().await.unwrap();
+        assert_eq!(p.delta_since(old), Reach::Gone);
+        assert_eq!(p.delta_since(here(&p)), Reach::Live);
     }
 
     #[tokio::test]

@@ -9,12 +9,17 @@
 //! With replicas on PostgreSQL, the streams of the other replicas (as they
 //! recorded them in the database, see `crate::replicas`) count too: a write
 //! waits for every Envoy of every live replica ([`Tracker::set_remote`]).
+//!
+//! The filter VMs' delta streams are tracked here too (`push::vms`): an
+//! Envoy whose node has VM streams has applied a version when each of them
+//! enforces it, whatever its ECDS stream acknowledged ([`Tracker::rollout`]).
 
+use super::vms::{self, RemoteVm, Vm, VmStatus};
 use crate::clock;
 use crate::config::Version;
 use apitokens_core::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -83,6 +88,15 @@ pub struct EnvoyStatus {
     /// Recent ACKs and NACKs, newest first.
     #[serde(default)]
     pub history: VecDeque<VersionEvent>,
+    /// Its node has VM streams (the delta channel): a write waits for
+    /// those, not for this stream's ACK. `false`: ECDS only (an older
+    /// filter), a write waits for this stream's ACK. Filled in by
+    /// [`Tracker::envoys`].
+    #[serde(default)]
+    pub delta: bool,
+    /// Its node's VM streams (connected, or awaiting a snapshot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmStatus>,
 }
 
 /// A stream of another replica, as that replica recorded it in the database.
@@ -158,15 +172,22 @@ struct File {
 }
 
 #[derive(Default)]
-struct Inner {
-    next_id: u64,
+pub(super) struct Inner {
+    /// Numbers both ECDS and VM streams (one numbering, shared with the
+    /// other replicas).
+    pub next_id: u64,
     streams: BTreeMap<StreamId, Stream>,
     disconnected: VecDeque<(StreamId, Stream)>,
     file: Option<File>,
     /// This replica's name (with replicas only).
-    replica: Option<String>,
+    pub replica: Option<String>,
     remote: Vec<RemoteStream>,
     replicas: Vec<ReplicaStatus>,
+    /// Connected VM streams.
+    pub vms: BTreeMap<StreamId, Vm>,
+    /// VMs whose stream ended awaiting a snapshot, newest first.
+    pub awaiting: VecDeque<(StreamId, Vm)>,
+    pub remote_vms: Vec<RemoteVm>,
 }
 
 /// Why a consumer does not enforce a version (yet).
@@ -230,6 +251,8 @@ pub struct Tracker {
     changed: watch::Sender<u64>,
     /// Changes of this replica's own streams only (what it shares).
     local_changed: watch::Sender<u64>,
+    /// VM streams connected or gone, a VM awaiting a snapshot.
+    pub(super) vms_changed: watch::Sender<u64>,
 }
 
 /// The patience of [`Tracker::new`]: the default apply timeout.
@@ -242,6 +265,7 @@ impl Default for Tracker {
             inner: Mutex::default(),
             changed: watch::channel(0).0,
             local_changed: watch::channel(0).0,
+            vms_changed: watch::channel(0).0,
         }
     }
 }
@@ -267,6 +291,49 @@ fn view(replica: Option<&String>, id: &StreamId, s: &Stream) -> EnvoyStatus {
         acked_epoch: s.acked.map(|v| v.epoch.to_string()),
         last_nack: s.history.iter().find(|e| e.outcome == Outcome::Nack).cloned(),
         history: s.history.clone(),
+        delta: false,
+        vms: Vec::new(),
+    }
+}
+
+/// Who a consumer is, named only when it lags (a rollout is computed at
+/// every ACK of every stream a write waits for).
+enum Who<'a> {
+    Stream(u64),
+    Remote(Option<&'a str>, u64),
+    Vm(Option<&'a str>, &'a str),
+}
+
+/// One consumer as a rollout sees it.
+struct Consumer<'a> {
+    who: Who<'a>,
+    node: &'a str,
+    acked: Option<Version>,
+    nacked: Option<&'a (Version, String)>,
+    held: Option<Version>,
+    silent: Option<Duration>,
+}
+
+impl Consumer<'_> {
+    /// `node-1 (stream 3)`, `node-1 (replica r2, stream 4)`, `node-1 (vm ab12)`.
+    fn who(&self) -> String {
+        match self.who {
+            Who::Stream(id) => format!("{} (stream {id})", self.node),
+            Who::Remote(replica, id) => format!("{} (replica {}, stream {id})", self.node, replica.unwrap_or("-")),
+            Who::Vm(replica, vm) => vms::who(self.node, replica, vm),
+        }
+    }
+
+    fn lag(&self, version: Version) -> Option<Lag> {
+        if self.acked.is_some_and(|a| a >= version) {
+            return None;
+        }
+        Some(match (self.nacked, self.held, self.silent) {
+            (_, Some(reported), _) => Lag::Held(reported),
+            (Some((rejected, error)), _, _) if *rejected >= version => Lag::Rejected(error.clone()),
+            (_, _, Some(silent)) => Lag::Unresponsive(silent),
+            _ => Lag::Pending,
+        })
     }
 }
 
@@ -284,15 +351,22 @@ impl Tracker {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
         // The data is plain bookkeeping: recover it even after a panic.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn update<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+    pub(super) fn update<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
         let out = f(&mut self.lock());
         self.local_changed.send_modify(|n| *n = n.wrapping_add(1));
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        out
+    }
+
+    /// [`Tracker::update`] of the VM streams' set.
+    pub(super) fn update_vms<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let out = self.update(f);
+        self.vms_changed.send_modify(|n| *n = n.wrapping_add(1));
         out
     }
 
@@ -301,15 +375,30 @@ impl Tracker {
         self.lock().replica = Some(name.to_owned());
     }
 
-    /// The other replicas' streams and the replicas themselves, as last read
-    /// from the database: writes waiting for a version see them at once.
-    pub fn set_remote(&self, streams: Vec<RemoteStream>, replicas: Vec<ReplicaStatus>) {
-        {
+    /// The other replicas' streams (Envoys' and VMs') and the replicas
+    /// themselves, as last read from the database: writes waiting for a
+    /// version see them at once.
+    pub fn set_remote(&self, streams: Vec<RemoteStream>, vms: Vec<RemoteVm>, replicas: Vec<ReplicaStatus>) {
+        // Which nodes have VM streams, and which await a snapshot: what the
+        // ECDS streams decide on.
+        let shape = |vms: &[RemoteVm]| -> BTreeSet<(String, bool, bool)> {
+            vms.iter()
+                .filter(|r| r.live)
+                .map(|r| (r.status.node.clone(), r.status.connected, r.status.awaiting_snapshot))
+                .collect()
+        };
+        let vms_changed = {
             let mut inner = self.lock();
+            let changed = shape(&inner.remote_vms) != shape(&vms);
             inner.remote = streams;
+            inner.remote_vms = vms;
             inner.replicas = replicas;
-        }
+            changed
+        };
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        if vms_changed {
+            self.vms_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// This replica's connected streams, to share with the other replicas.
@@ -442,6 +531,14 @@ impl Tracker {
     }
 
     /// How far `version` got, now.
+    ///
+    /// Each connected Envoy stream (this replica's, and the live replicas')
+    /// is one Envoy. If its node has connected VM streams, it has `version`
+    /// when every one of them enforces it (each lagging VM is named, once
+    /// per node), whatever the Envoy stream acknowledged; otherwise when the
+    /// Envoy stream acknowledged it. A node whose VMs are connected without
+    /// an Envoy stream (its ECDS goes to a replica that is not live, or to a
+    /// file) counts as one more Envoy.
     pub fn rollout(&self, version: Version) -> Rollout {
         let inner = self.lock();
         let mut rollout = Rollout {
@@ -451,43 +548,83 @@ impl Tracker {
             lagging: Vec::new(),
         };
         let patience = self.patience;
-        let local = inner.streams.iter().map(|(id, s)| {
-            let silent = s.unanswered_since.map(|t| t.elapsed()).filter(|d| *d >= patience);
-            (
-                format!("{} (stream {})", s.node, id.0),
-                s.acked,
-                s.nacked.as_ref(),
-                s.held,
-                silent,
-            )
+        let silent = |since: Option<Instant>| since.map(|t| t.elapsed()).filter(|d| *d >= patience);
+        let local = inner.streams.iter().map(|(id, s)| Consumer {
+            who: Who::Stream(id.0),
+            node: &s.node,
+            acked: s.acked,
+            nacked: s.nacked.as_ref(),
+            held: s.held,
+            silent: silent(s.unanswered_since),
         });
-        let remote = inner.remote.iter().filter(|r| r.live).map(|r| {
-            let who = format!(
-                "{} (replica {}, stream {})",
-                r.status.node,
-                r.status.replica.as_deref().unwrap_or("-"),
-                r.status.stream
-            );
-            let held = r
+        let remote = inner.remote.iter().filter(|r| r.live).map(|r| Consumer {
+            who: Who::Remote(r.status.replica.as_deref(), r.status.stream),
+            node: &r.status.node,
+            acked: r.acked,
+            nacked: r.nacked.as_ref(),
+            held: r
                 .status
                 .held
                 .then(|| Version::from_xds(&r.status.initial_version))
-                .flatten();
-            (who, r.acked, r.nacked.as_ref(), held, None)
+                .flatten(),
+            silent: None,
         });
-        for (who, acked, nacked, held, silent) in local.chain(remote) {
-            rollout.envoys += 1;
-            if acked.is_some_and(|a| a >= version) {
+        let envoys: Vec<Consumer<'_>> = local.chain(remote).collect();
+        // The connected VM streams, by node.
+        let mut by_node: BTreeMap<&str, Vec<Consumer<'_>>> = BTreeMap::new();
+        for vm in inner.vms.values() {
+            by_node.entry(&vm.node).or_default().push(Consumer {
+                who: Who::Vm(None, &vm.vm),
+                node: &vm.node,
+                acked: Some(vm.acked),
+                nacked: None,
+                held: vm.held.then_some(vm.subscribed),
+                silent: silent(vm.unanswered_since),
+            });
+        }
+        for r in inner.remote_vms.iter().filter(|r| r.live && r.status.connected) {
+            let subscribed = Version::new(
+                crate::store::Epoch(r.status.subscribed_epoch.parse().unwrap_or(0)),
+                crate::store::Revision(r.status.subscribed_revision.parse().unwrap_or(0)),
+            );
+            by_node.entry(&r.status.node).or_default().push(Consumer {
+                who: Who::Vm(r.status.replica.as_deref(), &r.status.vm),
+                node: &r.status.node,
+                acked: r.acked,
+                nacked: None,
+                held: r.status.held.then_some(subscribed),
+                silent: None,
+            });
+        }
+        let mut named: BTreeSet<String> = BTreeSet::new();
+        let mut group = |node: &str, rollout: &mut Rollout, vms: &[Consumer<'_>]| {
+            let lagging: Vec<Lagging> = vms
+                .iter()
+                .filter_map(|vm| vm.lag(version).map(|lag| Lagging { who: vm.who(), lag }))
+                .collect();
+            if lagging.is_empty() {
                 rollout.applied += 1;
+            } else if named.insert(node.to_owned()) {
+                rollout.lagging.extend(lagging);
+            }
+        };
+        for envoy in &envoys {
+            rollout.envoys += 1;
+            if let Some(vms) = by_node.get(envoy.node) {
+                let node: &str = envoy.node;
+                group(node, &mut rollout, vms);
                 continue;
             }
-            let lag = match (nacked, held, silent) {
-                (_, Some(reported), _) => Lag::Held(reported),
-                (Some((rejected, error)), _, _) if *rejected >= version => Lag::Rejected(error.clone()),
-                (_, _, Some(silent)) => Lag::Unresponsive(silent),
-                _ => Lag::Pending,
-            };
-            rollout.lagging.push(Lagging { who, lag });
+            match envoy.lag(version) {
+                None => rollout.applied += 1,
+                Some(lag) => rollout.lagging.push(Lagging { who: envoy.who(), lag }),
+            }
+        }
+        for (node, vms) in &by_node {
+            if !envoys.iter().any(|e| e.node == *node) {
+                rollout.envoys += 1;
+                group(node, &mut rollout, vms);
+            }
         }
         if let Some(f) = &inner.file {
             if f.written.is_none_or(|w| w < version) {
@@ -528,6 +665,7 @@ impl Tracker {
             .streams
             .values()
             .filter_map(|s| s.unanswered_since)
+            .chain(inner.vms.values().filter_map(|vm| vm.unanswered_since))
             .map(|t| t + self.patience)
             .filter(|t| *t > Instant::now())
             .min()
@@ -553,7 +691,11 @@ impl Tracker {
     pub fn applied(&self, version: Version) -> bool {
         let any = {
             let inner = self.lock();
-            !inner.streams.is_empty() || inner.file.is_some() || inner.remote.iter().any(|r| r.live)
+            !inner.streams.is_empty()
+                || !inner.vms.is_empty()
+                || inner.file.is_some()
+                || inner.remote.iter().any(|r| r.live)
+                || inner.remote_vms.iter().any(|r| r.live && r.status.connected)
         };
         any && self.rollout(version).complete()
     }
@@ -564,11 +706,13 @@ impl Tracker {
     }
 
     /// Every connected stream (this replica's, then the other replicas'),
-    /// then this replica's recently disconnected ones.
+    /// then this replica's recently disconnected ones; each connected one
+    /// with its node's VM streams.
     pub fn envoys(&self) -> Vec<EnvoyStatus> {
+        let vms = self.vms();
         let inner = self.lock();
         let replica = inner.replica.as_ref();
-        inner
+        let mut envoys: Vec<EnvoyStatus> = inner
             .streams
             .iter()
             .map(|(id, s)| view(replica, id, s))
@@ -576,8 +720,28 @@ impl Tracker {
                 connected: r.live,
                 ..r.status.clone()
             }))
-            .chain(inner.disconnected.iter().map(|(id, s)| view(replica, id, s)))
-            .collect()
+            .collect();
+        for envoy in envoys.iter_mut().filter(|e| e.connected) {
+            envoy.vms = vms.iter().filter(|vm| vm.node == envoy.node).cloned().collect();
+            envoy.delta = envoy.vms.iter().any(|vm| vm.connected);
+        }
+        envoys.extend(inner.disconnected.iter().map(|(id, s)| view(replica, id, s)));
+        envoys
+    }
+
+    /// VM streams whose node has no connected Envoy stream (its ECDS goes
+    /// to a file, or to a replica that is not live).
+    pub fn vms_without_envoy(&self) -> Vec<VmStatus> {
+        let envoys: BTreeSet<String> = {
+            let inner = self.lock();
+            inner
+                .streams
+                .values()
+                .map(|s| s.node.clone())
+                .chain(inner.remote.iter().filter(|r| r.live).map(|r| r.status.node.clone()))
+                .collect()
+        };
+        self.vms().into_iter().filter(|vm| !envoys.contains(&vm.node)).collect()
     }
 
     pub fn file(&self) -> Option<FileStatus> {
@@ -596,7 +760,6 @@ mod tests {
     use super::*;
     use crate::store::{Epoch, Revision};
     use std::sync::Arc;
-    use std::time::Duration;
 
     const V1: Version = v(1);
     const V2: Version = v(2);
@@ -711,6 +874,7 @@ mod tests {
         tr.set_remote(
             vec![remote("r2", 4, true, Some(V1)), remote("r3", 7, false, Some(V1))],
             vec![],
+            vec![],
         );
         let r = tr.rollout(V2);
         assert_eq!(
@@ -732,7 +896,7 @@ mod tests {
         let t = Arc::clone(&tr);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
-            t.set_remote(vec![remote("r2", 4, true, Some(V2))], vec![]);
+            t.set_remote(vec![remote("r2", 4, true, Some(V2))], vec![], vec![]);
         });
         let r = tr.wait(V2, Instant::now() + Duration::from_secs(10)).await;
         assert!(r.complete(), "{r:?}");
@@ -820,5 +984,158 @@ mod tests {
         assert!(!tr.envoys()[0].held);
         // An ACK of another epoch's version is not this epoch's.
         assert!(!tr.rollout(Version::new(Epoch(2), Revision(1))).complete());
+    }
+
+    #[tokio::test]
+    async fn a_node_with_vm_streams_waits_for_its_vms_not_its_ecds_ack() {
+        let tr = Arc::new(Tracker::new());
+        let gw1 = tr.connected("gw-1", "gw", "p", "");
+        let gw2 = tr.connected("gw-2", "gw", "p", "");
+        let a = tr.vm_connected("gw-1", "ab12", "p", V1);
+        let b = tr.vm_connected("gw-1", "cd34", "p", V1);
+        // gw-1's ECDS ACK no longer counts; gw-2 has no VM stream: its does.
+        tr.acked(gw1, V2);
+        let r = tr.rollout(V2);
+        assert_eq!((r.envoys, r.applied), (2, 0));
+        let who: Vec<_> = r.lagging.iter().map(|l| (l.who.as_str(), l.lag.clone())).collect();
+        assert_eq!(
+            who,
+            [
+                ("gw-1 (vm ab12)", Lag::Pending),
+                ("gw-1 (vm cd34)", Lag::Pending),
+                ("gw-2 (stream 2)", Lag::Pending)
+            ]
+        );
+        // The write waits for every VM of gw-1.
+        let t = Arc::clone(&tr);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            t.vm_sent(a, V2);
+            t.vm_sent(b, V2);
+            t.vm_acked(a, V2);
+            t.acked(gw2, V2);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            t.vm_acked(b, v(3));
+        });
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(10)).await;
+        assert!(r.complete(), "{r:?}");
+        assert_eq!((r.envoys, r.applied), (2, 2));
+        // Its ECDS ACK alone is not enough while a VM lags ...
+        tr.acked(gw1, v(5));
+        assert_eq!(tr.rollout(v(5)).lagging.len(), 3);
+        // ... and is again once its node has no VM stream (an older filter).
+        tr.vm_disconnected(a);
+        tr.vm_disconnected(b);
+        let r = tr.rollout(v(5));
+        assert_eq!(
+            r.lagging.iter().map(|l| l.who.as_str()).collect::<Vec<_>>(),
+            ["gw-2 (stream 2)"]
+        );
+        // Status: which Envoys are on the delta channel.
+        let c = tr.vm_connected("gw-2", "ef56", "p", v(5));
+        let envoys = tr.envoys();
+        assert_eq!((envoys[0].delta, envoys[1].delta), (false, true));
+        assert_eq!(envoys[1].vms[0].vm, "ef56");
+        assert_eq!(envoys[1].vms[0].acked_revision.as_deref(), Some("5"));
+        let json = serde_json::to_value(&envoys[0]).unwrap();
+        assert_eq!(json["delta"], false);
+        assert!(tr.rollout(v(5)).complete(), "a VM subscribing at a version has it");
+        tr.vm_disconnected(c);
+        assert_eq!(tr.delta_streams(), 0);
+    }
+
+    #[test]
+    fn vms_without_an_envoy_stream_count_as_one_envoy() {
+        let tr = Tracker::new();
+        let a = tr.vm_connected("gw", "ab12", "p", V1);
+        tr.vm_connected("gw", "cd34", "p", V2);
+        assert!(tr.applied(V1));
+        let r = tr.rollout(V2);
+        assert_eq!((r.envoys, r.applied), (1, 0));
+        assert_eq!(r.lagging[0].who, "gw (vm ab12)");
+        tr.vm_acked(a, V2);
+        assert!(tr.applied(V2));
+        assert_eq!(tr.vms_without_envoy().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_vm_that_never_answers_holds_writes_for_its_patience_only() {
+        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)));
+        let vm = tr.vm_connected("gw", "ab12", "p", V1);
+        tr.vm_sent(vm, V2);
+        let started = Instant::now();
+        let r = tr.wait(V2, Instant::now() + Duration::from_secs(5)).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(140) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(matches!(r.lagging[0].lag, Lag::Unresponsive(_)), "{r:?}");
+        tr.vm_acked(vm, V2);
+        assert!(tr.rollout(V2).complete());
+        // A VM ahead of this control plane is held, not waited for.
+        let held = tr.vm_connected("gw", "cd34", "p", v(9));
+        tr.vm_held(held, true);
+        let r = tr.rollout(v(10));
+        assert_eq!(r.lagging[1].who, "gw (vm cd34)");
+        assert_eq!(r.lagging[1].lag, Lag::Held(v(9)));
+        assert!(tr.vms()[1].held);
+    }
+
+    #[tokio::test]
+    async fn snapshots_wait_only_for_nodes_whose_vms_are_on_the_delta_channel() {
+        let tr = Tracker::new();
+        let mut changes = tr.subscribe_vms();
+        assert!(!tr.defers_snapshots("gw"), "no VM stream: ECDS is its only channel");
+        let a = tr.vm_connected("gw", "ab12", "p", V1);
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        assert!(tr.defers_snapshots("gw"));
+        assert!(!tr.defers_snapshots("other"));
+        // A VM no history reaches: snapshots at once, until it subscribes again.
+        tr.vm_snapshot_needed(a);
+        assert!(changes.has_changed().unwrap());
+        assert!(!tr.defers_snapshots("gw"));
+        tr.vm_disconnected(a);
+        let b = tr.vm_connected("gw", "cd34", "p", V1);
+        assert!(!tr.defers_snapshots("gw"), "another VM of the node still awaits one");
+        assert!(tr
+            .local_vms()
+            .iter()
+            .any(|v| v.status.awaiting_snapshot && !v.status.connected));
+        tr.vm_connected("gw", "ab12", "p", V2);
+        assert!(tr.defers_snapshots("gw"));
+        // A VM of the node at another replica counts the same.
+        tr.vm_disconnected(b);
+        let mut status = tr.local_vms().remove(0).status;
+        tr.lock().vms.clear();
+        assert!(!tr.defers_snapshots("gw"));
+        status.replica = Some("r2".into());
+        let remote = RemoteVm {
+            live: true,
+            acked: Some(V1),
+            status: status.clone(),
+        };
+        changes.borrow_and_update();
+        tr.set_remote(vec![], vec![remote.clone()], vec![]);
+        assert!(changes.has_changed().unwrap());
+        assert!(tr.defers_snapshots("gw"));
+        assert_eq!(tr.delta_streams(), 1);
+        let r = tr.rollout(V2);
+        assert_eq!(r.lagging[0].who, "gw (replica r2, vm ab12)");
+        // Its ACK arrives through the database.
+        tr.set_remote(
+            vec![],
+            vec![RemoteVm {
+                acked: Some(V2),
+                ..remote.clone()
+            }],
+            vec![],
+        );
+        assert!(tr.rollout(V2).complete());
+        // A replica that is not live: neither waited for nor deferring.
+        tr.set_remote(vec![], vec![RemoteVm { live: false, ..remote }], vec![]);
+        assert!(!tr.defers_snapshots("gw"));
+        assert_eq!(tr.rollout(V2).envoys, 0);
     }
 }

@@ -3,9 +3,12 @@
 //! around the shared payload by `frames`), or a file Envoy watches (`file`);
 //! the wire encoding of the resource (`resource`); which Envoy stream has
 //! applied which version (`acks`); who may hold the port and how much of it
-//! (`peers`); and, on the same server, the filters' usage reports (`usage`).
+//! (`peers`); and, on the same server, the filters' usage reports (`usage`)
+//! and the delta channel to every filter VM (`delta`), whose streams the
+//! ACK tracker keeps too (`vms`).
 
 pub mod acks;
+pub mod delta;
 pub mod file;
 mod frames;
 pub mod peers;
@@ -13,6 +16,7 @@ pub mod resource;
 pub mod server;
 mod sotw;
 pub mod usage;
+pub mod vms;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -7,6 +7,16 @@
 //! hand out the table outside any stream (uncounted, untracked), and Envoy
 //! never uses it. Requests are decoded with a small limit of their own
 //! (`--xds-max-request-bytes`): a DiscoveryRequest is a few hundred bytes.
+//!
+//! ECDS is the snapshot; the changes travel on the delta channel
+//! (`push::delta`) to every filter VM. So an Envoy whose node has a
+//! connected VM stream gets a new snapshot only `--snapshot-interval-ms`
+//! after the first change it lacks (at most one per interval, never on a
+//! write's path: a write waits for the VMs), and at once when one of its VMs
+//! awaits a snapshot (no history reaches its table) or its last VM stream
+//! goes. An Envoy without VM streams (an older filter) gets every version at
+//! once, as a new subscription does. With an interval of 0, every Envoy gets
+//! every version at once.
 
 use super::acks::{StreamId, Tracker};
 use super::frames::FrameBody;
@@ -20,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tonic::body::Body;
 use tonic::codegen::{http, Service};
@@ -43,14 +54,20 @@ struct Shared {
     max_request_bytes: usize,
     identities: Identities,
     counters: PushCounters,
+    /// `--snapshot-interval-ms` (zero: every version at once).
+    snapshot_interval: Duration,
 }
 
-/// What the ECDS streams sent (`/metrics`).
+/// What the ECDS and delta streams sent (`/metrics`).
 #[derive(Clone, Debug, Default)]
 pub struct PushCounters {
     pub responses: Counter,
     /// Bytes of the responses, gRPC framing included.
     pub bytes: Counter,
+    /// Delta channel responses to filter VMs.
+    pub delta_responses: Counter,
+    /// Their bytes, gRPC framing included.
+    pub delta_bytes: Counter,
 }
 
 /// What an xDS server accepts from its clients.
@@ -70,6 +87,7 @@ impl EcdsServer {
         shutdown: watch::Receiver<bool>,
         limits: XdsLimits,
         counters: PushCounters,
+        snapshot_interval: Duration,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -80,6 +98,7 @@ impl EcdsServer {
                 max_request_bytes: limits.max_request_bytes,
                 identities: limits.identities,
                 counters,
+                snapshot_interval,
             }),
         }
     }
@@ -203,6 +222,51 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
     }
 }
 
+/// When a stream's Envoy gets a new snapshot (see the module's notes).
+struct Pacing {
+    interval: Duration,
+    /// Its node, once it said.
+    node: Option<String>,
+    /// The stream is held (it enforces a newer version): every version goes
+    /// to the state machine at once.
+    held: bool,
+    /// When the snapshot it lacks goes out.
+    due: Option<tokio::time::Instant>,
+}
+
+impl Pacing {
+    fn track(&mut self, event: &Event) {
+        match event {
+            Event::Connected { node, .. } => self.node = Some(node.clone()),
+            Event::Held { .. } => self.held = true,
+            Event::Released { .. } => self.held = false,
+            _ => {}
+        }
+    }
+
+    /// Whether a new version may wait: the interval is on, and the node has
+    /// a VM stream none of whose VMs awaits a snapshot.
+    fn defers(&self, acks: &Tracker) -> bool {
+        !self.interval.is_zero() && !self.held && self.node.as_deref().is_some_and(|n| acks.defers_snapshots(n))
+    }
+
+    /// `latest` was published, or the node's VM streams changed, or the due
+    /// time came (`due`): whether the stream takes `latest` now.
+    fn take(&mut self, acks: &Tracker, latest: &Snapshot, target: &Snapshot, due: bool) -> bool {
+        if latest.version == target.version {
+            self.due = None;
+            return false;
+        }
+        if due || !self.defers(acks) {
+            self.due = None;
+            return true;
+        }
+        self.due
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.interval);
+        false
+    }
+}
+
 async fn serve_stream(
     shared: Arc<Shared>,
     peer: String,
@@ -211,23 +275,37 @@ async fn serve_stream(
 ) {
     let mut session = Session::new(&shared.resource.params().resource_name);
     let mut published = shared.publisher.subscribe();
+    let mut vms = shared.acks.subscribe_vms();
     let mut shutdown = shared.shutdown.clone();
     let mut stream: Option<StreamId> = None;
+    // The snapshot this Envoy is to have now: the published one, or an
+    // earlier one while its VMs' delta streams carry the changes.
+    let mut target: Arc<Snapshot> = shared.publisher.current();
+    let mut pacing = Pacing {
+        interval: shared.snapshot_interval,
+        node: None,
+        held: false,
+        due: None,
+    };
     loop {
         // The snapshot a response carries: the one whose version the state
         // machine decided on.
         let (respond, snapshot): (Option<Respond>, Arc<Snapshot>) = tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
+                    if stream.is_none() {
+                        // A new subscription gets the current snapshot.
+                        target = Arc::clone(&published.borrow().snapshot);
+                    }
                     // Not marked as seen: if the request is stale and sends
                     // nothing, `changed()` still pushes the new version.
-                    let snapshot = Arc::clone(&published.borrow().snapshot);
-                    match session.on_request(&req, snapshot.version) {
+                    match session.on_request(&req, target.version) {
                         Ok(step) => {
                             for event in &step.events {
+                                pacing.track(event);
                                 record(&shared, &mut stream, &peer, event);
                             }
-                            (step.respond, snapshot)
+                            (step.respond, Arc::clone(&target))
                         }
                         Err(e) => {
                             tracing::warn!("xds: closing a stream from {peer}: {e}");
@@ -246,12 +324,24 @@ async fn serve_stream(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = Arc::clone(&published.borrow_and_update().snapshot);
-                let step = session.on_version(snapshot.version);
-                for event in &step.events {
-                    record(&shared, &mut stream, &peer, event);
+                let latest = Arc::clone(&published.borrow_and_update().snapshot);
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, false)
+            }
+            () = async {
+                match pacing.due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
-                (step.respond, snapshot)
+            } => {
+                let latest = shared.publisher.current();
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, true)
+            }
+            changed = vms.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let latest = shared.publisher.current();
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, false)
             }
             _ = shutdown.changed() => break,
             () = tx.closed() => break,
@@ -279,5 +369,215 @@ async fn serve_stream(
     if let Some(id) = stream {
         tracing::info!(stream = id.0, peer, "xds: stream {} ({peer}) disconnected", id.0);
         shared.acks.disconnected(id);
+    }
+}
+
+/// `latest` is there (published, due, or the node's VM streams changed):
+/// the response to send, if the stream takes it now.
+#[allow(clippy::too_many_arguments)]
+fn next(
+    shared: &Arc<Shared>,
+    session: &mut Session,
+    pacing: &mut Pacing,
+    stream: &mut Option<StreamId>,
+    peer: &str,
+    target: &mut Arc<Snapshot>,
+    latest: Arc<Snapshot>,
+    due: bool,
+) -> (Option<Respond>, Arc<Snapshot>) {
+    if !pacing.take(&shared.acks, &latest, target, due) {
+        return (None, Arc::clone(target));
+    }
+    *target = latest;
+    let step = session.on_version(target.version);
+    for event in &step.events {
+        pacing.track(event);
+        record(shared, stream, peer, event);
+    }
+    (step.respond, Arc::clone(target))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::config::PublisherOptions;
+    use crate::push::resource::{FilterParams, TYPE_URL};
+    use crate::store::contract::record;
+    use crate::store::{SqliteStore, Store};
+    use crate::testutil::TempDir;
+    use apitokens_core::Role;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use std::time::Instant;
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tonic::Request;
+
+    const NODE: &str = "gw-1";
+
+    struct Plane {
+        _dir: TempDir,
+        store: Arc<dyn Store>,
+        publisher: Arc<Publisher>,
+        acks: Arc<Tracker>,
+        addr: std::net::SocketAddr,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn plane(tag: &str, interval: Duration) -> Plane {
+        let dir = TempDir::new(tag);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("e.db")).unwrap());
+        let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
+            .await
+            .unwrap();
+        let acks = Arc::new(Tracker::new());
+        let (stop, stopped) = watch::channel(false);
+        let server = EcdsServer::new(
+            Arc::clone(&publisher),
+            Arc::clone(&acks),
+            EcdsResource::new(FilterParams::default()),
+            stopped,
+            XdsLimits {
+                max_request_bytes: 64 * 1024,
+                identities: Identities::new(vec![]),
+            },
+            PushCounters::default(),
+            interval,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Plane {
+            _dir: dir,
+            store,
+            publisher,
+            acks,
+            addr,
+            _stop: stop,
+        }
+    }
+
+    /// An Envoy on ECDS that ACKs every response.
+    struct Envoy {
+        tx: mpsc::Sender<DiscoveryRequest>,
+        inbound: Streaming<DiscoveryResponse>,
+    }
+
+    impl Envoy {
+        async fn connect(addr: std::net::SocketAddr) -> Self {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(DiscoveryRequest {
+                node: Some(Node {
+                    id: NODE.into(),
+                    ..Default::default()
+                }),
+                resource_names: vec!["apitokens".into()],
+                type_url: TYPE_URL.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let path = http::uri::PathAndQuery::from_static(
+                "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs",
+            );
+            let codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryResponse>::default();
+            let response = grpc
+                .streaming(Request::new(ReceiverStream::new(rx)), path, codec)
+                .await
+                .unwrap();
+            Self {
+                tx,
+                inbound: response.into_inner(),
+            }
+        }
+
+        /// The next version within `within`, ACKed.
+        async fn version(&mut self, within: Duration) -> Option<String> {
+            let response = tokio::time::timeout(within, self.inbound.message()).await.ok()?;
+            let response = response.unwrap().unwrap();
+            self.tx
+                .send(DiscoveryRequest {
+                    version_info: response.version_info.clone(),
+                    resource_names: vec!["apitokens".into()],
+                    type_url: TYPE_URL.into(),
+                    response_nonce: response.nonce.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            Some(response.version_info)
+        }
+    }
+
+    async fn write(cp: &Plane, n: u8) -> String {
+        let r = cp
+            .store
+            .insert(
+                vec![record(&format!("namespaces/a/apitokens/t{n}"), Role::Viewer, n)],
+                None,
+                vec![],
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        cp.publisher.publish(r, deadline).await.unwrap().version.xds()
+    }
+
+    #[tokio::test]
+    async fn an_envoy_with_vm_streams_gets_snapshots_at_most_every_interval() {
+        let cp = plane("ecds-interval", Duration::from_millis(400)).await;
+        let mut envoy = Envoy::connect(cp.addr).await;
+        let first = envoy.version(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            first,
+            cp.publisher.current().version.xds(),
+            "a new subscription: at once"
+        );
+        // Without a VM stream: every version at once (an older filter).
+        let v1 = write(&cp, 1).await;
+        assert_eq!(envoy.version(Duration::from_secs(5)).await, Some(v1));
+        // With one: the snapshot waits for the interval.
+        let vm = cp.acks.vm_connected(NODE, "ab12", "p", cp.publisher.current().version);
+        let started = Instant::now();
+        write(&cp, 2).await;
+        let v3 = write(&cp, 3).await;
+        assert_eq!(envoy.version(Duration::from_secs(5)).await, Some(v3), "both in one");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(350), "{waited:?}");
+        // A VM no history reaches: its Envoy's snapshot goes out at once.
+        let v4 = write(&cp, 4).await;
+        assert_eq!(envoy.version(Duration::from_millis(150)).await, None);
+        cp.acks.vm_snapshot_needed(vm);
+        assert_eq!(envoy.version(Duration::from_millis(300)).await, Some(v4));
+        cp.acks.vm_disconnected(vm);
+        // The node's last VM stream gone: at once again, and a pending
+        // snapshot goes out when it goes.
+        let again = cp.acks.vm_connected(NODE, "ab12", "p", cp.publisher.current().version);
+        assert!(cp.acks.defers_snapshots(NODE));
+        let v5 = write(&cp, 5).await;
+        assert_eq!(envoy.version(Duration::from_millis(150)).await, None);
+        cp.acks.vm_disconnected(again);
+        assert_eq!(envoy.version(Duration::from_millis(300)).await, Some(v5));
+    }
+
+    #[tokio::test]
+    async fn an_interval_of_zero_sends_every_version_at_once() {
+        let cp = plane("ecds-zero", Duration::ZERO).await;
+        let mut envoy = Envoy::connect(cp.addr).await;
+        envoy.version(Duration::from_secs(5)).await.unwrap();
+        cp.acks.vm_connected(NODE, "ab12", "p", cp.publisher.current().version);
+        let v1 = write(&cp, 1).await;
+        assert_eq!(envoy.version(Duration::from_millis(300)).await, Some(v1));
     }
 }

@@ -1,0 +1,283 @@
+//! The filter VMs' delta streams (`push::delta`) as the ACK [`Tracker`]
+//! keeps them: which VM of which Envoy node is connected, what it was sent,
+//! and which table it says it enforces (its acknowledgement).
+//!
+//! They change what a write waits for: an Envoy node with at least one
+//! connected VM stream has applied a version when every one of its VM
+//! streams enforces it (each worker VM, not Envoy's main thread, which is
+//! what an ECDS ACK says), and its ECDS stream is no longer waited for; a
+//! node without one (an older filter, or a VM between two streams) keeps the
+//! ECDS semantics. See [`Tracker::rollout`].
+//!
+//! They also tell the ECDS server when a node needs a snapshot at once
+//! ([`Tracker::defers_snapshots`]): when it has no VM stream (ECDS is then
+//! its only channel), or when one of its VMs was told that no history
+//! reaches its table. Such a VM ends its stream and waits for a snapshot;
+//! it is remembered as awaiting one (shared with the other replicas like
+//! the streams) until it subscribes again or [`AWAIT_FOR`] passes.
+
+use super::acks::{StreamId, Tracker};
+use crate::clock;
+use crate::config::Version;
+use apitokens_core::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+/// How long a VM told to wait for a snapshot keeps its node's snapshots
+/// coming at once (it subscribes again as soon as one arrives).
+pub const AWAIT_FOR: Duration = Duration::from_secs(60);
+/// The most VMs remembered as awaiting a snapshot.
+const MAX_AWAITING: usize = 256;
+
+/// One VM stream as `/status` shows it (under its Envoy) and as replicas
+/// share it through the database (told from an Envoy stream by `vm`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// The replica it is connected to (with replicas only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    pub stream: u64,
+    pub node: String,
+    /// The VM's id (random per VM, chosen by the filter).
+    pub vm: String,
+    pub peer: String,
+    pub connected: bool,
+    pub connected_at: String,
+    /// The table the VM enforced when it subscribed (`revision`, `epoch`).
+    pub subscribed_revision: String,
+    pub subscribed_epoch: String,
+    /// It enforces a table newer than this control plane's: nothing is sent
+    /// to it until this control plane reaches it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// The table the changes sent so far bring it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_revision: Option<String>,
+    /// The table it said it enforces last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_epoch: Option<String>,
+    /// No history reaches its table: it waits for a snapshot (its stream
+    /// ended; not counted as connected).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_snapshot: bool,
+}
+
+/// A VM stream of another replica, as that replica recorded it.
+#[derive(Clone, Debug)]
+pub struct RemoteVm {
+    /// Its replica's heartbeat is recent.
+    pub live: bool,
+    pub acked: Option<Version>,
+    pub status: VmStatus,
+}
+
+/// A VM stream of this replica, as shared with the others.
+#[derive(Clone, Debug)]
+pub struct LocalVm {
+    pub acked: Option<Version>,
+    pub status: VmStatus,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Vm {
+    pub node: String,
+    pub vm: String,
+    pub peer: String,
+    pub connected_at: Timestamp,
+    pub subscribed: Version,
+    pub held: bool,
+    pub sent: Option<Version>,
+    /// Since when a table it was sent is not acknowledged.
+    pub unanswered_since: Option<Instant>,
+    /// What it enforces: where it subscribed, then what it acknowledged.
+    pub acked: Version,
+    /// Told to wait for a snapshot, at this time.
+    pub awaiting: Option<Instant>,
+}
+
+impl Vm {
+    /// Its status, `connected` or not.
+    pub fn view(&self, replica: Option<&String>, id: StreamId, connected: bool) -> VmStatus {
+        VmStatus {
+            replica: replica.cloned(),
+            stream: id.0,
+            node: self.node.clone(),
+            vm: self.vm.clone(),
+            peer: self.peer.clone(),
+            connected,
+            connected_at: self.connected_at.to_rfc3339(),
+            subscribed_revision: self.subscribed.revision.to_string(),
+            subscribed_epoch: self.subscribed.epoch.to_string(),
+            held: self.held,
+            sent_revision: self.sent.map(|v| v.revision.to_string()),
+            acked_revision: Some(self.acked.revision.to_string()),
+            acked_epoch: Some(self.acked.epoch.to_string()),
+            awaiting_snapshot: self.awaiting.is_some(),
+        }
+    }
+}
+
+/// `node-1 (vm ab12)`, or `node-1 (replica r2, vm ab12)`.
+pub(super) fn who(node: &str, replica: Option<&str>, vm: &str) -> String {
+    match replica {
+        Some(replica) => format!("{node} (replica {replica}, vm {vm})"),
+        None => format!("{node} (vm {vm})"),
+    }
+}
+
+impl Tracker {
+    /// A VM subscribed: it enforces the table at `at` (counted as applied).
+    pub fn vm_connected(&self, node: &str, vm: &str, peer: &str, at: Version) -> StreamId {
+        self.update_vms(|inner| {
+            inner.next_id += 1;
+            let id = StreamId(inner.next_id);
+            // It got its snapshot (or gave up on it): no longer awaiting.
+            inner.awaiting.retain(|(_, v)| !(v.node == node && v.vm == vm));
+            inner.vms.insert(
+                id,
+                Vm {
+                    node: node.to_owned(),
+                    vm: vm.to_owned(),
+                    peer: peer.to_owned(),
+                    connected_at: clock::now(),
+                    subscribed: at,
+                    held: false,
+                    sent: None,
+                    unanswered_since: None,
+                    acked: at,
+                    awaiting: None,
+                },
+            );
+            id
+        })
+    }
+
+    fn with_vm(&self, id: StreamId, f: impl FnOnce(&mut Vm)) {
+        self.update(|inner| {
+            if let Some(vm) = inner.vms.get_mut(&id) {
+                f(vm);
+            }
+        });
+    }
+
+    /// The VM enforces a table newer than this control plane's (see
+    /// [`VmStatus::held`]), or no longer is ahead.
+    pub fn vm_held(&self, id: StreamId, held: bool) {
+        self.with_vm(id, |vm| vm.held = held);
+    }
+
+    /// The changes that bring the VM's table to `to` were sent.
+    pub fn vm_sent(&self, id: StreamId, to: Version) {
+        self.with_vm(id, |vm| {
+            vm.sent = Some(to);
+            if vm.acked < to {
+                vm.unanswered_since.get_or_insert_with(Instant::now);
+            }
+        });
+    }
+
+    /// The VM says it enforces the table at `at`.
+    pub fn vm_acked(&self, id: StreamId, at: Version) {
+        self.with_vm(id, |vm| {
+            vm.acked = at;
+            // An answer: patience starts over for what is still unanswered.
+            vm.unanswered_since = vm.sent.filter(|s| *s > at).map(|_| Instant::now());
+        });
+    }
+
+    /// The VM was told that no history reaches its table: its node's
+    /// snapshots go out at once until it subscribes again.
+    pub fn vm_snapshot_needed(&self, id: StreamId) {
+        self.update_vms(|inner| {
+            if let Some(vm) = inner.vms.get_mut(&id) {
+                vm.awaiting = Some(Instant::now());
+            }
+        });
+    }
+
+    pub fn vm_disconnected(&self, id: StreamId) {
+        self.update_vms(|inner| {
+            if let Some(vm) = inner.vms.remove(&id) {
+                if vm.awaiting.is_some() {
+                    inner.awaiting.push_front((id, vm));
+                    inner.awaiting.truncate(MAX_AWAITING);
+                }
+            }
+        });
+    }
+
+    /// Changes when VM streams connect or go, or a VM awaits a snapshot
+    /// (here or at another replica): what [`Tracker::defers_snapshots`]
+    /// answers may have changed.
+    pub fn subscribe_vms(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.vms_changed.subscribe()
+    }
+
+    /// Whether `node`'s new snapshots may wait for the snapshot interval:
+    /// it has a connected VM stream (here or at a live replica), and none of
+    /// its VMs awaits a snapshot.
+    pub fn defers_snapshots(&self, node: &str) -> bool {
+        let mut inner = self.lock();
+        inner
+            .awaiting
+            .retain(|(_, vm)| vm.awaiting.is_some_and(|t| t.elapsed() < AWAIT_FOR));
+        let local = inner.vms.values().filter(|vm| vm.node == node);
+        let remote = inner.remote_vms.iter().filter(|r| r.live && r.status.node == node);
+        let mut connected = false;
+        for (is_connected, awaiting) in local
+            .map(|vm| (true, vm.awaiting.is_some()))
+            .chain(remote.map(|r| (r.status.connected, r.status.awaiting_snapshot)))
+        {
+            if awaiting {
+                return false;
+            }
+            connected |= is_connected;
+        }
+        connected && !inner.awaiting.iter().any(|(_, vm)| vm.node == node)
+    }
+
+    /// This replica's VM streams (and the VMs awaiting a snapshot), to share
+    /// with the other replicas.
+    pub fn local_vms(&self) -> Vec<LocalVm> {
+        let inner = self.lock();
+        let replica = inner.replica.as_ref();
+        inner
+            .vms
+            .iter()
+            .map(|(id, vm)| (id, vm, true))
+            .chain(inner.awaiting.iter().map(|(id, vm)| (id, vm, false)))
+            .map(|(id, vm, connected)| LocalVm {
+                acked: Some(vm.acked),
+                status: vm.view(replica, *id, connected),
+            })
+            .collect()
+    }
+
+    /// Connected VM streams: this replica's and the live replicas'.
+    pub fn delta_streams(&self) -> usize {
+        let inner = self.lock();
+        inner.vms.len() + inner.remote_vms.iter().filter(|r| r.live && r.status.connected).count()
+    }
+
+    /// Every VM stream (connected or awaiting a snapshot), this replica's
+    /// then the live replicas', for the status page.
+    pub fn vms(&self) -> Vec<VmStatus> {
+        let inner = self.lock();
+        let replica = inner.replica.as_ref();
+        inner
+            .vms
+            .iter()
+            .map(|(id, vm)| vm.view(replica, *id, true))
+            .chain(inner.awaiting.iter().map(|(id, vm)| vm.view(replica, *id, false)))
+            .chain(inner.remote_vms.iter().filter(|r| r.live).map(|r| r.status.clone()))
+            .collect()
+    }
+}
+
+/// Whether a stream's JSON as shared through the database is a VM's.
+pub(crate) fn is_vm(json: &serde_json::Value) -> bool {
+    json.get("vm").is_some()
+}
