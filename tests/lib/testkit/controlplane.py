@@ -293,14 +293,16 @@ def from_file(ecds_file: Path) -> Callable[[dict], None]:
 
 
 def shipped_envoy(workdir: Path, cp: ControlPlane, upstream_port: int, node: str,
-                  mutate: Callable[[dict], None] | None = None, cwd: Path = REPO) -> harness.Envoy:
+                  mutate: Callable[[dict], None] | None = None, cwd: Path = REPO,
+                  concurrency: int = 2) -> harness.Envoy:
     """An Envoy (not started) on envoy-ecds.yaml as shipped (`ecds_bootstrap`,
     then `mutate` if given): its stdout access log to access.log, the log at
     info level without the filter's debug lines (tests/cp)."""
     config = ecds_bootstrap(cp, upstream_port, node)
     if mutate:
         mutate(config)
-    return harness.Envoy(workdir, config, name=node, stdout="access.log", wasm_debug=False, cwd=cwd)
+    return harness.Envoy(workdir, config, name=node, stdout="access.log", wasm_debug=False, cwd=cwd,
+                         concurrency=concurrency)
 
 
 def ecds_envoy(workdir: Path, cp: ControlPlane, upstream, node: str) -> "harness.Envoy":

@@ -286,8 +286,9 @@ class Envoy:
     instances: list["Envoy"] = []
 
     def __init__(self, workdir: Path, config: dict, name: str = "envoy", *, stdout: str = "stdout.txt",
-                 wasm_debug: bool = True, cwd: Path = REPO_ROOT):
+                 wasm_debug: bool = True, cwd: Path = REPO_ROOT, concurrency: int = 2):
         self.name = name
+        self.concurrency = concurrency
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "envoy.json"
@@ -310,7 +311,7 @@ class Envoy:
         return [
             envoy_bin(),
             "-c", str(self.config_path),
-            "--concurrency", "2",
+            "--concurrency", str(self.concurrency),
             # No hot-restart shared memory: any number of Envoys coexist, and a
             # crashed one leaves nothing behind that blocks the next.
             "--disable-hot-restart",

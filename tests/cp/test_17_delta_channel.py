@@ -1,0 +1,195 @@
+"""The delta channel: a write reaches every Envoy worker as the change alone,
+and answers only once every worker enforces it.
+
+One control plane holding 100,000 tokens; one Envoy with 4 workers, each
+worker's filter VM (and the main thread's) on its own delta stream. The
+background ECDS snapshot is pushed every 10 minutes only, so everything a
+test sees after the first snapshot came by the delta channel. After every
+answer, the check is the first request on a *fresh* connection (the kernel
+spreads new connections over the 4 workers), over HTTP/1.1 and HTTP/2:
+zero wrong answers. Then the channel cut (the control plane killed with -9
+mid-burst, and back), and the fallback: an Envoy whose filter opens no
+stream still gets every change by ECDS, at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from testkit.controlplane import APP, ControlPlane, apitokens_bin, shipped_envoy, tokens_path
+from testkit.harness import poll, remember_secret
+
+TABLE = 100_000
+CYCLES = 500
+WORKERS = 4
+# Envoy's workers and its main thread: a filter VM each, a stream each.
+VMS = WORKERS + 1
+
+
+def import_tokens(plane: ControlPlane, n: int) -> None:
+    roles = ("viewer", "editor", "owner")
+    tokens = [{"name": f"namespaces/ns-{i % 50}/apitokens/bulk-{i:06d}", "role": roles[i % 3],
+               "secretSha256": hashlib.sha256(secrets.token_bytes(16)).hexdigest()} for i in range(n)]
+    conf = plane.dir / "bulk.json"
+    conf.write_text(json.dumps({"tokens": tokens}))
+    subprocess.run([apitokens_bin(), "import", str(conf), *plane.store_args()],
+                   capture_output=True, check=True, timeout=120)
+
+
+def delta_streams(plane: ControlPlane) -> float:
+    return plane.metrics().get("apitokens_delta_streams", 0.0)
+
+
+@pytest.fixture(scope="module")
+def plane(workdir):
+    plane = ControlPlane(workdir / "delta", name="delta")
+    plane.owner = plane.bootstrap("default", "admin")
+    import_tokens(plane, TABLE)
+    plane.start("--snapshot-interval-ms", "600000")
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(workdir, plane, upstream):
+    envoy = shipped_envoy(workdir / "envoy-delta", plane, upstream.server_address[1], node="delta-envoy",
+                          concurrency=WORKERS).start()
+    poll(lambda: delta_streams(plane) >= VMS, 30, f"{VMS} delta streams")
+    yield envoy
+    envoy.stop()
+
+
+def fresh(proxy, proto: str, secret: str) -> int:
+    """The status of a request on a new connection (a worker the kernel picks)."""
+    with httpx.Client(base_url=proxy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=10.0,
+                      trust_env=False) as client:
+        return client.get(APP, headers={"authorization": f"Bearer {secret}"}).status_code
+
+
+def test_every_vm_holds_a_stream_and_a_write_sends_the_change_alone(plane, proxy):
+    before = plane.metrics()
+    r = plane.api("POST", tokens_path("default"), plane.owner,
+                  {"name": "namespaces/default/apitokens/delta-size", "role": "viewer"})
+    assert r.status == 200, r
+    secret = remember_secret(r.json()["apiToken"]["secret"])
+    assert fresh(proxy, "h1", secret) == 200
+    after = plane.metrics()
+    ecds = after["apitokens_push_bytes_total"] - before["apitokens_push_bytes_total"]
+    sent = after["apitokens_delta_bytes_total"] - before["apitokens_delta_bytes_total"]
+    # 100,000 tokens are 8.5 MB of snapshot: none of it moved.
+    assert ecds == 0, f"{ecds} bytes of ECDS for one write"
+    assert 0 < sent <= 4096, f"{sent} bytes to one Envoy for one write"
+    envoy = plane.envoy_status("delta-envoy")
+    assert len([vm for vm in envoy["vms"] if vm["connected"]]) == VMS, envoy
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+def test_every_write_is_enforced_by_every_worker_when_it_answers(plane, proxy, proto):
+    api = httpx.Client(base_url=f"http://127.0.0.1:{plane.api_port}", timeout=30.0, trust_env=False,
+                       headers={"authorization": f"Bearer {plane.owner}"})
+    wrong: list[str] = []
+
+    def check(what: str, secret: str, expected: int) -> None:
+        status = fresh(proxy, proto, secret)
+        if status != expected:
+            wrong.append(f"{what}: {status}, expected {expected}")
+
+    for i in range(CYCLES):
+        name = f"{proto}-cycle-{i}"
+        r = api.post(tokens_path("default"), json={"name": f"namespaces/default/apitokens/{name}", "role": "viewer"})
+        assert r.status_code == 200, r.text
+        first = remember_secret(r.json()["apiToken"]["secret"])
+        check(f"{name} created", first, 200)
+        r = api.post(tokens_path("default", name) + ":regenerate", json={})
+        assert r.status_code == 200, r.text
+        second = remember_secret(r.json()["apiToken"]["secret"])
+        check(f"{name} old secret", first, 401)
+        check(f"{name} new secret", second, 200)
+        r = api.delete(tokens_path("default", name))
+        assert r.status_code == 200, r.text
+        check(f"{name} deleted", second, 401)
+    api.close()
+    assert not wrong, f"{len(wrong)} wrong answers of {CYCLES * 4}: {wrong[:10]}"
+
+
+def test_the_channel_cut_mid_burst_loses_nothing(plane, proxy):
+    """Writes flow from a client while the control plane is killed with -9
+    and started again: every delete that answered stays refused, every create
+    that answered is allowed, on fresh connections to every worker."""
+    deleted: list[str] = []
+    created: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = plane.api("POST", tokens_path("default"), plane.owner,
+                              {"name": f"namespaces/default/apitokens/burst-{i}", "role": "viewer"})
+                if r.status != 200:
+                    continue
+                secret = remember_secret(r.json()["apiToken"]["secret"])
+                if i % 2 and plane.api("DELETE", tokens_path("default", f"burst-{i}"), plane.owner).status == 200:
+                    deleted.append(secret)
+                else:
+                    created.append(secret)
+            except OSError:
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(1.0)
+    plane.stop(signal.SIGKILL)
+    time.sleep(0.5)
+    plane.start(*plane.extra)
+    poll(lambda: delta_streams(plane) >= VMS, 30, "the delta streams back")
+    time.sleep(1.0)
+    stop.set()
+    thread.join(30)
+    assert len(deleted) > 5 and len(created) > 5, (len(deleted), len(created))
+    wrong = [f"deleted #{i}: {s}" for i, secret in enumerate(deleted) if (s := fresh(proxy, "h1", secret)) != 401]
+    wrong += [f"created #{i}: {s}" for i, secret in enumerate(created) if (s := fresh(proxy, "h1", secret)) != 200]
+    assert not wrong, wrong[:10]
+
+
+@pytest.fixture(scope="module")
+def ecds_only(workdir, upstream):
+    """A control plane whose Envoys' filters are told to open no delta
+    stream (`usageReport.deltaChannel: false`), as an older filter would."""
+    base = json.loads((ControlPlane(workdir / "x").plugin_config).read_text())
+    base["usageReport"]["deltaChannel"] = False
+    path = workdir / "plugin-no-delta.json"
+    path.write_text(json.dumps(base))
+    plane = ControlPlane(workdir / "ecds-only", name="ecds-only", plugin_config=path)
+    plane.owner = plane.bootstrap("default", "admin")
+    plane.start("--snapshot-interval-ms", "600000")
+    envoy = shipped_envoy(workdir / "envoy-ecds-only", plane, upstream.server_address[1], node="ecds-only",
+                          concurrency=2).start()
+    poll(lambda: plane.envoy_status("ecds-only").get("ackedVersion"), 15, "the first ACK")
+    yield plane, envoy
+    envoy.stop()
+    plane.stop()
+
+
+def test_a_filter_without_the_channel_gets_every_change_by_ecds_at_once(ecds_only):
+    plane, envoy = ecds_only
+    for i in range(20):
+        r = plane.api("POST", tokens_path("default"), plane.owner,
+                      {"name": f"namespaces/default/apitokens/old-{i}", "role": "viewer"})
+        assert r.status == 200, r
+        secret = remember_secret(r.json()["apiToken"]["secret"])
+        assert fresh(envoy, "h1", secret) == 200
+        assert plane.api("DELETE", tokens_path("default", f"old-{i}"), plane.owner).status == 200
+        assert fresh(envoy, "h1", secret) == 401
+    assert delta_streams(plane) == 0
+    status = plane.envoy_status("ecds-only")
+    assert status["delta"] is False, status
