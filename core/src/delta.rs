@@ -83,7 +83,9 @@ pub fn encode_change(out: &mut Vec<u8>, change: &Change<'_>) {
 
 fn put_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
     out.extend_from_slice(&entry.digest.0);
-    let (secs, nanos) = entry.expire.map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
+    let (secs, nanos) = entry
+        .expire
+        .map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
     out.extend_from_slice(&secs.to_le_bytes());
     out.extend_from_slice(&nanos.to_le_bytes());
 }
@@ -102,7 +104,10 @@ impl<'a> Reader<'a> {
     }
 
     fn byte(&mut self) -> Result<u8, ConfigError> {
-        self.take(1)?.first().copied().ok_or_else(|| error("a change record is truncated"))
+        self.take(1)?
+            .first()
+            .copied()
+            .ok_or_else(|| error("a change record is truncated"))
     }
 
     fn digest(&mut self) -> Result<Digest, ConfigError> {
@@ -294,7 +299,15 @@ mod tests {
 
     fn put<'a>(name: &'a str, secret: &[u8], previous: Option<&[u8]>) -> Change<'a> {
         let current = entry(name, Role::Editor, Digest::of(secret), None, false);
-        let previous = previous.map(|p| entry(name, Role::Editor, Digest::of(p), Some(Timestamp::from_unix(5, 7)), true));
+        let previous = previous.map(|p| {
+            entry(
+                name,
+                Role::Editor,
+                Digest::of(p),
+                Some(Timestamp::from_unix(5, 7)),
+                true,
+            )
+        });
         Change::Put(TokenEntries { current, previous })
     }
 
@@ -343,8 +356,14 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let from = Stamp { epoch: 1, generation: 7 };
-        let to = Stamp { epoch: 1, generation: 9 };
+        let from = Stamp {
+            epoch: 1,
+            generation: 7,
+        };
+        let to = Stamp {
+            epoch: 1,
+            generation: 9,
+        };
         let bytes = response(from, Some(to), b"xyz", false);
         assert_eq!(
             parse_response(&bytes).unwrap(),

@@ -118,14 +118,7 @@ impl Overlay {
                 Change::Remove(_) => (None, None),
                 Change::Put(t) => (Some(self.push(&t.current)), t.previous.as_ref().map(|p| self.push(p))),
             };
-            self.names.insert(
-                Box::from(name),
-                Named {
-                    at,
-                    current,
-                    previous,
-                },
-            );
+            self.names.insert(Box::from(name), Named { at, current, previous });
         }
     }
 
@@ -232,7 +225,10 @@ mod tests {
     const B: &str = "namespaces/a/apitokens/two";
 
     fn stamp(g: u64) -> Stamp {
-        Stamp { epoch: 1, generation: g }
+        Stamp {
+            epoch: 1,
+            generation: g,
+        }
     }
 
     fn entry<'a>(name: &'a str, secret: &[u8], previous: bool) -> Entry<'a> {
