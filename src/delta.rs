@@ -129,6 +129,11 @@ impl Channel {
         self.overlay.borrow()
     }
 
+    /// Whether the stream delivered its first response (see [`Open::live`]).
+    pub fn live(&self) -> bool {
+        self.state.borrow().stream.as_ref().is_some_and(|s| s.live)
+    }
+
     /// The table this VM enforces.
     pub fn at(&self) -> Stamp {
         self.state.borrow().at
@@ -161,7 +166,8 @@ impl Channel {
 
     fn request(&self) -> Vec<u8> {
         let state = self.state.borrow();
-        let node = abi::property("node\0id").ok().flatten().unwrap_or_default();
+        // Envoy's `xds.node` attribute: the bootstrap's Node, its `id`.
+        let node = abi::property("xds\0node\0id").ok().flatten().unwrap_or_default();
         delta::request(&state.lineage, &node, vm_id().as_bytes(), state.at)
     }
 

@@ -50,6 +50,18 @@ use std::rc::Rc;
 /// Counters are kept in the VM and handed to Envoy once a second (a host call
 /// per request saved); the log level is re-read at the same pace.
 const TICK_MS: u32 = 1000;
+/// The tick of a root context whose delta stream is not live: it opens the
+/// stream, and a root context replaced every few hundred milliseconds (ECDS
+/// pushing every write to an Envoy without live streams) must get to tick.
+const FAST_TICK_MS: u32 = 50;
+
+/// The tick period a root context with `active` wants.
+fn tick_period(active: &Active) -> u32 {
+    match &active.channel {
+        Some(channel) if !channel.live() => FAST_TICK_MS,
+        _ => TICK_MS,
+    }
+}
 
 /// A configuration ready for requests: the validated rules and tokens plus
 /// the local replies already serialized for the host, and which of its
@@ -138,6 +150,8 @@ struct RootEntry {
     lineage: Option<Vec<u8>>,
     /// Where `active`'s table stands in its store's history (compact only).
     stamp: Option<Stamp>,
+    /// The tick period asked of the host for this root context.
+    tick_ms: u32,
 }
 
 thread_local! {
@@ -240,7 +254,6 @@ fn configure(root: u32, size: usize) -> bool {
     let started = abi::now_nanos().unwrap_or(0);
     define_metrics();
     refresh_log_level();
-    let _ = abi::set_tick_period_ms(TICK_MS);
     let head = abi::plugin_configuration(compact::STAMP_END).unwrap_or_default();
     let lineage = lineage(&head);
     let stamp = compact::stamp(&head);
@@ -261,16 +274,7 @@ fn configure(root: u32, size: usize) -> bool {
                         At(kept)
                     ),
                 );
-                ROOTS.with(|r| {
-                    r.borrow_mut().insert(
-                        root,
-                        RootEntry {
-                            active,
-                            lineage,
-                            stamp: Some(kept),
-                        },
-                    )
-                });
+                insert_root(root, active, lineage, Some(kept));
                 return true;
             }
             (Arrival::Refuse, _) => {
@@ -362,8 +366,8 @@ fn configure(root: u32, size: usize) -> bool {
                         entry.stamp = stamp;
                     }
                 }
-                roots.insert(root, RootEntry { active, lineage, stamp });
             });
+            insert_root(root, active, lineage, stamp);
             true
         }
         Err(e) => {
@@ -372,6 +376,23 @@ fn configure(root: u32, size: usize) -> bool {
             false
         }
     }
+}
+
+/// Makes `active` `root`'s configuration, with the tick it needs.
+fn insert_root(root: u32, active: Rc<Active>, lineage: Option<Vec<u8>>, stamp: Option<Stamp>) {
+    let tick_ms = tick_period(&active);
+    let _ = abi::set_tick_period_ms(tick_ms);
+    ROOTS.with(|r| {
+        r.borrow_mut().insert(
+            root,
+            RootEntry {
+                active,
+                lineage,
+                stamp,
+                tick_ms,
+            },
+        )
+    });
 }
 
 /// `, version N (epoch E)` for a compact configuration from the control plane.
@@ -526,10 +547,20 @@ pub extern "C" fn proxy_on_tick(root: u32) {
     flush_counters();
     refresh_log_level();
     report_usage();
-    let channel = ROOTS.with(|r| r.borrow().get(&root).and_then(|e| e.active.channel.clone()));
-    if let Some(channel) = channel {
+    let Some(active) = ROOTS.with(|r| r.borrow().get(&root).map(|e| Rc::clone(&e.active))) else {
+        return;
+    };
+    if let Some(channel) = &active.channel {
         channel.tick(root, abi::now_nanos().unwrap_or(0) / 1_000_000);
     }
+    let wanted = tick_period(&active);
+    ROOTS.with(|r| {
+        if let Some(entry) = r.borrow_mut().get_mut(&root) {
+            if entry.tick_ms != wanted && abi::set_tick_period_ms(wanted).is_ok() {
+                entry.tick_ms = wanted;
+            }
+        }
+    });
 }
 
 /// Every configuration's marks to the reporter, and the reports out, once
