@@ -168,7 +168,9 @@ impl Channel {
         let state = self.state.borrow();
         // Envoy's `xds.node` attribute: the bootstrap's Node, its `id`.
         let node = abi::property("xds\0node\0id").ok().flatten().unwrap_or_default();
-        delta::request(&state.lineage, &node, vm_id().as_bytes(), state.at)
+        let vm = vm_id();
+        let vms = floor::register_vm(&state.key, vm.as_bytes());
+        delta::request(&state.lineage, &node, vm.as_bytes(), state.at, vms)
     }
 
     /// Opens the stream if there is none (through `root`), or sends a due

@@ -10,6 +10,11 @@
 //!   it (`Denial::CatchingUp`): a token revoked since could pass.
 //!
 //! Both only rise (compare-and-swap against the other VMs).
+//!
+//! - the *VMs*: the ids of this Envoy's VMs that opened a delta stream. A VM
+//!   says how many there are with every request, so that the control plane
+//!   can tell an Envoy whose every VM is on the channel from one with a VM
+//!   whose stream is refused or broken (which must keep getting snapshots).
 
 use crate::abi;
 use apitokens_core::compact::Stamp;
@@ -19,6 +24,7 @@ use std::fmt::Write as _;
 pub enum Kind {
     Snapshot,
     Position,
+    Vms,
 }
 
 fn key(kind: Kind, lineage: &[u8]) -> String {
@@ -26,6 +32,7 @@ fn key(kind: Kind, lineage: &[u8]) -> String {
     key.push_str(match kind {
         Kind::Snapshot => "apitokens.floor.",
         Kind::Position => "apitokens.at.",
+        Kind::Vms => "apitokens.vms.",
     });
     for b in lineage {
         let _ = write!(key, "{b:02x}");
@@ -52,4 +59,26 @@ pub fn raise(kind: Kind, lineage: &[u8], stamp: Stamp) {
             return;
         }
     }
+}
+
+/// Adds `vm` (an id of fixed length) to this Envoy's VMs of `lineage`;
+/// returns how many there are (0 if shared data failed).
+pub fn register_vm(lineage: &[u8], vm: &[u8]) -> u32 {
+    let key = key(Kind::Vms, lineage);
+    let count = |list: &[u8]| u32::try_from(list.len() / vm.len().max(1)).unwrap_or(u32::MAX);
+    for _ in 0..8 {
+        let (mut list, cas) = match abi::shared_data(&key) {
+            Ok(Some((value, cas))) => (value, cas),
+            Ok(None) => (Vec::new(), 0),
+            Err(_) => return 0,
+        };
+        if list.chunks(vm.len().max(1)).any(|id| id == vm) {
+            return count(&list);
+        }
+        list.extend_from_slice(vm);
+        if abi::set_shared_data(&key, &list, cas).is_ok() {
+            return count(&list);
+        }
+    }
+    0
 }

@@ -17,6 +17,7 @@
 //!   string node = 2;              // the Envoy's node id
 //!   string vm = 3;                // this VM's id, random per VM
 //!   bytes at = 4;                 // the stamp of the table the VM enforces (16 bytes)
+//!   uint32 vms = 5;               // this Envoy's VMs that opened a stream, as the VM counts them
 //! }
 //! message DeltaResponse {
 //!   bytes from = 1;               // applies to a table at or after this stamp
@@ -201,13 +202,16 @@ fn bytes_field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// A `DeltaRequest`: the VM enforces the table `at` of `lineage`.
-pub fn request(lineage: &[u8], node: &[u8], vm: &[u8], at: Stamp) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + node.len() + vm.len());
+/// A `DeltaRequest`: the VM enforces the table `at` of `lineage`, and its
+/// Envoy has `vms` VMs on the channel.
+pub fn request(lineage: &[u8], node: &[u8], vm: &[u8], at: Stamp, vms: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(72 + node.len() + vm.len());
     bytes_field(&mut out, 1, lineage);
     bytes_field(&mut out, 2, node);
     bytes_field(&mut out, 3, vm);
     bytes_field(&mut out, 4, &at.to_bytes());
+    out.push(5 << 3);
+    varint(&mut out, u64::from(vms));
     out
 }
 

@@ -109,7 +109,7 @@ def test_revoke_and_measure_the_delay(envoy, cp, owner):
         MEASUREMENTS.setdefault("revoke, gRPC ECDS", []).append(time.monotonic() - t_answer)
         assert delay < 2.0
         st = cp.wait_applied(version_of(r))
-        assert any(e["node"] == envoy.node and int(e["ackedVersion"]) >= version_of(r) for e in st["envoys"])
+        assert any(e["node"] == envoy.node and int(e["enforcedVersion"]) >= version_of(r) for e in st["envoys"])
         assert envoy.get(tokens_path(token=f"doomed-{i}"), owner).status == 404
 
 

@@ -110,7 +110,7 @@ def test_every_envoy_receives_changes_and_must_acknowledge(workdir, envoy, cp, o
         st = cp.wait_applied(version_of(r))
         connected = [e for e in st["envoys"] if e["connected"]]
         assert {e["node"] for e in connected} >= {envoy.node, "e2e-envoy-2"}
-        assert all(int(e["ackedVersion"]) >= version_of(r) for e in connected)
+        assert all(int(e["enforcedVersion"]) >= version_of(r) for e in connected)
         until_status(second, APP, secret, 200)
         r = envoy.get(tokens_path(token="everywhere"), owner, method="DELETE")
         until_status(second, APP, secret, 401)

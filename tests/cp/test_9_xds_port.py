@@ -76,6 +76,8 @@ def big_plane(workdir, upstream):
     cp.start("--apply-timeout-ms", "1000", "--xds-max-connections-per-peer", "8")
     envoy = shipped_envoy(workdir / "envoy-flood", cp, upstream.server_address[1], node="gateway").start()
     poll(lambda: cp.envoy_status("gateway").get("ackedVersion"), 30, "first ACK")
+    # Its VMs on the delta channel before the flood takes the other connections.
+    poll(lambda: cp.envoy_status("gateway").get("delta"), 30, "every VM's delta stream")
     yield cp, envoy, owner
     envoy.stop()
     cp.stop()

@@ -97,6 +97,10 @@ pub struct EnvoyStatus {
     /// Its node's VM streams (connected, or awaiting a snapshot).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmStatus>,
+    /// The version it enforces everywhere: on the delta channel, its VMs'
+    /// oldest; otherwise its ECDS ACK. Filled in by [`Tracker::envoys`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced_version: Option<String>,
 }
 
 /// A stream of another replica, as that replica recorded it in the database.
@@ -188,6 +192,33 @@ pub(super) struct Inner {
     /// VMs whose stream ended awaiting a snapshot, newest first.
     pub awaiting: VecDeque<(StreamId, Vm)>,
     pub remote_vms: Vec<RemoteVm>,
+}
+
+impl Inner {
+    /// Whether `node` is on the delta channel: a write waits for its VMs
+    /// (not its ECDS ACK) and its snapshots may wait for the interval. Only
+    /// when the VMs and the Envoy can be told apart and none is missing:
+    /// - at least one connected VM stream (here or at a live replica);
+    /// - at most one connected Envoy (ECDS) stream with this node id (two
+    ///   Envoys sharing a node id cannot be told apart by their VMs: each
+    ///   keeps the ECDS rule, so one's NACK is never hidden by the other's VMs);
+    /// - as many connected VM streams as the filter counts VMs in its Envoy
+    ///   (a worker whose stream is refused or broken gets snapshots at once).
+    pub(super) fn on_delta(&self, node: &str) -> bool {
+        let local = self.vms.values().filter(|vm| vm.node == node && vm.awaiting.is_none());
+        let remote = self
+            .remote_vms
+            .iter()
+            .filter(|r| r.live && r.status.connected && r.status.node == node);
+        let (mut connected, mut expected) = (0u32, 0u32);
+        for envoy_vms in local.map(|vm| vm.envoy_vms).chain(remote.map(|r| r.status.envoy_vms)) {
+            connected += 1;
+            expected = expected.max(envoy_vms);
+        }
+        let envoys = self.streams.values().filter(|s| s.node == node).count()
+            + self.remote.iter().filter(|r| r.live && r.status.node == node).count();
+        connected > 0 && connected >= expected && envoys <= 1
+    }
 }
 
 /// Why a consumer does not enforce a version (yet).
@@ -293,6 +324,7 @@ fn view(replica: Option<&String>, id: &StreamId, s: &Stream) -> EnvoyStatus {
         history: s.history.clone(),
         delta: false,
         vms: Vec::new(),
+        enforced_version: None,
     }
 }
 
@@ -576,7 +608,8 @@ impl Tracker {
             by_node.entry(&vm.node).or_default().push(Consumer {
                 who: Who::Vm(None, &vm.vm),
                 node: &vm.node,
-                acked: Some(vm.acked),
+                // Ahead of this control plane (held): not counted as applied.
+                acked: (!vm.held).then_some(vm.acked),
                 nacked: None,
                 held: vm.held.then_some(vm.subscribed),
                 silent: silent(vm.unanswered_since),
@@ -590,7 +623,7 @@ impl Tracker {
             by_node.entry(&r.status.node).or_default().push(Consumer {
                 who: Who::Vm(r.status.replica.as_deref(), &r.status.vm),
                 node: &r.status.node,
-                acked: r.acked,
+                acked: r.acked.filter(|_| !r.status.held),
                 nacked: None,
                 held: r.status.held.then_some(subscribed),
                 silent: None,
@@ -610,7 +643,7 @@ impl Tracker {
         };
         for envoy in &envoys {
             rollout.envoys += 1;
-            if let Some(vms) = by_node.get(envoy.node) {
+            if let Some(vms) = by_node.get(envoy.node).filter(|_| inner.on_delta(envoy.node)) {
                 let node: &str = envoy.node;
                 group(node, &mut rollout, vms);
                 continue;
@@ -723,7 +756,20 @@ impl Tracker {
             .collect();
         for envoy in envoys.iter_mut().filter(|e| e.connected) {
             envoy.vms = vms.iter().filter(|vm| vm.node == envoy.node).cloned().collect();
-            envoy.delta = envoy.vms.iter().any(|vm| vm.connected);
+            envoy.delta = inner.on_delta(&envoy.node);
+            // What it enforces: its VMs' oldest table on the delta channel,
+            // else what its ECDS stream acknowledged.
+            envoy.enforced_version = if envoy.delta {
+                envoy
+                    .vms
+                    .iter()
+                    .filter(|vm| vm.connected && !vm.held)
+                    .filter_map(|vm| vm.acked_revision.as_deref()?.parse::<u64>().ok())
+                    .min()
+                    .map(|r| r.to_string())
+            } else {
+                envoy.acked_version.clone()
+            };
         }
         envoys.extend(inner.disconnected.iter().map(|(id, s)| view(replica, id, s)));
         envoys
@@ -1042,6 +1088,52 @@ mod tests {
         assert!(tr.rollout(v(5)).complete(), "a VM subscribing at a version has it");
         tr.vm_disconnected(c);
         assert_eq!(tr.delta_streams(), 0);
+    }
+
+    #[test]
+    fn a_node_is_on_the_delta_channel_only_whole_and_alone() {
+        let tr = Tracker::new();
+        let envoy = tr.connected("gw", "c", "p", "");
+        tr.sent(envoy, V1);
+        tr.acked(envoy, V1);
+        let a = tr.vm_connected("gw", "ab12", "p", V1);
+        tr.vm_counted(a, 2);
+        // One of its two VMs has a stream: the ECDS rule, snapshots at once.
+        assert!(!tr.defers_snapshots("gw"));
+        assert!(!tr.envoys()[0].delta);
+        tr.sent(envoy, V2);
+        tr.vm_acked(a, V2);
+        assert!(!tr.rollout(V2).complete(), "waits for the ECDS ACK");
+        tr.acked(envoy, V2);
+        assert!(tr.rollout(V2).complete());
+        // Both VMs: the delta rule.
+        let b = tr.vm_connected("gw", "cd34", "p", V2);
+        tr.vm_counted(b, 2);
+        assert!(tr.defers_snapshots("gw") && tr.envoys()[0].delta);
+        assert_eq!(tr.envoys()[0].enforced_version.as_deref(), Some("2"));
+        tr.vm_acked(a, v(3));
+        assert!(!tr.rollout(v(3)).complete(), "waits for VM cd34");
+        tr.vm_acked(b, v(3));
+        assert!(tr.rollout(v(3)).complete(), "not for the ECDS ACK");
+        assert_eq!(tr.envoys()[0].enforced_version.as_deref(), Some("3"));
+        // A second Envoy with the same node id: VMs cannot be told apart,
+        // each Envoy keeps the ECDS rule (one's NACK is never hidden).
+        let other = tr.connected("gw", "c", "p2", "");
+        tr.nacked(other, v(3), "cannot load the module");
+        assert!(!tr.defers_snapshots("gw"));
+        let r = tr.rollout(v(3));
+        assert_eq!((r.envoys, r.applied), (2, 0), "{r:?}");
+        assert!(r.lagging.iter().any(|l| matches!(l.lag, Lag::Rejected(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_held_vm_is_not_counted_as_applied() {
+        let tr = Tracker::new();
+        let vm = tr.vm_connected("gw", "ab12", "p", v(9));
+        tr.vm_held(vm, true);
+        let r = tr.rollout(v(5));
+        assert_eq!(r.lagging.len(), 1, "{r:?}");
+        assert_eq!(r.lagging[0].lag, Lag::Held(v(9)));
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub struct DeltaRequest {
     /// The stamp of the table the VM enforces (epoch, then revision).
     #[prost(bytes = "vec", tag = "4")]
     pub at: Vec<u8>,
+    /// The VMs of this Envoy that the filter has seen open a stream (0: not
+    /// said): fewer streams than that, and the node is not on the channel.
+    #[prost(uint32, tag = "5")]
+    pub vms: u32,
 }
 
 /// `apitokens.v1.DeltaResponse`.
@@ -197,6 +201,7 @@ struct Subscription {
     node: String,
     vm: String,
     at: Position,
+    vms: u32,
 }
 
 fn check_lineage(req: &DeltaRequest, lineage: &[u8]) -> Result<(), Status> {
@@ -225,6 +230,7 @@ fn subscription(req: DeltaRequest, lineage: &[u8]) -> Result<Subscription, Statu
         node: req.node,
         vm: req.vm,
         at,
+        vms: req.vms,
     })
 }
 
@@ -260,6 +266,7 @@ async fn serve_stream(
         }
     };
     let id = shared.acks.vm_connected(&sub.node, &sub.vm, &peer, sub.at);
+    shared.acks.vm_counted(id, sub.vms);
     tracing::info!(
         // Debug-escaped: the client chose them.
         node = ?sub.node,
@@ -367,6 +374,7 @@ impl VmStream {
             at.epoch
         );
         self.shared.acks.vm_acked(self.id, at);
+        self.shared.acks.vm_counted(self.id, req.vms);
         Ok(())
     }
 
@@ -531,7 +539,7 @@ mod tests {
             epoch: 3,
             generation: 41,
         };
-        let bytes = apitokens_core::delta::request(b"0123456789abcdef", b"node-1", b"ab12", at);
+        let bytes = apitokens_core::delta::request(b"0123456789abcdef", b"node-1", b"ab12", at, 5);
         let req = DeltaRequest::decode(bytes.as_slice()).unwrap();
         let sub = subscription(req.clone(), b"0123456789abcdef").unwrap();
         assert_eq!(
@@ -540,6 +548,7 @@ mod tests {
                 node: "node-1".into(),
                 vm: "ab12".into(),
                 at: Position::new(Epoch(3), Revision(41)),
+                vms: 5,
             }
         );
         // Another store's table: refused, not tracked.
@@ -667,6 +676,7 @@ mod tests {
                 node: "gw-1".into(),
                 vm: vm.into(),
                 at: at.stamp().to_bytes().to_vec(),
+                vms: 0,
             }
         }
 

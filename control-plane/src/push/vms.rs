@@ -63,6 +63,9 @@ pub struct VmStatus {
     /// ended; not counted as connected).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub awaiting_snapshot: bool,
+    /// How many VMs its Envoy has, as the filter counted them (0: unknown).
+    #[serde(default)]
+    pub envoy_vms: u32,
 }
 
 /// A VM stream of another replica, as that replica recorded it.
@@ -96,6 +99,8 @@ pub(super) struct Vm {
     pub acked: Version,
     /// Told to wait for a snapshot, at this time.
     pub awaiting: Option<Instant>,
+    /// Its Envoy's VMs, as the filter counted them (0: unknown).
+    pub envoy_vms: u32,
 }
 
 impl Vm {
@@ -116,6 +121,7 @@ impl Vm {
             acked_revision: Some(self.acked.revision.to_string()),
             acked_epoch: Some(self.acked.epoch.to_string()),
             awaiting_snapshot: self.awaiting.is_some(),
+            envoy_vms: self.envoy_vms,
         }
     }
 }
@@ -149,6 +155,7 @@ impl Tracker {
                     unanswered_since: None,
                     acked: at,
                     awaiting: None,
+                    envoy_vms: 0,
                 },
             );
             id
@@ -188,6 +195,11 @@ impl Tracker {
         });
     }
 
+    /// The VM counts `vms` VMs in its Envoy (it says so with each request).
+    pub fn vm_counted(&self, id: StreamId, vms: u32) {
+        self.with_vm(id, |vm| vm.envoy_vms = vms);
+    }
+
     /// The VM was told that no history reaches its table: its node's
     /// snapshots go out at once until it subscribes again.
     pub fn vm_snapshot_needed(&self, id: StreamId) {
@@ -221,6 +233,9 @@ impl Tracker {
     /// its VMs awaits a snapshot.
     pub fn defers_snapshots(&self, node: &str) -> bool {
         let mut inner = self.lock();
+        if !inner.on_delta(node) {
+            return false;
+        }
         inner
             .awaiting
             .retain(|(_, vm)| vm.awaiting.is_some_and(|t| t.elapsed() < AWAIT_FOR));
