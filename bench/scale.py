@@ -62,7 +62,9 @@ ACCEPTED = re.compile(r"configuration accepted: (\d+) tokens, (\d+) rules, (\d+)
                       r"VM memory (\d+) KiB")
 TARGETS = [
     "control plane time per write (no Envoy) p99 <= 10 ms at 100k and <= 20 ms at 1M",
-    "create throughput at 100k >= 500/s with 8 concurrent clients",
+    "bytes sent to the Envoy per single-token write <= 4 KB at any size",
+    "DELETE sent -> every worker refuses p99 <= 25 ms at 100k and at 1M",
+    "creates/s with 8 clients, each waiting for every Envoy worker, >= 1000 at 100k and >= 500 at 1M",
     "revocation p99 <= 100 ms at 100k and <= 600 ms at 1M",
     "1M tokens accepted",
     "<= 100 bytes of VM memory per token",
@@ -408,12 +410,20 @@ def run_size(n: int, revocations: int, envoy_bin: str) -> dict:
         log(f"{label_count(n)}: first ACK after {res['first_ack_s']:.2f} s, payload {res['payload_bytes']} B, "
             f"{pushed} tokens, RSS {res['rss_before_mb']:.1f} -> {res['rss_after_mb']:.1f} MB")
 
+        # Every VM on the delta channel: a write then travels as the change.
+        harness.poll(lambda: cp.envoy_status("bench-scale").get("delta"), 30, "every VM's delta stream")
         pinned = Pinned(listen, admin, CONNS)
         log(f"{label_count(n)}: connections on workers {pinned.worker}")
         res["conn_workers"] = list(pinned.worker)
         if len(pinned.workers()) < WORKERS:
             raise RuntimeError(f"connections landed on workers {pinned.worker} only")
+        before = cp.metrics()
         delays, api_ms, ack_ms = revoke_each(pinned, store["kept"][:revocations], owner, [cp], cp)
+        after = cp.metrics()
+        moved = {k: after.get(k, 0.0) - before.get(k, 0.0)
+                 for k in ("apitokens_delta_bytes_total", "apitokens_push_bytes_total")}
+        res["delta_bytes_per_write"] = moved["apitokens_delta_bytes_total"] / max(1, len(delays))
+        res["ecds_bytes_per_write"] = moved["apitokens_push_bytes_total"] / max(1, len(delays))
         pinned.close()
         time.sleep(0.5)  # log flush
         later = [x for x in accepted_lines(envoy_log) if x["tokens"] > 0][len(first):]
@@ -543,11 +553,12 @@ def med_max(xs: list[float]) -> str:
 def markdown(results: list[dict], command: str) -> str:
     head = ("| tokens | payload bytes | import s | first push→ACK s | on_configure ms first (med/max) "
             "| on_configure ms later (med/max) | RSS before → after MB | RSS bytes/token/VM | VM memory bytes/token "
-            "| DELETE answer ms (med) | revocation ms p50 / p99 / max | DELETE sent → every worker refuses, ms p50 / p99 |")
-    lines = [head, "|" + "---|" * 12]
+            "| DELETE answer ms (med) | revocation ms p50 / p99 / max | DELETE sent → every worker refuses, ms p50 / p99 "
+            "| bytes to the Envoy per write: delta + ECDS |")
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         if "first_ack_s" not in r:
-            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | | | |")
+            lines.append(f"| {r['label']} | - | {r['import_s']:.1f} | NO ACK | | | | | | | | | |")
             continue
         d = sorted(r.get("revocation_ms", []))
         rev = f"{percentile(d, 50):.1f} / {percentile(d, 99):.1f} / {d[-1]:.1f}" if d else "-"
@@ -559,11 +570,12 @@ def markdown(results: list[dict], command: str) -> str:
             f"| {med_max(r.get('on_configure_first_ms', []))} | {med_max(r.get('on_configure_later_ms', []))} "
             f"| {r['rss_before_mb']:.1f} → {r['rss_after_mb']:.1f} | {r['rss_per_token_vm_bytes']:.1f} "
             f"| {r.get('vm_bytes_per_token', float('nan')):.1f} "
-            f"| {api} | {rev} | {sent} |")
+            f"| {api} | {rev} | {sent} "
+            f"| {r.get('delta_bytes_per_write', 0):,.0f} + {r.get('ecds_bytes_per_write', 0):,.0f} |")
     lines += [
         "",
         "| tokens | write ms, no Envoy: create p50 / p99 | delete p50 / p99 | creates/s, 8 clients, no Envoy "
-        "| creates/s, 8 clients, waiting for Envoy's ACK | creates/s, 8 clients, Envoy connected, `waitForEnvoys=false` |",
+        "| creates/s, 8 clients, waiting for every Envoy worker | creates/s, 8 clients, Envoy connected, `waitForEnvoys=false` |",
         "|" + "---|" * 6,
     ]
     for r in results:
@@ -587,8 +599,11 @@ def markdown(results: list[dict], command: str) -> str:
         "Envoy's own copies of the resource. VM memory bytes/token = the growth of the filter's VM linear memory "
         "(its log line) from the deny-all default to the first push, / N; N = the tokens of the first push (the imported ones and the owner).",
         "- first push→ACK: from starting `apitokens serve` until /status shows Envoy's ackedVersion.",
-        "- on_configure: the filter's `configuration accepted ... in X ms` line, one per VM per version "
-        "(first push: the N-token version; later: every revocation).",
+        "- bytes per write: what the control plane sent the Envoy per revocation, on the delta channel (to every "
+        "VM's stream) and by ECDS (`apitokens_delta_bytes_total`, `apitokens_push_bytes_total`); ECDS snapshots "
+        "go out `--snapshot-interval-ms` (30 s) after a change, in the background.",
+        "- on_configure: the filter's `configuration accepted ... in X ms` line, one per VM per ECDS version "
+        "(first push: the N-token version; later: background snapshots, if any came during the revocations).",
         "- revocation: from the control plane's answer to `DELETE .../apitokens/<id>` (direct to its API, "
         "owner bearer) until the revoked secret got 401 on every connection (the last worker's first 401). "
         "The poll starts after the answer, so a delay near 0 means the push landed while the API was answering.",
@@ -601,7 +616,8 @@ def markdown(results: list[dict], command: str) -> str:
         "with no Envoy connected: the control plane's own time per write (store commit, table edit, publish) "
         "plus a loopback round trip, measured by the client.",
         f"- creates/s: {CLIENTS} threads, each on its own keep-alive connection, creating tokens for "
-        f"{THROUGHPUT_S:.0f} s; with the Envoy connected every create waits for its ACK, unless it opts out "
+        f"{THROUGHPUT_S:.0f} s; with the Envoy connected every create waits until every VM of it acknowledged (on "
+        "the delta channel; its ECDS ACK for an Envoy off it), unless it opts out "
         "(`?waitForEnvoys=false`: then it answers once committed and handed to the push). The first table's "
         "figures come before any of these creates.",
         "",
@@ -626,6 +642,24 @@ def verdicts(results: list[dict]) -> list[str]:
             if key in r:
                 v = r[key]["per_s"]
                 out.append(f"creates/s at 100k, {what}: {v:.0f} (target >= 500): " + ("met" if v >= 500 else "NOT met"))
+    for n, limit in ((100000, 1000), (1000000, 500)):
+        r = by.get(n)
+        if r and r.get("throughput_envoy"):
+            v = r["throughput_envoy"]["per_s"]
+            out.append(f"creates/s at {label_count(n)}, each waiting for every worker: {v:.0f} (target >= {limit}): "
+                       + ("met" if v >= limit else "NOT met"))
+    for r in results:
+        if "delta_bytes_per_write" in r:
+            b = r["delta_bytes_per_write"] + r["ecds_bytes_per_write"]
+            out.append(f"bytes to the Envoy per write at {r['label']}: {b:,.0f} (target <= 4096): "
+                       + ("met" if b <= 4096 else "NOT met"))
+    for n in (100000, 1000000):
+        r = by.get(n)
+        if r and r.get("revocation_ms"):
+            whole = sorted(a + b for a, b in zip(r["api_answer_ms"], r["revocation_ms"]))
+            p99 = percentile(whole, 99)
+            out.append(f"DELETE sent -> every worker refuses, p99 at {label_count(n)}: {p99:.1f} ms (target <= 25): "
+                       + ("met" if p99 <= 25 else "NOT met"))
     for n, limit in ((100000, 100), (1000000, 600)):
         r = by.get(n)
         if r and r.get("revocation_ms"):
@@ -664,7 +698,11 @@ def main() -> None:
                     help="token counts of the replicas rows, on PostgreSQL ('' for none; needs the server of "
                          "scripts/postgres.sh, as make bench-scale runs it)")
     ap.add_argument("--replicas", type=int, default=3, help="replicas of the replicas rows")
+    ap.add_argument("--workers", type=int, default=2, help="Envoy's --concurrency")
+    ap.add_argument("--out", default="scale", help="results file stem under bench/results")
     args = ap.parse_args()
+    global WORKERS, VMS
+    WORKERS, VMS = args.workers, args.workers + 1
     sizes = [benchrun.count(s) for s in args.sizes.split(",") if s]
     replica_sizes = [benchrun.count(s) for s in args.replicas_sizes.split(",") if s]
     if replica_sizes and not os.environ.get("APITOKENS_TEST_POSTGRES"):
@@ -675,7 +713,7 @@ def main() -> None:
         sys.exit(f"bench/scale: missing {missing} (make build; cargo build --release -p apitokens-control-plane)")
     envoy_bin = resolve_envoy(ENVOY)
     command = (f".venv/bin/python bench/scale.py --sizes {args.sizes} --revocations {args.revocations} "
-               f"--replicas-sizes '{args.replicas_sizes}' --replicas {args.replicas}")
+               f"--replicas-sizes '{args.replicas_sizes}' --replicas {args.replicas} --workers {args.workers}")
     results = []
     for n in sizes:
         try:
@@ -701,10 +739,10 @@ def main() -> None:
                            + failed) + "\n"
     print(md)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.md").write_text(md)
+    (RESULTS / f"{args.out}.md").write_text(md)
     raw = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": WORKERS, "vms": VMS,
            "results": results, "replicas": replicas}
-    (RESULTS / "scale.json").write_text(json.dumps(raw, indent=1, default=str))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(raw, indent=1, default=str))
 
 
 if __name__ == "__main__":

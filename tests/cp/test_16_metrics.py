@@ -28,6 +28,8 @@ def value(metrics: dict[str, float], key: str) -> float:
 
 
 def test_a_write_moves_the_write_push_store_and_ack_metrics(cp, envoy, owner):
+    # Every VM of the Envoy on the delta channel: a write travels there.
+    poll(lambda: cp.envoy_status(envoy.node).get("delta"), 15, "the Envoy on the delta channel")
     _, before = scrape(cp)
     r = create(cp.api_port, owner, "metered", "viewer")
     assert r.status == 200, r
@@ -36,8 +38,9 @@ def test_a_write_moves_the_write_push_store_and_ack_metrics(cp, envoy, owner):
     created = 'apitokens_writes_total{operation="create",outcome="ok"}'
     assert value(after, created) == value(before, created) + 1
     assert value(after, "apitokens_write_apply_seconds_count") == value(before, "apitokens_write_apply_seconds_count") + 1
-    assert value(after, "apitokens_push_responses_total") > value(before, "apitokens_push_responses_total")
-    assert value(after, "apitokens_push_bytes_total") > value(before, "apitokens_push_bytes_total")
+    assert value(after, "apitokens_delta_responses_total") > value(before, "apitokens_delta_responses_total")
+    assert value(after, "apitokens_delta_bytes_total") > value(before, "apitokens_delta_bytes_total")
+    assert after["apitokens_delta_streams"] >= 3, "two workers' VMs and the main thread's"
     inserts = 'apitokens_store_call_seconds_count{operation="insert"}'
     assert value(after, inserts) == value(before, inserts) + 1
     assert after["apitokens_published_revision"] == revision

@@ -19,7 +19,7 @@ import pytest
 from testkit.controlplane import APP, ControlPlane, hcm_of, module_path, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret
 
-CYCLES = 500
+CYCLES = 150  # per protocol; tests/cp/test_17 runs 500 of each write at 100k tokens and 4 workers
 CONNECTIONS = 4  # per Envoy at least, and until both its workers have some
 
 

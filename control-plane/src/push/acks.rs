@@ -203,7 +203,11 @@ impl Inner {
     ///   Envoys sharing a node id cannot be told apart by their VMs: each
     ///   keeps the ECDS rule, so one's NACK is never hidden by the other's VMs);
     /// - as many connected VM streams as the filter counts VMs in its Envoy
-    ///   (a worker whose stream is refused or broken gets snapshots at once).
+    ///   (a worker whose stream is refused or broken gets snapshots at once);
+    /// - its Envoy did not reject its latest snapshot (a NACK not followed by
+    ///   an ACK of that version or a later one): a configuration it cannot
+    ///   load (settings, module) is pushed and reported at once, and a write
+    ///   is not counted as applied while its Envoy rejects what it is sent.
     pub(super) fn on_delta(&self, node: &str) -> bool {
         let local = self.vms.values().filter(|vm| vm.node == node && vm.awaiting.is_none());
         let remote = self
@@ -215,8 +219,21 @@ impl Inner {
             connected += 1;
             expected = expected.max(envoy_vms);
         }
-        let envoys = self.streams.values().filter(|s| s.node == node).count()
-            + self.remote.iter().filter(|r| r.live && r.status.node == node).count();
+        let rejecting = |acked: Option<Version>, nacked: Option<&(Version, String)>| {
+            nacked.is_some_and(|(rejected, _)| acked.is_none_or(|a| a < *rejected))
+        };
+        let local = self.streams.values().filter(|s| s.node == node);
+        let remote = self.remote.iter().filter(|r| r.live && r.status.node == node);
+        let mut envoys = 0;
+        for (acked, nacked) in local
+            .map(|s| (s.acked, s.nacked.as_ref()))
+            .chain(remote.map(|r| (r.acked, r.nacked.as_ref())))
+        {
+            if rejecting(acked, nacked) {
+                return false;
+            }
+            envoys += 1;
+        }
         connected > 0 && connected >= expected && envoys <= 1
     }
 }
@@ -1124,6 +1141,24 @@ mod tests {
         let r = tr.rollout(v(3));
         assert_eq!((r.envoys, r.applied), (2, 0), "{r:?}");
         assert!(r.lagging.iter().any(|l| matches!(l.lag, Lag::Rejected(_))), "{r:?}");
+    }
+
+    #[test]
+    fn an_envoy_that_rejects_its_snapshot_leaves_the_delta_channel_until_it_accepts_one() {
+        let tr = Tracker::new();
+        let envoy = tr.connected("gw", "c", "p", "");
+        tr.sent(envoy, V1);
+        tr.acked(envoy, V1);
+        let vm = tr.vm_connected("gw", "ab12", "p", V1);
+        assert!(tr.defers_snapshots("gw"));
+        tr.sent(envoy, V2);
+        tr.nacked(envoy, V2, "cannot load the module");
+        tr.vm_acked(vm, V2);
+        assert!(!tr.defers_snapshots("gw"), "the next version goes out at once");
+        assert!(!tr.rollout(V2).complete(), "not applied while rejected");
+        tr.sent(envoy, v(3));
+        tr.acked(envoy, v(3));
+        assert!(tr.defers_snapshots("gw"));
     }
 
     #[test]
