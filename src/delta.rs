@@ -33,8 +33,10 @@ use std::fmt::Write as _;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 
-/// Wait before opening a stream again after one ended.
-const RETRY_MS: u64 = 1000;
+/// Wait before opening a stream again after one ended: short, since a VM
+/// whose siblings caught up first refuses requests until it has too (a
+/// control plane that is down costs a failed connection per VM this often).
+const RETRY_MS: u64 = 200;
 /// The most a catch-up may hold in chunks not yet applied; beyond it the
 /// VM waits for a snapshot instead.
 const MAX_PENDING_BYTES: usize = 64 << 20;

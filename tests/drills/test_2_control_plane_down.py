@@ -44,6 +44,12 @@ def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy,
         time.sleep(0.3)
     samples = load.samples
 
+    # A VM whose delta stream reconnects after a sibling's caught up with the
+    # store changes made while away refuses, fail-closed, until it has too
+    # (503, `catching_up`): briefly, right after the restart, never later.
+    catching_up = [s for s in samples if s.status == 503]
+    assert all(up_at <= s.sent and s.answered < up_at + converged + 1.0 for s in catching_up), catching_up[:5]
+    samples = [s for s in samples if s.status != 503]
     assert bad_answers(samples) == []
     wrong = [s for s in samples if s.status != expected[s.secret]]
     assert wrong == [], f"{len(wrong)} answers differ from the last acknowledged configuration: {wrong[:5]}"
@@ -51,8 +57,10 @@ def test_envoy_enforces_while_the_control_plane_is_away_and_converges(cp, envoy,
     assert len(during) > 50, "too few requests while the control plane was away"
     for secret, status in expected.items():
         assert request(envoy.port, "GET", APP, secret).status == status
-    st = cp.envoy_status(envoy.name)
-    assert st["connected"] and int(st["ackedVersion"]) == int(cp.status()["version"])
+    # Its VMs (delta channel) or its ECDS stream: it enforces the latest.
+    version = cp.status()["version"]
+    poll(lambda: cp.envoy_status(envoy.name).get("enforcedVersion") == version, 10, "the Envoy at the latest version")
     figures["control plane down"] = (
         f"{len(during)} requests in {DOWN_SECONDS:.0f} s down, {len(samples)} in all {summary(samples)}, "
+        f"{len(catching_up)} refused (503) while a worker caught up after the restart, "
         f"all as last acknowledged; a store change made while down enforced {converged:.2f} s after restart")
