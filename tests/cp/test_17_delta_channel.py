@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -70,11 +71,17 @@ def proxy(workdir, plane, upstream):
     envoy.stop()
 
 
+CLIENTS: dict[tuple[str, str], httpx.Client] = {}
+
+
 def fresh(proxy, proto: str, secret: str) -> int:
-    """The status of a request on a new connection (a worker the kernel picks)."""
-    with httpx.Client(base_url=proxy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=10.0,
-                      trust_env=False) as client:
-        return client.get(APP, headers={"authorization": f"Bearer {secret}"}).status_code
+    """The status of a request on a new connection (a worker the kernel picks):
+    the client keeps no connection alive."""
+    key = (proxy.base_url, proto)
+    if key not in CLIENTS:
+        CLIENTS[key] = httpx.Client(base_url=proxy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=10.0,
+                                    trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+    return CLIENTS[key].get(APP, headers={"authorization": f"Bearer {secret}"}).status_code
 
 
 def test_every_vm_holds_a_stream_and_a_write_sends_the_change_alone(plane, proxy):
@@ -94,11 +101,17 @@ def test_every_vm_holds_a_stream_and_a_write_sends_the_change_alone(plane, proxy
     assert len([vm for vm in envoy["vms"] if vm["connected"]]) == VMS, envoy
 
 
+def connections_by_worker(proxy) -> dict[str, float]:
+    return {m[1]: value for name, value in proxy.stats().items()
+            if (m := re.search(r"^listener\.127\.0\.0\.1_\d+\.worker_(\d+)\.downstream_cx_total$", name))}
+
+
 @pytest.mark.parametrize("proto", ["h1", "h2"])
 def test_every_write_is_enforced_by_every_worker_when_it_answers(plane, proxy, proto):
     api = httpx.Client(base_url=f"http://127.0.0.1:{plane.api_port}", timeout=30.0, trust_env=False,
                        headers={"authorization": f"Bearer {plane.owner}"})
     wrong: list[str] = []
+    opened = connections_by_worker(proxy)
 
     def check(what: str, secret: str, expected: int) -> None:
         status = fresh(proxy, proto, secret)
@@ -121,6 +134,9 @@ def test_every_write_is_enforced_by_every_worker_when_it_answers(plane, proxy, p
         check(f"{name} deleted", second, 401)
     api.close()
     assert not wrong, f"{len(wrong)} wrong answers of {CYCLES * 4}: {wrong[:10]}"
+    # Every check on a connection of its own, and every worker had its share.
+    grown = {w: n - opened.get(w, 0) for w, n in connections_by_worker(proxy).items()}
+    assert sum(grown.values()) >= CYCLES * 4 and len([n for n in grown.values() if n >= CYCLES // 4]) == WORKERS, grown
 
 
 def test_the_channel_cut_mid_burst_loses_nothing(plane, proxy):
