@@ -167,17 +167,22 @@ pub fn now_nanos() -> Result<u64, Failed> {
     Ok(nanos)
 }
 
-/// The first `size` bytes of the plugin configuration.
-pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
+/// The first `size` bytes of a host buffer (empty if there is none).
+fn buffer(kind: u32, size: usize) -> Result<Vec<u8>, Failed> {
     let mut data = null_mut();
     let mut len = 0usize;
     // SAFETY: out-pointers are valid; the host allocates the returned buffer.
-    let status = unsafe { proxy_get_buffer_bytes(BUFFER_PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len) };
+    let status = unsafe { proxy_get_buffer_bytes(kind, 0, size, &mut data, &mut len) };
     match status {
         OK => Ok(unsafe { host_buffer(data, len) }),
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Failed(other)),
     }
+}
+
+/// The first `size` bytes of the plugin configuration.
+pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Failed> {
+    buffer(BUFFER_PLUGIN_CONFIGURATION, size)
 }
 
 /// A host property by its path, segments separated by NUL (`plugin_name`,
@@ -337,15 +342,7 @@ pub fn grpc_cancel(token: u32) -> Result<(), Failed> {
 
 /// The message `proxy_on_grpc_receive` announced (`size` bytes).
 pub fn grpc_message(size: usize) -> Result<Vec<u8>, Failed> {
-    let mut data = null_mut();
-    let mut len = 0usize;
-    // SAFETY: out-pointers are valid; the host allocates the returned buffer.
-    let status = unsafe { proxy_get_buffer_bytes(BUFFER_GRPC_RECEIVE, 0, size, &mut data, &mut len) };
-    match status {
-        OK => Ok(unsafe { host_buffer(data, len) }),
-        NOT_FOUND => Ok(Vec::new()),
-        other => Err(Failed(other)),
-    }
+    buffer(BUFFER_GRPC_RECEIVE, size)
 }
 
 /// A value of the shared data every VM of this `vm_id` in the Envoy process

@@ -45,7 +45,7 @@ use crate::compact::Stamp;
 use crate::config::ConfigError;
 use crate::name::is_token_name;
 use crate::role::Role;
-use crate::table::{role_code, role_of, Change, Digest, Entry, TokenEntries};
+use crate::table::{push_digest_and_expiry, role_code, role_of, Change, Digest, Entry, TokenEntries};
 use crate::timestamp::Timestamp;
 
 pub const SERVICE: &str = "apitokens.v1.Delta";
@@ -74,21 +74,12 @@ pub fn encode_change(out: &mut Vec<u8>, change: &Change<'_>) {
     out.push(u8::try_from(name.len()).unwrap_or(0));
     out.extend_from_slice(name.as_bytes());
     if let Some(t) = entries {
-        put_entry(out, &t.current);
+        push_digest_and_expiry(out, &t.current);
         out.push(role_code(t.current.role));
         if let Some(previous) = &t.previous {
-            put_entry(out, previous);
+            push_digest_and_expiry(out, previous);
         }
     }
-}
-
-fn put_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
-    out.extend_from_slice(&entry.digest.0);
-    let (secs, nanos) = entry
-        .expire
-        .map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
-    out.extend_from_slice(&secs.to_le_bytes());
-    out.extend_from_slice(&nanos.to_le_bytes());
 }
 
 /// A reader over a record buffer.

@@ -618,13 +618,19 @@ fn push_name(pool: &mut Vec<u8>, name: &str) {
     pool.extend_from_slice(name.as_bytes());
 }
 
-fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
+/// An entry's digest and expiry as the table (and a delta record) lays
+/// them out: 32 bytes, i64 seconds, u32 nanoseconds (`u32::MAX`: never).
+pub(crate) fn push_digest_and_expiry(out: &mut Vec<u8>, entry: &Entry<'_>) {
     out.extend_from_slice(&entry.digest.0);
     let (secs, nanos) = entry
         .expire
         .map_or((0, NEVER), |t| (t.unix_seconds(), t.subsec_nanos()));
     out.extend_from_slice(&secs.to_le_bytes());
     out.extend_from_slice(&nanos.to_le_bytes());
+}
+
+fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
+    push_digest_and_expiry(out, entry);
     out.extend_from_slice(&name_offset.to_le_bytes());
     let flags = if entry.previous { PREVIOUS } else { 0 };
     out.extend_from_slice(&[role_code(entry.role), flags, 0, 0]);
