@@ -78,8 +78,9 @@ pub trait Host {
     fn used(&mut self, token: Token<'_>);
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>);
     /// Whether this VM's table may be behind what its Envoy already enforces
-    /// elsewhere (see [`Denial::CatchingUp`]). Asked once per request: an
-    /// implementation answers from its own state whenever it can.
+    /// elsewhere (see [`Denial::CatchingUp`]). Asked of every request the
+    /// table admits: an implementation answers from its own state whenever
+    /// it can.
     fn catching_up(&mut self) -> bool {
         false
     }
@@ -110,10 +111,10 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Optio
         Ok(headers) => headers,
         Err(HostError) => return deny(host, config, None, Denial::Internal, None),
     };
-    if host.catching_up() {
-        return deny(host, config, Some(&headers), Denial::CatchingUp, None);
-    }
     match check(host, config, overlay, &headers) {
+        // Asked only of a request the table admits: one it refuses is
+        // refused whatever this VM may be missing.
+        Ok((token, _)) if host.catching_up() => deny(host, config, Some(&headers), Denial::CatchingUp, Some(token)),
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
                 host.count(if token.is_previous() {

@@ -561,3 +561,21 @@ fn a_post_with_a_body_must_be_permitted_for_what_a_body_override_could_make_it()
         }
     }
 }
+
+#[test]
+fn a_vm_catching_up_refuses_what_it_would_admit_and_nothing_else() {
+    let config = fixture();
+    let auth = bearer(EDITOR);
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments", Some(&auth));
+    host.catching_up = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    let (denial, reply) = host.reply.clone().unwrap();
+    assert_eq!((denial, reply.status), (Denial::CatchingUp, 503));
+    assert_eq!(reply_header(&reply, "retry-after"), Some("1"));
+    assert_eq!(host.counters, vec![Counter::CatchingUp]);
+    // A request its table refuses gets the usual answer, not a 503.
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/deployments", None);
+    host.catching_up = true;
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    assert_eq!(host.reply.as_ref().unwrap().0, Denial::Missing);
+}

@@ -26,6 +26,8 @@ pub struct Recorder {
     pub used: Vec<String>,
     /// The route's upstream cluster.
     pub cluster: Option<String>,
+    /// The VM's table may be behind its Envoy's (the delta channel).
+    pub catching_up: bool,
 }
 
 impl Recorder {
@@ -137,5 +139,9 @@ impl Host for Recorder {
 
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {
         self.logs.push(format!("{level:?}: {message}"));
+    }
+
+    fn catching_up(&mut self) -> bool {
+        self.catching_up
     }
 }
