@@ -65,6 +65,8 @@ struct State {
     ack_due: bool,
     /// Chunks of a catch-up, validated, applied with its last one.
     pending: Vec<Vec<u8>>,
+    /// One of those chunks said its step revokes something.
+    pending_revokes: bool,
 }
 
 struct Open {
@@ -118,6 +120,7 @@ pub fn channel(key: &[u8], lineage: &[u8], cluster: &str, at: Stamp) -> Rc<Chann
                 awaiting_snapshot: false,
                 ack_due: false,
                 pending: Vec::new(),
+                pending_revokes: false,
             }),
         });
         channels.push(Rc::clone(&channel));
@@ -241,6 +244,7 @@ impl Channel {
         let mut state = self.state.borrow_mut();
         state.stream = None;
         state.pending.clear();
+        state.pending_revokes = false;
         state.retry_at_ms = abi::now_nanos().unwrap_or(0) / 1_000_000 + RETRY_MS;
     }
 
@@ -280,10 +284,16 @@ impl Channel {
             return self.end(token, format_args!("a catch-up larger than {MAX_PENDING_BYTES} bytes"));
         }
         let Some(to) = response.to else {
-            self.state.borrow_mut().pending.push(bytes);
+            let mut state = self.state.borrow_mut();
+            state.pending_revokes |= response.revokes;
+            state.pending.push(bytes);
             return;
         };
-        let chunks = std::mem::take(&mut self.state.borrow_mut().pending);
+        let (chunks, revokes) = {
+            let mut state = self.state.borrow_mut();
+            let revokes = std::mem::take(&mut state.pending_revokes) | response.revokes;
+            (std::mem::take(&mut state.pending), revokes)
+        };
         // Changes older than the table (a snapshot overtook them) would
         // take tokens back in time: only later ones apply.
         if to > at {
@@ -305,7 +315,11 @@ impl Channel {
         };
         // Every VM of this Envoy refuses what this one refuses from now on,
         // or waits (`catching_up`); then the control plane may count it.
-        floor::raise(Kind::Position, &key, self.at());
+        // Creations alone do not raise it: a VM that lacks one refuses
+        // nothing its siblings admit.
+        if revokes && to > at {
+            floor::raise(Kind::Position, &key, self.at());
+        }
         self.acknowledge(token);
     }
 }

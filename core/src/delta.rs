@@ -24,6 +24,7 @@
 //!   bytes to = 2;                 // the table's stamp after it; empty: more follows
 //!   bytes changes = 3;            // change records, below
 //!   bool snapshot_needed = 4;     // no history reaches the VM's table: wait for ECDS
+//!   bool revokes = 5;             // the step changes or removes a token that existed before it
 //! }
 //! ```
 //!
@@ -214,6 +215,7 @@ pub struct Response<'a> {
     pub to: Option<Stamp>,
     pub changes: &'a [u8],
     pub snapshot_needed: bool,
+    pub revokes: bool,
 }
 
 fn read_varint(bytes: &mut &[u8]) -> Option<u64> {
@@ -232,14 +234,16 @@ fn read_varint(bytes: &mut &[u8]) -> Option<u64> {
 /// Reads a `DeltaResponse` (unknown fields skipped, as protobuf does).
 pub fn parse_response(mut bytes: &[u8]) -> Result<Response<'_>, ConfigError> {
     let malformed = || error("the response is not a DeltaResponse");
-    let (mut from, mut to, mut changes, mut snapshot_needed) = (None, None, &[][..], false);
+    let (mut from, mut to, mut changes, mut snapshot_needed, mut revokes) = (None, None, &[][..], false, false);
     while !bytes.is_empty() {
         let key = read_varint(&mut bytes).ok_or_else(malformed)?;
         match key & 7 {
             0 => {
                 let value = read_varint(&mut bytes).ok_or_else(malformed)?;
-                if key >> 3 == 4 {
-                    snapshot_needed = value != 0;
+                match key >> 3 {
+                    4 => snapshot_needed = value != 0,
+                    5 => revokes = value != 0,
+                    _ => {}
                 }
             }
             2 => {
@@ -267,12 +271,13 @@ pub fn parse_response(mut bytes: &[u8]) -> Result<Response<'_>, ConfigError> {
         to,
         changes,
         snapshot_needed,
+        revokes,
     })
 }
 
 /// A `DeltaResponse` (the control plane's side, for its tests and tools;
 /// the server itself uses prost).
-pub fn response(from: Stamp, to: Option<Stamp>, changes: &[u8], snapshot_needed: bool) -> Vec<u8> {
+pub fn response(from: Stamp, to: Option<Stamp>, changes: &[u8], snapshot_needed: bool, revokes: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(changes.len() + 48);
     bytes_field(&mut out, 1, &from.to_bytes());
     match to {
@@ -282,6 +287,10 @@ pub fn response(from: Stamp, to: Option<Stamp>, changes: &[u8], snapshot_needed:
     bytes_field(&mut out, 3, changes);
     if snapshot_needed {
         out.push(4 << 3);
+        out.push(1);
+    }
+    if revokes {
+        out.push(5 << 3);
         out.push(1);
     }
     out
@@ -359,21 +368,22 @@ mod tests {
             epoch: 1,
             generation: 9,
         };
-        let bytes = response(from, Some(to), b"xyz", false);
+        let bytes = response(from, Some(to), b"xyz", false, true);
         assert_eq!(
             parse_response(&bytes).unwrap(),
             Response {
                 from,
                 to: Some(to),
                 changes: b"xyz",
-                snapshot_needed: false
+                snapshot_needed: false,
+                revokes: true
             }
         );
-        let bytes = response(from, None, b"", true);
+        let bytes = response(from, None, b"", true, false);
         let more = parse_response(&bytes).unwrap();
         assert_eq!((more.to, more.snapshot_needed), (None, true));
-        assert!(parse_response(&response(to, Some(from), b"", false)).is_err());
-        let cut = response(from, Some(to), b"xyz", false);
+        assert!(parse_response(&response(to, Some(from), b"", false, false)).is_err());
+        let cut = response(from, Some(to), b"xyz", false, true);
         assert!(parse_response(&cut[..cut.len() - 1]).is_err());
     }
 }

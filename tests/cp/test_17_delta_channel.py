@@ -66,7 +66,8 @@ def plane(workdir):
 def proxy(workdir, plane, upstream):
     envoy = shipped_envoy(workdir / "envoy-delta", plane, upstream.server_address[1], node="delta-envoy",
                           concurrency=WORKERS).start()
-    poll(lambda: delta_streams(plane) >= VMS, 30, f"{VMS} delta streams")
+    poll(lambda: delta_streams(plane) >= VMS and plane.envoy_status("delta-envoy").get("delta"), 30,
+         f"{VMS} delta streams")
     yield envoy
     envoy.stop()
 
@@ -170,7 +171,8 @@ def test_the_channel_cut_mid_burst_loses_nothing(plane, proxy):
     plane.stop(signal.SIGKILL)
     time.sleep(0.5)
     plane.start(*plane.extra)
-    poll(lambda: delta_streams(plane) >= VMS, 30, "the delta streams back")
+    poll(lambda: delta_streams(plane) >= VMS and plane.envoy_status("delta-envoy").get("delta"), 30,
+         "the delta streams back")
     time.sleep(1.0)
     stop.set()
     thread.join(30)

@@ -38,6 +38,9 @@ pub struct Element {
     pub from: Position,
     pub to: Position,
     pub chunks: Vec<Bytes>,
+    /// It changes or removes a token that existed at `from` (a VM that lacks
+    /// it could admit what its siblings refuse); `false`: creations only.
+    pub revokes: bool,
 }
 
 impl Element {
@@ -208,6 +211,7 @@ mod tests {
             from: at(from),
             to: at(to),
             chunks: encode_records(&records),
+            revokes: true,
         }
     }
 

@@ -211,6 +211,8 @@ impl Publisher {
             from: at,
             to: head.at,
             chunks,
+            // What the VM's table held at `at` is not known here.
+            revokes: true,
         });
         let step = (step.bytes() <= MAX_CATCH_UP_BYTES).then_some(step);
         cache.push_back((at, step.clone()));
@@ -373,7 +375,7 @@ impl Publisher {
             // accepted the store as it is): everything.
             Changes::Since { head, changed } if head.at.epoch == live.epoch && !live.dirty => {
                 match self.edit(live, head.at, changed).await {
-                    Ok((content_changed, chunks)) => Some((head, content_changed, chunks)),
+                    Ok((content_changed, chunks, revokes)) => Some((head, content_changed, chunks, revokes)),
                     Err(e) => {
                         tracing::warn!("could not apply the store's changes, reloading everything: {e}");
                         None
@@ -383,11 +385,12 @@ impl Publisher {
             _ => None,
         };
         let (head, content_changed, step, how) = match applied {
-            Some((head, content_changed, chunks)) => {
+            Some((head, content_changed, chunks, revokes)) => {
                 let step = Element {
                     from: here,
                     to: head.at,
                     chunks,
+                    revokes,
                 };
                 (head, content_changed, Some(step), "applied")
             }
@@ -468,7 +471,7 @@ impl Publisher {
         live: &mut Live,
         at: Position,
         changed: Vec<(String, Option<TokenRecord>)>,
-    ) -> Result<(bool, Vec<Bytes>), PublishError> {
+    ) -> Result<(bool, Vec<Bytes>, bool), PublishError> {
         let mut table = live
             .table
             .take()
@@ -487,14 +490,17 @@ impl Publisher {
                 .iter()
                 .map(|(name, record)| history::change(name, record.as_ref()))
                 .collect();
+            // A token that existed before changes or goes: a revocation of
+            // something (a secret, a role, the token) for the VMs.
+            let revokes = changes.iter().any(|c| table.digest_of(c.name()).is_some());
             let result = table.apply(&header, &changes, buffer);
             let chunks = history::encode(changes.iter().copied());
-            (table, result, chunks)
+            (table, result, chunks, revokes)
         });
-        let (table, result, chunks) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
+        let (table, result, chunks, revokes) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
         live.table = Some(table);
         let stats = result?;
-        Ok((stats.inserted + stats.removed > 0, chunks))
+        Ok((stats.inserted + stats.removed > 0, chunks, revokes))
     }
 
     /// Retires the tokens whose retention has passed (a store write, which

@@ -177,6 +177,11 @@ struct File {
 
 #[derive(Default)]
 pub(super) struct Inner {
+    /// See [`Tracker::with_settle`].
+    pub settle: Duration,
+    /// When each (node, VM) first subscribed: a VM that reopens its stream
+    /// (its root context replaced by a snapshot) is not a new VM.
+    pub first_seen: BTreeMap<(String, String), Instant>,
     /// Numbers both ECDS and VM streams (one numbering, shared with the
     /// other replicas).
     pub next_id: u64,
@@ -210,6 +215,11 @@ impl Inner {
     ///   is not counted as applied while its Envoy rejects what it is sent.
     pub(super) fn on_delta(&self, node: &str) -> bool {
         let local = self.vms.values().filter(|vm| vm.node == node && vm.awaiting.is_none());
+        // - none of its VMs subscribed within [`vms::SETTLE`] (the others
+        //   may not have registered yet).
+        if local.clone().any(|vm| vm.subscribed_at.elapsed() < self.settle) {
+            return false;
+        }
         let remote = self
             .remote_vms
             .iter()
@@ -310,7 +320,10 @@ impl Default for Tracker {
     fn default() -> Self {
         Self {
             patience: PATIENCE,
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                settle: vms::SETTLE,
+                ..Inner::default()
+            }),
             changed: watch::channel(0).0,
             local_changed: watch::channel(0).0,
             vms_changed: watch::channel(0).0,
@@ -398,6 +411,13 @@ impl Tracker {
             patience,
             ..Self::default()
         }
+    }
+
+    /// How long a node stays on the ECDS rule after one of its VMs subscribes
+    /// ([`vms::SETTLE`] unless told).
+    pub fn with_settle(self, settle: Duration) -> Self {
+        self.lock().settle = settle;
+        self
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -834,7 +854,7 @@ mod tests {
 
     #[test]
     fn ack_and_nack_per_version() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         assert!(!tr.applied(V1), "nobody listening: not applied");
         assert!(tr.rollout(V1).complete(), "but nothing lags either");
         let a = tr.connected("host-1", "gw", "127.0.0.1:1", "");
@@ -868,7 +888,7 @@ mod tests {
 
     #[test]
     fn two_envoys_sharing_a_node_id_are_two_streams() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let a = tr.connected("gateway", "gw", "127.0.0.1:1", "");
         let b = tr.connected("gateway", "gw", "127.0.0.1:2", "");
         tr.acked(a, V2);
@@ -884,7 +904,7 @@ mod tests {
 
     #[test]
     fn the_initial_version_does_not_count_as_applied() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let a = tr.connected("a", "gw", "p", "41");
         assert!(!tr.applied(v(41)));
         assert_eq!(tr.envoys()[0].initial_version, "41");
@@ -894,7 +914,7 @@ mod tests {
 
     #[test]
     fn file_consumer() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         tr.file_written("/x.pb", Ok(v(3)));
         assert!(tr.applied(v(3)));
         assert!(!tr.applied(v(4)));
@@ -905,7 +925,7 @@ mod tests {
 
     #[test]
     fn disconnected_streams_are_bounded() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         for i in 0..(MAX_DISCONNECTED + 10) {
             let id = tr.connected(&format!("n{i}"), "gw", "p", "");
             tr.disconnected(id);
@@ -915,7 +935,7 @@ mod tests {
 
     fn remote(replica: &str, stream: u64, live: bool, acked: Option<Version>) -> RemoteStream {
         // A stream as that replica's own tracker shows it.
-        let there = Tracker::new();
+        let there = Tracker::new().with_settle(Duration::ZERO);
         there.set_replica(replica);
         there.connected(&format!("gw-{replica}-{stream}"), "gw", "p", "");
         let mut status = there.envoys().remove(0);
@@ -930,7 +950,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_replicas_streams_count_while_their_replica_is_live() {
-        let tr = Arc::new(Tracker::new());
+        let tr = Arc::new(Tracker::new().with_settle(Duration::ZERO));
         tr.set_replica("r1");
         let a = tr.connected("gw-1", "gw", "p", "");
         tr.acked(a, V2);
@@ -975,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_ends_at_the_ack_the_nack_or_the_deadline() {
-        let tr = Arc::new(Tracker::new());
+        let tr = Arc::new(Tracker::new().with_settle(Duration::ZERO));
         let a = tr.connected("a", "gw", "p", "");
         let b = tr.connected("b", "gw", "p", "");
         let t = Arc::clone(&tr);
@@ -1000,7 +1020,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_never_answers_holds_writes_for_its_patience_only() {
-        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)));
+        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)).with_settle(Duration::ZERO));
         let silent = tr.connected("flood", "x", "p", "");
         tr.sent(silent, V1);
         let good = tr.connected("gw", "gw", "p", "");
@@ -1031,7 +1051,7 @@ mod tests {
 
     #[test]
     fn a_held_stream_lags_with_the_version_it_has() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let a = tr.connected("gw", "gw", "p", &v(9).xds());
         tr.held(a, v(9));
         let r = tr.rollout(v(5));
@@ -1051,7 +1071,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_with_vm_streams_waits_for_its_vms_not_its_ecds_ack() {
-        let tr = Arc::new(Tracker::new());
+        let tr = Arc::new(Tracker::new().with_settle(Duration::ZERO));
         let gw1 = tr.connected("gw-1", "gw", "p", "");
         let gw2 = tr.connected("gw-2", "gw", "p", "");
         let a = tr.vm_connected("gw-1", "ab12", "p", V1);
@@ -1109,7 +1129,7 @@ mod tests {
 
     #[test]
     fn a_node_is_on_the_delta_channel_only_whole_and_alone() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let envoy = tr.connected("gw", "c", "p", "");
         tr.sent(envoy, V1);
         tr.acked(envoy, V1);
@@ -1145,7 +1165,7 @@ mod tests {
 
     #[test]
     fn an_envoy_that_rejects_its_snapshot_leaves_the_delta_channel_until_it_accepts_one() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let envoy = tr.connected("gw", "c", "p", "");
         tr.sent(envoy, V1);
         tr.acked(envoy, V1);
@@ -1162,8 +1182,22 @@ mod tests {
     }
 
     #[test]
+    fn a_node_whose_vm_just_subscribed_keeps_the_ecds_rule_until_they_settle() {
+        let tr = Tracker::new().with_settle(Duration::from_millis(100));
+        tr.connected("gw", "c", "p", "");
+        tr.vm_connected("gw", "ab12", "p", V1);
+        assert!(!tr.defers_snapshots("gw"), "its other VMs may not have subscribed yet");
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(tr.defers_snapshots("gw"));
+        // The same VM on a new stream (its root context was replaced): no new wait.
+        let again = tr.vm_connected("gw", "ab12", "p", V1);
+        assert!(tr.defers_snapshots("gw"));
+        tr.vm_disconnected(again);
+    }
+
+    #[test]
     fn a_held_vm_is_not_counted_as_applied() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let vm = tr.vm_connected("gw", "ab12", "p", v(9));
         tr.vm_held(vm, true);
         let r = tr.rollout(v(5));
@@ -1173,7 +1207,7 @@ mod tests {
 
     #[test]
     fn vms_without_an_envoy_stream_count_as_one_envoy() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let a = tr.vm_connected("gw", "ab12", "p", V1);
         tr.vm_connected("gw", "cd34", "p", V2);
         assert!(tr.applied(V1));
@@ -1187,7 +1221,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_vm_that_never_answers_holds_writes_for_its_patience_only() {
-        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)));
+        let tr = Arc::new(Tracker::with_patience(Duration::from_millis(150)).with_settle(Duration::ZERO));
         let vm = tr.vm_connected("gw", "ab12", "p", V1);
         tr.vm_sent(vm, V2);
         let started = Instant::now();
@@ -1211,7 +1245,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshots_wait_only_for_nodes_whose_vms_are_on_the_delta_channel() {
-        let tr = Tracker::new();
+        let tr = Tracker::new().with_settle(Duration::ZERO);
         let mut changes = tr.subscribe_vms();
         assert!(!tr.defers_snapshots("gw"), "no VM stream: ECDS is its only channel");
         let a = tr.vm_connected("gw", "ab12", "p", V1);

@@ -84,6 +84,10 @@ pub struct DeltaResponse {
     /// No history reaches the VM's table: it waits for a snapshot.
     #[prost(bool, tag = "4")]
     pub snapshot_needed: bool,
+    /// The step changes or removes a token that existed before it: a VM
+    /// raises its Envoy's position only for these (see `src/delta.rs`).
+    #[prost(bool, tag = "5")]
+    pub revokes: bool,
 }
 
 /// The largest request decoded: a subscription is about 100 bytes.
@@ -426,6 +430,7 @@ impl VmStream {
             from: self.sent,
             to,
             chunks: Vec::new(),
+            revokes: false,
         }
     }
 
@@ -476,6 +481,7 @@ impl VmStream {
                 to: if last { stamp(step.to) } else { Bytes::new() },
                 changes: step.chunks.get(n).cloned().unwrap_or_default(),
                 snapshot_needed: false,
+                revokes: step.revokes,
             };
             if !self.send(response).await {
                 return false;
@@ -505,6 +511,7 @@ impl VmStream {
             to: Bytes::new(),
             changes: Bytes::new(),
             snapshot_needed: true,
+            revokes: false,
         };
         self.send(response).await;
         Next::End
@@ -580,6 +587,7 @@ mod tests {
             to: Bytes::new(),
             changes: Bytes::from_static(b"xyz"),
             snapshot_needed: false,
+            revokes: true,
         };
         let bytes = response.encode_to_vec();
         let read = apitokens_core::delta::parse_response(&bytes).unwrap();
@@ -627,7 +635,7 @@ mod tests {
             let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
                 .await
                 .unwrap();
-            let acks = Arc::new(Tracker::new());
+            let acks = Arc::new(Tracker::new().with_settle(Duration::ZERO));
             let counters = PushCounters::default();
             let (stop, stopped) = watch::channel(false);
             let server = DeltaServer::new(

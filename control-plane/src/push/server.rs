@@ -430,7 +430,7 @@ mod tests {
         let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
             .await
             .unwrap();
-        let acks = Arc::new(Tracker::new());
+        let acks = Arc::new(Tracker::new().with_settle(Duration::ZERO));
         let (stop, stopped) = watch::channel(false);
         let server = EcdsServer::new(
             Arc::clone(&publisher),

@@ -26,6 +26,14 @@ use std::time::{Duration, Instant};
 /// How long a VM told to wait for a snapshot keeps its node's snapshots
 /// coming at once (it subscribes again as soon as one arrives).
 pub const AWAIT_FOR: Duration = Duration::from_secs(60);
+/// How long after a VM of a node subscribes that node stays on the ECDS
+/// rule: its other VMs (an Envoy starting, streams reopening after a restart
+/// of this control plane) subscribe within a few ticks, and until they have,
+/// the VMs counted so far are not all of them.
+pub const SETTLE: Duration = Duration::from_millis(500);
+/// The most VMs whose first subscription is remembered (beyond it, all are
+/// forgotten: a node then waits one more [`SETTLE`]).
+const MAX_FIRST_SEEN: usize = 16_384;
 /// The most VMs remembered as awaiting a snapshot.
 const MAX_AWAITING: usize = 256;
 
@@ -101,6 +109,8 @@ pub(super) struct Vm {
     pub awaiting: Option<Instant>,
     /// Its Envoy's VMs, as the filter counted them (0: unknown).
     pub envoy_vms: u32,
+    /// When it first subscribed, on any stream (see [`SETTLE`]).
+    pub subscribed_at: Instant,
 }
 
 impl Vm {
@@ -140,6 +150,13 @@ impl Tracker {
         self.update_vms(|inner| {
             inner.next_id += 1;
             let id = StreamId(inner.next_id);
+            if inner.first_seen.len() >= MAX_FIRST_SEEN {
+                inner.first_seen.clear();
+            }
+            let subscribed_at = *inner
+                .first_seen
+                .entry((node.to_owned(), vm.to_owned()))
+                .or_insert_with(Instant::now);
             // It got its snapshot (or gave up on it): no longer awaiting.
             inner.awaiting.retain(|(_, v)| !(v.node == node && v.vm == vm));
             inner.vms.insert(
@@ -156,6 +173,7 @@ impl Tracker {
                     acked: at,
                     awaiting: None,
                     envoy_vms: 0,
+                    subscribed_at,
                 },
             );
             id
