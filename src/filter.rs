@@ -41,7 +41,7 @@ use apitokens_core::reply::Reply;
 use apitokens_core::table::{Overlay, Token};
 use apitokens_core::usage::Marks;
 use apitokens_core::{compact, Config, Timestamp};
-use std::cell::{Cell, Ref, RefCell};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -418,7 +418,7 @@ impl fmt::Display for At {
 
 struct ProxyHost<'a> {
     active: &'a Active,
-    overlay: Option<Ref<'a, Overlay>>,
+    overlay: Option<&'a Overlay>,
     /// The host said more than headers follow (`end_of_stream` false).
     has_body: bool,
 }
@@ -466,7 +466,7 @@ impl Host for ProxyHost<'_> {
     }
 
     fn used(&mut self, token: Token<'_>) {
-        if let Some(overlay) = &self.overlay {
+        if let Some(overlay) = self.overlay {
             if overlay.mark(self.active.config.tokens(), token.index()) {
                 return;
             }
@@ -619,7 +619,7 @@ pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, end_of
     let overlay = active.channel.as_ref().map(|c| c.overlay());
     let mut host = ProxyHost {
         active: &active,
-        overlay: active.channel.as_ref().map(|c| c.overlay()),
+        overlay: overlay.as_deref(),
         has_body: !end_of_stream,
     };
     match gate::on_request_headers(&mut host, &active.config, overlay.as_deref()) {
