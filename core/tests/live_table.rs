@@ -1,11 +1,13 @@
 //! Incremental edits of the token table (the control plane's path): after
-//! any sequence of changes the table is byte for byte the one built from
-//! scratch, and a refused edit changes nothing.
+//! any sequence of changes, applied or staged and flushed, the table is byte
+//! for byte the one built from scratch, staged changes are found as applied
+//! ones, and a refused edit changes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 
-use apitokens_core::table::{Change, Digest, Entry, LiveTable, TokenEntries};
+use apitokens_core::compact::Stamp;
+use apitokens_core::table::{Change, Digest, Entry, LiveTable, Staged, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use std::collections::BTreeMap;
 #[cfg(target_arch = "wasm32")]
@@ -111,7 +113,7 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
             model.insert(name(&mut rng, spread), token(&mut rng));
         }
         let mut live = LiveTable::build(HEADER, &entries(&model)).unwrap();
-        for _ in 0..30 {
+        for generation in 0..30 {
             // A batch: creates, regenerates (with and without an overlap),
             // role or expiry changes, deletes, deletes of absent names,
             // several changes to one name.
@@ -148,26 +150,62 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
                     None => Change::Remove(n),
                 })
                 .collect();
-            live.apply(HEADER, &changes, Vec::new()).unwrap();
+            // Two batches in three are staged; a staged batch is written
+            // into the table by the next applied one or a flush.
+            let staging = rng.below(3) != 0;
+            let before = model.clone();
+            let staged = if staging {
+                let at = Stamp { epoch: 1, generation };
+                Some(live.stage(at, &changes).unwrap())
+            } else {
+                live.apply(HEADER, &changes, Vec::new()).unwrap();
+                None
+            };
             for (n, t) in &batch {
                 match t {
                     Some(t) => model.insert(n.clone(), t.clone()),
                     None => model.remove(n),
                 };
             }
-            assert_eq!(
-                live.table().buffer().as_slice(),
-                from_scratch(&model).as_slice(),
-                "round {round}"
-            );
+            if let Some(staged) = staged {
+                let revokes = before.iter().any(|(n, t)| model.get(n) != Some(t));
+                assert_eq!(
+                    staged,
+                    Staged {
+                        changed: model != before,
+                        revokes
+                    },
+                    "round {round}"
+                );
+                if rng.below(4) == 0 {
+                    live.flush(HEADER, Vec::new()).unwrap();
+                    assert!(live.staged().is_empty());
+                }
+            }
+            if live.staged().is_empty() {
+                assert_eq!(
+                    live.table().buffer().as_slice(),
+                    from_scratch(&model).as_slice(),
+                    "round {round}"
+                );
+            }
             assert_eq!(live.len(), model.len());
             for (n, t) in &model {
-                let found = live.table().get(&t.digest).unwrap();
+                let found = live.staged().get(live.table(), &t.digest).unwrap();
                 assert_eq!(
                     (found.name(), found.role(), found.expire()),
                     (n.as_str(), t.role, t.expire)
                 );
                 assert_eq!(live.digest_of(n), Some(t.digest));
+                if let Some((old, until)) = t.previous {
+                    let found = live.staged().get(live.table(), &old).unwrap();
+                    assert!(found.is_previous() && found.expire() == Some(until) && found.name() == n);
+                }
+            }
+            // What went is not found any more.
+            for (n, t) in before.iter().filter(|(n, _)| !model.contains_key(*n)) {
+                assert!(live.staged().get(live.table(), &t.digest).is_none(), "{n}");
+                assert_eq!(live.digest_of(n), None);
             }
         }
     }
@@ -230,7 +268,9 @@ fn refused_edits_change_nothing() {
     ];
     for changes in bad {
         assert!(live.apply(HEADER, changes, Vec::new()).is_err(), "{changes:?}");
+        assert!(live.stage(Stamp::default(), changes).is_err(), "{changes:?}");
         assert_eq!(live.table().buffer().as_slice(), before.as_slice());
+        assert!(live.staged().is_empty());
     }
     // A digest may move to another name when its old token goes in the same batch.
     live.apply(
@@ -269,4 +309,12 @@ fn unchanged_tokens_are_no_edit() {
         )
         .unwrap();
     assert_eq!((stats.inserted, stats.removed), (0, 0));
+    let staged = live
+        .stage(
+            Stamp::default(),
+            &[Change::Put(token), Change::Remove("namespaces/x/apitokens/none")],
+        )
+        .unwrap();
+    assert_eq!(staged, Staged::default());
+    assert!(live.staged().is_empty());
 }

@@ -1,6 +1,10 @@
 """Read-your-writes across replicas: a write answered by one replica is
 enforced by the Envoys of every replica on their first request after the
-answer, and /status on any replica shows every Envoy of every replica."""
+answer, and /status on any replica shows every Envoy of every replica.
+
+Every Envoy's filter VMs hold their delta streams on their home replica, so
+a write on another replica reaches them through the database and that
+replica's delta channel, and the answer waits for their VMs."""
 
 from __future__ import annotations
 
@@ -30,6 +34,12 @@ def test_status_shows_every_envoy_of_every_replica(replicas, envoys):
         assert [(r["name"], r["live"]) for r in st["replicas"]] == [(p.name, True) for p in replicas]
         assert [r["this"] for r in st["replicas"]] == [p is plane for p in replicas]
         versions.add(st["version"])
+        # On the delta channel with their home replica (their VMs' streams
+        # are there): the writes below are answered by their VMs' ACKs.
+        for e in envoys:
+            if e.home is plane:
+                poll(lambda: plane.envoy_status(e.node).get("delta"), 10, f"{e.node} on the delta channel")
+                assert plane.envoy_status(e.node)["vms"], plane.envoy_status(e.node)
         metrics = plane.metrics()
         assert metrics['apitokens_replicas{state="live"}'] == len(replicas), metrics
         assert metrics['apitokens_envoys{state="connected"}'] == len(envoys)

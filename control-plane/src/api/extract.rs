@@ -3,11 +3,12 @@
 //! errors never quote the input.
 
 use super::{AppError, AppState, API_PREFIX, MAX_BODY_BYTES};
+use crate::config::Snapshot;
 use crate::store::Credential;
 use crate::tokens::secret::{self, Shape};
 use crate::tokens::{Actor, Caller};
 use apitokens_core::bearer;
-use apitokens_core::config::{describe_json_error, Config};
+use apitokens_core::config::describe_json_error;
 use apitokens_core::decision::Denial;
 use apitokens_core::name::is_dns_label;
 use apitokens_core::table::Token;
@@ -135,7 +136,7 @@ fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
 
 /// The caller's token, or the denial (the filter's own checks, plus the
 /// secret format's checksum, which refuses a mistyped secret without lookup).
-fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<Token<'c>, Denial> {
+fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap) -> Result<Token<'c>, Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().map(HeaderValue::as_bytes);
     if values.next().is_some() {
@@ -147,7 +148,7 @@ fn authenticate<'c>(config: &'c Config, headers: &HeaderMap) -> Result<Token<'c>
         }
     }
     config
-        .authenticate(None, value, || Some(crate::clock::now()))
+        .authenticate(value, || Some(crate::clock::now()))
         .map_err(|(denial, _)| denial)
 }
 
@@ -157,9 +158,10 @@ impl FromRequestParts<Arc<AppState>> for Owner {
     async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, AppError> {
         let path = parts.uri.path();
         let route = Route::parse(path).ok_or(AppError::UnknownPath)?;
-        let config = Arc::clone(&app.publisher.current().api);
-        let denied = |denial| AppError::denied(&config, denial);
-        let token = authenticate(&config, &parts.headers).map_err(denied)?;
+        let snapshot = app.publisher.current();
+        let config = snapshot.api();
+        let denied = |denial| AppError::denied(config, denial);
+        let token = authenticate(&snapshot, &parts.headers).map_err(denied)?;
         // The request's span (see `log_request`) names the caller from here.
         tracing::Span::current().record("caller", token.name());
         if !route.allows(&parts.method) {

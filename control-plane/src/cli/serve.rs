@@ -73,7 +73,7 @@ pub(super) struct ServeArgs {
     /// Address of the xDS gRPC server: ECDS, the filter VMs' delta channel (apitokens.v1.Delta) and their usage reports
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
     xds_listen: SocketAddr,
-    /// How often at most an Envoy whose filter VMs hold delta streams gets a full snapshot over ECDS, in milliseconds: the changes reach its VMs on their streams (a write waits for those), and the snapshot follows this long after the first change it lacks; at once when one of its VMs has no history to catch up from, and for an Envoy without delta streams (an older filter). 0: every Envoy gets every version at once
+    /// How often at most an Envoy whose filter VMs hold delta streams gets a full snapshot over ECDS, in milliseconds: the changes reach its VMs on their streams (a write waits for those), and the snapshot follows this long after the first change it lacks; at once when one of its VMs has no history to catch up from, and for an Envoy without delta streams (an older filter). Also how often the table is encoded with the writes staged since, in the background. 0: every Envoy gets every version at once
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     snapshot_interval_ms: u64,
     /// Do not serve ECDS over gRPC (use with --ecds-file)
@@ -301,6 +301,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         PublisherOptions {
             base,
             expired_retention: Duration::from_secs(args.expired_retention_seconds),
+            snapshot_interval: Duration::from_millis(args.snapshot_interval_ms),
         },
     )
     .await

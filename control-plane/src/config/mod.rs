@@ -1,8 +1,10 @@
 //! What every Envoy should enforce now: the filter configuration built from
-//! the store, kept in memory as the compact table and edited per change
-//! ([`Publisher`]), published as versioned [`Snapshot`]s for the push (ECDS),
-//! and each change as an element of a [`history::History`] for the filter
-//! VMs' delta channel.
+//! the store, kept in memory as the compact table and the changes staged
+//! since it was last written ([`Publisher`]), published at every change as a
+//! versioned [`Snapshot`] (what the API checks its callers with) and each
+//! change as an element of a [`history::History`] for the filter VMs' delta
+//! channel. The table is written ([`Encoded`], what ECDS pushes) only when an
+//! Envoy or the ECDS file needs it, and in the background.
 
 pub mod history;
 mod publisher;
@@ -12,7 +14,8 @@ pub use publisher::{CatchUp, PublishError, Publisher, PublisherOptions};
 
 use crate::store::{Epoch, Position, Revision};
 use apitokens_core::compact::Stamp;
-use apitokens_core::{Config, Timestamp};
+use apitokens_core::table::{Digest, Overlay, Token};
+use apitokens_core::{Config, Denial, Timestamp};
 use std::fmt;
 use std::sync::Arc;
 
@@ -58,18 +61,61 @@ impl Position {
     }
 }
 
-/// One published configuration.
+/// One published configuration, as the API sees it: current at every
+/// change.
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: Version,
-    /// The plugin configuration in the compact encoding (digests only), as
-    /// pushed to every Envoy: shared, never copied per Envoy.
-    pub payload: Arc<Vec<u8>>,
-    /// What the API checks its callers with: the same table, the built-in
-    /// rules (the token API's own permissions cannot be configured away).
-    pub api: Arc<Config>,
+    /// The table as last written and the built-in rules (the token API's
+    /// own permissions cannot be configured away).
+    api: Arc<Config>,
+    /// The changes since the table was written, looked up first (as the
+    /// filter looks up the delta channel's).
+    staged: Overlay,
     pub tokens: usize,
     pub published_at: Timestamp,
+}
+
+impl Snapshot {
+    pub(crate) fn new(version: Version, api: Arc<Config>, staged: Overlay, tokens: usize) -> Self {
+        Self {
+            version,
+            api,
+            staged,
+            tokens,
+            published_at: crate::clock::now(),
+        }
+    }
+
+    /// The settings and rules (for a denial's answer, a decision).
+    pub fn api(&self) -> &Config {
+        &self.api
+    }
+
+    /// The filter's authentication of an `Authorization` value.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        now: impl FnOnce() -> Option<Timestamp>,
+    ) -> Result<Token<'_>, (Denial, Option<Token<'_>>)> {
+        self.api.authenticate(Some(&self.staged), authorization, now)
+    }
+
+    /// The token whose secret has this digest.
+    pub fn token(&self, digest: &Digest) -> Option<Token<'_>> {
+        self.staged.get(self.api.tokens(), digest)
+    }
+}
+
+/// A configuration as Envoy receives it: the plugin configuration in the
+/// compact encoding (digests only), written from the table and the staged
+/// changes, pushed to every Envoy: shared, never copied per Envoy.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The [`Snapshot`] version it carries.
+    pub version: Version,
+    pub payload: Arc<Vec<u8>>,
+    pub tokens: usize,
 }
 
 /// The publisher's state as writers and the status page see it.
@@ -84,6 +130,10 @@ pub struct Published {
     /// sent to an Envoy that has it.
     pub behind: Option<Version>,
     pub snapshot: Arc<Snapshot>,
+    /// The last configuration written for Envoy: `snapshot`'s version, or an
+    /// earlier one until an Envoy, the ECDS file or the background writer
+    /// needs it ([`Publisher::encoded`]).
+    pub encoded: Arc<Encoded>,
     /// Why the last attempt to catch up with the store failed, if it did (the
     /// previous snapshot stays in force; the next attempt comes with the next
     /// write or poll).

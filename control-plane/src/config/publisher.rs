@@ -11,6 +11,15 @@
 //! way, through the poll. A restart, or a change log that no longer reaches
 //! back far enough, loads the whole table from the store.
 //!
+//! A catch-up does not write the compact table (a copy of 86 MB at a
+//! million tokens): it stages the changes ([`LiveTable::stage`]) and
+//! publishes a [`Snapshot`] whose lookups see them, as the filter's VMs see
+//! the delta channel's. The table is written with the staged changes
+//! ([`Publisher::encoded`]) when an Envoy on ECDS alone, a new ECDS
+//! subscription or the ECDS file needs the current version, every
+//! `snapshot_interval` in the background (the snapshots Envoys on the delta
+//! channel get), and when [`STAGED_MAX`] tokens are staged.
+//!
 //! Expired tokens stay in the table (the filter refuses them itself, to the
 //! second) until they have been expired for the retention period; then the
 //! publisher retires them in the store, a write like any other, so every
@@ -24,18 +33,19 @@
 //! read per position however many VMs ask for it.
 
 use super::history::{self, Element, History, Reach};
-use super::{Published, Snapshot, Version};
+use super::{Encoded, Published, Snapshot, Version};
 use crate::clock;
 use crate::store::{Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{self, Lineage};
 use apitokens_core::config::{ConfigError, PluginConfig};
-use apitokens_core::table::{Change, LiveTable};
+use apitokens_core::table::{Change, LiveTable, Staged};
 use apitokens_core::{Config, Timestamp};
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 
 #[derive(Clone, Debug, Default)]
 pub struct PublisherOptions {
@@ -44,6 +54,9 @@ pub struct PublisherOptions {
     /// How long an expired token stays in the pushed table (counted by the
     /// filter as `expired` rather than `unknown`) before it is retired.
     pub expired_retention: Duration,
+    /// How often the table is written with the staged changes in the
+    /// background (zero: only when needed).
+    pub snapshot_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +80,21 @@ pub struct Publisher {
     /// The API's settings: the realm, the built-in rules.
     api_settings: PluginConfig,
     retention: Duration,
+    snapshot_interval: Duration,
+    /// Where the publisher is in the store; held through a catch-up, store
+    /// reads included.
     live: Mutex<Live>,
+    /// The table; held for a catch-up's edit and publication only, never
+    /// over a store read, so that an Envoy that needs the table written
+    /// gets it while the store does not answer (a replica cut off from its
+    /// database still serves what it has, and holds the streams of Envoys
+    /// that are ahead of it).
+    tables: Mutex<Tables>,
+    /// The table may not be what was published (an edit failed halfway, a
+    /// write of it failed): the next catch-up reloads it from the store.
+    reload: AtomicBool,
+    /// Too many changes are staged: the background writes the table.
+    flush_wanted: Notify,
     published: watch::Sender<Arc<Published>>,
     /// The steps of the delta channel, updated before each publication
     /// (so a stream woken by one finds its step). Held for microseconds.
@@ -103,13 +130,16 @@ const MAX_CATCH_UP_BYTES: usize = 32 << 20;
 struct Live {
     epoch: Epoch,
     revision: Revision,
-    /// `None` only while an edit runs off the async threads.
-    table: Option<LiveTable>,
-    /// The table was edited but the result not published (a failure in
-    /// between): the next catch-up reloads it.
-    dirty: bool,
     next_expiry: Option<Timestamp>,
-    /// Payloads of earlier snapshots, reused for the next edit once no
+}
+
+struct Tables {
+    /// `None` only while an edit runs off the async threads (or after it
+    /// failed: then `reload` is set).
+    table: Option<LiveTable>,
+    /// The API's configuration over the table as last written.
+    api: Arc<Config>,
+    /// Payloads of earlier snapshots, reused for the next write once no
     /// stream or request holds them (a fresh buffer of a large table costs
     /// more in page faults than the copy itself).
     spare: Vec<Arc<Vec<u8>>>,
@@ -117,6 +147,11 @@ struct Live {
 
 /// Spare payloads kept for reuse.
 const SPARES: usize = 2;
+
+/// The most tokens staged before the table is written in the background:
+/// every catch-up publishes a copy of what is staged (a few hundred
+/// microseconds at this size), and a VM's snapshot is a table without them.
+pub const STAGED_MAX: usize = 2048;
 
 impl Publisher {
     /// Loads the store and publishes the first snapshot.
@@ -131,7 +166,14 @@ impl Publisher {
         let table = build(stamped(&header, head.at), records).await?;
         let next_expiry = store.next_expiry().await?;
         let spare = spares(table.table().buffer().len()).await;
-        let snapshot = snapshot(head.at, &table, &api_settings)?;
+        let api = Arc::new(Config::with_table(&api_settings, table.table().clone())?);
+        let snapshot = Arc::new(Snapshot::new(
+            head.at,
+            Arc::clone(&api),
+            table.staged().clone(),
+            table.len(),
+        ));
+        let encoded = encoded(head.at, &table);
         tracing::info!(
             "configuration version {} (epoch {}) loaded ({} tokens)",
             snapshot.version,
@@ -148,6 +190,7 @@ impl Publisher {
             epoch: head.at.epoch,
             behind: head.behind,
             snapshot,
+            encoded,
             error: None,
         }));
         Ok(Arc::new(Self {
@@ -155,15 +198,20 @@ impl Publisher {
             header,
             api_settings,
             retention: opts.expired_retention,
+            snapshot_interval: opts.snapshot_interval,
             live: Mutex::new(Live {
                 epoch: head.at.epoch,
                 revision,
-                table: Some(table),
-                dirty: false,
                 next_expiry,
+            }),
+            tables: Mutex::new(Tables {
+                table: Some(table),
+                api,
                 spare,
             }),
+            reload: AtomicBool::new(false),
             published,
+            flush_wanted: Notify::new(),
             history: std::sync::Mutex::new(history),
             catch_ups: Mutex::new(VecDeque::new()),
         }))
@@ -224,6 +272,84 @@ impl Publisher {
 
     pub fn current(&self) -> Arc<Snapshot> {
         Arc::clone(&self.published.borrow().snapshot)
+    }
+
+    /// The configuration last written for Envoy (perhaps before the current
+    /// version: see [`Publisher::encoded`]).
+    pub fn latest_encoded(&self) -> Arc<Encoded> {
+        Arc::clone(&self.published.borrow().encoded)
+    }
+
+    /// The configuration for Envoy at the current version: the table is
+    /// written with the staged changes now if it was not yet (one writer at
+    /// a time; the others get its result). If that fails (it cannot with
+    /// valid stored tokens), the last one written, and the next catch-up
+    /// reloads the table.
+    pub async fn encoded(&self) -> Arc<Encoded> {
+        let fresh = |p: &Published| (p.encoded.version == p.snapshot.version).then(|| Arc::clone(&p.encoded));
+        if let Some(encoded) = fresh(&self.state()) {
+            return encoded;
+        }
+        let mut tables = self.tables.lock().await;
+        if let Some(encoded) = fresh(&self.state()) {
+            return encoded;
+        }
+        match self.flush(&mut tables).await {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                tracing::error!("could not write the table for Envoy (the next catch-up reloads it): {e}");
+                self.reload.store(true, Ordering::SeqCst);
+                self.latest_encoded()
+            }
+        }
+    }
+
+    /// Writes the staged changes into the table, stamped with the published
+    /// version, and publishes it as [`Encoded`].
+    async fn flush(&self, tables: &mut Tables) -> Result<Arc<Encoded>, PublishError> {
+        let state = self.state();
+        let version = state.snapshot.version;
+        if state.encoded.version == version {
+            return Ok(Arc::clone(&state.encoded));
+        }
+        let started = Instant::now();
+        let mut table = tables
+            .table
+            .take()
+            .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
+        let buffer = spare(tables);
+        let header = stamped(&self.header, version);
+        let job = tokio::task::spawn_blocking(move || {
+            let result = table.flush(&header, buffer);
+            (table, result)
+        });
+        let (table, result) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
+        let table = tables.table.insert(table);
+        result?;
+        let api = Arc::new(Config::with_table(&self.api_settings, table.table().clone())?);
+        let encoded = encoded(version, table);
+        let snapshot = Arc::new(Snapshot {
+            version,
+            api: Arc::clone(&api),
+            staged: table.staged().clone(),
+            tokens: table.len(),
+            published_at: state.snapshot.published_at,
+        });
+        tables.api = api;
+        retire(tables, &state.encoded);
+        self.amend(|p| {
+            p.snapshot = snapshot;
+            p.encoded = Arc::clone(&encoded);
+        });
+        tracing::info!(
+            revision = version.revision.0,
+            tokens = encoded.tokens,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "configuration version {version} written for Envoy ({} tokens, {:.1} ms)",
+            encoded.tokens,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(encoded)
     }
 
     pub fn state(&self) -> Arc<Published> {
@@ -361,47 +487,52 @@ impl Publisher {
         if head.at < here {
             return Err(self.fell_behind(here, head).await);
         }
-        if head.at == here && !live.dirty {
+        let reload = self.reload.load(Ordering::SeqCst);
+        if head.at == here && !reload {
             if head.behind != self.state().behind {
                 self.amend(|p| p.behind = head.behind);
             }
             return Ok(());
         }
         // Read before the table changes: from the edit on, nothing fails
-        // but the building of the snapshot (and then `dirty` says so).
+        // but the building of the snapshot (and then `reload` says so).
         let next_expiry = self.store.next_expiry().await?;
-        let applied = match changes {
+        let mut applied = None;
+        if let Changes::Since { head, changed } = changes {
             // Within the epoch: the changes only. A new epoch (an operator
             // accepted the store as it is): everything.
-            Changes::Since { head, changed } if head.at.epoch == live.epoch && !live.dirty => {
-                match self.edit(live, head.at, changed).await {
-                    Ok((content_changed, chunks, revokes)) => Some((head, content_changed, chunks, revokes)),
-                    Err(e) => {
-                        tracing::warn!("could not apply the store's changes, reloading everything: {e}");
-                        None
-                    }
+            if head.at.epoch == live.epoch && !reload {
+                let mut tables = self.tables.lock().await;
+                match self.edit(&mut tables, head.at, changed).await {
+                    Ok((staged, chunks)) => applied = Some((tables, head, staged, chunks)),
+                    Err(e) => tracing::warn!("could not apply the store's changes, reloading everything: {e}"),
                 }
             }
-            _ => None,
-        };
-        let (head, content_changed, step, how) = match applied {
-            Some((head, content_changed, chunks, revokes)) => {
+        }
+        let (mut tables, head, content_changed, step, reloaded) = match applied {
+            Some((tables, head, staged, chunks)) => {
                 let step = Element {
                     from: here,
                     to: head.at,
                     chunks,
-                    revokes,
+                    revokes: staged.revokes,
                 };
-                (head, content_changed, Some(step), "applied")
+                (tables, head, staged.changed, Some(step), false)
             }
             None => {
+                // The store is read and the table built without the
+                // table's lock (it stays in force meanwhile).
+                self.reload.store(true, Ordering::SeqCst);
                 let (head, records) = self.store.load().await?;
                 if head.at < here {
                     return Err(self.fell_behind(here, head).await);
                 }
-                live.dirty = true;
-                live.table = Some(build(stamped(&self.header, head.at), records).await?);
-                (head, true, None, "reloaded")
+                let table = build(stamped(&self.header, head.at), records).await?;
+                let api = Arc::new(Config::with_table(&self.api_settings, table.table().clone())?);
+                let mut tables = self.tables.lock().await;
+                tables.table = Some(table);
+                tables.api = api;
+                (tables, head, true, None, true)
             }
         };
         if head.at.epoch != live.epoch {
@@ -414,13 +545,19 @@ impl Publisher {
         live.epoch = head.at.epoch;
         live.revision = head.at.revision;
         live.next_expiry = next_expiry;
-        let table = live
+        let table = tables
             .table
             .as_ref()
             .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
-        let previous = self.current();
-        let snapshot = if content_changed {
-            let snapshot = snapshot(head.at, table, &self.api_settings)?;
+        let previous = self.state();
+        let (snapshot, encoded) = if content_changed {
+            let snapshot = Arc::new(Snapshot::new(
+                head.at,
+                Arc::clone(&tables.api),
+                table.staged().clone(),
+                table.len(),
+            ));
+            let how = if reloaded { "reloaded" } else { "staged" };
             tracing::info!(
                 revision = snapshot.version.revision.0,
                 tokens = snapshot.tokens,
@@ -430,14 +567,19 @@ impl Publisher {
                 snapshot.tokens,
                 started.elapsed().as_secs_f64() * 1000.0
             );
-            live.spare.push(Arc::clone(&previous.payload));
-            if live.spare.len() > SPARES {
-                live.spare.remove(0);
-            }
-            snapshot
+            let encoded = if reloaded {
+                encoded(head.at, table)
+            } else {
+                Arc::clone(&previous.encoded)
+            };
+            (snapshot, encoded)
         } else {
-            previous
+            (Arc::clone(&previous.snapshot), Arc::clone(&previous.encoded))
         };
+        let staged = table.staged().len();
+        if reloaded {
+            retire(&mut tables, &previous.encoded);
+        }
         {
             let mut history = self.history();
             match step {
@@ -453,54 +595,50 @@ impl Publisher {
                 None => history.reset(head.at, snapshot.version),
             }
         }
-        live.dirty = false;
+        // Published under the table's lock: a write of the table between
+        // the edit and here would stamp it with the version before.
+        self.reload.store(false, Ordering::SeqCst);
         self.published.send_replace(Arc::new(Published {
             revision: head.at.revision,
             epoch: head.at.epoch,
             behind: head.behind,
             snapshot,
+            encoded,
             error: None,
         }));
+        drop(tables);
+        if staged >= STAGED_MAX {
+            self.flush_wanted.notify_one();
+        }
         Ok(())
     }
 
-    /// Edits the table off the async threads: whether its content changed,
-    /// and the changes as the delta channel's records.
+    /// Stages the changes off the async threads (a large batch, an import,
+    /// takes a while): what they did, and the changes as the delta channel's
+    /// records.
     async fn edit(
         &self,
-        live: &mut Live,
+        tables: &mut Tables,
         at: Position,
         changed: Vec<(String, Option<TokenRecord>)>,
-    ) -> Result<(bool, Vec<Bytes>, bool), PublishError> {
-        let mut table = live
+    ) -> Result<(Staged, Vec<Bytes>), PublishError> {
+        let mut table = tables
             .table
             .take()
             .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
-        let buffer = live
-            .spare
-            .iter()
-            .position(|b| Arc::strong_count(b) == 1)
-            .map(|i| live.spare.swap_remove(i))
-            .and_then(|b| Arc::try_unwrap(b).ok())
-            .unwrap_or_default();
-        let header = stamped(&self.header, at);
-        live.dirty = true;
+        self.reload.store(true, Ordering::SeqCst);
         let job = tokio::task::spawn_blocking(move || {
             let changes: Vec<Change<'_>> = changed
                 .iter()
                 .map(|(name, record)| history::change(name, record.as_ref()))
                 .collect();
-            // A token that existed before changes or goes: a revocation of
-            // something (a secret, a role, the token) for the VMs.
-            let revokes = changes.iter().any(|c| table.digest_of(c.name()).is_some());
-            let result = table.apply(&header, &changes, buffer);
+            let result = table.stage(at.stamp(), &changes);
             let chunks = history::encode(changes.iter().copied());
-            (table, result, chunks, revokes)
+            (table, result, chunks)
         });
-        let (table, result, chunks, revokes) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
-        live.table = Some(table);
-        let stats = result?;
-        Ok((stats.inserted + stats.removed > 0, chunks, revokes))
+        let (table, result, chunks) = job.await.map_err(|e| PublishError::Task(e.to_string()))?;
+        tables.table = Some(table);
+        Ok((result?, chunks))
     }
 
     /// Retires the tokens whose retention has passed (a store write, which
@@ -533,12 +671,37 @@ impl Publisher {
         // During an outage every poll fails the same way: the log says so
         // when it starts, when the error changes, and when it ends.
         let mut failing: Option<String> = None;
+        // The background writes of the table: every interval, and when too
+        // many changes are staged.
+        let mut writes = (!self.snapshot_interval.is_zero()).then(|| {
+            let mut every = tokio::time::interval_at(
+                tokio::time::Instant::now() + self.snapshot_interval,
+                self.snapshot_interval,
+            );
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every
+        });
         loop {
             let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
             let wait = due.map_or(poll, |t| clock::until(t, clock::now()).min(poll));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = crate::store::notified(&mut feed) => {}
+                () = self.flush_wanted.notified() => {
+                    self.encoded().await;
+                    continue;
+                }
+                () = async {
+                    match writes.as_mut() {
+                        Some(every) => {
+                            every.tick().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.encoded().await;
+                    continue;
+                }
                 _ = shutdown.changed() => return,
             }
             self.retire_due().await;
@@ -625,15 +788,33 @@ async fn build(header: Vec<u8>, records: Vec<TokenRecord>) -> Result<LiveTable, 
     .map_err(PublishError::Table)
 }
 
-fn snapshot(version: Version, table: &LiveTable, api_settings: &PluginConfig) -> Result<Arc<Snapshot>, PublishError> {
-    let api = Config::with_table(api_settings, table.table().clone())?;
-    Ok(Arc::new(Snapshot {
+/// The table as written (no staged changes), for Envoy.
+fn encoded(version: Version, table: &LiveTable) -> Arc<Encoded> {
+    Arc::new(Encoded {
         version,
         payload: Arc::clone(table.table().buffer()),
-        api: Arc::new(api),
         tokens: table.len(),
-        published_at: clock::now(),
-    }))
+    })
+}
+
+/// A buffer for the next table: a spare one nobody holds any more, if any.
+fn spare(tables: &mut Tables) -> Vec<u8> {
+    tables
+        .spare
+        .iter()
+        .position(|b| Arc::strong_count(b) == 1)
+        .map(|i| tables.spare.swap_remove(i))
+        .and_then(|b| Arc::try_unwrap(b).ok())
+        .unwrap_or_default()
+}
+
+/// `replaced` is no longer the latest table: its buffer is reused once no
+/// stream or request holds it.
+fn retire(tables: &mut Tables, replaced: &Encoded) {
+    tables.spare.push(Arc::clone(&replaced.payload));
+    if tables.spare.len() > SPARES {
+        tables.spare.remove(0);
+    }
 }
 
 #[cfg(test)]
@@ -667,6 +848,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_stages_and_the_table_is_written_when_needed_or_too_much_is_staged() {
+        let dir = TempDir::new("pub-staged");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("p.db")).unwrap());
+        let opts = PublisherOptions {
+            snapshot_interval: Duration::from_secs(3600),
+            ..PublisherOptions::default()
+        };
+        let p = Publisher::open(Arc::clone(&store), opts).await.unwrap();
+        let r = store
+            .insert(vec![rec("namespaces/a/apitokens/t", 1, None)], None, vec![])
+            .await
+            .unwrap();
+        let s = p.publish(r, deadline()).await.unwrap();
+        // Published for the API at once; the table for Envoy not written.
+        assert_eq!(s.tokens, 1);
+        assert!(s.token(&Digest([1; 32])).is_some());
+        assert!(p.latest_encoded().version < s.version);
+        // Written when asked for: the current version, as built from scratch.
+        let e = p.encoded().await;
+        assert_eq!(e.version, s.version);
+        let filter = Config::from_plugin_configuration(e.payload.to_vec()).unwrap();
+        assert_eq!(
+            filter.tokens().get(&Digest([1; 32])).unwrap().name(),
+            "namespaces/a/apitokens/t"
+        );
+        assert!(
+            p.current().token(&Digest([1; 32])).is_some(),
+            "found in the written table"
+        );
+        // Too many staged: the background writes the table.
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(Arc::clone(&p).run(Duration::from_secs(3600), stopped));
+        let records: Vec<_> = (0..=STAGED_MAX)
+            .map(|i| {
+                let mut r = rec(&format!("namespaces/b/apitokens/t{i}"), 0, None);
+                r.digest = Digest::of(&i.to_le_bytes());
+                r
+            })
+            .collect();
+        let r = store.insert(records, None, vec![]).await.unwrap();
+        let s = p.publish(r, deadline()).await.unwrap();
+        assert_eq!(s.tokens, STAGED_MAX + 2);
+        let started = Instant::now();
+        while p.latest_encoded().version < s.version {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "not written in the background"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(p.latest_encoded().tokens, STAGED_MAX + 2);
+    }
+
+    #[tokio::test]
     async fn versions_follow_content_changes() {
         let dir = TempDir::new("pub-versions");
         let (p, store) = publisher(&dir).await;
@@ -681,7 +916,7 @@ mod tests {
         let s1 = p.publish(r1, deadline()).await.unwrap();
         assert_eq!(s1.version.revision, r1);
         assert_eq!(s1.tokens, 1);
-        assert!(s1.api.tokens().get(&Digest([1; 32])).is_some(), "the API sees it");
+        assert!(s1.token(&Digest([1; 32])).is_some(), "the API sees it");
         // A write that changes nothing pushed (a retired token's secret)
         // advances the revision, not the version.
         let mut old = rec("namespaces/a/apitokens/old", 2, Some(Timestamp::from_unix(1, 0)));
@@ -718,7 +953,8 @@ mod tests {
             .unwrap()
             .unwrap();
         p.refresh().await.unwrap();
-        let s = p.publish(r, deadline()).await.unwrap();
+        p.publish(r, deadline()).await.unwrap();
+        let s = p.encoded().await;
         let filter = Config::from_plugin_configuration(s.payload.to_vec()).unwrap();
         let names: Vec<_> = filter.tokens().iter().map(|(_, t)| t.name().to_owned()).collect();
         assert_eq!(names, ["namespaces/b/apitokens/u"]);
@@ -860,7 +1096,10 @@ mod tests {
         assert!(now.version.epoch > published.version.epoch);
         assert_eq!(p.state().behind, None);
         let (epoch, generation) = (now.version.epoch.0, now.version.revision.0);
-        assert_eq!(compact::stamp(&now.payload), Some(compact::Stamp { epoch, generation }));
+        assert_eq!(
+            compact::stamp(&p.encoded().await.payload),
+            Some(compact::Stamp { epoch, generation })
+        );
     }
 
     /// What a VM enforces: `table` with `overlay` over it.
@@ -896,13 +1135,18 @@ mod tests {
         Position::new(state.epoch, state.revision)
     }
 
-    fn table(p: &Publisher) -> TokenTable {
-        p.current().api.tokens().clone()
+    /// The table a VM gets by ECDS now.
+    async fn table(p: &Publisher) -> TokenTable {
+        let encoded = p.encoded().await;
+        Config::from_plugin_configuration(encoded.payload.to_vec())
+            .unwrap()
+            .tokens()
+            .clone()
     }
 
     async fn published(p: &Arc<Publisher>, r: Revision, seen: &mut Vec<(Position, TokenTable)>) {
         p.publish(r, deadline()).await.unwrap();
-        seen.push((here(p), table(p)));
+        seen.push((here(p), table(p).await));
     }
 
     fn steps(reach: Reach) -> Vec<Arc<Element>> {
@@ -935,7 +1179,7 @@ mod tests {
             .unwrap();
         p.publish(r, deadline()).await.unwrap();
         // Where VMs stand: every position published, and the tables they had.
-        let mut seen = vec![(here(&p), table(&p))];
+        let mut seen = vec![(here(&p), table(&p).await)];
         // Each write published before the next: one step each.
         let r = store.insert(vec![token(&name(5), 5)], None, vec![]).await.unwrap();
         published(&p, r, &mut seen).await;
@@ -970,7 +1214,7 @@ mod tests {
         assert_eq!(all.len(), 6);
         assert!(all.windows(2).all(|w| w[0].to == w[1].from));
         let probe: Vec<Digest> = (0..20).map(digest).collect();
-        let now = table(&p);
+        let now = table(&p).await;
         let want = lookups(&now, &Overlay::default(), &probe);
         assert!(
             want[1].as_ref().is_some_and(|t| t.0 == name(1) && t.2),
@@ -992,7 +1236,7 @@ mod tests {
     async fn a_large_step_is_chunked_at_record_boundaries() {
         let dir = TempDir::new("pub-chunks");
         let (p, store) = publisher(&dir).await;
-        let before = (here(&p), table(&p));
+        let before = (here(&p), table(&p).await);
         // Long names: about 150 bytes a record, 9,000 of them in one write.
         let records: Vec<TokenRecord> = (0..9_000)
             .map(|i| {
@@ -1008,7 +1252,7 @@ mod tests {
         let probe: Vec<Digest> = (0..9_000).step_by(97).map(digest).collect();
         let mut overlay = Overlay::default();
         apply(&mut overlay, &steps);
-        let want = lookups(&table(&p), &Overlay::default(), &probe);
+        let want = lookups(&table(&p).await, &Overlay::default(), &probe);
         assert!(want.iter().all(Option::is_some));
         assert_eq!(lookups(&before.1, &overlay, &probe), want);
     }
@@ -1022,7 +1266,7 @@ mod tests {
             .await
             .unwrap();
         p.publish(r, deadline()).await.unwrap();
-        let (old, old_table) = (here(&p), table(&p));
+        let (old, old_table) = (here(&p), table(&p).await);
         for i in 1..4 {
             store
                 .insert(vec![token(&format!("namespaces/a/apitokens/t{i}"), i)], None, vec![])
@@ -1042,7 +1286,7 @@ mod tests {
         apply(&mut overlay, std::slice::from_ref(&step));
         assert_eq!(
             lookups(&old_table, &overlay, &probe),
-            lookups(&table(&p), &Overlay::default(), &probe)
+            lookups(&table(&p).await, &Overlay::default(), &probe)
         );
         // The next VM at that position shares the read.
         let CatchUp::Step(again) = p.catch_up_from(old).await.unwrap() else {

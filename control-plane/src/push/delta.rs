@@ -674,8 +674,13 @@ mod tests {
             Position::new(snapshot.version.epoch, r)
         }
 
-        fn table(&self) -> TokenTable {
-            self.publisher.current().api.tokens().clone()
+        /// The table a VM gets by ECDS now.
+        async fn table(&self) -> TokenTable {
+            let encoded = self.publisher.encoded().await;
+            apitokens_core::Config::from_plugin_configuration(encoded.payload.to_vec())
+                .unwrap()
+                .tokens()
+                .clone()
         }
 
         fn request(&self, vm: &str, at: Position) -> DeltaRequest {
@@ -762,7 +767,7 @@ mod tests {
     async fn a_vm_is_sent_what_it_lacks_then_every_change_and_its_acks_count() {
         let cp = Plane::start("delta-stream").await;
         let p1 = cp.write(vec![token("namespaces/a/apitokens/t0", 0)]).await;
-        let old = cp.table();
+        let old = cp.table().await;
         cp.write(vec![token("namespaces/a/apitokens/t1", 1)]).await;
         let r = cp
             .store
@@ -779,7 +784,7 @@ mod tests {
         let mid = apply(&mut overlay, &first);
         assert!(mid > p1 && mid < p3);
         assert_eq!(apply(&mut overlay, &vm.step().await), p3);
-        assert_eq!(lookups(&old, &overlay), lookups(&cp.table(), &Overlay::default()));
+        assert_eq!(lookups(&old, &overlay), lookups(&cp.table().await, &Overlay::default()));
         // Tracked: sent p3, enforcing p1 until it says otherwise.
         until(|| cp.acks.vms().first().and_then(|v| v.sent_revision.clone()) == Some(p3.revision.to_string())).await;
         assert!(!cp.acks.rollout(p3).complete());

@@ -7,7 +7,7 @@
 
 use super::acks::Tracker;
 use super::resource::EcdsResource;
-use crate::config::{Publisher, Snapshot};
+use crate::config::{Encoded, Publisher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ fn parent(path: &Path) -> PathBuf {
 /// Writes `snapshot` to `path` atomically and durably: a new temporary file
 /// in the same directory (never one that already exists, readable by the
 /// owner only), fsync, rename over `path`, fsync the directory.
-pub fn write(path: &Path, resource: &EcdsResource, snapshot: &Snapshot) -> std::io::Result<()> {
+pub fn write(path: &Path, resource: &EcdsResource, snapshot: &Encoded) -> std::io::Result<()> {
     let frame = resource.response(snapshot, "", true);
     let dir = parent(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("ecds.pb");
@@ -71,7 +71,7 @@ pub fn write(path: &Path, resource: &EcdsResource, snapshot: &Snapshot) -> std::
     result
 }
 
-fn write_and_record(acks: &Tracker, resource: &EcdsResource, path: &Path, snapshot: &Snapshot) {
+fn write_and_record(acks: &Tracker, resource: &EcdsResource, path: &Path, snapshot: &Encoded) {
     let shown = path.display().to_string();
     match write(path, resource, snapshot) {
         Ok(()) => {
@@ -92,7 +92,7 @@ pub fn write_current(
     resource: &EcdsResource,
     path: &Path,
 ) -> Result<(), String> {
-    let snapshot = publisher.current();
+    let snapshot = publisher.latest_encoded();
     write(path, resource, &snapshot).map_err(|e| format!("--ecds-file {}: {e}", path.display()))?;
     acks.file_written(&path.display().to_string(), Ok(snapshot.version));
     tracing::info!("ecds file {}: wrote version {}", path.display(), snapshot.version);
@@ -108,7 +108,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut published = publisher.subscribe();
-    let mut written = published.borrow_and_update().snapshot.version;
+    let mut written = published.borrow_and_update().encoded.version;
     let resource = Arc::new(resource);
     loop {
         tokio::select! {
@@ -116,7 +116,11 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let snapshot = Arc::clone(&published.borrow_and_update().snapshot);
+                if published.borrow_and_update().snapshot.version == written {
+                    continue;
+                }
+                // The file has every version: the table is written for it.
+                let snapshot = publisher.encoded().await;
                 if snapshot.version == written {
                     continue;
                 }
@@ -136,7 +140,6 @@ mod tests {
     use crate::config::Version;
     use crate::push::resource::{FilterParams, TYPE_URL};
     use crate::testutil::TempDir;
-    use apitokens_core::{Config, Timestamp};
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
     use prost::Message;
 
@@ -146,12 +149,10 @@ mod tests {
         let path = dir.path().join("apitokens.pb");
         let resource = EcdsResource::new(FilterParams::default());
         for version in [1, 2] {
-            let snap = Snapshot {
+            let snap = Encoded {
                 version: Version::new(crate::store::Epoch(1), crate::store::Revision(version)),
                 payload: Arc::new(b"APTK".to_vec()),
-                api: Arc::new(Config::deny_all()),
                 tokens: 0,
-                published_at: Timestamp::from_unix(0, 0),
             };
             write(&path, &resource, &snap).unwrap();
             let r = DiscoveryResponse::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();

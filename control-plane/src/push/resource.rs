@@ -9,7 +9,7 @@
 //! same shared payload. The bytes are exactly prost's encoding of the whole
 //! message (the tests compare them).
 
-use crate::config::{Snapshot, Version};
+use crate::config::{Encoded, Version};
 use envoy_types::pb::envoy::config::core::v3::{
     async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
 };
@@ -175,10 +175,10 @@ impl EcdsResource {
         tec.wrap(payload_len, &any_type_url(TYPE_URL), 2, &[])
     }
 
-    /// A state-of-the-world response carrying `snapshot` when `include` (the
+    /// A state-of-the-world response carrying `encoded` when `include` (the
     /// client subscribed to the resource), otherwise no resources.
-    pub fn response(&self, snapshot: &Snapshot, nonce: &str, include: bool) -> Frame {
-        self.response_for(snapshot.version, &snapshot.payload, nonce, include)
+    pub fn response(&self, encoded: &Encoded, nonce: &str, include: bool) -> Frame {
+        self.response_for(encoded.version, &encoded.payload, nonce, include)
     }
 
     fn response_for(&self, version: Version, payload: &Arc<Vec<u8>>, nonce: &str, include: bool) -> Frame {

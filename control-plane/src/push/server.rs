@@ -10,13 +10,14 @@
 //!
 //! ECDS is the snapshot; the changes travel on the delta channel
 //! (`push::delta`) to every filter VM. So an Envoy whose node has a
-//! connected VM stream gets a new snapshot only `--snapshot-interval-ms`
-//! after the first change it lacks (at most one per interval, never on a
-//! write's path: a write waits for the VMs), and at once when one of its VMs
-//! awaits a snapshot (no history reaches its table) or its last VM stream
-//! goes. An Envoy without VM streams (an older filter) gets every version at
-//! once, as a new subscription does. With an interval of 0, every Envoy gets
-//! every version at once.
+//! connected VM stream gets the tables the publisher writes in the
+//! background (every `--snapshot-interval-ms`), at most one per interval,
+//! never on a write's path (a write waits for the VMs); and the current
+//! version at once (written for it then) when one of its VMs awaits a
+//! snapshot (no history reaches its table) or its last VM stream goes. An
+//! Envoy without VM streams (an older filter) gets every version at once, as
+//! a new subscription does. With an interval of 0, every Envoy gets every
+//! version at once.
 
 use super::acks::{StreamId, Tracker};
 use super::frames::FrameBody;
@@ -24,7 +25,7 @@ use super::peers::{peer_of, Identities};
 use super::resource::{EcdsResource, Frame};
 use super::sotw::{Event, Respond, Session};
 use super::BoxFuture;
-use crate::config::{Publisher, Snapshot};
+use crate::config::{Encoded, Publisher, Version};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use prometheus_client::metrics::counter::Counter;
 use std::convert::Infallible;
@@ -234,6 +235,16 @@ struct Pacing {
     due: Option<tokio::time::Instant>,
 }
 
+/// What a stream takes now.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Nothing,
+    /// The current version, the table written for it now if need be.
+    Current,
+    /// The table last written (in the background), newer than its own.
+    Written,
+}
+
 impl Pacing {
     fn track(&mut self, event: &Event) {
         match event {
@@ -250,20 +261,31 @@ impl Pacing {
         !self.interval.is_zero() && !self.held && self.node.as_deref().is_some_and(|n| acks.defers_snapshots(n))
     }
 
-    /// `latest` was published, or the node's VM streams changed, or the due
-    /// time came (`due`): whether the stream takes `latest` now.
-    fn take(&mut self, acks: &Tracker, latest: &Snapshot, target: &Snapshot, due: bool) -> bool {
-        if latest.version == target.version {
+    /// A version was published (`current`) or a table written (`written`),
+    /// or the node's VM streams changed, or the due time came (`due`): what
+    /// the stream, which has `target`, takes now.
+    fn take(&mut self, acks: &Tracker, current: Version, written: Version, target: Version, due: bool) -> Take {
+        if !self.defers(acks) {
             self.due = None;
-            return false;
+            return if current == target {
+                Take::Nothing
+            } else {
+                Take::Current
+            };
         }
-        if due || !self.defers(acks) {
+        if current == target {
             self.due = None;
-            return true;
+            return Take::Nothing;
+        }
+        if due {
+            // What the background wrote, if it is newer (it writes every
+            // interval: usually), else the current version.
+            self.due = None;
+            return if written > target { Take::Written } else { Take::Current };
         }
         self.due
             .get_or_insert_with(|| tokio::time::Instant::now() + self.interval);
-        false
+        Take::Nothing
     }
 }
 
@@ -278,9 +300,9 @@ async fn serve_stream(
     let mut vms = shared.acks.subscribe_vms();
     let mut shutdown = shared.shutdown.clone();
     let mut stream: Option<StreamId> = None;
-    // The snapshot this Envoy is to have now: the published one, or an
+    // The snapshot this Envoy is to have now: the current version, or an
     // earlier one while its VMs' delta streams carry the changes.
-    let mut target: Arc<Snapshot> = shared.publisher.current();
+    let mut target: Arc<Encoded> = shared.publisher.latest_encoded();
     let mut pacing = Pacing {
         interval: shared.snapshot_interval,
         node: None,
@@ -290,12 +312,12 @@ async fn serve_stream(
     loop {
         // The snapshot a response carries: the one whose version the state
         // machine decided on.
-        let (respond, snapshot): (Option<Respond>, Arc<Snapshot>) = tokio::select! {
+        let (respond, snapshot): (Option<Respond>, Arc<Encoded>) = tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if stream.is_none() {
-                        // A new subscription gets the current snapshot.
-                        target = Arc::clone(&published.borrow().snapshot);
+                        // A new subscription gets the current version.
+                        target = shared.publisher.encoded().await;
                     }
                     // Not marked as seen: if the request is stale and sends
                     // nothing, `changed()` still pushes the new version.
@@ -324,8 +346,11 @@ async fn serve_stream(
                 if changed.is_err() {
                     break;
                 }
-                let latest = Arc::clone(&published.borrow_and_update().snapshot);
-                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, false)
+                let (current, written) = {
+                    let p = published.borrow_and_update();
+                    (p.snapshot.version, p.encoded.version)
+                };
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, (current, written), false).await
             }
             () = async {
                 match pacing.due {
@@ -333,15 +358,17 @@ async fn serve_stream(
                     None => std::future::pending().await,
                 }
             } => {
-                let latest = shared.publisher.current();
-                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, true)
+                let p = shared.publisher.state();
+                let versions = (p.snapshot.version, p.encoded.version);
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, versions, true).await
             }
             changed = vms.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                let latest = shared.publisher.current();
-                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, latest, false)
+                let p = shared.publisher.state();
+                let versions = (p.snapshot.version, p.encoded.version);
+                next(&shared, &mut session, &mut pacing, &mut stream, &peer, &mut target, versions, false).await
             }
             _ = shutdown.changed() => break,
             () = tx.closed() => break,
@@ -372,23 +399,25 @@ async fn serve_stream(
     }
 }
 
-/// `latest` is there (published, due, or the node's VM streams changed):
-/// the response to send, if the stream takes it now.
+/// A version was published or a table written (`versions`: the current
+/// version, the last written), or the due time came, or the node's VM
+/// streams changed: the response to send, if the stream takes one now.
 #[allow(clippy::too_many_arguments)]
-fn next(
+async fn next(
     shared: &Arc<Shared>,
     session: &mut Session,
     pacing: &mut Pacing,
     stream: &mut Option<StreamId>,
     peer: &str,
-    target: &mut Arc<Snapshot>,
-    latest: Arc<Snapshot>,
+    target: &mut Arc<Encoded>,
+    (current, written): (Version, Version),
     due: bool,
-) -> (Option<Respond>, Arc<Snapshot>) {
-    if !pacing.take(&shared.acks, &latest, target, due) {
-        return (None, Arc::clone(target));
-    }
-    *target = latest;
+) -> (Option<Respond>, Arc<Encoded>) {
+    *target = match pacing.take(&shared.acks, current, written, target.version, due) {
+        Take::Nothing => return (None, Arc::clone(target)),
+        Take::Current => shared.publisher.encoded().await,
+        Take::Written => shared.publisher.latest_encoded(),
+    };
     let step = session.on_version(target.version);
     for event in &step.events {
         pacing.track(event);

@@ -516,7 +516,7 @@ impl Service {
                 continue;
             };
             let digest = Digest(bytes);
-            if let Some(token) = snapshot.api.tokens().get(&digest) {
+            if let Some(token) = snapshot.token(&digest) {
                 uses.insert(token.name().to_owned(), (digest, now));
             }
         }

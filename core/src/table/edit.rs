@@ -13,7 +13,8 @@
 //! name and digest), so the edited table holds what the filter's own
 //! validation accepts; debug builds re-run that validation after every edit.
 
-use super::{push_entry, push_name, write_table, Digest, Duplicate, Entry, TokenTable, ENTRY};
+use super::{push_entry, push_name, write_table, Digest, Duplicate, Entry, Overlay, TokenTable, ENTRY};
+use crate::compact::Stamp;
 use crate::config::ConfigError;
 use crate::name::TokenName;
 use std::collections::BTreeMap;
@@ -76,11 +77,32 @@ struct Slot {
     previous: Option<Digest>,
 }
 
-/// A table and the index needed to edit it: every token's digests by name.
+/// What staging a batch of changes did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Staged {
+    /// A token's entries changed (a new secret, role, expiry; created or
+    /// removed): the content is not what it was.
+    pub changed: bool,
+    /// A token that existed changed or went: something it admitted (a
+    /// secret, a role, the token) may no longer be admitted.
+    pub revokes: bool,
+}
+
+/// A table and the index needed to edit it: every token's digests by name,
+/// and the changes staged since the table was last written.
+///
+/// Writing the table costs a copy of it (86 MB at a million tokens), so a
+/// writer that must answer quickly stages its changes instead: they go into
+/// an [`Overlay`], the structure the filter looks up the delta channel's
+/// changes in, and the table is written once for many of them
+/// ([`LiveTable::flush`]).
 #[derive(Clone, Debug)]
 pub struct LiveTable {
     table: TokenTable,
     index: BTreeMap<Box<str>, Slot>,
+    staged: Overlay,
+    /// Tokens, the staged changes included.
+    tokens: usize,
 }
 
 fn edit_error(problem: impl Into<String>) -> ConfigError {
@@ -140,27 +162,134 @@ impl LiveTable {
                 slot.previous = Some(e.digest);
             }
         }
-        let live = Self { table, index };
+        let tokens = index.len();
+        let live = Self {
+            table,
+            index,
+            staged: Overlay::default(),
+            tokens,
+        };
         live.check()?;
         Ok(live)
     }
 
+    /// The table as last written: without the staged changes.
     pub fn table(&self) -> &TokenTable {
         &self.table
     }
 
-    /// Tokens (a token in its overlap has two entries).
+    /// The changes staged since the table was written, to be looked up
+    /// before it ([`Overlay::get`]).
+    pub fn staged(&self) -> &Overlay {
+        &self.staged
+    }
+
+    /// Tokens, the staged changes included (a token in its overlap has two
+    /// entries).
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.tokens
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.tokens == 0
     }
 
-    /// The digest of the current secret of the token with this name.
+    /// The digest of the current secret of the token with this name, the
+    /// staged changes included.
     pub fn digest_of(&self, name: &str) -> Option<Digest> {
-        self.index.get(name).map(|s| s.current)
+        self.token(name).map(|t| t.current.digest)
+    }
+
+    /// The token of this name as it stands, the staged changes included.
+    pub fn token(&self, name: &str) -> Option<TokenEntries<'_>> {
+        if let Some(staged) = self.staged.token(name) {
+            return staged;
+        }
+        let slot = self.index.get(name)?;
+        let entry = |digest: Digest| {
+            self.table.get(&digest).map(|t| Entry {
+                name: t.name(),
+                role: t.role(),
+                digest,
+                expire: t.expire(),
+                previous: t.is_previous(),
+            })
+        };
+        Some(TokenEntries {
+            current: entry(slot.current)?,
+            previous: slot.previous.and_then(entry),
+        })
+    }
+
+    /// Stages `changes` (a later change to a name wins over an earlier one),
+    /// made at `at`, without writing the table: each is validated as
+    /// [`LiveTable::apply`] would, and a change that leaves a token as it
+    /// stands is dropped. On error nothing changes.
+    pub fn stage(&mut self, at: Stamp, changes: &[Change<'_>]) -> Result<Staged, ConfigError> {
+        let mut last: BTreeMap<&str, &Change<'_>> = BTreeMap::new();
+        for change in changes {
+            last.insert(change.name(), change);
+        }
+        let mut effective: Vec<Change<'_>> = Vec::with_capacity(last.len());
+        let mut staged = Staged::default();
+        let mut tokens = self.tokens;
+        for (name, change) in &last {
+            let now = self.token(name);
+            match change {
+                Change::Put(token) => {
+                    check_put(name, token)?;
+                    if now.as_ref() == Some(token) {
+                        continue;
+                    }
+                    if now.is_none() {
+                        tokens += 1;
+                    }
+                }
+                Change::Remove(_) => {
+                    if now.is_none() {
+                        continue;
+                    }
+                    tokens = tokens.saturating_sub(1);
+                }
+            }
+            staged.revokes |= now.is_some();
+            effective.push(**change);
+        }
+        // A secret's digest belongs to one token: among the changes, and
+        // against the tokens they leave in place.
+        let mut digests: Vec<(&Digest, &str)> = effective
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(t) => Some(t),
+                Change::Remove(_) => None,
+            })
+            .flat_map(|t| t.each().map(|e| (&e.digest, e.name)))
+            .collect();
+        digests.sort_unstable();
+        for pair in digests.windows(2) {
+            if let [(a, _), (b, name)] = pair {
+                if a == b {
+                    return Err(edit_error(format!("{name}: another token has the same secret digest")));
+                }
+            }
+        }
+        for (digest, name) in &digests {
+            if let Some(owner) = self.staged.get(&self.table, digest) {
+                if owner.name() != *name && !last.contains_key(owner.name()) {
+                    return Err(edit_error(format!("{name}: another token has the same secret digest")));
+                }
+            }
+        }
+        staged.changed = !effective.is_empty();
+        self.staged.apply(at, &effective);
+        self.tokens = tokens;
+        Ok(staged)
+    }
+
+    /// Writes the staged changes into a new table, in `buf` after `header`
+    /// (see [`LiveTable::apply`]).
+    pub fn flush(&mut self, header: &[u8], buf: Vec<u8>) -> Result<EditStats, ConfigError> {
+        self.apply(header, &[], buf)
     }
 
     /// Validation of the whole table, in debug builds (every end-to-end test
@@ -224,8 +353,27 @@ impl LiveTable {
     /// is cleared first: pass the buffer of a table nobody uses any more, so
     /// that its memory is reused rather than faulted in anew.
     ///
-    /// On error nothing changes.
-    pub fn apply(&mut self, header: &[u8], changes: &[Change<'_>], mut buf: Vec<u8>) -> Result<EditStats, ConfigError> {
+    /// The staged changes go in first. On error nothing changes.
+    pub fn apply(&mut self, header: &[u8], changes: &[Change<'_>], buf: Vec<u8>) -> Result<EditStats, ConfigError> {
+        let staged = std::mem::take(&mut self.staged);
+        let result = {
+            let mut all = staged.changes();
+            all.extend_from_slice(changes);
+            self.write(header, &all, buf)
+        };
+        match result {
+            Ok(stats) => {
+                self.tokens = self.index.len();
+                Ok(stats)
+            }
+            Err(e) => {
+                self.staged = staged;
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&mut self, header: &[u8], changes: &[Change<'_>], mut buf: Vec<u8>) -> Result<EditStats, ConfigError> {
         let mut last: BTreeMap<&str, &Change<'_>> = BTreeMap::new();
         for change in changes {
             last.insert(change.name(), change);
@@ -252,10 +400,7 @@ impl LiveTable {
             let Change::Put(token) = change else {
                 continue;
             };
-            TokenName::parse(name).map_err(|e| edit_error(format!("{name}: {e}")))?;
-            if token.previous.is_some_and(|p| p.name != *name || !p.previous) || token.current.previous {
-                return Err(edit_error(format!("{name}: inconsistent previous secret")));
-            }
+            check_put(name, token)?;
             // Before the first old name that sorts after it (the old name of
             // the same token, if any, is removed anyway).
             let successor = self
@@ -312,7 +457,10 @@ impl LiveTable {
             inserted: inserts.len(),
             removed: removed_entries.len(),
         };
-        if inserts.is_empty() && removed_entries.is_empty() {
+        // Nothing to write, unless the header changed (a flush stamps the
+        // table with the version its staged changes brought it to).
+        let same_header = self.table.buffer().get(..self.table.start()) == Some(header);
+        if inserts.is_empty() && removed_entries.is_empty() && same_header {
             return Ok(stats);
         }
 
@@ -442,13 +590,33 @@ impl LiveTable {
                 }
             }
         }
-        let previous = std::mem::replace(self, Self { table, index });
+        let previous = std::mem::replace(
+            self,
+            Self {
+                table,
+                index,
+                staged: Overlay::default(),
+                tokens: 0,
+            },
+        );
         if let Err(e) = self.check() {
             *self = previous;
             return Err(e);
         }
         Ok(stats)
     }
+}
+
+/// A token as it goes in: a valid name, a previous secret of its own.
+fn check_put(name: &str, token: &TokenEntries<'_>) -> Result<(), ConfigError> {
+    TokenName::parse(name).map_err(|e| edit_error(format!("{name}: {e}")))?;
+    if token.previous.is_some_and(|p| p.name != name || !p.previous)
+        || token.current.previous
+        || token.current.name != name
+    {
+        return Err(edit_error(format!("{name}: inconsistent previous secret")));
+    }
+    Ok(())
 }
 
 /// How far each surviving old name moved: a step function of its old offset,

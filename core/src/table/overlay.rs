@@ -16,11 +16,11 @@
 use super::{Digest, Token, TokenTable};
 use crate::compact::Stamp;
 use crate::role::Role;
-use crate::table::{Change, Entry};
+use crate::table::{Change, Entry, TokenEntries};
 use crate::timestamp::Timestamp;
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Digests are SHA-256 outputs: their first 8 bytes are as good a hash as
 /// any, and an attacker who picks secrets cannot pick where a digest lands.
@@ -70,8 +70,35 @@ struct Slot {
     role: Role,
     expire: Option<Timestamp>,
     previous: bool,
-    /// Authenticated a request since the last usage report.
-    used: Cell<bool>,
+    /// Authenticated a request since the last usage report. (An atomic so
+    /// that the control plane can share an overlay between threads; on
+    /// wasm32 without threads it is a plain byte.)
+    used: AtomicBool,
+}
+
+impl Clone for Slot {
+    fn clone(&self) -> Self {
+        Self {
+            digest: self.digest,
+            name: self.name.clone(),
+            role: self.role,
+            expire: self.expire,
+            previous: self.previous,
+            used: AtomicBool::new(self.used.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl Slot {
+    fn entry(&self) -> Entry<'_> {
+        Entry {
+            name: &self.name,
+            role: self.role,
+            digest: self.digest,
+            expire: self.expire,
+            previous: self.previous,
+        }
+    }
 }
 
 /// A changed token: when, and its entries (none: deleted).
@@ -82,7 +109,7 @@ struct Named {
     previous: Option<u32>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Overlay {
     names: HashMap<Box<str>, Named, BuildHasherDefault<NameHasher>>,
     digests: HashMap<Digest, u32, BuildHasherDefault<DigestHasher>>,
@@ -130,7 +157,7 @@ impl Overlay {
             role: entry.role,
             expire: entry.expire,
             previous: entry.previous,
-            used: Cell::new(false),
+            used: AtomicBool::new(false),
         });
         self.digests.insert(entry.digest, at);
         at
@@ -144,16 +171,9 @@ impl Overlay {
         let kept: Vec<(Box<str>, Named)> = self.names.drain().filter(|(_, n)| n.at > snapshot).collect();
         let mut slots = std::mem::take(&mut self.slots);
         self.digests.clear();
-        let mut take = |slot: Option<u32>, this: &mut Self| {
-            let s = slot.and_then(|i| slots.get_mut(i as usize))?;
-            let entry = Entry {
-                name: &s.name,
-                role: s.role,
-                digest: s.digest,
-                expire: s.expire,
-                previous: s.previous,
-            };
-            Some(this.push(&entry))
+        let take = |slot: Option<u32>, this: &mut Self| {
+            let s = slot.and_then(|i| slots.get(i as usize))?;
+            Some(this.push(&s.entry()))
         };
         for (name, named) in kept {
             let current = take(named.current, self);
@@ -168,6 +188,28 @@ impl Overlay {
             );
         }
         slots.clear();
+    }
+
+    /// What the overlay holds for the token of this name: `None` when
+    /// nothing (the table's entries stand), `Some(None)` when it was removed.
+    pub fn token(&self, name: &str) -> Option<Option<TokenEntries<'_>>> {
+        let named = self.names.get(name)?;
+        let entry = |slot: Option<u32>| slot.and_then(|i| self.slots.get(i as usize)).map(Slot::entry);
+        Some(entry(named.current).map(|current| TokenEntries {
+            current,
+            previous: entry(named.previous),
+        }))
+    }
+
+    /// Every token the overlay holds, as its final state (in no order).
+    pub fn changes(&self) -> Vec<Change<'_>> {
+        self.names
+            .keys()
+            .map(|name| match self.token(name).flatten() {
+                Some(token) => Change::Put(token),
+                None => Change::Remove(name),
+            })
+            .collect()
     }
 
     /// The token whose secret has this digest: the overlay's entries, then
@@ -198,7 +240,7 @@ impl Overlay {
     pub fn mark(&self, table: &TokenTable, index: usize) -> bool {
         match index.checked_sub(table.len()).and_then(|i| self.slots.get(i)) {
             Some(slot) => {
-                slot.used.set(true);
+                slot.used.store(true, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -208,7 +250,7 @@ impl Overlay {
     /// The digests of the entries used since the last call.
     pub fn drain_used(&self, into: &mut Vec<Digest>) {
         for slot in &self.slots {
-            if slot.used.replace(false) {
+            if slot.used.swap(false, Ordering::Relaxed) {
                 into.push(slot.digest);
             }
         }
