@@ -94,15 +94,42 @@ pub struct Staged {
 /// Writing the table costs a copy of it (86 MB at a million tokens), so a
 /// writer that must answer quickly stages its changes instead: they go into
 /// an [`Overlay`], the structure the filter looks up the delta channel's
-/// changes in, and the table is written once for many of them
-/// ([`LiveTable::flush`]).
-#[derive(Clone, Debug)]
+/// changes in, and the table is written once for many of them, while more
+/// are staged ([`LiveTable::prepare`], [`Flush::run`], [`LiveTable::commit`]).
+#[derive(Debug)]
 pub struct LiveTable {
-    table: TokenTable,
-    index: BTreeMap<Box<str>, Slot>,
+    /// Shared with a write of the table in progress.
+    base: Arc<Base>,
     staged: Overlay,
     /// Tokens, the staged changes included.
     tokens: usize,
+}
+
+/// The table as last written and its index.
+#[derive(Clone, Debug)]
+struct Base {
+    table: TokenTable,
+    index: BTreeMap<Box<str>, Slot>,
+}
+
+/// A write of the table with the changes staged when it was prepared: the
+/// copy of the table, run without the live table (which stages on).
+#[derive(Debug)]
+pub struct Flush {
+    base: Arc<Base>,
+    staged: Overlay,
+    header: Vec<u8>,
+    at: Stamp,
+}
+
+/// A table written by [`Flush::run`], for [`LiveTable::commit`].
+#[derive(Debug)]
+pub struct Written {
+    /// `None`: nothing changed, header included.
+    table: Option<TokenTable>,
+    staged: Overlay,
+    at: Stamp,
+    stats: EditStats,
 }
 
 fn edit_error(problem: impl Into<String>) -> ConfigError {
@@ -163,19 +190,18 @@ impl LiveTable {
             }
         }
         let tokens = index.len();
-        let live = Self {
-            table,
-            index,
+        let base = Base { table, index };
+        base.check()?;
+        Ok(Self {
+            base: Arc::new(base),
             staged: Overlay::default(),
             tokens,
-        };
-        live.check()?;
-        Ok(live)
+        })
     }
 
     /// The table as last written: without the staged changes.
     pub fn table(&self) -> &TokenTable {
-        &self.table
+        &self.base.table
     }
 
     /// The changes staged since the table was written, to be looked up
@@ -205,9 +231,9 @@ impl LiveTable {
         if let Some(staged) = self.staged.token(name) {
             return staged;
         }
-        let slot = self.index.get(name)?;
+        let slot = self.base.index.get(name)?;
         let entry = |digest: Digest| {
-            self.table.get(&digest).map(|t| Entry {
+            self.base.table.get(&digest).map(|t| Entry {
                 name: t.name(),
                 role: t.role(),
                 digest,
@@ -274,7 +300,7 @@ impl LiveTable {
             }
         }
         for (digest, name) in &digests {
-            if let Some(owner) = self.staged.get(&self.table, digest) {
+            if let Some(owner) = self.staged.get(&self.base.table, digest) {
                 if owner.name() != *name && !last.contains_key(owner.name()) {
                     return Err(edit_error(format!("{name}: another token has the same secret digest")));
                 }
@@ -286,12 +312,51 @@ impl LiveTable {
         Ok(staged)
     }
 
-    /// Writes the staged changes into a new table, in `buf` after `header`
-    /// (see [`LiveTable::apply`]).
-    pub fn flush(&mut self, header: &[u8], buf: Vec<u8>) -> Result<EditStats, ConfigError> {
-        self.apply(header, &[], buf)
+    /// A write of the table with the changes staged so far, the last of
+    /// them made at `at`, after `header` (which stamps it).
+    pub fn prepare(&self, header: &[u8], at: Stamp) -> Flush {
+        Flush {
+            base: Arc::clone(&self.base),
+            staged: self.staged.clone(),
+            header: header.to_vec(),
+            at,
+        }
     }
 
+    /// Takes in a table written from this one: the changes it holds are no
+    /// longer staged, those staged since stay. On error (a debug build's
+    /// whole validation failed) the live table is unusable: build it anew.
+    pub fn commit(&mut self, written: Written) -> Result<EditStats, ConfigError> {
+        let Written {
+            table,
+            staged,
+            at,
+            stats,
+        } = written;
+        // Unique once the write is done (it held the other reference).
+        let base = Arc::make_mut(&mut self.base);
+        base.commit(table, &staged.changes())?;
+        self.staged.rebase(at, &mut Vec::new());
+        Ok(stats)
+    }
+}
+
+impl Flush {
+    /// Writes the table into `buf` (cleared first: pass the buffer of a
+    /// table nobody uses any more, so that its memory is reused rather than
+    /// faulted in anew).
+    pub fn run(self, buf: Vec<u8>) -> Result<Written, ConfigError> {
+        let (table, stats) = self.base.write(&self.header, &self.staged.changes(), buf)?;
+        Ok(Written {
+            table,
+            staged: self.staged,
+            at: self.at,
+            stats,
+        })
+    }
+}
+
+impl Base {
     /// Validation of the whole table, in debug builds (every end-to-end test
     /// runs it after every edit, up to [`CHECKED_ENTRIES`] entries: beyond
     /// them the check would cost a debug control plane more than the edit);
@@ -348,32 +413,15 @@ impl LiveTable {
             }
     }
 
-    /// Applies `changes` (a later change to a name wins over an earlier one)
-    /// and swaps in the new table, written into `buf` after `header`. `buf`
-    /// is cleared first: pass the buffer of a table nobody uses any more, so
-    /// that its memory is reused rather than faulted in anew.
-    ///
-    /// The staged changes go in first. On error nothing changes.
-    pub fn apply(&mut self, header: &[u8], changes: &[Change<'_>], buf: Vec<u8>) -> Result<EditStats, ConfigError> {
-        let staged = std::mem::take(&mut self.staged);
-        let result = {
-            let mut all = staged.changes();
-            all.extend_from_slice(changes);
-            self.write(header, &all, buf)
-        };
-        match result {
-            Ok(stats) => {
-                self.tokens = self.index.len();
-                Ok(stats)
-            }
-            Err(e) => {
-                self.staged = staged;
-                Err(e)
-            }
-        }
-    }
-
-    fn write(&mut self, header: &[u8], changes: &[Change<'_>], mut buf: Vec<u8>) -> Result<EditStats, ConfigError> {
+    /// The table with `changes` (a later change to a name wins over an
+    /// earlier one), written into `buf` after `header`; `None` when nothing
+    /// changes, the header included.
+    fn write(
+        &self,
+        header: &[u8],
+        changes: &[Change<'_>],
+        mut buf: Vec<u8>,
+    ) -> Result<(Option<TokenTable>, EditStats), ConfigError> {
         let mut last: BTreeMap<&str, &Change<'_>> = BTreeMap::new();
         for change in changes {
             last.insert(change.name(), change);
@@ -461,7 +509,7 @@ impl LiveTable {
         // table with the version its staged changes brought it to).
         let same_header = self.table.buffer().get(..self.table.start()) == Some(header);
         if inserts.is_empty() && removed_entries.is_empty() && same_header {
-            return Ok(stats);
+            return Ok((None, stats));
         }
 
         // Where each inserted name lands in the new pool: after the old names
@@ -572,38 +620,31 @@ impl LiveTable {
         }
         buf.extend_from_slice(old_pool.get(cursor..).ok_or_else(bad_pool)?);
 
-        let table = TokenTable::framed(Arc::new(buf), header.len())?;
-        let mut index = std::mem::take(&mut self.index);
-        for (name, change) in &last {
+        Ok((Some(TokenTable::framed(Arc::new(buf), header.len())?), stats))
+    }
+
+    /// Takes in `table`, written from this one with `changes`.
+    fn commit(&mut self, table: Option<TokenTable>, changes: &[Change<'_>]) -> Result<(), ConfigError> {
+        for change in changes {
             match change {
                 Change::Put(token) => {
-                    index.insert(
-                        Box::from(*name),
+                    self.index.insert(
+                        Box::from(token.current.name),
                         Slot {
                             current: token.current.digest,
                             previous: token.previous.map(|p| p.digest),
                         },
                     );
                 }
-                Change::Remove(_) => {
-                    index.remove(*name);
+                Change::Remove(name) => {
+                    self.index.remove(*name);
                 }
             }
         }
-        let previous = std::mem::replace(
-            self,
-            Self {
-                table,
-                index,
-                staged: Overlay::default(),
-                tokens: 0,
-            },
-        );
-        if let Err(e) = self.check() {
-            *self = previous;
-            return Err(e);
+        if let Some(table) = table {
+            self.table = table;
         }
-        Ok(stats)
+        self.check()
     }
 }
 

@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 mod edit;
 mod overlay;
-pub use edit::{Change, EditStats, LiveTable, Staged, TokenEntries};
+pub use edit::{Change, EditStats, Flush, LiveTable, Staged, TokenEntries, Written};
 pub use overlay::Overlay;
 
 /// A SHA-256 digest.
