@@ -8,7 +8,8 @@ test sees after the first snapshot came by the delta channel. After every
 answer (500 creates, 500 regenerations, 500 deletes), the check is the first
 request on a *fresh* connection (the kernel spreads new connections over the
 4 workers), over HTTP/1.1 and HTTP/2: zero wrong answers. Then the channel cut (the control plane killed with -9
-mid-burst, and back), an Envoy started after a revocation, and the
+mid-burst, and back), an Envoy started after a revocation, Envoy's own hot
+restart with a revocation while the new process starts, and the
 fallback: an Envoy whose filter opens no stream still gets every change by
 ECDS, at once."""
 
@@ -26,7 +27,7 @@ import time
 import httpx
 import pytest
 
-from testkit.controlplane import APP, ControlPlane, apitokens_bin, shipped_envoy, tokens_path
+from testkit.controlplane import APP, ControlPlane, apitokens_bin, free_port, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret
 
 TABLE = 100_000
@@ -202,8 +203,9 @@ def test_an_envoy_that_starts_after_a_revocation_never_admits_it(workdir, plane,
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             seen.append(fresh(late, "h1", revoked))
-        # Its deny-all default (401) until the first snapshot, the snapshot's
-        # answer after: never the revoked token admitted.
+        # Its listener waits for the first snapshot (its deny-all default,
+        # 401, if that took over initial_fetch_timeout), the snapshot's answer
+        # after: never the revoked token admitted.
         assert seen and all(s == 401 for s in seen), sorted(set(seen))
         poll(lambda: plane.envoy_status("late-envoy").get("delta"), 30, "the late Envoy on the delta channel")
         r = plane.api("POST", tokens_path("default"), plane.owner,
@@ -213,6 +215,94 @@ def test_an_envoy_that_starts_after_a_revocation_never_admits_it(workdir, plane,
         assert all(fresh(envoy, "h1", secret) == 200 for envoy in (late, proxy) for _ in range(8))
     finally:
         late.stop()
+
+
+def test_a_hot_restart_never_admits_a_revoked_token(workdir, plane, upstream):
+    """Envoy's own hot restart (`--restart-epoch`): a new process, whose VMs
+    take the table by ECDS and the changes on streams of their own, takes
+    the listener over from the old one, which drains and exits. A token
+    revoked while the new process starts is refused by both from the
+    revocation's answer on, on fresh connections all along; a token that
+    stays is admitted throughout (or 503 while a VM catches up), and after."""
+    port = free_port()
+    base_id = workdir / "hot-base-id"
+
+    def process(epoch: int):
+        def on_port(config: dict) -> None:
+            config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = port
+
+        envoy = shipped_envoy(workdir / f"envoy-hot-{epoch}", plane, upstream.server_address[1], node="hot-envoy",
+                              mutate=on_port, concurrency=2)
+        envoy.hot_restart = (epoch, base_id)
+        return envoy
+
+    def create(name: str) -> str:
+        r = plane.api("POST", tokens_path("default"), plane.owner,
+                      {"name": f"namespaces/default/apitokens/{name}", "role": "viewer"})
+        assert r.status == 200 and r.headers["x-apitokens-applied"] == "true", r
+        return remember_secret(r.json()["apiToken"]["secret"])
+
+    old = process(0).start()
+    new = process(1)
+    seen: dict[str, list[tuple[float, int]]] = {"victim": [], "keeper": []}
+    stop = threading.Event()
+    try:
+        poll(lambda: plane.envoy_status("hot-envoy").get("delta"), 30, "the first process on the delta channel")
+        victim, keeper = create("hot-victim"), create("hot-keeper")
+
+        def hammer() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, trust_env=False,
+                              limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                while not stop.is_set():
+                    for key, secret in (("victim", victim), ("keeper", keeper)):
+                        sent = time.monotonic()
+                        try:
+                            status = client.get(APP, headers={"authorization": f"Bearer {secret}"}).status_code
+                        except httpx.TransportError:
+                            # Cut by the old process's exit (Envoy's own:
+                            # its in-flight requests at its shutdown time).
+                            status = 0
+                        seen[key].append((sent, status))
+
+        load = threading.Thread(target=hammer)
+        load.start()
+        # The revocation while the new process starts (before its VMs have
+        # streams: they take the table from a snapshot that holds it). The
+        # process is started from this thread: Envoy ends itself when the
+        # thread that started it ends.
+        revocation: list = []
+
+        def revoke() -> None:
+            time.sleep(0.1)
+            revocation.append(plane.api("DELETE", tokens_path("default", "hot-victim"), plane.owner))
+            revocation.append(time.monotonic())
+
+        revoking = threading.Thread(target=revoke)
+        revoking.start()
+        new.start()
+        revoking.join()
+        r, answered = revocation
+        assert r.status == 200, r
+        poll(lambda: old.proc.poll() is not None, 20, "the old process drained and exited")
+        poll(lambda: plane.envoy_status("hot-envoy").get("delta"), 30, "the new process on the delta channel")
+        after = create("hot-after")
+        assert fresh(new, "h1", after) == 200 and fresh(new, "h1", victim) == 401
+    finally:
+        stop.set()
+        new.stop()
+        old.stop()
+    load.join()
+    victim_after = [s for t, s in seen["victim"] if t > answered]
+    assert len(victim_after) >= 20, f"only {len(victim_after)} requests after the revocation"
+    assert 200 not in victim_after, f"revoked token admitted: {sorted(set(victim_after))}"
+    assert set(victim_after) <= {401, 503}, sorted(set(victim_after))
+    # The token that stays is never refused: the new process's listener
+    # waits for its first snapshot before it takes over (the shipped
+    # `apply_default_config_without_warming: false`).
+    keeper_all = [s for _, s in seen["keeper"]]
+    assert set(keeper_all) <= {200, 503, 0}, sorted(set(keeper_all))
+    assert keeper_all.count(503) + keeper_all.count(0) <= len(keeper_all) // 10, \
+        f"{keeper_all.count(503)} 503s and {keeper_all.count(0)} cut of {len(keeper_all)}"
 
 
 @pytest.fixture(scope="module")

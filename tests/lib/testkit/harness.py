@@ -303,6 +303,9 @@ class Envoy:
         self.admin_url = ""
         self.port = 0
         self.ready = False
+        # Envoy's hot restart: (restart epoch, the file holding the base id
+        # the first epoch picked). None: hot restart disabled.
+        self.hot_restart: tuple[int, Path] | None = None
         Envoy.instances.append(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -313,8 +316,11 @@ class Envoy:
             "-c", str(self.config_path),
             "--concurrency", str(self.concurrency),
             # No hot-restart shared memory: any number of Envoys coexist, and a
-            # crashed one leaves nothing behind that blocks the next.
-            "--disable-hot-restart",
+            # crashed one leaves nothing behind that blocks the next. (Unless
+            # hot restart is the point: the first epoch picks a free base id,
+            # the next ones join it; the old process drains for 1 s and exits
+            # 3 s after the new one started.)
+            *self._hot_restart_args(),
             "-l", "info",
             *(["--component-log-level", "wasm:debug"] if self.wasm_debug else []),
             "--log-path", str(self.log_path),
@@ -322,6 +328,14 @@ class Envoy:
             # Flush logs (application and access) every 20 ms instead of 10 s.
             "--file-flush-interval-msec", "20",
         ]
+
+    def _hot_restart_args(self) -> list[str]:
+        if self.hot_restart is None:
+            return ["--disable-hot-restart"]
+        epoch, base_id_path = self.hot_restart
+        base = (["--use-dynamic-base-id", "--base-id-path", str(base_id_path)] if epoch == 0
+                else ["--base-id", base_id_path.read_text().strip()])
+        return [*base, "--restart-epoch", str(epoch), "--drain-time-s", "1", "--parent-shutdown-time-s", "3"]
 
     def spawn(self) -> subprocess.Popen:
         self.proc = subprocess.Popen(
