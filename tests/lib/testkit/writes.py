@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from testkit.clients import request
 from testkit.controlplane import APP, create, tokens_path
-from testkit.harness import remember_secret
+from testkit.harness import poll, remember_secret
 from testkit.load import Load, Sample, bad_answers
 
 
@@ -116,7 +116,14 @@ class Writer:
             assert entry is not None, f"an acknowledged create is lost: {token_id}"
             assert entry["secretSha256"] == hashlib.sha256(secret.encode()).hexdigest(), token_id
             for e in envoys:
-                assert e.get(APP, secret).status == 200, f"{e.node}: acknowledged {token_id} refused"
+                # A worker whose delta stream is still catching up refuses
+                # with 503 for a moment: a 401 would be a lost write.
+                status = e.get(APP, secret).status
+                deadline = time.monotonic() + 2.0
+                while status == 503 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    status = e.get(APP, secret).status
+                assert status == 200, f"{e.node}: acknowledged {token_id} refused ({status})"
         for token_id, secret in self.revoked.items():
             assert f"namespaces/default/apitokens/{token_id}" not in store, f"an acknowledged revoke is lost: {token_id}"
             for e in envoys:
@@ -131,6 +138,11 @@ class GatewayLoad:
     (or missing) and each followed the configuration."""
 
     def __init__(self, envoys, planes, owner: str, tag: str, seed: int):
+        # Every Envoy's VMs on their delta streams first: a VM whose stream is
+        # still opening refuses (503) what a sibling's newer table refuses.
+        for e in envoys:
+            poll(lambda: any(s["node"] == e.node and s["connected"] and s.get("delta")
+                             for s in planes[0].status()["envoys"]), 15, f"{e.node} on the delta channel")
         kept = create(planes[0].api_port, owner, f"{tag}-kept", "viewer").json()["apiToken"]["secret"]
         revoked = create(planes[0].api_port, owner, f"{tag}-revoked", "viewer").json()["apiToken"]["secret"]
         r = planes[1].api("DELETE", tokens_path(token=f"{tag}-revoked"), owner)
@@ -141,9 +153,19 @@ class GatewayLoad:
         for load in self.loads:
             load.__enter__()
 
-    def stop(self) -> list[Sample]:
+    def stop(self, catching_up: tuple[float, float] | None = None) -> list[Sample]:
+        """`catching_up`: a time window in which a VM may refuse with 503
+        (a worker whose delta stream reconnects after a sibling applied a
+        revocation); those answers are left out (`self.catching_up`)."""
         samples = [s for load in self.loads for s in load.stop()]
-        assert bad_answers(samples) == [], "a gateway answered 5xx (or not at all)"
+        self.catching_up: list[Sample] = []
+        if catching_up:
+            start, end = catching_up
+            self.catching_up = [s for s in samples if s.status == 503 and start <= s.sent and s.answered < end]
+            samples = [s for s in samples if s not in self.catching_up]
+        bad = bad_answers(samples)
+        assert bad == [], (f"a gateway answered 5xx (or not at all): {len(bad)} of {len(samples)}, {bad[:5]} "
+                           f"(503 allowed from {catching_up})")
         wrong = [s for s in samples if s.status != self.expected[s.secret]]
         assert wrong == [], f"{len(wrong)} answers differ from the configuration: {wrong[:5]}"
         return samples
