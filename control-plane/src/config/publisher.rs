@@ -170,14 +170,14 @@ impl Publisher {
         let table = build(stamped(&header, head.at), records).await?;
         let next_expiry = store.next_expiry().await?;
         let spare = spares(table.table().buffer().len()).await;
-        let api = Arc::new(Config::with_table(&api_settings, table.table().clone())?);
+        let api = api_config(&api_settings, &table)?;
         let snapshot = Arc::new(Snapshot::new(
             head.at,
             Arc::clone(&api),
             table.staged().clone(),
             table.len(),
         ));
-        let encoded = encoded(head.at, &table);
+        let encoded = encoded_table(head.at, &table);
         tracing::info!(
             "configuration version {} (epoch {}) loaded ({} tokens)",
             snapshot.version,
@@ -343,7 +343,7 @@ impl Publisher {
             .as_mut()
             .ok_or_else(|| PublishError::Task("no table".to_owned()))?;
         table.commit(written)?;
-        let api = Arc::new(Config::with_table(&self.api_settings, table.table().clone())?);
+        let api = api_config(&self.api_settings, table)?;
         let version = state.snapshot.version;
         let encoded = Arc::new(Encoded {
             version,
@@ -555,7 +555,7 @@ impl Publisher {
                     return Err(self.fell_behind(here, head).await);
                 }
                 let table = build(stamped(&self.header, head.at), records).await?;
-                let api = Arc::new(Config::with_table(&self.api_settings, table.table().clone())?);
+                let api = api_config(&self.api_settings, &table)?;
                 let mut tables = self.tables.lock().await;
                 tables.table = Some(table);
                 tables.generation += 1;
@@ -596,7 +596,7 @@ impl Publisher {
                 started.elapsed().as_secs_f64() * 1000.0
             );
             let encoded = if reloaded {
-                encoded(head.at, table)
+                encoded_table(head.at, table)
             } else {
                 Arc::clone(&previous.encoded)
             };
@@ -821,8 +821,14 @@ fn fresh(p: &Published) -> Option<Arc<Encoded>> {
     (p.encoded.version == p.snapshot.version).then(|| Arc::clone(&p.encoded))
 }
 
+/// What the API checks its callers with: the table as written, the
+/// built-in rules (the staged changes go with each [`Snapshot`]).
+fn api_config(settings: &PluginConfig, table: &LiveTable) -> Result<Arc<Config>, PublishError> {
+    Ok(Arc::new(Config::with_table(settings, table.table().clone())?))
+}
+
 /// The table as written (no staged changes), for Envoy.
-fn encoded(version: Version, table: &LiveTable) -> Arc<Encoded> {
+fn encoded_table(version: Version, table: &LiveTable) -> Arc<Encoded> {
     Arc::new(Encoded {
         version,
         payload: Arc::clone(table.table().buffer()),

@@ -193,23 +193,27 @@ impl Overlay {
     /// What the overlay holds for the token of this name: `None` when
     /// nothing (the table's entries stand), `Some(None)` when it was removed.
     pub fn token(&self, name: &str) -> Option<Option<TokenEntries<'_>>> {
-        let named = self.names.get(name)?;
-        let entry = |slot: Option<u32>| slot.and_then(|i| self.slots.get(i as usize)).map(Slot::entry);
-        Some(entry(named.current).map(|current| TokenEntries {
-            current,
-            previous: entry(named.previous),
-        }))
+        self.names.get(name).map(|named| self.entries(named))
     }
 
     /// Every token the overlay holds, as its final state (in no order).
     pub fn changes(&self) -> Vec<Change<'_>> {
         self.names
-            .keys()
-            .map(|name| match self.token(name).flatten() {
+            .iter()
+            .map(|(name, named)| match self.entries(named) {
                 Some(token) => Change::Put(token),
                 None => Change::Remove(name),
             })
             .collect()
+    }
+
+    /// A changed token's entries (`None`: removed).
+    fn entries(&self, named: &Named) -> Option<TokenEntries<'_>> {
+        let entry = |slot: Option<u32>| slot.and_then(|i| self.slots.get(i as usize)).map(Slot::entry);
+        entry(named.current).map(|current| TokenEntries {
+            current,
+            previous: entry(named.previous),
+        })
     }
 
     /// The token whose secret has this digest: the overlay's entries, then
