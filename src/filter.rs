@@ -35,7 +35,7 @@ use crate::floor::{self, Kind};
 use crate::pairs::{self, Pairs};
 use crate::usage;
 use apitokens_core::compact::{Arrival, Stamp};
-use apitokens_core::decision::{Counter, Denial};
+use apitokens_core::denial::{Counter, Denial};
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::{Overlay, Token};

@@ -3,7 +3,7 @@
 //! setups that do not use ECDS.
 
 use crate::store::TokenRecord;
-use apitokens_core::config::{PluginConfig, TokenSpec};
+use apitokens_core::spec::{PluginConfig, TokenSpec};
 use apitokens_core::Timestamp;
 
 #[derive(Clone, Debug)]

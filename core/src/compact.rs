@@ -38,7 +38,9 @@
 //! (`apitokens new-epoch`). Versions 1 (no lineage) and 2 (no epoch: epoch 0)
 //! are still read.
 
-use crate::config::{Config, ConfigError, PluginConfig};
+use crate::config::Config;
+use crate::error::ConfigError;
+use crate::spec::PluginConfig;
 use crate::table::{encode_specs, TokenTable};
 
 pub const MAGIC: &[u8; 4] = b"APTK";

@@ -1,76 +1,15 @@
-//! The plugin configuration: its JSON schema (a public contract, shared with
-//! the control plane) and its validation into an immutable [`Config`].
+//! The plugin configuration validated into an immutable [`Config`] (its JSON
+//! schema is [`crate::spec`]).
 
+use crate::error::ConfigError;
 use crate::overrides::{UrlOverrides, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS};
 use crate::reply::Replies;
-use crate::rules::{RuleSpec, Rules};
+use crate::rules::Rules;
+use crate::spec::{
+    IdentityHeadersSpec, PluginConfig, UsageReportSpec, DEFAULT_NAMESPACE_HEADER, DEFAULT_NAME_HEADER, DEFAULT_REALM,
+    DEFAULT_ROLE_HEADER, DEFAULT_USAGE_REPORT_SECONDS,
+};
 use crate::table::TokenTable;
-use serde::{Deserialize, Serialize};
-use std::fmt;
-
-pub const DEFAULT_REALM: &str = "apitokens";
-pub const DEFAULT_NAME_HEADER: &str = "x-apitoken-name";
-pub const DEFAULT_NAMESPACE_HEADER: &str = "x-apitoken-namespace";
-pub const DEFAULT_ROLE_HEADER: &str = "x-apitoken-role";
-
-/// The plugin configuration as users write it (Envoy `configuration`, Istio
-/// `pluginConfig`) and as the control plane pushes it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PluginConfig {
-    #[serde(default)]
-    pub tokens: Vec<TokenSpec>,
-    /// `realm` of `WWW-Authenticate`; default `apitokens`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub realm: Option<String>,
-    /// Names of the headers that carry the caller's identity upstream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity_headers: Option<IdentityHeadersSpec>,
-    /// Send the `Authorization` header upstream; default false (removed).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub forward_authorization: bool,
-    /// Path patterns (the rule language) whose allowed requests keep the
-    /// `Authorization` header, whatever rule allowed them: for an upstream
-    /// that checks the token itself, such as the control plane's token API.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub forward_authorization_paths: Vec<String>,
-    /// The upstream clusters that reach that API (required with
-    /// `forwardAuthorizationPaths`): a request whose path matches keeps the
-    /// header only when its route sends it to one of them, so a route to
-    /// another service under a matching path never receives the secret.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub forward_authorization_clusters: Vec<String>,
-    /// `reject` (default), `remove` or `forward`: what to do with requests
-    /// carrying `X-Original-URL` or `X-Rewrite-URL`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url_override_headers: Option<String>,
-    /// Permission rules replacing the built-in table when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rules: Option<Vec<RuleSpec>>,
-    /// Where the filter reports which tokens were used (their last use).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage_report: Option<UsageReportSpec>,
-}
-
-/// Usage reports: every `intervalSeconds`, each VM sends the digests of the
-/// tokens it saw used to the control plane, over gRPC to `cluster` (the
-/// cluster Envoy reaches the control plane's xDS server by, so the report
-/// travels the xDS side's trust, never the public listener).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct UsageReportSpec {
-    pub cluster: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval_seconds: Option<u32>,
-    /// Whether the filter also takes table changes from `cluster` (the
-    /// delta channel, `crate::delta`; default true). Only a compact
-    /// configuration from the control plane has changes to take.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delta_channel: Option<bool>,
-}
-
-/// Default seconds between usage reports: last use is shown to the minute.
-pub const DEFAULT_USAGE_REPORT_SECONDS: u32 = 30;
 
 /// Validated usage-report settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,63 +18,6 @@ pub struct UsageReport {
     pub interval_seconds: u32,
     pub delta_channel: bool,
 }
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TokenSpec {
-    /// `namespaces/{namespace}/apitokens/{token}`.
-    pub name: String,
-    /// `viewer`, `editor` or `owner`.
-    pub role: String,
-    /// SHA-256 of the secret's bytes, 64 lower-case hex characters.
-    pub secret_sha256: String,
-    /// RFC 3339; the token is refused from this instant on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expire_time: Option<String>,
-    /// The token's previous secret (SHA-256, as `secretSha256`), still
-    /// accepted during a rotation's overlap.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_secret_sha256: Option<String>,
-    /// RFC 3339: the end of the overlap (required with the previous secret).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_secret_expire_time: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IdentityHeadersSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-}
-
-/// A configuration error: the field (as a path such as `tokens[3].role`) and
-/// what is wrong with it. Never carries the offending value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub problem: String,
-}
-
-impl ConfigError {
-    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Names of the identity headers set on allowed requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -272,64 +154,6 @@ fn default_identity() -> IdentityHeaders {
         namespace: DEFAULT_NAMESPACE_HEADER.into(),
         role: DEFAULT_ROLE_HEADER.into(),
     }
-}
-
-impl PluginConfig {
-    /// Parses JSON without validating values (see [`Config::from_spec`]).
-    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        match json.iter().find(|c| !c.is_ascii_whitespace()) {
-            None => return Ok(Self::default()),
-            Some(b'{') => {}
-            // serde would also read a struct from a JSON array.
-            Some(_) => return Err(ConfigError::new("configuration", "must be a JSON object")),
-        }
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let spec: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            // The root is "."; an unknown field with an empty name has an
-            // empty path (found by fuzzing).
-            let field = if path == "." || path.is_empty() {
-                "configuration".to_owned()
-            } else {
-                path
-            };
-            ConfigError::new(field, describe_json_error(e.inner()))
-        })?;
-        de.end()
-            .map_err(|e| ConfigError::new("configuration", describe_json_error(&e)))?;
-        Ok(spec)
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-}
-
-/// serde_json's messages can quote the offending string value; keep only the
-/// kind of error and its position, plus the expected alternatives for unknown
-/// fields (which name fields, not values). The phrase completes a subject:
-/// "tokens[0] has unknown field `x`", "the request body is not valid JSON".
-pub fn describe_json_error(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    let msg = e.to_string();
-    let what = match e.classify() {
-        Category::Syntax | Category::Eof => "is not valid JSON".to_owned(),
-        Category::Io => "could not be read".to_owned(),
-        Category::Data => {
-            let msg = msg.split(" at line").next().unwrap_or_default();
-            if msg.starts_with("unknown field") {
-                format!("has {msg}")
-            } else if msg.starts_with("missing field") {
-                format!("is {msg}")
-            } else if let Some(expected) = msg.split(", expected ").nth(1) {
-                let expected = expected.split(" at line").next().unwrap_or("");
-                format!("has the wrong type: expected {expected}")
-            } else {
-                "is invalid".to_owned()
-            }
-        }
-    };
-    format!("{what} (line {}, column {})", e.line(), e.column())
 }
 
 /// Header names an identity header must not take: each already means

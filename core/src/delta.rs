@@ -43,7 +43,7 @@
 //! leaves the table as it was.
 
 use crate::compact::Stamp;
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::name::is_token_name;
 use crate::role::Role;
 use crate::table::{push_digest_and_expiry, role_code, role_of, Change, Digest, Entry, TokenEntries};

@@ -4,10 +4,11 @@
 #![allow(clippy::panic)]
 
 use crate::bearer::{self, BearerError};
-use crate::config::{Config, PluginConfig};
+use crate::config::Config;
 use crate::name::is_dns_label;
 use crate::role::Verb;
 use crate::rules::Rules;
+use crate::spec::PluginConfig;
 
 /// The `Authorization` parser: a token is returned only for `Bearer` + one
 /// space + a b64token that is the rest of the value.

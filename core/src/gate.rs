@@ -8,7 +8,8 @@
 //! the client sent a copy; on a refusal only client-sent copies are removed.
 
 use crate::config::Config;
-use crate::decision::{Counter, Denial, ForwardAuthorization, Grant};
+use crate::decision::{ForwardAuthorization, Grant};
+use crate::denial::{Counter, Denial};
 use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };

@@ -8,6 +8,8 @@ pub mod compact;
 pub mod config;
 pub mod decision;
 pub mod delta;
+pub mod denial;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
@@ -16,11 +18,15 @@ pub mod overrides;
 pub mod reply;
 pub mod role;
 pub mod rules;
+pub mod spec;
 pub mod table;
 pub mod timestamp;
 pub mod usage;
 
-pub use config::{Config, ConfigError, PluginConfig, TokenSpec};
-pub use decision::{Counter, Denial, Grant};
+pub use config::Config;
+pub use decision::Grant;
+pub use denial::{Counter, Denial};
+pub use error::ConfigError;
 pub use role::{Role, Verb};
+pub use spec::{PluginConfig, TokenSpec};
 pub use timestamp::Timestamp;

@@ -1,7 +1,7 @@
 //! Local replies for refused requests (RFC 6750 section 3), built once per
 //! configuration.
 
-use crate::decision::Denial;
+use crate::denial::Denial;
 
 /// A refusal as the gateway sends it.
 #[derive(Clone, Debug, PartialEq, Eq)]

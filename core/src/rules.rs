@@ -32,40 +32,14 @@
 //! byte outside printable ASCII matches no rule: such spellings are where
 //! gateways and upstreams disagree about which resource is meant.
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::name::is_dns_label;
 use crate::role::{Role, Verb, VerbSet};
-use serde::{Deserialize, Serialize};
+use crate::spec::RuleSpec;
 
-/// One rule as written in the plugin configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[serde(rename_all = "camelCase")]
-pub struct RuleSpec {
-    pub path: String,
-    #[serde(default)]
-    pub allow: AllowSpec,
-    /// Overrides the top-level `forwardAuthorization` (and
-    /// `forwardAuthorizationPaths`) for requests this rule allows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub forward_authorization: Option<bool>,
-}
-
-/// Verbs per role; a role left out may do nothing. `"*"` means every verb.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AllowSpec {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub viewer: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub editor: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub owner: Vec<String>,
-}
-
-/// The built-in rules: the product's REST API (see the README's permission
-/// table). Written in the rule language itself so that the table and the
-/// language cannot drift apart.
+/// The built-in rules: the product's REST API (the permission table in
+/// `docs/filter.md`, checked against this). Written in the rule language
+/// itself so that the table and the language cannot drift apart.
 ///
 /// No built-in rule forwards `Authorization`: which upstream may see a bearer
 /// token depends on the deployment (the ECDS setup routes the token API to

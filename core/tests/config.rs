@@ -3,8 +3,9 @@
 
 mod common;
 
-use apitokens_core::config::{ConfigError, PluginConfig};
+use apitokens_core::error::ConfigError;
 use apitokens_core::overrides::UrlOverrides;
+use apitokens_core::spec::PluginConfig;
 use apitokens_core::Config;
 use common::*;
 #[cfg(target_arch = "wasm32")]

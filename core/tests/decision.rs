@@ -4,7 +4,7 @@
 mod common;
 
 use apitokens_core::bearer::{self, BearerError};
-use apitokens_core::decision::Denial;
+use apitokens_core::denial::Denial;
 use apitokens_core::{Config, Timestamp};
 use common::*;
 #[cfg(target_arch = "wasm32")]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use apitokens_core::decision::{Counter, Denial};
+use apitokens_core::denial::{Counter, Denial};
 use apitokens_core::gate::{self, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::Config;

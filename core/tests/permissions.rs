@@ -3,7 +3,7 @@
 
 mod common;
 
-use apitokens_core::decision::Denial;
+use apitokens_core::denial::Denial;
 use common::*;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

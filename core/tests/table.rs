@@ -4,8 +4,8 @@
 mod common;
 
 use apitokens_core::compact;
-use apitokens_core::config::{PluginConfig, TokenSpec};
 use apitokens_core::gate;
+use apitokens_core::spec::{PluginConfig, TokenSpec};
 use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::{Config, Role};
 use common::recorder::Recorder;

@@ -6,7 +6,7 @@ use crate::metrics::Outcome;
 use crate::store::StoreError;
 use crate::tokens;
 use apitokens_core::config::Config;
-use apitokens_core::decision::Denial;
+use apitokens_core::denial::Denial;
 use apitokens_core::reply::Reply;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};

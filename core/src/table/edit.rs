@@ -15,7 +15,7 @@
 
 use super::{push_entry, push_name, write_table, Digest, Duplicate, Entry, Overlay, TokenTable, ENTRY};
 use crate::compact::Stamp;
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::name::TokenName;
 use std::collections::BTreeMap;
 use std::ops::Bound;

@@ -28,9 +28,10 @@
 //! overlap lasts, one for its previous secret: same name and role, its own
 //! expiry (the end of the overlap, or the token's, whichever comes first).
 
-use crate::config::{ConfigError, TokenSpec};
+use crate::error::ConfigError;
 use crate::name::{is_token_name, TokenName};
 use crate::role::Role;
+use crate::spec::TokenSpec;
 use crate::timestamp::Timestamp;
 use sha2::Digest as _;
 use std::sync::Arc;

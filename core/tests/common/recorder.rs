@@ -2,7 +2,7 @@
 //! headers it hands over, and every header write, reply, count and log.
 
 use super::at;
-use apitokens_core::decision::{Counter, Denial};
+use apitokens_core::denial::{Counter, Denial};
 use apitokens_core::gate::{HeaderValue, Host, HostError, LogLevel, RequestHeaders};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::Token;

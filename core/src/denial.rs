@@ -1,0 +1,178 @@
+//! Why a request is refused, and the outcome counters: the vocabulary that
+//! the decision, the local replies and the stats share.
+
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Denial {
+    /// No Authorization header (or an empty one).
+    Missing,
+    /// Another scheme than Bearer.
+    NotBearer,
+    /// The Bearer scheme with a malformed token.
+    Malformed,
+    /// More than one credential.
+    MultipleCredentials,
+    /// A URL-override header (`X-Original-URL`, `X-Rewrite-URL`): an upstream
+    /// could route on it instead of the path the filter decided on.
+    UrlOverride,
+    /// No token has this secret.
+    Unknown,
+    /// The token's `expireTime` has passed.
+    Expired,
+    /// The path's namespace is not the token's.
+    NamespaceDenied,
+    /// The token's role does not permit the verb on this path, or no rule
+    /// matches the path, or the method is unknown.
+    RoleDenied,
+    /// The host failed us (e.g. a header could not be set): fail closed.
+    Internal,
+    /// This VM's table may be older than one another VM of this Envoy
+    /// enforces, and its delta stream has not caught up yet: a token
+    /// revoked since could pass. Refused until it has (fail closed).
+    CatchingUp,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 11] = [
+        Denial::Missing,
+        Denial::NotBearer,
+        Denial::Malformed,
+        Denial::MultipleCredentials,
+        Denial::UrlOverride,
+        Denial::Unknown,
+        Denial::Expired,
+        Denial::NamespaceDenied,
+        Denial::RoleDenied,
+        Denial::Internal,
+        Denial::CatchingUp,
+    ];
+
+    /// The position of this denial in [`Denial::ALL`], which tables indexed
+    /// by denial (the local replies) rely on: checked when compiling (end of
+    /// this file).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A short reason for logs, and (prefixed with `apitokens_`) Envoy's
+    /// response code details.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::NotBearer => "not_bearer",
+            Self::Malformed => "malformed",
+            Self::MultipleCredentials => "multiple_credentials",
+            Self::UrlOverride => "url_override",
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::NamespaceDenied => "namespace_denied",
+            Self::RoleDenied => "role_denied",
+            Self::Internal => "internal_error",
+            Self::CatchingUp => "catching_up",
+        }
+    }
+
+    pub const fn details(self) -> &'static str {
+        match self {
+            Self::Missing => "apitokens_missing",
+            Self::NotBearer => "apitokens_not_bearer",
+            Self::Malformed => "apitokens_malformed",
+            Self::MultipleCredentials => "apitokens_multiple_credentials",
+            Self::UrlOverride => "apitokens_url_override",
+            Self::Unknown => "apitokens_unknown",
+            Self::Expired => "apitokens_expired",
+            Self::NamespaceDenied => "apitokens_namespace_denied",
+            Self::RoleDenied => "apitokens_role_denied",
+            Self::Internal => "apitokens_internal_error",
+            Self::CatchingUp => "apitokens_catching_up",
+        }
+    }
+
+    pub const fn counter(self) -> Counter {
+        match self {
+            Self::Missing => Counter::Missing,
+            // Requests refused for their form rather than their credential's
+            // standing.
+            Self::NotBearer | Self::Malformed | Self::MultipleCredentials | Self::UrlOverride => Counter::Malformed,
+            Self::Unknown => Counter::Unknown,
+            Self::Expired => Counter::Expired,
+            Self::NamespaceDenied => Counter::NamespaceDenied,
+            Self::RoleDenied => Counter::RoleDenied,
+            Self::Internal => Counter::InternalError,
+            Self::CatchingUp => Counter::CatchingUp,
+        }
+    }
+}
+
+/// Outcome counters, exported as Envoy stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    Allowed,
+    /// Allowed with a token's previous secret, during a rotation's overlap
+    /// (not in `Allowed`): owners watch it fall to zero as clients move on.
+    AllowedPreviousSecret,
+    Missing,
+    Malformed,
+    Unknown,
+    Expired,
+    NamespaceDenied,
+    RoleDenied,
+    InternalError,
+    CatchingUp,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 10] = [
+        Counter::Allowed,
+        Counter::AllowedPreviousSecret,
+        Counter::Missing,
+        Counter::Malformed,
+        Counter::Unknown,
+        Counter::Expired,
+        Counter::NamespaceDenied,
+        Counter::RoleDenied,
+        Counter::InternalError,
+        Counter::CatchingUp,
+    ];
+
+    /// The position in [`Counter::ALL`] (checked when compiling).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stat name (Envoy adds its own prefix for wasm metrics).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allowed => "apitokens.allowed",
+            Self::AllowedPreviousSecret => "apitokens.allowed_previous_secret",
+            Self::Missing => "apitokens.missing",
+            Self::Malformed => "apitokens.malformed",
+            Self::Unknown => "apitokens.unknown",
+            Self::Expired => "apitokens.expired",
+            Self::NamespaceDenied => "apitokens.namespace_denied",
+            Self::RoleDenied => "apitokens.role_denied",
+            Self::InternalError => "apitokens.internal_error",
+            Self::CatchingUp => "apitokens.catching_up",
+        }
+    }
+}
+
+// `Denial::ALL` and `Counter::ALL` list every variant in declaration order, so
+// that a table built by iterating one (the local replies, the filter's stats)
+// and read by `index()` finds each variant's own entry. A variant listed out
+// of order, or a new last variant left out, fails the build here.
+#[allow(clippy::indexing_slicing)] // every index is below the length
+const _: () = {
+    let mut i = 0;
+    while i < Denial::ALL.len() {
+        assert!(Denial::ALL[i].index() == i, "Denial::ALL is out of declaration order");
+        i += 1;
+    }
+    assert!(Denial::CatchingUp.index() + 1 == Denial::ALL.len(), "Denial::ALL must end with the last variant");
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i].index() == i, "Counter::ALL is out of declaration order");
+        i += 1;
+    }
+    assert!(Counter::CatchingUp.index() + 1 == Counter::ALL.len(), "Counter::ALL must end with the last variant");
+};
