@@ -14,6 +14,7 @@
 //! The configuration schema, its validation and the authorization decision
 //! come from `apitokens_core`, the same code the filter runs.
 
+pub mod acks;
 pub mod api;
 pub mod cli;
 pub mod clock;

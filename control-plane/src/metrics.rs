@@ -13,8 +13,8 @@
 //! namespace's business): only operations, outcomes, Envoy nodes and
 //! replicas, which the operator names.
 
+use crate::acks::{Lag, Tracker};
 use crate::config::Publisher;
-use crate::push::acks::{Lag, Tracker};
 use crate::push::server::PushCounters;
 use crate::store::StoreMetrics;
 use crate::tokens::Service;

@@ -31,9 +31,8 @@
 //! replicas silent for [`FORGET_AFTER`] are deleted; a clean shutdown deletes
 //! its own at once.
 
+use crate::acks::{self, EnvoyStatus, RemoteStream, RemoteVm, ReplicaStatus, Tracker, VmStatus};
 use crate::config::Version;
-use crate::push::acks::{EnvoyStatus, RemoteStream, ReplicaStatus, Tracker};
-use crate::push::vms::{self, RemoteVm, VmStatus};
 use crate::store::{Epoch, PostgresStore, Revision, StoreError, ENVOYS_CHANNEL};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -421,7 +420,7 @@ impl Coordinator {
             let Ok(json) = serde_json::from_str::<serde_json::Value>(&json) else {
                 continue;
             };
-            let vm = vms::is_vm(&json);
+            let vm = acks::is_vm(&json);
             if !vm {
                 if let Some(r) = replicas.last_mut() {
                     r.envoys += 1;

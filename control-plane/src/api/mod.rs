@@ -19,9 +19,9 @@ pub use error::AppError;
 use extract::Route;
 pub use forwarded::{Cidr, TrustedProxies};
 
+use crate::acks::Tracker;
 use crate::config::Publisher;
 use crate::metrics::{Metrics, Operation, Outcome};
-use crate::push::acks::Tracker;
 use crate::tokens::Service;
 use axum::extract::{Request, State};
 use axum::handler::Handler;

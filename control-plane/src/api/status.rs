@@ -3,8 +3,8 @@
 
 use super::error::json_response;
 use super::{AppError, AppState};
+use crate::acks::Lag;
 use crate::config::Version;
-use crate::push::acks::Lag;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -2,9 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
+use crate::acks::Tracker;
 use crate::clock;
 use crate::config::{Publisher, PublisherOptions, Version};
-use crate::push::acks::Tracker;
 use crate::store::{AuditEvent, Changes, Head, Position, Revision, SqliteStore, Store, StoreError, TokenRecord};
 use crate::testutil::TempDir;
 use crate::tokens::secret::{self, Secret, Shape};

@@ -4,7 +4,7 @@
 use super::error::json_response;
 use super::extract::{JsonBody, OptionalJsonBody, Owner, Route};
 use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
-use crate::push::acks::{Lag, Lagging};
+use crate::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Wait};

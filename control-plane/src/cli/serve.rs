@@ -4,10 +4,10 @@
 
 use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
+use crate::acks::Tracker;
 use crate::api::{self, AppState};
 use crate::config::{Publisher, PublisherOptions};
 use crate::metrics::Metrics;
-use crate::push::acks::Tracker;
 use crate::push::delta::DeltaServer;
 use crate::push::file;
 use crate::push::peers::{Counted, Identities, PeerLimits};

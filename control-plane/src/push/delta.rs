@@ -25,11 +25,11 @@
 //! (1 KiB); a malformed one, or one from another store's table (lineage),
 //! ends the stream with an error. Nothing logged here carries a digest.
 
-use super::acks::{StreamId, Tracker};
 use super::peers::{peer_of, Identities};
 use super::server::PushCounters;
 use super::sotw::MAX_NAME;
 use super::BoxFuture;
+use crate::acks::{StreamId, Tracker};
 use crate::config::{CatchUp, Element, Publisher, Reach};
 use crate::store::{Epoch, Position, Revision};
 use apitokens_core::compact::Stamp;

@@ -5,8 +5,8 @@
 //! The file holds a binary protobuf `DiscoveryResponse` (Envoy reads `.pb`
 //! files as binary; binary parses faster than JSON for large token tables).
 
-use super::acks::Tracker;
 use super::resource::EcdsResource;
+use crate::acks::Tracker;
 use crate::config::{Encoded, Publisher};
 use std::io::Write;
 use std::path::{Path, PathBuf};

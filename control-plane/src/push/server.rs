@@ -19,12 +19,12 @@
 //! a new subscription does. With an interval of 0, every Envoy gets every
 //! version at once.
 
-use super::acks::{StreamId, Tracker};
 use super::frames::FrameBody;
 use super::peers::{peer_of, Identities};
 use super::resource::{EcdsResource, Frame};
 use super::sotw::{Event, Respond, Session};
 use super::BoxFuture;
+use crate::acks::{StreamId, Tracker};
 use crate::config::{Encoded, Publisher, Version};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use prometheus_client::metrics::counter::Counter;

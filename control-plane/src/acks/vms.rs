@@ -16,133 +16,20 @@
 //! it is remembered as awaiting one (shared with the other replicas like
 //! the streams) until it subscribes again or [`AWAIT_FOR`] passes.
 
-use super::acks::{StreamId, Tracker};
+use super::state::{StreamId, Vm};
+use super::tracker::Tracker;
 use crate::clock;
 use crate::config::Version;
-use apitokens_core::Timestamp;
-use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// How long a VM told to wait for a snapshot keeps its node's snapshots
 /// coming at once (it subscribes again as soon as one arrives).
 pub const AWAIT_FOR: Duration = Duration::from_secs(60);
-/// How long after a VM of a node subscribes that node stays on the ECDS
-/// rule: its other VMs (an Envoy starting, streams reopening after a restart
-/// of this control plane) subscribe within a few ticks, and until they have,
-/// the VMs counted so far are not all of them.
-pub const SETTLE: Duration = Duration::from_millis(500);
 /// The most VMs whose first subscription is remembered (beyond it, all are
-/// forgotten: a node then waits one more [`SETTLE`]).
+/// forgotten: a node then waits one more [`super::SETTLE`]).
 const MAX_FIRST_SEEN: usize = 16_384;
 /// The most VMs remembered as awaiting a snapshot.
 const MAX_AWAITING: usize = 256;
-
-/// One VM stream as `/status` shows it (under its Envoy) and as replicas
-/// share it through the database (told from an Envoy stream by `vm`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VmStatus {
-    /// The replica it is connected to (with replicas only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
-    pub stream: u64,
-    pub node: String,
-    /// The VM's id (random per VM, chosen by the filter).
-    pub vm: String,
-    pub peer: String,
-    pub connected: bool,
-    pub connected_at: String,
-    /// The table the VM enforced when it subscribed (`revision`, `epoch`).
-    pub subscribed_revision: String,
-    pub subscribed_epoch: String,
-    /// It enforces a table newer than this control plane's: nothing is sent
-    /// to it until this control plane reaches it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub held: bool,
-    /// The table the changes sent so far bring it to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sent_revision: Option<String>,
-    /// The table it said it enforces last.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acked_revision: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acked_epoch: Option<String>,
-    /// No history reaches its table: it waits for a snapshot (its stream
-    /// ended; not counted as connected).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub awaiting_snapshot: bool,
-    /// How many VMs its Envoy has, as the filter counted them (0: unknown).
-    #[serde(default)]
-    pub envoy_vms: u32,
-}
-
-/// A VM stream of another replica, as that replica recorded it.
-#[derive(Clone, Debug)]
-pub struct RemoteVm {
-    /// Its replica's heartbeat is recent.
-    pub live: bool,
-    pub acked: Option<Version>,
-    pub status: VmStatus,
-}
-
-/// A VM stream of this replica, as shared with the others.
-#[derive(Clone, Debug)]
-pub struct LocalVm {
-    pub acked: Option<Version>,
-    pub status: VmStatus,
-}
-
-#[derive(Clone, Debug)]
-pub(super) struct Vm {
-    pub node: String,
-    pub vm: String,
-    pub peer: String,
-    pub connected_at: Timestamp,
-    pub subscribed: Version,
-    pub held: bool,
-    pub sent: Option<Version>,
-    /// Since when a table it was sent is not acknowledged.
-    pub unanswered_since: Option<Instant>,
-    /// What it enforces: where it subscribed, then what it acknowledged.
-    pub acked: Version,
-    /// Told to wait for a snapshot, at this time.
-    pub awaiting: Option<Instant>,
-    /// Its Envoy's VMs, as the filter counted them (0: unknown).
-    pub envoy_vms: u32,
-    /// When it first subscribed, on any stream (see [`SETTLE`]).
-    pub subscribed_at: Instant,
-}
-
-impl Vm {
-    /// Its status, `connected` or not.
-    pub fn view(&self, replica: Option<&String>, id: StreamId, connected: bool) -> VmStatus {
-        VmStatus {
-            replica: replica.cloned(),
-            stream: id.0,
-            node: self.node.clone(),
-            vm: self.vm.clone(),
-            peer: self.peer.clone(),
-            connected,
-            connected_at: self.connected_at.to_rfc3339(),
-            subscribed_revision: self.subscribed.revision.to_string(),
-            subscribed_epoch: self.subscribed.epoch.to_string(),
-            held: self.held,
-            sent_revision: self.sent.map(|v| v.revision.to_string()),
-            acked_revision: Some(self.acked.revision.to_string()),
-            acked_epoch: Some(self.acked.epoch.to_string()),
-            awaiting_snapshot: self.awaiting.is_some(),
-            envoy_vms: self.envoy_vms,
-        }
-    }
-}
-
-/// `node-1 (vm ab12)`, or `node-1 (replica r2, vm ab12)`.
-pub(super) fn who(node: &str, replica: Option<&str>, vm: &str) -> String {
-    match replica {
-        Some(replica) => format!("{node} (replica {replica}, vm {vm})"),
-        None => format!("{node} (vm {vm})"),
-    }
-}
 
 impl Tracker {
     /// A VM subscribed: it enforces the table at `at` (counted as applied).
@@ -271,46 +158,4 @@ impl Tracker {
         }
         connected && !inner.awaiting.iter().any(|(_, vm)| vm.node == node)
     }
-
-    /// This replica's VM streams (and the VMs awaiting a snapshot), to share
-    /// with the other replicas.
-    pub fn local_vms(&self) -> Vec<LocalVm> {
-        let inner = self.lock();
-        let replica = inner.replica.as_ref();
-        inner
-            .vms
-            .iter()
-            .map(|(id, vm)| (id, vm, true))
-            .chain(inner.awaiting.iter().map(|(id, vm)| (id, vm, false)))
-            .map(|(id, vm, connected)| LocalVm {
-                acked: Some(vm.acked),
-                status: vm.view(replica, *id, connected),
-            })
-            .collect()
-    }
-
-    /// Connected VM streams: this replica's and the live replicas'.
-    pub fn delta_streams(&self) -> usize {
-        let inner = self.lock();
-        inner.vms.len() + inner.remote_vms.iter().filter(|r| r.live && r.status.connected).count()
-    }
-
-    /// Every VM stream (connected or awaiting a snapshot), this replica's
-    /// then the live replicas', for the status page.
-    pub fn vms(&self) -> Vec<VmStatus> {
-        let inner = self.lock();
-        let replica = inner.replica.as_ref();
-        inner
-            .vms
-            .iter()
-            .map(|(id, vm)| vm.view(replica, *id, true))
-            .chain(inner.awaiting.iter().map(|(id, vm)| vm.view(replica, *id, false)))
-            .chain(inner.remote_vms.iter().filter(|r| r.live).map(|r| r.status.clone()))
-            .collect()
-    }
-}
-
-/// Whether a stream's JSON as shared through the database is a VM's.
-pub(crate) fn is_vm(json: &serde_json::Value) -> bool {
-    json.get("vm").is_some()
 }
