@@ -57,16 +57,11 @@ impl Tracker {
     /// This replica's VM streams (and the VMs awaiting a snapshot), to share
     /// with the other replicas.
     pub fn local_vms(&self) -> Vec<LocalVm> {
-        let inner = self.lock();
-        let replica = inner.replica.as_ref();
-        inner
-            .vms
-            .iter()
-            .map(|(id, vm)| (id, vm, true))
-            .chain(inner.awaiting.iter().map(|(id, vm)| (id, vm, false)))
-            .map(|(id, vm, connected)| LocalVm {
+        self.lock()
+            .own_vms()
+            .map(|(vm, status)| LocalVm {
                 acked: Some(vm.acked),
-                status: vm.view(replica, *id, connected),
+                status,
             })
             .collect()
     }

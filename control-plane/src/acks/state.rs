@@ -69,6 +69,17 @@ pub(super) struct Inner {
 }
 
 impl Inner {
+    /// This replica's VM streams, connected then awaiting a snapshot, each
+    /// with its status.
+    pub(super) fn own_vms(&self) -> impl Iterator<Item = (&Vm, VmStatus)> {
+        let replica = self.replica.as_ref();
+        let connected = self.vms.iter().map(|(id, vm)| (id, vm, true));
+        let awaiting = self.awaiting.iter().map(|(id, vm)| (id, vm, false));
+        connected
+            .chain(awaiting)
+            .map(move |(id, vm, connected)| (vm, vm.view(replica, *id, connected)))
+    }
+
     /// Whether `node` is on the delta channel: a write waits for its VMs
     /// (not its ECDS ACK) and its snapshots may wait for the interval. Only
     /// when the VMs and the Envoy can be told apart and none is missing:

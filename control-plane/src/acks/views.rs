@@ -51,12 +51,9 @@ impl Tracker {
     /// then the live replicas', for the status page.
     pub fn vms(&self) -> Vec<VmStatus> {
         let inner = self.lock();
-        let replica = inner.replica.as_ref();
         inner
-            .vms
-            .iter()
-            .map(|(id, vm)| vm.view(replica, *id, true))
-            .chain(inner.awaiting.iter().map(|(id, vm)| vm.view(replica, *id, false)))
+            .own_vms()
+            .map(|(_, status)| status)
             .chain(inner.remote_vms.iter().filter(|r| r.live).map(|r| r.status.clone()))
             .collect()
     }

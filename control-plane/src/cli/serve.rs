@@ -10,6 +10,7 @@ use crate::config::{Publisher, PublisherOptions};
 use crate::metrics::Metrics;
 use crate::push::delta::DeltaServer;
 use crate::push::file;
+use crate::push::grpc::Grpc;
 use crate::push::peers::{Counted, Identities, PeerLimits};
 use crate::push::resource::{self, EcdsResource, FilterParams};
 use crate::push::server::{EcdsServer, PushCounters, XdsLimits};
@@ -624,9 +625,9 @@ impl Xds {
                     .max_connection_age_grace(Duration::from_secs(60));
             }
             let result = builder
-                .add_service(service)
-                .add_service(delta)
-                .add_service(self.usage.clone())
+                .add_service(Grpc(service))
+                .add_service(Grpc(delta))
+                .add_service(Grpc(self.usage.clone()))
                 .serve_with_incoming_shutdown(admitted(listener, Arc::clone(&self.peers), cut), ended)
                 .await;
             if let Err(e) = result {

@@ -25,6 +25,7 @@
 //! (1 KiB); a malformed one, or one from another store's table (lineage),
 //! ends the stream with an error. Nothing logged here carries a digest.
 
+use super::grpc::{refuse, Answer, Route};
 use super::peers::{peer_of, Identities};
 use super::server::PushCounters;
 use super::sotw::MAX_NAME;
@@ -36,15 +37,13 @@ use apitokens_core::compact::Stamp;
 use apitokens_core::delta::{MAX_RESPONSE_BYTES, METHOD, SERVICE};
 use bytes::Bytes;
 use prost::Message as _;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::codegen::{http, Service as TowerService};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::codegen::http;
+use tonic::server::{Grpc, StreamingService};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// `apitokens.v1.DeltaRequest`: the first subscribes, every later one
@@ -147,10 +146,6 @@ impl DeltaServer {
     }
 }
 
-impl NamedService for DeltaServer {
-    const NAME: &'static str = SERVICE;
-}
-
 struct Subscribe {
     shared: Arc<Shared>,
     peer: String,
@@ -170,22 +165,15 @@ impl StreamingService<DeltaRequest> for Subscribe {
     }
 }
 
-impl TowerService<http::Request<Body>> for DeltaServer {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+impl Route for DeltaServer {
+    const SERVICE: &'static str = SERVICE;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn route(&mut self, method: Option<&str>, req: http::Request<Body>) -> Answer {
         if let Err(status) = self.shared.identities.check(req.extensions()) {
-            return Box::pin(async move { Ok(status.into_http()) });
+            return refuse(status);
         }
-        let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
-        if method.and_then(|m| m.strip_prefix('/')) != Some(METHOD) {
-            return Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) });
+        if method != Some(METHOD) {
+            return refuse(Status::unimplemented("no such method"));
         }
         let subscribe = Subscribe {
             shared: Arc::clone(&self.shared),
@@ -603,60 +591,50 @@ mod tests {
         assert!(read.snapshot_needed);
     }
 
-    use crate::config::PublisherOptions;
     use crate::store::contract::{record, test_event};
-    use crate::store::{SqliteStore, Store, TokenRecord};
-    use crate::testutil::TempDir;
+    use crate::store::TokenRecord;
+    use crate::testutil::{grpc_client, serve_grpc, Core};
     use apitokens_core::delta::decode_changes;
     use apitokens_core::table::{Digest, Overlay, TokenTable};
     use apitokens_core::Role;
     use std::net::SocketAddr;
     use std::time::Instant;
-    use tokio_stream::wrappers::TcpListenerStream;
 
     fn token(name: &str, n: u8) -> TokenRecord {
         record(name, Role::Viewer, n)
     }
 
     struct Plane {
-        _dir: TempDir,
-        store: Arc<dyn Store>,
-        publisher: Arc<Publisher>,
-        acks: Arc<Tracker>,
+        core: Core,
         counters: PushCounters,
         addr: SocketAddr,
         _stop: watch::Sender<bool>,
     }
 
+    /// The plane's store, publisher and tracker are its core's.
+    impl std::ops::Deref for Plane {
+        type Target = Core;
+
+        fn deref(&self) -> &Core {
+            &self.core
+        }
+    }
+
     impl Plane {
         async fn start(tag: &str) -> Self {
-            let dir = TempDir::new(tag);
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("d.db")).unwrap());
-            let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
-                .await
-                .unwrap();
-            let acks = Arc::new(Tracker::new().with_settle(Duration::ZERO));
+            let core = Core::open(tag).await;
             let counters = PushCounters::default();
             let (stop, stopped) = watch::channel(false);
             let server = DeltaServer::new(
-                Arc::clone(&publisher),
-                Arc::clone(&acks),
+                Arc::clone(&core.publisher),
+                Arc::clone(&core.acks),
                 stopped,
                 Identities::new(vec![]),
                 counters.clone(),
             );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(server)
-                    .serve_with_incoming(TcpListenerStream::new(listener)),
-            );
+            let addr = serve_grpc(server).await;
             Self {
-                _dir: dir,
-                store,
-                publisher,
-                acks,
+                core,
                 counters,
                 addr,
                 _stop: stop,
@@ -694,13 +672,7 @@ mod tests {
         }
 
         async fn subscribe(&self, first: DeltaRequest) -> Result<Vm, Status> {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.unwrap();
+            let mut grpc = grpc_client(self.addr).await;
             let (tx, rx) = mpsc::channel(4);
             tx.send(first).await.unwrap();
             let path = http::uri::PathAndQuery::from_static("/apitokens.v1.Delta/Subscribe");

@@ -9,6 +9,7 @@
 pub mod delta;
 pub mod file;
 mod frames;
+pub mod grpc;
 pub mod peers;
 pub mod resource;
 pub mod server;

@@ -279,16 +279,21 @@ mod tests {
         }
     }
 
+    /// The response of version 9.`revision`, as Envoy decodes it.
+    fn decoded(revision: Revision, payload: &Arc<Vec<u8>>, nonce: &str, include: bool) -> DiscoveryResponse {
+        let frame = EcdsResource::new(FilterParams::default()).response_for(
+            Version::new(Epoch(9), revision),
+            payload,
+            nonce,
+            include,
+        );
+        DiscoveryResponse::decode(concat(&frame).as_slice()).unwrap()
+    }
+
     #[test]
     fn the_resource_is_a_fail_closed_wasm_filter_carrying_the_bytes() {
         let payload = Arc::new(b"APTK payload".to_vec());
-        let frame = EcdsResource::new(FilterParams::default()).response_for(
-            Version::new(Epoch(9), Revision(3)),
-            &payload,
-            "n1",
-            true,
-        );
-        let r = DiscoveryResponse::decode(concat(&frame).as_slice()).unwrap();
+        let r = decoded(Revision(3), &payload, "n1", true);
         assert_eq!(
             (r.version_info.as_str(), r.nonce.as_str(), r.type_url.as_str()),
             ("9.3", "n1", TYPE_URL)
@@ -321,13 +326,7 @@ mod tests {
     #[test]
     fn a_response_without_the_resource() {
         let payload = Arc::new(vec![1, 2, 3]);
-        let frame = EcdsResource::new(FilterParams::default()).response_for(
-            Version::new(Epoch(9), Revision(5)),
-            &payload,
-            "2",
-            false,
-        );
-        let r = DiscoveryResponse::decode(concat(&frame).as_slice()).unwrap();
+        let r = decoded(Revision(5), &payload, "2", false);
         assert!(r.resources.is_empty());
         assert_eq!((r.version_info.as_str(), r.nonce.as_str()), ("9.5", "2"));
     }

@@ -20,22 +20,19 @@
 //! version at once.
 
 use super::frames::FrameBody;
+use super::grpc::{Answer, Route};
 use super::peers::{peer_of, Identities};
 use super::resource::{EcdsResource, Frame};
 use super::sotw::{Event, Respond, Session};
-use super::BoxFuture;
 use crate::acks::{StreamId, Tracker};
 use crate::config::{Encoded, Publisher, Version};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use prometheus_client::metrics::counter::Counter;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tonic::body::Body;
-use tonic::codegen::{http, Service};
-use tonic::server::NamedService;
+use tonic::codegen::http;
 use tonic::{Status, Streaming};
 
 const SERVICE: &str = "envoy.service.extension.v3.ExtensionConfigDiscoveryService";
@@ -128,28 +125,17 @@ impl EcdsServer {
     }
 }
 
-impl NamedService for EcdsServer {
-    const NAME: &'static str = SERVICE;
-}
+impl Route for EcdsServer {
+    const SERVICE: &'static str = SERVICE;
 
-impl Service<http::Request<Body>> for EcdsServer {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
+    fn route(&mut self, method: Option<&str>, req: http::Request<Body>) -> Answer {
         let resp = match method {
-            Some("/StreamExtensionConfigs") => self.stream(req),
-            Some("/FetchExtensionConfigs") => Status::unimplemented(
+            Some("StreamExtensionConfigs") => self.stream(req),
+            Some("FetchExtensionConfigs") => Status::unimplemented(
                 "apitokens serves the configuration on StreamExtensionConfigs only (api_type: GRPC)",
             )
             .into_http(),
-            Some("/DeltaExtensionConfigs") => {
+            Some("DeltaExtensionConfigs") => {
                 Status::unimplemented("apitokens serves the state-of-the-world protocol (api_type: GRPC), not delta")
                     .into_http()
             }
@@ -430,40 +416,39 @@ async fn next(
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::config::PublisherOptions;
     use crate::push::resource::{FilterParams, TYPE_URL};
     use crate::store::contract::record;
-    use crate::store::{SqliteStore, Store};
-    use crate::testutil::TempDir;
+    use crate::testutil::{grpc_client, serve_grpc, Core};
     use apitokens_core::Role;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
     use std::time::Instant;
-    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tokio_stream::wrappers::ReceiverStream;
     use tonic::Request;
 
     const NODE: &str = "gw-1";
 
     struct Plane {
-        _dir: TempDir,
-        store: Arc<dyn Store>,
-        publisher: Arc<Publisher>,
-        acks: Arc<Tracker>,
+        core: Core,
         addr: std::net::SocketAddr,
         _stop: watch::Sender<bool>,
     }
 
+    /// The plane's store, publisher and tracker are its core's.
+    impl std::ops::Deref for Plane {
+        type Target = Core;
+
+        fn deref(&self) -> &Core {
+            &self.core
+        }
+    }
+
     async fn plane(tag: &str, interval: Duration) -> Plane {
-        let dir = TempDir::new(tag);
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("e.db")).unwrap());
-        let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
-            .await
-            .unwrap();
-        let acks = Arc::new(Tracker::new().with_settle(Duration::ZERO));
+        let core = Core::open(tag).await;
         let (stop, stopped) = watch::channel(false);
         let server = EcdsServer::new(
-            Arc::clone(&publisher),
-            Arc::clone(&acks),
+            Arc::clone(&core.publisher),
+            Arc::clone(&core.acks),
             EcdsResource::new(FilterParams::default()),
             stopped,
             XdsLimits {
@@ -473,18 +458,9 @@ mod tests {
             PushCounters::default(),
             interval,
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(server)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
+        let addr = serve_grpc(server).await;
         Plane {
-            _dir: dir,
-            store,
-            publisher,
-            acks,
+            core,
             addr,
             _stop: stop,
         }
@@ -498,13 +474,7 @@ mod tests {
 
     impl Envoy {
         async fn connect(addr: std::net::SocketAddr) -> Self {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.unwrap();
+            let mut grpc = grpc_client(addr).await;
             let (tx, rx) = mpsc::channel(4);
             tx.send(DiscoveryRequest {
                 node: Some(Node {

@@ -3,16 +3,15 @@
 //! connection trust as ECDS (mutual TLS when configured), never through the
 //! public listener. The token service turns them into last-use times.
 
+use super::grpc::{refuse, Answer, Route};
 use super::peers::Identities;
 use super::BoxFuture;
 use crate::tokens::Service;
 use apitokens_core::usage::{METHOD, SERVICE};
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use tonic::body::Body;
-use tonic::codegen::{http, Service as TowerService};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::codegen::http;
+use tonic::server::{Grpc, UnaryService};
 use tonic::{Request, Response, Status};
 
 /// `apitokens.v1.UsageReport`, as the filter encodes it.
@@ -41,10 +40,6 @@ impl UsageServer {
     }
 }
 
-impl NamedService for UsageServer {
-    const NAME: &'static str = SERVICE;
-}
-
 struct Report(Arc<Service>);
 
 impl UnaryService<UsageReport> for Report {
@@ -61,32 +56,24 @@ impl UnaryService<UsageReport> for Report {
     }
 }
 
-impl TowerService<http::Request<Body>> for UsageServer {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+impl Route for UsageServer {
+    const SERVICE: &'static str = SERVICE;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn route(&mut self, method: Option<&str>, req: http::Request<Body>) -> Answer {
         if let Err(status) = self.identities.check(req.extensions()) {
             self.service.metrics.usage_refused.inc();
-            return Box::pin(async move { Ok(status.into_http()) });
+            return refuse(status);
+        }
+        if method != Some(METHOD) {
+            return refuse(Status::unimplemented("no such method"));
         }
         let service = Arc::clone(&self.service);
-        let method = req.uri().path().strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE));
-        if method.and_then(|m| m.strip_prefix('/')) == Some(METHOD) {
-            Box::pin(async move {
-                let mut grpc = Grpc::new(tonic_prost::ProstCodec::<UsageReply, UsageReport>::default())
-                    // A report carries at most 16k digests (512 KiB).
-                    .apply_max_message_size_config(Some(1 << 20), Some(1 << 10));
-                Ok(grpc.unary(Report(service), req).await)
-            })
-        } else {
-            Box::pin(async move { Ok(Status::unimplemented("no such method").into_http()) })
-        }
+        Box::pin(async move {
+            let mut grpc = Grpc::new(tonic_prost::ProstCodec::<UsageReply, UsageReport>::default())
+                // A report carries at most 16k digests (512 KiB).
+                .apply_max_message_size_config(Some(1 << 20), Some(1 << 10));
+            Ok(grpc.unary(Report(service), req).await)
+        })
     }
 }
 
