@@ -174,6 +174,8 @@ fn buffer(kind: u32, size: usize) -> Result<Vec<u8>, Failed> {
     // SAFETY: out-pointers are valid; the host allocates the returned buffer.
     let status = unsafe { proxy_get_buffer_bytes(kind, 0, size, &mut data, &mut len) };
     match status {
+        // SAFETY: on OK the host allocated `data` with `len` bytes through
+        // `proxy_on_memory_allocate`.
         OK => Ok(unsafe { host_buffer(data, len) }),
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Failed(other)),
@@ -193,6 +195,8 @@ pub fn property(name: &str) -> Result<Option<Vec<u8>>, Failed> {
     // SAFETY: the path is a live string; out-pointers are valid.
     let status = unsafe { proxy_get_property(name.as_ptr(), name.len(), &mut data, &mut len) };
     match status {
+        // SAFETY: on OK the host allocated `data` with `len` bytes through
+        // `proxy_on_memory_allocate`.
         OK => Ok(Some(unsafe { host_buffer(data, len) })),
         NOT_FOUND => Ok(None),
         other => Err(Failed(other)),
@@ -206,6 +210,8 @@ pub fn request_header_pairs() -> Result<Vec<u8>, Failed> {
     // SAFETY: out-pointers are valid; the host allocates the returned buffer.
     let status = unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut data, &mut len) };
     match status {
+        // SAFETY: on OK the host allocated `data` with `len` bytes through
+        // `proxy_on_memory_allocate`.
         OK => Ok(unsafe { host_buffer(data, len) }),
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Failed(other)),
@@ -356,6 +362,8 @@ pub fn shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Failed> {
     // allocates the returned buffer.
     let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut len, &mut cas) };
     match status {
+        // SAFETY: on OK the host allocated `data` with `len` bytes through
+        // `proxy_on_memory_allocate`.
         OK => Ok(Some((unsafe { host_buffer(data, len) }, cas))),
         NOT_FOUND => Ok(None),
         other => Err(Failed(other)),

@@ -95,7 +95,6 @@ pub fn serialize(headers: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

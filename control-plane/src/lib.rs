@@ -6,13 +6,16 @@
 //! - `store`: durable storage (SQLite or PostgreSQL) with a change log;
 //! - `config`: the configuration Envoy should enforce, kept and edited in
 //!   memory, published as versioned snapshots;
-//! - `push`: ECDS over gRPC and to a file, and which Envoy applied what;
+//! - `push`: ECDS over gRPC and to a file, the delta channel, usage reports;
+//! - `acks`: which Envoy (and filter VM) applied which version;
 //! - `replicas`: several `serve` processes on one PostgreSQL database;
 //! - `api`: the HTTP adapter; `cli`: the command-line adapter;
 //! - `metrics`: `/metrics` for Prometheus.
 //!
 //! The configuration schema, its validation and the authorization decision
 //! come from `apitokens_core`, the same code the filter runs.
+
+#![forbid(unsafe_code)]
 
 pub mod acks;
 pub mod api;
@@ -27,5 +30,4 @@ pub mod store;
 pub mod tokens;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod testutil;

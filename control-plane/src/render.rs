@@ -95,7 +95,6 @@ pub fn wasm_plugin(spec: &PluginConfig, opts: &WasmPluginOptions) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use apitokens_core::config::Config;

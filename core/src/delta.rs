@@ -297,7 +297,6 @@ pub fn response(from: Stamp, to: Option<Stamp>, changes: &[u8], snapshot_needed:
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -168,11 +168,17 @@ const _: () = {
         assert!(Denial::ALL[i].index() == i, "Denial::ALL is out of declaration order");
         i += 1;
     }
-    assert!(Denial::CatchingUp.index() + 1 == Denial::ALL.len(), "Denial::ALL must end with the last variant");
+    assert!(
+        Denial::CatchingUp.index() + 1 == Denial::ALL.len(),
+        "Denial::ALL must end with the last variant"
+    );
     let mut i = 0;
     while i < Counter::ALL.len() {
         assert!(Counter::ALL[i].index() == i, "Counter::ALL is out of declaration order");
         i += 1;
     }
-    assert!(Counter::CatchingUp.index() + 1 == Counter::ALL.len(), "Counter::ALL must end with the last variant");
+    assert!(
+        Counter::CatchingUp.index() + 1 == Counter::ALL.len(),
+        "Counter::ALL must end with the last variant"
+    );
 };

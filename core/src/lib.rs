@@ -3,6 +3,9 @@
 //! rules and the decision. The proxy-wasm filter and the control plane both
 //! build on this crate.
 
+// Decisions are plain safe Rust; the filter's ABI glue is the only unsafe code.
+#![forbid(unsafe_code)]
+
 pub mod bearer;
 pub mod compact;
 pub mod config;

@@ -1,9 +1,8 @@
 //! Replays the fuzz corpora and every crash ever found (`fuzz/regressions/`)
 //! through the same invariant checks the fuzz targets run, so `make test`
 //! catches a regression without libFuzzer.
+#![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 #![cfg(not(target_arch = "wasm32"))]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-
 use std::path::Path;
 
 fn replay(target: &str, check: fn(&[u8])) -> usize {

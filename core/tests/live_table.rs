@@ -2,8 +2,7 @@
 //! any sequence of changes, staged and written (also while more are staged),
 //! the table is byte for byte the one built from scratch, staged changes are
 //! found as written ones, and a refused edit changes nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-
+#![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 mod common;
 
 use apitokens_core::compact::Stamp;

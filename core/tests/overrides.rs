@@ -1,7 +1,6 @@
 //! Override spellings: which query parameters count as `_method`, and how
 //! their values are read.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-
+#![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 use apitokens_core::overrides::{query_methods, OverrideMethod};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;

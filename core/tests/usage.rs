@@ -1,5 +1,6 @@
 //! The filter's pending usage reports: a control plane that is down for
 //! many report intervals costs at most one entry per token.
+#![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 
 use apitokens_core::table::Digest;
 use apitokens_core::usage::Pending;

@@ -1,6 +1,4 @@
 //! The tracker's rules, driven through its public events.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-
 use super::tracker::MAX_DISCONNECTED;
 use super::*;
 use crate::config::Version;

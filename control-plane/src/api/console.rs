@@ -141,7 +141,6 @@ fn with_headers(mut resp: Response, content_type: &'static str) -> Response {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use axum::http::Request;

@@ -111,7 +111,6 @@ impl TrustedProxies {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use axum::http::HeaderValue;

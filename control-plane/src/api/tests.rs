@@ -1,6 +1,4 @@
 //! REST API tests: the router driven with `tower::ServiceExt::oneshot`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-
 use super::*;
 use crate::acks::Tracker;
 use crate::clock;

@@ -52,7 +52,6 @@ pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use std::net::TcpListener;

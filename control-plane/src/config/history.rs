@@ -190,7 +190,6 @@ pub fn encode_records(changed: &[(String, Option<TokenRecord>)]) -> Vec<Bytes> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::contract::record;

@@ -858,7 +858,6 @@ fn retire(tables: &mut Tables, replaced: &Encoded) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::contract::{record, test_event};

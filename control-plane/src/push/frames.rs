@@ -101,7 +101,6 @@ impl http_body::Body for FrameBody {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;

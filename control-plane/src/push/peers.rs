@@ -248,7 +248,6 @@ pub fn peer_of(extensions: &tonic::codegen::http::Extensions) -> Option<SocketAd
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -212,7 +212,6 @@ impl EcdsResource {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::{Epoch, Revision};

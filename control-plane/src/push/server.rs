@@ -413,7 +413,6 @@ async fn next(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::push::resource::{FilterParams, TYPE_URL};

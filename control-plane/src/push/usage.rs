@@ -78,7 +78,6 @@ impl Route for UsageServer {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use apitokens_core::table::Digest;

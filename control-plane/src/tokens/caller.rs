@@ -177,7 +177,6 @@ pub(crate) fn new_expiry(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::store::contract::record;

@@ -113,7 +113,6 @@ pub fn shape(secret: &[u8]) -> Shape {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use std::collections::HashSet;

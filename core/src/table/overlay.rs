@@ -262,7 +262,6 @@ impl Overlay {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::table::{write_table, TokenEntries};
