@@ -63,8 +63,9 @@ pub struct AllowSpec {
     pub owner: Vec<String>,
 }
 
-/// The built-in rules: the product's REST API (see the README's permission
-/// table). Written in the rule language itself so that the table and the
+/// The built-in rules: the product's REST API (see the permission table in
+/// docs/filter.md, which `core/tests/docs_permissions.rs` checks against
+/// this). Written in the rule language itself so that the table and the
 /// language cannot drift apart.
 ///
 /// No built-in rule forwards `Authorization`: which upstream may see a bearer
