@@ -60,7 +60,7 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def apt_secret(checksum_ok: bool = True) -> str:
-    """A secret of the control plane's format (README "Secrets"): `apt_`, 32
+    """A secret of the control plane's format (docs/api.md, "Secrets"): `apt_`, 32
     random base62 characters, the CRC-32 of those 36 as 6 base62 digits;
     with `checksum_ok=False` a mistyped one. Remembered (testkit.harness.SECRETS)."""
     body = "apt_" + "".join(secrets.choice(BASE62) for _ in range(32))

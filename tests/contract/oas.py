@@ -26,7 +26,7 @@ from referencing.jsonschema import DRAFT202012
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENT = REPO / "control-plane" / "openapi.json"
 URI = "urn:apitokens:openapi"
-# What a secret looks like (README "Secrets"): never in an error body.
+# What a secret looks like (docs/api.md, "Secrets"): never in an error body.
 SECRET_SHAPE = re.compile(rb"apt_[0-9A-Za-z]{38}")
 
 def load() -> dict:

@@ -79,7 +79,7 @@ def test_an_expiring_token_cannot_take_over_a_longer_lived_one(plane):
 def test_a_previous_secret_reads_and_never_writes(plane):
     leaked = secret_of(create(plane.api_port, plane.owner, "rotor", "owner"))
     # The owner rotates the leaked secret, keeping an overlap (which the
-    # README says never to do for a leak: this is why).
+    # docs/api.md says never to do for a leak: this is why).
     current = secret_of(regenerate(plane, "rotor", leaked, {"previousSecretTtl": "3600s"}))
     # Whoever holds the leaked (now previous) secret can read ...
     assert plane.api("GET", tokens_path(), leaked).status == 200

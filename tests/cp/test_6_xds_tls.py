@@ -27,7 +27,7 @@ SERVER_NAME = "apitokens-control-plane"
 
 
 def with_client_tls(d: Path, cert: str, ca: str):
-    """Envoy's xds_cluster over TLS with a client certificate (as the README shows)."""
+    """Envoy's xds_cluster over TLS with a client certificate (as docs/operations.md shows)."""
 
     def mutate(config: dict) -> None:
         for cluster in config["static_resources"]["clusters"]:

@@ -1,7 +1,7 @@
 """Several `apitokens serve` replicas on one real PostgreSQL server (the
 private one scripts/postgres.sh starts for `make replicas`), three real
 Envoys 1.40 on envoy-ecds.yaml, each with its own home replica and the other
-two as fail-over (the xDS cluster of the README's "Replicas" section), and an
+two as fail-over (the xDS cluster of docs/operations.md, "Several control planes on PostgreSQL"), and an
 echo upstream. Everything listens on 127.0.0.1.
 
 Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (testkit.controlplane),

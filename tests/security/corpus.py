@@ -174,10 +174,10 @@ def check(case: dict, proto: str, envoy, token, out: Outcome, secrets: list[str]
     else:
         checks.lacks_header(resp, "www-authenticate")
     if details is not None and details.startswith("apitokens_"):
-        # A refusal by the filter: its status and challenge are the README's for
+        # A refusal by the filter: its status and challenge are docs/filter.md's for
         # that reason, its body is the JSON error, nothing went upstream.
         reason = details[len("apitokens_"):]
-        assert checks.DENIALS[reason] == (exp["status"], exp.get("error")), f"{where}: corpus contradicts README"
+        assert checks.DENIALS[reason] == (exp["status"], exp.get("error")), f"{where}: corpus contradicts docs/filter.md"
         checks.denied(resp, reason, secret=token.secret if token else None, head=case.get("method") == "HEAD")
     if upstream is not False:
         _upstream_view(where, resp, token, upstream, seen)

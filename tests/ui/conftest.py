@@ -14,7 +14,7 @@ the database, Envoy's admin endpoints and the page's storage and cookies.
 
 Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (testkit/controlplane.py),
 CHROMIUM_BIN (default /usr/bin/chromium), UI_SCREENSHOT_DIR (also write the
-README's screenshots there, e.g. docs/console; they always go to the run's
+screenshots docs/api.md shows there, e.g. docs/console; they always go to the run's
 directory).
 """
 
@@ -254,7 +254,7 @@ class Console:
         assert results.violations_count == 0, f"axe-core, {state}:\n{results.generate_report()}"
 
     def screenshot(self, name: str):
-        """The README's screenshots: always into the run's directory, and into
+        """The console's screenshots (docs/api.md): always into the run's directory, and into
         $UI_SCREENSHOT_DIR when set (docs/console for the committed ones)."""
         path = self.workdir / "screenshots" / f"{name}.png"
         path.parent.mkdir(exist_ok=True)

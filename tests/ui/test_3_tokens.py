@@ -60,8 +60,8 @@ def test_create_with_an_expiry_date(console, namespace, until, issue):
     check_at_gateway(console.envoy, until, ns, secret, "editor")
 
 
-def test_the_readme_screenshots(console, namespace):
-    """The states the README shows: the list, the create form, the secret
+def test_the_console_screenshots(console, namespace):
+    """The states docs/api.md shows: the list, the create form, the secret
     dialog; axe-core on each."""
     page = console.page
     ns, owner = namespace("payments", exact=True)

@@ -114,8 +114,8 @@ pub(crate) async fn status(
         "version": current.version.to_string(),
         "revision": state.revision.to_string(),
         "epoch": state.epoch.to_string(),
-        // The store went back in time (see the README's "Restoring the
-        // store"): the newest version seen, writes refused.
+        // The store went back in time (see docs/operations.md, "Restoring
+        // the store"): the newest version seen, writes refused.
         "behind": state.behind.map(|b| serde_json::json!({"version": b.revision.to_string(), "epoch": b.epoch.to_string()})),
         "tokens": current.tokens,
         "publishedAt": current.published_at.to_rfc3339(),
