@@ -80,7 +80,7 @@ fn file_consumer() {
     tr.file_written("/x.pb", Ok(v(3)));
     assert!(tr.applied(v(3)));
     assert!(!tr.applied(v(4)));
-    tr.file_written("/x.pb", Err("disk full".into()));
+    tr.file_written("/x.pb", Err(&std::io::Error::other("disk full")));
     assert_eq!(tr.file().unwrap().error.as_deref(), Some("disk full"));
     assert_eq!(tr.rollout(v(4)).lagging[0].lag, Lag::WriteFailed("disk full".into()));
 }

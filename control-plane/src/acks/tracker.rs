@@ -182,7 +182,7 @@ impl Tracker {
         });
     }
 
-    pub fn file_written(&self, path: &str, result: Result<Version, String>) {
+    pub fn file_written(&self, path: &str, result: Result<Version, &std::io::Error>) {
         self.update(|inner| {
             let f = inner.file.get_or_insert_with(File::default);
             f.path = path.to_owned();
@@ -192,7 +192,7 @@ impl Tracker {
                     f.written_at = Some(clock::now());
                     f.error = None;
                 }
-                Err(e) => f.error = Some(e),
+                Err(e) => f.error = Some(e.to_string()),
             }
         });
     }

@@ -16,15 +16,22 @@ pub struct Cidr {
     bits: u8,
 }
 
+/// Why a `--trusted-proxy` cannot be read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("expected an IPv4 or IPv6 address or range, such as 127.0.0.1/32 or ::1")]
+    Address,
+    #[error("the prefix length must be a number from 0 to {max}")]
+    PrefixLength { max: u8 },
+}
+
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, CidrError> {
         let (addr, bits) = match text.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (text, None),
         };
-        let net: IpAddr = addr
-            .parse()
-            .map_err(|_| "expected an IPv4 or IPv6 address or range, such as 127.0.0.1/32 or ::1".to_owned())?;
+        let net: IpAddr = addr.parse().map_err(|_| CidrError::Address)?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let bits = match bits {
             None => max,
@@ -32,7 +39,7 @@ impl Cidr {
                 .parse::<u8>()
                 .ok()
                 .filter(|b| *b <= max)
-                .ok_or_else(|| format!("the prefix length must be a number from 0 to {max}"))?,
+                .ok_or(CidrError::PrefixLength { max })?,
         };
         Ok(Self { net, bits })
     }

@@ -3,29 +3,34 @@
 //! HTTP/1.1 on loopback, exit 0 on a 200. (With HTTPS on the status port,
 //! use the orchestrator's own probes, as the Kubernetes manifests do.)
 
+use super::error::Error;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 /// Calls `url` (`http://HOST:PORT/PATH`) within `timeout`: Ok on 200.
-pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("--url: only http:// URLs (the health check runs next to the server, on loopback)")?;
+pub(super) fn check(url: &str, timeout: Duration) -> Result<(), Error> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        Error::input(
+            "--url",
+            "only http:// URLs (the health check runs next to the server, on loopback)",
+        )
+    })?;
     let (authority, path) = rest
         .find('/')
         .and_then(|i| rest.split_at_checked(i))
         .unwrap_or((rest, "/"));
     let addr = authority
         .to_socket_addrs()
-        .map_err(|e| format!("--url: {authority}: {e}"))?
+        .map_err(|e| Error::input(format!("--url: {authority}"), e))?
         .next()
-        .ok_or_else(|| format!("--url: {authority}: no address"))?;
-    let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{url}: {e}"))?;
-    tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        .ok_or_else(|| Error::input(format!("--url: {authority}"), "no address"))?;
+    let failed = |e: std::io::Error| Error::input(url, e);
+    let mut tcp = TcpStream::connect_timeout(&addr, timeout).map_err(failed)?;
+    tcp.set_read_timeout(Some(timeout)).map_err(failed)?;
+    tcp.set_write_timeout(Some(timeout)).map_err(failed)?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+    tcp.write_all(request.as_bytes()).map_err(failed)?;
     // The status line, however the server's bytes arrive.
     let mut head = Vec::with_capacity(64);
     let mut chunk = [0u8; 64];
@@ -33,13 +38,14 @@ pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
         match tcp.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => head.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-            Err(e) => return Err(format!("{url}: {e}")),
+            Err(e) => return Err(failed(e)),
         }
     }
     // A TLS record (an alert, 0x15) answers plain HTTP on a --tls-cert port.
     if head.first() == Some(&0x15) {
-        return Err(format!(
-            "{url}: the server speaks TLS there (--tls-cert): check it with an HTTPS probe"
+        return Err(Error::input(
+            url,
+            "the server speaks TLS there (--tls-cert): check it with an HTTPS probe",
         ));
     }
     let line = String::from_utf8_lossy(&head).into_owned();
@@ -47,7 +53,7 @@ pub(super) fn check(url: &str, timeout: Duration) -> Result<(), String> {
     if line.split(' ').nth(1) == Some("200") {
         Ok(())
     } else {
-        Err(format!("{url}: answered {line}"))
+        Err(Error::input(url, format!("answered {line}")))
     }
 }
 
@@ -88,12 +94,12 @@ mod tests {
         assert!(h.join().unwrap().starts_with("GET /healthz HTTP/1.1\r\n"));
         let (url, h) = server(&["HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"]);
         let err = check(&url, Duration::from_secs(2)).unwrap_err();
-        assert!(err.contains("503"), "{err}");
+        assert!(err.to_string().contains("503"), "{err}");
         h.join().unwrap();
         // A TLS port answers plain HTTP with an alert record.
         let (url, h) = server(&["\u{15}\u{3}\u{3}\u{0}\u{2}\u{2}\u{32}"]);
         let err = check(&url, Duration::from_secs(2)).unwrap_err();
-        assert!(err.contains("speaks TLS"), "{err}");
+        assert!(err.to_string().contains("speaks TLS"), "{err}");
         h.join().unwrap();
         assert!(check("https://127.0.0.1:1/healthz", Duration::from_secs(1)).is_err());
         // Nobody listening.

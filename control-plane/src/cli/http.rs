@@ -5,6 +5,7 @@
 //! (a client that opens connections and sends nothing, or a byte a minute,
 //! holds none for long), and a graceful end.
 
+use super::error::Error;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
@@ -30,26 +31,25 @@ pub(super) struct HttpOptions {
 
 /// A TLS server configuration from PEM files: the certificate chain and
 /// its private key (`flag` names the options in errors).
-pub(super) fn tls_acceptor(cert: &Path, key: &Path, flag: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub(super) fn tls_acceptor(cert: &Path, key: &Path, flag: &str) -> Result<tokio_rustls::TlsAcceptor, Error> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let read =
-        |what: &str, path: &Path| std::fs::read(path).map_err(|e| format!("--{flag}-{what} {}: {e}", path.display()));
+    let named = |what: &str, path: &Path| format!("--{flag}-{what} {}", path.display());
+    let read = |what: &str, path: &Path| std::fs::read(path).map_err(|e| Error::input(named(what, path), e));
     let chain = CertificateDer::pem_slice_iter(&read("cert", cert)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("--{flag}-cert {}: {e}", cert.display()))?;
+        .map_err(|e| Error::input(named("cert", cert), e))?;
     if chain.is_empty() {
-        return Err(format!("--{flag}-cert {}: no certificate in it", cert.display()));
+        return Err(Error::input(named("cert", cert), "no certificate in it"));
     }
-    let key = PrivateKeyDer::from_pem_slice(&read("key", key)?)
-        .map_err(|e| format!("--{flag}-key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read("key", key)?).map_err(|e| Error::input(named("key", key), e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("--{flag}-cert: {e}"))?
+        .map_err(|e| Error::input(format!("--{flag}-cert"), e))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("--{flag}-cert/--{flag}-key: {e}"))?;
+        .map_err(|e| Error::input(format!("--{flag}-cert/--{flag}-key"), e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,9 +1,13 @@
 //! The command line: `apitokens serve | bootstrap | render | import |
 //! new-epoch`, thin adapters over the token service and the publisher.
 
+mod error;
 mod health;
 mod http;
 mod serve;
+
+pub use error::Error;
+use error::Result;
 
 use crate::clock;
 use crate::render::{self, WasmPluginOptions};
@@ -84,12 +88,13 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn location(&self) -> Result<Location, String> {
+    fn location(&self) -> Result<Location> {
         if let Some(path) = &self.store_file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("--store-file {}: {e}", path.display()))?;
+            let flag = || format!("--store-file {}", path.display());
+            let text = std::fs::read_to_string(path).map_err(|e| Error::input(flag(), e))?;
             let url = text.trim();
             if url.is_empty() {
-                return Err(format!("--store-file {}: the file is empty", path.display()));
+                return Err(Error::input(flag(), "the file is empty"));
             }
             return Ok(Location::parse(url));
         }
@@ -248,11 +253,11 @@ fn init_logging(level: tracing::Level, format: serve::LogFormat) {
 }
 
 /// Runs a one-shot command on a small runtime.
-fn run(job: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+fn run(job: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .map_err(Error::Runtime)?
         .block_on(job)
 }
 
@@ -261,12 +266,13 @@ fn run(job: impl std::future::Future<Output = Result<(), String>>) -> Result<(),
 const ECDS_BASE: &[u8] = include_bytes!("../../../envoy/ecds-plugin-base.json");
 
 /// `--plugin-config`, or `default` without it.
-fn load_base(args: &ConfigArgs, default: &[u8]) -> Result<PluginConfig, String> {
+fn load_base(args: &ConfigArgs, default: &[u8]) -> Result<PluginConfig> {
     let Some(path) = &args.plugin_config else {
-        return base_config(default).map_err(|e| format!("the built-in base configuration: {e}"));
+        return base_config(default).map_err(|e| Error::config("the built-in base configuration", e));
     };
-    let bytes = std::fs::read(path).map_err(|e| format!("--plugin-config {}: {e}", path.display()))?;
-    base_config(&bytes).map_err(|e| format!("--plugin-config {}: {e}", path.display()))
+    let flag = format!("--plugin-config {}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| Error::input(&flag, e))?;
+    base_config(&bytes).map_err(|e| Error::config(flag, e))
 }
 
 /// Reads a base plugin configuration (everything but the tokens) and checks
@@ -286,7 +292,7 @@ pub fn base_config(json: &[u8]) -> Result<PluginConfig, ConfigError> {
 /// Opens the store `--store` (or `--store-file`, or `--db`) names, and how
 /// to name it to people; neither errors nor the name ever show a database
 /// URL (it may carry a password).
-async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, String), String> {
+async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, String)> {
     if args.password_on_command_line() {
         tracing::warn!(
             "--store carries a database password on the command line, where every local user reads it (ps, \
@@ -295,15 +301,15 @@ async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, St
     }
     let location = args.location()?;
     let opened = location.open(must_exist).await.map_err(|e| match e {
-        crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
-        other => other.to_string(),
+        crate::store::StoreError::Unavailable(why) => Error::input("--store", why),
+        other => Error::Store(other),
     })?;
     let name = opened.describe_for(&location);
     Ok((opened, name))
 }
 
 /// A service error in the words of the command line: flags, not JSON fields.
-fn cli_error(e: tokens::Error) -> String {
+fn cli_error(e: tokens::Error) -> Error {
     match e {
         tokens::Error::Invalid { field, problem } => {
             let flag = match field.as_str() {
@@ -312,22 +318,22 @@ fn cli_error(e: tokens::Error) -> String {
                 "expireTime" => "--expire-time".to_owned(),
                 other => other.to_owned(),
             };
-            format!("{flag} {problem}")
+            Error::Refused(format!("{flag} {problem}"))
         }
-        other => other.to_string(),
+        other => Error::Refused(other.to_string()),
     }
 }
 
-async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
+async fn bootstrap(args: BootstrapArgs) -> Result<()> {
     let (opened, store_name) = open_store(&args.store, false).await?;
     let service = Service::new(opened.store(), ServiceOptions::default());
     let issued = service
         .bootstrap(&args.namespace, &args.name, args.expire_time.as_deref())
         .await
         .map_err(|e| match e {
-            tokens::Error::AlreadyExists(name) => {
-                format!("{name} already exists; choose another --name (or delete it through the API first)")
-            }
+            tokens::Error::AlreadyExists(name) => Error::Refused(format!(
+                "{name} already exists; choose another --name (or delete it through the API first)"
+            )),
             other => cli_error(other),
         })?;
     eprintln!(
@@ -339,15 +345,15 @@ async fn bootstrap(args: BootstrapArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn render_cmd(args: RenderArgs) -> Result<(), String> {
+async fn render_cmd(args: RenderArgs) -> Result<()> {
     let mut base = load_base(&args.config, b"")?;
     // Usage reports name a cluster of the ECDS setup; a static configuration
     // has no control plane to report to.
     base.usage_report = None;
     let store = open_store(&args.store, true).await?.0.store();
-    let (_, records) = store.load().await.map_err(|e| e.to_string())?;
+    let (_, records) = store.load().await?;
     let spec = render::plugin_config(&base, &records, clock::now());
-    Config::from_spec(&spec).map_err(|e| format!("the configuration is invalid: {e}"))?;
+    Config::from_spec(&spec).map_err(|e| Error::config("the configuration is invalid", e))?;
     let text = match args.format {
         RenderFormat::Json => render::json(&spec) + "\n",
         RenderFormat::Wasmplugin => render::wasm_plugin(
@@ -365,42 +371,42 @@ async fn render_cmd(args: RenderArgs) -> Result<(), String> {
 }
 
 /// The SHA-256 (hex) of the module file at `path`, as Istio checks it.
-fn module_sha256(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("--wasm-module {}: {e}", path.display()))?;
+fn module_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::input(format!("--wasm-module {}", path.display()), e))?;
     Ok(apitokens_core::table::Digest::of(&bytes).to_hex())
 }
 
-async fn import(args: ImportArgs) -> Result<(), String> {
+async fn import(args: ImportArgs) -> Result<()> {
     let shown = args.file.display().to_string();
-    let bytes = std::fs::read(&args.file).map_err(|e| format!("{shown}: {e}"))?;
-    let spec = PluginConfig::from_json(&bytes).map_err(|e| format!("{shown}: {e}"))?;
+    let bytes = std::fs::read(&args.file).map_err(|e| Error::input(&shown, e))?;
+    let spec = PluginConfig::from_json(&bytes).map_err(|e| Error::config(&shown, e))?;
     let (opened, store_name) = open_store(&args.store, false).await?;
     let service = Service::new(opened.store(), ServiceOptions::default());
     let count = service.import(&spec).await.map_err(|e| match e {
         tokens::Error::AlreadyExists(_) => {
-            "a token with one of these names already exists; nothing was imported".to_owned()
+            Error::Refused("a token with one of these names already exists; nothing was imported".to_owned())
         }
         tokens::Error::DigestTaken => {
-            "a token with one of these digests already exists; nothing was imported".to_owned()
+            Error::Refused("a token with one of these digests already exists; nothing was imported".to_owned())
         }
-        other => format!("{shown}: {other}; nothing was imported"),
+        other => Error::Refused(format!("{shown}: {other}; nothing was imported")),
     })?;
     eprintln!("Imported {count} tokens into {}.", store_name);
     Ok(())
 }
 
-async fn new_epoch(args: NewEpochArgs) -> Result<(), String> {
+async fn new_epoch(args: NewEpochArgs) -> Result<()> {
     let (opened, store_name) = open_store(&args.store, true).await?;
     let store = opened.store();
-    let before = store.head().await.map_err(|e| e.to_string())?;
+    let before = store.head().await?;
     let Some(seen) = before.behind.or(args.force.then_some(before.at)) else {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "the store is at version {} of epoch {} and nothing enforces a newer one: there is no need for a new epoch \
              (--force starts one anyway)",
             before.at.revision, before.at.epoch
-        ));
+        )));
     };
-    let after = store.new_epoch().await.map_err(|e| e.to_string())?;
+    let after = store.new_epoch().await?;
     eprintln!(
         "The store ({}) was at version {} of epoch {}; the gateways had seen version {} of epoch {}.\n\
          Started epoch {} at version {}: every Envoy takes the store's content now, and writes are allowed again.\n\

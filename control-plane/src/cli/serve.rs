@@ -2,6 +2,7 @@
 //! the configuration push (ECDS over gRPC and/or a file, and the filter VMs'
 //! delta channel on the xDS server), wired together.
 
+use super::error::{Error, Result};
 use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::acks::Tracker;
@@ -17,7 +18,7 @@ use crate::push::server::{EcdsServer, PushCounters, XdsLimits};
 use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
-use crate::store::StoreMetrics;
+use crate::store::{Store, StoreMetrics};
 use crate::tokens::{Lifetimes, Service, ServiceOptions, WriteRate};
 use clap::Args;
 use std::net::SocketAddr;
@@ -159,53 +160,56 @@ pub enum LogFormat {
 #[derive(Clone, Copy, Debug)]
 struct Retention(Option<Duration>);
 
-fn parse_retention(text: &str) -> Result<Retention, String> {
+fn parse_retention(text: &str) -> Result<Retention, &'static str> {
     if text == "forever" {
         return Ok(Retention(None));
     }
     crate::clock::parse_duration(text)
         .map(|d| Retention(Some(d)))
-        .ok_or_else(|| "expected a duration with a unit (400d, 12h, 3600s) or forever".to_owned())
+        .ok_or("expected a duration with a unit (400d, 12h, 3600s) or forever")
 }
 
-fn lifetimes(flags: &[String]) -> Result<Lifetimes, String> {
+fn lifetimes(flags: &[String]) -> Result<Lifetimes> {
     let mut lifetimes = Lifetimes::default();
     for flag in flags {
         lifetimes
             .add(flag)
-            .map_err(|e| format!("--max-token-lifetime {flag}: {e}"))?;
+            .map_err(|e| Error::input(format!("--max-token-lifetime {flag}"), e))?;
     }
     Ok(lifetimes)
 }
 
-pub(super) fn serve(args: ServeArgs) -> Result<(), String> {
+pub(super) fn serve(args: ServeArgs) -> Result<()> {
     if args.no_xds && args.ecds_file.is_none() {
-        return Err("--no-xds needs --ecds-file: otherwise no Envoy can get the configuration".into());
+        return Err(Error::input(
+            "--no-xds",
+            "needs --ecds-file: otherwise no Envoy can get the configuration",
+        ));
     }
     if !args.no_xds && !args.xds_listen.ip().is_loopback() && args.xds_tls_cert.is_none() && !args.insecure_xds {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "--xds-listen {} is beyond loopback without mutual TLS: anyone who reaches it reads every token's digest \
              and name, fakes ACKs and marks tokens used. Give --xds-tls-cert, --xds-tls-key and --xds-client-ca \
              (and --xds-client-san), or --insecure-xds if a network policy stands in front of it",
             args.xds_listen
-        ));
+        )));
     }
     if let Some(path) = &args.ecds_file {
-        file::check_path(path)?;
+        file::check_path(path).map_err(|e| Error::input(format!("--ecds-file {}", path.display()), e))?;
     }
     for (flag, value) in [
         ("--namespace-writes-per-second", args.namespace_writes_per_second),
         ("--namespace-write-burst", args.namespace_write_burst),
     ] {
         if !value.is_finite() || !(0.0..=1e9).contains(&value) {
-            return Err(format!("{flag}: must be a number from 0 to 1e9"));
+            return Err(Error::input(flag, "must be a number from 0 to 1e9"));
         }
     }
     let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .map_err(Error::Runtime)?
         .block_on(run(args, base))
 }
 
@@ -255,12 +259,13 @@ fn warn_if_exposed(what: &str, addr: SocketAddr) {
 
 /// Mutual TLS for the ECDS server: anyone who can reach it would otherwise
 /// read every token's name, role and digest, and could fake ACKs.
-fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+fn xds_tls(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
     let (Some(cert), Some(key), Some(ca)) = (&args.xds_tls_cert, &args.xds_tls_key, &args.xds_client_ca) else {
         return Ok(None);
     };
-    let read =
-        |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()));
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| Error::input(format!("--{flag} {}", path.display()), e))
+    };
     let identity = tonic::transport::Identity::from_pem(read("xds-tls-cert", cert)?, read("xds-tls-key", key)?);
     let ca = tonic::transport::Certificate::from_pem(read("xds-client-ca", ca)?);
     Ok(Some(
@@ -290,115 +295,26 @@ fn admitted(
     })
 }
 
-async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), String> {
-    let (opened, _) = open_store(&args.store, false).await?;
-    let store_metrics = StoreMetrics::default();
-    let store = opened.store_within(
-        Duration::from_millis(args.store_timeout_ms.max(1)),
-        store_metrics.clone(),
-    );
-    let publisher = Publisher::open(
-        Arc::clone(&store),
-        PublisherOptions {
-            base,
-            expired_retention: Duration::from_secs(args.expired_retention_seconds),
-            snapshot_interval: Duration::from_millis(args.snapshot_interval_ms),
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    // A stream that leaves a response unanswered for a write's whole wait is
-    // not waited for again (see `push::acks`).
-    let acks = Arc::new(Tracker::with_patience(Duration::from_millis(args.apply_timeout_ms)));
-    let coordinator = match &opened {
-        OpenStore::Postgres(pg) => {
-            tracing::info!("store: {}", pg.describe());
-            let opts = ReplicaOptions {
-                name: args.replica_name.clone().unwrap_or_else(default_replica_name),
-                timeout: Duration::from_millis(args.replica_timeout_ms),
-            };
-            Some(
-                Coordinator::join(Arc::clone(pg), Arc::clone(&acks), opts)
-                    .await
-                    .map_err(|e| format!("--store: {e}"))?,
-            )
-        }
-        OpenStore::Sqlite(_) => None,
-    };
-    let resource = EcdsResource::new(FilterParams {
-        resource_name: args.resource_name.clone(),
-        module: args.wasm_module.clone(),
-        ..FilterParams::default()
-    });
-    if let Some(path) = &args.ecds_file {
-        file::write_current(&publisher, &acks, &resource, path)?;
-    }
-    let service = Arc::new(Service::with_push(
-        Arc::clone(&store),
-        Arc::clone(&publisher),
-        Arc::clone(&acks),
-        ServiceOptions {
-            quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
-            apply_timeout: Duration::from_millis(args.apply_timeout_ms),
-            lifetimes: lifetimes(&args.max_token_lifetime)?,
-            write_rate: WriteRate {
-                per_second: args.namespace_writes_per_second,
-                burst: args.namespace_write_burst,
-            },
-        },
-    ));
-
-    let http = HttpOptions {
-        tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key, "tls")?),
-            _ => None,
-        },
-        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
-        max_connections: args.max_connections.max(1),
-    };
-    let api_listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
-    let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
-    if http.tls.is_none() {
-        warn_if_exposed("the API", api_addr);
-    }
-    let status_listener = match args.status_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("--status-listen {addr}: {e}"))?,
-        ),
-        None => None,
-    };
-    let tls = xds_tls(&args)?;
-    if let Some(tls) = &tls {
-        // Checked now, so that a bad certificate stops `serve` at once.
-        tonic::transport::Server::builder()
-            .tls_config(tls.clone())
-            .map_err(|e| format!("--xds-tls-cert/--xds-tls-key/--xds-client-ca: {e}"))?;
-    }
-    let xds_listener = if args.no_xds {
-        None
-    } else {
-        let l = tokio::net::TcpListener::bind(args.xds_listen)
-            .await
-            .map_err(|e| format!("--xds-listen {}: {e}", args.xds_listen))?;
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
-        if tls.is_none() && !addr.ip().is_loopback() {
-            tracing::warn!(
-                "the xDS server listens on {addr}, beyond loopback, without TLS (--insecure-xds): anyone who reaches \
-                 it reads every token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and --xds-client-ca"
-            );
-        }
-        Some(l)
-    };
-
+async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> {
+    let core = Core::open(&args, base).await?;
+    let service = core.service(&args)?;
+    let listeners = Listeners::bind(&args).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let Core {
+        store: _,
+        store_metrics,
+        publisher,
+        acks,
+        coordinator,
+        resource,
+    } = core;
     // With replicas: no xDS while the database is out of reach (see
     // `replicas`); a single process on SQLite always serves.
     let liveness = coordinator.as_ref().map(Coordinator::liveness);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
+
+    // The background work: the publisher's catch-up, the replicas'
+    // heartbeats, the ECDS file, last use, the audit trail's retention.
     tasks.spawn(Arc::clone(&publisher).run(Duration::from_millis(args.poll_interval_ms.max(10)), stop_rx.clone()));
     if let Some(coordinator) = coordinator {
         tasks.spawn(coordinator.run(stop_rx.clone()));
@@ -420,10 +336,13 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     }
     if args.max_message_bytes.is_some() {
         tracing::warn!(
-            "--max-message-bytes is no longer used: responses are not copied per stream, requests are bounded by \
+            "--max-message-bytes is ignored: responses are not copied per stream, requests are bounded by \
              --xds-max-request-bytes"
         );
     }
+
+    // The HTTP servers: the API (and the console), and /status and /metrics
+    // on their own address when asked.
     let identities = Identities::new(args.xds_client_san.clone());
     let usage = UsageServer::new(Arc::clone(&service), identities.clone());
     let push_counters = PushCounters::default();
@@ -437,10 +356,17 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         name_envoys: args.name_envoys_in_answers,
         trusted_proxies: api::TrustedProxies(args.trusted_proxy.clone()),
     });
+    let Listeners {
+        http,
+        api: api_listener,
+        api_addr,
+        status: status_listener,
+        xds_tls: tls,
+        xds: xds_listener,
+    } = listeners;
     let scheme = if http.tls.is_some() { "https" } else { "http" };
     let status_at = match status_listener {
-        Some(listener) => {
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        Some((listener, addr)) => {
             tasks.spawn(http::serve(
                 listener,
                 api::operator(Arc::clone(&state)),
@@ -460,8 +386,9 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
         wait_true(stop_rx.clone()),
         Duration::from_secs(4),
     ));
-    if let Some(listener) = xds_listener {
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+
+    // The xDS server: ECDS, the delta channel, usage reports.
+    if let Some((listener, addr)) = xds_listener {
         let secured = tls.is_some();
         let xds = Xds {
             addr,
@@ -495,12 +422,174 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     tracing::info!(
         "API on {scheme}://{api_addr}/apitokens/v1/namespaces/{{namespace}}/apitokens, health {scheme}://{api_addr}/healthz, status {scheme}://{status_at}/status, metrics {scheme}://{status_at}/metrics"
     );
+    until_shutdown(tasks, stop_tx).await;
+    Ok(())
+}
 
+/// What every part of `serve` shares: the store, the publisher over it, the
+/// ACK tracker, the replica coordinator (on PostgreSQL) and the ECDS
+/// resource; the ECDS file is written before anything serves (Envoy needs
+/// it at startup).
+struct Core {
+    store: Arc<dyn Store>,
+    store_metrics: StoreMetrics,
+    publisher: Arc<Publisher>,
+    acks: Arc<Tracker>,
+    coordinator: Option<Coordinator>,
+    resource: EcdsResource,
+}
+
+impl Core {
+    async fn open(args: &ServeArgs, base: apitokens_core::PluginConfig) -> Result<Self> {
+        let (opened, _) = open_store(&args.store, false).await?;
+        let store_metrics = StoreMetrics::default();
+        let store = opened.store_within(
+            Duration::from_millis(args.store_timeout_ms.max(1)),
+            store_metrics.clone(),
+        );
+        let publisher = Publisher::open(
+            Arc::clone(&store),
+            PublisherOptions {
+                base,
+                expired_retention: Duration::from_secs(args.expired_retention_seconds),
+                snapshot_interval: Duration::from_millis(args.snapshot_interval_ms),
+            },
+        )
+        .await?;
+        // A stream that leaves a response unanswered for a write's whole
+        // wait is not waited for again (see `acks`).
+        let acks = Arc::new(Tracker::with_patience(Duration::from_millis(args.apply_timeout_ms)));
+        let coordinator = match &opened {
+            OpenStore::Postgres(pg) => {
+                tracing::info!("store: {}", pg.describe());
+                let opts = ReplicaOptions {
+                    name: args.replica_name.clone().unwrap_or_else(default_replica_name),
+                    timeout: Duration::from_millis(args.replica_timeout_ms),
+                };
+                Some(
+                    Coordinator::join(Arc::clone(pg), Arc::clone(&acks), opts)
+                        .await
+                        .map_err(|e| Error::input("--store", e))?,
+                )
+            }
+            OpenStore::Sqlite(_) => None,
+        };
+        let resource = EcdsResource::new(FilterParams {
+            resource_name: args.resource_name.clone(),
+            module: args.wasm_module.clone(),
+            ..FilterParams::default()
+        });
+        if let Some(path) = &args.ecds_file {
+            file::write_current(&publisher, &acks, &resource, path)
+                .map_err(|e| Error::input(format!("--ecds-file {}", path.display()), e))?;
+        }
+        Ok(Self {
+            store,
+            store_metrics,
+            publisher,
+            acks,
+            coordinator,
+            resource,
+        })
+    }
+
+    /// The token service: the only writer, its writes waiting for the ACKs.
+    fn service(&self, args: &ServeArgs) -> Result<Arc<Service>> {
+        Ok(Arc::new(Service::with_push(
+            Arc::clone(&self.store),
+            Arc::clone(&self.publisher),
+            Arc::clone(&self.acks),
+            ServiceOptions {
+                quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
+                apply_timeout: Duration::from_millis(args.apply_timeout_ms),
+                lifetimes: lifetimes(&args.max_token_lifetime)?,
+                write_rate: WriteRate {
+                    per_second: args.namespace_writes_per_second,
+                    burst: args.namespace_write_burst,
+                },
+            },
+        )))
+    }
+}
+
+/// Every address `serve` listens on, bound before anything is served, so
+/// that a port in use or a bad certificate stops `serve` at once.
+struct Listeners {
+    http: HttpOptions,
+    api: tokio::net::TcpListener,
+    api_addr: SocketAddr,
+    status: Option<(tokio::net::TcpListener, SocketAddr)>,
+    xds_tls: Option<tonic::transport::ServerTlsConfig>,
+    xds: Option<(tokio::net::TcpListener, SocketAddr)>,
+}
+
+impl Listeners {
+    async fn bind(args: &ServeArgs) -> Result<Self> {
+        let http = HttpOptions {
+            tls: match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(http::tls_acceptor(cert, key, "tls")?),
+                _ => None,
+            },
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds.max(1)),
+            max_connections: args.max_connections.max(1),
+        };
+        let (api, api_addr) = bind("--listen", args.listen).await?;
+        if http.tls.is_none() {
+            warn_if_exposed("the API", api_addr);
+        }
+        let status = match args.status_listen {
+            Some(addr) => Some(bind("--status-listen", addr).await?),
+            None => None,
+        };
+        let xds_tls = xds_tls(args)?;
+        if let Some(tls) = &xds_tls {
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .map_err(|e| Error::input("--xds-tls-cert/--xds-tls-key/--xds-client-ca", e))?;
+        }
+        let xds = if args.no_xds {
+            None
+        } else {
+            let (listener, addr) = bind("--xds-listen", args.xds_listen).await?;
+            if xds_tls.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "the xDS server listens on {addr}, beyond loopback, without TLS (--insecure-xds): anyone who \
+                     reaches it reads every token's digest and can fake ACKs; use --xds-tls-cert, --xds-tls-key and \
+                     --xds-client-ca"
+                );
+            }
+            Some((listener, addr))
+        };
+        Ok(Self {
+            http,
+            api,
+            api_addr,
+            status,
+            xds_tls,
+            xds,
+        })
+    }
+}
+
+/// A listener on `addr` (`flag` names it in errors) and the address it got.
+async fn bind(flag: &str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::input(format!("{flag} {addr}"), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::input(format!("{flag} {addr}"), e))?;
+    Ok((listener, bound))
+}
+
+/// Serves until a signal (or until a server task stops), then tells every
+/// task to stop and gives their connections 5 seconds.
+async fn until_shutdown(mut tasks: tokio::task::JoinSet<()>, stop: watch::Sender<bool>) {
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutting down"),
         Some(_) = tasks.join_next() => tracing::error!("a server task stopped; shutting down"),
     }
-    let _ = stop_tx.send(true);
+    let _ = stop.send(true);
     if tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -509,7 +598,6 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<(), 
     {
         tracing::warn!("some connections did not close within 5 s");
     }
-    Ok(())
 }
 
 /// Resolves once `live` says `wanted` (at once without a liveness signal

@@ -13,22 +13,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// Why a path cannot be the ECDS file.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("the file name must end in .pb (Envoy reads it as a binary DiscoveryResponse)")]
+    Extension,
+    #[error("directory {0} does not exist")]
+    NoDirectory(PathBuf),
+}
+
 /// Checks the path before serving: Envoy needs the `.pb` extension to read
 /// binary protobuf, and the directory must exist.
-pub fn check_path(path: &Path) -> Result<(), String> {
+pub fn check_path(path: &Path) -> Result<(), PathError> {
     if path.extension().and_then(|e| e.to_str()) != Some("pb") {
-        return Err(format!(
-            "--ecds-file {}: the file name must end in .pb (Envoy reads it as a binary DiscoveryResponse)",
-            path.display()
-        ));
+        return Err(PathError::Extension);
     }
     let dir = parent(path);
     if !dir.is_dir() {
-        return Err(format!(
-            "--ecds-file {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        ));
+        return Err(PathError::NoDirectory(dir));
     }
     Ok(())
 }
@@ -80,7 +82,7 @@ fn write_and_record(acks: &Tracker, resource: &EcdsResource, path: &Path, snapsh
         }
         Err(e) => {
             tracing::error!("ecds file {shown}: could not write version {}: {e}", snapshot.version);
-            acks.file_written(&shown, Err(e.to_string()));
+            acks.file_written(&shown, Err(&e));
         }
     }
 }
@@ -91,9 +93,9 @@ pub fn write_current(
     acks: &Tracker,
     resource: &EcdsResource,
     path: &Path,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let snapshot = publisher.latest_encoded();
-    write(path, resource, &snapshot).map_err(|e| format!("--ecds-file {}: {e}", path.display()))?;
+    write(path, resource, &snapshot)?;
     acks.file_written(&path.display().to_string(), Ok(snapshot.version));
     tracing::info!("ecds file {}: wrote version {}", path.display(), snapshot.version);
     Ok(())
@@ -173,9 +175,13 @@ mod tests {
     fn path_checks() {
         let dir = TempDir::new("ecds-check");
         assert!(check_path(&dir.path().join("x.pb")).is_ok());
-        assert!(check_path(&dir.path().join("x.json")).unwrap_err().contains(".pb"));
-        assert!(check_path(&dir.path().join("missing/x.pb"))
-            .unwrap_err()
-            .contains("does not exist"));
+        assert!(matches!(
+            check_path(&dir.path().join("x.json")),
+            Err(PathError::Extension)
+        ));
+        assert!(matches!(
+            check_path(&dir.path().join("missing/x.pb")),
+            Err(PathError::NoDirectory(_))
+        ));
     }
 }

@@ -96,24 +96,31 @@ pub struct Lifetimes {
     namespaces: BTreeMap<String, Duration>,
 }
 
+/// Why a `--max-token-lifetime` cannot be read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LifetimeError {
+    #[error("expected [NAMESPACE=]DURATION with a unit, such as 90d, 12h, 30m or 3600s (at most 36500d)")]
+    Duration,
+    #[error("the namespace must be a DNS label")]
+    Namespace,
+}
+
 impl Lifetimes {
     /// Adds one `[NAMESPACE=]DURATION` (`90d`, `12h`, `30m`, `3600s`); a
     /// namespace's own wins over the one for every namespace.
-    pub fn add(&mut self, text: &str) -> Result<(), String> {
+    pub fn add(&mut self, text: &str) -> Result<(), LifetimeError> {
         let (namespace, duration) = match text.split_once('=') {
             Some((ns, d)) => (Some(ns), d),
             None => (None, text),
         };
         let duration = clock::parse_duration(duration)
             .filter(|d| d.as_secs() <= 100 * 365 * 86_400)
-            .ok_or_else(|| {
-                "expected [NAMESPACE=]DURATION with a unit, such as 90d, 12h, 30m or 3600s (at most 36500d)".to_owned()
-            })?;
+            .ok_or(LifetimeError::Duration)?;
         match namespace {
             Some(ns) if apitokens_core::name::is_dns_label(ns.as_bytes()) => {
                 self.namespaces.insert(ns.to_owned(), duration);
             }
-            Some(_) => return Err("the namespace must be a DNS label".to_owned()),
+            Some(_) => return Err(LifetimeError::Namespace),
             None => self.every = Some(duration),
         }
         Ok(())
