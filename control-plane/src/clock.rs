@@ -1,18 +1,63 @@
-//! Wall-clock time as the core's [`Timestamp`].
+//! Wall-clock time as the core's [`Timestamp`], and the [`Clock`] that every
+//! time-dependent rule reads (expiry, last use by the minute, retention), so
+//! that tests move time by hand instead of sleeping.
 
 use apitokens_core::timestamp::Timestamp;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Where the rules read the time: the system's wall clock, or (in unit
+/// tests) a clock the test sets and advances.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    #[cfg(test)]
+    manual: Option<std::sync::Arc<std::sync::Mutex<Timestamp>>>,
+}
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    pub fn now(&self) -> Timestamp {
+        #[cfg(test)]
+        if let Some(manual) = &self.manual {
+            return *manual.lock().unwrap();
+        }
+        now()
+    }
+
+    /// [`Clock::now`] truncated to whole seconds.
+    pub fn now_seconds(&self) -> Timestamp {
+        Timestamp::from_unix(self.now().unix_seconds(), 0)
+    }
+
+    /// A clock that stands at `at` until advanced (every copy moves with it).
+    #[cfg(test)]
+    pub fn manual(at: Timestamp) -> Self {
+        Self {
+            manual: Some(std::sync::Arc::new(std::sync::Mutex::new(at))),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn advance(&self, by: Duration) {
+        if let Some(manual) = &self.manual {
+            let mut t = manual.lock().unwrap();
+            let nanos =
+                i128::from(t.unix_seconds()) * 1_000_000_000 + i128::from(t.subsec_nanos()) + by.as_nanos() as i128;
+            *t = Timestamp::from_unix((nanos / 1_000_000_000) as i64, (nanos % 1_000_000_000) as u32);
+        }
+    }
+}
+
+/// The system's wall clock, for what only shows the time (status pages,
+/// logs); rules read a [`Clock`].
 pub fn now() -> Timestamp {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => Timestamp::from_unix(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
         Err(_) => Timestamp::from_unix(0, 0),
     }
-}
-
-/// `now` truncated to whole seconds (API times read better without fractions).
-pub fn now_seconds() -> Timestamp {
-    Timestamp::from_unix(now().unix_seconds(), 0)
 }
 
 /// How long from `now` until `t` (zero if `t` has passed).
@@ -57,7 +102,16 @@ mod tests {
             Duration::from_millis(200)
         );
         assert_eq!(until(Timestamp::from_unix(100, 0), now), Duration::ZERO);
-        assert!(now_seconds().subsec_nanos() == 0);
+        assert!(Clock::system().now_seconds().subsec_nanos() == 0);
+    }
+
+    #[test]
+    fn a_manual_clock_moves_only_when_advanced_and_every_copy_with_it() {
+        let clock = Clock::manual(Timestamp::from_unix(100, 900_000_000));
+        let copy = clock.clone();
+        clock.advance(Duration::from_millis(250));
+        assert_eq!(copy.now(), Timestamp::from_unix(101, 150_000_000));
+        assert_eq!(copy.now_seconds(), Timestamp::from_unix(101, 0));
     }
 
     #[test]

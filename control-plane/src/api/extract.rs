@@ -12,6 +12,7 @@ use apitokens_core::denial::Denial;
 use apitokens_core::error::describe_json_error;
 use apitokens_core::name::is_dns_label;
 use apitokens_core::table::Token;
+use apitokens_core::Timestamp;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -136,7 +137,7 @@ fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
 
 /// The caller's token, or the denial (the filter's own checks, plus the
 /// secret format's checksum, which refuses a mistyped secret without lookup).
-fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap) -> Result<Token<'c>, Denial> {
+fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap, now: Timestamp) -> Result<Token<'c>, Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().map(HeaderValue::as_bytes);
     if values.next().is_some() {
@@ -147,9 +148,7 @@ fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap) -> Result<Token<'
             return Err(Denial::Malformed);
         }
     }
-    config
-        .authenticate(value, || Some(crate::clock::now()))
-        .map_err(|(denial, _)| denial)
+    config.authenticate(value, || Some(now)).map_err(|(denial, _)| denial)
 }
 
 impl FromRequestParts<Arc<AppState>> for Owner {
@@ -161,7 +160,7 @@ impl FromRequestParts<Arc<AppState>> for Owner {
         let snapshot = app.publisher.current();
         let config = snapshot.api();
         let denied = |denial| AppError::denied(config, denial);
-        let token = authenticate(&snapshot, &parts.headers).map_err(denied)?;
+        let token = authenticate(&snapshot, &parts.headers, app.publisher.clock().now()).map_err(denied)?;
         // The request's span (see `log_request`) names the caller from here.
         tracing::Span::current().record("caller", token.name());
         if !route.allows(&parts.method) {

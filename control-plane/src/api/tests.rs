@@ -1,7 +1,7 @@
 //! REST API tests: the router driven with `tower::ServiceExt::oneshot`.
 use super::*;
 use crate::acks::Tracker;
-use crate::clock;
+use crate::clock::{self, Clock};
 use crate::config::{Publisher, PublisherOptions, Version};
 use crate::store::{AuditEvent, Changes, Head, Position, Revision, SqliteStore, Store, StoreError, TokenRecord};
 use crate::testutil::TempDir;
@@ -33,7 +33,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
                 name: name.into(),
                 role,
                 digest: secret.digest(),
-                create_time: clock::now_seconds(),
+                create_time: f.state.service.clock().now_seconds(),
                 expire_time: expire,
                 retired: false,
                 created_by: None,
@@ -50,9 +50,16 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
 }
 
 async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions) -> Fixture {
-    let publisher = Publisher::open(Arc::clone(&store), PublisherOptions::default())
-        .await
-        .unwrap();
+    // The service and the publisher read one clock, as in `serve`.
+    let publisher = Publisher::open(
+        Arc::clone(&store),
+        PublisherOptions {
+            clock: opts.clock.clone(),
+            ..PublisherOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     let acks = Arc::new(Tracker::new());
     let service = Arc::new(Service::with_push(
         Arc::clone(&store),
@@ -292,7 +299,11 @@ async fn delete_revokes_at_once() {
 
 #[tokio::test]
 async fn authentication_failures_get_the_filters_replies() {
-    let f = fixture().await;
+    let opts = ServiceOptions {
+        clock: Clock::manual(clock::now()),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_on_sqlite("api-auth", opts).await;
     let a = f.call("GET", COLLECTION, None, None).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"apitokens\"");
@@ -329,14 +340,15 @@ async fn authentication_failures_get_the_filters_replies() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(f.send(req).await.status, StatusCode::UNAUTHORIZED);
-    // Expired owner.
-    let past = Timestamp::from_unix(clock::now().unix_seconds() + 1, 0);
+    // Expired owner: refused from its expiry on, by the API's clock.
+    let clock = f.state.service.clock();
+    let past = Timestamp::from_unix(clock.now().unix_seconds() + 1, 0);
     let brief = add_token(&f, "namespaces/default/apitokens/brief", Role::Owner, Some(past)).await;
     assert_eq!(
         f.call("GET", COLLECTION, Some(&brief), None).await.status,
         StatusCode::OK
     );
-    std::thread::sleep(clock::until(past, clock::now()) + Duration::from_millis(10));
+    clock.advance(clock::until(past, clock.now()));
     assert_eq!(
         f.call("GET", COLLECTION, Some(&brief), None).await.status,
         StatusCode::UNAUTHORIZED
@@ -1147,7 +1159,13 @@ async fn reported_uses_become_the_last_use_time() {
 #[tokio::test]
 async fn a_token_used_again_within_the_minute_costs_no_second_write() {
     let (dir, store) = changes_fail("api-usage-minute");
-    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, ServiceOptions::default()).await;
+    // 12:00:30 on a clock the test moves.
+    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
+    let opts = ServiceOptions {
+        clock: clock.clone(),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
     let digest = Digest::of(f.owner.as_bytes());
     let flush = || async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -1155,22 +1173,21 @@ async fn a_token_used_again_within_the_minute_costs_no_second_write() {
         stop_tx.send(true).unwrap();
         flusher.await.unwrap();
     };
-    // Reports from many filters, flushed again and again within a minute
-    // (tried again if the minute turned meanwhile).
-    loop {
-        let minute = clock::now().unix_seconds() / 60;
-        let before = store.2.load(std::sync::atomic::Ordering::SeqCst);
-        for _ in 0..5 {
-            f.state.service.record_use(&f.store.lineage(), &digest.0);
-            f.state.service.record_use(&f.store.lineage(), &digest.0);
-            flush().await;
-        }
-        let written = store.2.load(std::sync::atomic::Ordering::SeqCst) - before;
-        if clock::now().unix_seconds() / 60 == minute {
-            assert!(written <= 1, "{written} writes for one token's uses within a minute");
-            break;
-        }
+    let writes = || store.2.load(std::sync::atomic::Ordering::SeqCst);
+    // Reports from many filters, flushed again and again within a minute.
+    let before = writes();
+    for _ in 0..5 {
+        f.state.service.record_use(&f.store.lineage(), &digest.0);
+        f.state.service.record_use(&f.store.lineage(), &digest.0);
+        flush().await;
+        clock.advance(Duration::from_secs(5));
     }
+    assert_eq!(writes() - before, 1, "one write for one token's uses within a minute");
+    // The next minute's use is written again.
+    clock.advance(Duration::from_secs(60));
+    f.state.service.record_use(&f.store.lineage(), &digest.0);
+    flush().await;
+    assert_eq!(writes() - before, 2, "a use in the next minute is written");
     let got = f.call("GET", COLLECTION, Some(&f.owner), None).await;
     let used = got.body["apiTokens"][0]["lastUseTime"].as_str().unwrap().to_owned();
     // Kept to the minute, by the receiving clock.

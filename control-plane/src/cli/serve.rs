@@ -7,6 +7,7 @@ use super::http::{self, HttpOptions};
 use super::{load_base, open_store, ConfigArgs, StoreArgs, ECDS_BASE};
 use crate::acks::Tracker;
 use crate::api::{self, AppState};
+use crate::clock::Clock;
 use crate::config::{Publisher, PublisherOptions};
 use crate::metrics::Metrics;
 use crate::push::delta::DeltaServer;
@@ -453,6 +454,7 @@ impl Core {
                 base,
                 expired_retention: Duration::from_secs(args.expired_retention_seconds),
                 snapshot_interval: Duration::from_millis(args.snapshot_interval_ms),
+                clock: Clock::system(),
             },
         )
         .await?;
@@ -507,6 +509,8 @@ impl Core {
                     per_second: args.namespace_writes_per_second,
                     burst: args.namespace_write_burst,
                 },
+                // One clock for the service and the publisher.
+                clock: self.publisher.clock().clone(),
             },
         )))
     }

@@ -34,7 +34,7 @@
 
 use super::history::{self, Element, History, Reach};
 use super::{Encoded, Published, Snapshot, Version};
-use crate::clock;
+use crate::clock::{self, Clock};
 use crate::store::{Changes, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord};
 use apitokens_core::compact::{self, Lineage};
 use apitokens_core::error::ConfigError;
@@ -58,6 +58,9 @@ pub struct PublisherOptions {
     /// How often the table is written with the staged changes in the
     /// background (zero: only when needed).
     pub snapshot_interval: Duration,
+    /// What expired tokens' retention is measured against (and the API's
+    /// expiry checks: [`Publisher::clock`]).
+    pub clock: Clock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,7 @@ pub struct Publisher {
     api_settings: PluginConfig,
     retention: Duration,
     snapshot_interval: Duration,
+    clock: Clock,
     /// Where the publisher is in the store; held through a catch-up, store
     /// reads included.
     live: Mutex<Live>,
@@ -160,6 +164,11 @@ pub const STAGED_MAX: usize = 2048;
 
 impl Publisher {
     /// Loads the store and publishes the first snapshot.
+    /// The clock expiry is measured against, here and in the API.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     pub async fn open(store: Arc<dyn Store>, opts: PublisherOptions) -> Result<Arc<Self>, PublishError> {
         // The filter's own validation of the settings.
         let header = Arc::new(compact::header(&opts.base, &store.lineage())?);
@@ -204,6 +213,7 @@ impl Publisher {
             api_settings,
             retention: opts.expired_retention,
             snapshot_interval: opts.snapshot_interval,
+            clock: opts.clock,
             live: Mutex::new(Live {
                 epoch: head.at.epoch,
                 revision,
@@ -678,7 +688,7 @@ impl Publisher {
             return;
         }
         let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
-        let now = clock::now();
+        let now = self.clock.now();
         if due.is_some_and(|t| t <= now) {
             let cutoff = sub(now, self.retention);
             match self.store.retire_expired(cutoff).await {
@@ -712,7 +722,7 @@ impl Publisher {
         });
         loop {
             let due = self.live.lock().await.next_expiry.map(|t| add(t, self.retention));
-            let wait = due.map_or(poll, |t| clock::until(t, clock::now()).min(poll));
+            let wait = due.map_or(poll, |t| clock::until(t, self.clock.now()).min(poll));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = crate::store::notified(&mut feed) => {}

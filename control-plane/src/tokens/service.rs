@@ -13,7 +13,7 @@ use super::rate::{Buckets, WriteRate};
 use super::secret::Secret;
 use super::{audit, Error};
 use crate::acks::{Rollout, Tracker};
-use crate::clock;
+use crate::clock::Clock;
 use crate::config::{Publisher, Version};
 use crate::metrics::ServiceMetrics;
 use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord, Use};
@@ -41,6 +41,8 @@ pub struct ServiceOptions {
     pub lifetimes: Lifetimes,
     /// How many writes a namespace may make (API callers only).
     pub write_rate: WriteRate,
+    /// What expiry, last use and retention are measured against.
+    pub clock: Clock,
 }
 
 impl Default for ServiceOptions {
@@ -50,6 +52,7 @@ impl Default for ServiceOptions {
             apply_timeout: Duration::from_secs(5),
             lifetimes: Lifetimes::default(),
             write_rate: WriteRate::default(),
+            clock: Clock::system(),
         }
     }
 }
@@ -196,6 +199,11 @@ fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, no
 }
 
 impl Service {
+    /// The clock the service's rules read.
+    pub fn clock(&self) -> &Clock {
+        &self.opts.clock
+    }
+
     /// A service that only stores (the command line).
     pub fn new(store: Arc<dyn Store>, opts: ServiceOptions) -> Self {
         Self {
@@ -258,8 +266,8 @@ impl Service {
         }
         let role = Role::parse(&new.role)
             .ok_or_else(|| Error::invalid("role", "unknown role; expected viewer, editor or owner"))?;
-        let now = clock::now_seconds();
-        let requested = expiry(new.expire_time.as_deref(), "expireTime", clock::now())?;
+        let now = self.opts.clock.now_seconds();
+        let requested = expiry(new.expire_time.as_deref(), "expireTime", self.opts.clock.now())?;
         let expire_time = caller::new_expiry(requested, actor, &self.opts.lifetimes, namespace, now)?;
         self.admit(namespace, actor)?;
         let (issued, revision) = self
@@ -280,8 +288,8 @@ impl Service {
     /// quota: an operator's tool).
     pub async fn bootstrap(&self, namespace: &str, id: &str, expire_time: Option<&str>) -> Result<Issued, Error> {
         let name = token_name(namespace, id)?;
-        let now = clock::now_seconds();
-        let expire_time = expiry(expire_time, "expireTime", clock::now())?;
+        let now = self.opts.clock.now_seconds();
+        let expire_time = expiry(expire_time, "expireTime", self.opts.clock.now())?;
         let actor = Actor::tool("apitokens bootstrap");
         let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None, &actor).await?;
         tracing::info!(
@@ -375,7 +383,7 @@ impl Service {
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
             actor.may_regenerate(&target)?;
         }
-        let now = clock::now();
+        let now = self.opts.clock.now();
         let until = overlap.filter(|o| !o.is_zero()).map(|o| caller::plus(now, o));
         let secret = Secret::generate().map_err(Error::Random)?;
         let event = AuditEvent {
@@ -410,7 +418,7 @@ impl Service {
     pub async fn delete(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Delivery, Error> {
         let name = token_name(namespace, id)?;
         self.admit(namespace, actor)?;
-        let event = event(Action::Delete, namespace, Some(&name), actor, clock::now());
+        let event = event(Action::Delete, namespace, Some(&name), actor, self.opts.clock.now());
         let revision = self
             .store
             .delete(&name, event.clone())
@@ -426,7 +434,7 @@ impl Service {
     /// many. Existing secrets migrate as digests and keep working.
     pub async fn import(&self, spec: &PluginConfig) -> Result<usize, Error> {
         Config::from_spec(spec).map_err(|e| Error::invalid(e.field, e.problem))?;
-        let now = clock::now_seconds();
+        let now = self.opts.clock.now_seconds();
         let mut records = Vec::with_capacity(spec.tokens.len());
         for (i, t) in spec.tokens.iter().enumerate() {
             let field = |f: &str| format!("tokens[{i}].{f}");
@@ -510,7 +518,7 @@ impl Service {
         let snapshot = push.publisher.current();
         // The receiving clock, to the minute: a report carries no time a
         // filter (or whoever forges one) could choose.
-        let now = Timestamp::from_unix(minute_of(clock::now()).saturating_mul(60), 0);
+        let now = Timestamp::from_unix(minute_of(self.opts.clock.now()).saturating_mul(60), 0);
         let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for chunk in digests.chunks_exact(32) {
             let Ok(bytes) = chunk.try_into() else {
@@ -542,7 +550,7 @@ impl Service {
             Ok(()) => {
                 let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 // Older minutes never match a new use again.
-                let recent = minute_of(clock::now()).saturating_sub(1);
+                let recent = minute_of(self.opts.clock.now()).saturating_sub(1);
                 written.retain(|_, (_, minute)| *minute >= recent);
                 for u in batch {
                     let minute = minute_of(u.time);
@@ -590,7 +598,7 @@ impl Service {
         const BATCH: u32 = 10_000;
         loop {
             let keep_seconds = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
-            let before = Timestamp::from_unix(clock::now().unix_seconds().saturating_sub(keep_seconds), 0);
+            let before = Timestamp::from_unix(self.opts.clock.now().unix_seconds().saturating_sub(keep_seconds), 0);
             let mut pruned = 0;
             loop {
                 match self.store.prune_events(before, BATCH).await {
