@@ -692,9 +692,11 @@ impl Publisher {
         if due.is_some_and(|t| t <= now) {
             let cutoff = sub(now, self.retention);
             match self.store.retire_expired(cutoff).await {
-                Ok(Some(revision)) => tracing::info!("retired expired tokens at revision {revision}"),
+                Ok(Some(revision)) => {
+                    tracing::info!(revision = revision.0, "retired expired tokens at revision {revision}")
+                }
                 Ok(None) => {}
-                Err(e) => tracing::error!("could not retire expired tokens: {e}"),
+                Err(e) => tracing::error!(error = %e, "could not retire expired tokens: {e}"),
             }
         }
     }

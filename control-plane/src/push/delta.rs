@@ -45,6 +45,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::{Grpc, StreamingService};
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 /// `apitokens.v1.DeltaRequest`: the first subscribes, every later one
 /// acknowledges (the table the VM now enforces).
@@ -160,7 +161,16 @@ impl StreamingService<DeltaRequest> for Subscribe {
         let (tx, rx) = mpsc::channel(4);
         let shared = Arc::clone(&self.shared);
         let peer = self.peer.clone();
-        tokio::spawn(serve_stream(shared, peer, request.into_inner(), tx));
+        // Every event of the stream is logged in its span: the peer, then
+        // the stream's number, node and VM once it subscribed.
+        let span = tracing::info_span!(
+            "delta_stream",
+            peer = %peer,
+            stream = tracing::field::Empty,
+            node = tracing::field::Empty,
+            vm = tracing::field::Empty
+        );
+        tokio::spawn(serve_stream(shared, peer, request.into_inner(), tx).instrument(span));
         Box::pin(async move { Ok(Response::new(ReceiverStream::new(rx))) })
     }
 }
@@ -259,6 +269,10 @@ async fn serve_stream(
     };
     let id = shared.acks.vm_connected(&sub.node, &sub.vm, &peer, sub.at);
     shared.acks.vm_counted(id, sub.vms);
+    let span = tracing::Span::current();
+    span.record("stream", id.0);
+    span.record("node", tracing::field::debug(&sub.node));
+    span.record("vm", tracing::field::debug(&sub.vm));
     tracing::info!(
         // Debug-escaped: the client chose them.
         node = ?sub.node,

@@ -77,11 +77,11 @@ fn write_and_record(acks: &Tracker, resource: &EcdsResource, path: &Path, snapsh
     let shown = path.display().to_string();
     match write(path, resource, snapshot) {
         Ok(()) => {
-            tracing::info!("ecds file {shown}: wrote version {}", snapshot.version);
+            tracing::info!(path = %shown, revision = snapshot.version.revision.0, "ecds file {shown}: wrote version {}", snapshot.version);
             acks.file_written(&shown, Ok(snapshot.version));
         }
         Err(e) => {
-            tracing::error!("ecds file {shown}: could not write version {}: {e}", snapshot.version);
+            tracing::error!(path = %shown, revision = snapshot.version.revision.0, error = %e, "ecds file {shown}: could not write version {}: {e}", snapshot.version);
             acks.file_written(&shown, Err(&e));
         }
     }

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::{Status, Streaming};
+use tracing::Instrument as _;
 
 const SERVICE: &str = "envoy.service.extension.v3.ExtensionConfigDiscoveryService";
 
@@ -115,7 +116,15 @@ impl EcdsServer {
             Some(self.shared.max_request_bytes),
         );
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve_stream(Arc::clone(&self.shared), peer, inbound, tx));
+        // Every event of the stream is logged in its span: the peer, then
+        // the stream's number and node once the first request names them.
+        let span = tracing::info_span!(
+            "xds_stream",
+            peer = %peer,
+            stream = tracing::field::Empty,
+            node = tracing::field::Empty
+        );
+        tokio::spawn(serve_stream(Arc::clone(&self.shared), peer, inbound, tx).instrument(span));
         let mut resp = http::Response::new(Body::new(FrameBody::new(rx)));
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
@@ -150,6 +159,9 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
     match (event, *stream) {
         (Event::Connected { node, cluster, version }, _) => {
             let id = acks.connected(node, cluster, peer, version);
+            let span = tracing::Span::current();
+            span.record("stream", id.0);
+            span.record("node", tracing::field::debug(node));
             tracing::info!(
                 // Debug-escaped: the client chose them (a newline would
                 // forge a log line in the text format).
@@ -164,6 +176,8 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
         }
         (Event::Held { reported, current }, Some(id)) => {
             tracing::warn!(
+                revision = reported.revision.0,
+                epoch = reported.epoch.0,
                 "xds: stream {} enforces version {} of epoch {}, newer than this control plane's {} of epoch {}: \
                  nothing is sent to it until this control plane has caught up (an older copy of the store would \
                  bring revoked tokens back)",
@@ -182,6 +196,7 @@ fn record(shared: &Arc<Shared>, stream: &mut Option<StreamId>, peer: &str, event
         }
         (Event::Released { version }, Some(id)) => {
             tracing::info!(
+                revision = version.revision.0,
                 "xds: stream {} released: this control plane reached version {version}",
                 id.0
             );

@@ -494,7 +494,11 @@ impl Service {
             .collect();
         let revision = self.store.insert(records, None, events.clone()).await?;
         events.iter().for_each(audit::log);
-        tracing::info!("imported {count} tokens at revision {revision}");
+        tracing::info!(
+            count,
+            revision = revision.0,
+            "imported {count} tokens at revision {revision}"
+        );
         self.deliver(revision, Wait::Published).await?;
         Ok(count)
     }
@@ -615,7 +619,7 @@ impl Service {
                 }
             }
             if pruned > 0 {
-                tracing::info!("deleted {pruned} audit events older than {before} (--audit-retention)");
+                tracing::info!(pruned, before = %before, "deleted {pruned} audit events older than {before} (--audit-retention)");
             }
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
