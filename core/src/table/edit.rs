@@ -163,6 +163,23 @@ struct EntryInsert<'a> {
     name: usize,
 }
 
+/// What a write of the table changes, in the old table's terms.
+#[derive(Default)]
+struct Plan<'a> {
+    /// Indexes of the old entries that go, ascending.
+    removed_entries: Vec<usize>,
+    /// Old names that go (byte ranges of the old pool), in pool order.
+    removed_names: Vec<std::ops::Range<usize>>,
+    /// Names that come, in name order.
+    names: Vec<NameInsert<'a>>,
+    /// Entries that come.
+    inserts: Vec<EntryInsert<'a>>,
+}
+
+fn bad_pool() -> ConfigError {
+    edit_error("the table's name offsets are inconsistent")
+}
+
 impl LiveTable {
     /// A table of `entries` in a new buffer that starts with `header` (the
     /// compact encoding's header and settings).
@@ -422,16 +439,49 @@ impl Base {
         changes: &[Change<'_>],
         mut buf: Vec<u8>,
     ) -> Result<(Option<TokenTable>, EditStats), ConfigError> {
+        let mut plan = self.plan(changes)?;
+        self.check_digests(&plan)?;
+        let stats = EditStats {
+            inserted: plan.inserts.len(),
+            removed: plan.removed_entries.len(),
+        };
+        // Nothing to write, unless the header changed (a flush stamps the
+        // table with the version its staged changes brought it to).
+        let same_header = self.table.buffer().get(..self.table.start()) == Some(header);
+        if plan.inserts.is_empty() && plan.removed_entries.is_empty() && same_header {
+            return Ok((None, stats));
+        }
+        let pool_len = self.place_names(&mut plan)?;
+        let count = self.table.len() + plan.inserts.len() - plan.removed_entries.len();
+        buf.clear();
+        buf.reserve(header.len() + 8 + count * ENTRY + pool_len);
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(
+            &u32::try_from(count)
+                .map_err(|_| edit_error("too many tokens"))?
+                .to_le_bytes(),
+        );
+        self.copy_entries(&mut buf, &mut plan)?;
+        buf.extend_from_slice(
+            &u32::try_from(pool_len)
+                .map_err(|_| edit_error("names too long"))?
+                .to_le_bytes(),
+        );
+        self.copy_pool(&mut buf, &plan)?;
+        Ok((Some(TokenTable::framed(Arc::new(buf), header.len())?), stats))
+    }
+
+    /// What goes and what comes: each changed token's old entries and name,
+    /// and its new ones with where they land among the old (a change that
+    /// leaves a token as it stands is no change).
+    fn plan<'c>(&self, changes: &'c [Change<'c>]) -> Result<Plan<'c>, ConfigError> {
         let mut last: BTreeMap<&str, &Change<'_>> = BTreeMap::new();
         for change in changes {
             last.insert(change.name(), change);
         }
-        let mut removed_entries: Vec<usize> = Vec::new();
-        let mut removed_names: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut names: Vec<NameInsert<'_>> = Vec::new();
-        let mut inserts: Vec<EntryInsert<'_>> = Vec::new();
-        for (name, change) in &last {
-            let slot = self.index.get(*name).copied();
+        let mut plan = Plan::default();
+        for (name, change) in last {
+            let slot = self.index.get(name).copied();
             if let (Some(slot), Change::Put(token)) = (slot, change) {
                 if self.holds(slot, token) {
                     continue;
@@ -439,10 +489,10 @@ impl Base {
             }
             if let Some(slot) = slot {
                 let current = self.entry_of(&slot.current)?;
-                removed_names.push(self.name_range(current)?);
-                removed_entries.push(current);
+                plan.removed_names.push(self.name_range(current)?);
+                plan.removed_entries.push(current);
                 if let Some(previous) = slot.previous {
-                    removed_entries.push(self.entry_of(&previous)?);
+                    plan.removed_entries.push(self.entry_of(&previous)?);
                 }
             }
             let Change::Put(token) = change else {
@@ -453,14 +503,14 @@ impl Base {
             // the same token, if any, is removed anyway).
             let successor = self
                 .index
-                .range::<str, _>((Bound::Excluded(*name), Bound::Unbounded))
+                .range::<str, _>((Bound::Excluded(name), Bound::Unbounded))
                 .next()
                 .map(|(_, s)| s.current);
             let pool_pos = match successor {
                 Some(digest) => self.name_range(self.entry_of(&digest)?)?.start,
                 None => self.table.pool().len(),
             };
-            names.push(NameInsert {
+            plan.names.push(NameInsert {
                 name,
                 pool_pos,
                 offset: 0,
@@ -469,21 +519,28 @@ impl Base {
                 let entry_pos = match self.table.position(&entry.digest) {
                     Err(pos) | Ok(pos) => pos,
                 };
-                inserts.push(EntryInsert {
+                plan.inserts.push(EntryInsert {
                     entry: *entry,
                     entry_pos,
-                    name: names.len() - 1,
+                    name: plan.names.len() - 1,
                 });
             }
         }
-        removed_entries.sort_unstable();
-        // A digest already in the table may only come back if its old entry goes.
-        let mut digests: Vec<&Digest> = inserts.iter().map(|i| &i.entry.digest).collect();
+        plan.removed_entries.sort_unstable();
+        plan.removed_names.sort_by_key(|r| r.start);
+        Ok(plan)
+    }
+
+    /// A digest may be in the table once: an inserted one neither twice nor
+    /// already there, unless its old entry goes.
+    fn check_digests(&self, plan: &Plan<'_>) -> Result<(), ConfigError> {
+        let mut digests: Vec<&Digest> = plan.inserts.iter().map(|i| &i.entry.digest).collect();
         digests.sort_unstable();
         for pair in digests.windows(2) {
             if let [a, b] = pair {
                 if a == b {
-                    let name = inserts
+                    let name = plan
+                        .inserts
                         .iter()
                         .find(|i| &i.entry.digest == *b)
                         .map_or("?", |i| i.entry.name);
@@ -491,9 +548,9 @@ impl Base {
                 }
             }
         }
-        for insert in &inserts {
+        for insert in &plan.inserts {
             if let Ok(old) = self.table.position(&insert.entry.digest) {
-                if removed_entries.binary_search(&old).is_err() {
+                if plan.removed_entries.binary_search(&old).is_err() {
                     return Err(edit_error(format!(
                         "{}: another token has the same secret digest",
                         insert.entry.name
@@ -501,26 +558,18 @@ impl Base {
                 }
             }
         }
-        let stats = EditStats {
-            inserted: inserts.len(),
-            removed: removed_entries.len(),
-        };
-        // Nothing to write, unless the header changed (a flush stamps the
-        // table with the version its staged changes brought it to).
-        let same_header = self.table.buffer().get(..self.table.start()) == Some(header);
-        if inserts.is_empty() && removed_entries.is_empty() && same_header {
-            return Ok((None, stats));
-        }
+        Ok(())
+    }
 
-        // Where each inserted name lands in the new pool: after the old names
-        // before its position (less the removed ones among them) and the
-        // inserted names before it. (`names` is in name order: `last` is.)
-        removed_names.sort_by_key(|r| r.start);
-        let bad_pool = || edit_error("the table's name offsets are inconsistent");
+    /// Where each inserted name lands in the new pool: after the old names
+    /// before its position (less the removed ones among them) and the
+    /// inserted names before it (`names` is in name order). The new pool's
+    /// length.
+    fn place_names(&self, plan: &mut Plan<'_>) -> Result<usize, ConfigError> {
         let mut inserted_before = 0usize;
         let mut removed_before = 0usize;
-        let mut next_removal = removed_names.iter().peekable();
-        for insert in &mut names {
+        let mut next_removal = plan.removed_names.iter().peekable();
+        for insert in &mut plan.names {
             while let Some(r) = next_removal.next_if(|r| r.start < insert.pool_pos) {
                 removed_before += r.len();
             }
@@ -530,36 +579,31 @@ impl Base {
             insert.offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
             inserted_before += insert.name.len() + 1;
         }
-        let shift = Shift::new(&names, &removed_names);
-        let old_pool = self.table.pool();
-        let pool_len = (old_pool.len() + inserted_before)
-            .checked_sub(removed_names.iter().map(|r| r.len()).sum())
-            .ok_or_else(bad_pool)?;
+        (self.table.pool().len() + inserted_before)
+            .checked_sub(plan.removed_names.iter().map(|r| r.len()).sum())
+            .ok_or_else(bad_pool)
+    }
 
-        // The new entries: old runs copied in cache-sized blocks, each
-        // block's name offsets shifted while it is still in cache.
-        inserts.sort_by(|a, b| a.entry_pos.cmp(&b.entry_pos).then(a.entry.digest.cmp(&b.entry.digest)));
-        let count = self.table.len() + inserts.len() - removed_entries.len();
-        buf.clear();
-        buf.reserve(header.len() + 8 + count * ENTRY + pool_len);
-        buf.extend_from_slice(header);
-        buf.extend_from_slice(
-            &u32::try_from(count)
-                .map_err(|_| edit_error("too many tokens"))?
-                .to_le_bytes(),
-        );
+    /// The new entries: old runs copied in cache-sized blocks, each block's
+    /// name offsets shifted while it is still in cache, the inserted ones
+    /// spliced in, the removed ones skipped.
+    fn copy_entries(&self, buf: &mut Vec<u8>, plan: &mut Plan<'_>) -> Result<(), ConfigError> {
+        let shift = Shift::new(&plan.names, &plan.removed_names);
+        plan.inserts
+            .sort_by(|a, b| a.entry_pos.cmp(&b.entry_pos).then(a.entry.digest.cmp(&b.entry.digest)));
         let old_entries = self
             .table
             .entries_bytes()
             .ok_or_else(|| edit_error("the compact table is truncated"))?;
+        let names = &plan.names;
         let name_offset = |insert: &EntryInsert<'_>| names.get(insert.name).map_or(0, |n| n.offset);
-        let mut next_insert = inserts.iter().peekable();
-        let mut next_removed = removed_entries.iter().copied().peekable();
+        let mut next_insert = plan.inserts.iter().peekable();
+        let mut next_removed = plan.removed_entries.iter().copied().peekable();
         let mut i = 0usize;
         let n = self.table.len();
         while i < n {
             while let Some(insert) = next_insert.next_if(|ins| ins.entry_pos <= i) {
-                push_entry(&mut buf, &insert.entry, name_offset(insert));
+                push_entry(buf, &insert.entry, name_offset(insert));
             }
             if next_removed.next_if_eq(&i).is_some() {
                 i += 1;
@@ -593,34 +637,32 @@ impl Base {
             i = stop;
         }
         for insert in next_insert {
-            push_entry(&mut buf, &insert.entry, name_offset(insert));
+            push_entry(buf, &insert.entry, name_offset(insert));
         }
+        Ok(())
+    }
 
-        // The new pool, straight after: old names copied in runs, the
-        // inserted ones spliced in, the removed ones skipped.
-        buf.extend_from_slice(
-            &u32::try_from(pool_len)
-                .map_err(|_| edit_error("names too long"))?
-                .to_le_bytes(),
-        );
+    /// The new pool: old names copied in runs, the inserted ones spliced
+    /// in, the removed ones skipped.
+    fn copy_pool(&self, buf: &mut Vec<u8>, plan: &Plan<'_>) -> Result<(), ConfigError> {
+        let old_pool = self.table.pool();
         let mut cursor = 0usize;
-        let mut next_removal = removed_names.iter().peekable();
-        for insert in &names {
+        let mut next_removal = plan.removed_names.iter().peekable();
+        for insert in &plan.names {
             while let Some(r) = next_removal.next_if(|r| r.start < insert.pool_pos) {
                 buf.extend_from_slice(old_pool.get(cursor..r.start).ok_or_else(bad_pool)?);
                 cursor = r.end;
             }
             buf.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(bad_pool)?);
             cursor = insert.pool_pos;
-            push_name(&mut buf, insert.name);
+            push_name(buf, insert.name);
         }
         for r in next_removal {
             buf.extend_from_slice(old_pool.get(cursor..r.start).ok_or_else(bad_pool)?);
             cursor = r.end;
         }
         buf.extend_from_slice(old_pool.get(cursor..).ok_or_else(bad_pool)?);
-
-        Ok((Some(TokenTable::framed(Arc::new(buf), header.len())?), stats))
+        Ok(())
     }
 
     /// Takes in `table`, written from this one with `changes`.
