@@ -297,62 +297,30 @@ fn admitted(
 }
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> {
-    let core = Core::open(&args, base).await?;
+    let mut core = Core::open(&args, base).await?;
     let service = core.service(&args)?;
     let listeners = Listeners::bind(&args).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let Core {
-        store: _,
-        store_metrics,
-        publisher,
-        acks,
-        coordinator,
-        resource,
-    } = core;
     // With replicas: no xDS while the database is out of reach (see
     // `replicas`); a single process on SQLite always serves.
-    let liveness = coordinator.as_ref().map(Coordinator::liveness);
-
-    // The background work: the publisher's catch-up, the replicas'
-    // heartbeats, the ECDS file, last use, the audit trail's retention.
-    tasks.spawn(Arc::clone(&publisher).run(Duration::from_millis(args.poll_interval_ms.max(10)), stop_rx.clone()));
-    if let Some(coordinator) = coordinator {
-        tasks.spawn(coordinator.run(stop_rx.clone()));
-    }
-    if let Some(path) = args.ecds_file.clone() {
-        tasks.spawn(file::run(
-            Arc::clone(&publisher),
-            Arc::clone(&acks),
-            resource.clone(),
-            path,
-            stop_rx.clone(),
-        ));
-    }
-    tasks.spawn(Arc::clone(&service).run_usage(Duration::from_secs(args.usage_flush_seconds.max(1)), stop_rx.clone()));
-    if let Retention(Some(keep)) = args.audit_retention {
-        // Hourly, or more often for a short retention.
-        let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-        tasks.spawn(Arc::clone(&service).run_audit_retention(keep, every, stop_rx.clone()));
-    }
+    let liveness = core.coordinator.as_ref().map(Coordinator::liveness);
+    core.spawn_background(&args, &service, &mut tasks, &stop_rx);
     if args.max_message_bytes.is_some() {
         tracing::warn!(
             "--max-message-bytes is ignored: responses are not copied per stream, requests are bounded by \
              --xds-max-request-bytes"
         );
     }
-
-    // The HTTP servers: the API (and the console), and /status and /metrics
-    // on their own address when asked.
     let identities = Identities::new(args.xds_client_san.clone());
     let usage = UsageServer::new(Arc::clone(&service), identities.clone());
     let push_counters = PushCounters::default();
-    let metrics = Arc::new(Metrics::new(&service, &store_metrics, &push_counters));
+    let metrics = Arc::new(Metrics::new(&service, &core.store_metrics, &push_counters));
     let state = Arc::new(AppState {
         metrics,
         service,
-        publisher: Arc::clone(&publisher),
-        acks: Arc::clone(&acks),
+        publisher: Arc::clone(&core.publisher),
+        acks: Arc::clone(&core.acks),
         resource_name: args.resource_name.clone(),
         name_envoys: args.name_envoys_in_answers,
         trusted_proxies: api::TrustedProxies(args.trusted_proxy.clone()),
@@ -362,9 +330,12 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> 
         api: api_listener,
         api_addr,
         status: status_listener,
-        xds_tls: tls,
+        xds_tls,
         xds: xds_listener,
     } = listeners;
+
+    // The HTTP servers: the API (and the console), and /status and /metrics
+    // on their own address when asked.
     let scheme = if http.tls.is_some() { "https" } else { "http" };
     let status_at = match status_listener {
         Some((listener, addr)) => {
@@ -379,7 +350,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> 
         }
         None => api_addr,
     };
-    let app = api::app(Arc::clone(&state), args.status_listen.is_none());
+    let app = api::app(state, args.status_listen.is_none());
     tasks.spawn(http::serve(
         api_listener,
         app,
@@ -390,13 +361,13 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> 
 
     // The xDS server: ECDS, the delta channel, usage reports.
     if let Some((listener, addr)) = xds_listener {
-        let secured = tls.is_some();
+        let secured = xds_tls.is_some();
         let xds = Xds {
             addr,
-            tls,
-            publisher: Arc::clone(&publisher),
-            acks: Arc::clone(&acks),
-            resource,
+            tls: xds_tls,
+            publisher: Arc::clone(&core.publisher),
+            acks: Arc::clone(&core.acks),
+            resource: core.resource.clone(),
             usage,
             limits: XdsLimits {
                 max_request_bytes: args.xds_max_request_bytes.max(1024),
@@ -436,6 +407,7 @@ struct Core {
     store_metrics: StoreMetrics,
     publisher: Arc<Publisher>,
     acks: Arc<Tracker>,
+    /// Until its task starts.
     coordinator: Option<Coordinator>,
     resource: EcdsResource,
 }
@@ -493,6 +465,38 @@ impl Core {
             coordinator,
             resource,
         })
+    }
+
+    /// The background work: the publisher's catch-up, the replicas'
+    /// heartbeats, the ECDS file, last use, the audit trail's retention.
+    fn spawn_background(
+        &mut self,
+        args: &ServeArgs,
+        service: &Arc<Service>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let poll = Duration::from_millis(args.poll_interval_ms.max(10));
+        tasks.spawn(Arc::clone(&self.publisher).run(poll, stop.clone()));
+        if let Some(coordinator) = self.coordinator.take() {
+            tasks.spawn(coordinator.run(stop.clone()));
+        }
+        if let Some(path) = args.ecds_file.clone() {
+            tasks.spawn(file::run(
+                Arc::clone(&self.publisher),
+                Arc::clone(&self.acks),
+                self.resource.clone(),
+                path,
+                stop.clone(),
+            ));
+        }
+        let flush = Duration::from_secs(args.usage_flush_seconds.max(1));
+        tasks.spawn(Arc::clone(service).run_usage(flush, stop.clone()));
+        if let Retention(Some(keep)) = args.audit_retention {
+            // Hourly, or more often for a short retention.
+            let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+            tasks.spawn(Arc::clone(service).run_audit_retention(keep, every, stop.clone()));
+        }
     }
 
     /// The token service: the only writer, its writes waiting for the ACKs.
