@@ -293,7 +293,7 @@ async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, St
     }
     let location = args.location()?;
     let opened = location.open(must_exist).await.map_err(|e| match e {
-        crate::store::StoreError::Unavailable(why) => format!("--store: {why}"),
+        crate::store::StoreError::Unavailable(cause) => format!("--store: {cause}"),
         other => other.to_string(),
     })?;
     let name = opened.describe_for(&location);

@@ -10,6 +10,15 @@ use apitokens_core::{Role, Timestamp};
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
      t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
+/// The columns an insert of a token writes, in this order.
+pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_seconds, create_nanos, \
+     expire_seconds, expire_nanos, update_seconds, retired, created_by, previous_sha256, previous_until_seconds, \
+     previous_until_nanos";
+/// An audit event's columns but its sequence number (the database numbers
+/// events) and its namespace (reads select by it), in the order of
+/// [`EventRow`].
+pub(super) const EVENT_FIELDS: &str = "time_seconds, time_nanos, action, token, actor, role, expire_seconds, \
+     expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential";
 /// `COLUMNS` and the last use, for the API's reads.
 pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 

@@ -6,16 +6,17 @@
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
 
-use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, WITH_USE};
+use super::changes;
+use super::checks::{self, Quota, Taken, SHARED_DIGEST};
+use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE};
 use super::{
-    next_epoch, AuditEvent, Changes, Credential, Epoch, Head, Position, Revision, Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, Store,
+    StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
-use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -111,12 +112,6 @@ ALTER TABLE tokens ADD COLUMN previous_until_nanos INTEGER;
 DROP INDEX IF EXISTS tokens_by_expiry;
 ";
 
-/// Revisions the change log keeps: a replica further behind loads everything.
-pub(super) const CHANGES_KEPT: u64 = 10_000;
-/// A write that changes more tokens than this (a bulk import) restarts the
-/// change log instead of listing them: whoever is behind loads everything.
-pub(super) const CHANGES_PER_WRITE: usize = 10_000;
-
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
@@ -127,17 +122,15 @@ struct Inner {
     lineage: Lineage,
 }
 
-fn unavailable(e: rusqlite::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database file.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub fn open(path: &Path) -> Result<Self> {
         let existed = path.exists();
         let open = || {
-            Connection::open(path)
-                .map_err(|e| StoreError::Unavailable(format!("cannot open database {}: {e}", path.display())))
+            Connection::open(path).map_err(|error| Cause::Open {
+                path: path.to_owned(),
+                error,
+            })
         };
         let mut writer = open()?;
         if !existed {
@@ -156,28 +149,23 @@ impl SqliteStore {
     }
 
     /// Opens an existing database file; fails if it does not exist.
-    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+    pub fn open_existing(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(StoreError::Unavailable(format!(
-                "no database at {} (run `apitokens serve` or `apitokens bootstrap` first, or pass --db)",
-                path.display()
-            )));
+            return Err(Cause::Missing(path.to_owned()).into());
         }
         Self::open(path)
     }
 
     async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let mut conn = lock(&inner.writer)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(unavailable)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
-            tx.commit().map_err(unavailable)?;
+            tx.commit()?;
             Ok(out)
         })
         .await
@@ -185,149 +173,125 @@ impl SqliteStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+        f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let mut conn = lock(&inner.reader)?;
             // One read transaction: a consistent view across statements.
-            let tx = conn.transaction().map_err(unavailable)?;
+            let tx = conn.transaction()?;
             let out = f(&tx)?;
-            tx.commit().map_err(unavailable)?;
+            tx.commit()?;
             Ok(out)
         })
         .await
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(Cause::Task)?
 }
 
-fn lock(conn: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, StoreError> {
-    conn.lock()
-        .map_err(|_| StoreError::Unavailable("store lock poisoned".to_owned()))
+fn lock(conn: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>> {
+    Ok(conn.lock().map_err(|_| Cause::Poisoned)?)
 }
 
-fn configure(conn: &Connection) -> Result<(), StoreError> {
-    conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(unavailable)?;
+fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if mode != "wal" {
-        return Err(StoreError::Unavailable(format!(
-            "the database does not support WAL (journal_mode is {mode})"
-        )));
+        return Err(Cause::NoWal(mode).into());
     }
-    conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)
+    Ok(conn.pragma_update(None, "synchronous", "FULL")?)
 }
 
 /// Creates or migrates the schema; returns the store's lineage.
-fn init(conn: &mut Connection) -> Result<Lineage, StoreError> {
+fn init(conn: &mut Connection) -> Result<Lineage> {
     configure(conn)?;
     // Immediate: two processes opening a new file must not both create it.
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(unavailable)?;
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(unavailable)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
         0 => {
-            tx.execute_batch(SCHEMA).map_err(unavailable)?;
-            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
-            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(SCHEMA_3)?;
+            tx.execute_batch(SCHEMA_4)?;
             set_meta(&tx, "revision", 0)?;
             set_meta(&tx, "changes_from", 0)?;
             new_lineage(&tx)?;
         }
         1 => {
             migrate_from_v1(&tx)?;
-            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
+            tx.execute_batch(SCHEMA_4)?;
         }
         2 => {
-            tx.execute_batch(MIGRATE_2_TO_3).map_err(unavailable)?;
-            tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
-            tx.execute_batch(SCHEMA_4).map_err(unavailable)?;
+            tx.execute_batch(MIGRATE_2_TO_3)?;
+            tx.execute_batch(SCHEMA_3)?;
+            tx.execute_batch(SCHEMA_4)?;
         }
-        3 => tx.execute_batch(SCHEMA_4).map_err(unavailable)?,
+        3 => tx.execute_batch(SCHEMA_4)?,
         4 | SCHEMA_VERSION => {}
         other => {
-            return Err(StoreError::Unavailable(format!(
-                "the database has schema version {other}; this apitokens understands {SCHEMA_VERSION}"
-            )))
+            return Err(Cause::NewerSchema {
+                found: other,
+                known: SCHEMA_VERSION,
+            }
+            .into())
         }
     }
     if version < SCHEMA_VERSION {
-        tx.execute_batch(SCHEMA_5).map_err(unavailable)?;
+        tx.execute_batch(SCHEMA_5)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
         // without an epoch, which count as epoch 0: this one is later).
-        set_meta(&tx, "epoch", to_i64(Epoch::after(Epoch(0)).0))?;
+        set_meta(&tx, "epoch", Epoch::after(Epoch(0)).to_i64())?;
     }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(unavailable)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     let lineage = lineage_of(&tx)?;
-    tx.commit().map_err(unavailable)?;
+    tx.commit()?;
     Ok(lineage)
 }
 
-fn set_meta(tx: &Transaction<'_>, key: &str, value: i64) -> Result<(), StoreError> {
+fn set_meta(tx: &Transaction<'_>, key: &str, value: i64) -> Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![key, value],
-    )
-    .map_err(unavailable)?;
+    )?;
     Ok(())
 }
 
-fn meta(tx: &Transaction<'_>, key: &str) -> Result<i64, StoreError> {
-    tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .map_err(unavailable)
+fn meta(tx: &Transaction<'_>, key: &str) -> Result<i64> {
+    Ok(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?)
 }
 
-fn meta_opt(tx: &Transaction<'_>, key: &str) -> Result<Option<i64>, StoreError> {
-    tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
-        .map_err(unavailable)
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+fn meta_opt(tx: &Transaction<'_>, key: &str) -> Result<Option<i64>> {
+    Ok(tx
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
 }
 
 /// Where the store stands: epoch, revision, and what it is behind.
-fn head(tx: &Transaction<'_>) -> Result<Head, StoreError> {
-    let at = Position::new(
-        Epoch(to_u64(meta(tx, "epoch")?)),
-        Revision(to_u64(meta(tx, "revision")?)),
-    );
+fn head(tx: &Transaction<'_>) -> Result<Head> {
+    let at = |e: i64, r: i64| Position::new(Epoch::from_i64(e), Revision::from_i64(r));
     let behind = match (meta_opt(tx, "behind_epoch")?, meta_opt(tx, "behind_revision")?) {
-        (Some(e), Some(r)) => Some(Position::new(Epoch(to_u64(e)), Revision(to_u64(r)))),
+        (Some(e), Some(r)) => Some(at(e, r)),
         _ => None,
     };
+    let at = at(meta(tx, "epoch")?, meta(tx, "revision")?);
     Ok(Head { at, behind })
 }
 
-fn new_lineage(tx: &Transaction<'_>) -> Result<(), StoreError> {
+fn new_lineage(tx: &Transaction<'_>) -> Result<()> {
     let mut bytes = [0u8; LINEAGE_LEN];
-    getrandom::fill(&mut bytes).map_err(|e| StoreError::Unavailable(format!("the OS random source failed: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(Cause::Random)?;
     let (hi, lo) = bytes.split_at(8);
     let word = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or_default());
     set_meta(tx, "lineage_hi", word(hi))?;
     set_meta(tx, "lineage_lo", word(lo))
 }
 
-fn lineage_of(tx: &Transaction<'_>) -> Result<Lineage, StoreError> {
+fn lineage_of(tx: &Transaction<'_>) -> Result<Lineage> {
     let mut out = [0u8; LINEAGE_LEN];
     let (hi, lo) = out.split_at_mut(8);
     hi.copy_from_slice(&meta(tx, "lineage_hi")?.to_le_bytes());
@@ -337,25 +301,21 @@ fn lineage_of(tx: &Transaction<'_>) -> Result<Lineage, StoreError> {
 
 /// Version 1 kept times as RFC 3339 text and no change log. Every row is
 /// converted; one that cannot be is named and stops the migration.
-fn migrate_from_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
+fn migrate_from_v1(tx: &Transaction<'_>) -> Result<()> {
     let rows: Vec<(String, String, String, String, String, Option<String>)> = {
-        let mut stmt = tx
-            .prepare("SELECT name, namespace, role, secret_sha256, create_time, expire_time FROM tokens")
-            .map_err(unavailable)?;
+        let mut stmt =
+            tx.prepare("SELECT name, namespace, role, secret_sha256, create_time, expire_time FROM tokens")?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })
-            .map_err(unavailable)?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(unavailable)?;
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         rows
     };
     let revision = meta(tx, "revision")?.max(meta(tx, "config_version").unwrap_or(0));
-    tx.execute_batch("DROP TABLE tokens; DROP TABLE meta;")
-        .map_err(unavailable)?;
-    tx.execute_batch(SCHEMA).map_err(unavailable)?;
-    tx.execute_batch(SCHEMA_3).map_err(unavailable)?;
+    tx.execute_batch("DROP TABLE tokens; DROP TABLE meta;")?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(SCHEMA_3)?;
     for (name, namespace, role, digest, create, expire) in rows {
         let corrupt = |problem: &str| StoreError::Corrupt {
             name: name.clone(),
@@ -381,8 +341,7 @@ fn migrate_from_v1(tx: &Transaction<'_>) -> Result<(), StoreError> {
                 expire.map(|t| t.unix_seconds()),
                 expire.map(|t| t.subsec_nanos()),
             ],
-        )
-        .map_err(unavailable)?;
+        )?;
     }
     set_meta(tx, "revision", revision)?;
     // Nothing before the migration is in the change log.
@@ -400,66 +359,42 @@ fn restrict_permissions(path: &Path) {
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
 
-/// One digest, one token: refuses (the transaction rolls back) a write that
-/// made a token's previous secret another token's current one, or its own.
-/// Only tokens in a rotation's overlap have a previous secret, so this costs
-/// a probe per such token, whatever the size of the table.
-fn no_shared_digest(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    let shared: bool = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM tokens a JOIN tokens b ON b.secret_sha256 = a.previous_sha256
-                            WHERE a.previous_sha256 IS NOT NULL)",
-        )
-        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
-        .map_err(unavailable)?;
-    if shared {
-        return Err(StoreError::DigestTaken);
-    }
-    Ok(())
+/// See [`checks::SHARED_DIGEST`].
+fn no_shared_digest(tx: &Transaction<'_>) -> Result<()> {
+    checks::one_token_per_digest(tx.prepare_cached(SHARED_DIGEST)?.query_row([], |r| r.get(0))?)
 }
 
 /// Advances the revision and logs the names it changed, in the caller's
 /// transaction; refuses (the transaction rolls back) while the store is
 /// behind the gateways (see `Head::behind`).
-fn commit_revision<'n>(
-    tx: &Transaction<'_>,
-    names: impl ExactSizeIterator<Item = &'n str>,
-) -> Result<Revision, StoreError> {
+fn commit_revision<'n>(tx: &Transaction<'_>, names: impl ExactSizeIterator<Item = &'n str>) -> Result<Revision> {
     if meta_opt(tx, "behind_epoch")?.is_some() {
         let now = head(tx)?;
         let seen = now.behind.unwrap_or(now.at);
         return Err(StoreError::Behind { at: now.at, seen });
     }
-    let revision: i64 = tx
-        .query_row(
-            "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(unavailable)?;
-    if names.len() > CHANGES_PER_WRITE {
-        tx.execute("DELETE FROM changes", []).map_err(unavailable)?;
+    let revision: i64 = tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
+    if changes::restarts(names.len()) {
+        tx.execute("DELETE FROM changes", [])?;
         set_meta(tx, "changes_from", revision)?;
     } else {
-        let mut stmt = tx
-            .prepare_cached("INSERT INTO changes (revision, name) VALUES (?1, ?2)")
-            .map_err(unavailable)?;
+        let mut stmt = tx.prepare_cached("INSERT INTO changes (revision, name) VALUES (?1, ?2)")?;
         for name in names {
-            stmt.execute(params![revision, name]).map_err(unavailable)?;
+            stmt.execute(params![revision, name])?;
         }
     }
-    let kept = CHANGES_KEPT as i64;
-    if revision % 1000 == 0 && revision > kept {
-        let from = revision - kept;
-        tx.execute("DELETE FROM changes WHERE revision <= ?1", [from])
-            .map_err(unavailable)?;
+    if let Some(through) = changes::cut_through(revision) {
+        tx.execute("DELETE FROM changes WHERE revision <= ?1", [through])?;
         tx.execute(
             "UPDATE meta SET value = max(value, ?1) WHERE key = 'changes_from'",
-            [from],
-        )
-        .map_err(unavailable)?;
+            [through],
+        )?;
     }
-    Ok(Revision(u64::try_from(revision).unwrap_or(0)))
+    Ok(Revision::from_i64(revision))
 }
 
 fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -476,43 +411,36 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>, StoreError> {
-    let mut stmt = tx.prepare_cached(sql).map_err(unavailable)?;
+fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>> {
+    let mut stmt = tx.prepare_cached(sql)?;
     let rows = stmt
-        .query_map(params, read_row)
-        .map_err(unavailable)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(unavailable)?;
+        .query_map(params, read_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(decode).collect()
 }
 
-fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>, StoreError> {
+fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>> {
     tx.prepare_cached(&format!(
         "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1"
-    ))
-    .map_err(unavailable)?
+    ))?
     .query_row([name], read_row)
-    .optional()
-    .map_err(unavailable)?
+    .optional()?
     .map(decode)
     .transpose()
 }
 
 /// Records an audit event in the caller's transaction.
-fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> {
+fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     let (expire_s, expire_n) = split(e.expire_time);
     let (until_s, until_n) = split(e.previous_until);
-    tx.prepare_cached(
-        "INSERT INTO events (time_seconds, time_nanos, namespace, action, token, actor, role, expire_seconds,
-                             expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count,
-                             peer_address, credential)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-    )
-    .map_err(unavailable)?
+    tx.prepare_cached(&format!(
+        "INSERT INTO events (namespace, {EVENT_FIELDS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    ))?
     .execute(params![
+        e.namespace,
         e.time.unix_seconds(),
         e.time.subsec_nanos(),
-        e.namespace,
         e.action.as_str(),
         e.token,
         e.actor,
@@ -525,67 +453,44 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<(), StoreError> 
         e.count,
         e.peer_address,
         e.credential.map(Credential::as_str),
-    ])
-    .map_err(unavailable)?;
+    ])?;
     Ok(())
 }
 
-fn map_insert_error(e: rusqlite::Error, name: &str) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(err, Some(msg)) = &e {
-        if err.code == rusqlite::ErrorCode::ConstraintViolation {
+/// A unique violation as the domain sees it. SQLite names the column
+/// ("UNIQUE constraint failed: tokens.name"), never the value.
+fn insert_error(e: rusqlite::Error, name: &str) -> StoreError {
+    let taken = match &e {
+        rusqlite::Error::SqliteFailure(err, Some(msg)) if err.code == rusqlite::ErrorCode::ConstraintViolation => {
             if msg.contains("tokens.name") {
-                return StoreError::NameTaken(name.to_owned());
-            }
-            if msg.contains("tokens.secret_sha256") || msg.contains("tokens.previous_sha256") {
-                return StoreError::DigestTaken;
+                Some(Taken::Name)
+            } else if msg.contains("tokens.secret_sha256") || msg.contains("tokens.previous_sha256") {
+                Some(Taken::Digest)
+            } else {
+                None
             }
         }
-    }
-    unavailable(e)
+        _ => None,
+    };
+    taken.map_or_else(|| e.into(), |taken| taken.error(name))
 }
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(
-        &self,
-        records: Vec<TokenRecord>,
-        quota: Option<u32>,
-        events: Vec<AuditEvent>,
-    ) -> Result<Revision, StoreError> {
+    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>, events: Vec<AuditEvent>) -> Result<Revision> {
+        checks::valid(&records)?;
         self.write(move |tx| {
             if let Some(limit) = quota {
-                let mut added: BTreeMap<&str, i64> = BTreeMap::new();
-                for r in &records {
-                    *added.entry(r.namespace()).or_default() += 1;
-                }
-                for (namespace, n) in added {
-                    let existing: i64 = tx
-                        .query_row("SELECT COUNT(*) FROM tokens WHERE namespace = ?1", [namespace], |r| {
-                            r.get(0)
-                        })
-                        .map_err(unavailable)?;
-                    if existing + n > i64::from(limit) {
-                        return Err(StoreError::QuotaExceeded {
-                            namespace: namespace.to_owned(),
-                            limit,
-                        });
-                    }
-                }
+                Quota::new(&records, limit).check(|namespace| {
+                    let sql = "SELECT COUNT(*) FROM tokens WHERE namespace = ?1";
+                    Ok(tx.query_row(sql, [namespace], |r| r.get(0))?)
+                })?;
             }
             {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
-                                             expire_seconds, expire_nanos, update_seconds, retired, created_by,
-                                             previous_sha256, previous_until_seconds, previous_until_nanos)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13)",
-                    )
-                    .map_err(unavailable)?;
+                let mut stmt = tx.prepare_cached(&format!(
+                    "INSERT INTO tokens ({INSERTED}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13)"
+                ))?;
                 for r in &records {
-                    r.check().map_err(|problem| StoreError::Corrupt {
-                        name: r.name.clone(),
-                        problem,
-                    })?;
                     stmt.execute(params![
                         r.name,
                         r.namespace(),
@@ -601,7 +506,7 @@ impl Store for SqliteStore {
                         r.previous.map(|p| p.until.unix_seconds()),
                         r.previous.map(|p| p.until.subsec_nanos()),
                     ])
-                    .map_err(|e| map_insert_error(e, &r.name))?;
+                    .map_err(|e| insert_error(e, &r.name))?;
                 }
             }
             no_shared_digest(tx)?;
@@ -613,12 +518,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
+    async fn get(&self, name: &str) -> Result<Option<TokenRecord>> {
         let name = name.to_owned();
         self.read(move |tx| get_one(tx, &name)).await
     }
 
-    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>> {
         let namespace = namespace.to_owned();
         self.read(move |tx| {
             query(
@@ -630,15 +535,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn replace_digest(
-        &self,
-        name: &str,
-        digest: Digest,
-        previous_until: Option<Timestamp>,
-        event: AuditEvent,
-    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        let name = name.to_owned();
+    async fn replace_digest(&self, new: NewDigest, event: AuditEvent) -> Result<Option<(TokenRecord, Revision)>> {
         self.write(move |tx| {
+            let NewDigest {
+                name,
+                digest,
+                previous_until,
+            } = new;
             let now = crate::clock::now().unix_seconds();
             let (until_s, until_n) = split(previous_until);
             // With an overlap the current digest becomes the previous one
@@ -652,12 +555,12 @@ impl Store for SqliteStore {
                      WHERE name = ?1",
                     params![name, digest.to_hex(), now, until_s, until_n],
                 )
-                .map_err(|e| map_insert_error(e, &name))?;
+                .map_err(|e| insert_error(e, &name))?;
             if changed == 0 {
                 return Ok(None);
             }
             no_shared_digest(tx)?;
-            let record = get_one(tx, &name)?.ok_or_else(|| StoreError::Unavailable("row vanished".to_owned()))?;
+            let record = get_one(tx, &name)?.ok_or(Cause::Vanished)?;
             record_event(tx, &event)?;
             let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
             Ok(Some((record, revision)))
@@ -665,24 +568,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>> {
         let name = name.to_owned();
         self.write(move |tx| {
-            let n = tx
-                .execute("DELETE FROM tokens WHERE name = ?1", [&name])
-                .map_err(unavailable)?;
+            let n = tx.execute("DELETE FROM tokens WHERE name = ?1", [&name])?;
             if n == 0 {
                 return Ok(None);
             }
-            tx.execute("DELETE FROM usage WHERE name = ?1", [&name])
-                .map_err(unavailable)?;
+            tx.execute("DELETE FROM usage WHERE name = ?1", [&name])?;
             record_event(tx, &event)?;
             commit_revision(tx, std::iter::once(name.as_str())).map(Some)
         })
         .await
     }
 
-    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError> {
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         if uses.is_empty() {
             return Ok(());
         }
@@ -694,33 +594,23 @@ impl Store for SqliteStore {
                                                  AND (secret_sha256 = ?3 OR previous_sha256 = ?3))
                      ON CONFLICT (name) DO UPDATE SET last_use_seconds = max(last_use_seconds, excluded.last_use_seconds)",
                 )
-                .map_err(unavailable)?;
+                ?;
             for u in &uses {
                 stmt.execute(params![u.name, u.time.unix_seconds(), u.digest.to_hex()])
-                    .map_err(unavailable)?;
+                    ?;
             }
             Ok(())
         })
         .await
     }
 
-    async fn events(
-        &self,
-        namespace: &str,
-        before: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+    async fn events(&self, namespace: &str, before: Option<u64>, limit: u32) -> Result<Vec<(u64, AuditEvent)>> {
         let namespace = namespace.to_owned();
         self.read(move |tx| {
             let before = before.and_then(|b| i64::try_from(b).ok()).unwrap_or(i64::MAX);
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT seq, time_seconds, time_nanos, action, token, actor, role, expire_seconds, expire_nanos,
-                            previous_until_seconds, previous_until_nanos, client_address, count,
-                            peer_address, credential
-                     FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-                )
-                .map_err(unavailable)?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT seq, {EVENT_FIELDS} FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            ))?;
             let rows = stmt
                 .query_map(params![namespace, before, limit], |r| {
                     Ok(EventRow {
@@ -737,16 +627,14 @@ impl Store for SqliteStore {
                         peer_address: r.get(13)?,
                         credential: r.get(14)?,
                     })
-                })
-                .map_err(unavailable)?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(unavailable)?;
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             rows.into_iter().map(|row| decode_event(row, &namespace)).collect()
         })
         .await
     }
 
-    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>)> {
         self.read(|tx| {
             let head = head(tx)?;
             let records = query(
@@ -759,29 +647,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, since: Revision) -> Result<Changes> {
         self.read(move |tx| {
             let head = head(tx)?;
-            let from = to_u64(meta(tx, "changes_from")?);
-            if since.0 < from {
-                return Ok(Changes::TooOld);
+            let from = Revision::from_i64(meta(tx, "changes_from")?);
+            if let Some(answer) = changes::answer_unread(since, from, head) {
+                return Ok(answer);
             }
-            if since >= head.at.revision {
-                return Ok(Changes::Since {
-                    head,
-                    changed: Vec::new(),
-                });
-            }
-            let since_i = i64::try_from(since.0).unwrap_or(i64::MAX);
             let names: Vec<String> = {
-                let mut stmt = tx
-                    .prepare_cached("SELECT DISTINCT name FROM changes WHERE revision > ?1")
-                    .map_err(unavailable)?;
+                let mut stmt = tx.prepare_cached("SELECT DISTINCT name FROM changes WHERE revision > ?1")?;
                 let names = stmt
-                    .query_map([since_i], |r| r.get(0))
-                    .map_err(unavailable)?
-                    .collect::<rusqlite::Result<Vec<String>>>()
-                    .map_err(unavailable)?;
+                    .query_map([since.to_i64()], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
                 names
             };
             let mut changed = Vec::with_capacity(names.len());
@@ -794,53 +671,50 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn head(&self) -> Result<Head, StoreError> {
+    async fn head(&self) -> Result<Head> {
         self.read(head).await
     }
 
-    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
+    async fn mark_behind(&self, seen: Position) -> Result<Head> {
         self.write(move |tx| {
             let now = head(tx)?;
-            if seen > now.at && now.behind.is_none_or(|b| seen > b) {
-                set_meta(tx, "behind_epoch", to_i64(seen.epoch.0))?;
-                set_meta(tx, "behind_revision", to_i64(seen.revision.0))?;
+            if now.is_behind(seen) {
+                set_meta(tx, "behind_epoch", seen.epoch.to_i64())?;
+                set_meta(tx, "behind_revision", seen.revision.to_i64())?;
             }
             head(tx)
         })
         .await
     }
 
-    async fn new_epoch(&self) -> Result<Head, StoreError> {
+    async fn new_epoch(&self) -> Result<Head> {
         self.write(|tx| {
             let next = next_epoch(&head(tx)?);
-            tx.execute("DELETE FROM meta WHERE key IN ('behind_epoch', 'behind_revision')", [])
-                .map_err(unavailable)?;
-            tx.execute("DELETE FROM changes", []).map_err(unavailable)?;
-            set_meta(tx, "epoch", to_i64(next.epoch.0))?;
-            set_meta(tx, "revision", to_i64(next.revision.0))?;
+            tx.execute("DELETE FROM meta WHERE key IN ('behind_epoch', 'behind_revision')", [])?;
+            tx.execute("DELETE FROM changes", [])?;
+            set_meta(tx, "epoch", next.epoch.to_i64())?;
+            set_meta(tx, "revision", next.revision.to_i64())?;
             // Nothing before the new epoch is in the change log: everyone reloads.
-            set_meta(tx, "changes_from", to_i64(next.revision.0))?;
+            set_meta(tx, "changes_from", next.revision.to_i64())?;
             head(tx)
         })
         .await
     }
 
-    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64> {
         self.write(move |tx| {
             let deleted = tx
                 .prepare_cached(
                     "DELETE FROM events WHERE seq IN
                        (SELECT seq FROM events WHERE time_seconds < ?1 ORDER BY time_seconds LIMIT ?2)",
-                )
-                .map_err(unavailable)?
-                .execute(params![before.unix_seconds(), limit])
-                .map_err(unavailable)?;
+                )?
+                .execute(params![before.unix_seconds(), limit])?;
             Ok(u64::try_from(deleted).unwrap_or(u64::MAX))
         })
         .await
     }
 
-    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
+    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>> {
         self.write(move |tx| {
             let (s, n) = (cutoff.unix_seconds(), cutoff.subsec_nanos());
             let mut names: Vec<String> = Vec::new();
@@ -854,12 +728,10 @@ impl Store for SqliteStore {
                    AND (previous_until_seconds < ?1 OR (previous_until_seconds = ?1 AND previous_until_nanos <= ?2))
                  RETURNING name",
             ] {
-                let mut stmt = tx.prepare_cached(sql).map_err(unavailable)?;
+                let mut stmt = tx.prepare_cached(sql)?;
                 let done = stmt
-                    .query_map(params![s, n], |r| r.get::<_, String>(0))
-                    .map_err(unavailable)?
-                    .collect::<rusqlite::Result<Vec<String>>>()
-                    .map_err(unavailable)?;
+                    .query_map(params![s, n], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
                 names.extend(done);
             }
             if names.is_empty() {
@@ -872,7 +744,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+    async fn next_expiry(&self) -> Result<Option<Timestamp>> {
         self.read(|tx| {
             let mut next: Option<Timestamp> = None;
             for sql in [
@@ -883,10 +755,7 @@ impl Store for SqliteStore {
                  WHERE previous_sha256 IS NOT NULL
                  ORDER BY previous_until_seconds, previous_until_nanos LIMIT 1",
             ] {
-                let row: Option<(i64, i64)> = tx
-                    .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(unavailable)?;
+                let row: Option<(i64, i64)> = tx.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
                 if let Some(t) = row.and_then(|(s, n)| time(s, n)) {
                     next = Some(next.map_or(t, |x| x.min(t)));
                 }
@@ -905,8 +774,9 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::store::contract::{self, record, store_contract_tests, test_event};
+    use crate::store::contract::{self, new_digest, put, record, store_contract_tests, test_event};
     use crate::testutil::TempDir;
+    use apitokens_core::table::Digest;
     use apitokens_core::Role;
 
     store_contract_tests!(async {
@@ -947,14 +817,7 @@ mod tests {
             // the revision change.
             assert_eq!(other.get(&a.name).await.unwrap(), Some(a.clone()));
             let rev = store.revision().await.unwrap();
-            other
-                .insert(
-                    vec![record("namespaces/default/apitokens/b", Role::Owner, 2)],
-                    None,
-                    vec![],
-                )
-                .await
-                .unwrap();
+            put(&other, "namespaces/default/apitokens/b", Role::Owner, 2).await;
             assert!(store.revision().await.unwrap() > rev);
         }
         let reopened = SqliteStore::open_existing(&path).unwrap();
@@ -1039,9 +902,7 @@ mod tests {
         assert_eq!(store.revision().await.unwrap(), Revision(5));
         store
             .replace_digest(
-                &t.name,
-                Digest([3; 32]),
-                Some(Timestamp::from_unix(99, 0)),
+                new_digest(&t.name, Digest([3; 32]), Some(Timestamp::from_unix(99, 0))),
                 test_event(),
             )
             .await
@@ -1085,14 +946,7 @@ mod tests {
         let dir = TempDir::new("store-corrupt");
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path).unwrap();
-        store
-            .insert(
-                vec![record("namespaces/default/apitokens/a", Role::Owner, 1)],
-                None,
-                vec![],
-            )
-            .await
-            .unwrap();
+        put(&store, "namespaces/default/apitokens/a", Role::Owner, 1).await;
         Connection::open(&path)
             .unwrap()
             .execute(
@@ -1102,12 +956,10 @@ mod tests {
             )
             .unwrap();
         let err = store.load().await.unwrap_err();
-        assert_eq!(
-            err,
-            StoreError::Corrupt {
-                name: "namespaces/default/apitokens/bad".into(),
-                problem: "bad create time".into()
-            }
+        assert!(
+            matches!(&err, StoreError::Corrupt { name, problem }
+                     if name == "namespaces/default/apitokens/bad" && problem == "bad create time"),
+            "{err}"
         );
         assert!(store.list("default").await.is_err());
     }
