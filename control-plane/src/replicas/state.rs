@@ -259,15 +259,17 @@ mod tests {
         DbTime(1_000_000.0 + ms as f64 / 1000.0)
     }
 
-    /// A replica row as read at `now_ms`, its last beat at `beat_ms`.
-    fn row(id: &str, name: &str, beat_ms: u64, now_ms: u64) -> ReplicaRow {
-        ReplicaRow {
+    /// Whether `s` counts another replica, `id`, whose last beat was at
+    /// `beat_ms`, as read at `now_ms`.
+    fn counts(s: &State, id: &str, beat_ms: u64, now_ms: u64) -> bool {
+        let row = ReplicaRow {
             id: id.into(),
-            name: name.into(),
+            name: "r".into(),
             silent_for: Duration::from_millis(now_ms - beat_ms),
             beat: db(beat_ms),
             streams: Vec::new(),
-        }
+        };
+        s.counts(&row, false)
     }
 
     fn stream(n: u64, status: &str) -> (u64, StreamRow) {
@@ -281,56 +283,52 @@ mod tests {
     }
 
     /// A replica started at 0 that beat every quarter timeout until `ms`.
-    fn beating_until(clock: &Clock, ms: u64) -> State {
+    fn beating_until(ms: u64) -> (Clock, State) {
+        let clock = Clock(Instant::now());
         let mut s = State::new(TIMEOUT, clock.at(0));
         for t in (250..=ms).step_by(250) {
-            assert_eq!(
-                s.on_heartbeat(Beat::Stamped(db(t)), clock.at(t)),
-                Action::Steady,
-                "at {t}"
-            );
+            let action = s.on_heartbeat(Beat::Stamped(db(t)), clock.at(t));
+            assert_eq!(action, Action::Steady, "at {t}");
         }
-        s
+        (clock, s)
     }
 
     #[test]
     fn heartbeats_keep_this_replica_live_and_the_others_counting() {
-        let clock = Clock(Instant::now());
-        let s = beating_until(&clock, 2000);
+        let (clock, s) = beating_until(2000);
         assert!(s.live(clock.at(2000)) && s.answering());
+        assert!(s.live(clock.at(2999)), "between two beats");
         assert_eq!(s.forget_after(), Some(FORGET_AFTER));
-        assert!(s.counts(&row("b1", "b", 1900, 2000), false));
-        assert!(s.counts(&row("a1", "a", 2000, 2000), true));
-        // Between two beats, still live.
-        assert!(s.live(clock.at(2999)));
-        assert_eq!(State::timeout(Duration::from_millis(10)), Duration::from_millis(200));
+        assert!(counts(&s, "b1", 1900, 2000));
+        assert_eq!(State::timeout(Duration::from_millis(10)), MIN_TIMEOUT);
         assert_eq!(State::timeout(TIMEOUT), TIMEOUT);
     }
 
     #[test]
     fn a_replica_whose_heartbeat_is_older_than_the_timeout_stops_counting() {
-        let clock = Clock(Instant::now());
-        let s = beating_until(&clock, 5000);
-        assert!(s.counts(&row("b1", "b", 4001, 5000), false));
-        assert!(!s.counts(&row("b1", "b", 4000, 5000), false), "silent for the timeout");
-        assert!(!s.counts(&row("b1", "b", 0, 5000), false));
+        let (_, s) = beating_until(5000);
+        let by_last_beat = [4001, 4000, 0].map(|beat| counts(&s, "b1", beat, 5000));
+        assert_eq!(by_last_beat, [true, false, false]);
         // This replica counts while it runs, whatever its row says.
-        assert!(s.counts(&row("a1", "a", 0, 5000), true));
+        let this = ReplicaRow {
+            id: "a1".into(),
+            name: "a".into(),
+            silent_for: Duration::from_secs(5),
+            beat: db(0),
+            streams: Vec::new(),
+        };
+        assert!(s.counts(&this, true));
     }
 
     #[test]
     fn an_outage_of_our_own_stops_xds_and_spares_only_those_alive_at_our_last_beat() {
-        let clock = Clock(Instant::now());
-        let mut s = beating_until(&clock, 10_000);
+        let (clock, mut s) = beating_until(10_000);
         // b beat just before our last beat; c died more than a timeout
         // before it.
-        let (b_beat, c_beat) = (9_900, 8_900);
+        let (b, c) = (9_900, 8_900);
         assert_eq!(s.on_heartbeat(Beat::Failed, clock.at(10_250)), Action::Lost);
-        assert_eq!(
-            s.on_heartbeat(Beat::Failed, clock.at(10_500)),
-            Action::Steady,
-            "said once"
-        );
+        let again = s.on_heartbeat(Beat::Failed, clock.at(10_500));
+        assert_eq!(again, Action::Steady, "said once");
         assert!(!s.answering());
         assert_eq!(s.forget_after(), None, "every heartbeat is old");
         assert!(s.live(clock.at(10_999)), "within a timeout of the last answer");
@@ -340,62 +338,62 @@ mod tests {
         }
         assert!(!s.live(clock.at(20_000)));
         // Whatever is read meanwhile: b counts, c does not.
-        assert!(s.counts(&row("b1", "b", b_beat, 20_000), false));
-        assert!(!s.counts(&row("c1", "c", c_beat, 20_000), false));
+        assert_eq!(
+            (counts(&s, "b1", b, 20_000), counts(&s, "c1", c, 20_000)),
+            (true, false)
+        );
 
         // The database is back.
-        assert_eq!(
-            s.on_heartbeat(Beat::Stamped(db(20_250)), clock.at(20_250)),
-            Action::Back
-        );
+        let back = s.on_heartbeat(Beat::Stamped(db(20_250)), clock.at(20_250));
+        assert_eq!(back, Action::Back);
         assert!(s.live(clock.at(20_250)) && s.answering() && s.must_rewrite());
         assert_eq!(s.forget_after(), None, "not for a timeout after the outage");
         // For one timeout after it is back, b (silent since, its heartbeats
         // as old as ours were) still counts; c still not.
+        s.on_heartbeat(Beat::Stamped(db(20_500)), clock.at(20_500));
         assert_eq!(
-            s.on_heartbeat(Beat::Stamped(db(20_500)), clock.at(20_500)),
-            Action::Steady
+            (counts(&s, "b1", b, 20_500), counts(&s, "c1", c, 20_500)),
+            (true, false)
         );
-        assert!(s.counts(&row("b1", "b", b_beat, 20_500), false));
-        assert!(!s.counts(&row("c1", "c", c_beat, 20_500), false));
         // A timeout after: as always, by the age of their heartbeats.
         s.on_heartbeat(Beat::Stamped(db(21_250)), clock.at(21_250));
-        assert!(!s.counts(&row("b1", "b", b_beat, 21_250), false));
-        assert!(s.counts(&row("b1", "b", 21_000, 21_250), false), "b beats again");
+        assert!(!counts(&s, "b1", b, 21_250));
+        assert!(counts(&s, "b1", 21_000, 21_250), "b beats again");
         assert_eq!(s.forget_after(), Some(FORGET_AFTER));
     }
 
     #[test]
-    fn a_short_outage_before_any_beat_spares_nobody() {
+    fn an_outage_before_any_beat_spares_nobody() {
         // No beat yet: nothing to measure the others by.
         let clock = Clock(Instant::now());
         let mut s = State::new(TIMEOUT, clock.at(0));
         assert_eq!(s.on_heartbeat(Beat::Failed, clock.at(250)), Action::Lost);
-        assert!(!s.counts(&row("b1", "b", 0, 5_000), false));
+        assert!(!counts(&s, "b1", 0, 5_000));
     }
 
     #[test]
     fn a_restarted_replica_replaces_its_predecessor() {
-        let clock = Clock(Instant::now());
-        let s = beating_until(&clock, 10_000);
-        // r3 was killed at 7000 and started again (a new id) at 9500.
-        let old = row("old", "r3", 7_000, 10_000);
-        let new = row("new", "r3", 9_750, 10_000);
-        assert!(!s.counts(&old, false) && s.counts(&new, false));
-
+        // r3 was killed at 7000 and started again, a new id, at 9500 (its
+        // last beat 9750).
+        let (clock, mut s) = beating_until(10_000);
+        let (old, new) = (7_000, 9_750);
+        assert_eq!(
+            (counts(&s, "old", old, 10_000), counts(&s, "new", new, 10_000)),
+            (false, true)
+        );
         // The same during an outage of ours: the predecessor, dead more than
         // a timeout before our last beat, is not spared; its successor,
         // alive at our last beat, is.
-        let mut s = beating_until(&clock, 10_000);
         s.on_heartbeat(Beat::Failed, clock.at(10_250));
-        assert!(!s.counts(&row("old", "r3", 7_000, 12_000), false));
-        assert!(s.counts(&row("new", "r3", 9_750, 12_000), false));
+        assert_eq!(
+            (counts(&s, "old", old, 12_000), counts(&s, "new", new, 12_000)),
+            (false, true)
+        );
     }
 
     #[test]
     fn rows_silent_for_long_are_forgotten_and_a_forgotten_replica_registers_again() {
-        let clock = Clock(Instant::now());
-        let mut s = beating_until(&clock, 1000);
+        let (clock, mut s) = beating_until(1000);
         assert_eq!(s.forget_after(), Some(FORGET_AFTER));
         // The others forgot this replica (its row is gone): back in, and
         // its streams written whole.

@@ -59,7 +59,7 @@ pub(super) fn remote(rows: Vec<ReplicaRow>, this_id: &str, counts: impl Fn(&Repl
         let live = counts(&replica, this);
         let mut envoys = 0;
         for stream in replica.streams {
-            let Ok(json) = serde_json::from_str::<serde_json::Value>(&stream.status) else {
+            let Ok(mut json) = serde_json::from_str::<serde_json::Value>(&stream.status) else {
                 continue;
             };
             let vm = vms::is_vm(&json);
@@ -69,28 +69,24 @@ pub(super) fn remote(rows: Vec<ReplicaRow>, this_id: &str, counts: impl Fn(&Repl
             if this {
                 continue;
             }
+            // Shown as the other replica's.
+            if let Some(fields) = json.as_object_mut() {
+                fields.insert("replica".into(), replica.name.clone().into());
+            }
+            let acked = stream.acked;
             if vm {
-                let Ok(mut status) = serde_json::from_value::<VmStatus>(json) else {
-                    continue;
-                };
-                status.replica = Some(replica.name.clone());
-                out.vms.push(RemoteVm {
+                if let Ok(status) = serde_json::from_value::<VmStatus>(json) {
+                    out.vms.push(RemoteVm { live, acked, status });
+                }
+            } else if let Ok(status) = serde_json::from_value::<EnvoyStatus>(json) {
+                let nacked = stream.nacked;
+                out.streams.push(RemoteStream {
                     live,
-                    acked: stream.acked,
+                    acked,
+                    nacked,
                     status,
                 });
-                continue;
             }
-            let Ok(mut status) = serde_json::from_value::<EnvoyStatus>(json) else {
-                continue;
-            };
-            status.replica = Some(replica.name.clone());
-            out.streams.push(RemoteStream {
-                live,
-                acked: stream.acked,
-                nacked: stream.nacked,
-                status,
-            });
         }
         out.replicas.push(ReplicaStatus {
             name: replica.name,

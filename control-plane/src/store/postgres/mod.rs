@@ -29,7 +29,9 @@ pub use url::UrlError;
 
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
-use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE};
+use super::row::{
+    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
+};
 use super::{
     next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, Store,
     StoreError, TokenRecord, Use,
@@ -219,24 +221,14 @@ async fn log_changes(tx: &Transaction<'_>, revision: i64, names: &[&str]) -> Res
     Ok(Revision::from_i64(revision))
 }
 
-/// The token columns of `row` from column `at` on (`COLUMNS`, then the last
-/// use when the query selected it).
-fn read_row(row: &tokio_postgres::Row, at: usize) -> Result<Row> {
-    Ok(Row {
-        name: row.try_get(at)?,
-        role: row.try_get(at + 1)?,
-        digest: row.try_get(at + 2)?,
-        create: (row.try_get(at + 3)?, row.try_get(at + 4)?),
-        expire: (row.try_get(at + 5)?, row.try_get(at + 6)?),
-        retired: row.try_get(at + 7)?,
-        created_by: row.try_get(at + 8)?,
-        previous: (row.try_get(at + 9)?, row.try_get(at + 10)?, row.try_get(at + 11)?),
-        last_use: if row.len() > at + 12 {
-            row.try_get(at + 12)?
-        } else {
-            None
-        },
-    })
+impl Columns for tokio_postgres::Row {
+    fn width(&self) -> usize {
+        self.len()
+    }
+
+    fn at<T: Stored>(&self, column: usize) -> Result<T> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 async fn query(
@@ -245,7 +237,7 @@ async fn query(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<TokenRecord>> {
     let rows = tx.query(sql, params).await?;
-    rows.iter().map(|r| read_row(r, 0).and_then(decode)).collect()
+    rows.iter().map(|r| Row::read(r, 0).and_then(decode)).collect()
 }
 
 /// One token with its last use.
@@ -504,24 +496,7 @@ impl Store for PostgresStore {
             )
             .await?;
         rows.iter()
-            .map(|r| {
-                let count: Option<i64> = r.try_get(12)?;
-                let row = EventRow {
-                    seq: r.try_get(0)?,
-                    time: (r.try_get(1)?, r.try_get(2)?),
-                    action: r.try_get(3)?,
-                    token: r.try_get(4)?,
-                    actor: r.try_get(5)?,
-                    role: r.try_get(6)?,
-                    expire: (r.try_get(7)?, r.try_get(8)?),
-                    until: (r.try_get(9)?, r.try_get(10)?),
-                    client_address: r.try_get(11)?,
-                    count: count.and_then(|c| u32::try_from(c).ok()),
-                    peer_address: r.try_get(13)?,
-                    credential: r.try_get(14)?,
-                };
-                decode_event(row, namespace)
-            })
+            .map(|r| decode_event(EventRow::read(r)?, namespace))
             .collect()
     }
 
@@ -568,7 +543,7 @@ impl Store for PostgresStore {
                     let name: String = row.try_get(0)?;
                     let exists: bool = row.try_get(1)?;
                     let record = if exists {
-                        Some(decode(read_row(&row, 2)?)?)
+                        Some(decode(Row::read(&row, 2)?)?)
                     } else {
                         None
                     };
@@ -844,12 +819,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let err = store.load().await.unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Corrupt { name, problem }
-                     if name == "namespaces/default/apitokens/bad" && problem == "bad create time"),
-            "{err}"
-        );
+        crate::store::contract::a_bad_row_is_named(&store, "namespaces/default/apitokens/bad").await;
     }
 
     #[tokio::test]

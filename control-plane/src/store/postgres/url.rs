@@ -179,33 +179,37 @@ mod tests {
 
     #[test]
     fn tls_is_required_beyond_this_machine_unless_the_url_says_otherwise() {
-        // The URL, then the mode tokio-postgres is told and whether the log
-        // warns of a downgradable connection.
-        let cases = [
-            ("postgres://u@db.example/t", SslMode::Require, false),
-            ("postgres://u@10.0.0.5:5432/t", SslMode::Require, false),
-            ("postgres://u@[2001:db8::1]/t", SslMode::Require, false),
-            // Said otherwise: as said, with a warning.
-            ("postgres://u@db.example/t?sslmode=prefer", SslMode::Prefer, true),
-            ("postgres://u@db.example/t?sslmode=disable", SslMode::Disable, true),
-            ("postgres://u@db.example/t?sslmode=verify-full", SslMode::Require, false),
-            // This machine: libpq's default.
-            ("postgres://u@127.0.0.1:5432/t", SslMode::Prefer, false),
-            ("postgres://u@localhost/t", SslMode::Prefer, false),
-            ("postgres://u@[::1]/t", SslMode::Prefer, false),
-            ("postgres://u@%2Frun%2Fpostgresql/t", SslMode::Prefer, false),
-            ("postgres://u@127.0.0.1/t?sslmode=disable", SslMode::Disable, false),
-            // One remote host among several is enough.
-            ("postgres://u@127.0.0.1,db.example/t", SslMode::Require, false),
-        ];
-        for (url, mode, warned) in cases {
+        // The mode tokio-postgres is told, and whether the log warns of a
+        // connection a man in the middle can downgrade.
+        let mode = |url: &str| {
             let (config, tls) = parse(url).unwrap();
+            (config.get_ssl_mode(), tls.downgradable.is_some())
+        };
+        // Beyond this machine (one remote host among several is enough).
+        for host in ["db.example", "10.0.0.5:5432", "[2001:db8::1]", "127.0.0.1,db.example"] {
             assert_eq!(
-                (config.get_ssl_mode(), tls.downgradable.is_some()),
-                (mode, warned),
-                "{url}"
+                mode(&format!("postgres://u@{host}/t")),
+                (SslMode::Require, false),
+                "{host}"
             );
         }
+        // Said otherwise: as said, with a warning; verify-* is require.
+        let remote = |query: &str| mode(&format!("postgres://u@db.example/t?{query}"));
+        assert_eq!(remote("sslmode=prefer"), (SslMode::Prefer, true));
+        assert_eq!(remote("sslmode=disable"), (SslMode::Disable, true));
+        assert_eq!(remote("sslmode=verify-full"), (SslMode::Require, false));
+        // This machine: libpq's default, or as said without a warning.
+        for host in ["127.0.0.1:5432", "localhost", "[::1]", "%2Frun%2Fpostgresql"] {
+            assert_eq!(
+                mode(&format!("postgres://u@{host}/t")),
+                (SslMode::Prefer, false),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/t?sslmode=disable"),
+            (SslMode::Disable, false)
+        );
     }
 
     #[test]

@@ -5,112 +5,31 @@
 //! Two connections: writes serialise on one, while reads (the publisher
 //! asking what changed, API lists) proceed on the other (WAL readers never
 //! wait for the writer).
+//!
+//! The schema and its migrations are in `schema`; where the store stands
+//! (revision, epoch, lineage) in the `meta` table, read and written by `meta`.
+
+mod meta;
+mod schema;
 
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
-use super::row::{decode, decode_event, split, time, EventRow, Row, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE};
-use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, Store,
-    StoreError, TokenRecord, Use,
+use super::row::{
+    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
 };
-use apitokens_core::compact::{Lineage, LINEAGE_LEN};
+use super::{
+    next_epoch, AuditEvent, Cause, Changes, Credential, Head, NewDigest, Position, Result, Revision, Store, StoreError,
+    TokenRecord, Use,
+};
+use apitokens_core::compact::Lineage;
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 5;
-
-/// Version 4 (the latest): integer times (comparable in SQL, exact to the
-/// nanosecond), `retired`, the change log and the store's lineage (2);
-/// the previous secret of a rotation's overlap, who created a token, its last
-/// use, and the audit trail (3); the store's epoch (`meta`), and no digest
-/// shared between two previous secrets (4).
-const SCHEMA: &str = "
-CREATE TABLE tokens (
-    name           TEXT PRIMARY KEY NOT NULL,
-    namespace      TEXT NOT NULL,
-    role           TEXT NOT NULL CHECK (role IN ('viewer', 'editor', 'owner')),
-    secret_sha256  TEXT NOT NULL UNIQUE CHECK (length(secret_sha256) = 64),
-    create_seconds INTEGER NOT NULL,
-    create_nanos   INTEGER NOT NULL,
-    expire_seconds INTEGER,
-    expire_nanos   INTEGER,
-    update_seconds INTEGER NOT NULL,
-    retired        INTEGER NOT NULL DEFAULT 0 CHECK (retired IN (0, 1)),
-    created_by     TEXT,
-    previous_sha256        TEXT CHECK (previous_sha256 IS NULL OR length(previous_sha256) = 64),
-    previous_until_seconds INTEGER,
-    previous_until_nanos   INTEGER,
-    CHECK ((expire_seconds IS NULL) = (expire_nanos IS NULL)),
-    CHECK ((previous_sha256 IS NULL) = (previous_until_seconds IS NULL)),
-    CHECK ((previous_until_seconds IS NULL) = (previous_until_nanos IS NULL))
-);
-CREATE INDEX tokens_by_namespace ON tokens (namespace, name);
-CREATE TABLE changes (
-    revision INTEGER NOT NULL,
-    name     TEXT NOT NULL
-);
-CREATE INDEX changes_by_revision ON changes (revision);
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY NOT NULL,
-    value INTEGER NOT NULL
-);
-";
-
-/// What version 3 added to version 2 (also part of a new database).
-const SCHEMA_3: &str = "
-CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
-CREATE INDEX tokens_by_overlap ON tokens (previous_until_seconds, previous_until_nanos) WHERE previous_sha256 IS NOT NULL;
-CREATE TABLE usage (
-    name             TEXT PRIMARY KEY NOT NULL,
-    last_use_seconds INTEGER NOT NULL
-);
-CREATE TABLE events (
-    seq                    INTEGER PRIMARY KEY AUTOINCREMENT,
-    time_seconds           INTEGER NOT NULL,
-    time_nanos             INTEGER NOT NULL,
-    namespace              TEXT NOT NULL,
-    action                 TEXT NOT NULL,
-    token                  TEXT,
-    actor                  TEXT NOT NULL,
-    role                   TEXT,
-    expire_seconds         INTEGER,
-    expire_nanos           INTEGER,
-    previous_until_seconds INTEGER,
-    previous_until_nanos   INTEGER,
-    client_address         TEXT,
-    count                  INTEGER
-);
-CREATE INDEX events_by_namespace ON events (namespace, seq);
-";
-
-/// What version 4 added: no two previous secrets share a digest (the
-/// `UNIQUE` on `secret_sha256` covers current secrets; a current and a
-/// previous one are checked by [`no_shared_digest`]). The epoch is set in
-/// `meta` by `init`.
-const SCHEMA_4: &str = "
-CREATE UNIQUE INDEX tokens_previous_unique ON tokens (previous_sha256) WHERE previous_sha256 IS NOT NULL;
-";
-
-/// What version 5 added: which credential acted and the connection's peer,
-/// for each audit event, and the index audit retention deletes by.
-const SCHEMA_5: &str = "
-ALTER TABLE events ADD COLUMN peer_address TEXT;
-ALTER TABLE events ADD COLUMN credential TEXT;
-CREATE INDEX events_by_time ON events (time_seconds);
-";
-
-/// Version 2 to 3, on an existing database.
-const MIGRATE_2_TO_3: &str = "
-ALTER TABLE tokens ADD COLUMN created_by TEXT;
-ALTER TABLE tokens ADD COLUMN previous_sha256 TEXT;
-ALTER TABLE tokens ADD COLUMN previous_until_seconds INTEGER;
-ALTER TABLE tokens ADD COLUMN previous_until_nanos INTEGER;
-DROP INDEX IF EXISTS tokens_by_expiry;
-";
+use meta::{head, meta, meta_opt, set_meta};
+use schema::{configure, init};
 
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -156,36 +75,51 @@ impl SqliteStore {
         Self::open(path)
     }
 
+    /// Runs `f` in a write transaction: on the writer connection, taking
+    /// the database's write lock at once (IMMEDIATE), so that two writers
+    /// never deadlock upgrading a read.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            let mut conn = lock(&inner.writer)?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+        self.run(Side::Writer, f).await
     }
 
+    /// Runs `f` in one read transaction on the reader connection: a
+    /// consistent view across its statements.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.run(Side::Reader, f).await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        side: Side,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
-            let mut conn = lock(&inner.reader)?;
-            // One read transaction: a consistent view across statements.
-            let tx = conn.transaction()?;
+            let (conn, behavior) = match side {
+                Side::Writer => (&inner.writer, TransactionBehavior::Immediate),
+                Side::Reader => (&inner.reader, TransactionBehavior::Deferred),
+            };
+            let mut conn = lock(conn)?;
+            let tx = conn.transaction_with_behavior(behavior)?;
             let out = f(&tx)?;
             tx.commit()?;
             Ok(out)
         })
         .await
     }
+}
+
+/// Which of the two connections a transaction runs on.
+#[derive(Clone, Copy)]
+enum Side {
+    Writer,
+    Reader,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -194,159 +128,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 fn lock(conn: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>> {
     Ok(conn.lock().map_err(|_| Cause::Poisoned)?)
-}
-
-fn configure(conn: &Connection) -> Result<()> {
-    conn.busy_timeout(Duration::from_secs(10))?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-    if mode != "wal" {
-        return Err(Cause::NoWal(mode).into());
-    }
-    Ok(conn.pragma_update(None, "synchronous", "FULL")?)
-}
-
-/// Creates or migrates the schema; returns the store's lineage.
-fn init(conn: &mut Connection) -> Result<Lineage> {
-    configure(conn)?;
-    // Immediate: two processes opening a new file must not both create it.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    match version {
-        0 => {
-            tx.execute_batch(SCHEMA)?;
-            tx.execute_batch(SCHEMA_3)?;
-            tx.execute_batch(SCHEMA_4)?;
-            set_meta(&tx, "revision", 0)?;
-            set_meta(&tx, "changes_from", 0)?;
-            new_lineage(&tx)?;
-        }
-        1 => {
-            migrate_from_v1(&tx)?;
-            tx.execute_batch(SCHEMA_4)?;
-        }
-        2 => {
-            tx.execute_batch(MIGRATE_2_TO_3)?;
-            tx.execute_batch(SCHEMA_3)?;
-            tx.execute_batch(SCHEMA_4)?;
-        }
-        3 => tx.execute_batch(SCHEMA_4)?,
-        4 | SCHEMA_VERSION => {}
-        other => {
-            return Err(Cause::NewerSchema {
-                found: other,
-                known: SCHEMA_VERSION,
-            }
-            .into())
-        }
-    }
-    if version < SCHEMA_VERSION {
-        tx.execute_batch(SCHEMA_5)?;
-    }
-    if version < 4 {
-        // The history starts now (an older database's Envoys carry versions
-        // without an epoch, which count as epoch 0: this one is later).
-        set_meta(&tx, "epoch", Epoch::after(Epoch(0)).to_i64())?;
-    }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    let lineage = lineage_of(&tx)?;
-    tx.commit()?;
-    Ok(lineage)
-}
-
-fn set_meta(tx: &Transaction<'_>, key: &str, value: i64) -> Result<()> {
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )?;
-    Ok(())
-}
-
-fn meta(tx: &Transaction<'_>, key: &str) -> Result<i64> {
-    Ok(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))?)
-}
-
-fn meta_opt(tx: &Transaction<'_>, key: &str) -> Result<Option<i64>> {
-    Ok(tx
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()?)
-}
-
-/// Where the store stands: epoch, revision, and what it is behind.
-fn head(tx: &Transaction<'_>) -> Result<Head> {
-    let at = |e: i64, r: i64| Position::new(Epoch::from_i64(e), Revision::from_i64(r));
-    let behind = match (meta_opt(tx, "behind_epoch")?, meta_opt(tx, "behind_revision")?) {
-        (Some(e), Some(r)) => Some(at(e, r)),
-        _ => None,
-    };
-    let at = at(meta(tx, "epoch")?, meta(tx, "revision")?);
-    Ok(Head { at, behind })
-}
-
-fn new_lineage(tx: &Transaction<'_>) -> Result<()> {
-    let mut bytes = [0u8; LINEAGE_LEN];
-    getrandom::fill(&mut bytes).map_err(Cause::Random)?;
-    let (hi, lo) = bytes.split_at(8);
-    let word = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or_default());
-    set_meta(tx, "lineage_hi", word(hi))?;
-    set_meta(tx, "lineage_lo", word(lo))
-}
-
-fn lineage_of(tx: &Transaction<'_>) -> Result<Lineage> {
-    let mut out = [0u8; LINEAGE_LEN];
-    let (hi, lo) = out.split_at_mut(8);
-    hi.copy_from_slice(&meta(tx, "lineage_hi")?.to_le_bytes());
-    lo.copy_from_slice(&meta(tx, "lineage_lo")?.to_le_bytes());
-    Ok(out)
-}
-
-/// Version 1 kept times as RFC 3339 text and no change log. Every row is
-/// converted; one that cannot be is named and stops the migration.
-fn migrate_from_v1(tx: &Transaction<'_>) -> Result<()> {
-    let rows: Vec<(String, String, String, String, String, Option<String>)> = {
-        let mut stmt =
-            tx.prepare("SELECT name, namespace, role, secret_sha256, create_time, expire_time FROM tokens")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        rows
-    };
-    let revision = meta(tx, "revision")?.max(meta(tx, "config_version").unwrap_or(0));
-    tx.execute_batch("DROP TABLE tokens; DROP TABLE meta;")?;
-    tx.execute_batch(SCHEMA)?;
-    tx.execute_batch(SCHEMA_3)?;
-    for (name, namespace, role, digest, create, expire) in rows {
-        let corrupt = |problem: &str| StoreError::Corrupt {
-            name: name.clone(),
-            problem: problem.to_owned(),
-        };
-        let create = Timestamp::parse_rfc3339(&create).map_err(|_| corrupt("create_time is not RFC 3339"))?;
-        let expire = expire
-            .as_deref()
-            .map(Timestamp::parse_rfc3339)
-            .transpose()
-            .map_err(|_| corrupt("expire_time is not RFC 3339"))?;
-        tx.execute(
-            "INSERT INTO tokens (name, namespace, role, secret_sha256, create_seconds, create_nanos,
-                                 expire_seconds, expire_nanos, update_seconds)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5)",
-            params![
-                name,
-                namespace,
-                role,
-                digest,
-                create.unix_seconds(),
-                create.subsec_nanos(),
-                expire.map(|t| t.unix_seconds()),
-                expire.map(|t| t.subsec_nanos()),
-            ],
-        )?;
-    }
-    set_meta(tx, "revision", revision)?;
-    // Nothing before the migration is in the change log.
-    set_meta(tx, "changes_from", revision)?;
-    new_lineage(tx)
 }
 
 #[cfg(unix)]
@@ -397,36 +178,40 @@ fn commit_revision<'n>(tx: &Transaction<'_>, names: impl ExactSizeIterator<Item 
     Ok(Revision::from_i64(revision))
 }
 
-fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok(Row {
-        name: row.get(0)?,
-        role: row.get(1)?,
-        digest: row.get(2)?,
-        create: (row.get(3)?, row.get(4)?),
-        expire: (row.get(5)?, row.get(6)?),
-        retired: row.get(7)?,
-        created_by: row.get(8)?,
-        previous: (row.get(9)?, row.get(10)?, row.get(11)?),
-        last_use: row.get(12).unwrap_or(None),
-    })
+impl Columns for rusqlite::Row<'_> {
+    fn width(&self) -> usize {
+        self.as_ref().column_count()
+    }
+
+    fn at<T: Stored>(&self, column: usize) -> Result<T> {
+        Ok(self.get(column)?)
+    }
+}
+
+/// Each row of `sql`'s answer, read by `read`.
+fn read_all<T>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+    read: impl Fn(&rusqlite::Row<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(read(row)?);
+    }
+    Ok(out)
 }
 
 fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<Vec<TokenRecord>> {
-    let mut stmt = tx.prepare_cached(sql)?;
-    let rows = stmt
-        .query_map(params, read_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(decode).collect()
+    read_all(tx, sql, params, |r| decode(Row::read(r, 0)?))
 }
 
+/// One token with its last use.
 fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>> {
-    tx.prepare_cached(&format!(
-        "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1"
-    ))?
-    .query_row([name], read_row)
-    .optional()?
-    .map(decode)
-    .transpose()
+    let sql = format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1");
+    Ok(query(tx, &sql, [name])?.pop())
 }
 
 /// Records an audit event in the caller's transaction.
@@ -608,28 +393,12 @@ impl Store for SqliteStore {
         let namespace = namespace.to_owned();
         self.read(move |tx| {
             let before = before.and_then(|b| i64::try_from(b).ok()).unwrap_or(i64::MAX);
-            let mut stmt = tx.prepare_cached(&format!(
+            let sql = format!(
                 "SELECT seq, {EVENT_FIELDS} FROM events WHERE namespace = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
-            ))?;
-            let rows = stmt
-                .query_map(params![namespace, before, limit], |r| {
-                    Ok(EventRow {
-                        seq: r.get(0)?,
-                        time: (r.get(1)?, r.get(2)?),
-                        action: r.get(3)?,
-                        token: r.get(4)?,
-                        actor: r.get(5)?,
-                        role: r.get(6)?,
-                        expire: (r.get(7)?, r.get(8)?),
-                        until: (r.get(9)?, r.get(10)?),
-                        client_address: r.get(11)?,
-                        count: r.get(12)?,
-                        peer_address: r.get(13)?,
-                        credential: r.get(14)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows.into_iter().map(|row| decode_event(row, &namespace)).collect()
+            );
+            read_all(tx, &sql, params![namespace, before, limit], |r| {
+                decode_event(EventRow::read(r)?, &namespace)
+            })
         })
         .await
     }
@@ -654,13 +423,8 @@ impl Store for SqliteStore {
             if let Some(answer) = changes::answer_unread(since, from, head) {
                 return Ok(answer);
             }
-            let names: Vec<String> = {
-                let mut stmt = tx.prepare_cached("SELECT DISTINCT name FROM changes WHERE revision > ?1")?;
-                let names = stmt
-                    .query_map([since.to_i64()], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()?;
-                names
-            };
+            let sql = "SELECT DISTINCT name FROM changes WHERE revision > ?1";
+            let names: Vec<String> = read_all(tx, sql, [since.to_i64()], |r| r.at(0))?;
             let mut changed = Vec::with_capacity(names.len());
             for name in names {
                 let record = get_one(tx, &name)?;
@@ -728,11 +492,7 @@ impl Store for SqliteStore {
                    AND (previous_until_seconds < ?1 OR (previous_until_seconds = ?1 AND previous_until_nanos <= ?2))
                  RETURNING name",
             ] {
-                let mut stmt = tx.prepare_cached(sql)?;
-                let done = stmt
-                    .query_map(params![s, n], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()?;
-                names.extend(done);
+                names.extend(read_all(tx, sql, params![s, n], |r| r.at::<String>(0))?);
             }
             if names.is_empty() {
                 return Ok(None);
@@ -774,7 +534,7 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::store::contract::{self, new_digest, put, record, store_contract_tests, test_event};
+    use crate::store::contract::{self, put, record, store_contract_tests};
     use crate::testutil::TempDir;
     use apitokens_core::table::Digest;
     use apitokens_core::Role;
@@ -848,99 +608,6 @@ mod tests {
         assert!(err.to_string().contains("no database"));
     }
 
-    #[test]
-    fn a_newer_schema_is_refused() {
-        let dir = TempDir::new("store-schema");
-        let path = dir.path().join("t.db");
-        drop(SqliteStore::open(&path).unwrap());
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
-        let err = SqliteStore::open(&path).err().unwrap();
-        assert!(err.to_string().contains("schema version 99"));
-    }
-
-    /// The version 1 schema as the previous release wrote it.
-    const V1: &str = "
-        CREATE TABLE tokens (name TEXT PRIMARY KEY NOT NULL, namespace TEXT NOT NULL, role TEXT NOT NULL,
-            secret_sha256 TEXT NOT NULL UNIQUE, create_time TEXT NOT NULL, expire_time TEXT, update_time TEXT NOT NULL);
-        CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
-        INSERT INTO meta VALUES ('revision', 7), ('config_version', 12);
-        PRAGMA user_version = 1;";
-
-    #[tokio::test]
-    async fn version_2_databases_are_migrated() {
-        let dir = TempDir::new("store-v2");
-        let path = dir.path().join("t.db");
-        let conn = Connection::open(&path).unwrap();
-        // Version 2 as the previous release created it.
-        conn.execute_batch(
-            "CREATE TABLE tokens (name TEXT PRIMARY KEY NOT NULL, namespace TEXT NOT NULL, role TEXT NOT NULL,
-                 secret_sha256 TEXT NOT NULL UNIQUE, create_seconds INTEGER NOT NULL, create_nanos INTEGER NOT NULL,
-                 expire_seconds INTEGER, expire_nanos INTEGER, update_seconds INTEGER NOT NULL,
-                 retired INTEGER NOT NULL DEFAULT 0);
-             CREATE INDEX tokens_by_expiry ON tokens (expire_seconds, expire_nanos) WHERE retired = 0 AND expire_seconds IS NOT NULL;
-             CREATE TABLE changes (revision INTEGER NOT NULL, name TEXT NOT NULL);
-             CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
-             INSERT INTO meta VALUES ('revision', 5), ('changes_from', 0), ('lineage_hi', 1), ('lineage_lo', 2);
-             PRAGMA user_version = 2;",
-        )
-        .unwrap();
-        conn.execute(
-            "INSERT INTO tokens VALUES ('namespaces/a/apitokens/t', 'a', 'owner', ?1, 7, 0, NULL, NULL, 7, 0)",
-            [&"ab".repeat(32)],
-        )
-        .unwrap();
-        drop(conn);
-        let store = SqliteStore::open(&path).unwrap();
-        let t = store.get("namespaces/a/apitokens/t").await.unwrap().unwrap();
-        assert_eq!(
-            (t.role, t.created_by, t.previous, t.last_use),
-            (Role::Owner, None, None, None)
-        );
-        assert_eq!(store.revision().await.unwrap(), Revision(5));
-        store
-            .replace_digest(
-                new_digest(&t.name, Digest([3; 32]), Some(Timestamp::from_unix(99, 0))),
-                test_event(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            store.events("a", None, 5).await.unwrap().len(),
-            0,
-            "the test event names another namespace"
-        );
-    }
-
-    #[tokio::test]
-    async fn version_1_databases_are_migrated() {
-        let dir = TempDir::new("store-v1");
-        let path = dir.path().join("t.db");
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(V1).unwrap();
-        conn.execute(
-            "INSERT INTO tokens VALUES ('namespaces/a/apitokens/t', 'a', 'editor', ?1,
-                 '2026-01-01T00:00:00Z', '2030-01-01T00:00:00.25Z', '2026-01-01T00:00:00Z')",
-            [&"ab".repeat(32)],
-        )
-        .unwrap();
-        drop(conn);
-        let store = SqliteStore::open(&path).unwrap();
-        let t = store.get("namespaces/a/apitokens/t").await.unwrap().unwrap();
-        assert_eq!(
-            t.expire_time,
-            Some(Timestamp::parse_rfc3339("2030-01-01T00:00:00.25Z").unwrap())
-        );
-        assert_eq!(t.digest, Digest([0xab; 32]));
-        // Versions keep increasing past the old configuration versions, and
-        // the change log starts at the migration.
-        let r = store.revision().await.unwrap();
-        assert_eq!(r, Revision(12));
-        assert_eq!(store.changes_since(Revision(7)).await.unwrap(), Changes::TooOld);
-    }
-
     #[tokio::test]
     async fn a_row_that_cannot_be_read_is_an_error_naming_it() {
         let dir = TempDir::new("store-corrupt");
@@ -955,12 +622,6 @@ mod tests {
                 [&"cd".repeat(32)],
             )
             .unwrap();
-        let err = store.load().await.unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Corrupt { name, problem }
-                     if name == "namespaces/default/apitokens/bad" && problem == "bad create time"),
-            "{err}"
-        );
-        assert!(store.list("default").await.is_err());
+        contract::a_bad_row_is_named(&store, "namespaces/default/apitokens/bad").await;
     }
 }
