@@ -10,6 +10,11 @@
 //! revision R can ask for what changed since ([`Store::changes_since`]) and
 //! apply just that: its own writes, another process's (`bootstrap`,
 //! `import`) and another replica's alike.
+//!
+//! Both backends follow the same rules, kept here once: what a write checks
+//! (`checks`), the change log's bounds (`changes`), the rows' columns and
+//! how a stored row reads (`row`), and what can go wrong (`error`). Every
+//! call has a deadline (`deadline`); the contract both pass is `contract`.
 
 mod changes;
 mod checks;

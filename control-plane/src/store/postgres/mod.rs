@@ -75,7 +75,8 @@ impl PostgresStore {
             listener: OnceLock::new(),
         };
         store.lineage = migrate::migrate(&store).await.map_err(|e| match e {
-            // Opening names the server: the command line shows no URL.
+            // Which server failed, by its description: the command line
+            // never shows the URL (it may hold a password).
             StoreError::Unavailable(cause) => Cause::At {
                 server: store.described.clone(),
                 cause: Box::new(cause),
