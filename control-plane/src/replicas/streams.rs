@@ -99,3 +99,87 @@ pub(super) fn remote(rows: Vec<ReplicaRow>, this_id: &str, counts: impl Fn(&Repl
     }
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::store::{DbTime, Epoch, Position, Revision};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn envoy(stream: u64, node: &str) -> String {
+        json!({
+            "stream": stream, "node": node, "cluster": "gateways", "peer": "10.0.0.1:1", "connected": true,
+            "connectedAt": "2026-01-01T00:00:00Z", "initialVersion": ""
+        })
+        .to_string()
+    }
+
+    fn vm(stream: u64, node: &str) -> String {
+        json!({
+            "stream": stream, "node": node, "vm": "vm-1", "peer": "10.0.0.1:2", "connected": true,
+            "connectedAt": "2026-01-01T00:00:00Z", "subscribedRevision": "1", "subscribedEpoch": "1"
+        })
+        .to_string()
+    }
+
+    fn replica(id: &str, name: &str, streams: Vec<StreamRow>) -> ReplicaRow {
+        ReplicaRow {
+            id: id.into(),
+            name: name.into(),
+            silent_for: Duration::from_millis(120),
+            beat: DbTime(1.0),
+            streams,
+        }
+    }
+
+    fn row(stream: u64, status: String) -> StreamRow {
+        let v = Position::new(Epoch(2), Revision(7));
+        StreamRow {
+            stream,
+            acked: Some(v),
+            nacked: Some((v, "bad".into())),
+            status,
+        }
+    }
+
+    #[test]
+    fn the_other_replicas_streams_go_to_the_tracker_named_by_their_replica() {
+        let rows = vec![
+            replica("a1", "a", vec![row(1, envoy(1, "gw-a")), row(2, vm(2, "gw-a"))]),
+            replica(
+                "b1",
+                "b",
+                vec![
+                    row(1, envoy(1, "gw-b")),
+                    row(2, vm(2, "gw-b")),
+                    row(3, "not json".into()),
+                ],
+            ),
+        ];
+        // a is this replica; b counts, as `state` would say.
+        let remote = remote(rows, "a1", |r, this| this || r.id == "b1");
+        let streams: Vec<_> = remote
+            .streams
+            .iter()
+            .map(|s| (s.status.node.as_str(), s.live))
+            .collect();
+        assert_eq!(streams, [("gw-b", true)], "this replica's own streams are not remote");
+        assert_eq!(remote.streams[0].status.replica.as_deref(), Some("b"));
+        assert_eq!(remote.streams[0].nacked.as_ref().map(|(_, e)| e.as_str()), Some("bad"));
+        assert_eq!(remote.vms.len(), 1);
+        assert_eq!(remote.vms[0].status.replica.as_deref(), Some("b"));
+        assert_eq!(remote.vms[0].acked, Some(Position::new(Epoch(2), Revision(7))));
+        let replicas: Vec<_> = remote
+            .replicas
+            .iter()
+            .map(|r| (r.name.as_str(), r.this, r.envoys, r.heartbeat_age_ms))
+            .collect();
+        assert_eq!(
+            replicas,
+            [("a", true, 1, 120), ("b", false, 1, 120)],
+            "Envoys counted, not VMs or unreadable rows"
+        );
+    }
+}
