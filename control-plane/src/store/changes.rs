@@ -56,6 +56,7 @@ mod tests {
         assert_eq!(cut_through(10_000), None, "nothing older than what is kept yet");
         assert_eq!(cut_through(11_000), Some(1_000));
         assert_eq!(cut_through(11_001), None);
+        assert_eq!(cut_through(11_500), None, "only every thousandth revision");
         assert!(!restarts(CHANGES_PER_WRITE) && restarts(CHANGES_PER_WRITE + 1));
     }
 
