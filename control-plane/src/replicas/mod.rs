@@ -3,11 +3,11 @@
 //! Envoys of every replica applied it, and `/status` shows them all.
 //!
 //! The rules (heartbeats, who counts, an outage of the database, a replica
-//! restarted, forgetting the silent) are a state machine in [`state`],
+//! restarted, forgetting the silent) are a state machine in `state`,
 //! tested without a database or a clock; the statements are the store's
 //! (`PostgresStore::heartbeat` and its neighbours); the [`Coordinator`] runs
 //! the one against the other and hands what it reads to the ACK tracker
-//! ([`streams`] converts between the two).
+//! (`streams` converts between the two).
 
 mod state;
 mod streams;
@@ -60,7 +60,7 @@ impl Coordinator {
     }
 
     /// Whether this replica reached the database within the timeout: while
-    /// false, it serves no xDS (see [`state`]).
+    /// false, it serves no xDS (see `state`).
     pub fn liveness(&self) -> watch::Receiver<bool> {
         self.live.subscribe()
     }

@@ -5,18 +5,20 @@
 //! clock here: the [`Coordinator`](super::Coordinator) calls the store and
 //! passes `now`.
 //!
-//! Each replica registers itself in `replicas` (a random id per start, and
-//! its `--replica-name`), and heartbeats there every quarter of
-//! `--replica-timeout-ms`. It records its connected Envoy streams in
-//! `envoy_streams` whenever one connects, ACKs, NACKs or goes (one
-//! transaction), and `NOTIFY apitokens_envoys`; its filter VMs' delta streams
-//! too (rows of the same table, told apart by their status's `vm`, numbered
-//! with the Envoy streams), so that a write on any replica waits for a VM
-//! connected to any other, and an ECDS stream on one replica sends its node a
-//! snapshot at once when a VM of that node, connected to another, awaits
-//! one. It reads the other replicas' streams at each such notification and
-//! at each heartbeat, and hands them to its ACK tracker, where waiting writes
-//! count them like its own.
+//! Each replica, through the [`Coordinator`](super::Coordinator):
+//! - registers itself in `replicas` (a random id per start, and its
+//!   `--replica-name`), and heartbeats there every quarter of
+//!   `--replica-timeout-ms`;
+//! - records its connected Envoy streams in `envoy_streams` whenever one
+//!   connects, ACKs, NACKs or goes (one transaction), and `NOTIFY
+//!   apitokens_envoys`; its filter VMs' delta streams too (rows of the same
+//!   table, told apart by their status's `vm`, numbered with the Envoy
+//!   streams), so that a write on any replica waits for a VM connected to
+//!   any other, and an ECDS stream on one replica sends its node a snapshot
+//!   at once when a VM of that node, connected to another, awaits one;
+//! - reads the other replicas' streams at each such notification and at each
+//!   heartbeat, and hands them to its ACK tracker, where waiting writes
+//!   count them like its own.
 //!
 //! A replica whose heartbeat is older than the timeout (killed, or cut off
 //! from the database) is shown as not live, and no write waits for its
