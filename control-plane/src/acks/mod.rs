@@ -10,7 +10,7 @@
 //! recorded them in the database, see `crate::replicas`) count too: a write
 //! waits for every Envoy of every live replica ([`Tracker::set_remote`]).
 //!
-//! The filter VMs' delta streams are tracked here too (`push::vms`): an
+//! The filter VMs' delta streams are tracked here too (`vms`): an
 //! Envoy whose node has VM streams has applied a version when each of them
 //! enforces it, whatever its ECDS stream acknowledged ([`Tracker::rollout`]).
 //!

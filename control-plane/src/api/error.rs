@@ -151,7 +151,10 @@ impl IntoResponse for AppError {
                     }
                     resp
                 }
-                tokens::Error::Store(StoreError::Unavailable(e)) => unavailable("the token store is unavailable", &e),
+                // The cause is logged, never answered.
+                tokens::Error::Store(StoreError::Unavailable(cause)) => {
+                    unavailable("the token store is unavailable", &cause)
+                }
                 // An operator's step is needed (`apitokens new-epoch`): no
                 // Retry-After, the message says what happened.
                 tokens::Error::Store(e @ StoreError::Behind { .. }) => {

@@ -3,7 +3,9 @@ use super::*;
 use crate::acks::Tracker;
 use crate::clock::{self, Clock};
 use crate::config::{Publisher, PublisherOptions, Version};
-use crate::store::{AuditEvent, Changes, Head, Position, Revision, SqliteStore, Store, StoreError, TokenRecord};
+use crate::store::{
+    AuditEvent, Changes, Head, NewDigest, Position, Revision, SqliteStore, Store, StoreError, TokenRecord,
+};
 use crate::testutil::TempDir;
 use crate::tokens::secret::{self, Secret, Shape};
 use crate::tokens::{Service, ServiceOptions};
@@ -800,12 +802,10 @@ impl Store for ChangesFail {
     }
     async fn replace_digest(
         &self,
-        name: &str,
-        digest: Digest,
-        previous_until: Option<Timestamp>,
+        new: NewDigest,
         event: AuditEvent,
     ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        self.0.replace_digest(name, digest, previous_until, event).await
+        self.0.replace_digest(new, event).await
     }
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
@@ -830,7 +830,10 @@ impl Store for ChangesFail {
     }
     async fn changes_since(&self, since: Revision) -> Result<Changes, StoreError> {
         if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("connection lost".into()));
+            return Err(StoreError::Unavailable(crate::store::Cause::NoAnswer {
+                to: "a read of the changes",
+                within: std::time::Duration::ZERO,
+            }));
         }
         self.0.changes_since(since).await
     }

@@ -301,7 +301,7 @@ async fn open_store(args: &StoreArgs, must_exist: bool) -> Result<(OpenStore, St
     }
     let location = args.location()?;
     let opened = location.open(must_exist).await.map_err(|e| match e {
-        crate::store::StoreError::Unavailable(why) => Error::input("--store", why),
+        crate::store::StoreError::Unavailable(cause) => Error::input("--store", cause),
         other => Error::Store(other),
     })?;
     let name = opened.describe_for(&location);

@@ -872,7 +872,7 @@ fn retire(tables: &mut Tables, replaced: &Encoded) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::contract::{record, test_event};
+    use crate::store::contract::{new_digest, record, test_event};
     use crate::store::SqliteStore;
     use crate::testutil::TempDir;
     use apitokens_core::table::{Digest, Overlay, TokenTable};
@@ -1237,7 +1237,7 @@ mod tests {
         // A regeneration with an overlap: the old secret stays, as previous.
         let until = Some(Timestamp::from_unix(4_000_000_000, 0));
         let (_, r) = store
-            .replace_digest(&name(1), digest(11), until, test_event())
+            .replace_digest(new_digest(&name(1), digest(11), until), test_event())
             .await
             .unwrap()
             .unwrap();
@@ -1253,7 +1253,7 @@ mod tests {
         published(&p, r, &mut seen).await;
         // A regeneration without overlap, then a create.
         let (_, r) = store
-            .replace_digest(&name(3), digest(13), None, test_event())
+            .replace_digest(new_digest(&name(3), digest(13), None), test_event())
             .await
             .unwrap()
             .unwrap();

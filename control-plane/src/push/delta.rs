@@ -2,7 +2,7 @@
 //! format in `apitokens_core::delta`): every filter VM holds a stream, says
 //! which table it enforces, and is sent the publisher's steps after it, as
 //! they are published; each of its later requests says the table it now
-//! enforces, which is what a write waits for (`push::vms`). ECDS stays the
+//! enforces, which is what a write waits for (`crate::acks`). ECDS stays the
 //! snapshot; this is what makes a write cost what changed.
 //!
 //! On the xDS server next to ECDS and the usage reports, with their trust:
@@ -475,7 +475,7 @@ impl VmStream {
         for n in 0..count {
             let last = n + 1 == count;
             if last {
-                // Patience counts from here (`push::acks`).
+                // Patience counts from here (`crate::acks`).
                 self.shared.acks.vm_sent(self.id, step.to);
             }
             let response = DeltaResponse {

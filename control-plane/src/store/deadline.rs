@@ -7,7 +7,9 @@
 //! which rolls it back when the server answers again (only a commit already
 //! on the wire can still land: the answer says the outcome is unknown).
 
-use super::{AuditEvent, Changes, Head, Position, Revision, Store, StoreError, TokenRecord, Use};
+use super::{
+    AuditEvent, Cause, Changes, Head, NewDigest, Position, Result, Revision, Store, StoreError, TokenRecord, Use,
+};
 use apitokens_core::compact::Lineage;
 use apitokens_core::Timestamp;
 use async_trait::async_trait;
@@ -121,8 +123,8 @@ impl Deadline {
         &self,
         limit: Duration,
         Op(operation, what): Op,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let started = Instant::now();
         let (result, failure) = match tokio::time::timeout(limit, call).await {
             Ok(result) => {
@@ -144,10 +146,10 @@ impl Deadline {
                     "store: no answer to {what} within {} ms: the database is frozen or unreachable",
                     limit.as_millis()
                 );
-                let e = StoreError::Unavailable(format!(
-                    "no answer from the database to {what} within {} ms (a change may or may not have been made)",
-                    limit.as_millis()
-                ));
+                let e = StoreError::Unavailable(Cause::NoAnswer {
+                    to: what,
+                    within: limit,
+                });
                 (Err(e), Some("timeout"))
             }
         };
@@ -167,70 +169,54 @@ impl Deadline {
 
 #[async_trait]
 impl Store for Deadline {
-    async fn insert(
-        &self,
-        records: Vec<TokenRecord>,
-        quota: Option<u32>,
-        events: Vec<AuditEvent>,
-    ) -> Result<Revision, StoreError> {
+    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>, events: Vec<AuditEvent>) -> Result<Revision> {
         let limit = if records.len() > BULK_RECORDS { BULK } else { self.call };
         self.within(limit, INSERT, self.inner.insert(records, quota, events))
             .await
     }
-    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError> {
+    async fn get(&self, name: &str) -> Result<Option<TokenRecord>> {
         self.within(self.call, GET, self.inner.get(name)).await
     }
-    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>> {
         self.within(self.call, LIST, self.inner.list(namespace)).await
     }
-    async fn replace_digest(
-        &self,
-        name: &str,
-        digest: apitokens_core::table::Digest,
-        previous_until: Option<Timestamp>,
-        event: AuditEvent,
-    ) -> Result<Option<(TokenRecord, Revision)>, StoreError> {
-        let call = self.inner.replace_digest(name, digest, previous_until, event);
-        self.within(self.call, REPLACE, call).await
+    async fn replace_digest(&self, new: NewDigest, event: AuditEvent) -> Result<Option<(TokenRecord, Revision)>> {
+        self.within(self.call, REPLACE, self.inner.replace_digest(new, event))
+            .await
     }
-    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>> {
         self.within(self.call, DELETE, self.inner.delete(name, event)).await
     }
-    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError> {
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         self.within(self.call, USAGE, self.inner.record_usage(uses)).await
     }
-    async fn events(
-        &self,
-        namespace: &str,
-        before: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+    async fn events(&self, namespace: &str, before: Option<u64>, limit: u32) -> Result<Vec<(u64, AuditEvent)>> {
         let call = self.inner.events(namespace, before, limit);
         self.within(self.call, EVENTS, call).await
     }
-    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64> {
         self.within(BULK, PRUNE, self.inner.prune_events(before, limit)).await
     }
-    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>)> {
         self.within(BULK, LOAD, self.inner.load()).await
     }
-    async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError> {
+    async fn changes_since(&self, revision: Revision) -> Result<Changes> {
         self.within(self.call, CHANGES, self.inner.changes_since(revision))
             .await
     }
-    async fn head(&self) -> Result<Head, StoreError> {
+    async fn head(&self) -> Result<Head> {
         self.within(self.call, HEAD, self.inner.head()).await
     }
-    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError> {
+    async fn mark_behind(&self, seen: Position) -> Result<Head> {
         self.within(self.call, MARK, self.inner.mark_behind(seen)).await
     }
-    async fn new_epoch(&self) -> Result<Head, StoreError> {
+    async fn new_epoch(&self) -> Result<Head> {
         self.within(BULK, EPOCH, self.inner.new_epoch()).await
     }
-    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError> {
+    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>> {
         self.within(self.call, RETIRE, self.inner.retire_expired(cutoff)).await
     }
-    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+    async fn next_expiry(&self) -> Result<Option<Timestamp>> {
         self.within(self.call, NEXT_EXPIRY, self.inner.next_expiry()).await
     }
     fn lineage(&self) -> Lineage {

@@ -10,16 +10,27 @@
 //! revision R can ask for what changed since ([`Store::changes_since`]) and
 //! apply just that: its own writes, another process's (`bootstrap`,
 //! `import`) and another replica's alike.
+//!
+//! Both backends follow the same rules, kept here once: what a write checks
+//! (`checks`), the change log's bounds (`changes`), the rows' columns and
+//! how a stored row reads (`row`), and what can go wrong (`error`). Every
+//! call has a deadline (`deadline`); the contract both pass is `contract`.
 
+mod changes;
+mod checks;
 #[cfg(test)]
 pub(crate) mod contract;
 mod deadline;
-pub use deadline::StoreMetrics;
+mod error;
 mod postgres;
 mod row;
 mod sqlite;
 
+pub use deadline::StoreMetrics;
+pub use error::{Cause, Result, StoreError};
+pub(crate) use postgres::replicas::{DbTime, ReplicaRow, Stale, StreamRow, StreamsWrite};
 pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
 
 /// The epoch and revision after [`Store::new_epoch`] on a store at `head`.
 pub(crate) fn next_epoch(head: &Head) -> Position {
@@ -29,8 +40,6 @@ pub(crate) fn next_epoch(head: &Head) -> Position {
         Revision(head.at.revision.0.max(seen.revision.0) + 1),
     )
 }
-pub(crate) use postgres::ENVOYS_CHANNEL;
-pub use sqlite::SqliteStore;
 
 use apitokens_core::compact::Lineage;
 use apitokens_core::name::TokenName;
@@ -46,6 +55,17 @@ use tokio::sync::watch;
 /// process and replica sharing the store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Revision(pub u64);
+
+impl Revision {
+    /// As the databases store it (a signed 64-bit integer).
+    pub(crate) fn to_i64(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) fn from_i64(stored: i64) -> Self {
+        Self(u64::try_from(stored).unwrap_or(0))
+    }
+}
 
 impl fmt::Display for Revision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,6 +88,15 @@ impl fmt::Display for Epoch {
 }
 
 impl Epoch {
+    /// As the databases store it (a signed 64-bit integer).
+    pub(crate) fn to_i64(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+
+    pub(crate) fn from_i64(stored: i64) -> Self {
+        Self(u64::try_from(stored).unwrap_or(0))
+    }
+
     /// A new epoch, later than `after` (now, unless the clock is behind it).
     pub fn after(after: Epoch) -> Self {
         let now = crate::clock::now();
@@ -106,6 +135,15 @@ pub struct Head {
     /// with [`Store::new_epoch`]; new writes would otherwise reuse revisions
     /// of the lost history.
     pub behind: Option<Position>,
+}
+
+impl Head {
+    /// Whether `seen`, enforced somewhere, is beyond the store and beyond
+    /// what it is already known to be behind: [`Store::mark_behind`] records
+    /// it.
+    pub(crate) fn is_behind(&self, seen: Position) -> bool {
+        seen > self.at && self.behind.is_none_or(|b| seen > b)
+    }
 }
 
 /// One token as stored: validated fields, the secret's digest only.
@@ -170,12 +208,18 @@ impl TokenRecord {
             }),
         }
     }
+}
 
-    /// Checks the invariants the rest of the program relies on.
-    pub(crate) fn check(&self) -> Result<(), String> {
-        TokenName::parse(&self.name).map_err(|e| format!("name: {e}"))?;
-        Ok(())
-    }
+/// A token's new secret, by its digest ([`Store::replace_digest`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewDigest {
+    /// The token's name.
+    pub name: String,
+    pub digest: Digest,
+    /// A rotation's overlap: the old digest stays the token's previous
+    /// secret until then (ending any earlier overlap). `None`: the old
+    /// digest is gone at once.
+    pub previous_until: Option<Timestamp>,
 }
 
 /// What was done to a token, for the audit trail.
@@ -269,38 +313,6 @@ pub enum Changes {
     TooOld,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    /// A token with this name exists.
-    #[error("an API token named {0} already exists")]
-    NameTaken(String),
-    /// A token with this digest exists (another secret collided, or an
-    /// import carries the same secret twice).
-    #[error("an API token with this secret digest already exists")]
-    DigestTaken,
-    /// The namespace already holds `limit` tokens.
-    #[error("namespace {namespace} already has {limit} API tokens, the most allowed")]
-    QuotaExceeded { namespace: String, limit: u32 },
-    /// A stored row that cannot be read (written by something else, or
-    /// damaged): named, never skipped.
-    #[error("stored token {name} cannot be read: {problem}")]
-    Corrupt { name: String, problem: String },
-    /// The database cannot be used right now (down, locked, full); the
-    /// message never contains a secret.
-    #[error("the token store is unavailable: {0}")]
-    Unavailable(String),
-    /// The store is behind what the gateways enforce (see [`Head::behind`]):
-    /// no write until an operator runs `apitokens new-epoch`.
-    #[error(
-        "the token store is behind the configuration the gateways enforce (version {} of epoch {}, the store is at \
-         version {} of epoch {}): it was restored from a backup or failed over and lost writes; changes are refused \
-         until an operator accepts the store as it is with `apitokens new-epoch` (revocations made after the copy \
-         must then be made again)",
-        seen.revision, seen.epoch, at.revision, at.epoch
-    )]
-    Behind { at: Position, seen: Position },
-}
-
 /// The storage interface. Every method that changes something is durable when
 /// it returns `Ok`, and returns the revision it committed.
 #[async_trait]
@@ -308,70 +320,52 @@ pub trait Store: Send + Sync {
     /// Inserts all records or none, and records `events` in the same
     /// transaction. With `quota`, refuses (and inserts nothing) if a
     /// namespace would then hold more than that many tokens.
-    async fn insert(
-        &self,
-        records: Vec<TokenRecord>,
-        quota: Option<u32>,
-        events: Vec<AuditEvent>,
-    ) -> Result<Revision, StoreError>;
+    async fn insert(&self, records: Vec<TokenRecord>, quota: Option<u32>, events: Vec<AuditEvent>) -> Result<Revision>;
     /// With its last use.
-    async fn get(&self, name: &str) -> Result<Option<TokenRecord>, StoreError>;
+    async fn get(&self, name: &str) -> Result<Option<TokenRecord>>;
     /// The namespace's tokens, ordered by name, with their last use.
-    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, StoreError>;
-    /// Replaces the digest of an existing token; with `previous_until`, the
-    /// old digest stays its previous secret until then (ending any earlier
-    /// overlap), without it the old digest is gone. `None` if there is no
-    /// such token.
-    async fn replace_digest(
-        &self,
-        name: &str,
-        digest: Digest,
-        previous_until: Option<Timestamp>,
-        event: AuditEvent,
-    ) -> Result<Option<(TokenRecord, Revision)>, StoreError>;
+    async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>>;
+    /// Replaces the digest of an existing token (see [`NewDigest`]); `None`
+    /// if there is no such token.
+    async fn replace_digest(&self, new: NewDigest, event: AuditEvent) -> Result<Option<(TokenRecord, Revision)>>;
     /// `None` if there was no such token.
-    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError>;
+    async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>>;
     /// The latest use of each token named, recorded only while the token
     /// still has the secret that was used (current or previous): a use never
     /// lands on another token of the same name, created after a delete.
     /// Unknown names are skipped. Not a change of the configuration: no
     /// revision.
-    async fn record_usage(&self, uses: Vec<Use>) -> Result<(), StoreError>;
+    async fn record_usage(&self, uses: Vec<Use>) -> Result<()>;
     /// The namespace's audit trail, newest first: at most `limit` events
     /// older than sequence number `before`, each with its sequence number.
-    async fn events(
-        &self,
-        namespace: &str,
-        before: Option<u64>,
-        limit: u32,
-    ) -> Result<Vec<(u64, AuditEvent)>, StoreError>;
+    async fn events(&self, namespace: &str, before: Option<u64>, limit: u32) -> Result<Vec<(u64, AuditEvent)>>;
     /// Deletes audit events older than `before` (whole seconds), at most
     /// `limit` of them, oldest first; returns how many.
-    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+    async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64>;
     /// Every token that is not retired, ordered by name, and where the store
     /// stood when they were read, in one consistent read.
-    async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError>;
+    async fn load(&self) -> Result<(Head, Vec<TokenRecord>)>;
     /// What changed after `revision`, in one consistent read.
-    async fn changes_since(&self, revision: Revision) -> Result<Changes, StoreError>;
-    async fn head(&self) -> Result<Head, StoreError>;
-    async fn revision(&self) -> Result<Revision, StoreError> {
+    async fn changes_since(&self, revision: Revision) -> Result<Changes>;
+    async fn head(&self) -> Result<Head>;
+    async fn revision(&self) -> Result<Revision> {
         Ok(self.head().await?.at.revision)
     }
     /// Records that `seen` was enforced somewhere although the store is
     /// before it (see [`Head::behind`]); nothing if the store is at or after
     /// `seen`. Returns the head after.
-    async fn mark_behind(&self, seen: Position) -> Result<Head, StoreError>;
+    async fn mark_behind(&self, seen: Position) -> Result<Head>;
     /// Accepts the store as it is after a restore or a lossy failover: a new
     /// epoch (later than the current one and than any position it is
     /// behind), a revision above every one seen, the change log restarted,
     /// and writes allowed again. Every Envoy then takes its content.
-    async fn new_epoch(&self) -> Result<Head, StoreError>;
+    async fn new_epoch(&self) -> Result<Head>;
     /// Retires every token whose expiry is at or before `cutoff`, and ends
     /// the overlaps that ended by then; the revision if anything changed.
-    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>, StoreError>;
+    async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>>;
     /// The earliest expiry or end of an overlap among tokens that are not
     /// retired.
-    async fn next_expiry(&self) -> Result<Option<Timestamp>, StoreError>;
+    async fn next_expiry(&self) -> Result<Option<Timestamp>>;
     /// Identifies this store: the same for every process using it.
     fn lineage(&self) -> Lineage;
     /// Changes (the value is a counter) soon after another process or
@@ -417,7 +411,7 @@ impl Location {
 
     /// Opens the store: a SQLite file is created if missing (`must_exist`:
     /// refused instead); PostgreSQL gets the migrations it lacks.
-    pub async fn open(&self, must_exist: bool) -> Result<OpenStore, StoreError> {
+    pub async fn open(&self, must_exist: bool) -> Result<OpenStore> {
         Ok(match self {
             Self::Sqlite(path) if must_exist => OpenStore::Sqlite(Arc::new(SqliteStore::open_existing(path)?)),
             Self::Sqlite(path) => OpenStore::Sqlite(Arc::new(SqliteStore::open(path)?)),
@@ -475,7 +469,6 @@ impl OpenStore {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 

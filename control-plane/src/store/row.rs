@@ -2,7 +2,7 @@
 //! decoding: one place for what a readable row is, so SQLite and PostgreSQL
 //! refuse the same damaged rows with the same words.
 
-use super::{Action, AuditEvent, Credential, PreviousSecret, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Credential, PreviousSecret, Result, StoreError, TokenRecord};
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -10,8 +10,29 @@ use apitokens_core::{Role, Timestamp};
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
      t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
+/// The columns an insert of a token writes, in this order.
+pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_seconds, create_nanos, \
+     expire_seconds, expire_nanos, update_seconds, retired, created_by, previous_sha256, previous_until_seconds, \
+     previous_until_nanos";
+/// An audit event's columns but its sequence number (the database numbers
+/// events) and its namespace (reads select by it), in the order of
+/// [`EventRow`].
+pub(super) const EVENT_FIELDS: &str = "time_seconds, time_nanos, action, token, actor, role, expire_seconds, \
+     expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential";
 /// `COLUMNS` and the last use, for the API's reads.
 pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
+
+/// A value both backends read from a column.
+pub(super) trait Stored: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
+
+impl<T: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>> Stored for T {}
+
+/// A row as the backends' drivers give it, read by column number: the
+/// positions of the columns are this module's.
+pub(super) trait Columns {
+    fn width(&self) -> usize;
+    fn at<T: Stored>(&self, column: usize) -> Result<T>;
+}
 
 /// A row as read: the columns of `COLUMNS`, then the last use if selected.
 pub(super) struct Row {
@@ -24,6 +45,24 @@ pub(super) struct Row {
     pub(super) created_by: Option<String>,
     pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
     pub(super) last_use: Option<i64>,
+}
+
+impl Row {
+    /// The columns of `COLUMNS` from column `at` on, then the last use when
+    /// the query selected it.
+    pub(super) fn read(r: &impl Columns, at: usize) -> Result<Self> {
+        Ok(Self {
+            name: r.at(at)?,
+            role: r.at(at + 1)?,
+            digest: r.at(at + 2)?,
+            create: (r.at(at + 3)?, r.at(at + 4)?),
+            expire: (r.at(at + 5)?, r.at(at + 6)?),
+            retired: r.at(at + 7)?,
+            created_by: r.at(at + 8)?,
+            previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
+            last_use: if r.width() > at + 12 { r.at(at + 12)? } else { None },
+        })
+    }
 }
 
 pub(super) fn time(secs: i64, nanos: i64) -> Option<Timestamp> {
@@ -92,6 +131,27 @@ pub(super) struct EventRow {
     pub(super) count: Option<u32>,
     pub(super) peer_address: Option<String>,
     pub(super) credential: Option<String>,
+}
+
+impl EventRow {
+    /// `seq`, then the columns of [`EVENT_FIELDS`].
+    pub(super) fn read(r: &impl Columns) -> Result<Self> {
+        let count: Option<i64> = r.at(12)?;
+        Ok(Self {
+            seq: r.at(0)?,
+            time: (r.at(1)?, r.at(2)?),
+            action: r.at(3)?,
+            token: r.at(4)?,
+            actor: r.at(5)?,
+            role: r.at(6)?,
+            expire: (r.at(7)?, r.at(8)?),
+            until: (r.at(9)?, r.at(10)?),
+            client_address: r.at(11)?,
+            count: count.and_then(|c| u32::try_from(c).ok()),
+            peer_address: r.at(13)?,
+            credential: r.at(14)?,
+        })
+    }
 }
 
 /// An optional column that must parse when present.

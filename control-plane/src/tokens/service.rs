@@ -16,7 +16,7 @@ use crate::acks::{Rollout, Tracker};
 use crate::clock::Clock;
 use crate::config::{Publisher, Version};
 use crate::metrics::ServiceMetrics;
-use crate::store::{Action, AuditEvent, Revision, Store, TokenRecord, Use};
+use crate::store::{Action, AuditEvent, NewDigest, Revision, Store, TokenRecord, Use};
 use apitokens_core::config::Config;
 use apitokens_core::name::{is_dns_label, TokenName};
 use apitokens_core::spec::PluginConfig;
@@ -392,7 +392,14 @@ impl Service {
         };
         let (token, revision) = self
             .store
-            .replace_digest(&name, secret.digest(), until, event.clone())
+            .replace_digest(
+                NewDigest {
+                    name: name.clone(),
+                    digest: secret.digest(),
+                    previous_until: until,
+                },
+                event.clone(),
+            )
             .await?
             .ok_or(Error::NotFound(name))?;
         audit::log(&AuditEvent {
