@@ -37,6 +37,7 @@ from callers import QUOTA, SEEDED_DEFAULT, SEEDED_TOTAL, Credentials, apt_secret
 from testkit.clients import request
 from testkit.controlplane import ControlPlane, apitokens_bin, tokens_path
 from testkit.harness import remember_secret
+from testkit.timing import limit
 
 
 # Hypothesis keeps no example database here (settings database=None), but
@@ -93,7 +94,7 @@ def seed(plane: ControlPlane, expired_secret: str) -> None:
     conf = plane.dir / "seed.json"
     conf.write_text(json.dumps({"tokens": tokens}))
     subprocess.run([apitokens_bin(), "import", str(conf), *plane.store_args()],
-                   capture_output=True, check=True, timeout=60)
+                   capture_output=True, check=True, timeout=limit(60))
 
 
 def created(plane: ControlPlane, owner: str, token: str, role: str, **extra) -> str:

@@ -44,6 +44,7 @@ from hypothesis import HealthCheck, settings
 import oas
 from callers import ORDER, OWN_TOKENS, SEEDED_DEFAULT
 from testkit.harness import SECRETS, remember_secret
+from testkit.timing import limit
 
 # Per operation, fuzzing phase; CONTRACT_EXAMPLES=200 for a deeper run (minutes).
 MAX_EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "50"))
@@ -82,7 +83,7 @@ CONFIG = schemathesis.Config.from_dict({
         "include-operation-id": POSITIVE_400,
         "checks": {"positive_data_acceptance": {"expected-statuses": [*POSITIVE, "400"]}},
     }],
-    "request-timeout": 10,
+    "request-timeout": limit(10),
 })
 # Loaded when the module is (schemathesis parametrizes at collection); the
 # server's address is given to each call. (`schemathesis.pytest.from_fixture`

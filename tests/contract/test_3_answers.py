@@ -17,6 +17,7 @@ from callers import QUOTA, Credentials
 from testkit.clients import request
 from testkit.controlplane import ControlPlane, tokens_path
 from testkit.harness import SECRETS, remember_secret
+from testkit.timing import limit
 
 COLLECTION = "/apitokens/v1/namespaces/{ns}/apitokens"
 ITEM = COLLECTION + "/{apiTokenName}"
@@ -105,7 +106,7 @@ def test_the_filters_refusals_carry_their_challenge(plane, document):
 
 
 def test_several_credentials_are_a_400_with_a_challenge(plane, document):
-    conn = http.client.HTTPConnection("127.0.0.1", plane.api_port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", plane.api_port, timeout=limit(10))
     try:
         conn.putrequest("GET", tokens_path())
         conn.putheader("Authorization", f"Bearer {plane.creds['owner']}")

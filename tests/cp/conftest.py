@@ -28,7 +28,7 @@ from testkit.controlplane import (
     missing_binaries,
     shipped_envoy,
 )
-from testkit.harness import SECRETS, envoy_bin, poll
+from testkit.harness import envoy_bin, poll
 from testkit.fixtures import upstream  # noqa: F401  (the echo upstream)
 
 
@@ -64,14 +64,15 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cp(workdir):
-    # The read-your-writes loops write as fast as they can (1,500 writes in
-    # one namespace): no write rate here, on every start (test_14 tests it on
-    # a plane of its own).
-    plane = ControlPlane(workdir / "cp", always=("--namespace-writes-per-second", "0"))
+    # On every start (tests restart it, with arguments of their own): the
+    # read-your-writes loops write as fast as they can (1,500 writes in one
+    # namespace), so no write rate (test_14 tests it on a plane of its own);
+    # expired tokens leave the pushed configuration 2 s after their expiry
+    # (test_expiry; the default keeps them 7 days).
+    plane = ControlPlane(workdir / "cp", always=("--namespace-writes-per-second", "0",
+                                                 "--expired-retention-seconds", "2"))
     plane.owner = plane.bootstrap("default", "admin")  # type: ignore[attr-defined]
-    # Expired tokens leave the pushed configuration 2 s after their expiry
-    # (test_expiry); the default keeps them 7 days.
-    plane.start("--expired-retention-seconds", "2")
+    plane.start()
     yield plane
     plane.stop()
 
@@ -91,25 +92,24 @@ def owner(cp) -> str:
     return cp.owner  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def leak_search(request, workdir, envoy, cp):
-    """After the last test (teardown): no secret issued in this session appears
-    in any log, the database files, the ECDS file, Envoy's config_dump, stats
-    or the status page. Fails the run."""
-    yield
-    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+def ecds_digest_searched(run, places: dict[str, str]) -> None:
+    """The search read the real things: the database's WAL or the control
+    plane's logs (a whole run), and what Envoy holds, which is digests (raw
+    bytes in the compact encoding the control plane pushes): the search reads
+    the payload, and would find a leaked value."""
+    if run.whole:
+        assert any(n.endswith("-wal") for n in places) or any("serve-" in n for n in places)
+    digest = hashlib.sha256(run.cp.owner.encode()).digest().decode("latin-1")
+    assert digest in places["envoy /config_dump?resource=ecds_filters (decoded BytesValue)"]
 
-    def no_secret_anywhere():
-        if whole:
-            assert len(SECRETS) >= 15, "the lifecycle tests issue tokens first"
-        # The places searched really exist: logs, database and its WAL, ECDS file.
-        must_exist = {"apitokens.db", "apitokens-ecds.pb", "envoy.log", "access.log"} if whole else set()
-        places = leaks.search_run(workdir, envoy, cp, SECRETS, must_exist)
-        if whole:
-            assert any(n.endswith("-wal") for n in places) or any("serve-" in n for n in places)
-        # What Envoy has is digests (raw bytes in the compact encoding the control
-        # plane pushes): the search reads the payload, and would find a leaked value.
-        digest = hashlib.sha256(cp.owner.encode()).digest().decode("latin-1")
-        assert digest in places["envoy /config_dump?resource=ecds_filters (decoded BytesValue)"]
 
-    leaks.at_session_end({"no secret anywhere": no_secret_anywhere})
+# After the last test: no secret issued in this session in any log, the
+# database files, the ECDS files, Envoy's config_dump, stats or the status page.
+leak_search = leaks.session_search(
+    __file__, "workdir", "envoy", "cp",
+    places=lambda run: leaks.control_plane_places(run.workdir, run.envoy, run.cp),
+    must_exist={"apitokens.db", "envoy.log", "access.log"},
+    # Written by the file variant's control planes (test_3, test_8).
+    whole_suite_must_exist={"apitokens-ecds.pb"},
+    searched=ecds_digest_searched,
+)

@@ -17,6 +17,7 @@ import pytest
 from testkit.certs import make_ca, make_cert
 from testkit.controlplane import ControlPlane, free_port, tokens_path
 from testkit.harness import poll, remember_secret
+from testkit.timing import limit
 
 HEADER_TIMEOUT = 1
 
@@ -30,7 +31,7 @@ class TlsPlane(ControlPlane):
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
         try:
-            return httpx.get(f"https://127.0.0.1:{self.api_port}/healthz", verify=self.ca, timeout=5).status_code == 200
+            return httpx.get(f"https://127.0.0.1:{self.api_port}/healthz", verify=self.ca, timeout=limit(5)).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -55,7 +56,7 @@ def plane(workdir):
 def https(cp, method: str, path: str, token: str | None = None, **kw) -> httpx.Response:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.request(method, f"https://127.0.0.1:{cp.api_port}{path}", headers=headers, verify=cp.ca,
-                         timeout=10, **kw)
+                         timeout=limit(10), **kw)
 
 
 def test_the_api_answers_over_https_only(plane):
@@ -66,25 +67,25 @@ def test_the_api_answers_over_https_only(plane):
     assert https(plane, "GET", tokens_path(token="over-tls"), plane.owner).status_code == 200
     # Plain HTTP on the same port gets no answer: nothing goes in clear.
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{plane.api_port}/healthz", timeout=5)
+        httpx.get(f"http://127.0.0.1:{plane.api_port}/healthz", timeout=limit(5))
     # A client that does not trust the certificate stops at the handshake.
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"https://127.0.0.1:{plane.api_port}/healthz", timeout=5)
+        httpx.get(f"https://127.0.0.1:{plane.api_port}/healthz", timeout=limit(5))
 
 
 def test_status_is_served_on_the_operators_listener_only(plane):
     assert https(plane, "GET", "/status").status_code == 404
-    st = httpx.get(f"https://127.0.0.1:{plane.status_port}/status", verify=plane.ca, timeout=10)
+    st = httpx.get(f"https://127.0.0.1:{plane.status_port}/status", verify=plane.ca, timeout=limit(10))
     assert st.status_code == 200 and "envoys" in st.json()
-    assert httpx.get(f"https://127.0.0.1:{plane.status_port}/healthz", verify=plane.ca, timeout=5).status_code == 200
+    assert httpx.get(f"https://127.0.0.1:{plane.status_port}/healthz", verify=plane.ca, timeout=limit(5)).status_code == 200
     # The operators' listener serves nothing else.
     assert httpx.get(f"https://127.0.0.1:{plane.status_port}{tokens_path()}", verify=plane.ca,
-                     headers={"authorization": f"Bearer {plane.owner}"}, timeout=5).status_code == 404
+                     headers={"authorization": f"Bearer {plane.owner}"}, timeout=limit(5)).status_code == 404
 
 
 def slow_client(port: int) -> socket.socket:
     """A TLS connection that sends half a request line and nothing more."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=limit(10))
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

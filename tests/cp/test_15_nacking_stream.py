@@ -20,6 +20,7 @@ import pytest
 
 from testkit.controlplane import APP, ControlPlane, create, shipped_envoy
 from testkit.harness import poll, remember_secret
+from testkit.timing import limit
 from testkit.xds import STREAM_PATH, discovery_request, fields
 
 APPLY_TIMEOUT_MS = 4000
@@ -70,7 +71,7 @@ class Nacker(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        self.join(5)
+        self.join(limit(5))
         self.sock.close()
 
 

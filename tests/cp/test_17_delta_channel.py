@@ -29,6 +29,7 @@ import pytest
 
 from testkit.controlplane import APP, ControlPlane, apitokens_bin, free_port, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret
+from testkit.timing import limit
 
 TABLE = 100_000
 # Per protocol: 500 create -> first use, 500 regenerate and 500 delete cycles in all.
@@ -45,7 +46,7 @@ def import_tokens(plane: ControlPlane, n: int) -> None:
     conf = plane.dir / "bulk.json"
     conf.write_text(json.dumps({"tokens": tokens}))
     subprocess.run([apitokens_bin(), "import", str(conf), *plane.store_args()],
-                   capture_output=True, check=True, timeout=120)
+                   capture_output=True, check=True, timeout=limit(120))
 
 
 def delta_streams(plane: ControlPlane) -> float:
@@ -81,7 +82,7 @@ def fresh(proxy, proto: str, secret: str) -> int:
     the client keeps no connection alive."""
     key = (proxy.base_url, proto)
     if key not in CLIENTS:
-        CLIENTS[key] = httpx.Client(base_url=proxy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=10.0,
+        CLIENTS[key] = httpx.Client(base_url=proxy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=limit(10.0),
                                     trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
     return CLIENTS[key].get(APP, headers={"authorization": f"Bearer {secret}"}).status_code
 
@@ -110,7 +111,7 @@ def connections_by_worker(proxy) -> dict[str, float]:
 
 @pytest.mark.parametrize("proto", ["h1", "h2"])
 def test_every_write_is_enforced_by_every_worker_when_it_answers(plane, proxy, proto):
-    api = httpx.Client(base_url=f"http://127.0.0.1:{plane.api_port}", timeout=30.0, trust_env=False,
+    api = httpx.Client(base_url=f"http://127.0.0.1:{plane.api_port}", timeout=limit(30.0), trust_env=False,
                        headers={"authorization": f"Bearer {plane.owner}"})
     wrong: list[str] = []
     opened = connections_by_worker(proxy)
@@ -176,7 +177,7 @@ def test_the_channel_cut_mid_burst_loses_nothing(plane, proxy):
          "the delta streams back")
     time.sleep(1.0)
     stop.set()
-    thread.join(30)
+    thread.join(limit(30))
     assert len(deleted) > 5 and len(created) > 5, (len(deleted), len(created))
     wrong = [f"deleted #{i}: {s}" for i, secret in enumerate(deleted) if (s := fresh(proxy, "h1", secret)) != 401]
     wrong += [f"created #{i}: {s}" for i, secret in enumerate(created) if (s := fresh(proxy, "h1", secret)) != 200]
@@ -251,7 +252,7 @@ def test_a_hot_restart_never_admits_a_revoked_token(workdir, plane, upstream):
         victim, keeper = create("hot-victim"), create("hot-keeper")
 
         def hammer() -> None:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, trust_env=False,
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=limit(10.0), trust_env=False,
                               limits=httpx.Limits(max_keepalive_connections=0)) as client:
                 while not stop.is_set():
                     for key, secret in (("victim", victim), ("keeper", keeper)):

@@ -12,10 +12,11 @@ import yaml
 
 from testkit.controlplane import APP, REPO, apitokens_bin, create, free_port, issued_secret, tokens_path, until_status
 from testkit.harness import envoy_bin, remember_secret
+from testkit.timing import limit
 
 
 def run(*args, check=False):
-    return subprocess.run([apitokens_bin(), *args], capture_output=True, text=True, timeout=30, check=check)
+    return subprocess.run([apitokens_bin(), *args], capture_output=True, text=True, timeout=limit(30), check=check)
 
 
 def test_help_for_every_command():
@@ -85,12 +86,20 @@ def test_the_store_url_from_a_file_keeps_the_password_out_of_the_process_list(tm
     assert r.returncode == 1 and "--store-file" in r.stderr and "command line" in r.stderr, r.stderr
     assert secret not in r.stderr + r.stdout
 
-def test_render_json_and_wasmplugin(cp):
+def test_render_json_and_wasmplugin(cp, tmp_path):
+    # A token that expired (imported: the API takes only future expiries).
+    expired = remember_secret(str(uuid.uuid4()))
+    f = tmp_path / "expired.json"
+    f.write_text(json.dumps({"tokens": [{"name": "namespaces/default/apitokens/render-expired", "role": "viewer",
+                                         "secretSha256": hashlib.sha256(expired.encode()).hexdigest(),
+                                         "expireTime": "2020-01-01T00:00:00Z"}]}))
+    r = run("import", "--db", str(cp.db), str(f))
+    assert r.returncode == 0, r.stderr
     out = run("render", "--db", str(cp.db), "--plugin-config", "envoy/ecds-plugin-base.json", check=True).stdout
     spec = json.loads(out)
     names = [t["name"] for t in spec["tokens"]]
     assert "namespaces/default/apitokens/admin" in names
-    assert "namespaces/default/apitokens/brief" not in names, "expired tokens are left out"
+    assert "namespaces/default/apitokens/render-expired" not in names, "expired tokens are left out"
     assert spec["realm"] == "apitokens" and "forwardAuthorization" not in spec
     assert all(len(t["secretSha256"]) == 64 for t in spec["tokens"])
     doc = yaml.safe_load(run("render", "--db", str(cp.db), "--format", "wasmplugin", check=True).stdout)
@@ -158,5 +167,5 @@ def test_an_import_of_another_tokens_previous_secret_is_refused_and_writes_go_on
 
 def test_shipped_ecds_config_validates():
     r = subprocess.run([envoy_bin(), "--mode", "validate", "-c", "envoy/envoy-ecds.yaml"], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=limit(60))
     assert r.returncode == 0 and "OK" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]

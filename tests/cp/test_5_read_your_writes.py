@@ -18,6 +18,7 @@ import pytest
 
 from testkit.controlplane import APP, ControlPlane, hcm_of, module_path, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret
+from testkit.timing import limit
 
 CYCLES = 150  # per protocol; tests/cp/test_17 runs 500 of each write at 100k tokens and 4 workers
 CONNECTIONS = 4  # per Envoy at least, and until both its workers have some
@@ -39,7 +40,7 @@ class Connections:
             # open more until both have some.
             for opened in range(1, 33):
                 client = httpx.Client(base_url=envoy.base_url, http1=proto == "h1", http2=proto == "h2",
-                                      timeout=10.0, trust_env=False)
+                                      timeout=limit(10.0), trust_env=False)
                 assert client.get(APP).status_code == 401  # opens the connection
                 self.clients.append((envoy.name, client))
                 if opened >= CONNECTIONS and len(workers_with_connections(envoy)) == 2:
@@ -68,7 +69,7 @@ def second_envoy(workdir, cp, upstream):
 @pytest.mark.parametrize("proto", ["h1", "h2"])
 def test_every_write_is_enforced_on_the_first_request_after_the_answer(envoy, second_envoy, cp, owner, proto):
     conns = Connections([envoy, second_envoy], proto)
-    api = httpx.Client(base_url=envoy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=30.0,
+    api = httpx.Client(base_url=envoy.base_url, http1=proto == "h1", http2=proto == "h2", timeout=limit(30.0),
                        trust_env=False, headers={"authorization": f"Bearer {owner}"})
     wrong: list[str] = []
     checks = 0

@@ -61,6 +61,8 @@ def usage_report(port: int, d: Path, cert: str, digests: list[bytes]) -> str:
     ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
     ctx.load_cert_chain(str(d / f"{cert}.pem"), str(d / f"{cert}.key"))
     ctx.set_alpn_protocols(["h2"])
+    # Not scaled (testkit.timing): under the server's 30 s HTTP/2 keepalive,
+    # whose PINGs would keep a call without an answer waiting for ever.
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as sock:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))

@@ -32,6 +32,7 @@ from testkit.controlplane import (
     version_of,
 )
 from testkit.harness import poll
+from testkit.timing import limit
 
 # How long the restored control plane is watched admitting nothing it must not.
 WATCH = 3.0
@@ -126,7 +127,7 @@ def test_a_restored_backup_brings_no_revoked_token_back(stale_setup, workdir):
     # The operator accepts the store as it is: a new epoch, which every
     # Envoy takes (the backup's tokens: the victim is back until revoked again).
     out = subprocess.run([apitokens_bin(), "new-epoch", "--db", str(cp.db)], capture_output=True, text=True,
-                         timeout=30)
+                         timeout=limit(30))
     assert out.returncode == 0, out.stderr
     assert "Started epoch" in out.stderr and "revoke them again" in out.stderr, out.stderr
     poll(lambda: cp.status()["behind"] is None, 10, "the store accepted")
@@ -140,7 +141,7 @@ def test_a_restored_backup_brings_no_revoked_token_back(stale_setup, workdir):
     assert envoy.get(APP, victim).status == 401
     # A second new epoch is not needed, and refused without --force.
     out = subprocess.run([apitokens_bin(), "new-epoch", "--db", str(cp.db)], capture_output=True, text=True,
-                         timeout=30)
+                         timeout=limit(30))
     assert out.returncode != 0 and "no need" in out.stderr, out.stderr
 
 

@@ -23,10 +23,15 @@ import h2.settings
 from testkit.controlplane import APP, ControlPlane, apitokens_bin, create, free_port, issued_secret, shipped_envoy
 from testkit.harness import poll
 from testkit.xds import FETCH_PATH, STREAM_PATH, discovery_request
+from testkit.timing import limit
 
 TOKENS = 20_000
 CONNECTIONS = 20
 STREAMS = 25
+# HTTP/2 clients of the xDS port: read timeouts under the server's 30 s
+# keepalive (its PINGs would keep a stalled call waiting for ever), and not
+# scaled (testkit.timing): a stalled upload ends by this timeout.
+XDS_CLIENT_TIMEOUT = 10
 def rss_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -72,7 +77,7 @@ def big_plane(workdir, upstream):
     bulk = workdir / "flood-tokens.json"
     bulk.write_text(json.dumps(spec))
     subprocess.run([apitokens_bin(), "import", "--db", str(cp.db), str(bulk)], check=True, capture_output=True,
-                   timeout=120)
+                   timeout=limit(120))
     cp.start("--apply-timeout-ms", "1000", "--xds-max-connections-per-peer", "8")
     envoy = shipped_envoy(workdir / "envoy-flood", cp, upstream.server_address[1], node="gateway").start()
     poll(lambda: cp.envoy_status("gateway").get("ackedVersion"), 30, "first ACK")
@@ -117,7 +122,7 @@ def test_streams_that_never_read_cost_no_copy_and_hold_no_write(big_plane):
 
 def test_fetch_is_not_served(big_plane):
     cp, _, _ = big_plane
-    with httpx.Client(http1=False, http2=True, timeout=5) as client:
+    with httpx.Client(http1=False, http2=True, timeout=XDS_CLIENT_TIMEOUT) as client:
         r = client.post(f"http://127.0.0.1:{cp.xds_port}{FETCH_PATH}", content=discovery_request("fetcher"),
                         headers={"content-type": "application/grpc", "te": "trailers"})
     assert r.headers.get("grpc-status") == "12", r.headers  # UNIMPLEMENTED
@@ -128,36 +133,37 @@ def test_no_plaintext_xds_beyond_loopback_unless_asked(workdir):
     db = str(workdir / "plain.db")
     port = free_port()
     out = subprocess.run([apitokens_bin(), "serve", "--db", db, "--listen", f"127.0.0.1:{free_port()}",
-                          "--xds-listen", f"0.0.0.0:{port}"], capture_output=True, text=True, timeout=30)
+                          "--xds-listen", f"0.0.0.0:{port}"], capture_output=True, text=True, timeout=limit(30))
     assert out.returncode == 1 and "--insecure-xds" in out.stderr and "beyond loopback" in out.stderr, out.stderr
     api = free_port()
     proc = subprocess.Popen([apitokens_bin(), "serve", "--db", db, "--listen", f"127.0.0.1:{api}",
                              "--xds-listen", f"0.0.0.0:{port}", "--insecure-xds"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        poll(lambda: httpx.get(f"http://127.0.0.1:{api}/healthz").status_code == 200, 15, "insecure xDS started")
+        poll(lambda: httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=limit(5)).status_code == 200, 15,
+             "insecure xDS started")
     except Exception:
         proc.kill()
         raise AssertionError(proc.stderr.read())
     proc.terminate()
-    assert "without TLS (--insecure-xds)" in proc.communicate(timeout=10)[1]
+    assert "without TLS (--insecure-xds)" in proc.communicate(timeout=limit(10))[1]
 
 
 def test_a_huge_request_is_refused_and_nothing_of_it_kept(big_plane):
     cp, _, _ = big_plane
     node = "n" * (4 << 20)  # a 4 MiB node id
     try:
-        with httpx.Client(http1=False, http2=True, timeout=10) as client:
+        with httpx.Client(http1=False, http2=True, timeout=XDS_CLIENT_TIMEOUT) as client:
             r = client.post(f"http://127.0.0.1:{cp.xds_port}{STREAM_PATH}", content=discovery_request(node),
                             headers={"content-type": "application/grpc", "te": "trailers"})
         assert r.headers.get("grpc-status") == "8", r.headers  # RESOURCE_EXHAUSTED
     except httpx.HTTPError:
         pass  # or the stream is reset while the client still sends
     assert not any(e["node"].startswith("nnnn") for e in cp.status()["envoys"])
-    status = httpx.get(f"http://127.0.0.1:{cp.api_port}/status", timeout=10)
+    status = httpx.get(f"http://127.0.0.1:{cp.api_port}/status", timeout=limit(10))
     assert len(status.content) < 1 << 20 and "nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn" not in status.text
     # A node id that fits is kept to 256 bytes.
-    with httpx.Client(http1=False, http2=True, timeout=10) as client:
+    with httpx.Client(http1=False, http2=True, timeout=XDS_CLIENT_TIMEOUT) as client:
         with client.stream("POST", f"http://127.0.0.1:{cp.xds_port}{STREAM_PATH}",
                            content=discovery_request("m" * 30_000),
                            headers={"content-type": "application/grpc", "te": "trailers"}) as r:

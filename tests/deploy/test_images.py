@@ -50,6 +50,7 @@ import pytest
 from testkit import postgres
 from testkit.controlplane import apitokens_bin, free_port, module_path
 from testkit.harness import poll, stop_process
+from testkit.timing import limit
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "deploy" / "images"
@@ -83,7 +84,7 @@ def hadolint() -> str:
 @pytest.mark.parametrize("name", ["Containerfile", "Containerfile.filter"])
 def test_hadolint(name):
     out = subprocess.run([hadolint(), "--failure-threshold", "warning", str(IMAGES / name)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=limit(60))
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -115,12 +116,13 @@ def built(tmp_path_factory):
         assert path.exists(), f"{path} missing (make cp-build build)"
     out = tmp_path_factory.mktemp("images")
     run = subprocess.run([str(SCRIPT), "build", "--cp-binary", str(binary), "--wasm", str(wasm),
-                          "--tag", TAG, "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          "--tag", TAG, "--out", str(out)], capture_output=True, text=True,
+                         timeout=limit(300))
     assert run.returncode == 0, run.stdout + run.stderr
     yield {"out": out, "binary": binary, "wasm": wasm}
-    subprocess.run(["podman", "rmi", "--force", *NAMES], capture_output=True, timeout=120)
+    subprocess.run(["podman", "rmi", "--force", *NAMES], capture_output=True, timeout=limit(120))
     subprocess.run(["podman", "image", "prune", "--force", "--filter", f"label={SOURCE_LABEL}"],
-                   capture_output=True, timeout=120)
+                   capture_output=True, timeout=limit(120))
 
 
 def unpack(archive: Path, into: Path) -> Path:
@@ -322,7 +324,8 @@ class Container:
 
     def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """Another command of the image's binary, as `podman exec` would run it."""
-        return subprocess.run(self.prefix + list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.prefix + list(args), env=self.env, capture_output=True, text=True,
+                              timeout=limit(timeout))
 
     def start(self) -> "Container":
         self.proc = subprocess.Popen(self.prefix + self.argv(), env=self.env, stdout=subprocess.DEVNULL,
@@ -337,7 +340,7 @@ class Container:
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=limit(5)) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
@@ -449,7 +452,7 @@ class Dns:
 
     def close(self) -> None:
         self.done.set()
-        self.thread.join(2)
+        self.thread.join(limit(2))
         self.sock.close()
 
 
@@ -481,7 +484,7 @@ def test_database_host_name_resolves(container, rootfs, how):
                 return None
         conn = poll(accepted, 20, f"a connection to {DB_NAME}:{port}", interval=0)
         with conn:
-            conn.settimeout(5)
+            conn.settimeout(limit(5))
             first = conn.recv(8)
         length, version = struct.unpack(">II", first)
         assert version == 196608, f"not a PostgreSQL startup message: {first!r}"  # protocol 3.0

@@ -43,6 +43,7 @@ from testkit.controlplane import APP, apitokens_bin, free_port
 from testkit.fixtures import upstream  # noqa: F401  (the echo upstream behind the gateway)
 from testkit.harness import REPO_ROOT, poll, remember_secret
 from testkit.istio import apply, gateway, localized, xds_endpoints
+from testkit.timing import limit
 
 ROOT = REPO_ROOT / "deploy" / "kubernetes"
 # The oldest and the newest Kubernetes the manifests are checked against.
@@ -399,7 +400,7 @@ def test_the_readmes_name_every_file():
 
 
 def test_every_flag_is_one_the_binary_accepts(args, container):
-    out = subprocess.run([apitokens_bin(), "serve", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([apitokens_bin(), "serve", "--help"], capture_output=True, text=True, timeout=limit(60))
     assert out.returncode == 0, out.stderr
     known = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9-]+)", out.stdout, re.M))
     assert {"--listen", "--xds-listen", "--store-file"} <= known, "the help's format changed"
@@ -629,9 +630,10 @@ def test_the_plugin_config_is_the_shipped_one_for_the_istio_api_route(base, cont
 def test_the_binary_accepts_the_plugin_config(tmp_path):
     db = tmp_path / "a.db"
     subprocess.run([apitokens_bin(), "bootstrap", "--db", str(db), "--namespace", "x", "--name", "o"],
-                   check=True, capture_output=True, timeout=60)
+                   check=True, capture_output=True, timeout=limit(60))
     out = subprocess.run([apitokens_bin(), "render", "--db", str(db), "--plugin-config",
-                          str(ROOT / "base" / "plugin-config.json")], capture_output=True, text=True, timeout=60)
+                          str(ROOT / "base" / "plugin-config.json")], capture_output=True, text=True,
+                         timeout=limit(60))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[FAC] == json.loads((ROOT / "base" / "plugin-config.json").read_text())[FAC]
 
@@ -770,7 +772,7 @@ def test_the_istio_set_passes_envoy_validate(tmp_path, istio, pki, args):
 def https_get(port: int, path: str, ca: Path, name: str) -> httpx.Response:
     """GET over HTTPS from 127.0.0.1:port, the server's certificate checked
     against the CA for `name` (a Service's DNS name)."""
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=5) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=limit(5)) as client:
         return client.get(f"https://127.0.0.1:{port}{path}", extensions={"sni_hostname": name})
 
 
@@ -814,7 +816,7 @@ def test_the_deployment_runs_and_the_gateway_takes_its_push(tmp_path, builds, ba
     log = tmp_path / "serve.log"
     owner = remember_secret(subprocess.run([apitokens_bin(), "bootstrap", "--db", str(db), "--namespace", "default",
                                             "--name", "owner"], capture_output=True, text=True, check=True,
-                                           timeout=30).stdout.strip())
+                                           timeout=limit(30)).stdout.strip())
     status_name = service_dns(service(base, container, "status"))
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -860,4 +862,4 @@ def test_the_deployment_runs_and_the_gateway_takes_its_push(tmp_path, builds, ba
         if envoy is not None:
             envoy.stop()
         proc.terminate()
-        proc.wait(10)
+        proc.wait(limit(10))

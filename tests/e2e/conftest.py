@@ -161,43 +161,37 @@ ADMIN_ENDPOINTS = ("/config_dump", "/config_dump?include_eds", "/stats", "/stats
                    "/listeners", "/server_info")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def leak_search(envoy, tokens):
-    """After the last test (teardown): every other test has sent its secrets
-    through the Envoys; none of them appears in a log, an access log,
-    /config_dump or /stats, and no Wasm VM failed anywhere. Fails the run."""
-    yield
+def config_dump_holds_digests_not_secrets(run) -> None:
+    dump = run.envoy.admin_get("/config_dump")
+    assert harness.sha256_hex(run.tokens.editor.secret) in dump
+    assert run.tokens.editor.secret not in dump
 
-    def no_secret_in_logs_of_any_envoy():
-        assert harness.SECRETS, "no secrets were generated: did the suite run?"
-        found = leaks.leaks(leaks.envoy_logs(Envoy.instances), harness.SECRETS + DEMO_SECRETS)
-        assert not found, f"secrets found: {found}"
 
-    def no_secret_in_admin_endpoints():
-        found = leaks.leaks(leaks.exposed(admins={"shared Envoy": envoy.admin_get}, endpoints=ADMIN_ENDPOINTS),
-                            harness.SECRETS)
-        assert not found, f"secrets found: {found}"
+def no_wasm_failure_in_any_envoy_that_served(run) -> None:
+    for e in Envoy.instances:
+        if not e.ready:
+            continue  # never served (the invalid-configuration tests): nothing to check
+        checks.no_wasm_failures(e)
 
-    def config_dump_holds_digests_not_secrets():
-        dump = envoy.admin_get("/config_dump")
-        assert harness.sha256_hex(tokens.editor.secret) in dump
-        assert tokens.editor.secret not in dump
 
-    def no_wasm_failure_in_any_healthy_envoy():
-        for e in Envoy.instances:
-            if not e.ready:
-                continue  # never served (the invalid-configuration tests): nothing to check
-            checks.no_wasm_failures(e)
+def shared_envoy_wasm_stats_never_moved(run) -> None:
+    assert checks.wasm_health(run.envoy) == run.envoy.initial_wasm_health
+    assert checks.counters(run.envoy).get("internal_error", 0) == 0
+    assert run.envoy.running, "the shared Envoy died"
 
-    def shared_envoy_wasm_stats_never_moved():
-        assert checks.wasm_health(envoy) == envoy.initial_wasm_health
-        assert checks.counters(envoy).get("internal_error", 0) == 0
-        assert envoy.running, "the shared Envoy died"
 
-    leaks.at_session_end({
-        "no secret in the logs of any Envoy": no_secret_in_logs_of_any_envoy,
-        "no secret in the shared Envoy's admin endpoints": no_secret_in_admin_endpoints,
+# After the last test: every other test has sent its secrets through the
+# Envoys; none of them (nor the demo secrets) appears in a log or an access
+# log of any Envoy, or the shared Envoy's /config_dump and /stats; and no Wasm
+# VM failed anywhere.
+leak_search = leaks.session_search(
+    __file__, "envoy", "tokens",
+    places=lambda run: {**leaks.envoy_logs(Envoy.instances),
+                        **leaks.exposed(admins={"shared Envoy": run.envoy.admin_get}, endpoints=ADMIN_ENDPOINTS)},
+    extra_secrets=DEMO_SECRETS,
+    checks={
         "/config_dump holds digests, not secrets": config_dump_holds_digests_not_secrets,
-        "no Wasm failure in any Envoy that served": no_wasm_failure_in_any_healthy_envoy,
+        "no Wasm failure in any Envoy that served": no_wasm_failure_in_any_envoy_that_served,
         "the shared Envoy's Wasm stats never moved": shared_envoy_wasm_stats_never_moved,
-    })
+    },
+)

@@ -11,10 +11,11 @@ import subprocess
 
 from testkit.controlplane import apitokens_bin
 from testkit.harness import Token, plugin_config, remember_secret, sha256_hex
+from testkit.timing import limit
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([apitokens_bin(), *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([apitokens_bin(), *args], capture_output=True, text=True, timeout=limit(60),
                           env={**os.environ, **(env or {})})
 
 

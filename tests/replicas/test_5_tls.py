@@ -14,6 +14,7 @@ import pytest
 from testkit.certs import make_ca, make_cert
 from testkit.controlplane import ControlPlane, apitokens_bin
 from testkit.harness import poll
+from testkit.timing import limit
 
 
 @pytest.fixture
@@ -52,5 +53,6 @@ def test_the_store_over_tls_verifies_the_server(pg, workdir, tls_server):
     finally:
         plane.stop()
     stranger = pg.url("tls", sslmode="verify-full", sslrootcert=str(tls_server / "other-ca.pem"))
-    out = subprocess.run([apitokens_bin(), "render", "--store", stranger], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([apitokens_bin(), "render", "--store", stranger], capture_output=True, text=True,
+                         timeout=limit(60))
     assert out.returncode == 1 and "certificate" in out.stderr.lower(), out.stderr

@@ -47,7 +47,7 @@ def test_the_istio_gateway_gets_its_tokens_over_ecds(workdir, replicas, envoys, 
     make_ca(pki, "xds-ca")
     make_cert(pki, "server", "xds-ca", f"subjectAltName=DNS:{SERVICE}\nextendedKeyUsage=serverAuth\n")
     make_cert(pki, "xds-client", "xds-ca", "subjectAltName=DNS:istio-ingressgateway\nextendedKeyUsage=clientAuth\n")
-    tls_replica = ControlPlane(workdir / "r4", name="r4", store=store)
+    tls_replica = ControlPlane(workdir / "r4-istio", name="r4", store=store)
     tls_replica.start("--replica-name", "r4", "--xds-tls-cert", str(pki / "server.pem"),
                       "--xds-tls-key", str(pki / "server.key"), "--xds-client-ca", str(pki / "xds-ca.pem"))
 

@@ -5,7 +5,9 @@ answers 503 with Retry-After within the store deadline, nothing half-written
 appears when the server resumes, and the control plane serves again without
 a restart. And a store URL that asks for TLS from a server without it is
 refused at start, with a message that names the problem and not the URL's
-password. Runs last: it freezes the server every replica uses."""
+password. It freezes the server every replica uses: the session's replicas
+lose the database meanwhile, and the next module's `topology` fixture
+brings their Envoys home again."""
 
 from __future__ import annotations
 

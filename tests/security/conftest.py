@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 
 from testkit import harness, leaks
-from testkit.checks import no_wasm_failures
 from testkit.controlplane import create, issued_secret, tokens_path, version_of
-from testkit.harness import SECRETS
 
 # The session fixtures cp, envoy, upstream and workdir; the binaries checked at
 # the start; every Envoy's logs in the report of a failed test.
@@ -125,23 +122,19 @@ def tokens(cp, envoy) -> Tokens:
     return t
 
 
-@pytest.fixture(scope="session", autouse=True)
-def leak_search(request, workdir, envoy, cp):
-    """After the last test (teardown): no secret the corpus issued appears in
-    any log, access log, the database and its WAL, Envoy's admin endpoints,
-    the control plane's /status, or any response the corpus received; no Wasm
-    VM failed. Fails the run."""
-    yield
-    whole = leaks.whole_suite(request.session, Path(__file__).parent)
+def responses_searched(run, places: dict[str, str]) -> None:
+    if run.whole:
+        assert RESPONSES, "the corpus sends requests first"
 
-    def no_secret_anywhere():
-        if whole:
-            assert len(SECRETS) >= 10 and RESPONSES, "the corpus issues tokens and sends requests first"
-        must_exist = {"apitokens.db", "envoy.log", "access.log", "serve-01.log"} if whole else set()
-        leaks.search_run(workdir, envoy, cp, SECRETS, must_exist, {"responses": "\n".join(RESPONSES)})
 
-    def no_wasm_failure():
-        no_wasm_failures(envoy)
-        assert envoy.running
-
-    leaks.at_session_end({"no secret anywhere": no_secret_anywhere, "no Wasm failure": no_wasm_failure})
+# After the last test: no secret the corpus issued in any log, access log,
+# the database and its WAL, Envoy's admin endpoints, the control plane's
+# /status, or any response the corpus received; no Wasm VM failed.
+leak_search = leaks.session_search(
+    __file__, "workdir", "envoy", "cp",
+    places=lambda run: leaks.control_plane_places(run.workdir, run.envoy, run.cp,
+                                                  {"responses": "\n".join(RESPONSES)}),
+    whole_suite_must_exist={"apitokens.db", "envoy.log", "access.log", "serve-01.log"},
+    searched=responses_searched,
+    wasm=lambda run: [run.envoy],
+)

@@ -9,7 +9,7 @@ driven by the PyPI `playwright` package through `executable_path`; its own
 browser download is never used. axe-core comes inside `axe-playwright-python`.
 
 The browser profile lives in the run's directory, so the final leak search
-(a session-end fixture, `no_secret_left_behind`) reads it too, with every log,
+(the session-end fixture `leak_search`) reads it too, with every log,
 the database, Envoy's admin endpoints and the page's storage and cookies.
 
 Environment: APITOKENS_BIN, ENVOY_BIN, APITOKENS_WASM (testkit/controlplane.py),
@@ -32,10 +32,11 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect, sync_playwright
 
+from testkit import leaks
 from testkit.clients import request
 from testkit.controlplane import PLUGIN_BASE, ControlPlane, create, tokens_path
 from testkit.harness import SECRETS, poll
-from testkit.leaks import search_run
+from testkit.timing import limit_ms
 
 # The session fixtures envoy, upstream and workdir (cp is this suite's own,
 # below); the binaries checked at the start; every Envoy's logs in the report
@@ -68,7 +69,7 @@ REPO = Path(__file__).resolve().parents[2]
 VIEWPORT = {"width": 1200, "height": 720}
 # Generous waits: the machine may be busy (2 cores, other suites); a wait
 # only ever ends early when the expected state is there.
-expect.set_options(timeout=10_000)
+expect.set_options(timeout=limit_ms(10_000))
 # What Envoy's upstream serves for a token's namespace (the echo server):
 # GET lists (viewer and up), POST creates (editor and up).
 APP = "/api/v1/namespaces/{ns}/deployments"
@@ -110,7 +111,7 @@ def browser_context(workdir, envoy):
             timezone_id="UTC",
         )
         context.grant_permissions(["clipboard-read", "clipboard-write"], origin=envoy.base_url)
-        context.set_default_timeout(10_000)
+        context.set_default_timeout(limit_ms(10_000))
         yield context
         try:
             context.close()
@@ -344,26 +345,34 @@ def until():
 # The final search (session end): no secret the suite saw is left anywhere
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_secret_left_behind(workdir, envoy, cp, browser_context):
-    yield
-    # What the page's origin keeps: nothing at all.
-    page = browser_context.new_page()
-    page.goto(envoy.base_url + "/console/")
-    storage = page.evaluate(
+def browser_places(run) -> dict[str, str]:
+    """What the page's origin keeps (storage and cookies, kept on `run` for
+    `nothing_kept`); then the browser closed, which writes its profile out,
+    and the profile searched with every log, the database and its WAL, and
+    Envoy's admin endpoints."""
+    page = run.browser_context.new_page()
+    page.goto(run.envoy.base_url + "/console/")
+    run.storage = page.evaluate(
         "({local: Object.entries(localStorage), session: Object.entries(sessionStorage),"
         " cookie: document.cookie})"
     )
-    cookies = browser_context.cookies()
+    run.cookies = run.browser_context.cookies()
     page.close()
-    assert storage == {"local": [], "session": [], "cookie": ""}, storage
-    assert cookies == [], cookies
-    # Closing the browser writes its profile out; the search reads it with
-    # every log, the database and its WAL, and Envoy's admin endpoints.
-    browser_context.close()
-    issued = len(SECRETS)
-    assert issued >= 2, "the suite saw secrets"
-    places = search_run(workdir, envoy, cp, SECRETS,
-                        {"apitokens.db", "envoy.log", "access.log", "serve-01.log", "Preferences"},
-                        {"browser storage": repr(storage), "cookies": repr(cookies)})
+    run.browser_context.close()
+    return leaks.control_plane_places(run.workdir, run.envoy, run.cp,
+                                      {"browser storage": repr(run.storage), "cookies": repr(run.cookies)})
+
+
+def nothing_kept(run, places: dict[str, str]) -> None:
+    """The page's origin keeps nothing at all; the profile was searched."""
+    assert run.storage == {"local": [], "session": [], "cookie": ""}, run.storage
+    assert run.cookies == [], run.cookies
     assert sum("chromium-profile" in p for p in places) >= 10, "the browser profile was searched"
+
+
+leak_search = leaks.session_search(
+    __file__, "workdir", "envoy", "cp", "browser_context",
+    places=browser_places,
+    must_exist={"apitokens.db", "envoy.log", "access.log", "serve-01.log", "Preferences"},
+    searched=nothing_kept,
+)

@@ -1,7 +1,8 @@
 """When things go wrong: the control plane down (Envoy answers 503), the
 network gone, the namespace's token quota reached (429); and the Last used
-column once tokens carry `lastUseTime`. Runs last: it stops and restarts the
-control plane."""
+column once tokens carry `lastUseTime`. It stops the control plane and
+starts it again with the same settings: the modules after it, in any order,
+find it as it was."""
 
 from __future__ import annotations
 

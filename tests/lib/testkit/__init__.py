@@ -1,5 +1,6 @@
 """testkit: the code the end-to-end suites share (tests/e2e, tests/cp,
-tests/security, tests/differential, tests/drills) and the benchmark scripts use.
+tests/contract, tests/deploy, tests/security, tests/differential,
+tests/drills, tests/replicas, tests/ui) and the benchmark scripts use.
 
 Modules:
   harness       an Envoy process (start, admin, stats, logs, `get`), `poll`,
@@ -12,6 +13,8 @@ Modules:
   controlplane  the real `apitokens serve`, its API, and Envoy on envoy-ecds.yaml
   fixtures      session fixtures of the suites on the control plane
   leaks         the secret search every suite runs when its session ends
+                (`session_search` makes each suite's `leak_search` fixture)
+  timing        APITOKENS_TEST_TIME_SCALE: every waiting limit, scaled (`limit`)
   load, kill9   the fault drills' load generator and kill -9 loop
   certs         test certificates (openssl): a CA and what it signs
   figures       a plugin: the fixture `figures`, printed at the end of the run

@@ -7,9 +7,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from testkit.timing import limit
+
 
 def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=limit(60))
 
 
 def make_ca(d: Path, name: str) -> None:

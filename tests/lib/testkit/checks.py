@@ -134,7 +134,9 @@ COUNTER_FLUSH_SECONDS = 1.0
 
 def counters(envoy) -> dict[str, int]:
     """The filter's counters, by short name (allowed, missing, ...), once every
-    count made so far has reached Envoy (one flush period later)."""
+    count made so far has reached Envoy (one flush period later: the filter's
+    own period, not a waiting limit, so not scaled; tests time situations
+    around it)."""
     time.sleep(COUNTER_FLUSH_SECONDS * 1.3)
     prefix = "wasmcustom.apitokens."
     return {k[len(prefix):]: v for k, v in envoy.stats().items() if k.startswith(prefix)}

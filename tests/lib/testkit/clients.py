@@ -25,6 +25,8 @@ import h2.connection
 import h2.events
 import httpx
 
+from testkit.timing import limit
+
 _ids = itertools.count(1)
 _ids_lock = threading.Lock()
 
@@ -49,7 +51,7 @@ class Client:
             base_url=envoy.base_url,
             http1=proto == "h1",
             http2=proto == "h2",
-            timeout=10.0,
+            timeout=limit(10.0),
             trust_env=False,  # loopback only: ignore proxy variables
         )
 
@@ -104,7 +106,7 @@ class RawH1:
 
     def __init__(self, envoy, timeout: float = 10.0):
         self.envoy = envoy
-        self.sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=timeout)
+        self.sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=limit(timeout))
         self.buf = b""
         self.closed = False
 
@@ -191,7 +193,7 @@ class RawH2:
 
     def __init__(self, envoy, timeout: float = 10.0):
         self.envoy = envoy
-        self.sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=timeout)
+        self.sock = socket.create_connection(("127.0.0.1", envoy.port), timeout=limit(timeout))
         config = h2.config.H2Configuration(
             client_side=True,
             header_encoding=None,
@@ -284,8 +286,8 @@ class Response:
 
 def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None,
             timeout: float = 10) -> Response:
-    """One request on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """One request on a fresh connection (`timeout`: a waiting limit, scaled)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=limit(timeout))
     h = dict(headers or {})
     if token is not None:
         h["Authorization"] = f"Bearer {token}"

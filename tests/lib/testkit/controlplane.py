@@ -31,6 +31,7 @@ import yaml
 from testkit import harness
 from testkit.clients import Response, request
 from testkit.harness import envoy_bin, poll, remember_secret
+from testkit.timing import limit
 
 REPO = Path(__file__).resolve().parents[3]
 MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
@@ -164,7 +165,7 @@ class ControlPlane:
     def bootstrap(self, namespace: str, name: str) -> str:
         out = subprocess.run(
             [apitokens_bin(), "bootstrap", *self.store_args(), "--namespace", namespace, "--name", name],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True, text=True, check=True, timeout=limit(30),
         )
         secret = remember_secret(out.stdout.strip())
         (self.dir / f"bootstrap-{name}.stderr").write_text(out.stderr)
@@ -173,7 +174,7 @@ class ControlPlane:
     def render(self) -> dict:
         """The plugin configuration the store holds now (`apitokens render`: digests, expired left out)."""
         out = subprocess.run([apitokens_bin(), "render", *self.store_args()],
-                             capture_output=True, text=True, check=True, timeout=30)
+                             capture_output=True, text=True, check=True, timeout=limit(30))
         return json.loads(out.stdout)
 
     def start(self, *extra: str) -> "ControlPlane":
@@ -210,15 +211,17 @@ class ControlPlane:
             return None if self.proc is None else self.proc.returncode
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(limit(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(5)
+            return self.proc.wait(limit(5))
 
     def api(self, method: str, path: str, token: str | None = None, body=None, headers=None) -> Response:
         return request(self.api_port, method, path, token, body, headers)
 
     def status(self, version: int | None = None, wait: float = 0) -> dict:
+        """/status; with `version`, once it is applied or `wait` s have passed
+        (a window, not scaled: `wait_applied` scales its limit)."""
         q = "" if version is None else f"?version={version}&waitSeconds={wait}"
         return request(self.api_port, "GET", "/status" + q, timeout=10 + wait).json()
 
@@ -236,7 +239,7 @@ class ControlPlane:
         return samples(self.metrics_text())
 
     def wait_applied(self, version: int, timeout: float = 10) -> dict:
-        st = self.status(version, timeout)
+        st = self.status(version, limit(timeout))
         assert st["applied"], f"version {version} not acknowledged: {json.dumps(st, indent=1)}"
         return st
 

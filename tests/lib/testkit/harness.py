@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from testkit.clients import Response, request
+from testkit.timing import limit
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -246,15 +247,15 @@ _INVENTORY = re.compile(r"\[source/server/server\.cc:\d+\] ( {2}|HTTP header map
 
 
 def stop_process(proc: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    """SIGTERM, then SIGKILL if it has not exited within 10 s (scaled)."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(10)
+        proc.wait(limit(10))
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait(5)
+        proc.wait(limit(5))
 
 
 class EnvoyStartError(RuntimeError):
@@ -263,14 +264,19 @@ class EnvoyStartError(RuntimeError):
 
 def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
     """Call `predicate` every `interval` s until it returns something truthy;
-    return it, or raise TimeoutError (naming `what`) after `timeout` s."""
+    return it, or raise TimeoutError (naming `what`) after `timeout` s.
+
+    `timeout` is a waiting limit: it is scaled (testkit.timing). A test that
+    asserts how long something took measures it apart (`until_status`
+    returns the seconds)."""
+    timeout = limit(timeout)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -338,6 +344,9 @@ class Envoy:
         return [*base, "--restart-epoch", str(epoch), "--drain-time-s", "1", "--parent-shutdown-time-s", "3"]
 
     def spawn(self) -> subprocess.Popen:
+        # A restart: the previous process's admin address is not this one's.
+        self.admin_address_path.unlink(missing_ok=True)
+        self.ready = False
         self.proc = subprocess.Popen(
             self.command(),
             cwd=self.cwd,
@@ -349,6 +358,7 @@ class Envoy:
         return self.proc
 
     def start(self, timeout: float = 30.0) -> "Envoy":
+        timeout = limit(timeout)
         self.spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -372,7 +382,7 @@ class Envoy:
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(limit(timeout))
         finally:
             if self.proc.poll() is None:
                 self.stop()
@@ -392,7 +402,7 @@ class Envoy:
     # -- admin -------------------------------------------------------------
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
-        with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
+        with urllib.request.urlopen(self.admin_url + path, timeout=limit(timeout)) as resp:
             return resp.read().decode("utf-8", "replace")
 
     def _listener_port(self) -> int:
@@ -510,5 +520,5 @@ def validate(config_path: Path, timeout: float = 60.0) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         errors="replace",
-        timeout=timeout,
+        timeout=limit(timeout),
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from testkit.clients import request
 from testkit.controlplane import APP, ControlPlane, tokens_path
 from testkit.harness import poll, remember_secret
+from testkit.timing import limit
 
 
 def sha(secret: str) -> str:
@@ -144,7 +145,7 @@ class Drill:
         time.sleep(self.rng.uniform(0.02, max_delay))
         self.cp.stop(signal.SIGKILL)
         self.figures.kills += 1
-        worker.join(15)
+        worker.join(limit(15))
         stop.set()
         assert not worker.is_alive(), "the operation loop hangs after the kill"
         restarted = time.monotonic()

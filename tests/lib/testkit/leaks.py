@@ -2,23 +2,30 @@
 issued must be absent from every log, access log, database file, Envoy admin
 endpoint and control-plane page it could have reached.
 
-Each suite runs it from a session-scoped autouse fixture in its conftest,
-after its last test (the fixture's teardown), with `at_session_end`: a failed
-check is an error of the run (pytest reports it at the teardown of the last
-test; the exit status is not 0)."""
+Each suite's conftest makes its fixture with `session_search`: a
+session-scoped autouse fixture `leak_search` that runs after the last test
+(its teardown) and reports through `at_session_end`, so that a failed check
+is an error of the run (pytest reports it at the teardown of the last test;
+the exit status is not 0). What differs from suite to suite is an argument:
+the fixtures it reads, the places it searches, the files that must have been
+searched, what else it checks."""
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import pytest
 
+from testkit.checks import no_wasm_failures
 from testkit.clients import request
+from testkit.harness import SECRETS
 
 # What an Envoy's admin interface shows that could carry a secret.
 ADMIN_ENDPOINTS = (
@@ -102,19 +109,12 @@ def leaks(places: dict[str, str], secrets: Iterable[str]) -> list[str]:
     return found
 
 
-def search_run(workdir: Path, envoy, cp, secrets: list[str], must_exist: set[str],
-               texts: dict[str, str] | None = None) -> dict[str, str]:
-    """The final search of a suite: every file under `workdir`, the Envoy's
-    admin endpoints, the control plane's /status and `texts`; `must_exist`
-    names files that the search has to have read (so that it searched
-    something). Fails on any hit; returns what it searched."""
+def control_plane_places(workdir: Path, envoy, cp, texts: dict[str, str] | None = None) -> dict[str, str]:
+    """What a suite on one control plane and one Envoy exposes: every file
+    under `workdir`, the Envoy's admin endpoints, the control plane's /status
+    and `texts`."""
     status = request(cp.api_port, "GET", "/status").body.decode()
-    places = exposed([workdir], {"envoy": envoy.admin_get}, {"status": status, **(texts or {})})
-    names = {Path(p).name for p in places}
-    assert must_exist <= names, f"not searched: {must_exist - names}"
-    found = leaks(places, secrets)
-    assert found == [], "\n".join(found)
-    return places
+    return exposed([workdir], {"envoy": envoy.admin_get}, {"status": status, **(texts or {})})
 
 
 def envoy_logs(envoys: Iterable) -> dict[str, str]:
@@ -132,10 +132,10 @@ def envoy_logs(envoys: Iterable) -> dict[str, str]:
 def whole_suite(session: pytest.Session, suite: Path) -> bool:
     """Whether this session ran the whole suite in the directory `suite`: every
     test module there collected, no test deselected (-k, -m, --deselect, --lf)
-    or chosen by node id, no stop after failures (-x, --maxfail). A suite's
-    sanity checks of its final search ("the suite issued at least N secrets",
-    "these files were searched") hold only then; the search itself runs after
-    any run."""
+    or chosen by node id, no stop after failures (-x, --maxfail), whatever
+    the order of its modules. A suite's sanity checks of its final search
+    ("its tests issued secrets", "these files were searched") hold only then;
+    the search itself runs after any run."""
     if session.shouldfail or session.shouldstop:
         return False
     if any("::" in str(arg) for arg in session.config.args):
@@ -161,3 +161,70 @@ def at_session_end(checks: dict[str, Callable[[], object]]) -> None:
             failures.append(f"{name}:\n{traceback.format_exc()}".rstrip())
     if failures:
         pytest.fail("checks at the end of the session failed:\n\n" + "\n\n".join(failures), pytrace=False)
+
+
+def session_search(conftest: str, *fixtures: str,
+                   places: Callable[[SimpleNamespace], dict[str, str]],
+                   must_exist: Iterable[str] = (),
+                   whole_suite_must_exist: Iterable[str] = (),
+                   searched: Callable[[SimpleNamespace, dict[str, str]], None] | None = None,
+                   wasm: Callable[[SimpleNamespace], Iterable] | None = None,
+                   checks: dict[str, Callable[[SimpleNamespace], object]] | None = None,
+                   extra_secrets: Iterable[str] = (),
+                   tests_issue_secrets: bool = True):
+    """A suite's final search, as the session-scoped autouse fixture its
+    conftest names `leak_search` (`leak_search = leaks.session_search(__file__,
+    "workdir", "envoy", "cp", places=...)`). When the session ends (before
+    the session fixtures it reads stop), it runs these checks, each reported
+    on its own (`at_session_end`):
+
+    - "no secret anywhere": no secret of `SECRETS` (and `extra_secrets`) in
+      `places(run)`. `run` has the session fixtures named in `fixtures` as
+      attributes, and `whole`: whether the session ran the whole suite (the
+      directory of `conftest`; see `whole_suite`). The files named in
+      `must_exist` were searched (the session fixtures make them), and, when
+      the whole suite ran, those of `whole_suite_must_exist` too; then
+      `searched(run, places)` checks what else the places must hold. There
+      are secrets to look for; when the whole suite ran and
+      `tests_issue_secrets`, its tests issued some beyond those of the session
+      fixtures (in whatever order its modules ran).
+    - "no Wasm failure": each Envoy of `wasm(run)` shows no Wasm failure
+      (testkit.checks.no_wasm_failures) and still runs.
+    - every check of `checks`, by its name, called with `run`.
+    """
+    suite = Path(conftest).parent
+    always, whole_only = set(must_exist), set(whole_suite_must_exist)
+
+    @pytest.fixture(scope="session", autouse=True)
+    def leak_search(request):
+        # Read with getfixturevalue: pytest stops them after this fixture's teardown.
+        run = SimpleNamespace(**{name: request.getfixturevalue(name) for name in fixtures}, whole=False)
+        before_tests = len(SECRETS)
+        yield
+        run.whole = whole_suite(request.session, suite)
+
+        def no_secret_anywhere() -> None:
+            assert SECRETS, "no secret to look for: did the suite run?"
+            if run.whole and tests_issue_secrets:
+                assert len(SECRETS) > before_tests, "the suite's tests issued no secret: none of theirs to look for"
+            searched_places = places(run)
+            names = {Path(p).name for p in searched_places}
+            wanted = always | (whole_only if run.whole else set())
+            assert wanted <= names, f"not searched: {sorted(wanted - names)}"
+            found = leaks(searched_places, [*SECRETS, *extra_secrets])
+            assert found == [], "\n".join(found)
+            if searched is not None:
+                searched(run, searched_places)
+
+        def no_wasm_failure() -> None:
+            for envoy in wasm(run):
+                no_wasm_failures(envoy)
+                assert envoy.running, f"{envoy.name} is no longer running"
+
+        named: dict[str, Callable[[], object]] = {"no secret anywhere": no_secret_anywhere}
+        if wasm is not None:
+            named["no Wasm failure"] = no_wasm_failure
+        named.update({name: functools.partial(check, run) for name, check in (checks or {}).items()})
+        at_session_end(named)
+
+    return leak_search

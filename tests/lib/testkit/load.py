@@ -14,6 +14,7 @@ import httpx
 
 from testkit.clients import Client
 from testkit.controlplane import APP
+from testkit.timing import limit
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class Sample:
 
 class Load:
     """`threads` workers (alternating h1 and h2), until stopped, `max_seconds`
-    passed or `max_requests` were sent, whichever comes first."""
+    (a bound in case nobody stops it: scaled) passed or `max_requests` were
+    sent, whichever comes first."""
 
     def __init__(self, envoy, pick: Callable[[], str | None], threads: int = 4, path: str = APP,
                  max_seconds: float = 60.0, max_requests: int = 200_000, pause: float = 0.0):
@@ -41,7 +43,7 @@ class Load:
                          for i in range(threads)]
 
     def __enter__(self) -> "Load":
-        self._deadline = time.monotonic() + self.max_seconds
+        self._deadline = time.monotonic() + limit(self.max_seconds)
         for t in self._threads:
             t.start()
         return self
@@ -52,7 +54,7 @@ class Load:
     def stop(self) -> list[Sample]:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(limit(30))
         return self.samples
 
     def _run(self, proto: str) -> None:

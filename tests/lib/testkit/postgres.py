@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from testkit.timing import limit
+
 VARIABLES = ("APITOKENS_TEST_POSTGRES", "APITOKENS_PG_DIR", "APITOKENS_PG_BIN", "APITOKENS_PG_CTL")
 
 
@@ -43,7 +45,7 @@ class Postgres:
     def psql(self, sql: str, database: str = "postgres") -> str:
         out = subprocess.run(
             [str(self.bin / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.url(database), "-c", sql],
-            capture_output=True, text=True, timeout=60)
+            capture_output=True, text=True, timeout=limit(60))
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
@@ -55,16 +57,16 @@ class Postgres:
     def dump(self, database: str) -> str:
         """Everything in the database (schema and rows), as pg_dump writes it."""
         out = subprocess.run([str(self.bin / "pg_dump"), "-d", self.url(database)],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=limit(60))
         assert out.returncode == 0, out.stderr
         return out.stdout
 
     def stop(self) -> None:
         """An immediate stop: every backend ends at once, as in a crash."""
-        subprocess.run([self.ctl, "stop"], check=True, timeout=60)
+        subprocess.run([self.ctl, "stop"], check=True, timeout=limit(60))
 
     def start(self) -> None:
-        subprocess.run([self.ctl, "start"], check=True, timeout=60)
+        subprocess.run([self.ctl, "start"], check=True, timeout=limit(60))
 
     def server_user(self) -> int:
         return self.dir.stat().st_uid

@@ -10,6 +10,8 @@ import selectors
 import socket
 import threading
 
+from testkit.timing import limit
+
 
 class TcpProxy:
     def __init__(self, target_port: int):
@@ -46,7 +48,7 @@ class TcpProxy:
 
     def close(self) -> None:
         self.closing = True
-        self.thread.join(5)
+        self.thread.join(limit(5))
         self.cut()
         self.listener.close()
 

@@ -16,6 +16,7 @@ from testkit.clients import request
 from testkit.controlplane import APP, create, tokens_path
 from testkit.harness import poll, remember_secret
 from testkit.load import Load, Sample, bad_answers
+from testkit.timing import limit
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,13 @@ class Writer:
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(limit(30))
             assert not t.is_alive(), "the writer hangs"
 
     def _run(self, plane) -> None:
         mine: list[str] = []  # this thread's live creates: only it revokes them
         n = 0
-        deadline = time.monotonic() + 120  # bounded, whatever happens
+        deadline = time.monotonic() + limit(120)  # bounded, whatever happens
         while not self._stop.is_set() and time.monotonic() < deadline:
             n += 1
             sent = time.time()
@@ -119,7 +120,7 @@ class Writer:
                 # A worker whose delta stream is still catching up refuses
                 # with 503 for a moment: a 401 would be a lost write.
                 status = e.get(APP, secret).status
-                deadline = time.monotonic() + 2.0
+                deadline = time.monotonic() + limit(2.0)
                 while status == 503 and time.monotonic() < deadline:
                     time.sleep(0.05)
                     status = e.get(APP, secret).status
