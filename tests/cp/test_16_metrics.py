@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
+
+import h2.config
+import h2.connection
 
 from testkit.clients import request
 from testkit.controlplane import create, samples, series, tokens_path, version_of
 from testkit.harness import poll
+from testkit.xds import STREAM_PATH, discovery_request
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "apitokens.json"
 
@@ -144,6 +149,19 @@ def test_json_logs_carry_the_fields_as_fields(workdir):
         assert r.status == 200, r
         revision = version_of(r)
         assert plane.api("DELETE", tokens_path(token="logged"), owner).status == 200
+        # An ECDS stream (a raw HTTP/2 client), then gone: its events carry its span.
+        sock = socket.create_connection(("127.0.0.1", plane.xds_port))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", STREAM_PATH),
+                                (":authority", "xds"), ("content-type", "application/grpc"), ("te", "trailers")])
+        conn.send_data(sid, discovery_request("json-logs-node"))
+        sock.sendall(conn.data_to_send())
+        poll(lambda: any(e["node"] == "json-logs-node" for e in plane.status()["envoys"]), 10, "the stream connected")
+        sock.close()
+        poll(lambda: not any(e["node"] == "json-logs-node" and e["connected"] for e in plane.status()["envoys"]),
+             10, "the stream gone")
     finally:
         plane.stop()
     lines = [line for line in plane.log_text().splitlines() if line.strip()]
@@ -164,3 +182,11 @@ def test_json_logs_carry_the_fields_as_fields(workdir):
     assert [a["event"] for a in audits] == ["apitoken.create", "apitoken.delete"], audits
     published = [r for r in records if "tokens" in r and "revision" in r]
     assert any(r["revision"] == revision for r in published), "the configuration's revision as a field"
+    # Every event of an xDS stream is logged in the stream's span: its peer,
+    # number and node once its first request named them, to its end.
+    streamed = [r for r in records if r.get("span", {}).get("name") == "xds_stream"]
+    assert all(r["span"]["peer"].startswith("127.0.0.1:") for r in streamed), streamed
+    named = streamed[next(i for i, r in enumerate(streamed) if "connected as stream" in r["message"]):]
+    spans = {(r["span"].get("stream"), r["span"].get("node")) for r in named}
+    assert len(spans) == 1 and "json-logs-node" in str(next(iter(spans))[1]), spans
+    assert "disconnected" in named[-1]["message"], named
