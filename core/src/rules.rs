@@ -46,6 +46,8 @@ use crate::spec::RuleSpec;
 /// the control plane, which checks the token again), so that setup says so
 /// with `forwardAuthorizationPaths` in its own configuration.
 pub const DEFAULT_RULES_JSON: &str = r#"[
+  {"path": "/apitokens/v1/namespaces/{namespace}/apitokens:self",
+   "allow": {"viewer": ["list"], "editor": ["list"], "owner": ["list"]}},
   {"path": "/apitokens/v1/namespaces/{namespace}/apitokens/**",
    "allow": {"owner": ["*"]}},
   {"path": "/namespaces/v1/namespaces/{namespace}/**",

@@ -36,6 +36,15 @@ const TABLE: &[(&str, &str, [E; 3])] = &[
         [R, R, A],
     ),
     ("GET", "/apitokens/v1/namespaces/default/apitokens:batchGet", [R, R, A]),
+    // A token reads itself: every role, GET only (an owner too: the
+    // control plane has no other method there), this spelling only.
+    ("GET", "/apitokens/v1/namespaces/default/apitokens:self", [A, A, A]),
+    ("GET", "/apitokens/v1/namespaces/default/apitokens:SELF", [A, A, A]),
+    ("POST", "/apitokens/v1/namespaces/default/apitokens:self", [R, R, R]),
+    ("DELETE", "/apitokens/v1/namespaces/default/apitokens:self", [R, R, R]),
+    ("GET", "/apitokens/v1/namespaces/default/apitokens:selfish", [R, R, A]),
+    ("GET", "/apitokens/v1/namespaces/default/apitokens:self/x", [R, R, A]),
+    ("GET", "/apitokens/v1/namespaces/other/apitokens:self", [N, N, N]),
     // Namespace: owner get and update only, on the whole subtree (reading a
     // sub-collection is list).
     ("GET", "/namespaces/v1/namespaces/default", [R, R, A]),

@@ -187,6 +187,7 @@ def test_unknown_tokens_paths_and_actions_are_404s(plane, document):
     (ITEM, tokens_path(token="seed-0004"), "GET, DELETE", ["PUT", "PATCH", "POST", "HEAD"]),
     (REGENERATE, tokens_path(token="seed-0004") + ":regenerate", "POST", ["GET", "PUT", "DELETE"]),
     (EVENTS, tokens_path() + ":events", "GET", ["POST", "PUT", "DELETE"]),
+    (COLLECTION + ":self", tokens_path() + ":self", "GET", ["POST", "PUT", "DELETE"]),
 ])
 def test_other_methods_are_405s_with_allow(plane, document, template, path, allow, methods):
     entry = document.resolve({"$ref": "#/components/responses/MethodNotAllowed"})

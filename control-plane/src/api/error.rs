@@ -21,7 +21,7 @@ pub enum AppError {
     Denied(Option<Box<Reply>>),
     #[error("not found: the API is /apitokens/v1/namespaces/{{namespace}}/apitokens[/{{token}}[:regenerate]]")]
     UnknownPath,
-    #[error("unknown action; the actions are {{token}}:regenerate and apitokens:events")]
+    #[error("unknown action; the actions are {{token}}:regenerate, apitokens:events and apitokens:self")]
     UnknownAction,
     #[error("method not allowed here; allowed: {0}")]
     MethodNotAllowed(&'static str),

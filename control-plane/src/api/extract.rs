@@ -120,8 +120,10 @@ pub(crate) fn loggable_path(path: &str) -> &str {
     }
 }
 
-/// An owner of the path's namespace, calling the token API.
-pub(crate) struct Owner {
+/// A caller of the token API that the built-in rules allow this call: an
+/// owner of the path's namespace, or any token of it reading itself
+/// (`apitokens:self`).
+pub(crate) struct Allowed {
     pub route: Route,
     /// Who calls, from where: for the audit trail.
     pub actor: Actor,
@@ -151,7 +153,7 @@ fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap, now: Timestamp) -
     config.authenticate(value, || Some(now)).map_err(|(denial, _)| denial)
 }
 
-impl FromRequestParts<Arc<AppState>> for Owner {
+impl FromRequestParts<Arc<AppState>> for Allowed {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, AppError> {
@@ -171,15 +173,18 @@ impl FromRequestParts<Arc<AppState>> for Owner {
         crate::tokens::check_path(route.namespace(), route.id())?;
         match &route {
             Route::Action { action, .. } if action != "regenerate" => return Err(AppError::UnknownAction),
-            Route::CollectionAction { action, .. } if action != "events" => return Err(AppError::UnknownAction),
+            Route::CollectionAction { action, .. } if action != "events" && action != "self" => {
+                return Err(AppError::UnknownAction)
+            }
             _ => {}
         }
-        // Same decision as the filter: owner of this namespace, or nothing.
+        // Same decision as the filter, with the same rules: the owner of
+        // this namespace, or (for `apitokens:self`) any of its tokens.
         config
             .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
             .map_err(denied)?;
         let peer = peer(parts);
-        Ok(Owner {
+        Ok(Allowed {
             route,
             actor: Actor {
                 name: token.name().to_owned(),

@@ -66,6 +66,7 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let collection = format!("{API_PREFIX}{{namespace}}/apitokens");
     let item = format!("{collection}/{{item}}");
     let events = format!("{collection}:events");
+    let own = format!("{collection}:self");
     let mut router = Router::new()
         .route("/healthz", read_only(status::healthz))
         .route(OPENAPI_PATH, read_only(openapi));
@@ -84,6 +85,10 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
         .route(
             &events,
             get(tokens::events).fallback(|| async { AppError::MethodNotAllowed("GET") }),
+        )
+        .route(
+            &own,
+            get(tokens::own).fallback(|| async { AppError::MethodNotAllowed("GET") }),
         )
         .route(
             &item,

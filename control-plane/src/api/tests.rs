@@ -1259,3 +1259,58 @@ async fn the_openapi_document_is_served_as_kept_in_the_repository() {
     assert_eq!(a.raw, OPENAPI);
     assert!(a.body["openapi"].as_str().unwrap().starts_with("3.1"));
 }
+
+#[tokio::test]
+async fn every_role_reads_itself_and_nothing_else() {
+    let f = fixture().await;
+    let expire = Timestamp::from_unix(f.state.service.clock().now().unix_seconds() + 3600, 0);
+    let viewer = add_token(&f, "namespaces/default/apitokens/vw", Role::Viewer, Some(expire)).await;
+    let editor = add_token(&f, "namespaces/default/apitokens/ed", Role::Editor, None).await;
+    let other = add_token(&f, "namespaces/other/apitokens/vw", Role::Viewer, None).await;
+    let own = format!("{COLLECTION}:self");
+    for (secret, name, role) in [
+        (&viewer, "namespaces/default/apitokens/vw", "viewer"),
+        (&editor, "namespaces/default/apitokens/ed", "editor"),
+        (&f.owner, "namespaces/default/apitokens/admin", "owner"),
+    ] {
+        let a = f.call("GET", &own, Some(secret), None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+        let token = a.body["apiToken"].as_object().unwrap();
+        assert_eq!(token["name"], name);
+        assert_eq!(token["role"], role);
+        assert!(token.contains_key("createTime"));
+        // Its own fields only: never a secret, nor who created it.
+        let mut keys: Vec<&str> = token.keys().map(String::as_str).collect();
+        keys.retain(|k| !["name", "role", "createTime", "expireTime", "lastUseTime"].contains(k));
+        assert!(keys.is_empty(), "{keys:?}");
+        assert!(!a.raw.contains(secret.as_str()));
+    }
+    let a = f.call("GET", &own, Some(&viewer), None).await;
+    assert_eq!(a.body["apiToken"]["expireTime"], expire.to_rfc3339());
+    // Only in its own namespace, only GET, and not the other calls.
+    let a = f.call("GET", &own, Some(&other), None).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
+    assert_eq!(
+        f.call("POST", &own, Some(&viewer), None).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    for path in [
+        COLLECTION.to_owned(),
+        format!("{COLLECTION}/vw"),
+        format!("{COLLECTION}:events"),
+    ] {
+        let a = f.call("GET", &path, Some(&viewer), None).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}: {}", a.raw);
+    }
+    assert_eq!(f.call("GET", &own, None, None).await.status, StatusCode::UNAUTHORIZED);
+    // Its last use, once reported.
+    f.state
+        .service
+        .record_use(&f.store.lineage(), &Digest::of(editor.as_bytes()).0);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+    stop_tx.send(true).unwrap();
+    flusher.await.unwrap();
+    let a = f.call("GET", &own, Some(&editor), None).await;
+    assert!(a.body["apiToken"]["lastUseTime"].is_string(), "{}", a.raw);
+}

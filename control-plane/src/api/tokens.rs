@@ -1,8 +1,8 @@
-//! The token API handlers: each one an owner check (the [`Owner`]
+//! The token API handlers: each one a permission check (the [`Allowed`]
 //! extractor), a call into the token service, and a JSON answer.
 
 use super::error::json_response;
-use super::extract::{JsonBody, OptionalJsonBody, Owner, Route};
+use super::extract::{Allowed, JsonBody, OptionalJsonBody, Route};
 use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
 use crate::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
@@ -170,8 +170,8 @@ fn issued(issued: &Issued, names: bool) -> Response {
     )
 }
 
-pub(crate) async fn list(State(app): State<Arc<AppState>>, owner: Owner) -> Result<Response, AppError> {
-    let records = app.service.list(owner.route.namespace()).await?;
+pub(crate) async fn list(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
+    let records = app.service.list(caller.route.namespace()).await?;
     Ok(json_response(
         StatusCode::OK,
         &Many {
@@ -199,7 +199,7 @@ pub(crate) struct CreateBody {
 
 pub(crate) async fn create(
     State(app): State<Arc<AppState>>,
-    owner: Owner,
+    caller: Allowed,
     query: Result<Query<WriteQuery>, QueryRejection>,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, AppError> {
@@ -224,13 +224,13 @@ pub(crate) async fn create(
     };
     let result = app
         .service
-        .create(owner.route.namespace(), new, &owner.actor, wait(query)?)
+        .create(caller.route.namespace(), new, &caller.actor, wait(query)?)
         .await?;
     Ok(issued(&result, app.name_envoys))
 }
 
-pub(crate) async fn get(State(app): State<Arc<AppState>>, owner: Owner) -> Result<Response, AppError> {
-    let (ns, id) = item(&owner.route)?;
+pub(crate) async fn get(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
+    let (ns, id) = item(&caller.route)?;
     let record = app.service.get(ns, id).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -242,11 +242,11 @@ pub(crate) async fn get(State(app): State<Arc<AppState>>, owner: Owner) -> Resul
 
 pub(crate) async fn delete(
     State(app): State<Arc<AppState>>,
-    owner: Owner,
+    caller: Allowed,
     query: Result<Query<WriteQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
-    let (ns, id) = item(&owner.route)?;
-    let delivery = app.service.delete(ns, id, &owner.actor, wait(query)?).await?;
+    let (ns, id) = item(&caller.route)?;
+    let delivery = app.service.delete(ns, id, &caller.actor, wait(query)?).await?;
     Ok(written(&serde_json::json!({}), &delivery, app.name_envoys))
 }
 
@@ -272,11 +272,11 @@ fn duration(text: &str) -> Option<Duration> {
 /// `POST .../apitokens/{token}:regenerate` (the only action on a token).
 pub(crate) async fn action(
     State(app): State<Arc<AppState>>,
-    owner: Owner,
+    caller: Allowed,
     query: Result<Query<WriteQuery>, QueryRejection>,
     OptionalJsonBody(body): OptionalJsonBody<RegenerateBody>,
 ) -> Result<Response, AppError> {
-    let (ns, id) = item(&owner.route)?;
+    let (ns, id) = item(&caller.route)?;
     let overlap = match body.and_then(|b| b.previous_secret_ttl) {
         None => None,
         Some(text) => Some(duration(&text).ok_or(AppError::BadField {
@@ -286,9 +286,46 @@ pub(crate) async fn action(
     };
     let result = app
         .service
-        .regenerate(ns, id, overlap, &owner.actor, wait(query)?)
+        .regenerate(ns, id, overlap, &caller.actor, wait(query)?)
         .await?;
     Ok(issued(&result, app.name_envoys))
+}
+
+/// What a token may learn about itself: nothing about another token (not
+/// even which one created it), never a secret.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnToken<'a> {
+    name: &'a str,
+    role: &'a str,
+    create_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expire_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_use_time: Option<String>,
+}
+
+/// `GET .../apitokens:self`: the calling token, for any role (a CI job
+/// checks its credential before a long run).
+pub(crate) async fn own(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
+    let record = app.service.own(&caller.actor.name).await?;
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Own<'a> {
+        api_token: OwnToken<'a>,
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &Own {
+            api_token: OwnToken {
+                name: &record.name,
+                role: record.role.as_str(),
+                create_time: record.create_time.to_rfc3339(),
+                expire_time: record.expire_time.map(|t| t.to_rfc3339()),
+                last_use_time: record.last_use.map(|t| t.to_rfc3339()),
+            },
+        },
+    ))
 }
 
 #[derive(Deserialize)]
@@ -303,7 +340,7 @@ pub(crate) struct EventsQuery {
 /// `nextPageToken`.
 pub(crate) async fn events(
     State(app): State<Arc<AppState>>,
-    owner: Owner,
+    caller: Allowed,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
     let Query(query) = query.map_err(|_| AppError::bad_query())?;
@@ -319,7 +356,7 @@ pub(crate) async fn events(
     };
     let (events, next) = app
         .service
-        .events(owner.route.namespace(), page_size, query.page_token.as_deref())
+        .events(caller.route.namespace(), page_size, query.page_token.as_deref())
         .await?;
     let mut body = serde_json::Map::new();
     body.insert("events".into(), events.iter().map(audit::to_json).collect());

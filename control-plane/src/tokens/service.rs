@@ -352,6 +352,16 @@ impl Service {
         self.store.get(&name).await?.ok_or(Error::NotFound(name))
     }
 
+    /// The calling token's own record (`apitokens:self`): `name` is what
+    /// authenticated the call, so a token the store no longer has was
+    /// deleted since (the table the call was checked against is older).
+    pub async fn own(&self, name: &str) -> Result<TokenRecord, Error> {
+        self.store
+            .get(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
     /// The namespace's tokens, ordered by name.
     pub async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, Error> {
         check_namespace(namespace)?;
