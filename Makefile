@@ -15,7 +15,7 @@ PG          := scripts/postgres.sh
 # wasm-bindgen-test-runner must match the wasm-bindgen crate exactly.
 WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/"/,"",$$3); print $$3}' Cargo.lock)
 
-.PHONY: check requirements-lock postgres replicas differential differential-deps ui chromium bench bench-scale security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size images contract deploy
+.PHONY: check requirements-lock postgres replicas differential differential-deps ui chromium bench bench-scale bench-leaks security drills soak cp-build cp-e2e fuzz run-static wasm-bindgen-cli help toolchain build venv test unit wasm-test e2e lint fmt run clean size images contract deploy
 
 # Every target says what it does after `##` on its own line: `make help`
 # lists them, `make lint` checks that none is missing.
@@ -171,6 +171,10 @@ bench: build venv ## the side-by-side benchmark (about 9 minutes), tables in ben
 bench-scale: build venv postgres ## configuration and revocation at 1k/100k/1M tokens, tables in bench/results/scale.md
 	$(CARGO) build --release -p apitokens-control-plane
 	$(PG) run -- env PYTHONPATH=tests/lib ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/scale.py $(SCALE_ARGS)
+
+bench-leaks: build venv ## leak reports' answer time, matched or not, at 100k tokens (about a minute), bench/results/leak-reports.md
+	$(CARGO) build --release -p apitokens-control-plane
+	env PYTHONPATH=tests/lib ENVOY_BIN=$(ENVOY) APITOKENS_WASM=$(WASM) $(PY) bench/leak_reports.py $(LEAK_ARGS)
 
 # Control plane + Envoy on ECDS + demo upstream, a bootstrap owner token, curl lines.
 run: build cp-build venv ## control plane + Envoy (ECDS) + demo upstream, an owner token, curl lines for the lifecycle

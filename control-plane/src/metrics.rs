@@ -166,6 +166,26 @@ impl Metrics {
                 "Usage reports refused: not from an identity allowed on the xDS port",
                 &w.usage_refused,
             ),
+            (
+                "leak_reports",
+                "Leak reports taken (credentials:revoke), whatever they matched",
+                &w.leak_reports,
+            ),
+            (
+                "leak_reports_rate_limited",
+                "Leak reports refused (429): their client address was over --leak-reports-per-second",
+                &w.leak_reports_rate_limited,
+            ),
+            (
+                "leak_report_credentials",
+                "Credentials in the leak reports taken",
+                &w.leak_report_credentials,
+            ),
+            (
+                "leaked_tokens_revoked",
+                "Tokens revoked because one of their secrets was reported leaked",
+                &w.leaked_tokens_revoked,
+            ),
             ("push_responses", "ECDS responses sent to Envoys over gRPC", &push.responses),
             (
                 "push_bytes",
@@ -330,6 +350,10 @@ pub struct ServiceMetrics {
     pub usage_accepted: Counter,
     pub usage_digests: Counter,
     pub usage_refused: Counter,
+    pub leak_reports: Counter,
+    pub leak_reports_rate_limited: Counter,
+    pub leak_report_credentials: Counter,
+    pub leaked_tokens_revoked: Counter,
 }
 
 impl Default for ServiceMetrics {
@@ -344,6 +368,10 @@ impl Default for ServiceMetrics {
             usage_accepted: Counter::default(),
             usage_digests: Counter::default(),
             usage_refused: Counter::default(),
+            leak_reports: Counter::default(),
+            leak_reports_rate_limited: Counter::default(),
+            leak_report_credentials: Counter::default(),
+            leaked_tokens_revoked: Counter::default(),
         }
     }
 }

@@ -112,6 +112,9 @@ def plane(workdir):
     cp = ControlPlane(workdir / "cp", always=(
         "--namespace-writes-per-second", "0",
         "--max-tokens-per-namespace", str(QUOTA),
+        # Leak reports: the generated ones get real answers (each at least
+        # 250 ms), then the 429s of their rate.
+        "--leak-report-burst", "40", "--leak-reports-per-second", "0.01",
     ))
     owner = cp.bootstrap("default", "admin")
     other = cp.bootstrap("other", "admin")

@@ -140,7 +140,11 @@ def test_generated_calls_answer_as_documented(case, creds, base_url):
     steer(case, ns=None if h % 4 == 0 else "default",
           token=None if h % 3 == 0 else [*SEEDED[:8], "never-was"][h % 9], name_in_path=h % 5 != 0)
     label = f"{case.method} {case.formatted_path}"
-    for who in ORDER:
+    # An operation without authentication (leak reports, the operator's
+    # endpoints) answers every caller alike: called once, without a token
+    # (leak reports are rate-limited per client and answer after 250 ms).
+    public = case.operation.definition.raw.get("security") == []
+    for who in (["no token"] if public else ORDER):
         headers = {"Authorization": f"Bearer {creds[who]}"} if who != "no token" else None
         response = case.call(base_url=base_url, headers=headers)
         assert response.status_code < 500, (

@@ -143,7 +143,7 @@ impl IntoResponse for AppError {
                     resp.extensions_mut().insert(Outcome::quota_exceeded);
                     resp
                 }
-                tokens::Error::TooManyWrites { retry_after, .. } => {
+                tokens::Error::TooManyWrites { retry_after, .. } | tokens::Error::TooManyReports { retry_after } => {
                     let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, &message, None);
                     resp.extensions_mut().insert(Outcome::rate_limited);
                     if let Ok(value) = HeaderValue::from_str(&tokens::whole_seconds(retry_after).to_string()) {

@@ -115,7 +115,13 @@ pub(crate) fn loggable_path(path: &str) -> &str {
             path
         }
         Some(_) => "(other path)",
-        None if matches!(path, "/healthz" | "/status" | "/metrics" | super::OPENAPI_PATH) => path,
+        None if matches!(
+            path,
+            "/healthz" | "/status" | "/metrics" | super::OPENAPI_PATH | super::REVOKE_PATH
+        ) =>
+        {
+            path
+        }
         None => "(other path)",
     }
 }
@@ -130,7 +136,7 @@ pub(crate) struct Allowed {
 }
 
 /// The connection's peer address.
-fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
+pub(crate) fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
     parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -221,6 +227,12 @@ async fn body(req: Request) -> Result<Bytes, AppError> {
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    // serde reads a struct from a JSON array too (its fields in order):
+    // `["namespaces/default/apitokens/x", "viewer"]` would be a create.
+    // Every body of this API is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(AppError::BadBody("the request body must be a JSON object".to_owned()));
+    }
     serde_json::from_slice(bytes)
         .map_err(|e| AppError::BadBody(format!("the request body {}", describe_body_error(&e))))
 }

@@ -1,5 +1,6 @@
 //! The HTTP surface: the token REST API (`/apitokens/v1/...`, a thin adapter
-//! over [`tokens::Service`]), `GET /healthz`, `GET /status`, `GET /metrics`,
+//! over [`tokens::Service`]), leak reports (`credentials:revoke`),
+//! `GET /healthz`, `GET /status`, `GET /metrics`,
 //! and the web console under `/console/` ([`console`]).
 //!
 //! Every token call is authenticated and authorized with the filter's own
@@ -12,6 +13,7 @@ pub mod console;
 mod error;
 mod extract;
 mod forwarded;
+mod leaks;
 mod status;
 mod tokens;
 
@@ -39,6 +41,8 @@ pub const API_PREFIX: &str = "/apitokens/v1/namespaces/";
 /// against the running server by `tests/contract`).
 pub const OPENAPI_PATH: &str = "/apitokens/v1/openapi.json";
 pub const OPENAPI: &str = include_str!("../../openapi.json");
+/// Leak reports: no authentication, `202 {}` whatever matched.
+pub const REVOKE_PATH: &str = "/apitokens/v1/credentials:revoke";
 pub const CONFIG_VERSION_HEADER: &str = "x-apitokens-config-version";
 pub const APPLIED_HEADER: &str = "x-apitokens-applied";
 pub const ENVOYS_HEADER: &str = "x-apitokens-envoys";
@@ -69,7 +73,11 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let own = format!("{collection}:self");
     let mut router = Router::new()
         .route("/healthz", read_only(status::healthz))
-        .route(OPENAPI_PATH, read_only(openapi));
+        .route(OPENAPI_PATH, read_only(openapi))
+        .route(
+            REVOKE_PATH,
+            axum::routing::post(leaks::revoke).fallback(|| async { AppError::MethodNotAllowed("POST") }),
+        );
     if with_status {
         router = router
             .route("/status", read_only(status::status))

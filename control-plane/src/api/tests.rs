@@ -437,6 +437,14 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "unknown role",
         ),
         (
+            // serde would read the fields in order from an array.
+            "POST",
+            COLLECTION.into(),
+            Some(r#"["namespaces/default/apitokens/x", "viewer"]"#.into()),
+            StatusCode::BAD_REQUEST,
+            "must be a JSON object",
+        ),
+        (
             "POST",
             COLLECTION.into(),
             Some(
@@ -1313,4 +1321,196 @@ async fn every_role_reads_itself_and_nothing_else() {
     flusher.await.unwrap();
     let a = f.call("GET", &own, Some(&editor), None).await;
     assert!(a.body["apiToken"]["lastUseTime"].is_string(), "{}", a.raw);
+}
+
+mod leak_reports {
+    use super::*;
+    use crate::tokens::leaks::ANSWER_AFTER;
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    const REVOKE: &str = "/apitokens/v1/credentials:revoke";
+
+    impl Fixture {
+        /// A report from `peer`, no authentication: the answer and its time.
+        async fn report(&self, peer: &str, body: &str) -> (Answer, Duration) {
+            let mut req = HttpRequest::builder()
+                .method("POST")
+                .uri(REVOKE)
+                .body(Body::from(body.to_owned()))
+                .unwrap();
+            let addr: SocketAddr = peer.parse().unwrap();
+            req.extensions_mut().insert(ConnectInfo(addr));
+            let started = Instant::now();
+            let a = self.send(req).await;
+            (a, started.elapsed())
+        }
+
+        async fn secret_of(&self, id: &str, role: &str) -> String {
+            let a = self.create(id, role).await;
+            assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+            a.body["apiToken"]["secret"].as_str().unwrap().to_owned()
+        }
+    }
+
+    /// The same secret with its last character changed: the checksum breaks.
+    fn checksum_broken(secret: &str) -> String {
+        let (body, last) = secret.split_at(secret.len() - 1);
+        format!("{body}{}", if last == "A" { "B" } else { "A" })
+    }
+
+    #[tokio::test]
+    async fn a_reported_secret_revokes_its_token_at_once_and_says_nothing() {
+        let f = fixture().await;
+        let leaked = f.secret_of("leaky", "editor").await;
+        let kept = f.secret_of("kept", "viewer").await;
+        let body = json!({"credentials": ["not-ours", leaked, "apt_0000"]}).to_string();
+        let (a, took) = f.report("203.0.113.5:4000", &body).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.raw);
+        assert_eq!(a.body, json!({}));
+        assert!(took >= ANSWER_AFTER, "{took:?}");
+        // Gone from the store and from what the gateways get, now.
+        let names = f.names().await;
+        assert!(
+            !names.contains(&"namespaces/default/apitokens/leaky".to_owned()),
+            "{names:?}"
+        );
+        assert!(!f
+            .pushed()
+            .await
+            .contains(&"namespaces/default/apitokens/leaky".to_owned()));
+        assert_eq!(
+            f.call("GET", COLLECTION, Some(&leaked), None).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(names.contains(&"namespaces/default/apitokens/kept".to_owned()));
+        let _ = kept;
+        // Audited as reported leaked, with the reporter's address.
+        let events = f
+            .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
+            .await;
+        let revoke = &events.body["events"][0];
+        assert_eq!(revoke["event"], "apitoken.revoke", "{}", events.raw);
+        assert_eq!(revoke["token"], "namespaces/default/apitokens/leaky");
+        assert_eq!(revoke["actor"], "reported leaked");
+        assert_eq!(revoke["clientAddress"], "203.0.113.5");
+        assert!(!events.raw.contains(&leaked));
+        // Reported again: the same answer, nothing left to change.
+        let revision = f.store.head().await.unwrap().at;
+        let (a, _) = f.report("203.0.113.5:4000", &body).await;
+        assert_eq!((a.status, a.body), (StatusCode::ACCEPTED, json!({})));
+        assert_eq!(f.store.head().await.unwrap().at, revision);
+    }
+
+    #[tokio::test]
+    async fn unknown_malformed_and_checksum_broken_secrets_change_nothing() {
+        let f = fixture().await;
+        let secret = f.secret_of("ci", "owner").await;
+        let revision = f.store.head().await.unwrap().at;
+        let names = f.names().await;
+        let unknown = Secret::generate().unwrap().expose().to_owned();
+        let body = json!({"credentials": [unknown, checksum_broken(&secret), &secret[..20], "", "apt_"]}).to_string();
+        let (a, took) = f.report("203.0.113.6:4000", &body).await;
+        assert_eq!((a.status, &a.body), (StatusCode::ACCEPTED, &json!({})), "{}", a.raw);
+        assert!(took >= ANSWER_AFTER, "{took:?}");
+        assert_eq!(f.store.head().await.unwrap().at, revision);
+        assert_eq!(f.names().await, names);
+        assert_eq!(
+            f.call("GET", COLLECTION, Some(&secret), None).await.status,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_previous_secret_in_its_overlap_revokes_the_token() {
+        let f = fixture().await;
+        let old = f.secret_of("rotated", "viewer").await;
+        let a = f
+            .call(
+                "POST",
+                &format!("{COLLECTION}/rotated:regenerate"),
+                Some(&f.owner),
+                Some(r#"{"previousSecretTtl": "3600s"}"#),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        let body = json!({"credentials": [old]}).to_string();
+        assert_eq!(f.report("203.0.113.7:1", &body).await.0.status, StatusCode::ACCEPTED);
+        assert!(!f
+            .names()
+            .await
+            .contains(&"namespaces/default/apitokens/rotated".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn bad_reports_name_the_field_and_never_quote_it() {
+        let f = fixture().await;
+        let secret = f.secret_of("ci", "viewer").await;
+        let too_many: Vec<&str> = std::iter::repeat_n("x", 1001).collect();
+        let cases = [
+            ("{}".to_owned(), Some("credentials")),
+            (json!({"credentials": secret}).to_string(), Some("credentials")),
+            (json!({"credentials": []}).to_string(), Some("credentials")),
+            (json!({"credentials": too_many}).to_string(), Some("credentials")),
+            (json!({"credentials": [secret, 7]}).to_string(), Some("credentials[1]")),
+            (json!({"credentials": [secret], secret.clone(): 1}).to_string(), None),
+            (format!("[\"{secret}\"]"), None),
+            (format!("{{\"credentials\": [\"{secret}\""), None),
+        ];
+        let revision = f.store.head().await.unwrap().at;
+        for (body, field) in cases {
+            let (a, _) = f.report("203.0.113.8:1", &body).await;
+            assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}: {}", a.raw);
+            assert_eq!(a.body["field"].as_str(), field, "{body}: {}", a.raw);
+            assert!(!a.raw.contains(&secret), "{}", a.raw);
+        }
+        assert_eq!(f.store.head().await.unwrap().at, revision);
+        // No authentication is needed, and another method is a 405.
+        let a = f.call("GET", REVOKE, None, None).await;
+        assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(a.headers["allow"], "POST");
+    }
+
+    #[tokio::test]
+    async fn reports_are_rate_limited_per_client_address() {
+        let f = fixture_on_sqlite(
+            "api-leak-rate",
+            ServiceOptions {
+                report_rate: crate::tokens::Rate {
+                    per_second: 0.001,
+                    burst: 2.0,
+                },
+                ..ServiceOptions::default()
+            },
+        )
+        .await;
+        let body = json!({"credentials": ["nothing"]}).to_string();
+        for _ in 0..2 {
+            assert_eq!(f.report("198.51.100.1:1", &body).await.0.status, StatusCode::ACCEPTED);
+        }
+        // Counted before the body is read: a bad one is refused too.
+        for body in [body.as_str(), "not json"] {
+            let (a, took) = f.report("198.51.100.1:2", body).await;
+            assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.raw);
+            assert!(a.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+            assert!(took < ANSWER_AFTER, "a refusal holds no connection: {took:?}");
+        }
+        // Another client, and another IPv6 /64, have their own.
+        assert_eq!(f.report("198.51.100.2:1", &body).await.0.status, StatusCode::ACCEPTED);
+        for _ in 0..2 {
+            assert_eq!(
+                f.report("[2001:db8:0:1::1]:1", &body).await.0.status,
+                StatusCode::ACCEPTED
+            );
+        }
+        assert_eq!(
+            f.report("[2001:db8:0:1::2]:1", &body).await.0.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            f.report("[2001:db8:0:2::1]:1", &body).await.0.status,
+            StatusCode::ACCEPTED
+        );
+    }
 }

@@ -20,7 +20,7 @@ use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
 use crate::store::{Store, StoreMetrics};
-use crate::tokens::{Lifetimes, Service, ServiceOptions, WriteRate};
+use crate::tokens::{Lifetimes, Rate, Service, ServiceOptions};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +64,12 @@ pub(super) struct ServeArgs {
     /// Writes one namespace may make at once before --namespace-writes-per-second applies
     #[arg(long, default_value_t = 100.0, value_name = "N")]
     namespace_write_burst: f64,
+    /// Leak reports (credentials:revoke, no authentication) per second one client address (an IPv6 /64) may sustain, per control-plane process; faster ones answer 429 with Retry-After (0: no limit). The client is the X-Forwarded-For hop of a --trusted-proxy, else the peer
+    #[arg(long, default_value_t = crate::tokens::leaks::DEFAULT_REPORT_RATE.per_second, value_name = "N")]
+    leak_reports_per_second: f64,
+    /// Leak reports one client address may make at once before --leak-reports-per-second applies
+    #[arg(long, default_value_t = crate::tokens::leaks::DEFAULT_REPORT_RATE.burst, value_name = "N")]
+    leak_report_burst: f64,
     /// How long audit events are kept (90d, 12h, 3600s), or `forever`; older ones are deleted in the background
     #[arg(long, default_value = "400d", value_name = "DURATION", value_parser = parse_retention)]
     audit_retention: Retention,
@@ -201,6 +207,8 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
     for (flag, value) in [
         ("--namespace-writes-per-second", args.namespace_writes_per_second),
         ("--namespace-write-burst", args.namespace_write_burst),
+        ("--leak-reports-per-second", args.leak_reports_per_second),
+        ("--leak-report-burst", args.leak_report_burst),
     ] {
         if !value.is_finite() || !(0.0..=1e9).contains(&value) {
             return Err(Error::input(flag, "must be a number from 0 to 1e9"));
@@ -509,9 +517,13 @@ impl Core {
                 quota: (args.max_tokens_per_namespace > 0).then_some(args.max_tokens_per_namespace),
                 apply_timeout: Duration::from_millis(args.apply_timeout_ms),
                 lifetimes: lifetimes(&args.max_token_lifetime)?,
-                write_rate: WriteRate {
+                write_rate: Rate {
                     per_second: args.namespace_writes_per_second,
                     burst: args.namespace_write_burst,
+                },
+                report_rate: Rate {
+                    per_second: args.leak_reports_per_second,
+                    burst: args.leak_report_burst,
                 },
                 // One clock for the service and the publisher.
                 clock: self.publisher.clock().clone(),

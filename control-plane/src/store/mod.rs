@@ -231,6 +231,9 @@ pub enum Action {
     /// Tokens imported by digest (`apitokens import`): one event per
     /// namespace, with their number.
     Import,
+    /// A token revoked because one of its secrets was reported leaked
+    /// (`credentials:revoke`).
+    Revoke,
 }
 
 impl Action {
@@ -240,13 +243,20 @@ impl Action {
             Action::Regenerate => "regenerate",
             Action::Delete => "delete",
             Action::Import => "import",
+            Action::Revoke => "revoke",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Action::Create, Action::Regenerate, Action::Delete, Action::Import]
-            .into_iter()
-            .find(|a| a.as_str() == s)
+        [
+            Action::Create,
+            Action::Regenerate,
+            Action::Delete,
+            Action::Import,
+            Action::Revoke,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
     }
 }
 

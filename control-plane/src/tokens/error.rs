@@ -25,6 +25,8 @@ pub enum Error {
         namespace: String,
         retry_after: std::time::Duration,
     },
+    #[error("this client reports leaked credentials faster than this control plane takes them; try again in {}s", super::rate::whole_seconds(*retry_after))]
+    TooManyReports { retry_after: std::time::Duration },
     #[error(transparent)]
     Store(StoreError),
     #[error("the OS random source failed: {0}")]

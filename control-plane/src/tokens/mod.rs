@@ -6,11 +6,12 @@
 pub mod audit;
 mod caller;
 mod error;
+pub mod leaks;
 mod rate;
 pub mod secret;
 mod service;
 
 pub use caller::{Actor, Caller, Lifetimes};
 pub use error::Error;
-pub use rate::{whole_seconds, WriteRate};
+pub use rate::{whole_seconds, Rate};
 pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Wait, MAX_OVERLAP};

@@ -5,6 +5,9 @@
 //! refused (429 with `Retry-After`), before anything is stored. Counted per
 //! control-plane process (with replicas, each one has its own buckets).
 //! Operator tools (`bootstrap`, `import`) are not counted.
+//!
+//! The same buckets, keyed by client address, bound the unauthenticated
+//! leak reports (`credentials:revoke`, see `leaks`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,15 +17,16 @@ use std::time::{Duration, Instant};
 /// as none).
 const KEPT: usize = 10_000;
 
+/// A sustained rate and a burst, for one key (a namespace, a client).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct WriteRate {
-    /// Writes per second a namespace may sustain (0: no limit).
+pub struct Rate {
+    /// Calls per second a key may sustain (0: no limit).
     pub per_second: f64,
-    /// Writes a namespace may make at once.
+    /// Calls a key may make at once.
     pub burst: f64,
 }
 
-impl Default for WriteRate {
+impl Default for Rate {
     fn default() -> Self {
         Self {
             per_second: 10.0,
@@ -43,9 +47,9 @@ pub(crate) struct Buckets {
 }
 
 impl Buckets {
-    /// Takes one write from `namespace`'s bucket, or says how long until
-    /// one is there.
-    pub(crate) fn take(&self, rate: WriteRate, namespace: &str, now: Instant) -> Result<(), Duration> {
+    /// Takes one call from `key`'s bucket, or says how long until one is
+    /// there.
+    pub(crate) fn take(&self, rate: Rate, key: &str, now: Instant) -> Result<(), Duration> {
         if rate.per_second <= 0.0 {
             return Ok(());
         }
@@ -57,9 +61,9 @@ impl Buckets {
         if levels.len() >= KEPT {
             levels.retain(|_, bucket| refill(*bucket) < burst);
         }
-        let level = levels.get(namespace).map_or(burst, |bucket| refill(*bucket));
+        let level = levels.get(key).map_or(burst, |bucket| refill(*bucket));
         if level >= 1.0 {
-            levels.insert(namespace.to_owned(), (level - 1.0, now));
+            levels.insert(key.to_owned(), (level - 1.0, now));
             Ok(())
         } else {
             Err(Duration::try_from_secs_f64((1.0 - level) / rate.per_second).unwrap_or(Duration::MAX))
@@ -73,7 +77,7 @@ mod tests {
 
     #[test]
     fn a_burst_then_the_rate() {
-        let rate = WriteRate {
+        let rate = Rate {
             per_second: 2.0,
             burst: 3.0,
         };
@@ -90,7 +94,7 @@ mod tests {
         b.take(rate, "a", t0 + Duration::from_millis(500)).unwrap();
         assert!(b.take(rate, "a", t0 + Duration::from_millis(500)).is_err());
         // No limit.
-        let none = WriteRate {
+        let none = Rate {
             per_second: 0.0,
             burst: 0.0,
         };

@@ -9,7 +9,7 @@
 //! already enforce it, or the answer says which ones do not.
 
 use super::caller::{self, Actor, Lifetimes};
-use super::rate::{Buckets, WriteRate};
+use super::rate::{Buckets, Rate};
 use super::secret::Secret;
 use super::{audit, Error};
 use crate::acks::{Rollout, Tracker};
@@ -40,7 +40,9 @@ pub struct ServiceOptions {
     /// The longest new tokens may live, per namespace.
     pub lifetimes: Lifetimes,
     /// How many writes a namespace may make (API callers only).
-    pub write_rate: WriteRate,
+    pub write_rate: Rate,
+    /// How many leak reports a client address may make (`leaks`).
+    pub report_rate: Rate,
     /// What expiry, last use and retention are measured against.
     pub clock: Clock,
 }
@@ -51,7 +53,8 @@ impl Default for ServiceOptions {
             quota: Some(1000),
             apply_timeout: Duration::from_secs(5),
             lifetimes: Lifetimes::default(),
-            write_rate: WriteRate::default(),
+            write_rate: Rate::default(),
+            report_rate: super::leaks::DEFAULT_REPORT_RATE,
             clock: Clock::system(),
         }
     }
@@ -131,6 +134,8 @@ pub struct Service {
     written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64)>>,
     /// Each namespace's writes, for [`ServiceOptions::write_rate`].
     buckets: Buckets,
+    /// Each client's leak reports, for [`ServiceOptions::report_rate`].
+    report_buckets: Buckets,
     /// Usage reports taken and refused since this process started.
     /// What its writes and the usage reports did (`/metrics`, `/status`).
     pub metrics: ServiceMetrics,
@@ -181,7 +186,7 @@ fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Time
 }
 
 /// An audit event of `actor` acting on `token` (or on the namespace).
-fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, now: Timestamp) -> AuditEvent {
+pub(super) fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, now: Timestamp) -> AuditEvent {
     AuditEvent {
         time: now,
         namespace: namespace.to_owned(),
@@ -213,6 +218,7 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
+            report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
         }
     }
@@ -232,12 +238,27 @@ impl Service {
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
             buckets: Buckets::default(),
+            report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub(super) fn options(&self) -> &ServiceOptions {
+        &self.opts
+    }
+
+    pub(super) fn report_buckets(&self) -> &Buckets {
+        &self.report_buckets
+    }
+
+    /// The configuration this process publishes (none from the command
+    /// line).
+    pub(super) fn published(&self) -> Option<Arc<crate::config::Snapshot>> {
+        self.push.as_ref().map(|p| p.publisher.current())
     }
 
     /// A write by `actor` in `namespace`: allowed with a current secret and
@@ -672,7 +693,7 @@ impl Service {
     }
 
     /// Publishes the change committed at `revision` and waits as asked.
-    async fn deliver(&self, revision: Revision, wait: Wait) -> Result<Delivery, Error> {
+    pub(super) async fn deliver(&self, revision: Revision, wait: Wait) -> Result<Delivery, Error> {
         let Some(push) = &self.push else {
             return Ok(Delivery::Stored);
         };

@@ -285,9 +285,11 @@ class Response:
 
 
 def request(port: int, method: str, path: str, token: str | None = None, body=None, headers=None,
-            timeout: float = 10) -> Response:
-    """One request on a fresh connection (`timeout`: a waiting limit, scaled)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=limit(timeout))
+            timeout: float = 10, source: str | None = None) -> Response:
+    """One request on a fresh connection (`timeout`: a waiting limit, scaled), from
+    loopback address `source` if given (127.0.0.2, ...: another client)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=limit(timeout),
+                                      source_address=(source, 0) if source else None)
     h = dict(headers or {})
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
