@@ -46,6 +46,7 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 expire_time: r.expire_time.map(|t| t.to_rfc3339()),
                 previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
                 previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
+                disabled: false,
             }
         })
         .collect();
@@ -153,6 +154,7 @@ mod tests {
                 expire_time: Some("2030-01-01T00:00:00Z".into()),
                 previous_secret_sha256: None,
                 previous_secret_expire_time: None,
+                disabled: false,
             }],
             ..PluginConfig::default()
         }

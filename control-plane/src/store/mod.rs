@@ -197,6 +197,7 @@ impl TokenRecord {
             digest: self.digest,
             expire: self.expire_time,
             previous: false,
+            disabled: false,
         };
         TokenEntries {
             current,
