@@ -46,7 +46,7 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 expire_time: r.expire_time.map(|t| t.to_rfc3339()),
                 previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
                 previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
-                disabled: false,
+                disabled: r.disabled,
             }
         })
         .collect();
@@ -113,6 +113,7 @@ mod tests {
             created_by: None,
             previous: None,
             last_use: None,
+            disabled: false,
         }
     }
 

@@ -41,6 +41,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
                 created_by: None,
                 previous: None,
                 last_use: None,
+                disabled: false,
             }],
             None,
             vec![],
@@ -809,6 +810,14 @@ impl Store for ChangesFail {
     }
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
+    }
+    async fn set_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+        event: AuditEvent,
+    ) -> Result<Option<crate::store::StateSet>, StoreError> {
+        self.0.set_disabled(name, disabled, event).await
     }
     async fn record_usage(&self, uses: Vec<crate::store::Use>) -> Result<(), StoreError> {
         self.2.fetch_add(uses.len(), std::sync::atomic::Ordering::SeqCst);

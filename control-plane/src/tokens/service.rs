@@ -322,6 +322,7 @@ impl Service {
             created_by: Some(actor.name.clone()),
             previous: None,
             last_use: None,
+            disabled: false,
         };
         let event = AuditEvent {
             role: Some(token.role),
@@ -461,6 +462,8 @@ impl Service {
                 created_by: Some("apitokens import".to_owned()),
                 previous: None,
                 last_use: None,
+                // A token rendered disabled (`apitokens render`) stays disabled.
+                disabled: t.disabled,
             });
         }
         // A digest that is already a current or a previous secret of a
