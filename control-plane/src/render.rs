@@ -137,6 +137,32 @@ mod tests {
     }
 
     #[test]
+    fn a_disabled_token_is_rendered_disabled() {
+        let now = Timestamp::from_unix(1000, 0);
+        let records = [
+            TokenRecord {
+                disabled: true,
+                ..rec("namespaces/a/apitokens/off", None)
+            },
+            rec("namespaces/a/apitokens/on", None),
+        ];
+        let spec = plugin_config(&PluginConfig::default(), &records, now);
+        let disabled: Vec<_> = spec.tokens.iter().map(|t| (t.name.as_str(), t.disabled)).collect();
+        assert_eq!(
+            disabled,
+            [
+                ("namespaces/a/apitokens/off", true),
+                ("namespaces/a/apitokens/on", false)
+            ]
+        );
+        // Written as "disabled": true, and the filter refuses it.
+        assert_eq!(json(&spec).matches("\"disabled\": true").count(), 1);
+        let config = Config::from_spec(&spec).unwrap();
+        let off = config.tokens().get(&Digest::of(b"namespaces/a/apitokens/off")).unwrap();
+        assert!(off.is_disabled());
+    }
+
+    #[test]
     fn base_config_is_validated() {
         use crate::cli::base_config;
         assert_eq!(base_config(br#"{"realm": ""}"#).unwrap_err().field, "realm");
