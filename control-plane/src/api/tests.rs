@@ -569,6 +569,42 @@ async fn disables_and_enables_count_in_the_namespace_write_rate() {
 }
 
 #[tokio::test]
+async fn an_imported_token_stays_disabled() {
+    let f = fixture().await;
+    let secret = "a-secret-from-another-system";
+    let spec = apitokens_core::PluginConfig::from_json(
+        format!(
+            r#"{{"tokens": [{{"name": "namespaces/default/apitokens/legacy", "role": "viewer",
+                 "secretSha256": "{}", "disabled": true}}]}}"#,
+            Digest::of(secret.as_bytes()).to_hex()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(f.state.service.import(&spec).await.unwrap(), 1);
+    let got = f
+        .call("GET", &format!("{COLLECTION}/legacy"), Some(&f.owner), None)
+        .await;
+    assert_eq!(got.body["apiToken"]["state"], "disabled", "{}", got.raw);
+    assert!(f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .is_disabled());
+    let a = f
+        .call("POST", &format!("{COLLECTION}/legacy:enable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.body["apiToken"]["state"], "enabled", "{}", a.raw);
+    assert!(!f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .is_disabled());
+}
+
+#[tokio::test]
 async fn authentication_failures_get_the_filters_replies() {
     let opts = ServiceOptions {
         clock: Clock::manual(clock::now()),
