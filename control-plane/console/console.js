@@ -28,11 +28,14 @@
   // The API
 
   class ApiError extends Error {
-    constructor(status, body, retryAfter) {
+    constructor(status, body, retryAfter, challenged) {
       super(status === 0 ? "network error" : `HTTP ${status}`);
       this.status = status;
       this.body = body;
       this.retryAfter = retryAfter;
+      // A WWW-Authenticate challenge: the gateway's (or the API's) refusal
+      // of the credential or its role, not a rule about the token acted on.
+      this.challenged = challenged;
     }
 
     get field() {
@@ -60,7 +63,7 @@
         mode: "same-origin",
       });
     } catch {
-      throw new ApiError(0, null, null);
+      throw new ApiError(0, null, null, false);
     }
     let data = null;
     try {
@@ -68,11 +71,13 @@
     } catch {
       data = null;
     }
-    if (!resp.ok) throw new ApiError(resp.status, data, resp.headers.get("retry-after"));
+    if (!resp.ok) {
+      throw new ApiError(resp.status, data, resp.headers.get("retry-after"), resp.headers.has("www-authenticate"));
+    }
     return data;
   }
 
-  /** An API error in words, for `what` ("sign-in", "list", "create", "regenerate", "revoke"). */
+  /** An API error in words, for `what` ("sign-in", "list", "create", "regenerate", "disable", "enable", "revoke"). */
   function describe(err, what, ns, id) {
     const detail = err.detail ? ` (The server said: ${err.detail})` : "";
     const s = err.status;
@@ -85,6 +90,11 @@
         : `Your owner token for namespace “${ns}” is no longer accepted: it may have been revoked or have expired. Sign in again.`;
     }
     if (s === 403) {
+      // An owner refused by a rule beyond its role (a token that outlives
+      // it, a previous secret): no challenge, and the server's words say which.
+      if (!err.challenged && id) {
+        return `You may not ${what} “${id}” with this owner token.${detail}`;
+      }
       return `This token is not an owner of namespace “${ns}”. Only an owner token of a namespace can manage its API tokens.`;
     }
     if (s === 404 && id) {
@@ -219,6 +229,15 @@
       name.title = String(t.name);
       const role = document.createElement("td");
       role.textContent = String(t.role);
+      // Listed as the API says it; a token without a state (an older
+      // control plane) is enabled.
+      const disabled = t.state === "disabled";
+      const state = document.createElement("td");
+      state.textContent = disabled ? "Disabled" : "Enabled";
+      if (disabled) {
+        state.className = "state-disabled";
+        tr.className = "disabled";
+      }
       const created = document.createElement("td");
       created.append(formatTime(t.createTime));
       const expires = document.createElement("td");
@@ -232,7 +251,7 @@
       } else {
         expires.textContent = "Never";
       }
-      tr.append(name, role, created, expires);
+      tr.append(name, role, state, created, expires);
       if (withLastUse) {
         const last = document.createElement("td");
         if (t.lastUseTime) last.append(formatTime(t.lastUseTime));
@@ -243,6 +262,9 @@
       actions.className = "row-actions";
       actions.append(
         actionButton("Regenerate", id, () => confirmRegenerate(id)),
+        disabled
+          ? actionButton("Enable", id, () => confirmEnable(id))
+          : actionButton("Disable", id, () => confirmDisable(id)),
         actionButton("Revoke", id, () => confirmRevoke(id)),
       );
       tr.append(actions);
@@ -515,10 +537,12 @@
   // ---------------------------------------------------------------------
   // Regenerate and revoke, after confirmation
 
-  function confirm(title, text, okLabel, action) {
+  function confirm(title, text, okLabel, action, danger = true) {
     setText("confirm-title", title);
     setText("confirm-text", text);
     setText("confirm-ok", okLabel);
+    // Red for what takes access away; an enable gives it back.
+    $("confirm-ok").className = danger ? "danger" : "primary";
     $("confirm-ok").disabled = false;
     pending = action;
     $("confirm-dialog").showModal();
@@ -531,6 +555,25 @@
       `Token “${id}” gets a new secret, shown once. Its current secret stops working at once: every client still using it is refused until it is given the new secret.`,
       "Regenerate",
       () => regenerate(id),
+    );
+  }
+
+  function confirmDisable(id) {
+    confirm(
+      `Disable ${id}?`,
+      `Token “${id}” stops working at once: every client using it is refused until it is enabled again. Nothing else changes: it keeps its secret, role and expiry.`,
+      "Disable",
+      () => setState(id, "disable"),
+    );
+  }
+
+  function confirmEnable(id) {
+    confirm(
+      `Enable ${id}?`,
+      `Token “${id}” works again at once, with the secret it had: every client that still has it is let in again.`,
+      "Enable",
+      () => setState(id, "enable"),
+      false,
     );
   }
 
@@ -582,6 +625,20 @@
     if (!done) return;
     showSecret(`New secret for ${id}`, done.data && done.data.apiToken, focusRowButton("Regenerate", id));
     refresh();
+  }
+
+  /** Disable or enable, then the row's other button (Enable after a
+   *  disable, Disable after an enable) has the focus. */
+  async function setState(id, action) {
+    if (!(await rowAction(id, action, "POST", `/${encodeURIComponent(id)}:${action}`, {}))) return;
+    await refresh();
+    setText(
+      "tokens-status",
+      action === "disable"
+        ? `Token “${id}” was disabled: its secret is refused until it is enabled again.`
+        : `Token “${id}” was enabled: its secret works again.`,
+    );
+    focusRowButton(action === "disable" ? "Enable" : "Disable", id)();
   }
 
   async function revoke(id) {

@@ -35,6 +35,8 @@ pub enum Operation {
     create,
     regenerate,
     delete,
+    disable,
+    enable,
 }
 
 /// How a write ended (`apitokens_writes_total{outcome}`): `ok`, or why not.
@@ -126,7 +128,13 @@ impl Metrics {
         let writes = Family::<WriteLabels, Counter>::default();
         // Each operation's successes from zero, so that a rate exists before
         // the first write.
-        for operation in [Operation::create, Operation::regenerate, Operation::delete] {
+        for operation in [
+            Operation::create,
+            Operation::regenerate,
+            Operation::delete,
+            Operation::disable,
+            Operation::enable,
+        ] {
             let _ = writes.get_or_create(&WriteLabels {
                 operation,
                 outcome: Outcome::ok,
@@ -134,7 +142,7 @@ impl Metrics {
         }
         registry.register(
             "writes",
-            "Token API writes (create, regenerate, delete) by operation and outcome; quota_exceeded and rate_limited are the refusals of --max-tokens-per-namespace and --namespace-writes-per-second",
+            "Token API writes (create, regenerate, delete, disable, enable) by operation and outcome; quota_exceeded and rate_limited are the refusals of --max-tokens-per-namespace and --namespace-writes-per-second",
             writes.clone(),
         );
         let w = &service.metrics;

@@ -46,6 +46,7 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 expire_time: r.expire_time.map(|t| t.to_rfc3339()),
                 previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
                 previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
+                disabled: r.disabled,
             }
         })
         .collect();
@@ -112,6 +113,7 @@ mod tests {
             created_by: None,
             previous: None,
             last_use: None,
+            disabled: false,
         }
     }
 
@@ -135,6 +137,32 @@ mod tests {
     }
 
     #[test]
+    fn a_disabled_token_is_rendered_disabled() {
+        let now = Timestamp::from_unix(1000, 0);
+        let records = [
+            TokenRecord {
+                disabled: true,
+                ..rec("namespaces/a/apitokens/off", None)
+            },
+            rec("namespaces/a/apitokens/on", None),
+        ];
+        let spec = plugin_config(&PluginConfig::default(), &records, now);
+        let disabled: Vec<_> = spec.tokens.iter().map(|t| (t.name.as_str(), t.disabled)).collect();
+        assert_eq!(
+            disabled,
+            [
+                ("namespaces/a/apitokens/off", true),
+                ("namespaces/a/apitokens/on", false)
+            ]
+        );
+        // Written as "disabled": true, and the filter refuses it.
+        assert_eq!(json(&spec).matches("\"disabled\": true").count(), 1);
+        let config = Config::from_spec(&spec).unwrap();
+        let off = config.tokens().get(&Digest::of(b"namespaces/a/apitokens/off")).unwrap();
+        assert!(off.is_disabled());
+    }
+
+    #[test]
     fn base_config_is_validated() {
         use crate::cli::base_config;
         assert_eq!(base_config(br#"{"realm": ""}"#).unwrap_err().field, "realm");
@@ -153,6 +181,7 @@ mod tests {
                 expire_time: Some("2030-01-01T00:00:00Z".into()),
                 previous_secret_sha256: None,
                 previous_secret_expire_time: None,
+                disabled: false,
             }],
             ..PluginConfig::default()
         }

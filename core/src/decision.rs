@@ -56,6 +56,12 @@ impl Config {
         if token.expire().is_some() && now().map_or(true, |now| token.is_expired(now)) {
             return Err((Denial::Expired, Some(token)));
         }
+        // After expiry: an expired token that is also disabled counts as
+        // expired, the state that lasts (enabling it would not admit it), so
+        // `disabled` counts exactly the refusals an enable would undo.
+        if token.is_disabled() {
+            return Err((Denial::Disabled, Some(token)));
+        }
         Ok(token)
     }
 

@@ -32,11 +32,18 @@
 //! applying a response to a table already past `from`, gives the same table:
 //!
 //! ```text
-//! u8 kind: 0 removed, 1 put, 2 put with a previous secret (a rotation's overlap)
+//! u8 kind: 0 removed, 1 put, 2 put with a previous secret (a rotation's overlap),
+//!         3 and 4: as 1 and 2, the token disabled (both its secrets refused)
 //! u8 name length, the name (`namespaces/{ns}/apitokens/{token}`)
-//! kind >= 1: digest[32], i64 expire seconds, u32 expire nanos (u32::MAX: never), u8 role
-//! kind 2:    digest[32], i64 expire seconds, u32 expire nanos of the previous secret
+//! kind >= 1:  digest[32], i64 expire seconds, u32 expire nanos (u32::MAX: never), u8 role
+//! kind 2, 4:  digest[32], i64 expire seconds, u32 expire nanos of the previous secret
 //! ```
+//!
+//! The disabled token has kinds of its own rather than a flag byte: a record
+//! of kind 1 or 2 reads as it always did, and a filter that does not know
+//! kinds 3 and 4 refuses the whole response (and waits for a snapshot, whose
+//! table it refuses too: Envoy NACKs it) instead of admitting a disabled
+//! token.
 //!
 //! Digests only, never a secret. Everything a VM receives is validated as
 //! strictly as a snapshot before any of it is applied; a response that fails
@@ -58,6 +65,8 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 const REMOVED: u8 = 0;
 const PUT: u8 = 1;
 const PUT_WITH_PREVIOUS: u8 = 2;
+const PUT_DISABLED: u8 = 3;
+const PUT_DISABLED_WITH_PREVIOUS: u8 = 4;
 const NEVER: u32 = u32::MAX;
 
 fn error(problem: impl Into<String>) -> ConfigError {
@@ -68,8 +77,15 @@ fn error(problem: impl Into<String>) -> ConfigError {
 pub fn encode_change(out: &mut Vec<u8>, change: &Change<'_>) {
     let (kind, name, entries) = match change {
         Change::Remove(name) => (REMOVED, *name, None),
-        Change::Put(t) if t.previous.is_some() => (PUT_WITH_PREVIOUS, t.current.name, Some(t)),
-        Change::Put(t) => (PUT, t.current.name, Some(t)),
+        Change::Put(t) => {
+            let kind = match (t.current.disabled, t.previous.is_some()) {
+                (false, false) => PUT,
+                (false, true) => PUT_WITH_PREVIOUS,
+                (true, false) => PUT_DISABLED,
+                (true, true) => PUT_DISABLED_WITH_PREVIOUS,
+            };
+            (kind, t.current.name, Some(t))
+        }
     };
     out.push(kind);
     out.push(u8::try_from(name.len()).unwrap_or(0));
@@ -138,18 +154,19 @@ pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change<'_>>, ConfigError> {
         let name = std::str::from_utf8(name).map_err(|_| error("a name is not UTF-8"))?;
         let change = match kind {
             REMOVED => Change::Remove(name),
-            PUT | PUT_WITH_PREVIOUS => {
+            PUT | PUT_WITH_PREVIOUS | PUT_DISABLED | PUT_DISABLED_WITH_PREVIOUS => {
+                let disabled = matches!(kind, PUT_DISABLED | PUT_DISABLED_WITH_PREVIOUS);
                 let digest = reader.digest()?;
                 let expire = reader.expire()?;
                 let role = role_of(reader.byte()?).ok_or_else(|| error(format!("{name}: unknown role")))?;
-                let current = entry(name, role, digest, expire, false);
-                let previous = if kind == PUT_WITH_PREVIOUS {
+                let current = entry(name, role, digest, expire, false, disabled);
+                let previous = if matches!(kind, PUT_WITH_PREVIOUS | PUT_DISABLED_WITH_PREVIOUS) {
                     let digest = reader.digest()?;
                     let expire = reader.expire()?;
                     if digest == current.digest {
                         return Err(error(format!("{name}: the previous secret is the current one")));
                     }
-                    Some(entry(name, role, digest, expire, true))
+                    Some(entry(name, role, digest, expire, true, disabled))
                 } else {
                     None
                 };
@@ -167,13 +184,21 @@ pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change<'_>>, ConfigError> {
     Ok(changes)
 }
 
-fn entry<'a>(name: &'a str, role: Role, digest: Digest, expire: Option<Timestamp>, previous: bool) -> Entry<'a> {
+fn entry<'a>(
+    name: &'a str,
+    role: Role,
+    digest: Digest,
+    expire: Option<Timestamp>,
+    previous: bool,
+    disabled: bool,
+) -> Entry<'a> {
     Entry {
         name,
         role,
         digest,
         expire,
         previous,
+        disabled,
     }
 }
 
@@ -301,7 +326,11 @@ mod tests {
     use super::*;
 
     fn put<'a>(name: &'a str, secret: &[u8], previous: Option<&[u8]>) -> Change<'a> {
-        let current = entry(name, Role::Editor, Digest::of(secret), None, false);
+        put_as(name, secret, previous, false)
+    }
+
+    fn put_as<'a>(name: &'a str, secret: &[u8], previous: Option<&[u8]>, disabled: bool) -> Change<'a> {
+        let current = entry(name, Role::Editor, Digest::of(secret), None, false, disabled);
         let previous = previous.map(|p| {
             entry(
                 name,
@@ -309,6 +338,7 @@ mod tests {
                 Digest::of(p),
                 Some(Timestamp::from_unix(5, 7)),
                 true,
+                disabled,
             )
         });
         Change::Put(TokenEntries { current, previous })
@@ -320,12 +350,52 @@ mod tests {
             put("namespaces/a/apitokens/x", b"one", None),
             Change::Remove("namespaces/a/apitokens/y"),
             put("namespaces/b/apitokens/z", b"two", Some(b"old")),
+            put_as("namespaces/b/apitokens/d1", b"three", None, true),
+            put_as("namespaces/b/apitokens/d2", b"four", Some(b"older"), true),
         ];
         let mut bytes = Vec::new();
         for c in &changes {
             encode_change(&mut bytes, c);
         }
         assert_eq!(decode_changes(&bytes).unwrap(), changes);
+        let disabled = |c: &Change<'_>| match c {
+            Change::Put(t) => (t.current.disabled, t.previous.map(|p| p.disabled)),
+            Change::Remove(_) => (false, None),
+        };
+        let decoded = decode_changes(&bytes).unwrap();
+        assert_eq!(
+            decoded.iter().map(disabled).collect::<Vec<_>>(),
+            [
+                (false, None),
+                (false, None),
+                (false, Some(false)),
+                (true, None),
+                (true, Some(true))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_disabled_token_has_kinds_of_its_own_and_unknown_kinds_are_refused() {
+        let mut one = Vec::new();
+        encode_change(&mut one, &put_as("namespaces/a/apitokens/x", b"one", None, true));
+        assert_eq!(one[0], PUT_DISABLED);
+        let mut two = Vec::new();
+        encode_change(
+            &mut two,
+            &put_as("namespaces/a/apitokens/x", b"one", Some(b"old"), true),
+        );
+        assert_eq!(two[0], PUT_DISABLED_WITH_PREVIOUS);
+        // Only the kind tells a disabled token from an enabled one: the
+        // same record with kind 1 or 2 is the enabled token.
+        let mut enabled = Vec::new();
+        encode_change(&mut enabled, &put("namespaces/a/apitokens/x", b"one", None));
+        assert_eq!(enabled[1..], one[1..]);
+        for kind in 5..=u8::MAX {
+            let mut bad = one.clone();
+            bad[0] = kind;
+            assert!(decode_changes(&bad).is_err(), "kind {kind}");
+        }
     }
 
     #[test]

@@ -30,10 +30,13 @@ pub enum Denial {
     /// enforces, and its delta stream has not caught up yet: a token
     /// revoked since could pass. Refused until it has (fail closed).
     CatchingUp,
+    /// The token is disabled (suspended by its owner, to be enabled again):
+    /// refused, though the secret is the token's.
+    Disabled,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 11] = [
+    pub const ALL: [Denial; 12] = [
         Denial::Missing,
         Denial::NotBearer,
         Denial::Malformed,
@@ -45,6 +48,7 @@ impl Denial {
         Denial::RoleDenied,
         Denial::Internal,
         Denial::CatchingUp,
+        Denial::Disabled,
     ];
 
     /// The position of this denial in [`Denial::ALL`], which tables indexed
@@ -69,6 +73,7 @@ impl Denial {
             Self::RoleDenied => "role_denied",
             Self::Internal => "internal_error",
             Self::CatchingUp => "catching_up",
+            Self::Disabled => "disabled",
         }
     }
 
@@ -85,6 +90,7 @@ impl Denial {
             Self::RoleDenied => "apitokens_role_denied",
             Self::Internal => "apitokens_internal_error",
             Self::CatchingUp => "apitokens_catching_up",
+            Self::Disabled => "apitokens_disabled",
         }
     }
 
@@ -100,6 +106,7 @@ impl Denial {
             Self::RoleDenied => Counter::RoleDenied,
             Self::Internal => Counter::InternalError,
             Self::CatchingUp => Counter::CatchingUp,
+            Self::Disabled => Counter::Disabled,
         }
     }
 }
@@ -119,10 +126,13 @@ pub enum Counter {
     RoleDenied,
     InternalError,
     CatchingUp,
+    /// Refused because the token is disabled: owners watch it before
+    /// deleting a suspended token (clients that still try it).
+    Disabled,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Allowed,
         Counter::AllowedPreviousSecret,
         Counter::Missing,
@@ -133,6 +143,7 @@ impl Counter {
         Counter::RoleDenied,
         Counter::InternalError,
         Counter::CatchingUp,
+        Counter::Disabled,
     ];
 
     /// The position in [`Counter::ALL`] (checked when compiling).
@@ -153,6 +164,7 @@ impl Counter {
             Self::RoleDenied => "apitokens.role_denied",
             Self::InternalError => "apitokens.internal_error",
             Self::CatchingUp => "apitokens.catching_up",
+            Self::Disabled => "apitokens.disabled",
         }
     }
 }
@@ -169,7 +181,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Denial::CatchingUp.index() + 1 == Denial::ALL.len(),
+        Denial::Disabled.index() + 1 == Denial::ALL.len(),
         "Denial::ALL must end with the last variant"
     );
     let mut i = 0;
@@ -178,7 +190,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Counter::CatchingUp.index() + 1 == Counter::ALL.len(),
+        Counter::Disabled.index() + 1 == Counter::ALL.len(),
         "Counter::ALL must end with the last variant"
     );
 };

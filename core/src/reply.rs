@@ -47,9 +47,13 @@ fn reply(denial: Denial, realm: &str) -> Reply {
             Some("invalid_request"),
             "The request must not carry X-Original-URL or X-Rewrite-URL.",
         ),
-        // Unknown and expired read the same to the client: no oracle for which
-        // secrets once existed. Stats, logs and response details tell them apart.
-        Denial::Unknown | Denial::Expired => (401, Some("invalid_token"), "The bearer token is invalid or expired."),
+        // Unknown, expired and disabled read the same to the client: no
+        // oracle for which secrets once existed, nor for which are merely
+        // suspended (whoever holds a leaked one would learn it may work
+        // again). Stats, logs and response details tell them apart.
+        Denial::Unknown | Denial::Expired | Denial::Disabled => {
+            (401, Some("invalid_token"), "The bearer token is invalid or expired.")
+        }
         Denial::NamespaceDenied => (
             403,
             Some("insufficient_scope"),

@@ -89,6 +89,10 @@ pub struct TokenSpec {
     /// RFC 3339: the end of the overlap (required with the previous secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret_expire_time: Option<String>,
+    /// The token is disabled: every secret of it is refused (`disabled`),
+    /// and it stays as it is, to be enabled again. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -180,6 +180,99 @@ fn every_denial_sends_its_rfc_6750_reply_and_strips_forged_identity() {
     assert_eq!(host.counters, vec![Counter::Expired]);
 }
 
+/// A configuration with a disabled token (`"disabled": true`), one in a
+/// rotation's overlap, and one that has expired as well.
+fn with_disabled() -> Config {
+    let token = |name: &str, secret: &str, extra: &str| {
+        format!(
+            r#"{{"name":"namespaces/default/apitokens/{name}","role":"owner","secretSha256":"{}"{extra}}}"#,
+            sha256_hex(secret)
+        )
+    };
+    let tokens = [
+        token("on", "on-secret", ""),
+        token("off", "off-secret", r#","disabled":true"#),
+        token(
+            "rotated",
+            "rotated-secret",
+            &format!(
+                r#","disabled":true,"previousSecretSha256":"{}","previousSecretExpireTime":"2030-01-01T00:00:00Z""#,
+                sha256_hex("rotated-old-secret")
+            ),
+        ),
+        token(
+            "gone",
+            "gone-secret",
+            r#","disabled":true,"expireTime":"2026-01-01T00:00:00Z""#,
+        ),
+    ];
+    Config::from_json(format!(r#"{{"tokens":[{}]}}"#, tokens.join(",")).as_bytes()).unwrap()
+}
+
+#[test]
+fn a_disabled_token_is_refused_with_its_own_reason_and_counter() {
+    let config = with_disabled();
+    let enabled = bearer("on-secret");
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&enabled));
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    // Every secret of a disabled token, the previous one of an overlap too.
+    for secret in ["off-secret", "rotated-secret", "rotated-old-secret"] {
+        let auth = bearer(secret);
+        let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&auth))
+            .with_header("x-apitoken-role", "owner");
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "{secret}");
+        let (denial, reply) = host.reply.clone().unwrap();
+        assert_eq!(denial, Denial::Disabled, "{secret}");
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.details, "apitokens_disabled");
+        // The client reads what an unknown or expired secret reads.
+        let unknown = bearer("nobody-has-this");
+        let mut other = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&unknown));
+        run(&config, &mut other);
+        let (_, unknown_reply) = other.reply.unwrap();
+        assert_eq!(
+            (&reply.headers, &reply.body),
+            (&unknown_reply.headers, &unknown_reply.body)
+        );
+        assert_eq!(
+            reply_header(&reply, "www-authenticate"),
+            Some(r#"Bearer realm="apitokens", error="invalid_token""#)
+        );
+        assert_eq!(host.counters, vec![Counter::Disabled]);
+        assert_eq!(host.header("x-apitoken-role"), None);
+        assert!(
+            host.logs[0].contains("reason=disabled token=namespaces/default/apitokens/"),
+            "{}",
+            host.logs[0]
+        );
+        // A refused secret is no use: its last use stays as it was.
+        assert!(host.used.is_empty(), "{:?}", host.used);
+    }
+    // Expired and disabled: expired (the state an enable would not undo).
+    let gone = bearer("gone-secret");
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&gone));
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    assert_eq!(host.reply.map(|(d, _)| d), Some(Denial::Expired));
+    assert_eq!(host.counters, vec![Counter::Expired]);
+    // Not expired yet: disabled.
+    let mut host = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&gone));
+    host.now = Some(at("2025-06-01T00:00:00Z"));
+    run(&config, &mut host);
+    assert_eq!(host.reply.map(|(d, _)| d), Some(Denial::Disabled));
+}
+
+#[test]
+fn disabled_is_false_unless_said_and_must_be_a_boolean() {
+    let config = fixture();
+    assert!(config.tokens().iter().all(|(_, t)| !t.is_disabled()));
+    let bad = format!(
+        r#"{{"tokens":[{{"name":"namespaces/a/apitokens/b","role":"owner","secretSha256":"{}","disabled":"yes"}}]}}"#,
+        sha256_hex("x")
+    );
+    let err = Config::from_json(bad.as_bytes()).unwrap_err();
+    assert_eq!(err.field, "tokens[0].disabled", "{err}");
+}
+
 #[test]
 fn denial_logs_name_the_token_and_never_the_secret() {
     let config = fixture();

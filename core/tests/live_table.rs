@@ -37,6 +37,8 @@ struct Token {
     expire: Option<Timestamp>,
     /// A previous secret in its overlap, until then.
     previous: Option<(Digest, Timestamp)>,
+    /// Disabled: both its entries carry the flag.
+    disabled: bool,
 }
 
 impl Token {
@@ -48,6 +50,7 @@ impl Token {
                 digest: self.digest,
                 expire: self.expire,
                 previous: false,
+                disabled: self.disabled,
             },
             previous: self.previous.map(|(digest, until)| Entry {
                 name,
@@ -55,6 +58,7 @@ impl Token {
                 digest,
                 expire: Some(until),
                 previous: true,
+                disabled: self.disabled,
             }),
         }
     }
@@ -95,6 +99,7 @@ fn token(rng: &mut Rng) -> Token {
                 Timestamp::from_unix(1_700_000_000 + rng.below(1000) as i64, 0),
             )
         }),
+        disabled: rng.below(5) == 0,
     }
 }
 
@@ -120,13 +125,17 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
         let mut live = LiveTable::build(HEADER, &entries(&model)).unwrap();
         for generation in 0..30 {
             // A batch: creates, regenerates (with and without an overlap),
-            // role or expiry changes, deletes, deletes of absent names,
-            // several changes to one name.
+            // role or expiry changes, disables and enables, deletes, deletes
+            // of absent names, several changes to one name.
             let mut batch: Vec<(String, Option<Token>)> = Vec::new();
             for _ in 0..1 + rng.below(6) {
                 let n = name(&mut rng, spread);
-                let change = match rng.below(7) {
+                let change = match rng.below(8) {
                     0 => None,
+                    5 => model.get(&n).map(|t| Token {
+                        disabled: !t.disabled,
+                        ..t.clone()
+                    }),
                     1 => model.get(&n).map(|t| Token {
                         role: Role::ALL[rng.below(3) as usize],
                         ..t.clone()
@@ -198,13 +207,14 @@ fn any_sequence_of_edits_equals_the_table_built_from_scratch() {
             for (n, t) in &model {
                 let found = live.staged().get(live.table(), &t.digest).unwrap();
                 assert_eq!(
-                    (found.name(), found.role(), found.expire()),
-                    (n.as_str(), t.role, t.expire)
+                    (found.name(), found.role(), found.expire(), found.is_disabled()),
+                    (n.as_str(), t.role, t.expire, t.disabled)
                 );
                 assert_eq!(live.digest_of(n), Some(t.digest));
                 if let Some((old, until)) = t.previous {
                     let found = live.staged().get(live.table(), &old).unwrap();
                     assert!(found.is_previous() && found.expire() == Some(until) && found.name() == n);
+                    assert_eq!(found.is_disabled(), t.disabled);
                 }
             }
             // What went is not found any more.
@@ -226,6 +236,7 @@ fn refused_edits_change_nothing() {
         digest,
         expire: None,
         previous: false,
+        disabled: false,
     };
     let put = |name, digest| {
         Change::Put(TokenEntries {
@@ -251,7 +262,19 @@ fn refused_edits_change_nothing() {
             }),
         })
     };
-    let bad: [&[Change<'_>]; 6] = [
+    // A disabled token whose previous secret is not (each entry is decided
+    // on its own flag: both must carry it).
+    let half_disabled = Change::Put(TokenEntries {
+        current: Entry {
+            disabled: true,
+            ..entry("namespaces/x/apitokens/c", Digest::of(b"c"))
+        },
+        previous: Some(Entry {
+            previous: true,
+            ..entry("namespaces/x/apitokens/c", Digest::of(b"c-old"))
+        }),
+    });
+    let bad: [&[Change<'_>]; 7] = [
         // The digest of another token that stays.
         &[put("namespaces/x/apitokens/c", a)],
         // The same new digest twice.
@@ -270,6 +293,7 @@ fn refused_edits_change_nothing() {
         // Not a token name.
         &[put("namespaces/X/apitokens/c", Digest::of(b"c"))],
         &[put("c", Digest::of(b"c"))],
+        &[half_disabled],
     ];
     for changes in bad {
         assert!(live.stage(Stamp::default(), changes).is_err(), "{changes:?}");
@@ -303,6 +327,7 @@ fn unchanged_tokens_are_no_edit() {
         digest: d,
         expire: None,
         previous: false,
+        disabled: false,
     };
     let mut live = LiveTable::build(HEADER, &[e]).unwrap();
     let token = TokenEntries {
@@ -317,4 +342,25 @@ fn unchanged_tokens_are_no_edit() {
         .unwrap();
     assert_eq!(staged, Staged::default());
     assert!(live.staged().is_empty());
+    // Disabling it is a change, and one that revokes (it admitted it).
+    let disabled = TokenEntries {
+        current: Entry { disabled: true, ..e },
+        previous: None,
+    };
+    let at = Stamp {
+        epoch: 1,
+        generation: 1,
+    };
+    let staged = live.stage(at, &[Change::Put(disabled)]).unwrap();
+    assert_eq!(
+        staged,
+        Staged {
+            changed: true,
+            revokes: true
+        }
+    );
+    assert!(live.staged().get(live.table(), &d).unwrap().is_disabled());
+    write(&mut live, at);
+    assert!(live.table().get(&d).unwrap().is_disabled());
+    assert_eq!(live.token("namespaces/x/apitokens/d"), Some(disabled));
 }

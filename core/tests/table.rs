@@ -23,6 +23,8 @@ fn spec(i: usize) -> TokenSpec {
         // Every seventh token is in a rotation's overlap (not among the first three).
         previous_secret_sha256: (i % 7 == 3).then(|| sha256_hex(&format!("previous-{i}"))),
         previous_secret_expire_time: (i % 7 == 3).then(|| "2029-06-01T00:00:00Z".to_owned()),
+        // Every eleventh is disabled (some of them in an overlap too).
+        disabled: i % 11 == 4,
     }
 }
 
@@ -46,11 +48,13 @@ fn finds_every_token_and_nothing_else() {
         assert_eq!(token.role(), Role::parse(&s.role).unwrap());
         assert_eq!(token.expire().map(|t| t.to_rfc3339()), s.expire_time);
         assert!(!token.is_previous());
+        assert_eq!(token.is_disabled(), s.disabled, "token {i}");
         let previous = table.get(&Digest::of(format!("previous-{i}").as_bytes()));
         if i % 7 == 3 {
             let previous = previous.unwrap_or_else(|| panic!("previous secret of {i}"));
             assert_eq!((previous.name(), previous.role()), (token.name(), token.role()));
             assert!(previous.is_previous());
+            assert_eq!(previous.is_disabled(), s.disabled, "previous secret of {i}");
             // The overlap ends at its own time or the token's expiry, whichever is first.
             let until = apitokens_core::Timestamp::parse_rfc3339("2029-06-01T00:00:00Z").unwrap();
             assert_eq!(previous.expire(), Some(token.expire().map_or(until, |e| e.min(until))));
@@ -126,6 +130,36 @@ fn compact_encoding_decides_like_json() {
             };
             assert_eq!(run(&from_compact), run(&from_json), "{secret} {method} {path}");
         }
+    }
+}
+
+#[test]
+fn the_disabled_flag_survives_the_compact_encoding_and_json() {
+    let config = PluginConfig {
+        tokens: specs(60),
+        ..PluginConfig::default()
+    };
+    let from_compact = Config::from_plugin_configuration(compact::encode(&config, &LINEAGE).unwrap()).unwrap();
+    // JSON: written as `"disabled": true` only when true.
+    let json = config.to_json();
+    assert_eq!(json.matches(r#""disabled":true"#).count(), 6, "{json}");
+    assert!(!json.contains(r#""disabled":false"#));
+    let from_json = Config::from_plugin_configuration(json.into_bytes()).unwrap();
+    for config in [&from_compact, &from_json] {
+        let disabled: Vec<String> = config
+            .tokens()
+            .iter()
+            .filter(|(_, t)| t.is_disabled() && !t.is_previous())
+            .map(|(_, t)| t.name().to_owned())
+            .collect();
+        let mut expected: Vec<String> = (0..60).filter(|i| i % 11 == 4).map(|i| spec(i).name).collect();
+        let mut disabled = disabled;
+        disabled.sort();
+        expected.sort();
+        assert_eq!(disabled, expected);
+        // Token 59 is disabled and in an overlap: both its entries carry it.
+        let previous = config.tokens().get(&Digest::of(b"previous-59")).unwrap();
+        assert!(previous.is_previous() && previous.is_disabled());
     }
 }
 
@@ -245,6 +279,29 @@ fn compact_tables_are_validated_like_json() {
     latest[entry(1) + 32..entry(1) + 40].copy_from_slice(&253_402_300_799i64.to_le_bytes());
     latest[entry(1) + 40..entry(1) + 44].copy_from_slice(&0u32.to_le_bytes());
     assert!(Config::from_plugin_configuration(latest).is_ok());
+
+    // The flags byte: bit 0 a previous secret, bit 1 disabled; any other
+    // bit is a flag this filter does not know, refused (it could be one that
+    // refuses the token).
+    let flags = |i: usize| entry(i) + 49;
+    let mut disabled = good.clone();
+    disabled[flags(1)] = 2;
+    let config = Config::from_plugin_configuration(disabled).unwrap();
+    let disabled: Vec<bool> = config.tokens().iter().map(|(_, t)| t.is_disabled()).collect();
+    assert_eq!(disabled, [false, true, false]);
+    for bit in [4u8, 8, 0x10, 0x20, 0x40, 0x80] {
+        for with in [0u8, 2] {
+            let mut unknown = good.clone();
+            unknown[flags(1)] = bit | with;
+            let e = Config::from_plugin_configuration(unknown).unwrap_err();
+            assert!(e.problem.contains("entry 1: unknown flags"), "{bit:#x}: {e}");
+        }
+    }
+    for reserved in [50, 51] {
+        let mut unknown = good.clone();
+        unknown[entry(1) + reserved] = 2;
+        assert!(Config::from_plugin_configuration(unknown).is_err(), "byte {reserved}");
+    }
 
     let mut version = good.clone();
     version[4] = 4;

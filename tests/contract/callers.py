@@ -14,8 +14,8 @@ SEEDED_DEFAULT = 1000
 QUOTA = 1900
 SEEDED_TOTAL = 3000
 
-# The callers' own tokens in `default`: the generated calls never delete or
-# regenerate them (test_2 steers them away).
+# The callers' own tokens in `default`: the generated calls never delete,
+# regenerate or disable them (test_2 steers them away).
 OWN_TOKENS = {
     "admin",  # the bootstrap owner
     "contract-viewer-x7",

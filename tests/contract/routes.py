@@ -8,10 +8,11 @@ its path is built in a new way, here).
 
 `documented(route)` maps an axum route to the OpenAPI operations it serves:
 axum's `{namespace}` is the document's `{ns}` (VVP's name); `{item}` is
-`{apiTokenName}` for GET and DELETE and `{apiTokenName}:regenerate` for POST
-(axum cannot route on the `:action` suffix of a segment, the handler parses
-it); the console's catch-all `{*rest}` is `{asset}`, and its `any(..)` serves
-GET (and HEAD; other methods are its own 405).
+`{apiTokenName}` for GET and DELETE and `{apiTokenName}:ACTION` for POST, for
+each action of `TOKEN_ACTIONS` in `api/extract.rs` (axum cannot route on the
+`:action` suffix of a segment, the handler parses it); the console's
+catch-all `{*rest}` is `{asset}`, and its `any(..)` serves GET (and HEAD;
+other methods are its own 405).
 """
 
 from __future__ import annotations
@@ -125,12 +126,22 @@ def server_routes() -> tuple[set[tuple[str, str]], list[str]]:
     return routes, unresolved
 
 
-def documented(route: tuple[str, str]) -> tuple[str, str]:
-    """The document's (path, method) for an axum (path, method)."""
+def token_actions() -> list[str]:
+    """`TOKEN_ACTIONS` of `api/extract.rs`: the actions the item route's POST
+    handler takes (`{item}:ACTION`)."""
+    code = _code(SOURCE / "api" / "extract.rs")
+    m = re.search(r"\bconst\s+TOKEN_ACTIONS\s*:\s*\[&str;\s*\d+\]\s*=\s*\[([^\]]*)\]", code)
+    if not m:
+        raise AssertionError("api/extract.rs: no `const TOKEN_ACTIONS: [&str; N] = [...]` (teach routes.py the new form)")
+    return re.findall(r'"([^"]+)"', m.group(1))
+
+
+def documented(route: tuple[str, str]) -> set[tuple[str, str]]:
+    """The document's (path, method)s for an axum (path, method)."""
     path, method = route
     doc_path = re.sub(r"\{(\*?[a-z_]+)\}", lambda m: "{" + PARAMS.get(m.group(1), m.group(1)) + "}", path)
     if method == "any":
         method = "get"
     if path.endswith("/{item}") and method == "post":
-        doc_path += ":regenerate"
-    return doc_path, method
+        return {(f"{doc_path}:{action}", method) for action in token_actions()}
+    return {(doc_path, method)}

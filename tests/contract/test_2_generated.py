@@ -24,8 +24,8 @@ this run issued or used nor anything shaped like an `apt_` secret).
 
 The generated values are steered so that the calls reach past the namespace
 check: most go to namespace `default`, many name a seeded token, a create
-names the path's namespace, and no call deletes or regenerates a caller's
-own token. `/status?waitSeconds=` is capped at 10 ms (no Envoy is there to
+names the path's namespace, and no call deletes, regenerates or disables a
+caller's own token. `/status?waitSeconds=` is capped at 10 ms (no Envoy is there to
 wait for). Reproducible: a fixed seed, Hypothesis derandomized, no example
 database.
 """

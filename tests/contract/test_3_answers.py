@@ -22,6 +22,8 @@ from testkit.timing import limit
 COLLECTION = "/apitokens/v1/namespaces/{ns}/apitokens"
 ITEM = COLLECTION + "/{apiTokenName}"
 REGENERATE = ITEM + ":regenerate"
+DISABLE = ITEM + ":disable"
+ENABLE = ITEM + ":enable"
 EVENTS = COLLECTION + ":events"
 
 
@@ -143,6 +145,49 @@ def test_the_rules_beyond_the_role_are_403s_without_a_challenge(plane, document)
     assert "www-authenticate" not in r.headers and "never expires" in body["message"]
 
 
+def test_a_disabled_token_is_refused_kept_and_enabled_again(plane, document):
+    _, made = new_token(plane, document, "suspend-me", role="owner")
+    assert made["apiToken"]["state"] == "enabled"
+    secret = made["apiToken"]["secret"]
+    path = tokens_path(token="suspend-me")
+    call(plane, document, COLLECTION, "GET", tokens_path(), who=secret, status=200)
+    r, off = call(plane, document, DISABLE, "POST", path + ":disable", status=200)
+    assert off["apiToken"]["state"] == "disabled" and "secret" not in off["apiToken"]
+    assert r.headers["x-apitokens-applied"] == "true"
+    version = r.headers["x-apitokens-config-version"]
+    # Refused as an unknown secret is (by the API's own check here).
+    r, _ = call(plane, document, COLLECTION, "GET", tokens_path(), who=secret, status=401)
+    assert r.headers["www-authenticate"] == 'Bearer realm="apitokens", error="invalid_token"'
+    _, got = call(plane, document, ITEM, "GET", path, status=200)
+    assert got["apiToken"]["state"] == "disabled"
+    _, listed = call(plane, document, COLLECTION, "GET", tokens_path(), status=200)
+    states = {t["name"]: t["state"] for t in listed["apiTokens"]}
+    assert states["namespaces/default/apitokens/suspend-me"] == "disabled"
+    assert states["namespaces/default/apitokens/admin"] == "enabled"
+    # Again, with `{}`: the same answer, no new version.
+    r, again = call(plane, document, DISABLE, "POST", path + ":disable", body={}, status=200)
+    assert again == off and r.headers["x-apitokens-config-version"] == version
+    r, on = call(plane, document, ENABLE, "POST", path + ":enable?waitForEnvoys=false", status=200)
+    assert on["apiToken"]["state"] == "enabled" and r.headers["x-apitokens-applied"] == "not-waited"
+    assert int(r.headers["x-apitokens-config-version"]) > int(version)
+    call(plane, document, COLLECTION, "GET", tokens_path(), who=secret, status=200)
+    _, events = call(plane, document, EVENTS, "GET", tokens_path() + ":events?pageSize=5", status=200)
+    mine = [e["event"] for e in events["events"] if e.get("token") == "namespaces/default/apitokens/suspend-me"]
+    assert mine[:3] == ["apitoken.enable", "apitoken.disable", "apitoken.create"], mine
+    # The rules of the other writes: a previous secret never writes, a
+    # short-lived owner changes nothing that outlives it, a missing token.
+    for template, action in ((DISABLE, "disable"), (ENABLE, "enable")):
+        r, body = call(plane, document, template, "POST", tokens_path(token="seed-0000") + f":{action}",
+                       who="previous secret", status=403)
+        assert "www-authenticate" not in r.headers and "previous secret" in body["message"]
+        r, body = call(plane, document, template, "POST", tokens_path(token="seed-0000") + f":{action}",
+                       who="short-lived owner", status=403)
+        assert "www-authenticate" not in r.headers and "never expires" in body["message"]
+        call(plane, document, template, "POST", tokens_path(token="never-was") + f":{action}", status=404)
+        for raw in (b"[]", b'{"previousSecretTtl": "60s"}', b"{"):
+            call(plane, document, template, "POST", path + f":{action}", body=raw, status=400)
+
+
 def test_a_create_body_is_vvps_model_and_nothing_else(plane, document):
     name = "namespaces/default/apitokens/vvp-model"
     for extra, field in (({"createTime": "2020-01-01T00:00:00Z"}, "createTime"),
@@ -186,6 +231,8 @@ def test_unknown_tokens_paths_and_actions_are_404s(plane, document):
     (COLLECTION, tokens_path(), "GET, POST", ["PUT", "PATCH", "DELETE", "OPTIONS"]),
     (ITEM, tokens_path(token="seed-0004"), "GET, DELETE", ["PUT", "PATCH", "POST", "HEAD"]),
     (REGENERATE, tokens_path(token="seed-0004") + ":regenerate", "POST", ["GET", "PUT", "DELETE"]),
+    (DISABLE, tokens_path(token="seed-0004") + ":disable", "POST", ["GET", "PUT", "DELETE"]),
+    (ENABLE, tokens_path(token="seed-0004") + ":enable", "POST", ["GET", "PUT", "DELETE"]),
     (EVENTS, tokens_path() + ":events", "GET", ["POST", "PUT", "DELETE"]),
     (COLLECTION + ":self", tokens_path() + ":self", "GET", ["POST", "PUT", "DELETE"]),
 ])
@@ -228,6 +275,7 @@ def test_a_namespace_writing_too_fast_is_a_429_with_retry_after(workdir, documen
         assert int(r.headers["retry-after"]) >= 1 and "field" not in err
         call(slow, document, ITEM, "DELETE", tokens_path(token="first"), status=429)
         call(slow, document, REGENERATE, "POST", tokens_path(token="first") + ":regenerate", status=429)
+        call(slow, document, DISABLE, "POST", tokens_path(token="first") + ":disable", status=429)
         call(slow, document, COLLECTION, "GET", tokens_path(), status=200)  # reads are not counted
     finally:
         slow.stop()

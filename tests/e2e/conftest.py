@@ -106,10 +106,11 @@ class Tokens:
         self.other_ns = Token("other", "other-editor", "editor")
         self.expired = Token("default", "expired-token", "editor", expire_time="2020-01-01T00:00:00Z")
         self.far_future = Token("default", "far-future", "viewer", expire_time="9999-12-31T23:59:59Z")
+        self.disabled = Token("default", "suspended-token", "editor", disabled=True)
         self.unknown = Token("default", "never-configured", "owner")  # not in the config
 
     def configured(self) -> list[Token]:
-        return [self.viewer, self.editor, self.owner, self.other_ns, self.expired, self.far_future]
+        return [self.viewer, self.editor, self.owner, self.other_ns, self.expired, self.far_future, self.disabled]
 
     def by_role(self, role: str) -> Token:
         return {"viewer": self.viewer, "editor": self.editor, "owner": self.owner}[role]

@@ -19,7 +19,7 @@ from testkit.checks import COUNTER_OF, counters, denied, wasm_health
 from testkit.clients import Client, raw_client
 
 PATH = "/api/v1/namespaces/default/deployments"
-COUNTERS = ["allowed", "missing", "malformed", "unknown", "expired", "namespace_denied", "role_denied"]
+COUNTERS = ["allowed", "missing", "malformed", "unknown", "expired", "disabled", "namespace_denied", "role_denied"]
 
 
 def one_of_each(client, tokens):
@@ -35,6 +35,7 @@ def one_of_each(client, tokens):
             "url_override": client.get(PATH, token=tokens.editor, headers={"x-original-url": "/admin"}),
             "unknown": client.get(PATH, token=tokens.unknown),
             "expired": client.get(PATH, token=tokens.expired),
+            "disabled": client.get(PATH, token=tokens.disabled),
             "namespace_denied": client.get("/api/v1/namespaces/other/deployments", token=tokens.editor),
             "role_denied": client.get(f"{PATH.rsplit('/', 1)[0]}/secret-values", token=tokens.viewer),
         }
@@ -86,7 +87,7 @@ def test_wasm_failure_stats_exist_and_stay_still(envoy, tokens, proto):
 @pytest.mark.parametrize(
     "reason",
     ["missing", "not_bearer", "malformed", "multiple_credentials", "url_override", "unknown", "expired",
-     "namespace_denied", "role_denied"],
+     "disabled", "namespace_denied", "role_denied"],
 )
 def test_response_code_details_in_access_log(client, tokens, reason):
     resp = one_of_each(client, tokens)[reason]

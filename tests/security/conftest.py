@@ -114,6 +114,11 @@ def tokens(cp, envoy) -> Tokens:
     assert r.status == 200, r
     issued_secret(r)
     cp.wait_applied(version_of(r))
+    # An owner suspended with :disable (acknowledged by Envoy), kept.
+    t.issue("disabled", "suspended", "owner")
+    r = cp.api("POST", tokens_path(token="suspended:disable"), cp.owners["default"])
+    assert r.status == 200 and r.json()["apiToken"]["state"] == "disabled", r
+    cp.wait_applied(version_of(r))
     # An owner that expires in an hour (a contractor's, a CI job's).
     t.issue("short-owner", "short-owner", "owner", expireTime=harness.rfc3339(time.time() + 3600))
     assert revoked.secret and old.secret

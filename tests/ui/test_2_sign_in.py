@@ -21,12 +21,14 @@ def test_sign_in_lists_the_namespace_tokens(console, namespace):
     expect(page.get_by_role("link", name="API Tokens")).to_have_attribute("aria-current", "page")
     assert console.rows()["admin"]["Role"] == "owner"
     assert console.rows()["admin"]["Expires"] == "Never"
+    assert console.rows()["admin"]["State"] == "Enabled"
     headers = [h.strip().lower() for h in page.locator("#tokens-table thead th:visible").all_inner_texts()]
     # Last used shows once a token of the list carries a use (test_5): the
     # owner's own requests are reported within a second or two, so it may
     # be there already, and then with the owner's use in it.
     last_used = "last used" in headers
-    assert headers == ["name", "role", "created", "expires", *(["last used"] if last_used else []), "actions"]
+    assert headers == ["name", "role", "state", "created", "expires", *(["last used"] if last_used else []),
+                       "actions"]
     if last_used:
         assert console.rows()["admin"]["Last used"].endswith(" UTC")
     # The token went nowhere but the Authorization header: not the URL, not a field.

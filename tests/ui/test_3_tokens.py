@@ -1,6 +1,6 @@
 """Settings > API Tokens: create with each role and with an expiry, copy the
-one-time secret and use it at the gateway, regenerate, revoke, and the
-create form's errors next to their fields."""
+one-time secret and use it at the gateway, regenerate, disable and enable,
+revoke, and the create form's errors next to their fields."""
 
 from __future__ import annotations
 
@@ -70,6 +70,8 @@ def test_the_console_screenshots(console, namespace):
         console.create(name, role)
     day = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=90)).date().isoformat()
     console.create("release-2026", "viewer", day)
+    console.confirm("Disable", "grafana")
+    expect(page.get_by_role("button", name="Enable grafana")).to_be_visible()
     expect(page.get_by_role("row", name="release-2026")).to_be_visible()
     page.get_by_role("heading", name="API Tokens").click()  # no focus ring in the picture
     console.axe("token list")
@@ -122,6 +124,71 @@ def test_regenerate_and_revoke(console, namespace, until):
     assert "rotating" not in console.rows()
     until(console.envoy, "GET", APP.format(ns=ns), new, 401)
     expect(page.get_by_role("heading", name="API Tokens")).to_be_focused()
+
+
+def test_disable_and_enable(console, namespace, until, issue):
+    """A token's state in the list, Disable (asked first) refuses its secret
+    at once and keeps the token, Enable brings the same secret back."""
+    page = console.page
+    ns, owner = namespace()
+    console.sign_in(ns, owner)
+    secret = console.create("pausable", "editor")
+    until(console.envoy, "GET", APP.format(ns=ns), secret, 200)
+    rows = console.rows()
+    assert rows["pausable"]["State"] == "Enabled" and rows["admin"]["State"] == "Enabled"
+    before = rows["pausable"]
+
+    # Cancel changes nothing.
+    console.confirm("Disable", "pausable", ok=False)
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), secret).status == 200
+
+    page.get_by_role("button", name="Disable pausable", exact=True).click()
+    d = console.confirm_dialog
+    expect(d).to_contain_text("stops working at once")
+    expect(d).to_contain_text("keeps its secret")
+    expect(d.get_by_role("button", name="Disable")).to_have_class("danger")
+    console.axe("disable confirmation")
+    d.get_by_role("button", name="Disable").click()
+    expect(page.get_by_role("status")).to_have_text(
+        "Token “pausable” was disabled: its secret is refused until it is enabled again.")
+    # The answer came once the gateway enforced it: the first request is refused.
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), secret).status == 401
+    row = page.get_by_role("row", name="pausable")
+    expect(row.locator("td.state-disabled")).to_have_text("Disabled")
+    expect(row).to_have_class("disabled")
+    after = console.rows()["pausable"]
+    assert after["State"] == "Disabled"
+    assert {k: v for k, v in after.items() if k not in ("State", "Actions")} == {
+        k: v for k, v in before.items() if k not in ("State", "Actions")}, "kept as it was"
+    # The row's action is now Enable, and it has the focus.
+    expect(page.get_by_role("button", name="Enable pausable")).to_be_focused()
+    expect(page.get_by_role("button", name="Disable pausable")).to_have_count(0)
+    token = request(console.envoy.port, "GET", tokens_path(ns, "pausable"), owner).json()["apiToken"]
+    assert token["state"] == "disabled"
+    console.axe("a disabled token in the list")
+
+    # Enable: asked first too, not as a danger; the same secret works again.
+    page.get_by_role("button", name="Enable pausable", exact=True).click()
+    expect(d).to_contain_text("with the secret it had")
+    expect(d.get_by_role("button", name="Enable")).to_have_class("primary")
+    expect(d.get_by_role("button", name="Cancel")).to_be_focused()
+    d.get_by_role("button", name="Enable").click()
+    expect(page.get_by_role("status")).to_have_text("Token “pausable” was enabled: its secret works again.")
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), secret).status == 200
+    assert console.rows()["pausable"]["State"] == "Enabled"
+    expect(page.get_by_role("row", name="pausable")).not_to_have_class("disabled")
+    expect(page.get_by_role("button", name="Disable pausable")).to_be_focused()
+
+    # A short-lived owner may not disable the owner that outlives it: said
+    # in the server's words, not as "not an owner".
+    hour = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    short = issue(ns, owner, "short-owner", "owner", expireTime=hour)
+    page.get_by_role("button", name="Sign out").click()
+    console.sign_in(ns, short)
+    console.confirm("Disable", "admin")
+    expect(page.locator("#tokens-error")).to_contain_text("You may not disable “admin” with this owner token.")
+    expect(page.locator("#tokens-error")).to_contain_text("never expires")
+    assert request(console.envoy.port, "GET", tokens_path(ns), owner).status == 200
 
 
 def test_a_token_revoked_meanwhile(console, namespace):

@@ -21,6 +21,9 @@ use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// The custom methods on a token (`POST .../apitokens/{token}:ACTION`).
+pub(crate) const TOKEN_ACTIONS: [&str; 3] = ["regenerate", "disable", "enable"];
+
 /// The token API path, split as the filter splits it: raw, never decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -178,7 +181,9 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
         // for a caller the rules would refuse (they match DNS labels only).
         crate::tokens::check_path(route.namespace(), route.id())?;
         match &route {
-            Route::Action { action, .. } if action != "regenerate" => return Err(AppError::UnknownAction),
+            Route::Action { action, .. } if !TOKEN_ACTIONS.contains(&action.as_str()) => {
+                return Err(AppError::UnknownAction)
+            }
             Route::CollectionAction { action, .. } if action != "events" && action != "self" => {
                 return Err(AppError::UnknownAction)
             }
@@ -275,17 +280,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// A JSON object body, or none at all.
-pub(crate) struct OptionalJsonBody<T>(pub Option<T>);
+/// A body of at most [`MAX_BODY_BYTES`], read but not parsed yet: for a
+/// handler whose body's shape depends on the path (the token actions).
+pub(crate) struct RawBody(Bytes);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+impl RawBody {
+    /// A JSON object, or nothing at all (an empty body).
+    pub(crate) fn optional_json<T: DeserializeOwned>(&self) -> Result<Option<T>, AppError> {
+        match self.0.iter().find(|c| !c.is_ascii_whitespace()) {
+            None => Ok(None),
+            // serde reads a struct from an array too (`[]` as `{}`).
+            Some(b'{') => parse(&self.0).map(Some),
+            Some(_) => Err(AppError::BadBody("the request body must be a JSON object".to_owned())),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = AppError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, AppError> {
-        let bytes = body(req).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Self(None));
-        }
-        parse(&bytes).map(|v| Self(Some(v)))
+        body(req).await.map(Self)
     }
 }

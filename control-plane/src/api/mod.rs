@@ -146,7 +146,12 @@ fn write_operation(method: &axum::http::Method, path: &str) -> Option<Operation>
     use axum::http::Method;
     match (Route::parse(path)?, method) {
         (Route::Collection { .. }, &Method::POST) => Some(Operation::create),
-        (Route::Action { action, .. }, &Method::POST) if action == "regenerate" => Some(Operation::regenerate),
+        (Route::Action { action, .. }, &Method::POST) => match action.as_str() {
+            "regenerate" => Some(Operation::regenerate),
+            "disable" => Some(Operation::disable),
+            "enable" => Some(Operation::enable),
+            _ => None,
+        },
         (Route::Item { .. }, &Method::DELETE) => Some(Operation::delete),
         _ => None,
     }

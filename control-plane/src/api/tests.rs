@@ -41,6 +41,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
                 created_by: None,
                 previous: None,
                 last_use: None,
+                disabled: false,
             }],
             None,
             vec![],
@@ -297,6 +298,310 @@ async fn delete_revokes_at_once() {
         .call("DELETE", &format!("{COLLECTION}/ci"), Some(&f.owner), None)
         .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
+}
+
+/// The token of this name in a list answer.
+fn listed<'v>(body: &'v Value, name: &str) -> &'v Value {
+    body["apiTokens"]
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("{name} is not listed: {body}"))
+}
+
+#[tokio::test]
+async fn disable_refuses_at_once_and_enable_restores_the_same_secret() {
+    let f = fixture().await;
+    let created = f.create("ci", "owner").await;
+    assert_eq!(created.body["apiToken"]["state"], "enabled");
+    let secret = created.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    let name = "namespaces/default/apitokens/ci";
+    // Used once (a filter's report), so that a disable has a last use to keep.
+    f.state
+        .service
+        .record_use(&f.store.lineage(), &Digest::of(secret.as_bytes()).0);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+    stop_tx.send(true).unwrap();
+    flusher.await.unwrap();
+    let before = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
+    let last_use = before.body["apiToken"]["lastUseTime"].clone();
+    assert!(last_use.is_string(), "{}", before.raw);
+    assert_eq!(
+        f.call("GET", COLLECTION, Some(&secret), None).await.status,
+        StatusCode::OK
+    );
+
+    let a = f
+        .call("POST", &format!("{COLLECTION}/ci:disable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let token = &a.body["apiToken"];
+    assert_eq!(token["state"], "disabled");
+    assert_eq!((&token["name"], &token["role"]), (&json!(name), &json!("owner")));
+    assert!(token.get("secret").is_none() && !a.raw.contains(&secret));
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.headers[APPLIED_HEADER], "true");
+    assert_eq!(a.headers[ENVOYS_HEADER], "0/0");
+    let disabled_at: u64 = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap().parse().unwrap();
+    // Refused at once, by the table the gateways get and by the API itself
+    // (a disabled owner cannot call it), with the answer an unknown secret
+    // gets.
+    let refused = f.call("GET", COLLECTION, Some(&secret), None).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.headers["www-authenticate"],
+        "Bearer realm=\"apitokens\", error=\"invalid_token\""
+    );
+    let unknown = f.call("GET", COLLECTION, Some("unknown-secret"), None).await;
+    assert_eq!(refused.raw, unknown.raw);
+    let snapshot = f.publisher.encoded().await;
+    assert_eq!(snapshot.version.revision.0, disabled_at);
+    let pushed = apitokens_core::Config::from_plugin_configuration(snapshot.payload.to_vec()).unwrap();
+    let entry = pushed.tokens().get(&Digest::of(secret.as_bytes())).unwrap();
+    assert!(entry.is_disabled() && entry.name() == name);
+    // Kept: get and list show it disabled, with its last use.
+    let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
+    assert_eq!(got.body["apiToken"]["state"], "disabled");
+    assert_eq!(got.body["apiToken"]["lastUseTime"], last_use);
+    let list = f.call("GET", COLLECTION, Some(&f.owner), None).await;
+    assert_eq!(listed(&list.body, name)["state"], "disabled");
+    assert_eq!(
+        listed(&list.body, "namespaces/default/apitokens/admin")["state"],
+        "enabled"
+    );
+
+    // Again: the same answer, nothing written.
+    let again = f
+        .call("POST", &format!("{COLLECTION}/ci:disable"), Some(&f.owner), Some("{}"))
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.raw);
+    assert_eq!(again.body, a.body);
+    assert_eq!(again.headers[CONFIG_VERSION_HEADER], a.headers[CONFIG_VERSION_HEADER]);
+    assert_eq!(again.headers[APPLIED_HEADER], "true");
+    assert_eq!(f.store.revision().await.unwrap().0, disabled_at);
+
+    let a = f
+        .call("POST", &format!("{COLLECTION}/ci:enable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    assert_eq!(a.body["apiToken"]["state"], "enabled");
+    assert!(a.body["apiToken"].get("secret").is_none());
+    let enabled_at: u64 = a.headers[CONFIG_VERSION_HEADER].to_str().unwrap().parse().unwrap();
+    assert!(enabled_at > disabled_at);
+    // The same secret works again, and nothing else changed.
+    assert_eq!(
+        f.call("GET", COLLECTION, Some(&secret), None).await.status,
+        StatusCode::OK
+    );
+    let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
+    assert_eq!(got.body, before.body);
+    let again = f
+        .call("POST", &format!("{COLLECTION}/ci:enable"), Some(&f.owner), None)
+        .await;
+    assert_eq!((again.status, &again.body), (StatusCode::OK, &a.body));
+    assert_eq!(f.store.revision().await.unwrap().0, enabled_at);
+
+    // One audit event per change, none for the repeats.
+    let events = f
+        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
+        .await;
+    let events = events.body["events"].as_array().unwrap().clone();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["apitoken.enable", "apitoken.disable", "apitoken.create"]);
+    for e in &events[..2] {
+        assert_eq!(e["token"], name);
+        assert_eq!(e["actor"], "namespaces/default/apitokens/admin");
+        assert_eq!(e["credential"], "current");
+    }
+
+    // Bodies: none or `{}`; anything else is refused.
+    for action in ["disable", "enable"] {
+        for body in [r#"{"previousSecretTtl": "60s"}"#, r#"{"secret": "x"}"#, "[]"] {
+            let a = f
+                .call("POST", &format!("{COLLECTION}/ci:{action}"), Some(&f.owner), Some(body))
+                .await;
+            assert_eq!(a.status, StatusCode::BAD_REQUEST, "{action} {body}: {}", a.raw);
+        }
+        let a = f
+            .call("POST", &format!("{COLLECTION}/nope:{action}"), Some(&f.owner), None)
+            .await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.raw);
+        assert!(a.body["message"].as_str().unwrap().contains("not found"), "{}", a.raw);
+        let a = f
+            .call("GET", &format!("{COLLECTION}/ci:{action}"), Some(&f.owner), None)
+            .await;
+        assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    // Any other action is unknown.
+    let a = f
+        .call("POST", &format!("{COLLECTION}/ci:suspend"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        f.store.revision().await.unwrap().0,
+        enabled_at,
+        "a refused call writes nothing"
+    );
+}
+
+#[tokio::test]
+async fn disable_and_enable_take_an_owners_current_secret_and_a_token_that_does_not_outlive_it() {
+    let opts = ServiceOptions {
+        clock: Clock::manual(clock::now()),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_on_sqlite("api-disable-rules", opts).await;
+    let target = add_token(&f, "namespaces/default/apitokens/target", Role::Viewer, None).await;
+    let path = |action: &str| format!("{COLLECTION}/target:{action}");
+    // Not an owner of this namespace.
+    let editor = add_token(&f, "namespaces/default/apitokens/ed", Role::Editor, None).await;
+    let other = add_token(&f, "namespaces/other/apitokens/boss", Role::Owner, None).await;
+    for secret in [&editor, &other] {
+        for action in ["disable", "enable"] {
+            let a = f.call("POST", &path(action), Some(secret), None).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
+            assert!(a.headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope"));
+        }
+    }
+    // A previous secret (an owner's rotation's overlap) never writes.
+    let rotating = add_token(&f, "namespaces/default/apitokens/rotating", Role::Owner, None).await;
+    let a = f
+        .call(
+            "POST",
+            &format!("{COLLECTION}/rotating:regenerate"),
+            Some(&f.owner),
+            Some(r#"{"previousSecretTtl": "3600s"}"#),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    for action in ["disable", "enable"] {
+        let a = f.call("POST", &path(action), Some(&rotating), None).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
+        assert!(
+            a.body["message"].as_str().unwrap().contains("previous secret"),
+            "{}",
+            a.raw
+        );
+        assert!(a.headers.get("www-authenticate").is_none());
+    }
+    // A short-lived owner may not disable or enable a token that outlives it.
+    let now = f.state.service.clock().now();
+    let hour = Timestamp::from_unix(now.unix_seconds() + 3600, 0);
+    let short = add_token(&f, "namespaces/default/apitokens/short", Role::Owner, Some(hour)).await;
+    for action in ["disable", "enable"] {
+        let a = f.call("POST", &path(action), Some(&short), None).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
+        let message = a.body["message"].as_str().unwrap();
+        assert!(
+            message.contains("never expires") && message.contains("regenerate, disable or enable only tokens"),
+            "{message}"
+        );
+    }
+    // Nothing refused was written: the target still works.
+    assert!(
+        !f.store
+            .get("namespaces/default/apitokens/target")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
+    assert!(!f
+        .publisher
+        .current()
+        .token(&Digest::of(target.as_bytes()))
+        .unwrap()
+        .is_disabled());
+    // One that expires sooner, it may.
+    let sooner = Timestamp::from_unix(now.unix_seconds() + 60, 0);
+    add_token(&f, "namespaces/default/apitokens/sooner", Role::Viewer, Some(sooner)).await;
+    let a = f
+        .call("POST", &format!("{COLLECTION}/sooner:disable"), Some(&short), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    // A disabled owner is refused by the API: it cannot enable itself.
+    let a = f
+        .call("POST", &format!("{COLLECTION}/short:disable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = f
+        .call("POST", &format!("{COLLECTION}/short:enable"), Some(&short), None)
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.raw);
+}
+
+#[tokio::test]
+async fn disables_and_enables_count_in_the_namespace_write_rate() {
+    let opts = ServiceOptions {
+        write_rate: crate::tokens::Rate {
+            per_second: 0.001,
+            burst: 2.0,
+        },
+        ..ServiceOptions::default()
+    };
+    let f = fixture_on_sqlite("api-disable-rate", opts).await;
+    add_token(&f, "namespaces/default/apitokens/t", Role::Viewer, None).await;
+    let mut statuses = Vec::new();
+    for action in ["disable", "enable", "disable"] {
+        let a = f
+            .call("POST", &format!("{COLLECTION}/t:{action}"), Some(&f.owner), None)
+            .await;
+        statuses.push(a.status);
+        if a.status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(a.headers.contains_key("retry-after"));
+        }
+    }
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]
+    );
+    assert!(
+        !f.store
+            .get("namespaces/default/apitokens/t")
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
+}
+
+#[tokio::test]
+async fn an_imported_token_stays_disabled() {
+    let f = fixture().await;
+    let secret = "a-secret-from-another-system";
+    let spec = apitokens_core::PluginConfig::from_json(
+        format!(
+            r#"{{"tokens": [{{"name": "namespaces/default/apitokens/legacy", "role": "viewer",
+                 "secretSha256": "{}", "disabled": true}}]}}"#,
+            Digest::of(secret.as_bytes()).to_hex()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(f.state.service.import(&spec).await.unwrap(), 1);
+    let got = f
+        .call("GET", &format!("{COLLECTION}/legacy"), Some(&f.owner), None)
+        .await;
+    assert_eq!(got.body["apiToken"]["state"], "disabled", "{}", got.raw);
+    assert!(f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .is_disabled());
+    let a = f
+        .call("POST", &format!("{COLLECTION}/legacy:enable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(a.body["apiToken"]["state"], "enabled", "{}", a.raw);
+    assert!(!f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .is_disabled());
 }
 
 #[tokio::test]
@@ -818,6 +1123,14 @@ impl Store for ChangesFail {
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
     }
+    async fn set_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+        event: AuditEvent,
+    ) -> Result<Option<crate::store::StateSet>, StoreError> {
+        self.0.set_disabled(name, disabled, event).await
+    }
     async fn record_usage(&self, uses: Vec<crate::store::Use>) -> Result<(), StoreError> {
         self.2.fetch_add(uses.len(), std::sync::atomic::Ordering::SeqCst);
         self.0.record_usage(uses).await
@@ -931,6 +1244,14 @@ fn routes() {
             ns: "a".into(),
             id: "b".into(),
             action: "regenerate".into()
+        })
+    );
+    assert_eq!(
+        Route::parse("/apitokens/v1/namespaces/a/apitokens/b:disable"),
+        Some(Route::Action {
+            ns: "a".into(),
+            id: "b".into(),
+            action: "disable".into()
         })
     );
     assert_eq!(Route::parse("/apitokens/v1/namespaces/a/apitokens/b/c"), None);
@@ -1225,6 +1546,10 @@ async fn metrics_count_writes_by_operation_and_outcome() {
         .call("POST", &format!("{COLLECTION}/ci:regenerate"), Some(&f.owner), None)
         .await;
     assert_eq!(regenerated.status, StatusCode::OK, "{}", regenerated.raw);
+    let disabled = f
+        .call("POST", &format!("{COLLECTION}/ci:disable"), Some(&f.owner), None)
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.raw);
     // Reads are not writes.
     assert_eq!(
         f.call("GET", COLLECTION, Some(&f.owner), None).await.status,
@@ -1247,8 +1572,10 @@ async fn metrics_count_writes_by_operation_and_outcome() {
         r#"apitokens_writes_total{operation="create",outcome="quota_exceeded"} 1"#,
         r#"apitokens_writes_total{operation="delete",outcome="unauthenticated"} 1"#,
         r#"apitokens_writes_total{operation="regenerate",outcome="ok"} 1"#,
+        r#"apitokens_writes_total{operation="disable",outcome="ok"} 1"#,
         // From zero: a rate exists before the first delete.
         r#"apitokens_writes_total{operation="delete",outcome="ok"} 0"#,
+        r#"apitokens_writes_total{operation="enable",outcome="ok"} 0"#,
     ];
     let mut got = samples.clone();
     got.sort_unstable();

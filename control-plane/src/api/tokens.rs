@@ -2,12 +2,12 @@
 //! extractor), a call into the token service, and a JSON answer.
 
 use super::error::json_response;
-use super::extract::{Allowed, JsonBody, OptionalJsonBody, Route};
+use super::extract::{Allowed, JsonBody, RawBody, Route};
 use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
 use crate::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
 use crate::tokens::secret::Secret;
-use crate::tokens::{audit, Delivery, Issued, NewToken, Wait};
+use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, Uri};
@@ -23,6 +23,8 @@ struct ApiToken<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<&'a str>,
     role: &'a str,
+    /// `enabled`, or `disabled` (refused by every Envoy until enabled).
+    state: &'static str,
     create_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     expire_time: Option<String>,
@@ -43,6 +45,7 @@ impl<'a> ApiToken<'a> {
             name: &r.name,
             secret: secret.map(Secret::expose),
             role: r.role.as_str(),
+            state: if r.disabled { "disabled" } else { "enabled" },
             create_time: r.create_time.to_rfc3339(),
             expire_time: r.expire_time.map(|t| t.to_rfc3339()),
             created_by: r.created_by.as_deref(),
@@ -269,14 +272,62 @@ fn duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds.parse::<f64>().ok()?).ok()
 }
 
-/// `POST .../apitokens/{token}:regenerate` (the only action on a token).
+/// The body of a disable or an enable: none, or `{}` (for clients that
+/// always send a JSON object).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoFields {}
+
+/// `POST .../apitokens/{token}:ACTION`: `regenerate`, `disable` or `enable`
+/// (the extractor refused any other action).
 pub(crate) async fn action(
     State(app): State<Arc<AppState>>,
     caller: Allowed,
     query: Result<Query<WriteQuery>, QueryRejection>,
-    OptionalJsonBody(body): OptionalJsonBody<RegenerateBody>,
+    body: RawBody,
 ) -> Result<Response, AppError> {
     let (ns, id) = item(&caller.route)?;
+    let wait = wait(query)?;
+    let action = match &caller.route {
+        Route::Action { action, .. } => action.as_str(),
+        _ => return Err(AppError::UnknownAction),
+    };
+    let updated = match action {
+        "regenerate" => return regenerate(&app, &caller, ns, id, wait, &body).await,
+        "disable" => {
+            body.optional_json::<NoFields>()?;
+            app.service.disable(ns, id, &caller.actor, wait).await?
+        }
+        "enable" => {
+            body.optional_json::<NoFields>()?;
+            app.service.enable(ns, id, &caller.actor, wait).await?
+        }
+        _ => return Err(AppError::UnknownAction),
+    };
+    Ok(state_set(&updated, app.name_envoys))
+}
+
+/// The answer to a disable or an enable: the token (never its secret), and
+/// the write's headers.
+fn state_set(updated: &Updated, names: bool) -> Response {
+    written(
+        &One {
+            api_token: ApiToken::new(&updated.token, None),
+        },
+        &updated.delivery,
+        names,
+    )
+}
+
+async fn regenerate(
+    app: &AppState,
+    caller: &Allowed,
+    ns: &str,
+    id: &str,
+    wait: Wait,
+    body: &RawBody,
+) -> Result<Response, AppError> {
+    let body = body.optional_json::<RegenerateBody>()?;
     let overlap = match body.and_then(|b| b.previous_secret_ttl) {
         None => None,
         Some(text) => Some(duration(&text).ok_or(AppError::BadField {
@@ -284,10 +335,7 @@ pub(crate) async fn action(
             problem: "must be a duration in seconds such as \"3600s\"",
         })?),
     };
-    let result = app
-        .service
-        .regenerate(ns, id, overlap, &caller.actor, wait(query)?)
-        .await?;
+    let result = app.service.regenerate(ns, id, overlap, &caller.actor, wait).await?;
     Ok(issued(&result, app.name_envoys))
 }
 

@@ -4,8 +4,8 @@
 //! damaged rows) stay in its module.
 use super::changes::CHANGES_PER_WRITE;
 use super::{
-    Action, AuditEvent, Changes, Credential, Epoch, NewDigest, Position, PreviousSecret, Revision, Store, StoreError,
-    TokenRecord, Use,
+    Action, AuditEvent, Changes, Credential, Epoch, NewDigest, Position, PreviousSecret, Revision, StateSet, Store,
+    StoreError, TokenRecord, Use,
 };
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -21,6 +21,7 @@ pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
         created_by: None,
         previous: None,
         last_use: None,
+        disabled: false,
     }
 }
 
@@ -378,6 +379,112 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
     assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(300)));
 }
 
+pub(crate) async fn a_disabled_token_keeps_everything_and_is_enabled_again(store: &dyn Store) {
+    let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    a.expire_time = Some(Timestamp::from_unix(4_000_000_000, 0));
+    a.created_by = Some("namespaces/default/apitokens/admin".into());
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    // In an overlap, and used: what a disable must keep.
+    let until = Timestamp::from_unix(3_000_000_000, 0);
+    let rotated = regenerate(store, &a.name, Digest([2; 32]), Some(until)).await;
+    let used = Use {
+        name: a.name.clone(),
+        digest: Digest([2; 32]),
+        time: Timestamp::from_unix(1_800_000_000, 0),
+    };
+    store.record_usage(vec![used]).await.unwrap();
+    let before = store.get(&a.name).await.unwrap().unwrap();
+    assert!(!before.disabled);
+    assert_eq!(before.last_use, Some(Timestamp::from_unix(1_800_000_000, 0)));
+    let r0 = store.revision().await.unwrap();
+
+    let disabled = event(Action::Disable, &a.name);
+    let set = store
+        .set_disabled(&a.name, true, disabled.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(set.changed);
+    assert!(set.revision > r0);
+    assert_eq!(store.revision().await.unwrap(), set.revision);
+    // Everything kept but the state: name, role, both digests, expiry,
+    // creator, last use.
+    assert_eq!(
+        set.token,
+        TokenRecord {
+            disabled: true,
+            ..before.clone()
+        }
+    );
+    assert_eq!(set.token.previous, rotated.previous);
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap(), set.token);
+    assert!(store.list("default").await.unwrap()[0].disabled);
+    // Still in what every Envoy gets (refused there), and in the change log.
+    let (_, loaded) = store.load().await.unwrap();
+    assert!(loaded.iter().any(|r| r.name == a.name && r.disabled));
+    assert_eq!(
+        since(store.changes_since(r0).await.unwrap()),
+        (set.revision, vec![(a.name.clone(), Some(set.token.clone()))])
+    );
+
+    // Again: nothing written, the state as it stands.
+    let again = store
+        .set_disabled(&a.name, true, disabled.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        again,
+        StateSet {
+            changed: false,
+            ..set.clone()
+        }
+    );
+    assert_eq!(store.revision().await.unwrap(), set.revision);
+
+    let enabled = event(Action::Enable, &a.name);
+    let on = store
+        .set_disabled(&a.name, false, enabled.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(on.changed && on.revision > set.revision);
+    assert_eq!(on.token, before, "enabled: as it was, the same secrets");
+    let on_again = store
+        .set_disabled(&a.name, false, enabled.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((on_again.changed, on_again.revision), (false, on.revision));
+
+    // One event per change, none for the repeats.
+    let events: Vec<AuditEvent> = store
+        .events("default", None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let actions: Vec<Action> = events.iter().map(|e| e.action).collect();
+    assert_eq!(actions, [Action::Enable, Action::Disable, Action::Regenerate]);
+    assert_eq!(events[..2], [enabled, disabled]);
+
+    // No such token: nothing.
+    let none = "namespaces/default/apitokens/none";
+    assert_eq!(store.set_disabled(none, true, test_event()).await.unwrap(), None);
+    assert_eq!(store.revision().await.unwrap(), on.revision);
+
+    // A token inserted disabled (an import of a rendered configuration)
+    // reads back disabled; a regeneration keeps the state.
+    let b = TokenRecord {
+        disabled: true,
+        ..record("namespaces/default/apitokens/b", Role::Viewer, 7)
+    };
+    store.insert(vec![b.clone()], None, vec![]).await.unwrap();
+    assert_eq!(store.get(&b.name).await.unwrap(), Some(b.clone()));
+    assert!(regenerate(store, &b.name, Digest([8; 32]), None).await.disabled);
+}
+
 /// One `#[tokio::test]` per contract test above, each on a fresh store from
 /// `$make` (an async expression giving `Option<(store, guard)>`; `None` skips:
 /// no server to test against).
@@ -410,6 +517,14 @@ pub(crate) async fn a_store_behind_the_gateways_refuses_writes_until_a_new_epoch
     assert!(behind(store.delete(&a.name, test_event()).await.unwrap_err()));
     let regeneration = store.replace_digest(new_digest(&a.name, Digest([7; 32]), None), test_event());
     assert!(behind(regeneration.await.unwrap_err()));
+    // A disable too, and an enable of an enabled token (which would write
+    // nothing: refused all the same, as every write).
+    assert!(behind(
+        store.set_disabled(&a.name, true, test_event()).await.unwrap_err()
+    ));
+    assert!(behind(
+        store.set_disabled(&a.name, false, test_event()).await.unwrap_err()
+    ));
     assert!(matches!(
         store.retire_expired(Timestamp::from_unix(2_000_000_000, 0)).await,
         Ok(None) | Err(StoreError::Behind { .. })
@@ -541,7 +656,8 @@ macro_rules! store_contract_tests {
             a_regeneration_with_an_overlap_keeps_one_previous_secret,
             the_audit_trail_is_written_with_the_change_and_read_newest_first,
             old_audit_events_are_pruned_oldest_first,
-            last_use_is_the_latest_recorded_and_goes_with_the_token);
+            last_use_is_the_latest_recorded_and_goes_with_the_token,
+            a_disabled_token_keeps_everything_and_is_enabled_again);
     };
     (@each $make:expr, $($name:ident),*) => {
         $(

@@ -8,7 +8,8 @@
 //! on the wire can still land: the answer says the outcome is unknown).
 
 use super::{
-    AuditEvent, Cause, Changes, Head, NewDigest, Position, Result, Revision, Store, StoreError, TokenRecord, Use,
+    AuditEvent, Cause, Changes, Head, NewDigest, Position, Result, Revision, StateSet, Store, StoreError, TokenRecord,
+    Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::Timestamp;
@@ -86,6 +87,7 @@ const GET: Op = Op("get", "a read");
 const LIST: Op = Op("list", "a list");
 const REPLACE: Op = Op("replace_digest", "a regeneration");
 const DELETE: Op = Op("delete", "a delete");
+const SET_DISABLED: Op = Op("set_disabled", "a disable or enable");
 const USAGE: Op = Op("record_usage", "a usage write");
 const EVENTS: Op = Op("events", "an audit read");
 const PRUNE: Op = Op("prune_events", "an audit pruning");
@@ -96,12 +98,13 @@ const MARK: Op = Op("mark_behind", "a mark of a newer position");
 const EPOCH: Op = Op("new_epoch", "a new epoch");
 const RETIRE: Op = Op("retire_expired", "retiring expired tokens");
 const NEXT_EXPIRY: Op = Op("next_expiry", "a read of the next expiry");
-const ALL: [Op; 15] = [
+const ALL: [Op; 16] = [
     INSERT,
     GET,
     LIST,
     REPLACE,
     DELETE,
+    SET_DISABLED,
     USAGE,
     EVENTS,
     PRUNE,
@@ -186,6 +189,10 @@ impl Store for Deadline {
     }
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>> {
         self.within(self.call, DELETE, self.inner.delete(name, event)).await
+    }
+    async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
+        let call = self.inner.set_disabled(name, disabled, event);
+        self.within(self.call, SET_DISABLED, call).await
     }
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         self.within(self.call, USAGE, self.inner.record_usage(uses)).await

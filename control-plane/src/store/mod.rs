@@ -165,6 +165,9 @@ pub struct TokenRecord {
     /// When one of its secrets last authenticated a request, to the minute
     /// (filled in by `get` and `list`).
     pub last_use: Option<Timestamp>,
+    /// Suspended by an owner ([`Store::set_disabled`]): in the table every
+    /// Envoy gets, and refused there, with everything else kept.
+    pub disabled: bool,
 }
 
 /// A token's use as the filters reported it: by the digest of the secret
@@ -197,6 +200,7 @@ impl TokenRecord {
             digest: self.digest,
             expire: self.expire_time,
             previous: false,
+            disabled: self.disabled,
         };
         TokenEntries {
             current,
@@ -234,6 +238,10 @@ pub enum Action {
     /// A token revoked because one of its secrets was reported leaked
     /// (`credentials:revoke`).
     Revoke,
+    /// Suspended: refused, kept.
+    Disable,
+    /// Restored after a disable, with the same secret.
+    Enable,
 }
 
 impl Action {
@@ -244,6 +252,8 @@ impl Action {
             Action::Delete => "delete",
             Action::Import => "import",
             Action::Revoke => "revoke",
+            Action::Disable => "disable",
+            Action::Enable => "enable",
         }
     }
 
@@ -254,6 +264,8 @@ impl Action {
             Action::Delete,
             Action::Import,
             Action::Revoke,
+            Action::Disable,
+            Action::Enable,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -309,6 +321,19 @@ pub struct AuditEvent {
     pub count: Option<u32>,
 }
 
+/// What [`Store::set_disabled`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateSet {
+    /// The token after it (with its last use).
+    pub token: TokenRecord,
+    /// The revision that carries the token's state: the one committed, or,
+    /// when the token was already in that state, the store's current one.
+    pub revision: Revision,
+    /// Whether anything was written (a revision, a change-log entry and the
+    /// audit event); false when the token was already in that state.
+    pub changed: bool,
+}
+
 /// What changed since a revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Changes {
@@ -340,6 +365,12 @@ pub trait Store: Send + Sync {
     async fn replace_digest(&self, new: NewDigest, event: AuditEvent) -> Result<Option<(TokenRecord, Revision)>>;
     /// `None` if there was no such token.
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>>;
+    /// Disables (`true`) or enables an existing token, with `event` and a
+    /// change-log entry, in one transaction; `None` if there is no such
+    /// token. A token already in that state is left as it is: no event, no
+    /// revision ([`StateSet::changed`] false). Like every write, refused
+    /// while the store is behind the gateways, even then.
+    async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>>;
     /// The latest use of each token named, recorded only while the token
     /// still has the secret that was used (current or previous): a use never
     /// lands on another token of the same name, created after a delete.

@@ -9,11 +9,12 @@ use apitokens_core::{Role, Timestamp};
 
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
-     t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos";
+     t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos, \
+     t.disabled";
 /// The columns an insert of a token writes, in this order.
 pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_seconds, create_nanos, \
      expire_seconds, expire_nanos, update_seconds, retired, created_by, previous_sha256, previous_until_seconds, \
-     previous_until_nanos";
+     previous_until_nanos, disabled";
 /// An audit event's columns but its sequence number (the database numbers
 /// events) and its namespace (reads select by it), in the order of
 /// [`EventRow`].
@@ -44,6 +45,7 @@ pub(super) struct Row {
     pub(super) retired: bool,
     pub(super) created_by: Option<String>,
     pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
+    pub(super) disabled: bool,
     pub(super) last_use: Option<i64>,
 }
 
@@ -60,7 +62,8 @@ impl Row {
             retired: r.at(at + 7)?,
             created_by: r.at(at + 8)?,
             previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
-            last_use: if r.width() > at + 12 { r.at(at + 12)? } else { None },
+            disabled: r.at(at + 12)?,
+            last_use: if r.width() > at + 13 { r.at(at + 13)? } else { None },
         })
     }
 }
@@ -108,6 +111,7 @@ pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
         created_by: row.created_by,
         previous,
         last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        disabled: row.disabled,
         name: name.clone(),
     })
 }

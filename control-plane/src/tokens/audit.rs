@@ -1,5 +1,6 @@
-//! The audit trail: one event per create, regenerate, delete, import and
-//! revocation by leak report (actor `reported leaked`),
+//! The audit trail: one event per create, regenerate, disable, enable,
+//! delete, import and revocation by leak report (actor `reported leaked`;
+//! none for a disable or an enable that changed nothing),
 //! recorded in the store with the change (same transaction), and one JSON
 //! line per event on stderr for log shippers. The same field set in both
 //! places (`event`, `time`, `namespace`, `token`, `actor`, `role`,

@@ -6,8 +6,10 @@
 //!   token, and no later than the namespace's maximum lifetime
 //!   (`--max-token-lifetime`): an `expireTime` beyond that is a 400 naming
 //!   `expireTime`; none at all gets the bound (returned in the answer);
-//! - a caller cannot regenerate a token that outlives its own (a short-lived
-//!   owner would otherwise take over the long-lived `admin` token);
+//! - a caller cannot regenerate, disable or enable a token that outlives its
+//!   own (a short-lived owner would otherwise take over the long-lived
+//!   `admin` token by regenerating it, lock its holders out by disabling it,
+//!   or bring back a long-lived token an owner suspended by enabling it);
 //! - a previous secret (a rotation's overlap) may read, never write: the
 //!   owner who rotates a leaked secret must not be out-rotated by whoever
 //!   holds the old one.
@@ -58,20 +60,22 @@ impl Actor {
         self.caller.map(|c| c.credential)
     }
 
-    /// Creates, regenerates and deletes are made with a current secret.
+    /// Creates, regenerates, disables, enables and deletes are made with a
+    /// current secret.
     pub(crate) fn may_write(&self) -> Result<(), Error> {
         match self.credential() {
             Some(Credential::Previous) => Err(Error::Forbidden(
                 "this is the token's previous secret, which during a rotation's overlap may only read: \
-                 create, regenerate and delete tokens with its current secret"
+                 create, regenerate, disable, enable and delete tokens with its current secret"
                     .to_owned(),
             )),
             _ => Ok(()),
         }
     }
 
-    /// A regeneration of `target`: refused when it outlives the caller.
-    pub(crate) fn may_regenerate(&self, target: &TokenRecord) -> Result<(), Error> {
+    /// A regeneration, a disable or an enable of `target`: refused when it
+    /// outlives the caller.
+    pub(crate) fn may_change(&self, target: &TokenRecord) -> Result<(), Error> {
         self.may_write()?;
         let Some(Caller { expire: Some(mine), .. }) = self.caller else {
             return Ok(());
@@ -79,7 +83,7 @@ impl Actor {
         match target.expire_time {
             Some(theirs) if theirs <= mine => Ok(()),
             theirs => Err(Error::Forbidden(format!(
-                "{} {} and the calling token expires at {}: a token may regenerate only tokens that expire no later than itself",
+                "{} {} and the calling token expires at {}: a token may regenerate, disable or enable only tokens that expire no later than itself",
                 target.name,
                 theirs.map_or_else(|| "never expires".to_owned(), |t| format!("expires at {t}")),
                 mine
@@ -258,15 +262,21 @@ mod tests {
     }
 
     #[test]
-    fn a_short_lived_caller_cannot_regenerate_a_longer_lived_token() {
+    fn a_short_lived_caller_cannot_change_a_longer_lived_token() {
         let short = caller(Credential::Current, Some(NOW.unix_seconds() + 60));
-        assert!(matches!(short.may_regenerate(&token(None)), Err(Error::Forbidden(_))));
+        let Err(Error::Forbidden(why)) = short.may_change(&token(None)) else {
+            panic!("a short-lived caller changed a token that never expires");
+        };
+        assert!(
+            why.contains("never expires") && why.contains("regenerate, disable or enable"),
+            "{why}"
+        );
         assert!(matches!(
-            short.may_regenerate(&token(Some(NOW.unix_seconds() + 61))),
+            short.may_change(&token(Some(NOW.unix_seconds() + 61))),
             Err(Error::Forbidden(_))
         ));
-        assert!(short.may_regenerate(&token(Some(NOW.unix_seconds() + 60))).is_ok());
-        assert!(caller(Credential::Current, None).may_regenerate(&token(None)).is_ok());
+        assert!(short.may_change(&token(Some(NOW.unix_seconds() + 60))).is_ok());
+        assert!(caller(Credential::Current, None).may_change(&token(None)).is_ok());
     }
 
     #[test]
@@ -276,10 +286,7 @@ mod tests {
             panic!("a previous secret wrote");
         };
         assert!(why.contains("previous secret"), "{why}");
-        assert!(matches!(
-            previous.may_regenerate(&token(None)),
-            Err(Error::Forbidden(_))
-        ));
+        assert!(matches!(previous.may_change(&token(None)), Err(Error::Forbidden(_))));
         assert!(caller(Credential::Current, None).may_write().is_ok());
         assert!(Actor::tool("t").may_write().is_ok());
     }

@@ -14,4 +14,4 @@ mod service;
 pub use caller::{Actor, Caller, Lifetimes};
 pub use error::Error;
 pub use rate::{whole_seconds, Rate};
-pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Wait, MAX_OVERLAP};
+pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Updated, Wait, MAX_OVERLAP};

@@ -106,6 +106,13 @@ pub struct Issued {
     pub delivery: Delivery,
 }
 
+/// A token after a disable or an enable, and where its state stands.
+#[derive(Debug)]
+pub struct Updated {
+    pub token: TokenRecord,
+    pub delivery: Delivery,
+}
+
 /// A create request, as the caller wrote it.
 #[derive(Clone, Debug)]
 pub struct NewToken {
@@ -343,6 +350,7 @@ impl Service {
             created_by: Some(actor.name.clone()),
             previous: None,
             last_use: None,
+            disabled: false,
         };
         let event = AuditEvent {
             role: Some(token.role),
@@ -412,7 +420,7 @@ impl Service {
             // (A token's expiry never changes: read before the write, it
             // still holds at the write.)
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
-            actor.may_regenerate(&target)?;
+            actor.may_change(&target)?;
         }
         let now = self.opts.clock.now();
         let until = overlap.filter(|o| !o.is_zero()).map(|o| caller::plus(now, o));
@@ -451,6 +459,69 @@ impl Service {
             delivery: Delivery::Stored,
         };
         self.finish(issued, revision, wait).await
+    }
+
+    /// Suspends a token: every Envoy refuses it (`disabled`), and it keeps
+    /// its name, role, secrets, expiry, history and last use, to be enabled
+    /// again with [`Service::enable`].
+    pub async fn disable(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Updated, Error> {
+        self.set_disabled(namespace, id, true, actor, wait).await
+    }
+
+    /// Restores a disabled token, with the secrets it had.
+    pub async fn enable(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Updated, Error> {
+        self.set_disabled(namespace, id, false, actor, wait).await
+    }
+
+    /// A disable or an enable: a write like any other (a current secret, the
+    /// namespace's write rate, no token that outlives the caller). A token
+    /// already in that state is answered as it is, with no audit event and
+    /// no revision; the answer still waits for the Envoys as a write's does,
+    /// so it never promises a state the gateways do not enforce yet (another
+    /// owner's disable of the same token may be in flight).
+    async fn set_disabled(
+        &self,
+        namespace: &str,
+        id: &str,
+        disabled: bool,
+        actor: &Actor,
+        wait: Wait,
+    ) -> Result<Updated, Error> {
+        let name = token_name(namespace, id)?;
+        self.admit(namespace, actor)?;
+        if actor.caller.is_some_and(|c| c.expire.is_some()) {
+            // (A token's expiry never changes: read before the write, it
+            // still holds at the write.)
+            let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
+            actor.may_change(&target)?;
+        }
+        let (action, done) = if disabled {
+            (Action::Disable, "disabled")
+        } else {
+            (Action::Enable, "enabled")
+        };
+        let event = event(action, namespace, Some(&name), actor, self.opts.clock.now());
+        let set = self
+            .store
+            .set_disabled(&name, disabled, event.clone())
+            .await?
+            .ok_or(Error::NotFound(name.clone()))?;
+        let revision = set.revision;
+        if set.changed {
+            audit::log(&AuditEvent {
+                role: Some(set.token.role),
+                expire_time: set.token.expire_time,
+                ..event
+            });
+            tracing::info!(token = %name, namespace, revision = revision.0, "{done} {name} at revision {revision}");
+        } else {
+            tracing::info!(token = %name, namespace, revision = revision.0, "{name} was {done} already: nothing written");
+        }
+        let delivery = self.deliver(revision, wait).await?;
+        Ok(Updated {
+            token: set.token,
+            delivery,
+        })
     }
 
     pub async fn delete(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Delivery, Error> {
@@ -492,6 +563,8 @@ impl Service {
                 created_by: Some("apitokens import".to_owned()),
                 previous: None,
                 last_use: None,
+                // A token rendered disabled (`apitokens render`) stays disabled.
+                disabled: t.disabled,
             });
         }
         // A digest that is already a current or a previous secret of a

@@ -256,6 +256,7 @@ impl LiveTable {
                 digest,
                 expire: t.expire(),
                 previous: t.is_previous(),
+                disabled: t.is_disabled(),
             })
         };
         Some(TokenEntries {
@@ -417,10 +418,9 @@ impl Base {
     fn holds(&self, slot: Slot, token: &TokenEntries<'_>) -> bool {
         let same = |digest: Digest, entry: &Entry<'_>| {
             digest == entry.digest
-                && self
-                    .table
-                    .get(&digest)
-                    .is_some_and(|t| t.role() == entry.role && t.expire() == entry.expire)
+                && self.table.get(&digest).is_some_and(|t| {
+                    t.role() == entry.role && t.expire() == entry.expire && t.is_disabled() == entry.disabled
+                })
         };
         same(slot.current, &token.current)
             && match (slot.previous, &token.previous) {
@@ -690,10 +690,13 @@ impl Base {
     }
 }
 
-/// A token as it goes in: a valid name, a previous secret of its own.
+/// A token as it goes in: a valid name, a previous secret of its own (and
+/// disabled with it: a disabled token's every secret is refused).
 fn check_put(name: &str, token: &TokenEntries<'_>) -> Result<(), ConfigError> {
     TokenName::parse(name).map_err(|e| edit_error(format!("{name}: {e}")))?;
-    if token.previous.is_some_and(|p| p.name != name || !p.previous)
+    if token
+        .previous
+        .is_some_and(|p| p.name != name || !p.previous || p.disabled != token.current.disabled)
         || token.current.previous
         || token.current.name != name
     {

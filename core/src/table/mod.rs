@@ -16,7 +16,8 @@
 //!   [44..48) u32 offset of the token's name in the pool
 //!   [48]     role: 0 viewer, 1 editor, 2 owner
 //!   [49]     flags: bit 0 = the token's previous secret (a rotation's
-//!            overlap), every other bit zero
+//!            overlap), bit 1 = the token is disabled (suspended by its
+//!            owner: refused, kept), every other bit zero
 //!   [50..52) zero
 //! u32 P                        pool size in bytes, then the pool: every name as
 //!                              a u8 length and the bytes, strictly ascending,
@@ -27,6 +28,9 @@
 //! A token has one entry for its current secret and, while a rotation's
 //! overlap lasts, one for its previous secret: same name and role, its own
 //! expiry (the end of the overlap, or the token's, whichever comes first).
+//! A disabled token's entries both carry the disabled bit (the control plane
+//! and the JSON configuration set it on both; each entry is decided on its
+//! own bit, so the lookup never needs the other entry).
 
 use crate::error::ConfigError;
 use crate::name::{is_token_name, TokenName};
@@ -89,6 +93,7 @@ pub struct Token<'t> {
     role: Role,
     expire: Option<Timestamp>,
     previous: bool,
+    disabled: bool,
     index: u32,
 }
 
@@ -118,6 +123,12 @@ impl<'t> Token<'t> {
         self.previous
     }
 
+    /// Whether the token is disabled (suspended by its owner): refused
+    /// until it is enabled again, with the same secret.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
     /// The entry's position in its table (a key for per-table bookkeeping,
     /// such as which tokens were used).
     pub fn index(&self) -> usize {
@@ -133,6 +144,7 @@ impl<'t> Token<'t> {
 const ENTRY: usize = 52;
 const NEVER: u32 = u32::MAX;
 const PREVIOUS: u8 = 1;
+const DISABLED: u8 = 2;
 
 /// A token as it goes into a table: typed and validated fields (the JSON
 /// configuration's strings are parsed once, into this).
@@ -146,6 +158,8 @@ pub struct Entry<'a> {
     /// The token's previous secret, accepted until `expire` after a
     /// regeneration with an overlap.
     pub previous: bool,
+    /// The token is disabled: refused, but kept (name, role, secrets).
+    pub disabled: bool,
 }
 
 /// The token table over its flat buffer. The buffer is shared, not copied:
@@ -276,11 +290,13 @@ impl TokenTable {
         let nanos = u32_at(entry, 40)?;
         let expire = (nanos != NEVER).then(|| Timestamp::from_unix(i64_at(entry, 32).unwrap_or(i64::MIN), nanos));
         let name = self.name_at(usize::try_from(u32_at(entry, 44)?).ok()?)?;
+        let flags = *entry.get(49)?;
         Some(Token {
             name,
             role: role_of(*entry.get(48)?)?,
             expire,
-            previous: entry.get(49).is_some_and(|f| f & PREVIOUS != 0),
+            previous: flags & PREVIOUS != 0,
+            disabled: flags & DISABLED != 0,
             index: u32::try_from(index).ok()?,
         })
     }
@@ -359,9 +375,10 @@ impl TokenTable {
             if fields.get(16).copied().and_then(role_of).is_none() {
                 return Err(bad("unknown role"));
             }
+            // Known flag bits only (a flag this filter does not know could
+            // be one that refuses the token: never read it as absent).
             let is_previous = match fields.get(17..20) {
-                Some([0, 0, 0]) => false,
-                Some([PREVIOUS, 0, 0]) => true,
+                Some([flags, 0, 0]) if flags & !(PREVIOUS | DISABLED) == 0 => flags & PREVIOUS != 0,
                 _ => return Err(bad("unknown flags")),
             };
             let offset = usize::try_from(u32_at(fields, 12).ok_or_else(|| bad("truncated"))?)
@@ -482,12 +499,14 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
                 .map_err(|e| ConfigError::new(field(f), e.to_string()))
         };
         let expire = time("expireTime", spec.expire_time.as_deref())?;
+        let disabled = spec.disabled;
         entries.push(Entry {
             name: &spec.name,
             role,
             digest: digest("secretSha256", &spec.secret_sha256)?,
             expire,
             previous: false,
+            disabled,
         });
         origin.push((index, "secretSha256"));
         match (&spec.previous_secret_sha256, &spec.previous_secret_expire_time) {
@@ -504,6 +523,8 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
                         (u, e) => u.or(e),
                     },
                     previous: true,
+                    // A disabled token's previous secret is refused too.
+                    disabled,
                 });
                 origin.push((index, "previousSecretSha256"));
             }
@@ -630,11 +651,15 @@ pub(crate) fn push_digest_and_expiry(out: &mut Vec<u8>, entry: &Entry<'_>) {
     out.extend_from_slice(&nanos.to_le_bytes());
 }
 
+/// An entry's flags byte.
+fn flags(entry: &Entry<'_>) -> u8 {
+    (if entry.previous { PREVIOUS } else { 0 }) | (if entry.disabled { DISABLED } else { 0 })
+}
+
 fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {
     push_digest_and_expiry(out, entry);
     out.extend_from_slice(&name_offset.to_le_bytes());
-    let flags = if entry.previous { PREVIOUS } else { 0 };
-    out.extend_from_slice(&[role_code(entry.role), flags, 0, 0]);
+    out.extend_from_slice(&[role_code(entry.role), flags(entry), 0, 0]);
 }
 
 /// In a list sorted by key, ties by input index: the duplicate that comes

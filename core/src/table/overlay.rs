@@ -70,6 +70,7 @@ struct Slot {
     role: Role,
     expire: Option<Timestamp>,
     previous: bool,
+    disabled: bool,
     /// Authenticated a request since the last usage report. (An atomic so
     /// that the control plane can share an overlay between threads; on
     /// wasm32 without threads it is a plain byte.)
@@ -84,6 +85,7 @@ impl Clone for Slot {
             role: self.role,
             expire: self.expire,
             previous: self.previous,
+            disabled: self.disabled,
             used: AtomicBool::new(self.used.load(Ordering::Relaxed)),
         }
     }
@@ -97,6 +99,7 @@ impl Slot {
             digest: self.digest,
             expire: self.expire,
             previous: self.previous,
+            disabled: self.disabled,
         }
     }
 }
@@ -157,6 +160,7 @@ impl Overlay {
             role: entry.role,
             expire: entry.expire,
             previous: entry.previous,
+            disabled: entry.disabled,
             used: AtomicBool::new(false),
         });
         self.digests.insert(entry.digest, at);
@@ -229,6 +233,7 @@ impl Overlay {
                 role: slot.role,
                 expire: slot.expire,
                 previous: slot.previous,
+                disabled: slot.disabled,
                 index: u32::try_from(table.len()).ok()?.checked_add(at)?,
             });
         }
@@ -283,6 +288,7 @@ mod tests {
             digest: Digest::of(secret),
             expire: None,
             previous,
+            disabled: false,
         }
     }
 
@@ -320,6 +326,38 @@ mod tests {
         // The same response twice: the same state.
         o.apply(stamp(3), &[put(A, b"a3", None), Change::Remove(B)]);
         assert_eq!((who(&o, &t, b"a3"), who(&o, &t, b"b1")), (Some(A), None));
+    }
+
+    #[test]
+    fn a_disabled_token_is_found_disabled_until_enabled() {
+        let t = table(&[entry(A, b"a1", false)]);
+        let mut o = Overlay::default();
+        let disabled = |secret: &[u8], old: Option<&[u8]>| match put(A, secret, old) {
+            Change::Put(mut t) => {
+                t.current.disabled = true;
+                if let Some(p) = t.previous.as_mut() {
+                    p.disabled = true;
+                }
+                Change::Put(t)
+            }
+            other => other,
+        };
+        o.apply(stamp(2), &[disabled(b"a1", None)]);
+        assert!(o.get(&t, &Digest::of(b"a1")).unwrap().is_disabled());
+        // Regenerated while disabled, with an overlap: both secrets disabled.
+        o.apply(stamp(3), &[disabled(b"a2", Some(b"a1"))]);
+        for secret in [&b"a1"[..], b"a2"] {
+            assert!(o.get(&t, &Digest::of(secret)).unwrap().is_disabled());
+        }
+        // A newer snapshot without it keeps the flag the overlay holds.
+        o.rebase(stamp(2), &mut Vec::new());
+        assert!(o.get(&t, &Digest::of(b"a2")).unwrap().is_disabled());
+        assert!(o.token(A).unwrap().unwrap().current.disabled);
+        // Enabled: the same secrets, admitted.
+        o.apply(stamp(4), &[put(A, b"a2", Some(b"a1"))]);
+        for secret in [&b"a1"[..], b"a2"] {
+            assert!(!o.get(&t, &Digest::of(secret)).unwrap().is_disabled());
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ DENIALS = {
     "url_override": (400, "invalid_request"),
     "unknown": (401, "invalid_token"),
     "expired": (401, "invalid_token"),
+    "disabled": (401, "invalid_token"),
     "namespace_denied": (403, "insufficient_scope"),
     "role_denied": (403, "insufficient_scope"),
 }
@@ -31,6 +32,7 @@ COUNTER_OF = {
     "url_override": "malformed",
     "unknown": "unknown",
     "expired": "expired",
+    "disabled": "disabled",
     "namespace_denied": "namespace_denied",
     "role_denied": "role_denied",
 }

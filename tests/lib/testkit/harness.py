@@ -73,18 +73,23 @@ class Token:
     role: str
     expire_time: str = "2099-01-01T00:00:00Z"
     secret: str = field(default_factory=new_secret)
+    # Suspended: in the configuration as `"disabled": true`, refused.
+    disabled: bool = False
 
     @property
     def name(self) -> str:
         return f"namespaces/{self.namespace}/apitokens/{self.short_name}"
 
     def entry(self) -> dict:
-        return {
+        entry = {
             "name": self.name,
             "role": self.role,
             "secretSha256": sha256_hex(self.secret),
             "expireTime": self.expire_time,
         }
+        if self.disabled:
+            entry["disabled"] = True
+        return entry
 
     @property
     def authorization(self) -> str:

@@ -29,6 +29,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_audit_credential_peer",
         include_str!("../../../migrations/postgres/0005_audit_credential_peer.sql"),
     ),
+    (
+        "0006_disabled_tokens",
+        include_str!("../../../migrations/postgres/0006_disabled_tokens.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

@@ -33,8 +33,8 @@ use super::row::{
     decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, Store,
-    StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, StateSet,
+    Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::Timestamp;
@@ -351,15 +351,16 @@ impl Store for PostgresStore {
             .iter()
             .map(|r| r.previous.map(|p| i64::from(p.until.subsec_nanos())))
             .collect();
+        let disabled: Vec<bool> = records.iter().map(|r| r.disabled).collect();
         // One statement for any number of tokens (an import of 100k).
         tx.execute(
             &format!(
                 "INSERT INTO tokens ({INSERTED})
-             SELECT n, ns, ro, d, cs, cn, es, en, cs, re, cb, ps, us, un
+             SELECT n, ns, ro, d, cs, cn, es, en, cs, re, cb, ps, us, un, di
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
                          $7::bigint[], $8::bigint[], $9::boolean[], $10::text[], $11::text[], $12::bigint[],
-                         $13::bigint[])
-                  AS t(n, ns, ro, d, cs, cn, es, en, re, cb, ps, us, un)"
+                         $13::bigint[], $14::boolean[])
+                  AS t(n, ns, ro, d, cs, cn, es, en, re, cb, ps, us, un, di)"
             ),
             &[
                 &names,
@@ -375,6 +376,7 @@ impl Store for PostgresStore {
                 &previous,
                 &until_s,
                 &until_n,
+                &disabled,
             ],
         )
         .await
@@ -457,6 +459,41 @@ impl Store for PostgresStore {
         let revision = log_changes(&tx, revision, &[name]).await?;
         tx.commit().await?;
         Ok(Some(revision))
+    }
+
+    async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        // First, as every write: it takes the state row (writes serialise on
+        // it) and refuses while the store is behind the gateways.
+        let revision = next_revision(&tx).await?;
+        let now = crate::clock::now().unix_seconds();
+        let changed = tx
+            .execute(
+                "UPDATE tokens SET disabled = $2, update_seconds = $3 WHERE name = $1 AND disabled <> $2",
+                &[&name, &disabled, &now],
+            )
+            .await?;
+        let Some(token) = get_one(&tx, name).await? else {
+            return Ok(None);
+        };
+        if changed == 0 {
+            // Already so: nothing is written (the transaction rolls back,
+            // the revision taken with it); the current revision carries it.
+            return Ok(Some(StateSet {
+                token,
+                revision: Revision::from_i64(revision - 1),
+                changed: false,
+            }));
+        }
+        record_event(&tx, &event).await?;
+        let revision = log_changes(&tx, revision, &[name]).await?;
+        tx.commit().await?;
+        Ok(Some(StateSet {
+            token,
+            revision,
+            changed: true,
+        }))
     }
 
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
@@ -813,12 +850,54 @@ mod tests {
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', $1,
-                     1, 5000000000, NULL, NULL, 1, false, NULL, NULL, NULL, NULL)",
+                     1, 5000000000, NULL, NULL, 1, false, NULL, NULL, NULL, NULL, false)",
                 &[&"cd".repeat(32)],
             )
             .await
             .unwrap();
         crate::store::contract::a_bad_row_is_named(&store, "namespaces/default/apitokens/bad").await;
+    }
+
+    /// A database the previous release migrated (version 5, no `disabled`
+    /// column), opened by this one: migration 6 applied once, every token
+    /// enabled.
+    #[tokio::test]
+    async fn a_version_5_database_is_migrated_with_every_token_enabled() {
+        let Some(url) = test_url().await else { return };
+        let store = PostgresStore::connect(&url).await.unwrap();
+        let name = "namespaces/default/apitokens/old";
+        put(&store, name, Role::Owner, 1).await;
+        store
+            .conn()
+            .await
+            .unwrap()
+            .batch_execute(
+                "ALTER TABLE tokens DROP COLUMN disabled;
+                 DELETE FROM apitokens_migrations WHERE version = 6;",
+            )
+            .await
+            .unwrap();
+        drop(store);
+        let store = PostgresStore::connect(&url).await.unwrap();
+        assert!(!store.get(name).await.unwrap().unwrap().disabled);
+        let applied: i32 = store
+            .conn()
+            .await
+            .unwrap()
+            .query_one("SELECT max(version) FROM apitokens_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, 6);
+        let set = store
+            .set_disabled(name, true, crate::store::contract::test_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(set.changed && set.token.disabled);
+        drop(store);
+        let again = PostgresStore::connect(&url).await.unwrap();
+        assert!(again.get(name).await.unwrap().unwrap().disabled);
     }
 
     #[tokio::test]

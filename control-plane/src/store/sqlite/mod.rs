@@ -18,8 +18,8 @@ use super::row::{
     decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Head, NewDigest, Position, Result, Revision, Store, StoreError,
-    TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Head, NewDigest, Position, Result, Revision, StateSet, Store,
+    StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::{Role, Timestamp};
@@ -145,15 +145,22 @@ fn no_shared_digest(tx: &Transaction<'_>) -> Result<()> {
     checks::one_token_per_digest(tx.prepare_cached(SHARED_DIGEST)?.query_row([], |r| r.get(0))?)
 }
 
-/// Advances the revision and logs the names it changed, in the caller's
-/// transaction; refuses (the transaction rolls back) while the store is
-/// behind the gateways (see `Head::behind`).
-fn commit_revision<'n>(tx: &Transaction<'_>, names: impl ExactSizeIterator<Item = &'n str>) -> Result<Revision> {
+/// Refuses a write while the store is behind the gateways (see
+/// `Head::behind`).
+fn refuse_if_behind(tx: &Transaction<'_>) -> Result<()> {
     if meta_opt(tx, "behind_epoch")?.is_some() {
         let now = head(tx)?;
         let seen = now.behind.unwrap_or(now.at);
         return Err(StoreError::Behind { at: now.at, seen });
     }
+    Ok(())
+}
+
+/// Advances the revision and logs the names it changed, in the caller's
+/// transaction; refuses (the transaction rolls back) while the store is
+/// behind the gateways.
+fn commit_revision<'n>(tx: &Transaction<'_>, names: impl ExactSizeIterator<Item = &'n str>) -> Result<Revision> {
+    refuse_if_behind(tx)?;
     let revision: i64 = tx.query_row(
         "UPDATE meta SET value = value + 1 WHERE key = 'revision' RETURNING value",
         [],
@@ -273,7 +280,8 @@ impl Store for SqliteStore {
             }
             {
                 let mut stmt = tx.prepare_cached(&format!(
-                    "INSERT INTO tokens ({INSERTED}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13)"
+                    "INSERT INTO tokens ({INSERTED})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13, ?14)"
                 ))?;
                 for r in &records {
                     stmt.execute(params![
@@ -290,6 +298,7 @@ impl Store for SqliteStore {
                         r.previous.map(|p| p.digest.to_hex()),
                         r.previous.map(|p| p.until.unix_seconds()),
                         r.previous.map(|p| p.until.subsec_nanos()),
+                        r.disabled,
                     ])
                     .map_err(|e| insert_error(e, &r.name))?;
                 }
@@ -363,6 +372,39 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM usage WHERE name = ?1", [&name])?;
             record_event(tx, &event)?;
             commit_revision(tx, std::iter::once(name.as_str())).map(Some)
+        })
+        .await
+    }
+
+    async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            let now = crate::clock::now().unix_seconds();
+            let changed = tx.execute(
+                "UPDATE tokens SET disabled = ?2, update_seconds = ?3 WHERE name = ?1 AND disabled <> ?2",
+                params![name, disabled, now],
+            )?;
+            let Some(token) = get_one(tx, &name)? else {
+                return Ok(None);
+            };
+            if changed == 0 {
+                // Already so: nothing to write, and what the gateways
+                // enforce at the current revision already says it.
+                refuse_if_behind(tx)?;
+                let revision = head(tx)?.at.revision;
+                return Ok(Some(StateSet {
+                    token,
+                    revision,
+                    changed: false,
+                }));
+            }
+            record_event(tx, &event)?;
+            let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
+            Ok(Some(StateSet {
+                token,
+                revision,
+                changed: true,
+            }))
         })
         .await
     }
@@ -617,7 +659,7 @@ mod tests {
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', ?1,
-                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL)",
+                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL, 0)",
                 [&"cd".repeat(32)],
             )
             .unwrap();

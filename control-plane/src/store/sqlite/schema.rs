@@ -10,9 +10,9 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
-/// Version 4 (the latest): integer times (comparable in SQL, exact to the
+/// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
 /// the previous secret of a rotation's overlap, who created a token, its last
 /// use, and the audit trail (3); the store's epoch (`meta`), and no digest
@@ -92,6 +92,12 @@ ALTER TABLE events ADD COLUMN credential TEXT;
 CREATE INDEX events_by_time ON events (time_seconds);
 ";
 
+/// What version 6 added: a token may be disabled (suspended by an owner,
+/// refused by every Envoy, kept). Every existing token is enabled.
+const SCHEMA_6: &str = "
+ALTER TABLE tokens ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1));
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -135,7 +141,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4 | SCHEMA_VERSION => {}
+        4 | 5 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -144,8 +150,13 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             .into())
         }
     }
-    if version < SCHEMA_VERSION {
+    // (A new database gets them too, in this order: its columns are in the
+    // order of an old one migrated.)
+    if version < 5 {
         tx.execute_batch(SCHEMA_5)?;
+    }
+    if version < 6 {
+        tx.execute_batch(SCHEMA_6)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -259,8 +270,8 @@ mod tests {
     async fn version_2_databases_are_migrated() {
         let (_dir, store, t) = opened_after(V2, V2_TOKEN).await;
         assert_eq!(
-            (t.role, t.created_by, t.previous, t.last_use),
-            (Role::Owner, None, None, None)
+            (t.role, t.created_by, t.previous, t.last_use, t.disabled),
+            (Role::Owner, None, None, None, false)
         );
         assert_eq!(store.revision().await.unwrap(), Revision(5));
         store
@@ -274,6 +285,46 @@ mod tests {
             store.events("a", None, 5).await.unwrap().len(),
             0,
             "the test event names another namespace"
+        );
+    }
+
+    #[tokio::test]
+    async fn version_5_databases_are_migrated_with_every_token_enabled() {
+        let dir = TempDir::new("store-v5");
+        let path = dir.path().join("t.db");
+        let name = "namespaces/a/apitokens/t";
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .insert(vec![crate::store::contract::record(name, Role::Owner, 1)], None, vec![])
+                .await
+                .unwrap();
+        }
+        // Version 5 as the previous release left it: no `disabled` column.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE tokens DROP COLUMN disabled; PRAGMA user_version = 5;")
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.get(name).await.unwrap().unwrap();
+        assert!(!t.disabled);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let set = store.set_disabled(name, true, test_event()).await.unwrap().unwrap();
+        assert!(set.changed && set.token.disabled);
+        // Opening it again migrates nothing twice.
+        drop(store);
+        assert!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .get(name)
+                .await
+                .unwrap()
+                .unwrap()
+                .disabled
         );
     }
 
