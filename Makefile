@@ -157,9 +157,11 @@ replicas: build cp-build venv postgres ## three control planes on a private Post
 drills: build cp-build venv ## fast fault drills: kill -9 loop, control plane down, NACK, expiry under load
 	ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
 
-# Long drills (~3 min): 1,000 reconfigurations under load, 50 kill -9 rounds.
-soak: build cp-build venv ## long drills (about 3 minutes): 1,000 pushes under load, 50 kill -9 rounds
+# Long drills (~4 min): 1,000 reconfigurations under load, 50 kill -9 rounds,
+# a webhook receiver down for a minute.
+soak: build cp-build venv ## long drills (about 4 minutes): 1,000 pushes under load, 50 kill -9 rounds, a webhook receiver down for a minute
 	APITOKENS_SOAK=1 ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/drills
+	APITOKENS_WEBHOOK_OUTAGE_S=60 ENVOY_BIN=$(ENVOY) APITOKENS_BIN=$(CP_BIN) $(PY) -m pytest -q tests/cp/test_20_webhooks.py
 
 # Side by side: no filter, api_key_auth, Lua, ext_authz, a one-header wasm
 # filter, and apitokens with 10/10k/100k tokens (bench/README.md). About 9 min.

@@ -68,6 +68,39 @@ pub struct WriteLabels {
     pub outcome: Outcome,
 }
 
+/// How a webhook delivery's try ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Delivered {
+    /// A 2xx answer.
+    delivered,
+    /// Anything else: retried.
+    failed,
+}
+
+/// A webhook delivery's try, by endpoint (`--webhook NAME=`, a DNS label
+/// the operator chose) and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub endpoint: String,
+    pub outcome: Delivered,
+}
+
+/// A webhook endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: String,
+}
+
+/// What the webhooks' deliveries did.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookMetrics {
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// The time (Unix seconds) of the oldest event not delivered yet; 0:
+    /// none is waiting.
+    pub oldest_undelivered: Family<EndpointLabel, Gauge>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EnvoyState {
     state: &'static str,
@@ -150,6 +183,16 @@ impl Metrics {
             "write_apply_seconds",
             "From a write's commit to every connected Envoy applying it (writes that waited for the Envoys and got every ACK)",
             w.apply_seconds.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery tries by endpoint and outcome (delivered: a 2xx answer; failed: retried)",
+            w.webhooks.deliveries.clone(),
+        );
+        registry.register(
+            "webhook_oldest_undelivered_seconds",
+            "The time (Unix seconds) of the oldest audit event an endpoint has not acknowledged yet, 0 when none waits: time() minus it is how far behind the endpoint is",
+            w.webhooks.oldest_undelivered.clone(),
         );
         registry.register(
             "store_call_seconds",
@@ -362,6 +405,7 @@ pub struct ServiceMetrics {
     pub leak_reports_rate_limited: Counter,
     pub leak_report_credentials: Counter,
     pub leaked_tokens_revoked: Counter,
+    pub webhooks: WebhookMetrics,
 }
 
 impl Default for ServiceMetrics {
@@ -380,6 +424,7 @@ impl Default for ServiceMetrics {
             leak_reports_rate_limited: Counter::default(),
             leak_report_credentials: Counter::default(),
             leaked_tokens_revoked: Counter::default(),
+            webhooks: WebhookMetrics::default(),
         }
     }
 }

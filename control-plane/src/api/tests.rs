@@ -1146,6 +1146,24 @@ impl Store for ChangesFail {
     async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
         self.0.prune_events(before, limit).await
     }
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, AuditEvent)>, StoreError> {
+        self.0.events_after(after, limit).await
+    }
+    async fn claim_outbox(
+        &self,
+        endpoint: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.0.claim_outbox(endpoint, holder, now_ms, until_ms).await
+    }
+    async fn advance_outbox(&self, endpoint: &str, holder: &str, seq: u64) -> Result<bool, StoreError> {
+        self.0.advance_outbox(endpoint, holder, seq).await
+    }
+    async fn warn_expiring(&self, scan: crate::store::ExpiryScan) -> Result<Vec<AuditEvent>, StoreError> {
+        self.0.warn_expiring(scan).await
+    }
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>), StoreError> {
         self.0.load().await
     }

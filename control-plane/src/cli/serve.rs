@@ -21,6 +21,7 @@ use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
 use crate::store::{Store, StoreMetrics};
 use crate::tokens::{Lifetimes, Rate, Service, ServiceOptions};
+use crate::webhooks;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -148,6 +149,33 @@ pub(super) struct ServeArgs {
     /// With a PostgreSQL store: a replica silent for this long (killed, or cut off from the database) is no longer waited for; heartbeats go every quarter of it
     #[arg(long, default_value_t = 3000, value_name = "MS")]
     replica_timeout_ms: u64,
+    /// Deliver the audit trail (and expiry warnings) to this endpoint as signed CloudEvents, at least once and in order: NAME=URL (http:// or https://), NAME a DNS label naming its delivery cursor in the store; repeatable. Needs --webhook-key-file
+    #[arg(long, value_name = "NAME=URL", value_parser = webhooks::Endpoint::parse)]
+    webhook: Vec<webhooks::Endpoint>,
+    /// The key the webhooks are signed with (HMAC-SHA256 as Standard Webhooks specifies: whsec_ and base64, or the file's bytes; at least 16 bytes)
+    #[arg(long, value_name = "PATH")]
+    webhook_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that https:// webhook endpoints are verified with (default: the system's roots)
+    #[arg(long, value_name = "PEM")]
+    webhook_ca: Option<PathBuf>,
+    /// The CloudEvents `source` of the webhooks' events
+    #[arg(long, default_value = "apitokens", value_name = "URI")]
+    webhook_source: String,
+    /// The longest a webhook delivery waits for its answer, in milliseconds
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    webhook_timeout_ms: u64,
+    /// The longest wait between two tries of one webhook delivery, in milliseconds (the first retry after 0.5 s, doubled per failure)
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    webhook_max_backoff_ms: u64,
+    /// How long a control plane delivers to an endpoint without renewing its lease, in milliseconds: with replicas, another one takes over this long after one dies
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    webhook_lease_ms: u64,
+    /// Lead times of expiry warnings (apitoken.expiring events in the audit trail, and to the webhooks), such as 7d,1d; default none
+    #[arg(long, value_name = "DURATIONS", value_parser = parse_leads)]
+    expiry_warning: Option<Leads>,
+    /// How often due expiry warnings are looked for, in seconds
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    expiry_warning_scan_seconds: u64,
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
@@ -166,6 +194,16 @@ pub enum LogFormat {
 /// `--audit-retention`: a duration, or none.
 #[derive(Clone, Copy, Debug)]
 struct Retention(Option<Duration>);
+
+/// `--expiry-warning`: lead times, shortest first.
+#[derive(Clone, Debug)]
+struct Leads(Vec<Duration>);
+
+fn parse_leads(text: &str) -> Result<Leads, &'static str> {
+    webhooks::expiry::parse_leads(text)
+        .map(Leads)
+        .ok_or("expected durations with a unit, separated by commas, such as 7d,1d")
+}
 
 fn parse_retention(text: &str) -> Result<Retention, &'static str> {
     if text == "forever" {
@@ -214,12 +252,13 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
             return Err(Error::input(flag, "must be a number from 0 to 1e9"));
         }
     }
+    let hooks = webhook_settings(&args)?;
     let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?
-        .block_on(run(args, base))
+        .block_on(run(args, base, hooks))
 }
 
 async fn shutdown_signal() {
@@ -304,7 +343,50 @@ fn admitted(
     })
 }
 
-async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> {
+/// The webhooks' settings, checked before anything starts (none without
+/// `--webhook`).
+fn webhook_settings(args: &ServeArgs) -> Result<Option<webhooks::Settings>> {
+    if args.webhook.is_empty() {
+        return Ok(None);
+    }
+    let mut names: Vec<&str> = args.webhook.iter().map(|e| e.name.as_str()).collect();
+    names.sort_unstable();
+    if names.windows(2).any(|w| w.first() == w.get(1)) {
+        return Err(Error::input(
+            "--webhook",
+            "two endpoints have one NAME: each keeps its own cursor",
+        ));
+    }
+    let Some(path) = &args.webhook_key_file else {
+        return Err(Error::input(
+            "--webhook",
+            "needs --webhook-key-file: every delivery is signed",
+        ));
+    };
+    let what = || format!("--webhook-key-file {}", path.display());
+    let text = std::fs::read(path).map_err(|e| Error::input(what(), e))?;
+    let key = webhooks::sign::Key::parse(&text).map_err(|e| Error::input(what(), e))?;
+    let client = webhooks::client::Client::new(
+        args.webhook_ca.as_deref(),
+        Duration::from_millis(args.webhook_timeout_ms.max(1)),
+    )
+    .map_err(|e| Error::input("--webhook-ca", e))?;
+    Ok(Some(webhooks::Settings {
+        client,
+        key,
+        source: args.webhook_source.clone(),
+        // (Set by `spawn_events`: the replica's name.)
+        holder: String::new(),
+        lease: Duration::from_millis(args.webhook_lease_ms.max(100)),
+        poll: Duration::from_millis(args.poll_interval_ms.max(10)),
+        backoff: Duration::from_millis(500).min(Duration::from_millis(args.webhook_max_backoff_ms.max(1))),
+        max_backoff: Duration::from_millis(args.webhook_max_backoff_ms.max(1)),
+        clock: Clock::system(),
+        metrics: crate::metrics::WebhookMetrics::default(),
+    }))
+}
+
+async fn run(args: ServeArgs, base: apitokens_core::PluginConfig, hooks: Option<webhooks::Settings>) -> Result<()> {
     let mut core = Core::open(&args, base).await?;
     let service = core.service(&args)?;
     let listeners = Listeners::bind(&args).await?;
@@ -314,6 +396,7 @@ async fn run(args: ServeArgs, base: apitokens_core::PluginConfig) -> Result<()> 
     // `replicas`); a single process on SQLite always serves.
     let liveness = core.coordinator.as_ref().map(Coordinator::liveness);
     core.spawn_background(&args, &service, &mut tasks, &stop_rx);
+    core.spawn_events(&args, hooks, &service, &mut tasks, &stop_rx);
     if args.max_message_bytes.is_some() {
         tracing::warn!(
             "--max-message-bytes is ignored: responses are not copied per stream, requests are bounded by \
@@ -417,6 +500,8 @@ struct Core {
     acks: Arc<Tracker>,
     /// Until its task starts.
     coordinator: Option<Coordinator>,
+    /// This replica's name, with a PostgreSQL store.
+    replica: Option<String>,
     resource: EcdsResource,
 }
 
@@ -441,11 +526,13 @@ impl Core {
         // A stream that leaves a response unanswered for a write's whole
         // wait is not waited for again (see `acks`).
         let acks = Arc::new(Tracker::with_patience(Duration::from_millis(args.apply_timeout_ms)));
+        let mut replica = None;
         let coordinator = match &opened {
             OpenStore::Postgres(pg) => {
                 tracing::info!("store: {}", pg.describe());
+                replica = Some(args.replica_name.clone().unwrap_or_else(default_replica_name));
                 let opts = ReplicaOptions {
-                    name: args.replica_name.clone().unwrap_or_else(default_replica_name),
+                    name: replica.clone().unwrap_or_default(),
                     timeout: Duration::from_millis(args.replica_timeout_ms),
                 };
                 Some(
@@ -471,6 +558,7 @@ impl Core {
             publisher,
             acks,
             coordinator,
+            replica,
             resource,
         })
     }
@@ -504,6 +592,50 @@ impl Core {
             // Hourly, or more often for a short retention.
             let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
             tasks.spawn(Arc::clone(service).run_audit_retention(keep, every, stop.clone()));
+        }
+    }
+
+    /// The events to other systems: the expiry warnings, and one delivery
+    /// per webhook endpoint.
+    fn spawn_events(
+        &self,
+        args: &ServeArgs,
+        hooks: Option<webhooks::Settings>,
+        service: &Arc<Service>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        if let Some(Leads(leads)) = &args.expiry_warning {
+            let told = Arc::clone(service);
+            tasks.spawn(webhooks::expiry::run(
+                Arc::clone(&self.store),
+                leads.clone(),
+                service.clock().clone(),
+                Duration::from_secs(args.expiry_warning_scan_seconds.max(1)),
+                move || told.tell_events_written(),
+                stop.clone(),
+            ));
+        }
+        let Some(settings) = hooks else {
+            return;
+        };
+        let settings = webhooks::Settings {
+            clock: service.clock().clone(),
+            // Replicas deliver under their own names; a single process
+            // takes its lease back at once after a restart.
+            holder: self.replica.clone().unwrap_or_else(|| "apitokens serve".to_owned()),
+            metrics: service.metrics.webhooks.clone(),
+            ..settings
+        };
+        for endpoint in &args.webhook {
+            tracing::info!(webhook = %endpoint.name, "webhook {}: delivering the audit trail to {}", endpoint.name, endpoint.target);
+            tasks.spawn(webhooks::deliver::run(
+                Arc::clone(&self.store),
+                settings.clone(),
+                endpoint.clone(),
+                service.events_written(),
+                stop.clone(),
+            ));
         }
     }
 

@@ -641,6 +641,158 @@ pub(crate) async fn a_bad_row_is_named(store: &dyn Store, bad: &str) {
     assert!(store.list("default").await.is_err());
 }
 
+pub(crate) async fn the_outbox_is_read_in_order_from_a_leased_cursor(store: &dyn Store) {
+    // Events before the endpoint's first claim are not its.
+    let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    store
+        .insert(vec![a.clone()], None, vec![event(Action::Create, &a.name)])
+        .await
+        .unwrap();
+    let start = store.claim_outbox("audit", "r1", 1_000, 11_000).await.unwrap().unwrap();
+    assert!(store.events_after(start, 10).await.unwrap().is_empty());
+    // Later events, every namespace, oldest first.
+    let b = record("namespaces/other/apitokens/b", Role::Viewer, 2);
+    let b_created = AuditEvent {
+        namespace: "other".into(),
+        ..event(Action::Create, &b.name)
+    };
+    store
+        .insert(vec![b.clone()], None, vec![b_created.clone()])
+        .await
+        .unwrap();
+    let deleted = event(Action::Delete, &a.name);
+    store.delete(&a.name, deleted.clone()).await.unwrap();
+    let after = store.events_after(start, 10).await.unwrap();
+    assert_eq!(after.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&b_created, &deleted]);
+    assert!(after[0].0 > start && after[1].0 > after[0].0);
+    assert_eq!(store.events_after(start, 1).await.unwrap().len(), 1);
+    // The lease: another holder waits until it runs out, the holder renews.
+    assert_eq!(store.claim_outbox("audit", "r2", 5_000, 15_000).await.unwrap(), None);
+    assert!(!store.advance_outbox("audit", "r2", after[0].0).await.unwrap());
+    assert_eq!(
+        store.claim_outbox("audit", "r1", 5_000, 15_000).await.unwrap(),
+        Some(start)
+    );
+    assert!(store.advance_outbox("audit", "r1", after[0].0).await.unwrap());
+    // Never back.
+    assert!(store.advance_outbox("audit", "r1", start).await.unwrap());
+    assert_eq!(
+        store.claim_outbox("audit", "r1", 6_000, 16_000).await.unwrap(),
+        Some(after[0].0)
+    );
+    // Run out: r2 takes it from the cursor r1 left, and r1 can no longer move it.
+    assert_eq!(
+        store.claim_outbox("audit", "r2", 16_000, 26_000).await.unwrap(),
+        Some(after[0].0)
+    );
+    assert!(!store.advance_outbox("audit", "r1", after[1].0).await.unwrap());
+    assert_eq!(store.claim_outbox("audit", "r1", 17_000, 27_000).await.unwrap(), None);
+    // Another endpoint has its own cursor, from the newest event.
+    assert_eq!(
+        store.claim_outbox("siem", "r1", 17_000, 27_000).await.unwrap(),
+        Some(after[1].0)
+    );
+}
+
+fn scan(
+    now: Timestamp,
+    lead: std::time::Duration,
+    shorter: Option<std::time::Duration>,
+    actor: &'static str,
+    limit: u32,
+) -> super::ExpiryScan {
+    super::ExpiryScan {
+        now,
+        lead,
+        shorter,
+        actor,
+        limit,
+    }
+}
+
+pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Store) {
+    let day = std::time::Duration::from_secs(86_400);
+    let now = Timestamp::from_unix(1_800_000_000, 500);
+    let at = |seconds: i64| Some(Timestamp::from_unix(1_800_000_000 + seconds, 0));
+    let mut tokens = Vec::new();
+    for (i, (id, expire)) in [
+        ("in-an-hour", at(3600)),
+        ("in-three-days", at(3 * 86_400)),
+        ("in-a-month", at(30 * 86_400)),
+        ("never", None),
+        ("past", at(-10)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut t = record(
+            &format!("namespaces/default/apitokens/{id}"),
+            Role::Viewer,
+            10 + i as u8,
+        );
+        t.expire_time = expire;
+        tokens.push(t);
+    }
+    store.insert(tokens, None, vec![]).await.unwrap();
+    let names =
+        |events: &[AuditEvent]| -> Vec<String> { events.iter().map(|e| e.token.clone().unwrap_or_default()).collect() };
+    // 7 days, but not within the 1-day lead (those get that warning).
+    let week = store
+        .warn_expiring(scan(now, day * 7, Some(day), "apitokens serve", 100))
+        .await
+        .unwrap();
+    assert_eq!(names(&week), ["namespaces/default/apitokens/in-three-days"]);
+    let e = &week[0];
+    assert_eq!(
+        (e.action, e.actor.as_str(), e.namespace.as_str()),
+        (Action::Expiring, "apitokens serve", "default")
+    );
+    assert_eq!(
+        (e.expire_time, e.role, e.time),
+        (at(3 * 86_400), Some(Role::Viewer), now)
+    );
+    let one = store
+        .warn_expiring(scan(now, day, None, "apitokens serve", 100))
+        .await
+        .unwrap();
+    assert_eq!(names(&one), ["namespaces/default/apitokens/in-an-hour"]);
+    // Once: again now, or later, nothing new; recorded in the audit trail.
+    assert!(store
+        .warn_expiring(scan(now, day * 7, Some(day), "x", 100))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .warn_expiring(scan(now, day, None, "x", 100))
+        .await
+        .unwrap()
+        .is_empty());
+    let trail = store.events("default", None, 10).await.unwrap();
+    assert_eq!(trail.iter().filter(|(_, e)| e.action == Action::Expiring).count(), 2);
+    // Three days on, the token due in three days gets its 1-day warning.
+    let later = Timestamp::from_unix(1_800_000_000 + 2 * 86_400 + 60, 0);
+    let one = store.warn_expiring(scan(later, day, None, "x", 100)).await.unwrap();
+    assert_eq!(names(&one), ["namespaces/default/apitokens/in-three-days"]);
+    // At most `limit` at a time, soonest first.
+    let mut many = Vec::new();
+    for i in 0..3u8 {
+        let mut t = record(&format!("namespaces/default/apitokens/batch-{i}"), Role::Viewer, 40 + i);
+        t.expire_time = at(7200 + i64::from(i));
+        many.push(t);
+    }
+    store.insert(many, None, vec![]).await.unwrap();
+    let first = store.warn_expiring(scan(now, day, None, "x", 2)).await.unwrap();
+    assert_eq!(
+        names(&first),
+        [
+            "namespaces/default/apitokens/batch-0",
+            "namespaces/default/apitokens/batch-1"
+        ]
+    );
+    let rest = store.warn_expiring(scan(now, day, None, "x", 2)).await.unwrap();
+    assert_eq!(names(&rest), ["namespaces/default/apitokens/batch-2"]);
+}
+
 macro_rules! store_contract_tests {
     ($make:expr) => {
         store_contract_tests!(@each $make,
@@ -657,7 +809,9 @@ macro_rules! store_contract_tests {
             the_audit_trail_is_written_with_the_change_and_read_newest_first,
             old_audit_events_are_pruned_oldest_first,
             last_use_is_the_latest_recorded_and_goes_with_the_token,
-            a_disabled_token_keeps_everything_and_is_enabled_again);
+            a_disabled_token_keeps_everything_and_is_enabled_again,
+            the_outbox_is_read_in_order_from_a_leased_cursor,
+            expiry_warnings_are_given_once_per_lead_time);
     };
     (@each $make:expr, $($name:ident),*) => {
         $(

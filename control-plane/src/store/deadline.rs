@@ -8,8 +8,8 @@
 //! on the wire can still land: the answer says the outcome is unknown).
 
 use super::{
-    AuditEvent, Cause, Changes, Head, NewDigest, Position, Result, Revision, StateSet, Store, StoreError, TokenRecord,
-    Use,
+    AuditEvent, Cause, Changes, ExpiryScan, Head, NewDigest, Position, Result, Revision, StateSet, Store, StoreError,
+    TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::Timestamp;
@@ -98,7 +98,11 @@ const MARK: Op = Op("mark_behind", "a mark of a newer position");
 const EPOCH: Op = Op("new_epoch", "a new epoch");
 const RETIRE: Op = Op("retire_expired", "retiring expired tokens");
 const NEXT_EXPIRY: Op = Op("next_expiry", "a read of the next expiry");
-const ALL: [Op; 16] = [
+const EVENTS_AFTER: Op = Op("events_after", "a read of the outbox");
+const CLAIM: Op = Op("claim_outbox", "a webhook lease");
+const ADVANCE: Op = Op("advance_outbox", "a webhook cursor's move");
+const WARN: Op = Op("warn_expiring", "expiry warnings");
+const ALL: [Op; 20] = [
     INSERT,
     GET,
     LIST,
@@ -115,6 +119,10 @@ const ALL: [Op; 16] = [
     EPOCH,
     RETIRE,
     NEXT_EXPIRY,
+    EVENTS_AFTER,
+    CLAIM,
+    ADVANCE,
+    WARN,
 ];
 
 impl Deadline {
@@ -203,6 +211,25 @@ impl Store for Deadline {
     }
     async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64> {
         self.within(BULK, PRUNE, self.inner.prune_events(before, limit)).await
+    }
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, AuditEvent)>> {
+        self.within(self.call, EVENTS_AFTER, self.inner.events_after(after, limit))
+            .await
+    }
+    async fn claim_outbox(&self, endpoint: &str, holder: &str, now_ms: i64, until_ms: i64) -> Result<Option<u64>> {
+        self.within(
+            self.call,
+            CLAIM,
+            self.inner.claim_outbox(endpoint, holder, now_ms, until_ms),
+        )
+        .await
+    }
+    async fn advance_outbox(&self, endpoint: &str, holder: &str, seq: u64) -> Result<bool> {
+        self.within(self.call, ADVANCE, self.inner.advance_outbox(endpoint, holder, seq))
+            .await
+    }
+    async fn warn_expiring(&self, scan: ExpiryScan) -> Result<Vec<AuditEvent>> {
+        self.within(BULK, WARN, self.inner.warn_expiring(scan)).await
     }
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>)> {
         self.within(BULK, LOAD, self.inner.load()).await

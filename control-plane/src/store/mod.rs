@@ -238,6 +238,8 @@ pub enum Action {
     /// A token revoked because one of its secrets was reported leaked
     /// (`credentials:revoke`).
     Revoke,
+    /// A warning that a token expires soon (`--expiry-warning`): no change.
+    Expiring,
     /// Suspended: refused, kept.
     Disable,
     /// Restored after a disable, with the same secret.
@@ -252,6 +254,7 @@ impl Action {
             Action::Delete => "delete",
             Action::Import => "import",
             Action::Revoke => "revoke",
+            Action::Expiring => "expiring",
             Action::Disable => "disable",
             Action::Enable => "enable",
         }
@@ -264,6 +267,7 @@ impl Action {
             Action::Delete,
             Action::Import,
             Action::Revoke,
+            Action::Expiring,
             Action::Disable,
             Action::Enable,
         ]
@@ -334,6 +338,53 @@ pub struct StateSet {
     pub changed: bool,
 }
 
+/// A scan for expiry warnings: an `expiring` event by `actor` (at `now`)
+/// for each token that expires within `lead` after `now`, but not within
+/// `shorter` (whose own, later warning it gets instead), and was not
+/// warned for this lead and this expiry yet: at most `limit`, soonest
+/// first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpiryScan {
+    pub now: Timestamp,
+    pub lead: std::time::Duration,
+    pub shorter: Option<std::time::Duration>,
+    pub actor: &'static str,
+    pub limit: u32,
+}
+
+/// The window of an expiry warning for `lead` at `now`: the lead in whole
+/// seconds (the warning's key), and the expiry after which a token is in it
+/// (seconds, nanoseconds): `now`, or the end of the `shorter` lead's window,
+/// whose warning such a token gets instead.
+pub(crate) fn warning_window(scan: &ExpiryScan) -> (i64, (i64, u32)) {
+    let ExpiryScan { now, lead, shorter, .. } = *scan;
+    let seconds = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    let from = match shorter {
+        // Expiries after now + shorter (whole seconds; the same nanosecond).
+        Some(s) => (now.unix_seconds().saturating_add(seconds(s)), now.subsec_nanos()),
+        None => (now.unix_seconds(), now.subsec_nanos()),
+    };
+    (seconds(lead), from)
+}
+
+/// The `expiring` event of `token` at `now`.
+pub(crate) fn expiring_event(token: &TokenRecord, now: Timestamp, actor: &str) -> AuditEvent {
+    AuditEvent {
+        time: now,
+        namespace: token.namespace().to_owned(),
+        action: Action::Expiring,
+        token: Some(token.name.clone()),
+        actor: actor.to_owned(),
+        role: Some(token.role),
+        expire_time: token.expire_time,
+        previous_until: None,
+        client_address: None,
+        peer_address: None,
+        credential: None,
+        count: None,
+    }
+}
+
 /// What changed since a revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Changes {
@@ -383,6 +434,25 @@ pub trait Store: Send + Sync {
     /// Deletes audit events older than `before` (whole seconds), at most
     /// `limit` of them, oldest first; returns how many.
     async fn prune_events(&self, before: Timestamp, limit: u32) -> Result<u64>;
+    /// The audit trail of every namespace after sequence number `after`,
+    /// oldest first, at most `limit` events: the webhooks' outbox. The
+    /// sequence follows the commits (every event is written under the
+    /// store's write lock), so an event never appears behind one already
+    /// read.
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, AuditEvent)>>;
+    /// Takes, or renews, the delivery lease of webhook `endpoint` for
+    /// `holder` until `until_ms` (Unix milliseconds), when the lease is free,
+    /// ran out before `now_ms`, or is `holder`'s already; answers the
+    /// endpoint's cursor (the last event it acknowledged), `None` when
+    /// another holder has the lease. An endpoint seen for the first time
+    /// starts after the newest event.
+    async fn claim_outbox(&self, endpoint: &str, holder: &str, now_ms: i64, until_ms: i64) -> Result<Option<u64>>;
+    /// Moves `endpoint`'s cursor to `seq` (never back) if `holder` holds
+    /// its lease; false when another holder took it.
+    async fn advance_outbox(&self, endpoint: &str, holder: &str, seq: u64) -> Result<bool>;
+    /// Records the expiry warnings `scan` finds due (see [`ExpiryScan`]);
+    /// the events.
+    async fn warn_expiring(&self, scan: ExpiryScan) -> Result<Vec<AuditEvent>>;
     /// Every token that is not retired, ordered by name, and where the store
     /// stood when they were read, in one consistent read.
     async fn load(&self) -> Result<(Head, Vec<TokenRecord>)>;

@@ -146,6 +146,9 @@ pub struct Service {
     /// Usage reports taken and refused since this process started.
     /// What its writes and the usage reports did (`/metrics`, `/status`).
     pub metrics: ServiceMetrics,
+    /// Counts the writes that recorded audit events, for whoever waits for
+    /// new events (the webhooks).
+    events_written: tokio::sync::watch::Sender<u64>,
 }
 
 /// A last use is kept to the minute.
@@ -227,6 +230,7 @@ impl Service {
             buckets: Buckets::default(),
             report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
+            events_written: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -247,7 +251,20 @@ impl Service {
             buckets: Buckets::default(),
             report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
+            events_written: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes after every write this process makes (each records audit
+    /// events).
+    pub fn events_written(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_written.subscribe()
+    }
+
+    /// Says that audit events were written (by a write, or by another task
+    /// of this process: the expiry warnings).
+    pub fn tell_events_written(&self) {
+        self.events_written.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -767,6 +784,7 @@ impl Service {
 
     /// Publishes the change committed at `revision` and waits as asked.
     pub(super) async fn deliver(&self, revision: Revision, wait: Wait) -> Result<Delivery, Error> {
+        self.tell_events_written();
         let Some(push) = &self.push else {
             return Ok(Delivery::Stored);
         };

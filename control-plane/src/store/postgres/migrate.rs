@@ -33,6 +33,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_disabled_tokens",
         include_str!("../../../migrations/postgres/0006_disabled_tokens.sql"),
     ),
+    (
+        "0007_webhooks",
+        include_str!("../../../migrations/postgres/0007_webhooks.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

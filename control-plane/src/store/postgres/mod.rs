@@ -33,8 +33,8 @@ use super::row::{
     decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Head, NewDigest, Position, Result, Revision, StateSet,
-    Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, ExpiryScan, Head, NewDigest, Position, Result, Revision,
+    StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::Timestamp;
@@ -620,6 +620,106 @@ impl Store for PostgresStore {
             .await?)
     }
 
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, AuditEvent)>> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                &format!("SELECT seq, {EVENT_FIELDS}, namespace FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                &[&after, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let namespace: String = r.try_get(15)?;
+                decode_event(EventRow::read(r)?, &namespace)
+            })
+            .collect()
+    }
+
+    async fn claim_outbox(&self, endpoint: &str, holder: &str, now_ms: i64, until_ms: i64) -> Result<Option<u64>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        // A new endpoint starts after the newest event: read under the
+        // write lock, so that no write commits an older one after it.
+        tx.execute("SELECT 1 FROM store_state WHERE id = 1 FOR UPDATE", &[])
+            .await?;
+        tx.execute(
+            "INSERT INTO outbox (endpoint, cursor, holder, lease_until_ms)
+             SELECT $1, coalesce(max(seq), 0), NULL, 0 FROM events
+             ON CONFLICT (endpoint) DO NOTHING",
+            &[&endpoint],
+        )
+        .await?;
+        let claimed = tx
+            .query_opt(
+                "UPDATE outbox SET holder = $2, lease_until_ms = $4
+                 WHERE endpoint = $1 AND (holder IS NULL OR holder = $2 OR lease_until_ms <= $3)
+                 RETURNING cursor",
+                &[&endpoint, &holder, &now_ms, &until_ms],
+            )
+            .await?;
+        tx.commit().await?;
+        match claimed {
+            Some(row) => Ok(Some(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))),
+            None => Ok(None),
+        }
+    }
+
+    async fn advance_outbox(&self, endpoint: &str, holder: &str, seq: u64) -> Result<bool> {
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        let moved = self
+            .conn()
+            .await?
+            .execute(
+                "UPDATE outbox SET cursor = greatest(cursor, $3) WHERE endpoint = $1 AND holder = $2",
+                &[&endpoint, &holder, &seq],
+            )
+            .await?;
+        Ok(moved == 1)
+    }
+
+    async fn warn_expiring(&self, scan: ExpiryScan) -> Result<Vec<AuditEvent>> {
+        let now = scan.now;
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        // Events are written under the write lock, in the order of the
+        // log the webhooks read (see `events_after`).
+        tx.execute("SELECT 1 FROM store_state WHERE id = 1 FOR UPDATE", &[])
+            .await?;
+        let (lead_s, (start_s, start_n)) = super::warning_window(&scan);
+        let until_s = now.unix_seconds().saturating_add(lead_s);
+        let due = query(
+            &tx,
+            &format!(
+                "SELECT {COLUMNS} FROM tokens t
+                 WHERE NOT t.retired AND t.expire_seconds IS NOT NULL
+                   AND (t.expire_seconds > $1 OR (t.expire_seconds = $1 AND t.expire_nanos > $2))
+                   AND t.expire_seconds <= $3
+                   AND NOT EXISTS (SELECT 1 FROM expiry_warnings w WHERE w.name = t.name
+                                   AND w.expire_seconds = t.expire_seconds AND w.lead_seconds = $4)
+                 ORDER BY t.expire_seconds, t.name LIMIT $5"
+            ),
+            &[&start_s, &i64::from(start_n), &until_s, &lead_s, &i64::from(scan.limit)],
+        )
+        .await?;
+        let mut events = Vec::with_capacity(due.len());
+        for token in &due {
+            let Some(expire) = token.expire_time else { continue };
+            tx.execute(
+                "INSERT INTO expiry_warnings (name, expire_seconds, lead_seconds) VALUES ($1, $2, $3)",
+                &[&token.name, &expire.unix_seconds(), &lead_s],
+            )
+            .await?;
+            let event = super::expiring_event(token, now, scan.actor);
+            record_event(&tx, &event).await?;
+            events.push(event);
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+
     async fn retire_expired(&self, cutoff: Timestamp) -> Result<Option<Revision>> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
@@ -858,9 +958,9 @@ mod tests {
         crate::store::contract::a_bad_row_is_named(&store, "namespaces/default/apitokens/bad").await;
     }
 
-    /// A database the previous release migrated (version 5, no `disabled`
-    /// column), opened by this one: migration 6 applied once, every token
-    /// enabled.
+    /// A database a previous release migrated (version 5, no `disabled`
+    /// column, no outbox), opened by this one: migrations 6 and 7 applied
+    /// once, every token enabled.
     #[tokio::test]
     async fn a_version_5_database_is_migrated_with_every_token_enabled() {
         let Some(url) = test_url().await else { return };
@@ -873,7 +973,8 @@ mod tests {
             .unwrap()
             .batch_execute(
                 "ALTER TABLE tokens DROP COLUMN disabled;
-                 DELETE FROM apitokens_migrations WHERE version = 6;",
+                 DROP TABLE outbox; DROP TABLE expiry_warnings;
+                 DELETE FROM apitokens_migrations WHERE version >= 6;",
             )
             .await
             .unwrap();
@@ -888,7 +989,8 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(applied, 6);
+        // 6, then what came after it (7: the webhooks' outbox).
+        assert_eq!(applied, 7);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

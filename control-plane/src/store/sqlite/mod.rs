@@ -18,8 +18,8 @@ use super::row::{
     decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Head, NewDigest, Position, Result, Revision, StateSet, Store,
-    StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, ExpiryScan, Head, NewDigest, Position, Result, Revision,
+    StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::{Role, Timestamp};
@@ -503,6 +503,96 @@ impl Store for SqliteStore {
             // Nothing before the new epoch is in the change log: everyone reloads.
             set_meta(tx, "changes_from", next.revision.to_i64())?;
             head(tx)
+        })
+        .await
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, AuditEvent)>> {
+        self.read(move |tx| {
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let sql = format!("SELECT seq, {EVENT_FIELDS}, namespace FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+            read_all(tx, &sql, params![after, limit], |r| {
+                let namespace: String = r.at(15)?;
+                decode_event(EventRow::read(r)?, &namespace)
+            })
+        })
+        .await
+    }
+
+    async fn claim_outbox(&self, endpoint: &str, holder: &str, now_ms: i64, until_ms: i64) -> Result<Option<u64>> {
+        let (endpoint, holder) = (endpoint.to_owned(), holder.to_owned());
+        self.write(move |tx| {
+            let found: Option<(i64, Option<String>, i64)> = tx
+                .query_row(
+                    "SELECT cursor, holder, lease_until_ms FROM outbox WHERE endpoint = ?1",
+                    [&endpoint],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let cursor = match found {
+                None => {
+                    let newest: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+                    tx.execute(
+                        "INSERT INTO outbox (endpoint, cursor, holder, lease_until_ms) VALUES (?1, ?2, ?3, ?4)",
+                        params![endpoint, newest, holder, until_ms],
+                    )?;
+                    newest
+                }
+                Some((_, Some(other), until)) if other != holder && until > now_ms => return Ok(None),
+                Some((cursor, _, _)) => {
+                    tx.execute(
+                        "UPDATE outbox SET holder = ?2, lease_until_ms = ?3 WHERE endpoint = ?1",
+                        params![endpoint, holder, until_ms],
+                    )?;
+                    cursor
+                }
+            };
+            Ok(Some(u64::try_from(cursor).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn advance_outbox(&self, endpoint: &str, holder: &str, seq: u64) -> Result<bool> {
+        let (endpoint, holder) = (endpoint.to_owned(), holder.to_owned());
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.write(move |tx| {
+            let moved = tx.execute(
+                "UPDATE outbox SET cursor = max(cursor, ?3) WHERE endpoint = ?1 AND holder = ?2",
+                params![endpoint, holder, seq],
+            )?;
+            Ok(moved == 1)
+        })
+        .await
+    }
+
+    async fn warn_expiring(&self, scan: ExpiryScan) -> Result<Vec<AuditEvent>> {
+        self.write(move |tx| {
+            let (lead_s, from_s) = super::warning_window(&scan);
+            let now = scan.now;
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tokens t
+                 WHERE t.retired = 0 AND t.expire_seconds IS NOT NULL
+                   AND (t.expire_seconds > ?1 OR (t.expire_seconds = ?1 AND t.expire_nanos > ?2))
+                   AND t.expire_seconds <= ?3
+                   AND NOT EXISTS (SELECT 1 FROM expiry_warnings w WHERE w.name = t.name
+                                   AND w.expire_seconds = t.expire_seconds AND w.lead_seconds = ?4)
+                 ORDER BY t.expire_seconds, t.name LIMIT ?5"
+            );
+            let (start_s, start_n) = from_s;
+            let until_s = now.unix_seconds().saturating_add(lead_s);
+            let due = query(tx, &sql, params![start_s, start_n, until_s, lead_s, scan.limit])?;
+            let mut events = Vec::with_capacity(due.len());
+            for token in &due {
+                let Some(expire) = token.expire_time else { continue };
+                tx.execute(
+                    "INSERT INTO expiry_warnings (name, expire_seconds, lead_seconds) VALUES (?1, ?2, ?3)",
+                    params![token.name, expire.unix_seconds(), lead_s],
+                )?;
+                let event = super::expiring_event(token, now, scan.actor);
+                record_event(tx, &event)?;
+                events.push(event);
+            }
+            Ok(events)
         })
         .await
     }

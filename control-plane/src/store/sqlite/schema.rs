@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -98,6 +98,23 @@ const SCHEMA_6: &str = "
 ALTER TABLE tokens ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1));
 ";
 
+/// What version 7 added: the webhooks' cursors and leases (the audit
+/// trail is their outbox), and the expiry warnings already given.
+const SCHEMA_7: &str = "
+CREATE TABLE outbox (
+    endpoint       TEXT PRIMARY KEY NOT NULL,
+    cursor         INTEGER NOT NULL,
+    holder         TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE expiry_warnings (
+    name           TEXT NOT NULL,
+    expire_seconds INTEGER NOT NULL,
+    lead_seconds   INTEGER NOT NULL,
+    PRIMARY KEY (name, expire_seconds, lead_seconds)
+);
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -141,7 +158,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4 | 5 | SCHEMA_VERSION => {}
+        4..=6 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -157,6 +174,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 6 {
         tx.execute_batch(SCHEMA_6)?;
+    }
+    if version < 7 {
+        tx.execute_batch(SCHEMA_7)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -289,6 +309,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn version_6_databases_get_the_outbox_starting_after_their_newest_event() {
+        let dir = TempDir::new("store-v6");
+        let path = dir.path().join("t.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .insert(
+                    vec![crate::store::contract::record(
+                        "namespaces/a/apitokens/t",
+                        Role::Owner,
+                        1,
+                    )],
+                    None,
+                    vec![test_event()],
+                )
+                .await
+                .unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE outbox; DROP TABLE expiry_warnings; PRAGMA user_version = 6;")
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let cursor = store.claim_outbox("audit", "me", 0, 1).await.unwrap().unwrap();
+        assert!(cursor > 0 && store.events_after(cursor, 10).await.unwrap().is_empty());
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
     async fn version_5_databases_are_migrated_with_every_token_enabled() {
         let dir = TempDir::new("store-v5");
         let path = dir.path().join("t.db");
@@ -300,10 +353,14 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // Version 5 as the previous release left it: no `disabled` column.
+        // Version 5 as the previous release left it: no `disabled` column
+        // (nor what version 7 added).
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("ALTER TABLE tokens DROP COLUMN disabled; PRAGMA user_version = 5;")
-            .unwrap();
+        conn.execute_batch(
+            "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
         let t = store.get(name).await.unwrap().unwrap();
