@@ -213,7 +213,57 @@
     }
     if (ns !== current) return false;
     renderTable(Array.isArray(data && data.apiTokens) ? data.apiTokens : []);
+    await refreshActivity(ns);
     return true;
+  }
+
+  /** What each audit event is, in words. */
+  const EVENTS = {
+    "apitoken.create": "Created",
+    "apitoken.regenerate": "Secret regenerated",
+    "apitoken.disable": "Disabled",
+    "apitoken.enable": "Enabled",
+    "apitoken.delete": "Revoked",
+    "apitoken.revoke": "Revoked: reported leaked",
+    "apitoken.import": "Imported",
+    "apitoken.expiring": "Expires soon",
+  };
+
+  /** The namespace's latest audit events (the activity table); a failure is
+   * said above it, the tokens stay. */
+  async function refreshActivity(ns) {
+    setText("activity-error", "");
+    let data;
+    try {
+      data = await call(ns, sessions.get(ns), "GET", ":events?pageSize=20");
+    } catch (err) {
+      if (ns === current) setText("activity-error", describe(err, "list", ns));
+      return;
+    }
+    if (ns !== current) return;
+    const events = Array.isArray(data && data.events) ? data.events : [];
+    const rows = events.map((e) => {
+      const tr = document.createElement("tr");
+      const when = document.createElement("td");
+      when.append(formatTime(e.time));
+      const what = document.createElement("td");
+      const kind = String(e.event);
+      what.textContent = EVENTS[kind] || kind;
+      if (kind === "apitoken.revoke") what.className = "state-disabled";
+      const token = document.createElement("td");
+      token.textContent = e.token ? shortId(e.token) : e.count !== undefined ? `${e.count} tokens` : "";
+      const by = document.createElement("td");
+      const actor = String(e.actor || "");
+      by.textContent = actor.startsWith("namespaces/") ? shortId(actor) : actor;
+      by.title = actor;
+      const from = document.createElement("td");
+      from.textContent = e.clientAddress ? String(e.clientAddress) : "";
+      tr.append(when, what, token, by, from);
+      return tr;
+    });
+    $("activity-body").replaceChildren(...rows);
+    show($("activity-table"), rows.length > 0);
+    show($("activity-empty"), rows.length === 0);
   }
 
   function renderTable(tokens) {
@@ -374,6 +424,7 @@
     renderTable(Array.isArray(data && data.apiTokens) ? data.apiTokens : []);
     setText("tokens-status", `Signed in to namespace “${ns}”.`);
     $("tokens-title").focus();
+    await refreshActivity(ns);
   }
 
   function signOut() {

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from testkit.certs import make_ca, make_cert
 from testkit.controlplane import ControlPlane, create, free_port, tokens_path
 from testkit.harness import poll, SECRETS
 from testkit.webhooks import Receiver, key_file
@@ -25,13 +26,41 @@ OUTAGE_S = float(os.environ.get("APITOKENS_WEBHOOK_OUTAGE_S", "3"))
 
 
 @pytest.fixture(scope="module")
-def hooked(workdir):
-    """A control plane of its own with a webhook to a receiver, and both."""
+def certs(workdir):
+    """A CA and a server certificate it signs for 127.0.0.1; another CA's."""
+    d = workdir / "webhook-certs"
+    d.mkdir(exist_ok=True)
+    make_ca(d, "ca")
+    make_cert(d, "server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    make_ca(d, "other-ca")
+    make_cert(d, "stranger", "other-ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def receivers(workdir, certs):
+    """Over HTTPS, one whose certificate --webhook-ca signed and one whose
+    certificate it did not."""
+    key = key_file(workdir / "webhook.key")
+    trusted = Receiver(free_port(), key, tls=(str(certs / "server.pem"), str(certs / "server.key"))).start()
+    stranger = Receiver(free_port(), key, tls=(str(certs / "stranger.pem"), str(certs / "stranger.key"))).start()
+    yield trusted, stranger
+    trusted.stop()
+    stranger.stop()
+
+
+@pytest.fixture(scope="module")
+def hooked(workdir, certs, receivers):
+    """A control plane of its own with a webhook to a receiver, and both
+    (and two HTTPS endpoints, `receivers`)."""
     key = key_file(workdir / "webhook.key")
     receiver = Receiver(free_port(), key).start()
+    trusted, stranger = receivers
     plane = ControlPlane(workdir / "cp-hooks", name="cp-hooks")
     plane.owner = plane.bootstrap("default", "admin")  # type: ignore[attr-defined]
-    args = ("--webhook", f"audit={receiver.url}", "--webhook-key-file", str(workdir / "webhook.key"),
+    args = ("--webhook", f"audit={receiver.url}", "--webhook", f"tls={trusted.url}",
+            "--webhook", f"stranger={stranger.url}", "--webhook-ca", str(certs / "ca.pem"),
+            "--webhook-key-file", str(workdir / "webhook.key"),
             "--webhook-max-backoff-ms", "300", "--webhook-source", "apitokens://test",
             "--expiry-warning", "7d,1h", "--expiry-warning-scan-seconds", "1",
             "--namespace-writes-per-second", "0")
@@ -67,6 +96,21 @@ def test_every_write_reaches_the_receiver_signed_in_order(hooked):
     for s in [secret, plane.owner, *SECRETS]:
         assert s.encode() not in bodies
         assert hashlib.sha256(s.encode()).hexdigest().encode() not in bodies
+
+
+def test_https_endpoints_are_verified_against_the_webhook_ca(hooked, receivers):
+    plane, receiver = hooked
+    trusted, stranger = receivers
+    r = create(plane.api_port, plane.owner, "over-tls", "viewer")
+    assert r.status == 200, r
+    poll(lambda: [e["type"] for e in trusted.unique() if e["subject"].endswith("/over-tls")] ==
+         ["io.apitokens.apitoken.create"], 10, "the create over HTTPS")
+    # A certificate no --webhook-ca signed: the handshake fails, nothing is
+    # sent, and the delivery is retried (logged, counted).
+    poll(lambda: 'apitokens_webhook_deliveries_total{endpoint="stranger",outcome="failed"}' in plane.metrics_text(),
+         10, "failed deliveries to the stranger counted")
+    assert stranger.got == []
+    assert "webhook stranger" in plane.log_text() and "TLS" in plane.log_text()
 
 
 def test_a_kill_9_between_commit_and_delivery_loses_nothing(hooked):

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,16 +27,18 @@ def signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
 
 
 class Receiver:
-    def __init__(self, port: int, key: bytes):
+    def __init__(self, port: int, key: bytes, tls: tuple[str, str] | None = None):
+        """`tls`: (certificate chain, key) PEM files: HTTPS."""
         self.port = port
         self.key = key
+        self.tls = tls
         self.got: list[dict] = []      # every delivery, in arrival order
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hook"
 
     def start(self) -> "Receiver":
         receiver = self
@@ -55,6 +58,10 @@ class Receiver:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
