@@ -11,13 +11,15 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
 from testkit.certs import make_ca, make_cert
-from testkit.controlplane import ControlPlane, create, free_port, tokens_path
+from testkit.controlplane import ControlPlane, apitokens_bin, create, free_port, tokens_path
 from testkit.harness import poll, SECRETS
+from testkit.timing import limit
 from testkit.webhooks import Receiver, key_file
 
 # How long the receiver is down in the outage test (make soak: a minute,
@@ -192,3 +194,20 @@ def test_the_dashboards_webhook_panel_reads_what_a_delivering_plane_has(hooked):
     assert families == {"apitokens_webhook_deliveries", "apitokens_webhook_oldest_undelivered_seconds"}
     used = {n for _, e in exprs for n in metric_names(e)[0]}
     assert all(any(u == f or u.startswith(f + "_") for u in used) for f in families), (families, used)
+
+
+@pytest.mark.parametrize("extra,flag", [
+    ((), "--webhook-key-file"),
+    (("--webhook-key-file", "KEY", "--webhook-lease-ms", "15000"), "--webhook-lease-ms"),
+    (("--webhook-key-file", "SHORT"), "--webhook-key-file"),
+])
+def test_webhook_settings_that_cannot_work_stop_serve_at_once(workdir, extra, flag):
+    key_file(workdir / "good.key")
+    (workdir / "short.key").write_text("too-short\n")
+    files = {"KEY": str(workdir / "good.key"), "SHORT": str(workdir / "short.key")}
+    args = [files.get(a, a) for a in extra]
+    out = subprocess.run([apitokens_bin(), "serve", "--db", str(workdir / "never.db"),
+                          "--webhook", "audit=http://127.0.0.1:9/hook", *args],
+                         capture_output=True, text=True, timeout=limit(30))
+    assert out.returncode != 0 and flag in out.stderr, (out.returncode, out.stderr)
+    assert "too-short" not in out.stderr

@@ -23,7 +23,7 @@ def pair(workdir, pg):
     receiver = Receiver(free_port(), key).start()
     url = pg.create_database("hooks")
     args = ("--webhook", f"audit={receiver.url}", "--webhook-key-file", str(workdir / "webhook.key"),
-            "--webhook-lease-ms", str(LEASE_MS), "--webhook-max-backoff-ms", "300",
+            "--webhook-lease-ms", str(LEASE_MS), "--webhook-timeout-ms", "500", "--webhook-max-backoff-ms", "300",
             "--replica-timeout-ms", "2000", "--namespace-writes-per-second", "0")
     planes = [ControlPlane(workdir / f"hooks-{n}", name=f"hooks-{n}", store=url,
                            always=("--replica-name", f"hooks-{n}", *args)) for n in ("a", "b")]

@@ -35,6 +35,10 @@ pub enum AppError {
     BadField { field: &'static str, problem: &'static str },
     #[error(transparent)]
     Tokens(#[from] tokens::Error),
+    /// Ours to fix (a task that ended without its answer): logged, never
+    /// answered in detail.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl AppError {
@@ -132,6 +136,7 @@ impl IntoResponse for AppError {
             Self::PayloadTooLarge => error_response(StatusCode::PAYLOAD_TOO_LARGE, &message, None),
             Self::BadBody(_) => error_response(StatusCode::BAD_REQUEST, &message, None),
             Self::BadField { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(field)),
+            Self::Internal(detail) => internal(&detail),
             Self::Tokens(e) => match e {
                 tokens::Error::Invalid { field, .. } => error_response(StatusCode::BAD_REQUEST, &message, Some(&field)),
                 tokens::Error::Forbidden(_) => error_response(StatusCode::FORBIDDEN, &message, None),

@@ -68,24 +68,31 @@ pub(crate) async fn revoke(
         }
     };
     let mut credentials = Vec::with_capacity(list.len());
-    for (i, value) in list.iter().enumerate() {
-        let text = value
-            .as_str()
-            .ok_or_else(|| tokens::Error::invalid(format!("credentials[{i}]"), "must be a string"))?;
-        credentials.push(text);
+    for (i, value) in list.into_iter().enumerate() {
+        match value {
+            serde_json::Value::String(text) => credentials.push(text),
+            _ => return Err(tokens::Error::invalid(format!("credentials[{i}]"), "must be a string").into()),
+        }
     }
-    let outcome = app
-        .service
-        .revoke_leaked(&credentials, &reporter.actor, reporter.arrived)
-        .await?;
+    // In a task of its own: a client that hangs up mid-way must not stop a
+    // revocation half done (or before every Envoy has it).
+    let service = Arc::clone(&app.service);
+    let actor = reporter.actor.clone();
+    let arrived = reporter.arrived;
+    let count = credentials.len();
+    let outcome = tokio::spawn(async move {
+        let refs: Vec<&str> = credentials.iter().map(String::as_str).collect();
+        service.revoke_leaked(&refs, &actor, arrived).await
+    })
+    .await
+    .map_err(|e| AppError::Internal(format!("the revocation task ended without its answer: {e}")))??;
     // For the operator: how much was reported and revoked (the tokens are
     // named by the revocations' own lines), never a secret.
     tracing::info!(
-        credentials = credentials.len(),
+        credentials = count,
         revoked = outcome.revoked.len(),
         client = reporter.actor.address.as_deref().unwrap_or("-"),
-        "leak report of {} credentials: {} tokens revoked",
-        credentials.len(),
+        "leak report of {count} credentials: {} tokens revoked",
         outcome.revoked.len()
     );
     Ok(json_response(StatusCode::ACCEPTED, &serde_json::json!({})))

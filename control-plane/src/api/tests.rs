@@ -1789,6 +1789,45 @@ mod leak_reports {
     }
 
     #[tokio::test]
+    async fn a_previous_secret_whose_overlap_ended_revokes_nothing() {
+        let clock = Clock::manual(clock::now());
+        let f = fixture_on_sqlite(
+            "api-leak-ended",
+            ServiceOptions {
+                clock: clock.clone(),
+                ..ServiceOptions::default()
+            },
+        )
+        .await;
+        let old = f.secret_of("rotated", "viewer").await;
+        let a = f
+            .call(
+                "POST",
+                &format!("{COLLECTION}/rotated:regenerate"),
+                Some(&f.owner),
+                Some(r#"{"previousSecretTtl": "60s"}"#),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK);
+        // The overlap is over: the old secret is refused, though still in
+        // the table (expired entries stay a while). Whoever kept it must
+        // not be able to delete the live token with it.
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            f.call("GET", COLLECTION, Some(&old), None).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        let revision = f.store.head().await.unwrap().at;
+        let body = json!({"credentials": [old]}).to_string();
+        assert_eq!(f.report("203.0.113.9:1", &body).await.0.status, StatusCode::ACCEPTED);
+        assert!(f
+            .names()
+            .await
+            .contains(&"namespaces/default/apitokens/rotated".to_owned()));
+        assert_eq!(f.store.head().await.unwrap().at, revision);
+    }
+
+    #[tokio::test]
     async fn bad_reports_name_the_field_and_never_quote_it() {
         let f = fixture().await;
         let secret = f.secret_of("ci", "viewer").await;

@@ -167,8 +167,8 @@ pub(super) struct ServeArgs {
     /// The longest wait between two tries of one webhook delivery, in milliseconds (the first retry after 0.5 s, doubled per failure)
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     webhook_max_backoff_ms: u64,
-    /// How long a control plane delivers to an endpoint without renewing its lease, in milliseconds: with replicas, another one takes over this long after one dies
-    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    /// How long a control plane delivers to an endpoint without renewing its lease, in milliseconds: with replicas, another one takes over this long after one dies. More than twice --webhook-timeout-ms
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
     webhook_lease_ms: u64,
     /// Lead times of expiry warnings (apitoken.expiring events in the audit trail, and to the webhooks), such as 7d,1d; default none
     #[arg(long, value_name = "DURATIONS", value_parser = parse_leads)]
@@ -355,6 +355,12 @@ fn webhook_settings(args: &ServeArgs) -> Result<Option<webhooks::Settings>> {
         return Err(Error::input(
             "--webhook",
             "two endpoints have one NAME: each keeps its own cursor",
+        ));
+    }
+    if args.webhook_timeout_ms.saturating_mul(2) >= args.webhook_lease_ms {
+        return Err(Error::input(
+            "--webhook-lease-ms",
+            "must be more than twice --webhook-timeout-ms: a lease renewed before each delivery must outlast it",
         ));
     }
     let Some(path) = &args.webhook_key_file else {

@@ -721,6 +721,11 @@ pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Sto
         ("in-a-month", at(30 * 86_400)),
         ("never", None),
         ("past", at(-10)),
+        // Exactly one day ahead, to the nanosecond: the last instant of
+        // the 1-day window, so not in the 7-day one; 400 ns later, the
+        // first of the 7-day window only.
+        ("at-the-day", Some(Timestamp::from_unix(1_800_000_000 + 86_400, 500))),
+        ("after-the-day", Some(Timestamp::from_unix(1_800_000_000 + 86_400, 900))),
     ]
     .into_iter()
     .enumerate()
@@ -741,8 +746,14 @@ pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Sto
         .warn_expiring(scan(now, day * 7, Some(day), "apitokens serve", 100))
         .await
         .unwrap();
-    assert_eq!(names(&week), ["namespaces/default/apitokens/in-three-days"]);
-    let e = &week[0];
+    assert_eq!(
+        names(&week),
+        [
+            "namespaces/default/apitokens/after-the-day",
+            "namespaces/default/apitokens/in-three-days"
+        ]
+    );
+    let e = &week[1];
     assert_eq!(
         (e.action, e.actor.as_str(), e.namespace.as_str()),
         (Action::Expiring, "apitokens serve", "default")
@@ -755,7 +766,13 @@ pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Sto
         .warn_expiring(scan(now, day, None, "apitokens serve", 100))
         .await
         .unwrap();
-    assert_eq!(names(&one), ["namespaces/default/apitokens/in-an-hour"]);
+    assert_eq!(
+        names(&one),
+        [
+            "namespaces/default/apitokens/in-an-hour",
+            "namespaces/default/apitokens/at-the-day"
+        ]
+    );
     // Once: again now, or later, nothing new; recorded in the audit trail.
     assert!(store
         .warn_expiring(scan(now, day * 7, Some(day), "x", 100))
@@ -768,7 +785,7 @@ pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Sto
         .unwrap()
         .is_empty());
     let trail = store.events("default", None, 10).await.unwrap();
-    assert_eq!(trail.iter().filter(|(_, e)| e.action == Action::Expiring).count(), 2);
+    assert_eq!(trail.iter().filter(|(_, e)| e.action == Action::Expiring).count(), 4);
     // Three days on, the token due in three days gets its 1-day warning.
     let later = Timestamp::from_unix(1_800_000_000 + 2 * 86_400 + 60, 0);
     let one = store.warn_expiring(scan(later, day, None, "x", 100)).await.unwrap();

@@ -352,19 +352,26 @@ pub struct ExpiryScan {
     pub limit: u32,
 }
 
-/// The window of an expiry warning for `lead` at `now`: the lead in whole
-/// seconds (the warning's key), and the expiry after which a token is in it
-/// (seconds, nanoseconds): `now`, or the end of the `shorter` lead's window,
-/// whose warning such a token gets instead.
-pub(crate) fn warning_window(scan: &ExpiryScan) -> (i64, (i64, u32)) {
+/// The window of an expiry warning: the lead in whole seconds (the
+/// warning's key), and the expiries in it, after `from` and up to `until`
+/// (seconds, nanoseconds): after `now`, or after the end of the `shorter`
+/// lead's window (whose warning such a token gets instead), and up to
+/// `now + lead`. The same instant ends one window and starts the next.
+pub(crate) struct WarningWindow {
+    pub lead_seconds: i64,
+    pub from: (i64, u32),
+    pub until: (i64, u32),
+}
+
+pub(crate) fn warning_window(scan: &ExpiryScan) -> WarningWindow {
     let ExpiryScan { now, lead, shorter, .. } = *scan;
     let seconds = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-    let from = match shorter {
-        // Expiries after now + shorter (whole seconds; the same nanosecond).
-        Some(s) => (now.unix_seconds().saturating_add(seconds(s)), now.subsec_nanos()),
-        None => (now.unix_seconds(), now.subsec_nanos()),
-    };
-    (seconds(lead), from)
+    let after = |d: std::time::Duration| (now.unix_seconds().saturating_add(seconds(d)), now.subsec_nanos());
+    WarningWindow {
+        lead_seconds: seconds(lead),
+        from: shorter.map_or((now.unix_seconds(), now.subsec_nanos()), after),
+        until: after(lead),
+    }
 }
 
 /// The `expiring` event of `token` at `now`.

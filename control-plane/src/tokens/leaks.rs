@@ -21,8 +21,11 @@
 //!
 //! A secret that matches a token's current secret, or its previous one
 //! during a rotation's overlap, revokes the token (deleted, as `DELETE`
-//! does: for good). A previous secret whose overlap ended, a malformed
-//! secret, one whose checksum is broken, and an unknown one change nothing.
+//! does: for good). A secret that no longer works (a previous secret whose
+//! overlap ended, an expired token's), a malformed secret, one whose
+//! checksum is broken, and an unknown one change nothing. A report runs to
+//! its end even when its connection closes (the API spawns it), and a
+//! failed deletion does not stop the others.
 
 use super::caller::Actor;
 use super::rate::Rate;
@@ -120,6 +123,7 @@ impl Service {
         // Every credential is hashed and looked up, well-formed or not
         // (the same work whatever matches); a broken checksum never
         // matches, as at the gateway.
+        let now = self.clock().now();
         let names: BTreeSet<String> = {
             let Some(snapshot) = self.published() else {
                 return Ok(Outcome::default());
@@ -129,7 +133,12 @@ impl Service {
                 .filter_map(|c| {
                     let digest = Digest::of(c.as_bytes());
                     let token = snapshot.token(&digest)?;
-                    (secret::shape(c.as_bytes()) != Shape::Corrupt).then(|| token.name().to_owned())
+                    // A secret that no longer works proves nothing and
+                    // harms nothing: a previous secret whose overlap ended
+                    // (kept in the table a while, refused) must not let
+                    // whoever still holds it delete the live token.
+                    let works = !token.is_expired(now);
+                    (works && secret::shape(c.as_bytes()) != Shape::Corrupt).then(|| token.name().to_owned())
                 })
                 .collect()
         };
@@ -139,15 +148,24 @@ impl Service {
             .inc_by(u64::try_from(credentials.len()).unwrap_or(u64::MAX));
         let mut outcome = Outcome::default();
         let mut last = None;
+        // Every match is tried, whatever failed before it; what was deleted
+        // is published and waited for, then the first failure answers.
+        let mut failed = None;
         for name in names {
             let namespace = name.split('/').nth(1).unwrap_or_default().to_owned();
             let event = AuditEvent {
                 actor: REPORTER.to_owned(),
                 ..super::service::event(Action::Revoke, &namespace, Some(&name), reporter, self.clock().now())
             };
-            // Deleted since the table was read: nothing left to revoke.
-            let Some(revision) = self.store().delete(&name, event.clone()).await? else {
-                continue;
+            let revision = match self.store().delete(&name, event.clone()).await {
+                Ok(Some(revision)) => revision,
+                // Deleted since the table was read: nothing left to revoke.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(token = %name, "could not revoke {name}, reported leaked: {e}");
+                    failed.get_or_insert(e);
+                    continue;
+                }
             };
             audit::log(&event);
             tracing::warn!(
@@ -165,7 +183,10 @@ impl Service {
         if let Some(revision) = last {
             outcome.delivery = Some(self.deliver(revision, Wait::Envoys).await?);
         }
-        Ok(outcome)
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(outcome),
+        }
     }
 }
 

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Buckets kept before full ones are forgotten (a full bucket is the same
-/// as none).
+/// Buckets kept at most: beyond it, full ones are forgotten (a full bucket
+/// is the same as none), and a new key waits while none is.
 const KEPT: usize = 10_000;
 
 /// A sustained rate and a burst, for one key (a namespace, a client).
@@ -58,8 +58,14 @@ impl Buckets {
         let refill = |(level, at): (f64, Instant)| {
             (level + now.saturating_duration_since(at).as_secs_f64() * rate.per_second).min(burst)
         };
-        if levels.len() >= KEPT {
+        if levels.len() >= KEPT && !levels.contains_key(key) {
             levels.retain(|_, bucket| refill(*bucket) < burst);
+            // Still this many keys busy at once (a flood from a whole
+            // address block): a new one waits for room rather than grow
+            // the map (and each sweep) without bound.
+            if levels.len() >= KEPT {
+                return Err(Duration::from_secs(1));
+            }
         }
         let level = levels.get(key).map_or(burst, |bucket| refill(*bucket));
         if level >= 1.0 {
@@ -93,6 +99,16 @@ mod tests {
         // Half a second later, one more write.
         b.take(rate, "a", t0 + Duration::from_millis(500)).unwrap();
         assert!(b.take(rate, "a", t0 + Duration::from_millis(500)).is_err());
+        // At most KEPT keys busy at once: one more waits (and the sweep runs
+        // only when a new key finds the map full).
+        let crowd = Buckets::default();
+        for i in 0..KEPT {
+            crowd.take(rate, &i.to_string(), t0).unwrap();
+        }
+        assert_eq!(crowd.take(rate, "one more", t0), Err(Duration::from_secs(1)));
+        crowd.take(rate, "0", t0).unwrap();
+        // Once their buckets are full again, they are forgotten.
+        crowd.take(rate, "one more", t0 + Duration::from_secs(2)).unwrap();
         // No limit.
         let none = Rate {
             per_second: 0.0,

@@ -189,7 +189,20 @@ async fn deliver_some(
             })
             .inc();
     };
-    for (seq, event) in events {
+    for (i, (seq, event)) in events.into_iter().enumerate() {
+        // The lease is renewed before each delivery (each may take up to
+        // the timeout, under half the lease: see `serve`), so that no other
+        // replica starts sending this batch's events meanwhile.
+        if i > 0 {
+            match claim(store, s, endpoint).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(Progress::NotOurs),
+                Err(e) => {
+                    tracing::warn!(webhook = %endpoint.name, "webhook {}: the lease cannot be renewed (next try soon): {e}", endpoint.name);
+                    return Err(s.poll);
+                }
+            }
+        }
         waiting.set(event.time.unix_seconds());
         let id = cloudevent::id(lineage, seq);
         let body = cloudevent::body(&s.source, lineage, seq, &event);

@@ -688,20 +688,28 @@ impl Store for PostgresStore {
         // log the webhooks read (see `events_after`).
         tx.execute("SELECT 1 FROM store_state WHERE id = 1 FOR UPDATE", &[])
             .await?;
-        let (lead_s, (start_s, start_n)) = super::warning_window(&scan);
-        let until_s = now.unix_seconds().saturating_add(lead_s);
+        let window = super::warning_window(&scan);
+        let lead_s = window.lead_seconds;
+        let ((start_s, start_n), (until_s, until_n)) = (window.from, window.until);
         let due = query(
             &tx,
             &format!(
                 "SELECT {COLUMNS} FROM tokens t
                  WHERE NOT t.retired AND t.expire_seconds IS NOT NULL
                    AND (t.expire_seconds > $1 OR (t.expire_seconds = $1 AND t.expire_nanos > $2))
-                   AND t.expire_seconds <= $3
+                   AND (t.expire_seconds < $3 OR (t.expire_seconds = $3 AND t.expire_nanos <= $6))
                    AND NOT EXISTS (SELECT 1 FROM expiry_warnings w WHERE w.name = t.name
                                    AND w.expire_seconds = t.expire_seconds AND w.lead_seconds = $4)
-                 ORDER BY t.expire_seconds, t.name LIMIT $5"
+                 ORDER BY t.expire_seconds, t.expire_nanos, t.name LIMIT $5"
             ),
-            &[&start_s, &i64::from(start_n), &until_s, &lead_s, &i64::from(scan.limit)],
+            &[
+                &start_s,
+                &i64::from(start_n),
+                &until_s,
+                &lead_s,
+                &i64::from(scan.limit),
+                &i64::from(until_n),
+            ],
         )
         .await?;
         let mut events = Vec::with_capacity(due.len());

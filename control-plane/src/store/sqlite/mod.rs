@@ -567,20 +567,24 @@ impl Store for SqliteStore {
 
     async fn warn_expiring(&self, scan: ExpiryScan) -> Result<Vec<AuditEvent>> {
         self.write(move |tx| {
-            let (lead_s, from_s) = super::warning_window(&scan);
+            let window = super::warning_window(&scan);
             let now = scan.now;
+            let lead_s = window.lead_seconds;
             let sql = format!(
                 "SELECT {COLUMNS} FROM tokens t
                  WHERE t.retired = 0 AND t.expire_seconds IS NOT NULL
                    AND (t.expire_seconds > ?1 OR (t.expire_seconds = ?1 AND t.expire_nanos > ?2))
-                   AND t.expire_seconds <= ?3
+                   AND (t.expire_seconds < ?3 OR (t.expire_seconds = ?3 AND t.expire_nanos <= ?6))
                    AND NOT EXISTS (SELECT 1 FROM expiry_warnings w WHERE w.name = t.name
                                    AND w.expire_seconds = t.expire_seconds AND w.lead_seconds = ?4)
-                 ORDER BY t.expire_seconds, t.name LIMIT ?5"
+                 ORDER BY t.expire_seconds, t.expire_nanos, t.name LIMIT ?5"
             );
-            let (start_s, start_n) = from_s;
-            let until_s = now.unix_seconds().saturating_add(lead_s);
-            let due = query(tx, &sql, params![start_s, start_n, until_s, lead_s, scan.limit])?;
+            let ((start_s, start_n), (until_s, until_n)) = (window.from, window.until);
+            let due = query(
+                tx,
+                &sql,
+                params![start_s, start_n, until_s, lead_s, scan.limit, until_n],
+            )?;
             let mut events = Vec::with_capacity(due.len());
             for token in &due {
                 let Some(expire) = token.expire_time else { continue };
