@@ -28,7 +28,6 @@
 //! failed deletion does not stop the others.
 
 use super::caller::Actor;
-use super::rate::Rate;
 use super::secret::{self, Shape};
 use super::service::{Delivery, Service, Wait};
 use super::{audit, Error};
@@ -50,12 +49,7 @@ pub const ANSWER_AFTER: Duration = Duration::from_millis(250);
 /// Who a revocation by leak report is audited as.
 pub const REPORTER: &str = "reported leaked";
 
-/// The default rate of reports per client address: one a second after a
-/// burst of ten (each may carry 1,000 credentials).
-pub const DEFAULT_REPORT_RATE: Rate = Rate {
-    per_second: 1.0,
-    burst: 10.0,
-};
+pub use super::rate::DEFAULT_REPORT_RATE;
 
 /// What a report did, for the log and the metrics (never for the answer).
 #[derive(Debug, Default)]

@@ -35,6 +35,13 @@ impl Default for Rate {
     }
 }
 
+/// The default rate of leak reports per client address (`leaks`): one a
+/// second after a burst of ten (each may carry 1,000 credentials).
+pub const DEFAULT_REPORT_RATE: Rate = Rate {
+    per_second: 1.0,
+    burst: 10.0,
+};
+
 /// A wait in whole seconds, rounded up, at least one: a client that waits
 /// as told (`Retry-After`) finds a write in the bucket.
 pub fn whole_seconds(wait: Duration) -> u64 {

@@ -54,7 +54,7 @@ impl Default for ServiceOptions {
             apply_timeout: Duration::from_secs(5),
             lifetimes: Lifetimes::default(),
             write_rate: Rate::default(),
-            report_rate: super::leaks::DEFAULT_REPORT_RATE,
+            report_rate: super::rate::DEFAULT_REPORT_RATE,
             clock: Clock::system(),
         }
     }
