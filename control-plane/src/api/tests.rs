@@ -1697,6 +1697,23 @@ mod leak_reports {
             assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
             a.body["apiToken"]["secret"].as_str().unwrap().to_owned()
         }
+
+        /// A new token `id`, regenerated with an overlap of `ttl`: its
+        /// previous secret.
+        async fn rotated(&self, id: &str, ttl: &str) -> String {
+            let old = self.secret_of(id, "viewer").await;
+            let body = json!({"previousSecretTtl": ttl}).to_string();
+            let a = self
+                .call(
+                    "POST",
+                    &format!("{COLLECTION}/{id}:regenerate"),
+                    Some(&self.owner),
+                    Some(&body),
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+            old
+        }
     }
 
     /// The same secret with its last character changed: the checksum breaks.
@@ -1770,16 +1787,7 @@ mod leak_reports {
     #[tokio::test]
     async fn a_previous_secret_in_its_overlap_revokes_the_token() {
         let f = fixture().await;
-        let old = f.secret_of("rotated", "viewer").await;
-        let a = f
-            .call(
-                "POST",
-                &format!("{COLLECTION}/rotated:regenerate"),
-                Some(&f.owner),
-                Some(r#"{"previousSecretTtl": "3600s"}"#),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK);
+        let old = f.rotated("rotated", "3600s").await;
         let body = json!({"credentials": [old]}).to_string();
         assert_eq!(f.report("203.0.113.7:1", &body).await.0.status, StatusCode::ACCEPTED);
         assert!(!f
@@ -1799,16 +1807,7 @@ mod leak_reports {
             },
         )
         .await;
-        let old = f.secret_of("rotated", "viewer").await;
-        let a = f
-            .call(
-                "POST",
-                &format!("{COLLECTION}/rotated:regenerate"),
-                Some(&f.owner),
-                Some(r#"{"previousSecretTtl": "60s"}"#),
-            )
-            .await;
-        assert_eq!(a.status, StatusCode::OK);
+        let old = f.rotated("rotated", "60s").await;
         // The overlap is over: the old secret is refused, though still in
         // the table (expired entries stay a while). Whoever kept it must
         // not be able to delete the live token with it.
