@@ -53,15 +53,18 @@ requirements-lock: ## tests/requirements.lock again from tests/requirements.txt
 	/tmp/apitokens-pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links \
 	  -o tests/requirements.lock tests/requirements.txt
 
-# The suites run two at a time: most of their time is waiting (processes
-# starting, ACKs, kill -9 and restarts, a browser), not CPU, and every one
-# takes its ports from the kernel. Their waiting limits are doubled for it
-# (APITOKENS_TEST_TIME_SCALE, tests/lib/testkit/timing.py); what they assert
-# is unchanged. Each suite's output is printed whole when it ends.
-SUITES := cp-e2e e2e replicas security contract differential ui deploy drills
+# Most suites run two at a time: most of their time is waiting (processes
+# starting, ACKs, a browser), not CPU, and every one takes its ports from the
+# kernel. Their waiting limits are doubled for it (APITOKENS_TEST_TIME_SCALE,
+# tests/lib/testkit/timing.py); what they assert is unchanged. Each suite's
+# output is printed whole when it ends. The fault drills and the replicas
+# (kill -9, database restarts, heartbeats and timeouts) run alone afterwards.
+SUITES := cp-e2e e2e security contract differential ui deploy
+ALONE := replicas drills
 
-test: lint unit wasm-test build cp-build venv postgres chromium differential-deps ## every suite below, as CI runs it: the builds, then the suites two at a time (about 10 minutes on 2 cores)
+test: lint unit wasm-test build cp-build venv postgres chromium differential-deps ## every suite below, as CI runs it: the builds, then most suites two at a time (about 9 minutes on 2 cores)
 	APITOKENS_TEST_TIME_SCALE=2 $(MAKE) --no-print-directory -j2 --output-sync=target $(SUITES)
+	$(MAKE) --no-print-directory $(ALONE)
 	@echo "make test: all suites passed"
 
 # The edit loop (about a minute once built): what CI would refuse first.
