@@ -24,17 +24,12 @@ import string
 import sys
 import time
 
-import scale  # bench/scale.py: the store, the Envoy configuration, the paths
+# bench/scale.py: the store, the Envoy configuration, the paths; it also
+# imports tests/lib's testkit, or says how to run with it.
+import scale
 from run import label_count, log, percentile, resolve_envoy, wait_ready
-
-try:
-    from testkit import controlplane as cpl  # noqa: E402
-    from testkit import harness  # noqa: E402
-    from testkit.clients import request  # noqa: E402
-except ModuleNotFoundError as exc:
-    if exc.name != "testkit":
-        raise
-    sys.exit("bench/leak_reports.py: no module testkit: run it with PYTHONPATH=tests/lib (make bench-leaks does)")
+from scale import cpl, harness
+from testkit.clients import request
 
 REVOKE = "/apitokens/v1/credentials:revoke"
 

@@ -28,6 +28,7 @@ pub mod render;
 pub mod replicas;
 pub mod store;
 pub mod tokens;
+pub mod trust;
 pub mod webhooks;
 
 #[cfg(test)]

@@ -252,7 +252,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
             return Err(Error::input(flag, "must be a number from 0 to 1e9"));
         }
     }
-    let hooks = webhook_settings(&args)?;
+    let hooks = webhook_signing(&args)?;
     let base = load_base(&args.config, ECDS_BASE)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -343,9 +343,14 @@ fn admitted(
     })
 }
 
-/// The webhooks' settings, checked before anything starts (none without
-/// `--webhook`).
-fn webhook_settings(args: &ServeArgs) -> Result<Option<webhooks::Settings>> {
+/// What the webhooks sign and send with, checked before anything starts
+/// (none without `--webhook`).
+struct Signing {
+    client: webhooks::client::Client,
+    key: webhooks::sign::Key,
+}
+
+fn webhook_signing(args: &ServeArgs) -> Result<Option<Signing>> {
     if args.webhook.is_empty() {
         return Ok(None);
     }
@@ -377,22 +382,10 @@ fn webhook_settings(args: &ServeArgs) -> Result<Option<webhooks::Settings>> {
         Duration::from_millis(args.webhook_timeout_ms.max(1)),
     )
     .map_err(|e| Error::input("--webhook-ca", e))?;
-    Ok(Some(webhooks::Settings {
-        client,
-        key,
-        source: args.webhook_source.clone(),
-        // (Set by `spawn_events`: the replica's name.)
-        holder: String::new(),
-        lease: Duration::from_millis(args.webhook_lease_ms.max(100)),
-        poll: Duration::from_millis(args.poll_interval_ms.max(10)),
-        backoff: Duration::from_millis(500).min(Duration::from_millis(args.webhook_max_backoff_ms.max(1))),
-        max_backoff: Duration::from_millis(args.webhook_max_backoff_ms.max(1)),
-        clock: Clock::system(),
-        metrics: crate::metrics::WebhookMetrics::default(),
-    }))
+    Ok(Some(Signing { client, key }))
 }
 
-async fn run(args: ServeArgs, base: apitokens_core::PluginConfig, hooks: Option<webhooks::Settings>) -> Result<()> {
+async fn run(args: ServeArgs, base: apitokens_core::PluginConfig, hooks: Option<Signing>) -> Result<()> {
     let mut core = Core::open(&args, base).await?;
     let service = core.service(&args)?;
     let listeners = Listeners::bind(&args).await?;
@@ -606,7 +599,7 @@ impl Core {
     fn spawn_events(
         &self,
         args: &ServeArgs,
-        hooks: Option<webhooks::Settings>,
+        hooks: Option<Signing>,
         service: &Arc<Service>,
         tasks: &mut tokio::task::JoinSet<()>,
         stop: &watch::Receiver<bool>,
@@ -622,16 +615,23 @@ impl Core {
                 stop.clone(),
             ));
         }
-        let Some(settings) = hooks else {
+        let Some(Signing { client, key }) = hooks else {
             return;
         };
+        let max_backoff = Duration::from_millis(args.webhook_max_backoff_ms.max(1));
         let settings = webhooks::Settings {
-            clock: service.clock().clone(),
+            client,
+            key,
+            source: args.webhook_source.clone(),
             // Replicas deliver under their own names; a single process
             // takes its lease back at once after a restart.
             holder: self.replica.clone().unwrap_or_else(|| "apitokens serve".to_owned()),
+            lease: Duration::from_millis(args.webhook_lease_ms.max(100)),
+            poll: Duration::from_millis(args.poll_interval_ms.max(10)),
+            backoff: Duration::from_millis(500).min(max_backoff),
+            max_backoff,
+            clock: service.clock().clone(),
             metrics: service.metrics.webhooks.clone(),
-            ..settings
         };
         for endpoint in &args.webhook {
             tracing::info!(webhook = %endpoint.name, "webhook {}: delivering the audit trail to {}", endpoint.name, endpoint.target);

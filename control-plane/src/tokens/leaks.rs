@@ -118,7 +118,8 @@ impl Service {
         // (the same work whatever matches); a broken checksum never
         // matches, as at the gateway.
         let now = self.clock().now();
-        let names: BTreeSet<String> = {
+        // Each token once: its name, and its namespace as the table has it.
+        let names: BTreeSet<(String, String)> = {
             let Some(snapshot) = self.published() else {
                 return Ok(Outcome::default());
             };
@@ -132,7 +133,8 @@ impl Service {
                     // (kept in the table a while, refused) must not let
                     // whoever still holds it delete the live token.
                     let works = !token.is_expired(now);
-                    (works && secret::shape(c.as_bytes()) != Shape::Corrupt).then(|| token.name().to_owned())
+                    (works && secret::shape(c.as_bytes()) != Shape::Corrupt)
+                        .then(|| (token.name().to_owned(), token.namespace().to_owned()))
                 })
                 .collect()
         };
@@ -145,8 +147,7 @@ impl Service {
         // Every match is tried, whatever failed before it; what was deleted
         // is published and waited for, then the first failure answers.
         let mut failed = None;
-        for name in names {
-            let namespace = name.split('/').nth(1).unwrap_or_default().to_owned();
+        for (name, namespace) in names {
             let event = AuditEvent {
                 actor: REPORTER.to_owned(),
                 ..super::service::event(Action::Revoke, &namespace, Some(&name), reporter, self.clock().now())

@@ -7,8 +7,7 @@ use axum::http::{header, HeaderValue, Method, Request, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,14 +93,10 @@ pub enum SendError {
 /// Why `--webhook-ca` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    #[error(transparent)]
+    Roots(#[from] crate::trust::RootsError),
     #[error("{0}")]
-    Read(std::io::Error),
-    #[error("not PEM certificates: {0}")]
-    Pem(rustls_pki_types::pem::Error),
-    #[error("no certificate in it")]
-    Empty,
-    #[error("{0}")]
-    Tls(rustls::Error),
+    Tls(#[from] rustls::Error),
 }
 
 /// Sends webhook requests.
@@ -114,29 +109,7 @@ pub struct Client {
 impl Client {
     /// A client trusting `ca` (PEM), or the system's roots without one.
     pub fn new(ca: Option<&Path>, timeout: Duration) -> Result<Self, CaError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(CaError::Read)?;
-                for cert in CertificateDer::pem_slice_iter(&pem) {
-                    roots.add(cert.map_err(CaError::Pem)?).map_err(CaError::Tls)?;
-                }
-                if roots.is_empty() {
-                    return Err(CaError::Empty);
-                }
-            }
-            None => {
-                for cert in rustls_native_certs::load_native_certs().certs {
-                    let _ = roots.add(cert);
-                }
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(CaError::Tls)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = crate::trust::client_builder(crate::trust::roots(ca)?)?.with_no_client_auth();
         Ok(Self {
             tls: Arc::new(config),
             timeout,

@@ -3,10 +3,10 @@
 //! client certificate when the URL names one (`sslcert`, `sslkey`).
 
 use super::url::TlsParams;
+use crate::trust::RootsError;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// A TLS file the URL names that cannot be used, or TLS itself.
@@ -51,33 +51,24 @@ fn pem_error<'p>(what: &'static str, path: &'p Path) -> impl Fn(rustls_pki_types
 }
 
 pub(super) fn connector(params: &TlsParams) -> Result<MakeRustlsConnect, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &params.root_cert {
-        Some(path) => {
-            let pem = read_pem("sslrootcert", path)?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(pem_error("sslrootcert", path))?;
-                roots.add(cert).map_err(|error| TlsError::Root {
-                    path: path.clone(),
-                    error,
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError::NoRoot(path.clone()));
-            }
+    let roots = crate::trust::roots(params.root_cert.as_deref()).map_err(|e| {
+        let path = params.root_cert.clone().unwrap_or_default();
+        match e {
+            RootsError::Read(error) => TlsError::Unreadable {
+                what: "sslrootcert",
+                path,
+                error,
+            },
+            RootsError::Pem(error) => TlsError::Pem {
+                what: "sslrootcert",
+                path,
+                error,
+            },
+            RootsError::Add(error) => TlsError::Root { path, error },
+            RootsError::Empty => TlsError::NoRoot(path),
         }
-        None => {
-            // Unreadable system certificates only matter if TLS is used.
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Setup)?
-        .with_root_certificates(roots);
+    })?;
+    let builder = crate::trust::client_builder(roots).map_err(TlsError::Setup)?;
     let config = match (&params.client_cert, &params.client_key) {
         (Some(cert), Some(key)) => {
             let chain = CertificateDer::pem_slice_iter(&read_pem("sslcert", cert)?)
