@@ -25,8 +25,9 @@ use crate::floor::{self, Kind};
 use crate::pairs;
 use apitokens_core::compact::Stamp;
 use apitokens_core::delta::{self, MAX_RESPONSE_BYTES, METHOD, SERVICE};
-use apitokens_core::table::{Digest, Overlay};
+use apitokens_core::table::Overlay;
 use apitokens_core::usage;
+use apitokens_core::usage::Use;
 use std::cell::{Ref, RefCell};
 use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
@@ -146,7 +147,7 @@ impl Channel {
 
     /// A snapshot at `stamp` replaced the table: the overlay keeps only
     /// later changes; the marks of what it drops go to `used`.
-    pub fn rebased(&self, stamp: Stamp, used: &mut Vec<Digest>) {
+    pub fn rebased(&self, stamp: Stamp, used: &mut Vec<Use>) {
         self.overlay.borrow_mut().rebase(stamp, used);
         let mut state = self.state.borrow_mut();
         if stamp > state.at {
@@ -165,7 +166,7 @@ impl Channel {
         floor::get(Kind::Position, &state.key).is_some_and(|newest| newest > state.at)
     }
 
-    pub fn drain_used(&self, into: &mut Vec<Digest>) {
+    pub fn drain_used(&self, into: &mut Vec<Use>) {
         self.overlay.borrow().drain_used(into);
     }
 

@@ -40,7 +40,7 @@ use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::{Overlay, Token};
 use apitokens_core::usage::Marks;
-use apitokens_core::{compact, Config, Timestamp};
+use apitokens_core::{compact, Access, Config, Timestamp};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -107,14 +107,14 @@ impl Active {
         let (Some(marks), Some(report)) = (&self.marks, self.config.usage_report()) else {
             return;
         };
-        let mut digests = Vec::new();
+        let mut uses = Vec::new();
         if let Ok(mut marks) = marks.try_borrow_mut() {
-            marks.drain(self.config.tokens(), &mut digests);
+            marks.drain(self.config.tokens(), &mut uses);
         }
         if let Some(channel) = &self.channel {
-            channel.drain_used(&mut digests);
+            channel.drain_used(&mut uses);
         }
-        usage::queue((report.cluster.clone(), self.lineage.clone()), digests);
+        usage::queue((report.cluster.clone(), self.lineage.clone()), uses);
     }
 }
 
@@ -465,14 +465,14 @@ impl Host for ProxyHost<'_> {
         abi::send_local_response(reply.status, reply.details, headers, &reply.body).map_err(|_| HostError)
     }
 
-    fn used(&mut self, token: Token<'_>) {
+    fn used(&mut self, token: Token<'_>, access: Access) {
         if let Some(overlay) = self.overlay {
-            if overlay.mark(self.active.config.tokens(), token.index()) {
+            if overlay.mark(self.active.config.tokens(), token.index(), access) {
                 return;
             }
         }
         if let Some(Ok(mut marks)) = self.active.marks.as_ref().map(RefCell::try_borrow_mut) {
-            marks.mark(token.index());
+            marks.mark(token.index(), access);
         }
     }
 

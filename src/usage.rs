@@ -5,8 +5,7 @@
 
 use crate::abi;
 use crate::pairs;
-use apitokens_core::table::Digest;
-use apitokens_core::usage::{self, Pending, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
+use apitokens_core::usage::{self, Pending, Use, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
 use std::cell::RefCell;
 
 /// Digests kept per destination while reports fail (a control plane down
@@ -24,7 +23,7 @@ type Destination = (Box<str>, Vec<u8>);
 struct Reporter {
     last_ms: u64,
     pending: Vec<(Destination, Pending)>,
-    in_flight: Vec<(u32, Destination, Vec<Digest>)>,
+    in_flight: Vec<(u32, Destination, Vec<Use>)>,
 }
 
 thread_local! {
@@ -32,8 +31,8 @@ thread_local! {
 }
 
 /// Adds marks drained from a table to what is due for `destination`.
-pub fn queue(destination: Destination, digests: Vec<Digest>) {
-    if digests.is_empty() {
+pub fn queue(destination: Destination, uses: Vec<Use>) {
+    if uses.is_empty() {
         return;
     }
     REPORTER.with(|r| {
@@ -46,7 +45,7 @@ pub fn queue(destination: Destination, digests: Vec<Digest>) {
             }
         };
         if let Some((_, pending)) = r.pending.get_mut(at) {
-            pending.add(digests);
+            pending.add(uses);
         }
     });
 }
@@ -87,7 +86,7 @@ pub fn send() {
     }
 }
 
-fn take(token: u32) -> Option<(Destination, Vec<Digest>)> {
+fn take(token: u32) -> Option<(Destination, Vec<Use>)> {
     REPORTER.with(|r| {
         let mut r = r.borrow_mut();
         let at = r.in_flight.iter().position(|(t, _, _)| *t == token)?;
@@ -103,7 +102,7 @@ pub fn delivered(token: u32) {
 
 /// A report failed: its digests go with the next one.
 pub fn failed(token: u32) {
-    if let Some((destination, digests)) = take(token) {
-        queue(destination, digests);
+    if let Some((destination, uses)) = take(token) {
+        queue(destination, uses);
     }
 }

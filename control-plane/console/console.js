@@ -269,6 +269,14 @@
   function renderTable(tokens) {
     const withLastUse = tokens.some((t) => t && Object.prototype.hasOwnProperty.call(t, "lastUseTime"));
     show($("col-last-used"), withLastUse);
+    // The access evidence: shown once any token has some (an older control
+    // plane, or filters that do not report it, leave the column out).
+    const withAccess = tokens.some((t) => t && t.access && Array.isArray(t.access.kinds));
+    show($("col-access"), withAccess);
+    if (withAccess) {
+      const days = tokens.find((t) => t && t.access).access.days;
+      $("col-access").textContent = Number.isInteger(days) ? `Access (${days} days)` : "Access";
+    }
     const now = Date.now();
     const rows = tokens.map((t) => {
       const id = shortId(t.name);
@@ -308,6 +316,7 @@
         else last.textContent = "Never";
         tr.append(last);
       }
+      if (withAccess) tr.append(accessCell(t));
       const actions = document.createElement("td");
       actions.className = "row-actions";
       actions.append(
@@ -323,6 +332,35 @@
     $("tokens-body").replaceChildren(...rows);
     show($("tokens-table"), rows.length > 0);
     show($("tokens-empty"), rows.length === 0);
+  }
+
+  const ROLES = ["viewer", "editor", "owner"];
+
+  /**
+   * What a token's requests did in the window, and the narrowest role that
+   * would have admitted them when it is narrower than the token's own: a
+   * suggestion (least privilege from evidence), never an action.
+   */
+  function accessCell(t) {
+    const cell = document.createElement("td");
+    cell.className = "access";
+    const a = t.access;
+    if (!a || !Array.isArray(a.kinds) || a.kinds.length === 0) {
+      cell.textContent = "No evidence";
+      cell.title = "No request admitted in the window (or only through filters that do not report access)";
+      return cell;
+    }
+    const kinds = a.kinds.map(String).join(", ");
+    cell.append(a.kinds.length === 1 ? `Used only: ${kinds}` : `Used: ${kinds}`);
+    const narrowest = ROLES.indexOf(a.narrowestRole);
+    if (narrowest >= 0 && narrowest < ROLES.indexOf(String(t.role))) {
+      const hint = document.createElement("span");
+      hint.className = "suggestion";
+      hint.textContent = `${a.narrowestRole} would do`;
+      hint.title = `Every request this token made in the last ${a.days} days a ${a.narrowestRole} token could have made`;
+      cell.append(document.createElement("br"), hint);
+    }
+    return cell;
   }
 
   function actionButton(label, id, onClick) {

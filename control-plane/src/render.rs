@@ -113,6 +113,7 @@ mod tests {
             created_by: None,
             previous: None,
             last_use: None,
+            evidence: Default::default(),
             disabled: false,
         }
     }

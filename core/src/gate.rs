@@ -7,6 +7,7 @@
 //! writes only what it must: identity headers are added, or replaced only when
 //! the client sent a copy; on a refusal only client-sent copies are removed.
 
+use crate::access::{Access, Kind};
 use crate::config::Config;
 use crate::decision::{ForwardAuthorization, Grant};
 use crate::denial::{Counter, Denial};
@@ -14,6 +15,7 @@ use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
 use crate::reply::Reply;
+use crate::role::RoleSet;
 use crate::table::{Overlay, Token};
 use crate::timestamp::Timestamp;
 use std::fmt;
@@ -75,8 +77,9 @@ pub trait Host {
     fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError>;
     fn count(&mut self, counter: Counter);
     /// A token authenticated (whatever the rules then decide): for its last
-    /// use. Must be cheap, it runs on every request.
-    fn used(&mut self, token: Token<'_>);
+    /// use, and, when admitted, what the request did (`access`). Must be
+    /// cheap, it runs on every request.
+    fn used(&mut self, token: Token<'_>, access: Access);
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>);
     /// Whether this VM's table may be behind what its Envoy already enforces
     /// elsewhere (see [`Denial::CatchingUp`]). Asked of every request the
@@ -150,34 +153,68 @@ fn check<'c, H: Host>(
         HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
     };
     let token = config.authenticate(overlay, authorization, || host.now())?;
-    host.used(token);
+    let decided = decide(host, config, headers, token, overridden);
+    // One mark per authenticated request, refused or not (its last use);
+    // what it did only when admitted (the evidence for least privilege).
+    host.used(token, decided.as_ref().map_or(Access::USED, |(_, access)| *access));
+    match decided {
+        Ok((grant, _)) => Ok((token, grant)),
+        Err(denial) => Err((denial, Some(token))),
+    }
+}
+
+/// Whether the rules admit `token` for the request, and if so what the
+/// request did ([`Access`]).
+fn decide<H: Host>(
+    host: &mut H,
+    config: &Config,
+    headers: &H::Headers,
+    token: Token<'_>,
+    overridden: bool,
+) -> Result<(Grant, Access), Denial> {
     let one = |name| match headers.get(name) {
         HeaderValue::One(value) => value,
         HeaderValue::Absent | HeaderValue::Repeated => b"",
     };
     let path = one(":path");
     let method = one(":method");
-    let scope = config.scope(token, path).map_err(|denial| (denial, Some(token)))?;
+    let scope = config.scope(token, path)?;
     // The method, and every method the request could be overridden to, must
-    // be permitted: an upstream honouring an override would run it.
-    let permitted = |method: &[u8]| scope.permits_method(token.role(), method);
-    let header_overrides_permitted = || {
-        overrides::METHOD_OVERRIDE_HEADERS
-            .iter()
-            .all(|name| match headers.get(name) {
-                HeaderValue::Absent => true,
-                HeaderValue::One(value) => permitted(OverrideMethod::from_header(value).as_bytes()),
-                HeaderValue::Repeated => false,
-            })
+    // be permitted: an upstream honouring an override would run it. Each
+    // adds the roles it would refuse; the token's role must be none of them.
+    let need = |method: &[u8]| {
+        let (roles, kind) = scope.access(method);
+        Access::admitted(kind, roles)
     };
-    let all_permitted = permitted(method)
-        && (!overridden || header_overrides_permitted())
-        && overrides::query_methods(path).all(|m| permitted(m.as_bytes()))
-        && (method != b"POST" || !has_body(host, headers) || BODY_OVERRIDE_METHODS.iter().all(|m| permitted(m)));
-    if all_permitted {
-        Ok((token, config.grant(&scope)))
+    let role = token.role();
+    let admits = |access: Access| !access.refusing().contains(role);
+    let (roles, kind) = scope.access(method);
+    let mut access = Access::admitted(kind, roles);
+    if overridden && admits(access) {
+        for name in overrides::METHOD_OVERRIDE_HEADERS {
+            access = access.union(match headers.get(name) {
+                HeaderValue::Absent => Access::NONE,
+                HeaderValue::One(value) => need(OverrideMethod::from_header(value).as_bytes()),
+                HeaderValue::Repeated => Access::admitted(Kind::Write, RoleSet::NONE),
+            });
+        }
+    }
+    if admits(access) {
+        for m in overrides::query_methods(path) {
+            access = access.union(need(m.as_bytes()));
+        }
+    }
+    if admits(access) && method == b"POST" && has_body(host, headers) {
+        // What a body could override the method to: its roles count, its
+        // kind not (no evidence the body did).
+        for m in BODY_OVERRIDE_METHODS {
+            access = access.union(Access::admitted(kind, scope.access(m).0));
+        }
+    }
+    if admits(access) {
+        Ok((config.grant(&scope), access))
     } else {
-        Err((Denial::RoleDenied, Some(token)))
+        Err(Denial::RoleDenied)
     }
 }
 

@@ -6,6 +6,7 @@
 // Decisions are plain safe Rust; the filter's ABI glue is the only unsafe code.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod bearer;
 pub mod compact;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod table;
 pub mod timestamp;
 pub mod usage;
 
+pub use access::Access;
 pub use config::Config;
 pub use decision::Grant;
 pub use denial::{Counter, Denial};

@@ -106,3 +106,50 @@ impl VerbSet {
         self.0 & verb.bit() != 0
     }
 }
+
+/// A set of roles as a bit mask (bit [`Role::index`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RoleSet(u8);
+
+impl RoleSet {
+    pub const NONE: RoleSet = RoleSet(0);
+    pub const ALL: RoleSet = RoleSet(0b111);
+
+    pub const fn with(self, role: Role) -> Self {
+        Self(self.0 | 1 << role.index())
+    }
+
+    pub const fn contains(self, role: Role) -> bool {
+        self.0 & 1 << role.index() != 0
+    }
+
+    pub const fn and(self, other: RoleSet) -> Self {
+        Self(self.0 & other.0)
+    }
+
+    /// The roles not in the set.
+    pub const fn complement(self) -> Self {
+        Self(!self.0 & Self::ALL.0)
+    }
+
+    /// The narrowest role in the set (roles are ordered viewer < editor <
+    /// owner), if any.
+    pub fn narrowest(self) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| self.contains(*r))
+    }
+
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub const fn from_bits(bits: u8) -> Self {
+        Self(bits & Self::ALL.0)
+    }
+}
+
+impl Verb {
+    /// Reads (`list`, `get`) change nothing.
+    pub const fn is_read(self) -> bool {
+        matches!(self, Self::List | Self::Get)
+    }
+}

@@ -32,9 +32,10 @@
 //! byte outside printable ASCII matches no rule: such spellings are where
 //! gateways and upstreams disagree about which resource is meant.
 
+use crate::access::Kind;
 use crate::error::ConfigError;
 use crate::name::is_dns_label;
-use crate::role::{Role, Verb, VerbSet};
+use crate::role::{Role, RoleSet, Verb, VerbSet};
 use crate::spec::RuleSpec;
 
 /// The built-in rules: the product's REST API (the permission table in
@@ -115,6 +116,8 @@ struct Rule {
     rest: bool,
     allow: [VerbSet; 3],
     forward_authorization: Option<bool>,
+    /// The pattern starts with the literal `apitokens`: the token API.
+    token_api: bool,
 }
 
 /// Compiled rules, immutable once built.
@@ -136,6 +139,7 @@ pub struct Scope<'p> {
     /// `Config::scope`).
     pub forward_path: bool,
     allow: [VerbSet; 3],
+    token_api: bool,
 }
 
 impl Scope<'_> {
@@ -147,6 +151,27 @@ impl Scope<'_> {
     /// without a verb is never permitted.
     pub fn permits_method(&self, role: Role, method: &[u8]) -> bool {
         Verb::from_method(method, self.collection).is_some_and(|verb| self.permits(role, verb))
+    }
+
+    /// What `method` would do here: the roles that may (none for a method
+    /// without a verb), and the request's kind of access, for the usage
+    /// reports' evidence (`crate::access`).
+    pub fn access(&self, method: &[u8]) -> (RoleSet, Kind) {
+        let Some(verb) = Verb::from_method(method, self.collection) else {
+            return (RoleSet::NONE, Kind::Write);
+        };
+        let roles = Role::ALL
+            .into_iter()
+            .filter(|role| self.permits(*role, verb))
+            .fold(RoleSet::NONE, RoleSet::with);
+        let kind = if self.token_api && !roles.contains(Role::Viewer) {
+            Kind::Tokens
+        } else if verb.is_read() {
+            Kind::Read
+        } else {
+            Kind::Write
+        };
+        (roles, kind)
     }
 }
 
@@ -182,6 +207,7 @@ impl Rules {
                     rest,
                     allow: [VerbSet::NONE; 3],
                     forward_authorization: None,
+                    token_api: false,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -289,6 +315,7 @@ impl Rule {
             forward_authorization: self.forward_authorization,
             forward_path: false,
             allow: self.allow,
+            token_api: self.token_api,
         })
     }
 }
@@ -300,11 +327,13 @@ fn compile_rule(i: usize, spec: &RuleSpec) -> Result<Rule, ConfigError> {
         verbs(i, "editor", &spec.allow.editor)?,
         verbs(i, "owner", &spec.allow.owner)?,
     ];
+    let token_api = matches!(segments.first(), Some(Segment::Literal { text, .. }) if &**text == b"apitokens");
     Ok(Rule {
         segments,
         rest,
         allow,
         forward_authorization: spec.forward_authorization,
+        token_api,
     })
 }
 

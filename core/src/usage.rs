@@ -10,15 +10,21 @@
 //! message UsageReport {
 //!   bytes lineage = 1;  // the store the table came from (compact header)
 //!   bytes digests = 2;  // SHA-256 digests of used secrets, 32 bytes each
+//!   bytes access = 3;   // one `Access` byte per digest, in the same order
 //! }
 //! ```
 //!
 //! and the answer is an empty message. Digests, not names: the table has
 //! them at hand, and they identify the secret (current or previous) that was
-//! used.
+//! used. (Filters before field 3 send none: a control plane reads their
+//! uses as authenticated, with no evidence of what they did.)
 
+use crate::access::Access;
 use crate::table::{Digest, TokenTable};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+
+/// A used secret's digest and what its requests did.
+pub type Use = (Digest, Access);
 
 pub const SERVICE: &str = "apitokens.v1.Usage";
 pub const METHOD: &str = "Report";
@@ -26,11 +32,14 @@ pub const METHOD: &str = "Report";
 /// any message limit.
 pub const MAX_DIGESTS_PER_REPORT: usize = 16 * 1024;
 
-/// One bit per table entry: set when the entry's secret authenticated a
-/// request. Marking is a shift and an or.
+/// One bit per table entry, set when the entry's secret authenticated a
+/// request, and one [`Access`] byte per entry, or-ed with what each
+/// request did. Marking is a shift and two ors; the bits let a drain skip
+/// 64 unused entries at a time.
 #[derive(Clone, Debug, Default)]
 pub struct Marks {
     bits: Vec<u64>,
+    access: Vec<u8>,
     any: bool,
 }
 
@@ -39,14 +48,18 @@ impl Marks {
     pub fn new(entries: usize) -> Self {
         Self {
             bits: vec![0; entries / 64 + 1],
+            access: vec![0; entries],
             any: false,
         }
     }
 
-    pub fn mark(&mut self, index: usize) {
+    pub fn mark(&mut self, index: usize, access: Access) {
         if let Some(word) = self.bits.get_mut(index / 64) {
             *word |= 1 << (index % 64);
             self.any = true;
+        }
+        if let Some(byte) = self.access.get_mut(index) {
+            *byte |= access.bits();
         }
     }
 
@@ -54,18 +67,20 @@ impl Marks {
         !self.any
     }
 
-    /// The digests of the marked entries of `table`, the marks cleared.
-    pub fn drain(&mut self, table: &TokenTable, into: &mut Vec<Digest>) {
+    /// The digests of the marked entries of `table` with what they did, the
+    /// marks cleared.
+    pub fn drain(&mut self, table: &TokenTable, into: &mut Vec<Use>) {
         if !self.any {
             return;
         }
         for (w, word) in self.bits.iter_mut().enumerate() {
             let mut rest = std::mem::take(word);
             while rest != 0 {
-                let bit = rest.trailing_zeros() as usize;
+                let index = w * 64 + rest.trailing_zeros() as usize;
                 rest &= rest - 1;
-                if let Some(digest) = table.digest_at(w * 64 + bit) {
-                    into.push(digest);
+                let access = self.access.get_mut(index).map_or(0, std::mem::take);
+                if let Some(digest) = table.digest_at(index) {
+                    into.push((digest, Access::from_bits(access).union(Access::USED)));
                 }
             }
         }
@@ -73,32 +88,35 @@ impl Marks {
     }
 }
 
-/// Digests waiting to be reported (for one destination), each once: while
-/// the control plane is down, the marks drained on every tick name the same
-/// tokens again, and a list would grow by them every interval. A set holds
-/// at most the digests of the tables it came from; `limit` bounds it
-/// further (digests beyond it are dropped: a last use reported late is
-/// worth less than memory that never shrinks).
+/// Uses waiting to be reported (for one destination), each digest once,
+/// with everything its marks said or-ed together: while the control plane
+/// is down, the marks drained on every tick name the same tokens again, and
+/// a list would grow by them every interval. A map holds at most the
+/// digests of the tables it came from; `limit` bounds it further (digests
+/// beyond it are dropped: a last use reported late is worth less than
+/// memory that never shrinks).
 #[derive(Clone, Debug)]
 pub struct Pending {
-    digests: BTreeSet<Digest>,
+    digests: BTreeMap<Digest, Access>,
     limit: usize,
 }
 
 impl Pending {
     pub fn new(limit: usize) -> Self {
         Self {
-            digests: BTreeSet::new(),
+            digests: BTreeMap::new(),
             limit,
         }
     }
 
-    /// Adds `digests`; returns how many were dropped for the limit.
-    pub fn add(&mut self, digests: impl IntoIterator<Item = Digest>) -> usize {
+    /// Adds `uses`; returns how many were dropped for the limit.
+    pub fn add(&mut self, uses: impl IntoIterator<Item = Use>) -> usize {
         let mut dropped = 0;
-        for digest in digests {
-            if self.digests.len() < self.limit || self.digests.contains(&digest) {
-                self.digests.insert(digest);
+        for (digest, access) in uses {
+            if let Some(pending) = self.digests.get_mut(&digest) {
+                *pending = pending.union(access);
+            } else if self.digests.len() < self.limit {
+                self.digests.insert(digest, access);
             } else {
                 dropped += 1;
             }
@@ -115,7 +133,7 @@ impl Pending {
     }
 
     /// Everything pending, emptied.
-    pub fn take(&mut self) -> Vec<Digest> {
+    pub fn take(&mut self) -> Vec<Use> {
         std::mem::take(&mut self.digests).into_iter().collect()
     }
 }
@@ -133,14 +151,17 @@ fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
 }
 
 /// The `UsageReport` message.
-pub fn report(lineage: &[u8], digests: &[Digest]) -> Vec<u8> {
-    let mut all = Vec::with_capacity(digests.len() * 32);
-    for d in digests {
-        all.extend_from_slice(&d.0);
+pub fn report(lineage: &[u8], uses: &[Use]) -> Vec<u8> {
+    let mut digests = Vec::with_capacity(uses.len() * 32);
+    let mut access = Vec::with_capacity(uses.len());
+    for (d, a) in uses {
+        digests.extend_from_slice(&d.0);
+        access.push(a.bits());
     }
-    let mut out = Vec::with_capacity(all.len() + lineage.len() + 16);
+    let mut out = Vec::with_capacity(digests.len() + access.len() + lineage.len() + 24);
     field(&mut out, 1, lineage);
-    field(&mut out, 2, &all);
+    field(&mut out, 2, &digests);
+    field(&mut out, 3, &access);
     out
 }
 

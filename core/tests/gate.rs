@@ -3,9 +3,11 @@
 #![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 mod common;
 
+use apitokens_core::access::{Access, Kind};
 use apitokens_core::denial::{Counter, Denial};
 use apitokens_core::gate::{self, Verdict};
 use apitokens_core::reply::Reply;
+use apitokens_core::role::Role;
 use apitokens_core::Config;
 use common::recorder::Recorder;
 use common::*;
@@ -670,4 +672,109 @@ fn a_vm_catching_up_refuses_what_it_would_admit_and_nothing_else() {
     host.catching_up = true;
     assert_eq!(run(&config, &mut host), Verdict::Stop);
     assert_eq!(host.reply.as_ref().unwrap().0, Denial::Missing);
+}
+
+/// What each request did, as its use reports it: the kinds of access, and
+/// the narrowest role that would have admitted it.
+fn evidence(config: &Config, mut host: Recorder) -> (Verdict, Access) {
+    let verdict = run(config, &mut host);
+    assert_eq!(host.used.len(), 1, "one use per authenticated request");
+    (verdict, host.used[0].1)
+}
+
+#[test]
+fn an_admitted_request_reports_what_it_did_and_the_narrowest_role_for_it() {
+    let config = fixture();
+    let owner = bearer(OWNER);
+    let editor = bearer(EDITOR);
+    let viewer = bearer(VIEWER);
+    let ns = "/api/v1/namespaces/default";
+    let cases: [(Recorder, &[Kind], Role); 9] = [
+        (
+            Recorder::request("GET", &format!("{ns}/deployments"), Some(&owner)),
+            &[Kind::Read],
+            Role::Viewer,
+        ),
+        (
+            Recorder::request("GET", &format!("{ns}/jobs/j1"), Some(&viewer)),
+            &[Kind::Read],
+            Role::Viewer,
+        ),
+        (
+            Recorder::request("DELETE", &format!("{ns}/jobs/j1"), Some(&owner)),
+            &[Kind::Write],
+            Role::Editor,
+        ),
+        // Secret values: only editors and owners may even read them.
+        (
+            Recorder::request("GET", &format!("{ns}/secret-values"), Some(&editor)),
+            &[Kind::Read],
+            Role::Editor,
+        ),
+        // A POST with a body could be a PUT, PATCH or DELETE upstream.
+        (
+            {
+                let mut r = Recorder::request("POST", &format!("{ns}/deployments"), Some(&editor));
+                r.body = true;
+                r
+            },
+            &[Kind::Write],
+            Role::Editor,
+        ),
+        // A GET that an override turns into a DELETE: which one ran is the
+        // upstream's choice, both count.
+        (
+            Recorder::request("GET", &format!("{ns}/jobs/j1"), Some(&owner))
+                .with_header("x-http-method-override", "DELETE"),
+            &[Kind::Read, Kind::Write],
+            Role::Editor,
+        ),
+        (
+            Recorder::request("GET", "/apitokens/v1/namespaces/default/apitokens", Some(&owner)),
+            &[Kind::Tokens],
+            Role::Owner,
+        ),
+        // Asking who it is: any role may, a read.
+        (
+            Recorder::request("GET", "/apitokens/v1/namespaces/default/apitokens:self", Some(&owner)),
+            &[Kind::Read],
+            Role::Viewer,
+        ),
+        (
+            Recorder::request("PATCH", "/namespaces/v1/namespaces/default", Some(&owner)),
+            &[Kind::Write],
+            Role::Owner,
+        ),
+    ];
+    for (host, kind, narrowest) in cases {
+        let what = format!("{:?}", host.headers);
+        let (verdict, access) = evidence(&config, host);
+        assert_eq!(verdict, Verdict::Continue, "{what}");
+        assert!(access.is_used(), "{what}");
+        assert_eq!(
+            Kind::ALL.into_iter().filter(|k| access.has(*k)).collect::<Vec<_>>(),
+            kind,
+            "{what}"
+        );
+        assert_eq!(access.narrowest_role(), Some(narrowest), "{what}");
+    }
+}
+
+#[test]
+fn a_refused_request_is_a_use_but_no_evidence() {
+    let config = fixture();
+    let viewer = bearer(VIEWER);
+    let owner = bearer(OWNER);
+    for host in [
+        Recorder::request("POST", "/api/v1/namespaces/default/deployments", Some(&viewer)),
+        Recorder::request("GET", "/api/v1/namespaces/other/deployments", Some(&owner)),
+        Recorder::request("GET", "/api/v1/namespaces/default/jobs/j1", Some(&viewer))
+            .with_header("x-http-method-override", "DELETE"),
+    ] {
+        let what = format!("{:?}", host.headers);
+        let (verdict, access) = evidence(&config, host);
+        assert_eq!(verdict, Verdict::Stop, "{what}");
+        assert_eq!(access, Access::USED, "{what}");
+        assert_eq!(access.narrowest_role(), None, "{what}");
+    }
 }

@@ -15,6 +15,7 @@ from datetime import datetime
 import pytest
 
 from testkit import checks
+from testkit.clients import Client
 from testkit.controlplane import APP, PLUGIN_BASE, ControlPlane, create, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret, rfc3339
 
@@ -115,6 +116,45 @@ def test_the_last_use_is_reported_by_the_filter(plane):
     assert envoy.get(APP, refused, method="DELETE").status == 403
     poll(lambda: plane.api("GET", tokens_path(token="refused"), owner).json()["apiToken"].get("lastUseTime"), 10,
          "lastUseTime of a token whose request was refused")
+
+
+def test_what_a_token_did_is_its_access_evidence_and_the_narrowest_role(plane):
+    """Least privilege from evidence, end to end: the filter marks what each
+    admitted request did, its usage reports carry it, and the API shows the
+    kinds of access and the narrowest role that would have admitted them."""
+    envoy, owner = plane.envoy, plane.owner
+    secret = remember_secret(create(plane.api_port, owner, "broad", "owner").json()["apiToken"]["secret"])
+
+    def access(token_id: str):
+        return plane.api("GET", tokens_path(token=token_id), owner).json()["apiToken"].get("access")
+
+    assert access("broad") is None, "no evidence before any use"
+    assert envoy.get(APP, secret).status == 200
+    assert envoy.get(APP + "/d1", secret).status == 200
+    read = {"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}
+    poll(lambda: access("broad") == read, 10, "evidence of reads only")
+    # A write over HTTP/2 with a body: an editor would be needed.
+    h2 = Client(envoy, "h2")
+    try:
+        r = h2.request("POST", APP, authorization=f"Bearer {secret}", content=b'{"name": "d2"}',
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200, r
+    finally:
+        h2.close()
+    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write"], "narrowestRole": "editor"}, 10,
+         "evidence of a write")
+    # A call on the token API through the gateway: only an owner may.
+    assert envoy.get(tokens_path(), secret).status == 200
+    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write", "tokens"], "narrowestRole": "owner"},
+         10, "evidence of token management")
+    # A refused request is a use of the token, and no evidence of a need.
+    viewer = remember_secret(create(plane.api_port, owner, "overreach", "viewer").json()["apiToken"]["secret"])
+    assert envoy.get(APP, viewer, method="DELETE").status == 403
+    poll(lambda: plane.api("GET", tokens_path(token="overreach"), owner).json()["apiToken"].get("lastUseTime"), 10,
+         "the refused request's use")
+    assert access("overreach") is None
+    assert envoy.get(APP, viewer).status == 200
+    poll(lambda: access("overreach") == read, 10, "a viewer's read")
 
 
 def test_requests_do_not_wait_for_a_control_plane_that_is_down(plane):

@@ -158,9 +158,10 @@ def test_disable_and_enable(console, namespace, until, issue):
     expect(row).to_have_class("disabled")
     after = console.rows()["pausable"]
     assert after["State"] == "Disabled"
-    # (Not "Last used": the request above used the token, and the filter's
-    # usage report may land between the two reads, which adds the column.)
-    moving = ("State", "Actions", "Last used")
+    # (Not "Last used" nor "Access": the request above used the token, and
+    # the filter's usage report may land between the two reads, which adds
+    # the columns.)
+    moving = ("State", "Actions", "Last used", "Access (30 days)")
     assert {k: v for k, v in after.items() if k not in moving} == {
         k: v for k, v in before.items() if k not in moving}, "kept as it was"
     # The row's action is now Enable, and it has the focus.

@@ -41,6 +41,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
                 created_by: None,
                 previous: None,
                 last_use: None,
+                evidence: Default::default(),
                 disabled: false,
             }],
             None,
@@ -318,7 +319,7 @@ async fn disable_refuses_at_once_and_enable_restores_the_same_secret() {
     // Used once (a filter's report), so that a disable has a last use to keep.
     f.state
         .service
-        .record_use(&f.store.lineage(), &Digest::of(secret.as_bytes()).0);
+        .record_use(&f.store.lineage(), &Digest::of(secret.as_bytes()).0, &[]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
     stop_tx.send(true).unwrap();
@@ -1483,10 +1484,10 @@ async fn reported_uses_become_the_last_use_time() {
     assert!(got.body["apiToken"].get("lastUseTime").is_none(), "never used");
     let digest = Digest::of(secret.as_bytes());
     // Another store's report is ignored; this store's is recorded.
-    f.state.service.record_use(&[0; 16], &digest.0);
+    f.state.service.record_use(&[0; 16], &digest.0, &[]);
     f.state
         .service
-        .record_use(&f.store.lineage(), &[digest.0, [7; 32]].concat());
+        .record_use(&f.store.lineage(), &[digest.0, [7; 32]].concat(), &[]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
     stop_tx.send(true).unwrap();
@@ -1504,6 +1505,63 @@ async fn reported_uses_become_the_last_use_time() {
         .find(|t| t["name"] == "namespaces/default/apitokens/admin")
         .unwrap();
     assert!(admin.get("lastUseTime").is_none());
+}
+
+#[tokio::test]
+async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
+    use apitokens_core::access::{Access, Kind};
+    use apitokens_core::role::RoleSet;
+    use apitokens_core::Role;
+    let (dir, store) = changes_fail("api-evidence");
+    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
+    let opts = ServiceOptions {
+        clock: clock.clone(),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let secret = f.create("ci", "owner").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let digest = Digest::of(secret.as_bytes());
+    let flush = || async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+        stop_tx.send(true).unwrap();
+        flusher.await.unwrap();
+    };
+    let access = || async {
+        let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
+        got.body["apiToken"].get("access").cloned()
+    };
+    // Used by a filter that reports no access: no claim.
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
+    flush().await;
+    assert_eq!(access().await, None);
+    let read = Access::admitted(Kind::Read, RoleSet::ALL).bits();
+    let write = Access::admitted(Kind::Write, RoleSet::NONE.with(Role::Editor).with(Role::Owner)).bits();
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[read]);
+    flush().await;
+    assert_eq!(
+        access().await,
+        Some(serde_json::json!({"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}))
+    );
+    // A write in the same minute is new evidence: written, not skipped as
+    // the minute's use already written.
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[write]);
+    flush().await;
+    assert_eq!(
+        access().await,
+        Some(serde_json::json!({"days": 30, "kinds": ["read", "write"], "narrowestRole": "editor"}))
+    );
+    // A month and a day later, only reads since: the write is forgotten.
+    clock.advance(Duration::from_secs(31 * 86_400));
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[read]);
+    flush().await;
+    assert_eq!(
+        access().await,
+        Some(serde_json::json!({"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}))
+    );
 }
 
 #[tokio::test]
@@ -1527,15 +1585,15 @@ async fn a_token_used_again_within_the_minute_costs_no_second_write() {
     // Reports from many filters, flushed again and again within a minute.
     let before = writes();
     for _ in 0..5 {
-        f.state.service.record_use(&f.store.lineage(), &digest.0);
-        f.state.service.record_use(&f.store.lineage(), &digest.0);
+        f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
+        f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
         flush().await;
         clock.advance(Duration::from_secs(5));
     }
     assert_eq!(writes() - before, 1, "one write for one token's uses within a minute");
     // The next minute's use is written again.
     clock.advance(Duration::from_secs(60));
-    f.state.service.record_use(&f.store.lineage(), &digest.0);
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
     flush().await;
     assert_eq!(writes() - before, 2, "a use in the next minute is written");
     let got = f.call("GET", COLLECTION, Some(&f.owner), None).await;
@@ -1659,7 +1717,7 @@ async fn every_role_reads_itself_and_nothing_else() {
     // Its last use, once reported.
     f.state
         .service
-        .record_use(&f.store.lineage(), &Digest::of(editor.as_bytes()).0);
+        .record_use(&f.store.lineage(), &Digest::of(editor.as_bytes()).0, &[]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
     stop_tx.send(true).unwrap();

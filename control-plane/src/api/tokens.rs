@@ -6,6 +6,7 @@ use super::extract::{Allowed, JsonBody, RawBody, Route};
 use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HEADER, NOT_APPLIED_HEADER};
 use crate::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
+use crate::tokens::evidence::AccessSummary;
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
 use axum::extract::rejection::QueryRejection;
@@ -37,10 +38,35 @@ struct ApiToken<'a> {
     /// During a rotation's overlap: until when the previous secret works.
     #[serde(skip_serializing_if = "Option::is_none")]
     previous_secret_expire_time: Option<String>,
+    /// What its admitted requests did lately (absent without evidence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access: Option<AccessJson>,
+}
+
+/// `access`: the kinds of access a token's admitted requests used in the
+/// last `days` days, and the narrowest role that would have admitted them
+/// all (absent if no single role would have).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AccessJson {
+    days: u32,
+    kinds: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    narrowest_role: Option<&'static str>,
+}
+
+impl From<AccessSummary> for AccessJson {
+    fn from(s: AccessSummary) -> Self {
+        Self {
+            days: s.days,
+            kinds: s.kinds.iter().map(|k| k.as_str()).collect(),
+            narrowest_role: s.narrowest.map(|r| r.as_str()),
+        }
+    }
 }
 
 impl<'a> ApiToken<'a> {
-    fn new(r: &'a TokenRecord, secret: Option<&'a Secret>) -> Self {
+    fn new(app: &AppState, r: &'a TokenRecord, secret: Option<&'a Secret>) -> Self {
         Self {
             name: &r.name,
             secret: secret.map(Secret::expose),
@@ -53,6 +79,7 @@ impl<'a> ApiToken<'a> {
             previous_secret_expire_time: r
                 .previous
                 .map(|p| r.expire_time.map_or(p.until, |e| e.min(p.until)).to_rfc3339()),
+            access: app.service.access_summary(r).map(AccessJson::from),
         }
     }
 }
@@ -163,13 +190,13 @@ fn not_applied(lagging: &[Lagging], names: bool) -> String {
     format!("{} (which: /status)", each.join("; "))
 }
 
-fn issued(issued: &Issued, names: bool) -> Response {
+fn issued(app: &AppState, issued: &Issued) -> Response {
     written(
         &One {
-            api_token: ApiToken::new(&issued.token, Some(&issued.secret)),
+            api_token: ApiToken::new(app, &issued.token, Some(&issued.secret)),
         },
         &issued.delivery,
-        names,
+        app.name_envoys,
     )
 }
 
@@ -178,7 +205,7 @@ pub(crate) async fn list(State(app): State<Arc<AppState>>, caller: Allowed) -> R
     Ok(json_response(
         StatusCode::OK,
         &Many {
-            api_tokens: records.iter().map(|r| ApiToken::new(r, None)).collect(),
+            api_tokens: records.iter().map(|r| ApiToken::new(&app, r, None)).collect(),
         },
     ))
 }
@@ -229,7 +256,7 @@ pub(crate) async fn create(
         .service
         .create(caller.route.namespace(), new, &caller.actor, wait(query)?)
         .await?;
-    Ok(issued(&result, app.name_envoys))
+    Ok(issued(&app, &result))
 }
 
 pub(crate) async fn get(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
@@ -238,7 +265,7 @@ pub(crate) async fn get(State(app): State<Arc<AppState>>, caller: Allowed) -> Re
     Ok(json_response(
         StatusCode::OK,
         &One {
-            api_token: ApiToken::new(&record, None),
+            api_token: ApiToken::new(&app, &record, None),
         },
     ))
 }
@@ -304,18 +331,18 @@ pub(crate) async fn action(
         }
         _ => return Err(AppError::UnknownAction),
     };
-    Ok(state_set(&updated, app.name_envoys))
+    Ok(state_set(&app, &updated))
 }
 
 /// The answer to a disable or an enable: the token (never its secret), and
 /// the write's headers.
-fn state_set(updated: &Updated, names: bool) -> Response {
+fn state_set(app: &AppState, updated: &Updated) -> Response {
     written(
         &One {
-            api_token: ApiToken::new(&updated.token, None),
+            api_token: ApiToken::new(app, &updated.token, None),
         },
         &updated.delivery,
-        names,
+        app.name_envoys,
     )
 }
 
@@ -336,7 +363,7 @@ async fn regenerate(
         })?),
     };
     let result = app.service.regenerate(ns, id, overlap, &caller.actor, wait).await?;
-    Ok(issued(&result, app.name_envoys))
+    Ok(issued(&app, &result))
 }
 
 /// What a token may learn about itself: nothing about another token (not

@@ -176,6 +176,10 @@ pub(super) struct ServeArgs {
     /// How often due expiry warnings are looked for, in seconds
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     expiry_warning_scan_seconds: u64,
+    /// The window of each token's access evidence (`access` in the API: the kinds of access its requests used, and the narrowest role that would have admitted them), in days
+    #[arg(long, default_value_t = crate::tokens::evidence::DEFAULT_DAYS, value_name = "DAYS",
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    evidence_days: u32,
     /// Log level: error, warn, info, debug
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub(super) log_level: tracing::Level,
@@ -665,6 +669,7 @@ impl Core {
                 },
                 // One clock for the service and the publisher.
                 clock: self.publisher.clock().clone(),
+                evidence_days: args.evidence_days,
             },
         )))
     }

@@ -22,6 +22,9 @@ pub struct UsageReport {
     /// SHA-256 digests, 32 bytes each.
     #[prost(bytes = "vec", tag = "2")]
     pub digests: Vec<u8>,
+    /// What each digest's requests did, one `Access` byte per digest.
+    #[prost(bytes = "vec", tag = "3")]
+    pub access: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -50,7 +53,7 @@ impl UnaryService<UsageReport> for Report {
         let service = Arc::clone(&self.0);
         Box::pin(async move {
             let report = request.into_inner();
-            service.record_use(&report.lineage, &report.digests);
+            service.record_use(&report.lineage, &report.digests, &report.access);
             Ok(Response::new(UsageReply {}))
         })
     }
@@ -80,16 +83,20 @@ impl Route for UsageServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apitokens_core::access::{Access, Kind};
+    use apitokens_core::role::RoleSet;
     use apitokens_core::table::Digest;
     use prost::Message;
 
     #[test]
     fn the_filters_encoding_decodes() {
-        let digests = [Digest::of(b"a"), Digest::of(b"b")];
-        let bytes = apitokens_core::usage::report(b"0123456789abcdef", &digests);
+        let read = Access::admitted(Kind::Read, RoleSet::ALL);
+        let uses = [(Digest::of(b"a"), Access::USED), (Digest::of(b"b"), read)];
+        let bytes = apitokens_core::usage::report(b"0123456789abcdef", &uses);
         let report = UsageReport::decode(bytes.as_slice()).unwrap();
         assert_eq!(report.lineage, b"0123456789abcdef");
-        assert_eq!(report.digests, [digests[0].0, digests[1].0].concat());
+        assert_eq!(report.digests, [uses[0].0 .0, uses[1].0 .0].concat());
+        assert_eq!(report.access, [Access::USED.bits(), read.bits()]);
     }
 
     #[test]

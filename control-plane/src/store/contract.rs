@@ -7,6 +7,7 @@ use super::{
     Action, AuditEvent, Changes, Credential, Epoch, NewDigest, Position, PreviousSecret, Revision, StateSet, Store,
     StoreError, TokenRecord, Use,
 };
+use apitokens_core::access::Access;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
 
@@ -21,6 +22,7 @@ pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
         created_by: None,
         previous: None,
         last_use: None,
+        evidence: Default::default(),
         disabled: false,
     }
 }
@@ -352,6 +354,7 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
         name: r.name.clone(),
         digest: r.digest,
         time: t(s),
+        access: Access::USED,
     };
     let gone = record("namespaces/default/apitokens/gone", Role::Viewer, 9);
     store.record_usage(vec![used(&a, 100), used(&gone, 100)]).await.unwrap();
@@ -379,6 +382,40 @@ pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(stor
     assert_eq!(store.get(&a.name).await.unwrap().unwrap().last_use, Some(t(300)));
 }
 
+pub(crate) async fn the_evidence_keeps_each_facts_latest_time(store: &dyn Store) {
+    use apitokens_core::access::Kind;
+    use apitokens_core::role::RoleSet;
+    let a = record("namespaces/default/apitokens/a", Role::Owner, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let t = |s| Timestamp::from_unix(s, 0);
+    let read = Access::admitted(Kind::Read, RoleSet::ALL);
+    let write = Access::admitted(Kind::Write, RoleSet::NONE.with(Role::Editor).with(Role::Owner));
+    let used = |s, access| Use {
+        name: a.name.clone(),
+        digest: a.digest,
+        time: t(s),
+        access,
+    };
+    // A batch may name a token twice; batches may come late.
+    store
+        .record_usage(vec![used(100, read), used(120, write)])
+        .await
+        .unwrap();
+    store.record_usage(vec![used(300, read)]).await.unwrap();
+    store.record_usage(vec![used(50, write)]).await.unwrap();
+    // A use from a filter that reports no access: a use, no evidence.
+    store.record_usage(vec![used(400, Access::USED)]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap();
+    assert_eq!(got.last_use, Some(t(400)));
+    assert_eq!(got.evidence.kinds, [Some(t(300)), Some(t(120)), None]);
+    assert_eq!(got.evidence.refused_by, [Some(t(120)), None, None]);
+    assert_eq!(store.list("default").await.unwrap()[0].evidence, got.evidence);
+    // It goes with the token.
+    store.delete(&a.name, test_event()).await.unwrap();
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    assert_eq!(store.get(&a.name).await.unwrap().unwrap().evidence, Default::default());
+}
+
 pub(crate) async fn a_disabled_token_keeps_everything_and_is_enabled_again(store: &dyn Store) {
     let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
     a.expire_time = Some(Timestamp::from_unix(4_000_000_000, 0));
@@ -391,6 +428,7 @@ pub(crate) async fn a_disabled_token_keeps_everything_and_is_enabled_again(store
         name: a.name.clone(),
         digest: Digest([2; 32]),
         time: Timestamp::from_unix(1_800_000_000, 0),
+        access: Access::USED,
     };
     store.record_usage(vec![used]).await.unwrap();
     let before = store.get(&a.name).await.unwrap().unwrap();
@@ -826,6 +864,7 @@ macro_rules! store_contract_tests {
             the_audit_trail_is_written_with_the_change_and_read_newest_first,
             old_audit_events_are_pruned_oldest_first,
             last_use_is_the_latest_recorded_and_goes_with_the_token,
+            the_evidence_keeps_each_facts_latest_time,
             a_disabled_token_keeps_everything_and_is_enabled_again,
             the_outbox_is_read_in_order_from_a_leased_cursor,
             expiry_warnings_are_given_once_per_lead_time);

@@ -41,6 +41,7 @@ pub(crate) fn next_epoch(head: &Head) -> Position {
     )
 }
 
+use apitokens_core::access::{Access, Kind};
 use apitokens_core::compact::Lineage;
 use apitokens_core::name::TokenName;
 use apitokens_core::table::{Digest, Entry, TokenEntries};
@@ -165,18 +166,75 @@ pub struct TokenRecord {
     /// When one of its secrets last authenticated a request, to the minute
     /// (filled in by `get` and `list`).
     pub last_use: Option<Timestamp>,
+    /// What its admitted requests did, by when (filled in by `get` and
+    /// `list`).
+    pub evidence: Evidence,
     /// Suspended by an owner ([`Store::set_disabled`]): in the table every
     /// Envoy gets, and refused there, with everything else kept.
     pub disabled: bool,
 }
 
 /// A token's use as the filters reported it: by the digest of the secret
-/// that authenticated the request.
+/// that authenticated the request, with what its requests did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Use {
     pub name: String,
     pub digest: Digest,
     pub time: Timestamp,
+    pub access: Access,
+}
+
+/// The evidence for least privilege: when a token's admitted requests last
+/// did each kind of access, and last did what each role may not, to the
+/// minute. One time per fact (not a log of requests): a window of any
+/// length is a comparison, and a token's evidence is a handful of columns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evidence {
+    /// By [`Kind::ALL`]: read, write, tokens.
+    pub kinds: [Option<Timestamp>; 3],
+    /// By [`Role::ALL`]: a request that a viewer, an editor, an owner would
+    /// have refused.
+    pub refused_by: [Option<Timestamp>; 3],
+}
+
+impl Evidence {
+    /// The columns, in the stores' order.
+    pub fn times(&self) -> [Option<Timestamp>; 6] {
+        let [r, w, t] = self.kinds;
+        let [v, e, o] = self.refused_by;
+        [r, w, t, v, e, o]
+    }
+
+    pub fn from_times(times: [Option<Timestamp>; 6]) -> Self {
+        let [r, w, t, v, e, o] = times;
+        Self {
+            kinds: [r, w, t],
+            refused_by: [v, e, o],
+        }
+    }
+
+    /// A use at `time` that did `access`.
+    pub fn of_use(time: Timestamp, access: Access) -> Self {
+        Self {
+            kinds: Kind::ALL.map(|k| access.has(k).then_some(time)),
+            refused_by: Role::ALL.map(|r| access.refusing().contains(r).then_some(time)),
+        }
+    }
+
+    /// What was seen at `since` or later.
+    pub fn since(&self, since: Timestamp) -> Access {
+        let recent = |t: &Option<Timestamp>| t.is_some_and(|t| t >= since);
+        let kinds = Kind::ALL
+            .into_iter()
+            .zip(&self.kinds)
+            .filter(|(_, t)| recent(t))
+            .fold(Access::NONE, |a, (k, _)| a.with_kind(k));
+        Role::ALL
+            .into_iter()
+            .zip(&self.refused_by)
+            .filter(|(_, t)| recent(t))
+            .fold(kinds, |a, (r, _)| a.refused_by(r))
+    }
 }
 
 /// A rotation's overlap: the previous secret's digest and its end.

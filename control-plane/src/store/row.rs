@@ -2,7 +2,7 @@
 //! decoding: one place for what a readable row is, so SQLite and PostgreSQL
 //! refuse the same damaged rows with the same words.
 
-use super::{Action, AuditEvent, Credential, PreviousSecret, Result, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Credential, Evidence, PreviousSecret, Result, StoreError, TokenRecord};
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -22,6 +22,19 @@ pub(super) const EVENT_FIELDS: &str = "time_seconds, time_nanos, action, token, 
      expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential";
 /// `COLUMNS` and the last use, for the API's reads.
 pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
+/// The `usage` columns a read selects after `COLUMNS`: the last use, then
+/// the evidence in [`Evidence::times`] order.
+pub(super) const USE_COLUMNS: &str = "u.last_use_seconds, u.read_seconds, u.write_seconds, u.tokens_seconds, \
+     u.past_viewer_seconds, u.past_editor_seconds, u.past_owner_seconds";
+/// The evidence columns of `usage`, in [`Evidence::times`] order.
+pub(super) const EVIDENCE: [&str; 6] = [
+    "read_seconds",
+    "write_seconds",
+    "tokens_seconds",
+    "past_viewer_seconds",
+    "past_editor_seconds",
+    "past_owner_seconds",
+];
 
 /// A value both backends read from a column.
 pub(super) trait Stored: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
@@ -47,11 +60,12 @@ pub(super) struct Row {
     pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
     pub(super) disabled: bool,
     pub(super) last_use: Option<i64>,
+    pub(super) evidence: [Option<i64>; 6],
 }
 
 impl Row {
-    /// The columns of `COLUMNS` from column `at` on, then the last use when
-    /// the query selected it.
+    /// The columns of `COLUMNS` from column `at` on, then the last use and
+    /// the evidence when the query selected them (`USE_COLUMNS`).
     pub(super) fn read(r: &impl Columns, at: usize) -> Result<Self> {
         Ok(Self {
             name: r.at(at)?,
@@ -64,6 +78,18 @@ impl Row {
             previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
             disabled: r.at(at + 12)?,
             last_use: if r.width() > at + 13 { r.at(at + 13)? } else { None },
+            evidence: if r.width() > at + 19 {
+                [
+                    r.at(at + 14)?,
+                    r.at(at + 15)?,
+                    r.at(at + 16)?,
+                    r.at(at + 17)?,
+                    r.at(at + 18)?,
+                    r.at(at + 19)?,
+                ]
+            } else {
+                [None; 6]
+            },
         })
     }
 }
@@ -111,6 +137,7 @@ pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
         created_by: row.created_by,
         previous,
         last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        evidence: Evidence::from_times(row.evidence.map(|t| t.map(|s| Timestamp::from_unix(s, 0)))),
         disabled: row.disabled,
         name: name.clone(),
     })

@@ -9,6 +9,7 @@
 //! already enforce it, or the answer says which ones do not.
 
 use super::caller::{self, Actor, Lifetimes};
+use super::evidence::{self, AccessSummary};
 use super::rate::{Buckets, Rate};
 use super::secret::Secret;
 use super::{audit, Error};
@@ -16,12 +17,12 @@ use crate::acks::{Rollout, Tracker};
 use crate::clock::Clock;
 use crate::config::{Publisher, Version};
 use crate::metrics::ServiceMetrics;
-use crate::store::{Action, AuditEvent, NewDigest, Revision, Store, TokenRecord, Use};
+use crate::store::{Action, AuditEvent, Evidence, NewDigest, Revision, Store, TokenRecord, Use};
 use apitokens_core::config::Config;
 use apitokens_core::name::{is_dns_label, TokenName};
 use apitokens_core::spec::PluginConfig;
 use apitokens_core::table::Digest;
-use apitokens_core::{Role, Timestamp};
+use apitokens_core::{Access, Role, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,9 @@ pub struct ServiceOptions {
     pub report_rate: Rate,
     /// What expiry, last use and retention are measured against.
     pub clock: Clock,
+    /// The window of the evidence for least privilege, in days
+    /// (`evidence`).
+    pub evidence_days: u32,
 }
 
 impl Default for ServiceOptions {
@@ -56,6 +60,7 @@ impl Default for ServiceOptions {
             write_rate: Rate::default(),
             report_rate: super::rate::DEFAULT_REPORT_RATE,
             clock: Clock::system(),
+            evidence_days: super::evidence::DEFAULT_DAYS,
         }
     }
 }
@@ -133,12 +138,14 @@ pub struct Service {
     push: Option<Push>,
     opts: ServiceOptions,
     /// Last uses reported by the filters, not yet written to the store.
-    /// The latest use of each token name, and the digest it was made with.
-    uses: std::sync::Mutex<std::collections::HashMap<String, (Digest, Timestamp)>>,
-    /// The minute last written for each token used lately: a use in the
-    /// same minute is not written again (a busy token costs the store one
-    /// write a minute, however many filters report it).
-    written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64)>>,
+    /// The latest use of each token name, the digest it was made with, and
+    /// everything its requests did since the last write.
+    uses: std::sync::Mutex<std::collections::HashMap<String, (Digest, Timestamp, Access)>>,
+    /// The minute last written for each token used lately, and what was
+    /// written for it: a use in the same minute that did nothing new is not
+    /// written again (a busy token costs the store one write a minute,
+    /// however many filters report it).
+    written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64, Access)>>,
     /// Each namespace's writes, for [`ServiceOptions::write_rate`].
     buckets: Buckets,
     /// Each client's leak reports, for [`ServiceOptions::report_rate`].
@@ -152,6 +159,28 @@ pub struct Service {
 }
 
 /// A last use is kept to the minute.
+/// Adds a use to those waiting for the store: the latest one's digest and
+/// time, and everything either did.
+fn remember(
+    uses: &mut std::collections::HashMap<String, (Digest, Timestamp, Access)>,
+    name: &str,
+    (digest, time, access): (Digest, Timestamp, Access),
+) {
+    match uses.get_mut(name) {
+        Some(kept) => {
+            let did = kept.2.union(access);
+            if kept.1 <= time {
+                *kept = (digest, time, did);
+            } else {
+                kept.2 = did;
+            }
+        }
+        None => {
+            uses.insert(name.to_owned(), (digest, time, access));
+        }
+    }
+}
+
 fn minute_of(t: Timestamp) -> i64 {
     t.unix_seconds().div_euclid(60)
 }
@@ -367,6 +396,7 @@ impl Service {
             created_by: Some(actor.name.clone()),
             previous: None,
             last_use: None,
+            evidence: Evidence::default(),
             disabled: false,
         };
         let event = AuditEvent {
@@ -580,6 +610,7 @@ impl Service {
                 created_by: Some("apitokens import".to_owned()),
                 previous: None,
                 last_use: None,
+                evidence: Evidence::default(),
                 // A token rendered disabled (`apitokens render`) stays disabled.
                 disabled: t.disabled,
             });
@@ -631,11 +662,19 @@ impl Service {
         Ok(count)
     }
 
+    /// What `token` did in the evidence window, and the narrowest role
+    /// that would have admitted it (`evidence`).
+    pub fn access_summary(&self, token: &TokenRecord) -> Option<AccessSummary> {
+        evidence::summarize(&token.evidence, self.opts.clock.now(), self.opts.evidence_days)
+    }
+
     /// A filter's usage report: the digests (32 bytes each) of secrets that
-    /// authenticated requests since its last report. Remembered as used now;
-    /// written to the store by [`Service::run_usage`]. A report about
-    /// another store's tokens (`lineage`) is ignored.
-    pub fn record_use(&self, lineage: &[u8], digests: &[u8]) {
+    /// authenticated requests since its last report, and for each what its
+    /// requests did (`access`, one byte per digest; empty from filters
+    /// older than it: used, nothing known). Remembered as used now; written
+    /// to the store by [`Service::run_usage`]. A report about another
+    /// store's tokens (`lineage`) is ignored.
+    pub fn record_use(&self, lineage: &[u8], digests: &[u8], access: &[u8]) {
         let Some(push) = &self.push else {
             return;
         };
@@ -652,13 +691,14 @@ impl Service {
         // filter (or whoever forges one) could choose.
         let now = Timestamp::from_unix(minute_of(self.opts.clock.now()).saturating_mul(60), 0);
         let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for chunk in digests.chunks_exact(32) {
+        for (i, chunk) in digests.chunks_exact(32).enumerate() {
             let Ok(bytes) = chunk.try_into() else {
                 continue;
             };
             let digest = Digest(bytes);
+            let did = access.get(i).map_or(Access::USED, |b| Access::from_bits(*b));
             if let Some(token) = snapshot.token(&digest) {
-                uses.insert(token.name().to_owned(), (digest, now));
+                remember(&mut uses, token.name(), (digest, now, did));
             }
         }
     }
@@ -671,8 +711,17 @@ impl Service {
             let written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             taken
                 .into_iter()
-                .filter(|(name, (digest, time))| written.get(name) != Some(&(*digest, minute_of(*time))))
-                .map(|(name, (digest, time))| Use { name, digest, time })
+                .filter(|(name, (digest, time, access))| {
+                    written.get(name).is_none_or(|(d, minute, done)| {
+                        (d, *minute) != (digest, minute_of(*time)) || done.union(*access) != *done
+                    })
+                })
+                .map(|(name, (digest, time, access))| Use {
+                    name,
+                    digest,
+                    time,
+                    access,
+                })
                 .collect()
         };
         if batch.is_empty() {
@@ -683,10 +732,14 @@ impl Service {
                 let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 // Older minutes never match a new use again.
                 let recent = minute_of(self.opts.clock.now()).saturating_sub(1);
-                written.retain(|_, (_, minute)| *minute >= recent);
+                written.retain(|_, (_, minute, _)| *minute >= recent);
                 for u in batch {
                     let minute = minute_of(u.time);
-                    written.insert(u.name, (u.digest, minute));
+                    let done = match written.get(&u.name) {
+                        Some((d, m, done)) if (*d, *m) == (u.digest, minute) => done.union(u.access),
+                        _ => u.access,
+                    };
+                    written.insert(u.name, (u.digest, minute, done));
                 }
             }
             Err(e) => {
@@ -696,9 +749,7 @@ impl Service {
                 );
                 let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 for u in batch {
-                    if uses.get(&u.name).is_none_or(|(_, t)| *t < u.time) {
-                        uses.insert(u.name, (u.digest, u.time));
-                    }
+                    remember(&mut uses, &u.name, (u.digest, u.time, u.access));
                 }
             }
         }

@@ -14,13 +14,14 @@
 //! older one keeps what it lacks.
 
 use super::{Digest, Token, TokenTable};
+use crate::access::Access;
 use crate::compact::Stamp;
 use crate::role::Role;
 use crate::table::{Change, Entry, TokenEntries};
 use crate::timestamp::Timestamp;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Digests are SHA-256 outputs: their first 8 bytes are as good a hash as
 /// any, and an attacker who picks secrets cannot pick where a digest lands.
@@ -71,10 +72,11 @@ struct Slot {
     expire: Option<Timestamp>,
     previous: bool,
     disabled: bool,
-    /// Authenticated a request since the last usage report. (An atomic so
-    /// that the control plane can share an overlay between threads; on
-    /// wasm32 without threads it is a plain byte.)
-    used: AtomicBool,
+    /// What its requests did since the last usage report
+    /// ([`Access::bits`], 0 when unused). (An atomic so that the control
+    /// plane can share an overlay between threads; on wasm32 without
+    /// threads it is a plain byte.)
+    used: AtomicU8,
 }
 
 impl Clone for Slot {
@@ -86,7 +88,7 @@ impl Clone for Slot {
             expire: self.expire,
             previous: self.previous,
             disabled: self.disabled,
-            used: AtomicBool::new(self.used.load(Ordering::Relaxed)),
+            used: AtomicU8::new(self.used.load(Ordering::Relaxed)),
         }
     }
 }
@@ -161,7 +163,7 @@ impl Overlay {
             expire: entry.expire,
             previous: entry.previous,
             disabled: entry.disabled,
-            used: AtomicBool::new(false),
+            used: AtomicU8::new(0),
         });
         self.digests.insert(entry.digest, at);
         at
@@ -170,7 +172,7 @@ impl Overlay {
     /// A snapshot at `snapshot` replaced the table: drops the changes it
     /// holds (made at or before it), keeps the later ones. The digests of
     /// used entries that go are handed to `used` first.
-    pub fn rebase(&mut self, snapshot: Stamp, used: &mut Vec<Digest>) {
+    pub fn rebase(&mut self, snapshot: Stamp, used: &mut Vec<(Digest, Access)>) {
         self.drain_used(used);
         let kept: Vec<(Box<str>, Named)> = self.names.drain().filter(|(_, n)| n.at > snapshot).collect();
         let mut slots = std::mem::take(&mut self.slots);
@@ -245,22 +247,25 @@ impl Overlay {
     }
 
     /// Marks a token the overlay returned (`index` is its [`Token::index`]
-    /// against `table`) as used. Other indexes are the table's: `false`.
-    pub fn mark(&self, table: &TokenTable, index: usize) -> bool {
+    /// against `table`) as used, for `access`. Other indexes are the
+    /// table's: `false`.
+    pub fn mark(&self, table: &TokenTable, index: usize, access: Access) -> bool {
         match index.checked_sub(table.len()).and_then(|i| self.slots.get(i)) {
             Some(slot) => {
-                slot.used.store(true, Ordering::Relaxed);
+                slot.used.fetch_or(access.union(Access::USED).bits(), Ordering::Relaxed);
                 true
             }
             None => false,
         }
     }
 
-    /// The digests of the entries used since the last call.
-    pub fn drain_used(&self, into: &mut Vec<Digest>) {
+    /// The digests of the entries used since the last call, with what they
+    /// did.
+    pub fn drain_used(&self, into: &mut Vec<(Digest, Access)>) {
         for slot in &self.slots {
-            if slot.used.swap(false, Ordering::Relaxed) {
-                into.push(slot.digest);
+            let access = Access::from_bits(slot.used.swap(0, Ordering::Relaxed));
+            if access.is_used() {
+                into.push((slot.digest, access));
             }
         }
     }
@@ -367,12 +372,12 @@ mod tests {
         o.apply(stamp(2), &[Change::Remove(A)]);
         o.apply(stamp(3), &[put(B, b"b1", None)]);
         let used = o.get(&t, &Digest::of(b"b1")).unwrap();
-        assert!(o.mark(&t, used.index()));
+        assert!(o.mark(&t, used.index(), Access::USED));
         // A snapshot at 2 (without A): B is still only in the overlay.
         let t2 = table(&[]);
         let mut reported = Vec::new();
         o.rebase(stamp(2), &mut reported);
-        assert_eq!(reported, [Digest::of(b"b1")]);
+        assert_eq!(reported, [(Digest::of(b"b1"), Access::USED)]);
         assert_eq!(o.len(), 1);
         assert_eq!(who(&o, &t2, b"b1"), Some(B));
         // A snapshot at 3 holds B: the overlay is empty.
@@ -380,6 +385,6 @@ mod tests {
         o.rebase(stamp(3), &mut reported);
         assert!(o.is_empty());
         assert_eq!(who(&o, &t3, b"b1"), Some(B));
-        assert!(!o.mark(&t3, 0));
+        assert!(!o.mark(&t3, 0, Access::USED));
     }
 }

@@ -6,7 +6,7 @@ use apitokens_core::denial::{Counter, Denial};
 use apitokens_core::gate::{HeaderValue, Host, HostError, LogLevel, RequestHeaders};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::Token;
-use apitokens_core::Timestamp;
+use apitokens_core::{Access, Timestamp};
 use std::fmt;
 
 #[derive(Default)]
@@ -22,8 +22,8 @@ pub struct Recorder {
     /// How many times the headers were read.
     pub reads: usize,
     pub writes: Vec<String>,
-    /// Tokens reported as used.
-    pub used: Vec<String>,
+    /// Tokens reported as used, with what the request did.
+    pub used: Vec<(String, Access)>,
     /// The route's upstream cluster.
     pub cluster: Option<String>,
     /// The VM's table may be behind its Envoy's (the delta channel).
@@ -133,8 +133,8 @@ impl Host for Recorder {
         self.counters.push(counter);
     }
 
-    fn used(&mut self, token: Token<'_>) {
-        self.used.push(token.name().to_owned());
+    fn used(&mut self, token: Token<'_>, access: Access) {
+        self.used.push((token.name().to_owned(), access));
     }
 
     fn log(&mut self, level: LogLevel, message: fmt::Arguments<'_>) {

@@ -37,6 +37,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_webhooks",
         include_str!("../../../migrations/postgres/0007_webhooks.sql"),
     ),
+    (
+        "0008_access_evidence",
+        include_str!("../../../migrations/postgres/0008_access_evidence.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

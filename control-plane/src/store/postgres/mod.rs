@@ -30,11 +30,12 @@ pub use url::UrlError;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
+    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE, INSERTED,
+    USE_COLUMNS, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, ExpiryScan, Head, NewDigest, Position, Result, Revision,
-    StateSet, Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Evidence, ExpiryScan, Head, NewDigest, Position, Result,
+    Revision, StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::Timestamp;
@@ -245,7 +246,7 @@ async fn query(
 async fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>> {
     let mut found = query(
         tx,
-        &format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = $1"),
+        &format!("SELECT {COLUMNS}, {USE_COLUMNS} FROM tokens t {WITH_USE} WHERE t.name = $1"),
         &[&name],
     )
     .await?;
@@ -403,7 +404,7 @@ impl Store for PostgresStore {
                 query(
                     tx,
                     &format!(
-                        "SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE}
+                        "SELECT {COLUMNS}, {USE_COLUMNS} FROM tokens t {WITH_USE}
                          WHERE t.namespace = $1 ORDER BY t.name"
                     ),
                     &[&namespace],
@@ -503,19 +504,45 @@ impl Store for PostgresStore {
         let names: Vec<&str> = uses.iter().map(|u| u.name.as_str()).collect();
         let times: Vec<i64> = uses.iter().map(|u| u.time.unix_seconds()).collect();
         let digests: Vec<String> = uses.iter().map(|u| u.digest.to_hex()).collect();
+        // One array per evidence column, NULL where a use did not do it.
+        let evidence: Vec<[Option<i64>; 6]> = uses
+            .iter()
+            .map(|u| {
+                Evidence::of_use(u.time, u.access)
+                    .times()
+                    .map(|t| t.map(|t| t.unix_seconds()))
+            })
+            .collect();
+        let columns: Vec<Vec<Option<i64>>> = (0..EVIDENCE.len())
+            .map(|i| evidence.iter().map(|e| e.get(i).copied().flatten()).collect())
+            .collect();
         // One statement per batch; a name twice in it counts once (its
-        // latest use); names of tokens gone meanwhile are skipped.
+        // latest use, and each fact's latest time: max() and greatest()
+        // skip NULLs); names of tokens gone meanwhile are skipped.
+        let sql = format!(
+            "INSERT INTO usage (name, last_use_seconds, {columns})
+             SELECT n, max(s), {maxes}
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                         $7::bigint[], $8::bigint[], $9::bigint[]) AS u(n, s, d, e0, e1, e2, e3, e4, e5)
+             WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n AND (secret_sha256 = d OR previous_sha256 = d))
+             GROUP BY n
+             ON CONFLICT (name) DO UPDATE
+                 SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds), {latest}",
+            columns = EVIDENCE.join(", "),
+            maxes = (0..EVIDENCE.len())
+                .map(|i| format!("max(e{i})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            latest = EVIDENCE
+                .map(|c| format!("{c} = greatest(usage.{c}, excluded.{c})"))
+                .join(", "),
+        );
+        let [c0, c1, c2, c3, c4, c5] = columns.as_slice() else {
+            return Ok(());
+        };
         self.conn()
             .await?
-            .execute(
-                "INSERT INTO usage (name, last_use_seconds)
-                 SELECT n, max(s) FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(n, s, d)
-                 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n AND (secret_sha256 = d OR previous_sha256 = d))
-                 GROUP BY n
-                 ON CONFLICT (name) DO UPDATE
-                     SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds)",
-                &[&names, &times, &digests],
-            )
+            .execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5])
             .await?;
         Ok(())
     }
@@ -568,7 +595,7 @@ impl Store for PostgresStore {
                 let rows = tx
                     .query(
                         &format!(
-                            "SELECT c.name, t.name IS NOT NULL, {COLUMNS}, u.last_use_seconds
+                            "SELECT c.name, t.name IS NOT NULL, {COLUMNS}, {USE_COLUMNS}
                              FROM (SELECT DISTINCT name FROM changes WHERE revision > $1) c
                              LEFT JOIN tokens t ON t.name = c.name {WITH_USE}
                              ORDER BY c.name"

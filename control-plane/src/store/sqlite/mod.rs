@@ -15,11 +15,12 @@ mod schema;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, INSERTED, WITH_USE,
+    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE, INSERTED,
+    USE_COLUMNS, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, ExpiryScan, Head, NewDigest, Position, Result, Revision,
-    StateSet, Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Evidence, ExpiryScan, Head, NewDigest, Position, Result,
+    Revision, StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::{Role, Timestamp};
@@ -217,7 +218,7 @@ fn query(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Resu
 
 /// One token with its last use.
 fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>> {
-    let sql = format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.name = ?1");
+    let sql = format!("SELECT {COLUMNS}, {USE_COLUMNS} FROM tokens t {WITH_USE} WHERE t.name = ?1");
     Ok(query(tx, &sql, [name])?.pop())
 }
 
@@ -322,7 +323,9 @@ impl Store for SqliteStore {
         self.read(move |tx| {
             query(
                 tx,
-                &format!("SELECT {COLUMNS}, u.last_use_seconds FROM tokens t {WITH_USE} WHERE t.namespace = ?1 ORDER BY t.name"),
+                &format!(
+                    "SELECT {COLUMNS}, {USE_COLUMNS} FROM tokens t {WITH_USE} WHERE t.namespace = ?1 ORDER BY t.name"
+                ),
                 [namespace],
             )
         })
@@ -413,18 +416,35 @@ impl Store for SqliteStore {
         if uses.is_empty() {
             return Ok(());
         }
+        // Each time column keeps its latest value; SQLite's max() of a NULL
+        // is NULL, hence the coalesces.
+        let latest = |c: &str| format!("{c} = max(coalesce({c}, excluded.{c}), coalesce(excluded.{c}, {c}))");
+        let sql = format!(
+            "INSERT INTO usage (name, last_use_seconds, {columns})
+             SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1
+                                         AND (secret_sha256 = ?3 OR previous_sha256 = ?3))
+             ON CONFLICT (name) DO UPDATE SET {last_use}, {evidence}",
+            columns = EVIDENCE.join(", "),
+            last_use = latest("last_use_seconds"),
+            evidence = EVIDENCE.map(latest).join(", "),
+        );
         self.write(move |tx| {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO usage (name, last_use_seconds)
-                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1
-                                                 AND (secret_sha256 = ?3 OR previous_sha256 = ?3))
-                     ON CONFLICT (name) DO UPDATE SET last_use_seconds = max(last_use_seconds, excluded.last_use_seconds)",
-                )
-                ?;
+            let mut stmt = tx.prepare_cached(&sql)?;
             for u in &uses {
-                stmt.execute(params![u.name, u.time.unix_seconds(), u.digest.to_hex()])
-                    ?;
+                let [r, w, t, v, e, o] = Evidence::of_use(u.time, u.access)
+                    .times()
+                    .map(|t| t.map(|t| t.unix_seconds()));
+                stmt.execute(params![
+                    u.name,
+                    u.time.unix_seconds(),
+                    u.digest.to_hex(),
+                    r,
+                    w,
+                    t,
+                    v,
+                    e,
+                    o
+                ])?;
             }
             Ok(())
         })

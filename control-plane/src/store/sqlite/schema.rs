@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -115,6 +115,18 @@ CREATE TABLE expiry_warnings (
 );
 ";
 
+/// What version 8 added: the evidence for least privilege, when a token's
+/// admitted requests last did each kind of access and last did what a
+/// role may not (`Evidence`). Unknown for uses before it.
+const SCHEMA_8: &str = "
+ALTER TABLE usage ADD COLUMN read_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN write_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN tokens_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN past_viewer_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN past_editor_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN past_owner_seconds INTEGER;
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -158,7 +170,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4..=6 | SCHEMA_VERSION => {}
+        4..=7 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -177,6 +189,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 7 {
         tx.execute_batch(SCHEMA_7)?;
+    }
+    if version < 8 {
+        tx.execute_batch(SCHEMA_8)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
