@@ -363,7 +363,7 @@ async fn regenerate(
         })?),
     };
     let result = app.service.regenerate(ns, id, overlap, &caller.actor, wait).await?;
-    Ok(issued(&app, &result))
+    Ok(issued(app, &result))
 }
 
 /// What a token may learn about itself: nothing about another token (not

@@ -994,8 +994,8 @@ mod tests {
     }
 
     /// A database a previous release migrated (version 5, no `disabled`
-    /// column, no outbox), opened by this one: migrations 6 and 7 applied
-    /// once, every token enabled.
+    /// column, no outbox, no evidence), opened by this one: migrations 6 to
+    /// 8 applied once, every token enabled.
     #[tokio::test]
     async fn a_version_5_database_is_migrated_with_every_token_enabled() {
         let Some(url) = test_url().await else { return };
@@ -1009,6 +1009,9 @@ mod tests {
             .batch_execute(
                 "ALTER TABLE tokens DROP COLUMN disabled;
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
+                 ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
+                     DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
+                     DROP COLUMN past_editor_seconds, DROP COLUMN past_owner_seconds;
                  DELETE FROM apitokens_migrations WHERE version >= 6;",
             )
             .await
@@ -1024,8 +1027,9 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        // 6, then what came after it (7: the webhooks' outbox).
-        assert_eq!(applied, 7);
+        // 6, then what came after it (7: the webhooks' outbox; 8: the
+        // evidence).
+        assert_eq!(applied, 8);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

@@ -323,6 +323,49 @@ mod tests {
         );
     }
 
+    /// Undoes version 8, for a database as an older release left it.
+    const DROP_EVIDENCE: &str = "ALTER TABLE usage DROP COLUMN read_seconds;
+        ALTER TABLE usage DROP COLUMN write_seconds; ALTER TABLE usage DROP COLUMN tokens_seconds;
+        ALTER TABLE usage DROP COLUMN past_viewer_seconds; ALTER TABLE usage DROP COLUMN past_editor_seconds;
+        ALTER TABLE usage DROP COLUMN past_owner_seconds;";
+
+    /// Version 7 as issue 19's webhooks left it: no evidence columns. A
+    /// use recorded before the migration keeps its time, with no evidence.
+    #[tokio::test]
+    async fn version_7_databases_get_the_evidence_columns_empty() {
+        use crate::store::Use;
+        use apitokens_core::access::Access;
+        let dir = TempDir::new("store-v7");
+        let path = dir.path().join("t.db");
+        let name = "namespaces/a/apitokens/t";
+        let record = crate::store::contract::record(name, Role::Owner, 1);
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.insert(vec![record.clone()], None, vec![]).await.unwrap();
+            let time = Timestamp::from_unix(1_800_000_000, 0);
+            let used = Use {
+                name: name.to_owned(),
+                digest: record.digest,
+                time,
+                access: Access::USED,
+            };
+            store.record_usage(vec![used]).await.unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("{DROP_EVIDENCE} PRAGMA user_version = 7;"))
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.get(name).await.unwrap().unwrap();
+        assert_eq!(t.last_use, Some(Timestamp::from_unix(1_800_000_000, 0)));
+        assert_eq!(t.evidence, Default::default());
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
     #[tokio::test]
     async fn version_6_databases_get_the_outbox_starting_after_their_newest_event() {
         let dir = TempDir::new("store-v6");
@@ -343,8 +386,10 @@ mod tests {
                 .unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE outbox; DROP TABLE expiry_warnings; PRAGMA user_version = 6;")
-            .unwrap();
+        conn.execute_batch(&format!(
+            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_EVIDENCE} PRAGMA user_version = 6;"
+        ))
+        .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
         let cursor = store.claim_outbox("audit", "me", 0, 1).await.unwrap().unwrap();
@@ -369,12 +414,12 @@ mod tests {
                 .unwrap();
         }
         // Version 5 as the previous release left it: no `disabled` column
-        // (nor what version 7 added).
+        // (nor what versions 7 and 8 added).
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
-             PRAGMA user_version = 5;",
-        )
+             {DROP_EVIDENCE} PRAGMA user_version = 5;"
+        ))
         .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
