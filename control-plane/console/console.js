@@ -351,6 +351,12 @@
       return cell;
     }
     const kinds = a.kinds.map(String).join(", ");
+    if (a.complete === false) {
+      // Some uses came through filters that do not say what they did.
+      cell.append(`Used: ${kinds}, and more unreported`);
+      cell.title = "Some uses in the window came through filters that do not report access: no role is suggested";
+      return cell;
+    }
     cell.append(a.kinds.length === 1 ? `Used only: ${kinds}` : `Used: ${kinds}`);
     const narrowest = ROLES.indexOf(a.narrowestRole);
     if (narrowest >= 0 && narrowest < ROLES.indexOf(String(t.role))) {

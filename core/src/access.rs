@@ -49,12 +49,17 @@ impl Kind {
 
 const USED: u8 = 1;
 const REFUSING_SHIFT: u8 = 4;
+const UNREPORTED: u8 = 1 << 7;
 
 impl Access {
     /// Nothing.
     pub const NONE: Access = Access(0);
     /// Authenticated, and nothing admitted (yet).
     pub const USED: Access = Access(USED);
+    /// Used, by a report that did not say what the requests did (a filter
+    /// older than the access byte): whatever it did is unknown. Set by the
+    /// control plane, never read from a report ([`Self::from_bits`]).
+    pub const UNREPORTED: Access = Access(USED | UNREPORTED);
 
     /// A request admitted as `kind`, which only the roles in `admitting`
     /// may make.
@@ -80,6 +85,11 @@ impl Access {
         self.0 & USED != 0
     }
 
+    /// Some use came without what it did ([`Self::UNREPORTED`]).
+    pub const fn is_unreported(self) -> bool {
+        self.0 & UNREPORTED != 0
+    }
+
     pub const fn has(self, kind: Kind) -> bool {
         self.0 & kind.bit() != 0
     }
@@ -103,9 +113,10 @@ impl Access {
         self.0
     }
 
-    /// From a report's byte; bits this version does not know are dropped.
+    /// From a report's byte; bits this version does not know are dropped,
+    /// and so is [`Self::UNREPORTED`]'s, which no report sets.
     pub const fn from_bits(bits: u8) -> Self {
-        Self(bits & 0x7f)
+        Self(bits & !UNREPORTED)
     }
 }
 
@@ -140,5 +151,8 @@ mod tests {
             .with_kind(Kind::Write)
             .refused_by(Role::Viewer);
         assert_eq!(parts, write);
+        // A report cannot say its uses are unreported.
+        assert!(Access::UNREPORTED.is_unreported());
+        assert!(!Access::from_bits(Access::UNREPORTED.bits()).is_unreported());
     }
 }

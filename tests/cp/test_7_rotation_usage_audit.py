@@ -131,7 +131,7 @@ def test_what_a_token_did_is_its_access_evidence_and_the_narrowest_role(plane):
     assert access("broad") is None, "no evidence before any use"
     assert envoy.get(APP, secret).status == 200
     assert envoy.get(APP + "/d1", secret).status == 200
-    read = {"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}
+    read = {"days": 30, "kinds": ["read"], "complete": True, "narrowestRole": "viewer"}
     poll(lambda: access("broad") == read, 10, "evidence of reads only")
     # A write over HTTP/2 with a body: an editor would be needed.
     h2 = Client(envoy, "h2")
@@ -141,11 +141,12 @@ def test_what_a_token_did_is_its_access_evidence_and_the_narrowest_role(plane):
         assert r.status_code == 200, r
     finally:
         h2.close()
-    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write"], "narrowestRole": "editor"}, 10,
+    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write"], "complete": True, "narrowestRole": "editor"}, 10,
          "evidence of a write")
     # A call on the token API through the gateway: only an owner may.
     assert envoy.get(tokens_path(), secret).status == 200
-    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write", "tokens"], "narrowestRole": "owner"},
+    poll(lambda: access("broad") == {"days": 30, "kinds": ["read", "write", "tokens"], "complete": True,
+                                         "narrowestRole": "owner"},
          10, "evidence of token management")
     # A refused request is a use of the token, and no evidence of a need.
     viewer = remember_secret(create(plane.api_port, owner, "overreach", "viewer").json()["apiToken"]["secret"])

@@ -1538,13 +1538,15 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
     flush().await;
     assert_eq!(access().await, None);
+    // Past that use's window, reports from filters that say what was done.
+    clock.advance(Duration::from_secs(31 * 86_400));
     let read = Access::admitted(Kind::Read, RoleSet::ALL).bits();
     let write = Access::admitted(Kind::Write, RoleSet::NONE.with(Role::Editor).with(Role::Owner)).bits();
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[read]);
     flush().await;
     assert_eq!(
         access().await,
-        Some(serde_json::json!({"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}))
+        Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": true, "narrowestRole": "viewer"}))
     );
     // A write in the same minute is new evidence: written, not skipped as
     // the minute's use already written.
@@ -1552,7 +1554,7 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     flush().await;
     assert_eq!(
         access().await,
-        Some(serde_json::json!({"days": 30, "kinds": ["read", "write"], "narrowestRole": "editor"}))
+        Some(serde_json::json!({"days": 30, "kinds": ["read", "write"], "complete": true, "narrowestRole": "editor"}))
     );
     // A month and a day later, only reads since: the write is forgotten.
     clock.advance(Duration::from_secs(31 * 86_400));
@@ -1560,7 +1562,16 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     flush().await;
     assert_eq!(
         access().await,
-        Some(serde_json::json!({"days": 30, "kinds": ["read"], "narrowestRole": "viewer"}))
+        Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": true, "narrowestRole": "viewer"}))
+    );
+    // A fleet with an older filter too: its use may have written, so no
+    // role is suggested while it is in the window.
+    clock.advance(Duration::from_secs(120));
+    f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
+    flush().await;
+    assert_eq!(
+        access().await,
+        Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": false}))
     );
 }
 

@@ -51,6 +51,7 @@ struct ApiToken<'a> {
 struct AccessJson {
     days: u32,
     kinds: Vec<&'static str>,
+    complete: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     narrowest_role: Option<&'static str>,
 }
@@ -60,6 +61,7 @@ impl From<AccessSummary> for AccessJson {
         Self {
             days: s.days,
             kinds: s.kinds.iter().map(|k| k.as_str()).collect(),
+            complete: s.complete,
             narrowest_role: s.narrowest.map(|r| r.as_str()),
         }
     }

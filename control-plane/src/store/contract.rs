@@ -403,12 +403,18 @@ pub(crate) async fn the_evidence_keeps_each_facts_latest_time(store: &dyn Store)
         .unwrap();
     store.record_usage(vec![used(300, read)]).await.unwrap();
     store.record_usage(vec![used(50, write)]).await.unwrap();
-    // A use from a filter that reports no access: a use, no evidence.
+    // A refused request: a use, no evidence.
     store.record_usage(vec![used(400, Access::USED)]).await.unwrap();
     let got = store.get(&a.name).await.unwrap().unwrap();
     assert_eq!(got.last_use, Some(t(400)));
     assert_eq!(got.evidence.kinds, [Some(t(300)), Some(t(120)), None]);
     assert_eq!(got.evidence.refused_by, [Some(t(120)), None, None]);
+    assert_eq!(got.evidence.unreported, None);
+    // A use from a filter that reports no access: unknown what it did.
+    store.record_usage(vec![used(500, Access::UNREPORTED)]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap();
+    assert_eq!((got.last_use, got.evidence.unreported), (Some(t(500)), Some(t(500))));
+    assert_eq!(got.evidence.kinds, [Some(t(300)), Some(t(120)), None]);
     assert_eq!(store.list("default").await.unwrap()[0].evidence, got.evidence);
     // It goes with the token.
     store.delete(&a.name, test_event()).await.unwrap();

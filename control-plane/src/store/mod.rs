@@ -195,21 +195,25 @@ pub struct Evidence {
     /// By [`Role::ALL`]: a request that a viewer, an editor, an owner would
     /// have refused.
     pub refused_by: [Option<Timestamp>; 3],
+    /// A use reported without what it did ([`Access::UNREPORTED`]): while
+    /// one is in a window, the window's evidence is incomplete.
+    pub unreported: Option<Timestamp>,
 }
 
 impl Evidence {
     /// The columns, in the stores' order.
-    pub fn times(&self) -> [Option<Timestamp>; 6] {
+    pub fn times(&self) -> [Option<Timestamp>; 7] {
         let [r, w, t] = self.kinds;
         let [v, e, o] = self.refused_by;
-        [r, w, t, v, e, o]
+        [r, w, t, v, e, o, self.unreported]
     }
 
-    pub fn from_times(times: [Option<Timestamp>; 6]) -> Self {
-        let [r, w, t, v, e, o] = times;
+    pub fn from_times(times: [Option<Timestamp>; 7]) -> Self {
+        let [r, w, t, v, e, o, u] = times;
         Self {
             kinds: [r, w, t],
             refused_by: [v, e, o],
+            unreported: u,
         }
     }
 
@@ -218,6 +222,7 @@ impl Evidence {
         Self {
             kinds: Kind::ALL.map(|k| access.has(k).then_some(time)),
             refused_by: Role::ALL.map(|r| access.refusing().contains(r).then_some(time)),
+            unreported: access.is_unreported().then_some(time),
         }
     }
 
@@ -229,11 +234,16 @@ impl Evidence {
             .zip(&self.kinds)
             .filter(|(_, t)| recent(t))
             .fold(Access::NONE, |a, (k, _)| a.with_kind(k));
-        Role::ALL
+        let seen = Role::ALL
             .into_iter()
             .zip(&self.refused_by)
             .filter(|(_, t)| recent(t))
-            .fold(kinds, |a, (r, _)| a.refused_by(r))
+            .fold(kinds, |a, (r, _)| a.refused_by(r));
+        if recent(&self.unreported) {
+            seen.union(Access::UNREPORTED)
+        } else {
+            seen
+        }
     }
 }
 

@@ -25,15 +25,16 @@ pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 /// The `usage` columns a read selects after `COLUMNS`: the last use, then
 /// the evidence in [`Evidence::times`] order.
 pub(super) const USE_COLUMNS: &str = "u.last_use_seconds, u.read_seconds, u.write_seconds, u.tokens_seconds, \
-     u.past_viewer_seconds, u.past_editor_seconds, u.past_owner_seconds";
+     u.past_viewer_seconds, u.past_editor_seconds, u.past_owner_seconds, u.unreported_seconds";
 /// The evidence columns of `usage`, in [`Evidence::times`] order.
-pub(super) const EVIDENCE: [&str; 6] = [
+pub(super) const EVIDENCE: [&str; 7] = [
     "read_seconds",
     "write_seconds",
     "tokens_seconds",
     "past_viewer_seconds",
     "past_editor_seconds",
     "past_owner_seconds",
+    "unreported_seconds",
 ];
 
 /// A value both backends read from a column.
@@ -60,7 +61,7 @@ pub(super) struct Row {
     pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
     pub(super) disabled: bool,
     pub(super) last_use: Option<i64>,
-    pub(super) evidence: [Option<i64>; 6],
+    pub(super) evidence: [Option<i64>; 7],
 }
 
 impl Row {
@@ -78,7 +79,7 @@ impl Row {
             previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
             disabled: r.at(at + 12)?,
             last_use: if r.width() > at + 13 { r.at(at + 13)? } else { None },
-            evidence: if r.width() > at + 19 {
+            evidence: if r.width() > at + 20 {
                 [
                     r.at(at + 14)?,
                     r.at(at + 15)?,
@@ -86,9 +87,10 @@ impl Row {
                     r.at(at + 17)?,
                     r.at(at + 18)?,
                     r.at(at + 19)?,
+                    r.at(at + 20)?,
                 ]
             } else {
-                [None; 6]
+                [None; 7]
             },
         })
     }

@@ -1,8 +1,9 @@
 //! Least privilege from evidence: what a token's admitted requests did in
 //! the last days (the filters report it with each use, `apitokens_core::access`),
 //! and the narrowest role that would have admitted all of it. A suggestion,
-//! never an action: the evidence starts when the filters first reported it
-//! (older filters report uses only), and a token idle in the window has none.
+//! never an action: the evidence starts when the filters first reported it,
+//! a token idle in the window has none, and while a use from an older
+//! filter (which reports uses only) is in the window no role is suggested.
 
 use crate::store::Evidence;
 use apitokens_core::access::Kind;
@@ -18,9 +19,13 @@ pub struct AccessSummary {
     pub days: u32,
     /// The kinds of access seen, in [`Kind::ALL`] order; never empty.
     pub kinds: Vec<Kind>,
+    /// Every use in the window said what it did: `false` when some came
+    /// from filters older than the access byte.
+    pub complete: bool,
     /// The narrowest role that would have admitted every request seen;
-    /// `None` if no role would have (custom rules that no single role
-    /// satisfies).
+    /// `None` if the evidence is incomplete (the unreported uses may have
+    /// needed more), or no role would have (custom rules that no single
+    /// role satisfies).
     pub narrowest: Option<Role>,
 }
 
@@ -32,10 +37,12 @@ pub fn summarize(evidence: &Evidence, now: Timestamp, days: u32) -> Option<Acces
     if kinds.is_empty() {
         return None;
     }
+    let complete = !seen.is_unreported();
     Some(AccessSummary {
         days,
         kinds,
-        narrowest: seen.narrowest_role(),
+        complete,
+        narrowest: seen.narrowest_role().filter(|_| complete),
     })
 }
 
@@ -75,5 +82,15 @@ mod tests {
             summarize(&evidence, Timestamp::from_unix(at(65).unix_seconds() + 1, 0), 30),
             None
         );
+        // A use through an older filter in the window: what it did is
+        // unknown, so no role is suggested until it leaves the window.
+        evidence.unreported = Some(at(20));
+        let mixed = summarize(&evidence, now, 30).unwrap();
+        assert_eq!(
+            (mixed.kinds, mixed.complete, mixed.narrowest),
+            (vec![Kind::Read], false, None)
+        );
+        let later = summarize(&evidence, at(52), 30).unwrap();
+        assert_eq!((later.complete, later.narrowest), (true, Some(Role::Viewer)));
     }
 }

@@ -159,17 +159,21 @@ pub struct Service {
 }
 
 /// A last use is kept to the minute.
-/// Adds a use to those waiting for the store: the latest one's digest and
-/// time, and everything either did.
+/// Adds a use to those waiting for the store: the latest time, and
+/// everything either did. The digest goes with the latest use, but in the
+/// same minute a use of the current secret (`current`) wins: the store
+/// records a use only while the token still has its secret, and a previous
+/// secret's overlap may end before the write.
 fn remember(
     uses: &mut std::collections::HashMap<String, (Digest, Timestamp, Access)>,
     name: &str,
     (digest, time, access): (Digest, Timestamp, Access),
+    current: bool,
 ) {
     match uses.get_mut(name) {
         Some(kept) => {
             let did = kept.2.union(access);
-            if kept.1 <= time {
+            if kept.1 < time || (kept.1 == time && current) {
                 *kept = (digest, time, did);
             } else {
                 kept.2 = did;
@@ -696,9 +700,9 @@ impl Service {
                 continue;
             };
             let digest = Digest(bytes);
-            let did = access.get(i).map_or(Access::USED, |b| Access::from_bits(*b));
+            let did = access.get(i).map_or(Access::UNREPORTED, |b| Access::from_bits(*b));
             if let Some(token) = snapshot.token(&digest) {
-                remember(&mut uses, token.name(), (digest, now, did));
+                remember(&mut uses, token.name(), (digest, now, did), !token.is_previous());
             }
         }
     }
@@ -749,7 +753,7 @@ impl Service {
                 );
                 let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 for u in batch {
-                    remember(&mut uses, &u.name, (u.digest, u.time, u.access));
+                    remember(&mut uses, &u.name, (u.digest, u.time, u.access), false);
                 }
             }
         }

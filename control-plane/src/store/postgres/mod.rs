@@ -505,7 +505,7 @@ impl Store for PostgresStore {
         let times: Vec<i64> = uses.iter().map(|u| u.time.unix_seconds()).collect();
         let digests: Vec<String> = uses.iter().map(|u| u.digest.to_hex()).collect();
         // One array per evidence column, NULL where a use did not do it.
-        let evidence: Vec<[Option<i64>; 6]> = uses
+        let evidence: Vec<[Option<i64>; 7]> = uses
             .iter()
             .map(|u| {
                 Evidence::of_use(u.time, u.access)
@@ -523,7 +523,8 @@ impl Store for PostgresStore {
             "INSERT INTO usage (name, last_use_seconds, {columns})
              SELECT n, max(s), {maxes}
              FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-                         $7::bigint[], $8::bigint[], $9::bigint[]) AS u(n, s, d, e0, e1, e2, e3, e4, e5)
+                         $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[])
+                  AS u(n, s, d, e0, e1, e2, e3, e4, e5, e6)
              WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n AND (secret_sha256 = d OR previous_sha256 = d))
              GROUP BY n
              ON CONFLICT (name) DO UPDATE
@@ -537,12 +538,12 @@ impl Store for PostgresStore {
                 .map(|c| format!("{c} = greatest(usage.{c}, excluded.{c})"))
                 .join(", "),
         );
-        let [c0, c1, c2, c3, c4, c5] = columns.as_slice() else {
+        let [c0, c1, c2, c3, c4, c5, c6] = columns.as_slice() else {
             return Ok(());
         };
         self.conn()
             .await?
-            .execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5])
+            .execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])
             .await?;
         Ok(())
     }
@@ -1011,7 +1012,8 @@ mod tests {
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
                  ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
                      DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
-                     DROP COLUMN past_editor_seconds, DROP COLUMN past_owner_seconds;
+                     DROP COLUMN past_editor_seconds, DROP COLUMN past_owner_seconds,
+                     DROP COLUMN unreported_seconds;
                  DELETE FROM apitokens_migrations WHERE version >= 6;",
             )
             .await

@@ -421,7 +421,7 @@ impl Store for SqliteStore {
         let latest = |c: &str| format!("{c} = max(coalesce({c}, excluded.{c}), coalesce(excluded.{c}, {c}))");
         let sql = format!(
             "INSERT INTO usage (name, last_use_seconds, {columns})
-             SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1
+             SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM tokens WHERE name = ?1
                                          AND (secret_sha256 = ?3 OR previous_sha256 = ?3))
              ON CONFLICT (name) DO UPDATE SET {last_use}, {evidence}",
             columns = EVIDENCE.join(", "),
@@ -431,7 +431,7 @@ impl Store for SqliteStore {
         self.write(move |tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
             for u in &uses {
-                let [r, w, t, v, e, o] = Evidence::of_use(u.time, u.access)
+                let [r, w, t, v, e, o, n] = Evidence::of_use(u.time, u.access)
                     .times()
                     .map(|t| t.map(|t| t.unix_seconds()));
                 stmt.execute(params![
@@ -443,7 +443,8 @@ impl Store for SqliteStore {
                     t,
                     v,
                     e,
-                    o
+                    o,
+                    n
                 ])?;
             }
             Ok(())

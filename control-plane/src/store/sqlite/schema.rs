@@ -117,7 +117,8 @@ CREATE TABLE expiry_warnings (
 
 /// What version 8 added: the evidence for least privilege, when a token's
 /// admitted requests last did each kind of access and last did what a
-/// role may not (`Evidence`). Unknown for uses before it.
+/// role may not, and when a use last came without saying (`Evidence`).
+/// Unknown for uses before it.
 const SCHEMA_8: &str = "
 ALTER TABLE usage ADD COLUMN read_seconds INTEGER;
 ALTER TABLE usage ADD COLUMN write_seconds INTEGER;
@@ -125,6 +126,7 @@ ALTER TABLE usage ADD COLUMN tokens_seconds INTEGER;
 ALTER TABLE usage ADD COLUMN past_viewer_seconds INTEGER;
 ALTER TABLE usage ADD COLUMN past_editor_seconds INTEGER;
 ALTER TABLE usage ADD COLUMN past_owner_seconds INTEGER;
+ALTER TABLE usage ADD COLUMN unreported_seconds INTEGER;
 ";
 
 /// Version 2 to 3, on an existing database.
@@ -327,7 +329,7 @@ mod tests {
     const DROP_EVIDENCE: &str = "ALTER TABLE usage DROP COLUMN read_seconds;
         ALTER TABLE usage DROP COLUMN write_seconds; ALTER TABLE usage DROP COLUMN tokens_seconds;
         ALTER TABLE usage DROP COLUMN past_viewer_seconds; ALTER TABLE usage DROP COLUMN past_editor_seconds;
-        ALTER TABLE usage DROP COLUMN past_owner_seconds;";
+        ALTER TABLE usage DROP COLUMN past_owner_seconds; ALTER TABLE usage DROP COLUMN unreported_seconds;";
 
     /// Version 7 as issue 19's webhooks left it: no evidence columns. A
     /// use recorded before the migration keeps its time, with no evidence.
