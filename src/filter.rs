@@ -328,20 +328,7 @@ fn configure(root: u32, size: usize) -> bool {
                     format_args!("configuration has no tokens: every request is refused"),
                 );
             }
-            let elapsed = abi::now_nanos().unwrap_or(started).saturating_sub(started);
-            log(
-                Level::Info,
-                format_args!(
-                    "configuration accepted: {} tokens, {} rules, {} bytes, in {}.{:03} ms, VM memory {} KiB{}",
-                    config.token_count(),
-                    config.rules().len(),
-                    size,
-                    elapsed / 1_000_000,
-                    elapsed / 1_000 % 1_000,
-                    vm_memory_kib(),
-                    Generation(stamp)
-                ),
-            );
+            let (tokens, rules) = (config.token_count(), config.rules().len());
             let store = compact::lineage(&head).unwrap_or_default();
             let channel = match (&lineage, stamp, config.usage_report()) {
                 (Some(key), Some(stamp), Some(report)) if report.delta_channel => {
@@ -354,6 +341,19 @@ fn configure(root: u32, size: usize) -> bool {
                 _ => None,
             };
             let active = Rc::new(Active::new(config, store, channel));
+            // Logged once the table is ready to serve, its usage marks
+            // allocated: the time and the memory are all of it.
+            let elapsed = abi::now_nanos().unwrap_or(started).saturating_sub(started);
+            log(
+                Level::Info,
+                format_args!(
+                    "configuration accepted: {tokens} tokens, {rules} rules, {size} bytes, in {}.{:03} ms, VM memory {} KiB{}",
+                    elapsed / 1_000_000,
+                    elapsed / 1_000 % 1_000,
+                    vm_memory_kib(),
+                    Generation(stamp)
+                ),
+            );
             if let (Some(key), Some(stamp)) = (&lineage, stamp) {
                 floor::raise(Kind::Snapshot, key, stamp);
                 floor::raise(Kind::Position, key, stamp);
