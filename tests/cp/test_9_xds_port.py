@@ -141,12 +141,19 @@ def test_no_plaintext_xds_beyond_loopback_unless_asked(workdir):
         proc = subprocess.Popen([apitokens_bin(), "serve", "--db", db, "--listen", f"127.0.0.1:{api}",
                                  "--xds-listen", f"0.0.0.0:{port}", "--insecure-xds"],
                                 stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+    def healthy() -> bool:
+        # Refused until it listens: `poll` retries a falsy answer, not an
+        # exception. (A bare httpx.get here failed at the first try whenever
+        # serve took longer to start than httpx to build its client.)
+        try:
+            return httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=limit(5)).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        poll(lambda: httpx.get(f"http://127.0.0.1:{api}/healthz", timeout=limit(5)).status_code == 200, 15,
-             "insecure xDS started")
+        poll(healthy, 15, "insecure xDS started")
     except Exception:
-        # (Once, in a full run with suites in pairs, it neither answered nor
-        # wrote to stderr within the limit: its log and exit say more.)
         proc.kill()
         _, err = proc.communicate(timeout=limit(10))
         raise AssertionError(f"exit {proc.returncode}; stderr: {err}; log: {log.read_text()}")
