@@ -79,6 +79,11 @@ impl Verb {
         }
     }
 
+    /// Reads (`list`, `get`) change nothing.
+    pub const fn is_read(self) -> bool {
+        matches!(self, Self::List | Self::Get)
+    }
+
     const fn bit(self) -> u8 {
         1 << (self as u8)
     }
@@ -144,12 +149,5 @@ impl RoleSet {
 
     pub const fn from_bits(bits: u8) -> Self {
         Self(bits & Self::ALL.0)
-    }
-}
-
-impl Verb {
-    /// Reads (`list`, `get`) change nothing.
-    pub const fn is_read(self) -> bool {
-        matches!(self, Self::List | Self::Get)
     }
 }

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from testkit import checks
-from testkit.controlplane import APP, PLUGIN_BASE, ControlPlane, create, ecds_envoy, tokens_path, version_of
+from testkit.controlplane import APP, ControlPlane, create, ecds_envoy, reporting_every_second, tokens_path, version_of
 from testkit.harness import poll, remember_secret
 
 NODE = "disable-envoy"
@@ -24,10 +24,7 @@ INVALID_TOKEN = 'Bearer realm="apitokens", error="invalid_token"'
 def plane(workdir, upstream):
     """A control plane whose filters report usage every second, and its
     Envoy on the shipped configuration with a JSON access log."""
-    settings = json.loads(PLUGIN_BASE.read_text())
-    settings["usageReport"]["intervalSeconds"] = 1
-    base = workdir / "plugin-disable.json"
-    base.write_text(json.dumps(settings))
+    base = reporting_every_second(workdir / "plugin-disable.json")
     cp = ControlPlane(workdir / "cp-disable", name="cp-disable", plugin_config=base)
     cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
     cp.start("--usage-flush-seconds", "1")

@@ -16,18 +16,14 @@ import pytest
 
 from testkit import checks
 from testkit.clients import Client
-from testkit.controlplane import APP, PLUGIN_BASE, ControlPlane, create, shipped_envoy, tokens_path
+from testkit.controlplane import APP, ControlPlane, create, reporting_every_second, shipped_envoy, tokens_path
 from testkit.harness import poll, remember_secret, rfc3339
 
 
 @pytest.fixture(scope="module")
 def plane(workdir, upstream):
     """A control plane whose filters report usage every second, and its Envoy."""
-    # The shipped base configuration, its usage reports every second.
-    settings = json.loads(PLUGIN_BASE.read_text())
-    settings["usageReport"]["intervalSeconds"] = 1
-    base = workdir / "plugin-usage.json"
-    base.write_text(json.dumps(settings))
+    base = reporting_every_second(workdir / "plugin-usage.json")
     cp = ControlPlane(workdir / "cp-usage", name="cp-usage", plugin_config=base)
     cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
     cp.start("--usage-flush-seconds", "1")

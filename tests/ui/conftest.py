@@ -21,7 +21,6 @@ directory).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from testkit import leaks
 from testkit.clients import request
-from testkit.controlplane import PLUGIN_BASE, ControlPlane, create, tokens_path
+from testkit.controlplane import ControlPlane, create, reporting_every_second, tokens_path
 from testkit.harness import SECRETS, poll
 from testkit.timing import limit_ms
 
@@ -52,11 +51,7 @@ QUOTA = 8
 def cp(workdir):
     """`apitokens serve` (bootstrap owners in `cp.owners`) with a small token
     quota and usage reports every second."""
-    # The shipped base configuration, its usage reports every second.
-    settings = json.loads(PLUGIN_BASE.read_text())
-    settings["usageReport"]["intervalSeconds"] = 1
-    base = workdir / "plugin-ui.json"
-    base.write_text(json.dumps(settings))
+    base = reporting_every_second(workdir / "plugin-ui.json")
     plane = ControlPlane(workdir / "cp", plugin_config=base,
                          always=("--max-tokens-per-namespace", str(QUOTA), "--usage-flush-seconds", "1"))
     plane.owners = {ns: plane.bootstrap(ns, "admin") for ns in ("default", "other")}

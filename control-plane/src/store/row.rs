@@ -2,7 +2,7 @@
 //! decoding: one place for what a readable row is, so SQLite and PostgreSQL
 //! refuse the same damaged rows with the same words.
 
-use super::{Action, AuditEvent, Credential, Evidence, PreviousSecret, Result, StoreError, TokenRecord};
+use super::{Action, AuditEvent, Credential, Evidence, PreviousSecret, Result, StoreError, TokenRecord, Use};
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -36,6 +36,14 @@ pub(super) const EVIDENCE: [&str; 7] = [
     "past_owner_seconds",
     "unreported_seconds",
 ];
+
+/// What a use writes to the evidence columns (`EVIDENCE` order): its time,
+/// in seconds, where it did that, else NULL.
+pub(super) fn evidence_of(u: &Use) -> [Option<i64>; 7] {
+    Evidence::of_use(u.time, u.access)
+        .times()
+        .map(|t| t.map(|t| t.unix_seconds()))
+}
 
 /// A value both backends read from a column.
 pub(super) trait Stored: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}

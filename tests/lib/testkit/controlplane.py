@@ -38,6 +38,15 @@ MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "apitokens_filter.wasm"
 ECDS_YAML = REPO / "envoy" / "envoy-ecds.yaml"
 STATIC_YAML = REPO / "envoy" / "envoy.yaml"
 PLUGIN_BASE = REPO / "envoy" / "ecds-plugin-base.json"
+
+
+def reporting_every_second(path: Path) -> Path:
+    """The shipped base plugin configuration with usage reports every second
+    (30 shipped), written to `path`: for tests that wait for a last use."""
+    settings = json.loads(PLUGIN_BASE.read_text())
+    settings["usageReport"]["intervalSeconds"] = 1
+    path.write_text(json.dumps(settings))
+    return path
 # A path of the demo application under namespace default (every role may GET it).
 APP = "/api/v1/namespaces/default/deployments"
 

@@ -30,12 +30,12 @@ pub use url::UrlError;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE, INSERTED,
-    USE_COLUMNS, WITH_USE,
+    decode, decode_event, evidence_of, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE,
+    INSERTED, USE_COLUMNS, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, Evidence, ExpiryScan, Head, NewDigest, Position, Result,
-    Revision, StateSet, Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, ExpiryScan, Head, NewDigest, Position, Result, Revision,
+    StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
 use apitokens_core::Timestamp;
@@ -505,17 +505,12 @@ impl Store for PostgresStore {
         let times: Vec<i64> = uses.iter().map(|u| u.time.unix_seconds()).collect();
         let digests: Vec<String> = uses.iter().map(|u| u.digest.to_hex()).collect();
         // One array per evidence column, NULL where a use did not do it.
-        let evidence: Vec<[Option<i64>; 7]> = uses
-            .iter()
-            .map(|u| {
-                Evidence::of_use(u.time, u.access)
-                    .times()
-                    .map(|t| t.map(|t| t.unix_seconds()))
-            })
-            .collect();
-        let columns: Vec<Vec<Option<i64>>> = (0..EVIDENCE.len())
-            .map(|i| evidence.iter().map(|e| e.get(i).copied().flatten()).collect())
-            .collect();
+        let mut columns: [Vec<Option<i64>>; 7] = Default::default();
+        for u in &uses {
+            for (column, time) in columns.iter_mut().zip(evidence_of(u)) {
+                column.push(time);
+            }
+        }
         // One statement per batch; a name twice in it counts once (its
         // latest use, and each fact's latest time: max() and greatest()
         // skip NULLs); names of tokens gone meanwhile are skipped.
@@ -538,9 +533,7 @@ impl Store for PostgresStore {
                 .map(|c| format!("{c} = greatest(usage.{c}, excluded.{c})"))
                 .join(", "),
         );
-        let [c0, c1, c2, c3, c4, c5, c6] = columns.as_slice() else {
-            return Ok(());
-        };
+        let [c0, c1, c2, c3, c4, c5, c6] = &columns;
         self.conn()
             .await?
             .execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])

@@ -15,12 +15,12 @@ mod schema;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE, INSERTED,
-    USE_COLUMNS, WITH_USE,
+    decode, decode_event, evidence_of, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE,
+    INSERTED, USE_COLUMNS, WITH_USE,
 };
 use super::{
-    next_epoch, AuditEvent, Cause, Changes, Credential, Evidence, ExpiryScan, Head, NewDigest, Position, Result,
-    Revision, StateSet, Store, StoreError, TokenRecord, Use,
+    next_epoch, AuditEvent, Cause, Changes, Credential, ExpiryScan, Head, NewDigest, Position, Result, Revision,
+    StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
 use apitokens_core::{Role, Timestamp};
@@ -431,9 +431,7 @@ impl Store for SqliteStore {
         self.write(move |tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
             for u in &uses {
-                let [r, w, t, v, e, o, n] = Evidence::of_use(u.time, u.access)
-                    .times()
-                    .map(|t| t.map(|t| t.unix_seconds()));
+                let [r, w, t, v, e, o, n] = evidence_of(u);
                 stmt.execute(params![
                     u.name,
                     u.time.unix_seconds(),

@@ -325,6 +325,15 @@ mod tests {
         );
     }
 
+    /// The database at `path` is at this version.
+    fn assert_current(path: &std::path::Path) {
+        let version: i64 = Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
     /// Undoes version 8, for a database as an older release left it.
     const DROP_EVIDENCE: &str = "ALTER TABLE usage DROP COLUMN read_seconds;
         ALTER TABLE usage DROP COLUMN write_seconds; ALTER TABLE usage DROP COLUMN tokens_seconds;
@@ -361,11 +370,7 @@ mod tests {
         let t = store.get(name).await.unwrap().unwrap();
         assert_eq!(t.last_use, Some(Timestamp::from_unix(1_800_000_000, 0)));
         assert_eq!(t.evidence, Default::default());
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_current(&path);
     }
 
     #[tokio::test]
@@ -396,11 +401,7 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let cursor = store.claim_outbox("audit", "me", 0, 1).await.unwrap().unwrap();
         assert!(cursor > 0 && store.events_after(cursor, 10).await.unwrap().is_empty());
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_current(&path);
     }
 
     #[tokio::test]
@@ -427,11 +428,7 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         let t = store.get(name).await.unwrap().unwrap();
         assert!(!t.disabled);
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_current(&path);
         let set = store.set_disabled(name, true, test_event()).await.unwrap().unwrap();
         assert!(set.changed && set.token.disabled);
         // Opening it again migrates nothing twice.
