@@ -35,7 +35,7 @@ use crate::floor::{self, Kind};
 use crate::pairs::{self, Pairs};
 use crate::usage;
 use apitokens_core::compact::{Arrival, Stamp};
-use apitokens_core::denial::{Counter, Denial};
+use apitokens_core::denial::Counter;
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::{Overlay, Token};
@@ -80,14 +80,13 @@ struct Active {
 
 impl Active {
     fn new(config: Config, lineage: &[u8], channel: Option<Rc<Channel>>) -> Self {
-        let reply_headers = Denial::ALL
+        let reply_headers = config
+            .replies()
+            .all()
             .iter()
-            .map(|d| match config.replies().get(*d) {
-                Some(reply) => {
-                    let pairs: Vec<(&str, &[u8])> = reply.headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-                    pairs::serialize(&pairs)
-                }
-                None => pairs::serialize(&[]),
+            .map(|reply| {
+                let pairs: Vec<(&str, &[u8])> = reply.headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+                pairs::serialize(&pairs)
             })
             .collect();
         let marks = config
@@ -460,9 +459,9 @@ impl Host for ProxyHost<'_> {
         abi::property("xds\0cluster_name").ok().flatten()
     }
 
-    fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
-        let headers = self.active.reply_headers.get(denial.index()).ok_or(HostError)?;
-        abi::send_local_response(reply.status, reply.details, headers, &reply.body).map_err(|_| HostError)
+    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError> {
+        let headers = self.active.reply_headers.get(reply.slot).ok_or(HostError)?;
+        abi::send_local_response(reply.status, reply.details(), headers, &reply.body).map_err(|_| HostError)
     }
 
     fn used(&mut self, token: Token<'_>, access: Access) {

@@ -3,7 +3,7 @@
 
 use crate::bearer::{self, BearerError};
 use crate::config::Config;
-use crate::denial::Denial;
+use crate::denial::{Denial, Refusal};
 use crate::rules::{PathSegments, Scope};
 use crate::table::{Digest, Overlay, Token};
 use crate::timestamp::Timestamp;
@@ -96,13 +96,15 @@ impl Config {
         Grant { authorization }
     }
 
-    /// Checks the request's namespace and verb against the token.
-    pub fn authorize(&self, token: Token<'_>, method: &[u8], path: &[u8]) -> Result<Grant, Denial> {
+    /// Checks the request's namespace and verb against the token; a role
+    /// denial names the role the request needed.
+    pub fn authorize(&self, token: Token<'_>, method: &[u8], path: &[u8]) -> Result<Grant, Refusal> {
         let scope = self.scope(token, path)?;
-        if scope.permits_method(token.role(), method) {
+        let (admitting, _) = scope.access(method);
+        if admitting.contains(token.role()) {
             Ok(self.grant(&scope))
         } else {
-            Err(Denial::RoleDenied)
+            Err(Refusal::role(admitting.to_ask_for(token.role())))
         }
     }
 }

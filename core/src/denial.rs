@@ -1,6 +1,8 @@
 //! Why a request is refused, and the outcome counters: the vocabulary that
 //! the decision, the local replies and the stats share.
 
+use crate::role::Role;
+
 /// Why a request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Denial {
@@ -108,6 +110,32 @@ impl Denial {
             Self::CatchingUp => Counter::CatchingUp,
             Self::Disabled => Counter::Disabled,
         }
+    }
+}
+
+/// A refusal as the client is told of it: why, and for a role denial the
+/// role the request needed, if one would have been admitted (the
+/// `x-apitokens-required-role` header and the body's `requiredRole`), so
+/// a user knows what to ask for without reading the permissions table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Refusal {
+    pub denial: Denial,
+    pub required: Option<Role>,
+}
+
+impl Refusal {
+    /// A role denial: `required`, if some role would have been admitted.
+    pub const fn role(required: Option<Role>) -> Self {
+        Self {
+            denial: Denial::RoleDenied,
+            required,
+        }
+    }
+}
+
+impl From<Denial> for Refusal {
+    fn from(denial: Denial) -> Self {
+        Self { denial, required: None }
     }
 }
 

@@ -10,7 +10,7 @@
 use crate::access::{Access, Kind};
 use crate::config::Config;
 use crate::decision::{ForwardAuthorization, Grant};
-use crate::denial::{Counter, Denial};
+use crate::denial::{Counter, Denial, Refusal};
 use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
@@ -74,7 +74,7 @@ pub trait Host {
     /// paths that may keep `Authorization`.
     fn route_cluster(&mut self) -> Option<Vec<u8>>;
     /// Answers the request locally; it does not go upstream.
-    fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError>;
+    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError>;
     fn count(&mut self, counter: Counter);
     /// A token authenticated (whatever the rules then decide): for its last
     /// use, and, when admitted, what the request did (`access`). Must be
@@ -113,12 +113,14 @@ const OVERRIDE_HEADERS: [&str; 5] = [
 pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Option<&Overlay>) -> Verdict {
     let headers = match host.request_headers() {
         Ok(headers) => headers,
-        Err(HostError) => return deny(host, config, None, Denial::Internal, None),
+        Err(HostError) => return deny(host, config, None, Denial::Internal.into(), None),
     };
     match check(host, config, overlay, &headers) {
         // Asked only of a request the table admits: one it refuses is
         // refused whatever this VM may be missing.
-        Ok((token, _)) if host.catching_up() => deny(host, config, Some(&headers), Denial::CatchingUp, Some(token)),
+        Ok((token, _)) if host.catching_up() => {
+            deny(host, config, Some(&headers), Denial::CatchingUp.into(), Some(token))
+        }
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
                 host.count(if token.is_previous() {
@@ -128,13 +130,13 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Optio
                 });
                 Verdict::Continue
             }
-            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal, Some(token)),
+            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal.into(), Some(token)),
         },
-        Err((denial, token)) => deny(host, config, Some(&headers), denial, token),
+        Err((refusal, token)) => deny(host, config, Some(&headers), refusal, token),
     }
 }
 
-type Checked<'c> = Result<(Token<'c>, Grant), (Denial, Option<Token<'c>>)>;
+type Checked<'c> = Result<(Token<'c>, Grant), (Refusal, Option<Token<'c>>)>;
 
 fn check<'c, H: Host>(
     host: &mut H,
@@ -145,33 +147,35 @@ fn check<'c, H: Host>(
     // Override headers are rare: one pass tells whether to look closer.
     let overridden = headers.any(&OVERRIDE_HEADERS);
     if overridden && config.url_overrides() == UrlOverrides::Reject && headers.any(&URL_OVERRIDE_HEADERS) {
-        return Err((Denial::UrlOverride, None));
+        return Err((Denial::UrlOverride.into(), None));
     }
     let authorization = match headers.get("authorization") {
         HeaderValue::Absent => None,
         HeaderValue::One(value) => Some(value),
-        HeaderValue::Repeated => return Err((Denial::MultipleCredentials, None)),
+        HeaderValue::Repeated => return Err((Denial::MultipleCredentials.into(), None)),
     };
-    let token = config.authenticate(overlay, authorization, || host.now())?;
+    let token = config
+        .authenticate(overlay, authorization, || host.now())
+        .map_err(|(denial, token)| (denial.into(), token))?;
     let decided = decide(host, config, headers, token, overridden);
     // One mark per authenticated request, refused or not (its last use);
     // what it did only when admitted (the evidence for least privilege).
     host.used(token, decided.as_ref().map_or(Access::USED, |(_, access)| *access));
     match decided {
         Ok((grant, _)) => Ok((token, grant)),
-        Err(denial) => Err((denial, Some(token))),
+        Err(refusal) => Err((refusal, Some(token))),
     }
 }
 
 /// Whether the rules admit `token` for the request, and if so what the
-/// request did ([`Access`]).
+/// request did ([`Access`]); if not, the role it needed.
 fn decide<H: Host>(
     host: &mut H,
     config: &Config,
     headers: &H::Headers,
     token: Token<'_>,
     overridden: bool,
-) -> Result<(Grant, Access), Denial> {
+) -> Result<(Grant, Access), Refusal> {
     let one = |name| match headers.get(name) {
         HeaderValue::One(value) => value,
         HeaderValue::Absent | HeaderValue::Repeated => b"",
@@ -214,7 +218,8 @@ fn decide<H: Host>(
     if admits(access) {
         Ok((config.grant(&scope), access))
     } else {
-        Err(Denial::RoleDenied)
+        // The roles no part of the request refuses: what it needed.
+        Err(Refusal::role(access.refusing().complement().to_ask_for(role)))
     }
 }
 
@@ -270,9 +275,10 @@ fn deny<H: Host>(
     host: &mut H,
     config: &Config,
     headers: Option<&H::Headers>,
-    denial: Denial,
+    refusal: Refusal,
     token: Option<Token<'_>>,
 ) -> Verdict {
+    let denial = refusal.denial;
     // The request is answered locally and never forwarded; still, no
     // client-sent identity header survives it (nor, if the headers could not
     // be read, any header of those names).
@@ -293,8 +299,8 @@ fn deny<H: Host>(
             token.as_ref().map_or("-", Token::name)
         ),
     );
-    if let Some(reply) = config.replies().get(denial) {
-        if host.send_reply(denial, reply).is_err() {
+    if let Some(reply) = config.replies().get(refusal) {
+        if host.send_reply(reply).is_err() {
             host.log(LogLevel::Error, format_args!("could not send the local reply"));
         }
     }

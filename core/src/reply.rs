@@ -1,37 +1,67 @@
 //! Local replies for refused requests (RFC 6750 section 3), built once per
 //! configuration.
 
-use crate::denial::Denial;
+use crate::denial::{Denial, Refusal};
+use crate::role::Role;
+
+/// The header naming the role a refused request needed.
+pub const REQUIRED_ROLE_HEADER: &str = "x-apitokens-required-role";
 
 /// A refusal as the gateway sends it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
+    pub denial: Denial,
+    /// This reply's position in [`Replies::all`]: hosts that prepare
+    /// something per reply (the filter serializes the headers once) index
+    /// it by this.
+    pub slot: usize,
     pub status: u32,
-    /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`).
-    pub details: &'static str,
     pub headers: Box<[(&'static str, Box<str>)]>,
-    /// `{"code": status, "message": ...}`; never mentions the secret.
+    /// `{"code": status, "message": ..., "requiredRole"?: ...}`; never
+    /// mentions the secret.
     pub body: Box<[u8]>,
+}
+
+impl Reply {
+    /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`).
+    pub const fn details(&self) -> &'static str {
+        self.denial.details()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replies {
-    by_denial: Box<[Reply]>,
+    /// One per denial, in [`Denial::ALL`]'s order, then a role denial
+    /// naming each role, in [`Role::ALL`]'s.
+    all: Box<[Reply]>,
 }
 
 impl Replies {
     pub fn new(realm: &str) -> Self {
+        let refusals = Denial::ALL
+            .into_iter()
+            .map(Refusal::from)
+            .chain(Role::ALL.into_iter().map(|role| Refusal::role(Some(role))));
         Self {
-            by_denial: Denial::ALL.iter().map(|d| reply(*d, realm)).collect(),
+            all: refusals.enumerate().map(|(slot, r)| reply(r, slot, realm)).collect(),
         }
     }
 
-    pub fn get(&self, denial: Denial) -> Option<&Reply> {
-        self.by_denial.get(denial.index())
+    pub fn get(&self, refusal: Refusal) -> Option<&Reply> {
+        let slot = match refusal.required {
+            Some(role) if refusal.denial == Denial::RoleDenied => Denial::ALL.len() + role.index(),
+            _ => refusal.denial.index(),
+        };
+        self.all.get(slot)
+    }
+
+    pub fn all(&self) -> &[Reply] {
+        &self.all
     }
 }
 
-fn reply(denial: Denial, realm: &str) -> Reply {
+fn reply(refusal: Refusal, slot: usize, realm: &str) -> Reply {
+    let denial = refusal.denial;
     // RFC 6750 3.1: no error code when no bearer token was presented.
     let (status, error, message) = match denial {
         Denial::Missing => (401, None, "A bearer token is required."),
@@ -81,10 +111,20 @@ fn reply(denial: Denial, realm: &str) -> Reply {
         };
         headers.push(("www-authenticate", challenge.into()));
     }
-    let body = format!("{{\"code\":{status},\"message\":\"{message}\"}}");
+    // Telling the role a request needed tells nothing a token's holder
+    // could not read in the permissions table: only its own namespace's
+    // rules, and only once the token authenticated.
+    let body = match refusal.required {
+        Some(role) => {
+            headers.push((REQUIRED_ROLE_HEADER, role.as_str().into()));
+            format!("{{\"code\":{status},\"message\":\"{message}\",\"requiredRole\":\"{role}\"}}")
+        }
+        None => format!("{{\"code\":{status},\"message\":\"{message}\"}}"),
+    };
     Reply {
+        denial,
+        slot,
         status,
-        details: denial.details(),
         headers: headers.into_boxed_slice(),
         body: body.into_bytes().into_boxed_slice(),
     }

@@ -143,6 +143,16 @@ impl RoleSet {
         Role::ALL.into_iter().find(|r| self.contains(*r))
     }
 
+    /// The role to ask for instead of `held`, which the set does not
+    /// hold: the narrowest broader one in the set; else (custom rules need
+    /// not be ordered) the narrowest in the set; `None` for an empty set.
+    pub fn to_ask_for(self, held: Role) -> Option<Role> {
+        Role::ALL
+            .into_iter()
+            .find(|r| *r > held && self.contains(*r))
+            .or_else(|| self.narrowest())
+    }
+
     pub const fn bits(self) -> u8 {
         self.0
     }

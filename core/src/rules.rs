@@ -147,12 +147,6 @@ impl Scope<'_> {
         self.allow.get(role.index()).is_some_and(|verbs| verbs.contains(verb))
     }
 
-    /// Whether `role` may perform what `method` means on this path; a method
-    /// without a verb is never permitted.
-    pub fn permits_method(&self, role: Role, method: &[u8]) -> bool {
-        Verb::from_method(method, self.collection).is_some_and(|verb| self.permits(role, verb))
-    }
-
     /// What `method` would do here: the roles that may (none for a method
     /// without a verb), and the request's kind of access, for the usage
     /// reports' evidence (`crate::access`).

@@ -153,7 +153,7 @@ fn every_denial_sends_its_rfc_6750_reply_and_strips_forged_identity() {
         assert_eq!(reply.status, status, "{denial:?}");
         assert_eq!(reply_header(&reply, "www-authenticate"), Some(challenge), "{denial:?}");
         assert_eq!(reply_header(&reply, "content-type"), Some("application/json"));
-        assert_eq!(reply.details, format!("apitokens_{}", denial.reason()));
+        assert_eq!(reply.details(), format!("apitokens_{}", denial.reason()));
         let body = String::from_utf8(reply.body.to_vec()).unwrap();
         assert!(
             body.starts_with(&format!("{{\"code\":{status},\"message\":\"")),
@@ -226,7 +226,7 @@ fn a_disabled_token_is_refused_with_its_own_reason_and_counter() {
         let (denial, reply) = host.reply.clone().unwrap();
         assert_eq!(denial, Denial::Disabled, "{secret}");
         assert_eq!(reply.status, 401);
-        assert_eq!(reply.details, "apitokens_disabled");
+        assert_eq!(reply.details(), "apitokens_disabled");
         // The client reads what an unknown or expired secret reads.
         let unknown = bearer("nobody-has-this");
         let mut other = Recorder::request("GET", "/api/v1/namespaces/default/jobs", Some(&unknown));
@@ -512,7 +512,7 @@ fn url_override_headers_are_refused_by_default() {
                 reply_header(&reply, "www-authenticate"),
                 Some(r#"Bearer realm="apitokens", error="invalid_request""#)
             );
-            assert_eq!(reply.details, "apitokens_url_override");
+            assert_eq!(reply.details(), "apitokens_url_override");
             assert_eq!(host.counters, vec![Counter::Malformed]);
         }
     }
@@ -777,4 +777,59 @@ fn a_refused_request_is_a_use_but_no_evidence() {
         assert_eq!(access, Access::USED, "{what}");
         assert_eq!(access.narrowest_role(), None, "{what}");
     }
+}
+
+/// The role a refused request needed, as the client reads it: the header,
+/// which the body's `requiredRole` must repeat.
+fn required_role(host: &Recorder) -> Option<String> {
+    let (_, reply) = host.reply.as_ref().expect("a reply");
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let header = reply_header(reply, "x-apitokens-required-role").map(str::to_owned);
+    let field = body.get("requiredRole").and_then(|r| r.as_str()).map(str::to_owned);
+    assert_eq!(header, field, "the header and the body disagree");
+    header
+}
+
+#[test]
+fn a_role_denial_names_the_role_the_request_needed() {
+    let config = fixture();
+    let (viewer, editor, owner) = (bearer(VIEWER), bearer(EDITOR), bearer(OWNER));
+    let tokens_api = "/apitokens/v1/namespaces/default/apitokens";
+    let cases: [(Recorder, Option<&str>); 6] = [
+        // A viewer's write: editor.
+        (
+            Recorder::request("POST", "/api/v1/namespaces/default/deployments", Some(&viewer)),
+            Some("editor"),
+        ),
+        // Listing tokens: owner, whether the caller is a viewer or an editor.
+        (Recorder::request("GET", tokens_api, Some(&viewer)), Some("owner")),
+        (Recorder::request("GET", tokens_api, Some(&editor)), Some("owner")),
+        // A viewer's read overridden to a delete: what the override needs.
+        (
+            Recorder::request("GET", "/api/v1/namespaces/default/deployments/d1", Some(&viewer))
+                .with_header("x-http-method-override", "DELETE"),
+            Some("editor"),
+        ),
+        // No role may delete a namespace: nothing to ask for.
+        (
+            Recorder::request("DELETE", "/namespaces/v1/namespaces/default", Some(&owner)),
+            None,
+        ),
+        // Another namespace: no role of this token's would do.
+        (
+            Recorder::request("GET", "/api/v1/namespaces/other/deployments", Some(&owner)),
+            None,
+        ),
+    ];
+    for (i, (mut host, want)) in cases.into_iter().enumerate() {
+        assert_eq!(run(&config, &mut host), Verdict::Stop, "case {i}");
+        assert_eq!(host.reply.as_ref().map(|(_, r)| r.status), Some(403), "case {i}");
+        assert_eq!(required_role(&host).as_deref(), want, "case {i}");
+    }
+    // The counter and the response details are the role denial's, whatever
+    // the role.
+    let mut host = Recorder::request("POST", "/api/v1/namespaces/default/deployments", Some(&viewer));
+    run(&config, &mut host);
+    assert_eq!(host.counters, vec![Counter::RoleDenied]);
+    assert_eq!(host.reply.unwrap().1.details(), "apitokens_role_denied");
 }

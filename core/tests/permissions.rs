@@ -2,7 +2,8 @@
 #![cfg(test)] // helpers are test code too, for clippy.toml's allow-*-in-tests
 mod common;
 
-use apitokens_core::denial::Denial;
+use apitokens_core::denial::{Denial, Refusal};
+use apitokens_core::role::Role;
 use common::*;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -212,12 +213,28 @@ fn every_row_for_every_role() {
         for (role, want) in expected.iter().enumerate() {
             let auth = bearer(secret(role));
             let token = config.authenticate(None, Some(&auth), no_clock).unwrap();
-            let got = match config.authorize(token, method.as_bytes(), path.as_bytes()) {
+            let result = config.authorize(token, method.as_bytes(), path.as_bytes());
+            let got = match result {
                 Ok(_) => A,
-                Err(Denial::RoleDenied) => R,
-                Err(Denial::NamespaceDenied) => N,
+                Err(Refusal {
+                    denial: Denial::RoleDenied,
+                    ..
+                }) => R,
+                Err(Refusal {
+                    denial: Denial::NamespaceDenied,
+                    ..
+                }) => N,
                 Err(other) => panic!("{method} {path}: unexpected {other:?}"),
             };
+            // A role denial names the narrowest broader role the row
+            // admits; a namespace denial, a row no role passes, none.
+            let required = result.err().and_then(|r| r.required);
+            let admitted_above = (role + 1..3).find(|r| expected[*r] == A).map(|r| Role::ALL[r]);
+            if got == R && required != admitted_above {
+                failures.push(format!(
+                    "{method} {path} as role {role}: required {required:?}, want {admitted_above:?}"
+                ));
+            }
             if got != *want {
                 failures.push(format!(
                     "{method} {path} as {}: want {want:?}, got {got:?}",
@@ -243,7 +260,7 @@ fn token_of_another_namespace_is_denied_ours_and_allowed_its_own() {
         config
             .authorize(token, b"GET", b"/api/v1/namespaces/default/deployments")
             .map(drop),
-        Err(Denial::NamespaceDenied)
+        Err(Denial::NamespaceDenied.into())
     );
     assert_eq!(
         config
@@ -268,24 +285,30 @@ fn custom_rules_replace_the_builtin_table() {
     };
     assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices"), Ok(()));
     assert_eq!(check(VIEWER, "GET", "/billing/v2/tenants/default/invoices/7"), Ok(()));
+    // The role to ask for: the narrowest broader one the rule admits, else
+    // (these rules are not ordered) the narrowest it admits.
     assert_eq!(
         check(VIEWER, "POST", "/billing/v2/tenants/default/invoices"),
-        Err(Denial::RoleDenied)
+        Err(Refusal::role(Some(Role::Owner)))
     );
     assert_eq!(
         check(EDITOR, "GET", "/billing/v2/tenants/default/invoices"),
-        Err(Denial::RoleDenied)
+        Err(Refusal::role(Some(Role::Owner)))
+    );
+    assert_eq!(
+        check(VIEWER, "PUT", "/billing/v2/tenants/default/payments/1"),
+        Err(Refusal::role(Some(Role::Editor)))
     );
     assert_eq!(check(EDITOR, "POST", "/billing/v2/tenants/default/payments"), Ok(()));
     assert_eq!(check(OWNER, "DELETE", "/billing/v2/tenants/default/invoices/7"), Ok(()));
     assert_eq!(
         check(OWNER, "GET", "/billing/v2/tenants/other/invoices"),
-        Err(Denial::NamespaceDenied)
+        Err(Denial::NamespaceDenied.into())
     );
     // The built-in table no longer applies.
     assert_eq!(
         check(OWNER, "GET", "/api/v1/namespaces/default/deployments"),
-        Err(Denial::RoleDenied)
+        Err(Refusal::role(None))
     );
 }
 

@@ -84,6 +84,12 @@ TABLE = [
 ]
 
 ROLES = ["viewer", "editor", "owner"]
+
+
+def roles_of(method: str, path: str) -> set[str]:
+    return next(roles for (m, p, roles) in TABLE if (m, p) == (method, path))
+
+
 CASES = [(m, p, role, role in roles) for (m, p, roles) in TABLE for role in ROLES]
 
 
@@ -101,7 +107,11 @@ def test_permission_table(client, tokens, method, path, role, expect_allowed):
         seen = allowed(resp, token)
         assert seen["method"] == method
     else:
-        denied(resp, "role_denied", secret=token.secret, head=method == "HEAD")
+        # The role to ask for: the narrowest broader one the row admits
+        # (none for a row no role passes).
+        broader = ROLES[ROLES.index(role) + 1:]
+        needed = next((r for r in broader if r in roles_of(method, path)), None)
+        denied(resp, "role_denied", secret=token.secret, head=method == "HEAD", required_role=needed)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +176,7 @@ def test_lowercase_method_is_denied_over_http2(envoy, tokens):
     Envoy's HTTP/1.1 codec already rejects it (400 http1.codec_error)."""
     with RawH2(envoy) as h2c:
         denied(h2c.request("get", f"{NS}/deployments", [("authorization", tokens.owner.authorization)]),
-               "role_denied")
+               "role_denied", required_role=None)
     with RawH1(envoy) as h1c:
         resp = h1c.request("get", f"{NS}/deployments", [("authorization", tokens.owner.authorization)])
         assert resp.status_code == 400

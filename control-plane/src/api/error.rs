@@ -6,7 +6,7 @@ use crate::metrics::Outcome;
 use crate::store::StoreError;
 use crate::tokens;
 use apitokens_core::config::Config;
-use apitokens_core::denial::Denial;
+use apitokens_core::denial::Refusal;
 use apitokens_core::reply::Reply;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -48,8 +48,8 @@ impl AppError {
         Self::BadBody("the query string is not valid: give each parameter at most once".to_owned())
     }
 
-    pub(crate) fn denied(config: &Config, denial: Denial) -> Self {
-        Self::Denied(config.replies().get(denial).map(|r| Box::new(r.clone())))
+    pub(crate) fn denied(config: &Config, refusal: impl Into<Refusal>) -> Self {
+        Self::Denied(config.replies().get(refusal.into()).map(|r| Box::new(r.clone())))
     }
 }
 

@@ -170,8 +170,8 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
         let route = Route::parse(path).ok_or(AppError::UnknownPath)?;
         let snapshot = app.publisher.current();
         let config = snapshot.api();
-        let denied = |denial| AppError::denied(config, denial);
-        let token = authenticate(&snapshot, &parts.headers, app.publisher.clock().now()).map_err(denied)?;
+        let token = authenticate(&snapshot, &parts.headers, app.publisher.clock().now())
+            .map_err(|denial| AppError::denied(config, denial))?;
         // The request's span (see `log_request`) names the caller from here.
         tracing::Span::current().record("caller", token.name());
         if !route.allows(&parts.method) {
@@ -193,7 +193,7 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
         // this namespace, or (for `apitokens:self`) any of its tokens.
         config
             .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
-            .map_err(denied)?;
+            .map_err(|refusal| AppError::denied(config, refusal))?;
         let peer = peer(parts);
         Ok(Allowed {
             route,

@@ -680,6 +680,16 @@ async fn non_owners_and_other_namespaces_get_403() {
             .to_str()
             .unwrap()
             .contains("insufficient_scope"));
+        // What to ask for: this namespace's owner role; the other
+        // namespace's owner could hold no role that would do.
+        let required = (secret != &other_owner).then_some("owner");
+        assert_eq!(
+            a.headers.get("x-apitokens-required-role").map(|v| v.to_str().unwrap()),
+            required,
+            "{}",
+            a.raw
+        );
+        assert_eq!(a.body.get("requiredRole").and_then(Value::as_str), required);
         assert_eq!(f.names().await, before);
         assert_eq!(
             f.call("GET", COLLECTION, Some(secret), None).await.status,

@@ -123,9 +123,9 @@ impl Host for Recorder {
         self.cluster.as_ref().map(|c| c.as_bytes().to_vec())
     }
 
-    fn send_reply(&mut self, denial: Denial, reply: &Reply) -> Result<(), HostError> {
+    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError> {
         assert!(self.reply.is_none(), "one reply per request");
-        self.reply = Some((denial, reply.clone()));
+        self.reply = Some((reply.denial, reply.clone()));
         Ok(())
     }
 

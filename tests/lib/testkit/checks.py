@@ -77,12 +77,26 @@ def reached_upstream(resp: httpx.Response) -> list[dict]:
     return resp.envoy.upstream.find("x-e2e-id", resp.e2e_id)
 
 
-def denied(resp: httpx.Response, reason: str, secret: str | None = None, realm: str = REALM, head: bool = False) -> dict:
+# `denied(..., required_role=ANY_ROLE)`: whichever role the reply names, if
+# any (its header and body must still agree).
+ANY_ROLE = "any"
+
+
+def denied(resp: httpx.Response, reason: str, secret: str | None = None, realm: str = REALM, head: bool = False,
+           required_role: str | None = ANY_ROLE) -> dict:
     """The filter denied the request for `reason`: status, WWW-Authenticate, JSON body,
-    response code details, and nothing reached the upstream. Returns the JSON body."""
+    response code details, the role it needed (`x-apitokens-required-role` and the
+    body's `requiredRole`, role denials only), and nothing reached the upstream.
+    Returns the JSON body."""
     status, error = DENIALS[reason]
     responds_with(resp, status, details=f"apitokens_{reason}")
     responds_with_header(resp, "www-authenticate", www_authenticate(error, realm))
+    role = resp.headers.get("x-apitokens-required-role")
+    if reason != "role_denied":
+        assert role is None, f"a required role on a {reason} refusal: {describe(resp)}"
+    elif required_role != ANY_ROLE:
+        assert role == required_role, f"required role {role!r}, want {required_role!r}: {describe(resp)}"
+    assert role in (None, "viewer", "editor", "owner"), f"required role {role!r}: {describe(resp)}"
     body = {}
     if not head:
         ctype = resp.headers.get("content-type", "")
@@ -91,7 +105,9 @@ def denied(resp: httpx.Response, reason: str, secret: str | None = None, realm: 
             body = json.loads(resp.content)
         except ValueError as exc:
             raise AssertionError(f"denial body is not JSON: {describe(resp)}") from exc
-        assert isinstance(body, dict) and set(body) == {"code", "message"}, f"body shape: {describe(resp)}"
+        keys = {"code", "message"} | ({"requiredRole"} if role else set())
+        assert isinstance(body, dict) and set(body) == keys, f"body shape: {describe(resp)}"
+        assert body.get("requiredRole") == role, f"body's requiredRole against the header: {describe(resp)}"
         assert body["code"] == status and type(body["code"]) is int, f"body code: {describe(resp)}"
         assert isinstance(body["message"], str) and body["message"], f"body message: {describe(resp)}"
     if secret:
