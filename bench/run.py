@@ -194,12 +194,20 @@ class Tokens:
                 "expireTime": "2099-01-01T00:00:00Z",
             })
 
-    def plugin_json(self, n: int, usage_report: bool = False) -> str:
+    def plugin_json(self, n: int, usage_report: bool = False, condition: str | None = None) -> str:
         """The plugin configuration of n tokens; with `usage_report`, usage
         reports on (as the shipped ECDS base configuration has them), so every
         allowed request also marks its token (reports go to the upstream
-        cluster every 30 s and fail there: the request path is what counts)."""
-        config: dict = {"tokens": self.specs[:n]}
+        cluster every 30 s and fail there: the request path is what counts).
+        `condition`: the request's token has a not-before time long past
+        (`nbf`), or is bound to the loopback range the load comes from, with
+        an excepted range and an IPv6 one to walk past (`cidr`)."""
+        specs = [dict(s) for s in self.specs[:n]]
+        if condition == "nbf":
+            specs[1]["notBeforeTime"] = "2020-01-01T00:00:00Z"
+        elif condition == "cidr":
+            specs[1]["clientAddresses"] = {"allow": ["2001:db8::/32", "127.0.0.0/8"], "except": ["127.0.0.9"]}
+        config: dict = {"tokens": specs}
         if usage_report:
             config["usageReport"] = {"cluster": "upstream"}
         return json.dumps(config, separators=(",", ":"))
@@ -454,13 +462,21 @@ class Variant:
         self.expect = expect
 
 
+# A build of the filter, its table size, and what the request's token is:
+# unknown (-deny), with a not-before time (-nbf), bound to client addresses
+# (-cidr), or a plain editor.
+VARIANT = r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny|-nbf|-cidr)?"
+
+
 def parse_variant(name: str, alt_keys: int) -> Variant:
-    m = re.fullmatch(r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny)?", name)
+    m = re.fullmatch(VARIANT, name)
     if m:
         n = count(m.group(2))
         wasm = "ours" if m.group(1) == "ours" else m.group(1)[len("proto-"):]
-        deny = bool(m.group(3))
-        return Variant(name, f"wasm:{wasm}:{n}", "unknown" if deny else "allowed", 401 if deny else 200)
+        deny = m.group(3) == "-deny"
+        # -nbf, -cidr: the request's token carries that condition (met).
+        condition = f":{m.group(3)[1:]}" if m.group(3) in ("-nbf", "-cidr") else ""
+        return Variant(name, f"wasm:{wasm}:{n}{condition}", "unknown" if deny else "allowed", 401 if deny else 200)
     if name in ("floor", "onehdr", "onehdr-raw"):
         return Variant(name, name, "allowed", 200)
     if name in ("api_key_auth", "lua", "ext_authz"):
@@ -484,11 +500,12 @@ def server_config(key: str, port: int, ctx: dict) -> dict:
         return bootstrap(port, [wasm_filter(wasm, OPS[m.group(2)], "ops")])
     kind, _, rest = key.partition(":")
     if kind == "wasm":
-        wasm_label, n = rest.split(":")
+        wasm_label, n, *condition = rest.split(":")
         wasm = ctx["wasm"][wasm_label]
         # Usage reports need this build (older ones refuse the field).
         usage = wasm_label == "ours" and ctx.get("usage_report", True)
-        return bootstrap(port, [wasm_filter(wasm, tokens.plugin_json(int(n), usage), "apitokens")])
+        plugin = tokens.plugin_json(int(n), usage, condition[0] if condition else None)
+        return bootstrap(port, [wasm_filter(wasm, plugin, "apitokens")])
     n = int(rest)
     if kind == "api_key_auth":
         creds = [{"key": s, "client": name} for s, name in tokens.names(n)]
@@ -693,10 +710,12 @@ def describe(v: Variant, alt_keys: int) -> str:
         if v.name in ("api_key_auth", "lua", "ext_authz"):
             d += f", {label_count(alt_keys)} keys"
         return d
-    m = re.fullmatch(r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny)?", v.name)
+    m = re.fullmatch(VARIANT, v.name)
     if m:
         who = "apitokens" if m.group(1) == "ours" else m.group(1)
-        return f"{who}, {label_count(count(m.group(2)))} tokens, {'denied (401)' if m.group(3) else 'allowed'}"
+        what = {"-deny": "denied (401)", "-nbf": "allowed, with a not-before time",
+                "-cidr": "allowed, bound to client addresses"}.get(m.group(3) or "", "allowed")
+        return f"{who}, {label_count(count(m.group(2)))} tokens, {what}"
     if v.name.startswith(("ops:", "rawops:")):
         kind, op = v.name.split(":")
         return f"wasm ({'own exports' if kind == 'rawops' else 'SDK'}): {OPS[op]}"
@@ -729,7 +748,7 @@ def goals(table: dict, variants: list[Variant], scenarios: list[str]) -> list[st
     """Issue 4 section 2, for every build of the filter in the run."""
     families: dict[str, list[str]] = {}
     for v in variants:
-        m = re.fullmatch(r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny)?", v.name)
+        m = re.fullmatch(VARIANT, v.name)
         if m and not m.group(3):
             families.setdefault(m.group(1), []).append(m.group(2))
     out = []

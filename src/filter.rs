@@ -45,6 +45,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 /// Counters are kept in the VM and handed to Envoy once a second (a host call
@@ -437,6 +438,20 @@ impl Host for ProxyHost<'_> {
         let nanos = abi::now_nanos().ok()?;
         let secs = i64::try_from(nanos / 1_000_000_000).ok()?;
         Some(Timestamp::from_unix(secs, (nanos % 1_000_000_000) as u32))
+    }
+
+    fn client_address(&mut self) -> Option<IpAddr> {
+        // The attribute `source.address`: the downstream remote address as
+        // the connection manager set it: the peer, or the `X-Forwarded-For`
+        // hop its settings select (`xff_num_trusted_hops`, an original IP
+        // detection extension; with `use_remote_address: false` the last
+        // hop, whoever wrote it). "ip:port", "[ipv6]:port"; a pipe has no IP.
+        let text = abi::property("source\0address").ok().flatten()?;
+        let text = std::str::from_utf8(&text).ok()?;
+        text.parse::<SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| text.parse::<IpAddr>())
+            .ok()
     }
 
     fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {

@@ -47,6 +47,8 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
                 previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
                 disabled: r.disabled,
+                not_before_time: None,
+                client_addresses: None,
             }
         })
         .collect();
@@ -183,6 +185,8 @@ mod tests {
                 previous_secret_sha256: None,
                 previous_secret_expire_time: None,
                 disabled: false,
+                not_before_time: None,
+                client_addresses: None,
             }],
             ..PluginConfig::default()
         }

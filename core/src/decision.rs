@@ -30,7 +30,8 @@ pub enum ForwardAuthorization {
 
 impl Config {
     /// Finds the token for an Authorization value. `now` is asked only when the
-    /// token has an expiry; if the clock is unavailable the token is refused.
+    /// token has an expiry or a not-before time; if the clock is unavailable
+    /// the token is refused.
     pub fn authenticate<'c>(
         &'c self,
         overlay: Option<&'c Overlay>,
@@ -53,11 +54,20 @@ impl Config {
             None => self.tokens.get(&digest),
         }
         .ok_or((Denial::Unknown, None))?;
-        if token.expire().is_some() && now().map_or(true, |now| token.is_expired(now)) {
-            return Err((Denial::Expired, Some(token)));
+        // The clock is read once, and only for a token with a time to check.
+        let not_before = token.conditions().and_then(|c| c.not_before());
+        if token.expire().is_some() || not_before.is_some() {
+            let now = now();
+            if token.expire().is_some() && now.map_or(true, |now| token.is_expired(now)) {
+                return Err((Denial::Expired, Some(token)));
+            }
+            // Valid from `notBeforeTime` on, inclusive.
+            if not_before.is_some_and(|nb| now.map_or(true, |now| now < nb)) {
+                return Err((Denial::NotYetValid, Some(token)));
+            }
         }
-        // After expiry: an expired token that is also disabled counts as
-        // expired, the state that lasts (enabling it would not admit it), so
+        // After the times: an expired or not yet valid token that is also
+        // disabled counts as such, a state an enable would not end, so
         // `disabled` counts exactly the refusals an enable would undo.
         if token.is_disabled() {
             return Err((Denial::Disabled, Some(token)));

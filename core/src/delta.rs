@@ -37,22 +37,26 @@
 //! u8 name length, the name (`namespaces/{ns}/apitokens/{token}`)
 //! kind >= 1:  digest[32], i64 expire seconds, u32 expire nanos (u32::MAX: never), u8 role
 //! kind 2, 4:  digest[32], i64 expire seconds, u32 expire nanos of the previous secret
+//! kinds 17 to 20: as 1 to 4, then the token's conditions: u16 length, the
+//!         encoded conditions (`crate::conditions`)
 //! ```
 //!
 //! The disabled token has kinds of its own rather than a flag byte: a record
 //! of kind 1 or 2 reads as it always did, and a filter that does not know
 //! kinds 3 and 4 refuses the whole response (and waits for a snapshot, whose
 //! table it refuses too: Envoy NACKs it) instead of admitting a disabled
-//! token.
+//! token. Conditions set a bit of the kind for the same reason: a filter
+//! that does not know them refuses the record rather than admit a token
+//! without them.
 //!
 //! Digests only, never a secret. Everything a VM receives is validated as
 //! strictly as a snapshot before any of it is applied; a response that fails
 //! leaves the table as it was.
 
 use crate::compact::Stamp;
+use crate::conditions::Encoded;
 use crate::error::ConfigError;
 use crate::name::is_token_name;
-use crate::role::Role;
 use crate::table::{push_digest_and_expiry, role_code, role_of, Change, Digest, Entry, TokenEntries};
 use crate::timestamp::Timestamp;
 
@@ -67,6 +71,8 @@ const PUT: u8 = 1;
 const PUT_WITH_PREVIOUS: u8 = 2;
 const PUT_DISABLED: u8 = 3;
 const PUT_DISABLED_WITH_PREVIOUS: u8 = 4;
+/// Or-ed into a put's kind: the record ends with the token's conditions.
+const WITH_CONDITIONS: u8 = 0x10;
 const NEVER: u32 = u32::MAX;
 
 fn error(problem: impl Into<String>) -> ConfigError {
@@ -84,7 +90,12 @@ pub fn encode_change(out: &mut Vec<u8>, change: &Change<'_>) {
                 (true, false) => PUT_DISABLED,
                 (true, true) => PUT_DISABLED_WITH_PREVIOUS,
             };
-            (kind, t.current.name, Some(t))
+            let conditions = if t.current.conditions.is_some() {
+                WITH_CONDITIONS
+            } else {
+                0
+            };
+            (kind | conditions, t.current.name, Some(t))
         }
     };
     out.push(kind);
@@ -95,6 +106,10 @@ pub fn encode_change(out: &mut Vec<u8>, change: &Change<'_>) {
         out.push(role_code(t.current.role));
         if let Some(previous) = &t.previous {
             push_digest_and_expiry(out, previous);
+        }
+        if let Some(c) = t.current.conditions {
+            out.extend_from_slice(&u16::try_from(c.bytes().len()).unwrap_or(u16::MAX).to_le_bytes());
+            out.extend_from_slice(c.bytes());
         }
     }
 }
@@ -152,6 +167,10 @@ pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change<'_>>, ConfigError> {
             return Err(error(format!("change {}: not a token name", changes.len())));
         }
         let name = std::str::from_utf8(name).map_err(|_| error("a name is not UTF-8"))?;
+        let (kind, with_conditions) = match kind & !WITH_CONDITIONS {
+            REMOVED => (kind, false),
+            base => (base, kind & WITH_CONDITIONS != 0),
+        };
         let change = match kind {
             REMOVED => Change::Remove(name),
             PUT | PUT_WITH_PREVIOUS | PUT_DISABLED | PUT_DISABLED_WITH_PREVIOUS => {
@@ -159,18 +178,41 @@ pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change<'_>>, ConfigError> {
                 let digest = reader.digest()?;
                 let expire = reader.expire()?;
                 let role = role_of(reader.byte()?).ok_or_else(|| error(format!("{name}: unknown role")))?;
-                let current = entry(name, role, digest, expire, false, disabled);
+                let current = Entry {
+                    name,
+                    role,
+                    digest,
+                    expire,
+                    previous: false,
+                    disabled,
+                    conditions: None,
+                };
                 let previous = if matches!(kind, PUT_WITH_PREVIOUS | PUT_DISABLED_WITH_PREVIOUS) {
                     let digest = reader.digest()?;
                     let expire = reader.expire()?;
                     if digest == current.digest {
                         return Err(error(format!("{name}: the previous secret is the current one")));
                     }
-                    Some(entry(name, role, digest, expire, true, disabled))
+                    Some(Entry {
+                        digest,
+                        expire,
+                        previous: true,
+                        ..current
+                    })
                 } else {
                     None
                 };
-                Change::Put(TokenEntries { current, previous })
+                let conditions = if with_conditions {
+                    let len = u16::from_le_bytes(reader.take(2)?.try_into().map_err(|_| error("truncated"))?);
+                    let bytes = reader.take(usize::from(len))?;
+                    Some(Encoded::new(bytes).map_err(|e| error(format!("{name}: conditions: {e}")))?)
+                } else {
+                    None
+                };
+                Change::Put(TokenEntries {
+                    current: Entry { conditions, ..current },
+                    previous: previous.map(|p| Entry { conditions, ..p }),
+                })
             }
             _ => return Err(error(format!("{name}: unknown change kind"))),
         };
@@ -182,24 +224,6 @@ pub fn decode_changes(bytes: &[u8]) -> Result<Vec<Change<'_>>, ConfigError> {
         return Err(error("a token changes twice in one response"));
     }
     Ok(changes)
-}
-
-fn entry<'a>(
-    name: &'a str,
-    role: Role,
-    digest: Digest,
-    expire: Option<Timestamp>,
-    previous: bool,
-    disabled: bool,
-) -> Entry<'a> {
-    Entry {
-        name,
-        role,
-        digest,
-        expire,
-        previous,
-        disabled,
-    }
 }
 
 // The two messages, in protobuf's wire format (written by hand: the filter
@@ -324,24 +348,77 @@ pub fn response(from: Stamp, to: Option<Stamp>, changes: &[u8], snapshot_needed:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conditions::{Cidr, Conditions};
+    use crate::role::Role;
 
     fn put<'a>(name: &'a str, secret: &[u8], previous: Option<&[u8]>) -> Change<'a> {
         put_as(name, secret, previous, false)
     }
 
     fn put_as<'a>(name: &'a str, secret: &[u8], previous: Option<&[u8]>, disabled: bool) -> Change<'a> {
-        let current = entry(name, Role::Editor, Digest::of(secret), None, false, disabled);
-        let previous = previous.map(|p| {
-            entry(
-                name,
-                Role::Editor,
-                Digest::of(p),
-                Some(Timestamp::from_unix(5, 7)),
-                true,
-                disabled,
-            )
+        let current = Entry {
+            name,
+            role: Role::Editor,
+            digest: Digest::of(secret),
+            expire: None,
+            previous: false,
+            disabled,
+            conditions: None,
+        };
+        let previous = previous.map(|p| Entry {
+            digest: Digest::of(p),
+            expire: Some(Timestamp::from_unix(5, 7)),
+            previous: true,
+            ..current
         });
         Change::Put(TokenEntries { current, previous })
+    }
+
+    #[test]
+    fn conditions_travel_with_both_entries_and_are_validated() {
+        let conditions = Conditions {
+            not_before: Some(Timestamp::from_unix(1_900_000_000, 0)),
+            allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            except: vec![Cidr::parse("2001:db8::/32").unwrap()],
+        }
+        .encode();
+        let with = |change: Change<'static>, bytes: &'static [u8]| match change {
+            Change::Put(t) => {
+                let conditions = Some(Encoded::new(bytes).unwrap());
+                Change::Put(TokenEntries {
+                    current: Entry {
+                        conditions,
+                        ..t.current
+                    },
+                    previous: t.previous.map(|p| Entry { conditions, ..p }),
+                })
+            }
+            remove => remove,
+        };
+        let bytes: &'static [u8] = Box::leak(conditions.into_boxed_slice());
+        let changes = [
+            with(put("namespaces/a/apitokens/x", b"one", Some(b"old")), bytes),
+            with(put_as("namespaces/a/apitokens/y", b"two", None, true), bytes),
+            put("namespaces/a/apitokens/z", b"three", None),
+        ];
+        let mut encoded = Vec::new();
+        for c in &changes {
+            encode_change(&mut encoded, c);
+        }
+        assert_eq!(encoded[0], PUT_WITH_PREVIOUS | WITH_CONDITIONS);
+        assert_eq!(decode_changes(&encoded).unwrap(), changes);
+        // Conditions that do not validate refuse the whole response: an
+        // unknown condition is never read as absent.
+        let mut one = Vec::new();
+        encode_change(&mut one, &changes[1]);
+        let last = one.len() - bytes.len();
+        let mut bad = one.clone();
+        bad[last] = 9;
+        assert!(decode_changes(&bad).is_err());
+        // Without the kind's bit, the conditions are trailing garbage.
+        let mut bad = one.clone();
+        bad[0] = PUT_DISABLED;
+        assert!(decode_changes(&bad).is_err());
     }
 
     #[test]

@@ -35,10 +35,15 @@ pub enum Denial {
     /// The token is disabled (suspended by its owner, to be enabled again):
     /// refused, though the secret is the token's.
     Disabled,
+    /// The token's `notBeforeTime` has not come yet.
+    NotYetValid,
+    /// The request's client address is outside the token's allowed ranges,
+    /// or inside an excepted one.
+    AddressDenied,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 12] = [
+    pub const ALL: [Denial; 14] = [
         Denial::Missing,
         Denial::NotBearer,
         Denial::Malformed,
@@ -51,6 +56,8 @@ impl Denial {
         Denial::Internal,
         Denial::CatchingUp,
         Denial::Disabled,
+        Denial::NotYetValid,
+        Denial::AddressDenied,
     ];
 
     /// The position of this denial in [`Denial::ALL`], which tables indexed
@@ -76,6 +83,8 @@ impl Denial {
             Self::Internal => "internal_error",
             Self::CatchingUp => "catching_up",
             Self::Disabled => "disabled",
+            Self::NotYetValid => "not_yet_valid",
+            Self::AddressDenied => "address_denied",
         }
     }
 
@@ -93,6 +102,8 @@ impl Denial {
             Self::Internal => "apitokens_internal_error",
             Self::CatchingUp => "apitokens_catching_up",
             Self::Disabled => "apitokens_disabled",
+            Self::NotYetValid => "apitokens_not_yet_valid",
+            Self::AddressDenied => "apitokens_address_denied",
         }
     }
 
@@ -109,6 +120,8 @@ impl Denial {
             Self::Internal => Counter::InternalError,
             Self::CatchingUp => Counter::CatchingUp,
             Self::Disabled => Counter::Disabled,
+            Self::NotYetValid => Counter::NotYetValid,
+            Self::AddressDenied => Counter::AddressDenied,
         }
     }
 }
@@ -157,10 +170,14 @@ pub enum Counter {
     /// Refused because the token is disabled: owners watch it before
     /// deleting a suspended token (clients that still try it).
     Disabled,
+    /// Refused before the token's `notBeforeTime`.
+    NotYetValid,
+    /// Refused from a client address the token's conditions exclude.
+    AddressDenied,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Allowed,
         Counter::AllowedPreviousSecret,
         Counter::Missing,
@@ -172,6 +189,8 @@ impl Counter {
         Counter::InternalError,
         Counter::CatchingUp,
         Counter::Disabled,
+        Counter::NotYetValid,
+        Counter::AddressDenied,
     ];
 
     /// The position in [`Counter::ALL`] (checked when compiling).
@@ -193,6 +212,8 @@ impl Counter {
             Self::InternalError => "apitokens.internal_error",
             Self::CatchingUp => "apitokens.catching_up",
             Self::Disabled => "apitokens.disabled",
+            Self::NotYetValid => "apitokens.not_yet_valid",
+            Self::AddressDenied => "apitokens.address_denied",
         }
     }
 }
@@ -209,7 +230,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Denial::Disabled.index() + 1 == Denial::ALL.len(),
+        Denial::AddressDenied.index() + 1 == Denial::ALL.len(),
         "Denial::ALL must end with the last variant"
     );
     let mut i = 0;
@@ -218,7 +239,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Counter::Disabled.index() + 1 == Counter::ALL.len(),
+        Counter::AddressDenied.index() + 1 == Counter::ALL.len(),
         "Counter::ALL must end with the last variant"
     );
 };

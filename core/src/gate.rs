@@ -19,6 +19,7 @@ use crate::role::RoleSet;
 use crate::table::{Overlay, Token};
 use crate::timestamp::Timestamp;
 use std::fmt;
+use std::net::IpAddr;
 
 /// A host call failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +65,12 @@ pub trait Host {
     fn request_has_body(&mut self) -> bool;
     /// The host's wall clock, `None` if it cannot be read.
     fn now(&mut self) -> Option<Timestamp>;
+    /// The request's client address as the proxy determined it (its
+    /// downstream address, or the `X-Forwarded-For` hop its own settings
+    /// select: with Envoy's `use_remote_address: false`, the last one,
+    /// whoever wrote it), never a header the filter reads itself; `None`
+    /// if there is none. Asked only for tokens bound to addresses.
+    fn client_address(&mut self) -> Option<IpAddr>;
     /// Adds a request header (the request has none of this name).
     fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError>;
     /// Sets a request header, replacing every existing value.
@@ -157,6 +164,15 @@ fn check<'c, H: Host>(
     let token = config
         .authenticate(overlay, authorization, || host.now())
         .map_err(|(denial, token)| (denial.into(), token))?;
+    // Where from, before what: a request from an address the token may
+    // not be used from is refused whatever it asks. (Still a use: the
+    // token authenticated.)
+    if let Some(conditions) = token.conditions().filter(|c| c.limits_addresses()) {
+        if !host.client_address().is_some_and(|ip| conditions.admits(ip)) {
+            host.used(token, Access::USED);
+            return Err((Denial::AddressDenied.into(), Some(token)));
+        }
+    }
     let decided = decide(host, config, headers, token, overridden);
     // One mark per authenticated request, refused or not (its last use);
     // what it did only when admitted (the evidence for least privilege).

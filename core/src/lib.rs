@@ -9,6 +9,7 @@
 pub mod access;
 pub mod bearer;
 pub mod compact;
+pub mod conditions;
 pub mod config;
 pub mod decision;
 pub mod delta;

@@ -77,13 +77,20 @@ fn reply(refusal: Refusal, slot: usize, realm: &str) -> Reply {
             Some("invalid_request"),
             "The request must not carry X-Original-URL or X-Rewrite-URL.",
         ),
-        // Unknown, expired and disabled read the same to the client: no
-        // oracle for which secrets once existed, nor for which are merely
-        // suspended (whoever holds a leaked one would learn it may work
-        // again). Stats, logs and response details tell them apart.
-        Denial::Unknown | Denial::Expired | Denial::Disabled => {
+        // Unknown, expired, disabled and not yet valid read the same to the
+        // client: no oracle for which secrets once existed, nor for which
+        // are merely suspended or not valid yet (whoever holds a leaked one
+        // would learn it may work later). Stats, logs and response details
+        // tell them apart.
+        Denial::Unknown | Denial::Expired | Denial::Disabled | Denial::NotYetValid => {
             (401, Some("invalid_token"), "The bearer token is invalid or expired.")
         }
+        // The token is valid, its role no matter: the request comes from
+        // where the token's owner said it may not be used. A 403 of its own
+        // (as Cloudflare answers), so its user can tell a network problem
+        // from a revoked token: it does tell whoever tries a leaked secret
+        // from elsewhere that it is live, which is the trade (security.md).
+        Denial::AddressDenied => (403, None, "The token may not be used from this client address."),
         Denial::NamespaceDenied => (
             403,
             Some("insufficient_scope"),

@@ -93,6 +93,28 @@ pub struct TokenSpec {
     /// and it stays as it is, to be enabled again. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// RFC 3339; the token is refused before this instant
+    /// (`not_yet_valid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_time: Option<String>,
+    /// The client addresses the token may be used from (`address_denied`
+    /// from elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_addresses: Option<ClientAddressesSpec>,
+}
+
+/// Client address ranges (CIDR, IPv4 or IPv6; a bare address is one host),
+/// checked against the address Envoy determined for the request's client.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAddressesSpec {
+    /// When given, the token is refused from any address outside these
+    /// (an empty list is refused: it would read as "from anywhere").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// The token is refused from these, even inside `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

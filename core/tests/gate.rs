@@ -833,3 +833,231 @@ fn a_role_denial_names_the_role_the_request_needed() {
     assert_eq!(host.counters, vec![Counter::RoleDenied]);
     assert_eq!(host.reply.unwrap().1.details(), "apitokens_role_denied");
 }
+
+/// A configuration with one token carrying `conditions` (JSON members of
+/// the token, after its secret): an editor in `default`.
+fn conditioned(conditions: &str) -> Config {
+    let json = format!(
+        r#"{{"tokens":[{{"name":"namespaces/default/apitokens/bound","role":"editor","secretSha256":"{}",{conditions}}},{}]}}"#,
+        sha256_hex("bound-secret"),
+        token_json("namespaces/default/apitokens/viewer", "viewer", VIEWER, None),
+    );
+    Config::from_json(json.as_bytes()).unwrap()
+}
+
+const BOUND: &str = "bound-secret";
+const JOBS: &str = "/api/v1/namespaces/default/jobs";
+
+#[test]
+fn a_token_is_refused_before_its_not_before_time_and_admitted_from_it_on() {
+    let config = conditioned(r#""notBeforeTime":"2026-06-01T00:00:00Z""#);
+    let auth = bearer(BOUND);
+    for (now, admitted) in [
+        ("2026-05-31T23:59:59.999999999Z", false),
+        ("2026-06-01T00:00:00Z", true),
+        ("2026-06-01T00:00:00.000000001Z", true),
+    ] {
+        let mut host = Recorder::request("GET", JOBS, Some(&auth));
+        host.now = Some(at(now));
+        let verdict = run(&config, &mut host);
+        assert_eq!(verdict == Verdict::Continue, admitted, "{now}");
+        if !admitted {
+            let (denial, reply) = host.reply.clone().unwrap();
+            assert_eq!(denial, Denial::NotYetValid);
+            assert_eq!(host.counters, vec![Counter::NotYetValid]);
+            // The client reads it as any invalid token (no oracle); the
+            // details and the counter tell.
+            assert_eq!(reply.status, 401);
+            assert_eq!(reply.details(), "apitokens_not_yet_valid");
+            let unknown = config.replies().get(Denial::Unknown.into()).unwrap();
+            assert_eq!((&reply.headers, &reply.body), (&unknown.headers, &unknown.body));
+        }
+        // No address condition: the address is never asked.
+        assert_eq!(host.client_reads, 0);
+    }
+    // Without a clock the time cannot be checked: refused.
+    let mut host = Recorder::request("GET", JOBS, Some(&auth));
+    host.now = None;
+    assert_eq!(run(&config, &mut host), Verdict::Stop);
+    assert_eq!(host.reply.unwrap().0, Denial::NotYetValid);
+    // Not yet valid and disabled: not yet valid (an enable would not admit it).
+    let disabled = conditioned(r#""notBeforeTime":"2026-06-02T00:00:00Z","disabled":true"#);
+    let mut host = Recorder::request("GET", JOBS, Some(&auth));
+    run(&disabled, &mut host);
+    assert_eq!(host.reply.unwrap().0, Denial::NotYetValid);
+}
+
+#[test]
+fn a_token_bound_to_addresses_is_refused_from_elsewhere() {
+    let config = conditioned(
+        r#""clientAddresses":{"allow":["10.0.0.0/8","2001:db8::/32"],"except":["10.1.0.0/16","2001:db8:bad::/48"]}"#,
+    );
+    let auth = bearer(BOUND);
+    for (from, admitted) in [
+        (Some("10.2.0.1"), true),
+        (Some("2001:db8:1::1"), true),
+        (Some("::ffff:10.2.0.1"), true),
+        (Some("10.1.0.1"), false),
+        (Some("2001:db8:bad::1"), false),
+        (Some("192.0.2.1"), false),
+        (Some("::1"), false),
+        // No address (a pipe): nothing shows it is allowed.
+        (None, false),
+    ] {
+        let mut host = Recorder::request("POST", "/api/v1/namespaces/default/deployments", Some(&auth));
+        host.client = from.map(|a| a.parse().unwrap());
+        let verdict = run(&config, &mut host);
+        assert_eq!(verdict == Verdict::Continue, admitted, "{from:?}");
+        assert_eq!(host.client_reads, 1, "asked once");
+        if admitted {
+            assert!(host.used[0].1.has(Kind::Write));
+        } else {
+            let (denial, reply) = host.reply.clone().unwrap();
+            assert_eq!(denial, Denial::AddressDenied, "{from:?}");
+            assert_eq!(reply.status, 403);
+            assert_eq!(host.counters, vec![Counter::AddressDenied]);
+            assert_eq!(reply_header(&reply, "x-apitokens-required-role"), None);
+            // An attempt from elsewhere is a use (its last use, evidence
+            // of nothing).
+            assert_eq!(
+                host.used,
+                vec![("namespaces/default/apitokens/bound".to_owned(), Access::USED)]
+            );
+        }
+    }
+    // Where before what: a request the role would refuse, from elsewhere,
+    // is an address denial.
+    let mut host =
+        Recorder::request("DELETE", "/namespaces/v1/namespaces/default", Some(&auth)).with_client("192.0.2.1");
+    run(&config, &mut host);
+    assert_eq!(host.reply.unwrap().0, Denial::AddressDenied);
+    // A token without conditions never asks for the address.
+    let mut host = Recorder::request("GET", JOBS, Some(&bearer(VIEWER))).with_client("192.0.2.1");
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.client_reads, 0);
+}
+
+#[test]
+fn conditions_that_are_not_valid_name_their_field() {
+    for (conditions, field) in [
+        (r#""notBeforeTime":"tomorrow""#, "tokens[0].notBeforeTime"),
+        (
+            r#""notBeforeTime":"2030-01-01T00:00:00Z","expireTime":"2029-01-01T00:00:00Z""#,
+            "tokens[0].notBeforeTime",
+        ),
+        (
+            r#""clientAddresses":{"allow":["10.0.0.0/8","10.0.0.1/8"]}"#,
+            "tokens[0].clientAddresses.allow[1]",
+        ),
+        (
+            r#""clientAddresses":{"except":["300.0.0.0/8"]}"#,
+            "tokens[0].clientAddresses.except[0]",
+        ),
+        (
+            r#""clientAddresses":{"allow":["::/129"]}"#,
+            "tokens[0].clientAddresses.allow[0]",
+        ),
+        (
+            r#""clientAddresses":{"deny":["10.0.0.0/8"]}"#,
+            "tokens[0].clientAddresses.deny",
+        ),
+        // Empty would read as "from anywhere": refused.
+        (r#""clientAddresses":{}"#, "tokens[0].clientAddresses"),
+        (r#""clientAddresses":{"allow":[]}"#, "tokens[0].clientAddresses.allow"),
+        (
+            r#""clientAddresses":{"allow":["10.0.0.0/8"],"except":[]}"#,
+            "tokens[0].clientAddresses.except",
+        ),
+        // A mapped range would hold nobody (mapped clients are IPv4).
+        (
+            r#""clientAddresses":{"except":["::ffff:10.0.0.0/104"]}"#,
+            "tokens[0].clientAddresses.except[0]",
+        ),
+    ] {
+        let json = format!(
+            r#"{{"tokens":[{{"name":"namespaces/default/apitokens/bound","role":"editor","secretSha256":"{}",{conditions}}}]}}"#,
+            sha256_hex("bound-secret"),
+        );
+        let e = Config::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(e.field, field, "{conditions}: {e}");
+    }
+    let many = (0..33)
+        .map(|i| format!("\"10.{i}.0.0/16\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    let json = format!(
+        r#"{{"tokens":[{{"name":"namespaces/default/apitokens/bound","role":"editor","secretSha256":"{}","clientAddresses":{{"allow":[{many}]}}}}]}}"#,
+        sha256_hex("bound-secret"),
+    );
+    assert_eq!(
+        Config::from_json(json.as_bytes()).unwrap_err().field,
+        "tokens[0].clientAddresses.allow"
+    );
+    // Fields are checked in the order given: a wrong digest before wrong
+    // conditions, the first token before the second.
+    let json = format!(
+        r#"{{"tokens":[{{"name":"namespaces/default/apitokens/a","role":"editor","secretSha256":"00","clientAddresses":{{}}}},{{"name":"namespaces/default/apitokens/b","role":"editor","secretSha256":"{}","notBeforeTime":"x"}}]}}"#,
+        sha256_hex("b"),
+    );
+    assert_eq!(
+        Config::from_json(json.as_bytes()).unwrap_err().field,
+        "tokens[0].secretSha256"
+    );
+}
+
+#[test]
+fn conditions_bind_a_previous_secret_and_a_token_from_the_delta_channel() {
+    use apitokens_core::compact::Stamp;
+    use apitokens_core::conditions::{Cidr, Conditions, Encoded};
+    use apitokens_core::table::{Change, Digest, Entry, Overlay, TokenEntries};
+    let json = format!(
+        r#"{{"tokens":[{{"name":"namespaces/default/apitokens/bound","role":"editor","secretSha256":"{}","previousSecretSha256":"{}","previousSecretExpireTime":"2030-01-01T00:00:00Z","clientAddresses":{{"allow":["10.0.0.0/8"]}}}}]}}"#,
+        sha256_hex("bound-new"),
+        sha256_hex("bound-old"),
+    );
+    let config = Config::from_json(json.as_bytes()).unwrap();
+    // The previous secret, during the overlap, is bound as the token is.
+    let old = bearer("bound-old");
+    let mut host = Recorder::request("GET", JOBS, Some(&old)).with_client("192.0.2.1");
+    run(&config, &mut host);
+    assert_eq!(host.reply.unwrap().0, Denial::AddressDenied);
+    let mut host = Recorder::request("GET", JOBS, Some(&old)).with_client("10.0.0.1");
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert_eq!(host.counters, vec![Counter::AllowedPreviousSecret]);
+
+    // A token changed over the delta channel carries its conditions.
+    let bytes = Conditions {
+        allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+        ..Conditions::default()
+    }
+    .encode();
+    let mut overlay = Overlay::default();
+    overlay.apply(
+        Stamp {
+            epoch: 1,
+            generation: 2,
+        },
+        &[Change::Put(TokenEntries {
+            current: Entry {
+                name: "namespaces/default/apitokens/viewer",
+                role: Role::Viewer,
+                digest: Digest::of(b"viewer-regenerated"),
+                expire: None,
+                previous: false,
+                disabled: false,
+                conditions: Some(Encoded::new(&bytes).unwrap()),
+            },
+            previous: None,
+        })],
+    );
+    let config = fixture();
+    let secret = bearer("viewer-regenerated");
+    let mut host = Recorder::request("GET", JOBS, Some(&secret)).with_client("192.0.2.1");
+    gate::on_request_headers(&mut host, &config, Some(&overlay));
+    assert_eq!(host.reply.unwrap().0, Denial::AddressDenied);
+    let mut host = Recorder::request("GET", JOBS, Some(&secret)).with_client("10.9.9.9");
+    assert_eq!(
+        gate::on_request_headers(&mut host, &config, Some(&overlay)),
+        Verdict::Continue
+    );
+}

@@ -6,6 +6,7 @@
 mod common;
 
 use apitokens_core::compact::Stamp;
+use apitokens_core::conditions::{Cidr, Conditions, Encoded};
 use apitokens_core::table::{Change, Digest, Entry, LiveTable, Staged, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use std::collections::BTreeMap;
@@ -39,10 +40,14 @@ struct Token {
     previous: Option<(Digest, Timestamp)>,
     /// Disabled: both its entries carry the flag.
     disabled: bool,
+    /// Encoded conditions (of different lengths, so that a change of them
+    /// moves other names).
+    conditions: Option<Vec<u8>>,
 }
 
 impl Token {
-    fn entries<'a>(&self, name: &'a str) -> TokenEntries<'a> {
+    fn entries<'a>(&'a self, name: &'a str) -> TokenEntries<'a> {
+        let conditions = self.conditions.as_deref().map(|c| Encoded::new(c).unwrap());
         TokenEntries {
             current: Entry {
                 name,
@@ -51,6 +56,7 @@ impl Token {
                 expire: self.expire,
                 previous: false,
                 disabled: self.disabled,
+                conditions,
             },
             previous: self.previous.map(|(digest, until)| Entry {
                 name,
@@ -59,6 +65,7 @@ impl Token {
                 expire: Some(until),
                 previous: true,
                 disabled: self.disabled,
+                conditions,
             }),
         }
     }
@@ -100,6 +107,17 @@ fn token(rng: &mut Rng) -> Token {
             )
         }),
         disabled: rng.below(5) == 0,
+        conditions: (rng.below(4) == 0).then(|| {
+            let ranges = rng.below(4) as usize;
+            Conditions {
+                not_before: (rng.below(2) == 0).then(|| Timestamp::from_unix(1_600_000_000, 0)),
+                allow: (0..ranges)
+                    .map(|i| Cidr::parse(&format!("10.{i}.0.0/16")).unwrap())
+                    .collect(),
+                except: vec![Cidr::parse("2001:db8::/32").unwrap()],
+            }
+            .encode()
+        }),
     }
 }
 
@@ -237,6 +255,7 @@ fn refused_edits_change_nothing() {
         expire: None,
         previous: false,
         disabled: false,
+        conditions: None,
     };
     let put = |name, digest| {
         Change::Put(TokenEntries {
@@ -328,6 +347,7 @@ fn unchanged_tokens_are_no_edit() {
         expire: None,
         previous: false,
         disabled: false,
+        conditions: None,
     };
     let mut live = LiveTable::build(HEADER, &[e]).unwrap();
     let token = TokenEntries {

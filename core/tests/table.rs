@@ -4,7 +4,7 @@ mod common;
 
 use apitokens_core::compact;
 use apitokens_core::gate;
-use apitokens_core::spec::{PluginConfig, TokenSpec};
+use apitokens_core::spec::{ClientAddressesSpec, PluginConfig, TokenSpec};
 use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::{Config, Role};
 use common::recorder::Recorder;
@@ -25,6 +25,13 @@ fn spec(i: usize) -> TokenSpec {
         previous_secret_expire_time: (i % 7 == 3).then(|| "2029-06-01T00:00:00Z".to_owned()),
         // Every eleventh is disabled (some of them in an overlap too).
         disabled: i % 11 == 4,
+        // Every thirteenth has conditions (a time long past, and every
+        // other one address ranges), some in an overlap or disabled too.
+        not_before_time: (i % 13 == 6).then(|| "2020-01-01T00:00:00Z".to_owned()),
+        client_addresses: (i % 26 == 6).then(|| ClientAddressesSpec {
+            allow: Some(vec!["10.0.0.0/8".to_owned(), "2001:db8::/32".to_owned()]),
+            except: Some(vec![format!("10.{}.0.0/16", i % 200)]),
+        }),
     }
 }
 
@@ -289,7 +296,7 @@ fn compact_tables_are_validated_like_json() {
     let config = Config::from_plugin_configuration(disabled).unwrap();
     let disabled: Vec<bool> = config.tokens().iter().map(|(_, t)| t.is_disabled()).collect();
     assert_eq!(disabled, [false, true, false]);
-    for bit in [4u8, 8, 0x10, 0x20, 0x40, 0x80] {
+    for bit in [8u8, 0x10, 0x20, 0x40, 0x80] {
         for with in [0u8, 2] {
             let mut unknown = good.clone();
             unknown[flags(1)] = bit | with;
@@ -297,6 +304,12 @@ fn compact_tables_are_validated_like_json() {
             assert!(e.problem.contains("entry 1: unknown flags"), "{bit:#x}: {e}");
         }
     }
+    // Bit 2, conditions, on an entry whose name has none: what follows the
+    // name is read as conditions, and refused.
+    let mut conditioned = good.clone();
+    conditioned[flags(1)] = 4;
+    let e = Config::from_plugin_configuration(conditioned).unwrap_err();
+    assert!(e.problem.contains("conditions"), "{e}");
     for reserved in [50, 51] {
         let mut unknown = good.clone();
         unknown[entry(1) + reserved] = 2;

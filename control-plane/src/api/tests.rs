@@ -606,6 +606,34 @@ async fn an_imported_token_stays_disabled() {
 }
 
 #[tokio::test]
+async fn a_token_with_conditions_is_not_imported_without_them() {
+    let f = fixture().await;
+    let before = f.names().await;
+    for conditions in [
+        r#""notBeforeTime": "2030-01-01T00:00:00Z""#,
+        r#""clientAddresses": {"allow": ["10.0.0.0/8"]}"#,
+    ] {
+        let spec = apitokens_core::PluginConfig::from_json(
+            format!(
+                r#"{{"tokens": [{{"name": "namespaces/default/apitokens/bound", "role": "viewer",
+                     "secretSha256": "{}", {conditions}}}]}}"#,
+                Digest::of(b"bound").to_hex()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let e = f.state.service.import(&spec).await.unwrap_err().to_string();
+        let field = if conditions.contains("notBefore") {
+            "tokens[0].notBeforeTime"
+        } else {
+            "tokens[0].clientAddresses"
+        };
+        assert!(e.contains(field), "{e}");
+    }
+    assert_eq!(f.names().await, before);
+}
+
+#[tokio::test]
 async fn authentication_failures_get_the_filters_replies() {
     let opts = ServiceOptions {
         clock: Clock::manual(clock::now()),

@@ -269,6 +269,7 @@ impl TokenRecord {
             expire: self.expire_time,
             previous: false,
             disabled: self.disabled,
+            conditions: None,
         };
         TokenEntries {
             current,

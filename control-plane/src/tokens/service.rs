@@ -598,6 +598,20 @@ impl Service {
         let mut records = Vec::with_capacity(spec.tokens.len());
         for (i, t) in spec.tokens.iter().enumerate() {
             let field = |f: &str| format!("tokens[{i}].{f}");
+            // Conditions narrow a token: imported without them, it would
+            // admit what its configuration refused. Until the control plane
+            // keeps conditions, a token with any is refused, not stripped.
+            for (set, name) in [
+                (t.not_before_time.is_some(), "notBeforeTime"),
+                (t.client_addresses.is_some(), "clientAddresses"),
+            ] {
+                if set {
+                    return Err(Error::invalid(
+                        field(name),
+                        "the control plane does not keep token conditions yet: enforce this token from a plugin configuration",
+                    ));
+                }
+            }
             records.push(TokenRecord {
                 name: t.name.clone(),
                 role: Role::parse(&t.role).ok_or_else(|| Error::invalid(field("role"), "unknown role"))?,

@@ -13,8 +13,11 @@
 //! name and digest), so the edited table holds what the filter's own
 //! validation accepts; debug builds re-run that validation after every edit.
 
-use super::{push_entry, push_name, write_table, Digest, Duplicate, Entry, Overlay, TokenTable, ENTRY};
+use super::{
+    push_entry, push_record, record_len, write_table, Digest, Duplicate, Entry, Overlay, TokenTable, CONDITIONS, ENTRY,
+};
 use crate::compact::Stamp;
+use crate::conditions::Encoded;
 use crate::error::ConfigError;
 use crate::name::TokenName;
 use std::collections::BTreeMap;
@@ -141,13 +144,17 @@ fn duplicate_error(entries: &[Entry<'_>], dup: Duplicate) -> ConfigError {
     match dup {
         Duplicate::Name { dup, .. } => edit_error(format!("{}: two tokens have this name", name(dup))),
         Duplicate::Digest { dup, .. } => edit_error(format!("{}: another token has the same secret digest", name(dup))),
-        Duplicate::Orphan { index } => edit_error(format!("{}: a previous secret without a token", name(index))),
+        Duplicate::Orphan { index } => edit_error(format!(
+            "{}: a previous secret without a token, or with other conditions than its token's",
+            name(index)
+        )),
     }
 }
 
-/// A name to splice into the pool.
+/// A name (and its token's conditions) to splice into the pool.
 struct NameInsert<'a> {
     name: &'a str,
+    conditions: Option<Encoded<'a>>,
     /// Before the old name at this offset of the old pool.
     pool_pos: usize,
     /// Its offset in the new pool.
@@ -257,6 +264,7 @@ impl LiveTable {
                 expire: t.expire(),
                 previous: t.is_previous(),
                 disabled: t.is_disabled(),
+                conditions: t.conditions(),
             })
         };
         Some(TokenEntries {
@@ -402,16 +410,24 @@ impl Base {
             .map_err(|_| edit_error("the name index does not match the table"))
     }
 
+    /// The pool bytes of an entry's name, and its conditions if it has any.
     fn name_range(&self, entry: usize) -> Result<std::ops::Range<usize>, ConfigError> {
         let bad = || edit_error("the table's name offsets are inconsistent");
-        let offset = self
-            .table
-            .entry(entry)
-            .and_then(|e| super::u32_at(e, 44))
+        let entry = self.table.entry(entry).ok_or_else(bad)?;
+        let offset = super::u32_at(entry, 44)
             .and_then(|o| usize::try_from(o).ok())
             .ok_or_else(bad)?;
-        let len = usize::from(*self.table.pool().get(offset).ok_or_else(bad)?);
-        Ok(offset..offset + 1 + len)
+        let pool = self.table.pool();
+        let mut end = offset + 1 + usize::from(*pool.get(offset).ok_or_else(bad)?);
+        if entry.get(49).is_some_and(|f| f & CONDITIONS != 0) {
+            let len = pool
+                .get(end..end + 2)
+                .and_then(|b| b.try_into().ok())
+                .map(u16::from_le_bytes)
+                .ok_or_else(bad)?;
+            end += 2 + usize::from(len);
+        }
+        Ok(offset..end)
     }
 
     /// Whether the table already holds exactly these entries for the token.
@@ -419,7 +435,10 @@ impl Base {
         let same = |digest: Digest, entry: &Entry<'_>| {
             digest == entry.digest
                 && self.table.get(&digest).is_some_and(|t| {
-                    t.role() == entry.role && t.expire() == entry.expire && t.is_disabled() == entry.disabled
+                    t.role() == entry.role
+                        && t.expire() == entry.expire
+                        && t.is_disabled() == entry.disabled
+                        && t.conditions() == entry.conditions
                 })
         };
         same(slot.current, &token.current)
@@ -512,6 +531,7 @@ impl Base {
             };
             plan.names.push(NameInsert {
                 name,
+                conditions: token.current.conditions,
                 pool_pos,
                 offset: 0,
             });
@@ -577,7 +597,7 @@ impl Base {
                 .checked_sub(removed_before)
                 .ok_or_else(bad_pool)?;
             insert.offset = u32::try_from(offset).map_err(|_| edit_error("names too long"))?;
-            inserted_before += insert.name.len() + 1;
+            inserted_before += record_len(insert.name, insert.conditions);
         }
         (self.table.pool().len() + inserted_before)
             .checked_sub(plan.removed_names.iter().map(|r| r.len()).sum())
@@ -655,7 +675,7 @@ impl Base {
             }
             buf.extend_from_slice(old_pool.get(cursor..insert.pool_pos).ok_or_else(bad_pool)?);
             cursor = insert.pool_pos;
-            push_name(buf, insert.name);
+            push_record(buf, insert.name, insert.conditions);
         }
         for r in next_removal {
             buf.extend_from_slice(old_pool.get(cursor..r.start).ok_or_else(bad_pool)?);
@@ -691,13 +711,16 @@ impl Base {
 }
 
 /// A token as it goes in: a valid name, a previous secret of its own (and
-/// disabled with it: a disabled token's every secret is refused).
+/// disabled and conditioned with it: a token's every secret is refused
+/// when it is disabled, and bound by its conditions).
 fn check_put(name: &str, token: &TokenEntries<'_>) -> Result<(), ConfigError> {
     TokenName::parse(name).map_err(|e| edit_error(format!("{name}: {e}")))?;
-    if token
-        .previous
-        .is_some_and(|p| p.name != name || !p.previous || p.disabled != token.current.disabled)
-        || token.current.previous
+    if token.previous.is_some_and(|p| {
+        p.name != name
+            || !p.previous
+            || p.disabled != token.current.disabled
+            || p.conditions != token.current.conditions
+    }) || token.current.previous
         || token.current.name != name
     {
         return Err(edit_error(format!("{name}: inconsistent previous secret")));
@@ -718,7 +741,7 @@ impl Shift {
         // removed one every old name after it (none starts inside it).
         let mut deltas: Vec<(usize, i64)> = names
             .iter()
-            .map(|i| (i.pool_pos, i.name.len() as i64 + 1))
+            .map(|i| (i.pool_pos, record_len(i.name, i.conditions) as i64))
             .chain(removals.iter().map(|r| (r.end, -(r.len() as i64))))
             .collect();
         deltas.sort_by_key(|d| d.0);

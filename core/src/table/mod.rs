@@ -17,12 +17,15 @@
 //!   [48]     role: 0 viewer, 1 editor, 2 owner
 //!   [49]     flags: bit 0 = the token's previous secret (a rotation's
 //!            overlap), bit 1 = the token is disabled (suspended by its
-//!            owner: refused, kept), every other bit zero
+//!            owner: refused, kept), bit 2 = the token has conditions
+//!            (see `conditions`), every other bit zero
 //!   [50..52) zero
 //! u32 P                        pool size in bytes, then the pool: every name as
 //!                              a u8 length and the bytes, strictly ascending,
 //!                              each used by exactly one current entry and at
-//!                              most one previous entry
+//!                              most one previous entry; a name whose entries
+//!                              have conditions is followed by them: u16
+//!                              length and the encoded conditions
 //! ```
 //!
 //! A token has one entry for its current secret and, while a rotation's
@@ -31,7 +34,13 @@
 //! A disabled token's entries both carry the disabled bit (the control plane
 //! and the JSON configuration set it on both; each entry is decided on its
 //! own bit, so the lookup never needs the other entry).
+//!
+//! Conditions sit after the name both entries share, so a token without
+//! them pays nothing and one with them is found with its name. A filter
+//! older than conditions refuses a table holding any (an unknown flag):
+//! it never admits a token while ignoring what narrows it.
 
+use crate::conditions::{Cidr, Conditions, Encoded};
 use crate::error::ConfigError;
 use crate::name::{is_token_name, TokenName};
 use crate::role::Role;
@@ -94,6 +103,7 @@ pub struct Token<'t> {
     expire: Option<Timestamp>,
     previous: bool,
     disabled: bool,
+    conditions: Option<Encoded<'t>>,
     index: u32,
 }
 
@@ -129,6 +139,11 @@ impl<'t> Token<'t> {
         self.disabled
     }
 
+    /// The token's conditions (from when, from where), if it has any.
+    pub fn conditions(&self) -> Option<Encoded<'t>> {
+        self.conditions
+    }
+
     /// The entry's position in its table (a key for per-table bookkeeping,
     /// such as which tokens were used).
     pub fn index(&self) -> usize {
@@ -145,6 +160,7 @@ const ENTRY: usize = 52;
 const NEVER: u32 = u32::MAX;
 const PREVIOUS: u8 = 1;
 const DISABLED: u8 = 2;
+const CONDITIONS: u8 = 4;
 
 /// A token as it goes into a table: typed and validated fields (the JSON
 /// configuration's strings are parsed once, into this).
@@ -160,6 +176,8 @@ pub struct Entry<'a> {
     pub previous: bool,
     /// The token is disabled: refused, but kept (name, role, secrets).
     pub disabled: bool,
+    /// The token's conditions, the same on both its entries.
+    pub conditions: Option<Encoded<'a>>,
 }
 
 /// The token table over its flat buffer. The buffer is shared, not copied:
@@ -286,29 +304,68 @@ impl TokenTable {
         std::str::from_utf8(pool.get(offset + 1..offset + 1 + len)?).ok()
     }
 
+    /// The conditions after the name at `offset` (its entries say there are).
+    fn conditions_at(&self, offset: usize) -> Option<Encoded<'_>> {
+        let pool = self.pool();
+        let at = offset + 1 + usize::from(*pool.get(offset)?);
+        let len = usize::from(u16::from_le_bytes(pool.get(at..at + 2)?.try_into().ok()?));
+        Some(Encoded::trusted(pool.get(at + 2..at + 2 + len)?))
+    }
+
     fn token(&self, entry: &[u8], index: usize) -> Option<Token<'_>> {
         let nanos = u32_at(entry, 40)?;
         let expire = (nanos != NEVER).then(|| Timestamp::from_unix(i64_at(entry, 32).unwrap_or(i64::MIN), nanos));
-        let name = self.name_at(usize::try_from(u32_at(entry, 44)?).ok()?)?;
+        let offset = usize::try_from(u32_at(entry, 44)?).ok()?;
+        let name = self.name_at(offset)?;
         let flags = *entry.get(49)?;
+        let conditions = if flags & CONDITIONS != 0 {
+            Some(self.conditions_at(offset)?)
+        } else {
+            None
+        };
         Some(Token {
             name,
             role: role_of(*entry.get(48)?)?,
             expire,
             previous: flags & PREVIOUS != 0,
             disabled: flags & DISABLED != 0,
+            conditions,
             index: u32::try_from(index).ok()?,
         })
     }
 
     /// Every name valid, sorted and unique; every entry's digest sorted and
     /// unique, its role, flags and expiry valid; every name used by exactly
-    /// one current entry and at most one previous entry. One pass over the
-    /// names and one over the entries, no allocation per token: it bounds how
-    /// long a VM takes to accept a million tokens.
+    /// one current entry and at most one previous entry; a token's
+    /// conditions valid, and flagged on both its entries. A pass over the
+    /// entries' flags, one over the names and one over the entries, no
+    /// allocation per token (bitmaps of one bit per byte of names, one more
+    /// for a table with conditions): it bounds how long a VM takes to
+    /// accept a million tokens.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        // Names: valid, strictly ascending (hence unique); remember where each starts.
         let pool = self.pool();
+        let entries = self
+            .entries_bytes()
+            .ok_or_else(|| table_error("the compact table is truncated"))?;
+        // Which names are followed by conditions: those whose entries say
+        // so (whether each is the start of a name is checked below).
+        // (Allocated only for a table that has any.)
+        let mut conditioned: Vec<u64> = Vec::new();
+        for entry in entries.chunks_exact(ENTRY) {
+            if entry.get(49).is_some_and(|f| f & CONDITIONS != 0) {
+                if conditioned.is_empty() {
+                    conditioned = vec![0u64; pool.len() / 64 + 1];
+                }
+                let offset = u32_at(entry, 44)
+                    .and_then(|o| usize::try_from(o).ok())
+                    .unwrap_or(usize::MAX);
+                if let Some(word) = conditioned.get_mut(offset / 64) {
+                    *word |= 1 << (offset % 64);
+                }
+            }
+        }
+        let has_conditions = |at: usize| conditioned.get(at / 64).is_some_and(|w| w & (1 << (at % 64)) != 0);
+        // Names: valid, strictly ascending (hence unique); remember where each starts.
         let mut starts = vec![0u64; pool.len() / 64 + 1];
         let mut names = 0usize;
         let mut at = 0usize;
@@ -333,8 +390,22 @@ impl TokenTable {
             if let Some(word) = starts.get_mut(at / 64) {
                 *word |= 1 << (at % 64);
             }
-            names += 1;
+            let start = at;
             at += 1 + usize::from(len);
+            if has_conditions(start) {
+                let bad = |problem: &str| table_error(format!("name {names}: conditions: {problem}"));
+                let len = pool
+                    .get(at..at + 2)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u16::from_le_bytes)
+                    .ok_or_else(|| bad("truncated"))?;
+                let bytes = pool
+                    .get(at + 2..at + 2 + usize::from(len))
+                    .ok_or_else(|| bad("run past the pool"))?;
+                Conditions::decode(bytes).map_err(bad)?;
+                at += 2 + usize::from(len);
+            }
+            names += 1;
         }
         // A name's current entry clears its bit in `current`; its previous
         // entry (if any) its bit in `previous_of`.
@@ -343,9 +414,6 @@ impl TokenTable {
         let mut currents = 0usize;
         // Entries: strictly ascending digests (hence unique), a known role
         // and flags, a valid expiry, and a name as above.
-        let entries = self
-            .entries_bytes()
-            .ok_or_else(|| table_error("the compact table is truncated"))?;
         let mut previous: &[u8] = &[];
         for (i, entry) in entries.chunks_exact(ENTRY).enumerate() {
             let bad = |problem: &str| table_error(format!("entry {i}: {problem}"));
@@ -377,12 +445,18 @@ impl TokenTable {
             }
             // Known flag bits only (a flag this filter does not know could
             // be one that refuses the token: never read it as absent).
-            let is_previous = match fields.get(17..20) {
-                Some([flags, 0, 0]) if flags & !(PREVIOUS | DISABLED) == 0 => flags & PREVIOUS != 0,
+            let (is_previous, with_conditions) = match fields.get(17..20) {
+                Some([flags, 0, 0]) if flags & !(PREVIOUS | DISABLED | CONDITIONS) == 0 => {
+                    (flags & PREVIOUS != 0, flags & CONDITIONS != 0)
+                }
                 _ => return Err(bad("unknown flags")),
             };
             let offset = usize::try_from(u32_at(fields, 12).ok_or_else(|| bad("truncated"))?)
                 .map_err(|_| bad("name offset out of range"))?;
+            // Both entries of a token say whether it has conditions.
+            if with_conditions != has_conditions(offset) {
+                return Err(bad("its name's conditions and its flags disagree"));
+            }
             let bits = if is_previous { &mut previous_of } else { &mut current };
             let word = bits
                 .get_mut(offset / 64)
@@ -477,6 +551,10 @@ impl TokenTable {
 
 /// Validates `specs` and appends their table section to `out`.
 pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(), ConfigError> {
+    // Every token's encoded conditions, one after the other; each entry's
+    // range in it, lent to the entries once all are encoded.
+    let mut encoded_conditions = Vec::new();
+    let mut conditioned: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     let mut entries = Vec::with_capacity(specs.len());
     // Which spec each entry comes from, for the error messages.
     let mut origin = Vec::with_capacity(specs.len());
@@ -500,13 +578,25 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
         };
         let expire = time("expireTime", spec.expire_time.as_deref())?;
         let disabled = spec.disabled;
+        let digest_of_secret = digest("secretSha256", &spec.secret_sha256)?;
+        if let Some(bytes) = conditions_of(spec, field)? {
+            let at = encoded_conditions.len();
+            encoded_conditions.extend_from_slice(&bytes);
+            // This entry and its previous secret's, if any.
+            let range = at..encoded_conditions.len();
+            conditioned.push((entries.len(), range.clone()));
+            if spec.previous_secret_sha256.is_some() {
+                conditioned.push((entries.len() + 1, range));
+            }
+        }
         entries.push(Entry {
             name: &spec.name,
             role,
-            digest: digest("secretSha256", &spec.secret_sha256)?,
+            digest: digest_of_secret,
             expire,
             previous: false,
             disabled,
+            conditions: None,
         });
         origin.push((index, "secretSha256"));
         match (&spec.previous_secret_sha256, &spec.previous_secret_expire_time) {
@@ -523,8 +613,10 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
                         (u, e) => u.or(e),
                     },
                     previous: true,
-                    // A disabled token's previous secret is refused too.
+                    // A disabled token's previous secret is refused too
+                    // (and bound by the same conditions, set below).
                     disabled,
+                    conditions: None,
                 });
                 origin.push((index, "previousSecretSha256"));
             }
@@ -542,6 +634,11 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
             }
         }
     }
+    for (i, range) in conditioned {
+        if let (Some(entry), Some(bytes)) = (entries.get_mut(i), encoded_conditions.get(range)) {
+            entry.conditions = Some(Encoded::trusted(bytes));
+        }
+    }
     let at = |i: usize| origin.get(i).copied().unwrap_or((i, "secretSha256"));
     write_table(&entries, out).map_err(|dup| match dup {
         Duplicate::Name { first, dup } => ConfigError::new(
@@ -557,6 +654,65 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
     })
 }
 
+/// A token's conditions as its configuration states them (`notBeforeTime`,
+/// `clientAddresses`), validated and encoded; `None` without any. Errors
+/// name the field (`field("clientAddresses.allow[2]")`), never the value.
+pub fn conditions_of(spec: &TokenSpec, field: impl Fn(&str) -> String) -> Result<Option<Vec<u8>>, ConfigError> {
+    let not_before = spec
+        .not_before_time
+        .as_deref()
+        .map(Timestamp::parse_rfc3339)
+        .transpose()
+        .map_err(|e| ConfigError::new(field("notBeforeTime"), e.to_string()))?;
+    let expire = spec
+        .expire_time
+        .as_deref()
+        .and_then(|t| Timestamp::parse_rfc3339(t).ok());
+    if let (Some(nb), Some(exp)) = (not_before, expire) {
+        if nb >= exp {
+            return Err(ConfigError::new(field("notBeforeTime"), "must be before expireTime"));
+        }
+    }
+    let mut conditions = Conditions {
+        not_before,
+        ..Conditions::default()
+    };
+    if let Some(addresses) = &spec.client_addresses {
+        // A list given empty, or no list, would read as "from anywhere":
+        // refused rather than guessed (a template that renders nothing).
+        if addresses.allow.is_none() && addresses.except.is_none() {
+            return Err(ConfigError::new(
+                field("clientAddresses"),
+                "give allow, except, or both (leave clientAddresses out for any address)",
+            ));
+        }
+        for (list, name, into) in [
+            (&addresses.allow, "allow", &mut conditions.allow),
+            (&addresses.except, "except", &mut conditions.except),
+        ] {
+            let Some(list) = list else { continue };
+            if list.is_empty() {
+                return Err(ConfigError::new(
+                    field(&format!("clientAddresses.{name}")),
+                    "must not be empty (leave it out instead)",
+                ));
+            }
+            if list.len() > crate::conditions::MAX_RANGES {
+                return Err(ConfigError::new(
+                    field(&format!("clientAddresses.{name}")),
+                    format!("at most {} ranges", crate::conditions::MAX_RANGES),
+                ));
+            }
+            for (i, text) in list.iter().enumerate() {
+                let cidr = Cidr::parse(text)
+                    .map_err(|e| ConfigError::new(field(&format!("clientAddresses.{name}[{i}]")), e.to_string()))?;
+                into.push(cidr);
+            }
+        }
+    }
+    Ok((!conditions.is_empty()).then(|| conditions.encode()))
+}
+
 /// Entries that cannot share a table: indices into the input, the first
 /// offending one in input order and the entry it conflicts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -570,7 +726,8 @@ pub enum Duplicate {
         first: usize,
         dup: usize,
     },
-    /// A previous entry whose name has no current entry.
+    /// A previous entry whose name has no current entry (or whose
+    /// conditions are not its current entry's).
     Orphan {
         index: usize,
     },
@@ -598,19 +755,19 @@ pub fn write_table(entries: &[Entry<'_>], out: &mut Vec<u8>) -> Result<(), Dupli
     ) {
         return Err(Duplicate::Name { first, dup });
     }
-    let mut pool = Vec::with_capacity(entries.iter().map(|e| e.name.len() + 1).sum());
+    let mut pool = Vec::with_capacity(entries.iter().map(|e| record_len(e.name, e.conditions)).sum());
     let mut offsets = vec![0u32; entries.len()];
-    let mut current: Option<(&str, u32)> = None;
+    let mut current: Option<(&str, Option<Encoded<'_>>, u32)> = None;
     for (index, entry) in &by_name {
         let offset = if entry.previous {
             match current {
-                Some((name, offset)) if name == entry.name => offset,
+                Some((name, conditions, offset)) if name == entry.name && conditions == entry.conditions => offset,
                 _ => return Err(Duplicate::Orphan { index: *index }),
             }
         } else {
             let offset = u32::try_from(pool.len()).unwrap_or(u32::MAX);
-            push_name(&mut pool, entry.name);
-            current = Some((entry.name, offset));
+            push_record(&mut pool, entry.name, entry.conditions);
+            current = Some((entry.name, entry.conditions, offset));
             offset
         };
         if let Some(slot) = offsets.get_mut(*index) {
@@ -633,11 +790,22 @@ pub fn write_table(entries: &[Entry<'_>], out: &mut Vec<u8>) -> Result<(), Dupli
     Ok(())
 }
 
-/// One name in the pool: a length byte and the bytes. A DNS-label namespace
-/// and token id keep a valid name under 256 bytes.
-fn push_name(pool: &mut Vec<u8>, name: &str) {
+/// One name in the pool: a length byte and the bytes (a DNS-label
+/// namespace and token id keep a valid name under 256 bytes), then its
+/// token's conditions, if any: a u16 length and the bytes (at most
+/// [`crate::conditions::MAX_RANGES`] ranges per list keep them under 2 KB).
+fn push_record(pool: &mut Vec<u8>, name: &str, conditions: Option<Encoded<'_>>) {
     pool.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
     pool.extend_from_slice(name.as_bytes());
+    if let Some(c) = conditions {
+        pool.extend_from_slice(&u16::try_from(c.bytes().len()).unwrap_or(u16::MAX).to_le_bytes());
+        pool.extend_from_slice(c.bytes());
+    }
+}
+
+/// The bytes [`push_record`] writes.
+fn record_len(name: &str, conditions: Option<Encoded<'_>>) -> usize {
+    1 + name.len() + conditions.map_or(0, |c| 2 + c.bytes().len())
 }
 
 /// An entry's digest and expiry as the table (and a delta record) lays
@@ -653,7 +821,9 @@ pub(crate) fn push_digest_and_expiry(out: &mut Vec<u8>, entry: &Entry<'_>) {
 
 /// An entry's flags byte.
 fn flags(entry: &Entry<'_>) -> u8 {
-    (if entry.previous { PREVIOUS } else { 0 }) | (if entry.disabled { DISABLED } else { 0 })
+    (if entry.previous { PREVIOUS } else { 0 })
+        | (if entry.disabled { DISABLED } else { 0 })
+        | (if entry.conditions.is_some() { CONDITIONS } else { 0 })
 }
 
 fn push_entry(out: &mut Vec<u8>, entry: &Entry<'_>, name_offset: u32) {

@@ -16,6 +16,7 @@
 use super::{Digest, Token, TokenTable};
 use crate::access::Access;
 use crate::compact::Stamp;
+use crate::conditions::Encoded;
 use crate::role::Role;
 use crate::table::{Change, Entry, TokenEntries};
 use crate::timestamp::Timestamp;
@@ -72,6 +73,8 @@ struct Slot {
     expire: Option<Timestamp>,
     previous: bool,
     disabled: bool,
+    /// The token's encoded conditions (already validated).
+    conditions: Option<Box<[u8]>>,
     /// What its requests did since the last usage report
     /// ([`Access::bits`], 0 when unused). (An atomic so that the control
     /// plane can share an overlay between threads; on wasm32 without
@@ -88,6 +91,7 @@ impl Clone for Slot {
             expire: self.expire,
             previous: self.previous,
             disabled: self.disabled,
+            conditions: self.conditions.clone(),
             used: AtomicU8::new(self.used.load(Ordering::Relaxed)),
         }
     }
@@ -102,7 +106,12 @@ impl Slot {
             expire: self.expire,
             previous: self.previous,
             disabled: self.disabled,
+            conditions: self.conditions(),
         }
+    }
+
+    fn conditions(&self) -> Option<Encoded<'_>> {
+        self.conditions.as_deref().map(Encoded::trusted)
     }
 }
 
@@ -163,6 +172,7 @@ impl Overlay {
             expire: entry.expire,
             previous: entry.previous,
             disabled: entry.disabled,
+            conditions: entry.conditions.map(|c| Box::from(c.bytes())),
             used: AtomicU8::new(0),
         });
         self.digests.insert(entry.digest, at);
@@ -236,6 +246,7 @@ impl Overlay {
                 expire: slot.expire,
                 previous: slot.previous,
                 disabled: slot.disabled,
+                conditions: slot.conditions(),
                 index: u32::try_from(table.len()).ok()?.checked_add(at)?,
             });
         }
@@ -294,6 +305,7 @@ mod tests {
             expire: None,
             previous,
             disabled: false,
+            conditions: None,
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Recorder {
     pub cluster: Option<String>,
     /// The VM's table may be behind its Envoy's (the delta channel).
     pub catching_up: bool,
+    /// The client address the proxy determined.
+    pub client: Option<std::net::IpAddr>,
+    /// How many times it was asked.
+    pub client_reads: usize,
 }
 
 impl Recorder {
@@ -44,6 +48,11 @@ impl Recorder {
             now: Some(at("2026-06-01T00:00:00Z")),
             ..Self::default()
         }
+    }
+
+    pub fn with_client(mut self, address: &str) -> Self {
+        self.client = Some(address.parse().unwrap());
+        self
     }
 
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
@@ -90,6 +99,11 @@ impl Host for Recorder {
 
     fn now(&mut self) -> Option<Timestamp> {
         self.now
+    }
+
+    fn client_address(&mut self) -> Option<std::net::IpAddr> {
+        self.client_reads += 1;
+        self.client
     }
 
     fn add_request_header(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {

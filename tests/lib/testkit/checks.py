@@ -19,6 +19,8 @@ DENIALS = {
     "unknown": (401, "invalid_token"),
     "expired": (401, "invalid_token"),
     "disabled": (401, "invalid_token"),
+    "not_yet_valid": (401, "invalid_token"),
+    "address_denied": (403, None),
     "namespace_denied": (403, "insufficient_scope"),
     "role_denied": (403, "insufficient_scope"),
 }
@@ -33,6 +35,8 @@ COUNTER_OF = {
     "unknown": "unknown",
     "expired": "expired",
     "disabled": "disabled",
+    "not_yet_valid": "not_yet_valid",
+    "address_denied": "address_denied",
     "namespace_denied": "namespace_denied",
     "role_denied": "role_denied",
 }

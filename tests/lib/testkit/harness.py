@@ -75,6 +75,10 @@ class Token:
     secret: str = field(default_factory=new_secret)
     # Suspended: in the configuration as `"disabled": true`, refused.
     disabled: bool = False
+    # Conditions: refused before this RFC 3339 time; usable only from these
+    # client addresses ({"allow": [...], "except": [...]}).
+    not_before_time: str | None = None
+    client_addresses: dict | None = None
 
     @property
     def name(self) -> str:
@@ -89,6 +93,10 @@ class Token:
         }
         if self.disabled:
             entry["disabled"] = True
+        if self.not_before_time is not None:
+            entry["notBeforeTime"] = self.not_before_time
+        if self.client_addresses is not None:
+            entry["clientAddresses"] = self.client_addresses
         return entry
 
     @property
