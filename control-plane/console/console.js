@@ -309,7 +309,7 @@
       } else {
         expires.textContent = "Never";
       }
-      tr.append(name, role, state, created, expires);
+      tr.append(name, role, state, created, expires, conditionsCell(t, now));
       if (withLastUse) {
         const last = document.createElement("td");
         if (t.lastUseTime) last.append(formatTime(t.lastUseTime));
@@ -496,7 +496,7 @@
   function openCreate() {
     const form = $("create-form");
     form.reset();
-    for (const f of ["create-name", "create-role", "create-expiry"]) fieldError(f, "");
+    for (const f of CREATE_FIELDS) fieldError(f, "");
     setText("create-error", "");
     setText("create-ns", current);
     updateFullName();
@@ -512,7 +512,7 @@
     const id = $("create-name").value.trim();
     const role = $("create-role").value;
     const expiryInput = $("create-expiry");
-    for (const f of ["create-name", "create-role", "create-expiry"]) fieldError(f, "");
+    for (const f of CREATE_FIELDS) fieldError(f, "");
     setText("create-error", "");
     if (!id) {
       fieldError("create-name", `Enter a name for the token. ${NAME_RULE}`);
@@ -524,8 +524,23 @@
       expiryInput.focus();
       return;
     }
+    const notBefore = $("create-not-before");
+    if (notBefore.validity.badInput) {
+      fieldError("create-not-before", "Enter a complete date, or leave the field empty for a token valid at once.");
+      notBefore.focus();
+      return;
+    }
     const body = { name: `namespaces/${ns}/apitokens/${id}`, role };
     if (expiryInput.value) body.expireTime = `${expiryInput.value}T00:00:00Z`;
+    if (notBefore.value) body.notBeforeTime = `${notBefore.value}T00:00:00Z`;
+    const allow = ranges($("create-allow").value);
+    const except = ranges($("create-except").value);
+    sentLines = { allow: allow.lines, except: except.lines };
+    if (allow.values.length || except.values.length) {
+      body.clientAddresses = {};
+      if (allow.values.length) body.clientAddresses.allow = allow.values;
+      if (except.values.length) body.clientAddresses.except = except.values;
+    }
     busy(form, true);
     let data;
     try {
@@ -543,6 +558,49 @@
     setText("tokens-status", `Token “${id}” was created.`);
   }
 
+  // The create form's fields, cleared together.
+  const CREATE_FIELDS = ["create-name", "create-role", "create-expiry", "create-not-before", "create-allow",
+    "create-except"];
+
+  // One range per line, blank lines dropped; each range's line number
+  // (from 1), so that the API's `clientAddresses.allow[2]` names its line.
+  function ranges(text) {
+    const lines = text.split("\n").map((l, i) => [l.trim(), i + 1]).filter(([l]) => l.length > 0);
+    return { values: lines.map(([l]) => l), lines: lines.map(([, n]) => n) };
+  }
+
+  // The lines of the last create's boxes, by box.
+  let sentLines = { allow: [], except: [] };
+
+  // A token's conditions in a few words: from when, from where.
+  function conditionsCell(t, now) {
+    const cell = document.createElement("td");
+    const parts = [];
+    if (t.notBeforeTime) {
+      const pending = new Date(t.notBeforeTime).getTime() > now;
+      const from = document.createElement("span");
+      from.append(pending ? "Not before " : "Valid since ", formatTime(t.notBeforeTime));
+      if (pending) from.className = "pending";
+      parts.push(from);
+    }
+    const addresses = t.clientAddresses;
+    if (addresses && Array.isArray(addresses.allow) && addresses.allow.length) {
+      parts.push(`Only from ${addresses.allow.map(String).join(", ")}`);
+    }
+    if (addresses && Array.isArray(addresses.except) && addresses.except.length) {
+      parts.push(`Not from ${addresses.except.map(String).join(", ")}`);
+    }
+    if (!parts.length) {
+      cell.textContent = "None";
+      return cell;
+    }
+    parts.forEach((p, i) => {
+      if (i > 0) cell.append(document.createElement("br"));
+      cell.append(p);
+    });
+    return cell;
+  }
+
   function showCreateError(err, ns, id) {
     const field = err.status === 409 ? "name" : err.status === 400 ? err.field : null;
     if (field === "name") {
@@ -553,6 +611,24 @@
     } else if (field === "role") {
       fieldError("create-role", "Choose one of the roles: viewer, editor or owner.");
       $("create-role").focus();
+    } else if (field === "notBeforeTime") {
+      fieldError(
+        "create-not-before",
+        /before the token's expiry/.test(err.detail)
+          ? "The token must become valid before it expires: choose an earlier date, or a later expiry."
+          : "This is not a valid date: choose a date, or leave the field empty.",
+      );
+      $("create-not-before").focus();
+    } else if (field && /^clientAddresses\.(allow|except)/.test(field)) {
+      // `clientAddresses.allow[2]`: the third line of that box.
+      const [, list, index] = /^clientAddresses\.(allow|except)(?:\[(\d+)\])?/.exec(field);
+      const box = list === "allow" ? "create-allow" : "create-except";
+      const line = index === undefined ? undefined : sentLines[list][Number(index)];
+      const where = line === undefined ? "This list" : `Line ${line}`;
+      // The API says "field: problem"; the box is the field.
+      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
+      fieldError(box, `${where}: ${problem || "not a valid address range"}.`);
+      $(box).focus();
     } else if (field === "expireTime") {
       fieldError(
         "create-expiry",

@@ -3,6 +3,7 @@
 //! setups that do not use ECDS.
 
 use crate::store::TokenRecord;
+use apitokens_core::conditions::Packed;
 use apitokens_core::spec::{PluginConfig, TokenSpec};
 use apitokens_core::Timestamp;
 
@@ -39,6 +40,7 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
         .map(|r| {
             // An overlap that ended already is left out, like an expired token.
             let previous = r.previous.filter(|p| p.until > now);
+            let conditions = r.conditions.as_ref().map(Packed::conditions).unwrap_or_default();
             TokenSpec {
                 name: r.name.clone(),
                 role: r.role.as_str().to_owned(),
@@ -47,8 +49,8 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 previous_secret_sha256: previous.map(|p| p.digest.to_hex()),
                 previous_secret_expire_time: previous.map(|p| p.until.to_rfc3339()),
                 disabled: r.disabled,
-                not_before_time: None,
-                client_addresses: None,
+                not_before_time: conditions.not_before.map(|t| t.to_rfc3339()),
+                client_addresses: conditions.addresses_spec(),
             }
         })
         .collect();
@@ -106,6 +108,7 @@ mod tests {
 
     fn rec(name: &str, expire: Option<i64>) -> TokenRecord {
         TokenRecord {
+            conditions: None,
             name: name.into(),
             role: Role::Viewer,
             digest: Digest::of(name.as_bytes()),
@@ -137,6 +140,31 @@ mod tests {
         assert_eq!(spec.realm.as_deref(), Some("corp"));
         assert!(spec.forward_authorization);
         Config::from_spec(&spec).unwrap();
+    }
+
+    #[test]
+    fn conditions_are_rendered_as_the_filter_reads_them() {
+        use apitokens_core::conditions::{Cidr, Conditions, Packed};
+        let conditions = Packed::new(&Conditions {
+            not_before: Some(Timestamp::from_unix(1500, 0)),
+            allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            except: vec![Cidr::parse("10.1.0.0/16").unwrap()],
+        });
+        let records = [TokenRecord {
+            conditions: Some(conditions),
+            ..rec("namespaces/a/apitokens/bound", None)
+        }];
+        let spec = plugin_config(&PluginConfig::default(), &records, Timestamp::from_unix(1000, 0));
+        let text = json(&spec);
+        assert!(text.contains("\"notBeforeTime\": \"1970-01-01T00:25:00Z\""), "{text}");
+        let config = Config::from_spec(&spec).unwrap();
+        let bound = config
+            .tokens()
+            .get(&Digest::of(b"namespaces/a/apitokens/bound"))
+            .unwrap();
+        let read = bound.conditions().unwrap();
+        assert_eq!(read.not_before(), Some(Timestamp::from_unix(1500, 0)));
+        assert!(read.admits("10.2.0.1".parse().unwrap()) && !read.admits("10.1.0.1".parse().unwrap()));
     }
 
     #[test]

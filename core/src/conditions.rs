@@ -20,6 +20,8 @@
 //! A tag this version does not know makes the whole table invalid (never
 //! read as absent: an unknown condition could be one that refuses).
 
+use crate::error::ConfigError;
+use crate::spec::ClientAddressesSpec;
 use crate::timestamp::Timestamp;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -111,6 +113,18 @@ impl Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether every address of this range is in `outer`.
+    pub fn within(&self, outer: &Cidr) -> bool {
+        self.addr.is_ipv4() == outer.addr.is_ipv4() && self.prefix >= outer.prefix && outer.contains(self.addr)
+    }
+
+    /// Whether the two ranges share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.within(other) || other.within(self)
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -152,6 +166,97 @@ pub struct Conditions {
 impl Conditions {
     pub fn is_empty(&self) -> bool {
         self.not_before.is_none() && self.allow.is_empty() && self.except.is_empty()
+    }
+
+    /// A token's conditions as written (`notBeforeTime`, `clientAddresses`:
+    /// the plugin configuration, the control plane's API), validated, with
+    /// the token's `expire` time; `None` without any. Errors name the field
+    /// (`field("clientAddresses.allow[2]")`), never the value.
+    pub fn from_spec(
+        not_before: Option<&str>,
+        expire: Option<Timestamp>,
+        addresses: Option<&ClientAddressesSpec>,
+        field: impl Fn(&str) -> String,
+    ) -> Result<Option<Self>, ConfigError> {
+        let not_before = not_before
+            .map(Timestamp::parse_rfc3339)
+            .transpose()
+            .map_err(|e| ConfigError::new(field("notBeforeTime"), e.to_string()))?;
+        if let (Some(nb), Some(exp)) = (not_before, expire) {
+            if nb >= exp {
+                return Err(ConfigError::new(
+                    field("notBeforeTime"),
+                    "must be before the token's expiry (its expireTime, or the latest it may have)",
+                ));
+            }
+        }
+        let mut conditions = Self {
+            not_before,
+            ..Self::default()
+        };
+        if let Some(addresses) = addresses {
+            // A list given empty, or no list, would read as "from anywhere":
+            // refused rather than guessed (a template that renders nothing).
+            if addresses.allow.is_none() && addresses.except.is_none() {
+                return Err(ConfigError::new(
+                    field("clientAddresses"),
+                    "give allow, except, or both (leave clientAddresses out for any address)",
+                ));
+            }
+            for (list, name, into) in [
+                (&addresses.allow, "allow", &mut conditions.allow),
+                (&addresses.except, "except", &mut conditions.except),
+            ] {
+                let Some(list) = list else { continue };
+                if list.is_empty() {
+                    return Err(ConfigError::new(
+                        field(&format!("clientAddresses.{name}")),
+                        "must not be empty (leave it out instead)",
+                    ));
+                }
+                if list.len() > MAX_RANGES {
+                    return Err(ConfigError::new(
+                        field(&format!("clientAddresses.{name}")),
+                        format!("at most {MAX_RANGES} ranges"),
+                    ));
+                }
+                for (i, text) in list.iter().enumerate() {
+                    let cidr = Cidr::parse(text)
+                        .map_err(|e| ConfigError::new(field(&format!("clientAddresses.{name}[{i}]")), e.to_string()))?;
+                    into.push(cidr);
+                }
+            }
+        }
+        Ok((!conditions.is_empty()).then_some(conditions))
+    }
+
+    /// Whether the address conditions bind the token at all.
+    pub fn limits_addresses(&self) -> bool {
+        !self.allow.is_empty() || !self.except.is_empty()
+    }
+
+    /// Whether every client address these conditions admit, `outer`'s
+    /// admit too (sufficient, not necessary: ranges are compared whole).
+    /// A token made by one bound to addresses must be bound within them.
+    pub fn addresses_within(&self, outer: &Conditions) -> bool {
+        let allowed = outer.allow.is_empty()
+            || (!self.allow.is_empty() && self.allow.iter().all(|a| outer.allow.iter().any(|o| a.within(o))));
+        // Each range `outer` excepts is excepted here too, or lies outside
+        // every range allowed here.
+        let excepted = outer.except.iter().all(|e| {
+            self.except.iter().any(|x| e.within(x))
+                || (!self.allow.is_empty() && !self.allow.iter().any(|a| a.overlaps(e)))
+        });
+        allowed && excepted
+    }
+
+    /// The address ranges as written (`clientAddresses`), if any.
+    pub fn addresses_spec(&self) -> Option<ClientAddressesSpec> {
+        let texts = |list: &[Cidr]| (!list.is_empty()).then(|| list.iter().map(Cidr::to_string).collect());
+        (!self.allow.is_empty() || !self.except.is_empty()).then(|| ClientAddressesSpec {
+            allow: texts(&self.allow),
+            except: texts(&self.except),
+        })
     }
 
     /// The canonical encoding (see the module's documentation).
@@ -249,6 +354,36 @@ impl Conditions {
     }
 }
 
+/// A token's conditions, encoded and validated, owned: what the control
+/// plane keeps with a token (and stores as these bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Packed(Box<[u8]>);
+
+impl Packed {
+    pub fn new(conditions: &Conditions) -> Self {
+        Self(conditions.encode().into_boxed_slice())
+    }
+
+    /// Bytes as stored, validated as a table's are.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, &'static str> {
+        Conditions::decode(&bytes)?;
+        Ok(Self(bytes.into_boxed_slice()))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn view(&self) -> Encoded<'_> {
+        Encoded(&self.0)
+    }
+
+    /// The conditions (the bytes were validated when packed).
+    pub fn conditions(&self) -> Conditions {
+        Conditions::decode(&self.0).unwrap_or_default()
+    }
+}
+
 /// A token's conditions as the table holds them: the canonical encoding,
 /// validated when the table was. Checked in place, without allocating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -268,6 +403,11 @@ impl<'a> Encoded<'a> {
 
     pub fn bytes(&self) -> &'a [u8] {
         self.0
+    }
+
+    /// The conditions, read back (validated when the table was).
+    pub fn conditions(&self) -> Result<Conditions, &'static str> {
+        Conditions::decode(self.0)
     }
 
     /// The not-before time, if any (always the first record).
@@ -410,6 +550,38 @@ mod tests {
         .encode();
         let encoded = Encoded::new(&bytes).unwrap();
         assert!(encoded.admits(ip("203.0.113.1")) && encoded.admits(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn a_bound_maker_bounds_what_it_makes() {
+        let outer = Conditions {
+            allow: vec![cidr("10.0.0.0/8")],
+            except: vec![cidr("10.1.0.0/16")],
+            ..Conditions::default()
+        };
+        let with = |allow: &[&str], except: &[&str]| Conditions {
+            allow: allow.iter().map(|c| cidr(c)).collect(),
+            except: except.iter().map(|c| cidr(c)).collect(),
+            ..Conditions::default()
+        };
+        assert!(
+            with(&["10.2.0.0/16"], &[]).addresses_within(&outer),
+            "outside the excepted range"
+        );
+        assert!(with(&["10.0.0.0/8"], &["10.1.0.0/16"]).addresses_within(&outer));
+        assert!(
+            with(&["10.0.0.0/8"], &["10.0.0.0/12"]).addresses_within(&outer),
+            "excepted more widely"
+        );
+        assert!(
+            !with(&["10.0.0.0/8"], &[]).addresses_within(&outer),
+            "the excepted range comes back"
+        );
+        assert!(!with(&[], &["10.1.0.0/16"]).addresses_within(&outer), "anywhere else");
+        assert!(!with(&["192.0.2.0/24"], &[]).addresses_within(&outer));
+        assert!(!with(&["::/0"], &[]).addresses_within(&outer), "another family");
+        // An unbound maker bounds nothing.
+        assert!(with(&[], &[]).addresses_within(&Conditions::default()));
     }
 
     #[test]

@@ -105,8 +105,10 @@ pub struct TokenSpec {
 
 /// Client address ranges (CIDR, IPv4 or IPv6; a bare address is one host),
 /// checked against the address Envoy determined for the request's client.
+/// Read from a JSON object only (serde would read a struct from an array
+/// too: `[["10.0.0.0/8"]]` is not an allow list).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub struct ClientAddressesSpec {
     /// When given, the token is refused from any address outside these
     /// (an empty list is refused: it would read as "from anywhere").
@@ -152,6 +154,32 @@ pub struct AllowSpec {
     pub editor: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owner: Vec<String>,
+}
+
+/// [`ClientAddressesSpec`]'s fields, as they are read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientAddressesFields {
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+    #[serde(default)]
+    except: Option<Vec<String>>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for ClientAddressesSpec {
+    type Error = String;
+
+    fn try_from(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let fields: ClientAddressesFields =
+            // Never quoting what was sent (an unknown key could be anything).
+            serde_json::from_value(serde_json::Value::Object(object)).map_err(|_| {
+                "invalid, expected an object with `allow` and/or `except`, lists of address ranges".to_owned()
+            })?;
+        Ok(Self {
+            allow: fields.allow,
+            except: fields.except,
+        })
+    }
 }
 
 impl PluginConfig {

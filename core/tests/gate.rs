@@ -959,8 +959,10 @@ fn conditions_that_are_not_valid_name_their_field() {
         ),
         (
             r#""clientAddresses":{"deny":["10.0.0.0/8"]}"#,
-            "tokens[0].clientAddresses.deny",
+            "tokens[0].clientAddresses",
         ),
+        // An object, not an array (serde would read a struct from one).
+        (r#""clientAddresses":[["10.0.0.0/8"]]"#, "tokens[0].clientAddresses"),
         // Empty would read as "from anywhere": refused.
         (r#""clientAddresses":{}"#, "tokens[0].clientAddresses"),
         (r#""clientAddresses":{"allow":[]}"#, "tokens[0].clientAddresses.allow"),

@@ -22,12 +22,14 @@ def test_sign_in_lists_the_namespace_tokens(console, namespace):
     assert console.rows()["admin"]["Role"] == "owner"
     assert console.rows()["admin"]["Expires"] == "Never"
     assert console.rows()["admin"]["State"] == "Enabled"
+    assert console.rows()["admin"]["Conditions"] == "None"
     headers = [h.strip().lower() for h in page.locator("#tokens-table thead th:visible").all_inner_texts()]
     # Last used shows once a token of the list carries a use (test_5): the
     # owner's own requests are reported within a second or two, so it may
     # be there already, and then with the owner's use in it.
     last_used = "last used" in headers
-    assert headers == ["name", "role", "state", "created", "expires", *(["last used"] if last_used else []),
+    assert headers == ["name", "role", "state", "created", "expires", "conditions",
+                       *(["last used"] if last_used else []),
                        "actions"]
     if last_used:
         assert console.rows()["admin"]["Last used"].endswith(" UTC")

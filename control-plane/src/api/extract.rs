@@ -174,6 +174,22 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
             .map_err(|denial| AppError::denied(config, denial))?;
         // The request's span (see `log_request`) names the caller from here.
         tracing::Span::current().record("caller", token.name());
+        // Where from, before what, as the filter decides it: a token bound to
+        // client addresses is refused from elsewhere here too (a caller that
+        // reaches this port without passing a gateway, or through one whose
+        // address is not a `--trusted-proxy`, is judged by its own).
+        let peer = peer(parts);
+        let bound = token.conditions().filter(|c| c.limits_addresses());
+        if let Some(conditions) = bound {
+            let client = app.trusted_proxies.client_ip(peer, &parts.headers);
+            if !client.is_some_and(|ip| conditions.admits(ip)) {
+                return Err(AppError::denied(config, Denial::AddressDenied));
+            }
+        }
+        let addresses = bound
+            .map(|c| c.conditions())
+            .transpose()
+            .map_err(|e| AppError::Internal(format!("the calling token's conditions: {e}")))?;
         if !route.allows(&parts.method) {
             return Err(AppError::MethodNotAllowed(route.allowed()));
         }
@@ -189,12 +205,12 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
             }
             _ => {}
         }
-        // Same decision as the filter, with the same rules: the owner of
+        // Same decision as the filter (its address check is above), with the
+        // same rules: the owner of
         // this namespace, or (for `apitokens:self`) any of its tokens.
         config
             .authorize(token, parts.method.as_str().as_bytes(), path.as_bytes())
             .map_err(|refusal| AppError::denied(config, refusal))?;
-        let peer = peer(parts);
         Ok(Allowed {
             route,
             actor: Actor {
@@ -210,6 +226,7 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
                     // A current secret's expiry is its token's (a previous
                     // one's is its overlap's end, but it never writes).
                     expire: token.expire(),
+                    addresses,
                 }),
             },
         })

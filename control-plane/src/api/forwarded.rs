@@ -93,9 +93,14 @@ impl TrustedProxies {
     /// that is not itself a trusted proxy (or the left-most entry when all
     /// are).
     pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
+        self.client_ip(peer, headers).map(|ip| ip.to_string())
+    }
+
+    /// [`Self::client_address`] as an address.
+    pub fn client_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
         let peer = peer.map(canonical)?;
         if !self.trusts(peer) {
-            return Some(peer.to_string());
+            return Some(peer);
         }
         let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
@@ -113,7 +118,7 @@ impl TrustedProxies {
                 break;
             }
         }
-        Some(client.to_string())
+        Some(client)
     }
 }
 

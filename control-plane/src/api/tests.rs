@@ -32,6 +32,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
     f.store
         .insert(
             vec![TokenRecord {
+                conditions: None,
                 name: name.into(),
                 role,
                 digest: secret.digest(),
@@ -606,31 +607,125 @@ async fn an_imported_token_stays_disabled() {
 }
 
 #[tokio::test]
-async fn a_token_with_conditions_is_not_imported_without_them() {
+async fn a_token_with_conditions_keeps_them_from_create_to_every_envoy() {
+    let f = fixture().await;
+    let body = json!({
+        "name": "namespaces/default/apitokens/office",
+        "role": "editor",
+        "expireTime": "2031-01-01T00:00:00Z",
+        "notBeforeTime": "2030-06-01T00:00:00+02:00",
+        "clientAddresses": {"allow": ["10.0.0.0/8", "2001:db8::/32"], "except": ["10.1.0.0/16"]}
+    })
+    .to_string();
+    let a = f.call("POST", COLLECTION, Some(&f.owner), Some(&body)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let token = &a.body["apiToken"];
+    // As the filter reads them back: UTC, canonical ranges.
+    assert_eq!(token["notBeforeTime"], "2030-05-31T22:00:00Z");
+    assert_eq!(
+        token["clientAddresses"],
+        json!({"allow": ["10.0.0.0/8", "2001:db8::/32"], "except": ["10.1.0.0/16"]})
+    );
+    let secret = token["secret"].as_str().unwrap().to_owned();
+    let got = f
+        .call("GET", &format!("{COLLECTION}/office"), Some(&f.owner), None)
+        .await;
+    assert_eq!(got.body["apiToken"]["clientAddresses"], token["clientAddresses"]);
+    assert_eq!(got.body["apiToken"]["notBeforeTime"], token["notBeforeTime"]);
+    // In the table every Envoy gets.
+    let current = f.publisher.current();
+    let pushed = current
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .conditions()
+        .unwrap();
+    assert_eq!(
+        pushed.not_before(),
+        Some(Timestamp::parse_rfc3339("2030-05-31T22:00:00Z").unwrap())
+    );
+    assert!(pushed.admits("10.2.3.4".parse().unwrap()));
+    assert!(!pushed.admits("10.1.3.4".parse().unwrap()));
+    assert!(!pushed.admits("192.0.2.1".parse().unwrap()));
+    // A token without them shows none.
+    let plain = f.create("plain", "viewer").await;
+    assert!(plain.body["apiToken"].get("clientAddresses").is_none(), "{}", plain.raw);
+    assert!(plain.body["apiToken"].get("notBeforeTime").is_none());
+}
+
+#[tokio::test]
+async fn conditions_that_are_not_valid_are_a_400_naming_the_field() {
     let f = fixture().await;
     let before = f.names().await;
-    for conditions in [
-        r#""notBeforeTime": "2030-01-01T00:00:00Z""#,
-        r#""clientAddresses": {"allow": ["10.0.0.0/8"]}"#,
+    for (extra, field) in [
+        (
+            json!({"clientAddresses": {"allow": ["10.0.0.0/8", "10.0.0.1/8"]}}),
+            "clientAddresses.allow[1]",
+        ),
+        (
+            json!({"clientAddresses": {"except": ["not an address"]}}),
+            "clientAddresses.except[0]",
+        ),
+        (json!({"clientAddresses": {"allow": []}}), "clientAddresses.allow"),
+        (json!({"clientAddresses": {}}), "clientAddresses"),
+        (json!({"notBeforeTime": "soon"}), "notBeforeTime"),
+        (
+            json!({"notBeforeTime": "2031-01-01T00:00:00Z", "expireTime": "2030-01-01T00:00:00Z"}),
+            "notBeforeTime",
+        ),
     ] {
-        let spec = apitokens_core::PluginConfig::from_json(
-            format!(
-                r#"{{"tokens": [{{"name": "namespaces/default/apitokens/bound", "role": "viewer",
-                     "secretSha256": "{}", {conditions}}}]}}"#,
-                Digest::of(b"bound").to_hex()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        let e = f.state.service.import(&spec).await.unwrap_err().to_string();
-        let field = if conditions.contains("notBefore") {
-            "tokens[0].notBeforeTime"
-        } else {
-            "tokens[0].clientAddresses"
-        };
-        assert!(e.contains(field), "{e}");
+        let mut body = json!({"name": "namespaces/default/apitokens/bad", "role": "viewer"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let a = f
+            .call("POST", COLLECTION, Some(&f.owner), Some(&body.to_string()))
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{extra}: {}", a.raw);
+        assert_eq!(a.body["field"], field, "{extra}: {}", a.raw);
+        // Named, never quoted.
+        assert!(
+            !a.raw.contains("not an address") && !a.raw.contains("10.0.0.1/8"),
+            "{}",
+            a.raw
+        );
+    }
+    // A key the object does not have; an array where the object goes.
+    for addresses in [json!({"deny": ["10.0.0.0/8"]}), json!([["10.0.0.0/8"]])] {
+        let body = json!({"name": "namespaces/default/apitokens/bad", "role": "viewer",
+                          "clientAddresses": addresses});
+        let a = f
+            .call("POST", COLLECTION, Some(&f.owner), Some(&body.to_string()))
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.raw);
+        // Never quoting the key sent.
+        assert!(!a.raw.contains("deny"), "{}", a.raw);
     }
     assert_eq!(f.names().await, before);
+}
+
+#[tokio::test]
+async fn an_imported_token_keeps_its_conditions() {
+    let f = fixture().await;
+    let spec = apitokens_core::PluginConfig::from_json(
+        format!(
+            r#"{{"tokens": [{{"name": "namespaces/default/apitokens/bound", "role": "viewer",
+                 "secretSha256": "{}", "clientAddresses": {{"allow": ["10.0.0.0/8"]}}}}]}}"#,
+            Digest::of(b"bound").to_hex()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(f.state.service.import(&spec).await.unwrap(), 1);
+    let pushed = f.publisher.current();
+    let conditions = pushed.token(&Digest::of(b"bound")).unwrap().conditions().unwrap();
+    assert!(!conditions.admits("192.0.2.1".parse().unwrap()));
+    let got = f
+        .call("GET", &format!("{COLLECTION}/bound"), Some(&f.owner), None)
+        .await;
+    assert_eq!(
+        got.body["apiToken"]["clientAddresses"],
+        json!({"allow": ["10.0.0.0/8"]})
+    );
 }
 
 #[tokio::test]
@@ -2002,5 +2097,124 @@ mod leak_reports {
             f.report("[2001:db8:0:2::1]:1", &body).await.0.status,
             StatusCode::ACCEPTED
         );
+    }
+}
+
+mod bound_callers {
+    use super::*;
+    use apitokens_core::conditions::{Cidr, Conditions, Packed};
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+
+    /// An owner of `default` bound to 10.0.0.0/8 except 10.1.0.0/16.
+    async fn bound_owner(f: &Fixture) -> String {
+        let secret = Secret::generate().unwrap();
+        let mut record = crate::store::contract::record("namespaces/default/apitokens/lan-owner", Role::Owner, 0);
+        record.digest = secret.digest();
+        record.conditions = Some(Packed::new(&Conditions {
+            allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            except: vec![Cidr::parse("10.1.0.0/16").unwrap()],
+            ..Conditions::default()
+        }));
+        f.store.insert(vec![record], None, vec![]).await.unwrap();
+        f.publisher.refresh().await.unwrap();
+        secret.expose().to_owned()
+    }
+
+    async fn from(f: &Fixture, peer: &str, method: &str, path: &str, secret: &str, body: Option<&str>) -> Answer {
+        let mut req = HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {secret}"))
+            .body(Body::from(body.unwrap_or("").to_owned()))
+            .unwrap();
+        let addr: SocketAddr = format!("{peer}:4444").parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(addr));
+        f.send(req).await
+    }
+
+    #[tokio::test]
+    async fn a_token_bound_to_addresses_is_refused_from_elsewhere_by_the_api_too() {
+        let f = fixture().await;
+        let owner = bound_owner(&f).await;
+        assert_eq!(
+            from(&f, "10.2.0.1", "GET", COLLECTION, &owner, None).await.status,
+            StatusCode::OK
+        );
+        for outside in ["10.1.0.1", "192.0.2.1"] {
+            let a = from(&f, outside, "GET", COLLECTION, &owner, None).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{outside}: {}", a.raw);
+            assert_eq!(
+                a.body["message"], "The token may not be used from this client address.",
+                "{}",
+                a.raw
+            );
+        }
+        // No address at all (no connection info): nothing shows it is allowed.
+        assert_eq!(
+            f.call("GET", COLLECTION, Some(&owner), None).await.status,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bound_owner_makes_only_tokens_bound_within_its_addresses() {
+        let f = fixture().await;
+        let owner = bound_owner(&f).await;
+        // Without ranges: the caller's.
+        let body = r#"{"name": "namespaces/default/apitokens/child", "role": "viewer"}"#;
+        let a = from(&f, "10.2.0.1", "POST", COLLECTION, &owner, Some(body)).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+        assert_eq!(
+            a.body["apiToken"]["clientAddresses"],
+            json!({"allow": ["10.0.0.0/8"], "except": ["10.1.0.0/16"]})
+        );
+        // Narrower: kept, with the caller's excepted range added.
+        let body = r#"{"name": "namespaces/default/apitokens/narrow", "role": "viewer",
+                       "clientAddresses": {"allow": ["10.2.0.0/16"]}}"#;
+        let a = from(&f, "10.2.0.1", "POST", COLLECTION, &owner, Some(body)).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+        assert_eq!(
+            a.body["apiToken"]["clientAddresses"],
+            json!({"allow": ["10.2.0.0/16"], "except": ["10.1.0.0/16"]})
+        );
+        // Wider, or elsewhere: a 400 naming the field, nothing created.
+        let before = f.names().await;
+        for allow in [r#"["0.0.0.0/0"]"#, r#"["192.0.2.0/24"]"#, r#"["::/0"]"#] {
+            let body = format!(
+                r#"{{"name": "namespaces/default/apitokens/wide", "role": "viewer", "clientAddresses": {{"allow": {allow}}}}}"#
+            );
+            let a = from(&f, "10.2.0.1", "POST", COLLECTION, &owner, Some(&body)).await;
+            assert_eq!(a.status, StatusCode::BAD_REQUEST, "{allow}: {}", a.raw);
+            assert_eq!(a.body["field"], "clientAddresses.allow");
+        }
+        assert_eq!(f.names().await, before);
+        // An unbound token is not the bound owner's to regenerate, disable
+        // or enable; one bound within its ranges is.
+        let unbound = format!("{COLLECTION}/ci-token");
+        f.create("ci-token", "viewer").await;
+        for action in ["regenerate", "disable"] {
+            let a = from(
+                &f,
+                "10.2.0.1",
+                "POST",
+                &format!("{unbound}:{action}"),
+                &owner,
+                Some("{}"),
+            )
+            .await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{action}: {}", a.raw);
+            assert!(a.raw.contains("not bound within"), "{}", a.raw);
+        }
+        let a = from(
+            &f,
+            "10.2.0.1",
+            "POST",
+            &format!("{COLLECTION}/narrow:regenerate"),
+            &owner,
+            Some("{}"),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
     }
 }

@@ -9,6 +9,8 @@ use crate::store::TokenRecord;
 use crate::tokens::evidence::AccessSummary;
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
+use apitokens_core::conditions::Packed;
+use apitokens_core::spec::ClientAddressesSpec;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, Uri};
@@ -41,6 +43,12 @@ struct ApiToken<'a> {
     /// What its admitted requests did lately (absent without evidence).
     #[serde(skip_serializing_if = "Option::is_none")]
     access: Option<AccessJson>,
+    /// Refused before this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_before_time: Option<String>,
+    /// The client addresses it may be used from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_addresses: Option<ClientAddressesSpec>,
 }
 
 /// `access`: the kinds of access a token's admitted requests used in the
@@ -69,6 +77,7 @@ impl From<AccessSummary> for AccessJson {
 
 impl<'a> ApiToken<'a> {
     fn new(app: &AppState, r: &'a TokenRecord, secret: Option<&'a Secret>) -> Self {
+        let conditions = r.conditions.as_ref().map(Packed::conditions).unwrap_or_default();
         Self {
             name: &r.name,
             secret: secret.map(Secret::expose),
@@ -82,6 +91,8 @@ impl<'a> ApiToken<'a> {
                 .previous
                 .map(|p| r.expire_time.map_or(p.until, |e| e.min(p.until)).to_rfc3339()),
             access: app.service.access_summary(r).map(AccessJson::from),
+            not_before_time: conditions.not_before.map(|t| t.to_rfc3339()),
+            client_addresses: conditions.addresses_spec(),
         }
     }
 }
@@ -224,6 +235,10 @@ pub(crate) struct CreateBody {
     #[serde(default)]
     expire_time: Option<String>,
     #[serde(default)]
+    not_before_time: Option<String>,
+    #[serde(default)]
+    client_addresses: Option<ClientAddressesSpec>,
+    #[serde(default)]
     create_time: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     secret: Option<serde::de::IgnoredAny>,
@@ -253,6 +268,8 @@ pub(crate) async fn create(
         name: body.name,
         role: body.role,
         expire_time: body.expire_time,
+        not_before_time: body.not_before_time,
+        client_addresses: body.client_addresses,
     };
     let result = app
         .service

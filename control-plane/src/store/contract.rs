@@ -13,6 +13,7 @@ use apitokens_core::{Role, Timestamp};
 
 pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
     TokenRecord {
+        conditions: None,
         name: name.to_owned(),
         role,
         digest: Digest([digest_byte; 32]),
@@ -854,6 +855,38 @@ pub(crate) async fn expiry_warnings_are_given_once_per_lead_time(store: &dyn Sto
     assert_eq!(names(&rest), ["namespaces/default/apitokens/batch-2"]);
 }
 
+pub(crate) async fn conditions_are_kept_through_every_write(store: &dyn Store) {
+    use apitokens_core::conditions::{Cidr, Conditions, Packed};
+    let conditions = Packed::new(&Conditions {
+        not_before: Some(Timestamp::from_unix(1_900_000_000, 5)),
+        allow: vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("2001:db8::/32").unwrap(),
+        ],
+        except: vec![Cidr::parse("10.1.0.0/16").unwrap()],
+    });
+    let mut a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    a.conditions = Some(conditions.clone());
+    // One row alone, and among many (PostgreSQL inserts a batch at once).
+    let b = record("namespaces/default/apitokens/b", Role::Viewer, 2);
+    store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap();
+    assert_eq!(got.conditions, Some(conditions.clone()));
+    assert_eq!(store.get(&b.name).await.unwrap().unwrap().conditions, None);
+    // A regeneration and a disable keep them; so do the loads the pushes
+    // read.
+    regenerate(store, &a.name, Digest([3; 32]), None).await;
+    store.set_disabled(&a.name, true, test_event()).await.unwrap();
+    let (_, all) = store.load().await.unwrap();
+    let loaded = all.iter().find(|r| r.name == a.name).unwrap();
+    assert_eq!(loaded.conditions, Some(conditions.clone()));
+    let listed = store.list("default").await.unwrap();
+    assert_eq!(
+        listed.iter().find(|r| r.name == a.name).unwrap().conditions,
+        Some(conditions)
+    );
+}
+
 macro_rules! store_contract_tests {
     ($make:expr) => {
         store_contract_tests!(@each $make,
@@ -872,6 +905,7 @@ macro_rules! store_contract_tests {
             last_use_is_the_latest_recorded_and_goes_with_the_token,
             the_evidence_keeps_each_facts_latest_time,
             a_disabled_token_keeps_everything_and_is_enabled_again,
+            conditions_are_kept_through_every_write,
             the_outbox_is_read_in_order_from_a_leased_cursor,
             expiry_warnings_are_given_once_per_lead_time);
     };

@@ -43,6 +43,7 @@ pub(crate) fn next_epoch(head: &Head) -> Position {
 
 use apitokens_core::access::{Access, Kind};
 use apitokens_core::compact::Lineage;
+use apitokens_core::conditions::Packed;
 use apitokens_core::name::TokenName;
 use apitokens_core::table::{Digest, Entry, TokenEntries};
 use apitokens_core::{Role, Timestamp};
@@ -172,6 +173,9 @@ pub struct TokenRecord {
     /// Suspended by an owner ([`Store::set_disabled`]): in the table every
     /// Envoy gets, and refused there, with everything else kept.
     pub disabled: bool,
+    /// From when and from where it may be used (a not-before time, client
+    /// address ranges), enforced by every filter; `None` without any.
+    pub conditions: Option<Packed>,
 }
 
 /// A token's use as the filters reported it: by the digest of the secret
@@ -269,7 +273,7 @@ impl TokenRecord {
             expire: self.expire_time,
             previous: false,
             disabled: self.disabled,
-            conditions: None,
+            conditions: self.conditions.as_ref().map(Packed::view),
         };
         TokenEntries {
             current,

@@ -3,6 +3,7 @@
 //! refuse the same damaged rows with the same words.
 
 use super::{Action, AuditEvent, Credential, Evidence, PreviousSecret, Result, StoreError, TokenRecord, Use};
+use apitokens_core::conditions::Packed;
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
@@ -10,11 +11,11 @@ use apitokens_core::{Role, Timestamp};
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
      t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos, \
-     t.disabled";
+     t.disabled, t.conditions";
 /// The columns an insert of a token writes, in this order.
 pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_seconds, create_nanos, \
      expire_seconds, expire_nanos, update_seconds, retired, created_by, previous_sha256, previous_until_seconds, \
-     previous_until_nanos, disabled";
+     previous_until_nanos, disabled, conditions";
 /// An audit event's columns but its sequence number (the database numbers
 /// events) and its namespace (reads select by it), in the order of
 /// [`EventRow`].
@@ -68,6 +69,8 @@ pub(super) struct Row {
     pub(super) created_by: Option<String>,
     pub(super) previous: (Option<String>, Option<i64>, Option<i64>),
     pub(super) disabled: bool,
+    /// The encoded conditions (`apitokens_core::conditions`).
+    pub(super) conditions: Option<Vec<u8>>,
     pub(super) last_use: Option<i64>,
     pub(super) evidence: [Option<i64>; 7],
 }
@@ -86,16 +89,17 @@ impl Row {
             created_by: r.at(at + 8)?,
             previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
             disabled: r.at(at + 12)?,
-            last_use: if r.width() > at + 13 { r.at(at + 13)? } else { None },
-            evidence: if r.width() > at + 20 {
+            conditions: r.at(at + 13)?,
+            last_use: if r.width() > at + 14 { r.at(at + 14)? } else { None },
+            evidence: if r.width() > at + 21 {
                 [
-                    r.at(at + 14)?,
                     r.at(at + 15)?,
                     r.at(at + 16)?,
                     r.at(at + 17)?,
                     r.at(at + 18)?,
                     r.at(at + 19)?,
                     r.at(at + 20)?,
+                    r.at(at + 21)?,
                 ]
             } else {
                 [None; 7]
@@ -139,6 +143,11 @@ pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
         _ => return Err(corrupt("bad previous_until time")),
     };
     Ok(TokenRecord {
+        conditions: row
+            .conditions
+            .map(Packed::from_bytes)
+            .transpose()
+            .map_err(|_| corrupt("conditions do not decode"))?,
         role: Role::parse(&row.role).ok_or_else(|| corrupt("unknown role"))?,
         digest: Digest::from_hex(&row.digest).ok_or_else(|| corrupt("secret_sha256 is not a digest"))?,
         create_time: time(row.create.0, row.create.1).ok_or_else(|| corrupt("bad create time"))?,

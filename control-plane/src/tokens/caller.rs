@@ -10,6 +10,11 @@
 //!   own (a short-lived owner would otherwise take over the long-lived
 //!   `admin` token by regenerating it, lock its holders out by disabling it,
 //!   or bring back a long-lived token an owner suspended by enabling it);
+//! - a caller bound to client addresses creates tokens bound within them (a
+//!   create without ranges gets the caller's; ranges outside them are a 400
+//!   naming `clientAddresses`), and cannot regenerate, disable or enable a
+//!   token that is not bound within them (whoever holds a bound secret from
+//!   outside its ranges would otherwise mint, or take over, one that is not);
 //! - a previous secret (a rotation's overlap) may read, never write: the
 //!   owner who rotates a leaked secret must not be out-rotated by whoever
 //!   holds the old one.
@@ -19,6 +24,7 @@
 use super::Error;
 use crate::clock;
 use crate::store::{Credential, TokenRecord};
+use apitokens_core::conditions::{Conditions, Packed, MAX_RANGES};
 use apitokens_core::Timestamp;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -38,11 +44,13 @@ pub struct Actor {
 }
 
 /// The calling token, as the table the API enforces has it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub credential: Credential,
     /// The token's own expiry (never the overlap of a previous secret).
     pub expire: Option<Timestamp>,
+    /// The client addresses the token is bound to, if any.
+    pub addresses: Option<Conditions>,
 }
 
 impl Actor {
@@ -57,7 +65,12 @@ impl Actor {
     }
 
     pub fn credential(&self) -> Option<Credential> {
-        self.caller.map(|c| c.credential)
+        self.caller.as_ref().map(|c| c.credential)
+    }
+
+    /// The client addresses the caller is bound to, if any.
+    fn addresses(&self) -> Option<&Conditions> {
+        self.caller.as_ref().and_then(|c| c.addresses.as_ref())
     }
 
     /// Creates, regenerates, disables, enables and deletes are made with a
@@ -77,6 +90,15 @@ impl Actor {
     /// outlives the caller.
     pub(crate) fn may_change(&self, target: &TokenRecord) -> Result<(), Error> {
         self.may_write()?;
+        if let Some(mine) = self.addresses() {
+            let theirs = target.conditions.as_ref().map(Packed::conditions).unwrap_or_default();
+            if !theirs.addresses_within(mine) {
+                return Err(Error::Forbidden(format!(
+                    "{} is not bound within the calling token's client addresses: a token bound to client addresses may regenerate, disable or enable only tokens bound within them",
+                    target.name
+                )));
+            }
+        }
         let Some(Caller { expire: Some(mine), .. }) = self.caller else {
             return Ok(());
         };
@@ -90,6 +112,37 @@ impl Actor {
             ))),
         }
     }
+}
+
+/// A new token's address conditions under a caller bound to addresses:
+/// without ranges of its own, the caller's; with some, each inside the
+/// caller's allowed ranges, and the caller's excepted ranges excepted too.
+pub(crate) fn new_conditions(requested: Option<Conditions>, actor: &Actor) -> Result<Option<Conditions>, Error> {
+    let Some(mine) = actor.addresses() else {
+        return Ok(requested);
+    };
+    let mut new = requested.unwrap_or_default();
+    if new.allow.is_empty() {
+        new.allow = mine.allow.clone();
+    }
+    for e in &mine.except {
+        if !new.except.contains(e) {
+            new.except.push(*e);
+        }
+    }
+    if new.except.len() > MAX_RANGES {
+        return Err(Error::invalid(
+            "clientAddresses.except",
+            format!("with the calling token's excepted ranges, more than {MAX_RANGES}"),
+        ));
+    }
+    if !new.addresses_within(mine) {
+        return Err(Error::invalid(
+            "clientAddresses.allow",
+            "must lie within the calling token's allowed client addresses (it is bound to them)",
+        ));
+    }
+    Ok(Some(new))
 }
 
 /// The longest a new token may live, for every namespace or for one
@@ -203,6 +256,7 @@ mod tests {
             caller: Some(Caller {
                 credential,
                 expire: expire.map(|s| Timestamp::from_unix(s, 0)),
+                addresses: None,
             }),
         }
     }

@@ -18,9 +18,10 @@ use crate::clock::Clock;
 use crate::config::{Publisher, Version};
 use crate::metrics::ServiceMetrics;
 use crate::store::{Action, AuditEvent, Evidence, NewDigest, Revision, Store, TokenRecord, Use};
+use apitokens_core::conditions::{Conditions, Packed};
 use apitokens_core::config::Config;
 use apitokens_core::name::{is_dns_label, TokenName};
-use apitokens_core::spec::PluginConfig;
+use apitokens_core::spec::{ClientAddressesSpec, PluginConfig};
 use apitokens_core::table::Digest;
 use apitokens_core::{Access, Role, Timestamp};
 use std::sync::Arc;
@@ -126,6 +127,19 @@ pub struct NewToken {
     pub role: String,
     /// RFC 3339, in the future.
     pub expire_time: Option<String>,
+    /// RFC 3339: refused before it.
+    pub not_before_time: Option<String>,
+    /// The client addresses it may be used from.
+    pub client_addresses: Option<ClientAddressesSpec>,
+}
+
+/// A token about to be issued, validated: what its record takes from the
+/// request.
+struct Issuing {
+    name: String,
+    role: Role,
+    expire_time: Option<Timestamp>,
+    conditions: Option<Packed>,
 }
 
 struct Push {
@@ -347,9 +361,29 @@ impl Service {
         let now = self.opts.clock.now_seconds();
         let requested = expiry(new.expire_time.as_deref(), "expireTime", self.opts.clock.now())?;
         let expire_time = caller::new_expiry(requested, actor, &self.opts.lifetimes, namespace, now)?;
+        // The filter's own rules, against the expiry the token gets; then
+        // within the caller's client addresses, if it is bound to some.
+        let requested = Conditions::from_spec(
+            new.not_before_time.as_deref(),
+            expire_time,
+            new.client_addresses.as_ref(),
+            str::to_owned,
+        )
+        .map_err(|e| Error::invalid(e.field, e.problem))?;
+        let conditions = caller::new_conditions(requested, actor)?.map(|c| Packed::new(&c));
         self.admit(namespace, actor)?;
         let (issued, revision) = self
-            .issue(new.name, role, now, expire_time, self.opts.quota, actor)
+            .issue(
+                Issuing {
+                    name: new.name,
+                    role,
+                    expire_time,
+                    conditions,
+                },
+                now,
+                self.opts.quota,
+                actor,
+            )
             .await?;
         tracing::info!(
             token = %issued.token.name,
@@ -369,7 +403,19 @@ impl Service {
         let now = self.opts.clock.now_seconds();
         let expire_time = expiry(expire_time, "expireTime", self.opts.clock.now())?;
         let actor = Actor::tool("apitokens bootstrap");
-        let (issued, revision) = self.issue(name, Role::Owner, now, expire_time, None, &actor).await?;
+        let (issued, revision) = self
+            .issue(
+                Issuing {
+                    name,
+                    role: Role::Owner,
+                    expire_time,
+                    conditions: None,
+                },
+                now,
+                None,
+                &actor,
+            )
+            .await?;
         tracing::info!(
             token = %issued.token.name,
             namespace,
@@ -382,20 +428,19 @@ impl Service {
 
     async fn issue(
         &self,
-        name: String,
-        role: Role,
+        new: Issuing,
         now: Timestamp,
-        expire_time: Option<Timestamp>,
         quota: Option<u32>,
         actor: &Actor,
     ) -> Result<(Issued, Revision), Error> {
         let secret = Secret::generate().map_err(Error::Random)?;
         let token = TokenRecord {
-            name,
-            role,
+            conditions: new.conditions,
+            name: new.name,
+            role: new.role,
             digest: secret.digest(),
             create_time: now,
-            expire_time,
+            expire_time: new.expire_time,
             retired: false,
             created_by: Some(actor.name.clone()),
             previous: None,
@@ -467,9 +512,13 @@ impl Service {
             ));
         }
         self.admit(namespace, actor)?;
-        if actor.caller.is_some_and(|c| c.expire.is_some()) {
-            // (A token's expiry never changes: read before the write, it
-            // still holds at the write.)
+        if actor
+            .caller
+            .as_ref()
+            .is_some_and(|c| c.expire.is_some() || c.addresses.is_some())
+        {
+            // (A token's expiry and conditions never change: read before
+            // the write, they still hold at the write.)
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
             actor.may_change(&target)?;
         }
@@ -540,9 +589,13 @@ impl Service {
     ) -> Result<Updated, Error> {
         let name = token_name(namespace, id)?;
         self.admit(namespace, actor)?;
-        if actor.caller.is_some_and(|c| c.expire.is_some()) {
-            // (A token's expiry never changes: read before the write, it
-            // still holds at the write.)
+        if actor
+            .caller
+            .as_ref()
+            .is_some_and(|c| c.expire.is_some() || c.addresses.is_some())
+        {
+            // (A token's expiry and conditions never change: read before
+            // the write, they still hold at the write.)
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
             actor.may_change(&target)?;
         }
@@ -598,32 +651,30 @@ impl Service {
         let mut records = Vec::with_capacity(spec.tokens.len());
         for (i, t) in spec.tokens.iter().enumerate() {
             let field = |f: &str| format!("tokens[{i}].{f}");
-            // Conditions narrow a token: imported without them, it would
-            // admit what its configuration refused. Until the control plane
-            // keeps conditions, a token with any is refused, not stripped.
-            for (set, name) in [
-                (t.not_before_time.is_some(), "notBeforeTime"),
-                (t.client_addresses.is_some(), "clientAddresses"),
-            ] {
-                if set {
-                    return Err(Error::invalid(
-                        field(name),
-                        "the control plane does not keep token conditions yet: enforce this token from a plugin configuration",
-                    ));
-                }
-            }
+            let expire_time = t
+                .expire_time
+                .as_deref()
+                .map(Timestamp::parse_rfc3339)
+                .transpose()
+                .map_err(|e| Error::invalid(field("expireTime"), e.to_string()))?;
+            // Its conditions come with it: imported without them, it would
+            // admit what its configuration refused.
+            let conditions = Conditions::from_spec(
+                t.not_before_time.as_deref(),
+                expire_time,
+                t.client_addresses.as_ref(),
+                field,
+            )
+            .map_err(|e| Error::invalid(e.field, e.problem))?
+            .map(|c| Packed::new(&c));
             records.push(TokenRecord {
+                conditions,
                 name: t.name.clone(),
                 role: Role::parse(&t.role).ok_or_else(|| Error::invalid(field("role"), "unknown role"))?,
                 digest: Digest::from_hex(&t.secret_sha256)
                     .ok_or_else(|| Error::invalid(field("secretSha256"), "not a SHA-256 digest"))?,
                 create_time: now,
-                expire_time: t
-                    .expire_time
-                    .as_deref()
-                    .map(Timestamp::parse_rfc3339)
-                    .transpose()
-                    .map_err(|e| Error::invalid(field("expireTime"), e.to_string()))?,
+                expire_time,
                 retired: false,
                 created_by: Some("apitokens import".to_owned()),
                 previous: None,

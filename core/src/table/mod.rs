@@ -40,7 +40,7 @@
 //! older than conditions refuses a table holding any (an unknown flag):
 //! it never admits a token while ignoring what narrows it.
 
-use crate::conditions::{Cidr, Conditions, Encoded};
+use crate::conditions::{Conditions, Encoded};
 use crate::error::ConfigError;
 use crate::name::{is_token_name, TokenName};
 use crate::role::Role;
@@ -579,9 +579,15 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
         let expire = time("expireTime", spec.expire_time.as_deref())?;
         let disabled = spec.disabled;
         let digest_of_secret = digest("secretSha256", &spec.secret_sha256)?;
-        if let Some(bytes) = conditions_of(spec, field)? {
+        let stated = Conditions::from_spec(
+            spec.not_before_time.as_deref(),
+            expire,
+            spec.client_addresses.as_ref(),
+            field,
+        )?;
+        if let Some(stated) = stated {
             let at = encoded_conditions.len();
-            encoded_conditions.extend_from_slice(&bytes);
+            encoded_conditions.extend_from_slice(&stated.encode());
             // This entry and its previous secret's, if any.
             let range = at..encoded_conditions.len();
             conditioned.push((entries.len(), range.clone()));
@@ -652,65 +658,6 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
         // encode_specs pairs every previous secret with its token.
         Duplicate::Orphan { index } => ConfigError::new(format!("tokens[{}]", at(index).0), "no current secret"),
     })
-}
-
-/// A token's conditions as its configuration states them (`notBeforeTime`,
-/// `clientAddresses`), validated and encoded; `None` without any. Errors
-/// name the field (`field("clientAddresses.allow[2]")`), never the value.
-pub fn conditions_of(spec: &TokenSpec, field: impl Fn(&str) -> String) -> Result<Option<Vec<u8>>, ConfigError> {
-    let not_before = spec
-        .not_before_time
-        .as_deref()
-        .map(Timestamp::parse_rfc3339)
-        .transpose()
-        .map_err(|e| ConfigError::new(field("notBeforeTime"), e.to_string()))?;
-    let expire = spec
-        .expire_time
-        .as_deref()
-        .and_then(|t| Timestamp::parse_rfc3339(t).ok());
-    if let (Some(nb), Some(exp)) = (not_before, expire) {
-        if nb >= exp {
-            return Err(ConfigError::new(field("notBeforeTime"), "must be before expireTime"));
-        }
-    }
-    let mut conditions = Conditions {
-        not_before,
-        ..Conditions::default()
-    };
-    if let Some(addresses) = &spec.client_addresses {
-        // A list given empty, or no list, would read as "from anywhere":
-        // refused rather than guessed (a template that renders nothing).
-        if addresses.allow.is_none() && addresses.except.is_none() {
-            return Err(ConfigError::new(
-                field("clientAddresses"),
-                "give allow, except, or both (leave clientAddresses out for any address)",
-            ));
-        }
-        for (list, name, into) in [
-            (&addresses.allow, "allow", &mut conditions.allow),
-            (&addresses.except, "except", &mut conditions.except),
-        ] {
-            let Some(list) = list else { continue };
-            if list.is_empty() {
-                return Err(ConfigError::new(
-                    field(&format!("clientAddresses.{name}")),
-                    "must not be empty (leave it out instead)",
-                ));
-            }
-            if list.len() > crate::conditions::MAX_RANGES {
-                return Err(ConfigError::new(
-                    field(&format!("clientAddresses.{name}")),
-                    format!("at most {} ranges", crate::conditions::MAX_RANGES),
-                ));
-            }
-            for (i, text) in list.iter().enumerate() {
-                let cidr = Cidr::parse(text)
-                    .map_err(|e| ConfigError::new(field(&format!("clientAddresses.{name}[{i}]")), e.to_string()))?;
-                into.push(cidr);
-            }
-        }
-    }
-    Ok((!conditions.is_empty()).then(|| conditions.encode()))
 }
 
 /// Entries that cannot share a table: indices into the input, the first

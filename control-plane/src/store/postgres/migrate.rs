@@ -41,6 +41,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_access_evidence",
         include_str!("../../../migrations/postgres/0008_access_evidence.sql"),
     ),
+    (
+        "0009_token_conditions",
+        include_str!("../../../migrations/postgres/0009_token_conditions.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

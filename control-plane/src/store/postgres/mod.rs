@@ -353,15 +353,19 @@ impl Store for PostgresStore {
             .map(|r| r.previous.map(|p| i64::from(p.until.subsec_nanos())))
             .collect();
         let disabled: Vec<bool> = records.iter().map(|r| r.disabled).collect();
+        let conditions: Vec<Option<&[u8]>> = records
+            .iter()
+            .map(|r| r.conditions.as_ref().map(|c| c.bytes()))
+            .collect();
         // One statement for any number of tokens (an import of 100k).
         tx.execute(
             &format!(
                 "INSERT INTO tokens ({INSERTED})
-             SELECT n, ns, ro, d, cs, cn, es, en, cs, re, cb, ps, us, un, di
+             SELECT n, ns, ro, d, cs, cn, es, en, cs, re, cb, ps, us, un, di, co
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
                          $7::bigint[], $8::bigint[], $9::boolean[], $10::text[], $11::text[], $12::bigint[],
-                         $13::bigint[], $14::boolean[])
-                  AS t(n, ns, ro, d, cs, cn, es, en, re, cb, ps, us, un, di)"
+                         $13::bigint[], $14::boolean[], $15::bytea[])
+                  AS t(n, ns, ro, d, cs, cn, es, en, re, cb, ps, us, un, di, co)"
             ),
             &[
                 &names,
@@ -378,6 +382,7 @@ impl Store for PostgresStore {
                 &until_s,
                 &until_n,
                 &disabled,
+                &conditions,
             ],
         )
         .await
@@ -1002,6 +1007,7 @@ mod tests {
             .unwrap()
             .batch_execute(
                 "ALTER TABLE tokens DROP COLUMN disabled;
+                 ALTER TABLE tokens DROP COLUMN conditions;
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
                  ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
                      DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
@@ -1023,8 +1029,8 @@ mod tests {
             .unwrap()
             .get(0);
         // 6, then what came after it (7: the webhooks' outbox; 8: the
-        // evidence).
-        assert_eq!(applied, 8);
+        // evidence; 9: conditions).
+        assert_eq!(applied, 9);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

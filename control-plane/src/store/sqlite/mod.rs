@@ -282,7 +282,7 @@ impl Store for SqliteStore {
             {
                 let mut stmt = tx.prepare_cached(&format!(
                     "INSERT INTO tokens ({INSERTED})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13, ?14)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?5, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ))?;
                 for r in &records {
                     stmt.execute(params![
@@ -300,6 +300,7 @@ impl Store for SqliteStore {
                         r.previous.map(|p| p.until.unix_seconds()),
                         r.previous.map(|p| p.until.subsec_nanos()),
                         r.disabled,
+                        r.conditions.as_ref().map(|c| c.bytes()),
                     ])
                     .map_err(|e| insert_error(e, &r.name))?;
                 }
@@ -772,10 +773,29 @@ mod tests {
             .unwrap()
             .execute(
                 "INSERT INTO tokens VALUES ('namespaces/default/apitokens/bad', 'default', 'owner', ?1,
-                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL, 0)",
+                     1, 5000000000, NULL, NULL, 1, 0, NULL, NULL, NULL, NULL, 0, NULL)",
                 [&"cd".repeat(32)],
             )
             .unwrap();
         contract::a_bad_row_is_named(&store, "namespaces/default/apitokens/bad").await;
+    }
+
+    #[tokio::test]
+    async fn conditions_that_do_not_decode_are_an_error_naming_the_token() {
+        let dir = TempDir::new("store-corrupt-conditions");
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        put(&store, "namespaces/default/apitokens/bad", Role::Owner, 1).await;
+        // An unknown condition: never read as none.
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE tokens SET conditions = x'09'", [])
+            .unwrap();
+        let err = store.load().await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { name, problem }
+                if name == "namespaces/default/apitokens/bad" && problem == "conditions do not decode"),
+            "{err}"
+        );
     }
 }

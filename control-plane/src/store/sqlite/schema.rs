@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -129,6 +129,13 @@ ALTER TABLE usage ADD COLUMN past_owner_seconds INTEGER;
 ALTER TABLE usage ADD COLUMN unreported_seconds INTEGER;
 ";
 
+/// What version 9 added: a token's conditions (a not-before time, client
+/// address ranges), in the filter's encoding (`apitokens_core::conditions`).
+/// Existing tokens have none.
+const SCHEMA_9: &str = "
+ALTER TABLE tokens ADD COLUMN conditions BLOB;
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -172,7 +179,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4..=7 | SCHEMA_VERSION => {}
+        4..=8 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -194,6 +201,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 8 {
         tx.execute_batch(SCHEMA_8)?;
+    }
+    if version < 9 {
+        tx.execute_batch(SCHEMA_9)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -334,6 +344,41 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
     }
 
+    /// Undoes version 9, for a database as an older release left it.
+    const DROP_CONDITIONS: &str = "ALTER TABLE tokens DROP COLUMN conditions;";
+
+    /// Version 8 as issue 19 left it: no conditions. Its tokens have none,
+    /// and a token with some can be written at once.
+    #[tokio::test]
+    async fn version_8_databases_get_the_conditions_column_empty() {
+        use apitokens_core::conditions::{Cidr, Conditions, Packed};
+        let dir = TempDir::new("store-v8");
+        let path = dir.path().join("t.db");
+        let name = "namespaces/a/apitokens/t";
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let record = crate::store::contract::record(name, Role::Owner, 1);
+            store.insert(vec![record], None, vec![]).await.unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("{DROP_CONDITIONS} PRAGMA user_version = 8;"))
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.get(name).await.unwrap().unwrap().conditions, None);
+        let mut bound = crate::store::contract::record("namespaces/a/apitokens/bound", Role::Viewer, 2);
+        bound.conditions = Some(Packed::new(&Conditions {
+            allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            ..Conditions::default()
+        }));
+        store.insert(vec![bound.clone()], None, vec![]).await.unwrap();
+        assert_eq!(
+            store.get(&bound.name).await.unwrap().unwrap().conditions,
+            bound.conditions
+        );
+        assert_current(&path);
+    }
+
     /// Undoes version 8, for a database as an older release left it.
     const DROP_EVIDENCE: &str = "ALTER TABLE usage DROP COLUMN read_seconds;
         ALTER TABLE usage DROP COLUMN write_seconds; ALTER TABLE usage DROP COLUMN tokens_seconds;
@@ -363,7 +408,7 @@ mod tests {
             store.record_usage(vec![used]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_EVIDENCE} PRAGMA user_version = 7;"))
+        conn.execute_batch(&format!("{DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"))
             .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
@@ -394,7 +439,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_EVIDENCE} PRAGMA user_version = 6;"
+            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
         ))
         .unwrap();
         drop(conn);
@@ -421,7 +466,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
-             {DROP_EVIDENCE} PRAGMA user_version = 5;"
+             {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
         ))
         .unwrap();
         drop(conn);

@@ -1,0 +1,86 @@
+"""Conditions in the console: the create form takes a valid-from date and the
+client addresses a token may be used from (and those excepted), the table
+shows them, the gateway enforces them, and a bad range is named next to its
+box, by line."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from playwright.sync_api import expect
+
+from testkit.clients import request
+from testkit.controlplane import tokens_path
+
+APP = "/api/v1/namespaces/{ns}/deployments"
+
+
+def test_create_with_conditions_shows_them_and_the_gateway_enforces_them(console, namespace, until):
+    ns, owner = namespace()
+    console.sign_in(ns, owner)
+    # The tests reach Envoy from 127.0.0.1: inside the first token's range,
+    # outside the second's.
+    d = console.fill_create("lan", "editor")
+    d.get_by_label("Valid from").fill("2020-01-01")
+    d.get_by_label("Allowed client addresses").fill("127.0.0.0/8\n::1")
+    d.get_by_label("Excepted client addresses").fill("127.0.0.9")
+    console.axe("create form with conditions")
+    d.get_by_role("button", name="Create").click()
+    lan = console.copy_secret()
+    row = console.rows()["lan"]
+    assert row["Conditions"] == ("Valid since 2020-01-01 00:00 UTC"
+                                 "Only from 127.0.0.0/8, ::1/128"
+                                 "Not from 127.0.0.9/32"), row
+    until(console.envoy, "GET", APP.format(ns=ns), lan, 200)
+
+    d = console.fill_create("office", "editor")
+    d.get_by_label("Allowed client addresses").fill("10.0.0.0/8")
+    d.get_by_role("button", name="Create").click()
+    office = console.copy_secret()
+    assert console.rows()["office"]["Conditions"] == "Only from 10.0.0.0/8"
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), office).status == 403
+
+    # Valid from a day to come: listed as pending, refused as an unknown secret.
+    day = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).date().isoformat()
+    d = console.fill_create("later", "viewer")
+    d.get_by_label("Valid from").fill(day)
+    d.get_by_role("button", name="Create").click()
+    later = console.copy_secret()
+    assert console.rows()["later"]["Conditions"] == f"Not before {day} 00:00 UTC"
+    expect(console.page.get_by_role("row", name="later").locator("td .pending")).to_have_count(1)
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), later).status == 401
+    # What the API says, as the console showed it.
+    token = request(console.envoy.port, "GET", tokens_path(ns, "later"), owner).json()["apiToken"]
+    assert token["notBeforeTime"] == f"{day}T00:00:00Z"
+    console.axe("the table with conditions")
+
+
+def test_a_bad_range_is_named_next_to_its_box_by_line(console, namespace):
+    ns, owner = namespace()
+    console.sign_in(ns, owner)
+    d = console.fill_create("bad", "viewer")
+    d.get_by_label("Allowed client addresses").fill("10.0.0.0/8\n10.0.0.1/8")
+    d.get_by_role("button", name="Create").click()
+    box = d.get_by_label("Allowed client addresses")
+    expect(d.locator("#create-allow-error")).to_have_text(
+        "Line 2: has bits set past its prefix length: write the range's first address.")
+    expect(box).to_have_attribute("aria-invalid", "true")
+    expect(box).to_be_focused()
+    assert "create-allow-error" in box.get_attribute("aria-describedby").split()
+    console.axe("create form with a bad address range")
+    # Fixed, and an excepted range that is not one, after a blank line: the
+    # other box, the line as the owner sees it.
+    box.fill("10.0.0.0/8")
+    d.get_by_label("Excepted client addresses").fill("10.1.0.0/16\n\nnot-an-address")
+    d.get_by_role("button", name="Create").click()
+    expect(d.locator("#create-except-error")).to_have_text(
+        "Line 3: must be an IP address or a CIDR range such as 10.0.0.0/8 or 2001:db8::/32.")
+    expect(d.locator("#create-allow-error")).to_have_text("")
+    # Valid from after the expiry.
+    d.get_by_label("Excepted client addresses").fill("")
+    d.get_by_label("Expiry date").fill("2031-01-01")
+    d.get_by_label("Valid from").fill("2032-01-01")
+    d.get_by_role("button", name="Create").click()
+    expect(d.locator("#create-not-before-error")).to_have_text(
+        "The token must become valid before it expires: choose an earlier date, or a later expiry.")
+    assert "bad" not in console.rows()
