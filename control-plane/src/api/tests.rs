@@ -2218,3 +2218,103 @@ mod bound_callers {
         assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
     }
 }
+
+#[tokio::test]
+async fn inactive_tokens_are_disabled_then_deleted_by_the_policy_and_audited() {
+    use crate::store::Action;
+    use crate::tokens::inactivity::{self, Policies};
+    let (dir, store) = changes_fail("api-inactivity");
+    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
+    let opts = ServiceOptions {
+        clock: clock.clone(),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let service = Arc::clone(&f.state.service);
+    for id in ["idle", "busy"] {
+        assert_eq!(f.create(id, "viewer").await.status, StatusCode::OK);
+    }
+    let expiring = json!({"name": "namespaces/default/apitokens/brief", "role": "viewer",
+                          "expireTime": "2027-01-20T00:00:00Z"})
+    .to_string();
+    assert_eq!(
+        f.call("POST", COLLECTION, Some(&f.owner), Some(&expiring)).await.status,
+        StatusCode::OK
+    );
+    /// The token `busy` is used now (a filter's report, flushed).
+    async fn use_busy(f: &Fixture) {
+        let service = Arc::clone(&f.state.service);
+        let digest = f
+            .store
+            .get("namespaces/default/apitokens/busy")
+            .await
+            .unwrap()
+            .unwrap()
+            .digest;
+        service.record_use(&f.store.lineage(), &digest.0, &[]);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(Arc::clone(&service).run_usage(Duration::from_secs(3600), stop_rx));
+        stop_tx.send(true).unwrap();
+        flusher.await.unwrap();
+    }
+    async fn state(f: &Fixture, id: &str) -> Option<TokenRecord> {
+        f.store
+            .get(&format!("namespaces/default/apitokens/{id}"))
+            .await
+            .unwrap()
+    }
+    let mut policies = Policies::default();
+    policies.add("30d:disable").unwrap();
+    policies.add("other=off").unwrap();
+    // A day short of 30: nothing.
+    clock.advance(Duration::from_secs(29 * 86_400));
+    use_busy(&f).await;
+    let swept = inactivity::sweep(&service, &policies, clock.now()).await.unwrap();
+    assert_eq!(swept, Default::default());
+    // 30 days on: the ones never used since their creation (the owner
+    // `admin` too: the policy is the namespace's, whoever the token), not
+    // the one used a day ago, not the one already expired.
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let swept = inactivity::sweep(&service, &policies, clock.now()).await.unwrap();
+    assert_eq!(
+        swept.disabled,
+        [
+            "namespaces/default/apitokens/admin",
+            "namespaces/default/apitokens/idle"
+        ]
+    );
+    assert!(state(&f, "idle").await.unwrap().disabled && !state(&f, "busy").await.unwrap().disabled);
+    assert!(!state(&f, "brief").await.unwrap().disabled);
+    // Every Envoy refuses it: the table carries the flag.
+    let idle = state(&f, "idle").await.unwrap().digest;
+    assert!(f.publisher.current().token(&idle).unwrap().is_disabled());
+    // Audited as the policy's.
+    let events = f.store.events("default", None, 10).await.unwrap();
+    let by_policy: Vec<_> = events
+        .iter()
+        .filter(|(_, e)| e.actor == inactivity::ACTOR)
+        .map(|(_, e)| (e.action, e.token.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(by_policy.len(), 2, "{events:?}");
+    assert!(by_policy.iter().all(|(a, _)| *a == Action::Disable));
+    // Again: nothing more to do.
+    assert_eq!(
+        inactivity::sweep(&service, &policies, clock.now()).await.unwrap(),
+        Default::default()
+    );
+    // Now a delete policy: the disabled ones go too; the one used lately stays.
+    let mut deleting = Policies::default();
+    deleting.add("default=30d:delete").unwrap();
+    clock.advance(Duration::from_secs(10 * 86_400));
+    use_busy(&f).await;
+    let swept = inactivity::sweep(&service, &deleting, clock.now()).await.unwrap();
+    assert_eq!(
+        swept.deleted,
+        [
+            "namespaces/default/apitokens/admin",
+            "namespaces/default/apitokens/idle"
+        ]
+    );
+    assert!(state(&f, "idle").await.is_none() && state(&f, "busy").await.is_some());
+    assert!(f.publisher.current().token(&idle).is_none());
+}

@@ -20,6 +20,7 @@ use crate::push::usage::UsageServer;
 use crate::replicas::{Coordinator, ReplicaOptions};
 use crate::store::OpenStore;
 use crate::store::{Store, StoreMetrics};
+use crate::tokens::inactivity::{self, Policies};
 use crate::tokens::{Lifetimes, Rate, Service, ServiceOptions};
 use crate::webhooks;
 use clap::Args;
@@ -176,6 +177,12 @@ pub(super) struct ServeArgs {
     /// How often due expiry warnings are looked for, in seconds
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     expiry_warning_scan_seconds: u64,
+    /// Tokens unused for DURATION (by their last use, or since their creation) are disabled or deleted, audited as the tool `apitokens inactivity policy`: `90d:disable` for every namespace, `ci=30d:delete` for one, `legacy=off` to exempt one; repeatable; default none
+    #[arg(long, value_name = "[NAMESPACE=]DURATION:ACTION")]
+    inactive_tokens: Vec<String>,
+    /// How often inactive tokens are looked for, in seconds
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    inactivity_sweep_seconds: u64,
     /// The window of each token's access evidence (`access` in the API: the kinds of access its requests used, and the narrowest role that would have admitted them), in days
     #[arg(long, default_value_t = crate::tokens::evidence::DEFAULT_DAYS, value_name = "DAYS",
           value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -218,6 +225,16 @@ fn parse_retention(text: &str) -> Result<Retention, &'static str> {
         .ok_or("expected a duration with a unit (400d, 12h, 3600s) or forever")
 }
 
+fn inactivity_policies(flags: &[String]) -> Result<Policies> {
+    let mut policies = Policies::default();
+    for flag in flags {
+        policies
+            .add(flag)
+            .map_err(|e| Error::input(format!("--inactive-tokens {flag}"), e))?;
+    }
+    Ok(policies)
+}
+
 fn lifetimes(flags: &[String]) -> Result<Lifetimes> {
     let mut lifetimes = Lifetimes::default();
     for flag in flags {
@@ -229,6 +246,8 @@ fn lifetimes(flags: &[String]) -> Result<Lifetimes> {
 }
 
 pub(super) fn serve(args: ServeArgs) -> Result<()> {
+    // Read again where the sweep starts; refused here, before anything runs.
+    inactivity_policies(&args.inactive_tokens)?;
     if args.no_xds && args.ecds_file.is_none() {
         return Err(Error::input(
             "--no-xds",
@@ -591,6 +610,13 @@ impl Core {
         }
         let flush = Duration::from_secs(args.usage_flush_seconds.max(1));
         tasks.spawn(Arc::clone(service).run_usage(flush, stop.clone()));
+        // (Checked when `serve` started.)
+        if let Ok(policies) = inactivity_policies(&args.inactive_tokens) {
+            if !policies.is_empty() {
+                let every = Duration::from_secs(args.inactivity_sweep_seconds.max(1));
+                tasks.spawn(inactivity::run(Arc::clone(service), policies, every, stop.clone()));
+            }
+        }
         if let Retention(Some(keep)) = args.audit_retention {
             // Hourly, or more often for a short retention.
             let every = (keep / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));

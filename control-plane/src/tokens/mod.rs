@@ -7,6 +7,7 @@ pub mod audit;
 mod caller;
 mod error;
 pub mod evidence;
+pub mod inactivity;
 pub mod leaks;
 mod rate;
 pub mod secret;

@@ -488,6 +488,13 @@ impl Service {
     }
 
     /// The namespace's tokens, ordered by name.
+    /// Every namespace with a token in the configuration (retired tokens
+    /// left out).
+    pub async fn namespaces(&self) -> Result<std::collections::BTreeSet<String>, Error> {
+        let (_, records) = self.store.load().await?;
+        Ok(records.iter().map(|r| r.namespace().to_owned()).collect())
+    }
+
     pub async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, Error> {
         check_namespace(namespace)?;
         Ok(self.store.list(namespace).await?)
