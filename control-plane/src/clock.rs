@@ -72,6 +72,15 @@ pub fn until(t: Timestamp, now: Timestamp) -> Duration {
     }
 }
 
+/// Waits `every`, or until `shutdown` changes; whether it changed (time
+/// for a background task to stop).
+pub async fn stopped_within(every: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(every) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
 /// `90d`, `12h`, `30m`, `3600s`: a positive whole number and a unit.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let unit = text.len().checked_sub(1)?;

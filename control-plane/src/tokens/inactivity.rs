@@ -167,9 +167,8 @@ pub async fn run(
         if let Err(e) = sweep(&service, &policies, service.clock().now()).await {
             tracing::warn!("inactivity policy: could not finish the sweep (next try later): {e}");
         }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            _ = shutdown.changed() => return,
+        if crate::clock::stopped_within(every, &mut shutdown).await {
+            return;
         }
     }
 }

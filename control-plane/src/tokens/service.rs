@@ -876,9 +876,8 @@ impl Service {
             if pruned > 0 {
                 tracing::info!(pruned, before = %before, "deleted {pruned} audit events older than {before} (--audit-retention)");
             }
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
+            if crate::clock::stopped_within(every, &mut shutdown).await {
+                return;
             }
         }
     }

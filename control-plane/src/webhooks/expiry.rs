@@ -68,9 +68,8 @@ pub async fn run(
                 Err(e) => tracing::warn!("could not give expiry warnings (next try later): {e}"),
             }
         }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            _ = shutdown.changed() => return,
+        if crate::clock::stopped_within(every, &mut shutdown).await {
+            return;
         }
     }
 }
