@@ -108,6 +108,7 @@ mod tests {
 
     fn rec(name: &str, expire: Option<i64>) -> TokenRecord {
         TokenRecord {
+            update_time: Timestamp::from_unix(0, 0),
             conditions: None,
             name: name.into(),
             role: Role::Viewer,

@@ -29,6 +29,12 @@ def test_the_shipped_configuration_validates():
     assert out.returncode == 0, f"envoy --mode validate:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
     # envoyproxy/ratelimit's side, for shape: the domain and the two keys
     # the route sends.
+    # The order that makes the descriptor the filter's: apitokens first (it
+    # sets or removes the identity headers), then the rate limit.
+    shipped = yaml.safe_load((REPO / "envoy" / "envoy-global-ratelimit.yaml").read_text())
+    hcm = shipped["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.wasm", "envoy.filters.http.ratelimit", "envoy.filters.http.router"]
     service = yaml.safe_load((REPO / "envoy" / "ratelimit-service.yaml").read_text())
     assert service["domain"] == "apitokens"
     assert {d["key"] for d in service["descriptors"]} == {"namespace"}
@@ -82,9 +88,10 @@ def test_a_token_past_its_limit_gets_429_from_its_own_bucket(start_envoy, rls, p
         spoof = {"x-apitoken-name": ci.name, "x-apitoken-namespace": "default"}
         allowed(c.get(PATH, token=other, headers=spoof), other)
         assert rls.requests[-1][1] == [(("namespace", "default"), ("token", other.name))]
-        # A refused request never reaches the rate-limit filter.
+        # A refused request never reaches the rate-limit filter, whatever
+        # identity headers its client wrote.
         asked = len(rls.requests)
-        denied(c.get(PATH, authorization="Bearer not-a-token"), "unknown")
+        denied(c.get(PATH, authorization="Bearer not-a-token", headers=spoof), "unknown")
         assert len(rls.requests) == asked
     finally:
         c.close()

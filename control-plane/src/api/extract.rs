@@ -11,7 +11,7 @@ use apitokens_core::bearer;
 use apitokens_core::denial::Denial;
 use apitokens_core::error::describe_json_error;
 use apitokens_core::name::is_dns_label;
-use apitokens_core::table::Token;
+use apitokens_core::table::{Digest, Token};
 use apitokens_core::Timestamp;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
@@ -148,7 +148,7 @@ pub(crate) fn peer(parts: &Parts) -> Option<std::net::IpAddr> {
 
 /// The caller's token, or the denial (the filter's own checks, plus the
 /// secret format's checksum, which refuses a mistyped secret without lookup).
-fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap, now: Timestamp) -> Result<Token<'c>, Denial> {
+fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap, now: Timestamp) -> Result<(Token<'c>, Digest), Denial> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let value = values.next().map(HeaderValue::as_bytes);
     if values.next().is_some() {
@@ -159,7 +159,13 @@ fn authenticate<'c>(config: &'c Snapshot, headers: &HeaderMap, now: Timestamp) -
             return Err(Denial::Malformed);
         }
     }
-    config.authenticate(value, || Some(now)).map_err(|(denial, _)| denial)
+    let token = config.authenticate(value, || Some(now)).map_err(|(denial, _)| denial)?;
+    // (Authenticated: the value is one bearer credential.)
+    let digest = value
+        .and_then(|v| bearer::parse(v).ok())
+        .map(Digest::of)
+        .ok_or(Denial::Malformed)?;
+    Ok((token, digest))
 }
 
 impl FromRequestParts<Arc<AppState>> for Allowed {
@@ -170,10 +176,14 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
         let route = Route::parse(path).ok_or(AppError::UnknownPath)?;
         let snapshot = app.publisher.current();
         let config = snapshot.api();
-        let token = authenticate(&snapshot, &parts.headers, app.publisher.clock().now())
+        let (token, digest) = authenticate(&snapshot, &parts.headers, app.publisher.clock().now())
             .map_err(|denial| AppError::denied(config, denial))?;
         // The request's span (see `log_request`) names the caller from here.
         tracing::Span::current().record("caller", token.name());
+        // A use, as a gateway's report would count it (authenticated, refused
+        // or not; its last use, no evidence): a token that only ever calls
+        // this API is not idle.
+        app.service.record_api_use(digest);
         // Where from, before what, as the filter decides it: a token bound to
         // client addresses is refused from elsewhere here too (a caller that
         // reaches this port without passing a gateway, or through one whose

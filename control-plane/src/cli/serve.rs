@@ -180,8 +180,9 @@ pub(super) struct ServeArgs {
     /// Tokens unused for DURATION (by their last use, or since their creation) are disabled or deleted, audited as the tool `apitokens inactivity policy`: `90d:disable` for every namespace, `ci=30d:delete` for one, `legacy=off` to exempt one; repeatable; default none
     #[arg(long, value_name = "[NAMESPACE=]DURATION:ACTION")]
     inactive_tokens: Vec<String>,
-    /// How often inactive tokens are looked for, in seconds
-    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    /// How often inactive tokens are looked for, in seconds (60 to 86400)
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(60..=86_400))]
     inactivity_sweep_seconds: u64,
     /// The window of each token's access evidence (`access` in the API: the kinds of access its requests used, and the narrowest role that would have admitted them), in days
     #[arg(long, default_value_t = crate::tokens::evidence::DEFAULT_DAYS, value_name = "DAYS",
@@ -277,6 +278,14 @@ pub(super) fn serve(args: ServeArgs) -> Result<()> {
     }
     let hooks = webhook_signing(&args)?;
     let base = load_base(&args.config, ECDS_BASE)?;
+    // Idle means unreported: without usage reports every token would look
+    // unused, and be disabled or deleted N days after its creation.
+    if !inactivity_policies(&args.inactive_tokens)?.is_empty() && (args.no_xds || base.usage_report.is_none()) {
+        return Err(Error::input(
+            "--inactive-tokens",
+            "needs the filters' usage reports (a --plugin-config with usageReport, and xDS): without them every token looks unused",
+        ));
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

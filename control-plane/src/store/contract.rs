@@ -13,6 +13,7 @@ use apitokens_core::{Role, Timestamp};
 
 pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
     TokenRecord {
+        update_time: Timestamp::from_unix(1_700_000_000, 0),
         conditions: None,
         name: name.to_owned(),
         role,

@@ -176,6 +176,9 @@ pub struct TokenRecord {
     /// From when and from where it may be used (a not-before time, client
     /// address ranges), enforced by every filter; `None` without any.
     pub conditions: Option<Packed>,
+    /// When it last changed (created, regenerated, disabled or enabled), to
+    /// the second, as read from the store (a write sets it itself).
+    pub update_time: Timestamp,
 }
 
 /// A token's use as the filters reported it: by the digest of the secret

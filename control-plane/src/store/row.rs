@@ -11,7 +11,7 @@ use apitokens_core::{Role, Timestamp};
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
      t.expire_nanos, t.retired, t.created_by, t.previous_sha256, t.previous_until_seconds, t.previous_until_nanos, \
-     t.disabled, t.conditions";
+     t.disabled, t.conditions, t.update_seconds";
 /// The columns an insert of a token writes, in this order.
 pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_seconds, create_nanos, \
      expire_seconds, expire_nanos, update_seconds, retired, created_by, previous_sha256, previous_until_seconds, \
@@ -71,6 +71,7 @@ pub(super) struct Row {
     pub(super) disabled: bool,
     /// The encoded conditions (`apitokens_core::conditions`).
     pub(super) conditions: Option<Vec<u8>>,
+    pub(super) updated: i64,
     pub(super) last_use: Option<i64>,
     pub(super) evidence: [Option<i64>; 7],
 }
@@ -90,16 +91,17 @@ impl Row {
             previous: (r.at(at + 9)?, r.at(at + 10)?, r.at(at + 11)?),
             disabled: r.at(at + 12)?,
             conditions: r.at(at + 13)?,
-            last_use: if r.width() > at + 14 { r.at(at + 14)? } else { None },
-            evidence: if r.width() > at + 21 {
+            updated: r.at(at + 14)?,
+            last_use: if r.width() > at + 15 { r.at(at + 15)? } else { None },
+            evidence: if r.width() > at + 22 {
                 [
-                    r.at(at + 15)?,
                     r.at(at + 16)?,
                     r.at(at + 17)?,
                     r.at(at + 18)?,
                     r.at(at + 19)?,
                     r.at(at + 20)?,
                     r.at(at + 21)?,
+                    r.at(at + 22)?,
                 ]
             } else {
                 [None; 7]
@@ -156,6 +158,7 @@ pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
         created_by: row.created_by,
         previous,
         last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        update_time: Timestamp::from_unix(row.updated, 0),
         evidence: Evidence::from_times(row.evidence.map(|t| t.map(|s| Timestamp::from_unix(s, 0)))),
         disabled: row.disabled,
         name: name.clone(),

@@ -8,8 +8,9 @@
 use super::caller::{self, Actor};
 use super::{Error, Service, Wait};
 use crate::clock;
+use crate::store::TokenRecord;
 use apitokens_core::name::{is_dns_label, TokenName};
-use apitokens_core::Timestamp;
+use apitokens_core::{Role, Timestamp};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ pub struct Policy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policies {
     every: Option<Policy>,
+    every_given: bool,
     namespaces: BTreeMap<String, Option<Policy>>,
 }
 
@@ -49,6 +51,8 @@ pub enum PolicyError {
     Duration,
     #[error("the namespace must be a DNS label")]
     Namespace,
+    #[error("given twice for the same namespaces")]
+    Twice,
 }
 
 impl Policies {
@@ -77,9 +81,15 @@ impl Policies {
         };
         match namespace {
             Some(ns) => {
-                self.namespaces.insert(ns.to_owned(), policy);
+                if self.namespaces.insert(ns.to_owned(), policy).is_some() {
+                    return Err(PolicyError::Twice);
+                }
             }
-            None => self.every = policy,
+            None if self.every_given => return Err(PolicyError::Twice),
+            None => {
+                self.every = policy;
+                self.every_given = true;
+            }
         }
         Ok(())
     }
@@ -102,44 +112,123 @@ impl Policies {
 pub struct Swept {
     pub disabled: Vec<String>,
     pub deleted: Vec<String>,
+    /// Idle, and kept: the last enabled owner of its namespace.
+    pub kept_last_owner: Vec<String>,
+}
+
+/// At most this many tokens acted on per sweep: the first sweep on a
+/// deployment with years of idle tokens is a write (a revision, a push, an
+/// event) per token; the rest wait for the next sweeps.
+pub const BATCH: usize = 1000;
+
+/// When `token` was last active: its last use (a gateway's report, or a call
+/// the API authenticated itself), or its last change (created, regenerated,
+/// enabled), whichever is later.
+fn active_at(token: &TokenRecord) -> Timestamp {
+    token
+        .last_use
+        .map_or(token.update_time, |used| used.max(token.update_time))
+        .max(token.create_time)
+}
+
+/// Whether `token` is idle under `policy` at `now`, and not left to its
+/// expiry; a disabled one only for a delete.
+fn due(token: &TokenRecord, policy: Policy, now: Timestamp) -> bool {
+    let expired = token.expire_time.is_some_and(|e| e <= now);
+    let pending = match policy.action {
+        Action::Disable => !token.disabled,
+        Action::Delete => true,
+    };
+    pending && !token.retired && !expired && caller::plus(active_at(token), policy.after) <= now
 }
 
 /// Applies `policies` at `now`: every token idle for its namespace's
-/// duration (since its last use, else its creation) is disabled or deleted.
-/// An expired token is left to its expiry; a disabled one is not disabled
-/// again (a delete policy deletes it).
-pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Result<Swept, Error> {
+/// duration is disabled or deleted, at most [`BATCH`]. The namespace's last
+/// enabled owner token is kept (a namespace locked out would need an
+/// operator). A token is read again just before it is acted on (another
+/// replica's sweep, an owner's enable may have come first). A failure is
+/// logged and the sweep goes on with the next token.
+pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Swept {
     let mut swept = Swept::default();
     if policies.is_empty() {
-        return Ok(swept);
+        return swept;
     }
     let actor = Actor::tool(ACTOR);
-    for namespace in service.namespaces().await? {
+    let mut acted = 0usize;
+    // Every namespace only when a policy covers every namespace (a read of
+    // every token); else the ones named.
+    let namespaces = if policies.every.is_some() {
+        match service.namespaces().await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!("inactivity policy: could not read the namespaces: {e}");
+                return swept;
+            }
+        }
+    } else {
+        policies.namespaces.keys().cloned().collect()
+    };
+    for namespace in namespaces {
         let Some(policy) = policies.of(&namespace) else {
             continue;
         };
-        for token in service.list(&namespace).await? {
-            let idle_since = token.last_use.unwrap_or(token.create_time);
-            let expired = token.expire_time.is_some_and(|e| e <= now);
-            if expired || caller::plus(idle_since, policy.after) > now {
+        let tokens = match service.list(&namespace).await {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                tracing::warn!(
+                    namespace,
+                    "inactivity policy: could not list the namespace's tokens: {e}"
+                );
                 continue;
             }
-            let Ok(name) = TokenName::parse(&token.name) else {
+        };
+        let live_owner = |t: &TokenRecord| {
+            t.role == Role::Owner && !t.disabled && !t.retired && t.expire_time.is_none_or(|e| e > now)
+        };
+        let mut owners_left = tokens.iter().filter(|t| live_owner(t) && !due(t, policy, now)).count();
+        for token in tokens.iter().filter(|t| due(t, policy, now)) {
+            if acted >= BATCH {
+                return swept;
+            }
+            // Read again: still idle, and still the token that was listed?
+            let current = match service.get_record(&token.name).await {
+                Ok(Some(t)) if t.create_time == token.create_time && due(&t, policy, now) => t,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(token = %token.name, "inactivity policy: could not read the token: {e}");
+                    continue;
+                }
+            };
+            if live_owner(&current) && owners_left == 0 {
+                tracing::warn!(token = %current.name, "inactivity policy: kept, the last enabled owner of its namespace");
+                swept.kept_last_owner.push(current.name.clone());
+                owners_left += 1;
+                continue;
+            }
+            let Ok(name) = TokenName::parse(&current.name) else {
                 continue;
             };
-            match policy.action {
-                Action::Disable if !token.disabled => {
-                    service.disable(&namespace, name.token, &actor, Wait::Published).await?;
-                    swept.disabled.push(token.name.clone());
-                }
-                Action::Disable => {}
-                Action::Delete => {
-                    match service.delete(&namespace, name.token, &actor, Wait::Published).await {
-                        // Another replica's sweep came first.
-                        Ok(_) | Err(Error::NotFound(_)) => swept.deleted.push(token.name.clone()),
-                        Err(e) => return Err(e),
+            let result = match policy.action {
+                Action::Disable => service
+                    .disable(&namespace, name.token, &actor, Wait::Published)
+                    .await
+                    .map(drop),
+                Action::Delete => service
+                    .delete(&namespace, name.token, &actor, Wait::Published)
+                    .await
+                    .map(drop),
+            };
+            match result {
+                Ok(()) => {
+                    acted += 1;
+                    match policy.action {
+                        Action::Disable => swept.disabled.push(current.name.clone()),
+                        Action::Delete => swept.deleted.push(current.name.clone()),
                     }
                 }
+                // Gone meanwhile (another replica's sweep, an owner).
+                Err(Error::NotFound(_)) => {}
+                Err(e) => tracing::warn!(token = %current.name, "inactivity policy: could not act: {e}"),
             }
         }
     }
@@ -152,7 +241,7 @@ pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Re
             swept.deleted.len()
         );
     }
-    Ok(swept)
+    swept
 }
 
 /// Sweeps now and every `every` until `shutdown` changes. A failed sweep
@@ -164,9 +253,7 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        if let Err(e) = sweep(&service, &policies, service.clock().now()).await {
-            tracing::warn!("inactivity policy: could not finish the sweep (next try later): {e}");
-        }
+        sweep(&service, &policies, service.clock().now()).await;
         if crate::clock::stopped_within(every, &mut shutdown).await {
             return;
         }
@@ -209,8 +296,11 @@ mod tests {
         ] {
             assert_eq!(Policies::default().add(bad), Err(error), "{bad}");
         }
-        // `off` for every namespace turns the default off again.
-        p.add("off").unwrap();
-        assert_eq!(p.of("default"), None);
+        // Twice for the same namespaces: which would win is a guess.
+        assert_eq!(p.add("ci=10d:disable"), Err(PolicyError::Twice));
+        assert_eq!(p.add("60d:disable"), Err(PolicyError::Twice));
+        let mut off = Policies::default();
+        off.add("off").unwrap();
+        assert!(off.is_empty());
     }
 }

@@ -436,6 +436,7 @@ impl Service {
         let secret = Secret::generate().map_err(Error::Random)?;
         let token = TokenRecord {
             conditions: new.conditions,
+            update_time: now,
             name: new.name,
             role: new.role,
             digest: secret.digest(),
@@ -488,16 +489,21 @@ impl Service {
     }
 
     /// The namespace's tokens, ordered by name.
-    /// Every namespace with a token in the configuration (retired tokens
-    /// left out).
+    pub async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, Error> {
+        check_namespace(namespace)?;
+        Ok(self.store.list(namespace).await?)
+    }
+
+    /// Every namespace with a token (retired ones left out): a read of
+    /// every token, for a sweep over every namespace.
     pub async fn namespaces(&self) -> Result<std::collections::BTreeSet<String>, Error> {
         let (_, records) = self.store.load().await?;
         Ok(records.iter().map(|r| r.namespace().to_owned()).collect())
     }
 
-    pub async fn list(&self, namespace: &str) -> Result<Vec<TokenRecord>, Error> {
-        check_namespace(namespace)?;
-        Ok(self.store.list(namespace).await?)
+    /// The token of this name as stored, if any.
+    pub async fn get_record(&self, name: &str) -> Result<Option<TokenRecord>, Error> {
+        Ok(self.store.get(name).await?)
     }
 
     /// A new secret for the same name, role and expiry. The old one stops
@@ -676,6 +682,7 @@ impl Service {
             .map(|c| Packed::new(&c));
             records.push(TokenRecord {
                 conditions,
+                update_time: now,
                 name: t.name.clone(),
                 role: Role::parse(&t.role).ok_or_else(|| Error::invalid(field("role"), "unknown role"))?,
                 digest: Digest::from_hex(&t.secret_sha256)
@@ -765,7 +772,7 @@ impl Service {
         let snapshot = push.publisher.current();
         // The receiving clock, to the minute: a report carries no time a
         // filter (or whoever forges one) could choose.
-        let now = Timestamp::from_unix(minute_of(self.opts.clock.now()).saturating_mul(60), 0);
+        let now = self.this_minute();
         let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (i, chunk) in digests.chunks_exact(32).enumerate() {
             let Ok(bytes) = chunk.try_into() else {
@@ -777,6 +784,31 @@ impl Service {
                 remember(&mut uses, token.name(), (digest, now, did), !token.is_previous());
             }
         }
+    }
+
+    /// A call this control plane's API authenticated itself (one that did not
+    /// come through a gateway's filter, or did): a use of the token, for
+    /// its last use (and the inactivity policy), with no evidence of what
+    /// it did.
+    pub fn record_api_use(&self, digest: Digest) {
+        let Some(push) = &self.push else {
+            return;
+        };
+        let snapshot = push.publisher.current();
+        if let Some(token) = snapshot.token(&digest) {
+            let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = self.this_minute();
+            remember(
+                &mut uses,
+                token.name(),
+                (digest, now, Access::USED),
+                !token.is_previous(),
+            );
+        }
+    }
+
+    fn this_minute(&self) -> Timestamp {
+        Timestamp::from_unix(minute_of(self.opts.clock.now()).saturating_mul(60), 0)
     }
 
     /// Writes the remembered uses to the store; kept for the next try if

@@ -424,7 +424,8 @@ impl Store for PostgresStore {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let revision = next_revision(&tx).await?;
-        let now = crate::clock::now().unix_seconds();
+        // The time of the change as the service's clock says (its event's).
+        let now = event.time.unix_seconds();
         let (until_s, until_n) = split(new.previous_until);
         let until_n = until_n.map(i64::from);
         // With an overlap the current digest becomes the previous one (any
@@ -473,7 +474,8 @@ impl Store for PostgresStore {
         // First, as every write: it takes the state row (writes serialise on
         // it) and refuses while the store is behind the gateways.
         let revision = next_revision(&tx).await?;
-        let now = crate::clock::now().unix_seconds();
+        // The time of the change as the service's clock says (its event's).
+        let now = event.time.unix_seconds();
         let changed = tx
             .execute(
                 "UPDATE tokens SET disabled = $2, update_seconds = $3 WHERE name = $1 AND disabled <> $2",

@@ -340,7 +340,8 @@ impl Store for SqliteStore {
                 digest,
                 previous_until,
             } = new;
-            let now = crate::clock::now().unix_seconds();
+            // The time of the change as the service's clock says (its event's).
+            let now = event.time.unix_seconds();
             let (until_s, until_n) = split(previous_until);
             // With an overlap the current digest becomes the previous one
             // (any earlier overlap ends); without, both are gone.
@@ -383,7 +384,8 @@ impl Store for SqliteStore {
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
         let name = name.to_owned();
         self.write(move |tx| {
-            let now = crate::clock::now().unix_seconds();
+            // The time of the change as the service's clock says (its event's).
+            let now = event.time.unix_seconds();
             let changed = tx.execute(
                 "UPDATE tokens SET disabled = ?2, update_seconds = ?3 WHERE name = ?1 AND disabled <> ?2",
                 params![name, disabled, now],
