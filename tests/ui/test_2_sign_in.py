@@ -27,9 +27,13 @@ def test_sign_in_lists_the_namespace_tokens(console, namespace):
     # Last used shows once a token of the list carries a use (test_5): the
     # owner's own requests are reported within a second or two, so it may
     # be there already, and then with the owner's use in it.
+    # The same report brings the evidence of what the owner's requests did:
+    # the Access column may be there too.
     last_used = "last used" in headers
+    access = "access (30 days)" in headers
     assert headers == ["name", "role", "state", "created", "expires", "conditions",
                        *(["last used"] if last_used else []),
+                       *(["access (30 days)"] if access else []),
                        "actions"]
     if last_used:
         assert console.rows()["admin"]["Last used"].endswith(" UTC")
