@@ -190,10 +190,13 @@ pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Sw
             if acted >= BATCH {
                 return swept;
             }
+            let Ok(name) = TokenName::parse(&token.name) else {
+                continue;
+            };
             // Read again: still idle, and still the token that was listed?
-            let current = match service.get_record(&token.name).await {
-                Ok(Some(t)) if t.create_time == token.create_time && due(&t, policy, now) => t,
-                Ok(_) => continue,
+            let current = match service.get(&namespace, name.token).await {
+                Ok(t) if t.create_time == token.create_time && due(&t, policy, now) => t,
+                Ok(_) | Err(Error::NotFound(_)) => continue,
                 Err(e) => {
                     tracing::warn!(token = %token.name, "inactivity policy: could not read the token: {e}");
                     continue;
@@ -205,9 +208,6 @@ pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Sw
                 owners_left += 1;
                 continue;
             }
-            let Ok(name) = TokenName::parse(&current.name) else {
-                continue;
-            };
             let result = match policy.action {
                 Action::Disable => service
                     .disable(&namespace, name.token, &actor, Wait::Published)

@@ -501,11 +501,6 @@ impl Service {
         Ok(records.iter().map(|r| r.namespace().to_owned()).collect())
     }
 
-    /// The token of this name as stored, if any.
-    pub async fn get_record(&self, name: &str) -> Result<Option<TokenRecord>, Error> {
-        Ok(self.store.get(name).await?)
-    }
-
     /// A new secret for the same name, role and expiry. The old one stops
     /// working at once, or, with `overlap` (at most [`MAX_OVERLAP`]), when
     /// that has passed; a second regeneration during an overlap ends it.

@@ -16,51 +16,32 @@ import h2.config
 import h2.connection
 import h2.events
 
+from testkit.xds import field, read_varint, varint
+
 OK, OVER_LIMIT = 1, 2
 MINUTE = 2
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _field(number: int, payload: bytes | int) -> bytes:
     if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+        return varint(number << 3) + varint(payload)
+    return field(number, payload)
 
 
 def _fields(data: bytes):
     """(number, value) for each field: ints for varints, bytes otherwise."""
     i = 0
     while i < len(data):
-        key, i = _read_varint(data, i)
+        key, i = read_varint(data, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, i = _read_varint(data, i)
+            value, i = read_varint(data, i)
         elif wire == 2:
-            length, i = _read_varint(data, i)
+            length, i = read_varint(data, i)
             value, i = data[i:i + length], i + length
         else:
             raise ValueError(f"wire type {wire}")
         yield number, value
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
 
 
 def parse_request(message: bytes) -> tuple[str, list[tuple[tuple[str, str], ...]]]:
