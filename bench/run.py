@@ -201,12 +201,16 @@ class Tokens:
         cluster every 30 s and fail there: the request path is what counts).
         `condition`: the request's token has a not-before time long past
         (`nbf`), or is bound to the loopback range the load comes from, with
-        an excepted range and an IPv6 one to walk past (`cidr`)."""
+        an excepted range and an IPv6 one to walk past (`cidr`), or has a
+        rate limit it never reaches (`rl`: a million a second, a million at
+        once, counted in shared data on every request)."""
         specs = [dict(s) for s in self.specs[:n]]
         if condition == "nbf":
             specs[1]["notBeforeTime"] = "2020-01-01T00:00:00Z"
         elif condition == "cidr":
             specs[1]["clientAddresses"] = {"allow": ["2001:db8::/32", "127.0.0.0/8"], "except": ["127.0.0.9"]}
+        elif condition == "rl":
+            specs[1]["rateLimit"] = {"requests": 1_000_000, "per": "second", "burst": 1_000_000}
         config: dict = {"tokens": specs}
         if usage_report:
             config["usageReport"] = {"cluster": "upstream"}
@@ -267,12 +271,20 @@ DIRECT = {"direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
 TO_UPSTREAM = {"route": {"cluster": "upstream", "timeout": "5s"}}
 
 
+# Envoy's worker threads for the measured Envoys (`--workers`).
+WORKERS = 1
+
+
 def bootstrap(port: int, filters: list[dict], extra_clusters: list[dict] = ()) -> dict:
+    listeners = [listener("direct", port, DIRECT, filters), listener("upstream", port + 1, TO_UPSTREAM, filters)]
+    if WORKERS > 1:
+        # The load's connections spread evenly over the workers.
+        for lst in listeners:
+            lst["connection_balance_config"] = {"exact_balance": {}}
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port + 9}}},
         "static_resources": {
-            "listeners": [listener("direct", port, DIRECT, filters),
-                          listener("upstream", port + 1, TO_UPSTREAM, filters)],
+            "listeners": listeners,
             "clusters": [cluster("upstream", UPSTREAM_PORT), *extra_clusters],
         },
     }
@@ -464,8 +476,8 @@ class Variant:
 
 # A build of the filter, its table size, and what the request's token is:
 # unknown (-deny), with a not-before time (-nbf), bound to client addresses
-# (-cidr), or a plain editor.
-VARIANT = r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny|-nbf|-cidr)?"
+# (-cidr), with a rate limit (-rl), or a plain editor.
+VARIANT = r"(ours|proto-[a-z0-9_]+)-([0-9.]+[km]?)(-deny|-nbf|-cidr|-rl)?"
 
 
 def parse_variant(name: str, alt_keys: int) -> Variant:
@@ -474,8 +486,8 @@ def parse_variant(name: str, alt_keys: int) -> Variant:
         n = count(m.group(2))
         wasm = "ours" if m.group(1) == "ours" else m.group(1)[len("proto-"):]
         deny = m.group(3) == "-deny"
-        # -nbf, -cidr: the request's token carries that condition (met).
-        condition = f":{m.group(3)[1:]}" if m.group(3) in ("-nbf", "-cidr") else ""
+        # -nbf, -cidr, -rl: the request's token carries that condition (met).
+        condition = f":{m.group(3)[1:]}" if m.group(3) in ("-nbf", "-cidr", "-rl") else ""
         return Variant(name, f"wasm:{wasm}:{n}{condition}", "unknown" if deny else "allowed", 401 if deny else 200)
     if name in ("floor", "onehdr", "onehdr-raw"):
         return Variant(name, name, "allowed", 200)
@@ -714,7 +726,8 @@ def describe(v: Variant, alt_keys: int) -> str:
     if m:
         who = "apitokens" if m.group(1) == "ours" else m.group(1)
         what = {"-deny": "denied (401)", "-nbf": "allowed, with a not-before time",
-                "-cidr": "allowed, bound to client addresses"}.get(m.group(3) or "", "allowed")
+                "-cidr": "allowed, bound to client addresses",
+                "-rl": "allowed, rate-limited (never reached)"}.get(m.group(3) or "", "allowed")
         return f"{who}, {label_count(count(m.group(2)))} tokens, {what}"
     if v.name.startswith(("ops:", "rawops:")):
         kind, op = v.name.split(":")
@@ -881,6 +894,10 @@ def main() -> None:
     ap.add_argument("--base-port", type=int, default=18980,
                     help="first of the loopback ports used (default 18980; about 10 per Envoy)")
     ap.add_argument("--envoy-cpu", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="the measured Envoys' --concurrency (default 1); above 1 they run on every core, "
+                         "not pinned, the load spread evenly over their workers: for contention between "
+                         "workers, e.g. a rate-limited token's shared data"),
     ap.add_argument("--load-cpu", type=int, default=1)
     ap.add_argument("--out", default=str(BENCH / "results" / "latest"), help="writes OUT.md and OUT.json")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing tools")
@@ -898,7 +915,8 @@ def main() -> None:
         path.with_suffix(".md").write_text(report)
         return
 
-    global BASE_PORT, UPSTREAM_PORT, UPSTREAM_ADMIN, EXTAUTHZ_PORT
+    global BASE_PORT, UPSTREAM_PORT, UPSTREAM_ADMIN, EXTAUTHZ_PORT, WORKERS
+    WORKERS = args.workers
     EXTAUTHZ_PORT, UPSTREAM_PORT, UPSTREAM_ADMIN = args.base_port, args.base_port + 10, args.base_port + 19
     BASE_PORT = args.base_port + 20
     rounds = args.rounds or (2 if args.quick else 3)
@@ -967,7 +985,7 @@ def main() -> None:
     check_ports_free([UPSTREAM_PORT, UPSTREAM_ADMIN, EXTAUTHZ_PORT]
                      + [s.port + d for s in servers.values() for d in (0, 1, 9)])
     procs: list[Proc] = []
-    envoy_pin = ["taskset", "-c", str(args.envoy_cpu)]
+    envoy_pin = ["taskset", "-c", str(args.envoy_cpu) if WORKERS == 1 else f"0-{os.cpu_count() - 1}"]
     load_pin = ["taskset", "-c", str(args.load_cpu)]
     started = time.monotonic()
     load_before = os.getloadavg()
@@ -994,7 +1012,7 @@ def main() -> None:
             cfg = run_dir / f"envoy-{s.port}.json"
             cfg.write_text(json.dumps(server_config(s.key, s.port, ctx)))
             # Envoy's default log level (info), as in production.
-            s.proc = Proc(s.key, envoy_pin + [envoy, "-c", str(cfg), "--concurrency", "1",
+            s.proc = Proc(s.key, envoy_pin + [envoy, "-c", str(cfg), "--concurrency", str(WORKERS),
                                               "--disable-hot-restart"], run_dir / f"envoy-{s.port}.log")
             procs.append(s.proc)
             s.startup_s = wait_ready(s.proc, s.port + 9, 300)
@@ -1057,7 +1075,7 @@ def main() -> None:
         "commit": commit, "dirty": bool(dirty), "envoy": envoy_version,
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "rounds": rounds, "duration_s": duration, "latency_duration_s": args.latency_duration,
-        "connections": args.connections, "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu,
+        "connections": args.connections, "workers": WORKERS, "envoy_cpu": args.envoy_cpu, "load_cpu": args.load_cpu,
         "alt_keys": alt_keys, "scenarios": scenarios,
         "modules": {label: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
                     for label, path in wasms.items() if path.exists()},
@@ -1091,7 +1109,10 @@ def render(raw: dict) -> tuple[str, dict]:
         f"Envoy {envoy}, {raw.get('machine', 'x86_64')}, {raw.get('cpus', 2)} CPUs. Each sample: "
         f"{raw['duration_s']} s with {conns} connections (HTTP/2: one stream each) for CPU per request, then "
         f"{lat_s} s with one connection, one request in flight, for req/s and latency; {rounds} interleaved "
-        f"rounds. Envoy `--concurrency 1` on CPU {raw.get('envoy_cpu', 0)}; load generator, upstream Envoy and "
+        + (f"rounds. Envoy `--concurrency 1` on CPU {raw.get('envoy_cpu', 0)}" if raw.get("workers", 1) == 1
+           else f"rounds. Envoy `--concurrency {raw['workers']}` on every CPU, connections balanced over its "
+                f"workers")
+        + f"; load generator, upstream Envoy and "
         f"ext_authz server on CPU {raw.get('load_cpu', 1)}. CPU = Envoy utime+stime (all threads) per request; "
         f"× floor and added µs are paired with the floor sample of the same round, then the median taken. "
         f"Noise: load average {raw['loadavg_before'][0]:.1f} before, {raw['loadavg_after'][0]:.1f} after; other "

@@ -8,6 +8,8 @@ use std::ptr::null_mut;
 
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
+/// `WasmResult::CasMismatch`: another VM set the value first.
+const CAS_MISMATCH: u32 = 8;
 
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const BUFFER_GRPC_RECEIVE: u32 = 5;
@@ -374,6 +376,16 @@ pub fn shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Failed> {
 pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Failed> {
     // SAFETY: key and value are live slices.
     check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
+}
+
+/// Sets a shared data value if it is still at `cas` (0: unconditionally):
+/// `Ok(false)` if another VM set it first.
+pub fn swap_shared_data(key: &str, value: &[u8], cas: u32) -> Result<bool, Failed> {
+    match set_shared_data(key, value, cas) {
+        Ok(()) => Ok(true),
+        Err(Failed(CAS_MISMATCH)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), Failed> {

@@ -474,9 +474,30 @@ impl Host for ProxyHost<'_> {
         abi::property("xds\0cluster_name").ok().flatten()
     }
 
-    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError> {
-        let headers = self.active.reply_headers.get(reply.slot).ok_or(HostError)?;
-        abi::send_local_response(reply.status, reply.details(), headers, &reply.body).map_err(|_| HostError)
+    fn send_reply(&mut self, reply: &Reply, extra: &[(&str, &str)]) -> Result<(), HostError> {
+        let sent = if extra.is_empty() {
+            let headers = self.active.reply_headers.get(reply.slot).ok_or(HostError)?;
+            abi::send_local_response(reply.status, reply.details(), headers, &reply.body)
+        } else {
+            // Fields built for this request (a 429's): serialized with the
+            // reply's own, per request.
+            let pairs: Vec<(&str, &[u8])> = reply
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_bytes()))
+                .chain(extra.iter().map(|(k, v)| (*k, v.as_bytes())))
+                .collect();
+            abi::send_local_response(reply.status, reply.details(), &pairs::serialize(&pairs), &reply.body)
+        };
+        sent.map_err(|_| HostError)
+    }
+
+    fn shared(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        abi::shared_data(key).map_err(|_| HostError)
+    }
+
+    fn set_shared(&mut self, key: &str, value: &[u8], version: u32) -> Result<bool, HostError> {
+        abi::swap_shared_data(key, value, version).map_err(|_| HostError)
     }
 
     fn used(&mut self, token: Token<'_>, access: Access) {

@@ -530,6 +530,20 @@
       notBefore.focus();
       return;
     }
+    const rate = $("create-rate");
+    const burst = $("create-burst");
+    for (const [input, what] of [[rate, "a number of requests"], [burst, "a burst"]]) {
+      if (input.validity.badInput || (input.value && !/^[1-9][0-9]*$/.test(input.value))) {
+        fieldError(input.id, `Enter ${what} as a whole number from 1, or leave the field empty.`);
+        input.focus();
+        return;
+      }
+    }
+    if (burst.value && !rate.value) {
+      fieldError("create-rate", "Enter the number of requests the burst goes with, or leave the burst empty.");
+      rate.focus();
+      return;
+    }
     const body = { name: `namespaces/${ns}/apitokens/${id}`, role };
     if (expiryInput.value) body.expireTime = `${expiryInput.value}T00:00:00Z`;
     if (notBefore.value) body.notBeforeTime = `${notBefore.value}T00:00:00Z`;
@@ -540,6 +554,10 @@
       body.clientAddresses = {};
       if (allow.values.length) body.clientAddresses.allow = allow.values;
       if (except.values.length) body.clientAddresses.except = except.values;
+    }
+    if (rate.value) {
+      body.rateLimit = { requests: Number(rate.value), per: $("create-rate-per").value };
+      if (burst.value) body.rateLimit.burst = Number(burst.value);
     }
     busy(form, true);
     let data;
@@ -560,7 +578,7 @@
 
   // The create form's fields, cleared together.
   const CREATE_FIELDS = ["create-name", "create-role", "create-expiry", "create-not-before", "create-allow",
-    "create-except"];
+    "create-except", "create-rate", "create-burst"];
 
   // One range per line, blank lines dropped; each range's line number
   // (from 1), so that the API's `clientAddresses.allow[2]` names its line.
@@ -572,7 +590,7 @@
   // The lines of the last create's boxes, by box.
   let sentLines = { allow: [], except: [] };
 
-  // A token's conditions in a few words: from when, from where.
+  // A token's conditions in a few words: from when, how much, from where.
   function conditionsCell(t, now) {
     const cell = document.createElement("td");
     const parts = [];
@@ -582,6 +600,11 @@
       from.append(pending ? "Not before " : "Valid since ", formatTime(t.notBeforeTime));
       if (pending) from.className = "pending";
       parts.push(from);
+    }
+    const limit = t.rateLimit;
+    if (limit && Number.isInteger(limit.requests) && (limit.per === "second" || limit.per === "minute")) {
+      const burst = Number.isInteger(limit.burst) && limit.burst !== limit.requests ? `, ${limit.burst} at once` : "";
+      parts.push(`At most ${limit.requests} a ${limit.per}${burst}`);
     }
     const addresses = t.clientAddresses;
     if (addresses && Array.isArray(addresses.allow) && addresses.allow.length) {
@@ -619,6 +642,12 @@
           : "This is not a valid date: choose a date, or leave the field empty.",
       );
       $("create-not-before").focus();
+    } else if (field && /^rateLimit/.test(field)) {
+      const box = field === "rateLimit.burst" ? "create-burst" : "create-rate";
+      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
+      const what = field === "rateLimit.burst" ? "The burst" : "The rate";
+      fieldError(box, `${what} ${problem || "is not valid"}.`);
+      $(box).focus();
     } else if (field && /^clientAddresses\.(allow|except)/.test(field)) {
       // `clientAddresses.allow[2]`: the third line of that box.
       const [, list, index] = /^clientAddresses\.(allow|except)(?:\[(\d+)\])?/.exec(field);

@@ -51,6 +51,7 @@ pub fn plugin_config(base: &PluginConfig, records: &[TokenRecord], now: Timestam
                 disabled: r.disabled,
                 not_before_time: conditions.not_before.map(|t| t.to_rfc3339()),
                 client_addresses: conditions.addresses_spec(),
+                rate_limit: conditions.rate_limit.map(|l| l.spec()),
             }
         })
         .collect();
@@ -148,6 +149,11 @@ mod tests {
         use apitokens_core::conditions::{Cidr, Conditions, Packed};
         let conditions = Packed::new(&Conditions {
             not_before: Some(Timestamp::from_unix(1500, 0)),
+            rate_limit: Some(apitokens_core::ratelimit::RateLimit {
+                requests: 3,
+                per: apitokens_core::ratelimit::Per::Second,
+                burst: 1,
+            }),
             allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
             except: vec![Cidr::parse("10.1.0.0/16").unwrap()],
         });
@@ -158,6 +164,7 @@ mod tests {
         let spec = plugin_config(&PluginConfig::default(), &records, Timestamp::from_unix(1000, 0));
         let text = json(&spec);
         assert!(text.contains("\"notBeforeTime\": \"1970-01-01T00:25:00Z\""), "{text}");
+        assert!(text.contains("\"rateLimit\": {"), "{text}");
         let config = Config::from_spec(&spec).unwrap();
         let bound = config
             .tokens()
@@ -165,6 +172,7 @@ mod tests {
             .unwrap();
         let read = bound.conditions().unwrap();
         assert_eq!(read.not_before(), Some(Timestamp::from_unix(1500, 0)));
+        assert_eq!(read.rate_limit().map(|l| (l.requests, l.burst)), Some((3, 1)));
         assert!(read.admits("10.2.0.1".parse().unwrap()) && !read.admits("10.1.0.1".parse().unwrap()));
     }
 
@@ -216,6 +224,7 @@ mod tests {
                 disabled: false,
                 not_before_time: None,
                 client_addresses: None,
+                rate_limit: None,
             }],
             ..PluginConfig::default()
         }

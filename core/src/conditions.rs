@@ -1,8 +1,9 @@
 //! Conditions on a token beyond its role: from when it may be used (a
-//! not-before time) and from where (client address ranges it is allowed
-//! from, and ranges excepted from those). The filter enforces them without
-//! calling anyone, like Cloudflare's API-token conditions and Vault's
-//! `token_bound_cidrs`.
+//! not-before time), how much (a request rate, [`crate::ratelimit`]) and
+//! from where (client address ranges it is allowed from, and ranges
+//! excepted from those). The filter enforces them without calling anyone,
+//! like Cloudflare's API-token conditions, Vault's `token_bound_cidrs` and
+//! Unkey's per-key limits.
 //!
 //! A token's conditions travel as one canonical byte string (in the token
 //! table after the token's name, in a delta record after its entries), so
@@ -12,6 +13,8 @@
 //! ```text
 //! records, in this order, each a tag byte and its fields:
 //!   1  not before: i64 seconds, u32 nanoseconds (at most one, first)
+//!   6  rate limit: u32 requests, u8 period in seconds (1 or 60),
+//!      u32 burst (at most one, after the not-before time)
 //!   2  allowed IPv4 range: u8 prefix length, 4 bytes     } in the order
 //!   3  allowed IPv6 range: u8 prefix length, 16 bytes    } given
 //!   4  excepted IPv4 range, 5 excepted IPv6 range: as 2 and 3
@@ -21,7 +24,8 @@
 //! read as absent: an unknown condition could be one that refuses).
 
 use crate::error::ConfigError;
-use crate::spec::ClientAddressesSpec;
+use crate::ratelimit::{self, RateLimit};
+use crate::spec::{ClientAddressesSpec, RateLimitSpec};
 use crate::timestamp::Timestamp;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -35,6 +39,7 @@ const ALLOW_V4: u8 = 2;
 const ALLOW_V6: u8 = 3;
 const EXCEPT_V4: u8 = 4;
 const EXCEPT_V6: u8 = 5;
+const RATE_LIMIT: u8 = 6;
 
 /// A client address range: an address and a prefix length, its host bits
 /// zero (`10.0.0.0/8`, `2001:db8::/32`; a bare address is one host).
@@ -157,6 +162,8 @@ fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
 pub struct Conditions {
     /// The token is refused before this instant.
     pub not_before: Option<Timestamp>,
+    /// At most this request rate at each gateway.
+    pub rate_limit: Option<RateLimit>,
     /// When not empty, the token is refused from any address outside these.
     pub allow: Vec<Cidr>,
     /// The token is refused from these addresses, even inside `allow`.
@@ -165,17 +172,19 @@ pub struct Conditions {
 
 impl Conditions {
     pub fn is_empty(&self) -> bool {
-        self.not_before.is_none() && self.allow.is_empty() && self.except.is_empty()
+        self.not_before.is_none() && self.rate_limit.is_none() && self.allow.is_empty() && self.except.is_empty()
     }
 
-    /// A token's conditions as written (`notBeforeTime`, `clientAddresses`:
-    /// the plugin configuration, the control plane's API), validated, with
+    /// A token's conditions as written (`notBeforeTime`, `clientAddresses`,
+    /// `rateLimit`: the plugin configuration, the control plane's API),
+    /// validated, with
     /// the token's `expire` time; `None` without any. Errors name the field
     /// (`field("clientAddresses.allow[2]")`), never the value.
     pub fn from_spec(
         not_before: Option<&str>,
         expire: Option<Timestamp>,
         addresses: Option<&ClientAddressesSpec>,
+        rate_limit: Option<&RateLimitSpec>,
         field: impl Fn(&str) -> String,
     ) -> Result<Option<Self>, ConfigError> {
         let not_before = not_before
@@ -192,6 +201,7 @@ impl Conditions {
         }
         let mut conditions = Self {
             not_before,
+            rate_limit: rate_limit.map(|spec| RateLimit::from_spec(spec, &field)).transpose()?,
             ..Self::default()
         };
         if let Some(addresses) = addresses {
@@ -267,6 +277,10 @@ impl Conditions {
             out.extend_from_slice(&t.unix_seconds().to_le_bytes());
             out.extend_from_slice(&t.subsec_nanos().to_le_bytes());
         }
+        if let Some(limit) = self.rate_limit {
+            out.push(RATE_LIMIT);
+            limit.encode(&mut out);
+        }
         for (list, v4, v6) in [(&self.allow, ALLOW_V4, ALLOW_V6), (&self.except, EXCEPT_V4, EXCEPT_V6)] {
             for cidr in list {
                 match cidr.addr {
@@ -287,20 +301,22 @@ impl Conditions {
     /// Reads an encoding back, validating it as strictly as written
     /// conditions are: known tags in order, at most [`MAX_RANGES`] per
     /// list, ranges with their host bits zero, a not-before time in range,
-    /// and at least one condition.
+    /// a rate limit in range, and at least one condition.
     pub fn decode(bytes: &[u8]) -> Result<Self, &'static str> {
         let mut out = Self::default();
         let mut rest = bytes;
-        // 0 before anything; then 1 not before, 2 allowed, 3 excepted.
+        // 0 before anything; then 1 not before, 2 rate limit, 3 allowed,
+        // 4 excepted.
         let mut last = 0u8;
         while let Some((&tag, fields)) = rest.split_first() {
             let kind = match tag {
                 NOT_BEFORE => 1,
-                ALLOW_V4 | ALLOW_V6 => 2,
-                EXCEPT_V4 | EXCEPT_V6 => 3,
+                RATE_LIMIT => 2,
+                ALLOW_V4 | ALLOW_V6 => 3,
+                EXCEPT_V4 | EXCEPT_V6 => 4,
                 _ => return Err("an unknown condition"),
             };
-            if kind < last || (kind == 1 && last == 1) {
+            if kind < last || (kind <= 2 && kind == last) {
                 return Err("the conditions are out of order");
             }
             last = kind;
@@ -320,6 +336,13 @@ impl Conditions {
                     }
                     out.not_before = Some(t);
                     fields.get(12..).unwrap_or_default()
+                }
+                RATE_LIMIT => {
+                    let encoded = fields
+                        .get(..ratelimit::ENCODED_LEN)
+                        .ok_or("the conditions are truncated")?;
+                    out.rate_limit = Some(RateLimit::decode(encoded).ok_or("rateLimit out of range")?);
+                    fields.get(ratelimit::ENCODED_LEN..).unwrap_or_default()
                 }
                 ALLOW_V4 | ALLOW_V6 | EXCEPT_V4 | EXCEPT_V6 => {
                     let v4 = matches!(tag, ALLOW_V4 | EXCEPT_V4);
@@ -422,11 +445,29 @@ impl<'a> Encoded<'a> {
         }
     }
 
-    /// The address ranges, after the not-before time.
-    fn ranges(&self) -> &'a [u8] {
+    /// The rate limit, if any (after the not-before time).
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        match self.after_not_before() {
+            [RATE_LIMIT, fields @ ..] => RateLimit::decode(fields.get(..ratelimit::ENCODED_LEN)?),
+            _ => None,
+        }
+    }
+
+    fn after_not_before(&self) -> &'a [u8] {
         match self.0 {
             [NOT_BEFORE, ..] => self.0.get(13..).unwrap_or_default(),
             _ => self.0,
+        }
+    }
+
+    /// The address ranges, after the not-before time and the rate limit.
+    fn ranges(&self) -> &'a [u8] {
+        match self.after_not_before() {
+            [RATE_LIMIT, ..] => self
+                .after_not_before()
+                .get(1 + ratelimit::ENCODED_LEN..)
+                .unwrap_or_default(),
+            rest => rest,
         }
     }
 
@@ -511,6 +552,7 @@ mod tests {
     fn addresses_are_allowed_inside_and_refused_outside_and_excepted() {
         let conditions = Conditions {
             not_before: None,
+            rate_limit: None,
             allow: vec![cidr("10.0.0.0/8"), cidr("2001:db8::/32")],
             except: vec![cidr("10.1.0.0/16"), cidr("2001:db8:bad::/48")],
         };
@@ -586,8 +628,14 @@ mod tests {
 
     #[test]
     fn the_encoding_round_trips_and_refuses_what_it_does_not_know() {
+        let limit = RateLimit {
+            requests: 600,
+            per: crate::ratelimit::Per::Minute,
+            burst: 20,
+        };
         let conditions = Conditions {
             not_before: Some(Timestamp::from_unix(1_800_000_000, 5)),
+            rate_limit: Some(limit),
             allow: vec![cidr("2001:db8::/32"), cidr("10.0.0.0/8")],
             except: vec![cidr("10.1.0.0/16")],
         };
@@ -595,6 +643,33 @@ mod tests {
         assert_eq!(Conditions::decode(&bytes), Ok(conditions.clone()));
         let encoded = Encoded::new(&bytes).unwrap();
         assert_eq!(encoded.not_before(), conditions.not_before);
+        assert_eq!(encoded.rate_limit(), Some(limit));
+        // The ranges are read past the rate limit, with or without the
+        // not-before time before it.
+        assert!(encoded.admits(ip("10.2.0.1")) && !encoded.admits(ip("10.1.0.1")));
+        let no_time = Conditions {
+            not_before: None,
+            ..conditions.clone()
+        }
+        .encode();
+        let encoded = Encoded::new(&no_time).unwrap();
+        assert_eq!((encoded.not_before(), encoded.rate_limit()), (None, Some(limit)));
+        assert!(encoded.admits(ip("10.2.0.1")) && !encoded.admits(ip("192.0.2.1")));
+        // A rate limit alone binds no address.
+        let alone = Conditions {
+            rate_limit: Some(limit),
+            ..Conditions::default()
+        }
+        .encode();
+        assert!(!Encoded::new(&alone).unwrap().limits_addresses());
+        // Twice, or after the ranges: refused.
+        assert!(Conditions::decode(&[alone.clone(), alone.clone()].concat()).is_err());
+        let ranges = Conditions {
+            allow: vec![cidr("10.0.0.0/8")],
+            ..Conditions::default()
+        }
+        .encode();
+        assert!(Conditions::decode(&[ranges, alone].concat()).is_err());
         assert!(Conditions::decode(&[]).is_err(), "no condition");
         assert!(Conditions::decode(&[9]).is_err(), "an unknown tag");
         assert!(Conditions::decode(&bytes[..bytes.len() - 1]).is_err(), "truncated");

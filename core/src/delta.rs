@@ -378,6 +378,11 @@ mod tests {
     fn conditions_travel_with_both_entries_and_are_validated() {
         let conditions = Conditions {
             not_before: Some(Timestamp::from_unix(1_900_000_000, 0)),
+            rate_limit: Some(crate::ratelimit::RateLimit {
+                requests: 5,
+                per: crate::ratelimit::Per::Second,
+                burst: 1,
+            }),
             allow: vec![Cidr::parse("10.0.0.0/8").unwrap()],
             except: vec![Cidr::parse("2001:db8::/32").unwrap()],
         }

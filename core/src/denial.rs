@@ -40,10 +40,12 @@ pub enum Denial {
     /// The request's client address is outside the token's allowed ranges,
     /// or inside an excepted one.
     AddressDenied,
+    /// The token's request rate limit is reached at this gateway.
+    RateLimited,
 }
 
 impl Denial {
-    pub const ALL: [Denial; 14] = [
+    pub const ALL: [Denial; 15] = [
         Denial::Missing,
         Denial::NotBearer,
         Denial::Malformed,
@@ -58,6 +60,7 @@ impl Denial {
         Denial::Disabled,
         Denial::NotYetValid,
         Denial::AddressDenied,
+        Denial::RateLimited,
     ];
 
     /// The position of this denial in [`Denial::ALL`], which tables indexed
@@ -85,6 +88,7 @@ impl Denial {
             Self::Disabled => "disabled",
             Self::NotYetValid => "not_yet_valid",
             Self::AddressDenied => "address_denied",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -104,6 +108,7 @@ impl Denial {
             Self::Disabled => "apitokens_disabled",
             Self::NotYetValid => "apitokens_not_yet_valid",
             Self::AddressDenied => "apitokens_address_denied",
+            Self::RateLimited => "apitokens_rate_limited",
         }
     }
 
@@ -122,6 +127,7 @@ impl Denial {
             Self::Disabled => Counter::Disabled,
             Self::NotYetValid => Counter::NotYetValid,
             Self::AddressDenied => Counter::AddressDenied,
+            Self::RateLimited => Counter::RateLimited,
         }
     }
 }
@@ -174,10 +180,12 @@ pub enum Counter {
     NotYetValid,
     /// Refused from a client address the token's conditions exclude.
     AddressDenied,
+    /// Refused beyond the token's request rate limit.
+    RateLimited,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Allowed,
         Counter::AllowedPreviousSecret,
         Counter::Missing,
@@ -191,6 +199,7 @@ impl Counter {
         Counter::Disabled,
         Counter::NotYetValid,
         Counter::AddressDenied,
+        Counter::RateLimited,
     ];
 
     /// The position in [`Counter::ALL`] (checked when compiling).
@@ -214,6 +223,7 @@ impl Counter {
             Self::Disabled => "apitokens.disabled",
             Self::NotYetValid => "apitokens.not_yet_valid",
             Self::AddressDenied => "apitokens.address_denied",
+            Self::RateLimited => "apitokens.rate_limited",
         }
     }
 }
@@ -230,7 +240,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Denial::AddressDenied.index() + 1 == Denial::ALL.len(),
+        Denial::RateLimited.index() + 1 == Denial::ALL.len(),
         "Denial::ALL must end with the last variant"
     );
     let mut i = 0;
@@ -239,7 +249,7 @@ const _: () = {
         i += 1;
     }
     assert!(
-        Counter::AddressDenied.index() + 1 == Counter::ALL.len(),
+        Counter::RateLimited.index() + 1 == Counter::ALL.len(),
         "Counter::ALL must end with the last variant"
     );
 };

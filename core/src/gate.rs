@@ -14,6 +14,7 @@ use crate::denial::{Counter, Denial, Refusal};
 use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
+use crate::ratelimit::{self, Throttled};
 use crate::reply::Reply;
 use crate::role::RoleSet;
 use crate::table::{Overlay, Token};
@@ -80,8 +81,16 @@ pub trait Host {
     /// `cluster_name` property), `None` without a route. Asked only for
     /// paths that may keep `Authorization`.
     fn route_cluster(&mut self) -> Option<Vec<u8>>;
-    /// Answers the request locally; it does not go upstream.
-    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError>;
+    /// Answers the request locally; it does not go upstream. `extra`
+    /// fields follow the reply's own (a 429's, built per request).
+    fn send_reply(&mut self, reply: &Reply, extra: &[(&str, &str)]) -> Result<(), HostError>;
+    /// A value every worker of this proxy shares (proxy-wasm shared data)
+    /// and its version; `None` if it was never set. Asked only for tokens
+    /// with a rate limit.
+    fn shared(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError>;
+    /// Stores `value` under `key` if its version is still `version` (0:
+    /// whatever it is); `Ok(false)` if another worker stored one first.
+    fn set_shared(&mut self, key: &str, value: &[u8], version: u32) -> Result<bool, HostError>;
     fn count(&mut self, counter: Counter);
     /// A token authenticated (whatever the rules then decide): for its last
     /// use, and, when admitted, what the request did (`access`). Must be
@@ -120,14 +129,19 @@ const OVERRIDE_HEADERS: [&str; 5] = [
 pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Option<&Overlay>) -> Verdict {
     let headers = match host.request_headers() {
         Ok(headers) => headers,
-        Err(HostError) => return deny(host, config, None, Denial::Internal.into(), None),
+        Err(HostError) => return deny(host, config, None, Denial::Internal.into(), None, None),
     };
     match check(host, config, overlay, &headers) {
         // Asked only of a request the table admits: one it refuses is
         // refused whatever this VM may be missing.
-        Ok((token, _)) if host.catching_up() => {
-            deny(host, config, Some(&headers), Denial::CatchingUp.into(), Some(token))
-        }
+        Ok((token, _)) if host.catching_up() => deny(
+            host,
+            config,
+            Some(&headers),
+            Denial::CatchingUp.into(),
+            Some(token),
+            None,
+        ),
         Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
             Ok(()) => {
                 host.count(if token.is_previous() {
@@ -137,13 +151,17 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Optio
                 });
                 Verdict::Continue
             }
-            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal.into(), Some(token)),
+            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal.into(), Some(token), None),
         },
-        Err((refusal, token)) => deny(host, config, Some(&headers), refusal, token),
+        Err((refusal, token, throttled)) => deny(host, config, Some(&headers), refusal, token, throttled),
     }
 }
 
-type Checked<'c> = Result<(Token<'c>, Grant), (Refusal, Option<Token<'c>>)>;
+/// A refusal, the token if one authenticated, and for a rate limit what
+/// the reply says about it.
+type Refused<'c> = (Refusal, Option<Token<'c>>, Option<Throttled>);
+
+type Checked<'c> = Result<(Token<'c>, Grant), Refused<'c>>;
 
 fn check<'c, H: Host>(
     host: &mut H,
@@ -154,32 +172,43 @@ fn check<'c, H: Host>(
     // Override headers are rare: one pass tells whether to look closer.
     let overridden = headers.any(&OVERRIDE_HEADERS);
     if overridden && config.url_overrides() == UrlOverrides::Reject && headers.any(&URL_OVERRIDE_HEADERS) {
-        return Err((Denial::UrlOverride.into(), None));
+        return Err((Denial::UrlOverride.into(), None, None));
     }
     let authorization = match headers.get("authorization") {
         HeaderValue::Absent => None,
         HeaderValue::One(value) => Some(value),
-        HeaderValue::Repeated => return Err((Denial::MultipleCredentials.into(), None)),
+        HeaderValue::Repeated => return Err((Denial::MultipleCredentials.into(), None, None)),
     };
     let token = config
         .authenticate(overlay, authorization, || host.now())
-        .map_err(|(denial, token)| (denial.into(), token))?;
+        .map_err(|(denial, token)| (denial.into(), token, None))?;
     // Where from, before what: a request from an address the token may
     // not be used from is refused whatever it asks. (Still a use: the
     // token authenticated.)
     if let Some(conditions) = token.conditions().filter(|c| c.limits_addresses()) {
         if !host.client_address().is_some_and(|ip| conditions.admits(ip)) {
             host.used(token, Access::USED);
-            return Err((Denial::AddressDenied.into(), Some(token)));
+            return Err((Denial::AddressDenied.into(), Some(token), None));
         }
     }
-    let decided = decide(host, config, headers, token, overridden);
+    let decided = decide(host, config, headers, token, overridden).map_err(|refusal| (refusal, None));
+    // How much, once the rules admit the request: only a request that
+    // would reach the upstream counts against the token's rate.
+    let decided = match (decided, token.conditions().and_then(|c| c.rate_limit())) {
+        (Ok(admitted), Some(limit)) => match ratelimit::take(host, token.name(), limit) {
+            Ok(None) => Ok(admitted),
+            Ok(Some(throttled)) => Err((Denial::RateLimited.into(), Some(throttled))),
+            // Shared data failed: fail closed, as for any host failure.
+            Err(HostError) => Err((Denial::Internal.into(), None)),
+        },
+        (decided, _) => decided,
+    };
     // One mark per authenticated request, refused or not (its last use);
     // what it did only when admitted (the evidence for least privilege).
     host.used(token, decided.as_ref().map_or(Access::USED, |(_, access)| *access));
     match decided {
         Ok((grant, _)) => Ok((token, grant)),
-        Err(refusal) => Err((refusal, Some(token))),
+        Err((refusal, throttled)) => Err((refusal, Some(token), throttled)),
     }
 }
 
@@ -293,6 +322,7 @@ fn deny<H: Host>(
     headers: Option<&H::Headers>,
     refusal: Refusal,
     token: Option<Token<'_>>,
+    throttled: Option<Throttled>,
 ) -> Verdict {
     let denial = refusal.denial;
     // The request is answered locally and never forwarded; still, no
@@ -316,7 +346,17 @@ fn deny<H: Host>(
         ),
     );
     if let Some(reply) = config.replies().get(refusal) {
-        if host.send_reply(reply).is_err() {
+        let mut values: [String; 3] = Default::default();
+        let extra = throttled.map(|t| {
+            t.header_values(&mut values);
+            let [retry, policy, state] = &values;
+            let [r, p, s] = Throttled::HEADERS;
+            [(r, retry.as_str()), (p, policy.as_str()), (s, state.as_str())]
+        });
+        if host
+            .send_reply(reply, extra.as_ref().map_or(&[], |e| e.as_slice()))
+            .is_err()
+        {
             host.log(LogLevel::Error, format_args!("could not send the local reply"));
         }
     }

@@ -20,6 +20,7 @@ pub mod fuzzing;
 pub mod gate;
 pub mod name;
 pub mod overrides;
+pub mod ratelimit;
 pub mod reply;
 pub mod role;
 pub mod rules;

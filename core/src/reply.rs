@@ -101,6 +101,13 @@ fn reply(refusal: Refusal, slot: usize, realm: &str) -> Reply {
             Some("insufficient_scope"),
             "The token's role does not permit this request.",
         ),
+        // Not an authentication failure (no challenge): the fields saying
+        // when to retry are added per request (`Throttled::header_values`).
+        Denial::RateLimited => (
+            429,
+            None,
+            "The token's request rate limit is reached; retry after the time given.",
+        ),
         Denial::Internal => (500, None, "The request could not be authorized."),
         Denial::CatchingUp => (
             503,
@@ -111,7 +118,7 @@ fn reply(refusal: Refusal, slot: usize, realm: &str) -> Reply {
     let mut headers: Vec<(&'static str, Box<str>)> = vec![("content-type", "application/json".into())];
     if status == 503 {
         headers.push(("retry-after", "1".into()));
-    } else if status != 500 {
+    } else if status != 500 && status != 429 {
         let challenge = match error {
             Some(error) => format!("Bearer realm=\"{realm}\", error=\"{error}\""),
             None => format!("Bearer realm=\"{realm}\""),

@@ -101,6 +101,22 @@ pub struct TokenSpec {
     /// from elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_addresses: Option<ClientAddressesSpec>,
+    /// At most this request rate at each gateway (`rate_limited`, 429,
+    /// beyond it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A request rate: `requests` per `per` (`second` or `minute`), and at
+/// most `burst` at once (default: `requests`). Read from a JSON object
+/// only, as [`ClientAddressesSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
+pub struct RateLimitSpec {
+    pub requests: u32,
+    pub per: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 /// Client address ranges (CIDR, IPv4 or IPv6; a bare address is one host),
@@ -178,6 +194,33 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for ClientAddressesSpec
         Ok(Self {
             allow: fields.allow,
             except: fields.except,
+        })
+    }
+}
+
+/// [`RateLimitSpec`]'s fields, as they are read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFields {
+    requests: u32,
+    per: String,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for RateLimitSpec {
+    type Error = String;
+
+    fn try_from(object: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let fields: RateLimitFields = serde_json::from_value(serde_json::Value::Object(object)).map_err(|_| {
+            "invalid, expected an object with `requests` (a positive integer), `per` (`second` or `minute`) \
+             and optionally `burst` (a positive integer)"
+                .to_owned()
+        })?;
+        Ok(Self {
+            requests: fields.requests,
+            per: fields.per,
+            burst: fields.burst,
         })
     }
 }

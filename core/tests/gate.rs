@@ -9,7 +9,7 @@ use apitokens_core::gate::{self, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::role::Role;
 use apitokens_core::Config;
-use common::recorder::Recorder;
+use common::recorder::{Interleaved, Recorder, SharedStore};
 use common::*;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -975,6 +975,18 @@ fn conditions_that_are_not_valid_name_their_field() {
             r#""clientAddresses":{"except":["::ffff:10.0.0.0/104"]}"#,
             "tokens[0].clientAddresses.except[0]",
         ),
+        (
+            r#""rateLimit":{"requests":0,"per":"second"}"#,
+            "tokens[0].rateLimit.requests",
+        ),
+        (r#""rateLimit":{"requests":10,"per":"hour"}"#, "tokens[0].rateLimit.per"),
+        (
+            r#""rateLimit":{"requests":10,"per":"second","burst":0}"#,
+            "tokens[0].rateLimit.burst",
+        ),
+        (r#""rateLimit":{"requests":10}"#, "tokens[0].rateLimit"),
+        (r#""rateLimit":[10,"second"]"#, "tokens[0].rateLimit"),
+        (r#""rateLimit":{"requests":-1,"per":"second"}"#, "tokens[0].rateLimit"),
     ] {
         let json = format!(
             r#"{{"tokens":[{{"name":"namespaces/default/apitokens/bound","role":"editor","secretSha256":"{}",{conditions}}}]}}"#,
@@ -1062,4 +1074,104 @@ fn conditions_bind_a_previous_secret_and_a_token_from_the_delta_channel() {
         gate::on_request_headers(&mut host, &config, Some(&overlay)),
         Verdict::Continue
     );
+}
+
+/// The `rateLimit` token's requests at `now`: how many of `n` pass, with
+/// the host's shared data `store`.
+fn requests_at(config: &Config, store: &SharedStore, now: &str, n: usize) -> (usize, Recorder) {
+    let mut passed = 0;
+    let mut last = None;
+    for _ in 0..n {
+        let mut host = Recorder::request("GET", JOBS, Some(&bearer(BOUND)));
+        host.now = Some(at(now));
+        host.shared = store.clone();
+        if run(config, &mut host) == Verdict::Continue {
+            passed += 1;
+        }
+        last = Some(host);
+    }
+    (passed, last.unwrap())
+}
+
+#[test]
+fn a_token_over_its_rate_is_answered_429_with_when_to_retry() {
+    let config = conditioned(r#""rateLimit":{"requests":2,"per":"minute","burst":3}"#);
+    let store = SharedStore::default();
+    // The burst at once, then nothing until the rate allows (30 s each).
+    let (passed, host) = requests_at(&config, &store, "2026-06-01T00:00:00Z", 5);
+    assert_eq!(passed, 3);
+    let (denial, reply) = host.reply.clone().unwrap();
+    assert_eq!((denial, reply.status), (Denial::RateLimited, 429));
+    assert_eq!(host.counters, vec![Counter::RateLimited]);
+    assert_eq!(
+        reply_header(&reply, "www-authenticate"),
+        None,
+        "not an authentication failure"
+    );
+    assert_eq!(
+        host.reply_extra,
+        [
+            ("retry-after", "30"),
+            ("ratelimit-policy", "\"token\";q=2;w=60"),
+            ("ratelimit", "\"token\";r=0;t=30"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    );
+    // A refused request is a use, no evidence (it did nothing).
+    assert_eq!(
+        host.used,
+        vec![("namespaces/default/apitokens/bound".to_owned(), Access::USED)]
+    );
+    let (passed, host) = requests_at(&config, &store, "2026-06-01T00:00:20Z", 1);
+    assert_eq!(passed, 0);
+    assert_eq!(host.reply_extra[0].1, "10", "rounded up to whole seconds");
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:30Z", 3).0, 1);
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:01:30Z", 3).0, 2);
+    // Other tokens have their own (the viewer, none at all).
+    let mut host = Recorder::request("GET", JOBS, Some(&bearer(VIEWER)));
+    host.shared = store.clone();
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    // Only what the rules admit counts: a refused request takes nothing.
+    let store = SharedStore::default();
+    for _ in 0..5 {
+        let mut host = Recorder::request("DELETE", "/namespaces/v1/namespaces/default", Some(&bearer(BOUND)));
+        host.shared = store.clone();
+        run(&config, &mut host);
+        assert_eq!(host.reply.unwrap().0, Denial::RoleDenied);
+    }
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:00Z", 4).0, 3);
+}
+
+#[test]
+fn workers_sharing_the_data_share_the_limit_exactly() {
+    let config = conditioned(r#""rateLimit":{"requests":10,"per":"second","burst":10}"#);
+    let store = SharedStore::default();
+    // Another worker admits a request between this one's read and swap,
+    // twice: this one reads again each time, and counts after them.
+    let mut host = Recorder::request("GET", JOBS, Some(&bearer(BOUND)));
+    host.shared = store.clone();
+    let other_request = |store: &SharedStore, key: &str| {
+        let (value, version) = store.get(key).unwrap();
+        let tat = u64::from_le_bytes(value.try_into().unwrap());
+        let now = 1_780_272_000 * 1_000_000_000u64; // 2026-06-01T00:00:00Z
+        assert!(store.set(key, &(tat.max(now) + 100_000_000).to_le_bytes(), version));
+    };
+    host.interleaved = vec![Box::new(other_request), Box::new(other_request)];
+    assert_eq!(run(&config, &mut host), Verdict::Continue);
+    assert!(host.interleaved.is_empty());
+    // 3 of the burst of 10 taken: 7 left.
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:00Z", 10).0, 7);
+    // Workers that keep swapping first, 16 times in a row: refused, never
+    // admitted uncounted.
+    let store = SharedStore::default();
+    let mut host = Recorder::request("GET", JOBS, Some(&bearer(BOUND)));
+    host.shared = store.clone();
+    host.interleaved = (0..16).map(|_| Box::new(other_request) as Interleaved).collect();
+    run(&config, &mut host);
+    assert_eq!(host.reply.unwrap().0, Denial::RateLimited);
+    // Shared data failing fails closed.
+    let mut host = Recorder::request("GET", JOBS, Some(&bearer(BOUND)));
+    host.shared_fails = true;
+    run(&config, &mut host);
+    assert_eq!(host.reply.unwrap().0, Denial::Internal);
 }

@@ -111,6 +111,11 @@ fn token(rng: &mut Rng) -> Token {
             let ranges = rng.below(4) as usize;
             Conditions {
                 not_before: (rng.below(2) == 0).then(|| Timestamp::from_unix(1_600_000_000, 0)),
+                rate_limit: (rng.below(2) == 0).then(|| apitokens_core::ratelimit::RateLimit {
+                    requests: 1 + rng.below(1000) as u32,
+                    per: apitokens_core::ratelimit::Per::Minute,
+                    burst: 1 + rng.below(10) as u32,
+                }),
                 allow: (0..ranges)
                     .map(|i| Cidr::parse(&format!("10.{i}.0.0/16")).unwrap())
                     .collect(),

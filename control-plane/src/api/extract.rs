@@ -6,7 +6,7 @@ use super::{AppError, AppState, API_PREFIX, MAX_BODY_BYTES};
 use crate::config::Snapshot;
 use crate::store::Credential;
 use crate::tokens::secret::{self, Shape};
-use crate::tokens::{Actor, Caller};
+use crate::tokens::{self, Actor, Caller};
 use apitokens_core::bearer;
 use apitokens_core::denial::Denial;
 use apitokens_core::error::describe_json_error;
@@ -265,8 +265,42 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(AppError::BadBody("the request body must be a JSON object".to_owned()));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| AppError::BadBody(format!("the request body {}", describe_body_error(&e))))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let problem = describe_body_error(e.inner());
+        // A field of ours (`rateLimit.requests`, `clientAddresses.allow[2]`)
+        // is named; anything else is not (a path can hold a key the client
+        // sent, and a key could be a secret pasted in the wrong place).
+        // Only a value of the wrong kind is the field's; a body cut short or
+        // not JSON is the body's.
+        if e.inner().classify() == serde_json::error::Category::Data && is_field_path(&path) {
+            AppError::Tokens(tokens::Error::invalid(path, problem))
+        } else {
+            AppError::BadBody(format!("the request body {problem}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| AppError::BadBody(format!("the request body {}", describe_body_error(&e))))?;
+    Ok(value)
+}
+
+/// Whether `path` is made of our field names (camelCase words, dots and
+/// list indices), not the root.
+fn is_field_path(path: &str) -> bool {
+    path.len() <= 64
+        && path.starts_with(|c: char| c.is_ascii_lowercase())
+        && path.split('.').all(|segment| {
+            let name = segment.split_once('[').map_or(segment, |(name, _)| name);
+            let index = segment.get(name.len()..).unwrap_or_default();
+            !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphabetic())
+                && (index.is_empty()
+                    || index
+                        .strip_prefix('[')
+                        .and_then(|i| i.strip_suffix(']'))
+                        .is_some_and(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit())))
+        })
 }
 
 /// Never quote the input: it could be a secret pasted into the wrong field,

@@ -615,7 +615,8 @@ async fn a_token_with_conditions_keeps_them_from_create_to_every_envoy() {
         "role": "editor",
         "expireTime": "2031-01-01T00:00:00Z",
         "notBeforeTime": "2030-06-01T00:00:00+02:00",
-        "clientAddresses": {"allow": ["10.0.0.0/8", "2001:db8::/32"], "except": ["10.1.0.0/16"]}
+        "clientAddresses": {"allow": ["10.0.0.0/8", "2001:db8::/32"], "except": ["10.1.0.0/16"]},
+        "rateLimit": {"requests": 600, "per": "minute"}
     })
     .to_string();
     let a = f.call("POST", COLLECTION, Some(&f.owner), Some(&body)).await;
@@ -633,6 +634,12 @@ async fn a_token_with_conditions_keeps_them_from_create_to_every_envoy() {
         .await;
     assert_eq!(got.body["apiToken"]["clientAddresses"], token["clientAddresses"]);
     assert_eq!(got.body["apiToken"]["notBeforeTime"], token["notBeforeTime"]);
+    // The burst, a period's worth unless given, is shown.
+    assert_eq!(
+        got.body["apiToken"]["rateLimit"],
+        json!({"requests": 600, "per": "minute", "burst": 600})
+    );
+    assert_eq!(token["rateLimit"], got.body["apiToken"]["rateLimit"]);
     // In the table every Envoy gets.
     let current = f.publisher.current();
     let pushed = current
@@ -647,10 +654,12 @@ async fn a_token_with_conditions_keeps_them_from_create_to_every_envoy() {
     assert!(pushed.admits("10.2.3.4".parse().unwrap()));
     assert!(!pushed.admits("10.1.3.4".parse().unwrap()));
     assert!(!pushed.admits("192.0.2.1".parse().unwrap()));
+    assert_eq!(pushed.rate_limit().map(|l| (l.requests, l.burst)), Some((600, 600)));
     // A token without them shows none.
     let plain = f.create("plain", "viewer").await;
     assert!(plain.body["apiToken"].get("clientAddresses").is_none(), "{}", plain.raw);
     assert!(plain.body["apiToken"].get("notBeforeTime").is_none());
+    assert!(plain.body["apiToken"].get("rateLimit").is_none());
 }
 
 #[tokio::test]
@@ -669,6 +678,16 @@ async fn conditions_that_are_not_valid_are_a_400_naming_the_field() {
         (json!({"clientAddresses": {"allow": []}}), "clientAddresses.allow"),
         (json!({"clientAddresses": {}}), "clientAddresses"),
         (json!({"notBeforeTime": "soon"}), "notBeforeTime"),
+        (
+            json!({"rateLimit": {"requests": 0, "per": "second"}}),
+            "rateLimit.requests",
+        ),
+        (json!({"rateLimit": {"requests": 5, "per": "day"}}), "rateLimit.per"),
+        (
+            json!({"rateLimit": {"requests": 5, "per": "second", "burst": 10000000}}),
+            "rateLimit.burst",
+        ),
+        (json!({"rateLimit": {"requests": 5}}), "rateLimit"),
         (
             json!({"notBeforeTime": "2031-01-01T00:00:00Z", "expireTime": "2030-01-01T00:00:00Z"}),
             "notBeforeTime",

@@ -10,7 +10,7 @@ use crate::tokens::evidence::AccessSummary;
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
 use apitokens_core::conditions::Packed;
-use apitokens_core::spec::ClientAddressesSpec;
+use apitokens_core::spec::{ClientAddressesSpec, RateLimitSpec};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, Uri};
@@ -49,6 +49,9 @@ struct ApiToken<'a> {
     /// The client addresses it may be used from.
     #[serde(skip_serializing_if = "Option::is_none")]
     client_addresses: Option<ClientAddressesSpec>,
+    /// At most this request rate at each gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimitSpec>,
 }
 
 /// `access`: the kinds of access a token's admitted requests used in the
@@ -93,6 +96,7 @@ impl<'a> ApiToken<'a> {
             access: app.service.access_summary(r).map(AccessJson::from),
             not_before_time: conditions.not_before.map(|t| t.to_rfc3339()),
             client_addresses: conditions.addresses_spec(),
+            rate_limit: conditions.rate_limit.map(|l| l.spec()),
         }
     }
 }
@@ -239,6 +243,8 @@ pub(crate) struct CreateBody {
     #[serde(default)]
     client_addresses: Option<ClientAddressesSpec>,
     #[serde(default)]
+    rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
     create_time: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     secret: Option<serde::de::IgnoredAny>,
@@ -270,6 +276,7 @@ pub(crate) async fn create(
         expire_time: body.expire_time,
         not_before_time: body.not_before_time,
         client_addresses: body.client_addresses,
+        rate_limit: body.rate_limit,
     };
     let result = app
         .service

@@ -860,6 +860,11 @@ pub(crate) async fn conditions_are_kept_through_every_write(store: &dyn Store) {
     use apitokens_core::conditions::{Cidr, Conditions, Packed};
     let conditions = Packed::new(&Conditions {
         not_before: Some(Timestamp::from_unix(1_900_000_000, 5)),
+        rate_limit: Some(apitokens_core::ratelimit::RateLimit {
+            requests: 100,
+            per: apitokens_core::ratelimit::Per::Minute,
+            burst: 10,
+        }),
         allow: vec![
             Cidr::parse("10.0.0.0/8").unwrap(),
             Cidr::parse("2001:db8::/32").unwrap(),

@@ -21,7 +21,7 @@ use crate::store::{Action, AuditEvent, Evidence, NewDigest, Revision, Store, Tok
 use apitokens_core::conditions::{Conditions, Packed};
 use apitokens_core::config::Config;
 use apitokens_core::name::{is_dns_label, TokenName};
-use apitokens_core::spec::{ClientAddressesSpec, PluginConfig};
+use apitokens_core::spec::{ClientAddressesSpec, PluginConfig, RateLimitSpec};
 use apitokens_core::table::Digest;
 use apitokens_core::{Access, Role, Timestamp};
 use std::sync::Arc;
@@ -131,6 +131,8 @@ pub struct NewToken {
     pub not_before_time: Option<String>,
     /// The client addresses it may be used from.
     pub client_addresses: Option<ClientAddressesSpec>,
+    /// At most this request rate at each gateway.
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 /// A token about to be issued, validated: what its record takes from the
@@ -367,6 +369,7 @@ impl Service {
             new.not_before_time.as_deref(),
             expire_time,
             new.client_addresses.as_ref(),
+            new.rate_limit.as_ref(),
             str::to_owned,
         )
         .map_err(|e| Error::invalid(e.field, e.problem))?;
@@ -671,6 +674,7 @@ impl Service {
                 t.not_before_time.as_deref(),
                 expire_time,
                 t.client_addresses.as_ref(),
+                t.rate_limit.as_ref(),
                 field,
             )
             .map_err(|e| Error::invalid(e.field, e.problem))?

@@ -583,6 +583,7 @@ pub(crate) fn encode_specs(specs: &[TokenSpec], out: &mut Vec<u8>) -> Result<(),
             spec.not_before_time.as_deref(),
             expire,
             spec.client_addresses.as_ref(),
+            spec.rate_limit.as_ref(),
             field,
         )?;
         if let Some(stated) = stated {

@@ -7,7 +7,42 @@ use apitokens_core::gate::{HeaderValue, Host, HostError, LogLevel, RequestHeader
 use apitokens_core::reply::Reply;
 use apitokens_core::table::Token;
 use apitokens_core::{Access, Timestamp};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
+
+/// Shared data as Envoy keeps it (`SharedData::set`): a value and a
+/// version per key, versions from 1; a set at version 0, or of a key never
+/// set, stores whatever is there. Recorders given the same store stand
+/// for one Envoy's workers.
+#[derive(Clone, Default)]
+pub struct SharedStore(Rc<RefCell<Versions>>);
+
+/// Each key's value and version, and the last version handed out.
+type Versions = (HashMap<String, (Vec<u8>, u32)>, u32);
+
+/// What another worker does between this one's read and swap.
+pub type Interleaved = Box<dyn FnMut(&SharedStore, &str)>;
+
+impl SharedStore {
+    pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.0.borrow().0.get(key).cloned()
+    }
+
+    pub fn set(&self, key: &str, value: &[u8], version: u32) -> bool {
+        let mut inner = self.0.borrow_mut();
+        let (map, next) = &mut *inner;
+        if let Some((_, current)) = map.get(key) {
+            if version != 0 && version != *current {
+                return false;
+            }
+        }
+        *next += 1;
+        map.insert(key.to_owned(), (value.to_vec(), *next));
+        true
+    }
+}
 
 #[derive(Default)]
 pub struct Recorder {
@@ -32,6 +67,15 @@ pub struct Recorder {
     pub client: Option<std::net::IpAddr>,
     /// How many times it was asked.
     pub client_reads: usize,
+    /// The reply's fields built for this request.
+    pub reply_extra: Vec<(String, String)>,
+    /// This proxy's shared data.
+    pub shared: SharedStore,
+    /// Shared data fails.
+    pub shared_fails: bool,
+    /// Run before this worker's next swaps, one each: what other workers
+    /// store in between this one's read and swap.
+    pub interleaved: Vec<Interleaved>,
 }
 
 impl Recorder {
@@ -137,10 +181,30 @@ impl Host for Recorder {
         self.cluster.as_ref().map(|c| c.as_bytes().to_vec())
     }
 
-    fn send_reply(&mut self, reply: &Reply) -> Result<(), HostError> {
+    fn send_reply(&mut self, reply: &Reply, extra: &[(&str, &str)]) -> Result<(), HostError> {
         assert!(self.reply.is_none(), "one reply per request");
         self.reply = Some((reply.denial, reply.clone()));
+        self.reply_extra = extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Ok(())
+    }
+
+    fn shared(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        if self.shared_fails {
+            return Err(HostError);
+        }
+        Ok(self.shared.get(key))
+    }
+
+    fn set_shared(&mut self, key: &str, value: &[u8], version: u32) -> Result<bool, HostError> {
+        if self.shared_fails {
+            return Err(HostError);
+        }
+        if version != 0 && !self.interleaved.is_empty() {
+            // Another worker swaps first, between this one's read and swap.
+            let mut other = self.interleaved.remove(0);
+            other(&self.shared, key);
+        }
+        Ok(self.shared.set(key, value, version))
     }
 
     fn count(&mut self, counter: Counter) {

@@ -21,6 +21,7 @@ DENIALS = {
     "disabled": (401, "invalid_token"),
     "not_yet_valid": (401, "invalid_token"),
     "address_denied": (403, None),
+    "rate_limited": (429, None),
     "namespace_denied": (403, "insufficient_scope"),
     "role_denied": (403, "insufficient_scope"),
 }
@@ -37,6 +38,7 @@ COUNTER_OF = {
     "disabled": "disabled",
     "not_yet_valid": "not_yet_valid",
     "address_denied": "address_denied",
+    "rate_limited": "rate_limited",
     "namespace_denied": "namespace_denied",
     "role_denied": "role_denied",
 }
@@ -94,7 +96,11 @@ def denied(resp: httpx.Response, reason: str, secret: str | None = None, realm: 
     Returns the JSON body."""
     status, error = DENIALS[reason]
     responds_with(resp, status, details=f"apitokens_{reason}")
-    responds_with_header(resp, "www-authenticate", www_authenticate(error, realm))
+    if status == 429:
+        # A limit reached is no authentication failure: no challenge.
+        lacks_header(resp, "www-authenticate")
+    else:
+        responds_with_header(resp, "www-authenticate", www_authenticate(error, realm))
     role = resp.headers.get("x-apitokens-required-role")
     if reason != "role_denied":
         assert role is None, f"a required role on a {reason} refusal: {describe(resp)}"

@@ -79,6 +79,8 @@ class Token:
     # client addresses ({"allow": [...], "except": [...]}).
     not_before_time: str | None = None
     client_addresses: dict | None = None
+    # At most this request rate at each gateway ({"requests", "per", "burst"}).
+    rate_limit: dict | None = None
 
     @property
     def name(self) -> str:
@@ -97,6 +99,8 @@ class Token:
             entry["notBeforeTime"] = self.not_before_time
         if self.client_addresses is not None:
             entry["clientAddresses"] = self.client_addresses
+        if self.rate_limit is not None:
+            entry["rateLimit"] = self.rate_limit
         return entry
 
     @property
