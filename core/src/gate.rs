@@ -131,37 +131,56 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Optio
         Ok(headers) => headers,
         Err(HostError) => return deny(host, config, None, Denial::Internal.into(), None, None),
     };
-    match check(host, config, overlay, &headers) {
-        // Asked only of a request the table admits: one it refuses is
-        // refused whatever this VM may be missing.
-        Ok((token, _)) if host.catching_up() => deny(
-            host,
-            config,
-            Some(&headers),
-            Denial::CatchingUp.into(),
-            Some(token),
-            None,
-        ),
-        Ok((token, grant)) => match forward(host, config, &headers, token, grant) {
-            Ok(()) => {
-                host.count(if token.is_previous() {
-                    Counter::AllowedPreviousSecret
-                } else {
-                    Counter::Allowed
-                });
-                Verdict::Continue
-            }
-            Err(HostError) => deny(host, config, Some(&headers), Denial::Internal.into(), Some(token), None),
-        },
-        Err((refusal, token, throttled)) => deny(host, config, Some(&headers), refusal, token, throttled),
+    let (token, grant, access) = match check(host, config, overlay, &headers) {
+        Ok(admitted) => admitted,
+        Err((refusal, token)) => return deny(host, config, Some(&headers), refusal, token, None),
+    };
+    // Asked only of a request the table admits: one it refuses is refused
+    // whatever this VM may be missing.
+    let refused = if host.catching_up() {
+        Some((Refusal::from(Denial::CatchingUp), None))
+    } else {
+        // How much, last: only a request that reaches the upstream counts
+        // against the token's rate.
+        match token.conditions().and_then(|c| c.rate_limit()) {
+            None => None,
+            Some(limit) => match ratelimit::take(host, token.name(), limit) {
+                Ok(None) => None,
+                Ok(Some(throttled)) => Some((Denial::RateLimited.into(), Some(throttled))),
+                // Shared data failed: fail closed, as for any host failure.
+                Err(HostError) => Some((Denial::Internal.into(), None)),
+            },
+        }
+    };
+    let refused = match refused {
+        None => forward(host, config, &headers, token, grant)
+            .err()
+            .map(|HostError| (Denial::Internal.into(), None)),
+        refused => refused,
+    };
+    // One mark per authenticated request, refused or not (its last use);
+    // what it did only when it went on (the evidence for least privilege).
+    match refused {
+        None => {
+            host.used(token, access);
+            host.count(if token.is_previous() {
+                Counter::AllowedPreviousSecret
+            } else {
+                Counter::Allowed
+            });
+            Verdict::Continue
+        }
+        Some((refusal, throttled)) => {
+            host.used(token, Access::USED);
+            deny(host, config, Some(&headers), refusal, Some(token), throttled)
+        }
     }
 }
 
-/// A refusal, the token if one authenticated, and for a rate limit what
-/// the reply says about it.
-type Refused<'c> = (Refusal, Option<Token<'c>>, Option<Throttled>);
-
-type Checked<'c> = Result<(Token<'c>, Grant), Refused<'c>>;
+/// Admitted by the table and the rules: the token, what it is granted and
+/// what the request does; or a refusal, with the token if one
+/// authenticated (marked used already).
+type Checked<'c> = Result<(Token<'c>, Grant, Access), (Refusal, Option<Token<'c>>)>;
 
 fn check<'c, H: Host>(
     host: &mut H,
@@ -172,43 +191,32 @@ fn check<'c, H: Host>(
     // Override headers are rare: one pass tells whether to look closer.
     let overridden = headers.any(&OVERRIDE_HEADERS);
     if overridden && config.url_overrides() == UrlOverrides::Reject && headers.any(&URL_OVERRIDE_HEADERS) {
-        return Err((Denial::UrlOverride.into(), None, None));
+        return Err((Denial::UrlOverride.into(), None));
     }
     let authorization = match headers.get("authorization") {
         HeaderValue::Absent => None,
         HeaderValue::One(value) => Some(value),
-        HeaderValue::Repeated => return Err((Denial::MultipleCredentials.into(), None, None)),
+        HeaderValue::Repeated => return Err((Denial::MultipleCredentials.into(), None)),
     };
     let token = config
         .authenticate(overlay, authorization, || host.now())
-        .map_err(|(denial, token)| (denial.into(), token, None))?;
+        .map_err(|(denial, token)| (denial.into(), token))?;
     // Where from, before what: a request from an address the token may
     // not be used from is refused whatever it asks. (Still a use: the
     // token authenticated.)
     if let Some(conditions) = token.conditions().filter(|c| c.limits_addresses()) {
         if !host.client_address().is_some_and(|ip| conditions.admits(ip)) {
             host.used(token, Access::USED);
-            return Err((Denial::AddressDenied.into(), Some(token), None));
+            return Err((Denial::AddressDenied.into(), Some(token)));
         }
     }
-    let decided = decide(host, config, headers, token, overridden).map_err(|refusal| (refusal, None));
-    // How much, once the rules admit the request: only a request that
-    // would reach the upstream counts against the token's rate.
-    let decided = match (decided, token.conditions().and_then(|c| c.rate_limit())) {
-        (Ok(admitted), Some(limit)) => match ratelimit::take(host, token.name(), limit) {
-            Ok(None) => Ok(admitted),
-            Ok(Some(throttled)) => Err((Denial::RateLimited.into(), Some(throttled))),
-            // Shared data failed: fail closed, as for any host failure.
-            Err(HostError) => Err((Denial::Internal.into(), None)),
-        },
-        (decided, _) => decided,
-    };
-    // One mark per authenticated request, refused or not (its last use);
-    // what it did only when admitted (the evidence for least privilege).
-    host.used(token, decided.as_ref().map_or(Access::USED, |(_, access)| *access));
-    match decided {
-        Ok((grant, _)) => Ok((token, grant)),
-        Err((refusal, throttled)) => Err((refusal, Some(token), throttled)),
+    match decide(host, config, headers, token, overridden) {
+        Ok((grant, access)) => Ok((token, grant, access)),
+        Err(refusal) => {
+            // A use (its last), and no evidence: it did nothing.
+            host.used(token, Access::USED);
+            Err((refusal, Some(token)))
+        }
     }
 }
 

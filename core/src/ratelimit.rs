@@ -150,8 +150,19 @@ impl RateLimit {
         self.interval() * u64::from(self.burst.saturating_sub(1))
     }
 
+    /// A stored TAT as this limit reads it at `now`: never further ahead
+    /// than the limit itself could have put it. A TAT stored under a lower
+    /// limit (the token's limit changed, or a token of the same name was
+    /// deleted and made again), or before the clock stepped back, would
+    /// otherwise refuse the token for as long. A TAT cut back must be
+    /// stored (refusals store nothing else), or the next request would
+    /// find it as far ahead again.
+    pub fn cap(&self, tat: u64, now: u64) -> u64 {
+        tat.min(now.saturating_add(self.tolerance() + self.interval()))
+    }
+
     /// GCRA's decision for a request at `now` (nanoseconds since the Unix
-    /// epoch) given the stored TAT (0: never used).
+    /// epoch) given the TAT ([`RateLimit::cap`]ped; 0: never used).
     pub fn decide(&self, tat: u64, now: u64) -> Decision {
         let tat = tat.max(now);
         let earliest = tat.saturating_sub(self.tolerance());
@@ -225,18 +236,29 @@ pub fn take<H: Host>(host: &mut H, name: &str, limit: RateLimit) -> Result<Optio
     key.push_str(name);
     for _ in 0..ATTEMPTS {
         let Some((value, version)) = host.shared(&key)? else {
-            // First use at this proxy: store "never used" unconditionally
-            // (workers racing here all store the same), then swap as
-            // always. Setting the first TAT unconditionally instead would
-            // let two workers each admit a request and keep one count.
+            // First use at this proxy: store "never used" unconditionally,
+            // then swap as always. (Proxy-wasm has no create-if-absent: a
+            // worker that read "missing" just before another stored and
+            // swapped overwrites that count, so on a token's very first
+            // requests at a gateway, the requests other workers admitted
+            // in that window may go uncounted. Storing the first TAT
+            // itself unconditionally would lose one on every such race.)
             host.set_shared(&key, &0u64.to_le_bytes(), 0)?;
             continue;
         };
         // Anything but 8 bytes was not written by this module: read as
         // never used, and overwritten by the swap.
-        let tat = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_le_bytes);
+        let stored = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_le_bytes);
+        let tat = limit.cap(stored, now);
         match limit.decide(tat, now) {
-            Decision::Refuse(throttled) => return Ok(Some(throttled)),
+            Decision::Refuse(throttled) => {
+                if tat != stored && version != 0 {
+                    // Best effort: whoever swapped first stored a TAT of
+                    // its own, within the limit.
+                    host.set_shared(&key, &tat.to_le_bytes(), version)?;
+                }
+                return Ok(Some(throttled));
+            }
             Decision::Admit(next) => {
                 // A version of 0 would store unconditionally: Envoy never
                 // hands one out, and a host that did gets no blind write.
@@ -254,7 +276,9 @@ pub fn take<H: Host>(host: &mut H, name: &str, limit: RateLimit) -> Result<Optio
 
 fn nanos(t: Timestamp) -> Result<u64, HostError> {
     let secs = u64::try_from(t.unix_seconds()).map_err(|_| HostError)?;
-    Ok(secs * NANOS_PER_SECOND + u64::from(t.subsec_nanos()))
+    secs.checked_mul(NANOS_PER_SECOND)
+        .and_then(|n| n.checked_add(u64::from(t.subsec_nanos())))
+        .ok_or(HostError)
 }
 
 #[cfg(test)]
@@ -269,6 +293,7 @@ mod tests {
 
     /// Admits requests at `now` while it may, storing each TAT.
     fn burst_at(limit: &RateLimit, tat: &mut u64, now: u64) -> u32 {
+        *tat = limit.cap(*tat, now);
         let mut admitted = 0;
         while let Decision::Admit(next) = limit.decide(*tat, now) {
             *tat = next;
@@ -294,6 +319,27 @@ mod tests {
             admitted += burst_at(&l, &mut tat, now);
         }
         assert_eq!(admitted, 5 + 100);
+    }
+
+    #[test]
+    fn a_tat_further_ahead_than_the_limit_allows_is_cut_back() {
+        let now = 1_000 * SECOND;
+        // Stored under 10 a minute with a burst of 600 (an hour ahead),
+        // read under 100 a second: the token waits no more than this
+        // limit's own worst case, one interval.
+        let l = limit(100, Per::Second, 100);
+        let mut tat = now + 3_600 * SECOND;
+        assert_eq!(burst_at(&l, &mut tat, now), 0);
+        assert_eq!(burst_at(&l, &mut tat, now + SECOND / 100), 1);
+        // The clock stepped back an hour: the same.
+        let l = limit(1, Per::Second, 1);
+        let mut tat = now + 3_600 * SECOND;
+        assert_eq!(burst_at(&l, &mut tat, now), 0);
+        assert_eq!(burst_at(&l, &mut tat, now + SECOND), 1);
+        // A stored value of u64::MAX neither overflows nor locks it out.
+        let mut tat = u64::MAX;
+        assert_eq!(burst_at(&l, &mut tat, now), 0);
+        assert_eq!(burst_at(&l, &mut tat, now + SECOND), 1);
     }
 
     #[test]

@@ -1174,4 +1174,30 @@ fn workers_sharing_the_data_share_the_limit_exactly() {
     host.shared_fails = true;
     run(&config, &mut host);
     assert_eq!(host.reply.unwrap().0, Denial::Internal);
+    // A TAT an hour ahead (stored under a lower limit, or before the clock
+    // stepped back) is cut back to what this limit allows, and stored.
+    let store = SharedStore::default();
+    let key = "apitokens.rate.namespaces/default/apitokens/bound";
+    let now = 1_780_272_000 * 1_000_000_000u64;
+    assert!(store.set(key, &(now + 3_600 * 1_000_000_000).to_le_bytes(), 0));
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:00Z", 1).0, 0);
+    let (value, _) = store.get(key).unwrap();
+    assert_eq!(u64::from_le_bytes(value.try_into().unwrap()), now + 1_000_000_000);
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:00.1Z", 2).0, 1);
+}
+
+#[test]
+fn a_request_that_does_not_go_upstream_spends_no_budget() {
+    let config = conditioned(r#""rateLimit":{"requests":2,"per":"minute","burst":3}"#);
+    let store = SharedStore::default();
+    // A VM catching up answers 503: nothing is counted.
+    for _ in 0..5 {
+        let mut host = Recorder::request("GET", JOBS, Some(&bearer(BOUND)));
+        host.shared = store.clone();
+        host.catching_up = true;
+        run(&config, &mut host);
+        assert_eq!(host.reply.unwrap().0, Denial::CatchingUp);
+        assert!(store.get("apitokens.rate.namespaces/default/apitokens/bound").is_none());
+    }
+    assert_eq!(requests_at(&config, &store, "2026-06-01T00:00:00Z", 5).0, 3);
 }

@@ -273,8 +273,10 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
         // is named; anything else is not (a path can hold a key the client
         // sent, and a key could be a secret pasted in the wrong place).
         // Only a value of the wrong kind is the field's; a body cut short or
-        // not JSON is the body's.
-        if e.inner().classify() == serde_json::error::Category::Data && is_field_path(&path) {
+        // not JSON is the body's, and so is an unknown field (its path is the
+        // key the client sent).
+        let unknown_field = e.inner().to_string().starts_with("unknown field");
+        if e.inner().classify() == serde_json::error::Category::Data && !unknown_field && is_field_path(&path) {
             AppError::Tokens(tokens::Error::invalid(path, problem))
         } else {
             AppError::BadBody(format!("the request body {problem}"))

@@ -663,6 +663,24 @@ async fn a_token_with_conditions_keeps_them_from_create_to_every_envoy() {
 }
 
 #[tokio::test]
+async fn an_unknown_body_field_is_never_named_back() {
+    // Named by its path, an unknown key would be quoted: it could be a
+    // secret pasted in the wrong place (all letters, as this one).
+    let f = fixture().await;
+    for body in [
+        json!({"name": "namespaces/default/apitokens/x", "role": "viewer", "hunterTwoSecretKey": 1}),
+        json!({"name": "namespaces/default/apitokens/x", "role": "viewer",
+               "rateLimit": {"requests": 1, "per": "second", "hunterTwoSecretKey": 1}}),
+    ] {
+        let a = f
+            .call("POST", COLLECTION, Some(&f.owner), Some(&body.to_string()))
+            .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.raw);
+        assert!(!a.raw.contains("hunterTwo"), "{}", a.raw);
+    }
+}
+
+#[tokio::test]
 async fn conditions_that_are_not_valid_are_a_400_naming_the_field() {
     let f = fixture().await;
     let before = f.names().await;
@@ -688,6 +706,8 @@ async fn conditions_that_are_not_valid_are_a_400_naming_the_field() {
             "rateLimit.burst",
         ),
         (json!({"rateLimit": {"requests": 5}}), "rateLimit"),
+        (json!({"rateLimit": {"requests": "5", "per": "second"}}), "rateLimit"),
+        (json!({"role": 7}), "role"),
         (
             json!({"notBeforeTime": "2031-01-01T00:00:00Z", "expireTime": "2030-01-01T00:00:00Z"}),
             "notBeforeTime",
