@@ -39,7 +39,7 @@ use apitokens_core::denial::Counter;
 use apitokens_core::gate::{self, Host, HostError, LogLevel, Verdict};
 use apitokens_core::reply::Reply;
 use apitokens_core::table::{Overlay, Token};
-use apitokens_core::usage::Marks;
+use apitokens_core::usage::{Marks, Seen, MAX_SEEN_PER_REPORT};
 use apitokens_core::{compact, Access, Config, Timestamp};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -74,6 +74,9 @@ struct Active {
     lineage: Vec<u8>,
     /// Set only when the configuration asks for usage reports.
     marks: Option<RefCell<Marks>>,
+    /// Where tokens' first requests in the interval came from (with the
+    /// marks).
+    seen: RefCell<Vec<Seen>>,
     /// The delta channel's changes since this table (compact
     /// configurations reporting to a control plane).
     channel: Option<Rc<Channel>>,
@@ -98,6 +101,7 @@ impl Active {
             reply_headers,
             lineage: lineage.to_vec(),
             marks,
+            seen: RefCell::new(Vec::new()),
             channel,
         }
     }
@@ -114,7 +118,12 @@ impl Active {
         if let Some(channel) = &self.channel {
             channel.drain_used(&mut uses);
         }
-        usage::queue((report.cluster.clone(), self.lineage.clone()), uses);
+        let seen = self
+            .seen
+            .try_borrow_mut()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        usage::queue((report.cluster.clone(), self.lineage.clone()), uses, seen);
     }
 }
 
@@ -335,7 +344,7 @@ fn configure(root: u32, size: usize) -> bool {
                     let channel = delta::channel(key, store, &report.cluster, stamp);
                     let mut used = Vec::new();
                     channel.rebased(stamp, &mut used);
-                    usage::queue((report.cluster.clone(), store.to_vec()), used);
+                    usage::queue((report.cluster.clone(), store.to_vec()), used, Vec::new());
                     Some(channel)
                 }
                 _ => None,
@@ -501,13 +510,32 @@ impl Host for ProxyHost<'_> {
     }
 
     fn used(&mut self, token: Token<'_>, access: Access) {
-        if let Some(overlay) = self.overlay {
-            if overlay.mark(self.active.config.tokens(), token.index(), access) {
-                return;
+        let table = self.active.config.tokens();
+        let marked = self.overlay.and_then(|o| o.mark(table, token.index(), access));
+        let first = match marked {
+            Some((first, digest)) => first.then_some(digest),
+            None => match self.active.marks.as_ref().map(RefCell::try_borrow_mut) {
+                Some(Ok(mut marks)) => marks
+                    .mark(token.index(), access)
+                    .then(|| table.digest_at(token.index()))
+                    .flatten(),
+                _ => None,
+            },
+        };
+        // Where from, once per token per report interval: reading the
+        // address is a host call that costs as much as a tenth of the
+        // filter's work on a request.
+        if let Some(digest) = first {
+            let room = self
+                .active
+                .seen
+                .try_borrow()
+                .is_ok_and(|s| s.len() < MAX_SEEN_PER_REPORT);
+            if let Some(address) = room.then(|| self.client_address()).flatten() {
+                if let Ok(mut seen) = self.active.seen.try_borrow_mut() {
+                    seen.push((digest, address));
+                }
             }
-        }
-        if let Some(Ok(mut marks)) = self.active.marks.as_ref().map(RefCell::try_borrow_mut) {
-            marks.mark(token.index(), access);
         }
     }
 

@@ -5,7 +5,7 @@
 
 use crate::abi;
 use crate::pairs;
-use apitokens_core::usage::{self, Pending, Use, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
+use apitokens_core::usage::{self, Pending, Seen, Use, MAX_DIGESTS_PER_REPORT, METHOD, SERVICE};
 use std::cell::RefCell;
 
 /// Digests kept per destination while reports fail (a control plane down
@@ -23,16 +23,17 @@ type Destination = (Box<str>, Vec<u8>);
 struct Reporter {
     last_ms: u64,
     pending: Vec<(Destination, Pending)>,
-    in_flight: Vec<(u32, Destination, Vec<Use>)>,
+    in_flight: Vec<(u32, Destination, Vec<Use>, Vec<Seen>)>,
 }
 
 thread_local! {
     static REPORTER: RefCell<Reporter> = RefCell::new(Reporter::default());
 }
 
-/// Adds marks drained from a table to what is due for `destination`.
-pub fn queue(destination: Destination, uses: Vec<Use>) {
-    if uses.is_empty() {
+/// Adds marks drained from a table, and where tokens were seen from, to
+/// what is due for `destination`.
+pub fn queue(destination: Destination, uses: Vec<Use>, seen: Vec<Seen>) {
+    if uses.is_empty() && seen.is_empty() {
         return;
     }
     REPORTER.with(|r| {
@@ -46,6 +47,7 @@ pub fn queue(destination: Destination, uses: Vec<Use>) {
         };
         if let Some((_, pending)) = r.pending.get_mut(at) {
             pending.add(uses);
+            pending.add_seen(seen);
         }
     });
 }
@@ -70,28 +72,38 @@ pub fn send() {
     let metadata = pairs::serialize(&[]);
     // (Each digest once per destination: the control plane takes the
     // latest use of each.)
-    for ((cluster, lineage), mut digests) in pending {
-        let digests = digests.take();
+    for ((cluster, lineage), mut pending) in pending {
+        let digests = pending.take();
+        // The addresses (at most MAX_SEEN_PER_REPORT) go with the first
+        // report.
+        let mut seen = pending.take_seen();
         let upstream = usage::grpc_service(&cluster);
-        for chunk in digests.chunks(MAX_DIGESTS_PER_REPORT) {
-            let message = usage::report(&lineage, chunk);
+        let mut chunks: Vec<&[Use]> = digests.chunks(MAX_DIGESTS_PER_REPORT).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let seen = std::mem::take(&mut seen);
+            let message = usage::report(&lineage, chunk, &seen);
             let destination = (cluster.clone(), lineage.clone());
             match abi::grpc_call(&upstream, SERVICE, METHOD, &metadata, &message, TIMEOUT_MS) {
                 Ok(token) => REPORTER.with(|r| {
-                    r.borrow_mut().in_flight.push((token, destination, chunk.to_vec()));
+                    r.borrow_mut()
+                        .in_flight
+                        .push((token, destination, chunk.to_vec(), seen));
                 }),
-                Err(_) => queue(destination, chunk.to_vec()),
+                Err(_) => queue(destination, chunk.to_vec(), seen),
             }
         }
     }
 }
 
-fn take(token: u32) -> Option<(Destination, Vec<Use>)> {
+fn take(token: u32) -> Option<(Destination, Vec<Use>, Vec<Seen>)> {
     REPORTER.with(|r| {
         let mut r = r.borrow_mut();
-        let at = r.in_flight.iter().position(|(t, _, _)| *t == token)?;
-        let (_, destination, digests) = r.in_flight.swap_remove(at);
-        Some((destination, digests))
+        let at = r.in_flight.iter().position(|(t, _, _, _)| *t == token)?;
+        let (_, destination, digests, seen) = r.in_flight.swap_remove(at);
+        Some((destination, digests, seen))
     })
 }
 
@@ -102,7 +114,7 @@ pub fn delivered(token: u32) {
 
 /// A report failed: its digests go with the next one.
 pub fn failed(token: u32) {
-    if let Some((destination, uses)) = take(token) {
-        queue(destination, uses);
+    if let Some((destination, uses, seen)) = take(token) {
+        queue(destination, uses, seen);
     }
 }

@@ -314,6 +314,12 @@
         const last = document.createElement("td");
         if (t.lastUseTime) last.append(formatTime(t.lastUseTime));
         else last.textContent = "Never";
+        // The last client addresses the gateways saw it used from, the
+        // latest first.
+        const from = Array.isArray(t.lastAddresses)
+          ? t.lastAddresses.map((a) => a && a.address).filter((a) => typeof a === "string")
+          : [];
+        if (from.length) last.append(document.createElement("br"), `From ${from.join(", ")}`);
         tr.append(last);
       }
       if (withAccess) tr.append(accessCell(t));

@@ -109,6 +109,7 @@ mod tests {
 
     fn rec(name: &str, expire: Option<i64>) -> TokenRecord {
         TokenRecord {
+            last_addresses: Vec::new(),
             update_time: Timestamp::from_unix(0, 0),
             conditions: None,
             name: name.into(),

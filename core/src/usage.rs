@@ -11,6 +11,14 @@
 //!   bytes lineage = 1;  // the store the table came from (compact header)
 //!   bytes digests = 2;  // SHA-256 digests of used secrets, 32 bytes each
 //!   bytes access = 3;   // one `Access` byte per digest, in the same order
+//!   repeated SeenFrom seen = 4;
+//! }
+//! // The client address of a secret's first request in the interval, at
+//! // one filter VM (reading the address is a host call of its own, so it
+//! // is read once per token per interval, not per request).
+//! message SeenFrom {
+//!   bytes digest = 1;   // 32 bytes
+//!   bytes address = 2;  // 4 (IPv4) or 16 (IPv6) bytes
 //! }
 //! ```
 //!
@@ -22,9 +30,19 @@
 use crate::access::Access;
 use crate::table::{Digest, TokenTable};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 /// A used secret's digest and what its requests did.
 pub type Use = (Digest, Access);
+
+/// A used secret's digest and the client address of its first request in
+/// a report interval.
+pub type Seen = (Digest, IpAddr);
+
+/// Addresses per report: beyond them, the tokens' first requests in an
+/// interval are not asked where they came from (a report stays small, and
+/// a VM asks Envoy for at most this many addresses per interval).
+pub const MAX_SEEN_PER_REPORT: usize = 1024;
 
 pub const SERVICE: &str = "apitokens.v1.Usage";
 pub const METHOD: &str = "Report";
@@ -53,14 +71,20 @@ impl Marks {
         }
     }
 
-    pub fn mark(&mut self, index: usize, access: Access) {
+    /// Marks entry `index` used for `access`; whether it was not marked
+    /// yet since the last drain (its first request in the interval).
+    pub fn mark(&mut self, index: usize, access: Access) -> bool {
+        let mut first = false;
         if let Some(word) = self.bits.get_mut(index / 64) {
-            *word |= 1 << (index % 64);
+            let bit = 1 << (index % 64);
+            first = *word & bit == 0;
+            *word |= bit;
             self.any = true;
         }
         if let Some(byte) = self.access.get_mut(index) {
             *byte |= access.bits();
         }
+        first
     }
 
     pub fn is_empty(&self) -> bool {
@@ -99,6 +123,9 @@ impl Marks {
 pub struct Pending {
     digests: BTreeMap<Digest, Access>,
     limit: usize,
+    /// Where each digest was last seen from, at most
+    /// [`MAX_SEEN_PER_REPORT`] (the latest address of each).
+    seen: BTreeMap<Digest, IpAddr>,
 }
 
 impl Pending {
@@ -106,7 +133,24 @@ impl Pending {
         Self {
             digests: BTreeMap::new(),
             limit,
+            seen: BTreeMap::new(),
         }
+    }
+
+    /// Adds where digests were seen from (a later address of a digest
+    /// replaces the earlier); beyond [`MAX_SEEN_PER_REPORT`] digests,
+    /// dropped.
+    pub fn add_seen(&mut self, seen: impl IntoIterator<Item = Seen>) {
+        for (digest, address) in seen {
+            if self.seen.len() < MAX_SEEN_PER_REPORT || self.seen.contains_key(&digest) {
+                self.seen.insert(digest, address);
+            }
+        }
+    }
+
+    /// Every address pending, emptied.
+    pub fn take_seen(&mut self) -> Vec<Seen> {
+        std::mem::take(&mut self.seen).into_iter().collect()
     }
 
     /// Adds `uses`; returns how many were dropped for the limit.
@@ -129,7 +173,7 @@ impl Pending {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.digests.is_empty() && self.seen.is_empty()
     }
 
     /// Everything pending, emptied.
@@ -151,7 +195,7 @@ fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
 }
 
 /// The `UsageReport` message.
-pub fn report(lineage: &[u8], uses: &[Use]) -> Vec<u8> {
+pub fn report(lineage: &[u8], uses: &[Use], seen: &[Seen]) -> Vec<u8> {
     let mut digests = Vec::with_capacity(uses.len() * 32);
     let mut access = Vec::with_capacity(uses.len());
     for (d, a) in uses {
@@ -162,6 +206,16 @@ pub fn report(lineage: &[u8], uses: &[Use]) -> Vec<u8> {
     field(&mut out, 1, lineage);
     field(&mut out, 2, &digests);
     field(&mut out, 3, &access);
+    let mut from = Vec::with_capacity(56);
+    for (digest, address) in seen {
+        from.clear();
+        field(&mut from, 1, &digest.0);
+        match address.to_canonical() {
+            IpAddr::V4(a) => field(&mut from, 2, &a.octets()),
+            IpAddr::V6(a) => field(&mut from, 2, &a.octets()),
+        }
+        field(&mut out, 4, &from);
+    }
     out
 }
 

@@ -48,3 +48,33 @@ fn what_a_token_did_across_intervals_adds_up() {
     pending.add([(digest, write)]);
     assert_eq!(pending.take(), [(digest, read.union(write))]);
 }
+
+#[test]
+fn a_token_is_asked_where_from_once_per_interval() {
+    use apitokens_core::usage::{Marks, MAX_SEEN_PER_REPORT};
+    let mut marks = Marks::new(200);
+    // The first request of an entry in the interval says so; the next ones
+    // (whatever they did) do not, until the marks are drained.
+    assert!(marks.mark(130, Access::USED));
+    assert!(!marks.mark(130, Access::USED));
+    assert!(!marks.mark(130, Access::admitted(Kind::Write, RoleSet::ALL)));
+    assert!(marks.mark(131, Access::USED), "another entry, its own first");
+    let table = apitokens_core::table::TokenTable::from_specs(&[]).unwrap();
+    marks.drain(&table, &mut Vec::new());
+    assert!(marks.mark(130, Access::USED), "a new interval");
+    // Pending addresses: the latest per digest, at most MAX_SEEN_PER_REPORT
+    // digests, taken with the report.
+    let mut pending = Pending::new(1 << 20);
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    pending.add_seen([(Digest([1; 32]), ip("10.0.0.1")), (Digest([1; 32]), ip("10.0.0.2"))]);
+    pending.add_seen((0..2 * MAX_SEEN_PER_REPORT).map(|i| {
+        let mut d = [0; 32];
+        d[..8].copy_from_slice(&(i as u64 + 2).to_be_bytes());
+        (Digest(d), ip("192.0.2.1"))
+    }));
+    assert!(!pending.is_empty());
+    let seen = pending.take_seen();
+    assert_eq!(seen.len(), MAX_SEEN_PER_REPORT);
+    assert!(seen.contains(&(Digest([1; 32]), ip("10.0.0.2"))));
+    assert!(pending.is_empty());
+}

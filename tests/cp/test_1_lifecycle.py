@@ -168,10 +168,17 @@ BAD_INPUTS = [
 ]
 
 
+def without_usage(listing: dict) -> dict:
+    """A list answer without what usage reports write meanwhile (the owner's
+    own requests are uses: its last use, its evidence, where from)."""
+    usage = ("lastUseTime", "access", "lastAddresses")
+    return {**listing, "apiTokens": [{k: v for k, v in t.items() if k not in usage} for t in listing["apiTokens"]]}
+
+
 @pytest.mark.parametrize("method,path,body,via_envoy,direct,words", BAD_INPUTS,
                          ids=[f"{m} {p[:60]} {w}" for m, p, _, _, _, w in BAD_INPUTS])
 def test_bad_input_changes_nothing(envoy, cp, owner, method, path, body, via_envoy, direct, words):
-    listed = envoy.get(tokens_path(), owner).json()
+    listed = without_usage(envoy.get(tokens_path(), owner).json())
     status_before = cp.status()
     stats_before = envoy.stats()
     for where, port, expected in (("envoy", envoy.port, via_envoy), ("direct", cp.api_port, direct)):
@@ -182,7 +189,7 @@ def test_bad_input_changes_nothing(envoy, cp, owner, method, path, body, via_env
         if r.status not in (200, 403):
             err = r.json()
             assert err["code"] == expected and words in err["message"], (where, err)
-    assert envoy.get(tokens_path(), owner).json() == listed
+    assert without_usage(envoy.get(tokens_path(), owner).json()) == listed
     after = cp.status()
     assert after["version"] == status_before["version"]
     assert [e["ackedVersion"] for e in after["envoys"]] == [e["ackedVersion"] for e in status_before["envoys"]]

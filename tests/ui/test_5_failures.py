@@ -50,8 +50,9 @@ def test_quota_429_in_words(console, cp, namespace, issue):
 
 def test_last_used_column_when_tokens_carry_it(console, envoy, namespace, issue):
     """Tokens carry `lastUseTime` once used (the filter reports it, every
-    second in this suite): the Last used column appears, "Never" for tokens
-    not used yet."""
+    second in this suite): the Last used column appears, with the client
+    addresses the gateway saw the token used from, "Never" for tokens not
+    used yet."""
     ns, owner = namespace()
     used = issue(ns, owner, "used", "viewer")
     issue(ns, owner, "unused", "viewer")
@@ -59,13 +60,13 @@ def test_last_used_column_when_tokens_carry_it(console, envoy, namespace, issue)
     console.sign_in(ns, owner)
     expect(console.page.get_by_role("columnheader", name="Last used")).to_be_hidden()
     assert request(envoy.port, "GET", f"/api/v1/namespaces/{ns}/deployments", used).status == 200
-    poll(lambda: "lastUseTime" in request(envoy.port, "GET", tokens_path(ns, "used"), owner).json()["apiToken"], 15,
-         "the last use reported")
+    poll(lambda: "lastAddresses" in request(envoy.port, "GET", tokens_path(ns, "used"), owner).json()["apiToken"],
+         15, "the last use reported, and where from")
     console.page.get_by_role("button", name="Sign out").click()
     console.sign_in(ns, owner)
     expect(console.page.get_by_role("columnheader", name="Last used")).to_be_visible()
     rows = console.rows()
-    assert rows["used"]["Last used"].endswith(" UTC") and rows["used"]["Last used"] != "Never"
+    assert rows["used"]["Last used"].endswith(" UTCFrom 127.0.0.1"), rows["used"]
     assert rows["unused"]["Last used"] == "Never"
     console.axe("list with Last used")
 

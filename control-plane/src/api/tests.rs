@@ -32,6 +32,7 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
     f.store
         .insert(
             vec![TokenRecord {
+                last_addresses: Vec::new(),
                 update_time: Timestamp::from_unix(0, 0),
                 conditions: None,
                 name: name.into(),
@@ -1680,6 +1681,86 @@ async fn reported_uses_become_the_last_use_time() {
     // The owner's own calls to this API are uses too (no gateway reported
     // them: the API authenticated them itself).
     assert!(admin["lastUseTime"].is_string(), "{admin}");
+}
+
+#[tokio::test]
+async fn reported_addresses_become_the_last_five_distinct_the_latest_first() {
+    let (dir, store) = changes_fail("api-addresses");
+    let clock = Clock::manual(Timestamp::from_unix(1_800_000_000, 0));
+    let opts = ServiceOptions {
+        clock: clock.clone(),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let secret = f.create("ci", "viewer").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let digest = Digest::of(secret.as_bytes());
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let flush = || async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+        stop_tx.send(true).unwrap();
+        flusher.await.unwrap();
+    };
+    let addresses = |got: &Answer| -> Vec<(String, String)> {
+        got.body["apiToken"]["lastAddresses"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        (
+                            s["address"].as_str().unwrap().to_owned(),
+                            s["lastSeenTime"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let path = format!("{COLLECTION}/ci");
+    let get = || f.call("GET", &path, Some(&f.owner), None);
+    assert!(
+        get().await.body["apiToken"].get("lastAddresses").is_none(),
+        "never seen"
+    );
+    // Another store's report is ignored; this store's is kept, each address
+    // once (two VMs saw the same client), mapped addresses as IPv4.
+    f.state.service.record_seen(&[0; 16], &[(digest, ip("192.0.2.99"))]);
+    f.state.service.record_seen(
+        &f.store.lineage(),
+        &[
+            (digest, ip("10.0.0.1")),
+            (digest, ip("::ffff:10.0.0.2")),
+            (digest, ip("10.0.0.1")),
+            (Digest([7; 32]), ip("10.0.0.3")),
+        ],
+    );
+    flush().await;
+    let t0 = "2027-01-15T08:00:00Z".to_owned();
+    assert_eq!(
+        addresses(&get().await),
+        [("10.0.0.1".to_owned(), t0.clone()), ("10.0.0.2".to_owned(), t0.clone())]
+    );
+    // Later, five more: the latest five are kept, the latest first; one seen
+    // again moves up.
+    clock.advance(Duration::from_secs(120));
+    let t1 = "2027-01-15T08:02:00Z".to_owned();
+    let later: Vec<_> = ["2001:db8::1", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.1"]
+        .iter()
+        .map(|a| (digest, ip(a)))
+        .collect();
+    f.state.service.record_seen(&f.store.lineage(), &later);
+    flush().await;
+    let got = addresses(&get().await);
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert!(got.iter().all(|(_, t)| *t == t1), "{got:?}");
+    let mut names: Vec<_> = got.iter().map(|(a, _)| a.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["10.0.0.1", "10.0.0.4", "10.0.0.5", "10.0.0.6", "2001:db8::1"]);
+    // They are a use as well (the token's last use).
+    assert_eq!(get().await.body["apiToken"]["lastUseTime"], t1);
 }
 
 #[tokio::test]

@@ -52,6 +52,18 @@ struct ApiToken<'a> {
     /// At most this request rate at each gateway.
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_limit: Option<RateLimitSpec>,
+    /// The last client addresses its requests came from, the latest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    last_addresses: Vec<SeenFromJson>,
+}
+
+/// `lastAddresses[]`: a client address and when a gateway last saw it (to
+/// the minute).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SeenFromJson {
+    address: String,
+    last_seen_time: String,
 }
 
 /// `access`: the kinds of access a token's admitted requests used in the
@@ -97,6 +109,14 @@ impl<'a> ApiToken<'a> {
             not_before_time: conditions.not_before.map(|t| t.to_rfc3339()),
             client_addresses: conditions.addresses_spec(),
             rate_limit: conditions.rate_limit.map(|l| l.spec()),
+            last_addresses: r
+                .last_addresses
+                .iter()
+                .map(|(address, time)| SeenFromJson {
+                    address: address.to_string(),
+                    last_seen_time: time.to_rfc3339(),
+                })
+                .collect(),
         }
     }
 }

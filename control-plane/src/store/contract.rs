@@ -13,6 +13,7 @@ use apitokens_core::{Role, Timestamp};
 
 pub(crate) fn record(name: &str, role: Role, digest_byte: u8) -> TokenRecord {
     TokenRecord {
+        last_addresses: Vec::new(),
         update_time: Timestamp::from_unix(1_700_000_000, 0),
         conditions: None,
         name: name.to_owned(),
@@ -347,12 +348,66 @@ pub(crate) async fn the_audit_trail_is_written_with_the_change_and_read_newest_f
     assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
 }
 
+pub(crate) async fn the_last_addresses_are_five_distinct_the_latest_first(store: &dyn Store) {
+    let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    let b = record("namespaces/default/apitokens/b", Role::Viewer, 2);
+    store.insert(vec![a.clone(), b.clone()], None, vec![]).await.unwrap();
+    let t = |s| Timestamp::from_unix(s, 0);
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+    let seen = |r: &TokenRecord, s, addresses: &[&str]| Use {
+        addresses: addresses.iter().map(|a| ip(a)).collect(),
+        name: r.name.clone(),
+        digest: r.digest,
+        time: t(s),
+        access: Access::USED,
+    };
+    // Two tokens in one batch (PostgreSQL merges a batch at once).
+    store
+        .record_usage(vec![
+            seen(&a, 100, &["10.0.0.1", "10.0.0.2"]),
+            seen(&b, 100, &["2001:db8::1"]),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_usage(vec![seen(&a, 160, &["10.0.0.3", "10.0.0.1", "10.0.0.4", "10.0.0.5"])])
+        .await
+        .unwrap();
+    // A report that arrives late changes no time for the better.
+    store.record_usage(vec![seen(&a, 40, &["10.0.0.5"])]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap().last_addresses;
+    let want: Vec<_> = ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+        .iter()
+        .map(|a| (ip(a), t(160)))
+        .chain([(ip("10.0.0.2"), t(100))])
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        store.list("default").await.unwrap()[1].last_addresses,
+        [(ip("2001:db8::1"), t(100))]
+    );
+    // A sixth pushes out the oldest.
+    store.record_usage(vec![seen(&a, 220, &["10.0.0.6"])]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap().last_addresses;
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[0], (ip("10.0.0.6"), t(220)));
+    assert!(!got.iter().any(|(a, _)| *a == ip("10.0.0.2")), "{got:?}");
+    // A deleted token's go with it.
+    store.delete(&a.name, test_event()).await.unwrap();
+    store
+        .insert(vec![record(&a.name, Role::Editor, 3)], None, vec![])
+        .await
+        .unwrap();
+    assert!(store.get(&a.name).await.unwrap().unwrap().last_addresses.is_empty());
+}
+
 pub(crate) async fn last_use_is_the_latest_recorded_and_goes_with_the_token(store: &dyn Store) {
     let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
     store.insert(vec![a.clone()], None, vec![]).await.unwrap();
     let rev = store.revision().await.unwrap();
     let t = |s| Timestamp::from_unix(s, 0);
     let used = |r: &TokenRecord, s| Use {
+        addresses: Vec::new(),
         name: r.name.clone(),
         digest: r.digest,
         time: t(s),
@@ -393,6 +448,7 @@ pub(crate) async fn the_evidence_keeps_each_facts_latest_time(store: &dyn Store)
     let read = Access::admitted(Kind::Read, RoleSet::ALL);
     let write = Access::admitted(Kind::Write, RoleSet::NONE.with(Role::Editor).with(Role::Owner));
     let used = |s, access| Use {
+        addresses: Vec::new(),
         name: a.name.clone(),
         digest: a.digest,
         time: t(s),
@@ -433,6 +489,7 @@ pub(crate) async fn a_disabled_token_keeps_everything_and_is_enabled_again(store
     let until = Timestamp::from_unix(3_000_000_000, 0);
     let rotated = regenerate(store, &a.name, Digest([2; 32]), Some(until)).await;
     let used = Use {
+        addresses: Vec::new(),
         name: a.name.clone(),
         digest: Digest([2; 32]),
         time: Timestamp::from_unix(1_800_000_000, 0),
@@ -912,6 +969,7 @@ macro_rules! store_contract_tests {
             the_evidence_keeps_each_facts_latest_time,
             a_disabled_token_keeps_everything_and_is_enabled_again,
             conditions_are_kept_through_every_write,
+            the_last_addresses_are_five_distinct_the_latest_first,
             the_outbox_is_read_in_order_from_a_leased_cursor,
             expiry_warnings_are_given_once_per_lead_time);
     };

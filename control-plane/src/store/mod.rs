@@ -24,6 +24,7 @@ mod deadline;
 mod error;
 mod postgres;
 mod row;
+pub use row::LAST_ADDRESSES;
 mod sqlite;
 
 pub use deadline::StoreMetrics;
@@ -49,6 +50,7 @@ use apitokens_core::table::{Digest, Entry, TokenEntries};
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -170,6 +172,9 @@ pub struct TokenRecord {
     /// What its admitted requests did, by when (filled in by `get` and
     /// `list`).
     pub evidence: Evidence,
+    /// The last client addresses it was seen from, with when, the latest
+    /// first, at most five (filled in by `get` and `list`).
+    pub last_addresses: Vec<(IpAddr, Timestamp)>,
     /// Suspended by an owner ([`Store::set_disabled`]): in the table every
     /// Envoy gets, and refused there, with everything else kept.
     pub disabled: bool,
@@ -189,6 +194,9 @@ pub struct Use {
     pub digest: Digest,
     pub time: Timestamp,
     pub access: Access,
+    /// Client addresses its requests came from (as the filters saw them,
+    /// once per token per report interval).
+    pub addresses: Vec<IpAddr>,
 }
 
 /// The evidence for least privilege: when a token's admitted requests last

@@ -7,6 +7,7 @@ use apitokens_core::conditions::Packed;
 use apitokens_core::name::TokenName;
 use apitokens_core::table::Digest;
 use apitokens_core::{Role, Timestamp};
+use std::net::IpAddr;
 
 pub(super) const COLUMNS: &str =
     "t.name, t.role, t.secret_sha256, t.create_seconds, t.create_nanos, t.expire_seconds, \
@@ -26,7 +27,7 @@ pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 /// The `usage` columns a read selects after `COLUMNS`: the last use, then
 /// the evidence in [`Evidence::times`] order.
 pub(super) const USE_COLUMNS: &str = "u.last_use_seconds, u.read_seconds, u.write_seconds, u.tokens_seconds, \
-     u.past_viewer_seconds, u.past_editor_seconds, u.past_owner_seconds, u.unreported_seconds";
+     u.past_viewer_seconds, u.past_editor_seconds, u.past_owner_seconds, u.unreported_seconds, u.addresses";
 /// The evidence columns of `usage`, in [`Evidence::times`] order.
 pub(super) const EVIDENCE: [&str; 7] = [
     "read_seconds",
@@ -74,6 +75,8 @@ pub(super) struct Row {
     pub(super) updated: i64,
     pub(super) last_use: Option<i64>,
     pub(super) evidence: [Option<i64>; 7],
+    /// The last client addresses ([`merge_addresses`]).
+    pub(super) addresses: Option<String>,
 }
 
 impl Row {
@@ -106,8 +109,47 @@ impl Row {
             } else {
                 [None; 7]
             },
+            addresses: if r.width() > at + 23 { r.at(at + 23)? } else { None },
         })
     }
+}
+
+/// At most this many last client addresses per token.
+pub const LAST_ADDRESSES: usize = 5;
+
+/// The last client addresses as stored (`address@unix_seconds`, the
+/// latest first, joined by commas), with `seen` at `at` merged in: each
+/// address once, at its latest time, at most [`LAST_ADDRESSES`]. What does
+/// not read back (a hand edit) is dropped, never an error: the list is a
+/// hint, not a record.
+pub(super) fn merge_addresses(stored: Option<&str>, seen: &[IpAddr], at: i64) -> String {
+    let mut all = read_addresses(stored);
+    for address in seen {
+        let address = address.to_canonical();
+        match all.iter_mut().find(|(a, _)| *a == address) {
+            Some((_, t)) => *t = (*t).max(at),
+            None => all.push((address, at)),
+        }
+    }
+    // The latest first; at the same second, in address order (stable
+    // whatever order the reports came in).
+    all.sort_by(|(a, t), (b, u)| u.cmp(t).then(a.cmp(b)));
+    all.truncate(LAST_ADDRESSES);
+    all.iter()
+        .map(|(a, t)| format!("{a}@{t}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn read_addresses(stored: Option<&str>) -> Vec<(IpAddr, i64)> {
+    stored
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|item| {
+            let (address, time) = item.split_once('@')?;
+            Some((address.parse().ok()?, time.parse().ok()?))
+        })
+        .collect()
 }
 
 pub(super) fn time(secs: i64, nanos: i64) -> Option<Timestamp> {
@@ -158,6 +200,11 @@ pub(super) fn decode(row: Row) -> Result<TokenRecord, StoreError> {
         created_by: row.created_by,
         previous,
         last_use: row.last_use.map(|s| Timestamp::from_unix(s, 0)),
+        last_addresses: read_addresses(row.addresses.as_deref())
+            .into_iter()
+            .take(LAST_ADDRESSES)
+            .map(|(a, t)| (a, Timestamp::from_unix(t, 0)))
+            .collect(),
         update_time: Timestamp::from_unix(row.updated, 0),
         evidence: Evidence::from_times(row.evidence.map(|t| t.map(|s| Timestamp::from_unix(s, 0)))),
         disabled: row.disabled,

@@ -17,13 +17,14 @@ use crate::acks::{Rollout, Tracker};
 use crate::clock::Clock;
 use crate::config::{Publisher, Version};
 use crate::metrics::ServiceMetrics;
-use crate::store::{Action, AuditEvent, Evidence, NewDigest, Revision, Store, TokenRecord, Use};
+use crate::store::{Action, AuditEvent, Evidence, NewDigest, Revision, Store, TokenRecord, Use, LAST_ADDRESSES};
 use apitokens_core::conditions::{Conditions, Packed};
 use apitokens_core::config::Config;
 use apitokens_core::name::{is_dns_label, TokenName};
 use apitokens_core::spec::{ClientAddressesSpec, PluginConfig, RateLimitSpec};
 use apitokens_core::table::Digest;
 use apitokens_core::{Access, Role, Timestamp};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,9 @@ pub struct Service {
     /// written again (a busy token costs the store one write a minute,
     /// however many filters report it).
     written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64, Access)>>,
+    /// Client addresses the filters saw tokens used from, not yet written:
+    /// each token name's digest and its latest distinct addresses.
+    seen: std::sync::Mutex<std::collections::HashMap<String, (Digest, Vec<IpAddr>)>>,
     /// Each namespace's writes, for [`ServiceOptions::write_rate`].
     buckets: Buckets,
     /// Each client's leak reports, for [`ServiceOptions::report_rate`].
@@ -276,6 +280,7 @@ impl Service {
             opts,
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
+            seen: std::sync::Mutex::default(),
             buckets: Buckets::default(),
             report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
@@ -297,6 +302,7 @@ impl Service {
             opts,
             uses: std::sync::Mutex::default(),
             written: std::sync::Mutex::default(),
+            seen: std::sync::Mutex::default(),
             buckets: Buckets::default(),
             report_buckets: Buckets::default(),
             metrics: ServiceMetrics::default(),
@@ -438,6 +444,7 @@ impl Service {
     ) -> Result<(Issued, Revision), Error> {
         let secret = Secret::generate().map_err(Error::Random)?;
         let token = TokenRecord {
+            last_addresses: Vec::new(),
             conditions: new.conditions,
             update_time: now,
             name: new.name,
@@ -680,6 +687,7 @@ impl Service {
             .map_err(|e| Error::invalid(e.field, e.problem))?
             .map(|c| Packed::new(&c));
             records.push(TokenRecord {
+                last_addresses: Vec::new(),
                 conditions,
                 update_time: now,
                 name: t.name.clone(),
@@ -806,6 +814,37 @@ impl Service {
         }
     }
 
+    /// Where a filter saw secrets used from (`seen`: a digest and a client
+    /// address, once per token per report interval at each filter VM), for
+    /// each token's last addresses; written with the uses. A report about
+    /// another store's tokens (`lineage`) is ignored.
+    pub fn record_seen(&self, lineage: &[u8], seen: &[(Digest, IpAddr)]) {
+        let Some(push) = &self.push else {
+            return;
+        };
+        if seen.is_empty() || lineage != self.store.lineage() {
+            return;
+        }
+        let snapshot = push.publisher.current();
+        let mut kept = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (digest, address) in seen {
+            let Some(token) = snapshot.token(digest) else {
+                continue;
+            };
+            let (d, addresses) = kept
+                .entry(token.name().to_owned())
+                .or_insert_with(|| (*digest, Vec::new()));
+            *d = *digest;
+            let address = address.to_canonical();
+            addresses.retain(|a| *a != address);
+            addresses.push(address);
+            // The latest few: the store keeps five in all.
+            if addresses.len() > LAST_ADDRESSES {
+                addresses.remove(0);
+            }
+        }
+    }
+
     fn this_minute(&self) -> Timestamp {
         Timestamp::from_unix(minute_of(self.opts.clock.now()).saturating_mul(60), 0)
     }
@@ -813,21 +852,34 @@ impl Service {
     /// Writes the remembered uses to the store; kept for the next try if
     /// the store is unavailable.
     async fn flush_uses(&self) {
-        let taken = std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut taken = std::mem::take(&mut *self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut seen = std::mem::take(&mut *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        // An address comes with a use of its token; one whose use was
+        // written already is a use this minute, with nothing new done.
+        let now = self.this_minute();
+        for (name, (digest, _)) in &seen {
+            taken.entry(name.clone()).or_insert((*digest, now, Access::USED));
+        }
         let batch: Vec<Use> = {
             let written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             taken
                 .into_iter()
-                .filter(|(name, (digest, time, access))| {
-                    written.get(name).is_none_or(|(d, minute, done)| {
-                        (d, *minute) != (digest, minute_of(*time)) || done.union(*access) != *done
-                    })
+                .map(|(name, (digest, time, access))| {
+                    let addresses = seen.remove(&name).map(|(_, a)| a).unwrap_or_default();
+                    (name, (digest, time, access), addresses)
                 })
-                .map(|(name, (digest, time, access))| Use {
+                .filter(|(name, (digest, time, access), addresses)| {
+                    !addresses.is_empty()
+                        || written.get(name).is_none_or(|(d, minute, done)| {
+                            (d, *minute) != (digest, minute_of(*time)) || done.union(*access) != *done
+                        })
+                })
+                .map(|(name, (digest, time, access), addresses)| Use {
                     name,
                     digest,
                     time,
                     access,
+                    addresses,
                 })
                 .collect()
         };
@@ -855,8 +907,18 @@ impl Service {
                     batch.len()
                 );
                 let mut uses = self.uses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 for u in batch {
                     remember(&mut uses, &u.name, (u.digest, u.time, u.access), false);
+                    if !u.addresses.is_empty() {
+                        // (Newer addresses, reported meanwhile, stay the latest.)
+                        let (_, kept) = seen.entry(u.name).or_insert_with(|| (u.digest, Vec::new()));
+                        let newer = std::mem::take(kept);
+                        kept.extend(u.addresses.into_iter().filter(|a| !newer.contains(a)));
+                        kept.extend(newer);
+                        let excess = kept.len().saturating_sub(LAST_ADDRESSES);
+                        kept.drain(..excess);
+                    }
                 }
             }
         }

@@ -258,16 +258,13 @@ impl Overlay {
     }
 
     /// Marks a token the overlay returned (`index` is its [`Token::index`]
-    /// against `table`) as used, for `access`. Other indexes are the
-    /// table's: `false`.
-    pub fn mark(&self, table: &TokenTable, index: usize, access: Access) -> bool {
-        match index.checked_sub(table.len()).and_then(|i| self.slots.get(i)) {
-            Some(slot) => {
-                slot.used.fetch_or(access.union(Access::USED).bits(), Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
+    /// against `table`) as used, for `access`: whether it was not marked
+    /// yet since the last drain (its first request in the interval), and
+    /// its digest. Other indexes are the table's: `None`.
+    pub fn mark(&self, table: &TokenTable, index: usize, access: Access) -> Option<(bool, Digest)> {
+        let slot = index.checked_sub(table.len()).and_then(|i| self.slots.get(i))?;
+        let before = slot.used.fetch_or(access.union(Access::USED).bits(), Ordering::Relaxed);
+        Some((before == 0, slot.digest))
     }
 
     /// The digests of the entries used since the last call, with what they
@@ -384,7 +381,8 @@ mod tests {
         o.apply(stamp(2), &[Change::Remove(A)]);
         o.apply(stamp(3), &[put(B, b"b1", None)]);
         let used = o.get(&t, &Digest::of(b"b1")).unwrap();
-        assert!(o.mark(&t, used.index(), Access::USED));
+        assert_eq!(o.mark(&t, used.index(), Access::USED), Some((true, Digest::of(b"b1"))));
+        assert_eq!(o.mark(&t, used.index(), Access::USED), Some((false, Digest::of(b"b1"))));
         // A snapshot at 2 (without A): B is still only in the overlay.
         let t2 = table(&[]);
         let mut reported = Vec::new();
@@ -397,6 +395,6 @@ mod tests {
         o.rebase(stamp(3), &mut reported);
         assert!(o.is_empty());
         assert_eq!(who(&o, &t3, b"b1"), Some(B));
-        assert!(!o.mark(&t3, 0, Access::USED));
+        assert_eq!(o.mark(&t3, 0, Access::USED), None);
     }
 }

@@ -45,6 +45,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0009_token_conditions",
         include_str!("../../../migrations/postgres/0009_token_conditions.sql"),
     ),
+    (
+        "0010_last_addresses",
+        include_str!("../../../migrations/postgres/0010_last_addresses.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

@@ -30,8 +30,8 @@ pub use url::UrlError;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, evidence_of, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE,
-    INSERTED, USE_COLUMNS, WITH_USE,
+    decode, decode_event, evidence_of, merge_addresses, split, time, Columns, EventRow, Row, Stored, COLUMNS,
+    EVENT_FIELDS, EVIDENCE, INSERTED, USE_COLUMNS, WITH_USE,
 };
 use super::{
     next_epoch, AuditEvent, Cause, Changes, Credential, Epoch, ExpiryScan, Head, NewDigest, Position, Result, Revision,
@@ -541,10 +541,38 @@ impl Store for PostgresStore {
                 .join(", "),
         );
         let [c0, c1, c2, c3, c4, c5, c6] = &columns;
-        self.conn()
-            .await?
-            .execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])
+        let with_addresses: Vec<&Use> = uses.iter().filter(|u| !u.addresses.is_empty()).collect();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])
             .await?;
+        if !with_addresses.is_empty() {
+            // The last addresses, merged in: read under a row lock (replicas
+            // merge the same token's reports), written back in one statement.
+            let named: Vec<&str> = with_addresses.iter().map(|u| u.name.as_str()).collect();
+            let rows = tx
+                .query(
+                    "SELECT name, addresses FROM usage WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+                    &[&named],
+                )
+                .await?;
+            let mut stored: std::collections::HashMap<String, Option<String>> = rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?;
+            for u in &with_addresses {
+                if let Some(now) = stored.get_mut(&u.name) {
+                    *now = Some(merge_addresses(now.as_deref(), &u.addresses, u.time.unix_seconds()));
+                }
+            }
+            let (names, merged): (Vec<String>, Vec<Option<String>>) = stored.into_iter().unzip();
+            tx.execute(
+                "UPDATE usage SET addresses = m.a FROM unnest($1::text[], $2::text[]) AS m(n, a) WHERE usage.name = m.n",
+                &[&names, &merged],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1010,6 +1038,7 @@ mod tests {
             .batch_execute(
                 "ALTER TABLE tokens DROP COLUMN disabled;
                  ALTER TABLE tokens DROP COLUMN conditions;
+                 ALTER TABLE usage DROP COLUMN addresses;
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
                  ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
                      DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
@@ -1031,8 +1060,8 @@ mod tests {
             .unwrap()
             .get(0);
         // 6, then what came after it (7: the webhooks' outbox; 8: the
-        // evidence; 9: conditions).
-        assert_eq!(applied, 9);
+        // evidence; 9: conditions; 10: the last addresses).
+        assert_eq!(applied, 10);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

@@ -15,8 +15,8 @@ mod schema;
 use super::changes;
 use super::checks::{self, Quota, Taken, SHARED_DIGEST};
 use super::row::{
-    decode, decode_event, evidence_of, split, time, Columns, EventRow, Row, Stored, COLUMNS, EVENT_FIELDS, EVIDENCE,
-    INSERTED, USE_COLUMNS, WITH_USE,
+    decode, decode_event, evidence_of, merge_addresses, split, time, Columns, EventRow, Row, Stored, COLUMNS,
+    EVENT_FIELDS, EVIDENCE, INSERTED, USE_COLUMNS, WITH_USE,
 };
 use super::{
     next_epoch, AuditEvent, Cause, Changes, Credential, ExpiryScan, Head, NewDigest, Position, Result, Revision,
@@ -447,6 +447,20 @@ impl Store for SqliteStore {
                     o,
                     n
                 ])?;
+            }
+            // The last addresses, merged in (the row exists if the token
+            // does: written just above).
+            for u in uses.iter().filter(|u| !u.addresses.is_empty()) {
+                let stored: Option<Option<String>> = tx
+                    .query_row("SELECT addresses FROM usage WHERE name = ?1", [&u.name], |r| r.get(0))
+                    .optional()?;
+                if let Some(stored) = stored {
+                    let merged = merge_addresses(stored.as_deref(), &u.addresses, u.time.unix_seconds());
+                    tx.execute(
+                        "UPDATE usage SET addresses = ?2 WHERE name = ?1",
+                        params![u.name, merged],
+                    )?;
+                }
             }
             Ok(())
         })

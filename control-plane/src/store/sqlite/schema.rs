@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -136,6 +136,12 @@ const SCHEMA_9: &str = "
 ALTER TABLE tokens ADD COLUMN conditions BLOB;
 ";
 
+/// Version 10: the last client addresses a token was seen from
+/// (`row::merge_addresses`).
+const SCHEMA_10: &str = "
+ALTER TABLE usage ADD COLUMN addresses TEXT;
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -179,7 +185,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4..=8 | SCHEMA_VERSION => {}
+        4..=9 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -204,6 +210,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 9 {
         tx.execute_batch(SCHEMA_9)?;
+    }
+    if version < 10 {
+        tx.execute_batch(SCHEMA_10)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -344,6 +353,50 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
     }
 
+    /// Undoes version 10, for a database as an older release left it.
+    const DROP_ADDRESSES: &str = "ALTER TABLE usage DROP COLUMN addresses;";
+
+    /// Version 9 as issue 22's conditions left it: no last addresses. A
+    /// use recorded before keeps its time; addresses are kept from then on.
+    #[tokio::test]
+    async fn version_9_databases_get_the_addresses_column_empty() {
+        use crate::store::Use;
+        use apitokens_core::access::Access;
+        let dir = TempDir::new("store-v9");
+        let path = dir.path().join("t.db");
+        let name = "namespaces/a/apitokens/t";
+        let record = crate::store::contract::record(name, Role::Owner, 1);
+        let used = |s, addresses: Vec<std::net::IpAddr>| Use {
+            name: name.to_owned(),
+            digest: record.digest,
+            time: Timestamp::from_unix(s, 0),
+            access: Access::USED,
+            addresses,
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.insert(vec![record.clone()], None, vec![]).await.unwrap();
+            store.record_usage(vec![used(100, Vec::new())]).await.unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("{DROP_ADDRESSES} PRAGMA user_version = 9;"))
+            .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&path).unwrap();
+        let got = store.get(name).await.unwrap().unwrap();
+        assert_eq!(
+            (got.last_use, got.last_addresses),
+            (Some(Timestamp::from_unix(100, 0)), vec![])
+        );
+        let here: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        store.record_usage(vec![used(160, vec![here])]).await.unwrap();
+        assert_eq!(
+            store.get(name).await.unwrap().unwrap().last_addresses,
+            [(here, Timestamp::from_unix(160, 0))]
+        );
+        assert_current(&path);
+    }
+
     /// Undoes version 9, for a database as an older release left it.
     const DROP_CONDITIONS: &str = "ALTER TABLE tokens DROP COLUMN conditions;";
 
@@ -361,7 +414,7 @@ mod tests {
             store.insert(vec![record], None, vec![]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_CONDITIONS} PRAGMA user_version = 8;"))
+        conn.execute_batch(&format!("{DROP_ADDRESSES} {DROP_CONDITIONS} PRAGMA user_version = 8;"))
             .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
@@ -400,6 +453,7 @@ mod tests {
             store.insert(vec![record.clone()], None, vec![]).await.unwrap();
             let time = Timestamp::from_unix(1_800_000_000, 0);
             let used = Use {
+                addresses: Vec::new(),
                 name: name.to_owned(),
                 digest: record.digest,
                 time,
@@ -408,8 +462,10 @@ mod tests {
             store.record_usage(vec![used]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"))
-            .unwrap();
+        conn.execute_batch(&format!(
+            "{DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"
+        ))
+        .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
         let t = store.get(name).await.unwrap().unwrap();
@@ -439,7 +495,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
+            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
         ))
         .unwrap();
         drop(conn);
@@ -466,7 +522,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
-             {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
+             {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
         ))
         .unwrap();
         drop(conn);
