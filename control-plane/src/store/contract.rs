@@ -392,6 +392,13 @@ pub(crate) async fn the_last_addresses_are_five_distinct_the_latest_first(store:
     assert_eq!(got.len(), 5);
     assert_eq!(got[0], (ip("10.0.0.6"), t(220)));
     assert!(!got.iter().any(|(a, _)| *a == ip("10.0.0.2")), "{got:?}");
+    // A use by a secret that is not the token's (the name was reused
+    // meanwhile) merges nothing.
+    let mut stranger = seen(&a, 300, &["192.0.2.9"]);
+    stranger.digest = Digest([9; 32]);
+    store.record_usage(vec![stranger]).await.unwrap();
+    let got = store.get(&a.name).await.unwrap().unwrap().last_addresses;
+    assert!(!got.iter().any(|(x, _)| *x == ip("192.0.2.9")), "{got:?}");
     // A deleted token's go with it.
     store.delete(&a.name, test_event()).await.unwrap();
     store

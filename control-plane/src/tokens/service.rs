@@ -159,10 +159,11 @@ pub struct Service {
     /// everything its requests did since the last write.
     uses: std::sync::Mutex<std::collections::HashMap<String, (Digest, Timestamp, Access)>>,
     /// The minute last written for each token used lately, and what was
-    /// written for it: a use in the same minute that did nothing new is not
+    /// written for it (what its requests did, where they came from): a use
+    /// in the same minute that did nothing new, from nowhere new, is not
     /// written again (a busy token costs the store one write a minute,
     /// however many filters report it).
-    written: std::sync::Mutex<std::collections::HashMap<String, (Digest, i64, Access)>>,
+    written: std::sync::Mutex<std::collections::HashMap<String, Written>>,
     /// Client addresses the filters saw tokens used from, not yet written:
     /// each token name's digest and its latest distinct addresses.
     seen: std::sync::Mutex<std::collections::HashMap<String, (Digest, Vec<IpAddr>)>>,
@@ -204,6 +205,10 @@ fn remember(
         }
     }
 }
+
+/// What was written for a token in a minute: the digest, the minute, what
+/// its requests did, and the addresses.
+type Written = (Digest, i64, Access, Vec<IpAddr>);
 
 fn minute_of(t: Timestamp) -> i64 {
     t.unix_seconds().div_euclid(60)
@@ -869,10 +874,11 @@ impl Service {
                     (name, (digest, time, access), addresses)
                 })
                 .filter(|(name, (digest, time, access), addresses)| {
-                    !addresses.is_empty()
-                        || written.get(name).is_none_or(|(d, minute, done)| {
-                            (d, *minute) != (digest, minute_of(*time)) || done.union(*access) != *done
-                        })
+                    written.get(name).is_none_or(|(d, minute, done, from)| {
+                        (d, *minute) != (digest, minute_of(*time))
+                            || done.union(*access) != *done
+                            || addresses.iter().any(|a| !from.contains(a))
+                    })
                 })
                 .map(|(name, (digest, time, access), addresses)| Use {
                     name,
@@ -891,14 +897,23 @@ impl Service {
                 let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 // Older minutes never match a new use again.
                 let recent = minute_of(self.opts.clock.now()).saturating_sub(1);
-                written.retain(|_, (_, minute, _)| *minute >= recent);
+                written.retain(|_, (_, minute, _, _)| *minute >= recent);
                 for u in batch {
                     let minute = minute_of(u.time);
-                    let done = match written.get(&u.name) {
-                        Some((d, m, done)) if (*d, *m) == (u.digest, minute) => done.union(u.access),
-                        _ => u.access,
+                    let (done, mut from) = match written.remove(&u.name) {
+                        Some((d, m, done, from)) if (d, m) == (u.digest, minute) => (done.union(u.access), from),
+                        _ => (u.access, Vec::new()),
                     };
-                    written.insert(u.name, (u.digest, minute, done));
+                    for address in u.addresses {
+                        if !from.contains(&address) {
+                            from.push(address);
+                        }
+                    }
+                    // (A token seen from more addresses in a minute is
+                    // written again for the older ones: harmless.)
+                    let excess = from.len().saturating_sub(LAST_ADDRESSES);
+                    from.drain(..excess);
+                    written.insert(u.name, (u.digest, minute, done, from));
                 }
             }
             Err(e) => {

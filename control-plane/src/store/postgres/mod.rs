@@ -529,8 +529,10 @@ impl Store for PostgresStore {
                   AS u(n, s, d, e0, e1, e2, e3, e4, e5, e6)
              WHERE EXISTS (SELECT 1 FROM tokens WHERE name = n AND (secret_sha256 = d OR previous_sha256 = d))
              GROUP BY n
+             ORDER BY n
              ON CONFLICT (name) DO UPDATE
-                 SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds), {latest}",
+                 SET last_use_seconds = greatest(usage.last_use_seconds, excluded.last_use_seconds), {latest}
+             RETURNING name",
             columns = EVIDENCE.join(", "),
             maxes = (0..EVIDENCE.len())
                 .map(|i| format!("max(e{i})"))
@@ -541,11 +543,22 @@ impl Store for PostgresStore {
                 .join(", "),
         );
         let [c0, c1, c2, c3, c4, c5, c6] = &columns;
-        let with_addresses: Vec<&Use> = uses.iter().filter(|u| !u.addresses.is_empty()).collect();
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
-        tx.execute(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])
-            .await?;
+        // Rows in name order (`ORDER BY n`): replicas writing the same
+        // tokens lock them in the same order, never in a cycle. The names
+        // returned are those written: a secret of the token (the name
+        // could be another token's by now).
+        let recorded: std::collections::HashSet<String> = tx
+            .query(&sql, &[&names, &times, &digests, c0, c1, c2, c3, c4, c5, c6])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let with_addresses: Vec<&Use> = uses
+            .iter()
+            .filter(|u| !u.addresses.is_empty() && recorded.contains(&u.name))
+            .collect();
         if !with_addresses.is_empty() {
             // The last addresses, merged in: read under a row lock (replicas
             // merge the same token's reports), written back in one statement.
@@ -566,6 +579,10 @@ impl Store for PostgresStore {
                 }
             }
             let (names, merged): (Vec<String>, Vec<Option<String>>) = stored.into_iter().unzip();
+            if names.is_empty() {
+                tx.commit().await?;
+                return Ok(());
+            }
             tx.execute(
                 "UPDATE usage SET addresses = m.a FROM unnest($1::text[], $2::text[]) AS m(n, a) WHERE usage.name = m.n",
                 &[&names, &merged],

@@ -433,9 +433,12 @@ impl Store for SqliteStore {
         );
         self.write(move |tx| {
             let mut stmt = tx.prepare_cached(&sql)?;
+            // The uses written: those of a secret of the token (the name
+            // could be another token's by now).
+            let mut recorded = Vec::with_capacity(uses.len());
             for u in &uses {
                 let [r, w, t, v, e, o, n] = evidence_of(u);
-                stmt.execute(params![
+                let changed = stmt.execute(params![
                     u.name,
                     u.time.unix_seconds(),
                     u.digest.to_hex(),
@@ -447,10 +450,13 @@ impl Store for SqliteStore {
                     o,
                     n
                 ])?;
+                if changed > 0 {
+                    recorded.push(u);
+                }
             }
-            // The last addresses, merged in (the row exists if the token
-            // does: written just above).
-            for u in uses.iter().filter(|u| !u.addresses.is_empty()) {
+            drop(stmt);
+            // The last addresses, merged in (the row was written just above).
+            for u in recorded.into_iter().filter(|u| !u.addresses.is_empty()) {
                 let stored: Option<Option<String>> = tx
                     .query_row("SELECT addresses FROM usage WHERE name = ?1", [&u.name], |r| r.get(0))
                     .optional()?;
