@@ -133,6 +133,12 @@ def test_every_documented_operation_answers_as_documented(plane, document):
         ("/apitokens/v1/namespaces/{ns}/apitokens:events", "get"): (
             tokens_path("default") + ":events?pageSize=1000", None, 200),
         ("/apitokens/v1/namespaces/{ns}/apitokens:self", "get"): (tokens_path("default") + ":self", None, 200),
+        ("/apitokens/v1/namespaces/{ns}/apitokens:inactivity", "get"): (
+            tokens_path("default") + ":inactivity", None, 200),
+        ("/apitokens/v1/namespaces/{ns}/apitokens:inactivity", "put"): (
+            tokens_path("default") + ":inactivity", {"after": "3650d", "action": "disable"}, 200),
+        ("/apitokens/v1/namespaces/{ns}/apitokens:inactivity", "delete"): (
+            tokens_path("default") + ":inactivity", None, 200),
         ("/apitokens/v1/credentials:revoke", "post"): (
             "/apitokens/v1/credentials:revoke", {"credentials": ["apt_nothing"]}, 202),
         ("/apitokens/v1/openapi.json", "get"): ("/apitokens/v1/openapi.json", None, 200),

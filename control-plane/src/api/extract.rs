@@ -94,6 +94,7 @@ impl Route {
     pub(crate) fn allowed(&self) -> &'static str {
         match self {
             Self::Collection { .. } => "GET, POST",
+            Self::CollectionAction { action, .. } if action == "inactivity" => super::INACTIVITY_METHODS,
             Self::CollectionAction { .. } => "GET",
             Self::Item { .. } => "GET, DELETE",
             Self::Action { .. } => "POST",
@@ -103,6 +104,9 @@ impl Route {
     fn allows(&self, method: &Method) -> bool {
         match self {
             Self::Collection { .. } => method == Method::GET || method == Method::POST,
+            Self::CollectionAction { action, .. } if action == "inactivity" => {
+                method == Method::GET || method == Method::PUT || method == Method::DELETE
+            }
             Self::CollectionAction { .. } => method == Method::GET,
             Self::Item { .. } => method == Method::GET || method == Method::DELETE,
             Self::Action { .. } => method == Method::POST,
@@ -210,7 +214,7 @@ impl FromRequestParts<Arc<AppState>> for Allowed {
             Route::Action { action, .. } if !TOKEN_ACTIONS.contains(&action.as_str()) => {
                 return Err(AppError::UnknownAction)
             }
-            Route::CollectionAction { action, .. } if action != "events" && action != "self" => {
+            Route::CollectionAction { action, .. } if !COLLECTION_ACTIONS.contains(&action.as_str()) => {
                 return Err(AppError::UnknownAction)
             }
             _ => {}
@@ -329,6 +333,9 @@ fn describe_body_error(e: &serde_json::Error) -> String {
 }
 
 /// A JSON object body, required.
+/// The collection's actions (`apitokens:events`, ...).
+const COLLECTION_ACTIONS: [&str; 3] = ["events", "self", "inactivity"];
+
 pub(crate) struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {

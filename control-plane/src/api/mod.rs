@@ -63,6 +63,9 @@ pub struct AppState {
     pub trusted_proxies: TrustedProxies,
 }
 
+/// What `apitokens:inactivity` answers to.
+pub(crate) const INACTIVITY_METHODS: &str = "GET, PUT, DELETE";
+
 /// The HTTP application: the token API, the console, `/healthz`, and
 /// `/status` when `with_status` (otherwise the operators' listener serves
 /// it, [`operator`]).
@@ -71,6 +74,7 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
     let item = format!("{collection}/{{item}}");
     let events = format!("{collection}:events");
     let own = format!("{collection}:self");
+    let inactivity = format!("{collection}:inactivity");
     let mut router = Router::new()
         .route("/healthz", read_only(status::healthz))
         .route(OPENAPI_PATH, read_only(openapi))
@@ -97,6 +101,13 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
         .route(
             &own,
             get(tokens::own).fallback(|| async { AppError::MethodNotAllowed("GET") }),
+        )
+        .route(
+            &inactivity,
+            get(tokens::inactivity)
+                .put(tokens::set_inactivity)
+                .delete(tokens::remove_inactivity)
+                .fallback(|| async { AppError::MethodNotAllowed(INACTIVITY_METHODS) }),
         )
         .route(
             &item,

@@ -1298,6 +1298,17 @@ impl Store for ChangesFail {
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
     }
+    async fn inactivity_policies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.0.inactivity_policies().await
+    }
+    async fn set_inactivity_policy(
+        &self,
+        namespace: &str,
+        policy: Option<&str>,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        self.0.set_inactivity_policy(namespace, policy, event).await
+    }
     async fn set_disabled(
         &self,
         name: &str,
@@ -2458,4 +2469,128 @@ async fn inactive_tokens_are_disabled_then_deleted_by_the_policy_and_audited() {
     assert_eq!(swept.deleted, ["namespaces/default/apitokens/idle"]);
     assert!(state(&f, "idle").await.is_none() && state(&f, "busy").await.is_some());
     assert!(f.publisher.current().token(&idle).is_none());
+}
+
+#[tokio::test]
+async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_applies_it() {
+    use crate::tokens::inactivity::{self, Policies};
+    const POLICY: &str = "/apitokens/v1/namespaces/default/apitokens:inactivity";
+    let (dir, store) = changes_fail("api-inactivity-owner");
+    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
+    let mut operator = Policies::default();
+    operator.add("other=off").unwrap();
+    let opts = ServiceOptions {
+        clock: clock.clone(),
+        inactivity: Some(operator.clone()),
+        ..ServiceOptions::default()
+    };
+    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    assert_eq!(f.create("idle", "viewer").await.status, StatusCode::OK);
+    let editor = f.create("ed", "editor").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let get = || f.call("GET", POLICY, Some(&f.owner), None);
+    // Off by default.
+    let a = get().await;
+    assert_eq!(
+        (a.status, &a.body),
+        (StatusCode::OK, &json!({"inactivityPolicy": null}))
+    );
+    // Set by an owner: answered as the namespace has it now, audited once.
+    let body = json!({"after": "720h", "action": "disable"}).to_string();
+    for _ in 0..2 {
+        let a = f.call("PUT", POLICY, Some(&f.owner), Some(&body)).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+        assert_eq!(
+            a.body,
+            json!({"inactivityPolicy": {"after": "30d", "action": "disable", "setBy": "namespace"}})
+        );
+    }
+    assert_eq!(get().await.body["inactivityPolicy"]["after"], "30d");
+    let events = f
+        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
+        .await;
+    let set: Vec<&Value> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "apitoken.inactivity")
+        .collect();
+    assert_eq!(set.len(), 1, "the same policy again changes nothing: {set:?}");
+    assert_eq!(set[0]["policy"], "30d:disable");
+    assert_eq!(set[0]["actor"], "namespaces/default/apitokens/admin");
+    // Bad bodies name the field; an editor may not; other methods are 405.
+    for (bad, field) in [
+        (json!({"after": "12h", "action": "disable"}), Some("after")),
+        (json!({"after": "90", "action": "disable"}), Some("after")),
+        (json!({"after": "90d", "action": "revoke"}), Some("action")),
+        (json!({"after": "90d"}), None),
+        (json!({"after": "90d", "action": "disable", "when": "now"}), None),
+    ] {
+        let a = f.call("PUT", POLICY, Some(&f.owner), Some(&bad.to_string())).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}: {}", a.raw);
+        assert_eq!(a.body["field"].as_str(), field, "{bad}: {}", a.raw);
+    }
+    let a = f.call("PUT", POLICY, Some(&editor), Some(&body)).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
+    let a = f.call("POST", POLICY, Some(&f.owner), Some(&body)).await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(a.headers["allow"], "GET, PUT, DELETE");
+    // The sweep applies it (the owners' policies as stored, with the
+    // operator's): 30 days idle, disabled; the owner is kept (used: its
+    // own calls to the API).
+    clock.advance(Duration::from_secs(31 * 86_400));
+    assert_eq!(get().await.status, StatusCode::OK);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+    stop_tx.send(true).unwrap();
+    flusher.await.unwrap();
+    let stored = f.state.service.stored_inactivity_policies().await.unwrap();
+    let swept = inactivity::sweep(&f.state.service, &operator.with_owners(&stored), clock.now()).await;
+    assert_eq!(
+        swept.disabled,
+        ["namespaces/default/apitokens/ed", "namespaces/default/apitokens/idle"]
+    );
+    // Removed: off again (audited as "off").
+    let a = f.call("DELETE", POLICY, Some(&f.owner), None).await;
+    assert_eq!(
+        (a.status, &a.body),
+        (StatusCode::OK, &json!({"inactivityPolicy": null}))
+    );
+    let events = f
+        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
+        .await;
+    assert_eq!(events.body["events"][0]["event"], "apitoken.inactivity");
+    assert_eq!(events.body["events"][0]["policy"], "off");
+    // The operator's own policy for a namespace wins over its owners'.
+    let mut strict = Policies::default();
+    strict.add("default=90d:delete").unwrap();
+    assert_eq!(
+        strict.effective("default", Some(inactivity::Policy::parse("30d:disable").unwrap())),
+        Some((
+            inactivity::Policy::parse("90d:delete").unwrap(),
+            inactivity::SetBy::Operator
+        ))
+    );
+}
+
+#[tokio::test]
+async fn no_inactivity_policy_without_usage_reports() {
+    let f = fixture().await;
+    let body = json!({"after": "30d", "action": "delete"}).to_string();
+    let a = f
+        .call(
+            "PUT",
+            "/apitokens/v1/namespaces/default/apitokens:inactivity",
+            Some(&f.owner),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.raw);
+    assert!(
+        a.body["message"].as_str().unwrap().contains("usage reports"),
+        "{}",
+        a.raw
+    );
 }

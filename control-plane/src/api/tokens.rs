@@ -7,6 +7,7 @@ use super::{AppError, AppState, APPLIED_HEADER, CONFIG_VERSION_HEADER, ENVOYS_HE
 use crate::acks::{Lag, Lagging};
 use crate::store::TokenRecord;
 use crate::tokens::evidence::AccessSummary;
+use crate::tokens::inactivity::{Action as InactivityAction, Policy, SetBy};
 use crate::tokens::secret::Secret;
 use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
 use apitokens_core::conditions::Packed;
@@ -454,6 +455,68 @@ pub(crate) async fn own(State(app): State<Arc<AppState>>, caller: Allowed) -> Re
 pub(crate) struct EventsQuery {
     page_size: Option<String>,
     page_token: Option<String>,
+}
+
+/// `apitokens:inactivity`'s answer: the policy the namespace has (`null`:
+/// off), and who set it.
+fn inactivity_answer(policy: Option<(Policy, SetBy)>) -> Response {
+    let policy = policy.map(|(p, by)| {
+        serde_json::json!({
+            "after": p.after_text(),
+            "action": p.action.as_str(),
+            "setBy": match by {
+                SetBy::Namespace => "namespace",
+                SetBy::Operator => "operator",
+            },
+        })
+    });
+    json_response(StatusCode::OK, &serde_json::json!({ "inactivityPolicy": policy }))
+}
+
+/// `GET .../apitokens:inactivity`: the namespace's inactivity policy.
+pub(crate) async fn inactivity(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
+    let policy = app.service.inactivity_policy(caller.route.namespace()).await?;
+    Ok(inactivity_answer(policy))
+}
+
+/// `PUT .../apitokens:inactivity`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InactivityBody {
+    after: String,
+    action: String,
+}
+
+/// `PUT .../apitokens:inactivity`: the namespace's owners pick its policy
+/// (`{"after": "90d", "action": "disable"}`).
+pub(crate) async fn set_inactivity(
+    State(app): State<Arc<AppState>>,
+    caller: Allowed,
+    JsonBody(body): JsonBody<InactivityBody>,
+) -> Result<Response, AppError> {
+    let after = Policy::parse_after(&body.after).ok_or(AppError::BadField {
+        field: "after",
+        problem: "must be a duration of at least one day, with a unit (90d, 2160h), at most 36500d",
+    })?;
+    let action = InactivityAction::parse(&body.action).ok_or(AppError::BadField {
+        field: "action",
+        problem: "must be disable or delete",
+    })?;
+    let policy = app
+        .service
+        .set_inactivity_policy(caller.route.namespace(), Some(Policy { after, action }), &caller.actor)
+        .await?;
+    Ok(inactivity_answer(policy))
+}
+
+/// `DELETE .../apitokens:inactivity`: the namespace's own policy removed
+/// (the operator's, if any, applies).
+pub(crate) async fn remove_inactivity(State(app): State<Arc<AppState>>, caller: Allowed) -> Result<Response, AppError> {
+    let policy = app
+        .service
+        .set_inactivity_policy(caller.route.namespace(), None, &caller.actor)
+        .await?;
+    Ok(inactivity_answer(policy))
 }
 
 /// `GET .../apitokens:events`: the namespace's audit trail, newest first,

@@ -418,8 +418,11 @@ fn webhook_signing(args: &ServeArgs) -> Result<Option<Signing>> {
 }
 
 async fn run(args: ServeArgs, base: apitokens_core::PluginConfig, hooks: Option<Signing>) -> Result<()> {
+    // Idle means unreported: inactivity policies only where the gateways
+    // report their uses.
+    let reported = !args.no_xds && base.usage_report.is_some();
     let mut core = Core::open(&args, base).await?;
-    let service = core.service(&args)?;
+    let service = core.service(&args, reported)?;
     let listeners = Listeners::bind(&args).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -619,12 +622,16 @@ impl Core {
         }
         let flush = Duration::from_secs(args.usage_flush_seconds.max(1));
         tasks.spawn(Arc::clone(service).run_usage(flush, stop.clone()));
-        // (Checked when `serve` started.)
-        if let Ok(policies) = inactivity_policies(&args.inactive_tokens) {
-            if !policies.is_empty() {
-                let every = Duration::from_secs(args.inactivity_sweep_seconds.max(1));
-                tasks.spawn(inactivity::run(Arc::clone(service), policies, every, stop.clone()));
-            }
+        // Wherever uses are reported: the operator's policies, and those
+        // the namespaces' owners set (read at each sweep).
+        if let Some(policies) = service.inactivity_policies() {
+            let every = Duration::from_secs(args.inactivity_sweep_seconds.max(1));
+            tasks.spawn(inactivity::run(
+                Arc::clone(service),
+                policies.clone(),
+                every,
+                stop.clone(),
+            ));
         }
         if let Retention(Some(keep)) = args.audit_retention {
             // Hourly, or more often for a short retention.
@@ -685,7 +692,7 @@ impl Core {
     }
 
     /// The token service: the only writer, its writes waiting for the ACKs.
-    fn service(&self, args: &ServeArgs) -> Result<Arc<Service>> {
+    fn service(&self, args: &ServeArgs, reported: bool) -> Result<Arc<Service>> {
         Ok(Arc::new(Service::with_push(
             Arc::clone(&self.store),
             Arc::clone(&self.publisher),
@@ -705,6 +712,11 @@ impl Core {
                 // One clock for the service and the publisher.
                 clock: self.publisher.clock().clone(),
                 evidence_days: args.evidence_days,
+                inactivity: if reported {
+                    Some(inactivity_policies(&args.inactive_tokens)?)
+                } else {
+                    None
+                },
             },
         )))
     }

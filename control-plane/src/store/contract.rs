@@ -54,6 +54,7 @@ async fn regenerate(store: &dyn Store, name: &str, digest: Digest, until: Option
 
 pub(crate) fn test_event() -> AuditEvent {
     AuditEvent {
+        policy: None,
         time: Timestamp::from_unix(1_700_000_000, 0),
         namespace: "default".into(),
         action: Action::Regenerate,
@@ -346,6 +347,50 @@ pub(crate) async fn the_audit_trail_is_written_with_the_change_and_read_newest_f
     assert_eq!(first.len(), 2);
     let rest = store.events("default", Some(first[1].0), 2).await.unwrap();
     assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
+}
+
+pub(crate) async fn inactivity_policies_are_set_removed_and_audited_once(store: &dyn Store) {
+    let event = |policy: &str| AuditEvent {
+        action: Action::Inactivity,
+        token: None,
+        policy: Some(policy.to_owned()),
+        ..test_event()
+    };
+    assert!(store.inactivity_policies().await.unwrap().is_empty());
+    assert!(store
+        .set_inactivity_policy("b", Some("30d:disable"), event("30d:disable"))
+        .await
+        .unwrap());
+    assert!(store
+        .set_inactivity_policy("a", Some("90d:delete"), event("90d:delete"))
+        .await
+        .unwrap());
+    // The same again: nothing written, no event.
+    assert!(!store
+        .set_inactivity_policy("b", Some("30d:disable"), event("30d:disable"))
+        .await
+        .unwrap());
+    assert!(store
+        .set_inactivity_policy("b", Some("7d:disable"), event("7d:disable"))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.inactivity_policies().await.unwrap(),
+        [
+            ("a".to_owned(), "90d:delete".to_owned()),
+            ("b".to_owned(), "7d:disable".to_owned())
+        ]
+    );
+    assert!(store.set_inactivity_policy("a", None, event("off")).await.unwrap());
+    assert!(!store.set_inactivity_policy("a", None, event("off")).await.unwrap());
+    assert_eq!(store.inactivity_policies().await.unwrap().len(), 1);
+    // Each change is an event of the namespace the test event names, with
+    // its policy, newest first.
+    let namespace = test_event().namespace;
+    let events = store.events(&namespace, None, 10).await.unwrap();
+    let policies: Vec<_> = events.iter().map(|(_, e)| e.policy.clone().unwrap()).collect();
+    assert_eq!(policies, ["off", "7d:disable", "90d:delete", "30d:disable"]);
+    assert!(events.iter().all(|(_, e)| e.action == Action::Inactivity));
 }
 
 pub(crate) async fn the_last_addresses_are_five_distinct_the_latest_first(store: &dyn Store) {
@@ -977,6 +1022,7 @@ macro_rules! store_contract_tests {
             a_disabled_token_keeps_everything_and_is_enabled_again,
             conditions_are_kept_through_every_write,
             the_last_addresses_are_five_distinct_the_latest_first,
+            inactivity_policies_are_set_removed_and_audited_once,
             the_outbox_is_read_in_order_from_a_leased_cursor,
             expiry_warnings_are_given_once_per_lead_time);
     };

@@ -88,6 +88,8 @@ const LIST: Op = Op("list", "a list");
 const REPLACE: Op = Op("replace_digest", "a regeneration");
 const DELETE: Op = Op("delete", "a delete");
 const SET_DISABLED: Op = Op("set_disabled", "a disable or enable");
+const INACTIVITY_POLICIES: Op = Op("inactivity_policies", "a read of the inactivity policies");
+const SET_INACTIVITY_POLICY: Op = Op("set_inactivity_policy", "an inactivity policy change");
 const USAGE: Op = Op("record_usage", "a usage write");
 const EVENTS: Op = Op("events", "an audit read");
 const PRUNE: Op = Op("prune_events", "an audit pruning");
@@ -201,6 +203,14 @@ impl Store for Deadline {
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
         let call = self.inner.set_disabled(name, disabled, event);
         self.within(self.call, SET_DISABLED, call).await
+    }
+    async fn inactivity_policies(&self) -> Result<Vec<(String, String)>> {
+        self.within(self.call, INACTIVITY_POLICIES, self.inner.inactivity_policies())
+            .await
+    }
+    async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool> {
+        let call = self.inner.set_inactivity_policy(namespace, policy, event);
+        self.within(self.call, SET_INACTIVITY_POLICY, call).await
     }
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         self.within(self.call, USAGE, self.inner.record_usage(uses)).await

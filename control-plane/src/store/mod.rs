@@ -328,6 +328,8 @@ pub enum Action {
     Disable,
     /// Restored after a disable, with the same secret.
     Enable,
+    /// A namespace's inactivity policy set, or removed (`policy`).
+    Inactivity,
 }
 
 impl Action {
@@ -341,6 +343,7 @@ impl Action {
             Action::Expiring => "expiring",
             Action::Disable => "disable",
             Action::Enable => "enable",
+            Action::Inactivity => "inactivity",
         }
     }
 
@@ -354,6 +357,7 @@ impl Action {
             Action::Expiring,
             Action::Disable,
             Action::Enable,
+            Action::Inactivity,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -407,6 +411,8 @@ pub struct AuditEvent {
     pub credential: Option<Credential>,
     /// Tokens imported.
     pub count: Option<u32>,
+    /// An inactivity policy set (`90d:disable`), or `off` when removed.
+    pub policy: Option<String>,
 }
 
 /// What [`Store::set_disabled`] did.
@@ -461,6 +467,7 @@ pub(crate) fn warning_window(scan: &ExpiryScan) -> WarningWindow {
 /// The `expiring` event of `token` at `now`.
 pub(crate) fn expiring_event(token: &TokenRecord, now: Timestamp, actor: &str) -> AuditEvent {
     AuditEvent {
+        policy: None,
         time: now,
         namespace: token.namespace().to_owned(),
         action: Action::Expiring,
@@ -513,6 +520,15 @@ pub trait Store: Send + Sync {
     /// revision ([`StateSet::changed`] false). Like every write, refused
     /// while the store is behind the gateways, even then.
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>>;
+
+    /// Every namespace's own inactivity policy (`90d:disable`), as its
+    /// owners set it.
+    async fn inactivity_policies(&self) -> Result<Vec<(String, String)>>;
+
+    /// Sets `namespace`'s inactivity policy (`None`: removes it), with its
+    /// audit event in the same transaction; whether anything changed (the
+    /// same policy again writes nothing, no event).
+    async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool>;
     /// The latest use of each token named, recorded only while the token
     /// still has the secret that was used (current or previous): a use never
     /// lands on another token of the same name, created after a delete.

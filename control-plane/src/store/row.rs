@@ -21,7 +21,8 @@ pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_
 /// events) and its namespace (reads select by it), in the order of
 /// [`EventRow`].
 pub(super) const EVENT_FIELDS: &str = "time_seconds, time_nanos, action, token, actor, role, expire_seconds, \
-     expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential";
+     expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential, \
+     policy";
 /// `COLUMNS` and the last use, for the API's reads.
 pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 /// The `usage` columns a read selects after `COLUMNS`: the last use, then
@@ -231,6 +232,7 @@ pub(super) struct EventRow {
     pub(super) count: Option<u32>,
     pub(super) peer_address: Option<String>,
     pub(super) credential: Option<String>,
+    pub(super) policy: Option<String>,
 }
 
 impl EventRow {
@@ -250,6 +252,7 @@ impl EventRow {
             count: count.and_then(|c| u32::try_from(c).ok()),
             peer_address: r.at(13)?,
             credential: r.at(14)?,
+            policy: r.at(15)?,
         })
     }
 }
@@ -281,6 +284,7 @@ pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, Audit
         credential: parse_optional(row.credential.as_deref(), Credential::parse)
             .map_err(|()| corrupt("unknown credential"))?,
         count: row.count,
+        policy: row.policy,
     };
     Ok((u64::try_from(seq).unwrap_or(0), event))
 }

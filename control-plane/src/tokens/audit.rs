@@ -35,6 +35,7 @@ pub fn to_json(event: &AuditEvent) -> Value {
     put("peerAddress", event.peer_address.as_ref().map(|a| json!(a)));
     put("credential", event.credential.map(|c| json!(c.as_str())));
     put("count", event.count.map(|c| json!(c)));
+    put("policy", event.policy.as_ref().map(|p| json!(p)));
     Value::Object(out)
 }
 

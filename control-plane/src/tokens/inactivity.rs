@@ -1,9 +1,12 @@
-//! Inactive tokens (`serve --inactive-tokens [NAMESPACE=]DURATION:ACTION`):
-//! a token unused for that long (by its last use, or since its creation if
-//! it was never used) is disabled or deleted, as GitLab revokes inactive
-//! tokens. Off by default. Each one is a write like an owner's (audited, so
-//! announced in `apitokens:events` and to the webhooks), made by the tool
-//! `apitokens inactivity policy`.
+//! Inactive tokens: a token unused for a duration (by its last use, or since
+//! its creation if it was never used) is disabled or deleted, as GitLab
+//! revokes inactive tokens. Off by default. A namespace's owners pick its
+//! policy (`apitokens:inactivity`, stored and audited); the operator may set
+//! one for every namespace without one (`serve --inactive-tokens
+//! DURATION:ACTION`) and one per namespace that wins over the owners'
+//! (`NAMESPACE=DURATION:ACTION`, `NAMESPACE=off`). Each token acted on is a
+//! write like an owner's (audited, so announced in `apitokens:events` and to
+//! the webhooks), made by the tool `apitokens inactivity policy`.
 
 use super::caller::{self, Actor};
 use super::{Error, Service, Wait};
@@ -31,6 +34,66 @@ pub enum Action {
 pub struct Policy {
     pub after: Duration,
     pub action: Action,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Disable => "disable",
+            Action::Delete => "delete",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "disable" => Some(Action::Disable),
+            "delete" => Some(Action::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl Policy {
+    /// A duration of at least a day, with a unit (`90d`, `2160h`), at most
+    /// 100 years.
+    pub fn parse_after(text: &str) -> Option<Duration> {
+        clock::parse_duration(text).filter(|d| d.as_secs() >= 86_400 && d.as_secs() <= 36_500 * 86_400)
+    }
+
+    /// `DURATION:ACTION` (`90d:disable`), as stored and written back.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let (duration, action) = text.split_once(':').ok_or(PolicyError::Syntax)?;
+        let action = Action::parse(action).ok_or(PolicyError::Syntax)?;
+        let after = Self::parse_after(duration).ok_or(PolicyError::Duration)?;
+        Ok(Policy { after, action })
+    }
+
+    /// The duration in its largest whole unit (`90d`, `36h`, `90000s`).
+    pub fn after_text(&self) -> String {
+        let secs = self.after.as_secs();
+        if secs.is_multiple_of(86_400) {
+            format!("{}d", secs / 86_400)
+        } else if secs.is_multiple_of(3600) {
+            format!("{}h", secs / 3600)
+        } else {
+            format!("{secs}s")
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.after_text(), self.action.as_str())
+    }
+}
+
+/// Who set the policy a namespace has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetBy {
+    /// Its owners (`apitokens:inactivity`).
+    Namespace,
+    /// The operator (`serve --inactive-tokens`).
+    Operator,
 }
 
 /// The policies: one for every namespace, one per namespace (which wins,
@@ -68,16 +131,7 @@ impl Policies {
         let policy = if rest == "off" {
             None
         } else {
-            let (duration, action) = rest.split_once(':').ok_or(PolicyError::Syntax)?;
-            let action = match action {
-                "disable" => Action::Disable,
-                "delete" => Action::Delete,
-                _ => return Err(PolicyError::Syntax),
-            };
-            let after = clock::parse_duration(duration)
-                .filter(|d| d.as_secs() >= 86_400 && d.as_secs() <= 36_500 * 86_400)
-                .ok_or(PolicyError::Duration)?;
-            Some(Policy { after, action })
+            Some(Policy::parse(rest)?)
         };
         match namespace {
             Some(ns) => {
@@ -104,6 +158,33 @@ impl Policies {
 
     pub fn is_empty(&self) -> bool {
         self.every.is_none() && self.namespaces.values().all(Option::is_none)
+    }
+
+    /// The policy `namespace` has with `own` (its owners' policy, if any),
+    /// and who set it: the operator's for this namespace, else its
+    /// owners', else the operator's for every namespace.
+    pub fn effective(&self, namespace: &str, own: Option<Policy>) -> Option<(Policy, SetBy)> {
+        match (self.namespaces.get(namespace), own) {
+            (Some(operator), _) => operator.map(|p| (p, SetBy::Operator)),
+            (None, Some(own)) => Some((own, SetBy::Namespace)),
+            (None, None) => self.every.map(|p| (p, SetBy::Operator)),
+        }
+    }
+
+    /// These policies with the owners' (`stored`: namespace and policy)
+    /// where the operator named no policy of its own for the namespace.
+    /// A stored policy that does not read back is skipped (and logged).
+    pub fn with_owners(&self, stored: &[(String, String)]) -> Policies {
+        let mut all = self.clone();
+        for (namespace, text) in stored {
+            match Policy::parse(text) {
+                Ok(policy) => {
+                    all.namespaces.entry(namespace.clone()).or_insert(Some(policy));
+                }
+                Err(e) => tracing::warn!(namespace, "inactivity policy: the stored policy does not read: {e}"),
+            }
+        }
+        all
     }
 }
 
@@ -244,8 +325,9 @@ pub async fn sweep(service: &Service, policies: &Policies, now: Timestamp) -> Sw
     swept
 }
 
-/// Sweeps now and every `every` until `shutdown` changes. A failed sweep
-/// (the store down) is tried again at the next one.
+/// Sweeps now and every `every` until `shutdown` changes, with the
+/// operator's `policies` and the owners' as stored at each sweep. A failed
+/// sweep (the store down) is tried again at the next one.
 pub async fn run(
     service: std::sync::Arc<Service>,
     policies: Policies,
@@ -253,7 +335,12 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        sweep(&service, &policies, service.clock().now()).await;
+        match service.stored_inactivity_policies().await {
+            Ok(stored) => {
+                sweep(&service, &policies.with_owners(&stored), service.clock().now()).await;
+            }
+            Err(e) => tracing::warn!("inactivity policy: could not read the namespaces' policies: {e}"),
+        }
         if crate::clock::stopped_within(every, &mut shutdown).await {
             return;
         }

@@ -10,6 +10,7 @@
 
 use super::caller::{self, Actor, Lifetimes};
 use super::evidence::{self, AccessSummary};
+use super::inactivity::{Policy, SetBy};
 use super::rate::{Buckets, Rate};
 use super::secret::Secret;
 use super::{audit, Error};
@@ -51,6 +52,10 @@ pub struct ServiceOptions {
     /// The window of the evidence for least privilege, in days
     /// (`evidence`).
     pub evidence_days: u32,
+    /// The operator's inactivity policies (`serve --inactive-tokens`);
+    /// `None` where tokens' uses are not reported (no policy may be set:
+    /// every token would look unused).
+    pub inactivity: Option<super::inactivity::Policies>,
 }
 
 impl Default for ServiceOptions {
@@ -63,6 +68,7 @@ impl Default for ServiceOptions {
             report_rate: super::rate::DEFAULT_REPORT_RATE,
             clock: Clock::system(),
             evidence_days: super::evidence::DEFAULT_DAYS,
+            inactivity: None,
         }
     }
 }
@@ -256,6 +262,7 @@ fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Time
 /// An audit event of `actor` acting on `token` (or on the namespace).
 pub(super) fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, now: Timestamp) -> AuditEvent {
     AuditEvent {
+        policy: None,
         time: now,
         namespace: namespace.to_owned(),
         action,
@@ -848,6 +855,66 @@ impl Service {
                 addresses.remove(0);
             }
         }
+    }
+
+    /// The operator's inactivity policies; `None` where uses are not
+    /// reported (no policy applies).
+    pub fn inactivity_policies(&self) -> Option<&super::inactivity::Policies> {
+        self.opts.inactivity.as_ref()
+    }
+
+    /// Every namespace's own inactivity policy, as its owners set it.
+    pub async fn stored_inactivity_policies(&self) -> Result<Vec<(String, String)>, Error> {
+        Ok(self.store.inactivity_policies().await?)
+    }
+
+    /// The inactivity policy `namespace` has, and who set it; `None`: off.
+    pub async fn inactivity_policy(&self, namespace: &str) -> Result<Option<(Policy, SetBy)>, Error> {
+        check_namespace(namespace)?;
+        let Some(operator) = &self.opts.inactivity else {
+            return Ok(None);
+        };
+        let stored = self.store.inactivity_policies().await?;
+        let own = stored
+            .iter()
+            .find(|(ns, _)| ns == namespace)
+            .and_then(|(_, text)| Policy::parse(text).ok());
+        Ok(operator.effective(namespace, own))
+    }
+
+    /// Sets `namespace`'s own inactivity policy (`None`: removes it), by
+    /// its owner `actor`, audited (`apitoken.inactivity`, with the policy,
+    /// or `off`) unless nothing changed; the policy the namespace then has.
+    pub async fn set_inactivity_policy(
+        &self,
+        namespace: &str,
+        policy: Option<Policy>,
+        actor: &Actor,
+    ) -> Result<Option<(Policy, SetBy)>, Error> {
+        check_namespace(namespace)?;
+        if self.opts.inactivity.is_none() {
+            return Err(Error::Unsupported(
+                "this control plane receives no usage reports from the gateways: every token would look unused, so no inactivity policy may be set".to_owned(),
+            ));
+        }
+        self.admit(namespace, actor)?;
+        let text = policy.map(|p| p.to_string());
+        let mut audit = event(Action::Inactivity, namespace, None, actor, self.opts.clock.now());
+        audit.policy = Some(text.clone().unwrap_or_else(|| "off".to_owned()));
+        let changed = self
+            .store
+            .set_inactivity_policy(namespace, text.as_deref(), audit.clone())
+            .await?;
+        if changed {
+            audit::log(&audit);
+            self.tell_events_written();
+            tracing::info!(
+                namespace,
+                "inactivity policy of {namespace} set to {}",
+                audit.policy.as_deref().unwrap_or("off")
+            );
+        }
+        self.inactivity_policy(namespace).await
     }
 
     fn this_minute(&self) -> Timestamp {

@@ -49,6 +49,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_last_addresses",
         include_str!("../../../migrations/postgres/0010_last_addresses.sql"),
     ),
+    (
+        "0011_inactivity_policies",
+        include_str!("../../../migrations/postgres/0011_inactivity_policies.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

@@ -261,7 +261,7 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     tx.execute(
         &format!(
             "INSERT INTO events (namespace, {EVENT_FIELDS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         ),
         &[
             &e.namespace,
@@ -279,6 +279,7 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
             &e.count.map(i64::from),
             &e.peer_address,
             &e.credential.map(Credential::as_str),
+            &e.policy,
         ],
     )
     .await?;
@@ -466,6 +467,46 @@ impl Store for PostgresStore {
         let revision = log_changes(&tx, revision, &[name]).await?;
         tx.commit().await?;
         Ok(Some(revision))
+    }
+
+    async fn inactivity_policies(&self) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .conn()
+            .await?
+            .query(
+                "SELECT namespace, policy FROM inactivity_policies ORDER BY namespace",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?)
+    }
+
+    async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let changed = match policy {
+            Some(policy) => {
+                tx.execute(
+                    "INSERT INTO inactivity_policies (namespace, policy) VALUES ($1, $2)
+                     ON CONFLICT (namespace) DO UPDATE SET policy = excluded.policy
+                     WHERE inactivity_policies.policy <> excluded.policy",
+                    &[&namespace, &policy],
+                )
+                .await?
+            }
+            None => {
+                tx.execute("DELETE FROM inactivity_policies WHERE namespace = $1", &[&namespace])
+                    .await?
+            }
+        };
+        if changed > 0 {
+            record_event(&tx, &event).await?;
+        }
+        tx.commit().await?;
+        Ok(changed > 0)
     }
 
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>> {
@@ -705,7 +746,7 @@ impl Store for PostgresStore {
             .await?;
         rows.iter()
             .map(|r| {
-                let namespace: String = r.try_get(15)?;
+                let namespace: String = r.try_get(16)?;
                 decode_event(EventRow::read(r)?, &namespace)
             })
             .collect()
@@ -1056,6 +1097,7 @@ mod tests {
                 "ALTER TABLE tokens DROP COLUMN disabled;
                  ALTER TABLE tokens DROP COLUMN conditions;
                  ALTER TABLE usage DROP COLUMN addresses;
+                 DROP TABLE inactivity_policies; ALTER TABLE events DROP COLUMN policy;
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
                  ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
                      DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
@@ -1077,8 +1119,9 @@ mod tests {
             .unwrap()
             .get(0);
         // 6, then what came after it (7: the webhooks' outbox; 8: the
-        // evidence; 9: conditions; 10: the last addresses).
-        assert_eq!(applied, 10);
+        // evidence; 9: conditions; 10: the last addresses; 11: inactivity
+        // policies).
+        assert_eq!(applied, 11);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

@@ -228,7 +228,7 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     let (until_s, until_n) = split(e.previous_until);
     tx.prepare_cached(&format!(
         "INSERT INTO events (namespace, {EVENT_FIELDS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     ))?
     .execute(params![
         e.namespace,
@@ -246,6 +246,7 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
         e.count,
         e.peer_address,
         e.credential.map(Credential::as_str),
+        e.policy,
     ])?;
     Ok(())
 }
@@ -377,6 +378,38 @@ impl Store for SqliteStore {
             tx.execute("DELETE FROM usage WHERE name = ?1", [&name])?;
             record_event(tx, &event)?;
             commit_revision(tx, std::iter::once(name.as_str())).map(Some)
+        })
+        .await
+    }
+
+    async fn inactivity_policies(&self) -> Result<Vec<(String, String)>> {
+        self.read(|tx| {
+            read_all(
+                tx,
+                "SELECT namespace, policy FROM inactivity_policies ORDER BY namespace",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+    }
+
+    async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool> {
+        let (namespace, policy) = (namespace.to_owned(), policy.map(str::to_owned));
+        self.write(move |tx| {
+            let changed = match &policy {
+                Some(policy) => tx.execute(
+                    "INSERT INTO inactivity_policies (namespace, policy) VALUES (?1, ?2)
+                     ON CONFLICT (namespace) DO UPDATE SET policy = excluded.policy
+                     WHERE inactivity_policies.policy <> excluded.policy",
+                    params![namespace, policy],
+                )?,
+                None => tx.execute("DELETE FROM inactivity_policies WHERE namespace = ?1", [&namespace])?,
+            };
+            if changed > 0 {
+                record_event(tx, &event)?;
+            }
+            Ok(changed > 0)
         })
         .await
     }
@@ -554,7 +587,7 @@ impl Store for SqliteStore {
             let after = i64::try_from(after).unwrap_or(i64::MAX);
             let sql = format!("SELECT seq, {EVENT_FIELDS}, namespace FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
             read_all(tx, &sql, params![after, limit], |r| {
-                let namespace: String = r.at(15)?;
+                let namespace: String = r.at(16)?;
                 decode_event(EventRow::read(r)?, &namespace)
             })
         })

@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 10;
+const SCHEMA_VERSION: i64 = 11;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -142,6 +142,16 @@ const SCHEMA_10: &str = "
 ALTER TABLE usage ADD COLUMN addresses TEXT;
 ";
 
+/// Version 11: each namespace's own inactivity policy, and the policy an
+/// audit event set.
+const SCHEMA_11: &str = "
+CREATE TABLE inactivity_policies (
+    namespace TEXT PRIMARY KEY NOT NULL,
+    policy    TEXT NOT NULL
+);
+ALTER TABLE events ADD COLUMN policy TEXT;
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -185,7 +195,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4..=9 | SCHEMA_VERSION => {}
+        4..=10 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -213,6 +223,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 10 {
         tx.execute_batch(SCHEMA_10)?;
+    }
+    if version < 11 {
+        tx.execute_batch(SCHEMA_11)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -353,6 +366,9 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
     }
 
+    /// Undoes version 11, for a database as an older release left it.
+    const DROP_POLICIES: &str = "DROP TABLE inactivity_policies; ALTER TABLE events DROP COLUMN policy;";
+
     /// Undoes version 10, for a database as an older release left it.
     const DROP_ADDRESSES: &str = "ALTER TABLE usage DROP COLUMN addresses;";
 
@@ -379,7 +395,7 @@ mod tests {
             store.record_usage(vec![used(100, Vec::new())]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_ADDRESSES} PRAGMA user_version = 9;"))
+        conn.execute_batch(&format!("{DROP_POLICIES} {DROP_ADDRESSES} PRAGMA user_version = 9;"))
             .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
@@ -414,8 +430,10 @@ mod tests {
             store.insert(vec![record], None, vec![]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_ADDRESSES} {DROP_CONDITIONS} PRAGMA user_version = 8;"))
-            .unwrap();
+        conn.execute_batch(&format!(
+            "{DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} PRAGMA user_version = 8;"
+        ))
+        .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.get(name).await.unwrap().unwrap().conditions, None);
@@ -463,7 +481,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "{DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"
+            "{DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"
         ))
         .unwrap();
         drop(conn);
@@ -495,7 +513,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
+            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
         ))
         .unwrap();
         drop(conn);
@@ -522,7 +540,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
-             {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
+             {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
         ))
         .unwrap();
         drop(conn);
