@@ -332,10 +332,10 @@ fn describe_body_error(e: &serde_json::Error) -> String {
     described
 }
 
-/// A JSON object body, required.
 /// The collection's actions (`apitokens:events`, ...).
 const COLLECTION_ACTIONS: [&str; 3] = ["events", "self", "inactivity"];
 
+/// A JSON object body, required.
 pub(crate) struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {

@@ -2498,7 +2498,7 @@ async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_ap
         (StatusCode::OK, &json!({"inactivityPolicy": null}))
     );
     // Set by an owner: answered as the namespace has it now, audited once.
-    let body = json!({"after": "720h", "action": "disable"}).to_string();
+    let body = json!({"after": "30d", "action": "disable"}).to_string();
     for _ in 0..2 {
         let a = f.call("PUT", POLICY, Some(&f.owner), Some(&body)).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
@@ -2524,6 +2524,9 @@ async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_ap
     for (bad, field) in [
         (json!({"after": "12h", "action": "disable"}), Some("after")),
         (json!({"after": "90", "action": "disable"}), Some("after")),
+        (json!({"after": "720h", "action": "disable"}), Some("after")),
+        (json!({"after": "090d", "action": "disable"}), Some("after")),
+        (json!({"after": "36501d", "action": "disable"}), Some("after")),
         (json!({"after": "90d", "action": "revoke"}), Some("action")),
         (json!({"after": "90d"}), None),
         (json!({"after": "90d", "action": "disable", "when": "now"}), None),
@@ -2592,5 +2595,18 @@ async fn no_inactivity_policy_without_usage_reports() {
         a.body["message"].as_str().unwrap().contains("usage reports"),
         "{}",
         a.raw
+    );
+    // A removal is always taken.
+    let a = f
+        .call(
+            "DELETE",
+            "/apitokens/v1/namespaces/default/apitokens:inactivity",
+            Some(&f.owner),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body),
+        (StatusCode::OK, &json!({"inactivityPolicy": null}))
     );
 }

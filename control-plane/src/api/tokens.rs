@@ -494,10 +494,18 @@ pub(crate) async fn set_inactivity(
     caller: Allowed,
     JsonBody(body): JsonBody<InactivityBody>,
 ) -> Result<Response, AppError> {
-    let after = Policy::parse_after(&body.after).ok_or(AppError::BadField {
-        field: "after",
-        problem: "must be a duration of at least one day, with a unit (90d, 2160h), at most 36500d",
-    })?;
+    // Whole days, as the document says (`90d`): the operator's flag also
+    // takes other units.
+    let days = body
+        .after
+        .strip_suffix('d')
+        .filter(|n| n.starts_with(|c: char| ('1'..='9').contains(&c)) && n.chars().all(|c| c.is_ascii_digit()));
+    let after = days
+        .and_then(|_| Policy::parse_after(&body.after))
+        .ok_or(AppError::BadField {
+            field: "after",
+            problem: "must be a number of days from 1d to 36500d",
+        })?;
     let action = InactivityAction::parse(&body.action).ok_or(AppError::BadField {
         field: "action",
         problem: "must be disable or delete",

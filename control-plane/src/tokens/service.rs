@@ -892,7 +892,9 @@ impl Service {
         actor: &Actor,
     ) -> Result<Option<(Policy, SetBy)>, Error> {
         check_namespace(namespace)?;
-        if self.opts.inactivity.is_none() {
+        // (A removal is always taken: a policy stored while uses were
+        // reported would apply again once they are.)
+        if policy.is_some() && self.opts.inactivity.is_none() {
             return Err(Error::Unsupported(
                 "this control plane receives no usage reports from the gateways: every token would look unused, so no inactivity policy may be set".to_owned(),
             ));

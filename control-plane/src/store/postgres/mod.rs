@@ -487,6 +487,10 @@ impl Store for PostgresStore {
     async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
+        // Under the write lock, as every event: events commit in the order
+        // of their numbers, the order the webhooks' outbox reads them in.
+        tx.execute("SELECT 1 FROM store_state WHERE id = 1 FOR UPDATE", &[])
+            .await?;
         let changed = match policy {
             Some(policy) => {
                 tx.execute(
