@@ -14,7 +14,7 @@ use crate::denial::{Counter, Denial, Refusal};
 use crate::overrides::{
     self, OverrideMethod, UrlOverrides, BODY_OVERRIDE_METHODS, METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS,
 };
-use crate::ratelimit::{self, Throttled};
+use crate::ratelimit::{self, Decision, RateLimit, Throttled};
 use crate::reply::Reply;
 use crate::role::RoleSet;
 use crate::table::{Overlay, Token};
@@ -144,7 +144,7 @@ pub fn on_request_headers<H: Host>(host: &mut H, config: &Config, overlay: Optio
         // against the token's rate.
         match token.conditions().and_then(|c| c.rate_limit()) {
             None => None,
-            Some(limit) => match ratelimit::take(host, token.name(), limit) {
+            Some(limit) => match take(host, token.name(), limit) {
                 Ok(None) => None,
                 Ok(Some(throttled)) => Some((Denial::RateLimited.into(), Some(throttled))),
                 // Shared data failed: fail closed, as for any host failure.
@@ -369,4 +369,61 @@ fn deny<H: Host>(
         }
     }
     Verdict::Stop
+}
+
+/// How often a swap is tried before the request is refused as if the
+/// limit were reached (never admitted uncounted). Each failed swap is
+/// another worker's request counted, so this many in a row means the
+/// token is being used at several workers at once, at its limit.
+const ATTEMPTS: usize = 16;
+
+/// The shared-data key's prefix; the token's full name follows.
+const KEY_PREFIX: &str = "apitokens.rate.";
+
+/// Counts one request against `limit` for the token named `name`, in the
+/// shared data every worker of this proxy sees. `Ok(None)` if it passes;
+/// `Err` if the host failed (the caller fails closed).
+fn take<H: Host>(host: &mut H, name: &str, limit: RateLimit) -> Result<Option<Throttled>, HostError> {
+    let now = host.now().and_then(ratelimit::nanos).ok_or(HostError)?;
+    let mut key = String::with_capacity(KEY_PREFIX.len() + name.len());
+    key.push_str(KEY_PREFIX);
+    key.push_str(name);
+    for _ in 0..ATTEMPTS {
+        let Some((value, version)) = host.shared(&key)? else {
+            // First use at this proxy: store "never used" unconditionally,
+            // then swap as always. (Proxy-wasm has no create-if-absent: a
+            // worker that read "missing" just before another stored and
+            // swapped overwrites that count, so on a token's very first
+            // requests at a gateway, the requests other workers admitted
+            // in that window may go uncounted. Storing the first TAT
+            // itself unconditionally would lose one on every such race.)
+            host.set_shared(&key, &0u64.to_le_bytes(), 0)?;
+            continue;
+        };
+        // Anything but 8 bytes was not written by this module: read as
+        // never used, and overwritten by the swap.
+        let stored = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_le_bytes);
+        let tat = limit.cap(stored, now);
+        match limit.decide(tat, now) {
+            Decision::Refuse(throttled) => {
+                if tat != stored && version != 0 {
+                    // Best effort: whoever swapped first stored a TAT of
+                    // its own, within the limit.
+                    host.set_shared(&key, &tat.to_le_bytes(), version)?;
+                }
+                return Ok(Some(throttled));
+            }
+            Decision::Admit(next) => {
+                // A version of 0 would store unconditionally: Envoy never
+                // hands one out, and a host that did gets no blind write.
+                if version != 0 && host.set_shared(&key, &next.to_le_bytes(), version)? {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    Ok(Some(Throttled {
+        limit,
+        wait_nanos: limit.interval(),
+    }))
 }

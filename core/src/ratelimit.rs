@@ -13,32 +13,23 @@
 //! store per Envoy process and `vm_id`, every worker's VM sees it) and to
 //! update with compare-and-swap: read the TAT and its version, decide, and
 //! store the new TAT only if no other worker stored one in between, else
-//! read again. Each admitted request is one successful swap, so the limit
-//! holds exactly whatever the number of workers; it is not shared across
+//! read again (the loop is the request flow's, `gate`, against its host).
+//! Each admitted request is one successful swap, so the limit holds
+//! exactly whatever the number of workers; it is not shared across
 //! gateways (for that, Envoy's global rate-limit filter, see
 //! `envoy/envoy-global-ratelimit.yaml`).
 //!
-//! Only requests the token's rules admit are counted: a refused request
-//! never reaches the upstream the limit protects.
+//! Only requests that go on to the upstream are counted: one the token's
+//! rules refuse never reaches the upstream the limit protects.
 
 use crate::error::ConfigError;
-use crate::gate::{Host, HostError};
 use crate::spec::RateLimitSpec;
 use crate::timestamp::Timestamp;
 
 /// The most requests per period a limit may state (one per microsecond).
 pub const MAX_REQUESTS: u32 = 1_000_000;
 
-/// How often a swap is tried before the request is refused as if the
-/// limit were reached (never admitted uncounted). Each failed swap is
-/// another worker's request counted, so this many in a row means the
-/// token is being used at several workers at once, at its limit.
-const ATTEMPTS: usize = 16;
-
-/// The shared-data key's prefix; the token's full name follows.
-const KEY_PREFIX: &str = "apitokens.rate.";
-
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
+pub(crate) const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// The period a limit's requests are counted over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -141,7 +132,7 @@ impl RateLimit {
 
     /// Nanoseconds between two requests at the limit's rate (at least
     /// 1,000: [`MAX_REQUESTS`] per second).
-    fn interval(&self) -> u64 {
+    pub(crate) fn interval(&self) -> u64 {
         u64::from(self.per.seconds()) * NANOS_PER_SECOND / u64::from(self.requests.max(1))
     }
 
@@ -226,59 +217,11 @@ impl Throttled {
     pub const HEADERS: [&'static str; 3] = ["retry-after", "ratelimit-policy", "ratelimit"];
 }
 
-/// Counts one request against `limit` for the token named `name`, in the
-/// shared data every worker of this proxy sees. `Ok(None)` if it passes;
-/// `Err` if the host failed (the caller fails closed).
-pub fn take<H: Host>(host: &mut H, name: &str, limit: RateLimit) -> Result<Option<Throttled>, HostError> {
-    let now = host.now().ok_or(HostError).and_then(nanos)?;
-    let mut key = String::with_capacity(KEY_PREFIX.len() + name.len());
-    key.push_str(KEY_PREFIX);
-    key.push_str(name);
-    for _ in 0..ATTEMPTS {
-        let Some((value, version)) = host.shared(&key)? else {
-            // First use at this proxy: store "never used" unconditionally,
-            // then swap as always. (Proxy-wasm has no create-if-absent: a
-            // worker that read "missing" just before another stored and
-            // swapped overwrites that count, so on a token's very first
-            // requests at a gateway, the requests other workers admitted
-            // in that window may go uncounted. Storing the first TAT
-            // itself unconditionally would lose one on every such race.)
-            host.set_shared(&key, &0u64.to_le_bytes(), 0)?;
-            continue;
-        };
-        // Anything but 8 bytes was not written by this module: read as
-        // never used, and overwritten by the swap.
-        let stored = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_le_bytes);
-        let tat = limit.cap(stored, now);
-        match limit.decide(tat, now) {
-            Decision::Refuse(throttled) => {
-                if tat != stored && version != 0 {
-                    // Best effort: whoever swapped first stored a TAT of
-                    // its own, within the limit.
-                    host.set_shared(&key, &tat.to_le_bytes(), version)?;
-                }
-                return Ok(Some(throttled));
-            }
-            Decision::Admit(next) => {
-                // A version of 0 would store unconditionally: Envoy never
-                // hands one out, and a host that did gets no blind write.
-                if version != 0 && host.set_shared(&key, &next.to_le_bytes(), version)? {
-                    return Ok(None);
-                }
-            }
-        }
-    }
-    Ok(Some(Throttled {
-        limit,
-        wait_nanos: limit.interval(),
-    }))
-}
-
-fn nanos(t: Timestamp) -> Result<u64, HostError> {
-    let secs = u64::try_from(t.unix_seconds()).map_err(|_| HostError)?;
-    secs.checked_mul(NANOS_PER_SECOND)
-        .and_then(|n| n.checked_add(u64::from(t.subsec_nanos())))
-        .ok_or(HostError)
+/// `t` in nanoseconds since the Unix epoch; `None` before it or past u64.
+pub(crate) fn nanos(t: Timestamp) -> Option<u64> {
+    let secs = u64::try_from(t.unix_seconds()).ok()?;
+    secs.checked_mul(NANOS_PER_SECOND)?
+        .checked_add(u64::from(t.subsec_nanos()))
 }
 
 #[cfg(test)]

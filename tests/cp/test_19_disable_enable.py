@@ -13,7 +13,7 @@ import time
 import pytest
 
 from testkit import checks
-from testkit.controlplane import APP, ControlPlane, create, ecds_envoy, reporting_every_second, tokens_path, version_of
+from testkit.controlplane import APP, create, reporting_plane, stop_reporting_plane, tokens_path, version_of
 from testkit.harness import poll, remember_secret
 
 NODE = "disable-envoy"
@@ -24,15 +24,9 @@ INVALID_TOKEN = 'Bearer realm="apitokens", error="invalid_token"'
 def plane(workdir, upstream):
     """A control plane whose filters report usage every second, and its
     Envoy on the shipped configuration with a JSON access log."""
-    base = reporting_every_second(workdir / "plugin-disable.json")
-    cp = ControlPlane(workdir / "cp-disable", name="cp-disable", plugin_config=base)
-    cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
-    cp.start("--usage-flush-seconds", "1")
-    envoy = ecds_envoy(workdir, cp, upstream, NODE)
-    cp.envoy = envoy  # type: ignore[attr-defined]
+    cp = reporting_plane(workdir, upstream, "cp-disable", NODE)
     yield cp
-    envoy.stop()
-    cp.stop()
+    stop_reporting_plane(cp)
 
 
 def act(plane, token_id: str, action: str, body=None):

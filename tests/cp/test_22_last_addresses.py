@@ -10,7 +10,7 @@ import time
 import pytest
 
 from testkit.clients import request
-from testkit.controlplane import APP, ControlPlane, create, ecds_envoy, reporting_every_second, tokens_path
+from testkit.controlplane import APP, create, reporting_plane, stop_reporting_plane, tokens_path
 from testkit.harness import poll, remember_secret
 
 NODE = "addresses-envoy"
@@ -18,17 +18,11 @@ NODE = "addresses-envoy"
 
 @pytest.fixture(scope="module")
 def plane(workdir, upstream):
-    """A control plane whose filters report usage every second, written to
-    its store every second."""
-    base = reporting_every_second(workdir / "plugin-addresses.json")
-    cp = ControlPlane(workdir / "cp-addresses", name="cp-addresses", plugin_config=base)
-    cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
-    cp.start("--usage-flush-seconds", "1")
-    envoy = ecds_envoy(workdir, cp, upstream, NODE)
-    cp.envoy = envoy  # type: ignore[attr-defined]
+    """A control plane whose filters report usage every second, and its
+    Envoy on the shipped configuration with a JSON access log."""
+    cp = reporting_plane(workdir, upstream, "cp-addresses", NODE)
     yield cp
-    envoy.stop()
-    cp.stop()
+    stop_reporting_plane(cp)
 
 
 def last_addresses(plane, token_id: str) -> list[str]:

@@ -143,6 +143,15 @@ impl Fixture {
         }
     }
 
+    /// Writes the uses remembered so far to the store (as `run_usage` does
+    /// on its timer).
+    async fn flush_uses(&self) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let flusher = tokio::spawn(Arc::clone(&self.state.service).run_usage(Duration::from_secs(3600), stop_rx));
+        stop_tx.send(true).unwrap();
+        flusher.await.unwrap();
+    }
+
     async fn create(&self, id: &str, role: &str) -> Answer {
         let body = json!({"name": format!("namespaces/default/apitokens/{id}"), "role": role}).to_string();
         self.call(
@@ -1709,12 +1718,6 @@ async fn reported_addresses_become_the_last_five_distinct_the_latest_first() {
         .to_owned();
     let digest = Digest::of(secret.as_bytes());
     let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
-    let flush = || async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
-        stop_tx.send(true).unwrap();
-        flusher.await.unwrap();
-    };
     let addresses = |got: &Answer| -> Vec<(String, String)> {
         got.body["apiToken"]["lastAddresses"]
             .as_array()
@@ -1748,7 +1751,7 @@ async fn reported_addresses_become_the_last_five_distinct_the_latest_first() {
             (Digest([7; 32]), ip("10.0.0.3")),
         ],
     );
-    flush().await;
+    f.flush_uses().await;
     let t0 = "2027-01-15T08:00:00Z".to_owned();
     assert_eq!(
         addresses(&get().await),
@@ -1763,7 +1766,7 @@ async fn reported_addresses_become_the_last_five_distinct_the_latest_first() {
         .map(|a| (digest, ip(a)))
         .collect();
     f.state.service.record_seen(&f.store.lineage(), &later);
-    flush().await;
+    f.flush_uses().await;
     let got = addresses(&get().await);
     assert_eq!(got.len(), 5, "{got:?}");
     assert!(got.iter().all(|(_, t)| *t == t1), "{got:?}");
@@ -1791,26 +1794,20 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
         .unwrap()
         .to_owned();
     let digest = Digest::of(secret.as_bytes());
-    let flush = || async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
-        stop_tx.send(true).unwrap();
-        flusher.await.unwrap();
-    };
     let access = || async {
         let got = f.call("GET", &format!("{COLLECTION}/ci"), Some(&f.owner), None).await;
         got.body["apiToken"].get("access").cloned()
     };
     // Used by a filter that reports no access: no claim.
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(access().await, None);
     // Past that use's window, reports from filters that say what was done.
     clock.advance(Duration::from_secs(31 * 86_400));
     let read = Access::admitted(Kind::Read, RoleSet::ALL).bits();
     let write = Access::admitted(Kind::Write, RoleSet::NONE.with(Role::Editor).with(Role::Owner)).bits();
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[read]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(
         access().await,
         Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": true, "narrowestRole": "viewer"}))
@@ -1818,7 +1815,7 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     // A write in the same minute is new evidence: written, not skipped as
     // the minute's use already written.
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[write]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(
         access().await,
         Some(serde_json::json!({"days": 30, "kinds": ["read", "write"], "complete": true, "narrowestRole": "editor"}))
@@ -1826,7 +1823,7 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     // A month and a day later, only reads since: the write is forgotten.
     clock.advance(Duration::from_secs(31 * 86_400));
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[read]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(
         access().await,
         Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": true, "narrowestRole": "viewer"}))
@@ -1835,7 +1832,7 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     // role is suggested while it is in the window.
     clock.advance(Duration::from_secs(120));
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(
         access().await,
         Some(serde_json::json!({"days": 30, "kinds": ["read"], "complete": false}))
@@ -1853,26 +1850,20 @@ async fn a_token_used_again_within_the_minute_costs_no_second_write() {
     };
     let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
     let digest = Digest::of(f.owner.as_bytes());
-    let flush = || async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
-        stop_tx.send(true).unwrap();
-        flusher.await.unwrap();
-    };
     let writes = || store.2.load(std::sync::atomic::Ordering::SeqCst);
     // Reports from many filters, flushed again and again within a minute.
     let before = writes();
     for _ in 0..5 {
         f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
         f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
-        flush().await;
+        f.flush_uses().await;
         clock.advance(Duration::from_secs(5));
     }
     assert_eq!(writes() - before, 1, "one write for one token's uses within a minute");
     // The next minute's use is written again.
     clock.advance(Duration::from_secs(60));
     f.state.service.record_use(&f.store.lineage(), &digest.0, &[]);
-    flush().await;
+    f.flush_uses().await;
     assert_eq!(writes() - before, 2, "a use in the next minute is written");
     let got = f.call("GET", COLLECTION, Some(&f.owner), None).await;
     let used = got.body["apiTokens"][0]["lastUseTime"].as_str().unwrap().to_owned();
@@ -2545,10 +2536,7 @@ async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_ap
     // own calls to the API).
     clock.advance(Duration::from_secs(31 * 86_400));
     assert_eq!(get().await.status, StatusCode::OK);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let flusher = tokio::spawn(Arc::clone(&f.state.service).run_usage(Duration::from_secs(3600), stop_rx));
-    stop_tx.send(true).unwrap();
-    flusher.await.unwrap();
+    f.flush_uses().await;
     let stored = f.state.service.stored_inactivity_policies().await.unwrap();
     let swept = inactivity::sweep(&f.state.service, &operator.with_owners(&stored), clock.now()).await;
     assert_eq!(

@@ -328,3 +328,20 @@ def ecds_envoy(workdir: Path, cp: ControlPlane, upstream, node: str) -> "harness
     envoy.start()
     poll(lambda: cp.envoy_status(node).get("ackedVersion"), 15, f"first ACK from {node}")
     return envoy
+
+
+def reporting_plane(workdir: Path, upstream, name: str, node: str) -> ControlPlane:
+    """A started control plane whose filters report usage every second,
+    written to its store every second, with the owner of `default` (`owner`)
+    and its Envoy (`envoy`, `ecds_envoy`); stop both with `stop_reporting_plane`."""
+    base = reporting_every_second(workdir / f"plugin-{name}.json")
+    cp = ControlPlane(workdir / name, name=name, plugin_config=base)
+    cp.owner = cp.bootstrap("default", "admin")  # type: ignore[attr-defined]
+    cp.start("--usage-flush-seconds", "1")
+    cp.envoy = ecds_envoy(workdir, cp, upstream, node)  # type: ignore[attr-defined]
+    return cp
+
+
+def stop_reporting_plane(cp: ControlPlane) -> None:
+    cp.envoy.stop()  # type: ignore[attr-defined]
+    cp.stop()
