@@ -122,6 +122,8 @@ def test_every_documented_operation_answers_as_documented(plane, document):
             {"name": "namespaces/default/apitokens/contract-made", "role": "editor", "createTime": None,
              "secret": None, "expireTime": "2030-01-01T00:00:00+02:00"}, 200),
         ("/apitokens/v1/namespaces/{ns}/apitokens/{apiTokenName}", "get"): (item, None, 200),
+        ("/apitokens/v1/namespaces/{ns}/apitokens/{apiTokenName}", "patch"): (
+            item, {"rateLimit": {"requests": 600, "per": "minute"}, "notBeforeTime": None}, 200),
         ("/apitokens/v1/namespaces/{ns}/apitokens/{apiTokenName}", "delete"): (
             tokens_path("default", "contract-doomed"), None, 200),
         ("/apitokens/v1/namespaces/{ns}/apitokens/{apiTokenName}:regenerate", "post"): (

@@ -52,8 +52,10 @@ MAX_EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "50"))
 # beyond those schemathesis expects by default: the rules no JSON Schema
 # states (a create's name must name the path's namespace and its expireTime
 # be in the future and within the caller's bounds; a previousSecretTtl at
-# most 604800s; a pageToken this list handed out).
-POSITIVE_400 = ["createApiTokenUsingPOST", "regenerateApiTokenUsingPOST", "listApiTokenEventsUsingGET"]
+# most 604800s; a pageToken this list handed out; an address range that is
+# one, a notBeforeTime before the token's expiry).
+POSITIVE_400 = ["createApiTokenUsingPOST", "regenerateApiTokenUsingPOST", "listApiTokenEventsUsingGET",
+                "updateApiTokenConditionsUsingPATCH"]
 DNS = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 SEEDED = [f"seed-{i:04d}" for i in range(0, SEEDED_DEFAULT, 37)]
 

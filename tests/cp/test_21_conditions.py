@@ -85,3 +85,31 @@ def test_bad_conditions_are_a_400_naming_the_field_and_change_nothing(plane):
         assert r.status == 400, r
         assert r.json()["field"] == field, r.json()
     assert plane.api("GET", tokens_path(), plane.owner).json()["apiTokens"] == before
+
+
+def test_conditions_changed_by_a_patch_decide_the_very_next_request(plane):
+    """PATCH .../apitokens/{token}: a merge patch of the conditions, through
+    Envoy; its answer comes once every Envoy applied it."""
+    secret, _ = issue(plane, "roamer", clientAddresses={"allow": ["10.0.0.0/8"]})
+    assert details(plane, secret, "upd-elsewhere") == (403, "apitokens_address_denied")
+
+    def patch(body: dict) -> dict:
+        r = plane.envoy.get(tokens_path(token="roamer"), plane.owner, method="PATCH", body=body)
+        assert r.status == 200, r
+        assert r.headers["x-apitokens-applied"] == "true", r.headers
+        return r.json()["apiToken"]
+
+    # The ranges lifted, a rate limit of one at once: the next request
+    # passes, the one after is over the limit.
+    view = patch({"clientAddresses": None, "rateLimit": {"requests": 2, "per": "minute", "burst": 1}})
+    assert "clientAddresses" not in view and view["rateLimit"]["burst"] == 1, view
+    assert details(plane, secret, "upd-first") == (200, "via_upstream")
+    assert details(plane, secret, "upd-over") == (429, "apitokens_rate_limited")
+    # The limit removed: passes again at once.
+    assert "rateLimit" not in patch({"rateLimit": None})
+    assert details(plane, secret, "upd-free") == (200, "via_upstream")
+    # Audited with the conditions each change set.
+    events = plane.api("GET", tokens_path() + ":events", plane.owner).json()["events"]
+    updates = [e for e in events if e["event"] == "apitoken.update" and e["token"].endswith("/roamer")]
+    assert [e["conditions"] for e in updates] == [
+        {}, {"rateLimit": {"requests": 2, "per": "minute", "burst": 1}}], updates

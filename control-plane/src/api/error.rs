@@ -142,7 +142,7 @@ impl IntoResponse for AppError {
                 tokens::Error::Forbidden(_) => error_response(StatusCode::FORBIDDEN, &message, None),
                 tokens::Error::NotFound(_) => error_response(StatusCode::NOT_FOUND, &message, None),
                 tokens::Error::AlreadyExists(_) => error_response(StatusCode::CONFLICT, &message, Some("name")),
-                tokens::Error::Unsupported(_) => error_response(StatusCode::CONFLICT, &message, None),
+                tokens::Error::Conflict(_) => error_response(StatusCode::CONFLICT, &message, None),
                 // Two 429s that `/metrics` tells apart.
                 tokens::Error::QuotaExceeded { .. } => {
                     let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, &message, None);

@@ -96,7 +96,7 @@ impl Route {
             Self::Collection { .. } => "GET, POST",
             Self::CollectionAction { action, .. } if action == "inactivity" => super::INACTIVITY_METHODS,
             Self::CollectionAction { .. } => "GET",
-            Self::Item { .. } => "GET, DELETE",
+            Self::Item { .. } => "GET, PATCH, DELETE",
             Self::Action { .. } => "POST",
         }
     }
@@ -108,7 +108,7 @@ impl Route {
                 method == Method::GET || method == Method::PUT || method == Method::DELETE
             }
             Self::CollectionAction { .. } => method == Method::GET,
-            Self::Item { .. } => method == Method::GET || method == Method::DELETE,
+            Self::Item { .. } => method == Method::GET || method == Method::PATCH || method == Method::DELETE,
             Self::Action { .. } => method == Method::POST,
         }
     }

@@ -112,6 +112,7 @@ pub fn app(state: Arc<AppState>, with_status: bool) -> Router {
         .route(
             &item,
             get(tokens::get)
+                .patch(tokens::update)
                 .delete(tokens::delete)
                 .post(tokens::action)
                 .fallback(tokens::item_method_not_allowed),

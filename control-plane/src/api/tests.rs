@@ -1307,6 +1307,15 @@ impl Store for ChangesFail {
     async fn delete(&self, name: &str, event: AuditEvent) -> Result<Option<Revision>, StoreError> {
         self.0.delete(name, event).await
     }
+    async fn set_conditions(
+        &self,
+        name: &str,
+        expected: Option<apitokens_core::conditions::Packed>,
+        new: Option<apitokens_core::conditions::Packed>,
+        event: AuditEvent,
+    ) -> Result<Option<crate::store::StateSet>, StoreError> {
+        self.0.set_conditions(name, expected, new, event).await
+    }
     async fn inactivity_policies(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.0.inactivity_policies().await
     }
@@ -2597,4 +2606,120 @@ async fn no_inactivity_policy_without_usage_reports() {
         (a.status, &a.body),
         (StatusCode::OK, &json!({"inactivityPolicy": null}))
     );
+}
+
+#[tokio::test]
+async fn a_tokens_conditions_change_as_a_merge_patch_audited_and_pushed() {
+    let f = fixture().await;
+    let body = json!({"name": "namespaces/default/apitokens/office", "role": "editor",
+                      "clientAddresses": {"allow": ["10.0.0.0/8"]}})
+    .to_string();
+    let a = f.call("POST", COLLECTION, Some(&f.owner), Some(&body)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let secret = a.body["apiToken"]["secret"].as_str().unwrap().to_owned();
+    let item = format!("{COLLECTION}/office");
+    let patch = |body: Value| {
+        let item = item.clone();
+        let f = &f;
+        async move { f.call("PATCH", &item, Some(&f.owner), Some(&body.to_string())).await }
+    };
+    // A rate limit added; the addresses, left out, stay.
+    let a = patch(json!({"rateLimit": {"requests": 10, "per": "second"}})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    let token = &a.body["apiToken"];
+    assert_eq!(token["clientAddresses"], json!({"allow": ["10.0.0.0/8"]}));
+    assert_eq!(
+        token["rateLimit"],
+        json!({"requests": 10, "per": "second", "burst": 10})
+    );
+    assert!(token.get("secret").is_none());
+    // In the table every Envoy gets.
+    let pushed = f.publisher.current();
+    let conditions = pushed
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .conditions()
+        .unwrap();
+    assert_eq!(conditions.rate_limit().map(|l| l.requests), Some(10));
+    assert!(conditions.admits("10.1.2.3".parse().unwrap()));
+    // The addresses removed (null), a not-before time set.
+    let a = patch(json!({"clientAddresses": null, "notBeforeTime": "2026-01-01T00:00:00Z"})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    assert!(a.body["apiToken"].get("clientAddresses").is_none(), "{}", a.raw);
+    assert_eq!(a.body["apiToken"]["notBeforeTime"], "2026-01-01T00:00:00Z");
+    assert!(f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .conditions()
+        .unwrap()
+        .admits("192.0.2.1".parse().unwrap()));
+    // Every condition removed: none left, in the table too.
+    let a = patch(json!({"notBeforeTime": null, "rateLimit": null})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.raw);
+    for field in ["notBeforeTime", "rateLimit", "clientAddresses"] {
+        assert!(a.body["apiToken"].get(field).is_none(), "{field}: {}", a.raw);
+    }
+    assert!(f
+        .publisher
+        .current()
+        .token(&Digest::of(secret.as_bytes()))
+        .unwrap()
+        .conditions()
+        .is_none());
+    // Each change audited with the conditions it set; the same again (an
+    // empty patch) writes nothing.
+    assert_eq!(patch(json!({})).await.status, StatusCode::OK);
+    let events = f
+        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
+        .await;
+    let updates: Vec<&Value> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "apitoken.update")
+        .collect();
+    assert_eq!(updates.len(), 3, "{updates:?}");
+    assert_eq!(updates[0]["conditions"], json!({}));
+    assert_eq!(
+        updates[2]["conditions"],
+        json!({"clientAddresses": {"allow": ["10.0.0.0/8"]}, "rateLimit": {"requests": 10, "per": "second", "burst": 10}})
+    );
+    let created = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "apitoken.create" && e["token"] == "namespaces/default/apitokens/office")
+        .unwrap();
+    assert_eq!(
+        created["conditions"],
+        json!({"clientAddresses": {"allow": ["10.0.0.0/8"]}})
+    );
+    // Bad input names the field and changes nothing; only conditions change.
+    for (bad, field) in [
+        (
+            json!({"rateLimit": {"requests": 0, "per": "second"}}),
+            Some("rateLimit.requests"),
+        ),
+        (json!({"clientAddresses": {"allow": []}}), Some("clientAddresses.allow")),
+        (json!({"notBeforeTime": "soon"}), Some("notBeforeTime")),
+        (json!({"role": "owner"}), None),
+        (json!({"expireTime": "2030-01-01T00:00:00Z"}), None),
+    ] {
+        let a = patch(bad.clone()).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}: {}", a.raw);
+        assert_eq!(a.body["field"].as_str(), field, "{bad}: {}", a.raw);
+    }
+    // An unknown token is a 404; an editor may not.
+    let a = f
+        .call("PATCH", &format!("{COLLECTION}/nobody"), Some(&f.owner), Some("{}"))
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.raw);
+    let editor = f.create("ed", "editor").await.body["apiToken"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let a = f.call("PATCH", &item, Some(&editor), Some("{}")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.raw);
 }

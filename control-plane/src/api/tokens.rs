@@ -9,7 +9,7 @@ use crate::store::TokenRecord;
 use crate::tokens::evidence::AccessSummary;
 use crate::tokens::inactivity::{Action as InactivityAction, Policy, SetBy};
 use crate::tokens::secret::Secret;
-use crate::tokens::{audit, Delivery, Issued, NewToken, Updated, Wait};
+use crate::tokens::{audit, ConditionsPatch, Delivery, Issued, NewToken, Updated, Wait};
 use apitokens_core::conditions::Packed;
 use apitokens_core::spec::{ClientAddressesSpec, RateLimitSpec};
 use axum::extract::rejection::QueryRejection;
@@ -381,8 +381,52 @@ pub(crate) async fn action(
     Ok(state_set(&app, &updated))
 }
 
-/// The answer to a disable or an enable: the token (never its secret), and
-/// the write's headers.
+/// `PATCH .../apitokens/{token}`'s body: a JSON merge patch (RFC 7396) of
+/// the token's conditions, the only fields that change (a field left out
+/// stays, `null` removes it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct UpdateBody {
+    #[serde(default, deserialize_with = "present")]
+    not_before_time: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    client_addresses: Option<Option<ClientAddressesSpec>>,
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<RateLimitSpec>>,
+}
+
+/// A field that is present, `null` or not (`Some(None)` for `null`); absent
+/// fields are `None` by `#[serde(default)]`.
+fn present<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// `PATCH .../apitokens/{token}`: changes the token's conditions.
+pub(crate) async fn update(
+    State(app): State<Arc<AppState>>,
+    caller: Allowed,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    JsonBody(body): JsonBody<UpdateBody>,
+) -> Result<Response, AppError> {
+    let (ns, id) = item(&caller.route)?;
+    let patch = ConditionsPatch {
+        not_before_time: body.not_before_time,
+        client_addresses: body.client_addresses,
+        rate_limit: body.rate_limit,
+    };
+    let updated = app
+        .service
+        .update_conditions(ns, id, patch, &caller.actor, wait(query)?)
+        .await?;
+    Ok(state_set(&app, &updated))
+}
+
+/// The answer to a disable, an enable or an update: the token (never its
+/// secret), and the write's headers.
 fn state_set(app: &AppState, updated: &Updated) -> Response {
     written(
         &One {
@@ -568,6 +612,6 @@ fn item(route: &Route) -> Result<(&str, &str), AppError> {
 
 /// Any other method on an item or action path.
 pub(crate) async fn item_method_not_allowed(uri: Uri) -> impl IntoResponse {
-    let allowed = Route::parse(uri.path()).map_or("GET, DELETE", |r| r.allowed());
+    let allowed = Route::parse(uri.path()).map_or("GET, PATCH, DELETE", |r| r.allowed());
     AppError::MethodNotAllowed(allowed)
 }

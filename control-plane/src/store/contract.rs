@@ -54,6 +54,7 @@ async fn regenerate(store: &dyn Store, name: &str, digest: Digest, until: Option
 
 pub(crate) fn test_event() -> AuditEvent {
     AuditEvent {
+        conditions: None,
         policy: None,
         time: Timestamp::from_unix(1_700_000_000, 0),
         namespace: "default".into(),
@@ -347,6 +348,62 @@ pub(crate) async fn the_audit_trail_is_written_with_the_change_and_read_newest_f
     assert_eq!(first.len(), 2);
     let rest = store.events("default", Some(first[1].0), 2).await.unwrap();
     assert_eq!(rest.iter().map(|(_, e)| e).collect::<Vec<_>>(), [&created]);
+}
+
+pub(crate) async fn conditions_change_only_from_what_was_read(store: &dyn Store) {
+    use apitokens_core::conditions::{Cidr, Conditions, Packed};
+    let packed = |range: &str| {
+        Some(Packed::new(&Conditions {
+            allow: vec![Cidr::parse(range).unwrap()],
+            ..Conditions::default()
+        }))
+    };
+    let a = record("namespaces/default/apitokens/a", Role::Editor, 1);
+    store.insert(vec![a.clone()], None, vec![]).await.unwrap();
+    let rev = store.revision().await.unwrap();
+    let update = || AuditEvent {
+        action: Action::Update,
+        ..test_event()
+    };
+    // From none to some: written, a revision, an event.
+    let set = store
+        .set_conditions(&a.name, None, packed("10.0.0.0/8"), update())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(set.changed && set.revision > rev);
+    assert_eq!(set.token.conditions, packed("10.0.0.0/8"));
+    // Read as none, but some came first: nothing written, the record says so.
+    let stale = store
+        .set_conditions(&a.name, None, packed("192.168.0.0/16"), update())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!stale.changed);
+    assert_eq!(stale.token.conditions, packed("10.0.0.0/8"));
+    assert_eq!(store.revision().await.unwrap(), set.revision);
+    // The same again: nothing written either.
+    let same = store
+        .set_conditions(&a.name, packed("10.0.0.0/8"), packed("10.0.0.0/8"), update())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!same.changed);
+    // Removed; a token gone is None.
+    let none = store
+        .set_conditions(&a.name, packed("10.0.0.0/8"), None, update())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.changed && none.token.conditions.is_none());
+    assert!(store
+        .set_conditions("namespaces/default/apitokens/gone", None, None, update())
+        .await
+        .unwrap()
+        .is_none());
+    let namespace = test_event().namespace;
+    let events = store.events(&namespace, None, 10).await.unwrap();
+    assert_eq!(events.iter().filter(|(_, e)| e.action == Action::Update).count(), 2);
 }
 
 pub(crate) async fn inactivity_policies_are_set_removed_and_audited_once(store: &dyn Store) {
@@ -1023,6 +1080,7 @@ macro_rules! store_contract_tests {
             conditions_are_kept_through_every_write,
             the_last_addresses_are_five_distinct_the_latest_first,
             inactivity_policies_are_set_removed_and_audited_once,
+            conditions_change_only_from_what_was_read,
             the_outbox_is_read_in_order_from_a_leased_cursor,
             expiry_warnings_are_given_once_per_lead_time);
     };

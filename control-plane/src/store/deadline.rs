@@ -12,6 +12,7 @@ use super::{
     TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
+use apitokens_core::conditions::Packed;
 use apitokens_core::Timestamp;
 use async_trait::async_trait;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -89,6 +90,7 @@ const REPLACE: Op = Op("replace_digest", "a regeneration");
 const DELETE: Op = Op("delete", "a delete");
 const SET_DISABLED: Op = Op("set_disabled", "a disable or enable");
 const INACTIVITY_POLICIES: Op = Op("inactivity_policies", "a read of the inactivity policies");
+const SET_CONDITIONS: Op = Op("set_conditions", "a change of a token's conditions");
 const SET_INACTIVITY_POLICY: Op = Op("set_inactivity_policy", "an inactivity policy change");
 const USAGE: Op = Op("record_usage", "a usage write");
 const EVENTS: Op = Op("events", "an audit read");
@@ -211,6 +213,16 @@ impl Store for Deadline {
     async fn set_inactivity_policy(&self, namespace: &str, policy: Option<&str>, event: AuditEvent) -> Result<bool> {
         let call = self.inner.set_inactivity_policy(namespace, policy, event);
         self.within(self.call, SET_INACTIVITY_POLICY, call).await
+    }
+    async fn set_conditions(
+        &self,
+        name: &str,
+        expected: Option<Packed>,
+        new: Option<Packed>,
+        event: AuditEvent,
+    ) -> Result<Option<StateSet>> {
+        let call = self.inner.set_conditions(name, expected, new, event);
+        self.within(self.call, SET_CONDITIONS, call).await
     }
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         self.within(self.call, USAGE, self.inner.record_usage(uses)).await

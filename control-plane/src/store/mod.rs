@@ -330,6 +330,8 @@ pub enum Action {
     Enable,
     /// A namespace's inactivity policy set, or removed (`policy`).
     Inactivity,
+    /// A token's conditions changed (`conditions`).
+    Update,
 }
 
 impl Action {
@@ -344,6 +346,7 @@ impl Action {
             Action::Disable => "disable",
             Action::Enable => "enable",
             Action::Inactivity => "inactivity",
+            Action::Update => "update",
         }
     }
 
@@ -358,6 +361,7 @@ impl Action {
             Action::Disable,
             Action::Enable,
             Action::Inactivity,
+            Action::Update,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -413,6 +417,9 @@ pub struct AuditEvent {
     pub count: Option<u32>,
     /// An inactivity policy set (`90d:disable`), or `off` when removed.
     pub policy: Option<String>,
+    /// The token's conditions after a create or an update, as the API
+    /// writes them (a JSON object; `{}`: none).
+    pub conditions: Option<String>,
 }
 
 /// What [`Store::set_disabled`] did.
@@ -467,6 +474,7 @@ pub(crate) fn warning_window(scan: &ExpiryScan) -> WarningWindow {
 /// The `expiring` event of `token` at `now`.
 pub(crate) fn expiring_event(token: &TokenRecord, now: Timestamp, actor: &str) -> AuditEvent {
     AuditEvent {
+        conditions: None,
         policy: None,
         time: now,
         namespace: token.namespace().to_owned(),
@@ -520,6 +528,19 @@ pub trait Store: Send + Sync {
     /// revision ([`StateSet::changed`] false). Like every write, refused
     /// while the store is behind the gateways, even then.
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>>;
+
+    /// Sets a token's conditions to `new` if they are still `expected`
+    /// (compare-and-set: what the caller read and checked), with its audit
+    /// event and a revision. `changed` is false when nothing was written:
+    /// the token's conditions are already `new`, or are no longer
+    /// `expected` (the record tells which).
+    async fn set_conditions(
+        &self,
+        name: &str,
+        expected: Option<Packed>,
+        new: Option<Packed>,
+        event: AuditEvent,
+    ) -> Result<Option<StateSet>>;
 
     /// Every namespace's own inactivity policy (`90d:disable`), as its
     /// owners set it.

@@ -22,7 +22,7 @@ pub(super) const INSERTED: &str = "name, namespace, role, secret_sha256, create_
 /// [`EventRow`].
 pub(super) const EVENT_FIELDS: &str = "time_seconds, time_nanos, action, token, actor, role, expire_seconds, \
      expire_nanos, previous_until_seconds, previous_until_nanos, client_address, count, peer_address, credential, \
-     policy";
+     policy, conditions";
 /// `COLUMNS` and the last use, for the API's reads.
 pub(super) const WITH_USE: &str = "LEFT JOIN usage u ON u.name = t.name";
 /// The `usage` columns a read selects after `COLUMNS`: the last use, then
@@ -233,6 +233,7 @@ pub(super) struct EventRow {
     pub(super) peer_address: Option<String>,
     pub(super) credential: Option<String>,
     pub(super) policy: Option<String>,
+    pub(super) conditions: Option<String>,
 }
 
 impl EventRow {
@@ -253,6 +254,7 @@ impl EventRow {
             peer_address: r.at(13)?,
             credential: r.at(14)?,
             policy: r.at(15)?,
+            conditions: r.at(16)?,
         })
     }
 }
@@ -285,6 +287,7 @@ pub(super) fn decode_event(row: EventRow, namespace: &str) -> Result<(u64, Audit
             .map_err(|()| corrupt("unknown credential"))?,
         count: row.count,
         policy: row.policy,
+        conditions: row.conditions,
     };
     Ok((u64::try_from(seq).unwrap_or(0), event))
 }

@@ -10,6 +10,7 @@
 //! never a secret or a digest.
 
 use crate::store::AuditEvent;
+use apitokens_core::conditions::Conditions;
 use serde_json::{json, Map, Value};
 
 /// The event as the API lists it and the log writes it.
@@ -36,7 +37,33 @@ pub fn to_json(event: &AuditEvent) -> Value {
     put("credential", event.credential.map(|c| json!(c.as_str())));
     put("count", event.count.map(|c| json!(c)));
     put("policy", event.policy.as_ref().map(|p| json!(p)));
+    put(
+        "conditions",
+        event
+            .conditions
+            .as_deref()
+            .and_then(|c| serde_json::from_str::<Value>(c).ok()),
+    );
     Value::Object(out)
+}
+
+/// A token's conditions as an event carries them: a JSON object with the
+/// API's fields (`notBeforeTime`, `clientAddresses`, `rateLimit`), `{}` for
+/// none.
+pub fn conditions_text(conditions: Option<&Conditions>) -> String {
+    let mut out = Map::new();
+    if let Some(c) = conditions {
+        if let Some(t) = c.not_before {
+            out.insert("notBeforeTime".into(), json!(t.to_rfc3339()));
+        }
+        if let Some(a) = c.addresses_spec() {
+            out.insert("clientAddresses".into(), json!(a));
+        }
+        if let Some(l) = c.rate_limit {
+            out.insert("rateLimit".into(), json!(l.spec()));
+        }
+    }
+    Value::Object(out).to_string()
 }
 
 /// The event's line on stderr: one JSON object, nothing else on the line.

@@ -16,9 +16,10 @@ pub enum Error {
     NotFound(String),
     #[error("API token {0} already exists")]
     AlreadyExists(String),
-    /// The call is valid, but this control plane is not set up for it.
+    /// The call is valid, but not now: this control plane is not set up for
+    /// it, or what it acts on changed meanwhile.
     #[error("{0}")]
-    Unsupported(String),
+    Conflict(String),
     #[error("a token with the same secret digest already exists")]
     DigestTaken,
     #[error("namespace {namespace} already has {limit} API tokens, the most allowed; delete tokens it no longer needs first")]

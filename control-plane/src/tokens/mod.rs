@@ -16,4 +16,6 @@ mod service;
 pub use caller::{Actor, Caller, Lifetimes};
 pub use error::Error;
 pub use rate::{whole_seconds, Rate};
-pub use service::{check_path, Delivery, Issued, NewToken, Service, ServiceOptions, Updated, Wait, MAX_OVERLAP};
+pub use service::{
+    check_path, ConditionsPatch, Delivery, Issued, NewToken, Service, ServiceOptions, Updated, Wait, MAX_OVERLAP,
+};

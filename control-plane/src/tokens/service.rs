@@ -126,6 +126,16 @@ pub struct Updated {
     pub delivery: Delivery,
 }
 
+/// A change of a token's conditions (a JSON merge patch of them): `None`,
+/// left out (it stays); `Some(None)`, `null` (removed); `Some(Some(v))`,
+/// replaced.
+#[derive(Clone, Debug, Default)]
+pub struct ConditionsPatch {
+    pub not_before_time: Option<Option<String>>,
+    pub client_addresses: Option<Option<ClientAddressesSpec>>,
+    pub rate_limit: Option<Option<RateLimitSpec>>,
+}
+
 /// A create request, as the caller wrote it.
 #[derive(Clone, Debug)]
 pub struct NewToken {
@@ -262,6 +272,7 @@ fn expiry(text: Option<&str>, field: &str, now: Timestamp) -> Result<Option<Time
 /// An audit event of `actor` acting on `token` (or on the namespace).
 pub(super) fn event(action: Action, namespace: &str, token: Option<&str>, actor: &Actor, now: Timestamp) -> AuditEvent {
     AuditEvent {
+        conditions: None,
         policy: None,
         time: now,
         namespace: namespace.to_owned(),
@@ -474,6 +485,10 @@ impl Service {
         let event = AuditEvent {
             role: Some(token.role),
             expire_time: token.expire_time,
+            conditions: token
+                .conditions
+                .as_ref()
+                .map(|c| audit::conditions_text(Some(&c.conditions()))),
             ..event(Action::Create, token.namespace(), Some(&token.name), actor, now)
         };
         // 2^-256: a taken digest means a broken random source, not bad luck.
@@ -547,8 +562,10 @@ impl Service {
             .as_ref()
             .is_some_and(|c| c.expire.is_some() || c.addresses.is_some())
         {
-            // (A token's expiry and conditions never change: read before
-            // the write, they still hold at the write.)
+            // (A token's expiry never changes; its conditions may, by
+            // another owner's update between this read and the write: this
+            // caller may then disable or enable a token that was just
+            // taken out of its ranges, never create or widen one.)
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
             actor.may_change(&target)?;
         }
@@ -598,6 +615,70 @@ impl Service {
         self.set_disabled(namespace, id, true, actor, wait).await
     }
 
+    /// Changes a token's conditions, as a JSON merge patch (RFC 7396) of
+    /// them: a field left out stays, `null` removes it, a value replaces
+    /// it (validated as a create's, against the token's expiry; a caller
+    /// bound to client addresses keeps the token within its own). The
+    /// change is made only if the conditions are still those read (else a
+    /// conflict: another change came first); the same conditions again
+    /// write nothing. Audited as `apitoken.update` with the conditions.
+    pub async fn update_conditions(
+        &self,
+        namespace: &str,
+        id: &str,
+        patch: ConditionsPatch,
+        actor: &Actor,
+        wait: Wait,
+    ) -> Result<Updated, Error> {
+        let name = token_name(namespace, id)?;
+        self.admit(namespace, actor)?;
+        let current = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
+        actor.may_change(&current)?;
+        let was = current.conditions.as_ref().map(Packed::conditions).unwrap_or_default();
+        let not_before = patch
+            .not_before_time
+            .unwrap_or_else(|| was.not_before.map(|t| t.to_rfc3339()));
+        let addresses = patch.client_addresses.unwrap_or_else(|| was.addresses_spec());
+        let rate_limit = patch.rate_limit.unwrap_or_else(|| was.rate_limit.map(|l| l.spec()));
+        let requested = Conditions::from_spec(
+            not_before.as_deref(),
+            current.expire_time,
+            addresses.as_ref(),
+            rate_limit.as_ref(),
+            str::to_owned,
+        )
+        .map_err(|e| Error::invalid(e.field, e.problem))?;
+        let requested = caller::new_conditions(requested, actor)?;
+        let text = audit::conditions_text(requested.as_ref());
+        let conditions = requested.map(|c| Packed::new(&c));
+        let event = AuditEvent {
+            role: Some(current.role),
+            expire_time: current.expire_time,
+            conditions: Some(text),
+            ..event(Action::Update, namespace, Some(&name), actor, self.opts.clock.now())
+        };
+        let set = self
+            .store
+            .set_conditions(&name, current.conditions.clone(), conditions.clone(), event.clone())
+            .await?
+            .ok_or(Error::NotFound(name.clone()))?;
+        if !set.changed && set.token.conditions != conditions {
+            return Err(Error::Conflict(format!(
+                "the conditions of {name} changed meanwhile: read the token again and retry"
+            )));
+        }
+        let revision = set.revision;
+        if set.changed {
+            audit::log(&event);
+            tracing::info!(token = %name, namespace, revision = revision.0, "conditions of {name} changed at revision {revision}");
+        }
+        let delivery = self.deliver(revision, wait).await?;
+        Ok(Updated {
+            token: set.token,
+            delivery,
+        })
+    }
+
     /// Restores a disabled token, with the secrets it had.
     pub async fn enable(&self, namespace: &str, id: &str, actor: &Actor, wait: Wait) -> Result<Updated, Error> {
         self.set_disabled(namespace, id, false, actor, wait).await
@@ -624,8 +705,10 @@ impl Service {
             .as_ref()
             .is_some_and(|c| c.expire.is_some() || c.addresses.is_some())
         {
-            // (A token's expiry and conditions never change: read before
-            // the write, they still hold at the write.)
+            // (A token's expiry never changes; its conditions may, by
+            // another owner's update between this read and the write: this
+            // caller may then disable or enable a token that was just
+            // taken out of its ranges, never create or widen one.)
             let target = self.store.get(&name).await?.ok_or(Error::NotFound(name.clone()))?;
             actor.may_change(&target)?;
         }
@@ -895,7 +978,7 @@ impl Service {
         // (A removal is always taken: a policy stored while uses were
         // reported would apply again once they are.)
         if policy.is_some() && self.opts.inactivity.is_none() {
-            return Err(Error::Unsupported(
+            return Err(Error::Conflict(
                 "this control plane receives no usage reports from the gateways: every token would look unused, so no inactivity policy may be set".to_owned(),
             ));
         }

@@ -51,6 +51,7 @@ mod tests {
     #[test]
     fn an_audit_event_becomes_a_structured_cloudevent() {
         let event = AuditEvent {
+            conditions: None,
             policy: None,
             time: Timestamp::from_unix(1_800_000_000, 0),
             namespace: "default".into(),

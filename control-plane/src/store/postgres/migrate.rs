@@ -53,6 +53,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0011_inactivity_policies",
         include_str!("../../../migrations/postgres/0011_inactivity_policies.sql"),
     ),
+    (
+        "0012_event_conditions",
+        include_str!("../../../migrations/postgres/0012_event_conditions.sql"),
+    ),
 ];
 
 /// Serialises schema changes between processes opening the store at once

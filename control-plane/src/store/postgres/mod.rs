@@ -38,6 +38,7 @@ use super::{
     StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::{Lineage, LINEAGE_LEN};
+use apitokens_core::conditions::Packed;
 use apitokens_core::Timestamp;
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
@@ -261,7 +262,7 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     tx.execute(
         &format!(
             "INSERT INTO events (namespace, {EVENT_FIELDS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         ),
         &[
             &e.namespace,
@@ -280,6 +281,7 @@ async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
             &e.peer_address,
             &e.credential.map(Credential::as_str),
             &e.policy,
+            &e.conditions,
         ],
     )
     .await?;
@@ -549,6 +551,45 @@ impl Store for PostgresStore {
         }))
     }
 
+    async fn set_conditions(
+        &self,
+        name: &str,
+        expected: Option<Packed>,
+        new: Option<Packed>,
+        event: AuditEvent,
+    ) -> Result<Option<StateSet>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let revision = next_revision(&tx).await?;
+        let now = event.time.unix_seconds();
+        let bytes = |c: &Option<Packed>| c.as_ref().map(|c| c.bytes().to_vec());
+        let changed = tx
+            .execute(
+                "UPDATE tokens SET conditions = $2, update_seconds = $3
+                 WHERE name = $1 AND conditions IS NOT DISTINCT FROM $4 AND conditions IS DISTINCT FROM $2",
+                &[&name, &bytes(&new), &now, &bytes(&expected)],
+            )
+            .await?;
+        let Some(token) = get_one(&tx, name).await? else {
+            return Ok(None);
+        };
+        if changed == 0 {
+            return Ok(Some(StateSet {
+                token,
+                revision: Revision::from_i64(revision - 1),
+                changed: false,
+            }));
+        }
+        record_event(&tx, &event).await?;
+        let revision = log_changes(&tx, revision, &[name]).await?;
+        tx.commit().await?;
+        Ok(Some(StateSet {
+            token,
+            revision,
+            changed: true,
+        }))
+    }
+
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         if uses.is_empty() {
             return Ok(());
@@ -750,7 +791,7 @@ impl Store for PostgresStore {
             .await?;
         rows.iter()
             .map(|r| {
-                let namespace: String = r.try_get(16)?;
+                let namespace: String = r.try_get(17)?;
                 decode_event(EventRow::read(r)?, &namespace)
             })
             .collect()
@@ -1102,6 +1143,7 @@ mod tests {
                  ALTER TABLE tokens DROP COLUMN conditions;
                  ALTER TABLE usage DROP COLUMN addresses;
                  DROP TABLE inactivity_policies; ALTER TABLE events DROP COLUMN policy;
+                 ALTER TABLE events DROP COLUMN conditions;
                  DROP TABLE outbox; DROP TABLE expiry_warnings;
                  ALTER TABLE usage DROP COLUMN read_seconds, DROP COLUMN write_seconds,
                      DROP COLUMN tokens_seconds, DROP COLUMN past_viewer_seconds,
@@ -1124,8 +1166,8 @@ mod tests {
             .get(0);
         // 6, then what came after it (7: the webhooks' outbox; 8: the
         // evidence; 9: conditions; 10: the last addresses; 11: inactivity
-        // policies).
-        assert_eq!(applied, 11);
+        // policies; 12: the conditions in events).
+        assert_eq!(applied, 12);
         let set = store
             .set_disabled(name, true, crate::store::contract::test_event())
             .await

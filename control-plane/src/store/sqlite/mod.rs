@@ -23,6 +23,7 @@ use super::{
     StateSet, Store, StoreError, TokenRecord, Use,
 };
 use apitokens_core::compact::Lineage;
+use apitokens_core::conditions::Packed;
 use apitokens_core::{Role, Timestamp};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -228,7 +229,7 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     let (until_s, until_n) = split(e.previous_until);
     tx.prepare_cached(&format!(
         "INSERT INTO events (namespace, {EVENT_FIELDS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
     ))?
     .execute(params![
         e.namespace,
@@ -247,6 +248,7 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
         e.peer_address,
         e.credential.map(Credential::as_str),
         e.policy,
+        e.conditions,
     ])?;
     Ok(())
 }
@@ -448,6 +450,46 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_conditions(
+        &self,
+        name: &str,
+        expected: Option<Packed>,
+        new: Option<Packed>,
+        event: AuditEvent,
+    ) -> Result<Option<StateSet>> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            let now = event.time.unix_seconds();
+            let bytes = |c: &Option<Packed>| c.as_ref().map(|c| c.bytes().to_vec());
+            // `IS`: equal, NULL included.
+            let changed = tx.execute(
+                "UPDATE tokens SET conditions = ?2, update_seconds = ?3
+                 WHERE name = ?1 AND conditions IS ?4 AND conditions IS NOT ?2",
+                params![name, bytes(&new), now, bytes(&expected)],
+            )?;
+            let Some(token) = get_one(tx, &name)? else {
+                return Ok(None);
+            };
+            if changed == 0 {
+                refuse_if_behind(tx)?;
+                let revision = head(tx)?.at.revision;
+                return Ok(Some(StateSet {
+                    token,
+                    revision,
+                    changed: false,
+                }));
+            }
+            record_event(tx, &event)?;
+            let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
+            Ok(Some(StateSet {
+                token,
+                revision,
+                changed: true,
+            }))
+        })
+        .await
+    }
+
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {
         if uses.is_empty() {
             return Ok(());
@@ -587,7 +629,7 @@ impl Store for SqliteStore {
             let after = i64::try_from(after).unwrap_or(i64::MAX);
             let sql = format!("SELECT seq, {EVENT_FIELDS}, namespace FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2");
             read_all(tx, &sql, params![after, limit], |r| {
-                let namespace: String = r.at(16)?;
+                let namespace: String = r.at(17)?;
                 decode_event(EventRow::read(r)?, &namespace)
             })
         })

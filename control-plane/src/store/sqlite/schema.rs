@@ -10,7 +10,7 @@ use apitokens_core::Timestamp;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 11;
+const SCHEMA_VERSION: i64 = 12;
 
 /// Version 4 (later versions add to it, below): integer times (comparable in SQL, exact to the
 /// nanosecond), `retired`, the change log and the store's lineage (2);
@@ -152,6 +152,11 @@ CREATE TABLE inactivity_policies (
 ALTER TABLE events ADD COLUMN policy TEXT;
 ";
 
+/// Version 12: the conditions an audit event set (a create's, an update's).
+const SCHEMA_12: &str = "
+ALTER TABLE events ADD COLUMN conditions TEXT;
+";
+
 /// Version 2 to 3, on an existing database.
 const MIGRATE_2_TO_3: &str = "
 ALTER TABLE tokens ADD COLUMN created_by TEXT;
@@ -195,7 +200,7 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
             tx.execute_batch(SCHEMA_4)?;
         }
         3 => tx.execute_batch(SCHEMA_4)?,
-        4..=10 | SCHEMA_VERSION => {}
+        4..=11 | SCHEMA_VERSION => {}
         other => {
             return Err(Cause::NewerSchema {
                 found: other,
@@ -226,6 +231,9 @@ pub(super) fn init(conn: &mut Connection) -> Result<Lineage> {
     }
     if version < 11 {
         tx.execute_batch(SCHEMA_11)?;
+    }
+    if version < 12 {
+        tx.execute_batch(SCHEMA_12)?;
     }
     if version < 4 {
         // The history starts now (an older database's Envoys carry versions
@@ -366,6 +374,9 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
     }
 
+    /// Undoes version 12, for a database as an older release left it.
+    const DROP_EVENT_CONDITIONS: &str = "ALTER TABLE events DROP COLUMN conditions;";
+
     /// Undoes version 11, for a database as an older release left it.
     const DROP_POLICIES: &str = "DROP TABLE inactivity_policies; ALTER TABLE events DROP COLUMN policy;";
 
@@ -395,8 +406,10 @@ mod tests {
             store.record_usage(vec![used(100, Vec::new())]).await.unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("{DROP_POLICIES} {DROP_ADDRESSES} PRAGMA user_version = 9;"))
-            .unwrap();
+        conn.execute_batch(&format!(
+            "{DROP_EVENT_CONDITIONS} {DROP_POLICIES} {DROP_ADDRESSES} PRAGMA user_version = 9;"
+        ))
+        .unwrap();
         drop(conn);
         let store = SqliteStore::open(&path).unwrap();
         let got = store.get(name).await.unwrap().unwrap();
@@ -431,7 +444,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "{DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} PRAGMA user_version = 8;"
+            "{DROP_EVENT_CONDITIONS} {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} PRAGMA user_version = 8;"
         ))
         .unwrap();
         drop(conn);
@@ -481,7 +494,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "{DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"
+            "{DROP_EVENT_CONDITIONS} {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 7;"
         ))
         .unwrap();
         drop(conn);
@@ -513,7 +526,7 @@ mod tests {
         }
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
-            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
+            "DROP TABLE outbox; DROP TABLE expiry_warnings; {DROP_EVENT_CONDITIONS} {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 6;"
         ))
         .unwrap();
         drop(conn);
@@ -540,7 +553,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(&format!(
             "ALTER TABLE tokens DROP COLUMN disabled; DROP TABLE outbox; DROP TABLE expiry_warnings;
-             {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
+             {DROP_EVENT_CONDITIONS} {DROP_POLICIES} {DROP_ADDRESSES} {DROP_CONDITIONS} {DROP_EVIDENCE} PRAGMA user_version = 5;"
         ))
         .unwrap();
         drop(conn);
