@@ -1055,7 +1055,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
             format!("{COLLECTION}/taken"),
             Some("{}".into()),
             StatusCode::METHOD_NOT_ALLOWED,
-            "allowed: GET, DELETE",
+            "allowed: GET, PATCH, DELETE",
         ),
         (
             "DELETE",
