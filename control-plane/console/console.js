@@ -101,7 +101,9 @@
       return `The token “${id}” does not exist any more: it may have been revoked meanwhile. The list has been refreshed.`;
     }
     if (s === 409) {
-      return `A token named “${id}” already exists in namespace “${ns}”. Choose another name.`;
+      return what === "update"
+        ? `The conditions of “${id}” were changed meanwhile by someone else. Close this dialog and open it again to see them.`
+        : `A token named “${id}” already exists in namespace “${ns}”. Choose another name.`;
     }
     if (s === 413) return "The request was too large for the server.";
     if (s === 429) {
@@ -227,6 +229,8 @@
     "apitoken.revoke": "Revoked: reported leaked",
     "apitoken.import": "Imported",
     "apitoken.expiring": "Expires soon",
+    "apitoken.update": "Conditions changed",
+    "apitoken.inactivity": "Inactivity policy set",
   };
 
   /** The namespace's latest audit events (the activity table); a failure is
@@ -326,6 +330,7 @@
       const actions = document.createElement("td");
       actions.className = "row-actions";
       actions.append(
+        actionButton("Conditions", id, () => openEdit(t)),
         actionButton("Regenerate", id, () => confirmRegenerate(id)),
         disabled
           ? actionButton("Enable", id, () => confirmEnable(id))
@@ -530,41 +535,13 @@
       expiryInput.focus();
       return;
     }
-    const notBefore = $("create-not-before");
-    if (notBefore.validity.badInput) {
-      fieldError("create-not-before", "Enter a complete date, or leave the field empty for a token valid at once.");
-      notBefore.focus();
-      return;
-    }
-    const rate = $("create-rate");
-    const burst = $("create-burst");
-    for (const [input, what] of [[rate, "a number of requests"], [burst, "a burst"]]) {
-      if (input.validity.badInput || (input.value && !/^[1-9][0-9]*$/.test(input.value))) {
-        fieldError(input.id, `Enter ${what} as a whole number from 1, or leave the field empty.`);
-        input.focus();
-        return;
-      }
-    }
-    if (burst.value && !rate.value) {
-      fieldError("create-rate", "Enter the number of requests the burst goes with, or leave the burst empty.");
-      rate.focus();
-      return;
-    }
+    const conditions = readConditions("create");
+    if (!conditions) return;
     const body = { name: `namespaces/${ns}/apitokens/${id}`, role };
     if (expiryInput.value) body.expireTime = `${expiryInput.value}T00:00:00Z`;
-    if (notBefore.value) body.notBeforeTime = `${notBefore.value}T00:00:00Z`;
-    const allow = ranges($("create-allow").value);
-    const except = ranges($("create-except").value);
-    sentLines = { allow: allow.lines, except: except.lines };
-    if (allow.values.length || except.values.length) {
-      body.clientAddresses = {};
-      if (allow.values.length) body.clientAddresses.allow = allow.values;
-      if (except.values.length) body.clientAddresses.except = except.values;
-    }
-    if (rate.value) {
-      body.rateLimit = { requests: Number(rate.value), per: $("create-rate-per").value };
-      if (burst.value) body.rateLimit.burst = Number(burst.value);
-    }
+    // Only the conditions given (null is "none" as well, but a create's
+    // body stays VVP's model plus what is set).
+    for (const [k, v] of Object.entries(conditions)) if (v !== null) body[k] = v;
     busy(form, true);
     let data;
     try {
@@ -585,6 +562,154 @@
   // The create form's fields, cleared together.
   const CREATE_FIELDS = ["create-name", "create-role", "create-expiry", "create-not-before", "create-allow",
     "create-except", "create-rate", "create-burst"];
+
+  // ---------------------------------------------------------------------
+  // Conditions: the create form's fieldset, and its copy in the edit
+  // dialog (ids `create-…` there, `edit-…` here).
+
+  /** The conditions in the fieldset of `p` (`create`, `edit`), each field
+   *  a value or null (none), or null after showing what is wrong. */
+  function readConditions(p) {
+    const notBefore = $(`${p}-not-before`);
+    if (notBefore.validity.badInput) {
+      fieldError(notBefore.id, "Enter a complete date, or leave the field empty for a token valid at once.");
+      notBefore.focus();
+      return null;
+    }
+    const rate = $(`${p}-rate`);
+    const burst = $(`${p}-burst`);
+    for (const [input, what] of [[rate, "a number of requests"], [burst, "a burst"]]) {
+      if (input.validity.badInput || (input.value && !/^[1-9][0-9]*$/.test(input.value))) {
+        fieldError(input.id, `Enter ${what} as a whole number from 1, or leave the field empty.`);
+        input.focus();
+        return null;
+      }
+    }
+    if (burst.value && !rate.value) {
+      fieldError(rate.id, "Enter the number of requests the burst goes with, or leave the burst empty.");
+      rate.focus();
+      return null;
+    }
+    const allow = ranges($(`${p}-allow`).value);
+    const except = ranges($(`${p}-except`).value);
+    sentLines = { allow: allow.lines, except: except.lines };
+    const out = { notBeforeTime: null, clientAddresses: null, rateLimit: null };
+    if (notBefore.value) out.notBeforeTime = `${notBefore.value}T00:00:00Z`;
+    if (allow.values.length || except.values.length) {
+      out.clientAddresses = {};
+      if (allow.values.length) out.clientAddresses.allow = allow.values;
+      if (except.values.length) out.clientAddresses.except = except.values;
+    }
+    if (rate.value) {
+      out.rateLimit = { requests: Number(rate.value), per: $(`${p}-rate-per`).value };
+      if (burst.value) out.rateLimit.burst = Number(burst.value);
+    }
+    return out;
+  }
+
+  /** The fieldset of `p` filled with token `t`'s conditions. */
+  function fillConditions(p, t) {
+    $(`${p}-not-before`).value = typeof t.notBeforeTime === "string" ? t.notBeforeTime.slice(0, 10) : "";
+    const a = t.clientAddresses || {};
+    $(`${p}-allow`).value = Array.isArray(a.allow) ? a.allow.join("\n") : "";
+    $(`${p}-except`).value = Array.isArray(a.except) ? a.except.join("\n") : "";
+    const l = t.rateLimit;
+    $(`${p}-rate`).value = l && Number.isInteger(l.requests) ? String(l.requests) : "";
+    $(`${p}-rate-per`).value = l && l.per === "second" ? "second" : "minute";
+    $(`${p}-burst`).value = l && Number.isInteger(l.burst) ? String(l.burst) : "";
+  }
+
+  /** Shows an API error about a condition next to its box in the fieldset
+   *  of `p`; false if it is about something else. */
+  function showConditionsError(p, err) {
+    const field = err.status === 400 ? err.field : null;
+    if (field === "notBeforeTime") {
+      fieldError(
+        `${p}-not-before`,
+        /before the token's expiry/.test(err.detail)
+          ? "The token must become valid before it expires: choose an earlier date, or a later expiry."
+          : "This is not a valid date: choose a date, or leave the field empty.",
+      );
+      $(`${p}-not-before`).focus();
+    } else if (field && /^rateLimit/.test(field)) {
+      const box = field === "rateLimit.burst" ? `${p}-burst` : `${p}-rate`;
+      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
+      const what = field === "rateLimit.burst" ? "The burst" : "The rate";
+      fieldError(box, `${what} ${problem || "is not valid"}.`);
+      $(box).focus();
+    } else if (field && /^clientAddresses\.(allow|except)/.test(field)) {
+      // `clientAddresses.allow[2]`: the third line of that box.
+      const [, list, index] = /^clientAddresses\.(allow|except)(?:\[(\d+)\])?/.exec(field);
+      const box = `${p}-${list}`;
+      const line = index === undefined ? undefined : sentLines[list][Number(index)];
+      const where = line === undefined ? "This list" : `Line ${line}`;
+      // The API says "field: problem"; the box is the field.
+      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
+      fieldError(box, `${where}: ${problem || "not a valid address range"}.`);
+      $(box).focus();
+    } else {
+      return false;
+    }
+    return true;
+  }
+
+  // The edit dialog's fields, cleared together.
+  const EDIT_FIELDS = ["edit-not-before", "edit-allow", "edit-except", "edit-rate", "edit-burst"];
+
+  /** The edit dialog's id: the token it edits. */
+  let editing = null;
+
+  function openEdit(t) {
+    editing = shortId(t.name);
+    for (const f of EDIT_FIELDS) fieldError(f, "");
+    setText("edit-error", "");
+    setText("edit-token", editing);
+    fillConditions("edit", t);
+    busy($("edit-form"), false);
+    $("edit-dialog").showModal();
+    $("edit-not-before").focus();
+  }
+
+  async function saveEdit(event) {
+    event.preventDefault();
+    const ns = current;
+    const id = editing;
+    const form = $("edit-form");
+    for (const f of EDIT_FIELDS) fieldError(f, "");
+    setText("edit-error", "");
+    const conditions = readConditions("edit");
+    if (!conditions) return;
+    busy(form, true);
+    try {
+      // Every condition, given or null: the dialog shows them all.
+      await call(ns, sessions.get(ns), "PATCH", `/${encodeURIComponent(id)}`, conditions);
+    } catch (err) {
+      busy(form, false);
+      if (handleUnauthorized(err, ns)) return;
+      if (!showConditionsError("edit", err)) setText("edit-error", describe(err, "update", ns, id));
+      return;
+    }
+    busy(form, false);
+    $("edit-dialog").close();
+    await refresh();
+    setText("tokens-status", `The conditions of token “${id}” were changed.`);
+    focusRowButton("Conditions", id)();
+  }
+
+  /** The create form's conditions fieldset, copied into the edit dialog
+   *  with its ids (and the labels' and descriptions' references to them)
+   *  renamed. */
+  function buildEditFieldset() {
+    const copy = document.querySelector("#create-form fieldset.conditions").cloneNode(true);
+    const rename = (v) => v.replace(/\bcreate-/g, "edit-");
+    for (const el of [copy, ...copy.querySelectorAll("*")]) {
+      for (const attr of ["id", "for", "aria-describedby"]) {
+        if (el.hasAttribute(attr)) el.setAttribute(attr, rename(el.getAttribute(attr)));
+      }
+    }
+    copy.querySelector("legend").textContent = "Conditions";
+    $("edit-conditions").replaceWith(copy);
+  }
 
   // One range per line, blank lines dropped; each range's line number
   // (from 1), so that the API's `clientAddresses.allow[2]` names its line.
@@ -632,7 +757,9 @@
 
   function showCreateError(err, ns, id) {
     const field = err.status === 409 ? "name" : err.status === 400 ? err.field : null;
-    if (field === "name") {
+    if (showConditionsError("create", err)) {
+      // (Shown next to its box.)
+    } else if (field === "name") {
       const message =
         err.status === 409 ? describe(err, "create", ns, id) : `“${id}” is not a valid token name. ${NAME_RULE}`;
       fieldError("create-name", message);
@@ -640,30 +767,6 @@
     } else if (field === "role") {
       fieldError("create-role", "Choose one of the roles: viewer, editor or owner.");
       $("create-role").focus();
-    } else if (field === "notBeforeTime") {
-      fieldError(
-        "create-not-before",
-        /before the token's expiry/.test(err.detail)
-          ? "The token must become valid before it expires: choose an earlier date, or a later expiry."
-          : "This is not a valid date: choose a date, or leave the field empty.",
-      );
-      $("create-not-before").focus();
-    } else if (field && /^rateLimit/.test(field)) {
-      const box = field === "rateLimit.burst" ? "create-burst" : "create-rate";
-      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
-      const what = field === "rateLimit.burst" ? "The burst" : "The rate";
-      fieldError(box, `${what} ${problem || "is not valid"}.`);
-      $(box).focus();
-    } else if (field && /^clientAddresses\.(allow|except)/.test(field)) {
-      // `clientAddresses.allow[2]`: the third line of that box.
-      const [, list, index] = /^clientAddresses\.(allow|except)(?:\[(\d+)\])?/.exec(field);
-      const box = list === "allow" ? "create-allow" : "create-except";
-      const line = index === undefined ? undefined : sentLines[list][Number(index)];
-      const where = line === undefined ? "This list" : `Line ${line}`;
-      // The API says "field: problem"; the box is the field.
-      const problem = err.detail.startsWith(`${field}: `) ? err.detail.slice(field.length + 2) : err.detail;
-      fieldError(box, `${where}: ${problem || "not a valid address range"}.`);
-      $(box).focus();
     } else if (field === "expireTime") {
       fieldError(
         "create-expiry",
@@ -874,6 +977,9 @@
     $("create-form").addEventListener("submit", create);
     $("create-cancel").addEventListener("click", () => $("create-dialog").close());
     $("create-name").addEventListener("input", updateFullName);
+    buildEditFieldset();
+    $("edit-form").addEventListener("submit", saveEdit);
+    $("edit-cancel").addEventListener("click", () => $("edit-dialog").close());
     $("secret-copy").addEventListener("click", copySecret);
     $("secret-done").addEventListener("click", closeSecret);
     $("secret-dialog").addEventListener("cancel", forgetSecret);

@@ -115,3 +115,50 @@ def test_a_bad_range_is_named_next_to_its_box_by_line(console, namespace):
         "Enter the number of requests the burst goes with, or leave the burst empty.")
     console.axe("create form with a bad rate limit")
     assert "bad" not in console.rows()
+
+
+def test_conditions_are_edited_in_place_and_the_gateway_follows(console, namespace, until):
+    ns, owner = namespace()
+    console.sign_in(ns, owner)
+    d = console.fill_create("movable", "editor")
+    d.get_by_label("Allowed client addresses").fill("10.0.0.0/8")
+    d.get_by_role("button", name="Create").click()
+    secret = console.copy_secret()
+    # The tests reach Envoy from 127.0.0.1: outside the range.
+    until(console.envoy, "GET", APP.format(ns=ns), secret, 403)
+    page = console.page
+    page.get_by_role("button", name="Conditions movable").click()
+    edit = page.get_by_role("dialog", name="Token conditions")
+    expect(edit).to_be_visible()
+    # Filled with what the token has.
+    allow = edit.get_by_label("Allowed client addresses")
+    expect(allow).to_have_value("10.0.0.0/8")
+    expect(edit.get_by_label("Requests")).to_have_value("")
+    console.axe("the conditions dialog")
+    # A bad range: named by line, next to its box; nothing changed.
+    allow.fill("127.0.0.0/8\n127.0.0.1/8")
+    edit.get_by_role("button", name="Save").click()
+    expect(edit.locator("#edit-allow-error")).to_have_text(
+        "Line 2: has bits set past its prefix length: write the range's first address.")
+    expect(allow).to_be_focused()
+    # Fixed, with a rate limit: saved, shown, enforced.
+    allow.fill("127.0.0.0/8")
+    edit.get_by_label("Requests").fill("5")
+    edit.get_by_label("per").select_option("second")
+    edit.get_by_role("button", name="Save").click()
+    expect(edit).to_be_hidden()
+    assert console.rows()["movable"]["Conditions"] == "At most 5 a secondOnly from 127.0.0.0/8"
+    expect(page.get_by_role("button", name="Conditions movable")).to_be_focused()
+    assert request(console.envoy.port, "GET", APP.format(ns=ns), secret).status == 200
+    token = request(console.envoy.port, "GET", tokens_path(ns, "movable"), owner).json()["apiToken"]
+    assert token["clientAddresses"] == {"allow": ["127.0.0.0/8"]}
+    assert token["rateLimit"] == {"requests": 5, "per": "second", "burst": 5}
+    # Everything cleared: no conditions left.
+    page.get_by_role("button", name="Conditions movable").click()
+    expect(edit.get_by_label("Requests")).to_have_value("5")
+    allow.fill("")
+    edit.get_by_label("Requests").fill("")
+    edit.get_by_label("Burst").fill("")
+    edit.get_by_role("button", name="Save").click()
+    expect(edit).to_be_hidden()
+    assert console.rows()["movable"]["Conditions"] == "None"
