@@ -255,6 +255,39 @@ async fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>
 }
 
 /// Records an audit event in the caller's transaction.
+/// The end of a change of one token's row (a disable, an enable, new
+/// conditions) that changed `changed` rows, in `tx` at `revision` (taken
+/// first): the token as it is now, and, if anything changed, its audit
+/// event and the revision, committed. Nothing changed: nothing is written
+/// (the transaction rolls back, the revision taken with it); the current
+/// revision carries it.
+async fn token_changed(
+    tx: deadpool_postgres::Transaction<'_>,
+    name: &str,
+    revision: i64,
+    changed: u64,
+    event: &AuditEvent,
+) -> Result<Option<StateSet>> {
+    let Some(token) = get_one(&tx, name).await? else {
+        return Ok(None);
+    };
+    if changed == 0 {
+        return Ok(Some(StateSet {
+            token,
+            revision: Revision::from_i64(revision - 1),
+            changed: false,
+        }));
+    }
+    record_event(&tx, event).await?;
+    let revision = log_changes(&tx, revision, &[name]).await?;
+    tx.commit().await?;
+    Ok(Some(StateSet {
+        token,
+        revision,
+        changed: true,
+    }))
+}
+
 async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     let wide = |(s, n): (Option<i64>, Option<u32>)| (s, n.map(i64::from));
     let (expire_s, expire_n) = wide(split(e.expire_time));
@@ -529,26 +562,7 @@ impl Store for PostgresStore {
                 &[&name, &disabled, &now],
             )
             .await?;
-        let Some(token) = get_one(&tx, name).await? else {
-            return Ok(None);
-        };
-        if changed == 0 {
-            // Already so: nothing is written (the transaction rolls back,
-            // the revision taken with it); the current revision carries it.
-            return Ok(Some(StateSet {
-                token,
-                revision: Revision::from_i64(revision - 1),
-                changed: false,
-            }));
-        }
-        record_event(&tx, &event).await?;
-        let revision = log_changes(&tx, revision, &[name]).await?;
-        tx.commit().await?;
-        Ok(Some(StateSet {
-            token,
-            revision,
-            changed: true,
-        }))
+        token_changed(tx, name, revision, changed, &event).await
     }
 
     async fn set_conditions(
@@ -570,24 +584,7 @@ impl Store for PostgresStore {
                 &[&name, &bytes(&new), &now, &bytes(&expected)],
             )
             .await?;
-        let Some(token) = get_one(&tx, name).await? else {
-            return Ok(None);
-        };
-        if changed == 0 {
-            return Ok(Some(StateSet {
-                token,
-                revision: Revision::from_i64(revision - 1),
-                changed: false,
-            }));
-        }
-        record_event(&tx, &event).await?;
-        let revision = log_changes(&tx, revision, &[name]).await?;
-        tx.commit().await?;
-        Ok(Some(StateSet {
-            token,
-            revision,
-            changed: true,
-        }))
+        token_changed(tx, name, revision, changed, &event).await
     }
 
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {

@@ -253,6 +253,33 @@ fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     Ok(())
 }
 
+/// The end of a change of one token's row (a disable, an enable, new
+/// conditions) that changed `changed` rows: the token as it is now, and,
+/// if anything changed, its audit event and a revision. Nothing changed:
+/// nothing to write, and what the gateways enforce at the current revision
+/// already says it.
+fn token_changed(tx: &Transaction<'_>, name: &str, changed: usize, event: &AuditEvent) -> Result<Option<StateSet>> {
+    let Some(token) = get_one(tx, name)? else {
+        return Ok(None);
+    };
+    if changed == 0 {
+        refuse_if_behind(tx)?;
+        let revision = head(tx)?.at.revision;
+        return Ok(Some(StateSet {
+            token,
+            revision,
+            changed: false,
+        }));
+    }
+    record_event(tx, event)?;
+    let revision = commit_revision(tx, std::iter::once(name))?;
+    Ok(Some(StateSet {
+        token,
+        revision,
+        changed: true,
+    }))
+}
+
 /// A unique violation as the domain sees it. SQLite names the column
 /// ("UNIQUE constraint failed: tokens.name"), never the value.
 fn insert_error(e: rusqlite::Error, name: &str) -> StoreError {
@@ -425,27 +452,7 @@ impl Store for SqliteStore {
                 "UPDATE tokens SET disabled = ?2, update_seconds = ?3 WHERE name = ?1 AND disabled <> ?2",
                 params![name, disabled, now],
             )?;
-            let Some(token) = get_one(tx, &name)? else {
-                return Ok(None);
-            };
-            if changed == 0 {
-                // Already so: nothing to write, and what the gateways
-                // enforce at the current revision already says it.
-                refuse_if_behind(tx)?;
-                let revision = head(tx)?.at.revision;
-                return Ok(Some(StateSet {
-                    token,
-                    revision,
-                    changed: false,
-                }));
-            }
-            record_event(tx, &event)?;
-            let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
-            Ok(Some(StateSet {
-                token,
-                revision,
-                changed: true,
-            }))
+            token_changed(tx, &name, changed, &event)
         })
         .await
     }
@@ -467,25 +474,7 @@ impl Store for SqliteStore {
                  WHERE name = ?1 AND conditions IS ?4 AND conditions IS NOT ?2",
                 params![name, bytes(&new), now, bytes(&expected)],
             )?;
-            let Some(token) = get_one(tx, &name)? else {
-                return Ok(None);
-            };
-            if changed == 0 {
-                refuse_if_behind(tx)?;
-                let revision = head(tx)?.at.revision;
-                return Ok(Some(StateSet {
-                    token,
-                    revision,
-                    changed: false,
-                }));
-            }
-            record_event(tx, &event)?;
-            let revision = commit_revision(tx, std::iter::once(name.as_str()))?;
-            Ok(Some(StateSet {
-                token,
-                revision,
-                changed: true,
-            }))
+            token_changed(tx, &name, changed, &event)
         })
         .await
     }
