@@ -56,6 +56,19 @@ async fn add_token(f: &Fixture, name: &str, role: Role, expire: Option<Timestamp
     secret.expose().to_owned()
 }
 
+/// A fixture on its own store (`name`) whose clock stands at `secs` until
+/// advanced, with `opts` as `adjust` leaves them.
+async fn fixture_at(name: &str, secs: i64, adjust: impl FnOnce(&mut ServiceOptions)) -> (Fixture, Clock) {
+    let (dir, store) = changes_fail(name);
+    let clock = Clock::manual(Timestamp::from_unix(secs, 0));
+    let mut opts = ServiceOptions {
+        clock: clock.clone(),
+        ..ServiceOptions::default()
+    };
+    adjust(&mut opts);
+    (fixture_with(store as Arc<dyn Store>, dir, opts).await, clock)
+}
+
 async fn fixture_with(store: Arc<dyn Store>, dir: TempDir, opts: ServiceOptions) -> Fixture {
     // The service and the publisher read one clock, as in `serve`.
     let publisher = Publisher::open(
@@ -1714,13 +1727,7 @@ async fn reported_uses_become_the_last_use_time() {
 
 #[tokio::test]
 async fn reported_addresses_become_the_last_five_distinct_the_latest_first() {
-    let (dir, store) = changes_fail("api-addresses");
-    let clock = Clock::manual(Timestamp::from_unix(1_800_000_000, 0));
-    let opts = ServiceOptions {
-        clock: clock.clone(),
-        ..ServiceOptions::default()
-    };
-    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let (f, clock) = fixture_at("api-addresses", 1_800_000_000, |_| {}).await;
     let secret = f.create("ci", "viewer").await.body["apiToken"]["secret"]
         .as_str()
         .unwrap()
@@ -1791,13 +1798,7 @@ async fn reported_access_becomes_the_evidence_and_the_narrowest_role() {
     use apitokens_core::access::{Access, Kind};
     use apitokens_core::role::RoleSet;
     use apitokens_core::Role;
-    let (dir, store) = changes_fail("api-evidence");
-    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
-    let opts = ServiceOptions {
-        clock: clock.clone(),
-        ..ServiceOptions::default()
-    };
-    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let (f, clock) = fixture_at("api-evidence", 1_800_000_030, |_| {}).await;
     let secret = f.create("ci", "owner").await.body["apiToken"]["secret"]
         .as_str()
         .unwrap()
@@ -2357,13 +2358,7 @@ mod bound_callers {
 async fn inactive_tokens_are_disabled_then_deleted_by_the_policy_and_audited() {
     use crate::store::Action;
     use crate::tokens::inactivity::{self, Policies};
-    let (dir, store) = changes_fail("api-inactivity");
-    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
-    let opts = ServiceOptions {
-        clock: clock.clone(),
-        ..ServiceOptions::default()
-    };
-    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let (f, clock) = fixture_at("api-inactivity", 1_800_000_030, |_| {}).await;
     let service = Arc::clone(&f.state.service);
     for id in ["idle", "busy"] {
         assert_eq!(f.create(id, "viewer").await.status, StatusCode::OK);
@@ -2475,16 +2470,12 @@ async fn inactive_tokens_are_disabled_then_deleted_by_the_policy_and_audited() {
 async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_applies_it() {
     use crate::tokens::inactivity::{self, Policies};
     const POLICY: &str = "/apitokens/v1/namespaces/default/apitokens:inactivity";
-    let (dir, store) = changes_fail("api-inactivity-owner");
-    let clock = Clock::manual(Timestamp::from_unix(1_800_000_030, 0));
     let mut operator = Policies::default();
     operator.add("other=off").unwrap();
-    let opts = ServiceOptions {
-        clock: clock.clone(),
-        inactivity: Some(operator.clone()),
-        ..ServiceOptions::default()
-    };
-    let f = fixture_with(Arc::clone(&store) as Arc<dyn Store>, dir, opts).await;
+    let (f, clock) = fixture_at("api-inactivity-owner", 1_800_000_030, |o| {
+        o.inactivity = Some(operator.clone())
+    })
+    .await;
     assert_eq!(f.create("idle", "viewer").await.status, StatusCode::OK);
     let editor = f.create("ed", "editor").await.body["apiToken"]["secret"]
         .as_str()
