@@ -102,7 +102,7 @@
     }
     if (s === 409) {
       return what === "update"
-        ? `The conditions of “${id}” were changed meanwhile by someone else. Close this dialog and open it again to see them.`
+        ? `The token “${id}” was changed meanwhile by someone else; nothing was saved. The list has been refreshed: open its conditions again to see them.`
         : `A token named “${id}” already exists in namespace “${ns}”. Choose another name.`;
     }
     if (s === 413) return "The request was too large for the server.";
@@ -616,7 +616,27 @@
     const l = t.rateLimit;
     $(`${p}-rate`).value = l && Number.isInteger(l.requests) ? String(l.requests) : "";
     $(`${p}-rate-per`).value = l && l.per === "second" ? "second" : "minute";
-    $(`${p}-burst`).value = l && Number.isInteger(l.burst) ? String(l.burst) : "";
+    // A burst of a period's worth is the default: left empty, so that a
+    // changed rate takes its own.
+    $(`${p}-burst`).value = l && Number.isInteger(l.burst) && l.burst !== l.requests ? String(l.burst) : "";
+  }
+
+  /** What the edit dialog changes of token `t`'s conditions: only the
+   *  conditions whose fields differ from what it showed (an untouched
+   *  date stays the token's exact time, another owner's change of a
+   *  condition not touched here stays). */
+  function changedConditions(t, conditions) {
+    const patch = {};
+    const shownDate = typeof t.notBeforeTime === "string" ? t.notBeforeTime.slice(0, 10) : "";
+    if ($("edit-not-before").value !== shownDate) patch.notBeforeTime = conditions.notBeforeTime;
+    const same = (a, b) => JSON.stringify(a || null) === JSON.stringify(b || null);
+    const addresses = (a) => (a ? { allow: a.allow || undefined, except: a.except || undefined } : null);
+    if (!same(addresses(conditions.clientAddresses), addresses(t.clientAddresses))) {
+      patch.clientAddresses = conditions.clientAddresses;
+    }
+    const rate = (l) => (l ? { requests: l.requests, per: l.per, burst: l.burst || l.requests } : null);
+    if (!same(rate(conditions.rateLimit), rate(t.rateLimit))) patch.rateLimit = conditions.rateLimit;
+    return patch;
   }
 
   /** Shows an API error about a condition next to its box in the fieldset
@@ -656,14 +676,14 @@
   // The edit dialog's fields, cleared together.
   const EDIT_FIELDS = ["edit-not-before", "edit-allow", "edit-except", "edit-rate", "edit-burst"];
 
-  /** The edit dialog's id: the token it edits. */
+  /** The token the edit dialog edits, as the list showed it. */
   let editing = null;
 
   function openEdit(t) {
-    editing = shortId(t.name);
+    editing = t;
     for (const f of EDIT_FIELDS) fieldError(f, "");
     setText("edit-error", "");
-    setText("edit-token", editing);
+    setText("edit-token", shortId(t.name));
     fillConditions("edit", t);
     busy($("edit-form"), false);
     $("edit-dialog").showModal();
@@ -673,7 +693,8 @@
   async function saveEdit(event) {
     event.preventDefault();
     const ns = current;
-    const id = editing;
+    const t = editing;
+    const id = shortId(t.name);
     const form = $("edit-form");
     for (const f of EDIT_FIELDS) fieldError(f, "");
     setText("edit-error", "");
@@ -681,12 +702,21 @@
     if (!conditions) return;
     busy(form, true);
     try {
-      // Every condition, given or null: the dialog shows them all.
-      await call(ns, sessions.get(ns), "PATCH", `/${encodeURIComponent(id)}`, conditions);
+      await call(ns, sessions.get(ns), "PATCH", `/${encodeURIComponent(id)}`, changedConditions(t, conditions));
     } catch (err) {
       busy(form, false);
       if (handleUnauthorized(err, ns)) return;
-      if (!showConditionsError("edit", err)) setText("edit-error", describe(err, "update", ns, id));
+      if (showConditionsError("edit", err)) return;
+      if (err.status === 404 || err.status === 409) {
+        // Gone, or changed by someone else: the list is read again, and the
+        // dialog closed (opened again, it shows the token as it is now).
+        $("edit-dialog").close();
+        await refresh();
+        setText("tokens-error", describe(err, "update", ns, id));
+        $("tokens-title").focus();
+        return;
+      }
+      setText("edit-error", describe(err, "update", ns, id));
       return;
     }
     busy(form, false);

@@ -37,6 +37,7 @@ pub enum Operation {
     delete,
     disable,
     enable,
+    update,
 }
 
 /// How a write ended (`apitokens_writes_total{outcome}`): `ok`, or why not.
@@ -167,6 +168,7 @@ impl Metrics {
             Operation::delete,
             Operation::disable,
             Operation::enable,
+            Operation::update,
         ] {
             let _ = writes.get_or_create(&WriteLabels {
                 operation,

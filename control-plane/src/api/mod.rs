@@ -165,6 +165,7 @@ fn write_operation(method: &axum::http::Method, path: &str) -> Option<Operation>
             _ => None,
         },
         (Route::Item { .. }, &Method::DELETE) => Some(Operation::delete),
+        (Route::Item { .. }, &Method::PATCH) => Some(Operation::update),
         _ => None,
     }
 }

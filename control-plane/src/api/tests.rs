@@ -156,6 +156,21 @@ impl Fixture {
         }
     }
 
+    /// The namespace's audit events of `kind` (`apitoken.update`), newest
+    /// first, as the owner reads them.
+    async fn events_of(&self, kind: &str) -> Vec<Value> {
+        let events = self
+            .call("GET", &format!("{COLLECTION}:events"), Some(&self.owner), None)
+            .await;
+        events.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == kind)
+            .cloned()
+            .collect()
+    }
+
     /// Writes the uses remembered so far to the store (as `run_usage` does
     /// on its timer).
     async fn flush_uses(&self) {
@@ -1323,11 +1338,12 @@ impl Store for ChangesFail {
     async fn set_conditions(
         &self,
         name: &str,
+        created: Timestamp,
         expected: Option<apitokens_core::conditions::Packed>,
         new: Option<apitokens_core::conditions::Packed>,
         event: AuditEvent,
     ) -> Result<Option<crate::store::StateSet>, StoreError> {
-        self.0.set_conditions(name, expected, new, event).await
+        self.0.set_conditions(name, created, expected, new, event).await
     }
     async fn inactivity_policies(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.0.inactivity_policies().await
@@ -1931,6 +1947,7 @@ async fn metrics_count_writes_by_operation_and_outcome() {
         // From zero: a rate exists before the first delete.
         r#"apitokens_writes_total{operation="delete",outcome="ok"} 0"#,
         r#"apitokens_writes_total{operation="enable",outcome="ok"} 0"#,
+        r#"apitokens_writes_total{operation="update",outcome="ok"} 0"#,
     ];
     let mut got = samples.clone();
     got.sort_unstable();
@@ -2499,15 +2516,7 @@ async fn owners_pick_their_namespaces_inactivity_policy_audited_and_the_sweep_ap
         );
     }
     assert_eq!(get().await.body["inactivityPolicy"]["after"], "30d");
-    let events = f
-        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
-        .await;
-    let set: Vec<&Value> = events.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "apitoken.inactivity")
-        .collect();
+    let set = f.events_of("apitoken.inactivity").await;
     assert_eq!(set.len(), 1, "the same policy again changes nothing: {set:?}");
     assert_eq!(set[0]["policy"], "30d:disable");
     assert_eq!(set[0]["actor"], "namespaces/default/apitokens/admin");
@@ -2662,26 +2671,18 @@ async fn a_tokens_conditions_change_as_a_merge_patch_audited_and_pushed() {
     // Each change audited with the conditions it set; the same again (an
     // empty patch) writes nothing.
     assert_eq!(patch(json!({})).await.status, StatusCode::OK);
-    let events = f
-        .call("GET", &format!("{COLLECTION}:events"), Some(&f.owner), None)
-        .await;
-    let updates: Vec<&Value> = events.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "apitoken.update")
-        .collect();
+    let updates = f.events_of("apitoken.update").await;
     assert_eq!(updates.len(), 3, "{updates:?}");
     assert_eq!(updates[0]["conditions"], json!({}));
     assert_eq!(
         updates[2]["conditions"],
         json!({"clientAddresses": {"allow": ["10.0.0.0/8"]}, "rateLimit": {"requests": 10, "per": "second", "burst": 10}})
     );
-    let created = events.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "apitoken.create" && e["token"] == "namespaces/default/apitokens/office")
+    let created = f
+        .events_of("apitoken.create")
+        .await
+        .into_iter()
+        .find(|e| e["token"] == "namespaces/default/apitokens/office")
         .unwrap();
     assert_eq!(
         created["conditions"],

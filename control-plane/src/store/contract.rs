@@ -367,7 +367,7 @@ pub(crate) async fn conditions_change_only_from_what_was_read(store: &dyn Store)
     };
     // From none to some: written, a revision, an event.
     let set = store
-        .set_conditions(&a.name, None, packed("10.0.0.0/8"), update())
+        .set_conditions(&a.name, a.create_time, None, packed("10.0.0.0/8"), update())
         .await
         .unwrap()
         .unwrap();
@@ -375,7 +375,7 @@ pub(crate) async fn conditions_change_only_from_what_was_read(store: &dyn Store)
     assert_eq!(set.token.conditions, packed("10.0.0.0/8"));
     // Read as none, but some came first: nothing written, the record says so.
     let stale = store
-        .set_conditions(&a.name, None, packed("192.168.0.0/16"), update())
+        .set_conditions(&a.name, a.create_time, None, packed("192.168.0.0/16"), update())
         .await
         .unwrap()
         .unwrap();
@@ -384,20 +384,45 @@ pub(crate) async fn conditions_change_only_from_what_was_read(store: &dyn Store)
     assert_eq!(store.revision().await.unwrap(), set.revision);
     // The same again: nothing written either.
     let same = store
-        .set_conditions(&a.name, packed("10.0.0.0/8"), packed("10.0.0.0/8"), update())
+        .set_conditions(
+            &a.name,
+            a.create_time,
+            packed("10.0.0.0/8"),
+            packed("10.0.0.0/8"),
+            update(),
+        )
         .await
         .unwrap()
         .unwrap();
     assert!(!same.changed);
+    // Another token of the same name (created at another time) than the
+    // one read: nothing written.
+    let other = store
+        .set_conditions(
+            &a.name,
+            Timestamp::from_unix(a.create_time.unix_seconds() + 1, 0),
+            packed("10.0.0.0/8"),
+            None,
+            update(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!other.changed && other.token.conditions.is_some());
+    // No activity: the update time stays.
+    assert_eq!(
+        other.token.update_time,
+        store.get(&a.name).await.unwrap().unwrap().update_time
+    );
     // Removed; a token gone is None.
     let none = store
-        .set_conditions(&a.name, packed("10.0.0.0/8"), None, update())
+        .set_conditions(&a.name, a.create_time, packed("10.0.0.0/8"), None, update())
         .await
         .unwrap()
         .unwrap();
     assert!(none.changed && none.token.conditions.is_none());
     assert!(store
-        .set_conditions("namespaces/default/apitokens/gone", None, None, update())
+        .set_conditions("namespaces/default/apitokens/gone", a.create_time, None, None, update())
         .await
         .unwrap()
         .is_none());

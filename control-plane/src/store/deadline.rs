@@ -217,11 +217,12 @@ impl Store for Deadline {
     async fn set_conditions(
         &self,
         name: &str,
+        created: Timestamp,
         expected: Option<Packed>,
         new: Option<Packed>,
         event: AuditEvent,
     ) -> Result<Option<StateSet>> {
-        let call = self.inner.set_conditions(name, expected, new, event);
+        let call = self.inner.set_conditions(name, created, expected, new, event);
         self.within(self.call, SET_CONDITIONS, call).await
     }
     async fn record_usage(&self, uses: Vec<Use>) -> Result<()> {

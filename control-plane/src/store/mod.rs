@@ -529,14 +529,16 @@ pub trait Store: Send + Sync {
     /// while the store is behind the gateways, even then.
     async fn set_disabled(&self, name: &str, disabled: bool, event: AuditEvent) -> Result<Option<StateSet>>;
 
-    /// Sets a token's conditions to `new` if they are still `expected`
-    /// (compare-and-set: what the caller read and checked), with its audit
-    /// event and a revision. `changed` is false when nothing was written:
-    /// the token's conditions are already `new`, or are no longer
-    /// `expected` (the record tells which).
+    /// Sets a token's conditions to `new` if they are still `expected` and
+    /// it is still the token created at `created` (compare-and-set: what the
+    /// caller read and checked), with its audit event and a revision; its
+    /// `update_time` stays (no activity). `changed` is false when nothing
+    /// was written: the token's conditions are already `new`, or it is not
+    /// what was read any more (the record tells which).
     async fn set_conditions(
         &self,
         name: &str,
+        created: Timestamp,
         expected: Option<Packed>,
         new: Option<Packed>,
         event: AuditEvent,

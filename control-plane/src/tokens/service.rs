@@ -615,13 +615,15 @@ impl Service {
         self.set_disabled(namespace, id, true, actor, wait).await
     }
 
-    /// Changes a token's conditions, as a JSON merge patch (RFC 7396) of
-    /// them: a field left out stays, `null` removes it, a value replaces
-    /// it (validated as a create's, against the token's expiry; a caller
-    /// bound to client addresses keeps the token within its own). The
-    /// change is made only if the conditions are still those read (else a
-    /// conflict: another change came first); the same conditions again
-    /// write nothing. Audited as `apitoken.update` with the conditions.
+    /// Changes a token's conditions, each given one whole: a condition left
+    /// out stays, `null` removes it, a value replaces it (`clientAddresses`
+    /// and `rateLimit` as a unit; validated as a create's, against the
+    /// token's expiry; a caller bound to client addresses keeps the token
+    /// within its own). The change is made only if the token and its
+    /// conditions are still those this call read and checked (else a
+    /// conflict); the same conditions again write nothing. Not activity
+    /// (the inactivity policy's clock runs on). Audited as
+    /// `apitoken.update` with the conditions.
     pub async fn update_conditions(
         &self,
         namespace: &str,
@@ -659,10 +661,16 @@ impl Service {
         };
         let set = self
             .store
-            .set_conditions(&name, current.conditions.clone(), conditions.clone(), event.clone())
+            .set_conditions(
+                &name,
+                current.create_time,
+                current.conditions.clone(),
+                conditions.clone(),
+                event.clone(),
+            )
             .await?
             .ok_or(Error::NotFound(name.clone()))?;
-        if !set.changed && set.token.conditions != conditions {
+        if !set.changed && (set.token.conditions != conditions || set.token.create_time != current.create_time) {
             return Err(Error::Conflict(format!(
                 "the conditions of {name} changed meanwhile: read the token again and retry"
             )));

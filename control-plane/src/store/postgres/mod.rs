@@ -254,7 +254,6 @@ async fn get_one(tx: &Transaction<'_>, name: &str) -> Result<Option<TokenRecord>
     Ok(found.pop())
 }
 
-/// Records an audit event in the caller's transaction.
 /// The end of a change of one token's row (a disable, an enable, new
 /// conditions) that changed `changed` rows, in `tx` at `revision` (taken
 /// first): the token as it is now, and, if anything changed, its audit
@@ -288,6 +287,7 @@ async fn token_changed(
     }))
 }
 
+/// Records an audit event in the caller's transaction.
 async fn record_event(tx: &Transaction<'_>, e: &AuditEvent) -> Result<()> {
     let wide = |(s, n): (Option<i64>, Option<u32>)| (s, n.map(i64::from));
     let (expire_s, expire_n) = wide(split(e.expire_time));
@@ -568,6 +568,7 @@ impl Store for PostgresStore {
     async fn set_conditions(
         &self,
         name: &str,
+        created: Timestamp,
         expected: Option<Packed>,
         new: Option<Packed>,
         event: AuditEvent,
@@ -575,13 +576,20 @@ impl Store for PostgresStore {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let revision = next_revision(&tx).await?;
-        let now = event.time.unix_seconds();
         let bytes = |c: &Option<Packed>| c.as_ref().map(|c| c.bytes().to_vec());
+        // (Not a change of the token's activity: `update_seconds` stays.)
         let changed = tx
             .execute(
-                "UPDATE tokens SET conditions = $2, update_seconds = $3
-                 WHERE name = $1 AND conditions IS NOT DISTINCT FROM $4 AND conditions IS DISTINCT FROM $2",
-                &[&name, &bytes(&new), &now, &bytes(&expected)],
+                "UPDATE tokens SET conditions = $2
+                 WHERE name = $1 AND conditions IS NOT DISTINCT FROM $3 AND conditions IS DISTINCT FROM $2
+                   AND create_seconds = $4 AND create_nanos = $5",
+                &[
+                    &name,
+                    &bytes(&new),
+                    &bytes(&expected),
+                    &created.unix_seconds(),
+                    &i64::from(created.subsec_nanos()),
+                ],
             )
             .await?;
         token_changed(tx, name, revision, changed, &event).await

@@ -460,19 +460,27 @@ impl Store for SqliteStore {
     async fn set_conditions(
         &self,
         name: &str,
+        created: Timestamp,
         expected: Option<Packed>,
         new: Option<Packed>,
         event: AuditEvent,
     ) -> Result<Option<StateSet>> {
         let name = name.to_owned();
         self.write(move |tx| {
-            let now = event.time.unix_seconds();
             let bytes = |c: &Option<Packed>| c.as_ref().map(|c| c.bytes().to_vec());
-            // `IS`: equal, NULL included.
+            // `IS`: equal, NULL included. (Not a change of the token's
+            // activity: `update_seconds` stays.)
             let changed = tx.execute(
-                "UPDATE tokens SET conditions = ?2, update_seconds = ?3
-                 WHERE name = ?1 AND conditions IS ?4 AND conditions IS NOT ?2",
-                params![name, bytes(&new), now, bytes(&expected)],
+                "UPDATE tokens SET conditions = ?2
+                 WHERE name = ?1 AND conditions IS ?3 AND conditions IS NOT ?2
+                   AND create_seconds = ?4 AND create_nanos = ?5",
+                params![
+                    name,
+                    bytes(&new),
+                    bytes(&expected),
+                    created.unix_seconds(),
+                    created.subsec_nanos()
+                ],
             )?;
             token_changed(tx, &name, changed, &event)
         })
