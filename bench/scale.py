@@ -501,6 +501,10 @@ def run_replicas(n: int, count: int, revocations: int, envoy_bin: str) -> dict:
         harness.poll(lambda: home.envoy_status("bench-scale").get("ackedVersion"), 300, "first ACK", interval=0.05)
         harness.poll(lambda: sum(1 for x in accepted_lines(envoy_log) if x["tokens"] > 0) >= VMS, 60,
                      "first push configured in every VM")
+        # Every VM on the delta channel, as in the single-process runs: a VM
+        # still opening its stream while another applied a change answers
+        # 503 (catching up) rather than 401, which is not a revocation's end.
+        harness.poll(lambda: home.envoy_status("bench-scale").get("delta"), 30, "every VM's delta stream")
         pinned = Pinned(listen, admin, CONNS)
         if len(pinned.workers()) < WORKERS:
             raise RuntimeError(f"connections landed on workers {pinned.worker} only")
